@@ -1,0 +1,43 @@
+# changecam: `make train` (quickstart) and `make test` set everything up in .venv first.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE ?= offline
+
+.PHONY: install train test test-fast lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: install
+	$(PY) train.py experiment=quickstart
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks *.py
+	$(VENV)/bin/ruff format --check src tests benchmarks *.py
+
+format: install
+	$(VENV)/bin/ruff format src tests benchmarks *.py
+	$(VENV)/bin/ruff check --fix src tests benchmarks *.py
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache build src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,146 @@
+"""The LightningModule: loss, optimisation and pooled change metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from changecam.metrics import ChangeScores
+
+Loss = Literal["bce", "dice", "bce_dice"]
+LOSSES: tuple[str, ...] = ("bce", "dice", "bce_dice")
+
+
+def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
+    """Soft Dice loss of the change class over the whole batch."""
+    probs = torch.sigmoid(logits)
+    inter = (probs * target).sum()
+    return 1 - (2 * inter + eps) / (probs.sum() + target.sum() + eps)
+
+
+def net_config(net: nn.Module) -> dict[str, Any] | None:
+    """A Hydra-instantiable description of ``net``, if it exposes its constructor arguments."""
+    init = getattr(net, "init_kwargs", None)
+    if init is None:
+        return None
+    return {"_target_": f"{type(net).__module__}.{type(net).__qualname__}", **init}
+
+
+class ChangeDetectionModule(L.LightningModule):
+    """Trains a change-detection network ``net(pre, post) -> logits``.
+
+    Args:
+        net: the network (e.g. :class:`changecam.models.SiameseUNet`).
+        optimizer: partial optimiser constructor taking the parameters.
+        scheduler: optional partial LR-scheduler constructor taking the optimiser.
+        loss: ``bce``, ``dice`` or ``bce_dice``.
+        pos_weight: weight of the change class in BCE (``None``: 1).
+        threshold: probability above which a pixel counts as change.
+        scheduler_interval: ``epoch`` or ``step``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        loss: Loss = "bce",
+        pos_weight: float | None = None,
+        threshold: float = 0.5,
+        scheduler_interval: Literal["epoch", "step"] = "epoch",
+    ) -> None:
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss={loss!r} is not allowed; expected one of {LOSSES}")
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        pw = torch.tensor([pos_weight]) if pos_weight is not None else None
+        self.register_buffer("pos_weight", pw, persistent=False)
+        self.metrics = nn.ModuleDict({s: ChangeScores(threshold) for s in ("val", "test")})
+
+    def forward(self, pre: Tensor, post: Tensor) -> Tensor:
+        return self.net(pre, post)
+
+    def compute_loss(self, logits: Tensor, mask: Tensor) -> Tensor:
+        kind = self.hparams.loss
+        total = logits.new_zeros(())
+        if kind in ("bce", "bce_dice"):
+            total = total + F.binary_cross_entropy_with_logits(
+                logits, mask, pos_weight=self.pos_weight
+            )
+        if kind in ("dice", "bce_dice"):
+            total = total + dice_loss(logits, mask)
+        return total
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = self(batch["pre"], batch["post"])
+        loss = self.compute_loss(logits, batch["mask"])
+        self.log(
+            "train/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=logits.shape[0],
+        )
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str) -> Tensor:
+        logits = self(batch["pre"], batch["post"])
+        loss = self.compute_loss(logits, batch["mask"])
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_epoch=True,
+            prog_bar=stage == "val",
+            sync_dist=True,
+            batch_size=logits.shape[0],
+        )
+        self.metrics[stage].update(torch.sigmoid(logits), batch["mask"])
+        return logits
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    def _log_scores(self, stage: str) -> None:
+        scores = self.metrics[stage].compute()  # already reduced across ranks by torchmetrics
+        for name, value in scores.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "f1")
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return torch.sigmoid(self(batch["pre"], batch["post"]))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": "val/f1",
+            },
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lets eval/predict/explain rebuild the network from the checkpoint alone.
+        checkpoint["net_config"] = net_config(self.net)

@@ -1,0 +1,108 @@
+"""Train a change detector: ``python train.py experiment=quickstart`` (Hydra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from changecam.utils import CONF_DIR, configure_environment
+
+configure_environment()
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from changecam.utils import (  # noqa: E402
+    instantiate_callbacks,
+    instantiate_loggers,
+    log,
+    print_config,
+    task_wrapper,
+    to_float_dict,
+    write_json,
+)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """``"last"`` means this run directory's ``checkpoints/last.ckpt``."""
+    if ckpt_path == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path=last but {path} does not exist (run with hydra.run.dir=<the old run dir>)"
+            )
+        return str(path)
+    if ckpt_path is not None and not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
+    return ckpt_path
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics."""
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("print_config"):
+        print_config(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    net = hydra.utils.instantiate(cfg.model)
+    module: L.LightningModule = hydra.utils.instantiate(cfg.module, net=net)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
+    hparams = {
+        k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+
+    metrics: dict[str, Any] = {}
+    if cfg.get("train"):
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir),
+        )
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+    if best is None:
+        log.warning(
+            "no best checkpoint (fast_dev_run or no checkpoint callback): evaluating current weights"
+        )
+    metrics.update(
+        trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+    )
+    if cfg.get("test"):
+        metrics.update(
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+        )
+    metrics = to_float_dict(metrics)
+    if trainer.is_global_zero:
+        write_json(output_dir / "metrics.json", metrics)
+        log.info("run directory: %s", output_dir)
+        print(f"run directory: {output_dir}")
+        print("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+def run_dir() -> Path:
+    """The current Hydra run directory."""
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+
+from changecam.data.dataset import ChangeDetectionDataset
+from changecam.data.io import write_png
+from changecam.data.layout import Triplet, find_triplets
+from changecam.data.transforms import PairTransform
+
+
+def coded_triplet(tmp_path, h=64, w=96) -> Triplet:
+    """Pre encodes (row, col) in its bands, post is pre + 1, the mask marks one quadrant."""
+    yy, xx = np.mgrid[:h, :w]
+    pre = np.stack([yy, xx, (yy + xx) % 251], -1).astype(np.uint8)
+    post = pre + 1
+    mask = ((yy < h // 2) & (xx < w // 3)).astype(np.uint8) * 255
+    for sub, arr in (("A", pre), ("B", post), ("label", mask)):
+        write_png(tmp_path / sub / "img.png", arr)
+    return Triplet(
+        "img", tmp_path / "A/img.png", tmp_path / "B/img.png", tmp_path / "label/img.png"
+    )
+
+
+def test_tile_count_and_positions(tmp_path):
+    ds = ChangeDetectionDataset([coded_triplet(tmp_path)], "tiles", patch_size=32)
+    assert len(ds) == 2 * 3
+    positions = [(s["pre"][0, 0, 0].item() * 255, s["pre"][1, 0, 0].item() * 255) for s in ds]
+    assert [tuple(round(v) for v in p) for p in positions] == [
+        (0, 0),
+        (0, 32),
+        (0, 64),
+        (32, 0),
+        (32, 32),
+        (32, 64),
+    ]
+    s = ds[4]
+    assert s["name"] == "img_0032_0032"
+    assert s["pre"].shape == (3, 32, 32) and s["mask"].shape == (1, 32, 32)
+    assert s["pre"].dtype == torch.float32 and 0 <= s["pre"].min() and s["pre"].max() <= 1
+
+
+def test_levir_tiles_protocol_is_16_per_1024_equivalent(samples_dir):
+    ds = ChangeDetectionDataset(find_triplets(samples_dir, "test"), "tiles", patch_size=64)
+    assert len(ds) == 7 * 16
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_identical_geometry_for_pre_post_mask(tmp_path, seed):
+    t = coded_triplet(tmp_path)
+    aug = PairTransform(hflip=0.5, vflip=0.5, rot90=1.0, jitter=0.0)
+    ds = ChangeDetectionDataset([t], "random_crop", patch_size=32, transform=aug, crops_per_image=4)
+    torch.manual_seed(seed)
+    for s in ds:
+        diff = (s["post"] - s["pre"]) * 255
+        assert torch.allclose(diff, torch.ones_like(diff), atol=1e-3)  # post = pre + 1 pixelwise
+        # the mask follows the same geometry: it is 1 exactly where the pre coordinates say so
+        rows, cols = s["pre"][0] * 255, s["pre"][1] * 255
+        expected = ((rows.round() < 32) & (cols.round() < 32)).float()
+        assert torch.equal(s["mask"][0], expected)
+
+
+def test_date_swap_and_jitter_keep_mask(tmp_path):
+    t = coded_triplet(tmp_path)
+    ds = ChangeDetectionDataset([t], "tiles", 32, transform=PairTransform(0, 0, 0, date_swap=1.0))
+    s = ds[0]
+    assert torch.all(s["pre"] * 255 - s["post"] * 255 > 0.5)  # swapped: pre now holds post
+
+
+def test_resize_and_full(tmp_path):
+    t = coded_triplet(tmp_path)
+    r = ChangeDetectionDataset([t], "resize", patch_size=32)[0]
+    assert r["pre"].shape == (3, 32, 32) and set(r["mask"].unique().tolist()) <= {0.0, 1.0}
+    f = ChangeDetectionDataset([t], "full", patch_size=32)[0]
+    assert f["pre"].shape == (3, 64, 96) and f["name"] == "img"
+
+
+def test_decoded_once_per_image(tmp_path, monkeypatch):
+    import changecam.data.dataset as mod
+
+    calls = []
+    real = mod.read_image
+    monkeypatch.setattr(mod, "read_image", lambda p: calls.append(p) or real(p))
+    ds = ChangeDetectionDataset([coded_triplet(tmp_path)], "tiles", patch_size=32)
+    for i in range(len(ds)):
+        ds[i]
+    assert len(calls) == 2  # pre and post, once each, for six tiles
+
+
+def test_size_mismatch_is_named(tmp_path):
+    t = coded_triplet(tmp_path)
+    write_png(t.post, np.zeros((64, 90, 3), np.uint8))
+    ds = ChangeDetectionDataset([t], "full")
+    with pytest.raises(ValueError, match="size mismatch for img"):
+        ds[0]
+
+
+def test_unknown_protocol(tmp_path):
+    with pytest.raises(ValueError, match="expected one of"):
+        ChangeDetectionDataset([coded_triplet(tmp_path)], "tile")  # type: ignore[arg-type]

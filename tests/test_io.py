@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from changecam.data.io import ImageReadError, read_image, read_label, write_png
+
+
+def test_rgb_roundtrip(tmp_path):
+    img = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    write_png(tmp_path / "a.png", img)
+    np.testing.assert_array_equal(read_image(tmp_path / "a.png"), img)
+
+
+def test_grayscale_is_converted(tmp_path):
+    write_png(tmp_path / "g.png", np.full((4, 4), 9, np.uint8))
+    out = read_image(tmp_path / "g.png")
+    assert out.shape == (4, 4, 3) and (out == 9).all()
+
+
+def test_rgba_transparent_refused_and_opaque_accepted(tmp_path):
+    import cv2
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 3] = 255
+    cv2.imwrite(str(tmp_path / "opaque.png"), rgba)
+    assert read_image(tmp_path / "opaque.png").shape == (4, 4, 3)
+    rgba[0, 0, 3] = 0
+    cv2.imwrite(str(tmp_path / "alpha.png"), rgba)
+    with pytest.raises(ImageReadError, match="alpha.png is RGBA"):
+        read_image(tmp_path / "alpha.png")
+
+
+@pytest.mark.parametrize("high", [255, 1])
+def test_binary_labels(tmp_path, high):
+    lab = np.zeros((4, 4), np.uint8)
+    lab[1, 2] = high
+    write_png(tmp_path / "l.png", lab)
+    out = read_label(tmp_path / "l.png")
+    assert out.dtype == np.uint8 and out.sum() == 1 and out[1, 2] == 1
+
+
+def test_non_binary_label_names_file(tmp_path):
+    lab = np.array([[0, 128], [255, 0]], np.uint8)
+    write_png(tmp_path / "bad_label.png", lab)
+    with pytest.raises(ImageReadError, match=r"bad_label\.png holds label values \[0, 128, 255\]"):
+        read_label(tmp_path / "bad_label.png")
+
+
+def test_corrupt_image_names_file(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ImageReadError, match=r"broken\.png could not be decoded"):
+        read_image(tmp_path / "broken.png")
+    with pytest.raises(FileNotFoundError, match="absent.png"):
+        read_image(tmp_path / "absent.png")

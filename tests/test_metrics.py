@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from changecam.metrics import ChangeScores, confusion_counts, scores_from_counts
+
+
+def test_hand_computed_scores():
+    probs = torch.tensor([[0.9, 0.8, 0.2, 0.1, 0.7, 0.3]])
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0, 0.0]])
+    counts = confusion_counts(probs, mask)
+    assert counts.tolist() == [[2, 1, 1, 2]]  # TP FP FN TN
+    s = scores_from_counts(*counts[0])
+    assert s["precision"].item() == pytest.approx(2 / 3)
+    assert s["recall"].item() == pytest.approx(2 / 3)
+    assert s["f1"].item() == pytest.approx(2 / 3)
+    assert s["iou"].item() == pytest.approx(0.5)
+    assert s["accuracy"].item() == pytest.approx(4 / 6)
+
+
+def test_empty_prediction_and_target_score_zero_not_nan():
+    s = scores_from_counts(0, 0, 0, 10)
+    assert s["f1"].item() == 0 and s["iou"].item() == 0 and s["accuracy"].item() == 1
+
+
+def test_pooled_over_batches_equals_one_confusion_matrix():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 1, 8, 8, generator=gen)
+    mask = (torch.rand(6, 1, 8, 8, generator=gen) > 0.7).float()
+    metric = ChangeScores()
+    for i in range(0, 6, 2):  # three batches of very different change content
+        metric.update(probs[i : i + 2], mask[i : i + 2])
+    pooled = metric.compute()
+    tp, fp, fn, tn = confusion_counts(probs.reshape(1, -1), mask.reshape(1, -1))[0]
+    whole = scores_from_counts(tp, fp, fn, tn)
+    for k, v in whole.items():
+        assert pooled[k].item() == pytest.approx(v.item(), abs=1e-6)
+    per_batch_mean = (
+        sum(
+            scores_from_counts(
+                *confusion_counts(probs[i : i + 2].reshape(1, -1), mask[i : i + 2].reshape(1, -1))[
+                    0
+                ]
+            )["f1"]
+            for i in range(0, 6, 2)
+        )
+        / 3
+    )
+    assert pooled["f1"].item() != pytest.approx(
+        per_batch_mean.item(), abs=1e-4
+    )  # not a mean of ratios
+
+
+def test_logits_are_refused():
+    with pytest.raises(ValueError, match="probabilities"):
+        ChangeScores().update(torch.tensor([[-2.0, 3.0]]), torch.tensor([[0.0, 1.0]]))

@@ -1,0 +1,60 @@
+import json
+
+import numpy as np
+
+from changecam.data.io import read_image, read_label
+from changecam.data.layout import find_triplets
+from changecam.data.synthetic import SPEC_FILE, SyntheticSpec, generate, generate_pair
+
+
+def test_deterministic_and_seed_dependent():
+    spec = SyntheticSpec(image_size=64, seed=7)
+    a = generate_pair(spec, "train", 3)
+    b = generate_pair(spec, "train", 3)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    c = generate_pair(SyntheticSpec(image_size=64, seed=8), "train", 3)
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_writes_official_layout_and_skips_when_unchanged(tmp_path):
+    spec = SyntheticSpec(image_size=64, train=3, val=1, test=2, seed=1)
+    root = generate(tmp_path / "syn", spec)
+    assert [len(find_triplets(root, s, "levir")) for s in ("train", "val", "test")] == [3, 1, 2]
+    assert (root / "train/A/train_1.png").is_file()
+    pre, lab = read_image(root / "test/A/test_2.png"), read_label(root / "test/label/test_2.png")
+    assert pre.shape == (64, 64, 3) and lab.shape == (64, 64)
+    np.testing.assert_array_equal(pre, generate_pair(spec, "test", 1)[0])
+    stamp = (root / "train/A/train_1.png").stat().st_mtime_ns
+    generate(root, spec)
+    assert (root / "train/A/train_1.png").stat().st_mtime_ns == stamp  # skipped
+    assert json.loads((root / SPEC_FILE).read_text())["seed"] == 1
+    generate(root, SyntheticSpec(image_size=64, train=2, val=1, test=1, seed=1))
+    assert len(find_triplets(root, "train", "levir")) == 2  # a new spec replaces the old set
+
+
+def test_labels_mark_exactly_the_buildings_that_changed():
+    """Without nuisance, the dates differ inside the label and nowhere else but cast shadows."""
+    import cv2
+
+    spec = SyntheticSpec(image_size=128, seed=0, nuisance=False)
+    changed = 0
+    for n in range(8):
+        pre, post, label = generate_pair(spec, "train", n)
+        assert set(np.unique(label)) <= {0, 1}
+        diff = np.abs(post.astype(int) - pre.astype(int)).sum(-1)
+        if label.sum() == 0:
+            assert diff.max() == 0
+            continue
+        changed += 1
+        assert (diff[label == 1] > 0).mean() > 0.95
+        shadow_ring = cv2.dilate(label, np.ones((5, 5), np.uint8)).astype(bool)
+        assert diff[~shadow_ring].max() == 0
+        assert 0.002 < label.mean() < 0.3
+    assert changed >= 5
+
+
+def test_nuisance_change_is_present():
+    pre, post, label = generate_pair(SyntheticSpec(image_size=128, seed=0), "train", 0)
+    diff = np.abs(post.astype(int) - pre.astype(int)).sum(-1)
+    assert (diff[label == 0] > 30).mean() > 0.2  # unlabelled change everywhere

@@ -1,0 +1,152 @@
+"""Every experiment composes and runs (fast_dev_run); a run leaves its files; sweeps and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from changecam.train import train
+from conftest import REPO, compose_train, tiny_overrides
+
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def test_experiments_are_found():
+    assert {"quickstart", "siamese_unet", "siamese_unet_seed"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(tmp_path, experiment):
+    cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+    assert cfg.model._target_ == "changecam.models.SiameseUNet"
+    assert cfg.trainer.max_epochs >= 1 and cfg.data.patch_size > 0
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, samples_dir, experiment):
+    overrides = [
+        f"experiment={experiment}",
+        "debug=fdr",
+        "logger=none",
+        *tiny_overrides(tiny_synthetic),
+    ]
+    if experiment != "quickstart":  # the LEVIR recipes run on the real LEVIR-CD patches
+        overrides += [f"data.root={samples_dir}", "data.layout=auto", "data.patch_size=64"]
+    if experiment == "siamese_unet_seed":
+        overrides += [
+            "model.base_channels=64",
+            "model.depth=4",
+            "data.batch_size=1",
+            "data.eval_batch_size=1",
+        ]
+        overrides += ["data.train_protocol=resize", "data.eval_protocol=resize"]
+    cfg = compose_train(tmp_path, overrides)
+    metrics = train(cfg)
+    assert {
+        "val/f1",
+        "val/iou",
+        "test/f1",
+        "test/precision",
+        "test/recall",
+        "test/accuracy",
+    } <= set(metrics)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == pytest.approx(metrics)
+
+
+def test_short_run_leaves_checkpoints_metrics_and_wandb(tmp_path, tiny_synthetic):
+    cfg = compose_train(
+        tmp_path,
+        [
+            "experiment=quickstart",
+            "trainer.max_epochs=1",
+            "logger=wandb",
+            *tiny_overrides(tiny_synthetic),
+        ],
+    )
+    metrics = train(cfg)
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "best.ckpt").is_file() and (
+        run / "checkpoints" / "last.ckpt"
+    ).is_file()
+    assert json.loads((run / "metrics.json").read_text())["val/f1"] == pytest.approx(
+        metrics["val/f1"]
+    )
+    assert list((run / "wandb").glob("offline-run-*")), "an offline W&B run under the run directory"
+
+
+def test_checkpoint_is_weights_only_loadable(tmp_path, tiny_synthetic):
+    import torch
+
+    cfg = compose_train(
+        tmp_path,
+        [
+            "experiment=quickstart",
+            "trainer.max_epochs=1",
+            "logger=none",
+            *tiny_overrides(tiny_synthetic),
+        ],
+    )
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run/checkpoints/best.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["net_config"]["_target_"] == "changecam.models.siamese_unet.SiameseUNet"
+    assert ckpt["net_config"]["base_channels"] == 4
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**__import__("os").environ, "HYDRA_FULL_ERROR": "0"},
+    )
+
+
+def test_levir_experiment_without_data_fails_fast_with_help(tmp_path):
+    start = time.monotonic()
+    proc = run_cli(
+        ["experiment=siamese_unet", f"paths.data_dir={tmp_path}", "logger=none"], cwd=tmp_path
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert str(tmp_path / "LEVIR-CD") in out
+    assert "{train,val,test}/{A,B,label}" in out and "data=synthetic" in out and "LEVIR" in out
+    assert elapsed < 60
+
+
+def test_config_typo_is_rejected(tmp_path):
+    proc = run_cli(["experiment=quickstart", "model.fusoin=diff"], cwd=tmp_path, timeout=60)
+    assert proc.returncode != 0 and "fusoin" in proc.stderr
+
+
+def test_multirun_sweep(tmp_path, tiny_synthetic):
+    args = [
+        "-m",
+        "experiment=quickstart",
+        "model.fusion=diff,concat",
+        "trainer.max_epochs=1",
+        "logger=none",
+    ]
+    args += [o for o in tiny_overrides(tiny_synthetic)] + [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(runs) == 2
+    overrides = [(r.parent / ".hydra" / "overrides.yaml").read_text() for r in runs]
+    assert any("model.fusion=diff" in o for o in overrides) and any(
+        "model.fusion=concat" in o for o in overrides
+    )
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()
