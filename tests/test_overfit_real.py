@@ -26,7 +26,7 @@ def test_overfit_real_patches(samples_dir):
     batch = {k: torch.stack([ds[i][k] for i in range(len(ds))]) for k in ("pre", "post", "mask")}
     net = SiameseUNet(3, 8, 3, "concat", shared_encoder=True)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(100):
+    for _ in range(150):
         logits = net(batch["pre"], batch["post"])
         loss = F.binary_cross_entropy_with_logits(logits, batch["mask"]) + dice_loss(
             logits, batch["mask"]
