@@ -1,0 +1,210 @@
+"""Sliding-window inference: change logits for image pairs of any size.
+
+A pair of any height and width (1024², 1000x700, or smaller than one window) is cut into
+``window x window`` crops whose starts advance by ``stride = window - round(overlap * window)``;
+along each axis the last window is moved back to end exactly at the border, and an image
+narrower than a window is padded (reflection by default) up to one window. The logits of every
+window are blended with a smooth weight (a Gaussian bump, highest at the window centre) and
+divided by the summed weight, then cropped back to the input's size.
+
+Blending accumulates in float64 from float32 logits and weights, so a pixel that only one
+window covers gets that window's logit *exactly*: with ``overlap=0`` and a size that is a
+multiple of the window, the result equals patch-wise prediction bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Blend = Literal["gaussian", "uniform"]
+PadMode = Literal["reflect", "replicate", "constant"]
+BLENDS: tuple[str, ...] = ("gaussian", "uniform")
+PAD_MODES: tuple[str, ...] = ("reflect", "replicate", "constant")
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """How to cut an image pair into windows and blend them back.
+
+    Args:
+        window: side of the square windows in pixels; must be divisible by the network's
+            ``2**depth``.
+        overlap: fraction of a window shared by neighbouring windows, in ``[0, 1)``.
+        batch_size: windows per forward pass (per image of the batch).
+        blend: ``gaussian`` (separable smooth weight, sigma = window / 4: a window's edge
+            counts 0.14 of its centre) or ``uniform`` (plain average of overlapping windows).
+        pad_mode: how an image smaller than one window is padded (``reflect`` mirrors it,
+            repeatedly if needed).
+    """
+
+    window: int = 256
+    overlap: float = 0.25
+    batch_size: int = 4
+    blend: Blend = "gaussian"
+    pad_mode: PadMode = "reflect"
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError(
+                f"sliding_window.window={self.window} must be a positive number of pixels"
+            )
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"sliding_window.overlap={self.overlap} must be in [0, 1)")
+        if self.batch_size < 1:
+            raise ValueError(f"sliding_window.batch_size={self.batch_size} must be >= 1")
+        if self.blend not in BLENDS:
+            raise ValueError(
+                f"sliding_window.blend={self.blend!r} is not allowed; expected one of {BLENDS}"
+            )
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(
+                f"sliding_window.pad_mode={self.pad_mode!r} is not allowed; expected one of {PAD_MODES}"
+            )
+
+    @property
+    def stride(self) -> int:
+        """Distance between the starts of neighbouring windows (at least 1)."""
+        return max(1, self.window - round(self.overlap * self.window))
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """Starts of the windows covering ``[0, length)``; the last one ends exactly at ``length``.
+
+    ``length`` must be at least ``window`` (pad smaller images first).
+    """
+    if length < window:
+        raise ValueError(f"length {length} is smaller than the window {window}; pad first")
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return starts
+
+
+def blend_weight(window: int, blend: Blend = "gaussian") -> Tensor:
+    """The ``window x window`` float32 weight of one window's logits (strictly positive)."""
+    if blend == "uniform":
+        return torch.ones(window, window)
+    if blend != "gaussian":
+        raise ValueError(f"blend={blend!r} is not allowed; expected one of {BLENDS}")
+    centre = (window - 1) / 2
+    sigma = window / 4  # the edge weighs exp(-2) = 0.14 of the centre, a corner 0.018
+    axis = torch.exp(-((torch.arange(window, dtype=torch.float64) - centre) ** 2) / (2 * sigma**2))
+    return torch.outer(axis, axis).float()
+
+
+def pad_to(x: Tensor, height: int, width: int, mode: PadMode = "reflect") -> Tensor:
+    """Pad ``B x C x h x w`` at the bottom and right to at least ``height x width``.
+
+    ``reflect`` mirrors repeatedly when the pad is wider than the image (like ``numpy.pad``),
+    so even a tiny image can fill a window.
+    """
+    if mode not in PAD_MODES:
+        raise ValueError(f"pad_mode={mode!r} is not allowed; expected one of {PAD_MODES}")
+    while x.shape[-2] < height or x.shape[-1] < width:
+        h, w = x.shape[-2:]
+        bottom, right = max(0, height - h), max(0, width - w)
+        if mode == "reflect":  # one mirror may add at most size - 1 pixels
+            bottom, right = min(bottom, h - 1), min(right, w - 1)
+            if bottom == right == 0:  # a 1-pixel side cannot be mirrored: repeat it
+                return pad_to(x, height, width, "replicate")
+        x = F.pad(x, (0, right, 0, bottom), mode=mode)
+    return x
+
+
+def check_window(net: nn.Module, window: int) -> None:
+    """Refuse a window the network cannot take (side not divisible by ``2**depth``)."""
+    depth = getattr(net, "depth", None)
+    if depth is not None and window % 2**depth:
+        raise ValueError(
+            f"sliding_window.window={window} must be divisible by 2**depth = {2**depth} of the network"
+        )
+
+
+@torch.no_grad()
+def sliding_window_logits(net: nn.Module, pre: Tensor, post: Tensor, spec: SlidingWindow) -> Tensor:
+    """Change logits ``B x 1 x H x W`` of ``net(pre, post)`` computed window by window.
+
+    Args:
+        net: a network ``net(pre, post) -> logits`` (in eval mode for inference).
+        pre: ``B x C x H x W`` pre-change images, any ``H`` and ``W``.
+        post: the post-change images, the same shape as ``pre``.
+        spec: window size, overlap, windows per forward, blending and padding.
+
+    Returns:
+        Logits of exactly the input's height and width, float32, on the inputs' device.
+    """
+    if pre.shape != post.shape:
+        raise ValueError(
+            f"pre and post must have the same shape, got {tuple(pre.shape)} and {tuple(post.shape)}"
+        )
+    if pre.ndim != 4:
+        raise ValueError(f"expected B x C x H x W inputs, got shape {tuple(pre.shape)}")
+    check_window(net, spec.window)
+    batch, _, height, width = pre.shape
+    size = spec.window
+    pre_p = pad_to(pre, size, size, spec.pad_mode)
+    post_p = pad_to(post, size, size, spec.pad_mode)
+    padded_h, padded_w = pre_p.shape[-2:]
+    positions = [
+        (r, c)
+        for r in window_starts(padded_h, size, spec.stride)
+        for c in window_starts(padded_w, size, spec.stride)
+    ]
+    weight = blend_weight(size, spec.blend).to(pre.device)
+    weight64 = weight.double()
+    logit_sum = torch.zeros(batch, 1, padded_h, padded_w, dtype=torch.float64, device=pre.device)
+    weight_sum = torch.zeros(padded_h, padded_w, dtype=torch.float64, device=pre.device)
+    for first in range(0, len(positions), spec.batch_size):
+        chunk = positions[first : first + spec.batch_size]
+        crops_pre = torch.cat([pre_p[..., r : r + size, c : c + size] for r, c in chunk])
+        crops_post = torch.cat([post_p[..., r : r + size, c : c + size] for r, c in chunk])
+        logits = net(crops_pre, crops_post).float()
+        for i, (r, c) in enumerate(chunk):
+            window_logits = logits[i * batch : (i + 1) * batch]
+            logit_sum[..., r : r + size, c : c + size] += window_logits.double() * weight64
+            weight_sum[r : r + size, c : c + size] += weight64
+    return (logit_sum / weight_sum)[..., :height, :width].float()
+
+
+class SlidingWindowNet(nn.Module):
+    """A network wrapper whose forward is :func:`sliding_window_logits` (for whole-image eval).
+
+    Args:
+        net: the wrapped network (kept as ``self.net``, so its taps stay reachable).
+        spec: the sliding-window settings.
+    """
+
+    def __init__(self, net: nn.Module, spec: SlidingWindow) -> None:
+        super().__init__()
+        check_window(net, spec.window)
+        self.net = net
+        self.spec = spec
+
+    def forward(self, pre: Tensor, post: Tensor) -> Tensor:
+        return sliding_window_logits(self.net, pre, post, self.spec)
+
+
+def num_windows(height: int, width: int, spec: SlidingWindow) -> int:
+    """How many windows :func:`sliding_window_logits` runs for one ``height x width`` image."""
+    rows = len(window_starts(max(height, spec.window), spec.window, spec.stride))
+    cols = len(window_starts(max(width, spec.window), spec.window, spec.stride))
+    return rows * cols
+
+
+__all__ = [
+    "BLENDS",
+    "PAD_MODES",
+    "SlidingWindow",
+    "SlidingWindowNet",
+    "blend_weight",
+    "check_window",
+    "num_windows",
+    "pad_to",
+    "sliding_window_logits",
+    "window_starts",
+]
