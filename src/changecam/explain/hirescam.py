@@ -1,0 +1,363 @@
+"""HiResCAM and Grad-CAM at every tap and for both dates, from one forward and one backward pass.
+
+For a tapped activation ``A`` (C×h×w) and the target score ``S`` (see
+:mod:`changecam.explain.targets`):
+
+* HiResCAM: ``Σ_c ∂S/∂A_c ⊙ A_c`` — signed, h×w, in units of logit contribution;
+* Grad-CAM: ``Σ_c mean_hw(∂S/∂A_c) · A_c`` — signed as well (no ReLU), as in captum's
+  ``LayerGradCam(relu_attributions=False)``.
+
+Forward hooks on the model's :class:`~changecam.models.taps.Tap` modules record every requested
+activation during one forward; ``torch.autograd.grad`` then returns ``∂S/∂A`` for all of them in
+one backward, without touching parameter gradients. A shared encoder runs once per date, but each
+date's output passes through its own tap (``pre/encK``, ``post/encK``), so each map belongs to
+exactly one date.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from changecam.explain.targets import Target, TargetKind, is_empty, target_mask, target_score
+from changecam.models.taps import Tap, find_taps
+
+Method = Literal["hirescam", "gradcam"]
+METHODS: tuple[Method, ...] = ("hirescam", "gradcam")
+Date = Literal["pre", "post"]
+DATES: tuple[Date, ...] = ("pre", "post")
+
+
+class TapError(ValueError):
+    """The model has no taps, or a requested tap does not exist or does not run once."""
+
+
+NO_TAPS_HELP = (
+    "explanations hook named identity taps: wrap each activation to explain in a "
+    "changecam.models.taps.Tap, e.g. `self.tap_pre1 = Tap('pre/enc1')` in __init__ and "
+    "`x = self.tap_pre1(x)` in forward (one Tap per date for a shared encoder); "
+    "see changecam.models.SiameseUNet"
+)
+
+
+def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[str, Tap]:
+    """The requested taps of ``model``, in forward order.
+
+    Args:
+        model: a network (or a LightningModule wrapping one) holding :class:`Tap` modules.
+        taps: public tap names; a per-date layer name such as ``"enc3"`` stands for both
+            ``pre/enc3`` and ``post/enc3``. ``None`` means every tap.
+
+    Raises:
+        TapError: the model has no taps, or a name is unknown (the message lists the available ones).
+    """
+    found = find_taps(model)
+    if not found:
+        raise TapError(f"{type(model).__name__} has no taps; {NO_TAPS_HELP}")
+    if taps is None:
+        return found
+    if isinstance(taps, str):
+        taps = [taps]
+    wanted: set[str] = set()
+    unknown = []
+    for name in taps:
+        if name in found:
+            wanted.add(name)
+        elif all(f"{d}/{name}" in found for d in DATES):
+            wanted.update(f"{d}/{name}" for d in DATES)
+        else:
+            unknown.append(name)
+    if unknown:
+        raise TapError(
+            f"unknown tap name(s) {unknown} for {type(model).__name__}; available: {list(found)}"
+            f" (or a per-date layer: {per_date_layers(found)})"
+        )
+    if not wanted:
+        raise TapError(f"no taps requested; available: {list(found)}")
+    return {n: t for n, t in found.items() if n in wanted}
+
+
+def per_date_layers(tap_names: Sequence[str] | dict[str, object]) -> list[str]:
+    """Layers tapped for both dates (``"enc1"`` ... for ``pre/enc1``, ``post/enc1``), in order."""
+    names = list(tap_names)
+    layers = [n.split("/", 1)[1] for n in names if n.startswith("pre/")]
+    return [layer for layer in layers if f"post/{layer}" in names]
+
+
+@contextmanager
+def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
+    """Run a block with ``model`` (optionally) in eval mode; restore every submodule's mode after.
+
+    Each submodule's own ``training`` flag is restored, so a model that mixes modes (e.g. a
+    frozen BatchNorm inside a training model) comes back exactly as it was, also after an error.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if eval_mode:
+            model.eval()
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Maps of one batch; every tensor is detached, float32, on the model's device.
+
+    Attributes:
+        taps: explained tap names, in forward order.
+        methods: the methods computed (``hirescam``, ``gradcam``).
+        logits: model output, B×1×H×W.
+        mask: target mask ``M``, B×1×H×W in {0, 1}.
+        score: target score ``S = Σ M ⊙ logits``, B.
+        raw: ``raw[method][tap]``: signed map at tap resolution, B×h×w, in logit contribution
+            per tap cell (these are the definitions; shares use them).
+        upsampled: ``upsampled[method][tap]``: the raw map bilinearly resized to the input,
+            B×H×W, divided by the area ratio ``(H·W)/(h·w)`` so it reads as logit contribution
+            per input pixel (its sum approximates the raw map's sum). Empty if not requested.
+    """
+
+    taps: tuple[str, ...]
+    methods: tuple[Method, ...]
+    logits: Tensor
+    mask: Tensor
+    score: Tensor
+    raw: dict[str, dict[str, Tensor]]
+    upsampled: dict[str, dict[str, Tensor]]
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the explained inputs."""
+        return tuple(self.logits.shape[-2:])  # type: ignore[return-value]
+
+    @property
+    def empty(self) -> Tensor:
+        """Per sample: the target selected no pixel (e.g. no change predicted); maps are zero."""
+        return is_empty(self.mask)
+
+    @property
+    def layers(self) -> list[str]:
+        """Layers explained for both dates (``enc1``, ``enc2`` ...)."""
+        return per_date_layers(self.taps)
+
+    def map(self, tap: str, method: Method = "hirescam", upsampled: bool = False) -> Tensor:
+        """One map: B×h×w (raw) or B×H×W (``upsampled``)."""
+        maps = self.upsampled if upsampled else self.raw
+        if method not in maps or tap not in maps[method]:
+            what = "upsampled " if upsampled else ""
+            raise KeyError(
+                f"no {what}{method} map for tap {tap!r}; explained taps: {list(self.taps)}, "
+                f"methods: {list(maps)}"
+            )
+        return maps[method][tap]
+
+    def positive_mass(self, tap: str, method: Method = "hirescam") -> Tensor:
+        """``P = Σ ReLU(map)`` on the raw map, per sample (B)."""
+        return self.map(tap, method).clamp(min=0).flatten(1).sum(1)
+
+    def post_share(self, layer: str, method: Method = "hirescam") -> Tensor:
+        """``P_post / (P_pre + P_post)`` of one per-date layer (e.g. ``"enc3"``), per sample.
+
+        NaN where both masses are 0 (undefined: e.g. an empty target).
+        """
+        pre = self.positive_mass(f"pre/{layer}", method)
+        post = self.positive_mass(f"post/{layer}", method)
+        total = pre + post
+        return torch.where(
+            total > 0, post / total.clamp(min=torch.finfo(total.dtype).tiny), torch.nan
+        )
+
+    def post_shares(self, method: Method = "hirescam") -> dict[str, Tensor]:
+        """:meth:`post_share` of every per-date layer: ``{"enc1": B, ...}``."""
+        return {layer: self.post_share(layer, method) for layer in self.layers}
+
+    def select(self, index: int | slice | Tensor) -> Explanation:
+        """The explanation of some samples (an ``int`` keeps a batch dimension of 1)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return self._apply(lambda t: t[index])
+
+    def to(self, device: torch.device | str) -> Explanation:
+        """All tensors moved to ``device``."""
+        return self._apply(lambda t: t.to(device))
+
+    def crop(self, height: int, width: int) -> Explanation:
+        """Keep the top-left ``height × width`` input pixels (undo bottom/right padding).
+
+        Raw maps keep the tap cells that cover the kept pixels (``ceil(h·height/H)`` rows ...).
+        """
+        full_h, full_w = self.input_size
+        if not (0 < height <= full_h and 0 < width <= full_w):
+            raise ValueError(f"cannot crop {self.input_size} to {(height, width)}")
+
+        def crop_raw(t: Tensor) -> Tensor:
+            h, w = t.shape[-2:]
+            return t[..., : -(-h * height // full_h), : -(-w * width // full_w)]
+
+        return replace(
+            self,
+            logits=self.logits[..., :height, :width],
+            mask=self.mask[..., :height, :width],
+            score=self.score,
+            raw={m: {k: crop_raw(v) for k, v in d.items()} for m, d in self.raw.items()},
+            upsampled={
+                m: {k: v[..., :height, :width] for k, v in d.items()}
+                for m, d in self.upsampled.items()
+            },
+        )
+
+    def _apply(self, fn) -> Explanation:
+        return replace(
+            self,
+            logits=fn(self.logits),
+            mask=fn(self.mask),
+            score=fn(self.score),
+            raw={m: {k: fn(v) for k, v in d.items()} for m, d in self.raw.items()},
+            upsampled={m: {k: fn(v) for k, v in d.items()} for m, d in self.upsampled.items()},
+        )
+
+
+def cam_maps(
+    activation: Tensor, gradient: Tensor | None, methods: Sequence[Method]
+) -> dict[str, Tensor]:
+    """HiResCAM / Grad-CAM maps (B×h×w, float32) of one activation and its gradient."""
+    a = activation.detach().float()
+    g = torch.zeros_like(a) if gradient is None else gradient.detach().float()
+    out: dict[str, Tensor] = {}
+    if "hirescam" in methods:
+        out["hirescam"] = (g * a).sum(1)
+    if "gradcam" in methods:
+        out["gradcam"] = torch.einsum("bc,bchw->bhw", g.mean((2, 3)), a)
+    return out
+
+
+def upsample_maps(
+    raw: dict[str, dict[str, Tensor]], size: tuple[int, int]
+) -> dict[str, dict[str, Tensor]]:
+    """Resize every raw map to ``size`` (bilinear), scaled to logit contribution per input pixel.
+
+    Maps of the same resolution are resized together, one interpolation per resolution.
+    """
+    keys = [(m, t) for m, d in raw.items() for t in d]
+    groups: dict[tuple[int, int], list[tuple[str, str]]] = {}
+    for key in keys:
+        groups.setdefault(tuple(raw[key[0]][key[1]].shape[-2:]), []).append(key)
+    out: dict[str, dict[str, Tensor]] = {m: {} for m in raw}
+    for (h, w), group in groups.items():
+        stack = torch.stack([raw[m][t] for m, t in group], dim=1)
+        if (h, w) != tuple(size):
+            area = (size[0] * size[1]) / (h * w)
+            stack = F.interpolate(stack, size=size, mode="bilinear", align_corners=False) / area
+        for i, (m, t) in enumerate(group):
+            out[m][t] = stack[:, i]
+    return {m: {t: out[m][t] for t in raw[m]} for m in raw}
+
+
+def explain_batch(
+    model: nn.Module,
+    pre: Tensor,
+    post: Tensor,
+    *,
+    taps: Sequence[str] | None = None,
+    target: Target | TargetKind = "predicted",
+    methods: Sequence[Method] = METHODS,
+    label: Tensor | None = None,
+    roi: Tensor | None = None,
+    valid: Tensor | None = None,
+    upsample: bool = True,
+    eval_mode: bool = True,
+) -> Explanation:
+    """Explain a batch: one forward and one backward for all taps, both dates and both methods.
+
+    Safe inside a Lightning validation/test step (it leaves ``torch.inference_mode`` locally and
+    works on clones of the inputs). It never changes ``requires_grad`` flags nor accumulates
+    parameter gradients, and restores every submodule's train/eval mode; hooks are removed
+    even when the forward fails.
+
+    Args:
+        model: ``model(pre, post) -> logits`` (B×1×H×W) with :class:`Tap` modules.
+        pre: B×C×H×W images of the first date (same shape as ``post``).
+        post: B×C×H×W images of the second date.
+        taps: tap names (or per-date layers like ``"enc3"``); ``None``: every tap.
+        target: which pixels' logits form ``S`` (see :mod:`changecam.explain.targets`).
+        methods: any of ``hirescam``, ``gradcam``.
+        label: ground-truth mask for ``target="ground_truth"``.
+        roi: region of interest for ``target="roi"``.
+        valid: pixels allowed in the target (e.g. excluding padding); default all.
+        upsample: also return the maps resized to the input size.
+        eval_mode: run the model in eval mode (BatchNorm running statistics, no dropout).
+
+    Raises:
+        TapError: no taps, unknown tap names, or a tap that did not run exactly once.
+        ValueError: mismatched ``pre``/``post`` shapes, unknown methods, or a target that lacks
+            its ``label``/``roi``.
+    """
+    methods = tuple(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(
+            f"unknown explanation method(s) {bad or methods}; expected some of {METHODS}"
+        )
+    if pre.shape != post.shape or pre.ndim != 4:
+        raise ValueError(
+            f"pre and post must both be B×C×H×W of the same shape, got {tuple(pre.shape)} and "
+            f"{tuple(post.shape)}"
+        )
+    modules = resolve_taps(model, taps)
+    names = list(modules)
+    seen: dict[str, list[Tensor]] = {n: [] for n in names}
+
+    def recorder(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            seen[name].append(output)
+
+        return hook
+
+    with preserved_state(model, eval_mode), torch.inference_mode(False), torch.enable_grad():
+        handles = [modules[n].register_forward_hook(recorder(n)) for n in names]
+        try:
+            x_pre = pre.detach().clone().requires_grad_(True)
+            x_post = post.detach().clone().requires_grad_(True)
+            logits = model(x_pre, x_post)
+        finally:
+            for handle in handles:
+                handle.remove()
+        wrong = {n: len(v) for n, v in seen.items() if len(v) != 1}
+        if wrong:
+            raise TapError(
+                f"each tap must run exactly once per forward; runs per tap: {wrong}. "
+                "A module called twice (e.g. a shared encoder) needs one Tap per call."
+            )
+        mask = target_mask(logits, target, label=label, roi=roi, valid=valid)
+        score = target_score(logits, mask)
+        if not score.requires_grad:
+            raise ValueError(f"the output of {type(model).__name__} does not depend on its inputs")
+        activations = [seen[n][0] for n in names]
+        grads = torch.autograd.grad(score.sum(), activations, allow_unused=True)
+
+    with torch.no_grad():
+        raw: dict[str, dict[str, Tensor]] = {m: {} for m in methods}
+        for name, act, grad in zip(names, activations, grads, strict=True):
+            for method, cam in cam_maps(act, grad, methods).items():
+                raw[method][name] = cam
+        size = tuple(logits.shape[-2:])
+        up = upsample_maps(raw, size) if upsample else {}
+        return Explanation(
+            taps=tuple(names),
+            methods=methods,
+            logits=logits.detach().float(),
+            mask=mask.float(),
+            score=score.detach().float(),
+            raw=raw,
+            upsampled=up,
+        )
