@@ -1,11 +1,19 @@
 """Loading network weights: Lightning checkpoints or plain ``state_dict`` files.
 
-Always ``torch.load(weights_only=True)``: a file that needs pickled code is refused.
+Always ``torch.load(weights_only=True)``: a file that needs pickled code is refused. Accepted
+files:
+
+* a Lightning ``.ckpt`` written by changecam: the network's weights are the ``net.*`` entries
+  of its ``state_dict`` and ``net_config`` records how to build the network;
+* a plain ``state_dict`` (``torch.save(model.state_dict(), path)``, e.g. the seed notebook's
+  weights for ``model=siamese_unet_seed``), also wrapped as ``{"state_dict": ...}`` or
+  ``{"model_state_dict": ...}``, with or without the ``module.`` prefix of ``DataParallel``.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,23 +22,49 @@ import hydra
 import torch
 from torch import nn
 
+SEED_ARCHITECTURE: dict[str, Any] = {
+    "in_channels": 3,
+    "base_channels": 64,
+    "depth": 4,
+    "fusion": "concat",
+    "shared_encoder": False,
+}
+
 
 class CheckpointError(ValueError):
     """A weights file cannot be loaded into the requested network."""
 
 
+def _refusal_detail(err: Exception) -> str:
+    """The informative line of torch's weights-only error (which global it refused)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    for line in text.splitlines():
+        if "Unsupported" in line:
+            return line.strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
+
+
 def read_weights_file(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)`` with errors that say what went wrong."""
+    """``torch.load(path, weights_only=True)`` with errors that say what went wrong.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file needs pickled code, is not a PyTorch file, or holds no mapping.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # a corrupt or foreign file, not pickled code
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint: {_refusal_detail(err)}"
+            ) from err
         raise CheckpointError(
             f"{path} needs pickled Python code to load, which changecam refuses "
-            "(torch.load(weights_only=True)). Save weights only, e.g. torch.save(model.state_dict(), path). "
-            f"Detail: {str(err).splitlines()[0]}"
+            "(torch.load(weights_only=True) only). Save weights only, e.g. "
+            f"torch.save(model.state_dict(), path). Detail: {_refusal_detail(err)}"
         ) from err
     except Exception as err:  # zip/format errors of corrupt or foreign files
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
@@ -41,52 +75,82 @@ def read_weights_file(path: str | Path) -> dict[str, Any]:
     return dict(obj)
 
 
+def _tensors(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
 def split_checkpoint(
-    obj: Mapping[str, Any],
+    obj: Mapping[str, Any], path: str | Path = "checkpoint"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """(network state dict, network config or None) of a Lightning checkpoint or a plain state dict."""
+    """(network state dict, network config or ``None``) of a checkpoint or a plain state dict.
+
+    Raises:
+        CheckpointError: a Lightning checkpoint that holds no ``net.*`` weights.
+    """
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        state = {
-            k.removeprefix("net."): v for k, v in obj["state_dict"].items() if k.startswith("net.")
-        }
-        return state, obj.get("net_config")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, None
+        inner = obj["state_dict"]
+        if "net_config" in obj or "pytorch-lightning_version" in obj:  # a Lightning checkpoint
+            state = {k.removeprefix("net."): v for k, v in inner.items() if k.startswith("net.")}
+            if not state:
+                prefixes = sorted({k.split(".")[0] for k in inner})
+                raise CheckpointError(
+                    f"{path} is a Lightning checkpoint without network weights under 'net.' "
+                    f"(its state_dict prefixes: {prefixes}); changecam's ChangeDetectionModule "
+                    "stores the network as 'net'"
+                )
+            return state, obj.get("net_config")
+        return _tensors(inner), None
+    if "model_state_dict" in obj and isinstance(obj["model_state_dict"], Mapping):
+        return _tensors(obj["model_state_dict"]), None
+    return _tensors(obj), None
 
 
 def load_network(path: str | Path, model_cfg: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build the network and load its weights from ``path``.
+    """Build the network, load its weights from ``path`` and return it in eval mode on the CPU.
 
     Args:
         path: a Lightning ``.ckpt`` written by changecam (it records the network config) or a
             plain ``state_dict`` ``.pth`` (then ``model_cfg`` says which network to build,
             e.g. the ``model=siamese_unet_seed`` config for the seed notebook's weights).
-        model_cfg: Hydra config of the network; overrides the one stored in the checkpoint.
+        model_cfg: Hydra config of the network (with ``_target_``); overrides the one stored in
+            the checkpoint.
 
     Raises:
+        FileNotFoundError: ``path`` does not exist.
         CheckpointError: pickled code, no config to build the network from, or an
-            architecture mismatch (the message lists missing and unexpected keys).
+            architecture mismatch (the message lists missing and unexpected keys, shape
+            mismatches and the model config that fits the file).
     """
-    state, stored_cfg = split_checkpoint(read_weights_file(path))
+    state, stored_cfg = split_checkpoint(read_weights_file(path), path)
     cfg = model_cfg if model_cfg is not None else stored_cfg
     if cfg is None:
         raise CheckpointError(
-            f"{path} is a plain state_dict without a network config; choose one with model=... "
-            "(e.g. model=siamese_unet_seed for the seed notebook's weights)"
+            f"{path} holds weights without a network config; choose the network with model=... "
+            "(e.g. model=siamese_unet_seed for the seed notebook's weights)" + _hint_suffix(state)
         )
+    if not state:
+        raise CheckpointError(f"{path} holds no weight tensors")
     net = hydra.utils.instantiate(dict(cfg))
-    result = net.load_state_dict(state, strict=False)
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
     shape_errors = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(net.state_dict()[k].shape)}"
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state.items()
-        if k in net.state_dict() and net.state_dict()[k].shape != v.shape
+        if k in expected and expected[k].shape != v.shape
     ]
-    if result.missing_keys or result.unexpected_keys or shape_errors:
-        raise CheckpointError(
-            mismatch_message(
-                path, cfg, result.missing_keys, result.unexpected_keys, shape_errors, state
-            )
-        )
-    return net
+    if missing or unexpected or shape_errors:
+        raise CheckpointError(mismatch_message(path, cfg, missing, unexpected, shape_errors, state))
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+def _hint_suffix(state: Mapping[str, torch.Tensor]) -> str:
+    hint = suggest_siamese_unet(state)
+    return f"; the weights fit: {format_suggestion(hint)}" if hint else ""
 
 
 def mismatch_message(
@@ -111,26 +175,38 @@ def mismatch_message(
         lines.append(f"  shape mismatches: {short(shape_errors)}")
     hint = suggest_siamese_unet(state)
     if hint:
-        lines.append("  a config that fits: " + " ".join(f"model.{k}={v}" for k, v in hint.items()))
+        lines.append(f"  a config that fits: {format_suggestion(hint)}")
+    else:
+        lines.append("  the file does not look like a changecam SiameseUNet")
     return "\n".join(lines)
 
 
+def format_suggestion(hint: Mapping[str, Any]) -> str:
+    """Command-line overrides for a :func:`suggest_siamese_unet` result."""
+    if dict(hint) == SEED_ARCHITECTURE:
+        return "model=siamese_unet_seed"
+    text = "model=siamese_unet " + " ".join(f"model.{k}={v}" for k, v in hint.items())
+    if hint.get("fusion") == "diff":
+        text += " (or model.fusion=absdiff: the weights cannot tell diff from absdiff)"
+    return text
+
+
 def suggest_siamese_unet(state: Mapping[str, torch.Tensor]) -> dict[str, Any] | None:
-    """Infer SiameseUNet arguments from a state dict's keys and shapes, if it is one."""
+    """Infer :class:`~changecam.models.SiameseUNet` arguments from a state dict, if it is one."""
     shared = "encoder1.conv1.conv.weight" in state
     first = state.get("encoder1.conv1.conv.weight", state.get("encoder1a.conv1.conv.weight"))
-    if first is None or "bottleneck.conv.weight" not in state:
+    bottleneck = state.get("bottleneck.conv.weight")
+    if first is None or bottleneck is None or first.ndim != 4 or bottleneck.ndim != 4:
         return None
-    depth = sum(1 for k in state if k.startswith("decoder") and k.endswith(".upconv.weight"))
-    base, in_channels = first.shape[0], first.shape[1]
+    depth = sum(1 for k in state if re.fullmatch(r"decoder\d+\.upconv\.weight", k))
+    if depth == 0:
+        return None
+    base, in_channels = int(first.shape[0]), int(first.shape[1])
     widest = base * 2 ** (depth - 1)
-    fusion = (
-        "concat" if state["bottleneck.conv.weight"].shape[1] == 2 * widest else "diff (or absdiff)"
-    )
     return {
         "in_channels": in_channels,
         "base_channels": base,
         "depth": depth,
-        "fusion": fusion,
+        "fusion": "concat" if bottleneck.shape[1] == 2 * widest else "diff",
         "shared_encoder": shared,
     }
