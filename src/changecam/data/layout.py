@@ -1,0 +1,152 @@
+"""Finding (pre, post, label) image triplets on disk.
+
+Two layouts are understood:
+
+* ``levir``: the official LEVIR-CD release, ``<root>/{train,val,test}/{A,B,label}/*.png``;
+* ``levir256``: the flat LEVIR-CD-256 distribution (BIT, ChangeFormer),
+  ``<root>/{A,B,label}/*.png`` with ``<root>/list/{train,val,test}.txt``.
+
+Pairing is strict by file name. This is the one place in changecam that finds files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Split = Literal["train", "val", "test"]
+Layout = Literal["auto", "levir", "levir256"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+LEVIR_HELP = (
+    "Expected either the official LEVIR-CD layout <root>/{train,val,test}/{A,B,label}/*.png "
+    "or the flat LEVIR-CD-256 layout <root>/{A,B,label}/*.png with <root>/list/{train,val,test}.txt. "
+    "LEVIR-CD is published by Chen & Shi (2020) at https://justchenhao.github.io/LEVIR/ "
+    "(free for academic use); download it and point data.root at it. "
+    "To try the pipeline without it, use data=synthetic."
+)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset root is missing or does not look like a known layout."""
+
+
+class LayoutError(ValueError):
+    """Files are present but do not pair up (a name missing in A, B or label, empty lists...)."""
+
+
+@dataclass(frozen=True)
+class Triplet:
+    """One sample on disk. ``label`` is ``None`` where no label exists (prediction inputs)."""
+
+    name: str
+    pre: Path
+    post: Path
+    label: Path | None = None
+
+
+def detect_layout(root: str | Path) -> Literal["levir", "levir256"]:
+    """Tell which layout ``root`` holds, or raise :class:`DatasetNotFoundError`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"dataset root {root} does not exist. {LEVIR_HELP}")
+    if any((root / s / "A").is_dir() for s in SPLITS):
+        return "levir"
+    if (root / "A").is_dir() and (root / "list").is_dir():
+        return "levir256"
+    raise DatasetNotFoundError(f"dataset root {root} holds neither known layout. {LEVIR_HELP}")
+
+
+def _images(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise LayoutError(f"missing folder {folder}")
+    return {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
+def pair_folder(folder: str | Path, names: list[str] | None = None, require_label: bool = True) -> list[Triplet]:
+    """Pair ``folder/A``, ``folder/B`` and ``folder/label`` strictly by file name.
+
+    Args:
+        folder: directory holding ``A/``, ``B/`` and (if ``require_label``) ``label/``.
+        names: file names to take (e.g. from a ``list/*.txt``); default: every image in ``A/``.
+        require_label: whether ``label/`` must exist. Without it, labels are used when present.
+
+    Raises:
+        LayoutError: a name present in one folder is missing in another, or nothing is found.
+    """
+    folder = Path(folder)
+    pre, post = _images(folder / "A"), _images(folder / "B")
+    has_label = (folder / "label").is_dir()
+    if require_label and not has_label:
+        raise LayoutError(f"missing folder {folder / 'label'}")
+    label = _images(folder / "label") if has_label else {}
+    wanted = names if names is not None else sorted(pre)
+    if names is None:
+        extra = sorted(set(post) - set(pre))
+        if extra:
+            raise LayoutError(f"{folder / 'B' / extra[0]} has no partner {folder / 'A' / extra[0]}")
+        if has_label:
+            extra = sorted(set(label) - set(pre))
+            if extra:
+                raise LayoutError(f"{folder / 'label' / extra[0]} has no partner {folder / 'A' / extra[0]}")
+    triplets = []
+    for name in wanted:
+        for sub, found in (("A", pre), ("B", post)) + ((("label", label),) if has_label else ()):
+            if name not in found:
+                raise LayoutError(f"{folder / sub / name} is missing (listed or present elsewhere for {name})")
+        triplets.append(Triplet(Path(name).stem, pre[name], post[name], label.get(name)))
+    if not triplets:
+        raise LayoutError(f"no images found in {folder / 'A'}")
+    return triplets
+
+
+def find_triplets(root: str | Path, split: Split, layout: Layout = "auto") -> list[Triplet]:
+    """Return the labelled triplets of one split of a LEVIR-style dataset.
+
+    Raises:
+        DatasetNotFoundError: ``root`` is missing or holds no known layout.
+        LayoutError: the split's files do not pair up.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    root = Path(root)
+    if layout == "auto":
+        layout = detect_layout(root)
+    elif not root.is_dir():
+        raise DatasetNotFoundError(f"dataset root {root} does not exist. {LEVIR_HELP}")
+    if layout == "levir":
+        if not (root / split).is_dir():
+            raise DatasetNotFoundError(f"split folder {root / split} does not exist. {LEVIR_HELP}")
+        return pair_folder(root / split)
+    if layout == "levir256":
+        listing = root / "list" / f"{split}.txt"
+        if not listing.is_file():
+            raise DatasetNotFoundError(f"split list {listing} does not exist. {LEVIR_HELP}")
+        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        if not names:
+            raise LayoutError(f"split list {listing} is empty")
+        return pair_folder(root, names)
+    raise ValueError(f"data.layout={layout!r} is not allowed; expected one of auto, levir, levir256")
+
+
+def input_pairs(pre: str | Path | None = None, post: str | Path | None = None, dir: str | Path | None = None) -> list[Triplet]:
+    """The pairs a prediction/explanation command works on: one ``pre``/``post`` file pair, or a
+    folder with ``A/`` and ``B/`` (and optionally ``label/``), paired by file name.
+
+    Raises:
+        ValueError: neither or both ways are given.
+        FileNotFoundError / LayoutError: files are missing or do not pair up.
+    """
+    if dir is not None and (pre is not None or post is not None):
+        raise ValueError("give either input.dir or input.pre and input.post, not both")
+    if dir is not None:
+        return pair_folder(dir, require_label=False)
+    if pre is None or post is None:
+        raise ValueError("no input: set input.dir=<folder with A/ and B/> or input.pre=<file> input.post=<file>")
+    pre, post = Path(pre), Path(post)
+    for p in (pre, post):
+        if not p.is_file():
+            raise FileNotFoundError(f"input image {p} does not exist")
+    return [Triplet(pre.stem, pre, post, None)]

@@ -1,0 +1,82 @@
+"""Augmentations that keep pre, post and mask aligned, and the image -> tensor convention.
+
+Geometry (flips, 90-degree rotations) is one albumentations ``Compose`` with
+``additional_targets={"post": "image"}``, so both dates and the mask get the same parameters.
+Photometric jitter is drawn independently per date (it mimics the nuisance change between
+acquisitions). A date swap exchanges pre and post; the change label is symmetric for
+appear/vanish, so the mask stays as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``H x W x C`` -> float ``C x H x W`` in [0, 1]: the one input convention."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:
+    """{0,1} ``H x W`` -> float ``1 x H x W``."""
+    return torch.from_numpy(np.ascontiguousarray(mask))[None].float()
+
+
+@dataclass
+class PairTransform:
+    """Random, identical geometry for (pre, post, mask) plus per-date jitter and date swap.
+
+    Args:
+        hflip: probability of a horizontal flip.
+        vflip: probability of a vertical flip.
+        rot90: probability of a random multiple-of-90-degree rotation.
+        jitter: strength of per-date brightness/contrast/saturation jitter (0 disables).
+        jitter_p: probability of applying the jitter to each date.
+        date_swap: probability of exchanging pre and post.
+    """
+
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rot90: float = 0.5
+    jitter: float = 0.0
+    jitter_p: float = 0.5
+    date_swap: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("hflip", "vflip", "rot90", "jitter_p", "date_swap"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.augment.{key}={value} must be a probability in [0, 1]")
+        self.geometry = A.Compose(
+            [A.HorizontalFlip(p=self.hflip), A.VerticalFlip(p=self.vflip), A.RandomRotate90(p=self.rot90)],
+            additional_targets={"post": "image"},
+        )
+        self.photometric = None
+        if self.jitter > 0:
+            j = self.jitter
+            self.photometric = A.Compose(
+                [A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=self.jitter_p)]
+            )
+
+    def __call__(
+        self, pre: np.ndarray, post: np.ndarray, mask: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Apply the augmentation with all randomness drawn from ``seed``."""
+        rng = np.random.default_rng(seed)
+        self.geometry.set_random_seed(int(rng.integers(2**31)))
+        out = self.geometry(image=pre, post=post, mask=mask)
+        pre, post, mask = out["image"], out["post"], out["mask"]
+        if self.photometric is not None:
+            self.photometric.set_random_seed(int(rng.integers(2**31)))
+            pre = self.photometric(image=pre)["image"]
+            post = self.photometric(image=post)["image"]
+        if rng.random() < self.date_swap:
+            pre, post = post, pre
+        return pre, post, mask
