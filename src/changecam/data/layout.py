@@ -65,7 +65,9 @@ def _images(folder: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
 
 
-def pair_folder(folder: str | Path, names: list[str] | None = None, require_label: bool = True) -> list[Triplet]:
+def pair_folder(
+    folder: str | Path, names: list[str] | None = None, require_label: bool = True
+) -> list[Triplet]:
     """Pair ``folder/A``, ``folder/B`` and ``folder/label`` strictly by file name.
 
     Args:
@@ -90,12 +92,16 @@ def pair_folder(folder: str | Path, names: list[str] | None = None, require_labe
         if has_label:
             extra = sorted(set(label) - set(pre))
             if extra:
-                raise LayoutError(f"{folder / 'label' / extra[0]} has no partner {folder / 'A' / extra[0]}")
+                raise LayoutError(
+                    f"{folder / 'label' / extra[0]} has no partner {folder / 'A' / extra[0]}"
+                )
     triplets = []
     for name in wanted:
         for sub, found in (("A", pre), ("B", post)) + ((("label", label),) if has_label else ()):
             if name not in found:
-                raise LayoutError(f"{folder / sub / name} is missing (listed or present elsewhere for {name})")
+                raise LayoutError(
+                    f"{folder / sub / name} is missing (listed or present elsewhere for {name})"
+                )
         triplets.append(Triplet(Path(name).stem, pre[name], post[name], label.get(name)))
     if not triplets:
         raise LayoutError(f"no images found in {folder / 'A'}")
@@ -128,10 +134,14 @@ def find_triplets(root: str | Path, split: Split, layout: Layout = "auto") -> li
         if not names:
             raise LayoutError(f"split list {listing} is empty")
         return pair_folder(root, names)
-    raise ValueError(f"data.layout={layout!r} is not allowed; expected one of auto, levir, levir256")
+    raise ValueError(
+        f"data.layout={layout!r} is not allowed; expected one of auto, levir, levir256"
+    )
 
 
-def input_pairs(pre: str | Path | None = None, post: str | Path | None = None, dir: str | Path | None = None) -> list[Triplet]:
+def input_pairs(
+    pre: str | Path | None = None, post: str | Path | None = None, dir: str | Path | None = None
+) -> list[Triplet]:
     """The pairs a prediction/explanation command works on: one ``pre``/``post`` file pair, or a
     folder with ``A/`` and ``B/`` (and optionally ``label/``), paired by file name.
 
@@ -144,7 +154,9 @@ def input_pairs(pre: str | Path | None = None, post: str | Path | None = None, d
     if dir is not None:
         return pair_folder(dir, require_label=False)
     if pre is None or post is None:
-        raise ValueError("no input: set input.dir=<folder with A/ and B/> or input.pre=<file> input.post=<file>")
+        raise ValueError(
+            "no input: set input.dir=<folder with A/ and B/> or input.pre=<file> input.post=<file>"
+        )
     pre, post = Path(pre), Path(post)
     for p in (pre, post):
         if not p.is_file():

@@ -30,7 +30,14 @@ SPEC_FILE = "synthetic_spec.json"
 GENERATOR_VERSION = 1
 
 ROOF_COLOURS = np.array(
-    [[178, 80, 60], [150, 150, 155], [205, 205, 200], [90, 105, 130], [170, 120, 90], [120, 60, 50]],
+    [
+        [178, 80, 60],
+        [150, 150, 155],
+        [205, 205, 200],
+        [90, 105, 130],
+        [170, 120, 90],
+        [120, 60, 50],
+    ],
     dtype=np.float32,
 )
 GROUND = np.array([150, 135, 110], dtype=np.float32)
@@ -66,7 +73,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
-def _rectangles(rng: np.random.Generator, size: int, count: int, occupied: np.ndarray) -> list[tuple[int, int, int, int]]:
+def _rectangles(
+    rng: np.random.Generator, size: int, count: int, occupied: np.ndarray
+) -> list[tuple[int, int, int, int]]:
     """Up to ``count`` non-overlapping building footprints (y0, x0, y1, x1) off the roads."""
     rects = []
     lo, hi = max(6, size // 24), max(10, size // 8)
@@ -82,14 +91,18 @@ def _rectangles(rng: np.random.Generator, size: int, count: int, occupied: np.nd
     return rects
 
 
-def _draw_building(canvas: np.ndarray, rect: tuple[int, int, int, int], roof: np.ndarray, shadow: int) -> None:
+def _draw_building(
+    canvas: np.ndarray, rect: tuple[int, int, int, int], roof: np.ndarray, shadow: int
+) -> None:
     y0, x0, y1, x1 = rect
-    canvas[y0 + shadow : y1 + shadow, x0 + shadow : x1 + shadow] *= 0.45  # cast shadow, sun top-left
+    canvas[y0 + shadow : y1 + shadow, x0 + shadow : x1 + shadow] *= (
+        0.45  # cast shadow, sun top-left
+    )
     canvas[y0:y1, x0:x1] = roof
     ridge = (y0 + y1) // 2
     canvas[y0:ridge, x0:x1] *= 1.12  # sunlit roof half
-    canvas[y0:y1, x0:x0 + 1] *= 0.8
-    canvas[y0:y0 + 1, x0:x1] *= 0.8
+    canvas[y0:y1, x0 : x0 + 1] *= 0.8
+    canvas[y0 : y0 + 1, x0:x1] *= 0.8
 
 
 def _acquire(
@@ -112,14 +125,18 @@ def _acquire(
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def generate_pair(spec: SyntheticSpec, split: str, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def generate_pair(
+    spec: SyntheticSpec, split: str, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render scene ``n`` of ``split``: (pre RGB, post RGB, label {0,1})."""
     split_id = ("train", "val", "test").index(split)
     rng = np.random.default_rng([spec.seed, split_id, n])
     size = spec.image_size
     area = (size / 256) ** 2
 
-    texture = _smooth_noise(rng, size, max(4, size // 8)) * 0.6 + _smooth_noise(rng, size, max(2, size // 64))
+    texture = _smooth_noise(rng, size, max(4, size // 8)) * 0.6 + _smooth_noise(
+        rng, size, max(2, size // 64)
+    )
     scene = GROUND[None, None] * (0.75 + 0.35 * texture[..., None])
     veg = _smooth_noise(rng, size, max(2, size // 48)) > rng.uniform(0.5, 0.7)
 
@@ -139,10 +156,13 @@ def generate_pair(spec: SyntheticSpec, split: str, n: int) -> tuple[np.ndarray, 
     n_keep = int(rng.poisson(10 * area))
     n_change = 0 if rng.random() < 0.1 else int(rng.integers(1, max(2, int(8 * area)) + 1))
     rects = _rectangles(rng, size, n_keep + n_change, occupied)
-    roofs = ROOF_COLOURS[rng.integers(0, len(ROOF_COLOURS), size=len(rects))] * rng.uniform(0.85, 1.15, (len(rects), 1))
+    roofs = ROOF_COLOURS[rng.integers(0, len(ROOF_COLOURS), size=len(rects))] * rng.uniform(
+        0.85, 1.15, (len(rects), 1)
+    )
     shadow = max(1, size // 128)
     kinds = ["keep"] * min(n_keep, len(rects)) + [
-        "appear" if rng.random() < 0.7 else "vanish" for _ in range(len(rects) - min(n_keep, len(rects)))
+        "appear" if rng.random() < 0.7 else "vanish"
+        for _ in range(len(rects) - min(n_keep, len(rects)))
     ]
 
     pre_scene, post_scene = scene.copy(), scene.copy()
@@ -158,7 +178,10 @@ def generate_pair(spec: SyntheticSpec, split: str, n: int) -> tuple[np.ndarray, 
 
     season_pre, season_post = rng.choice(len(VEG_SEASONS), size=2, replace=False)
     max_shift = max(1, size // 128)
-    shift = (int(rng.integers(-max_shift, max_shift + 1)), int(rng.integers(-max_shift, max_shift + 1)))
+    shift = (
+        int(rng.integers(-max_shift, max_shift + 1)),
+        int(rng.integers(-max_shift, max_shift + 1)),
+    )
     if not spec.nuisance:
         season_post, shift = season_pre, (0, 0)
     pre = _acquire(rng, pre_scene, veg, VEG_SEASONS[season_pre], (0, 0), spec.nuisance)

@@ -55,7 +55,11 @@ class PairTransform:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.augment.{key}={value} must be a probability in [0, 1]")
         self.geometry = A.Compose(
-            [A.HorizontalFlip(p=self.hflip), A.VerticalFlip(p=self.vflip), A.RandomRotate90(p=self.rot90)],
+            [
+                A.HorizontalFlip(p=self.hflip),
+                A.VerticalFlip(p=self.vflip),
+                A.RandomRotate90(p=self.rot90),
+            ],
             additional_targets={"post": "image"},
         )
         self.photometric = None
