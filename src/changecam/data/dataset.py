@@ -8,7 +8,10 @@
 
 Decoded triplets are kept in a small per-process LRU cache, so with the tile protocol a
 1024 x 1024 image is decoded once per worker rather than once per tile as long as its tiles
-are drawn close together.
+are drawn close together -- which :class:`changecam.data.sampler.ImageGroupedSampler`
+arranges for training while still shuffling. The cache costs ``cache_images x H x W x 7``
+bytes per process (uint8 pre and post RGB plus the mask): 56 MiB for the default 8 LEVIR-CD
+1024² triplets.
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ class ChangeDetectionDataset(Dataset):
         cache_images: int = 8,
     ) -> None:
         if protocol not in PROTOCOLS:
-            raise ValueError(f"data protocol {protocol!r} is not allowed; expected one of {PROTOCOLS}")
+            raise ValueError(
+                f"data protocol {protocol!r} is not allowed; expected one of {PROTOCOLS}"
+            )
         if not triplets:
             raise ValueError("no samples: the triplet list is empty")
         self.triplets = list(triplets)
@@ -72,7 +77,11 @@ class ChangeDetectionDataset(Dataset):
                         f"{t.pre} is {height}x{width}, smaller than data.patch_size={patch_size}"
                     )
                 if protocol == "tiles":
-                    self.index += [(i, r * patch_size, c * patch_size) for r in range(rows) for c in range(cols)]
+                    self.index += [
+                        (i, r * patch_size, c * patch_size)
+                        for r in range(rows)
+                        for c in range(cols)
+                    ]
                 else:
                     self.index += [(i, -1, -1)] * (crops_per_image or rows * cols)
         else:
@@ -80,6 +89,11 @@ class ChangeDetectionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    @property
+    def sample_images(self) -> list[int]:
+        """Index into :attr:`triplets` of the image each sample comes from."""
+        return [i for i, _, _ in self.index]
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Decoded (pre, post, mask) of image ``i``, through the per-process cache."""
@@ -89,7 +103,9 @@ class ChangeDetectionDataset(Dataset):
         t = self.triplets[i]
         pre, post = read_image(t.pre), read_image(t.post)
         if t.label is None:
-            raise ValueError(f"{t.name} has no label file; a training/evaluation dataset needs labels")
+            raise ValueError(
+                f"{t.name} has no label file; a training/evaluation dataset needs labels"
+            )
         mask = read_label(t.label)
         if pre.shape != post.shape or pre.shape[:2] != mask.shape:
             raise ImageReadError(
