@@ -13,6 +13,14 @@ Public entry points (import them from here):
   predicted change (default), the ground truth, all pixels or an ROI.
 """
 
+from changecam.explain.faithfulness import (
+    CURVE_DATES,
+    CurveDate,
+    CurveKind,
+    Faithfulness,
+    faithfulness,
+    perturbation_curve,
+)
 from changecam.explain.hirescam import (
     DATES,
     METHODS,
@@ -25,9 +33,16 @@ from changecam.explain.hirescam import (
     preserved_state,
     resolve_taps,
 )
+from changecam.explain.render import render_panel, save_panel
 from changecam.explain.targets import TARGET_KINDS, Target, TargetKind, target_mask, target_score
 
 __all__ = [
+    "CURVE_DATES",
+    "CurveDate",
+    "CurveKind",
+    "Faithfulness",
+    "faithfulness",
+    "perturbation_curve",
     "DATES",
     "METHODS",
     "TARGET_KINDS",
@@ -40,7 +55,9 @@ __all__ = [
     "explain_batch",
     "per_date_layers",
     "preserved_state",
+    "render_panel",
     "resolve_taps",
+    "save_panel",
     "target_mask",
     "target_score",
 ]

@@ -1,0 +1,60 @@
+"""The 2×4 panel: a real picture with one colour scale for both dates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from changecam.data.io import read_image
+from changecam.explain import explain_batch, faithfulness, render_panel, save_panel
+from changecam.explain.render import overlay, to_rgb
+from changecam.models import SiameseUNet
+
+
+@pytest.fixture(scope="module")
+def explained():
+    torch.manual_seed(0)
+    net = SiameseUNet(3, 4, 2).eval()
+    pre, post = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    roi = torch.zeros(2, 1, 32, 32)
+    roi[0, :, 8:20, 8:20] = 1  # sample 1: empty target
+    exp = explain_batch(net, pre, post, target="roi", roi=roi)
+    return net, pre, post, exp
+
+
+def test_panel_is_a_real_picture(explained, tmp_path):
+    net, pre, post, exp = explained
+    faith = faithfulness(net, pre, post, exp, steps=2, random_repeats=1, insertion=False)
+    label = np.zeros((32, 32), np.uint8)
+    label[8:20, 8:20] = 1
+    panel = render_panel(
+        pre[0], post[0], exp, label=label, faithfulness=faith, title="pair", dpi=40
+    )
+    assert panel.dtype == np.uint8 and panel.shape == (280, 540, 3)  # 13.5 × 7 inches at 40 dpi
+    assert len(np.unique(panel.reshape(-1, 3), axis=0)) > 500  # images, maps, text — not blank
+    save_panel(panel, tmp_path / "p" / "pair.png")
+    assert np.array_equal(read_image(tmp_path / "p" / "pair.png"), panel)
+    assert [p.name for p in (tmp_path / "p").iterdir()] == ["pair.png"]  # no temporary file left
+
+
+def test_empty_target_and_uint8_inputs_render(explained):
+    _, pre, post, exp = explained
+    panel = render_panel(to_rgb(pre[1]), to_rgb(post[1]), exp, index=1, method="gradcam", dpi=30)
+    assert panel.shape == (210, 405, 3)
+    with pytest.raises(ValueError, match="available: \\['enc1', 'enc2'\\]"):
+        render_panel(pre[0], post[0], exp, layer="bottleneck")
+    with pytest.raises(ValueError, match="do not match the explanation"):
+        render_panel(pre[0, :, :16], post[0, :, :16], exp)
+
+
+def test_overlay_uses_the_given_scale():
+    image = np.full((2, 2, 3), 128, np.uint8)
+    cam = np.array([[0.0, 1.0], [-1.0, 2.0]])
+    out = overlay(image, cam, vmax=2.0)
+    gray = 0.25 + 0.5 * 128 / 255
+    np.testing.assert_allclose(out[0, 0], [gray] * 3)  # zero evidence: the image shows through
+    assert out[1, 1, 0] > out[1, 1, 2] and out[1, 0, 2] > out[1, 0, 0]  # red = for, blue = against
+    # the same value on the same scale gives the same colour; a larger scale makes it fainter
+    np.testing.assert_allclose(overlay(image, cam, 2.0)[0, 1], out[0, 1])
+    assert abs(overlay(image, cam, 4.0)[0, 1] - gray).sum() < abs(out[0, 1] - gray).sum()
