@@ -1,0 +1,247 @@
+"""eval.py: pooled and per-image scores on a hand-made prediction set, seed-style figure, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from changecam.data.io import write_png
+from changecam.evaluate import evaluate, image_scores, mean_of_group_scores
+from changecam.models import SiameseUNet
+from conftest import REPO, compose_train
+from test_checkpoint import make_lightning_checkpoint
+
+EPS = 1e-5  # BatchNorm's eps: running_var = 1 - eps makes it the exact identity
+
+
+def red_detector() -> SiameseUNet:
+    """A real SiameseUNet wired by hand: logit +10 where the post image's red band is 1 and the
+    pre image's is 0, else -10 (every 3x3 kernel uses its centre only: translation-equivariant).
+    """
+    net = SiameseUNet(in_channels=3, base_channels=1, depth=1, fusion="diff", shared_encoder=True)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                m.weight.zero_()
+                m.bias.zero_()
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0 - EPS)
+        net.encoder1.conv1.conv.weight[0, 0, 1, 1] = 1.0  # red band
+        net.encoder1.conv2.conv.weight[0, 0, 1, 1] = 1.0
+        net.decoder1.conv1.conv.weight[0, 1, 1, 1] = 1.0  # the fused skip post - pre
+        net.decoder1.conv2.conv.weight[0, 0, 1, 1] = 1.0
+        net.final_conv.weight.fill_(20.0)
+        net.final_conv.bias.fill_(-10.0)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def hand_made(tmp_path_factory) -> tuple[Path, Path]:
+    """Two 32x32 test pairs in the LEVIR-CD layout and the red detector's weights.
+
+    test_1: prediction rows 0-7, label rows 4-11 (cols 0-7): TP 32, FP 32, FN 32, TN 928.
+    test_2: nothing predicted, nothing labelled: TN 1024.
+    """
+    root = tmp_path_factory.mktemp("hand_made")
+    black = np.zeros((32, 32, 3), np.uint8)
+    post1 = black.copy()
+    post1[0:8, 0:8, 0] = 255
+    label1 = np.zeros((32, 32), np.uint8)
+    label1[4:12, 0:8] = 255
+    for name, post, label in (
+        ("test_1", post1, label1),
+        ("test_2", black, np.zeros((32, 32), np.uint8)),
+    ):
+        write_png(root / "test" / "A" / f"{name}.png", black)
+        write_png(root / "test" / "B" / f"{name}.png", post)
+        write_png(root / "test" / "label" / f"{name}.png", label)
+    weights = root / "red_detector.pth"
+    torch.save(red_detector().state_dict(), weights)
+    return root, weights
+
+
+def hand_made_overrides(root: Path, weights: Path) -> list[str]:
+    return [
+        f"ckpt_path={weights}",
+        "model=siamese_unet",
+        "model.base_channels=1",
+        "model.depth=1",
+        "model.fusion=diff",
+        f"data.root={root}",
+        "data.synthetic=null",
+        "data.layout=levir",
+        "data.patch_size=32",
+        "data.eval_batch_size=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_red_detector_predicts_what_it_should():
+    pre = torch.zeros(1, 3, 4, 4)
+    post = torch.zeros(1, 3, 4, 4)
+    post[0, 0, 0, :2] = 1.0
+    with torch.no_grad():
+        logits = red_detector()(pre, post)[0, 0]
+    expected = torch.full((4, 4), -10.0)
+    expected[0, :2] = 10.0
+    torch.testing.assert_close(logits, expected)
+
+
+def test_eval_on_a_hand_made_prediction_set(tmp_path, hand_made):
+    cfg = compose_train(
+        tmp_path, [*hand_made_overrides(*hand_made), "logger=csv", "seed_batch_size=1"], "eval"
+    )
+    metrics = evaluate(cfg)
+    run = tmp_path / "run"
+    # pooled over both images: TP 32, FP 32, FN 32, TN 1952
+    expected = {
+        "test/f1": 0.5,
+        "test/iou": 1 / 3,
+        "test/precision": 0.5,
+        "test/recall": 0.5,
+        "test/accuracy": 1984 / 2048,
+        # seed style with batches of 1: per-image scores averaged; test_2 scores 0
+        "seed_style/test/f1": 0.25,
+        "seed_style/test/iou": 1 / 6,
+        "seed_style/test/precision": 0.25,
+        "seed_style/test/recall": 0.25,
+        "seed_style/test/accuracy": (960 / 1024 + 1.0) / 2,
+        "seed_style/batch_size": 1.0,
+        # the pre image is black: all positive evidence at enc1 comes from the post date
+        "test/post_share/enc1": 1.0,
+    }
+    assert metrics == pytest.approx(expected, abs=1e-6)
+    assert json.loads((run / "metrics.json").read_text()) == pytest.approx(expected, abs=1e-6)
+    rows = read_rows(run / "per_image.csv")
+    assert list(rows[0]) == ["name", "TP", "FP", "FN", "TN", "F1", "IoU", "post_share_enc1"]
+    assert [r["name"] for r in rows] == ["test_1_0000_0000", "test_2_0000_0000"]
+    assert [(r["TP"], r["FP"], r["FN"], r["TN"]) for r in rows] == [
+        ("32", "32", "32", "928"),
+        ("0", "0", "0", "1024"),
+    ]
+    assert float(rows[0]["F1"]) == pytest.approx(0.5) and float(rows[0]["IoU"]) == pytest.approx(
+        1 / 3, abs=1e-6
+    )
+    assert float(rows[1]["F1"]) == 0.0 and float(rows[1]["IoU"]) == 0.0
+    assert float(rows[0]["post_share_enc1"]) == pytest.approx(1.0)
+    assert rows[1]["post_share_enc1"] == "nan", "nothing predicted: the share is undefined"
+    logged = (run / "csv" / "metrics.csv").read_text()
+    assert "test/f1" in logged and "seed_style/test/f1" in logged
+
+
+def test_seed_style_with_one_batch_equals_the_pooled_scores(tmp_path, hand_made):
+    cfg = compose_train(tmp_path, [*hand_made_overrides(*hand_made), "logger=none"], "eval")
+    metrics = evaluate(cfg)  # default seed_batch_size=16 > 2 images: one group
+    for name in ("f1", "iou", "precision", "recall", "accuracy"):
+        assert metrics[f"seed_style/test/{name}"] == pytest.approx(metrics[f"test/{name}"])
+
+
+@pytest.mark.parametrize(("window", "overlap"), [(32, 0.0), (16, 0.5)])
+def test_sliding_window_eval_scores_whole_images(tmp_path, hand_made, window, overlap):
+    overrides = [
+        *hand_made_overrides(*hand_made),
+        "logger=none",
+        "sliding_window.enabled=true",
+        f"sliding_window.window={window}",
+        f"sliding_window.overlap={overlap}",
+    ]
+    metrics = evaluate(compose_train(tmp_path, overrides, "eval"))
+    assert metrics["test/f1"] == pytest.approx(0.5) and metrics["test/iou"] == pytest.approx(1 / 3)
+    rows = read_rows(tmp_path / "run" / "per_image.csv")
+    assert [r["name"] for r in rows] == ["test_1", "test_2"], "whole images, not tiles"
+    assert (rows[0]["TP"], rows[0]["FP"], rows[0]["FN"]) == ("32", "32", "32")
+
+
+def test_mean_of_group_scores_by_hand():
+    counts = torch.tensor([[1, 1, 0, 2], [0, 0, 2, 2], [3, 0, 1, 0]])
+    # groups of 2: [1,1,2,4] -> f1 2/5; [3,0,1,0] -> f1 6/7
+    assert mean_of_group_scores(counts, 2)["f1"] == pytest.approx((2 / 5 + 6 / 7) / 2)
+    assert mean_of_group_scores(counts, 3)["f1"] == pytest.approx(8 / (8 + 1 + 3))
+    with pytest.raises(ValueError, match="seed_batch_size=0"):
+        mean_of_group_scores(counts, 0)
+
+
+def test_image_scores_rows():
+    rows = image_scores(
+        ["a", "b"], torch.tensor([[2, 1, 1, 6], [0, 0, 0, 4]]), torch.tensor([0.25, math.nan])
+    )
+    assert rows[0].F1 == pytest.approx(4 / 6) and rows[0].IoU == pytest.approx(0.5)
+    assert (rows[1].TP, rows[1].TN, rows[1].F1) == (0, 4, 0.0) and math.isnan(rows[1].post_share)
+
+
+def test_bad_settings_name_the_key(tmp_path, hand_made):
+    base = [*hand_made_overrides(*hand_made), "logger=none"]
+    with pytest.raises(ValueError, match="post_share_layer='enc9'.*available: \\['enc1'\\]"):
+        evaluate(compose_train(tmp_path, [*base, "post_share_layer=enc9"], "eval"))
+    with pytest.raises(ValueError, match="split='train'"):
+        evaluate(compose_train(tmp_path, [*base, "split=train"], "eval"))
+    with pytest.raises(ValueError, match="sliding_window.window=15 must be divisible"):
+        evaluate(
+            compose_train(
+                tmp_path, [*base, "sliding_window.enabled=true", "sliding_window.window=15"], "eval"
+            )
+        )
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_eval_cli_on_a_trained_checkpoint(tmp_path, tiny_synthetic):
+    ckpt = make_lightning_checkpoint(tmp_path / "best.ckpt", tiny_synthetic, steps=2)
+    run = tmp_path / "eval_run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "eval.py"),
+            f"ckpt_path={ckpt}",
+            "data=synthetic",
+            f"data.root={tiny_synthetic}",
+            "data.synthetic=null",
+            "data.patch_size=32",
+            "logger=csv",
+            "trainer=cpu",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {
+        "test/f1",
+        "test/iou",
+        "test/precision",
+        "test/recall",
+        "test/accuracy",
+        "seed_style/test/f1",
+    } <= set(metrics)
+    rows = read_rows(run / "per_image.csv")
+    assert len(rows) == 2 * 4, "2 test images of 64 px in 32 px tiles"
+    counts = np.array([[int(r[k]) for k in ("TP", "FP", "FN", "TN")] for r in rows]).sum(0)
+    tp, fp, fn, _ = counts
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    assert metrics["test/f1"] == pytest.approx(f1, abs=1e-6), (
+        "per-image counts add up to the pooled score"
+    )
+    assert "test (pooled over all pixels)" in proc.stdout
