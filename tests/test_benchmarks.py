@@ -1,0 +1,67 @@
+"""The benchmarks run on tiny inputs and report their figures (no speed is asserted here)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+run_all = importlib.import_module("run_all")
+
+
+def test_run_all_collects_figures_and_skips_missing_scripts(tmp_path):
+    results = run_all.main(
+        ["--tiny", "--only", "loader", "not_written_yet", "--out", str(tmp_path), "--logs", str(tmp_path)]
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    loader = saved["benchmarks"]["loader"]
+    assert loader["status"] == "ok", loader.get("output_tail")
+    figures = loader["figures"]
+    assert figures["loader_speedup_vs_naive"] > 0 and figures["loader_patches_per_s"] > 0
+    assert figures["setup"]["workers"] == 1 and figures["setup"]["patches_per_epoch"] == 6 * 16
+    assert figures["loader_cache_mib_per_worker"] == pytest.approx(8 * 7 * 128**2 / 2**20, abs=0.1)
+    assert saved["benchmarks"]["not_written_yet"]["status"] == "skipped"
+    table = (tmp_path / "results.md").read_text()
+    assert "| loader | `loader_speedup_vs_naive` |" in table
+    assert "| not_written_yet | *skipped* |" in table
+    assert f"{saved['machine']['cores']} cores" in table and "python benchmarks/run_all.py" in table
+    assert (tmp_path / "loader.log").read_text().strip().endswith("}")
+
+
+def test_last_json_takes_the_last_line_only():
+    assert run_all.last_json('progress\n{"a": 1}\n{"b": 2.5}\n\n') == {"b": 2.5}
+    with pytest.raises(ValueError):
+        run_all.last_json('{"a": 1}\nnot json at the end')
+    with pytest.raises(ValueError, match="nothing"):
+        run_all.last_json("\n")
+
+
+def test_targets_are_judged_by_direction():
+    assert run_all.verdict("loader_speedup_vs_naive", 5.2).endswith("✓")
+    assert run_all.verdict("loader_speedup_vs_naive", 4.9).endswith("✗")
+    assert run_all.verdict("fit_vs_plain_loop", 1.2).endswith("✗")
+    assert run_all.verdict("fit_vs_plain_loop", 1.05).endswith("✓")
+    assert run_all.verdict("no_target_here", 3.0) == ""
+
+
+def test_loop_fit_and_plain_loop_compute_the_same_epoch():
+    loop = importlib.import_module("loop")
+    figures = loop.main(["--tiny"])
+    assert figures["errors"] == {}
+    assert figures["same_computation"], figures["max_weight_difference"]
+    assert figures["fit_vs_plain_loop"] > 0 and figures["fit_defaults_vs_plain_loop"] > 0
+    assert figures["setup"]["train_steps_per_epoch"] == 4  # 4 images x 4 tiles / batch 4
+
+
+def test_memory_reports_peak_rss_of_training_and_prediction():
+    memory = importlib.import_module("memory")
+    figures = memory.main(["--tiny"])
+    assert 100 < figures["train_peak_rss_mib"] < 4096
+    assert 100 < figures["predict_1024_peak_rss_mib"] < 4096
+    assert figures["predict_1024_within_2gib"] is True
