@@ -139,7 +139,8 @@ def test_curves_are_batched_and_batch_size_does_not_change_them():
     big = faithfulness(
         model, pre, post, exp, dates=["post"], steps=4, insertion=False, random_repeats=1
     )
-    assert model.calls == 2  # 2 samples × 5 steps in one forward, for each of cam and random
+    # S0, the all-deleted end, then 2 samples × 3 inner steps in one forward per order
+    assert model.calls == 4
     small = faithfulness(
         model,
         pre,

@@ -170,7 +170,7 @@ def faithfulness(
     dates: Sequence[CurveDate] = CURVE_DATES,
     steps: int = 10,
     insertion: bool = True,
-    random_repeats: int = 3,
+    random_repeats: int = 1,
     seed: int = 0,
     valid: Tensor | None = None,
     batch_size: int = 32,
@@ -189,7 +189,8 @@ def faithfulness(
         dates: curves to compute: ``pre``, ``post`` and/or ``both``.
         steps: the curve has ``steps + 1`` points, ``k = 0, 1/steps, ..., 1``.
         insertion: also compute insertion curves.
-        random_repeats: random permutations averaged for the baseline.
+        random_repeats: random permutations averaged for the baseline (on images of
+            thousands of pixels one is stable: each step deletes many random pixels).
         seed: seed of the random order (the same seed gives the same baseline).
         valid: B×H×W (or H×W) bool pixels that may be modified (e.g. excluding padding).
         batch_size: counterfactual pairs per forward pass.
@@ -252,24 +253,33 @@ def faithfulness(
 
     kinds: list[CurveKind] = ["deletion", "insertion"] if insertion else ["deletion"]
     curves: dict[str, dict[str, dict[str, Tensor]]] = {k: {} for k in kinds}
-    with preserved_state(model, eval_mode), torch.no_grad():
+    inner = fractions[1:-1]
+    with preserved_state(model, eval_mode), torch.inference_mode():
+        # The end points do not depend on the order: nothing modified (S0: deletion k=0,
+        # insertion k=1) and every valid pixel modified (deletion k=1, insertion k=0).
+        score0 = target_score(model(pre, post), mask).float()
         for date in dates:
             per_order = orders(date)
+            rank, which = per_order["cam"][0]
+            full = perturbation_curve(
+                model, pre, post, mask, rank, which, torch.ones(1), "deletion", valid, batch_size
+            )[:, 0]
+            ends = {"deletion": (score0, full), "insertion": (full, score0)}
             for kind in kinds:
-                curves[kind][date] = {
-                    order: torch.stack(
+                first, last = ends[kind]
+                curves[kind][date] = {}
+                for order, entries in per_order.items():
+                    middle = torch.stack(
                         [
                             perturbation_curve(
-                                model, pre, post, mask, r, m, fractions, kind, valid, batch_size
+                                model, pre, post, mask, r, m, inner, kind, valid, batch_size
                             )
                             for r, m in entries
                         ]
-                    )
-                    .mean(0)
-                    .cpu()
-                    for order, entries in per_order.items()
-                }
-    score0 = curves["deletion"][dates[0]]["cam"][:, 0]  # k = 0: the unmodified pair
+                    ).mean(0)
+                    curve = torch.cat([first[:, None], middle, last[:, None]], dim=1)
+                    curves[kind][date][order] = curve.cpu()
+    score0 = score0.cpu()
     return Faithfulness(
         layer=layer, method=method, fractions=fractions, score0=score0, curves=curves
     )

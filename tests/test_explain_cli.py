@@ -1,0 +1,181 @@
+"""explain.py and the one-pair pipeline, on real LEVIR-CD samples and a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from changecam.data.io import read_image, read_label, write_png
+from changecam.explain import TapError
+from changecam.explain.main import explain
+from changecam.explain.pipeline import ExplainSettings, explain_pair, pad_to_multiple
+from changecam.models import SiameseUNet
+from changecam.module import net_config
+from conftest import REPO, compose_train
+
+FAST = ["explain.faithfulness.steps=2", "explain.dpi=30", "device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A changecam-style checkpoint (state_dict with ``net.`` keys and ``net_config``)."""
+    torch.manual_seed(0)
+    net = SiameseUNet(3, 4, 2, "diff", shared_encoder=True)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, "net_config": net_config(net)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair_dir(samples_dir, tmp_path_factory) -> Path:
+    """Two real LEVIR-CD pairs in A/ B/ label/, cropped to 40×36 (divisible by 2**depth = 4) and
+    to 38×30 (not divisible: padded to 40×32)."""
+    root = tmp_path_factory.mktemp("pairs")
+    names = sorted(p.name for p in (samples_dir / "A").iterdir())[:2]
+    for i, name in enumerate(names):
+        h, w = (40, 36) if i == 0 else (38, 30)
+        write_png(
+            root / "A" / name, read_image(samples_dir / "A" / name)[100 : 100 + h, 60 : 60 + w]
+        )
+        write_png(
+            root / "B" / name, read_image(samples_dir / "B" / name)[100 : 100 + h, 60 : 60 + w]
+        )
+        write_png(
+            root / "label" / name,
+            read_label(samples_dir / "label" / name)[100 : 100 + h, 60 : 60 + w] * 255,
+        )
+    return root
+
+
+def run_explain(tmp_path: Path, overrides: list[str]) -> dict:
+    cfg = compose_train(tmp_path, overrides + FAST, config_name="explain")
+    return explain(cfg)
+
+
+def test_folder_mode_writes_panels_maps_and_json(tmp_path, tiny_ckpt, pair_dir):
+    report = run_explain(
+        tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={pair_dir}", "explain.target=all"]
+    )
+    run = tmp_path / "run"
+    saved = json.loads((run / "explanations.json").read_text())
+    assert saved["pairs"] == json.loads(json.dumps(report["pairs"]))
+    assert len(saved["pairs"]) == 2 and saved["taps"][:2] == ["pre/enc1", "post/enc1"]
+    for row in saved["pairs"]:
+        h, w = row["size"]
+        panel = read_image(run / row["files"]["panel"])
+        assert panel.shape == (210, 405, 3) and panel.std() > 10
+        maps = np.load(run / row["files"]["maps"])
+        assert maps["hirescam/pre/enc1"].shape == (h, w)
+        assert maps["hirescam/post/enc2"].shape == (-(-h // 2), -(-w // 2))
+        assert maps["gradcam/bottleneck"].shape == (-(-h // 4), -(-w // 4))
+        assert maps["logits"].shape == (h, w) and maps["target_mask"].sum() == h * w
+        assert set(row["post_share"]) == {"enc1", "enc2"} and set(row["post_share_gradcam"]) == {
+            "enc1",
+            "enc2",
+        }
+        for layer, share in row["post_share"].items():  # shares are those of the saved maps
+            p_pre = np.clip(maps[f"hirescam/pre/{layer}"], 0, None).sum()
+            p_post = np.clip(maps[f"hirescam/post/{layer}"], 0, None).sum()
+            assert share == pytest.approx(p_post / (p_pre + p_post), rel=1e-4)
+        assert row["target_score"] == pytest.approx(float(maps["logits"].sum()), rel=1e-4)
+        assert isinstance(row["faithfulness_gap"], float)
+        assert row["faithfulness_gap"] == row["faithfulness"]["gap"]["both"]
+        assert row["faithfulness"]["fractions"] == [0.0, 0.5, 1.0]
+    assert saved["pairs"][0]["padded_to"] is None and saved["pairs"][1]["padded_to"] == [40, 32]
+    assert saved["mean"]["pairs"] == 2 and saved["panel_layer"] == "enc2"
+
+
+@pytest.mark.slow  # a fresh interpreter: imports dominate
+def test_single_pair_through_the_shim(tmp_path, tiny_ckpt, pair_dir):
+    name = sorted(p.name for p in (pair_dir / "A").iterdir())[1]
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "explain.py",
+        f"ckpt_path={tiny_ckpt}",
+        f"input.pre={pair_dir / 'A' / name}",
+        f"input.post={pair_dir / 'B' / name}",
+        "explain.taps=[enc2,head_in]",
+        "explain.methods=[hirescam]",
+        f"hydra.run.dir={out}",
+        *FAST,
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "explained 1 pair(s)" in proc.stdout and "explain: 100%" in proc.stderr  # progress bar
+    report = json.loads((out / "explanations.json").read_text())
+    assert report["taps"] == ["pre/enc2", "post/enc2", "head_in"]
+    maps = np.load(out / "maps" / f"{Path(name).stem}.npz")
+    assert sorted(k for k in maps if "/" in k) == [
+        "hirescam/head_in",
+        "hirescam/post/enc2",
+        "hirescam/pre/enc2",
+    ]
+    assert (out / "panels" / f"{Path(name).stem}.png").is_file()
+
+
+def test_bad_inputs_are_refused_before_writing(tmp_path, tiny_ckpt, pair_dir):
+    bad = tmp_path / "bad"
+    shutil.copytree(pair_dir, bad)
+    name = sorted(p.name for p in (bad / "B").iterdir())[1]
+    write_png(bad / "B" / name, np.zeros((38, 31, 3), np.uint8))
+    with pytest.raises(ValueError, match=f"is 38x30 but .*B/{name} is 38x31"):
+        run_explain(tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={bad}"])
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    with pytest.raises(TapError, match="unknown tap name.*available: \\['pre/enc1'"):
+        run_explain(
+            tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={pair_dir}", "explain.taps=[enc7]"]
+        )
+    with pytest.raises(ValueError, match="explain.panel_layer='enc1' is not an explained"):
+        run_explain(
+            tmp_path,
+            [
+                f"ckpt_path={tiny_ckpt}",
+                f"input.dir={pair_dir}",
+                "explain.taps=[enc2]",
+                "explain.panel_layer=enc1",
+            ],
+        )
+    name_a = sorted(p.name for p in (pair_dir / "A").iterdir())[0]
+    with pytest.raises(ValueError, match="explain.target=ground_truth but pair .* has no label"):
+        run_explain(
+            tmp_path,
+            [
+                f"ckpt_path={tiny_ckpt}",
+                f"input.pre={pair_dir / 'A' / name_a}",
+                f"input.post={pair_dir / 'B' / name_a}",
+                "explain.target=ground_truth",
+            ],
+        )
+    assert not (tmp_path / "run" / "explanations.json").exists()
+
+
+def test_pipeline_padding_keeps_the_target_inside_the_image():
+    torch.manual_seed(1)
+    net = SiameseUNet(3, 4, 3).eval()  # sides must be multiples of 8
+    rng = np.random.default_rng(0)
+    pre, post = rng.integers(0, 255, (2, 21, 13, 3), dtype=np.uint8)
+    roi = np.zeros((21, 13), np.uint8)
+    roi[15:, 5:] = 1  # touches the bottom/right border, next to the padding
+    result = explain_pair(
+        net, pre, post, roi=roi, settings=ExplainSettings(target="roi", steps=2, dpi=20)
+    )
+    exp = result.explanation
+    assert exp.input_size == (21, 13) and result.padded_size == (24, 16)
+    assert exp.mask[0, 0].numpy().astype(np.uint8).tolist() == roi.tolist()
+    assert exp.map("pre/enc3").shape == (1, 6, 4)  # ceil(21 / 4) x ceil(13 / 4) cells
+    torch.testing.assert_close(exp.score, (exp.logits * exp.mask).sum((1, 2, 3)))
+    x = torch.arange(2 * 5 * 3.0).reshape(1, 2, 5, 3)
+    padded = pad_to_multiple(x, 4)
+    assert padded.shape == (1, 2, 8, 4) and torch.equal(padded[..., :5, :3], x)
+    assert torch.equal(padded[..., 5, :3], x[..., 3, :])  # reflection
+    with pytest.raises(ValueError, match="pre is \\(21, 13\\) but post is \\(21, 12\\)"):
+        explain_pair(net, pre, post[:, :12].copy())
