@@ -1,0 +1,224 @@
+"""predict.py: folder and single-pair modes, any image size, refused pairs, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import changecam.predict as predict_module
+from changecam.checkpoint import load_network
+from changecam.data.io import read_image, write_png
+from changecam.data.transforms import image_to_tensor
+from changecam.inference import SlidingWindow, sliding_window_logits
+from changecam.predict import PredictionError, encode_probability, predict, read_probability
+from conftest import REPO, compose_train
+from test_checkpoint import make_lightning_checkpoint
+
+FAST = [
+    "device=cpu",
+    "sliding_window.window=64",
+    "explain.faithfulness.steps=2",
+    "explain.faithfulness.batch_size=3",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_synthetic) -> Path:
+    """A tiny (width 4, depth 2) checkpoint trained for a few steps."""
+    return make_lightning_checkpoint(
+        tmp_path_factory.mktemp("predict_ckpt") / "best.ckpt", tiny_synthetic, steps=3
+    )
+
+
+def run_predict(tmp_path: Path, overrides: list[str]) -> dict:
+    return predict(compose_train(tmp_path, [*FAST, *overrides], "predict"))
+
+
+def write_pair(
+    folder: Path, name: str, size: tuple[int, int], seed: int = 0, post_size=None
+) -> None:
+    rng = np.random.default_rng(seed)
+    write_png(folder / "A" / f"{name}.png", rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    write_png(
+        folder / "B" / f"{name}.png",
+        rng.integers(0, 256, (*(post_size or size), 3), dtype=np.uint8),
+    )
+
+
+def test_folder_of_real_levir_samples(tmp_path, ckpt, samples_dir):
+    report = run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={samples_dir}"])
+    run = tmp_path / "run"
+    names = sorted(p.stem for p in (samples_dir / "A").glob("*.png"))
+    assert len(names) == 11
+    assert json.loads((run / "predictions.json").read_text()) == json.loads(json.dumps(report))
+    assert [p["name"] for p in report["pairs"]] == names and report["failed"] == []
+    for pair in report["pairs"]:
+        name = pair["name"]
+        mask = cv2.imread(str(run / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (256, 256) and mask.dtype == np.uint8
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        probability = read_probability(run / "probabilities" / f"{name}.png")
+        assert probability.shape == (256, 256)
+        assert np.array_equal(mask == 255, probability > 0.5)
+        assert pair["changed_fraction"] == pytest.approx((mask == 255).mean())
+        panel = cv2.imread(str(run / "panels" / f"{name}.png"))
+        assert panel.ndim == 3 and panel.shape[0] > 200 and panel.std() > 10, "a real picture"
+        assert set(pair["post_share"]) == {"enc1", "enc2"}
+        assert "faithfulness_gap" in pair
+        assert pair["files"] == {
+            "mask": f"masks/{name}.png",
+            "probability": f"probabilities/{name}.png",
+            "panel": f"panels/{name}.png",
+        }
+        assert pair["inputs"]["label"] == str(samples_dir / "label" / f"{name}.png")
+    assert report["probability_encoding"].startswith("16-bit")
+
+
+def test_probability_file_is_the_sliding_window_prediction(tmp_path, ckpt, samples_dir):
+    pre, post = (
+        samples_dir / "A" / "test_7_0256_0512.png",
+        samples_dir / "B" / "test_7_0256_0512.png",
+    )
+    run_predict(
+        tmp_path,
+        [f"ckpt_path={ckpt}", f"input.pre={pre}", f"input.post={post}", "explain.enabled=false"],
+    )
+    net = load_network(ckpt)
+    spec = SlidingWindow(window=64, overlap=0.25)
+    x_pre, x_post = (image_to_tensor(read_image(p))[None] for p in (pre, post))
+    expected = torch.sigmoid(sliding_window_logits(net, x_pre, x_post, spec))[0, 0].numpy()
+    got = read_probability(tmp_path / "run" / "probabilities" / "test_7_0256_0512.png")
+    np.testing.assert_allclose(got, expected, atol=0.5 / 65535 + 1e-7)
+    assert not (tmp_path / "run" / "panels").exists()
+
+
+@pytest.mark.parametrize("size", [(1000, 700), (50, 37), (20, 13)], ids=str)
+def test_any_image_size_gives_outputs_of_exactly_that_size(tmp_path, ckpt, size):
+    write_pair(tmp_path / "in", "odd", size)
+    explain = ["explain.enabled=false"] if size == (1000, 700) else []  # keep the test fast
+    report = run_predict(
+        tmp_path,
+        [
+            f"ckpt_path={ckpt}",
+            f"input.pre={tmp_path / 'in/A/odd.png'}",
+            f"input.post={tmp_path / 'in/B/odd.png'}",
+            *explain,
+        ],
+    )
+    mask = cv2.imread(str(tmp_path / "run" / "masks" / "odd.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == size
+    assert read_probability(tmp_path / "run" / "probabilities" / "odd.png").shape == size
+    assert report["pairs"][0]["size"] == list(size)
+    assert (tmp_path / "run" / "panels" / "odd.png").is_file() == (not explain)
+
+
+def test_large_pairs_skip_the_explanation_but_keep_the_mask(tmp_path, ckpt):
+    write_pair(tmp_path / "in", "big", (64, 96))
+    report = run_predict(
+        tmp_path,
+        [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}", "explain.max_pixels=4096"],
+    )
+    pair = report["pairs"][0]
+    assert "exceeds explain.max_pixels=4096" in pair["explanation_skipped"]
+    assert (tmp_path / "run" / "masks" / "big.png").is_file()
+    assert not (tmp_path / "run" / "panels" / "big.png").exists()
+
+
+def test_pairs_of_different_sizes_are_refused_and_leave_nothing(tmp_path, ckpt):
+    write_pair(tmp_path / "in", "good", (32, 32))
+    write_pair(tmp_path / "in", "skewed", (32, 32), post_size=(32, 40))
+    with pytest.raises(
+        PredictionError, match=r"1 of 2 pair\(s\) failed .*\(skewed\).*32x32 but .*32x40"
+    ):
+        run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}"])
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.rglob("*.png")) == ["good.png"] * 3
+    report = json.loads((run / "predictions.json").read_text())
+    assert [p["name"] for p in report["pairs"]] == ["good"]
+    assert (
+        report["failed"][0]["name"] == "skewed"
+        and "both dates must have the same size" in report["failed"][0]["error"]
+    )
+
+
+def test_a_pair_failing_while_writing_leaves_no_files(tmp_path, ckpt, monkeypatch):
+    write_pair(tmp_path / "in", "one", (32, 32))
+    real = predict_module.write_png
+
+    def failing(path, array):
+        if "panels" in str(path):
+            raise OSError(f"disk full writing {path}")
+        real(path, array)
+
+    monkeypatch.setattr(predict_module, "write_png", failing)
+    with pytest.raises(PredictionError, match="disk full"):
+        run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}"])
+    assert list((tmp_path / "run").rglob("*.png")) == [], "mask and probability removed again"
+
+
+def test_bad_inputs_fail_before_any_work(tmp_path, ckpt):
+    with pytest.raises(ValueError, match="no input"):
+        run_predict(tmp_path, [f"ckpt_path={ckpt}"])
+    with pytest.raises(FileNotFoundError, match="missing.png does not exist"):
+        run_predict(
+            tmp_path,
+            [
+                f"ckpt_path={ckpt}",
+                f"input.pre={tmp_path}/missing.png",
+                f"input.post={tmp_path}/missing.png",
+            ],
+        )
+    with pytest.raises(
+        ValueError, match="sliding_window.window=30 must be divisible by 2\\*\\*depth = 4"
+    ):
+        write_pair(tmp_path / "in", "x", (32, 32))
+        run_predict(
+            tmp_path,
+            [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}", "sliding_window.window=30"],
+        )
+
+
+def test_probability_encoding_round_trip(tmp_path):
+    p = np.array([[0.0, 0.5, 1.0, 0.123456]], dtype=np.float32)
+    write_png(tmp_path / "p.png", encode_probability(p))
+    np.testing.assert_allclose(read_probability(tmp_path / "p.png"), p, atol=0.5 / 65535)
+    write_png(tmp_path / "m.png", np.zeros((2, 2), np.uint8))
+    with pytest.raises(ValueError, match="not a 16-bit grayscale probability PNG"):
+        read_probability(tmp_path / "m.png")
+
+
+def test_predict_cli_single_pair(tmp_path, ckpt, samples_dir):
+    shutil.copy(samples_dir / "A" / "test_2_0000_0000.png", tmp_path / "before.png")
+    shutil.copy(samples_dir / "B" / "test_2_0000_0000.png", tmp_path / "after.png")
+    run = tmp_path / "cli_run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "predict.py"),
+            f"ckpt_path={ckpt}",
+            f"input.pre={tmp_path / 'before.png'}",
+            f"input.post={tmp_path / 'after.png'}",
+            *FAST,
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "predict: 100%" in proc.stderr, "a progress bar over pairs"
+    report = json.loads((run / "predictions.json").read_text())
+    assert [p["name"] for p in report["pairs"]] == ["before"]
+    for folder in ("masks", "probabilities", "panels"):
+        assert (run / folder / "before.png").is_file()
