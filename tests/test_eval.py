@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from changecam.data.io import write_png
-from changecam.evaluate import evaluate, image_scores, mean_of_group_scores
+from changecam.evaluate import evaluate, explain_whole, image_scores, mean_of_group_scores
 from changecam.models import SiameseUNet
 from conftest import REPO, compose_train
 from test_checkpoint import make_lightning_checkpoint
@@ -245,3 +245,13 @@ def test_eval_cli_on_a_trained_checkpoint(tmp_path, tiny_synthetic):
         "per-image counts add up to the pooled score"
     )
     assert "test (pooled over all pixels)" in proc.stdout
+
+
+def test_post_share_of_whole_images_of_odd_size():
+    pre = torch.zeros(1, 3, 33, 31)
+    post = torch.zeros(1, 3, 33, 31)
+    post[0, 0, 30:, 25:] = 1.0  # predicted change touching the bottom-right (padded) border
+    share = explain_whole(red_detector(), pre, post, "enc1", threshold=0.5)
+    assert share.shape == (1,) and share.item() == pytest.approx(1.0)
+    empty = explain_whole(red_detector(), pre, pre, "enc1", threshold=0.5)
+    assert math.isnan(empty.item())

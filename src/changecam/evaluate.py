@@ -36,7 +36,8 @@ from torch import Tensor, nn  # noqa: E402
 
 from changecam.checkpoint import load_network  # noqa: E402
 from changecam.explain import Target, explain_batch, per_date_layers  # noqa: E402
-from changecam.inference import SlidingWindow, pad_to, sliding_window_logits  # noqa: E402
+from changecam.explain.pipeline import pad_to_multiple, size_multiple  # noqa: E402
+from changecam.inference import SlidingWindow, sliding_window_logits  # noqa: E402
 from changecam.metrics import SCORE_NAMES, ChangeScores, confusion_counts, scores_from_counts  # noqa: E402
 from changecam.models.taps import find_taps  # noqa: E402
 from changecam.utils import (  # noqa: E402
@@ -113,13 +114,12 @@ def explain_whole(
     net: nn.Module, pre: Tensor, post: Tensor, layer: str, threshold: float
 ) -> Tensor:
     """Post share of ``layer`` per sample, on whole inputs (reflect-padded to ``2**depth``)."""
-    factor = 2 ** getattr(net, "depth", 0)
     height, width = pre.shape[-2:]
-    padded_h, padded_w = -(-height // factor) * factor, -(-width // factor) * factor
+    multiple = size_multiple(net)
+    pre, post = pad_to_multiple(pre, multiple), pad_to_multiple(post, multiple)
     valid = None
-    if (padded_h, padded_w) != (height, width):
-        pre, post = pad_to(pre, padded_h, padded_w), pad_to(post, padded_h, padded_w)
-        valid = torch.zeros(padded_h, padded_w, dtype=torch.bool, device=pre.device)
+    if tuple(pre.shape[-2:]) != (height, width):  # the padding is no part of the target
+        valid = torch.zeros(pre.shape[-2:], dtype=torch.bool, device=pre.device)
         valid[:height, :width] = True
     explanation = explain_batch(
         net,
