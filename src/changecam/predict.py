@@ -19,7 +19,7 @@ others are still predicted, and the command exits with an error naming the faile
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from changecam.checkpoint import load_network  # noqa: E402
 from changecam.data.io import image_size, read_image, read_label, write_png  # noqa: E402
 from changecam.data.layout import Triplet, input_pairs  # noqa: E402
 from changecam.data.transforms import image_to_tensor  # noqa: E402
+from changecam.explain import per_date_layers  # noqa: E402
 from changecam.explain.main import resolve_device  # noqa: E402
 from changecam.explain.pipeline import (  # noqa: E402
     ExplainSettings,
@@ -47,6 +48,7 @@ from changecam.explain.pipeline import (  # noqa: E402
     settings_from_config,
 )
 from changecam.inference import SlidingWindow, check_window, sliding_window_logits  # noqa: E402
+from changecam.models.taps import find_taps  # noqa: E402
 from changecam.utils import log, print_config, task_wrapper, write_json  # noqa: E402
 
 PROBABILITY_SCALE = 65535
@@ -156,6 +158,7 @@ def predict_pair(
     settings: ExplainSettings | None,
     device: torch.device,
     max_explained_pixels: int | None = None,
+    max_batch_pixels: int | None = None,
 ) -> PairPrediction:
     """Everything predict.py computes for one pair, in memory (nothing written yet).
 
@@ -168,6 +171,8 @@ def predict_pair(
         device: where to compute.
         max_explained_pixels: larger pairs are not explained (whole-image explanations need
             memory in proportion to the image); ``None``: no limit.
+        max_batch_pixels: pixels per counterfactual forward pass of the faithfulness curves;
+            caps ``settings.batch_size`` for large pairs (at least one pair per pass).
 
     Raises:
         ValueError: the two dates differ in size (or an image cannot be read).
@@ -192,6 +197,9 @@ def predict_pair(
         raise ValueError(
             f"pair {pair.name!r} refused: label {pair.label} is {label.shape}, the images {(height, width)}"
         )
+    if max_batch_pixels is not None:
+        fitting = max(1, max_batch_pixels // (height * width))
+        settings = replace(settings, batch_size=min(settings.batch_size, fitting))
     explained = explain_pair(
         net, pre, post, label=label, name=pair.name, settings=settings, device=device
     )
@@ -227,7 +235,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"threshold={threshold} must be a probability in [0, 1)")
     spec = sliding_window_spec(cfg)
     settings = explain_settings(cfg)
-    max_pixels = cfg.explain.get("max_pixels") if cfg.get("explain") else None
+    block = cfg.get("explain") or {}
+    max_pixels = block.get("max_pixels")
+    max_batch_pixels = (block.get("faithfulness") or {}).get("max_batch_pixels")
     if settings is not None and settings.threshold != threshold:
         raise ValueError(
             f"explain.threshold={settings.threshold} differs from threshold={threshold}; "
@@ -238,12 +248,16 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.get("device", "auto"))
     net = load_network(cfg.ckpt_path, model_cfg).to(device).eval()
     check_window(net, spec.window)  # before any pair: every pair would fail the same way
+    if settings is not None and settings.taps is None:  # all that predict reports is per date
+        settings = replace(settings, taps=tuple(per_date_layers(find_taps(net))))
 
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     for pair in tqdm(pairs, desc="predict", unit="pair"):
         try:
-            result = predict_pair(net, pair, spec, threshold, settings, device, max_pixels)
+            result = predict_pair(
+                net, pair, spec, threshold, settings, device, max_pixels, max_batch_pixels
+            )
             files = result.save(output_dir)
         except (ValueError, OSError, RuntimeError) as err:
             log.error("pair %s failed: %s", pair.name, err)
