@@ -1,0 +1,1 @@
+"""Lightning callbacks of changecam (import them from their modules)."""
