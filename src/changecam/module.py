@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from changecam.metrics import ChangeScores
 
 Loss = Literal["bce", "dice", "bce_dice"]
 LOSSES: tuple[str, ...] = ("bce", "dice", "bce_dice")
+STAGES: tuple[str, ...] = ("val", "test")
+
+# The split scores and losses are reduced across ranks by torchmetrics before they are logged,
+# which Lightning cannot see; its advice to add sync_dist=True does not apply to them.
+warnings.filterwarnings(
+    "ignore",
+    message=r"It is recommended to use `self\.log\('(val|test)/(loss|f1|iou|precision|recall|accuracy)'",
+    category=PossibleUserWarning,
+)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
 
 
 def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
@@ -42,6 +59,10 @@ class ChangeDetectionModule(L.LightningModule):
         pos_weight: weight of the change class in BCE (``None``: 1).
         threshold: probability above which a pixel counts as change.
         scheduler_interval: ``epoch`` or ``step``.
+        channels_last: keep the network and its inputs in channels-last memory format
+            (faster convolutions on recent GPUs with mixed precision).
+        compile: compile the network with ``torch.compile`` when training starts (its
+            state-dict keys do not change; see :func:`changecam.config_checks.check_device`).
     """
 
     def __init__(
@@ -53,6 +74,8 @@ class ChangeDetectionModule(L.LightningModule):
         pos_weight: float | None = None,
         threshold: float = 0.5,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -63,13 +86,27 @@ class ChangeDetectionModule(L.LightningModule):
         self.scheduler_factory = scheduler
         pw = torch.tensor([pos_weight]) if pos_weight is not None else None
         self.register_buffer("pos_weight", pw, persistent=False)
-        self.metrics = nn.ModuleDict({s: ChangeScores(threshold) for s in ("val", "test")})
+        self.metrics = nn.ModuleDict({s: ChangeScores(threshold) for s in STAGES})
+        # Mean loss over samples, reduced across DDP ranks like the scores.
+        self.losses = nn.ModuleDict({s: MeanMetric() for s in STAGES})
+        self._compiled = False
+
+    def setup(self, stage: str) -> None:
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.hparams.compile and stage == "fit" and not self._compiled:
+            self.net.compile()  # in place: the state-dict keys stay those of the network
+            self._compiled = True
 
     def forward(self, pre: Tensor, post: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            pre = pre.contiguous(memory_format=torch.channels_last)
+            post = post.contiguous(memory_format=torch.channels_last)
         return self.net(pre, post)
 
     def compute_loss(self, logits: Tensor, mask: Tensor) -> Tensor:
         kind = self.hparams.loss
+        logits = logits.float()  # the loss in float32, also under mixed precision
         total = logits.new_zeros(())
         if kind in ("bce", "bce_dice"):
             total = total + F.binary_cross_entropy_with_logits(
@@ -82,6 +119,13 @@ class ChangeDetectionModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self(batch["pre"], batch["post"])
         loss = self.compute_loss(logits, batch["mask"])
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); samples of this batch: "
+                f"{', '.join(map(str, batch['name']))}. Check these inputs, lower "
+                "module.optimizer.lr, or set trainer.gradient_clip_val."
+            )
         self.log(
             "train/loss",
             loss,
@@ -95,15 +139,8 @@ class ChangeDetectionModule(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
         logits = self(batch["pre"], batch["post"])
         loss = self.compute_loss(logits, batch["mask"])
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_epoch=True,
-            prog_bar=stage == "val",
-            sync_dist=True,
-            batch_size=logits.shape[0],
-        )
-        self.metrics[stage].update(torch.sigmoid(logits), batch["mask"])
+        self.losses[stage].update(loss.detach(), weight=logits.shape[0])
+        self.metrics[stage].update(torch.sigmoid(logits.float()), batch["mask"])
         return logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -113,10 +150,35 @@ class ChangeDetectionModule(L.LightningModule):
         return self._eval_step(batch, "test")
 
     def _log_scores(self, stage: str) -> None:
-        scores = self.metrics[stage].compute()  # already reduced across ranks by torchmetrics
+        # Called on every rank: compute() reduces the counts across ranks (torchmetrics), so
+        # each rank logs the same pooled numbers and no per-step sync is needed.
+        self.log(f"{stage}/loss", self.losses[stage].compute(), prog_bar=stage == "val")
+        scores = self.metrics[stage].compute()
         for name, value in scores.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "f1")
         self.metrics[stage].reset()
+        self.losses[stage].reset()
+
+    def _warn_repeated_samples(self, stage: str) -> None:
+        """Under DDP, say so when Lightning's DistributedSampler repeats evaluation samples."""
+        world = self.trainer.world_size
+        loaders = getattr(self.trainer, f"{stage}_dataloaders")
+        if world <= 1 or loaders is None:
+            return
+        for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+            size = len(loader.dataset)
+            if size % world:
+                rank_zero_warn(
+                    f"the {stage} split has {size} samples, not a multiple of the {world} processes: "
+                    f"DistributedSampler repeats {world - size % world} of them, so the pooled {stage} "
+                    "scores are slightly off; evaluate on one device (trainer.devices=1) for exact numbers"
+                )
+
+    def on_validation_start(self) -> None:
+        self._warn_repeated_samples("val")
+
+    def on_test_start(self) -> None:
+        self._warn_repeated_samples("test")
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")

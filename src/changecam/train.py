@@ -12,9 +12,12 @@ configure_environment()
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
+from changecam.config_checks import check_config, check_device, resolved  # noqa: E402
+from changecam.ddp_launch import prepare_ddp_relaunch  # noqa: E402
 from changecam.utils import (  # noqa: E402
+    configure_wandb,
     instantiate_callbacks,
     instantiate_loggers,
     log,
@@ -41,8 +44,15 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics."""
+    """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics.
+
+    The config is checked first (:mod:`changecam.config_checks`): unknown keys, invalid
+    choices and switches this machine cannot honour stop the run before anything is built.
+    """
+    check_config(cfg)
+    check_device(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    configure_wandb(cfg, output_dir)
     if cfg.get("print_config"):
         print_config(cfg)
     if cfg.get("seed") is not None:
@@ -56,13 +66,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
-    hparams = {
-        k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
-        for k, v in cfg.items()
-        if k != "hydra"
-    }
+    hparams = resolved(cfg)
     for logger in loggers:
         logger.log_hyperparams(hparams)
+    prepare_ddp_relaunch(trainer)
 
     metrics: dict[str, Any] = {}
     if cfg.get("train"):
@@ -94,9 +101,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Train; return ``optimized_metric`` (e.g. ``val/f1``) for Hydra sweepers such as Optuna."""
     metrics = train(cfg)
-    metric = cfg.get("optimized_metric")
-    return metrics.get(metric) if metric else None
+    return optimized_value(metrics, cfg.get("optimized_metric"))
+
+
+def optimized_value(metrics: dict[str, float], metric: str | None) -> float | None:
+    """The value a sweeper optimises, or ``None`` without ``optimized_metric``."""
+    if not metric:
+        return None
+    if metric not in metrics:
+        raise KeyError(
+            f"optimized_metric={metric} is not among this run's metrics ({', '.join(metrics)})"
+        )
+    return metrics[metric]
 
 
 def run_dir() -> Path:

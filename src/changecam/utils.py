@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger("changecam")
 
@@ -96,3 +99,50 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def print_config(cfg: DictConfig) -> None:
     log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+WANDB_LOGGER = "lightning.pytorch.loggers.wandb.WandbLogger"
+RUN_ID_FILE = Path("wandb") / "run_id.txt"
+
+
+def wandb_run_id(output_dir: str | Path) -> str:
+    """The W&B run id of a run directory: read from ``wandb/run_id.txt``, else made and stored.
+
+    Resuming in the same directory (``ckpt_path=last``) thus continues the same W&B run. Only
+    global rank 0 writes the file; DDP ranks started later read it.
+    """
+    path = Path(output_dir) / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    from wandb.sdk.lib.runid import generate_id
+
+    run_id = generate_id()
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def is_multirun() -> bool:
+    """Whether this job is part of a Hydra multirun (a sweep)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def configure_wandb(cfg: DictConfig, output_dir: str | Path) -> None:
+    """Fill in the W&B logger's run id (kept on resume) and, in a sweep, a shared group.
+
+    A value set in the config (``logger.wandb.id``/``group``) is kept. The runs of one
+    multirun get the group ``<task_name>/<sweep folder>`` and the name ``<task_name>/<job number>``.
+    """
+    loggers = cfg.get("logger") or {}
+    for conf in loggers.values():
+        if not (isinstance(conf, DictConfig) and conf.get("_target_") == WANDB_LOGGER):
+            continue
+        with open_dict(conf):
+            if conf.get("id") is None:
+                conf.id = wandb_run_id(output_dir)
+            if is_multirun():
+                hydra_cfg = HydraConfig.get()
+                if conf.get("group") is None:
+                    conf.group = f"{cfg.task_name}/{Path(hydra_cfg.sweep.dir).name}"
+                conf.name = f"{conf.get('name') or cfg.task_name}/{hydra_cfg.job.num}"
