@@ -1,0 +1,120 @@
+"""DDP through Lightning (``trainer=ddp_cpu``: gloo, two processes): pooled metrics equal the
+single-process metrics of the same weights; one output folder; files written once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from changecam.checkpoint import load_network
+from changecam.metrics import SCORE_NAMES
+from conftest import REPO, compose_train, tiny_overrides
+
+
+def ddp_overrides(synthetic: Path) -> list[str]:
+    return [
+        "experiment=quickstart",
+        *tiny_overrides(synthetic),
+        "trainer.max_epochs=1",
+        "module.loss=bce",
+        "module.pos_weight=20",  # so that the model predicts change and every score is non-trivial
+        "logger=csv",
+        "callbacks.cam_panels=null",
+        "print_config=false",
+    ]
+
+
+def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    env.pop("CHANGECAM_ROOT", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def evaluate_single_process(cfg, ckpt: Path) -> dict[str, float]:
+    """val and test metrics of ``ckpt`` in this process, one device, same data config."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.module, net=load_network(ckpt))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    metrics.update(trainer.test(module, datamodule=datamodule, verbose=False)[0])
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def test_ddp_cpu_pooled_metrics_equal_single_process(tmp_path, tiny_synthetic):
+    overrides = ddp_overrides(tiny_synthetic)
+    run_cli([*overrides, "trainer=ddp_cpu"], cwd=tmp_path)
+
+    runs = list((tmp_path / "outputs" / "quickstart" / "runs").iterdir())
+    assert len(runs) == 1, runs  # rank 1 re-runs the script but shares rank 0's folder
+    run = runs[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert (run / ".hydra" / "config.yaml").is_file() and (run / "csv" / "metrics.csv").is_file()
+    assert not list(tmp_path.rglob("*ddp_process*"))
+    ddp = json.loads((run / "metrics.json").read_text())
+    config = (run / ".hydra" / "config.yaml").read_text()
+    assert "strategy: ddp" in config and "devices: 2" in config
+
+    single = evaluate_single_process(
+        compose_train(tmp_path / "single", [*overrides, "trainer=cpu"]),
+        run / "checkpoints/best.ckpt",
+    )
+    assert 0 < ddp["test/precision"] < 1 and 0 < ddp["val/f1"] < 1
+    for stage in ("val", "test"):
+        for name in SCORE_NAMES:  # from the pooled confusion matrix: exact
+            assert ddp[f"{stage}/{name}"] == single[f"{stage}/{name}"], (stage, name)
+        # mean over samples of the per-batch BCE: equal up to summation order
+        assert ddp[f"{stage}/loss"] == pytest.approx(single[f"{stage}/loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_multirun_reruns_only_its_job(tmp_path, tiny_synthetic):
+    """Lightning re-runs the command line for rank 1; in a sweep that must be this job only,
+    in this job's folder. The sweep folder's name has microseconds in it, so a rank that
+    composed the sweep again would make a folder of its own."""
+    run_cli(
+        [
+            "-m",
+            *ddp_overrides(tiny_synthetic),
+            "trainer=ddp_cpu",
+            "model.fusion=diff",
+            "hydra.sweep.dir=sweep_${now:%H-%M-%S-%f}",
+        ],
+        cwd=tmp_path,
+    )
+    sweeps = list(tmp_path.glob("sweep_*"))
+    assert len(sweeps) == 1, sweeps
+    assert sorted(p.name for p in sweeps[0].iterdir()) == ["0", "multirun.yaml"]
+    job = sweeps[0] / "0"
+    assert (job / "metrics.json").is_file()
+    assert "model.fusion=diff" in (job / ".hydra" / "overrides.yaml").read_text()
+    assert not (tmp_path / "outputs").exists()  # no single-run folder for rank 1 either
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()

@@ -1,0 +1,183 @@
+"""Guards: a non-finite loss stops training naming step and samples; config typos and invalid
+values fail at start with the allowed values; device switches work or say why not."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import time
+from typing import Literal
+
+import lightning as L
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+from torch.utils.data import DataLoader
+
+from changecam.config_checks import ConfigError, check_device, check_value
+from changecam.models import SiameseUNet
+from changecam.module import ChangeDetectionModule, NonFiniteLossError
+from changecam.train import train
+from conftest import REPO, compose_train, tiny_overrides
+
+
+def tiny(synthetic) -> list[str]:
+    return [
+        "experiment=quickstart",
+        *tiny_overrides(synthetic),
+        "logger=none",
+        "callbacks.cam_panels=null",
+    ]
+
+
+def batch(name: str, value: float = 0.5) -> dict:
+    pre = torch.full((2, 3, 16, 16), value)
+    return {
+        "pre": pre,
+        "post": torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)),
+        "mask": torch.zeros(2, 1, 16, 16),
+        "name": [f"{name}_0", f"{name}_1"],
+    }
+
+
+def test_nan_loss_stops_training_naming_step_and_samples():
+    torch.manual_seed(0)
+    module = ChangeDetectionModule(
+        SiameseUNet(3, 4, 2), optimizer=functools.partial(torch.optim.SGD, lr=0.01)
+    )
+    batches = [batch("good"), batch("corrupt", float("nan")), batch("never")]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    message = str(err.value)
+    assert "training loss is nan at global step 1 (epoch 0, batch 1)" in message
+    assert "corrupt_0, corrupt_1" in message and "good_0" not in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.fusion=dif", "model.fusion='dif' is not allowed; expected one of 'concat', 'diff', 'absdiff'"),
+        ("module.loss=focal", "module.loss='focal' is not allowed; expected one of 'bce', 'dice', 'bce_dice'"),
+        ("data.train_protocol=tile", "data.train_protocol='tile' is not allowed; expected one of 'tiles', 'random_crop', 'resize', 'full'"),
+        ("data.layout=flat", "data.layout='flat' is not allowed; expected one of 'auto', 'levir', 'levir256'"),
+        ("module.scheduler_interval=batch", "expected one of 'epoch', 'step'"),
+        ("trainer.precision=15-mixed", "trainer.precision='15-mixed' is not allowed; expected one of 64, 32, 16, "),
+        ("trainer.deterministic=maybe", "trainer.deterministic='maybe' is not allowed; expected one of 'warn' or bool or None"),
+        ("module.channels_last=yes", "module.channels_last='yes' is not allowed; expected bool"),
+        ("data.patch_size=31.5", "data.patch_size=31.5 is not allowed; expected int"),
+        ("++model.fusoin=diff", "model.fusoin: unknown key for changecam.models.SiameseUNet (did you mean 'fusion'?); allowed keys: in_channels, base_channels, depth, fusion, shared_encoder"),
+        ("++trainer.max_epoch=3", "trainer.max_epoch: unknown key for lightning.pytorch.trainer.Trainer (did you mean 'max_epochs'?)"),
+        ("++module.optimizer.learning_rate=0.1", "module.optimizer.learning_rate: unknown key for torch.optim.AdamW"),
+    ],
+)  # fmt: skip
+def test_invalid_config_fails_at_start_with_allowed_values(
+    tmp_path, tiny_synthetic, override, expected
+):
+    cfg = compose_train(tmp_path, [*tiny(tiny_synthetic), override])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert expected in str(err.value)
+    assert not (tmp_path / "run").exists()  # nothing was built or written
+
+
+def test_all_errors_are_listed_together_on_the_command_line(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "experiment=quickstart",
+            "model.fusion=dif",
+            "module.loss=dice2",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode != 0
+    assert "model.fusion='dif' is not allowed" in proc.stderr
+    assert "module.loss='dice2' is not allowed" in proc.stderr
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "data").exists()
+    assert time.monotonic() - start < 90
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["trainer.precision=16-mixed"], "float16 needs a CUDA GPU and this run uses the CPU"),
+        (["trainer=ddp_cpu", "trainer.sync_batchnorm=true"], "SyncBatchNorm runs on GPUs only"),
+        (
+            ["trainer.accelerator=gpu"],
+            "trainer.accelerator=gpu: this machine has no usable CUDA GPU",
+        ),
+    ],
+)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a CPU-only machine says")
+def test_device_switches_say_why_not_on_this_machine(tmp_path, tiny_synthetic, overrides, expected):
+    cfg = compose_train(tmp_path, [*tiny(tiny_synthetic), *overrides])
+    with pytest.raises(ConfigError, match="not possible on this machine") as err:
+        train(cfg)
+    assert expected in str(err.value)
+
+
+def test_compile_without_a_cpp_compiler_says_so(tmp_path, tiny_synthetic, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an environment without g++, c++ or clang++
+    monkeypatch.delenv("CXX", raising=False)
+    cfg = compose_train(
+        tmp_path, [*tiny(tiny_synthetic), "trainer.accelerator=cpu", "module.compile=true"]
+    )
+    with pytest.raises(ConfigError, match="torch.compile .* needs a C\\+\\+ compiler"):
+        check_device(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["trainer.precision=bf16-mixed"], ["module.channels_last=true"]],
+)
+def test_bf16_and_channels_last_train_on_the_cpu(tmp_path, tiny_synthetic, overrides):
+    metrics = train(compose_train(tmp_path, [*tiny(tiny_synthetic), "debug=fdr", *overrides]))
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert 0 <= metrics["val/f1"] <= 1
+
+
+def test_compile_switch_compiles_the_network_in_place():
+    module = ChangeDetectionModule(
+        SiameseUNet(3, 4, 2), optimizer=functools.partial(torch.optim.SGD, lr=0.01), compile=True
+    )
+    keys = list(module.state_dict())
+    module.setup("validate")
+    assert module.net._compiled_call_impl is None  # only training is compiled
+    module.setup("fit")
+    assert module.net._compiled_call_impl is not None
+    assert list(module.state_dict()) == keys  # checkpoints keep the network's keys
+
+
+def test_check_value_reads_literal_union_and_plain_annotations():
+    assert check_value("diff", Literal["concat", "diff"]) is None
+    assert check_value("dif", Literal["concat", "diff"]) == "one of 'concat', 'diff'"
+    assert check_value(None, Literal["a"] | None) is None
+    assert check_value(True, bool | Literal["warn"]) is None
+    assert check_value(1, bool) == "bool"
+    assert check_value(True, int) == "int"  # a bool is no number here
+    assert check_value(3, float) is None
+    assert check_value("x", int | str) is None
+    assert check_value([1, 2], int) is None  # lists are left to the constructors
+    assert check_value("x", functools.partial) == "partial"
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()

@@ -1,0 +1,199 @@
+"""Resume: ``ckpt_path=last`` continues exactly (RNG states included), keeps the W&B run id,
+survives a SIGKILL in mid-epoch; checkpoints are written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from changecam.checkpoint_io import AtomicCheckpointIO
+from changecam.train import train
+from conftest import REPO, compose_train, tiny_overrides
+
+EPOCHS = 2
+
+
+def resume_overrides(synthetic: Path, epochs: int) -> list[str]:
+    """Quickstart, tiny, deterministic, with augmentation (so RNG states matter)."""
+    return [
+        "experiment=quickstart",
+        *tiny_overrides(synthetic),
+        f"trainer.max_epochs={epochs}",
+        f"module.scheduler.T_max={EPOCHS}",  # the same schedule whether stopped early or not
+        "trainer.deterministic=true",
+        "seed=7",
+    ]
+
+
+def net_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("net.")}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = net_weights(a), net_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state():
+    yield
+    GlobalHydra.instance().clear()
+    torch.use_deterministic_algorithms(False)  # trainer.deterministic=true sets it process-wide
+
+
+def test_resume_matches_uninterrupted_and_keeps_wandb_id(tmp_path, tiny_synthetic):
+    full = train(
+        compose_train(tmp_path / "full", [*resume_overrides(tiny_synthetic, EPOCHS), "logger=none"])
+    )
+
+    split = tmp_path / "split"
+    train(
+        compose_train(split, [*resume_overrides(tiny_synthetic, 1), "logger=wandb", "test=false"])
+    )
+    run = split / "run"
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["rng_states"]["torch"].shape[0] == 1  # one set per process
+    first_id = (run / "wandb" / "run_id.txt").read_text().strip()
+    resumed = train(
+        compose_train(
+            split, [*resume_overrides(tiny_synthetic, EPOCHS), "logger=wandb", "ckpt_path=last"]
+        )
+    )
+    assert resumed == full  # exact, every key
+    assert_same_weights(run / "checkpoints/last.ckpt", tmp_path / "full/run/checkpoints/last.ckpt")
+    offline_runs = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(p.name.endswith(f"-{first_id}") for p in offline_runs)
+
+
+def test_resume_without_rng_states_draws_other_batches(tmp_path, tiny_synthetic):
+    """The control: without the RNG callback the resumed weights differ from the uninterrupted ones."""
+    no_rng = ["logger=none", "callbacks.rng_state=null", "test=false"]
+    train(compose_train(tmp_path / "full", [*resume_overrides(tiny_synthetic, 2), *no_rng]))
+    train(compose_train(tmp_path / "split", [*resume_overrides(tiny_synthetic, 1), *no_rng]))
+    train(
+        compose_train(
+            tmp_path / "split", [*resume_overrides(tiny_synthetic, 2), *no_rng, "ckpt_path=last"]
+        )
+    )
+    a = net_weights(tmp_path / "full/run/checkpoints/last.ckpt")
+    b = net_weights(tmp_path / "split/run/checkpoints/last.ckpt")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ckpt_path_last_without_checkpoint_says_how(tmp_path, tiny_synthetic):
+    cfg = compose_train(
+        tmp_path, [*resume_overrides(tiny_synthetic, 1), "logger=none", "ckpt_path=last"]
+    )
+    with pytest.raises(FileNotFoundError, match="hydra.run.dir"):
+        train(cfg)
+
+
+def cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HYDRA_FULL_ERROR": "1",
+        "PYTHONPATH": str(REPO / "tests"),
+    }
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args], env=env, text=True, **kwargs
+    )
+
+
+def run_cli(args: list[str], cwd: Path) -> None:
+    proc = cli(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_synthetic):
+    base = [*resume_overrides(tiny_synthetic, EPOCHS), "logger=none", "print_config=false"]
+    killed = tmp_path / "killed"
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = cli(
+            [
+                *base,
+                f"hydra.run.dir={killed}",
+                "+callbacks.slow._target_=slow_steps.SlowSteps",
+                "+callbacks.slow.seconds=1.0",
+            ],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        last = killed / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 240
+        # kill in the pause after the first step of the second epoch: after the first checkpoint
+        while "slow_steps epoch=1 batch=0" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second epoch did not start within 240 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    steps = [line for line in log_path.read_text().splitlines() if line.startswith("slow_steps")]
+    assert steps[-1] == "slow_steps epoch=1 batch=0", steps  # mid-epoch
+    assert not (killed / "metrics.json").exists()
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
+
+    run_cli([*base, f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)
+    full = tmp_path / "full"
+    run_cli([*base, f"hydra.run.dir={full}"], cwd=tmp_path)
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads(
+        (full / "metrics.json").read_text()
+    )
+    assert_same_weights(killed / "checkpoints/last.ckpt", full / "checkpoints/last.ckpt")
+
+
+SAVER = """
+import sys, time, torch
+from changecam.checkpoint_io import AtomicCheckpointIO
+io, path = AtomicCheckpointIO(), sys.argv[1]
+i = 0
+while True:
+    i += 1
+    start = time.monotonic()
+    io.save_checkpoint({"step": i, "w": torch.full((4_000_000,), float(i))}, path)
+    print(i, time.monotonic() - start, flush=True)
+"""
+
+
+def test_kill_during_save_never_corrupts_the_checkpoint(tmp_path):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SAVER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    durations = [float(proc.stdout.readline().split()[1]) for _ in range(3)]
+    time.sleep(min(durations) / 2)  # in the middle of the next save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # complete, never truncated
+    assert ckpt["step"] >= 3
+    assert torch.equal(ckpt["w"], torch.full_like(ckpt["w"], float(ckpt["step"])))
+    # at most the temporary file of the interrupted save lies beside it
+    assert {p.name for p in path.parent.iterdir()} <= {"last.ckpt", ".last.ckpt.tmp"}
+
+
+def test_trainer_uses_the_atomic_checkpoint_io(tmp_path, tiny_synthetic):
+    import hydra
+
+    cfg = compose_train(tmp_path, [*resume_overrides(tiny_synthetic, 1), "logger=none"])
+    trainer = hydra.utils.instantiate(cfg.trainer)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)

@@ -1,0 +1,131 @@
+"""Sweeps on Hydra's launcher and sweeper plugins: joblib (parallel, W&B runs grouped),
+Optuna (sqlite study in the sweep folder, maximising val/f1), and the SLURM launcher config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from changecam.train import optimized_value
+from conftest import REPO, compose_train, tiny_overrides
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def tiny(synthetic: Path) -> list[str]:
+    return [
+        "experiment=quickstart",
+        *tiny_overrides(synthetic),
+        "trainer.max_epochs=1",
+        "callbacks.cam_panels=null",
+        "print_config=false",
+        "test=false",
+    ]
+
+
+def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny_synthetic):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            *tiny(tiny_synthetic),
+            "model.fusion=diff,concat",
+            "logger=wandb",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert "JoblibLauncher" in (sweep / "multirun.yaml").read_text()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    fusions = set()
+    group = f"quickstart/{sweep.name}".encode()
+    for job in jobs:
+        assert "val/f1" in json.loads((job / "metrics.json").read_text())
+        fusions.add(yaml.safe_load((job / ".hydra/config.yaml").read_text())["model"]["fusion"])
+        (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
+        assert group in run_file.read_bytes()  # the W&B run record carries the sweep's group
+    assert fusions == {"diff", "concat"}
+
+
+def test_optuna_search_stores_its_study_in_the_sweep_dir(tmp_path, tiny_synthetic):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        [
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            *tiny(tiny_synthetic),
+            "logger=none",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    f1 = [json.loads((sweep / str(i) / "metrics.json").read_text())["val/f1"] for i in (0, 1)]
+    assert [t.value for t in trials] == pytest.approx(f1)  # what train returned: val/f1
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(f1))
+    assert set(best["best_params"]) == {
+        "module.optimizer.lr",
+        "module.optimizer.weight_decay",
+        "module.loss",
+        "model.fusion",
+    }
+
+
+def test_slurm_launcher_config_composes_without_a_cluster(tmp_path):
+    overrides = [
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.num_nodes=2",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.timeout_min=90",
+    ]
+    proc = run_cli([*overrides, "--cfg", "job"], cwd=tmp_path, timeout=120)
+    assert "strategy: ddp" in proc.stdout
+    cfg = compose_train(tmp_path, overrides)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["partition"] == "gpu" and launcher["timeout_min"] == 90
+    assert launcher["nodes"] == 2 and launcher["gpus_per_node"] == launcher["tasks_per_node"] == 4
+    assert launcher["submitit_folder"].startswith(cfg.hydra.sweep.dir)
+
+
+def test_optimized_value_names_missing_metric():
+    assert optimized_value({"val/f1": 0.5}, "val/f1") == 0.5
+    assert optimized_value({"val/f1": 0.5}, None) is None
+    with pytest.raises(KeyError, match="optimized_metric=val/f2 .*val/f1"):
+        optimized_value({"val/f1": 0.5}, "val/f2")
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()
