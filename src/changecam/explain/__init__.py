@@ -1,16 +1,26 @@
 """Explanations of change detectors: HiResCAM and Grad-CAM per date, in one pass.
 
-Public entry points (import them from here):
+Public entry points (import them from here); definitions in ``DESIGN.md`` ("Explanations"):
 
 * :func:`explain_batch` ``(model, pre, post, taps=..., target=..., methods=...) -> Explanation``:
   one forward + one backward; every tap, both dates, HiResCAM and Grad-CAM. Works inside a
-  Lightning validation/test step.
-* :class:`Explanation`: the maps (``raw[method][tap]`` at tap resolution,
-  ``upsampled[method][tap]`` at input resolution), ``logits``, target ``mask`` and ``score``;
-  ``post_share(layer)`` / ``post_shares()`` give ``P_post / (P_pre + P_post)`` on raw maps
-  (NaN when both are 0), ``empty`` flags samples whose target selects no pixel.
+  Lightning validation/test step; leaves modes, ``requires_grad`` and ``.grad`` as found.
+* :class:`Explanation`: ``raw[method][tap]`` (B×h×w, tap resolution, logit contribution per
+  cell), ``upsampled[method][tap]`` (B×H×W, per input pixel), ``logits``, target ``mask`` and
+  ``score``; ``post_share(layer)`` / ``post_shares()`` give ``P_post / (P_pre + P_post)`` on raw
+  maps (NaN when both are 0); ``empty`` flags samples whose target selects no pixel;
+  ``select``, ``crop``, ``to`` return new explanations.
 * :class:`Target` / :func:`target_mask` / :func:`target_score`: ``S = Σ M ⊙ logits`` with ``M`` the
   predicted change (default), the ground truth, all pixels or an ROI.
+* :func:`faithfulness` ``(model, pre, post, explanation, layer=...) -> Faithfulness``: date-swap
+  deletion (and insertion) curves vs random order; ``.gap(date)`` is
+  ``(AUC_random − AUC_cam) / |S(0)|`` (positive: better than random; ``date="both"`` by default).
+* :func:`render_panel` ``(pre, post, explanation, index=..., label=...) -> np.ndarray`` (the 2×4
+  panel, uint8 RGB) and :func:`save_panel` (PNG).
+* :func:`explain_pair` ``(model, pre_uint8, post_uint8, label=..., settings=ExplainSettings())
+  -> PairExplanation``: one pair end to end (padding for any size, explanation, faithfulness,
+  panel; ``.summary()`` for JSON, ``.save(run_dir)`` for ``panels/`` and ``maps/``), shared
+  by ``explain.py`` and ``predict.py``.
 """
 
 from changecam.explain.faithfulness import (
@@ -33,10 +43,20 @@ from changecam.explain.hirescam import (
     preserved_state,
     resolve_taps,
 )
+from changecam.explain.pipeline import (
+    ExplainSettings,
+    PairExplanation,
+    explain_pair,
+    save_maps,
+)
 from changecam.explain.render import render_panel, save_panel
 from changecam.explain.targets import TARGET_KINDS, Target, TargetKind, target_mask, target_score
 
 __all__ = [
+    "ExplainSettings",
+    "PairExplanation",
+    "explain_pair",
+    "save_maps",
     "CURVE_DATES",
     "CurveDate",
     "CurveKind",

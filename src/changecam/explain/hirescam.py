@@ -194,7 +194,8 @@ class Explanation:
     def crop(self, height: int, width: int) -> Explanation:
         """Keep the top-left ``height × width`` input pixels (undo bottom/right padding).
 
-        Raw maps keep the tap cells that cover the kept pixels (``ceil(h·height/H)`` rows ...).
+        Raw maps keep the tap cells that cover the kept pixels (``ceil(h·height/H)`` rows ...);
+        ``score`` is unchanged (exclude the padding from the target with ``valid`` when explaining).
         """
         full_h, full_w = self.input_size
         if not (0 < height <= full_h and 0 < width <= full_w):
