@@ -41,6 +41,7 @@ from changecam.inference import SlidingWindow, sliding_window_logits  # noqa: E4
 from changecam.metrics import SCORE_NAMES, ChangeScores, confusion_counts, scores_from_counts  # noqa: E402
 from changecam.models.taps import find_taps  # noqa: E402
 from changecam.utils import (  # noqa: E402
+    configure_wandb,
     instantiate_loggers,
     log,
     print_config,
@@ -279,6 +280,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         post_share_layer=share_layer,
         seed_batch_size=cfg.seed_batch_size,
     )
+    configure_wandb(cfg, output_dir)  # W&B run id in the run dir; one group per multirun
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     if trainer.world_size > 1:
