@@ -122,15 +122,19 @@ def test_any_image_size_gives_outputs_of_exactly_that_size(tmp_path, ckpt, size)
 
 
 def test_large_pairs_skip_the_explanation_but_keep_the_mask(tmp_path, ckpt):
-    write_pair(tmp_path / "in", "big", (64, 96))
+    write_pair(tmp_path / "in", "a_big", (64, 96))
+    write_pair(tmp_path / "in", "b_small", (32, 32))
     report = run_predict(
         tmp_path,
         [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}", "explain.max_pixels=4096"],
     )
-    pair = report["pairs"][0]
-    assert "exceeds explain.max_pixels=4096" in pair["explanation_skipped"]
-    assert (tmp_path / "run" / "masks" / "big.png").is_file()
-    assert not (tmp_path / "run" / "panels" / "big.png").exists()
+    big, small = report["pairs"]
+    assert "exceeds explain.max_pixels=4096" in big["explanation_skipped"]
+    assert "post_share" not in big and set(small["post_share"]) == {"enc1", "enc2"}
+    assert set(report["mean"]["post_share"]) == {"enc1", "enc2"}
+    assert (tmp_path / "run" / "masks" / "a_big.png").is_file()
+    assert not (tmp_path / "run" / "panels" / "a_big.png").exists()
+    assert (tmp_path / "run" / "panels" / "b_small.png").is_file()
 
 
 def test_pairs_of_different_sizes_are_refused_and_leave_nothing(tmp_path, ckpt):

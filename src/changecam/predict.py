@@ -275,6 +275,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         rows.append(row)
         del result  # one pair's images and maps in memory at a time
 
+    explained = [r for r in rows if r.get("post_share")]
     report = {
         "checkpoint": str(cfg.ckpt_path),
         "threshold": threshold,
@@ -285,8 +286,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             "changed_fraction": mean_of([r["changed_fraction"] for r in rows]),
             "faithfulness_gap": mean_of([r.get("faithfulness_gap") for r in rows]),
             "post_share": {
-                layer: mean_of([r["post_share"][layer] for r in rows])
-                for layer in (rows[0].get("post_share") or {} if rows else {})
+                layer: mean_of([r["post_share"][layer] for r in explained])
+                for layer in dict.fromkeys(k for r in explained for k in r["post_share"])
             },
         },
         "pairs": rows,
