@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:  # run from a fresh clone without installing, too
     sys.path.insert(0, str(REPO / "src"))
@@ -57,6 +59,29 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+def quickstart_config(tmp: Path, overrides: list[str]) -> DictConfig:
+    """``experiment=quickstart`` as ``train.py`` composes it, with every path under ``tmp``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from changecam.utils import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["experiment=quickstart", *overrides], return_hydra_config=True
+        )
+        HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp)
+        cfg.paths.data_dir = str(tmp / "data")
+        cfg.paths.log_dir = str(tmp / "logs")
+        cfg.paths.output_dir = str(tmp / "run")
+    return cfg
 
 
 def median(values: Sequence[float]) -> float:

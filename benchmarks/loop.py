@@ -8,15 +8,19 @@ initial weights and the same seed, i.e. on the same batches:
   optimiser step over the training loader, then the validation forward, loss and pooled
   scores, then the scheduler step;
 * **fit**: ``Trainer.fit`` for one epoch with Lightning alone (no logger, no callbacks, no
-  sanity check): the module's own ``self.log`` calls are the only logging;
-* **fit + <callback>** for each default callback of the experiment, **fit + logger** for its
-  logger, and **fit (quickstart defaults)** with all of them and the sanity check.
+  sanity check): the module's own ``self.log`` calls are its only logging;
+* **fit (quickstart defaults)**: with the experiment's callbacks, logger and sanity check, as
+  ``make train`` runs it. The time spent inside each callback's and logger's hooks is measured
+  directly (their methods are wrapped with timers), so each one's cost is attributed exactly
+  in one run instead of from differences of noisy epochs.
 
 The epoch is timed from ``on_train_epoch_start`` to ``on_train_epoch_end`` (training and
-validation) inside ``fit``, and the same span in the plain loop; ``fit`` set-up (sanity check,
-logger start, model summary) is reported separately as ``fit_total_vs_plain_loop``. Repeats
-alternate between the variants; medians are compared. The plain loop and the bare ``fit`` must
-end with the same weights (``same_computation``), or the comparison is void.
+validation) inside ``fit``, and the same span in the plain loop; the set-up of ``fit``
+(sanity check, logger start, model summary) shows in the ``*_total_*`` figures. Repeats
+alternate between the variants and medians are compared. The plain loop and the bare ``fit``
+must end with the same weights (``same_computation``), or the comparison is void. Torch runs
+one thread (``--threads``): on a shared 2-core machine two OpenMP threads make step times
+erratic (up to 9x slower in our runs), which would drown the differences measured here.
 
 Last line: ``{"fit_vs_plain_loop", "fit_defaults_vs_plain_loop", "callback_cost", ...}``.
 """
@@ -27,6 +31,7 @@ import argparse
 import tempfile
 import time
 import traceback
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,14 +39,11 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from common import emit, machine, median, timed
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
+from common import emit, machine, median, quickstart_config, timed
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from changecam.utils import CONF_DIR, close_wandb, instantiate_loggers
+from changecam.utils import close_wandb
 
 SEED = 1234
 TINY = [
@@ -58,34 +60,51 @@ TINY = [
 ]
 
 
-def quickstart_config(tmp: Path, overrides: list[str]) -> DictConfig:
-    """``experiment=quickstart`` as ``train.py`` composes it, with every path under ``tmp``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train", overrides=["experiment=quickstart", *overrides], return_hydra_config=True
-        )
-        HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp)
-        cfg.paths.data_dir = str(tmp / "data")
-        cfg.paths.log_dir = str(tmp / "logs")
-        cfg.paths.output_dir = str(tmp / "run")
-    return cfg
+class HookTimer:
+    """Seconds spent inside the hooks of callbacks and loggers, per object name."""
+
+    CALLBACK_HOOKS = tuple(n for n in dir(Callback) if n.startswith("on_")) + ("setup", "teardown")
+    LOGGER_HOOKS = ("log_hyperparams", "log_metrics", "log_graph", "save", "finalize")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, obj: Any, hooks: tuple[str, ...]) -> Any:
+        """Replace ``obj``'s hook methods by timed ones (on the instance only); return ``obj``."""
+        for hook in hooks:
+            method = getattr(obj, hook, None)
+            if callable(method):
+                setattr(obj, hook, self._timed(name, method))
+        return obj
+
+    def _timed(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+
+        return run
 
 
 class EpochTimer(Callback):
-    """Wall-clock seconds of each training epoch (validation included)."""
+    """Wall-clock seconds of the training epoch (validation included), and the hook time in it."""
 
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self.start = 0.0
+    def __init__(self, hooks: HookTimer) -> None:
+        self.hooks = hooks
+        self.seconds = 0.0
+        self.in_hooks: dict[str, float] = {}
+        self._start = 0.0
+        self._at_start: dict[str, float] = {}
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.start = time.perf_counter()
+        self._at_start = dict(self.hooks.seconds)
+        self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        self.seconds.append(time.perf_counter() - self.start)
+        self.seconds = time.perf_counter() - self._start
+        self.in_hooks = {k: v - self._at_start.get(k, 0.0) for k, v in self.hooks.seconds.items()}
 
 
 class Runner:
@@ -110,8 +129,8 @@ class Runner:
         torch.manual_seed(SEED)
         return module, datamodule
 
-    def plain(self) -> tuple[float, float, dict[str, torch.Tensor]]:
-        """(epoch seconds, total seconds, final weights) of the hand-written loop."""
+    def plain(self) -> dict:
+        """One epoch of the hand-written loop: epoch and total seconds, final weights."""
         module, dm = self.start()
         begin = time.perf_counter()
         dm.setup("fit")
@@ -139,21 +158,24 @@ class Runner:
         if scheduler is not None:
             scheduler.step()
         end = time.perf_counter()
-        return end - epoch_start, end - begin, module.state_dict()
+        return {"epoch": end - epoch_start, "total": end - begin, "weights": module.state_dict()}
 
-    def fit(
-        self, callbacks: list[Callback], loggers: list[Any], sanity: bool
-    ) -> tuple[float, float, dict[str, torch.Tensor]]:
-        """(epoch seconds, total seconds, final weights) of ``Trainer.fit`` for one epoch."""
+    def fit(self, callbacks: dict[str, Callback], loggers: dict[str, Any], sanity: bool) -> dict:
+        """One epoch of ``Trainer.fit``: epoch and total seconds, hook seconds, final weights."""
         module, dm = self.start()
-        timer = EpochTimer()
-        has = lambda kind: any(isinstance(c, kind) for c in callbacks)  # noqa: E731
+        hooks = HookTimer()
+        for name, callback in callbacks.items():
+            hooks.wrap(name, callback, HookTimer.CALLBACK_HOOKS)
+        for name, logger in loggers.items():
+            hooks.wrap(f"logger/{name}", logger, HookTimer.LOGGER_HOOKS)
+        timer = EpochTimer(hooks)
+        has = lambda kind: any(isinstance(c, kind) for c in callbacks.values())  # noqa: E731
         trainer = hydra.utils.instantiate(
             self.cfg.trainer,
             max_epochs=1,
             min_epochs=1,
-            callbacks=[*callbacks, timer],
-            logger=loggers or False,
+            callbacks=[*callbacks.values(), timer],
+            logger=list(loggers.values()) or False,
             enable_checkpointing=has(ModelCheckpoint),
             enable_progress_bar=has(ProgressBar),
             enable_model_summary=has(ModelSummary),
@@ -164,7 +186,13 @@ class Runner:
             total, _ = timed(lambda: trainer.fit(module, datamodule=dm))
         finally:
             close_wandb()
-        return timer.seconds[0], total, module.state_dict()
+        return {
+            "epoch": timer.seconds,
+            "total": total,
+            "hooks_in_epoch": timer.in_hooks,
+            "hooks_total": dict(hooks.seconds),
+            "weights": module.state_dict(),
+        }
 
 
 def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -174,79 +202,53 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--no-breakdown", dest="breakdown", action="store_false", help="skip fit + each callback"
-    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (see above)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long run for the tests")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides of the quickstart")
     args = parser.parse_args(argv)
-    if args.tiny:
-        args.breakdown = False
     overrides = [*(TINY if args.tiny else []), *args.overrides]
     repeats = 1 if args.tiny else args.repeats
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        runs, runner, errors = measure(overrides, repeats)
+    finally:
+        torch.set_num_threads(threads)
 
-    with tempfile.TemporaryDirectory(prefix="changecam-loop-") as tmp:
-        cfg = quickstart_config(Path(tmp), overrides)
-        runner = Runner(cfg)
-        callback_cfgs = {
-            name: c for name, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c
+    def med(variant: str, key: str) -> float:
+        return median([r[key] for r in runs[variant]])
+
+    plain = med("plain", "epoch")
+    defaults = "fit (quickstart defaults)"
+    in_epoch = (
+        {
+            name: median([r["hooks_in_epoch"].get(name, 0.0) for r in runs[defaults]])
+            for name in runs[defaults][0]["hooks_total"]
         }
-
-        def variant(names: list[str], logger: bool, sanity: bool) -> Callable[[], tuple]:
-            def run() -> tuple:
-                callbacks = [hydra.utils.instantiate(callback_cfgs[n]) for n in names]
-                loggers = instantiate_loggers(cfg.get("logger")) if logger else []
-                return runner.fit(callbacks, loggers, sanity)
-
-            return run
-
-        variants: dict[str, Callable[[], tuple]] = {
-            "plain": runner.plain,
-            "fit": variant([], logger=False, sanity=False),
-            "fit (quickstart defaults)": variant(list(callback_cfgs), logger=True, sanity=True),
-        }
-        if args.breakdown:
-            variants |= {f"fit + {n}": variant([n], False, False) for n in callback_cfgs}
-            variants["fit + logger"] = variant([], logger=True, sanity=False)
-        epoch: dict[str, list[float]] = {name: [] for name in variants}
-        total: dict[str, list[float]] = {name: [] for name in variants}
-        errors: dict[str, str] = {}
-        weights: dict[str, dict[str, torch.Tensor]] = {}
-        for repeat in range(repeats):
-            for name, run in variants.items():
-                if name in errors:
-                    continue
-                try:
-                    epoch_s, total_s, weights[name] = run()
-                except Exception as err:  # a callback under construction must not hide the rest
-                    traceback.print_exc()
-                    errors[name] = f"{type(err).__name__}: {err}"
-                    continue
-                epoch[name].append(epoch_s)
-                total[name].append(total_s)
-                print(
-                    f"repeat {repeat}: {name:>28}  epoch {epoch_s:6.2f} s  total {total_s:6.2f} s"
-                )
-
-    plain = median(epoch["plain"])
-    ratio = {name: round(median(v) / plain, 3) for name, v in epoch.items() if v}
-    difference = max_difference(weights["plain"], weights["fit"])
-    figures = {
-        "fit_vs_plain_loop": ratio["fit"],
-        "fit_defaults_vs_plain_loop": ratio.get("fit (quickstart defaults)"),
-        "fit_total_vs_plain_loop": round(median(total["fit"]) / median(total["plain"]), 3),
-        "fit_defaults_total_vs_plain_loop": round(
-            median(total["fit (quickstart defaults)"]) / median(total["plain"]), 3
+        if runs[defaults]
+        else {}
+    )
+    outside = {
+        name: median(
+            [r["hooks_total"][name] - r["hooks_in_epoch"].get(name, 0.0) for r in runs[defaults]]
         )
-        if total["fit (quickstart defaults)"]
+        for name in in_epoch
+    }
+    difference = max_difference(runs["plain"][-1]["weights"], runs["fit"][-1]["weights"])
+    figures = {
+        "fit_vs_plain_loop": round(med("fit", "epoch") / plain, 3),
+        "fit_defaults_vs_plain_loop": round(med(defaults, "epoch") / plain, 3)
+        if runs[defaults]
         else None,
-        "fit_overhead_ms_per_step": round((median(epoch["fit"]) - plain) / runner.steps * 1e3, 2),
-        "callback_cost": {
-            name.removeprefix("fit + "): round(r - ratio["fit"], 3)
-            for name, r in ratio.items()
-            if name.startswith("fit + ")
-        },
-        "epoch_s": {name: round(median(v), 3) for name, v in epoch.items() if v},
+        "fit_total_vs_plain_loop": round(med("fit", "total") / med("plain", "total"), 3),
+        "fit_defaults_total_vs_plain_loop": round(med(defaults, "total") / med("plain", "total"), 3)
+        if runs[defaults]
+        else None,
+        "fit_overhead_ms_per_step": round((med("fit", "epoch") - plain) / runner.steps * 1e3, 2),
+        # seconds inside each callback's/logger's hooks during the epoch, over the plain epoch
+        "callback_cost": {name: round(v / plain, 4) for name, v in in_epoch.items()},
+        "callback_setup_s": {name: round(v, 3) for name, v in outside.items()},
+        "epoch_s": {name: round(med(name, "epoch"), 3) for name in runs if runs[name]},
         "same_computation": difference < 1e-4,
         "max_weight_difference": difference,
         "errors": errors,
@@ -255,13 +257,61 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "overrides": overrides,
             "train_steps_per_epoch": runner.steps,
             "repeats": repeats,
-            "callbacks": list(callback_cfgs),
-            "logger": list((cfg.get("logger") or {}).keys()),
+            "torch_threads": args.threads,
+            "callbacks": [n for n in in_epoch if not n.startswith("logger/")],
+            "loggers": [n for n in in_epoch if n.startswith("logger/")],
         },
         "machine": machine(),
     }
     emit(figures)
     return figures
+
+
+def measure(
+    overrides: list[str], repeats: int
+) -> tuple[dict[str, list[dict]], Runner, dict[str, str]]:
+    """Run the three variants ``repeats`` times, alternating; their results and any errors."""
+    with tempfile.TemporaryDirectory(prefix="changecam-loop-") as tmp:
+        cfg = quickstart_config(Path(tmp), overrides)
+        runner = Runner(cfg)
+        callback_cfgs = {
+            name: c for name, c in (cfg.get("callbacks") or {}).items() if c and "_target_" in c
+        }
+        logger_cfgs = {
+            name: c for name, c in (cfg.get("logger") or {}).items() if c and "_target_" in c
+        }
+
+        def defaults() -> dict:
+            callbacks = {n: hydra.utils.instantiate(c) for n, c in callback_cfgs.items()}
+            loggers = {n: hydra.utils.instantiate(c) for n, c in logger_cfgs.items()}
+            return runner.fit(callbacks, loggers, sanity=True)
+
+        variants: dict[str, Callable[[], dict]] = {
+            "plain": runner.plain,
+            "fit": lambda: runner.fit({}, {}, sanity=False),
+            "fit (quickstart defaults)": defaults,
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        errors: dict[str, str] = {}
+        for repeat in range(repeats):
+            for name, run in variants.items():
+                if name in errors:
+                    continue
+                try:
+                    result = run()
+                except Exception as err:  # a callback under construction must not hide the rest
+                    if name != "fit (quickstart defaults)":
+                        raise
+                    traceback.print_exc()
+                    errors[name] = f"{type(err).__name__}: {err}"
+                    continue
+                runs[name].append(result)
+                print(
+                    f"repeat {repeat}: {name:>26}  epoch {result['epoch']:6.2f} s"
+                    f"  total {result['total']:6.2f} s",
+                    flush=True,
+                )
+    return runs, runner, errors
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ polling). Measured:
 
 * **train**: ``python train.py experiment=quickstart`` (data, W&B offline, checkpoints, val
   and test) for ``--epochs`` epochs (memory does not grow with more);
-* **predict**: the checkpoint that run wrote, on one synthetic 1024² pair -- through
-  ``predict.py`` where the repository has it, else ``sliding_window_logits`` on the network
-  loaded with ``load_network`` (the figure says which);
-* **predict, LEVIR-CD recipe network**: ``model=siamese_unet`` (base width 32, untrained) on
-  the same pair with the same windows: what a LEVIR-trained model needs;
+* **predict**: ``python predict.py`` with that run's checkpoint on one synthetic 1024² pair,
+  with its defaults: sliding windows, mask, probabilities, and the HiResCAM panel of the
+  whole image;
+* **predict, LEVIR-CD recipe network**: the same command with ``model=siamese_unet`` (base
+  width 32, untrained weights saved as a state dict) and ``explain.enabled=false`` (the
+  sliding-window prediction alone; explaining a whole 1024² image with this network takes
+  minutes on 2 cores): what a LEVIR-trained model needs;
 * **baseline**: a process that only imports torch, Lightning and changecam.
 
 The 1024² predictions must stay within 2 GiB on the CPU. Last line:
@@ -56,47 +58,31 @@ def peak_rss(cmd: list[str], log: Path) -> int:
     return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # Linux: KiB
 
 
-def child(args: argparse.Namespace) -> None:
-    """The measured workloads that are not a repository command."""
+def baseline() -> None:
+    """The import footprint of a real run, and nothing else."""
     import lightning  # noqa: F401
-    import torch
+    import torch  # noqa: F401
 
-    import changecam.data  # noqa: F401  (the import footprint of a real run)
+    import changecam.data  # noqa: F401
+    import changecam.inference  # noqa: F401
 
-    if args.child == "baseline":
-        return
+
+def predict(ckpt: Path, pre: Path, post: Path, out: Path, *overrides: str) -> list[str]:
+    """The ``predict.py`` command line for one pair."""
+    cmd = [sys.executable, "predict.py", f"ckpt_path={ckpt}", f"input.pre={pre}"]
+    return cmd + [f"input.post={post}", f"hydra.run.dir={out}", *overrides]
+
+
+def levir_state_dict(path: Path) -> Path:
+    """Save an untrained ``model=siamese_unet`` network's weights to ``path``."""
     import hydra
+    import torch
+    from omegaconf import OmegaConf
 
-    from changecam.checkpoint import load_network
-    from changecam.data.io import read_image
-    from changecam.data.transforms import image_to_tensor
-    from changecam.inference import SlidingWindow, sliding_window_logits
-
-    if args.model is not None:
-        net = hydra.utils.instantiate({**args.model_cfg}).eval()
-    else:
-        net = load_network(args.ckpt)
-    pre, post = (image_to_tensor(read_image(p))[None] for p in (args.pre, args.post))
-    logits = sliding_window_logits(net, pre, post, SlidingWindow())
-    mask = torch.sigmoid(logits) > 0.5
-    print(f"{tuple(mask.shape)} change pixels: {int(mask.sum())}")
-
-
-def predict_command(ckpt: Path, pre: Path, post: Path, out: Path) -> tuple[list[str], str]:
-    """How to predict one pair: ``predict.py`` if the repository has it, else the direct path."""
-    if (REPO / "predict.py").is_file():
-        cmd = [
-            sys.executable,
-            "predict.py",
-            f"ckpt_path={ckpt}",
-            f"input.pre={pre}",
-            f"input.post={post}",
-            f"hydra.run.dir={out}",
-        ]
-        return cmd, "predict.py"
-    cmd = [sys.executable, __file__, "--child", "predict", "--ckpt", str(ckpt)]
-    cmd += ["--pre", str(pre), "--post", str(post)]
-    return cmd, "sliding_window_logits + load_network (predict.py is not in the repository yet)"
+    torch.manual_seed(0)
+    net = hydra.utils.instantiate(OmegaConf.load(REPO / "conf/model/siamese_unet.yaml"))
+    torch.save(net.state_dict(), path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -104,26 +90,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--epochs", type=int, default=2, help="quickstart epochs to train")
     parser.add_argument("--image-size", type=int, default=1024, help="side of the predicted pair")
     parser.add_argument("--tiny", action="store_true", help="seconds-long run for the tests")
-    parser.add_argument("--child", choices=["baseline", "predict"], help=argparse.SUPPRESS)
-    parser.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--pre", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--post", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        if args.model:
-            from omegaconf import OmegaConf
-
-            args.model_cfg = OmegaConf.to_container(
-                OmegaConf.load(REPO / f"conf/model/{args.model}.yaml")
-            )
-        child(args)
+    if args.baseline:
+        baseline()
         return {}
     if args.tiny:
         args.epochs, args.image_size = 1, 128
 
+    from omegaconf import OmegaConf
+
     from changecam.data import SyntheticSpec, generate
-    from changecam.inference import SlidingWindow
 
     mib: dict[str, float] = {}
     seconds: dict[str, float] = {}
@@ -136,23 +113,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         def measure(name: str, cmd: list[str]) -> None:
             seconds[name], rss = timed(lambda: peak_rss(cmd, tmp / f"{name}.log"))
             mib[name] = rss / 2**20
-            print(f"{name:>20}: peak RSS {mib[name]:8.1f} MiB  ({seconds[name]:.1f} s)")
+            print(f"{name:>20}: peak RSS {mib[name]:8.1f} MiB  ({seconds[name]:.1f} s)", flush=True)
 
         if not args.tiny:
-            measure("baseline", [sys.executable, __file__, "--child", "baseline"])
+            measure("baseline", [sys.executable, __file__, "--baseline"])
         run_dir = tmp / "train"
         train = [sys.executable, "train.py", "experiment=quickstart"]
         train += [f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={run_dir}"]
         train += [f"paths.data_dir={tmp / 'data'}", *(TINY_TRAIN if args.tiny else [])]
         measure("train", train)
         ckpt = run_dir / "checkpoints" / "best.ckpt"
-        cmd, method = predict_command(ckpt, pre, post, tmp / "predict")
-        measure("predict", cmd)
+        measure("predict", predict(ckpt, pre, post, tmp / "predict"))
         if not args.tiny:
-            cmd = [sys.executable, __file__, "--child", "predict", "--model", "siamese_unet"]
-            measure("predict_levir_model", cmd + ["--pre", str(pre), "--post", str(post)])
+            weights = levir_state_dict(tmp / "siamese_unet.pth")
+            cmd = predict(weights, pre, post, tmp / "predict_levir", "model=siamese_unet")
+            measure("predict_levir_model", [*cmd, "explain.enabled=false"])
 
     limit = 2 * GIB / 2**20
+    predict_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/predict.yaml"))
     figures = {
         "train_peak_rss_mib": round(mib["train"], 1),
         "predict_1024_peak_rss_mib": round(mib["predict"], 1),
@@ -164,9 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "setup": {
             "train": f"train.py experiment=quickstart trainer.max_epochs={args.epochs}",
-            "predict_method": method,
+            "predict": "predict.py ckpt_path=<best.ckpt of the train run> input.pre=... input.post=...",
             "pair": f"{args.image_size}x{args.image_size} synthetic",
-            "sliding_window": repr(SlidingWindow()),
+            "predict_config": {k: predict_cfg[k] for k in ("sliding_window", "explain")},
             "tiny": args.tiny,
         },
         "machine": machine(),

@@ -24,7 +24,18 @@ from typing import Any
 from common import machine
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("loader", "loop", "memory", "explain_cost", "cam_callback")
+# Expected benchmarks, in running order (a missing one is skipped with a note); any other
+# script in benchmarks/ runs after them.
+EXPECTED = ("loader", "loop", "memory", "explain_cost", "cam_callback")
+NOT_BENCHMARKS = ("common", "run_all")
+
+
+def benchmark_names() -> list[str]:
+    """The expected benchmarks, then every other script in ``benchmarks/``."""
+    found = sorted(p.stem for p in HERE.glob("*.py") if p.stem not in NOT_BENCHMARKS)
+    return [*EXPECTED, *(name for name in found if name not in EXPECTED)]
+
+
 # Figures with a target from their issue: (comparison, bound)
 TARGETS: dict[str, tuple[str, float]] = {
     "loader_speedup_vs_naive": (">=", 5.0),
@@ -135,7 +146,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", default=list(SCRIPTS), help="benchmark names")
+    parser.add_argument("--only", nargs="+", default=benchmark_names(), help="benchmark names")
     parser.add_argument("--tiny", action="store_true", help="pass --tiny to every benchmark")
     parser.add_argument("--out", type=Path, default=HERE, help="folder for results.json/.md")
     parser.add_argument(
