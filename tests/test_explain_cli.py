@@ -165,9 +165,9 @@ def test_pipeline_padding_keeps_the_target_inside_the_image():
     pre, post = rng.integers(0, 255, (2, 21, 13, 3), dtype=np.uint8)
     roi = np.zeros((21, 13), np.uint8)
     roi[15:, 5:] = 1  # touches the bottom/right border, next to the padding
-    result = explain_pair(
-        net, pre, post, roi=roi, settings=ExplainSettings(target="roi", steps=2, dpi=20)
-    )
+    settings = ExplainSettings(target="roi", steps=2, dates=("post",), dpi=20)
+    result = explain_pair(net, pre, post, roi=roi, settings=settings)
+    assert list(result.faithfulness.curves["deletion"]) == ["both", "post"]
     exp = result.explanation
     assert exp.input_size == (21, 13) and result.padded_size == (24, 16)
     assert exp.mask[0, 0].numpy().astype(np.uint8).tolist() == roi.tolist()

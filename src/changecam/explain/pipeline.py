@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from changecam.data.transforms import image_to_tensor
-from changecam.explain.faithfulness import CURVE_DATES, Faithfulness, faithfulness
+from changecam.explain.faithfulness import CURVE_DATES, CurveDate, Faithfulness, faithfulness
 from changecam.explain.hirescam import METHODS, Explanation, Method, explain_batch
 from changecam.explain.render import render_panel, save_panel
 from changecam.explain.targets import Target, TargetKind
@@ -39,6 +39,7 @@ class ExplainSettings:
         panel_layer: per-date layer drawn in the panel; ``None``: the deepest explained.
         faithfulness_layer: layer ranking the pixels of the curves; ``None``: the deepest.
         steps: curve resolution (``steps + 1`` points); 0 skips faithfulness.
+        dates: curves computed (``both`` is always included: it gives the headline gap).
         random_repeats: random orders averaged for the baseline.
         insertion: also compute insertion curves.
         seed: seed of the random order.
@@ -53,6 +54,7 @@ class ExplainSettings:
     panel_layer: str | None = None
     faithfulness_layer: str | None = None
     steps: int = 10
+    dates: tuple[CurveDate, ...] = CURVE_DATES
     random_repeats: int = 1
     insertion: bool = False
     seed: int = 0
@@ -65,6 +67,11 @@ class ExplainSettings:
             raise ValueError(
                 f"explain.faithfulness.steps={self.steps} must be >= 0 and random_repeats="
                 f"{self.random_repeats} >= 1"
+            )
+        bad = [d for d in self.dates if d not in CURVE_DATES]
+        if bad:
+            raise ValueError(
+                f"explain.faithfulness.dates has {bad}; expected some of {CURVE_DATES}"
             )
         if "hirescam" not in self.methods:
             raise ValueError(
@@ -246,7 +253,7 @@ def explain_pair(
             x_post,
             exp,
             layer=settings.faithfulness_layer,
-            dates=CURVE_DATES,
+            dates=tuple(dict.fromkeys(("both", *settings.dates))),
             steps=settings.steps,
             insertion=settings.insertion,
             random_repeats=settings.random_repeats,
@@ -287,6 +294,7 @@ def settings_from_config(cfg: Any) -> ExplainSettings:
         panel_layer=cfg.get("panel_layer"),
         faithfulness_layer=faith.get("layer"),
         steps=int(faith.get("steps", 10)),
+        dates=tuple(faith.get("dates", CURVE_DATES)),
         random_repeats=int(faith.get("random_repeats", 1)),
         insertion=bool(faith.get("insertion", False)),
         seed=int(faith.get("seed", 0)),
