@@ -44,6 +44,7 @@ def tiny(synthetic: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny_synthetic):
     sweep = tmp_path / "sweep"
     run_cli(
