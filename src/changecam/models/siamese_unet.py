@@ -97,12 +97,12 @@ class SiameseUNet(nn.Module):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(
-                f"model.net.fusion={fusion!r} is not allowed; expected one of {FUSIONS}"
+                f"model.fusion={fusion!r} is not allowed; expected one of {FUSIONS}"
             )
         if depth < 1:
-            raise ValueError(f"model.net.depth={depth} must be >= 1")
+            raise ValueError(f"model.depth={depth} must be >= 1")
         if base_channels < 1 or in_channels < 1:
-            raise ValueError("model.net.base_channels and in_channels must be positive")
+            raise ValueError("model.base_channels and in_channels must be positive")
         self.init_kwargs = {
             "in_channels": in_channels,
             "base_channels": base_channels,
