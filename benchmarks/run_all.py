@@ -45,7 +45,15 @@ TARGETS: dict[str, tuple[str, float]] = {
     "ratio_vs_forward_backward": ("<=", 1.3),
     "val_epoch_ratio_with_callback": ("<=", 1.15),
 }
-CONTEXT_KEYS = ("machine", "setup", "errors", "seconds", "epoch_s")
+CONTEXT_KEYS = (
+    "machine",
+    "setup",
+    "errors",
+    "seconds",
+    "epoch_cpu_s",
+    "epoch_wall_s",
+    "callback_setup_s",
+)
 
 
 def last_json(output: str) -> dict[str, Any]:

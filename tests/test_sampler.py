@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
+from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from changecam.data import ChangeDetectionDataModule, ImageGroupedSampler
+from changecam.data.datamodule import sampler_seed
 
 # 13 images with uneven sample counts (tiles of differently sized images)
 COUNTS = [16, 16, 4, 16, 9, 16, 16, 1, 16, 16, 12, 16, 16]
@@ -144,3 +148,53 @@ def test_datamodule_order_follows_torch_seed(tiny_synthetic):
     assert names(0) == names(0)
     assert names(0) != names(1)
     assert names(0) != names(0, epoch=1)
+
+
+class NameRecorder(L.LightningModule):
+    """Writes the sample names each rank trains on, per epoch, to ``out``."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.names: list[str] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.names += batch["name"]
+        return (self.weight * batch["pre"].mean()).sum()
+
+    def on_train_epoch_end(self) -> None:
+        path = self.out / f"rank{self.global_rank}_epoch{self.current_epoch}.json"
+        path.write_text(json.dumps(self.names))
+        self.names = []
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_train_on_disjoint_halves(tmp_path, tiny_synthetic):
+    """Under real DDP (2 CPU processes) Lightning keeps the sampler and each rank takes its half."""
+    L.seed_everything(3)
+    dm = ChangeDetectionDataModule(tiny_synthetic, layout="levir", patch_size=32, batch_size=3)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(NameRecorder(tmp_path), datamodule=dm)
+    seen = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("rank*_epoch*.json")}
+    for epoch in (0, 1):
+        rank0, rank1 = seen[f"rank0_epoch{epoch}"], seen[f"rank1_epoch{epoch}"]
+        assert len(rank0) == len(rank1) == 8  # 16 tiles, half each
+        assert set(rank0).isdisjoint(rank1) and len(set(rank0) | set(rank1)) == 16
+    assert seen["rank0_epoch0"] != seen["rank0_epoch1"]  # reshuffled every epoch
+
+
+def test_sampler_seed_is_shared_under_ddp(monkeypatch):
+    torch.manual_seed(11)
+    assert sampler_seed(1) == 11  # one process: torch's seed
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")
+    assert sampler_seed(2) == 5  # DDP: the seed seed_everything gave every rank
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert sampler_seed(2) == 0  # DDP without a seed: a constant all ranks agree on
