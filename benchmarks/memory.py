@@ -5,7 +5,8 @@ high-water mark reported by ``wait4`` (the largest process of the child's tree, 
 polling). Measured:
 
 * **train**: ``python train.py experiment=quickstart`` (data, W&B offline, checkpoints, val
-  and test) for ``--epochs`` epochs (memory does not grow with more);
+  and test) for ``--epochs`` epochs (default 1: every code path of a run, validation with its
+  CAM panels, checkpointing and test, runs once);
 * **predict**: ``python predict.py`` with that run's checkpoint on one synthetic 1024² pair,
   with its defaults: sliding windows, mask, probabilities, and the HiResCAM panel of the
   whole image;
@@ -87,7 +88,7 @@ def levir_state_dict(path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2, help="quickstart epochs to train")
+    parser.add_argument("--epochs", type=int, default=1, help="quickstart epochs to train")
     parser.add_argument("--image-size", type=int, default=1024, help="side of the predicted pair")
     parser.add_argument("--tiny", action="store_true", help="seconds-long run for the tests")
     parser.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
