@@ -22,7 +22,7 @@ train: install
 	$(PY) train.py experiment=quickstart
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
