@@ -96,9 +96,7 @@ class SiameseUNet(nn.Module):
     ) -> None:
         super().__init__()
         if fusion not in FUSIONS:
-            raise ValueError(
-                f"model.fusion={fusion!r} is not allowed; expected one of {FUSIONS}"
-            )
+            raise ValueError(f"model.fusion={fusion!r} is not allowed; expected one of {FUSIONS}")
         if depth < 1:
             raise ValueError(f"model.depth={depth} must be >= 1")
         if base_channels < 1 or in_channels < 1:
