@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -135,6 +136,13 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {name} | `{key}` | {shown} | {verdict(key, value)} |")
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
     load = f", load average {m['load_avg_1min']} at the start" if "load_avg_1min" in m else ""
+    if "load_avg_1min_end" in results:
+        load += f" and {results['load_avg_1min_end']} at the end"
+    lines += ["", "| benchmark | status | seconds | command |", "|---|---|---|---|"]
+    lines += [
+        f"| {name} | {e['status']} | {e.get('seconds', '')} | `{e['command']}` |"
+        for name, e in results["benchmarks"].items()
+    ]
     lines += [
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores (torch {m['torch']}, {m['torch_threads']} "
@@ -171,8 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmarks": {name: run_script(name, args.tiny, args.logs) for name in args.only},
     }
     results["total_s"] = round(time.perf_counter() - start, 1)
+    if hasattr(os, "getloadavg"):
+        results["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     results["finished"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    write_atomic(args.out / "results.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
+    write_atomic(args.out / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(args.out / "results.md", markdown(results))
     print(markdown(results))
     return results
