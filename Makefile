@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 
-.PHONY: install train test test-fast lint format bench clean
+.PHONY: install train test test-slow test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,16 @@ install: $(STAMP)
 train: install
 	$(PY) train.py experiment=quickstart
 
+# the everyday suite; the tests marked `slow` (DDP, sweeps, kill-and-resume, CLI and notebook
+# runs on real data) run in `make test-slow`, and CI (.ci/run) runs both
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
-test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+test-slow: install
+	$(PY) -m pytest -q -m slow --durations=10
+
+test-all: install
+	$(PY) -m pytest -q --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks *.py

@@ -59,6 +59,7 @@ def test_loop_fit_and_plain_loop_compute_the_same_epoch():
     assert figures["setup"]["train_steps_per_epoch"] == 4  # 4 images x 4 tiles / batch 4
 
 
+@pytest.mark.slow
 def test_memory_reports_peak_rss_of_training_and_prediction():
     memory = importlib.import_module("memory")
     figures = memory.main(["--tiny"])

@@ -79,6 +79,7 @@ def test_other_loggers_still_write_pngs(tmp_path, tiny_synthetic, logger):
         assert "val/cam/post_share/enc1" in header
 
 
+@pytest.mark.slow
 def test_ddp_writes_panels_once(tmp_path, tiny_synthetic):
     args = overrides(tiny_synthetic, "none") + [
         "trainer=ddp_cpu",

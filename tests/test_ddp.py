@@ -64,6 +64,7 @@ def evaluate_single_process(cfg, ckpt: Path) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
+@pytest.mark.slow
 def test_ddp_cpu_pooled_metrics_equal_single_process(tmp_path, tiny_synthetic):
     overrides = ddp_overrides(tiny_synthetic)
     run_cli([*overrides, "trainer=ddp_cpu"], cwd=tmp_path)

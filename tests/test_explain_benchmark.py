@@ -5,11 +5,14 @@ from __future__ import annotations
 import importlib
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+@pytest.mark.slow
 def test_explain_cost_reports_ratios_and_agrees_with_captum():
     explain_cost = importlib.import_module("explain_cost")
     figures = explain_cost.main(["--tiny", "--device", "cpu"])

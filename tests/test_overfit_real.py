@@ -1,5 +1,6 @@
 """The real LEVIR-CD patches load, and a small model can overfit them."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +20,7 @@ def test_real_samples_load(samples_dir):
     assert min(fractions) == 0.0 and max(fractions) > 0.02  # train_386 has no change
 
 
+@pytest.mark.slow
 def test_overfit_real_patches(samples_dir):
     torch.manual_seed(0)
     triplets = [t for s in ("train", "val", "test") for t in find_triplets(samples_dir, s)]

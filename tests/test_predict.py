@@ -54,6 +54,7 @@ def write_pair(
     )
 
 
+@pytest.mark.slow
 def test_folder_of_real_levir_samples(tmp_path, ckpt, samples_dir):
     report = run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={samples_dir}"])
     run = tmp_path / "run"

@@ -127,6 +127,7 @@ def test_config_typo_is_rejected(tmp_path):
     assert proc.returncode != 0 and "fusoin" in proc.stderr
 
 
+@pytest.mark.slow
 def test_multirun_sweep(tmp_path, tiny_synthetic):
     args = [
         "-m",
