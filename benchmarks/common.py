@@ -92,3 +92,18 @@ def emit(figures: dict[str, Any]) -> None:
     """Print the figures as one JSON object on the last line of the output."""
     sys.stdout.flush()
     print(json.dumps(figures, sort_keys=True), flush=True)
+
+
+# Overrides that shrink the quickstart run to seconds (the benchmarks' --tiny smoke runs).
+TINY_QUICKSTART: list[str] = [
+    "data.synthetic.image_size=64",
+    "data.synthetic.train=4",
+    "data.synthetic.val=2",
+    "data.synthetic.test=2",
+    "data.patch_size=32",
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+    "model.base_channels=4",
+    "model.depth=2",
+    "logger=csv",
+]

@@ -49,7 +49,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from common import emit, machine, quickstart_config
+from common import TINY_QUICKSTART, emit, machine, quickstart_config
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
 from omegaconf import DictConfig
 
@@ -66,18 +66,7 @@ PROBE = [
     "data.synthetic.train=12",
     "data.synthetic.val=3",
 ]
-TINY = [
-    "data.synthetic.image_size=64",
-    "data.synthetic.train=4",
-    "data.synthetic.val=2",
-    "data.synthetic.test=2",
-    "data.patch_size=32",
-    "data.batch_size=4",
-    "data.eval_batch_size=4",
-    "model.base_channels=4",
-    "model.depth=2",
-    "logger=csv",
-]
+TINY = TINY_QUICKSTART
 
 
 CPU, WALL = 0, 1  # the two clocks of a (cpu, wall) pair

@@ -30,21 +30,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import REPO, emit, machine, timed
+from common import REPO, TINY_QUICKSTART, emit, machine, timed
 
 GIB = 2**30
-TINY_TRAIN = [
-    "data.synthetic.image_size=64",
-    "data.synthetic.train=4",
-    "data.synthetic.val=2",
-    "data.synthetic.test=2",
-    "data.patch_size=32",
-    "data.batch_size=4",
-    "data.eval_batch_size=4",
-    "model.base_channels=4",
-    "model.depth=2",
-    "logger=csv",
-]
+TINY_TRAIN = TINY_QUICKSTART
 
 
 def peak_rss(cmd: list[str], log: Path) -> int:
