@@ -14,6 +14,18 @@ class ImageReadError(ValueError):
     """An image or label file is unreadable or has unexpected content."""
 
 
+def _decode(path: Path, kind: str) -> np.ndarray:
+    """Decode a file as it is stored (no colour conversion), or say what is wrong with it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} file {path} does not exist")
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise ImageReadError(
+            f"{path} could not be decoded as an image (corrupt or unsupported format)"
+        )
+    return array
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an RGB image as uint8 ``H x W x 3``.
 
@@ -21,13 +33,7 @@ def read_image(path: str | Path) -> np.ndarray:
     opaque (the alpha channel is dropped). Anything else raises :class:`ImageReadError`.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ImageReadError(
-            f"{path} could not be decoded as an image (corrupt or unsupported format)"
-        )
+    image = _decode(path, "image")
     if image.dtype != np.uint8:
         raise ImageReadError(f"{path} has dtype {image.dtype}; expected 8-bit RGB")
     if image.ndim == 2:
@@ -47,13 +53,7 @@ def read_image(path: str | Path) -> np.ndarray:
 def read_label(path: str | Path) -> np.ndarray:
     """Read a change mask as uint8 ``H x W`` in {0, 1} (files may hold 0/255 or 0/1)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"label file {path} does not exist")
-    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise ImageReadError(
-            f"{path} could not be decoded as an image (corrupt or unsupported format)"
-        )
+    label = _decode(path, "label")
     if label.ndim == 3:
         if not (label == label[..., :1]).all():
             raise ImageReadError(
