@@ -77,3 +77,22 @@ def tiny_overrides(synthetic_root: Path) -> list[str]:
         "callbacks.progress_bar=null",
         "callbacks.model_summary=null",
     ]
+
+
+def run_train_cli(args: list[str], cwd: Path, timeout: float = 600):
+    """Run ``train.py`` in a fresh interpreter (one torch thread) and require it to succeed."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    env.pop("CHANGECAM_ROOT", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc

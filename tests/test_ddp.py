@@ -4,9 +4,6 @@ single-process metrics of the same weights; one output folder; files written onc
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -16,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from changecam.checkpoint import load_network
 from changecam.metrics import SCORE_NAMES
-from conftest import REPO, compose_train, tiny_overrides
+from conftest import compose_train, run_train_cli, tiny_overrides
 
 
 def ddp_overrides(synthetic: Path) -> list[str]:
@@ -30,21 +27,6 @@ def ddp_overrides(synthetic: Path) -> list[str]:
         "callbacks.cam_panels=null",
         "print_config=false",
     ]
-
-
-def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    env.pop("CHANGECAM_ROOT", None)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc
 
 
 def evaluate_single_process(cfg, ckpt: Path) -> dict[str, float]:
@@ -67,7 +49,7 @@ def evaluate_single_process(cfg, ckpt: Path) -> dict[str, float]:
 @pytest.mark.slow
 def test_ddp_cpu_pooled_metrics_equal_single_process(tmp_path, tiny_synthetic):
     overrides = ddp_overrides(tiny_synthetic)
-    run_cli([*overrides, "trainer=ddp_cpu"], cwd=tmp_path)
+    run_train_cli([*overrides, "trainer=ddp_cpu"], cwd=tmp_path)
 
     runs = list((tmp_path / "outputs" / "quickstart" / "runs").iterdir())
     assert len(runs) == 1, runs  # rank 1 re-runs the script but shares rank 0's folder
@@ -96,7 +78,7 @@ def test_ddp_inside_a_multirun_reruns_only_its_job(tmp_path, tiny_synthetic):
     """Lightning re-runs the command line for rank 1; in a sweep that must be this job only,
     in this job's folder. The sweep folder's name has microseconds in it, so a rank that
     composed the sweep again would make a folder of its own."""
-    run_cli(
+    run_train_cli(
         [
             "-m",
             *ddp_overrides(tiny_synthetic),

@@ -4,9 +4,6 @@ Optuna (sqlite study in the sweep folder, maximising val/f1), and the SLURM laun
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -16,21 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from changecam.train import optimized_value
-from conftest import REPO, compose_train, tiny_overrides
-
-
-def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc
+from conftest import compose_train, run_train_cli, tiny_overrides
 
 
 def tiny(synthetic: Path) -> list[str]:
@@ -47,7 +30,7 @@ def tiny(synthetic: Path) -> list[str]:
 @pytest.mark.slow
 def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny_synthetic):
     sweep = tmp_path / "sweep"
-    run_cli(
+    run_train_cli(
         [
             "-m",
             "hydra/launcher=joblib",
@@ -74,7 +57,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny
 
 def test_optuna_search_stores_its_study_in_the_sweep_dir(tmp_path, tiny_synthetic):
     sweep = tmp_path / "sweep"
-    run_cli(
+    run_train_cli(
         [
             "hparams_search=optuna",
             "hydra.sweeper.n_trials=2",
@@ -109,7 +92,7 @@ def test_slurm_launcher_config_composes_without_a_cluster(tmp_path):
         "hydra.launcher.partition=gpu",
         "hydra.launcher.timeout_min=90",
     ]
-    proc = run_cli([*overrides, "--cfg", "job"], cwd=tmp_path, timeout=120)
+    proc = run_train_cli([*overrides, "--cfg", "job"], cwd=tmp_path, timeout=120)
     assert "strategy: ddp" in proc.stdout
     cfg = compose_train(tmp_path, overrides)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
