@@ -8,7 +8,11 @@ gives the shares, the target score and the faithfulness gap.
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,8 +120,76 @@ def render_panel(
     vmax_combined = float(np.abs(combined).max())
     probs = torch.sigmoid(exp.logits[0, 0]).cpu()
     pred = (probs > threshold).numpy()
+    shares = {k: float(v[0]) for k, v in exp.post_shares(method).items()}
+
+    figure = _panel_figure(
+        tuple(size), tuple(shares), layer, method, label is not None, bool(title), dpi
+    )
+    with figure.lock:
+        fig, art = figure.fig, figure.artists
+        art["pre"].set_data(pre_rgb)
+        art["post"].set_data(post_rgb)
+        if label is not None:
+            truth = to_mask(label)
+            art["truth"].set_data(truth)
+            art["truth_title"].set_text(f"ground truth ({truth.mean():.1%} change)")
+            counts = confusion_counts(
+                probs[None, None], torch.from_numpy(truth)[None, None].float(), threshold
+            )
+            f1 = float(scores_from_counts(*counts[0])["f1"])
+            art["pred_title"].set_text(f"prediction (p > {threshold:g}), F1 {f1:.2f}")
+        else:
+            art["pred_title"].set_text(f"prediction (p > {threshold:g})")
+        art["pred"].set_data(pred)
+        art["pre_cam"].set_data(overlay(pre_rgb, cams["pre"], vmax))
+        art["post_cam"].set_data(overlay(post_rgb, cams["post"], vmax))
+        art["combined"].set_data(overlay(post_rgb, combined, vmax_combined))
+        for text in art["empty"]:
+            text.set_visible(bool(exp.empty[0]))
+        for bar, value in zip(art["bars"], shares.values(), strict=True):
+            bar.set_height(0.0 if math.isnan(value) else value)
+
+        line = "post share P_post/(P_pre+P_post): " + ", ".join(
+            f"{k} {_fmt(v)}" for k, v in shares.items()
+        )
+        line += f"  |  S = {float(exp.score[0]):.1f} over {int(exp.mask[0].sum())} px"
+        if faithfulness is not None:
+            gap = float(faithfulness.gap("both")[index])
+            line += (
+                f"  |  faithfulness gap ({faithfulness.method} {faithfulness.layer}): {_fmt(gap)}"
+            )
+        art["line"].set_text(line)
+        if title:
+            art["title"].set_text(title)
+        art["scale"].set_clim(-vmax or -1.0, vmax or 1.0)
+        art["scale_combined"].set_clim(-vmax_combined or -1.0, vmax_combined or 1.0)
+        fig.canvas.draw()
+        return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+@dataclass
+class _PanelFigure:
+    fig: Figure
+    artists: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@functools.lru_cache(maxsize=4)
+def _panel_figure(
+    size: tuple[int, int],
+    layers: tuple[str, ...],
+    layer: str,
+    method: Method,
+    has_label: bool,
+    has_title: bool,
+    dpi: int,
+) -> _PanelFigure:
+    """The panel's figure for one layout, built once and redrawn with each sample's data
+    (building the axes costs about twice as much as drawing them)."""
     name = METHOD_TITLES[method]
-    empty = bool(exp.empty[0])
+    blank_rgb = np.zeros((*size, 3), dtype=np.uint8)
+    blank_mask = np.zeros(size, dtype=bool)
+    art: dict[str, Any] = {}
 
     fig = Figure(figsize=(13.5, 7.0), dpi=dpi)
     FigureCanvasAgg(fig)
@@ -125,90 +197,77 @@ def render_panel(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 0].imshow(pre_rgb)
+    art["pre"] = axes[0, 0].imshow(blank_rgb)
     axes[0, 0].set_title("pre")
-    axes[0, 1].imshow(post_rgb)
+    art["post"] = axes[0, 1].imshow(blank_rgb)
     axes[0, 1].set_title("post")
-    if label is not None:
-        truth = to_mask(label)
-        axes[0, 2].imshow(truth, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axes[0, 2].set_title(f"ground truth ({truth.mean():.1%} change)")
-        counts = confusion_counts(
-            probs[None, None], torch.from_numpy(truth)[None, None].float(), threshold
+    if has_label:
+        art["truth"] = axes[0, 2].imshow(
+            blank_mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest"
         )
-        f1 = float(scores_from_counts(*counts[0])["f1"])
-        pred_title = f"prediction (p > {threshold:g}), F1 {f1:.2f}"
+        art["truth_title"] = axes[0, 2].set_title("ground truth")
     else:
         axes[0, 2].text(
             0.5, 0.5, "no label", ha="center", va="center", transform=axes[0, 2].transAxes
         )
         axes[0, 2].set_title("ground truth")
-        pred_title = f"prediction (p > {threshold:g})"
-    axes[0, 3].imshow(pred, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    axes[0, 3].set_title(pred_title)
+    art["pred"] = axes[0, 3].imshow(
+        blank_mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest"
+    )
+    art["pred_title"] = axes[0, 3].set_title("prediction")
 
-    for ax, d, rgb in ((axes[1, 0], "pre", pre_rgb), (axes[1, 1], "post", post_rgb)):
-        ax.imshow(overlay(rgb, cams[d], vmax))
+    for ax, d in ((axes[1, 0], "pre"), (axes[1, 1], "post")):
+        art[f"{d}_cam"] = ax.imshow(blank_rgb)
         ax.set_title(f"{d} {name} {layer}")
-    axes[1, 2].imshow(overlay(post_rgb, combined, vmax_combined))
+    art["combined"] = axes[1, 2].imshow(blank_rgb)
     axes[1, 2].set_title(f"pre + post {name} {layer}")
-    if empty:
-        for ax in axes[1, :3]:
-            ax.text(
-                0.5,
-                0.5,
-                "no change predicted\n(empty target)",
-                ha="center",
-                va="center",
-                transform=ax.transAxes,
-                color="white",
-                fontsize=11,
-                bbox={"facecolor": "black", "alpha": 0.6},
-            )
+    art["empty"] = [
+        ax.text(
+            0.5,
+            0.5,
+            "no change predicted\n(empty target)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="white",
+            fontsize=11,
+            bbox={"facecolor": "black", "alpha": 0.6},
+            visible=False,
+        )
+        for ax in axes[1, :3]
+    ]
 
-    shares = {k: float(v[0]) for k, v in exp.post_shares(method).items()}
     ax = axes[1, 3]
-    names = list(shares)
-    values = [0.0 if math.isnan(v) else v for v in shares.values()]
-    ax.bar(range(len(names)), values, color="tab:red")
+    art["bars"] = ax.bar(range(len(layers)), [0.0] * len(layers), color="tab:red")
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
     ax.set_ylim(0, 1)
     ax.set_yticks([0, 0.5, 1])
-    ax.set_xticks(range(len(names)), names)
+    ax.set_xticks(range(len(layers)), layers)
     ax.set_title("post share per layer")
 
-    line = "post share P_post/(P_pre+P_post): " + ", ".join(
-        f"{k} {_fmt(v)}" for k, v in shares.items()
-    )
-    line += f"  |  S = {float(exp.score[0]):.1f} over {int(exp.mask[0].sum())} px"
-    if faithfulness is not None:
-        gap = float(faithfulness.gap("both")[index])
-        line += f"  |  faithfulness gap ({faithfulness.method} {faithfulness.layer}): {_fmt(gap)}"
-    fig.text(0.5, 0.012, line, ha="center", va="bottom", fontsize=10)
-    if title:
-        fig.suptitle(title)
+    art["line"] = fig.text(0.5, 0.012, "", ha="center", va="bottom", fontsize=10)
+    if has_title:
+        art["title"] = fig.suptitle("")
     fig.subplots_adjust(
-        left=0.02, right=0.98, top=0.9 if title else 0.94, bottom=0.15, wspace=0.1, hspace=0.2
+        left=0.02, right=0.98, top=0.9 if has_title else 0.94, bottom=0.15, wspace=0.1, hspace=0.2
     )
-    _colorbar(fig, axes[1, 0], axes[1, 1], vmax, "pre and post: logit contribution / px")
-    _colorbar(fig, axes[1, 2], axes[1, 2], vmax_combined, "pre + post: logit contribution / px")
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    art["scale"] = _colorbar(fig, axes[1, 0], axes[1, 1], "pre and post: logit contribution / px")
+    art["scale_combined"] = _colorbar(
+        fig, axes[1, 2], axes[1, 2], "pre + post: logit contribution / px"
+    )
+    return _PanelFigure(fig, art)
 
 
-def _colorbar(fig: Figure, first, last, vmax: float, label: str) -> None:
-    """A horizontal numeric colour bar under the axes ``first`` .. ``last``."""
+def _colorbar(fig: Figure, first, last, label: str) -> ScalarMappable:
+    """A horizontal numeric colour bar under the axes ``first`` .. ``last``; returns its source,
+    whose ``set_clim(-vmax, vmax)`` sets the symmetric scale."""
     left, right = first.get_position(), last.get_position()
     cax = fig.add_axes((left.x0, left.y0 - 0.035, right.x1 - left.x0, 0.018))
-    bar = fig.colorbar(_mappable(vmax), cax=cax, orientation="horizontal")
+    mappable = ScalarMappable(norm=Normalize(-1.0, 1.0), cmap=CMAP)
+    mappable.set_array([])
+    bar = fig.colorbar(mappable, cax=cax, orientation="horizontal")
     bar.set_label(label, fontsize=9, labelpad=1)
     bar.ax.tick_params(labelsize=8)
-
-
-def _mappable(vmax: float) -> ScalarMappable:
-    """A colour-bar source for the symmetric scale ``[-vmax, vmax]`` (``[-1, 1]`` if all zero)."""
-    mappable = ScalarMappable(norm=Normalize(-vmax or -1.0, vmax or 1.0), cmap=CMAP)
-    mappable.set_array([])
     return mappable
 
 
