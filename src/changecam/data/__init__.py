@@ -1,6 +1,7 @@
 """Finding, reading, augmenting and generating bi-temporal change data."""
 
-from changecam.data.datamodule import ChangeDetectionDataModule
+from typing import Any
+
 from changecam.data.dataset import ChangeDetectionDataset
 from changecam.data.layout import (
     DatasetNotFoundError,
@@ -24,3 +25,13 @@ __all__ = [
     "generate",
     "pair_folder",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The datamodule imports Lightning (seconds); reading and explaining data must not need it,
+    # e.g. in the background CAM-panel process.
+    if name == "ChangeDetectionDataModule":
+        from changecam.data.datamodule import ChangeDetectionDataModule
+
+        return ChangeDetectionDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
