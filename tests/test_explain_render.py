@@ -8,6 +8,7 @@ import torch
 
 from changecam.data.io import read_image
 from changecam.explain import explain_batch, faithfulness, render_panel, save_panel
+from changecam.explain import render as render_module
 from changecam.explain.render import overlay, to_rgb
 from changecam.models import SiameseUNet
 
@@ -58,3 +59,22 @@ def test_overlay_uses_the_given_scale():
     # the same value on the same scale gives the same colour; a larger scale makes it fainter
     np.testing.assert_allclose(overlay(image, cam, 2.0)[0, 1], out[0, 1])
     assert abs(overlay(image, cam, 4.0)[0, 1] - gray).sum() < abs(out[0, 1] - gray).sum()
+
+
+def test_a_reused_figure_keeps_nothing_of_the_previous_sample(explained):
+    """Panels of one layout share a figure; each must look as if drawn on a fresh one."""
+    _, pre, post, exp = explained
+    label = np.zeros((32, 32), np.uint8)
+    label[4:9, 4:30] = 1
+
+    def draw(i: int) -> np.ndarray:
+        return render_panel(pre[i], post[i], exp, index=i, label=label, title=f"p{i}", dpi=30)
+
+    render_module._panel_figure.cache_clear()
+    fresh = [draw(0)]
+    render_module._panel_figure.cache_clear()
+    fresh.append(draw(1))  # sample 1 has an empty target: the notice is shown
+    reused = [draw(0), draw(1), draw(0)]
+    assert not np.array_equal(fresh[0], fresh[1])
+    for got, want in zip(reused, [fresh[0], fresh[1], fresh[0]], strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -126,7 +126,7 @@ def render_panel(
         tuple(size), tuple(shares), layer, method, label is not None, bool(title), dpi
     )
     with figure.lock:
-        fig, art = figure.fig, figure.artists
+        art = figure.artists
         art["pre"].set_data(pre_rgb)
         art["post"].set_data(post_rgb)
         if label is not None:
@@ -163,15 +163,47 @@ def render_panel(
             art["title"].set_text(title)
         art["scale"].set_clim(-vmax or -1.0, vmax or 1.0)
         art["scale_combined"].set_clim(-vmax_combined or -1.0, vmax_combined or 1.0)
-        fig.canvas.draw()
-        return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+        return figure.draw()
 
 
 @dataclass
 class _PanelFigure:
+    """A panel figure whose per-sample artists are ``animated``: the rest (axes, fixed titles,
+    tick labels) is drawn once and restored before drawing them (matplotlib blitting)."""
+
     fig: Figure
     artists: dict[str, Any]
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _static: Any = None
+
+    def __post_init__(self) -> None:
+        for artist in self._dynamic():
+            artist.set_animated(True)
+
+    def _dynamic(self) -> list[Any]:
+        """The per-sample artists in drawing order, with what must stay on top of them."""
+        art, out = self.artists, []
+        for key in ("pre", "post", "truth", "pred", "pre_cam", "post_cam", "combined"):
+            if key in art:
+                out += [art[key], *art[key].axes.spines.values()]
+        out += [art["truth_title"]] if "truth_title" in art else []
+        out += [art["pred_title"], *art["empty"]]
+        bar_axes = art["bars"][0].axes if len(art["bars"]) else None
+        out += list(art["bars"])
+        if bar_axes is not None:
+            out += [*bar_axes.lines, *bar_axes.spines.values()]
+        out += [art["line"], *([art["title"]] if "title" in art else []), *art["colorbars"]]
+        return out
+
+    def draw(self) -> np.ndarray:
+        canvas = self.fig.canvas
+        if self._static is None:
+            canvas.draw()
+            self._static = canvas.copy_from_bbox(self.fig.bbox)
+        canvas.restore_region(self._static)
+        for artist in self._dynamic():
+            self.fig.draw_artist(artist)
+        return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 @functools.lru_cache(maxsize=4)
@@ -255,6 +287,7 @@ def _panel_figure(
     art["scale_combined"] = _colorbar(
         fig, axes[1, 2], axes[1, 2], "pre + post: logit contribution / px"
     )
+    art["colorbars"] = [m.colorbar.ax for m in (art["scale"], art["scale_combined"])]
     return _PanelFigure(fig, art)
 
 
