@@ -12,7 +12,16 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from changecam.callbacks.cam_panels import select_samples
+from changecam.callbacks import cam_panels
+from changecam.callbacks.cam_panels import CamPanels, select_samples
+from changecam.callbacks.cam_worker import (
+    BackgroundExplainer,
+    CamSettings,
+    CamWorkerError,
+    explain_samples,
+)
+from changecam.models import SiameseUNet
+from changecam.module import net_config
 from changecam.train import train
 from conftest import REPO, compose_train, tiny_overrides
 from wandb_offline import history
@@ -30,6 +39,128 @@ def test_select_samples_is_fixed_and_includes_change():
     assert select_samples(masks[:3], 8) == [0, 1, 2]
 
 
+@pytest.mark.parametrize(
+    ("mode", "threads", "cores", "background"),
+    [
+        ("auto", 2, 2, False),  # training keeps every core busy: the work is cheaper inline
+        ("auto", 1, 2, True),
+        ("background", 2, 2, True),
+        ("inline", 1, 8, False),
+    ],
+)
+def test_auto_mode_goes_to_the_background_only_with_a_free_core(
+    monkeypatch, tmp_path, mode, threads, cores, background
+):
+    monkeypatch.setattr(cam_panels, "usable_cores", lambda: cores)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    module = torch.nn.Linear(1, 1)  # anything with a device: the CPU here
+    module.device = torch.device("cpu")
+    assert CamPanels(tmp_path, mode=mode)._background(module) is background
+    with pytest.raises(ValueError, match="mode='thread'"):
+        CamPanels(tmp_path, mode="thread")
+
+
+def tiny_samples(k: int = 2, size: int = 32) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(k, 1, size, size)
+    mask[:, :, 8:20, 4:16] = 1
+    return {
+        "pre": torch.rand(k, 3, size, size, generator=gen),
+        "post": torch.rand(k, 3, size, size, generator=gen),
+        "mask": mask,
+        "name": [f"pair_{i}" for i in range(k)],
+    }
+
+
+def test_background_explains_a_snapshot_like_inline_and_raises_its_failures(tmp_path):
+    torch.manual_seed(0)
+    net = SiameseUNet(3, 4, 2)
+    samples = tiny_samples()
+    settings = CamSettings(tmp_path / "bg", faithfulness_steps=2, dpi=30)
+    expected = explain_samples(
+        net, samples, CamSettings(tmp_path / "in", faithfulness_steps=2, dpi=30), 3, 17
+    )
+    worker = BackgroundExplainer(net_config(net), samples, settings)
+    try:
+        assert worker.submit(net, epoch=3, step=17) == []
+        with torch.no_grad():  # training goes on: the queued job must keep the old weights
+            for p in net.parameters():
+                p.zero_()
+        (got,) = worker.wait(0)
+        assert (got.epoch, got.step, got.names) == (3, 17, ["pair_0", "pair_1"])
+        assert got.shares.keys() == expected.shares.keys() and got.gap_layer == "enc2"
+        for layer in got.shares:
+            np.testing.assert_allclose(got.shares[layer], expected.shares[layer], atol=1e-4)
+        np.testing.assert_allclose(got.gap, expected.gap, atol=1e-4)
+        assert got.f1 == expected.f1 and got.iou == expected.iou
+        np.testing.assert_array_equal(got.predicted, expected.predicted)
+        assert len(got.panels) == 2 and got.panels[0].shape == expected.panels[0].shape
+        assert np.abs(got.panels[0].astype(float) - expected.panels[0]).mean() < 1.0
+        assert sorted(p.name for p in (tmp_path / "bg" / "epoch_003").iterdir()) == [
+            "pair_0.png",
+            "pair_1.png",
+        ]
+        assert worker.poll() == []
+
+        worker.submit(SiameseUNet(3, 8, 2), epoch=4, step=20)  # weights of another network
+        with pytest.raises(CamWorkerError, match=r"(?s)epoch 4.*size mismatch"):
+            worker.wait(0)
+    finally:
+        worker.close()
+
+
+def test_a_dead_background_process_is_reported(tmp_path):
+    net = SiameseUNet(3, 4, 2)
+    worker = BackgroundExplainer(net_config(net), tiny_samples(), CamSettings(tmp_path))
+    try:
+        worker.submit(net, epoch=0, step=0)
+        worker._process.kill()
+        with pytest.raises(CamWorkerError, match="died"):
+            worker.wait(0)
+    finally:
+        worker.close()
+
+
+ORPHAN = """
+import sys, torch
+from changecam.callbacks.cam_worker import BackgroundExplainer, CamSettings
+from changecam.models import SiameseUNet
+from changecam.module import net_config
+net = SiameseUNet(3, 4, 2)
+samples = {"pre": torch.rand(1, 3, 32, 32), "post": torch.rand(1, 3, 32, 32),
+           "mask": torch.zeros(1, 1, 32, 32), "name": ["a"]}
+worker = BackgroundExplainer(net_config(net), samples, CamSettings(sys.argv[1]))
+print(worker._process.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+def test_the_background_process_exits_when_training_is_killed(tmp_path):
+    import os
+    import signal
+    import time
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail("the CAM panel process outlived the killed training process")
+
+
 def overrides(tiny_synthetic, logger: str) -> list[str]:
     return [
         "experiment=quickstart",
@@ -41,11 +172,16 @@ def overrides(tiny_synthetic, logger: str) -> list[str]:
 
 
 def test_two_epochs_log_panels_table_and_share_history_to_wandb(tmp_path, tiny_synthetic):
-    train(compose_train(tmp_path, overrides(tiny_synthetic, "wandb")))
+    # background: the results reach W&B after the epoch, logged at that epoch's step
+    args = overrides(tiny_synthetic, "wandb") + ["callbacks.cam_panels.mode=background"]
+    train(compose_train(tmp_path, args))
     run_dir = tmp_path / "run"
     (offline,) = (run_dir / "wandb").glob("offline-run-*")
     rows = [r for r in history(offline) if "val/cam/panels/filenames" in r]
     assert len(rows) == 2, "one CAM log per validation epoch"
+    val_steps = [r["trainer/global_step"] for r in history(offline) if "val/f1" in r]
+    # at the step of the epoch's own val metrics (the last val/f1 is the best checkpoint's re-evaluation)
+    assert [r["trainer/global_step"] for r in rows] == val_steps[:2]
     for row in rows:
         files = [offline / "files" / f for f in row["val/cam/panels/filenames"]]
         assert len(files) == K
@@ -68,9 +204,10 @@ def test_two_epochs_log_panels_table_and_share_history_to_wandb(tmp_path, tiny_s
         assert len(list((run_dir / "cam" / epoch).glob("*.png"))) == K
 
 
-@pytest.mark.parametrize("logger", ["csv", "none"])
-def test_other_loggers_still_write_pngs(tmp_path, tiny_synthetic, logger):
-    train(compose_train(tmp_path, overrides(tiny_synthetic, logger)))
+@pytest.mark.parametrize(("logger", "mode"), [("csv", "background"), ("none", "inline")])
+def test_other_loggers_still_write_pngs(tmp_path, tiny_synthetic, logger, mode):
+    args = overrides(tiny_synthetic, logger) + [f"callbacks.cam_panels.mode={mode}"]
+    train(compose_train(tmp_path, args))
     for epoch in ("epoch_000", "epoch_001"):
         pngs = list((tmp_path / "run" / "cam" / epoch).glob("*.png"))
         assert len(pngs) == K

@@ -4,30 +4,46 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from changecam.explain import (
-    Target,
-    TargetKind,
-    explain_batch,
-    faithfulness,
-    per_date_layers,
-    resolve_taps,
+from changecam.callbacks.cam_worker import (
+    BackgroundExplainer,
+    CamResult,
+    CamSettings,
+    explain_samples,
 )
-from changecam.explain.render import render_panel, save_panel, to_mask, to_rgb
-from changecam.metrics import confusion_counts, scores_from_counts
+from changecam.explain import TargetKind, resolve_taps
+from changecam.explain.render import to_mask, to_rgb
+from changecam.module import net_config
 
 CLASS_LABELS = {0: "no change", 1: "change"}
+Mode = Literal["auto", "background", "inline"]
+MODES: tuple[str, ...] = ("auto", "background", "inline")
 log = logging.getLogger(__name__)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def logging_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs this validation epoch's metrics at (one less than
+    ``global_step`` when validation ends a training epoch), so the CAM charts line up."""
+    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
 
 
 def select_samples(masks: Sequence[Tensor], k: int) -> list[int]:
@@ -58,10 +74,23 @@ class CamPanels(L.Callback):
     On rank 0 only, it logs to every :class:`WandbLogger` of the trainer: the 2×4 panel of each
     sample (``val/cam/panels``), the post image with toggleable ground-truth and prediction mask
     overlays (``val/cam/overlays``), a table with one row per sample (``val/cam/table``: name, panel,
-    post share per layer, F1, IoU, target score), and — through ``pl_module.log`` so every logger
-    gets them — the scalars ``val/cam/post_share/<layer>`` (mean over the samples) and
-    ``val/cam/faithfulness_gap/<layer>`` of the deepest encoder layer. The same panels are written
-    as PNG files to ``<out_dir>/epoch_<NNN>/<name>.png`` whatever the logger.
+    post share per layer, F1, IoU, target score, faithfulness gap), and to every logger the
+    scalars ``val/cam/post_share/<layer>`` (mean over the samples) and
+    ``val/cam/faithfulness_gap/<layer>`` of the deepest encoder layer, at the global step of the
+    validation epoch. The same panels are written as PNG files to
+    ``<out_dir>/epoch_<NNN>/<name>.png`` whatever the logger.
+
+    In ``background`` mode the explanation, the faithfulness curves, the drawing and the PNG
+    files are done by a spawned CPU process (at idle priority) on a copy of the weights taken at
+    the end of the validation epoch; the results are logged when they arrive (at the latest when
+    fitting ends), so validation only pays for the copy. At most one epoch is in flight: a
+    process slower than a training epoch holds up the next validation epoch. That is free only
+    where training leaves a CPU core idle; where it keeps every core busy the process takes its
+    time from training, and more than the work costs inline. ``inline`` mode does the work in
+    the validation epoch, on the training device; it is also used for networks that cannot be
+    rebuilt in another process (no ``init_kwargs``). ``auto`` (default) picks ``background``
+    when training runs on an accelerator or uses fewer torch threads than the usable CPU cores,
+    else ``inline``.
 
     Args:
         out_dir: folder of the PNG files (typically ``<run dir>/cam``).
@@ -74,6 +103,8 @@ class CamPanels(L.Callback):
         random_repeats: random orders averaged for the faithfulness baseline.
         max_candidates: validation samples scanned when choosing the fixed set.
         dpi: resolution of the panels.
+        mode: ``auto``, ``background`` or ``inline`` (see above).
+        worker_threads: torch threads of the background process.
     """
 
     def __init__(
@@ -88,24 +119,45 @@ class CamPanels(L.Callback):
         random_repeats: int = 1,
         max_candidates: int = 256,
         dpi: int = 50,
+        mode: Mode = "auto",
+        worker_threads: int = 1,
     ) -> None:
         super().__init__()
-        if k < 1 or every_n_epochs < 1:
-            raise ValueError("callbacks.cam_panels.k and every_n_epochs must be >= 1")
+        if k < 1 or every_n_epochs < 1 or worker_threads < 1:
+            raise ValueError(
+                "callbacks.cam_panels.k, every_n_epochs and worker_threads must be >= 1"
+            )
+        if mode not in MODES:
+            raise ValueError(f"callbacks.cam_panels.mode={mode!r}; expected one of {MODES}")
         self.out_dir = Path(out_dir)
         self.k = k
         self.taps = list(taps) if taps is not None else None
-        self.target = Target(target, threshold)
+        self.target = target
         self.threshold = threshold
         self.every_n_epochs = every_n_epochs
         self.faithfulness_steps = faithfulness_steps
         self.random_repeats = random_repeats
         self.max_candidates = max_candidates
         self.dpi = dpi
+        self.mode = mode
+        self.worker_threads = worker_threads
         self.samples: dict[str, Any] | None = None
+        self._worker: BackgroundExplainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         resolve_taps(pl_module, self.taps)  # fail at start on unknown tap names
+
+    def _settings(self, trainer: L.Trainer) -> CamSettings:
+        return CamSettings(
+            out_dir=self.out_dir,
+            taps=self.taps,
+            target=self.target,
+            threshold=self.threshold,
+            faithfulness_steps=self.faithfulness_steps,
+            random_repeats=self.random_repeats,
+            dpi=self.dpi,
+            return_panels=any(isinstance(lg, WandbLogger) for lg in trainer.loggers),
+        )
 
     def _fixed_samples(self, trainer: L.Trainer) -> dict[str, Any]:
         if self.samples is None:
@@ -122,97 +174,119 @@ class CamPanels(L.Callback):
             self.samples["name"] = [it["name"] for it in picked]
         return self.samples
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Choose the samples and start the background process while training runs."""
+        if not trainer.is_global_zero or trainer.val_dataloaders is None:
+            return
+        samples = self._fixed_samples(trainer)
+        config = net_config(getattr(pl_module, "net", pl_module))
+        background = self._background(pl_module)
+        log.info(
+            "CAM panels: %s (mode=%s; %d torch threads, %d usable cores, training on %s)",
+            "background process" if background else "inline, in the validation epoch",
+            self.mode,
+            torch.get_num_threads(),
+            usable_cores(),
+            pl_module.device.type,
+        )
+        if background and self._worker is None:
+            if config is None:
+                log.warning(
+                    "CAM panels run inline: the network has no init_kwargs to rebuild it in a "
+                    "background process"
+                )
+                return
+            self._worker = BackgroundExplainer(
+                config, samples, self._settings(trainer), self.worker_threads
+            )
+
+    def _background(self, pl_module: L.LightningModule) -> bool:
+        if self.mode != "auto":
+            return self.mode == "background"
+        return pl_module.device.type != "cpu" or torch.get_num_threads() < usable_cores()
+
     def _due(self, trainer: L.Trainer) -> bool:
         """Validation epochs of fitting only (not the sanity check, not a later ``trainer.validate``)."""
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         return fitting and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._due(trainer):
+        if not (self._due(trainer) and trainer.is_global_zero):
             return
-        scalars = self._explain_and_log(trainer, pl_module) if trainer.is_global_zero else {}
-        for key, value in scalars.items():
-            pl_module.log(key, value, rank_zero_only=True)
+        epoch, step = trainer.current_epoch, logging_step(trainer)
+        if self._worker is not None:
+            net = getattr(pl_module, "net", pl_module)
+            self._log_results(trainer, self._worker.submit(net, epoch, step))
+        else:
+            samples = self._fixed_samples(trainer)
+            result = explain_samples(pl_module, samples, self._settings(trainer), epoch, step)
+            self._log_results(trainer, [result])
 
-    def _explain_and_log(
-        self, trainer: L.Trainer, pl_module: L.LightningModule
-    ) -> dict[str, float]:
-        samples = self._fixed_samples(trainer)
-        device = pl_module.device
-        pre, post, mask = (samples[k].to(device) for k in ("pre", "post", "mask"))
-        exp = explain_batch(pl_module, pre, post, taps=self.taps, target=self.target, label=mask)
-        layers = per_date_layers(exp.taps)
-        deepest = [layer for layer in layers if layer.startswith("enc")][-1:] or layers[-1:]
-        faith = None
-        if self.faithfulness_steps > 0 and deepest:
-            faith = faithfulness(
-                pl_module,
-                pre,
-                post,
-                exp,
-                layer=deepest[0],
-                dates=("both",),
-                steps=self.faithfulness_steps,
-                insertion=False,
-                random_repeats=self.random_repeats,
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self._worker is not None:
+            self._log_results(trainer, self._worker.poll())
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log what is still in flight, then stop the process."""
+        if self._worker is not None:
+            try:
+                self._log_results(trainer, self._worker.wait(0))
+            finally:
+                self._stop_worker()
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        self._stop_worker()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._stop_worker()
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def _log_results(self, trainer: L.Trainer, results: list[CamResult]) -> None:
+        for result in results:
+            log.info(
+                "rank %d wrote %d CAM panels to %s (%.1f s of work)",
+                trainer.global_rank,
+                len(result.names),
+                result.epoch_dir,
+                result.busy_s,
             )
-        exp, mask = exp.to("cpu"), mask.cpu()
-        shares = exp.post_shares()
-        counts = confusion_counts(torch.sigmoid(exp.logits), mask, self.threshold)
-        scores = scores_from_counts(*counts.T)
-        gaps = faith.gap("both") if faith is not None else torch.full((len(exp),), math.nan)
+            scalars = result.scalars()
+            for logger in trainer.loggers:
+                if scalars:
+                    logger.log_metrics(scalars, step=result.step)
+                if isinstance(logger, WandbLogger):
+                    self._log_wandb(logger, result)
 
-        epoch_dir = self.out_dir / f"epoch_{trainer.current_epoch:03d}"
-        panels = []
-        for i, name in enumerate(samples["name"]):
-            panel = render_panel(
-                samples["pre"][i],
-                samples["post"][i],
-                exp,
-                index=i,
-                label=mask[i, 0],
-                faithfulness=faith,
-                threshold=self.threshold,
-                title=name,
-                dpi=self.dpi,
-            )
-            save_panel(panel, epoch_dir / f"{name}.png")
-            panels.append(panel)
-        log.info("rank %d wrote %d CAM panels to %s", trainer.global_rank, len(panels), epoch_dir)
-
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                self._log_wandb(logger, trainer, samples, exp, mask, panels, shares, scores, gaps)
-
-        scalars = {
-            f"val/cam/post_share/{layer}": float(torch.nanmean(share))
-            for layer, share in shares.items()
-        }
-        if deepest:
-            scalars[f"val/cam/faithfulness_gap/{deepest[0]}"] = float(torch.nanmean(gaps))
-        return {k: v for k, v in scalars.items() if not math.isnan(v)}
-
-    def _log_wandb(self, logger, trainer, samples, exp, mask, panels, shares, scores, gaps) -> None:
+    def _log_wandb(self, logger: WandbLogger, result: CamResult) -> None:
         import wandb
 
-        names = samples["name"]
-        prob_mask = (torch.sigmoid(exp.logits[:, 0]) > self.threshold).numpy().astype(np.uint8)
+        samples = self.samples
+        names = result.names
         overlays = [
             wandb.Image(
                 to_rgb(samples["post"][i]),
                 caption=name,
                 masks={
                     "ground_truth": {
-                        "mask_data": to_mask(mask[i, 0]).astype(np.uint8),
+                        "mask_data": to_mask(samples["mask"][i, 0]).astype("uint8"),
                         "class_labels": CLASS_LABELS,
                     },
-                    "prediction": {"mask_data": prob_mask[i], "class_labels": CLASS_LABELS},
+                    "prediction": {
+                        "mask_data": result.predicted[i],
+                        "class_labels": CLASS_LABELS,
+                    },
                 },
             )
             for i, name in enumerate(names)
         ]
-        images = [wandb.Image(p, caption=n) for p, n in zip(panels, names, strict=True)]
-        layers = list(shares)
+        images = [wandb.Image(p, caption=n) for p, n in zip(result.panels, names, strict=True)]
+        layers = list(result.shares)
         columns = [
             "name",
             "panel",
@@ -226,11 +300,11 @@ class CamPanels(L.Callback):
             [
                 name,
                 images[i],
-                *[float(shares[layer][i]) for layer in layers],
-                float(scores["f1"][i]),
-                float(scores["iou"][i]),
-                float(exp.score[i]),
-                float(gaps[i]),
+                *[result.shares[layer][i] for layer in layers],
+                result.f1[i],
+                result.iou[i],
+                result.target_score[i],
+                result.gap[i],
             ]
             for i, name in enumerate(names)
         ]
@@ -239,6 +313,6 @@ class CamPanels(L.Callback):
                 "val/cam/panels": images,
                 "val/cam/overlays": overlays,
                 "val/cam/table": wandb.Table(columns=columns, data=rows),
-                "trainer/global_step": trainer.global_step,
+                "trainer/global_step": result.step,
             }
         )

@@ -1,0 +1,307 @@
+"""The work behind the CAM panels, inline or in a background process.
+
+:func:`explain_samples` explains the fixed samples with one network state, computes the
+faithfulness gap, renders and writes the panels: everything the :class:`CamPanels` callback
+shows. :class:`BackgroundExplainer` runs it in a spawned CPU process on snapshots of the
+weights, so a validation epoch only pays for copying the weights; results come back to be
+logged by the training process, with the step of the epoch they belong to.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+import traceback
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from changecam.explain import Target, TargetKind, explain_batch, faithfulness, per_date_layers
+from changecam.explain.render import render_panel, save_panel
+from changecam.metrics import confusion_counts, scores_from_counts
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0  # how often a waiting side checks that the other one is still alive
+
+
+@dataclass(frozen=True)
+class CamSettings:
+    """What to explain and draw (see :class:`~changecam.callbacks.cam_panels.CamPanels`)."""
+
+    out_dir: Path
+    taps: Sequence[str] | None = None
+    target: TargetKind = "predicted"
+    threshold: float = 0.5
+    faithfulness_steps: int = 5
+    random_repeats: int = 1
+    dpi: int = 50
+    return_panels: bool = True  # send the panel pictures back (only W&B needs them)
+
+
+@dataclass
+class CamResult:
+    """One epoch's explanation of the fixed samples (plain CPU data, cheap to send)."""
+
+    epoch: int
+    step: int
+    names: list[str]
+    epoch_dir: Path
+    shares: dict[str, list[float]]  # per-date layer -> post share of each sample
+    f1: list[float]
+    iou: list[float]
+    target_score: list[float]
+    gap_layer: str | None  # the deepest encoder layer, whose faithfulness gap is given
+    gap: list[float]
+    predicted: np.ndarray  # k×H×W uint8 predicted change
+    panels: list[np.ndarray] = field(default_factory=list)  # uint8 RGB, if asked for
+    busy_s: float = 0.0
+
+    def scalars(self) -> dict[str, float]:
+        """Means over the samples: ``val/cam/post_share/<layer>`` and the faithfulness gap."""
+        out = {f"val/cam/post_share/{layer}": _nanmean(v) for layer, v in self.shares.items()}
+        if self.gap_layer is not None:
+            out[f"val/cam/faithfulness_gap/{self.gap_layer}"] = _nanmean(self.gap)
+        return {k: v for k, v in out.items() if not math.isnan(v)}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def explain_samples(
+    model: nn.Module,
+    samples: dict[str, Any],
+    settings: CamSettings,
+    epoch: int,
+    step: int,
+) -> CamResult:
+    """Explain, score and draw the fixed samples; write their panels to ``epoch_<NNN>/``.
+
+    Args:
+        model: ``model(pre, post) -> logits`` with taps (a network or a LightningModule).
+        samples: ``pre``, ``post`` (k×C×H×W), ``mask`` (k×1×H×W) tensors and their ``name`` list.
+        settings: what to explain and draw.
+        epoch: the validation epoch (names the folder).
+        step: the global step of that epoch (carried to the logs).
+    """
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    pre, post, mask = (samples[k].to(device) for k in ("pre", "post", "mask"))
+    target = Target(settings.target, settings.threshold)
+    exp = explain_batch(model, pre, post, taps=settings.taps, target=target, label=mask)
+    layers = per_date_layers(exp.taps)
+    deepest = ([layer for layer in layers if layer.startswith("enc")] or layers)[-1:]
+    faith = None
+    if settings.faithfulness_steps > 0 and deepest:
+        faith = faithfulness(
+            model,
+            pre,
+            post,
+            exp,
+            layer=deepest[0],
+            dates=("both",),
+            steps=settings.faithfulness_steps,
+            insertion=False,
+            random_repeats=settings.random_repeats,
+        )
+    exp, mask = exp.to("cpu"), mask.cpu()
+    probs = torch.sigmoid(exp.logits)
+    scores = scores_from_counts(*confusion_counts(probs, mask, settings.threshold).T)
+    gaps = faith.gap("both") if faith is not None else torch.full((len(exp),), math.nan)
+
+    epoch_dir = Path(settings.out_dir) / f"epoch_{epoch:03d}"
+    panels = []
+    for i, name in enumerate(samples["name"]):
+        panel = render_panel(
+            samples["pre"][i],
+            samples["post"][i],
+            exp,
+            index=i,
+            label=mask[i, 0],
+            faithfulness=faith,
+            threshold=settings.threshold,
+            title=name,
+            dpi=settings.dpi,
+        )
+        save_panel(panel, epoch_dir / f"{name}.png")
+        panels.append(panel)
+    return CamResult(
+        epoch=epoch,
+        step=step,
+        names=list(samples["name"]),
+        epoch_dir=epoch_dir,
+        shares={layer: v.tolist() for layer, v in exp.post_shares().items()},
+        f1=scores["f1"].tolist(),
+        iou=scores["iou"].tolist(),
+        target_score=exp.score.float().tolist(),
+        gap_layer=deepest[0] if faith is not None else None,
+        gap=gaps.tolist(),
+        predicted=(probs[:, 0] > settings.threshold).numpy().astype(np.uint8),
+        panels=panels if settings.return_panels else [],
+        busy_s=time.perf_counter() - start,
+    )
+
+
+def weights_snapshot(net: nn.Module) -> dict[str, Tensor]:
+    """A CPU copy of ``net``'s state dict that later training steps do not change."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+
+
+class CamWorkerError(RuntimeError):
+    """The background CAM-panel process failed or died."""
+
+
+class BackgroundExplainer:
+    """A spawned CPU process running :func:`explain_samples` on weight snapshots.
+
+    At most one job is in flight: :meth:`submit` first waits for the previous one, so a worker
+    slower than a training epoch delays the next validation epoch instead of piling up
+    snapshots. Failures in the process are raised here as :class:`CamWorkerError`.
+
+    Args:
+        net_config: Hydra-instantiable description of the network (``_target_`` + arguments).
+        samples: the fixed samples (CPU tensors and names).
+        settings: what to explain and draw.
+        threads: torch threads of the process.
+    """
+
+    def __init__(
+        self,
+        net_config: dict[str, Any],
+        samples: dict[str, Any],
+        settings: CamSettings,
+        threads: int = 1,
+    ) -> None:
+        ctx = mp.get_context("spawn")  # fork is unsafe with OpenMP and CUDA in the parent
+        self._jobs = ctx.Queue()
+        self._results = ctx.Queue()
+        self._outstanding = 0
+        self._process = ctx.Process(
+            target=_worker_main,
+            args=(net_config, samples, settings, threads, self._jobs, self._results),
+            name="changecam-cam-panels",
+            daemon=True,
+        )
+        # spawn re-runs the parent's __main__ (e.g. train.py and all it imports, seconds) in the
+        # child unless __main__ is a bare module; the worker's code lives in this package.
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            self._process.start()
+        finally:
+            sys.modules["__main__"] = main
+        _yield_to_training(self._process.pid)  # now, not after the child's imports (seconds)
+
+    def submit(self, net: nn.Module, epoch: int, step: int) -> list[CamResult]:
+        """Wait for the previous job, then queue one for ``net``'s current weights.
+
+        Returns:
+            the results that arrived meanwhile.
+        """
+        done = self.wait(0)
+        self._jobs.put((epoch, step, weights_snapshot(net)))
+        self._outstanding += 1
+        return done
+
+    def poll(self) -> list[CamResult]:
+        """The results that have arrived (never blocks)."""
+        return self._collect(block=False)
+
+    def wait(self, max_outstanding: int = 0) -> list[CamResult]:
+        """Block until at most ``max_outstanding`` jobs are in flight; their results."""
+        done = []
+        while self._outstanding > max_outstanding:
+            done += self._collect(block=True)
+        return done + self._collect(block=False)
+
+    def _collect(self, block: bool) -> list[CamResult]:
+        done = []
+        while self._outstanding:
+            try:
+                kind, payload = self._results.get(block=block, timeout=POLL_S if block else None)
+            except queue.Empty:
+                if not block:
+                    break
+                if not self._process.is_alive():
+                    raise CamWorkerError(
+                        f"the CAM panel process died (exit code {self._process.exitcode}) "
+                        "with a job in flight"
+                    ) from None
+                continue
+            self._outstanding -= 1
+            if kind == "error":
+                raise CamWorkerError(f"the CAM panel process failed:\n{payload}")
+            done.append(payload)
+            block = False  # one result is enough to return; take the rest only if ready
+        return done
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the process (pending jobs are dropped)."""
+        if self._process.is_alive():
+            self._jobs.put(None)
+            self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout)
+        self._jobs.cancel_join_thread()
+        self._results.cancel_join_thread()
+
+
+def _yield_to_training(pid: int = 0) -> None:
+    """Let process ``pid`` (0: this one) run only on CPU time that training leaves idle.
+
+    Competing for a core would make training slower than doing the work inline: its parallel
+    ops wait for their slowest thread. SCHED_IDLE (Linux) or the lowest priority elsewhere.
+    """
+    try:
+        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, 19)
+        except (AttributeError, OSError):
+            pass
+
+
+def _worker_main(
+    net_config: dict[str, Any],
+    samples: dict[str, Any],
+    settings: CamSettings,
+    threads: int,
+    jobs: mp.Queue,
+    results: mp.Queue,
+) -> None:
+    """Process body: build the network once, then explain each snapshot until ``None``."""
+    _yield_to_training()
+    torch.set_num_threads(threads)
+    from hydra.utils import instantiate
+
+    net = instantiate(net_config)
+    parent = mp.parent_process()
+    while True:
+        try:
+            job = jobs.get(timeout=POLL_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return  # the training process is gone (e.g. killed): do not linger
+            continue
+        if job is None:
+            return
+        epoch, step, state = job
+        try:
+            net.load_state_dict(state)
+            results.put(("ok", explain_samples(net, samples, settings, epoch, step)))
+        except Exception:
+            results.put(("error", f"epoch {epoch}: {traceback.format_exc()}"))
