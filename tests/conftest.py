@@ -79,20 +79,39 @@ def tiny_overrides(synthetic_root: Path) -> list[str]:
     ]
 
 
-def run_train_cli(args: list[str], cwd: Path, timeout: float = 600):
-    """Run ``train.py`` in a fresh interpreter (one torch thread) and require it to succeed."""
+def run_script(
+    script: str,
+    args: list[str],
+    cwd: Path,
+    timeout: float = 600,
+    *,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+):
+    """Run one of the repository's scripts (``train.py``, ``eval.py``, ...) in a fresh
+    interpreter with one torch thread; with ``check``, require it to succeed.
+
+    Args:
+        script: file name in the repository root.
+        args: its command-line arguments (Hydra overrides).
+        cwd: working directory.
+        timeout: seconds before the run counts as hung.
+        check: assert a zero exit status (showing the end of the output otherwise).
+        env: extra environment variables (e.g. ``HYDRA_FULL_ERROR=0`` for error-message tests).
+    """
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    env.pop("CHANGECAM_ROOT", None)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
+    full_env.pop("CHANGECAM_ROOT", None)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
+        [sys.executable, str(REPO / script), *args],
         cwd=cwd,
-        env=env,
+        env=full_env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    if check:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc

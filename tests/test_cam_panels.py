@@ -23,7 +23,7 @@ from changecam.callbacks.cam_worker import (
 from changecam.models import SiameseUNet
 from changecam.module import net_config
 from changecam.train import train
-from conftest import REPO, compose_train, tiny_overrides
+from conftest import compose_train, run_script, tiny_overrides
 from wandb_offline import history
 
 K = 3
@@ -224,14 +224,7 @@ def test_ddp_writes_panels_once(tmp_path, tiny_synthetic):
         f"hydra.run.dir={tmp_path / 'run'}",
         "print_config=false",
     ]
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script("train.py", args, cwd=tmp_path)
     out = proc.stdout + proc.stderr
     writes = [line for line in out.splitlines() if "CAM panels to" in line]
     assert len(writes) == 2 and all("rank 0 wrote" in line for line in writes), writes

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from changecam.checkpoint import load_network
 from changecam.metrics import SCORE_NAMES
-from conftest import compose_train, run_train_cli, tiny_overrides
+from conftest import compose_train, run_script, tiny_overrides
 
 
 def ddp_overrides(synthetic: Path) -> list[str]:
@@ -49,7 +49,7 @@ def evaluate_single_process(cfg, ckpt: Path) -> dict[str, float]:
 @pytest.mark.slow
 def test_ddp_cpu_pooled_metrics_equal_single_process(tmp_path, tiny_synthetic):
     overrides = ddp_overrides(tiny_synthetic)
-    run_train_cli([*overrides, "trainer=ddp_cpu"], cwd=tmp_path)
+    run_script("train.py", [*overrides, "trainer=ddp_cpu"], cwd=tmp_path)
 
     runs = list((tmp_path / "outputs" / "quickstart" / "runs").iterdir())
     assert len(runs) == 1, runs  # rank 1 re-runs the script but shares rank 0's folder
@@ -78,7 +78,8 @@ def test_ddp_inside_a_multirun_reruns_only_its_job(tmp_path, tiny_synthetic):
     """Lightning re-runs the command line for rank 1; in a sweep that must be this job only,
     in this job's folder. The sweep folder's name has microseconds in it, so a rank that
     composed the sweep again would make a folder of its own."""
-    run_train_cli(
+    run_script(
+        "train.py",
         [
             "-m",
             *ddp_overrides(tiny_synthetic),

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from changecam.explain.main import explain
 from changecam.explain.pipeline import ExplainSettings, explain_pair, pad_to_multiple
 from changecam.models import SiameseUNet
 from changecam.module import net_config
-from conftest import REPO, compose_train
+from conftest import REPO, compose_train, run_script
 
 FAST = ["explain.faithfulness.steps=2", "explain.dpi=30", "device=cpu"]
 
@@ -97,9 +95,7 @@ def test_folder_mode_writes_panels_maps_and_json(tmp_path, tiny_ckpt, pair_dir):
 def test_single_pair_through_the_shim(tmp_path, tiny_ckpt, pair_dir):
     name = sorted(p.name for p in (pair_dir / "A").iterdir())[1]
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "explain.py",
+    args = [
         f"ckpt_path={tiny_ckpt}",
         f"input.pre={pair_dir / 'A' / name}",
         f"input.post={pair_dir / 'B' / name}",
@@ -108,8 +104,7 @@ def test_single_pair_through_the_shim(tmp_path, tiny_ckpt, pair_dir):
         f"hydra.run.dir={out}",
         *FAST,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_script("explain.py", args, cwd=REPO, timeout=120)
     assert "explained 1 pair(s)" in proc.stdout and "explain: 100%" in proc.stderr  # progress bar
     report = json.loads((out / "explanations.json").read_text())
     assert report["taps"] == ["pre/enc2", "post/enc2", "head_in"]

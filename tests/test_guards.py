@@ -4,9 +4,6 @@ values fail at start with the allowed values; device switches work or say why no
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import time
 from typing import Literal
 
@@ -20,7 +17,7 @@ from changecam.config_checks import ConfigError, check_device, check_value
 from changecam.models import SiameseUNet
 from changecam.module import ChangeDetectionModule, NonFiniteLossError
 from changecam.train import train
-from conftest import REPO, compose_train, tiny_overrides
+from conftest import compose_train, run_script, tiny_overrides
 
 
 def tiny(synthetic) -> list[str]:
@@ -92,19 +89,13 @@ def test_invalid_config_fails_at_start_with_allowed_values(
 
 def test_all_errors_are_listed_together_on_the_command_line(tmp_path):
     start = time.monotonic()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "train.py"),
-            "experiment=quickstart",
-            "model.fusion=dif",
-            "module.loss=dice2",
-        ],
+    proc = run_script(
+        "train.py",
+        ["experiment=quickstart", "model.fusion=dif", "module.loss=dice2"],
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
         timeout=120,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"},
+        check=False,
+        env={"HYDRA_FULL_ERROR": "0"},
     )
     assert proc.returncode != 0
     assert "model.fusion='dif' is not allowed" in proc.stderr

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -20,7 +17,7 @@ from changecam.data.io import read_image, write_png
 from changecam.data.transforms import image_to_tensor
 from changecam.inference import SlidingWindow, sliding_window_logits
 from changecam.predict import PredictionError, encode_probability, predict, read_probability
-from conftest import REPO, compose_train
+from conftest import compose_train, run_script
 from test_checkpoint import make_lightning_checkpoint
 
 FAST = [
@@ -205,10 +202,9 @@ def test_predict_cli_single_pair(tmp_path, ckpt, samples_dir):
     shutil.copy(samples_dir / "A" / "test_2_0000_0000.png", tmp_path / "before.png")
     shutil.copy(samples_dir / "B" / "test_2_0000_0000.png", tmp_path / "after.png")
     run = tmp_path / "cli_run"
-    proc = subprocess.run(
+    proc = run_script(
+        "predict.py",
         [
-            sys.executable,
-            str(REPO / "predict.py"),
             f"ckpt_path={ckpt}",
             f"input.pre={tmp_path / 'before.png'}",
             f"input.post={tmp_path / 'after.png'}",
@@ -216,12 +212,8 @@ def test_predict_cli_single_pair(tmp_path, ckpt, samples_dir):
             f"hydra.run.dir={run}",
         ],
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "predict: 100%" in proc.stderr, "a progress bar over pairs"
     report = json.loads((run / "predictions.json").read_text())
     assert [p["name"] for p in report["pairs"]] == ["before"]

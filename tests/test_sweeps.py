@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from changecam.train import optimized_value
-from conftest import compose_train, run_train_cli, tiny_overrides
+from conftest import compose_train, run_script, tiny_overrides
 
 
 def tiny(synthetic: Path) -> list[str]:
@@ -30,7 +30,8 @@ def tiny(synthetic: Path) -> list[str]:
 @pytest.mark.slow
 def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny_synthetic):
     sweep = tmp_path / "sweep"
-    run_train_cli(
+    run_script(
+        "train.py",
         [
             "-m",
             "hydra/launcher=joblib",
@@ -57,7 +58,8 @@ def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny
 
 def test_optuna_search_stores_its_study_in_the_sweep_dir(tmp_path, tiny_synthetic):
     sweep = tmp_path / "sweep"
-    run_train_cli(
+    run_script(
+        "train.py",
         [
             "hparams_search=optuna",
             "hydra.sweeper.n_trials=2",
@@ -92,7 +94,7 @@ def test_slurm_launcher_config_composes_without_a_cluster(tmp_path):
         "hydra.launcher.partition=gpu",
         "hydra.launcher.timeout_min=90",
     ]
-    proc = run_train_cli([*overrides, "--cfg", "job"], cwd=tmp_path, timeout=120)
+    proc = run_script("train.py", [*overrides, "--cfg", "job"], cwd=tmp_path, timeout=120)
     assert "strategy: ddp" in proc.stdout
     cfg = compose_train(tmp_path, overrides)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
