@@ -179,7 +179,6 @@ class CamPanels(L.Callback):
         if not trainer.is_global_zero or trainer.val_dataloaders is None:
             return
         samples = self._fixed_samples(trainer)
-        config = net_config(getattr(pl_module, "net", pl_module))
         background = self._background(pl_module)
         log.info(
             "CAM panels: %s (mode=%s; %d torch threads, %d usable cores, training on %s)",
@@ -190,6 +189,7 @@ class CamPanels(L.Callback):
             pl_module.device.type,
         )
         if background and self._worker is None:
+            config = net_config(getattr(pl_module, "net", pl_module))
             if config is None:
                 log.warning(
                     "CAM panels run inline: the network has no init_kwargs to rebuild it in a "
