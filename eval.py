@@ -1,6 +1,6 @@
-"""Thin shim: ``python eval.py ckpt_path=<best.ckpt> data=synthetic``; see src/changecam/evaluate.py."""
+"""Thin shim: ``python eval.py ckpt_path=<best.ckpt> data=synthetic``; see src/changecam/cli/evaluate.py."""
 
-from changecam.evaluate import main
+from changecam.cli.evaluate import main
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,6 @@
-"""Thin shim: ``python train.py experiment=quickstart``; see src/changecam/train.py."""
+"""Thin shim: ``python train.py experiment=quickstart``; see src/changecam/cli/train.py."""
 
-from changecam.train import main
+from changecam.cli.train import main
 
 if __name__ == "__main__":
     main()

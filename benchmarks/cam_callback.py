@@ -29,10 +29,10 @@ import lightning as L
 import torch
 from common import emit, machine, median
 
-from changecam.callbacks.cam_panels import CamPanels, usable_cores
 from changecam.data import ChangeDetectionDataModule, SyntheticSpec
 from changecam.models import SiameseUNet
-from changecam.module import ChangeDetectionModule
+from changecam.training.callbacks.cam_panels import CamPanels, usable_cores
+from changecam.training.module import ChangeDetectionModule
 
 
 class EpochTimer(L.Callback):

@@ -68,7 +68,7 @@ def quickstart_config(tmp: Path, overrides: list[str]) -> DictConfig:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from changecam.utils import CONF_DIR
+    from changecam.cli.common import CONF_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

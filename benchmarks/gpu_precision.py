@@ -29,7 +29,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from changecam.utils import CONF_DIR
+from changecam.cli.common import CONF_DIR
 
 SEED = 1234
 TINY = [

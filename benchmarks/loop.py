@@ -53,7 +53,7 @@ from common import TINY_QUICKSTART, emit, machine, quickstart_config
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary, ProgressBar
 from omegaconf import DictConfig
 
-from changecam.utils import close_wandb
+from changecam.cli.common import close_wandb
 
 SEED = 1234
 # The overhead probe: 32² tiles of 12 (val: 3) quickstart images, unaugmented, through a

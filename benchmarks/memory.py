@@ -54,7 +54,7 @@ def baseline() -> None:
     import torch  # noqa: F401
 
     import changecam.data  # noqa: F401
-    import changecam.inference  # noqa: F401
+    import changecam.models.sliding_window  # noqa: F401
 
 
 def predict(ckpt: Path, pre: Path, post: Path, out: Path, *overrides: str) -> list[str]:

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from changecam.data.synthetic import SyntheticSpec, generate  # noqa: E402
-from changecam.utils import CONF_DIR  # noqa: E402
+from changecam.cli.common import CONF_DIR  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(
@@ -69,8 +69,8 @@ def tiny_overrides(synthetic_root: Path) -> list[str]:
         "data.batch_size=4",
         "data.eval_batch_size=4",
         "data.num_workers=0",
-        "model.base_channels=4",
-        "model.depth=2",
+        "++model.base_channels=4",
+        "++model.depth=2",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",

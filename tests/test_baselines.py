@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from changecam.baselines import f1_per_threshold, naive_baseline
+from changecam.evaluation.baselines import f1_per_threshold, naive_baseline
 from changecam.data.synthetic import SyntheticSpec, generate
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,21 +13,29 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from changecam.callbacks import cam_panels
-from changecam.callbacks.cam_panels import CamPanels, select_samples
-from changecam.callbacks.cam_worker import (
+from changecam.training.callbacks import cam_panels
+from changecam.explain import FaithfulnessSettings
+from changecam.training.callbacks.cam_panels import DEFAULT_EXPLAIN, CamPanels, select_samples
+from changecam.training.callbacks.cam_worker import (
     BackgroundExplainer,
-    CamSettings,
     CamWorkerError,
     explain_samples,
 )
 from changecam.models import SiameseUNet
-from changecam.module import net_config
-from changecam.train import train
+from changecam.cli.train import train
 from conftest import compose_train, run_script, tiny_overrides
 from wandb_offline import history
 
 K = 3
+
+
+def cam_settings(steps: int, dpi: int):
+    """The callback's default settings with a shorter curve and smaller panels."""
+    return replace(
+        DEFAULT_EXPLAIN,
+        dpi=dpi,
+        faithfulness=FaithfulnessSettings(steps=steps, dates=("both",)),
+    )
 
 
 def test_select_samples_is_fixed_and_includes_change():
@@ -76,11 +85,9 @@ def test_background_explains_a_snapshot_like_inline_and_raises_its_failures(tmp_
     torch.manual_seed(0)
     net = SiameseUNet(3, 4, 2)
     samples = tiny_samples()
-    settings = CamSettings(tmp_path / "bg", faithfulness_steps=2, dpi=30)
-    expected = explain_samples(
-        net, samples, CamSettings(tmp_path / "in", faithfulness_steps=2, dpi=30), 3, 17
-    )
-    worker = BackgroundExplainer(net_config(net), samples, settings)
+    settings = cam_settings(steps=2, dpi=30)
+    expected = explain_samples(net, samples, settings, tmp_path / "in", 3, 17)
+    worker = BackgroundExplainer(net.config(), samples, settings, tmp_path / "bg")
     try:
         assert worker.submit(net, epoch=3, step=17) == []
         with torch.no_grad():  # training goes on: the queued job must keep the old weights
@@ -111,7 +118,7 @@ def test_background_explains_a_snapshot_like_inline_and_raises_its_failures(tmp_
 
 def test_a_dead_background_process_is_reported(tmp_path):
     net = SiameseUNet(3, 4, 2)
-    worker = BackgroundExplainer(net_config(net), tiny_samples(), CamSettings(tmp_path))
+    worker = BackgroundExplainer(net.config(), tiny_samples(), DEFAULT_EXPLAIN, tmp_path)
     try:
         worker.submit(net, epoch=0, step=0)
         worker._process.kill()
@@ -123,13 +130,13 @@ def test_a_dead_background_process_is_reported(tmp_path):
 
 ORPHAN = """
 import sys, torch
-from changecam.callbacks.cam_worker import BackgroundExplainer, CamSettings
+from changecam.training.callbacks.cam_panels import DEFAULT_EXPLAIN
+from changecam.training.callbacks.cam_worker import BackgroundExplainer
 from changecam.models import SiameseUNet
-from changecam.module import net_config
 net = SiameseUNet(3, 4, 2)
 samples = {"pre": torch.rand(1, 3, 32, 32), "post": torch.rand(1, 3, 32, 32),
            "mask": torch.zeros(1, 1, 32, 32), "name": ["a"]}
-worker = BackgroundExplainer(net_config(net), samples, CamSettings(sys.argv[1]))
+worker = BackgroundExplainer(net.config(), samples, DEFAULT_EXPLAIN, sys.argv[1])
 print(worker._process.pid, flush=True)
 sys.stdin.read()
 """

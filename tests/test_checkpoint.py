@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from changecam.checkpoint import (
+from changecam.training.checkpoint import (
     CheckpointError,
     format_suggestion,
     load_network,
@@ -21,8 +21,8 @@ from changecam.checkpoint import (
 )
 from changecam.data import ChangeDetectionDataModule
 from changecam.models import SiameseUNet
-from changecam.module import ChangeDetectionModule
-from changecam.utils import CONF_DIR
+from changecam.training.module import ChangeDetectionModule
+from changecam.cli.common import CONF_DIR
 
 NET = "changecam.models.SiameseUNet"
 

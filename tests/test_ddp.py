@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from changecam.checkpoint import load_network
+from changecam.training.checkpoint import load_network
 from changecam.metrics import SCORE_NAMES
 from conftest import compose_train, run_script, tiny_overrides
 

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from changecam.data.io import write_png
-from changecam.evaluate import evaluate, explain_whole, image_scores, mean_of_group_scores
+from changecam.cli.evaluate import evaluate
+from changecam.evaluation.per_image import (
+    image_scores,
+    mean_of_group_scores,
+    whole_image_post_share,
+)
 from changecam.models import SiameseUNet
 from conftest import compose_train, run_script
 from test_checkpoint import make_lightning_checkpoint
@@ -243,7 +248,7 @@ def test_post_share_of_whole_images_of_odd_size():
     pre = torch.zeros(1, 3, 33, 31)
     post = torch.zeros(1, 3, 33, 31)
     post[0, 0, 30:, 25:] = 1.0  # predicted change touching the bottom-right (padded) border
-    share = explain_whole(red_detector(), pre, post, "enc1", threshold=0.5)
+    share = whole_image_post_share(red_detector(), pre, post, "enc1", threshold=0.5)
     assert share.shape == (1,) and share.item() == pytest.approx(1.0)
-    empty = explain_whole(red_detector(), pre, pre, "enc1", threshold=0.5)
+    empty = whole_image_post_share(red_detector(), pre, pre, "enc1", threshold=0.5)
     assert math.isnan(empty.item())

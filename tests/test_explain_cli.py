@@ -12,10 +12,14 @@ import torch
 
 from changecam.data.io import read_image, read_label, write_png
 from changecam.explain import TapError
-from changecam.explain.main import explain
-from changecam.explain.pipeline import ExplainSettings, explain_pair, pad_to_multiple
+from changecam.cli.explain import explain
+from changecam.explain.runner import (
+    ExplainSettings,
+    FaithfulnessSettings,
+    explain_pair,
+    pad_to_multiple,
+)
 from changecam.models import SiameseUNet
-from changecam.module import net_config
 from conftest import REPO, compose_train, run_script
 
 FAST = ["explain.faithfulness.steps=2", "explain.dpi=30", "device=cpu"]
@@ -28,7 +32,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     net = SiameseUNet(3, 4, 2, "diff", shared_encoder=True)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "net_config": net_config(net)}, path)
+    torch.save({"state_dict": state, "net_config": net.config()}, path)
     return path
 
 
@@ -160,7 +164,9 @@ def test_pipeline_padding_keeps_the_target_inside_the_image():
     pre, post = rng.integers(0, 255, (2, 21, 13, 3), dtype=np.uint8)
     roi = np.zeros((21, 13), np.uint8)
     roi[15:, 5:] = 1  # touches the bottom/right border, next to the padding
-    settings = ExplainSettings(target="roi", steps=2, dates=("post",), dpi=20)
+    settings = ExplainSettings(
+        target="roi", dpi=20, faithfulness=FaithfulnessSettings(steps=2, dates=("post",))
+    )
     result = explain_pair(net, pre, post, roi=roi, settings=settings)
     assert list(result.faithfulness.curves["deletion"]) == ["both", "post"]
     exp = result.explanation

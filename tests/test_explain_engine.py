@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from changecam.explain import TapError, Target, explain_batch, target_mask, target_score
 from changecam.explain.hirescam import upsample_maps
 from changecam.models import SiameseUNet, Tap, find_taps
-from changecam.module import ChangeDetectionModule
+from changecam.training.module import ChangeDetectionModule
 
 
 def tiny_net(fusion: str = "concat", shared: bool = True, seed: int = 0) -> SiameseUNet:

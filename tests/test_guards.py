@@ -13,10 +13,10 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from torch.utils.data import DataLoader
 
-from changecam.config_checks import ConfigError, check_device, check_value
+from changecam.cli.config_checks import ConfigError, check_device, check_value
 from changecam.models import SiameseUNet
-from changecam.module import ChangeDetectionModule, NonFiniteLossError
-from changecam.train import train
+from changecam.training.module import ChangeDetectionModule, NonFiniteLossError
+from changecam.cli.train import train
 from conftest import compose_train, run_script, tiny_overrides
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from changecam.inference import (
+from changecam.models.sliding_window import (
     SlidingWindow,
     SlidingWindowNet,
     blend_weight,

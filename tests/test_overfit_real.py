@@ -8,7 +8,7 @@ from changecam.data.dataset import ChangeDetectionDataset
 from changecam.data.layout import find_triplets
 from changecam.metrics import ChangeScores
 from changecam.models import SiameseUNet
-from changecam.module import dice_loss
+from changecam.training.module import dice_loss
 
 
 def test_real_samples_load(samples_dir):

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import changecam.predict as predict_module
-from changecam.checkpoint import load_network
+import changecam.cli.predict as predict_module
+from changecam.training.checkpoint import load_network
 from changecam.data.io import read_image, write_png
 from changecam.data.transforms import image_to_tensor
-from changecam.inference import SlidingWindow, sliding_window_logits
-from changecam.predict import PredictionError, encode_probability, predict, read_probability
+from changecam.models.sliding_window import SlidingWindow, sliding_window_logits
+from changecam.cli.predict import PredictionError, encode_probability, predict, read_probability
 from conftest import compose_train, run_script
 from test_checkpoint import make_lightning_checkpoint
 

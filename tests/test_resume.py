@@ -15,8 +15,8 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from changecam.checkpoint_io import AtomicCheckpointIO
-from changecam.train import train
+from changecam.training.checkpoint_io import AtomicCheckpointIO
+from changecam.cli.train import train
 from conftest import REPO, compose_train, tiny_overrides
 
 EPOCHS = 2
@@ -168,7 +168,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_synt
 
 SAVER = """
 import sys, time, torch
-from changecam.checkpoint_io import AtomicCheckpointIO
+from changecam.training.checkpoint_io import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), sys.argv[1]
 i = 0
 while True:

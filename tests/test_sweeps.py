@@ -12,7 +12,7 @@ import yaml
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from changecam.train import optimized_value
+from changecam.cli.train import optimized_value
 from conftest import compose_train, run_script, tiny_overrides
 
 

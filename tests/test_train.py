@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from changecam.train import train
+from changecam.cli.train import train
 from conftest import REPO, compose_train, run_script, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -39,8 +39,8 @@ def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, samples_dir, ex
         overrides += [f"data.root={samples_dir}", "data.layout=auto", "data.patch_size=64"]
     if experiment == "siamese_unet_seed":
         overrides += [
-            "model.base_channels=64",
-            "model.depth=4",
+            "++model.base_channels=64",
+            "++model.depth=4",
             "data.batch_size=1",
             "data.eval_batch_size=1",
         ]

@@ -7,6 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from changecam.atomic import write_bytes
+
 cv2.setNumThreads(0)  # decoding runs inside DataLoader workers; no nested thread pools
 
 
@@ -73,14 +75,14 @@ def read_label(path: str | Path) -> np.ndarray:
 
 
 def write_png(path: str | Path, array: np.ndarray) -> None:
-    """Write uint8 RGB (``H x W x 3``) or single-band (``H x W``) data to a PNG file."""
+    """Write uint8 RGB (``H x W x 3``), single-band (``H x W``) or 16-bit single-band data to a
+    PNG file, atomically (:mod:`changecam.atomic`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = array[..., ::-1] if array.ndim == 3 else array
-    tmp = path.with_name(path.name + ".tmp.png")
-    if not cv2.imwrite(str(tmp), np.ascontiguousarray(data)):
-        raise OSError(f"could not write {path}")
-    tmp.replace(path)
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(data))
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG ({array.dtype} {array.shape})")
+    write_bytes(path, encoded.tobytes())
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from changecam.atomic import atomic_directory, write_text
 from changecam.data.io import write_png
 
 SPEC_FILE = "synthetic_spec.json"
@@ -211,20 +212,17 @@ def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
             f"{root} exists and holds files not written by the synthetic generator; "
             "choose another data.root for data=synthetic"
         )
-    tmp = root.with_name(f".{root.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for split in ("train", "val", "test"):
-        for n in range(getattr(spec, split)):
-            pre, post, label = generate_pair(spec, split, n)
-            name = f"{split}_{n + 1}.png"
-            write_png(tmp / split / "A" / name, pre)
-            write_png(tmp / split / "B" / name, post)
-            write_png(tmp / split / "label" / name, label * 255)
-    (tmp / SPEC_FILE).write_text(json.dumps(record, indent=2))
     if root.exists():
-        root.rmdir()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(root)
+        root.rmdir()  # empty (checked above)
+    with atomic_directory(root) as tmp:
+        for split in ("train", "val", "test"):
+            for n in range(getattr(spec, split)):
+                pre, post, label = generate_pair(spec, split, n)
+                name = f"{split}_{n + 1}.png"
+                write_png(tmp / split / "A" / name, pre)
+                write_png(tmp / split / "B" / name, post)
+                write_png(tmp / split / "label" / name, label * 255)
+        write_text(tmp / SPEC_FILE, json.dumps(record, indent=2))
     return root
 
 

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+import torch
 
-import albumentations as A  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+
+def _albumentations() -> ModuleType:
+    """albumentations, imported on first use with its network update check off (it would
+    query PyPI at import otherwise)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+
+    return albumentations
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -54,6 +61,7 @@ class PairTransform:
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.augment.{key}={value} must be a probability in [0, 1]")
+        A = _albumentations()  # noqa: N806 (the library's usual alias)
         self.geometry = A.Compose(
             [
                 A.HorizontalFlip(p=self.hflip),

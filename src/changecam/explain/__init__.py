@@ -1,6 +1,7 @@
 """Explanations of change detectors: HiResCAM and Grad-CAM per date, in one pass.
 
-Public entry points (import them from here); definitions in ``DESIGN.md`` ("Explanations"):
+Public entry points (import them from here); definitions in ``docs/design.md``
+("Explanations"):
 
 * :func:`explain_batch` ``(model, pre, post, taps=..., target=..., methods=...) -> Explanation``:
   one forward + one backward; every tap, both dates, HiResCAM and Grad-CAM. Works inside a
@@ -17,10 +18,14 @@ Public entry points (import them from here); definitions in ``DESIGN.md`` ("Expl
   ``(AUC_random − AUC_cam) / |S(0)|`` (positive: better than random; ``date="both"`` by default).
 * :func:`render_panel` ``(pre, post, explanation, index=..., label=...) -> np.ndarray`` (the 2×4
   panel, uint8 RGB) and :func:`save_panel` (PNG).
-* :func:`explain_pair` ``(model, pre_uint8, post_uint8, label=..., settings=ExplainSettings())
-  -> PairExplanation``: one pair end to end (padding for any size, explanation, faithfulness,
-  panel; ``.summary()`` for JSON, ``.save(run_dir)`` for ``panels/`` and ``maps/``), shared
-  by ``explain.py`` and ``predict.py``.
+* :class:`ExplainSettings` (with a nested :class:`FaithfulnessSettings`): what to explain; the
+  ``explain`` config group instantiates it. :func:`choose_layer` picks the default (deepest)
+  layer, for every caller.
+* :func:`explain_tensors` ``(model, pre, post, settings) -> Explained``: the one runner (padding
+  for any size, explanation, faithfulness, crop), used by every command and the CAM callback;
+  :func:`explain_pair` ``(model, pre_uint8, post_uint8, label=..., settings=...) ->
+  PairExplanation`` adds the panel (``.summary()`` for JSON, ``.save(run_dir)`` for ``panels/``
+  and ``maps/``), for ``explain.py`` and ``predict.py``.
 """
 
 from changecam.explain.faithfulness import (
@@ -38,25 +43,35 @@ from changecam.explain.hirescam import (
     Explanation,
     Method,
     TapError,
+    choose_layer,
     explain_batch,
     per_date_layers,
     preserved_state,
     resolve_taps,
 )
-from changecam.explain.pipeline import (
+from changecam.explain.render import render_panel, save_panel
+from changecam.explain.runner import (
+    Explained,
     ExplainSettings,
+    FaithfulnessSettings,
     PairExplanation,
     explain_pair,
+    explain_tensors,
     save_maps,
+    with_threshold,
 )
-from changecam.explain.render import render_panel, save_panel
 from changecam.explain.targets import TARGET_KINDS, Target, TargetKind, target_mask, target_score
 
 __all__ = [
     "ExplainSettings",
+    "Explained",
+    "FaithfulnessSettings",
     "PairExplanation",
+    "choose_layer",
     "explain_pair",
+    "explain_tensors",
     "save_maps",
+    "with_threshold",
     "CURVE_DATES",
     "CurveDate",
     "CurveKind",

@@ -29,7 +29,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from changecam.explain.hirescam import Explanation, Method, preserved_state, upsample_maps
+from changecam.explain.hirescam import (
+    Explanation,
+    Method,
+    choose_layer,
+    preserved_state,
+    upsample_maps,
+)
 from changecam.explain.targets import target_score
 
 CurveDate = Literal["pre", "post", "both"]
@@ -209,12 +215,7 @@ def faithfulness(
             f"pre {tuple(pre.shape)} and post {tuple(post.shape)} must match the explanation's "
             f"batch of {len(explanation)} at {explanation.input_size}"
         )
-    layers = explanation.layers
-    layer = layer if layer is not None else (layers[-1] if layers else None)
-    if layer not in layers:
-        raise ValueError(
-            f"faithfulness needs a layer explained for both dates; got {layer!r}, available: {layers}"
-        )
+    layer = choose_layer(explanation.layers, layer, "faithfulness layer")
     bad = [d for d in dates if d not in CURVE_DATES]
     if bad or not dates:
         raise ValueError(

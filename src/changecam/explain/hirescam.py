@@ -90,6 +90,30 @@ def per_date_layers(tap_names: Sequence[str] | dict[str, object]) -> list[str]:
     return [layer for layer in layers if f"post/{layer}" in names]
 
 
+def choose_layer(layers: Sequence[str], requested: str | None = None, key: str = "layer") -> str:
+    """The per-date layer to use: ``requested`` if it is among ``layers``, and ``None`` means the
+    deepest one (the last in forward order). The one place that picks the default layer.
+
+    Args:
+        layers: the explained per-date layers, in forward order (:func:`per_date_layers`).
+        requested: a layer name, or ``None`` for the deepest.
+        key: the config key or argument that asked, named in the error.
+
+    Raises:
+        ValueError: ``requested`` is not among ``layers``, or there are no layers.
+    """
+    if requested is None:
+        if not layers:
+            raise ValueError(f"{key}: no layer is explained for both dates")
+        return layers[-1]
+    if requested not in layers:
+        raise ValueError(
+            f"{key}={requested!r} is not an explained per-date layer (a layer explained for "
+            f"both dates); available: {list(layers)}"
+        )
+    return requested
+
+
 @contextmanager
 def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """Run a block with ``model`` (optionally) in eval mode; restore every submodule's mode after.

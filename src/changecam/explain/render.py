@@ -25,7 +25,7 @@ from torch import Tensor
 
 from changecam.data.io import write_png
 from changecam.explain.faithfulness import Faithfulness
-from changecam.explain.hirescam import Explanation, Method
+from changecam.explain.hirescam import Explanation, Method, choose_layer
 from changecam.metrics import confusion_counts, scores_from_counts
 
 CMAP = "RdBu_r"  # blue: evidence against the target, red: evidence for it
@@ -100,12 +100,7 @@ def render_panel(
         dpi: resolution of the returned image (the figure is 13.5 × 7 inches).
     """
     exp = explanation.select(index)
-    layers = exp.layers
-    layer = layer if layer is not None else (layers[-1] if layers else None)
-    if layer not in layers:
-        raise ValueError(
-            f"panel layer {layer!r} is not explained for both dates; available: {layers}"
-        )
+    layer = choose_layer(exp.layers, layer, "panel layer")
     pre_rgb, post_rgb = to_rgb(pre), to_rgb(post)
     size = exp.input_size
     if pre_rgb.shape[:2] != size or post_rgb.shape[:2] != size:

@@ -8,11 +8,13 @@ state-dict key names, so ``SiameseUNet(3, 64, 4, "concat", shared_encoder=False)
 
 from __future__ import annotations
 
-from typing import Literal
+import inspect
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from changecam.models.protocol import ChangeNetwork
 from changecam.models.taps import Tap
 
 Fusion = Literal["concat", "diff", "absdiff"]
@@ -69,7 +71,7 @@ def fuse(pre: Tensor, post: Tensor, fusion: Fusion) -> Tensor:
     raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSIONS}")
 
 
-class SiameseUNet(nn.Module):
+class SiameseUNet(ChangeNetwork):
     """Siamese U-Net returning change logits ``B x 1 x H x W`` (no sigmoid).
 
     Taps (identity modules, see :mod:`changecam.models.taps`), in forward order:
@@ -80,7 +82,8 @@ class SiameseUNet(nn.Module):
     Args:
         in_channels: bands per date.
         base_channels: width of the first stage; stage k has ``base_channels * 2**(k-1)``.
-        depth: number of encoder stages (inputs must be divisible by ``2**depth``).
+        depth: number of encoder stages (inputs must be divisible by ``2**depth``: the
+            network's ``size_multiple``).
         fusion: how the two dates' features are combined at each skip and the bottleneck.
         shared_encoder: one encoder for both dates (true Siamese) or one per date (the seed's
             "two unshared encoders", state-dict keys ``encoder{k}a``/``encoder{k}b``).
@@ -101,18 +104,12 @@ class SiameseUNet(nn.Module):
             raise ValueError(f"model.depth={depth} must be >= 1")
         if base_channels < 1 or in_channels < 1:
             raise ValueError("model.base_channels and in_channels must be positive")
-        self.init_kwargs = {
-            "in_channels": in_channels,
-            "base_channels": base_channels,
-            "depth": depth,
-            "fusion": fusion,
-            "shared_encoder": shared_encoder,
-        }
         self.in_channels = in_channels
         self.base_channels = base_channels
         self.depth = depth
         self.fusion: Fusion = fusion
         self.shared_encoder = shared_encoder
+        self.size_multiple = 2**depth
 
         widths = [base_channels * 2**k for k in range(depth)]
         mult = 2 if fusion == "concat" else 1
@@ -161,7 +158,7 @@ class SiameseUNet(nn.Module):
             raise ValueError(
                 f"expected inputs B x {self.in_channels} x H x W, got {tuple(pre.shape)}"
             )
-        factor = 2**self.depth
+        factor = self.size_multiple
         if pre.shape[-2] % factor or pre.shape[-1] % factor:
             raise ValueError(
                 f"input size {tuple(pre.shape[-2:])} must be divisible by 2**depth = {factor}; "
@@ -181,8 +178,21 @@ class SiameseUNet(nn.Module):
         return self.final_conv(self._tap("head_in", y))
 
 
-def seed_siamese_unet() -> SiameseUNet:
-    """The seed notebook's architecture: unshared 64/128/256/512 encoders, concat fusion."""
-    return SiameseUNet(
-        in_channels=3, base_channels=64, depth=4, fusion="concat", shared_encoder=False
-    )
+def seed_siamese_unet(
+    in_channels: int = 3,
+    base_channels: int = 64,
+    depth: int = 4,
+    fusion: Fusion = "concat",
+    shared_encoder: bool = False,
+) -> SiameseUNet:
+    """The seed notebook's architecture (``model=siamese_unet_seed``): two unshared encoders
+    64/128/256/512, concat fusion, a 1024->1024 bottleneck; about 34 M parameters.
+
+    The defaults here are the one definition of that architecture (:data:`SEED_ARCHITECTURE`).
+    """
+    return SiameseUNet(in_channels, base_channels, depth, fusion, shared_encoder)
+
+
+SEED_ARCHITECTURE: dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(seed_siamese_unet).parameters.items()
+}

@@ -27,27 +27,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from changecam.explain import Target, TargetKind, explain_batch, faithfulness, per_date_layers
-from changecam.explain.render import render_panel, save_panel
+from changecam.explain import (
+    ExplainSettings,
+    Explanation,
+    Faithfulness,
+    explain_tensors,
+    render_panel,
+    save_panel,
+)
 from changecam.metrics import confusion_counts, scores_from_counts
+from changecam.models.protocol import build_network
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often a waiting side checks that the other one is still alive
-
-
-@dataclass(frozen=True)
-class CamSettings:
-    """What to explain and draw (see :class:`~changecam.callbacks.cam_panels.CamPanels`)."""
-
-    out_dir: Path
-    taps: Sequence[str] | None = None
-    target: TargetKind = "predicted"
-    threshold: float = 0.5
-    faithfulness_steps: int = 5
-    random_repeats: int = 1
-    dpi: int = 50
-    return_panels: bool = True  # send the panel pictures back (only W&B needs them)
 
 
 @dataclass
@@ -62,7 +55,7 @@ class CamResult:
     f1: list[float]
     iou: list[float]
     target_score: list[float]
-    gap_layer: str | None  # the deepest encoder layer, whose faithfulness gap is given
+    gap_layer: str | None  # the layer whose faithfulness gap is given (None: no curves)
     gap: list[float]
     predicted: np.ndarray  # k×H×W uint8 predicted change
     panels: list[np.ndarray] = field(default_factory=list)  # uint8 RGB, if asked for
@@ -84,60 +77,36 @@ def _nanmean(values: Sequence[float]) -> float:
 def explain_samples(
     model: nn.Module,
     samples: dict[str, Any],
-    settings: CamSettings,
+    settings: ExplainSettings,
+    out_dir: str | Path,
     epoch: int,
     step: int,
+    *,
+    return_panels: bool = True,
 ) -> CamResult:
     """Explain, score and draw the fixed samples; write their panels to ``epoch_<NNN>/``.
 
     Args:
-        model: ``model(pre, post) -> logits`` with taps (a network or a LightningModule).
+        model: the network ``model(pre, post) -> logits``, with taps.
         samples: ``pre``, ``post`` (k×C×H×W), ``mask`` (k×1×H×W) tensors and their ``name`` list.
-        settings: what to explain and draw.
+        settings: what to explain and draw (the callback's ``explain`` block).
+        out_dir: folder of the ``epoch_<NNN>`` folders.
         epoch: the validation epoch (names the folder).
         step: the global step of that epoch (carried to the logs).
+        return_panels: send the panel pictures back (only W&B needs them).
     """
     start = time.perf_counter()
     device = next(model.parameters()).device
     pre, post, mask = (samples[k].to(device) for k in ("pre", "post", "mask"))
-    target = Target(settings.target, settings.threshold)
-    exp = explain_batch(model, pre, post, taps=settings.taps, target=target, label=mask)
-    layers = per_date_layers(exp.taps)
-    deepest = ([layer for layer in layers if layer.startswith("enc")] or layers)[-1:]
-    faith = None
-    if settings.faithfulness_steps > 0 and deepest:
-        faith = faithfulness(
-            model,
-            pre,
-            post,
-            exp,
-            layer=deepest[0],
-            dates=("both",),
-            steps=settings.faithfulness_steps,
-            insertion=False,
-            random_repeats=settings.random_repeats,
-        )
-    exp, mask = exp.to("cpu"), mask.cpu()
+    result = explain_tensors(model, pre, post, settings, label=mask)
+    exp, faith, mask = result.explanation, result.faithfulness, mask.cpu()
     probs = torch.sigmoid(exp.logits)
     scores = scores_from_counts(*confusion_counts(probs, mask, settings.threshold).T)
     gaps = faith.gap("both") if faith is not None else torch.full((len(exp),), math.nan)
-
-    epoch_dir = Path(settings.out_dir) / f"epoch_{epoch:03d}"
-    panels = []
-    for i, name in enumerate(samples["name"]):
-        panel = render_panel(
-            samples["pre"][i],
-            samples["post"][i],
-            exp,
-            index=i,
-            label=mask[i, 0],
-            faithfulness=faith,
-            threshold=settings.threshold,
-            title=name,
-            dpi=settings.dpi,
-        )
-        save_panel(panel, epoch_dir / f"{name}.png")
-        panels.append(panel)
+    epoch_dir = Path(out_dir) / f"epoch_{epoch:03d}"
+    panels = [
+        _draw(samples, i, exp, faith, settings, epoch_dir) for i in range(len(samples["name"]))
+    ]
     return CamResult(
         epoch=epoch,
         step=step,
@@ -147,12 +116,38 @@ def explain_samples(
         f1=scores["f1"].tolist(),
         iou=scores["iou"].tolist(),
         target_score=exp.score.float().tolist(),
-        gap_layer=deepest[0] if faith is not None else None,
+        gap_layer=faith.layer if faith is not None else None,
         gap=gaps.tolist(),
         predicted=(probs[:, 0] > settings.threshold).numpy().astype(np.uint8),
-        panels=panels if settings.return_panels else [],
+        panels=panels if return_panels else [],
         busy_s=time.perf_counter() - start,
     )
+
+
+def _draw(
+    samples: dict[str, Any],
+    i: int,
+    exp: Explanation,
+    faith: Faithfulness | None,
+    settings: ExplainSettings,
+    epoch_dir: Path,
+) -> np.ndarray:
+    """Render and write the panel of sample ``i``; return it."""
+    name = samples["name"][i]
+    panel = render_panel(
+        samples["pre"][i],
+        samples["post"][i],
+        exp,
+        index=i,
+        label=samples["mask"][i, 0],
+        layer=settings.panel_layer,
+        faithfulness=faith,
+        threshold=settings.threshold,
+        title=name,
+        dpi=settings.dpi,
+    )
+    save_panel(panel, epoch_dir / f"{name}.png")
+    return panel
 
 
 def weights_snapshot(net: nn.Module) -> dict[str, Tensor]:
@@ -172,9 +167,11 @@ class BackgroundExplainer:
     snapshots. Failures in the process are raised here as :class:`CamWorkerError`.
 
     Args:
-        net_config: Hydra-instantiable description of the network (``_target_`` + arguments).
+        net_config: the network's config (:meth:`~changecam.models.ChangeNetwork.config`).
         samples: the fixed samples (CPU tensors and names).
         settings: what to explain and draw.
+        out_dir: folder of the ``epoch_<NNN>`` panel folders.
+        return_panels: send the panel pictures back (only W&B needs them).
         threads: torch threads of the process.
     """
 
@@ -182,7 +179,9 @@ class BackgroundExplainer:
         self,
         net_config: dict[str, Any],
         samples: dict[str, Any],
-        settings: CamSettings,
+        settings: ExplainSettings,
+        out_dir: str | Path,
+        return_panels: bool = True,
         threads: int = 1,
     ) -> None:
         ctx = mp.get_context("spawn")  # fork is unsafe with OpenMP and CUDA in the parent
@@ -191,7 +190,14 @@ class BackgroundExplainer:
         self._outstanding = 0
         self._process = ctx.Process(
             target=_worker_main,
-            args=(net_config, samples, settings, threads, self._jobs, self._results),
+            args=(
+                net_config,
+                samples,
+                (settings, Path(out_dir), return_panels),
+                threads,
+                self._jobs,
+                self._results,
+            ),
             name="changecam-cam-panels",
             daemon=True,
         )
@@ -278,7 +284,7 @@ def _yield_to_training(pid: int = 0) -> None:
 def _worker_main(
     net_config: dict[str, Any],
     samples: dict[str, Any],
-    settings: CamSettings,
+    job_settings: tuple[ExplainSettings, Path, bool],
     threads: int,
     jobs: mp.Queue,
     results: mp.Queue,
@@ -286,9 +292,8 @@ def _worker_main(
     """Process body: build the network once, then explain each snapshot until ``None``."""
     _yield_to_training()
     torch.set_num_threads(threads)
-    from hydra.utils import instantiate
-
-    net = instantiate(net_config)
+    settings, out_dir, return_panels = job_settings
+    net = build_network(net_config)
     parent = mp.parent_process()
     while True:
         try:
@@ -302,6 +307,9 @@ def _worker_main(
         epoch, step, state = job
         try:
             net.load_state_dict(state)
-            results.put(("ok", explain_samples(net, samples, settings, epoch, step)))
+            result = explain_samples(
+                net, samples, settings, out_dir, epoch, step, return_panels=return_panels
+            )
+            results.put(("ok", result))
         except Exception:
             results.put(("error", f"epoch {epoch}: {traceback.format_exc()}"))

@@ -1,10 +1,12 @@
-"""Loading network weights: Lightning checkpoints or plain ``state_dict`` files.
+"""changecam's checkpoints: what they record about the network, and loading it back.
 
-Always ``torch.load(weights_only=True)``: a file that needs pickled code is refused. Accepted
-files:
+:func:`record_network` (called by the LightningModule when Lightning saves) and
+:func:`split_checkpoint` are the two sides of one format. Loading is always
+``torch.load(weights_only=True)``: a file that needs pickled code is refused. Accepted files:
 
-* a Lightning ``.ckpt`` written by changecam: the network's weights are the ``net.*`` entries
-  of its ``state_dict`` and ``net_config`` records how to build the network;
+* a Lightning ``.ckpt`` written by changecam: ``net_config`` records how to build the network
+  (:meth:`changecam.models.ChangeNetwork.config`) and ``net_prefix`` under which name the
+  module holds it, i.e. which entries of its ``state_dict`` are the network's weights;
 * a plain ``state_dict`` (``torch.save(model.state_dict(), path)``, e.g. the seed notebook's
   weights for ``model=siamese_unet_seed``), also wrapped as ``{"state_dict": ...}`` or
   ``{"model_state_dict": ...}``, with or without the ``module.`` prefix of ``DataParallel``.
@@ -18,17 +20,29 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from torch import nn
 
-SEED_ARCHITECTURE: dict[str, Any] = {
-    "in_channels": 3,
-    "base_channels": 64,
-    "depth": 4,
-    "fusion": "concat",
-    "shared_encoder": False,
-}
+from changecam.models import SEED_ARCHITECTURE, build_network, network_config
+
+CONFIG_KEY = "net_config"
+PREFIX_KEY = "net_prefix"
+LEGACY_PREFIX = "net."  # checkpoints written before net_prefix was recorded
+
+
+def record_network(checkpoint: dict[str, Any], module: nn.Module, net: nn.Module) -> None:
+    """Record in a Lightning checkpoint how to rebuild ``net`` and where its weights are.
+
+    Args:
+        checkpoint: the dict Lightning is about to save.
+        module: the LightningModule holding ``net`` as a direct child.
+        net: the network.
+    """
+    name = next((n for n, child in module.named_children() if child is net), None)
+    if name is None:
+        raise ValueError(f"{type(net).__name__} is not a direct child of {type(module).__name__}")
+    checkpoint[CONFIG_KEY] = network_config(net)
+    checkpoint[PREFIX_KEY] = f"{name}."
 
 
 class CheckpointError(ValueError):
@@ -92,16 +106,17 @@ def split_checkpoint(
     """
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         inner = obj["state_dict"]
-        if "net_config" in obj or "pytorch-lightning_version" in obj:  # a Lightning checkpoint
-            state = {k.removeprefix("net."): v for k, v in inner.items() if k.startswith("net.")}
+        if CONFIG_KEY in obj or "pytorch-lightning_version" in obj:  # a Lightning checkpoint
+            prefix = str(obj.get(PREFIX_KEY, LEGACY_PREFIX))
+            state = {k.removeprefix(prefix): v for k, v in inner.items() if k.startswith(prefix)}
             if not state:
                 prefixes = sorted({k.split(".")[0] for k in inner})
                 raise CheckpointError(
-                    f"{path} is a Lightning checkpoint without network weights under 'net.' "
-                    f"(its state_dict prefixes: {prefixes}); changecam's ChangeDetectionModule "
-                    "stores the network as 'net'"
+                    f"{path} is a Lightning checkpoint without network weights under "
+                    f"{prefix!r} (its state_dict prefixes: {prefixes}); changecam's "
+                    f"ChangeDetectionModule records the network's prefix as {PREFIX_KEY!r}"
                 )
-            return state, obj.get("net_config")
+            return state, obj.get(CONFIG_KEY)
         return _tensors(inner), None
     if "model_state_dict" in obj and isinstance(obj["model_state_dict"], Mapping):
         return _tensors(obj["model_state_dict"]), None
@@ -109,7 +124,16 @@ def split_checkpoint(
 
 
 def load_network(path: str | Path, model_cfg: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build the network, load its weights from ``path`` and return it in eval mode on the CPU.
+    """The network of :func:`read_checkpoint`, in eval mode on the CPU."""
+    return read_checkpoint(path, model_cfg)[0]
+
+
+def read_checkpoint(
+    path: str | Path, model_cfg: Mapping[str, Any] | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the network, load its weights from ``path``; return it (eval mode, on the CPU) and
+    the module hyper-parameters the file records (``loss``, ``threshold`` ...; empty for a
+    plain state dict).
 
     Args:
         path: a Lightning ``.ckpt`` written by changecam (it records the network config) or a
@@ -124,7 +148,8 @@ def load_network(path: str | Path, model_cfg: Mapping[str, Any] | None = None) -
             architecture mismatch (the message lists missing and unexpected keys, shape
             mismatches and the model config that fits the file).
     """
-    state, stored_cfg = split_checkpoint(read_weights_file(path), path)
+    obj = read_weights_file(path)
+    state, stored_cfg = split_checkpoint(obj, path)
     cfg = model_cfg if model_cfg is not None else stored_cfg
     if cfg is None:
         raise CheckpointError(
@@ -133,7 +158,7 @@ def load_network(path: str | Path, model_cfg: Mapping[str, Any] | None = None) -
         )
     if not state:
         raise CheckpointError(f"{path} holds no weight tensors")
-    net = hydra.utils.instantiate(dict(cfg))
+    net = build_network(cfg)
     expected = net.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -145,7 +170,8 @@ def load_network(path: str | Path, model_cfg: Mapping[str, Any] | None = None) -
     if missing or unexpected or shape_errors:
         raise CheckpointError(mismatch_message(path, cfg, missing, unexpected, shape_errors, state))
     net.load_state_dict(state, strict=True)
-    return net.eval()
+    hparams = obj.get("hyper_parameters") if stored_cfg is not None else None
+    return net.eval(), dict(hparams) if isinstance(hparams, Mapping) else {}
 
 
 def _hint_suffix(state: Mapping[str, torch.Tensor]) -> str:

@@ -1,31 +1,26 @@
-"""Train a change detector: ``python train.py experiment=quickstart`` (Hydra)."""
+"""Train a change detector: ``python train.py experiment=quickstart`` (Hydra, ``conf/train.yaml``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from changecam.utils import CONF_DIR, configure_environment
+import hydra
+import lightning as L
+from omegaconf import DictConfig
 
-configure_environment()
-
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from changecam.config_checks import check_config, check_device, resolved  # noqa: E402
-from changecam.ddp_launch import prepare_ddp_relaunch  # noqa: E402
-from changecam.utils import (  # noqa: E402
-    configure_wandb,
+from changecam.atomic import write_json
+from changecam.cli.common import (
+    hydra_main,
     instantiate_callbacks,
     instantiate_loggers,
     log,
-    print_config,
+    log_hyperparameters,
+    prepare_run,
     task_wrapper,
     to_float_dict,
-    write_json,
 )
+from changecam.cli.ddp import prepare_ddp_relaunch
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -46,15 +41,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics.
 
-    The config is checked first (:mod:`changecam.config_checks`): unknown keys, invalid
-    choices and switches this machine cannot honour stop the run before anything is built.
+    The config is checked first (:func:`changecam.cli.common.prepare_run`): unknown keys,
+    invalid choices and switches this machine cannot honour stop the run before anything is
+    built.
     """
-    check_config(cfg)
-    check_device(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    configure_wandb(cfg, output_dir)
-    if cfg.get("print_config"):
-        print_config(cfg)
+    output_dir = prepare_run(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -66,9 +57,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
-    hparams = resolved(cfg)
-    for logger in loggers:
-        logger.log_hyperparams(hparams)
+    log_hyperparameters(loggers, cfg)
     prepare_ddp_relaunch(trainer)
 
     metrics: dict[str, Any] = {}
@@ -99,13 +88,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Train; return ``optimized_metric`` (e.g. ``val/f1``) for Hydra sweepers such as Optuna."""
-    metrics = train(cfg)
-    return optimized_value(metrics, cfg.get("optimized_metric"))
-
-
 def optimized_value(metrics: dict[str, float], metric: str | None) -> float | None:
     """The value a sweeper optimises, or ``None`` without ``optimized_metric``."""
     if not metric:
@@ -117,10 +99,12 @@ def optimized_value(metrics: dict[str, float], metric: str | None) -> float | No
     return metrics[metric]
 
 
-def run_dir() -> Path:
-    """The current Hydra run directory."""
-    return Path(HydraConfig.get().runtime.output_dir)
+def train_and_score(cfg: DictConfig) -> float | None:
+    """Train; return ``optimized_metric`` (e.g. ``val/f1``) for Hydra sweepers such as Optuna."""
+    return optimized_value(train(cfg), cfg.get("optimized_metric"))
 
+
+main = hydra_main("train", train_and_score)
 
 if __name__ == "__main__":
     main()

@@ -10,26 +10,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from changecam.utils import CONF_DIR, configure_environment
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
 
-configure_environment()
-
-import hydra  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from changecam.checkpoint import load_network  # noqa: E402
-from changecam.data.io import image_size, read_image, read_label  # noqa: E402
-from changecam.data.layout import Triplet, input_pairs  # noqa: E402
-from changecam.explain.hirescam import per_date_layers, resolve_taps  # noqa: E402
-from changecam.explain.pipeline import (  # noqa: E402
-    ExplainSettings,
-    explain_pair,
-    settings_from_config,
+from changecam.atomic import write_json
+from changecam.cli.common import (
+    checked_threshold,
+    explain_settings,
+    hydra_main,
+    load_model,
+    log,
+    prepare_run,
+    read_roi,
+    resolve_device,
+    task_wrapper,
 )
-from changecam.utils import log, print_config, task_wrapper, write_json  # noqa: E402
+from changecam.data.io import image_size, read_image, read_label
+from changecam.data.layout import Triplet, input_pairs
+from changecam.explain import ExplainSettings, choose_layer, explain_pair, resolve_taps
 
 
 def check_pairs(
@@ -57,34 +56,6 @@ def check_pairs(
             raise ValueError(f"explain.roi is {roi_size} but pair {t.name!r} is {size}")
 
 
-def check_layers(model: torch.nn.Module, settings: ExplainSettings) -> list[str]:
-    """The per-date layers explained; errors name the config key that asks for a missing one."""
-    layers = per_date_layers(resolve_taps(model, settings.taps))
-    if not layers:
-        raise ValueError(
-            f"explain.taps={list(settings.taps or [])} has no per-date layer (enc1, enc2 ...); panels and shares need one"
-        )
-    for key, layer in (
-        ("explain.panel_layer", settings.panel_layer),
-        ("explain.faithfulness.layer", settings.faithfulness_layer),
-    ):
-        if layer is not None and layer not in layers:
-            raise ValueError(
-                f"{key}={layer!r} is not an explained per-date layer; available: {layers}"
-            )
-    return layers
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
-    return device
-
-
 def mean_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over pairs of the post share per layer and the faithfulness gap (undefined values skipped)."""
 
@@ -104,19 +75,17 @@ def mean_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 @task_wrapper
 def explain(cfg: DictConfig) -> dict[str, Any]:
     """Explain every input pair; write panels, maps and ``explanations.json``; return the JSON."""
-    output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config"):
-        print_config(cfg)
+    output_dir = prepare_run(cfg)
+    threshold = checked_threshold(cfg.threshold)
+    settings = explain_settings(cfg, threshold)
+    if settings is None:
+        raise ValueError("explain.enabled=false: explain.py has nothing to do")
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
-    settings = settings_from_config(cfg.explain)
-    roi = read_label(cfg.explain.roi) if cfg.explain.get("roi") else None
-    if settings.target == "roi" and roi is None:
-        raise ValueError("explain.target=roi needs explain.roi=<mask image>")
+    roi = read_roi(settings)
     check_pairs(pairs, settings, roi.shape if roi is not None else None)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else None
     device = resolve_device(cfg.get("device", "auto"))
-    model = load_network(cfg.ckpt_path, model_cfg).to(device).eval()
-    layers = check_layers(model, settings)
+    model = load_model(cfg)[0].to(device).eval()
+    layers = settings.layers(model)
 
     rows = []
     for t in tqdm(pairs, desc="explain", unit="pair"):
@@ -146,12 +115,13 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "threshold": settings.threshold,
         "methods": list(settings.methods),
         "taps": list(resolve_taps(model, settings.taps)),
-        "panel_layer": settings.panel_layer or layers[-1],
+        "panel_layer": choose_layer(layers, settings.panel_layer),
         "faithfulness": {
-            "layer": settings.faithfulness_layer or layers[-1],
+            "enabled": settings.faithfulness.enabled,
+            "layer": choose_layer(layers, settings.faithfulness.layer),
             "method": "hirescam",
-            "steps": settings.steps,
-            "random_repeats": settings.random_repeats,
+            "steps": settings.faithfulness.steps,
+            "random_repeats": settings.faithfulness.random_repeats,
             "gap": "(AUC_random - AUC_hirescam) / |S(k=0)| of the date-swap deletion curve of both "
             "dates; positive: better than random; null: undefined (empty target)",
         },
@@ -175,9 +145,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="explain")
-def main(cfg: DictConfig) -> None:
-    explain(cfg)
+main = hydra_main("explain", explain)
 
 
 if __name__ == "__main__":

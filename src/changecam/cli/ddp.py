@@ -16,8 +16,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import read_write
 
-from changecam.config_checks import ConfigError
-from changecam.utils import is_multirun
+from changecam.cli.common import is_multirun
+from changecam.cli.config_checks import ConfigError
 
 
 def starts_rank_processes(trainer: L.Trainer) -> bool:

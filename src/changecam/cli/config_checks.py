@@ -4,7 +4,7 @@ Every ``_target_`` node of the config is checked against the signature of the cl
 function it names: an unknown key is reported with the allowed keys (and a close match), a
 value outside a ``Literal[...]`` annotation with the allowed values, a scalar of the wrong
 type with the expected type. The allowed values come from the annotations themselves
-(``changecam.models.siamese_unet.Fusion``, ``changecam.module.Loss``, Lightning's
+(``changecam.models.siamese_unet.Fusion``, ``changecam.training.module.Loss``, Lightning's
 ``precision`` ...), so no list of choices is repeated here.
 
 :func:`check_device` then checks the switches that depend on the machine (mixed precision,

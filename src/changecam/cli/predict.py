@@ -11,45 +11,44 @@
 and one ``predictions.json`` with each pair's changed-pixel fraction, post share per layer and
 faithfulness gap. Masks and probabilities come from sliding-window inference
 (:mod:`changecam.inference`); the panel, the shares and the gap from
-:func:`changecam.explain.pipeline.explain_pair`, the code ``explain.py`` runs, on the whole
-(padded) image. A pair that fails (e.g. its two dates differ in size) leaves no files; the
+:func:`changecam.explain.explain_pair`, the code ``explain.py`` runs, on the whole (padded)
+image. A pair that fails (e.g. its two dates differ in size) leaves no files; the
 others are still predicted, and the command exits with an error naming the failed pairs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from changecam.utils import CONF_DIR, configure_environment
+import cv2
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
 
-configure_environment()
-
-import cv2  # noqa: E402
-import hydra  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from changecam.checkpoint import load_network  # noqa: E402
-from changecam.data.io import image_size, read_image, read_label, write_png  # noqa: E402
-from changecam.data.layout import Triplet, input_pairs  # noqa: E402
-from changecam.data.transforms import image_to_tensor  # noqa: E402
-from changecam.explain import per_date_layers  # noqa: E402
-from changecam.explain.main import resolve_device  # noqa: E402
-from changecam.explain.pipeline import (  # noqa: E402
-    ExplainSettings,
-    PairExplanation,
-    explain_pair,
-    settings_from_config,
+from changecam.atomic import write_json
+from changecam.cli.common import (
+    checked_threshold,
+    explain_settings,
+    hydra_main,
+    load_model,
+    log,
+    prepare_run,
+    read_roi,
+    resolve_device,
+    sliding_window_spec,
+    task_wrapper,
 )
-from changecam.inference import SlidingWindow, check_window, sliding_window_logits  # noqa: E402
-from changecam.models.taps import find_taps  # noqa: E402
-from changecam.utils import log, print_config, task_wrapper, write_json  # noqa: E402
+from changecam.cli.config_checks import ConfigError
+from changecam.data.io import image_size, read_image, read_label, write_png
+from changecam.data.layout import Triplet, input_pairs
+from changecam.data.transforms import image_to_tensor
+from changecam.explain import ExplainSettings, PairExplanation, explain_pair
+from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 
 PROBABILITY_SCALE = 65535
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
@@ -157,8 +156,7 @@ def predict_pair(
     threshold: float,
     settings: ExplainSettings | None,
     device: torch.device,
-    max_explained_pixels: int | None = None,
-    max_batch_pixels: int | None = None,
+    roi: np.ndarray | None = None,
 ) -> PairPrediction:
     """Everything predict.py computes for one pair, in memory (nothing written yet).
 
@@ -167,12 +165,10 @@ def predict_pair(
         pair: the pair's files.
         spec: sliding-window settings of the mask and probability.
         threshold: probability above which a pixel is change.
-        settings: explanation settings; ``None`` skips the explanation.
+        settings: explanation settings (with the same threshold); ``None`` skips the
+            explanation. Pairs above ``settings.max_pixels`` are not explained.
         device: where to compute.
-        max_explained_pixels: larger pairs are not explained (whole-image explanations need
-            memory in proportion to the image); ``None``: no limit.
-        max_batch_pixels: pixels per counterfactual forward pass of the faithfulness curves;
-            caps ``settings.batch_size`` for large pairs (at least one pair per pass).
+        roi: the region of interest of ``target=roi``.
 
     Raises:
         ValueError: the two dates differ in size (or an image cannot be read).
@@ -186,9 +182,9 @@ def predict_pair(
     probability = predict_probability(net, pre, post, spec, device)
     if settings is None:
         return PairPrediction(pair.name, probability, threshold, None, "explain.enabled=false")
-    if max_explained_pixels is not None and height * width > max_explained_pixels:
+    if settings.max_pixels is not None and height * width > settings.max_pixels:
         reason = (
-            f"{height}x{width} exceeds explain.max_pixels={max_explained_pixels}; explain a crop "
+            f"{height}x{width} exceeds explain.max_pixels={settings.max_pixels}; explain a crop "
             "with explain.py or raise the limit"
         )
         return PairPrediction(pair.name, probability, threshold, None, reason)
@@ -197,26 +193,10 @@ def predict_pair(
         raise ValueError(
             f"pair {pair.name!r} refused: label {pair.label} is {label.shape}, the images {(height, width)}"
         )
-    if max_batch_pixels is not None:
-        fitting = max(1, max_batch_pixels // (height * width))
-        settings = replace(settings, batch_size=min(settings.batch_size, fitting))
     explained = explain_pair(
-        net, pre, post, label=label, name=pair.name, settings=settings, device=device
+        net, pre, post, label=label, roi=roi, name=pair.name, settings=settings, device=device
     )
     return PairPrediction(pair.name, probability, threshold, explained)
-
-
-def explain_settings(cfg: DictConfig) -> ExplainSettings | None:
-    """The explanation settings, or ``None`` when ``explain.enabled=false``."""
-    block = cfg.get("explain")
-    if not block or not block.get("enabled", True):
-        return None
-    return settings_from_config(block)
-
-
-def sliding_window_spec(cfg: DictConfig) -> SlidingWindow:
-    """The ``sliding_window`` block as a :class:`SlidingWindow`."""
-    return SlidingWindow(**OmegaConf.to_container(cfg.sliding_window, resolve=True))
 
 
 def mean_of(values: list[float | None]) -> float | None:
@@ -227,37 +207,25 @@ def mean_of(values: list[float | None]) -> float | None:
 @task_wrapper
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict every input pair; write masks, probabilities, panels and ``predictions.json``."""
-    output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config"):
-        print_config(cfg)
-    threshold = float(cfg.threshold)
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold={threshold} must be a probability in [0, 1)")
+    output_dir = prepare_run(cfg)
+    threshold = checked_threshold(cfg.threshold)
     spec = sliding_window_spec(cfg)
-    settings = explain_settings(cfg)
-    block = cfg.get("explain") or {}
-    max_pixels = block.get("max_pixels")
-    max_batch_pixels = (block.get("faithfulness") or {}).get("max_batch_pixels")
-    if settings is not None and settings.threshold != threshold:
-        raise ValueError(
-            f"explain.threshold={settings.threshold} differs from threshold={threshold}; "
-            "leave explain.threshold at ${threshold}"
-        )
+    if spec is None:
+        raise ConfigError("predict.py predicts window by window: set sliding_window.enabled=true")
+    settings = explain_settings(cfg, threshold)
+    roi = read_roi(settings) if settings is not None else None
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else None
     device = resolve_device(cfg.get("device", "auto"))
-    net = load_network(cfg.ckpt_path, model_cfg).to(device).eval()
+    net = load_model(cfg)[0].to(device).eval()
     check_window(net, spec.window)  # before any pair: every pair would fail the same way
-    if settings is not None and settings.taps is None:  # all that predict reports is per date
-        settings = replace(settings, taps=tuple(per_date_layers(find_taps(net))))
+    if settings is not None:
+        settings.layers(net)  # unknown taps or layers fail before any pair
 
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     for pair in tqdm(pairs, desc="predict", unit="pair"):
         try:
-            result = predict_pair(
-                net, pair, spec, threshold, settings, device, max_pixels, max_batch_pixels
-            )
+            result = predict_pair(net, pair, spec, threshold, settings, device, roi)
             files = result.save(output_dir)
         except (ValueError, OSError, RuntimeError) as err:
             log.error("pair %s failed: %s", pair.name, err)
@@ -304,9 +272,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
-def main(cfg: DictConfig) -> None:
-    predict(cfg)
+main = hydra_main("predict", predict)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -15,9 +16,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from changecam.metrics import ChangeScores
+from changecam.training.checkpoint import record_network
 
 Loss = Literal["bce", "dice", "bce_dice"]
-LOSSES: tuple[str, ...] = ("bce", "dice", "bce_dice")
+LOSSES: tuple[str, ...] = typing.get_args(Loss)
 STAGES: tuple[str, ...] = ("val", "test")
 
 # The split scores and losses are reduced across ranks by torchmetrics before they are logged,
@@ -40,37 +42,31 @@ def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - (2 * inter + eps) / (probs.sum() + target.sum() + eps)
 
 
-def net_config(net: nn.Module) -> dict[str, Any] | None:
-    """A Hydra-instantiable description of ``net``, if it exposes its constructor arguments."""
-    init = getattr(net, "init_kwargs", None)
-    if init is None:
-        return None
-    return {"_target_": f"{type(net).__module__}.{type(net).__qualname__}", **init}
-
-
 class ChangeDetectionModule(L.LightningModule):
     """Trains a change-detection network ``net(pre, post) -> logits``.
 
     Args:
         net: the network (e.g. :class:`changecam.models.SiameseUNet`).
-        optimizer: partial optimiser constructor taking the parameters.
+        optimizer: partial optimiser constructor taking the parameters (``None``: the module
+            only evaluates, as in ``eval.py``).
         scheduler: optional partial LR-scheduler constructor taking the optimiser.
-        loss: ``bce``, ``dice`` or ``bce_dice``.
+        loss: ``bce``, ``dice`` or ``bce_dice``; ``None``: no loss (evaluation of a network
+            whose training loss is unknown, e.g. a plain state dict).
         pos_weight: weight of the change class in BCE (``None``: 1).
         threshold: probability above which a pixel counts as change.
         scheduler_interval: ``epoch`` or ``step``.
         channels_last: keep the network and its inputs in channels-last memory format
             (faster convolutions on recent GPUs with mixed precision).
         compile: compile the network with ``torch.compile`` when training starts (its
-            state-dict keys do not change; see :func:`changecam.config_checks.check_device`).
+            state-dict keys do not change; see :func:`changecam.cli.config_checks.check_device`).
     """
 
     def __init__(
         self,
         net: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
-        loss: Loss = "bce",
+        loss: Loss | None = "bce",
         pos_weight: float | None = None,
         threshold: float = 0.5,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -78,8 +74,8 @@ class ChangeDetectionModule(L.LightningModule):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"model.loss={loss!r} is not allowed; expected one of {LOSSES}")
+        if loss is not None and loss not in LOSSES:
+            raise ValueError(f"module.loss={loss!r} is not allowed; expected one of {LOSSES}")
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
         self.net = net
         self.optimizer_factory = optimizer
@@ -106,6 +102,8 @@ class ChangeDetectionModule(L.LightningModule):
 
     def compute_loss(self, logits: Tensor, mask: Tensor) -> Tensor:
         kind = self.hparams.loss
+        if kind is None:
+            raise ValueError("module.loss=null: this module only evaluates; choose a loss to train")
         logits = logits.float()  # the loss in float32, also under mixed precision
         total = logits.new_zeros(())
         if kind in ("bce", "bce_dice"):
@@ -138,8 +136,9 @@ class ChangeDetectionModule(L.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
         logits = self(batch["pre"], batch["post"])
-        loss = self.compute_loss(logits, batch["mask"])
-        self.losses[stage].update(loss.detach(), weight=logits.shape[0])
+        if self.hparams.loss is not None:
+            loss = self.compute_loss(logits, batch["mask"])
+            self.losses[stage].update(loss.detach(), weight=logits.shape[0])
         self.metrics[stage].update(torch.sigmoid(logits.float()), batch["mask"])
         return logits
 
@@ -152,7 +151,8 @@ class ChangeDetectionModule(L.LightningModule):
     def _log_scores(self, stage: str) -> None:
         # Called on every rank: compute() reduces the counts across ranks (torchmetrics), so
         # each rank logs the same pooled numbers and no per-step sync is needed.
-        self.log(f"{stage}/loss", self.losses[stage].compute(), prog_bar=stage == "val")
+        if self.hparams.loss is not None:
+            self.log(f"{stage}/loss", self.losses[stage].compute(), prog_bar=stage == "val")
         scores = self.metrics[stage].compute()
         for name, value in scores.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "f1")
@@ -190,6 +190,8 @@ class ChangeDetectionModule(L.LightningModule):
         return torch.sigmoid(self(batch["pre"], batch["post"]))
 
     def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("this ChangeDetectionModule has no optimizer (module.optimizer=null)")
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
@@ -205,4 +207,4 @@ class ChangeDetectionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lets eval/predict/explain rebuild the network from the checkpoint alone.
-        checkpoint["net_config"] = net_config(self.net)
+        record_network(checkpoint, self, self.net)

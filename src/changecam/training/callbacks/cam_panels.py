@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -15,20 +16,21 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from changecam.callbacks.cam_worker import (
-    BackgroundExplainer,
-    CamResult,
-    CamSettings,
-    explain_samples,
-)
-from changecam.explain import TargetKind, resolve_taps
+from changecam.explain import ExplainSettings, FaithfulnessSettings, with_threshold
 from changecam.explain.render import to_mask, to_rgb
-from changecam.module import net_config
+from changecam.models.protocol import network_config
+from changecam.training.callbacks.cam_worker import BackgroundExplainer, CamResult, explain_samples
+from changecam.training.module import ChangeDetectionModule
 
 CLASS_LABELS = {0: "no change", 1: "change"}
 Mode = Literal["auto", "background", "inline"]
-MODES: tuple[str, ...] = ("auto", "background", "inline")
+MODES: tuple[str, ...] = typing.get_args(Mode)
 log = logging.getLogger(__name__)
+# What the callback explains when it is built in code (conf/explain/callback.yaml mirrors it):
+# every tap and both methods, a short deletion curve of both dates, small panels.
+DEFAULT_EXPLAIN = ExplainSettings(
+    dpi=50, faithfulness=FaithfulnessSettings(steps=5, dates=("both",))
+)
 
 
 def usable_cores() -> int:
@@ -76,7 +78,7 @@ class CamPanels(L.Callback):
     overlays (``val/cam/overlays``), a table with one row per sample (``val/cam/table``: name, panel,
     post share per layer, F1, IoU, target score, faithfulness gap), and to every logger the
     scalars ``val/cam/post_share/<layer>`` (mean over the samples) and
-    ``val/cam/faithfulness_gap/<layer>`` of the deepest encoder layer, at the global step of the
+    ``val/cam/faithfulness_gap/<layer>`` (by default of the deepest layer), at the global step of the
     validation epoch. The same panels are written as PNG files to
     ``<out_dir>/epoch_<NNN>/<name>.png`` whatever the logger.
 
@@ -88,39 +90,34 @@ class CamPanels(L.Callback):
     where training leaves a CPU core idle; where it keeps every core busy the process takes its
     time from training, and more than the work costs inline. ``inline`` mode does the work in
     the validation epoch, on the training device; it is also used for networks that cannot be
-    rebuilt in another process (no ``init_kwargs``). ``auto`` (default) picks ``background``
+    rebuilt in another process (not a :class:`~changecam.models.ChangeNetwork`). ``auto``
+    (default) picks ``background``
     when training runs on an accelerator or uses fewer torch threads than the usable CPU cores,
     else ``inline``.
 
     Args:
         out_dir: folder of the PNG files (typically ``<run dir>/cam``).
         k: number of fixed validation samples.
-        taps: taps or per-date layers to explain (``None``: every tap of the model).
-        target: what the explanation explains (``predicted``, ``ground_truth``, ``all``).
-        threshold: probability threshold of the predicted change.
+        threshold: probability threshold of the predicted change (the module's).
         every_n_epochs: explain every N-th validation epoch.
-        faithfulness_steps: points of the deletion curve minus one (0 disables the gap).
-        random_repeats: random orders averaged for the faithfulness baseline.
         max_candidates: validation samples scanned when choosing the fixed set.
-        dpi: resolution of the panels.
         mode: ``auto``, ``background`` or ``inline`` (see above).
         worker_threads: torch threads of the background process.
+        explain: what to explain and draw (taps, methods, target, panel layer, dpi and the
+            faithfulness curves; the ``explain`` config group, ``conf/explain/callback.yaml``);
+            default :data:`DEFAULT_EXPLAIN`.
     """
 
     def __init__(
         self,
         out_dir: str | Path,
         k: int = 8,
-        taps: Sequence[str] | None = None,
-        target: TargetKind = "predicted",
         threshold: float = 0.5,
         every_n_epochs: int = 1,
-        faithfulness_steps: int = 5,
-        random_repeats: int = 1,
         max_candidates: int = 256,
-        dpi: int = 50,
         mode: Mode = "auto",
         worker_threads: int = 1,
+        explain: ExplainSettings | None = None,
     ) -> None:
         super().__init__()
         if k < 1 or every_n_epochs < 1 or worker_threads < 1:
@@ -131,33 +128,25 @@ class CamPanels(L.Callback):
             raise ValueError(f"callbacks.cam_panels.mode={mode!r}; expected one of {MODES}")
         self.out_dir = Path(out_dir)
         self.k = k
-        self.taps = list(taps) if taps is not None else None
-        self.target = target
-        self.threshold = threshold
+        self.settings = with_threshold(explain or DEFAULT_EXPLAIN, threshold)
         self.every_n_epochs = every_n_epochs
-        self.faithfulness_steps = faithfulness_steps
-        self.random_repeats = random_repeats
         self.max_candidates = max_candidates
-        self.dpi = dpi
         self.mode = mode
         self.worker_threads = worker_threads
         self.samples: dict[str, Any] | None = None
         self._worker: BackgroundExplainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        resolve_taps(pl_module, self.taps)  # fail at start on unknown tap names
+        if not isinstance(pl_module, ChangeDetectionModule):
+            raise TypeError(
+                f"callbacks.cam_panels explains a ChangeDetectionModule's network, not a "
+                f"{type(pl_module).__name__}"
+            )
+        self.settings.layers(pl_module.net)  # fail at start on unknown taps and layers
 
-    def _settings(self, trainer: L.Trainer) -> CamSettings:
-        return CamSettings(
-            out_dir=self.out_dir,
-            taps=self.taps,
-            target=self.target,
-            threshold=self.threshold,
-            faithfulness_steps=self.faithfulness_steps,
-            random_repeats=self.random_repeats,
-            dpi=self.dpi,
-            return_panels=any(isinstance(lg, WandbLogger) for lg in trainer.loggers),
-        )
+    @staticmethod
+    def _return_panels(trainer: L.Trainer) -> bool:
+        return any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
 
     def _fixed_samples(self, trainer: L.Trainer) -> dict[str, Any]:
         if self.samples is None:
@@ -189,15 +178,21 @@ class CamPanels(L.Callback):
             pl_module.device.type,
         )
         if background and self._worker is None:
-            config = net_config(getattr(pl_module, "net", pl_module))
+            config = network_config(pl_module.net)
             if config is None:
                 log.warning(
-                    "CAM panels run inline: the network has no init_kwargs to rebuild it in a "
-                    "background process"
+                    "CAM panels run inline: %s is not a ChangeNetwork, so it cannot be rebuilt "
+                    "in a background process",
+                    type(pl_module.net).__name__,
                 )
                 return
             self._worker = BackgroundExplainer(
-                config, samples, self._settings(trainer), self.worker_threads
+                config,
+                samples,
+                self.settings,
+                self.out_dir,
+                return_panels=self._return_panels(trainer),
+                threads=self.worker_threads,
             )
 
     def _background(self, pl_module: L.LightningModule) -> bool:
@@ -215,11 +210,17 @@ class CamPanels(L.Callback):
             return
         epoch, step = trainer.current_epoch, logging_step(trainer)
         if self._worker is not None:
-            net = getattr(pl_module, "net", pl_module)
-            self._log_results(trainer, self._worker.submit(net, epoch, step))
+            self._log_results(trainer, self._worker.submit(pl_module.net, epoch, step))
         else:
-            samples = self._fixed_samples(trainer)
-            result = explain_samples(pl_module, samples, self._settings(trainer), epoch, step)
+            result = explain_samples(
+                pl_module.net,
+                self._fixed_samples(trainer),
+                self.settings,
+                self.out_dir,
+                epoch,
+                step,
+                return_panels=self._return_panels(trainer),
+            )
             self._log_results(trainer, [result])
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:

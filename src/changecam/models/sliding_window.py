@@ -1,4 +1,4 @@
-"""Sliding-window inference: change logits for image pairs of any size.
+"""Sliding-window inference: change logits for image pairs of any size (a wrapper network).
 
 A pair of any height and width (1024², 1000x700, or smaller than one window) is cut into
 ``window x window`` crops whose starts advance by ``stride = window - round(overlap * window)``;
@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from changecam.models.protocol import size_multiple
+
 Blend = Literal["gaussian", "uniform"]
 PadMode = Literal["reflect", "replicate", "constant"]
 BLENDS: tuple[str, ...] = ("gaussian", "uniform")
@@ -33,7 +35,7 @@ class SlidingWindow:
 
     Args:
         window: side of the square windows in pixels; must be divisible by the network's
-            ``2**depth``.
+            ``size_multiple`` (``2**depth`` for a U-Net).
         overlap: fraction of a window shared by neighbouring windows, in ``[0, 1)``.
         batch_size: windows per forward pass (per image of the batch).
         blend: ``gaussian`` (separable smooth weight, sigma = window / 4: a window's edge
@@ -117,11 +119,12 @@ def pad_to(x: Tensor, height: int, width: int, mode: PadMode = "reflect") -> Ten
 
 
 def check_window(net: nn.Module, window: int) -> None:
-    """Refuse a window the network cannot take (side not divisible by ``2**depth``)."""
-    depth = getattr(net, "depth", None)
-    if depth is not None and window % 2**depth:
+    """Refuse a window the network cannot take (side not divisible by its ``size_multiple``)."""
+    multiple = size_multiple(net)
+    if window % multiple:
         raise ValueError(
-            f"sliding_window.window={window} must be divisible by 2**depth = {2**depth} of the network"
+            f"sliding_window.window={window} must be divisible by 2**depth = {multiple} of the "
+            f"network ({type(net).__name__}.size_multiple)"
         )
 
 
@@ -172,12 +175,15 @@ def sliding_window_logits(net: nn.Module, pre: Tensor, post: Tensor, spec: Slidi
 
 
 class SlidingWindowNet(nn.Module):
-    """A network wrapper whose forward is :func:`sliding_window_logits` (for whole-image eval).
+    """A network wrapper whose forward is :func:`sliding_window_logits`: it takes pairs of any
+    size (``size_multiple`` 1), so whole images go through the same test loop as tiles.
 
     Args:
-        net: the wrapped network (kept as ``self.net``, so its taps stay reachable).
+        net: the wrapped network (kept as ``self.net``).
         spec: the sliding-window settings.
     """
+
+    size_multiple = 1
 
     def __init__(self, net: nn.Module, spec: SlidingWindow) -> None:
         super().__init__()

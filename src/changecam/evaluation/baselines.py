@@ -4,7 +4,7 @@ It shows what the synthetic nuisance changes are for: illumination, colour, vege
 misregistration and noise make raw image differences a poor change detector, so a model has to
 learn what a building appearing or vanishing looks like.
 
-Run ``python -m changecam.baselines <dataset root>``.
+Run ``python -m changecam.evaluation.baselines <dataset root>``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,277 @@
+"""What every Hydra main shares: environment, run set-up and guards, the network, the device.
+
+Each command (:mod:`~changecam.cli.train`, :mod:`~changecam.cli.evaluate`,
+:mod:`~changecam.cli.predict`, :mod:`~changecam.cli.explain`) is a task wrapped by
+:func:`task_wrapper` and started by :func:`hydra_main`. The task first calls
+:func:`prepare_run`: print the config if asked, run the config guards
+(:mod:`changecam.cli.config_checks`) and fill in the W&B run id. Nothing in the package imports
+the CLI modules; they import this one.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from changecam.atomic import write_text
+from changecam.cli.config_checks import ConfigError, check_config, check_device, resolved
+from changecam.data.io import read_label
+from changecam.explain import ExplainSettings
+from changecam.models import SlidingWindow
+from changecam.training.checkpoint import read_checkpoint
+
+log = logging.getLogger("changecam")
+
+# The configs live beside the package in the repository (editable install: `make install`).
+CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+ENVIRONMENT = {
+    "WANDB_MODE": "offline",  # never touch the network unless the user asks (WANDB_MODE=online)
+    "WANDB_SILENT": "true",
+    "NO_ALBUMENTATIONS_UPDATE": "1",  # no PyPI query when albumentations is imported
+}
+
+
+def configure_environment() -> None:
+    """Set changecam's environment defaults (values the user set are kept)."""
+    for key, value in ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+
+
+def config_dir() -> str:
+    """The folder of changecam's Hydra configs: ``$CHANGECAM_CONFIG_DIR`` or the repository's
+    ``conf/``.
+
+    Raises:
+        FileNotFoundError: neither exists (e.g. a non-editable install of the package alone).
+    """
+    folder = Path(os.environ.get("CHANGECAM_CONFIG_DIR") or CONF_DIR)
+    if not (folder / "train.yaml").is_file():
+        raise FileNotFoundError(
+            f"changecam's configs are not at {folder} (no train.yaml): run changecam from a "
+            "clone of its repository installed in editable mode (`make install`, i.e. "
+            "`pip install -e .`), or set CHANGECAM_CONFIG_DIR=<clone>/conf"
+        )
+    return str(folder)
+
+
+def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+    """The console entry point of one command: environment, then ``@hydra.main`` on ``task``."""
+
+    def main() -> Any:
+        configure_environment()
+        return hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(
+            task
+        )()
+
+    main.__doc__ = f"``python {config_name}.py``: see conf/{config_name}.yaml."
+    return main
+
+
+def close_wandb() -> None:
+    """Finish the active W&B run, if W&B was imported and a run is open."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Run a task and always close W&B, also when the task raises (multirun keeps going cleanly)."""
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> Any:
+        configure_environment()
+        try:
+            return task(cfg)
+        except Exception:
+            log.exception("task failed")
+            raise
+        finally:
+            close_wandb()
+
+    return wrapped
+
+
+def prepare_run(cfg: DictConfig) -> Path:
+    """The set-up every command starts with; returns the run directory.
+
+    Prints the config (``print_config``), runs the config guards (unknown keys, invalid
+    choices, switches this machine cannot honour) before anything is built, and fills in the
+    W&B run id and sweep group.
+    """
+    if cfg.get("print_config"):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    check_config(cfg)
+    check_device(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    configure_wandb(cfg, output_dir)
+    return output_dir
+
+
+def instantiate_group(cfg: DictConfig | None, kind: type) -> list:
+    """Instantiate every ``_target_`` entry of a config group dict (callbacks or loggers)."""
+    objects = []
+    if not cfg:
+        return objects
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(f"expected a config dict of {kind.__name__}s, got {type(cfg).__name__}")
+    for name, conf in cfg.items():
+        if isinstance(conf, DictConfig) and "_target_" in conf:
+            obj = hydra.utils.instantiate(conf)
+            if not isinstance(obj, kind):
+                raise TypeError(
+                    f"config entry {name!r} built a {type(obj).__name__}, not a {kind.__name__}"
+                )
+            objects.append(obj)
+    return objects
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    return instantiate_group(cfg, Callback)
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    return instantiate_group(cfg, Logger)
+
+
+def log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
+    """The resolved job config (without the ``hydra`` node) to every logger."""
+    hparams = resolved(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+
+
+def to_float_dict(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Metric tensors/numbers -> plain floats, sorted by key."""
+    return {k: float(v) for k, v in sorted(metrics.items())}
+
+
+def checked_threshold(value: Any, key: str = "threshold") -> float:
+    """A probability threshold in [0, 1), or a :class:`ValueError` naming ``key``."""
+    threshold = float(value)
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"{key}={threshold} must be a probability in [0, 1)")
+    return threshold
+
+
+def checked_choice(value: Any, choices: Any, key: str) -> Any:
+    """``value`` if it is one of the ``Literal`` type ``choices``, else a :class:`ValueError`."""
+    allowed = typing.get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; expected one of {', '.join(allowed)}")
+    return value
+
+
+def resolve_device(name: str) -> torch.device:
+    """``device`` config value -> :class:`torch.device`; ``auto`` picks CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The network of ``ckpt_path`` (with ``model=`` for plain state dicts), in eval mode, on
+    the CPU, and the checkpoint's module hyper-parameters (empty for a state dict)."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else None
+    return read_checkpoint(cfg.ckpt_path, model_cfg)
+
+
+def sliding_window_spec(cfg: DictConfig) -> SlidingWindow | None:
+    """The ``sliding_window`` group as a :class:`~changecam.models.SlidingWindow`, or ``None``
+    when it is absent or ``enabled: false``."""
+    block = cfg.get("sliding_window")
+    if not block or not block.get("enabled", True):
+        return None
+    fields = OmegaConf.to_container(block, resolve=True)
+    fields.pop("enabled", None)
+    allowed = set(SlidingWindow.__dataclass_fields__)
+    unknown = sorted(set(fields) - allowed)
+    if unknown:
+        raise ConfigError(
+            f"sliding_window.{unknown[0]}: unknown key; allowed keys: enabled, "
+            + ", ".join(SlidingWindow.__dataclass_fields__)
+        )
+    return SlidingWindow(**fields)
+
+
+def explain_settings(cfg: DictConfig, threshold: float) -> ExplainSettings | None:
+    """The ``explain`` group as :class:`~changecam.explain.ExplainSettings` with the run's
+    ``threshold``, or ``None`` when ``explain.enabled=false``."""
+    block = cfg.get("explain")
+    if not block or not block.get("enabled", True):
+        return None
+    return hydra.utils.instantiate(block, threshold=threshold)
+
+
+def read_roi(settings: ExplainSettings) -> Any:
+    """The ``explain.roi`` mask (``None`` without one); ``target=roi`` requires it."""
+    roi = read_label(settings.roi) if settings.roi else None
+    if settings.target == "roi" and roi is None:
+        raise ValueError("explain.target=roi needs explain.roi=<mask image>")
+    return roi
+
+
+WANDB_LOGGER = "lightning.pytorch.loggers.wandb.WandbLogger"
+RUN_ID_FILE = Path("wandb") / "run_id.txt"
+
+
+def wandb_run_id(output_dir: str | Path) -> str:
+    """The W&B run id of a run directory: read from ``wandb/run_id.txt``, else made and stored.
+
+    Resuming in the same directory (``ckpt_path=last``) thus continues the same W&B run. Only
+    global rank 0 writes the file; DDP ranks started later read it.
+    """
+    path = Path(output_dir) / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    from wandb.sdk.lib.runid import generate_id  # wandb is imported only where W&B is used
+
+    run_id = generate_id()
+    if rank_zero_only.rank == 0:
+        write_text(path, run_id + "\n")
+    return run_id
+
+
+def is_multirun() -> bool:
+    """Whether this job is part of a Hydra multirun (a sweep)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def configure_wandb(cfg: DictConfig, output_dir: str | Path) -> None:
+    """Fill in the W&B logger's run id (kept on resume) and, in a sweep, a shared group.
+
+    A value set in the config (``logger.wandb.id``/``group``) is kept. The runs of one
+    multirun get the group ``<task_name>/<sweep folder>`` and the name ``<task_name>/<job number>``.
+    """
+    loggers = cfg.get("logger") or {}
+    for conf in loggers.values():
+        if not (isinstance(conf, DictConfig) and conf.get("_target_") == WANDB_LOGGER):
+            continue
+        with open_dict(conf):
+            if conf.get("id") is None:
+                conf.id = wandb_run_id(output_dir)
+            if is_multirun():
+                hydra_cfg = HydraConfig.get()
+                if conf.get("group") is None:
+                    conf.group = f"{cfg.task_name}/{Path(hydra_cfg.sweep.dir).name}"
+                conf.name = f"{conf.get('name') or cfg.task_name}/{hydra_cfg.job.num}"

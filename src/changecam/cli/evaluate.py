@@ -1,0 +1,112 @@
+"""Score a trained model on a split: ``python eval.py ckpt_path=<best.ckpt> [data=...]`` (Hydra).
+
+eval.py runs the test (or validation) loop of the same
+:class:`~changecam.training.module.ChangeDetectionModule` that ``train.py`` tests with, so its
+``<split>/{precision,recall,f1,iou,accuracy}`` (pooled over every pixel of the split: the
+BIT/ChangeFormer protocol) are train's numbers for the same checkpoint and data. With
+``sliding_window.enabled=true`` the module's network is a
+:class:`~changecam.models.SlidingWindowNet` over whole images. The
+:class:`~changecam.evaluation.per_image.PerImageScores` callback adds, in the run directory:
+
+* ``metrics.json``: the pooled scores plus, under the separate ``seed_style/<split>/...`` keys,
+  the seed notebook's way (scores of consecutive groups of ``seed_batch_size`` samples,
+  averaged over the groups) and ``<split>/post_share/<layer>``;
+* ``per_image.csv``: one row per sample (tile, or whole image with sliding windows): ``name``,
+  ``TP, FP, FN, TN``, ``F1``, ``IoU`` and the post share of one per-date layer;
+
+and logs the same to the configured logger (scalars; the table too where the logger has
+``log_table``, i.e. W&B).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from changecam.atomic import write_json, write_text
+from changecam.cli.common import (
+    checked_choice,
+    checked_threshold,
+    hydra_main,
+    instantiate_loggers,
+    load_model,
+    log,
+    log_hyperparameters,
+    prepare_run,
+    resolve_device,
+    sliding_window_spec,
+    task_wrapper,
+    to_float_dict,
+)
+from changecam.evaluation.per_image import SEED_STYLE, PerImageScores
+from changecam.explain import choose_layer, per_date_layers
+from changecam.metrics import SCORE_NAMES
+from changecam.models import SlidingWindowNet, find_taps
+from changecam.training.module import ChangeDetectionModule
+
+EvalSplit = Literal["val", "test"]
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Score ``cfg.ckpt_path`` on ``cfg.split``; write ``metrics.json`` and ``per_image.csv``."""
+    output_dir = prepare_run(cfg)
+    split = checked_choice(cfg.get("split", "test"), EvalSplit, "split")
+    threshold = checked_threshold(cfg.threshold)
+    device = resolve_device(cfg.get("device", "auto"))
+    net, hparams = load_model(cfg)
+    spec = sliding_window_spec(cfg)
+    share_layer = None
+    if cfg.get("post_share", True):
+        layers = per_date_layers(find_taps(net))
+        share_layer = choose_layer(layers, cfg.get("post_share_layer"), "post_share_layer")
+    module = ChangeDetectionModule(
+        SlidingWindowNet(net, spec) if spec else net,
+        loss=hparams.get("loss"),
+        pos_weight=hparams.get("pos_weight"),
+        threshold=threshold,
+    )
+    per_image = PerImageScores(
+        net, threshold, post_share_layer=share_layer, seed_batch_size=cfg.seed_batch_size
+    )
+
+    # whole images, one per step, when windows do the cutting
+    overrides: dict[str, Any] = {"eval_protocol": "full", "eval_batch_size": 1} if spec else {}
+    datamodule = hydra.utils.instantiate(cfg.data, **overrides)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=[per_image],
+        accelerator=device.type,
+        devices=[device.index] if device.index is not None else 1,
+    )
+    if trainer.world_size > 1:
+        raise ValueError("eval.py runs on one device; set trainer.devices=1 (and no ddp trainer)")
+    log_hyperparameters(loggers, cfg)
+    run_loop = trainer.test if split == "test" else trainer.validate
+    metrics = to_float_dict(run_loop(module, datamodule=datamodule, verbose=False)[0])
+
+    for logger in loggers:
+        if hasattr(logger, "log_table"):
+            logger.log_table(
+                key=f"{split}/per_image", columns=per_image.columns(), data=per_image.table()
+            )
+    write_text(output_dir / "per_image.csv", per_image.csv_text())
+    write_json(output_dir / "metrics.json", metrics)
+    log.info("run directory: %s", output_dir)
+    print(f"run directory: {output_dir}")
+    pooled = ", ".join(f"{k}={metrics[f'{split}/{k}']:.4f}" for k in SCORE_NAMES)
+    print(f"{split} (pooled over all pixels): {pooled}")
+    seed = ", ".join(f"{k}={metrics[f'{SEED_STYLE}/{split}/{k}']:.4f}" for k in SCORE_NAMES)
+    print(f"{split} (seed style, mean over batches of {cfg.seed_batch_size}): {seed}")
+    return metrics
+
+
+main = hydra_main("eval", evaluate)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, its checkpoints and its callbacks (import from the modules)."""
