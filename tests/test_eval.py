@@ -252,3 +252,33 @@ def test_post_share_of_whole_images_of_odd_size():
     assert share.shape == (1,) and share.item() == pytest.approx(1.0)
     empty = whole_image_post_share(red_detector(), pre, pre, "enc1", threshold=0.5)
     assert math.isnan(empty.item())
+
+
+def test_train_and_eval_give_the_same_test_scores_on_one_checkpoint(tmp_path, tiny_synthetic):
+    """eval.py runs train.py's test loop: the same module, data and checkpoint, the same numbers."""
+    from changecam.cli.train import train
+    from conftest import tiny_overrides
+
+    data = tiny_overrides(tiny_synthetic)
+    trained = train(
+        compose_train(
+            tmp_path / "train",
+            ["experiment=quickstart", "trainer.max_epochs=2", "logger=none", *data],
+        )
+    )
+    ckpt = tmp_path / "train" / "run" / "checkpoints" / "best.ckpt"
+    evaluated = evaluate(
+        compose_train(
+            tmp_path / "eval",
+            [
+                f"ckpt_path={ckpt}",
+                "logger=none",
+                "post_share=false",
+                *[o for o in data if o.startswith(("data.", "trainer."))],
+            ],
+            "eval",
+        )
+    )
+    names = ["f1", "iou", "precision", "recall", "accuracy", "loss"]
+    assert 0 < trained["test/f1"] < 1, "a model that is neither perfect nor empty"
+    assert {n: evaluated[f"test/{n}"] for n in names} == {n: trained[f"test/{n}"] for n in names}

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from changecam.models import SiameseUNet, find_taps, seed_siamese_unet
+from changecam.models import (
+    SEED_ARCHITECTURE,
+    SiameseUNet,
+    build_network,
+    find_taps,
+    seed_siamese_unet,
+)
 
 
 @pytest.mark.parametrize("fusion", ["concat", "diff", "absdiff"])
@@ -121,3 +127,34 @@ def test_seed_compatible_state_dict_loads_without_renaming():
     assert torch.equal(net.decoder4.conv1.conv.weight, seed_sd["decoder4.conv1.conv.weight"])
     out = net.eval()(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32))
     assert out.shape == (1, 1, 32, 32) and torch.isfinite(out).all()
+
+
+def test_the_seed_config_group_builds_the_seed_architecture():
+    """conf/model/siamese_unet_seed.yaml mirrors the one definition in code (SEED_ARCHITECTURE)."""
+    from omegaconf import OmegaConf
+
+    from changecam.cli.common import CONF_DIR
+    from changecam.models import SEED_ARCHITECTURE, build_network
+
+    group = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/model/siamese_unet_seed.yaml"))
+    assert group.pop("_target_") == "changecam.models.SiameseUNet"
+    assert group == SEED_ARCHITECTURE
+    assert build_network({"_target_": "changecam.models.SiameseUNet", **group}).config() == (
+        seed_siamese_unet().config()
+    )
+
+
+def test_a_network_records_its_constructor_arguments():
+    net = SiameseUNet(3, 4, 2, fusion="diff")
+    assert net.init_kwargs == {
+        "in_channels": 3,
+        "base_channels": 4,
+        "depth": 2,
+        "fusion": "diff",
+        "shared_encoder": True,
+    }
+    assert net.config()["_target_"] == "changecam.models.siamese_unet.SiameseUNet"
+    assert net.size_multiple == 4
+    rebuilt = build_network(net.config())
+    assert rebuilt.init_kwargs == net.init_kwargs and rebuilt is not net
+    assert seed_siamese_unet().init_kwargs == SEED_ARCHITECTURE  # outermost call's arguments

@@ -39,8 +39,8 @@ def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, samples_dir, ex
         overrides += [f"data.root={samples_dir}", "data.layout=auto", "data.patch_size=64"]
     if experiment == "siamese_unet_seed":
         overrides += [
-            "++model.base_channels=64",
-            "++model.depth=4",
+            "model.base_channels=64",
+            "model.depth=4",
             "data.batch_size=1",
             "data.eval_batch_size=1",
         ]
