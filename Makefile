@@ -3,8 +3,6 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export NO_ALBUMENTATIONS_UPDATE := 1
-export WANDB_MODE ?= offline
 
 .PHONY: install train test test-slow test-all lint format bench clean
 

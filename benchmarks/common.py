@@ -22,9 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "src") not in sys.path:  # run from a fresh clone without installing, too
     sys.path.insert(0, str(REPO / "src"))
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from changecam.environment import configure_environment  # noqa: E402 (after the sys.path line)
+
+configure_environment()
 
 
 def cpu_model() -> str:

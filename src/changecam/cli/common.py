@@ -32,6 +32,7 @@ from torch import nn
 from changecam.atomic import write_text
 from changecam.cli.config_checks import ConfigError, check_config, check_device, resolved
 from changecam.data.io import read_label
+from changecam.environment import configure_environment
 from changecam.explain import ExplainSettings
 from changecam.models import SlidingWindow
 from changecam.training.checkpoint import read_checkpoint
@@ -40,19 +41,6 @@ log = logging.getLogger("changecam")
 
 # The configs live beside the package in the repository (editable install: `make install`).
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
-ENVIRONMENT = {
-    "WANDB_MODE": "offline",  # never touch the network unless the user asks (WANDB_MODE=online)
-    "WANDB_SILENT": "true",
-    "NO_ALBUMENTATIONS_UPDATE": "1",  # no PyPI query when albumentations is imported
-}
-
-
-def configure_environment() -> None:
-    """Set changecam's environment defaults (values the user set are kept)."""
-    for key, value in ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
-
-
 def config_dir() -> str:
     """The folder of changecam's Hydra configs: ``$CHANGECAM_CONFIG_DIR`` or the repository's
     ``conf/``.

@@ -9,18 +9,19 @@ appear/vanish, so the mask stays as it is.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
 import torch
 
+from changecam.environment import configure_environment
+
 
 def _albumentations() -> ModuleType:
     """albumentations, imported on first use with its network update check off (it would
     query PyPI at import otherwise)."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    configure_environment()
     import albumentations
 
     return albumentations
