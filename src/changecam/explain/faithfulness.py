@@ -206,6 +206,37 @@ def faithfulness(
         ValueError: inputs that do not match the explanation, an unknown layer or date, or
             ``steps``/``random_repeats`` below 1.
     """
+    _check_request(pre, post, explanation, dates, steps, random_repeats)
+    layer = choose_layer(explanation.layers, layer, "faithfulness layer")
+    b, _, h, w = pre.shape
+    if valid is not None:
+        valid = valid.to(pre.device).bool().expand(b, h, w)
+    run = _CurveRunner(model, pre, post, explanation.mask.to(pre.device), valid, batch_size)
+    cams = _layer_maps(explanation, layer, method, pre.device)
+    fractions = torch.linspace(0, 1, steps + 1)
+    generator = torch.Generator().manual_seed(seed)
+    kinds: list[CurveKind] = ["deletion", "insertion"] if insertion else ["deletion"]
+    curves: dict[str, dict[str, dict[str, Tensor]]] = {k: {} for k in kinds}
+    with preserved_state(model, eval_mode), torch.inference_mode():
+        score0 = run.score0()
+        for date in dates:
+            orders = _orders(date, cams, random_repeats, generator)
+            for kind, per_order in run.date_curves(orders, kinds, score0, fractions).items():
+                curves[kind][date] = per_order
+    return Faithfulness(
+        layer=layer, method=method, fractions=fractions, score0=score0.cpu(), curves=curves
+    )
+
+
+def _check_request(
+    pre: Tensor,
+    post: Tensor,
+    explanation: Explanation,
+    dates: Sequence[CurveDate],
+    steps: int,
+    random_repeats: int,
+) -> None:
+    """Refuse inputs that do not match the explanation, unknown dates and too few steps."""
     if (
         pre.shape != post.shape
         or tuple(pre.shape[-2:]) != explanation.input_size
@@ -215,7 +246,6 @@ def faithfulness(
             f"pre {tuple(pre.shape)} and post {tuple(post.shape)} must match the explanation's "
             f"batch of {len(explanation)} at {explanation.input_size}"
         )
-    layer = choose_layer(explanation.layers, layer, "faithfulness layer")
     bad = [d for d in dates if d not in CURVE_DATES]
     if bad or not dates:
         raise ValueError(
@@ -224,63 +254,88 @@ def faithfulness(
     if steps < 1 or random_repeats < 1:
         raise ValueError(f"steps={steps} and random_repeats={random_repeats} must be >= 1")
 
-    b, _, h, w = pre.shape
-    device = pre.device
+
+def _layer_maps(
+    explanation: Explanation, layer: str, method: Method, device: torch.device
+) -> dict[str, Tensor]:
+    """The upsampled map of ``layer`` for each date (upsampled here if the explanation is not)."""
+    size = explanation.input_size
     cams = {}
     for d in ("pre", "post"):
         tap = f"{d}/{layer}"
         up = explanation.upsampled.get(method, {}).get(tap)
         if up is None:
-            up = upsample_maps({method: {tap: explanation.map(tap, method)}}, (h, w))[method][tap]
+            up = upsample_maps({method: {tap: explanation.map(tap, method)}}, size)[method][tap]
         cams[d] = up.to(device)
-    if valid is not None:
-        valid = valid.to(device).bool().expand(b, h, w)
-    mask = explanation.mask.to(device)
-    fractions = torch.linspace(0, 1, steps + 1)
-    generator = torch.Generator().manual_seed(seed)
-    ones = torch.ones(b, h, w, dtype=torch.bool, device=device)
+    return cams
 
-    def orders(date: CurveDate) -> dict[str, list[tuple[Tensor, Tensor]]]:
-        """(ranking, modify_post) per order; random has one entry per repeat."""
-        if date == "both":
-            cam = (torch.maximum(cams["pre"], cams["post"]), cams["post"] > cams["pre"])
-        else:
-            cam = (cams[date], ones if date == "post" else ~ones)
-        randoms = []
-        for _ in range(random_repeats):
-            ranking = torch.rand(b, h, w, generator=generator).to(device)
-            randoms.append((ranking, cam[1]))
-        return {"cam": [cam], "random": randoms}
 
-    kinds: list[CurveKind] = ["deletion", "insertion"] if insertion else ["deletion"]
-    curves: dict[str, dict[str, dict[str, Tensor]]] = {k: {} for k in kinds}
-    inner = fractions[1:-1]
-    with preserved_state(model, eval_mode), torch.inference_mode():
+def _orders(
+    date: CurveDate, cams: dict[str, Tensor], random_repeats: int, generator: torch.Generator
+) -> dict[str, list[tuple[Tensor, Tensor]]]:
+    """``(ranking, modify_post)`` per order of one date's curve; random has one per repeat."""
+    b, h, w = cams["pre"].shape
+    device = cams["pre"].device
+    if date == "both":
+        cam = (torch.maximum(cams["pre"], cams["post"]), cams["post"] > cams["pre"])
+    else:
+        ones = torch.ones(b, h, w, dtype=torch.bool, device=device)
+        cam = (cams[date], ones if date == "post" else ~ones)
+    randoms = [
+        (torch.rand(b, h, w, generator=generator).to(device), cam[1]) for _ in range(random_repeats)
+    ]
+    return {"cam": [cam], "random": randoms}
+
+
+@dataclass(frozen=True)
+class _CurveRunner:
+    """The explained batch and how to score its counterfactuals."""
+
+    model: nn.Module
+    pre: Tensor
+    post: Tensor
+    mask: Tensor
+    valid: Tensor | None
+    batch_size: int
+
+    def score0(self) -> Tensor:
+        """``S`` of the unmodified pairs (B)."""
+        return target_score(self.model(self.pre, self.post), self.mask).float()
+
+    def curve(self, ranking: Tensor, modify_post: Tensor, fractions: Tensor, kind: CurveKind):
+        return perturbation_curve(
+            self.model,
+            self.pre,
+            self.post,
+            self.mask,
+            ranking,
+            modify_post,
+            fractions,
+            kind,
+            self.valid,
+            self.batch_size,
+        )
+
+    def date_curves(
+        self,
+        orders: dict[str, list[tuple[Tensor, Tensor]]],
+        kinds: Sequence[CurveKind],
+        score0: Tensor,
+        fractions: Tensor,
+    ) -> dict[str, dict[str, Tensor]]:
+        """``curves[kind][order]`` (B×F, on the CPU) of one date."""
         # The end points do not depend on the order: nothing modified (S0: deletion k=0,
         # insertion k=1) and every valid pixel modified (deletion k=1, insertion k=0).
-        score0 = target_score(model(pre, post), mask).float()
-        for date in dates:
-            per_order = orders(date)
-            rank, which = per_order["cam"][0]
-            full = perturbation_curve(
-                model, pre, post, mask, rank, which, torch.ones(1), "deletion", valid, batch_size
-            )[:, 0]
-            ends = {"deletion": (score0, full), "insertion": (full, score0)}
-            for kind in kinds:
-                first, last = ends[kind]
-                curves[kind][date] = {}
-                for order, entries in per_order.items():
-                    middle = torch.stack(
-                        [
-                            perturbation_curve(
-                                model, pre, post, mask, r, m, inner, kind, valid, batch_size
-                            )
-                            for r, m in entries
-                        ]
-                    ).mean(0)
-                    curve = torch.cat([first[:, None], middle, last[:, None]], dim=1)
-                    curves[kind][date][order] = curve.cpu()
-    score0 = score0.cpu()
-    return Faithfulness(
-        layer=layer, method=method, fractions=fractions, score0=score0, curves=curves
-    )
+        rank, which = orders["cam"][0]
+        full = self.curve(rank, which, torch.ones(1), "deletion")[:, 0]
+        ends = {"deletion": (score0, full), "insertion": (full, score0)}
+        out: dict[str, dict[str, Tensor]] = {}
+        for kind in kinds:
+            first, last = ends[kind]
+            out[kind] = {}
+            for order, entries in orders.items():
+                middle = torch.stack(
+                    [self.curve(r, m, fractions[1:-1], kind) for r, m in entries]
+                ).mean(0)
+                out[kind][order] = torch.cat([first[:, None], middle, last[:, None]], 1).cpu()
+        return out

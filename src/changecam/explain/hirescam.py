@@ -327,20 +327,57 @@ def explain_batch(
         ValueError: mismatched ``pre``/``post`` shapes, unknown methods, or a target that lacks
             its ``label``/``roi``.
     """
-    methods = tuple(dict.fromkeys(methods))
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(
-            f"unknown explanation method(s) {bad or methods}; expected some of {METHODS}"
-        )
+    methods = _checked_methods(methods)
     if pre.shape != post.shape or pre.ndim != 4:
         raise ValueError(
             f"pre and post must both be B×C×H×W of the same shape, got {tuple(pre.shape)} and "
             f"{tuple(post.shape)}"
         )
     modules = resolve_taps(model, taps)
-    names = list(modules)
-    seen: dict[str, list[Tensor]] = {n: [] for n in names}
+    with preserved_state(model, eval_mode), torch.inference_mode(False), torch.enable_grad():
+        logits, activations = _recorded_forward(model, modules, pre, post)
+        mask = target_mask(logits, target, label=label, roi=roi, valid=valid)
+        score = target_score(logits, mask)
+        if not score.requires_grad:
+            raise ValueError(f"the output of {type(model).__name__} does not depend on its inputs")
+        grads = torch.autograd.grad(score.sum(), list(activations.values()), allow_unused=True)
+
+    with torch.no_grad():
+        raw: dict[str, dict[str, Tensor]] = {m: {} for m in methods}
+        for (name, act), grad in zip(activations.items(), grads, strict=True):
+            for method, cam in cam_maps(act, grad, methods).items():
+                raw[method][name] = cam
+        return Explanation(
+            taps=tuple(activations),
+            methods=methods,
+            logits=logits.detach().float(),
+            mask=mask.float(),
+            score=score.detach().float(),
+            raw=raw,
+            upsampled=upsample_maps(raw, tuple(logits.shape[-2:])) if upsample else {},
+        )
+
+
+def _checked_methods(methods: Sequence[Method]) -> tuple[Method, ...]:
+    """The requested methods without repeats, or a :class:`ValueError` for unknown ones."""
+    methods = tuple(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(
+            f"unknown explanation method(s) {bad or methods}; expected some of {METHODS}"
+        )
+    return methods
+
+
+def _recorded_forward(
+    model: nn.Module, modules: dict[str, Tap], pre: Tensor, post: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward on clones of the inputs (grad-enabled), recording every tap's output once.
+
+    Raises:
+        TapError: a tap ran more or less than once (e.g. one Tap for a module called twice).
+    """
+    seen: dict[str, list[Tensor]] = {n: [] for n in modules}
 
     def recorder(name: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -348,41 +385,18 @@ def explain_batch(
 
         return hook
 
-    with preserved_state(model, eval_mode), torch.inference_mode(False), torch.enable_grad():
-        handles = [modules[n].register_forward_hook(recorder(n)) for n in names]
-        try:
-            x_pre = pre.detach().clone().requires_grad_(True)
-            x_post = post.detach().clone().requires_grad_(True)
-            logits = model(x_pre, x_post)
-        finally:
-            for handle in handles:
-                handle.remove()
-        wrong = {n: len(v) for n, v in seen.items() if len(v) != 1}
-        if wrong:
-            raise TapError(
-                f"each tap must run exactly once per forward; runs per tap: {wrong}. "
-                "A module called twice (e.g. a shared encoder) needs one Tap per call."
-            )
-        mask = target_mask(logits, target, label=label, roi=roi, valid=valid)
-        score = target_score(logits, mask)
-        if not score.requires_grad:
-            raise ValueError(f"the output of {type(model).__name__} does not depend on its inputs")
-        activations = [seen[n][0] for n in names]
-        grads = torch.autograd.grad(score.sum(), activations, allow_unused=True)
-
-    with torch.no_grad():
-        raw: dict[str, dict[str, Tensor]] = {m: {} for m in methods}
-        for name, act, grad in zip(names, activations, grads, strict=True):
-            for method, cam in cam_maps(act, grad, methods).items():
-                raw[method][name] = cam
-        size = tuple(logits.shape[-2:])
-        up = upsample_maps(raw, size) if upsample else {}
-        return Explanation(
-            taps=tuple(names),
-            methods=methods,
-            logits=logits.detach().float(),
-            mask=mask.float(),
-            score=score.detach().float(),
-            raw=raw,
-            upsampled=up,
+    handles = [tap.register_forward_hook(recorder(n)) for n, tap in modules.items()]
+    try:
+        x_pre = pre.detach().clone().requires_grad_(True)
+        x_post = post.detach().clone().requires_grad_(True)
+        logits = model(x_pre, x_post)
+    finally:
+        for handle in handles:
+            handle.remove()
+    wrong = {n: len(v) for n, v in seen.items() if len(v) != 1}
+    if wrong:
+        raise TapError(
+            f"each tap must run exactly once per forward; runs per tap: {wrong}. "
+            "A module called twice (e.g. a shared encoder) needs one Tap per call."
         )
+    return logits, {n: v[0] for n, v in seen.items()}

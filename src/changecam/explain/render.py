@@ -107,58 +107,87 @@ def render_panel(
         raise ValueError(
             f"images {pre_rgb.shape[:2]}/{post_rgb.shape[:2]} do not match the explanation {size}"
         )
+    shares = {k: float(v[0]) for k, v in exp.post_shares(method).items()}
+    figure = _panel_figure(
+        tuple(size), tuple(shares), layer, method, label is not None, bool(title), dpi
+    )
+    with figure.lock:
+        art = figure.artists
+        probs = torch.sigmoid(exp.logits[0, 0]).cpu()
+        _draw_top_row(art, pre_rgb, post_rgb, label, probs, threshold)
+        _draw_maps(art, pre_rgb, post_rgb, exp, layer, method)
+        for bar, value in zip(art["bars"], shares.values(), strict=True):
+            bar.set_height(0.0 if math.isnan(value) else value)
+        gap = float(faithfulness.gap("both")[index]) if faithfulness is not None else None
+        art["line"].set_text(_caption(shares, exp, faithfulness, gap))
+        if title:
+            art["title"].set_text(title)
+        return figure.draw()
+
+
+def _draw_top_row(
+    art: dict[str, Any],
+    pre_rgb: np.ndarray,
+    post_rgb: np.ndarray,
+    label: np.ndarray | Tensor | None,
+    probs: Tensor,
+    threshold: float,
+) -> None:
+    """Pre, post, ground truth (with its change fraction) and prediction (with its F1)."""
+    art["pre"].set_data(pre_rgb)
+    art["post"].set_data(post_rgb)
+    if label is not None:
+        truth = to_mask(label)
+        art["truth"].set_data(truth)
+        art["truth_title"].set_text(f"ground truth ({truth.mean():.1%} change)")
+        counts = confusion_counts(
+            probs[None, None], torch.from_numpy(truth)[None, None].float(), threshold
+        )
+        f1 = float(scores_from_counts(*counts[0])["f1"])
+        art["pred_title"].set_text(f"prediction (p > {threshold:g}), F1 {f1:.2f}")
+    else:
+        art["pred_title"].set_text(f"prediction (p > {threshold:g})")
+    art["pred"].set_data((probs > threshold).numpy())
+
+
+def _draw_maps(
+    art: dict[str, Any],
+    pre_rgb: np.ndarray,
+    post_rgb: np.ndarray,
+    exp: Explanation,
+    layer: str,
+    method: Method,
+) -> None:
+    """Pre and post maps on one symmetric scale, their sum on its own, and the empty flag."""
     cams = {
         d: exp.map(f"{d}/{layer}", method, upsampled=True)[0].cpu().numpy() for d in ("pre", "post")
     }
     combined = cams["pre"] + cams["post"]
     vmax = float(max(np.abs(cams["pre"]).max(), np.abs(cams["post"]).max()))
     vmax_combined = float(np.abs(combined).max())
-    probs = torch.sigmoid(exp.logits[0, 0]).cpu()
-    pred = (probs > threshold).numpy()
-    shares = {k: float(v[0]) for k, v in exp.post_shares(method).items()}
+    art["pre_cam"].set_data(overlay(pre_rgb, cams["pre"], vmax))
+    art["post_cam"].set_data(overlay(post_rgb, cams["post"], vmax))
+    art["combined"].set_data(overlay(post_rgb, combined, vmax_combined))
+    for text in art["empty"]:
+        text.set_visible(bool(exp.empty[0]))
+    art["scale"].set_clim(-vmax or -1.0, vmax or 1.0)
+    art["scale_combined"].set_clim(-vmax_combined or -1.0, vmax_combined or 1.0)
 
-    figure = _panel_figure(
-        tuple(size), tuple(shares), layer, method, label is not None, bool(title), dpi
+
+def _caption(
+    shares: dict[str, float],
+    exp: Explanation,
+    faithfulness: Faithfulness | None,
+    gap: float | None,
+) -> str:
+    """The text line under the panel: shares, target score and faithfulness gap."""
+    line = "post share P_post/(P_pre+P_post): " + ", ".join(
+        f"{k} {_fmt(v)}" for k, v in shares.items()
     )
-    with figure.lock:
-        art = figure.artists
-        art["pre"].set_data(pre_rgb)
-        art["post"].set_data(post_rgb)
-        if label is not None:
-            truth = to_mask(label)
-            art["truth"].set_data(truth)
-            art["truth_title"].set_text(f"ground truth ({truth.mean():.1%} change)")
-            counts = confusion_counts(
-                probs[None, None], torch.from_numpy(truth)[None, None].float(), threshold
-            )
-            f1 = float(scores_from_counts(*counts[0])["f1"])
-            art["pred_title"].set_text(f"prediction (p > {threshold:g}), F1 {f1:.2f}")
-        else:
-            art["pred_title"].set_text(f"prediction (p > {threshold:g})")
-        art["pred"].set_data(pred)
-        art["pre_cam"].set_data(overlay(pre_rgb, cams["pre"], vmax))
-        art["post_cam"].set_data(overlay(post_rgb, cams["post"], vmax))
-        art["combined"].set_data(overlay(post_rgb, combined, vmax_combined))
-        for text in art["empty"]:
-            text.set_visible(bool(exp.empty[0]))
-        for bar, value in zip(art["bars"], shares.values(), strict=True):
-            bar.set_height(0.0 if math.isnan(value) else value)
-
-        line = "post share P_post/(P_pre+P_post): " + ", ".join(
-            f"{k} {_fmt(v)}" for k, v in shares.items()
-        )
-        line += f"  |  S = {float(exp.score[0]):.1f} over {int(exp.mask[0].sum())} px"
-        if faithfulness is not None:
-            gap = float(faithfulness.gap("both")[index])
-            line += (
-                f"  |  faithfulness gap ({faithfulness.method} {faithfulness.layer}): {_fmt(gap)}"
-            )
-        art["line"].set_text(line)
-        if title:
-            art["title"].set_text(title)
-        art["scale"].set_clim(-vmax or -1.0, vmax or 1.0)
-        art["scale_combined"].set_clim(-vmax_combined or -1.0, vmax_combined or 1.0)
-        return figure.draw()
+    line += f"  |  S = {float(exp.score[0]):.1f} over {int(exp.mask[0].sum())} px"
+    if faithfulness is not None and gap is not None:
+        line += f"  |  faithfulness gap ({faithfulness.method} {faithfulness.layer}): {_fmt(gap)}"
+    return line
 
 
 @dataclass
