@@ -23,7 +23,7 @@ from changecam.callbacks.cam_worker import (
 from changecam.models import SiameseUNet
 from changecam.module import net_config
 from changecam.train import train
-from conftest import compose_train, run_script, tiny_overrides
+from helpers import compose_train, run_script, tiny_overrides
 from wandb_offline import history
 
 K = 3

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from changecam.checkpoint import load_network
 from changecam.metrics import SCORE_NAMES
-from conftest import compose_train, run_script, tiny_overrides
+from helpers import compose_train, run_script, tiny_overrides
 
 
 def ddp_overrides(synthetic: Path) -> list[str]:

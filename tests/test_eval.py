@@ -15,7 +15,7 @@ from torch import nn
 from changecam.data.io import write_png
 from changecam.evaluate import evaluate, explain_whole, image_scores, mean_of_group_scores
 from changecam.models import SiameseUNet
-from conftest import compose_train, run_script
+from helpers import compose_train, run_script
 from test_checkpoint import make_lightning_checkpoint
 
 EPS = 1e-5  # BatchNorm's eps: running_var = 1 - eps makes it the exact identity

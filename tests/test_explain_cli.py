@@ -16,7 +16,7 @@ from changecam.explain.main import explain
 from changecam.explain.pipeline import ExplainSettings, explain_pair, pad_to_multiple
 from changecam.models import SiameseUNet
 from changecam.module import net_config
-from conftest import REPO, compose_train, run_script
+from helpers import REPO, compose_train, run_script
 
 FAST = ["explain.faithfulness.steps=2", "explain.dpi=30", "device=cpu"]
 

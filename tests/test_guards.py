@@ -17,7 +17,7 @@ from changecam.config_checks import ConfigError, check_device, check_value
 from changecam.models import SiameseUNet
 from changecam.module import ChangeDetectionModule, NonFiniteLossError
 from changecam.train import train
-from conftest import compose_train, run_script, tiny_overrides
+from helpers import compose_train, run_script, tiny_overrides
 
 
 def tiny(synthetic) -> list[str]:

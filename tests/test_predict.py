@@ -17,7 +17,7 @@ from changecam.data.io import read_image, write_png
 from changecam.data.transforms import image_to_tensor
 from changecam.inference import SlidingWindow, sliding_window_logits
 from changecam.predict import PredictionError, encode_probability, predict, read_probability
-from conftest import compose_train, run_script
+from helpers import compose_train, run_script
 from test_checkpoint import make_lightning_checkpoint
 
 FAST = [

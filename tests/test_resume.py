@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from changecam.checkpoint_io import AtomicCheckpointIO
 from changecam.train import train
-from conftest import REPO, compose_train, tiny_overrides
+from helpers import REPO, compose_train, tiny_overrides
 
 EPOCHS = 2
 

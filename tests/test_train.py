@@ -11,7 +11,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from changecam.train import train
-from conftest import REPO, compose_train, run_script, tiny_overrides
+from helpers import REPO, compose_train, run_script, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
