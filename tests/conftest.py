@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SAMPLES, TINY_SPEC
+from helpers import LEVIR256_TINY, SAMPLES, TINY_SPEC
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -21,9 +21,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
+    """The real LEVIR-CD-256 samples (read-only); the tests that need them skip without them."""
     if not (SAMPLES / "A").is_dir():
-        pytest.fail(f"real LEVIR-CD samples not found at {SAMPLES} (set CHANGECAM_SAMPLES)")
+        pytest.skip(
+            f"real LEVIR-CD samples not found at {SAMPLES}; set CHANGECAM_SAMPLES or provide "
+            "../shared/data/levir-cd-256-samples next to the repository"
+        )
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def levir256_tiny() -> Path:
+    """The committed flat LEVIR-CD-256 fixture: the real samples at 64 px (read-only: copy it
+    to ``tmp_path`` before changing anything)."""
+    assert (LEVIR256_TINY / "A").is_dir(), f"{LEVIR256_TINY} is missing: run make_fixtures.py"
+    return LEVIR256_TINY
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(
     os.environ.get("CHANGECAM_SAMPLES", REPO.parent / "shared" / "data" / "levir-cd-256-samples")
 )
+# committed: SAMPLES downscaled to 64 px, same names and lists (tests/fixtures/make_fixtures.py)
+LEVIR256_TINY = REPO / "tests" / "fixtures" / "levir256_tiny"
 
 TINY_SPEC = SyntheticSpec(image_size=64, train=4, val=2, test=2, seed=3)
 
