@@ -110,15 +110,15 @@ def test_every_experiment_composes(tmp_path, experiment):
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, samples_dir, experiment):
+def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, levir256_tiny, experiment):
     overrides = [
         f"experiment={experiment}",
         "debug=fdr",
         "logger=none",
         *tiny_overrides(tiny_synthetic),
     ]
-    if experiment != "quickstart":  # the LEVIR recipes run on the real LEVIR-CD patches
-        overrides += [f"data.root={samples_dir}", "data.layout=auto", "data.patch_size=64"]
+    if experiment != "quickstart":  # the LEVIR recipes run on the flat LEVIR-CD-256 fixture
+        overrides += [f"data.root={levir256_tiny}", "data.layout=auto", "data.patch_size=64"]
     if experiment == "siamese_unet_seed":
         overrides += [
             "model.base_channels=64",
