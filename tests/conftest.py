@@ -1,117 +1,46 @@
-"""Shared fixtures: the real LEVIR-CD samples, tiny synthetic sets, Hydra composition."""
+"""Fixtures and hooks; the plain helpers and constants they use live in ``helpers.py``.
+
+``helpers`` is imported first: it sets the test environment (W&B offline, ...) before anything
+imports the package.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from helpers import LEVIR256_TINY, SAMPLES, TINY_SPEC
 
-from changecam.data.synthetic import SyntheticSpec, generate  # noqa: E402
-from changecam.cli.common import CONF_DIR  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = Path(
-    os.environ.get("CHANGECAM_SAMPLES", REPO.parent / "shared" / "data" / "levir-cd-256-samples")
-)
-
-torch.set_num_threads(min(2, torch.get_num_threads()))
-
-TINY_SPEC = SyntheticSpec(image_size=64, train=4, val=2, test=2, seed=3)
+def pytest_configure(config: pytest.Config) -> None:
+    """At most two torch threads in the test process (CI machines are small)."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
 def samples_dir() -> Path:
+    """The real LEVIR-CD-256 samples (read-only); the tests that need them skip without them."""
     if not (SAMPLES / "A").is_dir():
-        pytest.fail(f"real LEVIR-CD samples not found at {SAMPLES} (set CHANGECAM_SAMPLES)")
+        pytest.skip(
+            f"real LEVIR-CD samples not found at {SAMPLES}; set CHANGECAM_SAMPLES or provide "
+            "../shared/data/levir-cd-256-samples next to the repository"
+        )
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def levir256_tiny() -> Path:
+    """The committed flat LEVIR-CD-256 fixture: the real samples at 64 px (read-only: copy it
+    to ``tmp_path`` before changing anything)."""
+    assert (LEVIR256_TINY / "A").is_dir(), f"{LEVIR256_TINY} is missing: run make_fixtures.py"
+    return LEVIR256_TINY
 
 
 @pytest.fixture(scope="session")
 def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 64 px synthetic set in the official LEVIR-CD layout (4/2/2 pairs)."""
+    from changecam.data.synthetic import generate
+
     return generate(tmp_path_factory.mktemp("synthetic") / "tiny", TINY_SPEC)
-
-
-def compose_train(tmp_path: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
-    """Compose a config the way ``train.py`` does, with outputs under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.paths.log_dir = str(tmp_path / "logs")
-        cfg.paths.data_dir = str(tmp_path / "data")
-        cfg.print_config = False
-    return cfg
-
-
-def tiny_overrides(synthetic_root: Path) -> list[str]:
-    """Overrides that make any experiment tiny: 32 px tiles of the 64 px synthetic set, width 4."""
-    return [
-        f"data.root={synthetic_root}",
-        "data.synthetic=null",
-        "data.layout=levir",
-        "data.train_protocol=tiles",
-        "data.eval_protocol=tiles",
-        "data.patch_size=32",
-        "data.batch_size=4",
-        "data.eval_batch_size=4",
-        "data.num_workers=0",
-        "model.base_channels=4",
-        "model.depth=2",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "callbacks.progress_bar=null",
-        "callbacks.model_summary=null",
-    ]
-
-
-def run_script(
-    script: str,
-    args: list[str],
-    cwd: Path,
-    timeout: float = 600,
-    *,
-    check: bool = True,
-    env: dict[str, str] | None = None,
-):
-    """Run one of the repository's scripts (``train.py``, ``eval.py``, ...) in a fresh
-    interpreter with one torch thread; with ``check``, require it to succeed.
-
-    Args:
-        script: file name in the repository root.
-        args: its command-line arguments (Hydra overrides).
-        cwd: working directory.
-        timeout: seconds before the run counts as hung.
-        check: assert a zero exit status (showing the end of the output otherwise).
-        env: extra environment variables (e.g. ``HYDRA_FULL_ERROR=0`` for error-message tests).
-    """
-    import subprocess
-    import sys
-
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
-    full_env.pop("CHANGECAM_ROOT", None)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc

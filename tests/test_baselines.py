@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from changecam.evaluation.baselines import f1_per_threshold, naive_baseline
 from changecam.data.synthetic import SyntheticSpec, generate
+from changecam.evaluation.baselines import f1_per_threshold, naive_baseline
 
 
 def test_f1_per_threshold_hand_computed():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 run_all = importlib.import_module("run_all")

@@ -13,17 +13,17 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from changecam.training.callbacks import cam_panels
+from changecam.cli.train import train
 from changecam.explain import FaithfulnessSettings
+from changecam.models import SiameseUNet
+from changecam.training.callbacks import cam_panels
 from changecam.training.callbacks.cam_panels import DEFAULT_EXPLAIN, CamPanels, select_samples
 from changecam.training.callbacks.cam_worker import (
     BackgroundExplainer,
     CamWorkerError,
     explain_samples,
 )
-from changecam.models import SiameseUNet
-from changecam.cli.train import train
-from conftest import compose_train, run_script, tiny_overrides
+from helpers import compose_train, run_script, tiny_overrides
 from wandb_offline import history
 
 K = 3

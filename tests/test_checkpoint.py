@@ -12,6 +12,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
+from changecam.cli.common import CONF_DIR
+from changecam.data import ChangeDetectionDataModule
+from changecam.models import SiameseUNet
 from changecam.training.checkpoint import (
     CheckpointError,
     format_suggestion,
@@ -19,10 +22,7 @@ from changecam.training.checkpoint import (
     split_checkpoint,
     suggest_siamese_unet,
 )
-from changecam.data import ChangeDetectionDataModule
-from changecam.models import SiameseUNet
 from changecam.training.module import ChangeDetectionModule
-from changecam.cli.common import CONF_DIR
 
 NET = "changecam.models.SiameseUNet"
 

@@ -64,6 +64,30 @@ def test_date_swap_and_jitter_keep_mask(tmp_path):
     ds = ChangeDetectionDataset([t], "tiles", 32, transform=PairTransform(0, 0, 0, date_swap=1.0))
     s = ds[0]
     assert torch.all(s["pre"] * 255 - s["post"] * 255 > 0.5)  # swapped: pre now holds post
+    plain = ChangeDetectionDataset([t], "full")[0]  # no transform: the files as they are
+    label = plain["mask"]
+    assert 0 < label.mean() < 1  # the quadrant: a mask that can be moved or flipped
+    swap = PairTransform(0, 0, 0, date_swap=1.0)
+    s = ChangeDetectionDataset([t], "full", transform=swap)[0]
+    assert torch.equal(s["pre"], plain["post"]) and torch.equal(s["post"], plain["pre"])
+    assert torch.equal(s["mask"], label)
+    # jitter on every date; the swap is drawn after the jitter, so with the same torch seed the
+    # swapped sample is exactly the unswapped one with the dates exchanged
+    jitter = {"jitter": 0.4, "jitter_p": 1.0}
+    jittered, swapped = (
+        ChangeDetectionDataset([t], "full", transform=PairTransform(0, 0, 0, date_swap=p, **jitter))
+        for p in (0.0, 1.0)
+    )
+    for seed in range(3):
+        torch.manual_seed(seed)
+        j = jittered[0]
+        torch.manual_seed(seed)
+        s = swapped[0]
+        assert torch.equal(s["pre"], j["post"]) and torch.equal(s["post"], j["pre"])
+        for key in ("pre", "post"):  # the jitter changed both dates, each by its own draw
+            assert (j[key] - plain[key]).abs().mean() > 2 / 255
+        assert not torch.allclose(j["post"] - j["pre"], plain["post"] - plain["pre"], atol=0.02)
+        assert torch.equal(j["mask"], label) and torch.equal(s["mask"], label)
 
 
 def test_resize_and_full(tmp_path):

@@ -11,9 +11,9 @@ import lightning as L
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from changecam.training.checkpoint import load_network
 from changecam.metrics import SCORE_NAMES
-from conftest import compose_train, run_script, tiny_overrides
+from changecam.training.checkpoint import load_network
+from helpers import compose_train, run_script, tiny_overrides
 
 
 def ddp_overrides(synthetic: Path) -> list[str]:

@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from changecam.data.io import write_png
 from changecam.cli.evaluate import evaluate
+from changecam.data.io import write_png
 from changecam.evaluation.per_image import (
     image_scores,
     mean_of_group_scores,
     whole_image_post_share,
 )
 from changecam.models import SiameseUNet
-from conftest import compose_train, run_script
+from helpers import compose_train, run_script
 from test_checkpoint import make_lightning_checkpoint
 
 EPS = 1e-5  # BatchNorm's eps: running_var = 1 - eps makes it the exact identity
@@ -257,7 +257,7 @@ def test_post_share_of_whole_images_of_odd_size():
 def test_train_and_eval_give_the_same_test_scores_on_one_checkpoint(tmp_path, tiny_synthetic):
     """eval.py runs train.py's test loop: the same module, data and checkpoint, the same numbers."""
     from changecam.cli.train import train
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
 
     data = tiny_overrides(tiny_synthetic)
     trained = train(

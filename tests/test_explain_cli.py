@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from changecam.cli.explain import explain
 from changecam.data.io import read_image, read_label, write_png
 from changecam.explain import TapError
-from changecam.cli.explain import explain
 from changecam.explain.runner import (
     ExplainSettings,
     FaithfulnessSettings,
@@ -20,7 +20,7 @@ from changecam.explain.runner import (
     pad_to_multiple,
 )
 from changecam.models import SiameseUNet
-from conftest import REPO, compose_train, run_script
+from helpers import REPO, compose_train, run_script
 
 FAST = ["explain.faithfulness.steps=2", "explain.dpi=30", "device=cpu"]
 
@@ -37,22 +37,22 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair_dir(samples_dir, tmp_path_factory) -> Path:
-    """Two real LEVIR-CD pairs in A/ B/ label/, cropped to 40×36 (divisible by 2**depth = 4) and
-    to 38×30 (not divisible: padded to 40×32)."""
+def pair_dir(levir256_tiny, tmp_path_factory) -> Path:
+    """Two LEVIR-CD pairs (of the 64 px fixture) in A/ B/ label/, cropped to 40×36 (divisible
+    by 2**depth = 4) and to 38×30 (not divisible: padded to 40×32)."""
     root = tmp_path_factory.mktemp("pairs")
-    names = sorted(p.name for p in (samples_dir / "A").iterdir())[:2]
+    names = sorted(p.name for p in (levir256_tiny / "A").iterdir())[:2]
     for i, name in enumerate(names):
         h, w = (40, 36) if i == 0 else (38, 30)
         write_png(
-            root / "A" / name, read_image(samples_dir / "A" / name)[100 : 100 + h, 60 : 60 + w]
+            root / "A" / name, read_image(levir256_tiny / "A" / name)[20 : 20 + h, 16 : 16 + w]
         )
         write_png(
-            root / "B" / name, read_image(samples_dir / "B" / name)[100 : 100 + h, 60 : 60 + w]
+            root / "B" / name, read_image(levir256_tiny / "B" / name)[20 : 20 + h, 16 : 16 + w]
         )
         write_png(
             root / "label" / name,
-            read_label(samples_dir / "label" / name)[100 : 100 + h, 60 : 60 + w] * 255,
+            read_label(levir256_tiny / "label" / name)[20 : 20 + h, 16 : 16 + w] * 255,
         )
     return root
 

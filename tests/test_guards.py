@@ -4,7 +4,9 @@ values fail at start with the allowed values; device switches work or say why no
 from __future__ import annotations
 
 import functools
+import json
 import time
+from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -14,10 +16,10 @@ from hydra.core.global_hydra import GlobalHydra
 from torch.utils.data import DataLoader
 
 from changecam.cli.config_checks import ConfigError, check_device, check_value
+from changecam.cli.train import train
 from changecam.models import SiameseUNet
 from changecam.training.module import ChangeDetectionModule, NonFiniteLossError
-from changecam.cli.train import train
-from conftest import compose_train, run_script, tiny_overrides
+from helpers import compose_train, run_script, tiny_overrides
 
 
 def tiny(synthetic) -> list[str]:
@@ -133,14 +135,96 @@ def test_compile_without_a_cpp_compiler_says_so(tmp_path, tiny_synthetic, monkey
         check_device(cfg)
 
 
+class FormatProbe(L.Callback):
+    """What reaches the network's convolutions during training steps, written as JSON to
+    ``path`` when training ends (a config callback: ``+callbacks.probe._target_=...``).
+
+    Records the memory format of the network's inputs and of its 4-D convolution weights
+    (those with more than one input channel and a kernel wider than 1x1, whose layout tells
+    the formats apart) and the dtype of every ``Conv2d``/``ConvTranspose2d`` output.
+
+    Args:
+        path: the JSON file to write.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: dict[str, set] = {"inputs": set(), "weights": set(), "conv_dtypes": set()}
+        self.handles: list = []
+        self.steps = 0
+        self.in_step = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        net = pl_module.net
+        self.handles.append(net.register_forward_pre_hook(self._inputs))
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+                self.handles.append(m.register_forward_hook(self._conv))
+
+    def _inputs(self, module: torch.nn.Module, args: tuple) -> None:
+        if self.in_step:
+            self.seen["inputs"] |= {
+                x.is_contiguous(memory_format=torch.channels_last) for x in args
+            }
+
+    def _conv(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.in_step:
+            self.seen["conv_dtypes"].add(str(output.dtype))
+
+    def _weights(self, pl_module: L.LightningModule) -> None:
+        self.seen["weights"] |= {
+            p.is_contiguous(memory_format=torch.channels_last)
+            for p in pl_module.net.parameters()
+            if p.ndim == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1
+        }
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._weights(pl_module)
+        self.in_step = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.in_step = False
+        self.steps += 1
+        self._weights(pl_module)  # after the optimiser step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for handle in self.handles:
+            handle.remove()
+        seen = {key: sorted(values) for key, values in self.seen.items()}
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.path).write_text(json.dumps({"steps": self.steps, **seen}))
+
+
 @pytest.mark.parametrize(
-    "overrides",
-    [["trainer.precision=bf16-mixed"], ["module.channels_last=true"]],
+    ("overrides", "dtype", "channels_last"),
+    [
+        (["trainer.precision=bf16-mixed"], "torch.bfloat16", False),
+        (["module.channels_last=true"], "torch.float32", True),
+    ],
+    ids=["bf16", "channels_last"],
 )
-def test_bf16_and_channels_last_train_on_the_cpu(tmp_path, tiny_synthetic, overrides):
-    metrics = train(compose_train(tmp_path, [*tiny(tiny_synthetic), "debug=fdr", *overrides]))
+def test_bf16_and_channels_last_train_on_the_cpu(
+    tmp_path, tiny_synthetic, overrides, dtype, channels_last
+):
+    """Each switch takes effect in the training step, and only its own: bf16-mixed runs the
+    convolutions in bfloat16 (in channels-first format), channels_last keeps the weights and
+    the network's inputs channels-last (in float32)."""
+    probe = [
+        "+callbacks.probe._target_=test_guards.FormatProbe",
+        "+callbacks.probe.path=${paths.output_dir}/format_probe.json",
+    ]
+    metrics = train(
+        compose_train(tmp_path, [*tiny(tiny_synthetic), "debug=fdr", *overrides, *probe])
+    )
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     assert 0 <= metrics["val/f1"] <= 1
+    seen = json.loads((tmp_path / "run" / "format_probe.json").read_text())
+    assert seen == {
+        "steps": 1,
+        "inputs": [channels_last],
+        "weights": [channels_last],
+        "conv_dtypes": [dtype],
+    }
 
 
 def test_compile_switch_compiles_the_network_in_place():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from changecam.models import SiameseUNet
 from changecam.models.sliding_window import (
     SlidingWindow,
     SlidingWindowNet,
@@ -17,7 +18,6 @@ from changecam.models.sliding_window import (
     sliding_window_logits,
     window_starts,
 )
-from changecam.models import SiameseUNet
 
 
 def tiny_unet(seed: int = 0) -> SiameseUNet:

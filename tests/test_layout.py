@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from changecam.data.layout import (
     find_triplets,
     pair_folder,
 )
+from helpers import run_script
 
 
 def make_levir(root: Path, names: dict[str, list[str]]) -> Path:
@@ -36,7 +38,10 @@ def test_official_layout(tmp_path):
     assert t.label == root / "train/label/train_2.png"
 
 
-def test_flat_levir256_layout(samples_dir):
+@pytest.mark.parametrize("data", ["levir256_tiny", "samples_dir"])
+def test_flat_levir256_layout(request, data):
+    """The committed 64 px fixture and the real samples it was made from read the same."""
+    samples_dir = request.getfixturevalue(data)
     assert detect_layout(samples_dir) == "levir256"
     counts = {s: len(find_triplets(samples_dir, s)) for s in ("train", "val", "test")}
     assert counts == {"train": 3, "val": 1, "test": 7}
@@ -66,11 +71,11 @@ def test_extra_file_in_b_is_named(tmp_path):
         find_triplets(root, "train")
 
 
-def test_listed_name_missing_in_flat_layout(tmp_path, samples_dir):
+def test_listed_name_missing_in_flat_layout(tmp_path, levir256_tiny):
     import shutil
 
     root = tmp_path / "flat"
-    shutil.copytree(samples_dir, root)
+    shutil.copytree(levir256_tiny, root)
     (root / "label" / "test_2_0000_0000.png").unlink()
     with pytest.raises(LayoutError, match=r"label/test_2_0000_0000\.png is missing"):
         find_triplets(root, "test")
@@ -98,3 +103,39 @@ def test_prediction_folder_without_labels(tmp_path):
         write_png(tmp_path / sub / "x.png", img)
     (t,) = pair_folder(tmp_path, require_label=False)
     assert t.label is None and t.name == "x"
+
+
+def test_committed_fixture_is_small_and_in_the_real_format(levir256_tiny):
+    files = sorted(p for p in levir256_tiny.rglob("*") if p.is_file())
+    assert sum(p.stat().st_size for p in files) < 256 * 1024
+    fractions = []
+    for t in (t for s in ("train", "val", "test") for t in find_triplets(levir256_tiny, s)):
+        for path in (t.pre, t.post):
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and image.std() > 10
+        label = cv2.imread(str(t.label), cv2.IMREAD_UNCHANGED)
+        assert label.shape == (64, 64) and set(np.unique(label).tolist()) <= {0, 255}
+        fractions.append((label == 255).mean())
+    assert min(fractions) == 0.0 and max(fractions) > 0.1  # train_386 has no change
+
+
+def test_committed_fixture_is_what_make_fixtures_writes(tmp_path, levir256_tiny, samples_dir):
+    out = tmp_path / "levir256_tiny"
+    run_script(
+        "tests/fixtures/make_fixtures.py",
+        [f"--samples={samples_dir}", f"--out={out}"],
+        cwd=tmp_path,
+        timeout=120,
+    )
+    relative = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert relative == sorted(
+        str(p.relative_to(levir256_tiny)) for p in levir256_tiny.rglob("*") if p.is_file()
+    )
+    assert len(relative) == 3 * 11 + 3 + 1  # A, B, label; the three lists; the README
+    for name in relative:
+        made, committed = out / name, levir256_tiny / name
+        if made.suffix == ".png":  # pixels (the PNG bytes depend on the zlib version)
+            a, b = (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in (made, committed))
+            assert a.shape == b.shape and np.array_equal(a, b), name
+        else:
+            assert made.read_text() == committed.read_text(), name

@@ -11,7 +11,7 @@ import pytest
 from ipykernel.kernelspec import install
 from nbclient import NotebookClient
 
-from conftest import REPO
+from helpers import REPO
 from test_checkpoint import make_lightning_checkpoint
 
 NOTEBOOK = REPO / "notebooks" / "explain_change.ipynb"

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import changecam.cli.predict as predict_module
-from changecam.training.checkpoint import load_network
+from changecam.cli.predict import PredictionError, encode_probability, predict, read_probability
 from changecam.data.io import read_image, write_png
 from changecam.data.transforms import image_to_tensor
 from changecam.models.sliding_window import SlidingWindow, sliding_window_logits
-from changecam.cli.predict import PredictionError, encode_probability, predict, read_probability
-from conftest import compose_train, run_script
+from changecam.training.checkpoint import load_network
+from helpers import compose_train, run_script
 from test_checkpoint import make_lightning_checkpoint
 
 FAST = [
@@ -81,17 +81,18 @@ def test_folder_of_real_levir_samples(tmp_path, ckpt, samples_dir):
     assert report["probability_encoding"].startswith("16-bit")
 
 
-def test_probability_file_is_the_sliding_window_prediction(tmp_path, ckpt, samples_dir):
+def test_probability_file_is_the_sliding_window_prediction(tmp_path, ckpt, levir256_tiny):
     pre, post = (
-        samples_dir / "A" / "test_7_0256_0512.png",
-        samples_dir / "B" / "test_7_0256_0512.png",
+        levir256_tiny / "A" / "test_7_0256_0512.png",
+        levir256_tiny / "B" / "test_7_0256_0512.png",
     )
     run_predict(
         tmp_path,
-        [f"ckpt_path={ckpt}", f"input.pre={pre}", f"input.post={post}", "explain.enabled=false"],
+        [f"ckpt_path={ckpt}", f"input.pre={pre}", f"input.post={post}", "explain.enabled=false"]
+        + ["sliding_window.window=32"],  # 3 x 3 overlapping windows over the 64 px pair
     )
     net = load_network(ckpt)
-    spec = SlidingWindow(window=64, overlap=0.25)
+    spec = SlidingWindow(window=32, overlap=0.25)
     x_pre, x_post = (image_to_tensor(read_image(p))[None] for p in (pre, post))
     expected = torch.sigmoid(sliding_window_logits(net, x_pre, x_post, spec))[0, 0].numpy()
     got = read_probability(tmp_path / "run" / "probabilities" / "test_7_0256_0512.png")
@@ -198,9 +199,9 @@ def test_probability_encoding_round_trip(tmp_path):
         read_probability(tmp_path / "m.png")
 
 
-def test_predict_cli_single_pair(tmp_path, ckpt, samples_dir):
-    shutil.copy(samples_dir / "A" / "test_2_0000_0000.png", tmp_path / "before.png")
-    shutil.copy(samples_dir / "B" / "test_2_0000_0000.png", tmp_path / "after.png")
+def test_predict_cli_single_pair(tmp_path, ckpt, levir256_tiny):
+    shutil.copy(levir256_tiny / "A" / "test_2_0000_0000.png", tmp_path / "before.png")
+    shutil.copy(levir256_tiny / "B" / "test_2_0000_0000.png", tmp_path / "after.png")
     run = tmp_path / "cli_run"
     proc = run_script(
         "predict.py",

@@ -15,9 +15,9 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from changecam.training.checkpoint_io import AtomicCheckpointIO
 from changecam.cli.train import train
-from conftest import REPO, compose_train, tiny_overrides
+from changecam.training.checkpoint_io import AtomicCheckpointIO
+from helpers import REPO, compose_train, tiny_overrides
 
 EPOCHS = 2
 

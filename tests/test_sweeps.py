@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from changecam.cli.train import optimized_value
-from conftest import compose_train, run_script, tiny_overrides
+from helpers import compose_train, run_script, tiny_overrides
 
 
 def tiny(synthetic: Path) -> list[str]:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import hydra
+import lightning as L
 import pytest
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+from torch import nn
 
 from changecam.cli.train import train
-from conftest import REPO, compose_train, run_script, tiny_overrides
+from helpers import REPO, compose_train, run_script, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -20,23 +27,98 @@ def test_experiments_are_found():
     assert {"quickstart", "siamese_unet", "siamese_unet_seed"} <= set(EXPERIMENTS)
 
 
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+# arguments the code passes when it instantiates a node (train.py: the module gets the network)
+SUPPLIED = {"module": {"net"}}
+
+
+def target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, dict]]:
+    """Every ``_target_`` node of a plain (``OmegaConf.to_container``) config, by its path."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from target_nodes(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from target_nodes(value, f"{path}[{i}]")
+
+
+def signature_problems(path: str, node: dict) -> list[str]:
+    """What is wrong with one ``_target_`` node: an unimportable target, keys its signature does
+    not take, or (for nodes built as they are, not ``_partial_``) required arguments missing."""
+    try:
+        target = hydra.utils.get_object(node["_target_"])
+    except Exception as err:  # report every node, not just the first
+        return [f"{path}: {node['_target_']} does not import ({err})"]
+    params = inspect.signature(target).parameters.values()
+    names = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    keys = set(node) - HYDRA_KEYS
+    problems = []
+    if not any(p.kind == p.VAR_KEYWORD for p in params) and keys - names:
+        problems.append(f"{path}: {node['_target_']} takes no {sorted(keys - names)}")
+    required = {
+        p.name
+        for p in params
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    missing = required - keys - SUPPLIED.get(path, set())
+    if not node.get("_partial_") and missing:
+        problems.append(f"{path}: {node['_target_']} needs {sorted(missing)}")
+    return problems
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(tmp_path, experiment):
+    """Every ``_target_`` of the composed config imports and takes its keys, and the groups
+    train.py builds (data without prepare_data, network, module, callbacks, trainer) build."""
     cfg = compose_train(tmp_path, [f"experiment={experiment}"])
     assert cfg.model._target_ == "changecam.models.SiameseUNet"
     assert cfg.trainer.max_epochs >= 1 and cfg.data.patch_size > 0
 
+    nodes = dict(target_nodes(OmegaConf.to_container(cfg, resolve=False)))
+    groups = {"data", "model", "module", "module.optimizer", "trainer", "trainer.plugins[0]"}
+    assert groups | {"callbacks.model_checkpoint", "logger.wandb"} <= set(nodes)
+    assert [p for path, node in nodes.items() for p in signature_problems(path, node)] == []
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    net = hydra.utils.instantiate(cfg.model)
+    module = hydra.utils.instantiate(cfg.module, net=net)
+    callbacks = [
+        hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c and "_target_" in c
+    ]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=False)
+    assert isinstance(datamodule, L.LightningDataModule)
+    assert datamodule.patch_size == cfg.data.patch_size and datamodule.root == Path(cfg.data.root)
+    assert isinstance(net, nn.Module) and net.base_channels == cfg.model.base_channels
+    assert isinstance(module, L.LightningModule) and module.net is net
+    optimizers = module.configure_optimizers()  # the partial optimiser (and scheduler) nodes
+    optimizer = optimizers["optimizer"] if isinstance(optimizers, dict) else optimizers
+    assert type(optimizer) is hydra.utils.get_class(cfg.module.optimizer._target_)
+    assert optimizer.defaults["lr"] == cfg.module.optimizer.lr
+    if cfg.module.scheduler is None:
+        assert not isinstance(optimizers, dict)
+    else:
+        scheduler = optimizers["lr_scheduler"]["scheduler"]
+        assert type(scheduler) is hydra.utils.get_class(cfg.module.scheduler._target_)
+    assert len(callbacks) == len([n for n in nodes if n.startswith("callbacks.")])
+    assert all(isinstance(c, L.Callback) for c in callbacks)
+    assert isinstance(trainer, L.Trainer) and trainer.max_epochs == cfg.trainer.max_epochs
+    assert all(any(c is t for t in trainer.callbacks) for c in callbacks)
+    checkpoint_io = hydra.utils.get_class(cfg.trainer.plugins[0]._target_)
+    assert type(trainer.strategy.checkpoint_io) is checkpoint_io
+
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, samples_dir, experiment):
+def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, levir256_tiny, experiment):
     overrides = [
         f"experiment={experiment}",
         "debug=fdr",
         "logger=none",
         *tiny_overrides(tiny_synthetic),
     ]
-    if experiment != "quickstart":  # the LEVIR recipes run on the real LEVIR-CD patches
-        overrides += [f"data.root={samples_dir}", "data.layout=auto", "data.patch_size=64"]
+    if experiment != "quickstart":  # the LEVIR recipes run on the flat LEVIR-CD-256 fixture
+        overrides += [f"data.root={levir256_tiny}", "data.layout=auto", "data.patch_size=64"]
     if experiment == "siamese_unet_seed":
         overrides += [
             "model.base_channels=64",

@@ -1,0 +1,105 @@
+"""Plain helpers and constants of the test suite (no fixtures): ``from helpers import ...``.
+
+Importing this module also sets the environment every test process runs with (W&B offline
+and silent, no albumentations update check), the same defaults the commands set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from changecam.cli.common import CONF_DIR
+from changecam.data.synthetic import SyntheticSpec
+from changecam.environment import configure_environment
+
+configure_environment()  # the commands' defaults: W&B offline, no albumentations update check
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = Path(
+    os.environ.get("CHANGECAM_SAMPLES", REPO.parent / "shared" / "data" / "levir-cd-256-samples")
+)
+# committed: SAMPLES downscaled to 64 px, same names and lists (tests/fixtures/make_fixtures.py)
+LEVIR256_TINY = REPO / "tests" / "fixtures" / "levir256_tiny"
+
+TINY_SPEC = SyntheticSpec(image_size=64, train=4, val=2, test=2, seed=3)
+
+
+def compose_train(tmp_path: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
+    """Compose a config the way ``train.py`` does, with outputs under ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.print_config = False
+    return cfg
+
+
+def tiny_overrides(synthetic_root: Path) -> list[str]:
+    """Overrides that make any experiment tiny: 32 px tiles of the 64 px synthetic set, width 4."""
+    return [
+        f"data.root={synthetic_root}",
+        "data.synthetic=null",
+        "data.layout=levir",
+        "data.train_protocol=tiles",
+        "data.eval_protocol=tiles",
+        "data.patch_size=32",
+        "data.batch_size=4",
+        "data.eval_batch_size=4",
+        "data.num_workers=0",
+        "model.base_channels=4",
+        "model.depth=2",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+    ]
+
+
+def run_script(
+    script: str,
+    args: list[str],
+    cwd: Path,
+    timeout: float = 600,
+    *,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+):
+    """Run one of the repository's scripts (``train.py``, ``eval.py``, ...) in a fresh
+    interpreter with one torch thread; with ``check``, require it to succeed.
+
+    Args:
+        script: file name in the repository root.
+        args: its command-line arguments (Hydra overrides).
+        cwd: working directory.
+        timeout: seconds before the run counts as hung.
+        check: assert a zero exit status (showing the end of the output otherwise).
+        env: extra environment variables (e.g. ``HYDRA_FULL_ERROR=0`` for error-message tests).
+    """
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", **(env or {})}
+    full_env.pop("CHANGECAM_ROOT", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
