@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from changecam.cli.train import train
+from changecam.explain import ExplainSettings
+from changecam.training.callbacks.cam_panels import CamPanels
 from helpers import REPO, compose_train, run_script, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -101,7 +103,11 @@ def test_every_experiment_composes(tmp_path, experiment):
     else:
         scheduler = optimizers["lr_scheduler"]["scheduler"]
         assert type(scheduler) is hydra.utils.get_class(cfg.module.scheduler._target_)
-    assert len(callbacks) == len([n for n in nodes if n.startswith("callbacks.")])
+    callback_nodes = [n for n in nodes if n.startswith("callbacks.") and n.count(".") == 1]
+    assert len(callbacks) == len(callback_nodes)
+    cam_panels = [c for c in callbacks if isinstance(c, CamPanels)]
+    assert len(cam_panels) == 1 and isinstance(cam_panels[0].settings, ExplainSettings)
+    assert cam_panels[0].settings.threshold == cfg.module.threshold
     assert all(isinstance(c, L.Callback) for c in callbacks)
     assert isinstance(trainer, L.Trainer) and trainer.max_epochs == cfg.trainer.max_epochs
     assert all(any(c is t for t in trainer.callbacks) for c in callbacks)

@@ -41,6 +41,8 @@ log = logging.getLogger("changecam")
 
 # The configs live beside the package in the repository (editable install: `make install`).
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+
+
 def config_dir() -> str:
     """The folder of changecam's Hydra configs: ``$CHANGECAM_CONFIG_DIR`` or the repository's
     ``conf/``.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
@@ -30,7 +30,7 @@ from changecam.data.layout import Triplet
 from changecam.data.transforms import PairTransform, image_to_tensor, mask_to_tensor
 
 Protocol = Literal["tiles", "random_crop", "resize", "full"]
-PROTOCOLS: tuple[str, ...] = ("tiles", "random_crop", "resize", "full")
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
 
 class ChangeDetectionDataset(Dataset):

@@ -79,7 +79,12 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
     PNG file, atomically (:mod:`changecam.atomic`)."""
     path = Path(path)
     data = array[..., ::-1] if array.ndim == 3 else array
-    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(data))
+    try:
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(data))
+    except cv2.error as err:
+        raise OSError(
+            f"could not encode {path} as PNG ({array.dtype} {array.shape}): {err}"
+        ) from err
     if not ok:
         raise OSError(f"could not encode {path} as PNG ({array.dtype} {array.shape})")
     write_bytes(path, encoded.tobytes())

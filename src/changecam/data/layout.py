@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 Split = Literal["train", "val", "test"]
 Layout = Literal["auto", "levir", "levir256"]
-SPLITS: tuple[str, ...] = ("train", "val", "test")
+SPLITS: tuple[str, ...] = get_args(Split)
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 LEVIR_HELP = (
@@ -135,7 +135,7 @@ def find_triplets(root: str | Path, split: Split, layout: Layout = "auto") -> li
             raise LayoutError(f"split list {listing} is empty")
         return pair_folder(root, names)
     raise ValueError(
-        f"data.layout={layout!r} is not allowed; expected one of auto, levir, levir256"
+        f"data.layout={layout!r} is not allowed; expected one of {', '.join(get_args(Layout))}"
     )
 
 

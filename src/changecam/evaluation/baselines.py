@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def naive_baseline(root: str | Path, layout: Layout = "auto") -> dict[str, float
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="dataset root (e.g. data/synthetic)")
-    parser.add_argument("--layout", default="auto", choices=["auto", "levir", "levir256"])
+    parser.add_argument("--layout", default="auto", choices=get_args(Layout))
     args = parser.parse_args(argv)
     print(json.dumps(naive_baseline(args.root, args.layout)))
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from changecam.explain.hirescam import (
 from changecam.explain.targets import target_score
 
 CurveDate = Literal["pre", "post", "both"]
-CURVE_DATES: tuple[CurveDate, ...] = ("pre", "post", "both")
+CURVE_DATES: tuple[CurveDate, ...] = get_args(CurveDate)
 CurveKind = Literal["deletion", "insertion"]
 Order = Literal["cam", "random"]
 

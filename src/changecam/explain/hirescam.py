@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,9 @@ from changecam.explain.targets import Target, TargetKind, is_empty, target_mask,
 from changecam.models.taps import Tap, find_taps
 
 Method = Literal["hirescam", "gradcam"]
-METHODS: tuple[Method, ...] = ("hirescam", "gradcam")
+METHODS: tuple[Method, ...] = get_args(Method)
 Date = Literal["pre", "post"]
-DATES: tuple[Date, ...] = ("pre", "post")
+DATES: tuple[Date, ...] = get_args(Date)
 
 
 class TapError(ValueError):

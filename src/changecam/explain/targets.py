@@ -14,13 +14,13 @@ through :func:`is_empty`, never divided by.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 TargetKind = Literal["predicted", "ground_truth", "all", "roi"]
-TARGET_KINDS: tuple[str, ...] = ("predicted", "ground_truth", "all", "roi")
+TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 
 
 @dataclass(frozen=True)

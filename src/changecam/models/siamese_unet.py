@@ -9,7 +9,7 @@ state-dict key names, so ``SiameseUNet(3, 64, 4, "concat", shared_encoder=False)
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,7 @@ from changecam.models.protocol import ChangeNetwork
 from changecam.models.taps import Tap
 
 Fusion = Literal["concat", "diff", "absdiff"]
-FUSIONS: tuple[str, ...] = ("concat", "diff", "absdiff")
+FUSIONS: tuple[str, ...] = get_args(Fusion)
 
 
 class ConvBlock(nn.Module):

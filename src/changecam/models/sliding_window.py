@@ -15,7 +15,7 @@ multiple of the window, the result equals patch-wise prediction bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,8 @@ from changecam.models.protocol import size_multiple
 
 Blend = Literal["gaussian", "uniform"]
 PadMode = Literal["reflect", "replicate", "constant"]
-BLENDS: tuple[str, ...] = ("gaussian", "uniform")
-PAD_MODES: tuple[str, ...] = ("reflect", "replicate", "constant")
+BLENDS: tuple[str, ...] = get_args(Blend)
+PAD_MODES: tuple[str, ...] = get_args(PadMode)
 
 
 @dataclass(frozen=True)

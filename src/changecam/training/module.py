@@ -20,7 +20,7 @@ from changecam.training.checkpoint import record_network
 
 Loss = Literal["bce", "dice", "bce_dice"]
 LOSSES: tuple[str, ...] = typing.get_args(Loss)
-STAGES: tuple[str, ...] = ("val", "test")
+STAGES: tuple[str, ...] = ("val", "test")  # the evaluation loops with pooled scores
 
 # The split scores and losses are reduced across ranks by torchmetrics before they are logged,
 # which Lightning cannot see; its advice to add sync_dist=True does not apply to them.

@@ -1,0 +1,60 @@
+"""The one atomic writer: a failed write leaves the old file (or nothing) and no temporary file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from changecam.atomic import atomic_directory, atomic_open, write_json, write_text
+from changecam.data.io import read_label, write_png
+
+
+def test_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "sub" / "metrics.json"
+    write_json(path, {"b": 1, "a": 2.5})
+    assert path.read_text() == '{\n  "a": 2.5,\n  "b": 1\n}\n'
+    write_text(path, "new")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.json"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "per_image.csv"
+    write_text(path, "old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_open(path, "w") as f:
+            f.write("half of the ne")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["per_image.csv"]
+    with pytest.raises(TypeError):  # json cannot encode it: nothing is written at all
+        write_json(tmp_path / "new.json", {"x": object()})
+    assert not (tmp_path / "new.json").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_png_goes_through_the_atomic_writer(tmp_path):
+    label = np.zeros((5, 7), np.uint8)
+    label[1:3, 2:6] = 255
+    write_png(tmp_path / "label.png", label)
+    assert read_label(tmp_path / "label.png").tolist() == (label > 0).astype(np.uint8).tolist()
+    with pytest.raises(OSError, match="could not encode"):
+        write_png(tmp_path / "bad.png", np.zeros((2, 2, 5), np.float64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["label.png"]
+
+
+def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "dataset"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_directory(target) as tmp:
+            write_text(tmp / "a.txt", "a")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with atomic_directory(target) as tmp:
+        write_json(tmp / "spec.json", {"n": 1})
+    assert json.loads((target / "spec.json").read_text()) == {"n": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset"]
+    with pytest.raises(FileExistsError):
+        with atomic_directory(target):
+            pass
