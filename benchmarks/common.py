@@ -63,25 +63,9 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def quickstart_config(tmp: Path, overrides: list[str]) -> DictConfig:
     """``experiment=quickstart`` as ``train.py`` composes it, with every path under ``tmp``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from changecam.cli.common import compose_config
 
-    from changecam.cli.common import CONF_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "train", overrides=["experiment=quickstart", *overrides], return_hydra_config=True
-        )
-        HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp)
-        cfg.paths.data_dir = str(tmp / "data")
-        cfg.paths.log_dir = str(tmp / "logs")
-        cfg.paths.output_dir = str(tmp / "run")
-    return cfg
+    return compose_config("train", ["experiment=quickstart", *overrides], tmp)
 
 
 def median(values: Sequence[float]) -> float:

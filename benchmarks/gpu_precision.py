@@ -24,12 +24,9 @@ import hydra
 import lightning as L
 import torch
 from common import emit, machine
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from changecam.cli.common import CONF_DIR
+from changecam.cli.common import compose_config
 
 SEED = 1234
 TINY = [
@@ -78,14 +75,7 @@ class EpochTimer(L.Callback):
 
 
 def compose_quickstart(root: Path, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-        HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(root / "run")
-        cfg.paths.data_dir = str(root / "data")
-    return cfg
+    return compose_config("train", overrides, root)
 
 
 def epoch_throughput(cfg: DictConfig, precision: str, state: dict[str, torch.Tensor]) -> float:

@@ -9,12 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from changecam.cli.common import CONF_DIR
+from changecam.cli.common import compose_config
 from changecam.data.synthetic import SyntheticSpec
 from changecam.environment import configure_environment
 
@@ -31,16 +28,10 @@ TINY_SPEC = SyntheticSpec(image_size=64, train=4, val=2, test=2, seed=3)
 
 
 def compose_train(tmp_path: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
-    """Compose a config the way ``train.py`` does, with outputs under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        HydraConfig().set_config(cfg)
+    """Compose a config the way ``train.py`` (or ``config_name``'s command) does, with outputs
+    under ``tmp_path`` and no config printout."""
+    cfg = compose_config(config_name, overrides, tmp_path)
     with open_dict(cfg):
-        cfg.paths.root_dir = str(tmp_path)
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.paths.log_dir = str(tmp_path / "logs")
-        cfg.paths.data_dir = str(tmp_path / "data")
         cfg.print_config = False
     return cfg
 

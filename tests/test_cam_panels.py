@@ -223,6 +223,27 @@ def test_other_loggers_still_write_pngs(tmp_path, tiny_synthetic, logger, mode):
         assert "val/cam/post_share/enc1" in header
 
 
+def test_explain_block_options_reach_the_panels_and_enabled_false_turns_them_off(
+    tmp_path, tiny_synthetic
+):
+    args = overrides(tiny_synthetic, "csv") + [
+        "callbacks.cam_panels.mode=inline",
+        "callbacks.cam_panels.explain.taps=[enc2]",
+        "callbacks.cam_panels.explain.faithfulness.enabled=false",
+    ]
+    train(compose_train(tmp_path / "on", args))
+    header = (tmp_path / "on" / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/cam/post_share/enc2" in header and "val/cam/post_share/enc1" not in header
+    assert "faithfulness_gap" not in header, "the curves are off"
+    assert len(list((tmp_path / "on" / "run" / "cam" / "epoch_001").glob("*.png"))) == K
+
+    off = overrides(tiny_synthetic, "csv") + ["callbacks.cam_panels.explain.enabled=false"]
+    train(compose_train(tmp_path / "off", off))
+    assert not (tmp_path / "off" / "run" / "cam").exists()
+    header = (tmp_path / "off" / "run" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/cam" not in header
+
+
 @pytest.mark.slow
 def test_ddp_writes_panels_once(tmp_path, tiny_synthetic):
     args = overrides(tiny_synthetic, "none") + [

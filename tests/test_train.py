@@ -6,9 +6,7 @@ import inspect
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
@@ -17,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import nn
 
+from changecam.cli.config_checks import HYDRA_KEYS, target_nodes
 from changecam.cli.train import train
 from changecam.explain import ExplainSettings
 from changecam.training.callbacks.cam_panels import CamPanels
@@ -29,21 +28,8 @@ def test_experiments_are_found():
     assert {"quickstart", "siamese_unet", "siamese_unet_seed"} <= set(EXPERIMENTS)
 
 
-HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 # arguments the code passes when it instantiates a node (train.py: the module gets the network)
 SUPPLIED = {"module": {"net"}}
-
-
-def target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, dict]]:
-    """Every ``_target_`` node of a plain (``OmegaConf.to_container``) config, by its path."""
-    if isinstance(node, dict):
-        if "_target_" in node:
-            yield path, node
-        for key, value in node.items():
-            yield from target_nodes(value, f"{path}.{key}" if path else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from target_nodes(value, f"{path}[{i}]")
 
 
 def signature_problems(path: str, node: dict) -> list[str]:

@@ -21,6 +21,8 @@ from typing import Any
 
 import hydra
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch import Callback
@@ -71,6 +73,22 @@ def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[
 
     main.__doc__ = f"``python {config_name}.py``: see conf/{config_name}.yaml."
     return main
+
+
+def compose_config(config_name: str, overrides: list[str], root: str | Path) -> DictConfig:
+    """A command's config composed as its main composes it (the ``hydra`` node set), with every
+    path under ``root`` (the run directory is ``root/run``): for tests, benchmarks, notebooks."""
+    root = Path(root)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(root)
+        cfg.paths.output_dir = str(root / "run")
+        cfg.paths.log_dir = str(root / "logs")
+        cfg.paths.data_dir = str(root / "data")
+    return cfg
 
 
 def close_wandb() -> None:

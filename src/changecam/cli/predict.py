@@ -10,7 +10,7 @@
 
 and one ``predictions.json`` with each pair's changed-pixel fraction, post share per layer and
 faithfulness gap. Masks and probabilities come from sliding-window inference
-(:mod:`changecam.inference`); the panel, the shares and the gap from
+(:mod:`changecam.models.sliding_window`); the panel, the shares and the gap from
 :func:`changecam.explain.explain_pair`, the code ``explain.py`` runs, on the whole (padded)
 image. A pair that fails (e.g. its two dates differ in size) leaves no files; the
 others are still predicted, and the command exits with an error naming the failed pairs.

@@ -105,7 +105,7 @@ class CamPanels(L.Callback):
         worker_threads: torch threads of the background process.
         explain: what to explain and draw (taps, methods, target, panel layer, dpi and the
             faithfulness curves; the ``explain`` config group, ``conf/explain/callback.yaml``);
-            default :data:`DEFAULT_EXPLAIN`.
+            default :data:`DEFAULT_EXPLAIN`. ``explain.enabled=false`` turns the panels off.
     """
 
     def __init__(
@@ -165,6 +165,9 @@ class CamPanels(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Choose the samples and start the background process while training runs."""
+        if not self.settings.enabled:
+            log.info("CAM panels off (callbacks.cam_panels.explain.enabled=false)")
+            return
         if not trainer.is_global_zero or trainer.val_dataloaders is None:
             return
         samples = self._fixed_samples(trainer)
@@ -202,6 +205,8 @@ class CamPanels(L.Callback):
 
     def _due(self, trainer: L.Trainer) -> bool:
         """Validation epochs of fitting only (not the sanity check, not a later ``trainer.validate``)."""
+        if not self.settings.enabled:
+            return False
         fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
         return fitting and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
