@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             measure("predict_levir_model", [*cmd, "explain.enabled=false"])
 
     limit = 2 * GIB / 2**20
-    predict_cfg = OmegaConf.to_container(OmegaConf.load(REPO / "conf/predict.yaml"))
+    from changecam.cli.common import compose_config
+
+    composed = compose_config("predict", [], Path(tempfile.gettempdir()))
+    predict_cfg = {k: OmegaConf.to_container(composed[k]) for k in ("sliding_window", "explain")}
     figures = {
         "train_peak_rss_mib": round(mib["train"], 1),
         "predict_1024_peak_rss_mib": round(mib["predict"], 1),
