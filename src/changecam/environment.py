@@ -2,7 +2,7 @@
 
 W&B stays offline unless ``WANDB_MODE=online`` is set, and albumentations does not query PyPI
 for updates when it is imported. The commands set these when they start
-(:func:`changecam.cli.common.hydra_main`), the data transforms before they import
+(:func:`changecam.cli.common.task_wrapper`), the data transforms before they import
 albumentations, and the tests and benchmarks at their start.
 """
 

@@ -63,10 +63,10 @@ def config_dir() -> str:
 
 
 def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    """The console entry point of one command: environment, then ``@hydra.main`` on ``task``."""
+    """The console entry point of one command: ``@hydra.main`` on ``task`` (a :func:`task_wrapper`
+    task, which sets the environment)."""
 
     def main() -> Any:
-        configure_environment()
         return hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(
             task
         )()
@@ -101,7 +101,8 @@ def close_wandb() -> None:
 
 
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Run a task and always close W&B, also when the task raises (multirun keeps going cleanly)."""
+    """Run a task with changecam's environment defaults and always close W&B, also when the task
+    raises (multirun keeps going cleanly)."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> Any:

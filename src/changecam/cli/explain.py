@@ -26,7 +26,7 @@ from changecam.cli.common import (
     resolve_device,
     task_wrapper,
 )
-from changecam.data.io import image_size, read_image, read_label
+from changecam.data.io import pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
 from changecam.explain import ExplainSettings, choose_layer, explain_pair, resolve_taps
 
@@ -36,17 +36,7 @@ def check_pairs(
 ) -> None:
     """Refuse, before writing anything, pairs whose sizes differ or that lack what the target needs."""
     for t in pairs:
-        size = image_size(t.pre)
-        if image_size(t.post) != size:
-            raise ValueError(
-                f"pair {t.name!r}: {t.pre} is {size[0]}x{size[1]} but {t.post} is "
-                f"{image_size(t.post)[0]}x{image_size(t.post)[1]} (height x width); both dates must "
-                "have the same size"
-            )
-        if t.label is not None and image_size(t.label) != size:
-            raise ValueError(
-                f"pair {t.name!r}: label {t.label} is {image_size(t.label)} but the images are {size}"
-            )
+        size = pair_size(t)
         if settings.target == "ground_truth" and t.label is None:
             raise ValueError(
                 f"explain.target=ground_truth but pair {t.name!r} ({t.pre}) has no label "

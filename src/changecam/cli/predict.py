@@ -44,7 +44,7 @@ from changecam.cli.common import (
     task_wrapper,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.data.io import image_size, read_image, read_label, write_png
+from changecam.data.io import pair_size, read_image, read_label, write_png
 from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
@@ -128,17 +128,6 @@ def read_probability(path: str | Path) -> np.ndarray:
     return data.astype(np.float32) / PROBABILITY_SCALE
 
 
-def check_pair_sizes(pair: Triplet) -> tuple[int, int]:
-    """(height, width) of a pair, read from the file headers; refuses dates of different sizes."""
-    pre_size, post_size = image_size(pair.pre), image_size(pair.post)
-    if pre_size != post_size:
-        raise ValueError(
-            f"pair {pair.name!r} refused: {pair.pre} is {pre_size[0]}x{pre_size[1]} but {pair.post} is "
-            f"{post_size[0]}x{post_size[1]} (height x width); both dates must have the same size"
-        )
-    return pre_size
-
-
 def predict_probability(
     net: nn.Module, pre: np.ndarray, post: np.ndarray, spec: SlidingWindow, device: torch.device
 ) -> np.ndarray:
@@ -173,7 +162,7 @@ def predict_pair(
     Raises:
         ValueError: the two dates differ in size (or an image cannot be read).
     """
-    height, width = check_pair_sizes(pair)
+    height, width = pair_size(pair)
     pre, post = read_image(pair.pre), read_image(pair.post)
     if pre.shape != post.shape:  # headers can lie; the decoded arrays decide
         raise ValueError(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from changecam.atomic import write_bytes
+
+if TYPE_CHECKING:
+    from changecam.data.layout import Triplet
 
 cv2.setNumThreads(0)  # decoding runs inside DataLoader workers; no nested thread pools
 
@@ -100,3 +104,23 @@ def image_size(path: str | Path) -> tuple[int, int]:
     except Exception as err:  # PIL raises several types for corrupt files
         raise ImageReadError(f"{path} could not be opened as an image: {err}") from err
     return height, width
+
+
+def pair_size(pair: Triplet) -> tuple[int, int]:
+    """(height, width) of a pair from its file headers (no pixels decoded).
+
+    Raises:
+        ValueError: the two dates, or the label and the dates, differ in size.
+    """
+    size, post = image_size(pair.pre), image_size(pair.post)
+    if post != size:
+        raise ValueError(
+            f"pair {pair.name!r}: {pair.pre} is {size[0]}x{size[1]} but {pair.post} is "
+            f"{post[0]}x{post[1]} (height x width); both dates must have the same size"
+        )
+    if pair.label is not None and image_size(pair.label) != size:
+        raise ValueError(
+            f"pair {pair.name!r}: label {pair.label} is {image_size(pair.label)} but the images "
+            f"are {size}"
+        )
+    return size

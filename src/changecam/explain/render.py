@@ -118,8 +118,7 @@ def render_panel(
         _draw_maps(art, pre_rgb, post_rgb, exp, layer, method)
         for bar, value in zip(art["bars"], shares.values(), strict=True):
             bar.set_height(0.0 if math.isnan(value) else value)
-        gap = float(faithfulness.gap("both")[index]) if faithfulness is not None else None
-        art["line"].set_text(_caption(shares, exp, faithfulness, gap))
+        art["line"].set_text(_caption(shares, exp, faithfulness, index))
         if title:
             art["title"].set_text(title)
         return figure.draw()
@@ -178,14 +177,16 @@ def _caption(
     shares: dict[str, float],
     exp: Explanation,
     faithfulness: Faithfulness | None,
-    gap: float | None,
+    index: int,
 ) -> str:
-    """The text line under the panel: shares, target score and faithfulness gap."""
+    """The text line under the panel: shares, target score and (of sample ``index`` of the
+    curves) the faithfulness gap."""
     line = "post share P_post/(P_pre+P_post): " + ", ".join(
         f"{k} {_fmt(v)}" for k, v in shares.items()
     )
     line += f"  |  S = {float(exp.score[0]):.1f} over {int(exp.mask[0].sum())} px"
-    if faithfulness is not None and gap is not None:
+    if faithfulness is not None:
+        gap = float(faithfulness.gap("both")[index])
         line += f"  |  faithfulness gap ({faithfulness.method} {faithfulness.layer}): {_fmt(gap)}"
     return line
 

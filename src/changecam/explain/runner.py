@@ -228,7 +228,7 @@ def explain_tensors(
         label=_pad_mask(label, padded),
         roi=_pad_mask(roi, padded),
         valid=valid,
-        upsample=upsample or settings.faithfulness.enabled,
+        upsample=upsample,  # the curves upsample their own layer when the maps are not
     )
     faith = None
     if settings.faithfulness.enabled:
