@@ -104,6 +104,65 @@ def test_all_errors_are_listed_together_on_the_command_line(tmp_path):
     assert "module.loss='dice2' is not allowed" in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "data").exists()
     assert time.monotonic() - start < 90
+    # reported once, without a traceback on the console; the traceback is in the log file
+    assert proc.stderr.count("model.fusion='dif' is not allowed") == 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+    logs = list(tmp_path.rglob("quickstart.log"))
+    assert logs and "Traceback" in logs[0].read_text()
+
+
+QUICK_CHECK = """
+import sys
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from changecam.cli.config_checks import ConfigError
+from changecam.cli.launch import config_dir, run_task
+with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    cfg = compose("train", ["experiment=quickstart", "model.fusion=dif"], return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+try:
+    run_task("changecam.cli.train:train_and_score", cfg)
+except ConfigError as err:
+    heavy = sorted(m for m in ("torch", "lightning") if m in sys.modules)
+    print("refused", "model.fusion='dif'" in str(err), heavy)
+"""
+
+
+def test_changecam_config_errors_fail_before_torch_and_lightning_are_imported(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", QUICK_CHECK], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.stdout.strip() == "refused True []", proc.stderr[-2000:]
+
+
+def test_the_source_signatures_agree_with_the_imported_ones():
+    """The quick check reads changecam's targets from source; it must see what import sees."""
+    from omegaconf import OmegaConf
+
+    from changecam.cli.config_checks import imported_signature, static_signature, target_nodes
+    from changecam.cli.launch import config_dir
+
+    targets = set()
+    for path in Path(config_dir()).rglob("*.yaml"):
+        tree = OmegaConf.to_container(OmegaConf.load(path))
+        targets |= {node["_target_"] for _, node in target_nodes(tree)}
+    checked = 0
+    for target in sorted(t for t in targets if t.startswith("changecam.")):
+        static, imported = static_signature(target), imported_signature(target)
+        if static is None:  # inherited constructors are left to the full check
+            continue
+        checked += 1
+        assert static.named == imported.named, target
+        assert static.takes_any_key == imported.takes_any_key, target
+        for key, hint in static.hints.items():
+            for value in ("zz-not-a-choice", 3, None, True):
+                assert check_value(value, hint) == check_value(value, imported.hints[key]), (
+                    target, key, value
+                )
+    assert checked >= 6
 
 
 @pytest.mark.parametrize(

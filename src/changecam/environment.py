@@ -8,7 +8,9 @@ albumentations, and the tests and benchmarks at their start.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 
 ENVIRONMENT = {
     "WANDB_MODE": "offline",
@@ -17,7 +19,47 @@ ENVIRONMENT = {
 }
 
 
+# Lightning's start-up notes that repeat what the config says (or advertise): log file only.
+QUIET_INFO = {
+    "lightning.pytorch.utilities.rank_zero": (
+        "GPU available:",
+        "TPU available:",
+        "HPU available:",
+        "Restoring states from the checkpoint path",
+        "Loaded model weights from the checkpoint",
+        "Trainer already configured with model summary callbacks",
+        "💡 Tip:",
+    ),
+    "lightning.fabric.utilities.seed": ("Seed set to",),
+}
+# Deprecation notes inside third-party code that its users cannot act on.
+QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+class _ToLogFileOnly(logging.Filter):
+    """Send matching INFO records to the root logger's files only (Hydra's run log)."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not record.getMessage().startswith(self.prefixes):
+            return True
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        return False
+
+
 def configure_environment() -> None:
-    """Set the defaults of :data:`ENVIRONMENT` that the environment does not set already."""
+    """Set the defaults of :data:`ENVIRONMENT` that the environment does not set already, and
+    quiet the third-party messages of :data:`QUIET_INFO` and :data:`QUIET_WARNINGS`."""
     for key, value in ENVIRONMENT.items():
         os.environ.setdefault(key, value)
+    for name, prefixes in QUIET_INFO.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ToLogFileOnly) for f in logger.filters):
+            logger.addFilter(_ToLogFileOnly(prefixes))
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)

@@ -2,7 +2,7 @@
 
 Each command (:mod:`~changecam.cli.train`, :mod:`~changecam.cli.evaluate`,
 :mod:`~changecam.cli.predict`, :mod:`~changecam.cli.explain`) is a task wrapped by
-:func:`task_wrapper` and started by :func:`hydra_main`. The task first calls
+:func:`task_wrapper` and started by :func:`changecam.cli.launch.hydra_main`. The task first calls
 :func:`prepare_run`: print the config if asked, run the config guards
 (:mod:`changecam.cli.config_checks`) and fill in the W&B run id. Nothing in the package imports
 the CLI modules; they import this one.
@@ -24,7 +24,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -34,6 +33,7 @@ from torch import nn
 from changecam.atomic import write_text
 from changecam.cli.config_checks import ConfigError, check_config, check_device, resolved
 from changecam.data.io import read_label
+from changecam.cli.launch import CONF_DIR, config_dir, is_multirun, log_to_file
 from changecam.environment import configure_environment
 from changecam.explain import ExplainSettings
 from changecam.models import SlidingWindow
@@ -42,39 +42,6 @@ from changecam.training.checkpoint import read_checkpoint
 log = logging.getLogger("changecam")
 
 # The configs live beside the package in the repository (editable install: `make install`).
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
-
-
-def config_dir() -> str:
-    """The folder of changecam's Hydra configs: ``$CHANGECAM_CONFIG_DIR`` or the repository's
-    ``conf/``.
-
-    Raises:
-        FileNotFoundError: neither exists (e.g. a non-editable install of the package alone).
-    """
-    folder = Path(os.environ.get("CHANGECAM_CONFIG_DIR") or CONF_DIR)
-    if not (folder / "train.yaml").is_file():
-        raise FileNotFoundError(
-            f"changecam's configs are not at {folder} (no train.yaml): run changecam from a "
-            "clone of its repository installed in editable mode (`make install`, i.e. "
-            "`pip install -e .`), or set CHANGECAM_CONFIG_DIR=<clone>/conf"
-        )
-    return str(folder)
-
-
-def hydra_main(config_name: str, task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    """The console entry point of one command: ``@hydra.main`` on ``task`` (a :func:`task_wrapper`
-    task, which sets the environment)."""
-
-    def main() -> Any:
-        return hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(
-            task
-        )()
-
-    main.__doc__ = f"``python {config_name}.py``: see conf/{config_name}.yaml."
-    return main
-
-
 def compose_config(config_name: str, overrides: list[str], root: str | Path) -> DictConfig:
     """A command's config composed as its main composes it (the ``hydra`` node set), with every
     path under ``root`` (the run directory is ``root/run``): for tests, benchmarks, notebooks."""
@@ -102,16 +69,14 @@ def close_wandb() -> None:
 
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Run a task with changecam's environment defaults and always close W&B, also when the task
-    raises (multirun keeps going cleanly)."""
+    raises (multirun keeps going cleanly). Reporting a failure is the console entry's job
+    (:func:`changecam.cli.launch.hydra_main`): once, with the traceback in the log file."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> Any:
         configure_environment()
         try:
             return task(cfg)
-        except Exception:
-            log.exception("task failed")
-            raise
         finally:
             close_wandb()
 
@@ -121,17 +86,31 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 def prepare_run(cfg: DictConfig) -> Path:
     """The set-up every command starts with; returns the run directory.
 
-    Prints the config (``print_config``), runs the config guards (unknown keys, invalid
-    choices, switches this machine cannot honour) before anything is built, and fills in the
-    W&B run id and sweep group.
+    Runs the config guards (unknown keys, invalid choices, switches this machine cannot honour)
+    before anything is built, then (``print_config``) writes the whole config to the log file
+    and a one-line summary to the console, and fills in the W&B run id and sweep group.
     """
-    if cfg.get("print_config"):
-        log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     check_config(cfg)
     check_device(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("print_config"):
+        log_to_file(logging.INFO, "config:\n" + OmegaConf.to_yaml(cfg, resolve=True))
+        log.info("%s (whole config: %s)", config_summary(), output_dir / ".hydra" / "config.yaml")
     configure_wandb(cfg, output_dir)
     return output_dir
+
+
+def config_summary() -> str:
+    """The command's config choices and overrides on one line, e.g.
+    ``train: experiment=quickstart model=siamese_unet data=synthetic | trainer.max_epochs=1``."""
+    if not HydraConfig.initialized():
+        return "config"
+    hydra_cfg = HydraConfig.get()
+    shown = ("experiment", "data", "model", "module", "trainer", "logger", "debug", "hparams_search")
+    choices = [f"{k}={v}" for k, v in hydra_cfg.runtime.choices.items() if k in shown and v]
+    overrides = [o for o in hydra_cfg.overrides.task if o.split("=")[0].lstrip("+~") not in shown]
+    text = f"{hydra_cfg.job.config_name}: " + " ".join(choices)
+    return text + (" | " + " ".join(overrides) if overrides else "")
 
 
 def instantiate_group(cfg: DictConfig | None, kind: type) -> list:
@@ -259,11 +238,6 @@ def wandb_run_id(output_dir: str | Path) -> str:
     if rank_zero_only.rank == 0:
         write_text(path, run_id + "\n")
     return run_id
-
-
-def is_multirun() -> bool:
-    """Whether this job is part of a Hydra multirun (a sweep)."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def configure_wandb(cfg: DictConfig, output_dir: str | Path) -> None:

@@ -7,24 +7,35 @@ type with the expected type. The allowed values come from the annotations themse
 (``changecam.models.siamese_unet.Fusion``, ``changecam.training.module.Loss``, Lightning's
 ``precision`` ...), so no list of choices is repeated here.
 
+The check runs twice per command. First, before the heavy imports (torch, Lightning), with
+``import_targets=False``: changecam's own targets are read from their source with :mod:`ast`
+(:func:`static_signature`), so a typo in ``model.``/``data.``/``module.`` keys or a value outside
+a ``Literal`` fails in about a second; other targets wait. Then in full, with every target
+imported, in :func:`changecam.cli.common.prepare_run`.
+
 :func:`check_device` then checks the switches that depend on the machine (mixed precision,
 ``torch.compile``, synchronised batch norm) and says why one cannot work here.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import functools
 import inspect
 import os
 import shutil
 import types
 import typing
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/changecam
 
 HYDRA_KEYS = frozenset({"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
 
@@ -42,10 +53,18 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` listing every unknown key and invalid value of the config."""
+def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
+    """Raise :class:`ConfigError` listing every unknown key and invalid value of the config.
+
+    Args:
+        cfg: the composed config.
+        import_targets: import every ``_target_`` to read its signature; ``False`` checks only
+            changecam's own targets, from their source, without importing anything heavy.
+    """
     errors = [
-        message for path, node in target_nodes(resolved(cfg)) for message in check_node(path, node)
+        message
+        for path, node in target_nodes(resolved(cfg))
+        for message in check_node(path, node, import_targets)
     ]
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
@@ -63,21 +82,45 @@ def target_nodes(tree: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any
             yield from target_nodes(value, f"{path}[{i}]")
 
 
-def check_node(path: str, node: dict[str, Any]) -> list[str]:
-    """Problems of one ``_target_`` node (empty when it is fine)."""
-    target = node["_target_"]
+@dataclass(frozen=True)
+class Signature:
+    """What a config node may hold: the named parameters, whether ``**kwargs`` takes any other
+    key, and the parameter annotations that could be evaluated."""
+
+    named: tuple[str, ...]
+    takes_any_key: bool
+    hints: dict[str, Any]
+
+
+def imported_signature(target: str) -> Signature | str | None:
+    """The signature of an imported target; an error message if it cannot be imported, ``None``
+    for builtins without a signature."""
     try:
         obj = hydra.utils.get_object(target)
     except Exception as err:
-        return [f"{path}._target_={target!r} cannot be imported: {err}"]
+        return f"cannot be imported: {err}"
     func = obj.__init__ if inspect.isclass(obj) else obj
     try:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):  # builtins without a signature: nothing to check
+        return None
+    return Signature(
+        named=tuple(n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)),
+        takes_any_key=any(p.kind is p.VAR_KEYWORD for p in params.values()),
+        hints=annotations(func),
+    )
+
+
+def check_node(path: str, node: dict[str, Any], import_targets: bool = True) -> list[str]:
+    """Problems of one ``_target_`` node (empty when it is fine, or when ``import_targets`` is
+    false and the target is not changecam's own)."""
+    target = node["_target_"]
+    signature = imported_signature(target) if import_targets else static_signature(target)
+    if isinstance(signature, str):
+        return [f"{path}._target_={target!r} {signature}"]
+    if signature is None:
         return []
-    named = {n: p for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    takes_any_key = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    hints = annotations(func)
+    named, takes_any_key, hints = signature.named, signature.takes_any_key, signature.hints
     errors = []
     for key, value in node.items():
         if key in HYDRA_KEYS:
@@ -156,8 +199,152 @@ def union_members(annotation: Any) -> list[Any]:
     return [annotation]
 
 
+def static_signature(target: str) -> Signature | None:
+    """The signature of a changecam target read from its source without importing it, or
+    ``None`` when it cannot be read that way (not changecam's, or defined dynamically)."""
+    module, _, name = target.rpartition(".")
+    if module != "changecam" and not module.startswith("changecam."):
+        return None
+    found = _find_definition(module, name)
+    if found is None:
+        return None
+    definition, aliases = found
+    if isinstance(definition, ast.ClassDef):
+        init = next(
+            (n for n in definition.body if isinstance(n, ast.FunctionDef) and n.name == "__init__"),
+            None,
+        )
+        if init is not None:
+            return _function_signature(init, aliases, skip_first=True)
+        decorators = [ast.unparse(d) for d in definition.decorator_list]
+        if any(d.split("(")[0].rsplit(".", 1)[-1] == "dataclass" for d in decorators):
+            fields = [
+                n for n in definition.body
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+            ]
+            return Signature(
+                named=tuple(f.target.id for f in fields),
+                takes_any_key=False,
+                hints={f.target.id: h for f in fields if (h := _annotation(f.annotation, aliases)) is not None},
+            )
+        return None  # the constructor is inherited: only the import knows it
+    return _function_signature(definition, aliases, skip_first=False)
+
+
+@functools.cache
+def _module_tree(module: str) -> ast.Module | None:
+    relative = Path(*module.split(".")[1:])
+    for path in (PACKAGE_DIR / relative.with_suffix(".py"), PACKAGE_DIR / relative / "__init__.py"):
+        if path.is_file():
+            return ast.parse(path.read_text(encoding="utf-8"))
+    return None
+
+
+def _find_definition(
+    module: str, name: str, depth: int = 0
+) -> tuple[ast.ClassDef | ast.FunctionDef, dict[str, Any]] | None:
+    """The class or function ``name`` of ``module`` (following ``from changecam... import``
+    re-exports, also lazy ones inside functions) and the names its annotations may use."""
+    tree = _module_tree(module)
+    if tree is None or depth > 4:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef | ast.FunctionDef) and node.name == name:
+            return node, _aliases(module)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("changecam"):
+            for alias in node.names:
+                if (alias.asname or alias.name) == name:
+                    return _find_definition(node.module, alias.name, depth + 1)
+    return None
+
+
+@functools.cache
+def _aliases(module: str) -> dict[str, Any]:
+    """Module-level ``Name = <expr>`` assignments (``Fusion = Literal[...]``) and the names
+    imported from other changecam modules (as ``(module, name)``, resolved when used)."""
+    tree = _module_tree(module)
+    names: dict[str, Any] = {}
+    for n in tree.body if tree is not None else []:
+        if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name):
+            names[n.targets[0].id] = n.value
+        elif isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("changecam"):
+            for alias in n.names:
+                names[alias.asname or alias.name] = (n.module, alias.name)
+    return names
+
+
+def _function_signature(
+    func: ast.FunctionDef, aliases: dict[str, Any], skip_first: bool
+) -> Signature:
+    args = func.args
+    params = [*args.posonlyargs, *args.args][1 if skip_first else 0 :] + list(args.kwonlyargs)
+    return Signature(
+        named=tuple(a.arg for a in params),
+        takes_any_key=args.kwarg is not None,
+        hints={
+            a.arg: h
+            for a in params
+            if a.annotation is not None and (h := _annotation(a.annotation, aliases)) is not None
+        },
+    )
+
+
+_BUILTINS: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool, "None": None}
+
+
+def _annotation(node: ast.expr, aliases: dict[str, Any], depth: int = 0) -> Any:
+    """An annotation's value for :func:`check_value`, built from its source: ``Literal[...]``,
+    builtin scalars, ``None``, unions of them and module-level aliases; ``None`` (meaning: do not
+    check) for anything else."""
+    if depth > 8:
+        return None
+    if isinstance(node, ast.Constant):
+        if node.value is None:
+            return types.NoneType
+        if isinstance(node.value, str):  # a string annotation
+            try:
+                return _annotation(ast.parse(node.value, mode="eval").body, aliases, depth + 1)
+            except SyntaxError:
+                return None
+        return None
+    if isinstance(node, ast.Name):
+        if node.id in _BUILTINS:
+            value = _BUILTINS[node.id]
+            return types.NoneType if value is None else value
+        alias = aliases.get(node.id)
+        if isinstance(alias, tuple):  # imported from another changecam module
+            other = _aliases(alias[0])
+            value = other.get(alias[1])
+            return None if value is None else _annotation(ast.Name(alias[1]), other, depth + 1)
+        if alias is not None:
+            return _annotation(alias, aliases, depth + 1)
+        return None
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        left = _annotation(node.left, aliases, depth + 1)
+        right = _annotation(node.right, aliases, depth + 1)
+        return None if left is None or right is None else typing.Union[left, right]
+    if isinstance(node, ast.Subscript):
+        head = ast.unparse(node.value).rsplit(".", 1)[-1]
+        items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        if head == "Literal":
+            if not all(isinstance(i, ast.Constant) for i in items):
+                return None
+            return Literal[tuple(i.value for i in items)]  # type: ignore[misc]
+        if head in ("Optional", "Union"):
+            members = [_annotation(i, aliases, depth + 1) for i in items]
+            if any(m is None for m in members):
+                return None
+            if head == "Optional":
+                members.append(types.NoneType)
+            return typing.Union[tuple(members)]
+    return None
+
+
 def uses_cuda(accelerator: str) -> bool:
     """Whether ``trainer.accelerator`` runs on a CUDA GPU on this machine."""
+    import torch
+
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
@@ -169,6 +356,8 @@ def check_device(cfg: DictConfig) -> None:
     (TorchInductor on the CPU needs a C++ compiler) and ``trainer.sync_batchnorm``
     (synchronised batch norm runs on GPUs only).
     """
+    import torch
+
     trainer = cfg.get("trainer") or {}
     module = cfg.get("module") or {}
     cuda = uses_cuda(str(trainer.get("accelerator", "auto")))

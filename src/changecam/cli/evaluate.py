@@ -30,7 +30,6 @@ from changecam.atomic import write_json, write_text
 from changecam.cli.common import (
     checked_choice,
     checked_threshold,
-    hydra_main,
     instantiate_loggers,
     load_model,
     log,
@@ -98,15 +97,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     write_text(output_dir / "per_image.csv", per_image.csv_text())
     write_json(output_dir / "metrics.json", metrics)
     log.info("run directory: %s", output_dir)
-    print(f"run directory: {output_dir}")
     pooled = ", ".join(f"{k}={metrics[f'{split}/{k}']:.4f}" for k in SCORE_NAMES)
     print(f"{split} (pooled over all pixels): {pooled}")
     seed = ", ".join(f"{k}={metrics[f'{SEED_STYLE}/{split}/{k}']:.4f}" for k in SCORE_NAMES)
     print(f"{split} (seed style, mean over batches of {cfg.seed_batch_size}): {seed}")
     return metrics
-
-
-main = hydra_main("eval", evaluate)
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,6 @@ from changecam.atomic import write_json
 from changecam.cli.common import (
     checked_threshold,
     explain_settings,
-    hydra_main,
     load_model,
     log,
     prepare_run,
@@ -133,10 +132,3 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             f"mean faithfulness gap ({report['faithfulness']['layer']}): {mean['faithfulness_gap']:.3f}"
         )
     return report
-
-
-main = hydra_main("explain", explain)
-
-
-if __name__ == "__main__":
-    main()

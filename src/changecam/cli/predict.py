@@ -34,7 +34,6 @@ from changecam.atomic import write_json
 from changecam.cli.common import (
     checked_threshold,
     explain_settings,
-    hydra_main,
     load_model,
     log,
     prepare_run,
@@ -259,10 +258,3 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             f"see 'failed' in {output_dir / 'predictions.json'}. First error: {failed[0]['error']}"
         )
     return report
-
-
-main = hydra_main("predict", predict)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 
 from changecam.atomic import write_json
 from changecam.cli.common import (
-    hydra_main,
     instantiate_callbacks,
     instantiate_loggers,
     log,
@@ -83,7 +82,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
         log.info("run directory: %s", output_dir)
-        print(f"run directory: {output_dir}")
         print("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics
 
@@ -102,9 +100,3 @@ def optimized_value(metrics: dict[str, float], metric: str | None) -> float | No
 def train_and_score(cfg: DictConfig) -> float | None:
     """Train; return ``optimized_metric`` (e.g. ``val/f1``) for Hydra sweepers such as Optuna."""
     return optimized_value(train(cfg), cfg.get("optimized_metric"))
-
-
-main = hydra_main("train", train_and_score)
-
-if __name__ == "__main__":
-    main()

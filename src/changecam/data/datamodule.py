@@ -29,13 +29,13 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         patch_size: tile/crop side (or the resize target).
         batch_size: samples per batch (per process under DDP).
         eval_batch_size: samples per evaluation batch (default: ``batch_size``).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (capped at the cores this process may use).
         augment: keyword arguments of :class:`PairTransform` for training; ``None`` disables.
         synthetic: if given, a :class:`SyntheticSpec` (or its fields) to generate into ``root``.
         cache_images: decoded images kept per worker (``7 x H x W`` bytes each: 56 MiB for 8
             LEVIR-CD 1024² triplets); also how many images the training sampler shuffles
             together (see :class:`ImageGroupedSampler`).
-        pin_memory: pin host memory (useful on GPU).
+        pin_memory: pin host memory for CUDA copies (ignored without CUDA).
     """
 
     def __init__(
@@ -63,9 +63,9 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         self.patch_size = patch_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        self.num_workers = min(num_workers, available_cores())  # more only thrash and warn
         self.cache_images = cache_images
-        self.pin_memory = pin_memory
+        self.pin_memory = pin_memory and torch.cuda.is_available()  # pinning serves CUDA copies
         self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, Mapping) else synthetic
         self.transform = PairTransform(**augment) if augment else None
         self.datasets: dict[str, ChangeDetectionDataset] = {}
@@ -132,6 +132,14 @@ class ChangeDetectionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def sampler_seed(world_size: int) -> int:
