@@ -102,7 +102,7 @@ class ExplainSettings:
 
     Args:
         enabled: explain at all (``predict.py`` and ``eval.py`` can skip it).
-        taps: tap names or per-date layers (``enc3``); ``None``: every tap.
+        taps: tap names or per-date layers (``enc3``; one name may be a string); ``None``: every tap.
         methods: ``hirescam`` and/or ``gradcam`` (``hirescam`` is required).
         target: ``predicted``, ``ground_truth``, ``all`` or ``roi``.
         threshold: probability threshold of the predicted-change target and of the panel.
@@ -115,8 +115,8 @@ class ExplainSettings:
     """
 
     enabled: bool = True
-    taps: tuple[str, ...] | None = None
-    methods: tuple[Method, ...] = METHODS
+    taps: tuple[str, ...] | str | None = None  # one name may be given as a string
+    methods: tuple[Method, ...] | Method = METHODS
     target: TargetKind = "predicted"
     threshold: float = 0.5
     roi: str | None = None

@@ -1,0 +1,103 @@
+"""Faults of the config stage: every command refuses a bad config before any work, says which key,
+prints it once, and leaves nothing that looks finished.
+
+Each case asserts the exit status (or the exception), that the message names the key, and that no
+finished-looking output exists (checkpoints, metrics.json, predictions.json, masks, panels).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from changecam.cli.config_checks import ConfigError
+from changecam.cli.evaluate import evaluate
+from changecam.cli.explain import explain
+from changecam.cli.predict import predict
+from changecam.explain.hirescam import TapError
+from helpers import compose_train, run_script
+from test_checkpoint import make_lightning_checkpoint
+
+FINISHED = ("*.ckpt", "metrics.json", "predictions.json", "explanations.json", "*.png", "*.csv")
+
+
+def finished_outputs(root: Path) -> list[Path]:
+    """Files under ``root`` that a finished command would leave."""
+    return sorted(p for pattern in FINISHED for p in root.rglob(pattern))
+
+
+# (command, overrides, text the message must contain)
+CLI_CASES = [
+    ("train.py", ["experiment=quickstart", "model.fusion=dif"], "model.fusion='dif' is not allowed"),
+    ("train.py", ["experiment=quickstart", "data.layot=flat"], "Key 'layot' is not in struct"),
+    ("train.py", ["experiment=quickstart", "+model.depht=3"], "model.depht: unknown key"),
+    ("train.py", ["experiment=quickstart", "module.loss=dice2"], "module.loss='dice2'"),
+    ("train.py", ["experiment=nonexistent"], "Could not find 'experiment/nonexistent'"),
+    ("predict.py", ["ckpt_path=x.ckpt", "explain.target=everything"], "explain.target"),
+    ("explain.py", ["ckpt_path=x.ckpt", "explain.faithfulness.dates=[pre,later]"], "later"),
+    ("eval.py", ["ckpt_path=x.ckpt", "data.train_protocol=crops"], "data.train_protocol='crops'"),
+]
+
+
+@pytest.mark.parametrize(("script", "overrides", "expected"), CLI_CASES)
+def test_config_errors_fail_at_once_print_once_and_leave_nothing(
+    tmp_path, script, overrides, expected
+):
+    proc = run_script(
+        script, overrides, cwd=tmp_path, timeout=120, check=False, env={"HYDRA_FULL_ERROR": "0"}
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-2000:]
+    assert expected in output
+    assert output.count(expected) == 1, output  # once: not by both the wrapper and Hydra
+    assert "Traceback" not in output
+    assert finished_outputs(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_synthetic) -> Path:
+    return make_lightning_checkpoint(
+        tmp_path_factory.mktemp("faults_ckpt") / "best.ckpt", tiny_synthetic, steps=1
+    )
+
+
+# Keys that only the network can judge: checked right after loading it, before any pair or batch.
+MODEL_CASES = [
+    (predict, "predict", ["explain.taps=[enc9]"], TapError, "enc9"),
+    (predict, "predict", ["explain.panel_layer=enc7"], ValueError, "explain.panel_layer='enc7'"),
+    (explain, "explain", ["explain.faithfulness.layer=dec1"], ValueError, "explain.faithfulness.layer"),
+    (explain, "explain", ["explain.taps=[fuse1]"], ValueError, "has no per-date layer"),
+    (evaluate, "eval", ["post_share_layer=enc5"], ValueError, "post_share_layer='enc5'"),
+]
+
+
+@pytest.mark.parametrize(("command", "config", "overrides", "error", "expected"), MODEL_CASES)
+def test_model_dependent_keys_fail_before_any_pair(
+    tmp_path, ckpt, levir256_tiny, tiny_synthetic, command, config, overrides, error, expected
+):
+    data = [f"data.root={tiny_synthetic}", "data.synthetic=null"] if config == "eval" else [
+        f"input.dir={levir256_tiny}"
+    ]
+    cfg = compose_train(tmp_path, ["device=cpu", f"ckpt_path={ckpt}", *data, *overrides], config)
+    with pytest.raises(error, match=expected.replace("[", r"\[").replace("(", r"\(")):
+        command(cfg)
+    assert finished_outputs(tmp_path / "run") == []
+
+
+def test_a_tap_name_given_as_a_string_is_one_name(tmp_path, ckpt, levir256_tiny):
+    report = explain(
+        compose_train(
+            tmp_path,
+            [
+                "device=cpu",
+                f"ckpt_path={ckpt}",
+                f"input.pre={levir256_tiny}/A/test_2_0000_0000.png",
+                f"input.post={levir256_tiny}/B/test_2_0000_0000.png",
+                "explain.taps=enc2",
+                "explain.faithfulness.enabled=false",
+            ],
+            "explain",
+        )
+    )
+    assert report["taps"] == ["pre/enc2", "post/enc2"]
