@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow test-all lint format bench clean
+.PHONY: install train test test-slow test-all lint format bench bench-zoo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ format: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# every architecture of conf/model/ trained briefly on the quickstart data (see benchmarks/zoo.py)
+bench-zoo: install
+	$(PY) benchmarks/zoo.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache build src/*.egg-info
