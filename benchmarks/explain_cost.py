@@ -13,6 +13,9 @@ random 256² pairs, in eval mode:
 
 Within each repetition the runs alternate side by side; figures are ratios of medians.
 
+``zoo``: the same explain / forward+backward ratio for every architecture of ``conf/model/``
+(at ``base_channels=8``, every tap, both methods; ``--zoo-reps`` alternating repetitions).
+
     python benchmarks/explain_cost.py [--reps 7] [--naive-reps 3] [--device cpu] [--tiny]
 """
 
@@ -29,7 +32,7 @@ from common import emit, machine, median, timed
 
 from changecam.explain import explain_batch, target_mask
 from changecam.explain.hirescam import upsample_maps
-from changecam.models import SiameseUNet, find_taps
+from changecam.models import SiameseUNet, build_network, find_taps, size_multiple
 
 # Every pixel's logit: a non-empty target on a random network (the cost does not depend on it).
 TARGET = "all"
@@ -68,6 +71,41 @@ def naive(model: torch.nn.Module, pre, post) -> dict[str, dict[str, torch.Tensor
     return upsample_maps(raw, tuple(pre.shape[-2:]))
 
 
+def zoo_ratios(
+    device: torch.device, batch: int, size: int, width: int, reps: int
+) -> dict[str, dict[str, Any]]:
+    """explain / forward+backward of every ``conf/model`` architecture at ``width``."""
+    from omegaconf import OmegaConf
+    from zoo import architectures
+
+    from common import REPO
+
+    out: dict[str, dict[str, Any]] = {}
+    for name in architectures():
+        config = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
+        config["base_channels"] = width
+        torch.manual_seed(0)
+        model = build_network(config).to(device).eval()
+        side = -(-size // size_multiple(model)) * size_multiple(model)
+        pre, post = torch.rand(2, batch, 3, side, side, device=device).unbind(0)
+        mask = (torch.rand(batch, 1, side, side, device=device) > 0.9).float()
+        fb = synchronized(lambda: forward_backward(model, pre, post, mask), device)
+        explain = synchronized(lambda: explain_batch(model, pre, post, target=TARGET), device)
+        fb(), explain()  # warm-up
+        fb_s, explain_s = [], []
+        for _ in range(reps):
+            fb_s.append(timed(fb)[0])
+            explain_s.append(timed(explain)[0])
+        out[name] = {
+            "ratio_vs_forward_backward": median(explain_s) / median(fb_s),
+            "forward_backward_s": median(fb_s),
+            "explain_s": median(explain_s),
+            "taps": len(explain().taps),
+        }
+        print(f"zoo {name}: explain / forward+backward = {out[name]['ratio_vs_forward_backward']:.2f}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -75,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--naive-reps", type=int, default=3, help="repetitions of the naive way")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--zoo-reps", type=int, default=3, help="repetitions per zoo architecture")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -136,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "machine": machine(),
     }
+    zoo = zoo_ratios(device, batch, size, 4 if args.tiny else 8, 1 if args.tiny else args.zoo_reps)
+    figures["zoo"] = zoo
+    figures["zoo_max_ratio_vs_forward_backward"] = max(r["ratio_vs_forward_backward"] for r in zoo.values())
     print(
         f"{n_taps} taps x 2 methods, batch {batch} at {size}²: forward+backward {median(fb_s):.3f} s, "
         f"explanation {median(explain_s):.3f} s (x{figures['ratio_vs_forward_backward']:.2f}), "

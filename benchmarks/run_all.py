@@ -44,6 +44,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "predict_1024_peak_rss_mib": ("<=", 2048.0),
     "predict_levir_model_1024_peak_rss_mib": ("<=", 2048.0),
     "ratio_vs_forward_backward": ("<=", 1.3),
+    "zoo_max_ratio_vs_forward_backward": ("<=", 1.3),
     "val_epoch_ratio_with_callback": ("<=", 1.15),
 }
 CONTEXT_KEYS = (
