@@ -30,8 +30,9 @@ import torch
 from common import emit, machine, median
 
 from changecam.data import ChangeDetectionDataModule, SyntheticSpec
+from changecam.environment import usable_cores
 from changecam.models import SiameseUNet
-from changecam.training.callbacks.cam_panels import CamPanels, usable_cores
+from changecam.training.callbacks.cam_panels import CamPanels
 from changecam.training.module import ChangeDetectionModule
 
 

@@ -71,38 +71,45 @@ def naive(model: torch.nn.Module, pre, post) -> dict[str, dict[str, torch.Tensor
     return upsample_maps(raw, tuple(pre.shape[-2:]))
 
 
+def zoo_ratio(name: str, device: torch.device, batch: int, size: int, width: int, reps: int):
+    """explain / forward+backward of ``conf/model/<name>.yaml`` at ``width``."""
+    from common import REPO
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
+    config["base_channels"] = width
+    torch.manual_seed(0)
+    model = build_network(config).to(device).eval()
+    side = -(-size // size_multiple(model)) * size_multiple(model)
+    pre, post = torch.rand(2, batch, 3, side, side, device=device).unbind(0)
+    mask = (torch.rand(batch, 1, side, side, device=device) > 0.9).float()
+    fb = synchronized(lambda: forward_backward(model, pre, post, mask), device)
+    explain = synchronized(lambda: explain_batch(model, pre, post, target=TARGET), device)
+    fb(), explain()  # warm-up
+    fb_s, explain_s = [], []
+    for _ in range(reps):
+        fb_s.append(timed(fb)[0])
+        explain_s.append(timed(explain)[0])
+    return {
+        "ratio_vs_forward_backward": median(explain_s) / median(fb_s),
+        "forward_backward_s": median(fb_s),
+        "explain_s": median(explain_s),
+        "taps": len(explain().taps),
+    }
+
+
 def zoo_ratios(
     device: torch.device, batch: int, size: int, width: int, reps: int
 ) -> dict[str, dict[str, Any]]:
-    """explain / forward+backward of every ``conf/model`` architecture at ``width``."""
-    from omegaconf import OmegaConf
+    """:func:`zoo_ratio` of every ``conf/model`` architecture."""
     from zoo import architectures
-
-    from common import REPO
 
     out: dict[str, dict[str, Any]] = {}
     for name in architectures():
-        config = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"))
-        config["base_channels"] = width
-        torch.manual_seed(0)
-        model = build_network(config).to(device).eval()
-        side = -(-size // size_multiple(model)) * size_multiple(model)
-        pre, post = torch.rand(2, batch, 3, side, side, device=device).unbind(0)
-        mask = (torch.rand(batch, 1, side, side, device=device) > 0.9).float()
-        fb = synchronized(lambda: forward_backward(model, pre, post, mask), device)
-        explain = synchronized(lambda: explain_batch(model, pre, post, target=TARGET), device)
-        fb(), explain()  # warm-up
-        fb_s, explain_s = [], []
-        for _ in range(reps):
-            fb_s.append(timed(fb)[0])
-            explain_s.append(timed(explain)[0])
-        out[name] = {
-            "ratio_vs_forward_backward": median(explain_s) / median(fb_s),
-            "forward_backward_s": median(fb_s),
-            "explain_s": median(explain_s),
-            "taps": len(explain().taps),
-        }
-        print(f"zoo {name}: explain / forward+backward = {out[name]['ratio_vs_forward_backward']:.2f}")
+        out[name] = zoo_ratio(name, device, batch, size, width, reps)
+        print(
+            f"zoo {name}: explain / forward+backward = {out[name]['ratio_vs_forward_backward']:.2f}"
+        )
     return out
 
 
@@ -177,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     zoo = zoo_ratios(device, batch, size, 4 if args.tiny else 8, 1 if args.tiny else args.zoo_reps)
     figures["zoo"] = zoo
-    figures["zoo_max_ratio_vs_forward_backward"] = max(r["ratio_vs_forward_backward"] for r in zoo.values())
+    figures["zoo_max_ratio_vs_forward_backward"] = max(
+        r["ratio_vs_forward_backward"] for r in zoo.values()
+    )
     print(
         f"{n_taps} taps x 2 methods, batch {batch} at {size}²: forward+backward {median(fb_s):.3f} s, "
         f"explanation {median(explain_s):.3f} s (x{figures['ratio_vs_forward_backward']:.2f}), "

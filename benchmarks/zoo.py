@@ -77,7 +77,9 @@ def step_seconds(net: torch.nn.Module, batch: int, size: int, reps: int) -> floa
     return median([timed(step)[0] for _ in range(reps)])
 
 
-def mean_post_shares(net: torch.nn.Module, root: Path, limit: int | None) -> dict[str, float | None]:
+def mean_post_shares(
+    net: torch.nn.Module, root: Path, limit: int | None
+) -> dict[str, float | None]:
     """Mean post share per per-date layer of ``net`` over the val images of ``root``."""
     net.eval()
     shares: dict[str, list[float]] = {}
@@ -135,8 +137,8 @@ def markdown(rows: dict[str, dict[str, Any]], epochs: int, width: int) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        f"| model | params (published width) | s/step, 8 × 256² | val F1 | test F1 | "
-        f"post share, input | post share per layer (shallow → deep) |",
+        "| model | params (published width) | s/step, 8 × 256² | val F1 | test F1 | "
+        "post share, input | post share per layer (shallow → deep) |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():

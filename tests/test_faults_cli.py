@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from changecam.cli.config_checks import ConfigError
 from changecam.cli.evaluate import evaluate
 from changecam.cli.explain import explain
 from changecam.cli.predict import predict
@@ -29,7 +28,11 @@ def finished_outputs(root: Path) -> list[Path]:
 
 # (command, overrides, text the message must contain)
 CLI_CASES = [
-    ("train.py", ["experiment=quickstart", "model.fusion=dif"], "model.fusion='dif' is not allowed"),
+    (
+        "train.py",
+        ["experiment=quickstart", "model.fusion=dif"],
+        "model.fusion='dif' is not allowed",
+    ),
     ("train.py", ["experiment=quickstart", "data.layot=flat"], "Key 'layot' is not in struct"),
     ("train.py", ["experiment=quickstart", "+model.depht=3"], "model.depht: unknown key"),
     ("train.py", ["experiment=quickstart", "module.loss=dice2"], "module.loss='dice2'"),
@@ -66,7 +69,13 @@ def ckpt(tmp_path_factory, tiny_synthetic) -> Path:
 MODEL_CASES = [
     (predict, "predict", ["explain.taps=[enc9]"], TapError, "enc9"),
     (predict, "predict", ["explain.panel_layer=enc7"], ValueError, "explain.panel_layer='enc7'"),
-    (explain, "explain", ["explain.faithfulness.layer=dec1"], ValueError, "explain.faithfulness.layer"),
+    (
+        explain,
+        "explain",
+        ["explain.faithfulness.layer=dec1"],
+        ValueError,
+        "explain.faithfulness.layer",
+    ),
     (explain, "explain", ["explain.taps=[fuse1]"], ValueError, "has no per-date layer"),
     (evaluate, "eval", ["post_share_layer=enc5"], ValueError, "post_share_layer='enc5'"),
 ]
@@ -76,9 +85,11 @@ MODEL_CASES = [
 def test_model_dependent_keys_fail_before_any_pair(
     tmp_path, ckpt, levir256_tiny, tiny_synthetic, command, config, overrides, error, expected
 ):
-    data = [f"data.root={tiny_synthetic}", "data.synthetic=null"] if config == "eval" else [
-        f"input.dir={levir256_tiny}"
-    ]
+    data = (
+        [f"data.root={tiny_synthetic}", "data.synthetic=null"]
+        if config == "eval"
+        else [f"input.dir={levir256_tiny}"]
+    )
     cfg = compose_train(tmp_path, ["device=cpu", f"ckpt_path={ckpt}", *data, *overrides], config)
     with pytest.raises(error, match=expected.replace("[", r"\[").replace("(", r"\(")):
         command(cfg)

@@ -133,7 +133,11 @@ def test_changecam_config_errors_fail_before_torch_and_lightning_are_imported(tm
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-c", QUICK_CHECK], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", QUICK_CHECK],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.stdout.strip() == "refused True []", proc.stderr[-2000:]
 
@@ -160,7 +164,9 @@ def test_the_source_signatures_agree_with_the_imported_ones():
         for key, hint in static.hints.items():
             for value in ("zz-not-a-choice", 3, None, True):
                 assert check_value(value, hint) == check_value(value, imported.hints[key]), (
-                    target, key, value
+                    target,
+                    key,
+                    value,
                 )
     assert checked >= 6
 

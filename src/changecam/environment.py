@@ -63,3 +63,11 @@ def configure_environment() -> None:
             logger.addFilter(_ToLogFileOnly(prefixes))
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, where the OS reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1

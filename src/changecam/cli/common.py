@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import typing
 from collections.abc import Callable, Mapping
@@ -32,14 +31,15 @@ from torch import nn
 
 from changecam.atomic import write_text
 from changecam.cli.config_checks import ConfigError, check_config, check_device, resolved
+from changecam.cli.launch import config_dir, is_multirun, log_to_file
 from changecam.data.io import read_label
-from changecam.cli.launch import CONF_DIR, config_dir, is_multirun, log_to_file
 from changecam.environment import configure_environment
 from changecam.explain import ExplainSettings
 from changecam.models import SlidingWindow
 from changecam.training.checkpoint import read_checkpoint
 
 log = logging.getLogger("changecam")
+
 
 # The configs live beside the package in the repository (editable install: `make install`).
 def compose_config(config_name: str, overrides: list[str], root: str | Path) -> DictConfig:
@@ -106,7 +106,16 @@ def config_summary() -> str:
     if not HydraConfig.initialized():
         return "config"
     hydra_cfg = HydraConfig.get()
-    shown = ("experiment", "data", "model", "module", "trainer", "logger", "debug", "hparams_search")
+    shown = (
+        "experiment",
+        "data",
+        "model",
+        "module",
+        "trainer",
+        "logger",
+        "debug",
+        "hparams_search",
+    )
     choices = [f"{k}={v}" for k, v in hydra_cfg.runtime.choices.items() if k in shown and v]
     overrides = [o for o in hydra_cfg.overrides.task if o.split("=")[0].lstrip("+~") not in shown]
     text = f"{hydra_cfg.job.config_name}: " + " ".join(choices)

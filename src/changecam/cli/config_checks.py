@@ -23,6 +23,7 @@ import ast
 import difflib
 import functools
 import inspect
+import operator
 import os
 import shutil
 import types
@@ -105,7 +106,9 @@ def imported_signature(target: str) -> Signature | str | None:
     except (TypeError, ValueError):  # builtins without a signature: nothing to check
         return None
     return Signature(
-        named=tuple(n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)),
+        named=tuple(
+            n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ),
         takes_any_key=any(p.kind is p.VAR_KEYWORD for p in params.values()),
         hints=annotations(func),
     )
@@ -219,13 +222,18 @@ def static_signature(target: str) -> Signature | None:
         decorators = [ast.unparse(d) for d in definition.decorator_list]
         if any(d.split("(")[0].rsplit(".", 1)[-1] == "dataclass" for d in decorators):
             fields = [
-                n for n in definition.body
+                n
+                for n in definition.body
                 if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
             ]
             return Signature(
                 named=tuple(f.target.id for f in fields),
                 takes_any_key=False,
-                hints={f.target.id: h for f in fields if (h := _annotation(f.annotation, aliases)) is not None},
+                hints={
+                    f.target.id: h
+                    for f in fields
+                    if (h := _annotation(f.annotation, aliases)) is not None
+                },
             )
         return None  # the constructor is inherited: only the import knows it
     return _function_signature(definition, aliases, skip_first=False)
@@ -323,7 +331,7 @@ def _annotation(node: ast.expr, aliases: dict[str, Any], depth: int = 0) -> Any:
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
         left = _annotation(node.left, aliases, depth + 1)
         right = _annotation(node.right, aliases, depth + 1)
-        return None if left is None or right is None else typing.Union[left, right]
+        return None if left is None or right is None else left | right
     if isinstance(node, ast.Subscript):
         head = ast.unparse(node.value).rsplit(".", 1)[-1]
         items = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
@@ -337,7 +345,7 @@ def _annotation(node: ast.expr, aliases: dict[str, Any], depth: int = 0) -> Any:
                 return None
             if head == "Optional":
                 members.append(types.NoneType)
-            return typing.Union[tuple(members)]
+            return functools.reduce(operator.or_, members)
     return None
 
 

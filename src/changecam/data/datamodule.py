@@ -16,6 +16,7 @@ from changecam.data.layout import Layout, Split, find_triplets
 from changecam.data.sampler import ImageGroupedSampler
 from changecam.data.synthetic import SyntheticSpec, generate
 from changecam.data.transforms import PairTransform
+from changecam.environment import usable_cores
 
 
 class ChangeDetectionDataModule(L.LightningDataModule):
@@ -63,7 +64,7 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         self.patch_size = patch_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = min(num_workers, available_cores())  # more only thrash and warn
+        self.num_workers = min(num_workers, usable_cores())  # more only thrash and warn
         self.cache_images = cache_images
         self.pin_memory = pin_memory and torch.cuda.is_available()  # pinning serves CUDA copies
         self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, Mapping) else synthetic
@@ -132,14 +133,6 @@ class ChangeDetectionDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity, where the OS reports one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 def sampler_seed(world_size: int) -> int:

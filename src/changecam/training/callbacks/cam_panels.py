@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from changecam.environment import usable_cores
 from changecam.explain import ExplainSettings, FaithfulnessSettings, with_threshold
 from changecam.explain.render import to_mask, to_rgb
 from changecam.models.protocol import network_config
@@ -31,14 +31,6 @@ log = logging.getLogger(__name__)
 DEFAULT_EXPLAIN = ExplainSettings(
     dpi=50, faithfulness=FaithfulnessSettings(steps=5, dates=("both",))
 )
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def logging_step(trainer: L.Trainer) -> int:
@@ -64,6 +56,8 @@ def select_samples(masks: Sequence[Tensor], k: int) -> list[int]:
     fractions = torch.tensor([float(m.float().mean()) for m in masks])
     order = torch.argsort(-fractions, stable=True).tolist()
     most = [i for i in order[: math.ceil(k / 2)] if fractions[i] > 0]
+    if len(most) == k:  # k = 1: the one with the most change
+        return most
     rest = [i for i in range(n) if i not in most]
     step = len(rest) / (k - len(most))
     spread = [rest[int(j * step)] for j in range(k - len(most))]
