@@ -45,6 +45,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "predict_levir_model_1024_peak_rss_mib": ("<=", 2048.0),
     "ratio_vs_forward_backward": ("<=", 1.3),
     "val_epoch_ratio_with_callback": ("<=", 1.15),
+    "validate_headers_s": ("<=", 5.0),
 }
 CONTEXT_KEYS = (
     "machine",

@@ -37,6 +37,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
+def run_splits(cfg: DictConfig) -> list[str]:
+    """The data splits a run uses: train (if it fits), val, and test (if it tests)."""
+    return [*(["train"] if cfg.get("train") else []), "val", *(["test"] if cfg.get("test") else [])]
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics.
@@ -49,7 +54,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    # every split is checked at the first set-up, so a bad test list fails before fitting
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, splits=run_splits(cfg))
     net = hydra.utils.instantiate(cfg.model)
     module: L.LightningModule = hydra.utils.instantiate(cfg.module, net=net)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
