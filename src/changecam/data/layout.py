@@ -105,7 +105,7 @@ def pair_folder(
         else [(stem, path.name) for stem, path in pre.items()]
     )
     if names is None:
-        for sub, found in (("B", post),) + ((("label", label),) if has_label else ()):
+        for found in (post, label) if has_label else (post,):
             extra = sorted(set(found) - set(pre))
             if extra:
                 raise LayoutError(

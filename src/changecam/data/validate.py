@@ -246,7 +246,8 @@ def decode_all(triplets: Iterable[Triplet]) -> list[str]:
         if pre.shape != post.shape or (label is not None and label.shape != pre.shape[:2]):
             problems.append(
                 f"triplet {t.name!r}: decoded sizes differ: {t.pre} {pre.shape[:2]}, "
-                f"{t.post} {post.shape[:2]}" + (f", {t.label} {label.shape}" if label is not None else "")
+                f"{t.post} {post.shape[:2]}"
+                + (f", {t.label} {label.shape}" if label is not None else "")
             )
     return problems
 
