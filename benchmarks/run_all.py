@@ -46,6 +46,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "ratio_vs_forward_backward": ("<=", 1.3),
     "zoo_max_ratio_vs_forward_backward": ("<=", 1.3),
     "val_epoch_ratio_with_callback": ("<=", 1.15),
+    "validate_headers_s": ("<=", 5.0),
 }
 CONTEXT_KEYS = (
     "machine",

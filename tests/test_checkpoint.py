@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from changecam.cli.common import CONF_DIR
+from changecam.cli.launch import CONF_DIR
 from changecam.data import ChangeDetectionDataModule
 from changecam.models import SiameseUNet
 from changecam.training.checkpoint import (

@@ -133,7 +133,7 @@ def test_the_seed_config_group_builds_the_seed_architecture():
     """conf/model/siamese_unet_seed.yaml mirrors the one definition in code (SEED_ARCHITECTURE)."""
     from omegaconf import OmegaConf
 
-    from changecam.cli.common import CONF_DIR
+    from changecam.cli.launch import CONF_DIR
     from changecam.models import SEED_ARCHITECTURE, build_network
 
     group = OmegaConf.to_container(OmegaConf.load(f"{CONF_DIR}/model/siamese_unet_seed.yaml"))

@@ -16,7 +16,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import read_write
 
-from changecam.cli.common import is_multirun
+from changecam.cli.launch import is_multirun
 from changecam.cli.config_checks import ConfigError
 
 

@@ -19,7 +19,7 @@ others are still predicted, and the command exits with an error naming the faile
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from changecam.cli.common import (
     task_wrapper,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.data.io import pair_size, read_image, read_label, write_png
+from changecam.data.io import ImageReadError, pair_size, read_image, read_label, write_png
 from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
@@ -161,7 +161,7 @@ def predict_pair(
     Raises:
         ValueError: the two dates differ in size (or an image cannot be read).
     """
-    height, width = pair_size(pair)
+    height, width = pair_size(replace(pair, label=None))  # the label is optional here
     pre, post = read_image(pair.pre), read_image(pair.post)
     if pre.shape != post.shape:  # headers can lie; the decoded arrays decide
         raise ValueError(
@@ -176,15 +176,38 @@ def predict_pair(
             "with explain.py or raise the limit"
         )
         return PairPrediction(pair.name, probability, threshold, None, reason)
-    label = read_label(pair.label) if pair.label is not None else None  # drawn in the panel
-    if label is not None and label.shape != (height, width):
-        raise ValueError(
-            f"pair {pair.name!r} refused: label {pair.label} is {label.shape}, the images {(height, width)}"
-        )
+    # drawn in the panel; only explain.target=ground_truth needs it
+    label = optional_label(pair, (height, width), required=settings.target == "ground_truth")
     explained = explain_pair(
         net, pre, post, label=label, roi=roi, name=pair.name, settings=settings, device=device
     )
     return PairPrediction(pair.name, probability, threshold, explained)
+
+
+def optional_label(
+    pair: Triplet, size: tuple[int, int], required: bool = False
+) -> np.ndarray | None:
+    """The pair's label for its panel, or ``None``: unless ``required``, a label that cannot be
+    read or does not fit the images is dropped with a warning and the pair still runs.
+
+    Raises:
+        ValueError / OSError: ``required`` and the label is unusable.
+    """
+    if pair.label is None:
+        return None
+    try:
+        label = read_label(pair.label)
+        if label.shape != size:
+            raise ImageReadError(
+                f"{pair.label} is {label.shape[0]}x{label.shape[1]} but the images are "
+                f"{size[0]}x{size[1]}"
+            )
+    except (ImageReadError, OSError) as err:
+        if required:
+            raise ValueError(f"pair {pair.name!r} refused: label {err}") from err
+        log.warning("pair %s: label dropped (the panel shows none): %s", pair.name, err)
+        return None
+    return label
 
 
 def mean_of(values: list[float | None]) -> float | None:

@@ -20,6 +20,7 @@ from changecam.cli.common import (
     to_float_dict,
 )
 from changecam.cli.ddp import prepare_ddp_relaunch
+from changecam.data.validate import network_fit
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -36,6 +37,11 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
+def run_splits(cfg: DictConfig) -> list[str]:
+    """The data splits a run uses: train (if it fits), val, and test (if it tests)."""
+    return [*(["train"] if cfg.get("train") else []), "val", *(["test"] if cfg.get("test") else [])]
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics.
@@ -48,8 +54,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, splits=run_splits(cfg))
     net = hydra.utils.instantiate(cfg.model)
+    # every split the run uses, before any logger starts a run: a bad test list or image fails
+    # here, not after fitting, and leaves no W&B run behind
+    datamodule.prepare_data()
+    datamodule.check(run_splits(cfg), network_fit(net))
     module: L.LightningModule = hydra.utils.instantiate(cfg.module, net=net)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))

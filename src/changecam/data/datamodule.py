@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,25 @@ import torch
 from torch.utils.data import DataLoader
 
 from changecam.data.dataset import ChangeDetectionDataset, Protocol
-from changecam.data.layout import Layout, Split, find_triplets
+from changecam.data.layout import SPLITS, Layout, Split, Triplet, find_triplets
 from changecam.data.sampler import ImageGroupedSampler
 from changecam.data.synthetic import SyntheticSpec, generate
 from changecam.data.transforms import PairTransform
+from changecam.data.validate import (
+    NetworkFit,
+    SplitUse,
+    Validation,
+    check_mode,
+    network_fit,
+    validate_splits,
+)
 from changecam.environment import usable_cores
+
+STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+}
 
 
 class ChangeDetectionDataModule(L.LightningDataModule):
@@ -37,6 +51,13 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             LEVIR-CD 1024² triplets); also how many images the training sampler shuffles
             together (see :class:`ImageGroupedSampler`).
         pin_memory: pin host memory for CUDA copies (ignored without CUDA).
+        validate: how the splits are checked at the first set-up, before any training or
+            evaluation: ``headers`` (lists, pairing, headers and file lengths; fast),
+            ``full`` (also decode every file once, with a progress bar) or ``none`` (lists
+            and pairing only). See :mod:`changecam.data.validate`.
+        splits: every split the run will use, checked together at the first set-up (e.g.
+            ``train.py`` adds ``test`` when it will test after fitting, so a bad test list
+            fails before the first epoch); default: the splits of each stage as it is set up.
     """
 
     def __init__(
@@ -53,6 +74,8 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         synthetic: dict[str, Any] | SyntheticSpec | None = None,
         cache_images: int = 8,
         pin_memory: bool = False,
+        validate: Validation = "headers",
+        splits: Sequence[Split] | None = None,
     ) -> None:
         super().__init__()
         # Plain attributes rather than save_hyperparameters(): checkpoints stay loadable with
@@ -69,18 +92,78 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory and torch.cuda.is_available()  # pinning serves CUDA copies
         self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, Mapping) else synthetic
         self.transform = PairTransform(**augment) if augment else None
+        self.validate_mode: Validation = check_mode(validate)
+        unknown = [s for s in splits or () if s not in SPLITS]
+        if unknown:
+            raise ValueError(f"unknown split {unknown[0]!r}; expected some of {SPLITS}")
+        self.splits: tuple[Split, ...] = tuple(splits or ())
         self.datasets: dict[str, ChangeDetectionDataset] = {}
+        self._triplets: dict[str, list[Triplet]] = {}
+        self._checked: set[str] = set()
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
             generate(self.root, self.synthetic)
 
+    def triplets(self, split: Split) -> list[Triplet]:
+        """The files of one split, found on first use."""
+        if split not in self._triplets:
+            self._triplets[split] = find_triplets(self.root, split, self.layout)
+        return self._triplets[split]
+
+    def protocol(self, split: Split) -> tuple[Protocol, str]:
+        """The sampling protocol of a split and its config key."""
+        if split == "train":
+            return self.train_protocol, "data.train_protocol"
+        return self.eval_protocol, "data.eval_protocol"
+
+    def check(self, splits: Sequence[Split], network: NetworkFit | None = None) -> None:
+        """Validate the splits not yet checked, as ``data.validate`` says, in one go.
+
+        Args:
+            splits: the splits to check.
+            network: what the sizes must suit; default: the network of the attached
+                trainer's module (its ``net``), or none.
+
+        Raises:
+            DatasetNotFoundError / LayoutError: a split list or folder is missing or empty,
+                or its files do not pair up.
+            DataValidationError: files are unreadable, truncated or disagree (all listed).
+        """
+        todo = [s for s in dict.fromkeys(splits) if s not in self._checked]
+        if not todo:
+            return
+        uses = []
+        for split in todo:
+            protocol, key = self.protocol(split)
+            train = split == "train"
+            uses.append(
+                SplitUse(
+                    split,
+                    self.triplets(split),
+                    protocol,
+                    key,
+                    self.batch_size if train else self.eval_batch_size,
+                    "data.batch_size" if train else "data.eval_batch_size",
+                )
+            )
+        validate_splits(uses, self.patch_size, network or self.network_fit(), self.validate_mode)
+        self._checked.update(todo)
+
+    def network_fit(self) -> NetworkFit:
+        """The size multiple the attached trainer's network needs (1 without a trainer)."""
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        if module is None:
+            return NetworkFit()
+        return network_fit(getattr(module, "net", module))
+
     def dataset(self, split: Split) -> ChangeDetectionDataset:
         """The dataset of one split, built on first use."""
         if split not in self.datasets:
             self.datasets[split] = ChangeDetectionDataset(
-                find_triplets(self.root, split, self.layout),
-                protocol=self.train_protocol if split == "train" else self.eval_protocol,
+                self.triplets(split),
+                protocol=self.protocol(split)[0],
                 patch_size=self.patch_size,
                 transform=self.transform if split == "train" else None,
                 cache_images=self.cache_images,
@@ -88,9 +171,9 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         return self.datasets[split]
 
     def setup(self, stage: str | None = None) -> None:
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(
-            stage or "", ()
-        )
+        """Check every split the run will use (at the first call), then build the stage's."""
+        splits = STAGE_SPLITS.get(stage or "", ())
+        self.check([*self.splits, *splits])
         for split in splits:
             self.dataset(split)
 

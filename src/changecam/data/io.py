@@ -1,9 +1,24 @@
-"""Reading images and labels with checks that name the offending file."""
+"""Reading images and labels with checks that name the offending file.
+
+Every image file changecam reads goes through :func:`read_image` or :func:`read_label`, and
+a file that is cut short or corrupt is refused with its path, in every format. JPEGs are
+decoded by Pillow, whose libjpeg-turbo gives the same pixels as OpenCV's but which reports a
+truncated or broken stream as an error (OpenCV fills the missing rows with grey and only
+prints libjpeg's warning). Other formats are decoded by OpenCV, whose PNG, TIFF and BMP
+decoders already refuse such files.
+
+:func:`read_header` reads what a file's header says (size, mode, bit depth) without decoding
+pixels, and checks that the file is not shorter than its header promises: the data
+validation at set-up (:mod:`changecam.data.validate`) is built on it.
+"""
 
 from __future__ import annotations
 
+import io
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
@@ -15,21 +30,58 @@ if TYPE_CHECKING:
 
 cv2.setNumThreads(0)  # decoding runs inside DataLoader workers; no nested thread pools
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_END = b"\xff\xd9"  # EOI; cannot occur inside entropy-coded data (0xFF is stuffed there)
+PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk with its CRC
+TAIL_BYTES = 1024  # where the end markers are looked for (tolerates a little trailing data)
+REPAIR_HINT = "re-copy or re-download it (or remove it and its partners from the split)"
+
 
 class ImageReadError(ValueError):
     """An image or label file is unreadable or has unexpected content."""
 
 
-def _decode(path: Path, kind: str) -> np.ndarray:
-    """Decode a file as it is stored (no colour conversion), or say what is wrong with it."""
+Order = Literal["bgr", "rgb"]
+
+
+def _decode(path: Path, kind: str) -> tuple[np.ndarray, Order]:
+    """Decode a file as it is stored, or say what is wrong with it.
+
+    Returns:
+        The array (H x W or H x W x C) and the order of its colour channels: ``bgr`` from
+        OpenCV, ``rgb`` from Pillow (JPEGs).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"{kind} file {path} does not exist")
-    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    data = path.read_bytes()
+    if data.startswith(JPEG_MAGIC):
+        return _decode_jpeg(path, data), "rgb"
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if array is None:
         raise ImageReadError(
-            f"{path} could not be decoded as an image (corrupt or unsupported format)"
+            f"{path} could not be decoded as an image (truncated, corrupt or unsupported "
+            f"format); {REPAIR_HINT}"
         )
-    return array
+    return array, "bgr"
+
+
+def _decode_jpeg(path: Path, data: bytes) -> np.ndarray:
+    """Decode a JPEG with Pillow, refusing a truncated or broken stream (``L``/``RGB`` out)."""
+    from PIL import JpegImagePlugin
+
+    try:
+        # The plugin class directly: no decompression-bomb limit, as with OpenCV for the
+        # other formats (satellite scenes are large by nature).
+        with JpegImagePlugin.JpegImageFile(io.BytesIO(data)) as im:
+            im.load()
+            if im.mode not in ("L", "RGB"):
+                im = im.convert("RGB")  # CMYK
+            return np.array(im)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(
+            f"{path} is a truncated or corrupt JPEG ({err}); {REPAIR_HINT}"
+        ) from err
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -39,7 +91,7 @@ def read_image(path: str | Path) -> np.ndarray:
     opaque (the alpha channel is dropped). Anything else raises :class:`ImageReadError`.
     """
     path = Path(path)
-    image = _decode(path, "image")
+    image, order = _decode(path, "image")
     if image.dtype != np.uint8:
         raise ImageReadError(f"{path} has dtype {image.dtype}; expected 8-bit RGB")
     if image.ndim == 2:
@@ -52,6 +104,8 @@ def read_image(path: str | Path) -> np.ndarray:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     if image.shape[2] != 3:
         raise ImageReadError(f"{path} has {image.shape[2]} channels; expected RGB")
+    if order == "rgb":
+        return image
     # OpenCV decodes BGR; cvtColor swaps in one pass (30x faster than a reversed-stride copy)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
@@ -59,7 +113,7 @@ def read_image(path: str | Path) -> np.ndarray:
 def read_label(path: str | Path) -> np.ndarray:
     """Read a change mask as uint8 ``H x W`` in {0, 1} (files may hold 0/255 or 0/1)."""
     path = Path(path)
-    label = _decode(path, "label")
+    label, _ = _decode(path, "label")
     if label.ndim == 3:
         if not (label == label[..., :1]).all():
             raise ImageReadError(
@@ -73,9 +127,107 @@ def read_label(path: str | Path) -> np.ndarray:
     if zeros + np.count_nonzero(label == 1) == label.size:
         return label.astype(np.uint8)
     values = np.unique(label)
+    lossy = " (JPEG compression blurs mask edges: store labels as PNG)" if _is_jpeg(path) else ""
     raise ImageReadError(
-        f"{path} holds label values {values[:10].tolist()}; expected a binary mask of 0/255 or 0/1"
+        f"{path} holds label values {values[:10].tolist()}; expected a binary mask of 0/255 or "
+        f"0/1{lossy}"
     )
+
+
+def _is_jpeg(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(3) == JPEG_MAGIC
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, read without decoding pixels.
+
+    Attributes:
+        path: the file.
+        format: Pillow's format name (``PNG``, ``JPEG``, ``TIFF``, ``BMP`` ...).
+        height, width: size in pixels.
+        mode: Pillow's mode (``RGB``, ``L``, ``P``, ``1``, ``I;16`` ...).
+        bits: bits per sample (1, 8, 16, 32).
+    """
+
+    path: Path
+    format: str
+    height: int
+    width: int
+    mode: str
+    bits: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return self.height, self.width
+
+
+IMAGE_MODES = frozenset({"1", "L", "P", "PA", "LA", "RGB", "RGBA", "CMYK"})  # read_image takes
+LABEL_MODES = frozenset({"1", "L", "P", "RGB", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def read_header(path: str | Path) -> ImageHeader:
+    """Size, mode and bit depth of an image file from its header, and a check that the file is
+    not shorter than the header promises (no pixels are decoded unless that check fails).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ImageReadError: it cannot be opened as an image, or it is truncated or corrupt.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            header = ImageHeader(path, im.format or "", im.height, im.width, im.mode, _bits(im))
+            complete = _looks_complete(im, f, os.fstat(f.fileno()).st_size)
+    except UnidentifiedImageError as err:
+        raise ImageReadError(
+            f"{path} could not be opened as an image (unknown format, or its header is cut "
+            f"short); {REPAIR_HINT}"
+        ) from err
+    except Exception as err:  # Pillow raises several types for corrupt files
+        raise ImageReadError(
+            f"{path} could not be opened as an image ({err}); {REPAIR_HINT}"
+        ) from err
+    if not complete:
+        # The structure looks cut short: let the decoder judge (it names what is wrong), so a
+        # file with unusual trailing data is not refused for it.
+        _decode(path, "image")
+    return header
+
+
+def _bits(im) -> int:
+    """Bits per sample of an opened Pillow image (16-bit RGB shows only in the raw mode)."""
+    if im.mode == "1":
+        return 1
+    if im.mode in ("I", "F"):
+        return 32
+    args = im.tile[0][3] if im.tile else ""
+    raw = str(args[0] if isinstance(args, tuple) and args else args)
+    return 16 if "16" in im.mode or ";16" in raw else 8
+
+
+def _looks_complete(im, f, file_size: int) -> bool:
+    """Whether an opened file holds all the bytes its structure says it has (cheap checks:
+    end markers of PNG and JPEG, strip and tile extents of TIFF, the pixel array of BMP)."""
+    if im.format in ("PNG", "JPEG"):
+        f.seek(max(0, file_size - TAIL_BYTES))
+        return (PNG_END if im.format == "PNG" else JPEG_END) in f.read()
+    if im.format == "TIFF":
+        tags = im.tag_v2
+        offsets = tags.get(273) or tags.get(324) or ()
+        counts = tags.get(279) or tags.get(325) or ()
+        return all(o + c <= file_size for o, c in zip(offsets, counts, strict=False))
+    if im.format == "BMP" and im.tile and im.tile[0][0] == "raw":
+        offset, args = im.tile[0][2], im.tile[0][3]
+        stride = args[1] if isinstance(args, tuple) and len(args) > 1 else 0
+        return offset + abs(stride) * im.height <= file_size
+    return True
 
 
 def write_png(path: str | Path, array: np.ndarray) -> None:

@@ -6,7 +6,8 @@ Two layouts are understood:
 * ``levir256``: the flat LEVIR-CD-256 distribution (BIT, ChangeFormer),
   ``<root>/{A,B,label}/*.png`` with ``<root>/list/{train,val,test}.txt``.
 
-Pairing is strict by file name. This is the one place in changecam that finds files.
+Pairing is strict by file name without its suffix, so images and masks may differ in format
+(``A/x.jpg``, ``B/x.jpg``, ``label/x.png``). This is the one place in changecam that finds files.
 """
 
 from __future__ import annotations
@@ -60,15 +61,27 @@ def detect_layout(root: str | Path) -> Literal["levir", "levir256"]:
 
 
 def _images(folder: Path) -> dict[str, Path]:
+    """The image files of ``folder`` by name without suffix (the key pairing uses)."""
     if not folder.is_dir():
         raise LayoutError(f"missing folder {folder}")
-    return {p.name: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.stem in found:
+            raise LayoutError(
+                f"{found[path.stem]} and {path} have the same name without suffix: files pair "
+                "up by that name, so keep one file per name in each folder"
+            )
+        found[path.stem] = path
+    return found
 
 
 def pair_folder(
     folder: str | Path, names: list[str] | None = None, require_label: bool = True
 ) -> list[Triplet]:
-    """Pair ``folder/A``, ``folder/B`` and ``folder/label`` strictly by file name.
+    """Pair ``folder/A``, ``folder/B`` and ``folder/label`` strictly by file name without suffix
+    (``A/x.jpg`` pairs with ``B/x.jpg`` and ``label/x.png``).
 
     Args:
         folder: directory holding ``A/``, ``B/`` and (if ``require_label``) ``label/``.
@@ -76,7 +89,8 @@ def pair_folder(
         require_label: whether ``label/`` must exist. Without it, labels are used when present.
 
     Raises:
-        LayoutError: a name present in one folder is missing in another, or nothing is found.
+        LayoutError: a name present in one folder is missing in another, two files of a folder
+            share a name, or nothing is found.
     """
     folder = Path(folder)
     pre, post = _images(folder / "A"), _images(folder / "B")
@@ -84,25 +98,28 @@ def pair_folder(
     if require_label and not has_label:
         raise LayoutError(f"missing folder {folder / 'label'}")
     label = _images(folder / "label") if has_label else {}
-    wanted = names if names is not None else sorted(pre)
+    # (name without suffix, the file name shown when a partner is missing)
+    wanted = (
+        [(Path(n).stem, n) for n in names]
+        if names is not None
+        else [(stem, path.name) for stem, path in pre.items()]
+    )
     if names is None:
-        extra = sorted(set(post) - set(pre))
-        if extra:
-            raise LayoutError(f"{folder / 'B' / extra[0]} has no partner {folder / 'A' / extra[0]}")
-        if has_label:
-            extra = sorted(set(label) - set(pre))
+        for found in (post, label) if has_label else (post,):
+            extra = sorted(set(found) - set(pre))
             if extra:
                 raise LayoutError(
-                    f"{folder / 'label' / extra[0]} has no partner {folder / 'A' / extra[0]}"
+                    f"{found[extra[0]]} has no partner {folder / 'A' / found[extra[0]].name}"
                 )
     triplets = []
-    for name in wanted:
+    for stem, shown in wanted:
         for sub, found in (("A", pre), ("B", post)) + ((("label", label),) if has_label else ()):
-            if name not in found:
+            if stem not in found:
                 raise LayoutError(
-                    f"{folder / sub / name} is missing (listed or present elsewhere for {name})"
+                    f"{folder / sub / shown} is missing (no file named {stem} with any of the "
+                    f"suffixes {', '.join(IMAGE_SUFFIXES)} in {folder / sub})"
                 )
-        triplets.append(Triplet(Path(name).stem, pre[name], post[name], label.get(name)))
+        triplets.append(Triplet(stem, pre[stem], post[stem], label.get(stem)))
     if not triplets:
         raise LayoutError(f"no images found in {folder / 'A'}")
     return triplets

@@ -1,0 +1,264 @@
+"""Checking the splits a run will use before any work: lists, files, headers, sizes.
+
+:class:`~changecam.data.ChangeDetectionDataModule` runs this at its first set-up, for every
+split the run will use (``data.validate``):
+
+* ``headers`` (default): every file of every triplet is opened and its header read (size,
+  mode, bit depth; no pixels decoded), and its length checked against what the header
+  promises (:func:`changecam.data.io.read_header`). The pre, post and label of a triplet must
+  agree in size, the images must be 8-bit RGB or grey, the labels single-band, and the sizes
+  must suit the sampling protocol, ``data.patch_size`` and the network's size multiple.
+  637 LEVIR-CD-sized triplets take well under a second (``benchmarks/validate_data.py``).
+* ``full``: the same, then every file is decoded once as the loaders will decode it, with a
+  progress bar (label values, transparency and corrupt compressed data are only visible there).
+* ``none``: only the split lists and the pairing of files are checked.
+
+The lists and the pairing (:func:`changecam.data.layout.find_triplets`) raise on their first
+problem; the per-file checks collect every problem and raise one
+:class:`DataValidationError` listing them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from changecam.data.io import (
+    IMAGE_MODES,
+    LABEL_MODES,
+    ImageHeader,
+    read_header,
+    read_image,
+    read_label,
+)
+from changecam.data.layout import Triplet
+
+Validation = Literal["headers", "full", "none"]
+VALIDATIONS: tuple[str, ...] = get_args(Validation)
+SHOWN_PROBLEMS = 12  # problems spelled out in one error; the rest are counted
+
+log = logging.getLogger(__name__)
+
+
+class DataValidationError(ValueError):
+    """Files of the splits a run uses cannot be used as they are (all problems are listed)."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        shown = "\n  ".join(self.problems[:SHOWN_PROBLEMS])
+        more = len(self.problems) - SHOWN_PROBLEMS
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        super().__init__(
+            f"the data cannot be used as it is ({len(self.problems)} problem(s), found before "
+            f"any training or evaluation):\n  {shown}{tail}"
+        )
+
+
+@dataclass(frozen=True)
+class SplitUse:
+    """One split and how the run samples it.
+
+    Attributes:
+        split: ``train``, ``val`` or ``test``.
+        triplets: its files.
+        protocol: its sampling protocol (``tiles``, ``random_crop``, ``resize``, ``full``).
+        protocol_key: the config key of the protocol (``data.train_protocol`` ...).
+        batch_size: samples per batch.
+        batch_key: the config key of the batch size.
+    """
+
+    split: str
+    triplets: Sequence[Triplet]
+    protocol: str
+    protocol_key: str
+    batch_size: int
+    batch_key: str
+
+
+@dataclass(frozen=True)
+class NetworkFit:
+    """What the sizes must suit: the network's ``size_multiple`` and words naming it."""
+
+    multiple: int = 1
+    description: str = "the network"
+    hint: str = ""  # how to change the multiple, e.g. "a lower model.depth"
+
+
+def network_fit(net: Any) -> NetworkFit:
+    """The size multiple of a network (its ``size_multiple`` attribute, the models protocol's
+    one; 1 when it has none, e.g. a sliding-window wrapper) and a description for messages."""
+    multiple = getattr(net, "size_multiple", 1)
+    multiple = multiple if isinstance(multiple, int) and multiple >= 1 else 1
+    name = type(net).__name__
+    depth = getattr(net, "depth", None)
+    if isinstance(depth, int) and not isinstance(depth, bool):
+        return NetworkFit(multiple, f"{name}, model.depth={depth}", "a lower model.depth")
+    return NetworkFit(multiple, name, "another model")
+
+
+def check_mode(mode: str) -> Validation:
+    """``mode`` if it is a known ``data.validate`` value, else a :class:`ValueError`."""
+    if mode not in VALIDATIONS:
+        raise ValueError(
+            f"data.validate={mode!r} is not allowed; expected one of {', '.join(VALIDATIONS)}"
+        )
+    return mode  # type: ignore[return-value]
+
+
+def validate_splits(
+    uses: Sequence[SplitUse],
+    patch_size: int,
+    network: NetworkFit = NetworkFit(),
+    mode: Validation = "headers",
+) -> None:
+    """Check the files of every split in ``uses`` (see the module docstring).
+
+    Raises:
+        DataValidationError: listing every problem found.
+    """
+    check_mode(mode)
+    if mode == "none":
+        return
+    start = time.perf_counter()
+    problems: list[str] = []
+    for use in uses:
+        sizes: dict[Triplet, tuple[int, int]] = {}
+        for triplet in use.triplets:
+            size, found = triplet_headers(triplet)
+            problems += found
+            if size is not None:
+                sizes[triplet] = size
+        problems += protocol_problems(use, sizes, patch_size, network)
+    count = sum(len(use.triplets) for use in uses)
+    log.debug("checked the headers of %d triplets in %.2f s", count, time.perf_counter() - start)
+    if not problems and mode == "full":
+        problems += decode_all(t for use in uses for t in use.triplets)
+    if problems:
+        raise DataValidationError(problems)
+
+
+def triplet_headers(triplet: Triplet) -> tuple[tuple[int, int] | None, list[str]]:
+    """The (height, width) of a triplet from its headers and the problems found (size
+    ``None`` when a file cannot be read)."""
+    problems: list[str] = []
+    headers: dict[str, ImageHeader] = {}
+    files = {"pre": triplet.pre, "post": triplet.post}
+    if triplet.label is not None:
+        files["label"] = triplet.label
+    for role, path in files.items():
+        try:
+            headers[role] = read_header(path)
+        except (OSError, ValueError) as err:
+            problems.append(str(err))
+    for role in ("pre", "post"):
+        header = headers.get(role)
+        if header is not None and (header.mode not in IMAGE_MODES or header.bits > 8):
+            problems.append(
+                f"{header.path} is {header.bits}-bit {header.mode}; expected an 8-bit RGB or "
+                "grey image (convert it, e.g. scale 16-bit data to 8 bits)"
+            )
+    label = headers.get("label")
+    if label is not None and label.mode not in LABEL_MODES:
+        problems.append(
+            f"{label.path} is {label.bits}-bit {label.mode}; expected a single-band 0/255 (or "
+            "0/1) change mask, e.g. an 8-bit grey PNG"
+        )
+    if len(headers) < len(files):
+        return None, problems
+    size = headers["pre"].size
+    for role in ("post", "label"):
+        other = headers.get(role)
+        if other is not None and other.size != size:
+            problems.append(
+                f"triplet {triplet.name!r}: {other.path} is {other.height}x{other.width} but "
+                f"{triplet.pre} is {size[0]}x{size[1]} (height x width); pre, post and label "
+                "must have the same size"
+            )
+    return size, problems
+
+
+def protocol_problems(
+    use: SplitUse, sizes: dict[Triplet, tuple[int, int]], patch_size: int, network: NetworkFit
+) -> list[str]:
+    """What keeps a split's sampling protocol from producing batches the network takes."""
+    multiple, problems = network.multiple, []
+    fit = (
+        f"the network's size multiple {multiple} ({network.description})"
+        if multiple > 1
+        else "the network's size multiple"
+    )
+    if use.protocol in ("tiles", "random_crop"):
+        small = [(t, s) for t, s in sizes.items() if s[0] < patch_size or s[1] < patch_size]
+        if small:
+            t, (h, w) = small[0]
+            problems.append(
+                f"{_count(small, use)} of the {use.split} split are smaller than "
+                f"data.patch_size={patch_size}, e.g. {t.pre} is {h}x{w}; lower data.patch_size "
+                f"or set {use.protocol_key}=resize"
+            )
+    if use.protocol in ("tiles", "random_crop", "resize") and patch_size % multiple:
+        problems.append(
+            f"data.patch_size={patch_size} is not a multiple of {fit}, so no {use.split} "
+            f"sample ({use.protocol_key}={use.protocol}) can pass through it; use a "
+            f"data.patch_size that is a multiple of {multiple} ({_near(patch_size, multiple)}) "
+            f"or {network.hint}"
+        )
+    if use.protocol == "full":
+        odd = [(t, s) for t, s in sizes.items() if s[0] % multiple or s[1] % multiple]
+        if odd:
+            t, (h, w) = odd[0]
+            problems.append(
+                f"{use.protocol_key}=full feeds whole images to the network, and "
+                f"{_count(odd, use)} of the {use.split} split have sides that are not a multiple "
+                f"of {fit}, e.g. {t.pre} is {h}x{w}; use {use.protocol_key}=tiles or "
+                f"random_crop with a data.patch_size that is a multiple of {multiple}, "
+                f"{use.protocol_key}=resize, or {network.hint}"
+            )
+        distinct = sorted(set(sizes.values()))
+        if use.batch_size > 1 and len(distinct) > 1:
+            first = {s: t for t, s in reversed(list(sizes.items()))}
+            (a, b) = distinct[:2]
+            problems.append(
+                f"{use.protocol_key}=full batches whole images, and the {use.split} split holds "
+                f"{len(distinct)} different sizes (e.g. {first[a].pre} is {a[0]}x{a[1]}, "
+                f"{first[b].pre} is {b[0]}x{b[1]}), which cannot share a batch; set "
+                f"{use.batch_key}=1"
+            )
+    return problems
+
+
+def decode_all(triplets: Iterable[Triplet]) -> list[str]:
+    """Decode every file once as the loaders do (with a progress bar); the problems found."""
+    from tqdm import tqdm
+
+    triplets = list(triplets)
+    problems: list[str] = []
+    for t in tqdm(triplets, desc="data.validate=full: decoding", unit="triplet"):
+        try:
+            pre, post = read_image(t.pre), read_image(t.post)
+            label = read_label(t.label) if t.label is not None else None
+        except (OSError, ValueError) as err:
+            problems.append(str(err))
+            continue
+        if pre.shape != post.shape or (label is not None and label.shape != pre.shape[:2]):
+            problems.append(
+                f"triplet {t.name!r}: decoded sizes differ: {t.pre} {pre.shape[:2]}, "
+                f"{t.post} {post.shape[:2]}"
+                + (f", {t.label} {label.shape}" if label is not None else "")
+            )
+    return problems
+
+
+def _count(items: Sequence[Any], use: SplitUse) -> str:
+    n = len(items)
+    return f"{n} of the {len(use.triplets)} images" if n > 1 else "1 image"
+
+
+def _near(value: int, multiple: int) -> str:
+    """Multiples of ``multiple`` close to ``value``: 'e.g. 96 or 112'."""
+    low = max(multiple, value // multiple * multiple)
+    high = low + multiple if low <= value else low
+    return f"e.g. {low} or {high}" if low != high else f"e.g. {low}"

@@ -1,0 +1,415 @@
+"""Bad data fails early, once, naming the file or key, and leaves nothing that looks finished.
+
+Table-driven: each case damages a copy of a tiny dataset and runs the real command in-process
+(``train`` or ``predict``), asserting three things: the exception type, a message naming the
+file or config key, and no ``metrics.json`` / checkpoint (train) or no outputs of the refused
+pair (predict). The cases that already worked before (missing files, size and mode, label
+values) are in the table too, so they keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from changecam.cli.config_checks import ConfigError
+from changecam.cli.predict import PredictionError, predict
+from changecam.cli.train import train
+from changecam.data import ChangeDetectionDataModule
+from changecam.data.io import ImageReadError, read_header, read_image, read_label
+from changecam.data.layout import DatasetNotFoundError, LayoutError
+from changecam.data.validate import DataValidationError
+from helpers import compose_train, run_script, tiny_overrides
+from test_checkpoint import make_lightning_checkpoint
+
+# ---------------------------------------------------------------- damaging files
+
+
+def cut(path: Path, fraction: float = 0.5) -> Path:
+    """Keep the first ``fraction`` of a file's bytes (an interrupted copy or download)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+def garble(path: Path, fill: bytes = b"\xff") -> Path:
+    """Overwrite 64 bytes in the middle of a file (an erased flash block reads 0xFF, a lost disk
+    block 0x00); the length and the end marker are kept."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = fill * 64
+    path.write_bytes(bytes(data))
+    return path
+
+
+def convert(path: Path, suffix: str, **save: object) -> Path:
+    """Re-encode an image in another format (Pillow picks it from ``suffix``); drop the old."""
+    target = path.with_suffix(suffix)
+    with Image.open(path) as im:
+        im.load()
+        im.save(target, **save)
+    path.unlink()
+    return target
+
+
+def to_format(root: Path, split: str, suffix: str, subs=("A", "B")) -> None:
+    for sub in subs:
+        for path in sorted((root / split / sub).glob("*.png")):
+            convert(path, suffix)
+
+
+def first(root: Path, split: str, sub: str) -> Path:
+    return sorted((root / split / sub).iterdir())[0]
+
+
+def rewrite(path: Path, fn: Callable[[np.ndarray], np.ndarray]) -> Path:
+    cv2.imwrite(str(path), fn(cv2.imread(str(path), cv2.IMREAD_UNCHANGED)))
+    return path
+
+
+def resize_split(root: Path, split: str, side: int) -> None:
+    for sub in ("A", "B", "label"):
+        for path in (root / split / sub).glob("*.png"):
+            rewrite(path, lambda a: cv2.resize(a, (side, side), interpolation=cv2.INTER_NEAREST))
+
+
+# Each case: damage(root) -> the strings the message must hold (file paths or config keys).
+
+
+def truncated_post_jpeg(root):
+    to_format(root, "train", ".jpg")
+    return [str(cut(first(root, "train", "B")))]
+
+
+def truncated_png(root):
+    return [str(cut(first(root, "val", "A")))]
+
+
+def truncated_tiff(root):  # Pillow writes the directory first: only the strips are cut
+    to_format(root, "test", ".tif")
+    return [str(cut(first(root, "test", "B")))]
+
+
+def truncated_label(root):
+    return [str(cut(first(root, "train", "label"), 0.7))]
+
+
+def garbled_jpeg(root):
+    to_format(root, "val", ".jpg")
+    return [str(garble(first(root, "val", "A")))]
+
+
+def size_mismatch(root):
+    post = rewrite(first(root, "train", "B"), lambda a: a[:, :48])
+    return [str(post), "64x48", "same size"]
+
+
+def sixteen_bit_image(root):
+    return [str(rewrite(first(root, "val", "B"), lambda a: a.astype(np.uint16) * 257)), "16-bit"]
+
+
+def rgba_label(root):
+    label = first(root, "train", "label")
+    rewrite(label, lambda a: np.dstack([a, a, a, np.full_like(a, 255)]))
+    return [str(label), "single-band"]
+
+
+def grey_label_values(root):
+    return [str(rewrite(first(root, "test", "label"), lambda a: a // 2)), "label values"]
+
+
+def missing_partner(root):
+    post = first(root, "val", "B")
+    post.unlink()
+    return [str(post), "is missing"]
+
+
+def same_name_twice(root):
+    pre = first(root, "train", "A")
+    shutil.copy(pre, pre.with_suffix(".jpg"))
+    return [str(pre), str(pre.with_suffix(".jpg")), "same name"]
+
+
+def patch_not_a_multiple(root):
+    return ["data.patch_size=30", "size multiple 4", "SiameseUNet, model.depth=2"]
+
+
+def full_images_not_a_multiple(root):
+    resize_split(root, "train", 62)
+    return ["data.train_protocol=full", str(first(root, "train", "A")), "62x62", "size multiple 4"]
+
+
+def full_images_of_mixed_sizes(root):
+    rewrite_all = first(root, "val", "A").name
+    for sub in ("A", "B", "label"):
+        rewrite(root / "val" / sub / rewrite_all, lambda a: a[:48, :48])
+    return ["data.eval_protocol=full", "data.eval_batch_size=1", "48x48"]
+
+
+def smaller_than_patch(root):
+    return ["data.patch_size=128", str(first(root, "train", "A")), "64x64"]
+
+
+def unknown_validate_value(root):
+    return ["data.validate='quick'", "headers", "full", "none"]
+
+
+TRAIN_CASES = [
+    # (damage, overrides, exception type) -- the message must hold what damage returns
+    (truncated_post_jpeg, [], DataValidationError),
+    (truncated_png, [], DataValidationError),
+    (truncated_tiff, [], DataValidationError),
+    (truncated_label, [], DataValidationError),
+    (garbled_jpeg, ["data.validate=full"], DataValidationError),
+    (size_mismatch, [], DataValidationError),
+    (sixteen_bit_image, [], DataValidationError),
+    (rgba_label, [], DataValidationError),
+    (grey_label_values, ["data.validate=full"], DataValidationError),
+    (missing_partner, [], LayoutError),
+    (same_name_twice, [], LayoutError),
+    (patch_not_a_multiple, ["data.patch_size=30"], DataValidationError),
+    (full_images_not_a_multiple, ["data.train_protocol=full"], DataValidationError),
+    (
+        full_images_of_mixed_sizes,
+        ["data.eval_protocol=full", "data.eval_batch_size=2"],
+        DataValidationError,
+    ),
+    (smaller_than_patch, ["data.patch_size=128"], DataValidationError),
+    (unknown_validate_value, ["data.validate=quick"], ConfigError),
+]
+
+
+def train_overrides(root: Path, extra: list[str], layout: str = "levir") -> list[str]:
+    keys = {o.split("=", 1)[0] for o in extra}
+    base = [o for o in tiny_overrides(root) if o.split("=", 1)[0] not in keys | {"data.layout"}]
+    return [
+        "experiment=quickstart",
+        *base,
+        f"data.layout={layout}",
+        "logger=none",
+        "callbacks.cam_panels=null",
+        "trainer.max_epochs=1",
+        *extra,
+    ]
+
+
+def assert_nothing_finished(run: Path) -> None:
+    assert not (run / "metrics.json").exists()
+    assert not list(run.rglob("*.ckpt")), "no checkpoint: the run failed before any epoch"
+
+
+@pytest.fixture
+def dataset(tmp_path, tiny_synthetic) -> Path:
+    """A copy of the tiny synthetic set (official layout, 64 px PNGs, 4/2/2) to damage."""
+    return Path(shutil.copytree(tiny_synthetic, tmp_path / "data"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "overrides", "error"), TRAIN_CASES, ids=[c[0].__name__ for c in TRAIN_CASES]
+)
+def test_train_refuses_bad_data_at_setup(tmp_path, dataset, damage, overrides, error):
+    needles = damage(dataset)
+    with pytest.raises(error) as info:
+        train(compose_train(tmp_path, train_overrides(dataset, overrides)))
+    message = str(info.value)
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in:\n{message}"
+    assert_nothing_finished(tmp_path / "run")
+
+
+def empty_list(root):
+    (root / "list" / "test.txt").write_text("\n")
+    return [str(root / "list" / "test.txt"), "empty"]
+
+
+def missing_list(root):
+    (root / "list" / "test.txt").unlink()
+    return [str(root / "list" / "test.txt"), "does not exist"]
+
+
+def listed_file_missing(root):
+    name = (root / "list" / "test.txt").read_text().split()[0]
+    (root / "label" / name).unlink()
+    return [str(root / "label" / name), "is missing"]
+
+
+FLAT_CASES = [
+    (empty_list, LayoutError),
+    (missing_list, DatasetNotFoundError),
+    (listed_file_missing, LayoutError),
+]
+
+
+@pytest.mark.parametrize(("damage", "error"), FLAT_CASES, ids=[c[0].__name__ for c in FLAT_CASES])
+def test_a_bad_test_list_fails_before_fitting(tmp_path, levir256_tiny, damage, error):
+    root = Path(shutil.copytree(levir256_tiny, tmp_path / "data"))
+    needles = damage(root)
+    with pytest.raises(error) as info:
+        train(compose_train(tmp_path, train_overrides(root, [], layout="levir256")))
+    for needle in needles:
+        assert needle in str(info.value)
+    assert_nothing_finished(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_train_script_with_an_empty_test_list_fails_at_setup(tmp_path, levir256_tiny):
+    root = Path(shutil.copytree(levir256_tiny, tmp_path / "data"))
+    (root / "list" / "test.txt").write_text("")
+    run = tmp_path / "run"
+    proc = run_script(
+        "train.py",
+        [*train_overrides(root, [], layout="levir256"), f"hydra.run.dir={run}"],
+        tmp_path,
+        check=False,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"split list {root / 'list' / 'test.txt'} is empty" in output
+    assert "Epoch 0" not in output and "train/loss" not in output
+    assert_nothing_finished(run)
+
+
+# ---------------------------------------------------------------- the one reader
+
+
+def write_rgb(path: Path, seed: int = 0, size: int = 64) -> Path:
+    rng = np.random.default_rng(seed)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), (5, 5), 2)
+    Image.fromarray(image).save(path)
+    return path
+
+
+def jpeg_mask(path: Path) -> Path:
+    """Replace the file by a 0/255 mask saved as JPEG (lossy: its edges get other values)."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 8:30] = 255
+    Image.fromarray(mask).save(path)
+    return path
+
+
+READ_CASES = [
+    # (file name, damage, reader, exception type, words of the message)
+    ("cut.jpg", cut, read_image, ImageReadError, "truncated or corrupt JPEG"),
+    ("cut.png", cut, read_image, ImageReadError, "could not be decoded"),
+    ("cut.tif", cut, read_image, ImageReadError, "could not be decoded"),
+    ("cut.bmp", cut, read_image, ImageReadError, "could not be decoded"),
+    ("garbled.jpg", garble, read_image, ImageReadError, "truncated or corrupt JPEG"),
+    ("garbled.png", lambda p: garble(p, b"\0"), read_image, ImageReadError, "could not be decoded"),
+    ("empty.png", lambda p: cut(p, 0.0), read_image, ImageReadError, "could not be decoded"),
+    ("label.jpg", jpeg_mask, read_label, ImageReadError, "store labels as PNG"),
+    ("absent.png", lambda p: p.unlink(), read_image, FileNotFoundError, "does not exist"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "reader", "error", "words"), READ_CASES, ids=[c[0] for c in READ_CASES]
+)
+def test_the_reader_refuses_damaged_files_naming_them(tmp_path, name, damage, reader, error, words):
+    path = write_rgb(tmp_path / name)
+    damage(path)
+    with pytest.raises(error) as info:
+        reader(path)
+    assert str(path) in str(info.value) and words in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["cut.jpg", "cut.png", "cut.tif", "cut.bmp"])
+def test_headers_alone_see_a_cut_file(tmp_path, name):
+    path = cut(write_rgb(tmp_path / name, size=128))
+    with pytest.raises(ImageReadError, match=str(path)):
+        read_header(path)
+
+
+def test_jpeg_pixels_are_those_opencv_decodes(tmp_path):
+    path = write_rgb(tmp_path / "a.jpg", size=96)
+    expected = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(read_image(path), expected)
+    grey = tmp_path / "g.jpg"
+    Image.fromarray(expected[..., 0]).save(grey)
+    assert read_image(grey).shape == (96, 96, 3)
+
+
+# ---------------------------------------------------------------- what works
+
+
+def test_jpeg_images_pair_with_png_labels(dataset):
+    to_format(dataset, "train", ".jpg")
+    dm = ChangeDetectionDataModule(dataset, layout="levir", patch_size=32, validate="full")
+    dm.setup("fit")
+    triplets = dm.triplets("train")
+    assert {t.pre.suffix for t in triplets} == {".jpg"}
+    assert {t.label.suffix for t in triplets} == {".png"}
+    assert dm.dataset("train")[0]["pre"].shape == (3, 32, 32)
+
+
+def test_full_validation_shows_progress_and_accepts_good_data(dataset, capsys):
+    dm = ChangeDetectionDataModule(
+        dataset, layout="levir", patch_size=32, validate="full", splits=["test"]
+    )
+    dm.setup("fit")
+    assert "data.validate=full: decoding" in capsys.readouterr().err
+    assert set(dm.datasets) == {"train", "val"}, "the test split is checked, not built"
+    with pytest.raises(ValueError, match="data.validate='fast' is not allowed"):
+        ChangeDetectionDataModule(dataset, validate="fast")
+
+
+# ---------------------------------------------------------------- predict's inputs
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_synthetic) -> Path:
+    return make_lightning_checkpoint(
+        tmp_path_factory.mktemp("faults_ckpt") / "best.ckpt", tiny_synthetic, steps=1
+    )
+
+
+def predict_folder(tmp_path: Path, ckpt: Path, folder: Path) -> dict:
+    overrides = [
+        f"ckpt_path={ckpt}",
+        f"input.dir={folder}",
+        "device=cpu",
+        "sliding_window.window=64",
+        "explain.faithfulness.steps=2",
+        "explain.faithfulness.batch_size=3",
+    ]
+    return predict(compose_train(tmp_path, overrides, "predict"))
+
+
+def input_folder(dataset: Path, tmp_path: Path) -> Path:
+    folder = Path(shutil.copytree(dataset / "test", tmp_path / "in"))
+    return folder
+
+
+def test_predict_refuses_a_truncated_jpeg_and_keeps_the_other_pairs(tmp_path, dataset, ckpt):
+    folder = input_folder(dataset, tmp_path)
+    to_format(folder.parent, folder.name, ".jpg")
+    bad = cut(first(folder.parent, folder.name, "B"))
+    with pytest.raises(PredictionError) as info:
+        predict_folder(tmp_path, ckpt, folder)
+    assert str(bad) in str(info.value)
+    masks = tmp_path / "run" / "masks"
+    assert not (masks / f"{bad.stem}.png").exists(), "the refused pair left nothing"
+    assert len(list(masks.glob("*.png"))) == 1, "the other pair was predicted"
+
+
+@pytest.mark.parametrize("fault", ["jpeg_label", "wrong_size_label"])
+def test_predict_drops_an_unusable_optional_label_with_a_warning(
+    tmp_path, dataset, ckpt, caplog, fault
+):
+    folder = input_folder(dataset, tmp_path)
+    label = first(folder.parent, folder.name, "label")
+    if fault == "jpeg_label":
+        label = convert(label, ".jpg", quality=50)  # lossy: no longer 0/255
+    else:
+        rewrite(label, lambda a: a[:32])
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        report = predict_folder(tmp_path, ckpt, folder)
+    assert report["failed"] == [] and len(report["pairs"]) == 2
+    assert any("label dropped" in r.message and str(label) in r.message for r in caplog.records)
+    assert (tmp_path / "run" / "panels" / f"{label.stem}.png").is_file()
