@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return forward_backward(model, pre, post, mask)
 
     def run_explain():
-        return explain_batch(model, pre, post, target=TARGET)
+        # the model's own taps, like the naive way (taps=None adds the input layer)
+        return explain_batch(model, pre, post, taps=list(find_taps(model)), target=TARGET)
 
     fb = synchronized(run_fb, device)
     explain = synchronized(run_explain, device)

@@ -193,7 +193,9 @@ def test_image_scores_rows():
 
 def test_bad_settings_name_the_key(tmp_path, hand_made):
     base = [*hand_made_overrides(*hand_made), "logger=none"]
-    with pytest.raises(ValueError, match="post_share_layer='enc9'.*available: \\['enc1'\\]"):
+    with pytest.raises(
+        ValueError, match="post_share_layer='enc9'.*available: \\['input', 'enc1'\\]"
+    ):
         evaluate(compose_train(tmp_path, [*base, "post_share_layer=enc9"], "eval"))
     with pytest.raises(ValueError, match="split='train'"):
         evaluate(compose_train(tmp_path, [*base, "split=train"], "eval"))

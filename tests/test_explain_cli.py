@@ -69,7 +69,12 @@ def test_folder_mode_writes_panels_maps_and_json(tmp_path, tiny_ckpt, pair_dir):
     run = tmp_path / "run"
     saved = json.loads((run / "explanations.json").read_text())
     assert saved["pairs"] == json.loads(json.dumps(report["pairs"]))
-    assert len(saved["pairs"]) == 2 and saved["taps"][:2] == ["pre/enc1", "post/enc1"]
+    assert len(saved["pairs"]) == 2 and saved["taps"][:4] == [
+        "pre/input",
+        "post/input",
+        "pre/enc1",
+        "post/enc1",
+    ]
     for row in saved["pairs"]:
         h, w = row["size"]
         panel = read_image(run / row["files"]["panel"])
@@ -79,10 +84,8 @@ def test_folder_mode_writes_panels_maps_and_json(tmp_path, tiny_ckpt, pair_dir):
         assert maps["hirescam/post/enc2"].shape == (-(-h // 2), -(-w // 2))
         assert maps["gradcam/bottleneck"].shape == (-(-h // 4), -(-w // 4))
         assert maps["logits"].shape == (h, w) and maps["target_mask"].sum() == h * w
-        assert set(row["post_share"]) == {"enc1", "enc2"} and set(row["post_share_gradcam"]) == {
-            "enc1",
-            "enc2",
-        }
+        assert set(row["post_share"]) == set(row["post_share_gradcam"]) == {"input", "enc1", "enc2"}
+        assert maps["hirescam/pre/input"].shape == (h, w)
         for layer, share in row["post_share"].items():  # shares are those of the saved maps
             p_pre = np.clip(maps[f"hirescam/pre/{layer}"], 0, None).sum()
             p_post = np.clip(maps[f"hirescam/post/{layer}"], 0, None).sum()
@@ -129,7 +132,9 @@ def test_bad_inputs_are_refused_before_writing(tmp_path, tiny_ckpt, pair_dir):
     with pytest.raises(ValueError, match=f"is 38x30 but .*B/{name} is 38x31"):
         run_explain(tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={bad}"])
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
-    with pytest.raises(TapError, match="unknown tap name.*available: \\['pre/enc1'"):
+    with pytest.raises(
+        TapError, match="unknown tap name.*available: \\['pre/input', 'post/input', 'pre/enc1'"
+    ):
         run_explain(
             tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={pair_dir}", "explain.taps=[enc7]"]
         )

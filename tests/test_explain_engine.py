@@ -69,7 +69,7 @@ def test_maps_equal_hand_computed_autograd_at_every_tap(fusion, shared):
     pre, post, roi = inputs()
     exp = explain_batch(net, pre, post, target="roi", roi=roi)
     hires, grad, score = autograd_reference(net, pre, post, roi)
-    assert exp.taps == tuple(net.tap_names)
+    assert exp.taps == ("pre/input", "post/input", *net.tap_names)  # the input layer first
     torch.testing.assert_close(exp.score, score, atol=1e-5, rtol=1e-5)
     for tap in net.tap_names:
         torch.testing.assert_close(exp.raw["hirescam"][tap], hires[tap], atol=1e-5, rtol=1e-5)
@@ -151,7 +151,7 @@ def test_targets_and_empty_target():
     assert exp.score[1] == 0
     assert all(exp.raw[m][t][1].abs().max() == 0 for m in exp.methods for t in exp.taps)
     shares = exp.post_shares()
-    assert set(shares) == {"enc1", "enc2"}
+    assert set(shares) == {"input", "enc1", "enc2"}
     assert all(torch.isnan(v[1]) and 0 <= v[0] <= 1 for v in shares.values())
 
 
@@ -209,7 +209,8 @@ def test_bad_input_messages():
     net = tiny_net(seed=17)
     pre, post, _ = inputs()
     with pytest.raises(
-        TapError, match=r"unknown tap name\(s\) \['enc9'\].*available: \['pre/enc1'"
+        TapError,
+        match=r"unknown tap name\(s\) \['enc9'\].*available: \['pre/input', 'post/input', 'pre/enc1'",
     ):
         explain_batch(net, pre, post, taps=["enc9"])
     with pytest.raises(ValueError, match="same shape"):
@@ -225,8 +226,9 @@ def test_bad_input_messages():
         def forward(self, a, b):
             return self.conv(torch.cat([a, b], 1))
 
-    with pytest.raises(TapError, match="NoTaps has no taps.*Tap\\('pre/enc1'\\)"):
-        explain_batch(NoTaps(), pre, post)
+    assert explain_batch(NoTaps(), pre, post).layers == ["input"]  # every model has its input
+    with pytest.raises(TapError, match="NoTaps has no taps but the input.*Tap\\('pre/enc1'\\)"):
+        explain_batch(NoTaps(), pre, post, taps=["enc1"])
 
     class TwiceTapped(NoTaps):
         def __init__(self):

@@ -43,7 +43,7 @@ def test_empty_target_and_uint8_inputs_render(explained):
     _, pre, post, exp = explained
     panel = render_panel(to_rgb(pre[1]), to_rgb(post[1]), exp, index=1, method="gradcam", dpi=30)
     assert panel.shape == (210, 405, 3)
-    with pytest.raises(ValueError, match="available: \\['enc1', 'enc2'\\]"):
+    with pytest.raises(ValueError, match="available: \\['input', 'enc1', 'enc2'\\]"):
         render_panel(pre[0], post[0], exp, layer="bottleneck")
     with pytest.raises(ValueError, match="do not match the explanation"):
         render_panel(pre[0, :, :16], post[0, :, :16], exp)

@@ -96,6 +96,22 @@ def test_model_dependent_keys_fail_before_any_pair(
     assert finished_outputs(tmp_path / "run") == []
 
 
+@pytest.mark.parametrize(
+    ("methods", "expected"),
+    [
+        (["gradcamm"], "unknown method(s) ['gradcamm']; known methods"),
+        (["gradcamm"], "did you mean 'gradcam'?"),
+        (["gradcam"], "must include hirescam"),
+    ],
+)
+def test_explain_methods_say_unknown_before_missing(methods, expected):
+    from changecam.explain import ExplainSettings
+
+    with pytest.raises(ValueError) as err:
+        ExplainSettings(methods=methods)
+    assert expected in str(err.value)
+
+
 def test_a_tap_name_given_as_a_string_is_one_name(tmp_path, ckpt, levir256_tiny):
     report = explain(
         compose_train(
@@ -111,4 +127,4 @@ def test_a_tap_name_given_as_a_string_is_one_name(tmp_path, ckpt, levir256_tiny)
             "explain",
         )
     )
-    assert report["taps"] == ["pre/enc2", "post/enc2"]
+    assert report["taps"] == ["pre/enc2", "post/enc2"]  # not ["e", "n", "c", "2"]

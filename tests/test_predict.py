@@ -70,7 +70,7 @@ def test_folder_of_real_levir_samples(tmp_path, ckpt, samples_dir):
         assert pair["changed_fraction"] == pytest.approx((mask == 255).mean())
         panel = cv2.imread(str(run / "panels" / f"{name}.png"))
         assert panel.ndim == 3 and panel.shape[0] > 200 and panel.std() > 10, "a real picture"
-        assert set(pair["post_share"]) == {"enc1", "enc2"}
+        assert set(pair["post_share"]) == {"input", "enc1", "enc2"}
         assert "faithfulness_gap" in pair
         assert pair["files"] == {
             "mask": f"masks/{name}.png",
@@ -129,8 +129,8 @@ def test_large_pairs_skip_the_explanation_but_keep_the_mask(tmp_path, ckpt):
     )
     big, small = report["pairs"]
     assert "exceeds explain.max_pixels=4096" in big["explanation_skipped"]
-    assert "post_share" not in big and set(small["post_share"]) == {"enc1", "enc2"}
-    assert set(report["mean"]["post_share"]) == {"enc1", "enc2"}
+    assert "post_share" not in big and set(small["post_share"]) == {"input", "enc1", "enc2"}
+    assert set(report["mean"]["post_share"]) == {"input", "enc1", "enc2"}
     assert (tmp_path / "run" / "masks" / "a_big.png").is_file()
     assert not (tmp_path / "run" / "panels" / "a_big.png").exists()
     assert (tmp_path / "run" / "panels" / "b_small.png").is_file()

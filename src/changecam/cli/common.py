@@ -35,8 +35,8 @@ from changecam.cli.launch import config_dir, is_multirun, log_to_file
 from changecam.data.io import read_label
 from changecam.environment import configure_environment
 from changecam.explain import ExplainSettings
-from changecam.models import SlidingWindow
-from changecam.training.checkpoint import read_checkpoint
+from changecam.models import SlidingWindow, is_external
+from changecam.training.checkpoint import read_checkpoint, read_external_checkpoint
 
 log = logging.getLogger("changecam")
 
@@ -190,6 +190,8 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
     """The network of ``ckpt_path`` (with ``model=`` for plain state dicts), in eval mode, on
     the CPU, and the checkpoint's module hyper-parameters (empty for a state dict)."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else None
+    if is_external(model_cfg):  # model=external: a plain state_dict of the user's own network
+        return read_external_checkpoint(cfg.ckpt_path, model_cfg), {}
     return read_checkpoint(cfg.ckpt_path, model_cfg)
 
 

@@ -16,8 +16,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import read_write
 
-from changecam.cli.launch import is_multirun
 from changecam.cli.config_checks import ConfigError
+from changecam.cli.launch import is_multirun
 
 
 def starts_rank_processes(trainer: L.Trainer) -> bool:

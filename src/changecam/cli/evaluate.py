@@ -41,9 +41,9 @@ from changecam.cli.common import (
     to_float_dict,
 )
 from changecam.evaluation.per_image import SEED_STYLE, PerImageScores
-from changecam.explain import choose_layer, per_date_layers
+from changecam.explain import choose_layer, per_date_layers, resolve_taps
 from changecam.metrics import SCORE_NAMES
-from changecam.models import SlidingWindowNet, find_taps
+from changecam.models import SlidingWindowNet
 from changecam.training.module import ChangeDetectionModule
 
 EvalSplit = Literal["val", "test"]
@@ -60,7 +60,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     spec = sliding_window_spec(cfg)
     share_layer = None
     if cfg.get("post_share", True):
-        layers = per_date_layers(find_taps(net))
+        layers = per_date_layers(resolve_taps(net))  # the input layer included
         share_layer = choose_layer(layers, cfg.get("post_share_layer"), "post_share_layer")
     module = ChangeDetectionModule(
         SlidingWindowNet(net, spec) if spec else net,

@@ -6,6 +6,12 @@ Public entry points (import them from here); definitions in ``docs/design.md``
 * :func:`explain_batch` ``(model, pre, post, taps=..., target=..., methods=...) -> Explanation``:
   one forward + one backward; every tap, both dates, HiResCAM and Grad-CAM. Works inside a
   Lightning validation/test step; leaves modes, ``requires_grad`` and ``.grad`` as found.
+  Every model has the per-date layer ``input`` (taps ``pre/input``, ``post/input``: gradient ×
+  input); ``methods=[..., "integrated_gradients"]`` adds captum's Integrated Gradients there
+  (:class:`IntegratedGradientsSettings`: steps, baseline).
+* :class:`LayerTaps` ``(model, layers={"encoder.layer3": "calls", ...})``: a model changecam did
+  not write, its layers declared by module path and how the dates pass through them
+  (``calls``, ``batch_halves``, ``batch_interleaved``, ``pre``, ``post``, ``fused``).
 * :class:`Explanation`: ``raw[method][tap]`` (B×h×w, tap resolution, logit contribution per
   cell), ``upsampled[method][tap]`` (B×H×W, per input pixel), ``logits``, target ``mask`` and
   ``score``; ``post_share(layer)`` / ``post_shares()`` give ``P_post / (P_pre + P_post)`` on raw
@@ -37,7 +43,10 @@ from changecam.explain.faithfulness import (
     perturbation_curve,
 )
 from changecam.explain.hirescam import (
+    CAM_METHODS,
     DATES,
+    INPUT_LAYER,
+    INPUT_TAPS,
     METHODS,
     Date,
     Explanation,
@@ -49,6 +58,7 @@ from changecam.explain.hirescam import (
     preserved_state,
     resolve_taps,
 )
+from changecam.explain.integrated import IntegratedGradientsSettings
 from changecam.explain.render import render_panel, save_panel
 from changecam.explain.runner import (
     Explained,
@@ -61,6 +71,7 @@ from changecam.explain.runner import (
     with_threshold,
 )
 from changecam.explain.targets import TARGET_KINDS, Target, TargetKind, target_mask, target_score
+from changecam.models.external import LayerTaps
 
 __all__ = [
     "ExplainSettings",
@@ -78,7 +89,12 @@ __all__ = [
     "Faithfulness",
     "faithfulness",
     "perturbation_curve",
+    "CAM_METHODS",
     "DATES",
+    "INPUT_LAYER",
+    "INPUT_TAPS",
+    "IntegratedGradientsSettings",
+    "LayerTaps",
     "METHODS",
     "TARGET_KINDS",
     "Date",

@@ -207,7 +207,7 @@ def faithfulness(
             ``steps``/``random_repeats`` below 1.
     """
     _check_request(pre, post, explanation, dates, steps, random_repeats)
-    layer = choose_layer(explanation.layers, layer, "faithfulness layer")
+    layer = choose_layer(explanation.layers_of(method), layer, f"faithfulness layer ({method})")
     b, _, h, w = pre.shape
     if valid is not None:
         valid = valid.to(pre.device).bool().expand(b, h, w)

@@ -12,54 +12,70 @@ activation during one forward; ``torch.autograd.grad`` then returns ``∂S/∂A`
 one backward, without touching parameter gradients. A shared encoder runs once per date, but each
 date's output passes through its own tap (``pre/encK``, ``post/encK``), so each map belongs to
 exactly one date.
+
+Every model also has the per-date layer ``input`` (taps ``pre/input``, ``post/input``): its
+activation is the input image of that date, so HiResCAM there is gradient × input summed over
+the bands, from the same forward and backward. Integrated Gradients
+(:mod:`changecam.explain.integrated`, through captum) has maps at the input taps only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from changecam.explain.integrated import IntegratedGradientsSettings, integrated_gradients
 from changecam.explain.targets import Target, TargetKind, is_empty, target_mask, target_score
-from changecam.models.taps import Tap, find_taps
+from changecam.models.taps import Tap, TapError, find_taps
 
-Method = Literal["hirescam", "gradcam"]
+Method = Literal["hirescam", "gradcam", "integrated_gradients"]
 METHODS: tuple[Method, ...] = get_args(Method)
+# the methods computed by default: both come from the one forward and backward at every tap
+CAM_METHODS: tuple[Method, ...] = ("hirescam", "gradcam")
 Date = Literal["pre", "post"]
 DATES: tuple[Date, ...] = get_args(Date)
-
-
-class TapError(ValueError):
-    """The model has no taps, or a requested tap does not exist or does not run once."""
+INPUT_LAYER = "input"
+INPUT_TAPS: tuple[str, ...] = tuple(f"{d}/{INPUT_LAYER}" for d in DATES)
 
 
 NO_TAPS_HELP = (
     "explanations hook named identity taps: wrap each activation to explain in a "
     "changecam.models.taps.Tap, e.g. `self.tap_pre1 = Tap('pre/enc1')` in __init__ and "
     "`x = self.tap_pre1(x)` in forward (one Tap per date for a shared encoder); "
-    "see changecam.models.SiameseUNet"
+    "see changecam.models.SiameseUNet; a model changecam did not write can declare its layers "
+    "with changecam.models.LayerTaps (model=external); the input layer works on every model"
 )
 
 
-def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[str, Tap]:
+def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[str, Tap | None]:
     """The requested taps of ``model``, in forward order.
 
+    The input taps ``pre/input`` and ``post/input`` come first and have no module (``None``):
+    their activations are the inputs themselves, so every model has them.
+
     Args:
-        model: a network (or a LightningModule wrapping one) holding :class:`Tap` modules.
-        taps: public tap names; a per-date layer name such as ``"enc3"`` stands for both
-            ``pre/enc3`` and ``post/enc3``. ``None`` means every tap.
+        model: a network (or a LightningModule wrapping one), usually holding :class:`Tap` modules.
+        taps: public tap names; a per-date layer name such as ``"enc3"`` (or ``"input"``) stands
+            for both ``pre/enc3`` and ``post/enc3``. ``None`` means every tap, the input included.
 
     Raises:
-        TapError: the model has no taps, or a name is unknown (the message lists the available ones).
+        TapError: a name is unknown (the message lists the available ones), or a Tap of the model
+            uses a reserved input tap name.
     """
-    found = find_taps(model)
-    if not found:
-        raise TapError(f"{type(model).__name__} has no taps; {NO_TAPS_HELP}")
+    modules = find_taps(model)
+    reserved = [n for n in INPUT_TAPS if n in modules]
+    if reserved:
+        raise TapError(
+            f"{type(model).__name__} has Tap(s) named {reserved}: these names are reserved for "
+            "the model's inputs (every model has them); rename the Tap"
+        )
+    found: dict[str, Tap | None] = {**dict.fromkeys(INPUT_TAPS), **modules}
     if taps is None:
         return found
     if isinstance(taps, str):
@@ -74,9 +90,12 @@ def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[st
         else:
             unknown.append(name)
     if unknown:
+        help_text = (
+            "" if modules else f"; {type(model).__name__} has no taps but the input: {NO_TAPS_HELP}"
+        )
         raise TapError(
             f"unknown tap name(s) {unknown} for {type(model).__name__}; available: {list(found)}"
-            f" (or a per-date layer: {per_date_layers(found)})"
+            f" (or a per-date layer: {per_date_layers(found)}){help_text}"
         )
     if not wanted:
         raise TapError(f"no taps requested; available: {list(found)}")
@@ -136,8 +155,9 @@ class Explanation:
     """Maps of one batch; every tensor is detached, float32, on the model's device.
 
     Attributes:
-        taps: explained tap names, in forward order.
-        methods: the methods computed (``hirescam``, ``gradcam``).
+        taps: explained tap names, in forward order (``pre/input``, ``post/input`` first).
+        methods: the methods computed (``hirescam``, ``gradcam``, ``integrated_gradients``); a
+            method may have maps at some taps only (``integrated_gradients``: the input taps).
         logits: model output, B×1×H×W.
         mask: target mask ``M``, B×1×H×W in {0, 1}.
         score: target score ``S = Σ M ⊙ logits``, B.
@@ -146,6 +166,9 @@ class Explanation:
         upsampled: ``upsampled[method][tap]``: the raw map bilinearly resized to the input,
             B×H×W, divided by the area ratio ``(H·W)/(h·w)`` so it reads as logit contribution
             per input pixel (its sum approximates the raw map's sum). Empty if not requested.
+        ig: for ``integrated_gradients``: ``baseline_score`` ``S(baseline)`` and ``delta``
+            (captum's convergence delta ``Σ attributions − (S − S(baseline))``), B each;
+            empty otherwise.
     """
 
     taps: tuple[str, ...]
@@ -155,6 +178,7 @@ class Explanation:
     score: Tensor
     raw: dict[str, dict[str, Tensor]]
     upsampled: dict[str, dict[str, Tensor]]
+    ig: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -171,17 +195,32 @@ class Explanation:
 
     @property
     def layers(self) -> list[str]:
-        """Layers explained for both dates (``enc1``, ``enc2`` ...)."""
+        """Layers explained for both dates (``input``, ``enc1``, ``enc2`` ...)."""
         return per_date_layers(self.taps)
 
+    def layers_of(self, method: Method = "hirescam") -> list[str]:
+        """The per-date layers that have maps of ``method`` (``["input"]`` for Integrated
+        Gradients), in forward order."""
+        return per_date_layers(list(self.raw.get(method, {})))
+
     def map(self, tap: str, method: Method = "hirescam", upsampled: bool = False) -> Tensor:
-        """One map: B×h×w (raw) or B×H×W (``upsampled``)."""
+        """One map: B×h×w (raw) or B×H×W (``upsampled``).
+
+        Raises:
+            KeyError: ``method`` was not computed, or has no map at ``tap`` (the message lists
+                the taps it has).
+        """
         maps = self.upsampled if upsampled else self.raw
-        if method not in maps or tap not in maps[method]:
-            what = "upsampled " if upsampled else ""
+        what = "upsampled " if upsampled else ""
+        if method not in maps:
             raise KeyError(
-                f"no {what}{method} map for tap {tap!r}; explained taps: {list(self.taps)}, "
-                f"methods: {list(maps)}"
+                f"no {what}{method} maps: methods computed: {list(maps)}"
+                + ("" if upsampled or maps else " (upsample=False)")
+            )
+        if tap not in maps[method]:
+            raise KeyError(
+                f"no {what}{method} map for tap {tap!r}; {method} has maps at "
+                f"{list(maps[method])} (explained taps: {list(self.taps)})"
             )
         return maps[method][tap]
 
@@ -202,8 +241,8 @@ class Explanation:
         )
 
     def post_shares(self, method: Method = "hirescam") -> dict[str, Tensor]:
-        """:meth:`post_share` of every per-date layer: ``{"enc1": B, ...}``."""
-        return {layer: self.post_share(layer, method) for layer in self.layers}
+        """:meth:`post_share` of every per-date layer with maps of ``method``: ``{"enc1": B, ...}``."""
+        return {layer: self.post_share(layer, method) for layer in self.layers_of(method)}
 
     def select(self, index: int | slice | Tensor) -> Explanation:
         """The explanation of some samples (an ``int`` keeps a batch dimension of 1)."""
@@ -249,6 +288,7 @@ class Explanation:
             score=fn(self.score),
             raw={m: {k: fn(v) for k, v in d.items()} for m, d in self.raw.items()},
             upsampled={m: {k: fn(v) for k, v in d.items()} for m, d in self.upsampled.items()},
+            ig={k: fn(v) for k, v in self.ig.items()},
         )
 
 
@@ -295,14 +335,15 @@ def explain_batch(
     *,
     taps: Sequence[str] | None = None,
     target: Target | TargetKind = "predicted",
-    methods: Sequence[Method] = METHODS,
+    methods: Sequence[Method] = CAM_METHODS,
     label: Tensor | None = None,
     roi: Tensor | None = None,
     valid: Tensor | None = None,
     upsample: bool = True,
     eval_mode: bool = True,
+    ig: IntegratedGradientsSettings | None = None,
 ) -> Explanation:
-    """Explain a batch: one forward and one backward for all taps, both dates and both methods.
+    """Explain a batch: one forward and one backward for all taps, both dates and both CAMs.
 
     Safe inside a Lightning validation/test step (it leaves ``torch.inference_mode`` locally and
     works on clones of the inputs). It never changes ``requires_grad`` flags nor accumulates
@@ -310,22 +351,26 @@ def explain_batch(
     even when the forward fails.
 
     Args:
-        model: ``model(pre, post) -> logits`` (B×1×H×W) with :class:`Tap` modules.
+        model: ``model(pre, post) -> logits`` (B×1×H×W), with :class:`Tap` modules for layers
+            beyond the input.
         pre: B×C×H×W images of the first date (same shape as ``post``).
         post: B×C×H×W images of the second date.
-        taps: tap names (or per-date layers like ``"enc3"``); ``None``: every tap.
+        taps: tap names (or per-date layers like ``"enc3"``, ``"input"``); ``None``: every tap.
         target: which pixels' logits form ``S`` (see :mod:`changecam.explain.targets`).
-        methods: any of ``hirescam``, ``gradcam``.
+        methods: any of ``hirescam``, ``gradcam`` (every tap) and ``integrated_gradients``
+            (the input taps only; ``steps`` more forward and backward passes, see ``ig``).
         label: ground-truth mask for ``target="ground_truth"``.
         roi: region of interest for ``target="roi"``.
         valid: pixels allowed in the target (e.g. excluding padding); default all.
         upsample: also return the maps resized to the input size.
         eval_mode: run the model in eval mode (BatchNorm running statistics, no dropout).
+        ig: Integrated Gradients settings (steps, baseline); default
+            :class:`IntegratedGradientsSettings`.
 
     Raises:
-        TapError: no taps, unknown tap names, or a tap that did not run exactly once.
-        ValueError: mismatched ``pre``/``post`` shapes, unknown methods, or a target that lacks
-            its ``label``/``roi``.
+        TapError: unknown tap names, or a tap that did not run exactly once.
+        ValueError: mismatched ``pre``/``post`` shapes, unknown methods, a target that lacks
+            its ``label``/``roi``, or ``integrated_gradients`` without the input among the taps.
     """
     methods = _checked_methods(methods)
     if pre.shape != post.shape or pre.ndim != 4:
@@ -334,19 +379,39 @@ def explain_batch(
             f"{tuple(post.shape)}"
         )
     modules = resolve_taps(model, taps)
+    cams = tuple(m for m in methods if m in CAM_METHODS)
+    with_ig = "integrated_gradients" in methods
+    if with_ig and not all(t in modules for t in INPUT_TAPS):
+        raise ValueError(
+            f"integrated_gradients has maps at the input only, but the taps {list(modules)} "
+            "leave it out: add `input` to the taps (e.g. taps=[input, enc4])"
+        )
+    if not cams:  # no CAM: no hooks and no backward, the taps are the input's
+        modules = dict.fromkeys(INPUT_TAPS)
     with preserved_state(model, eval_mode), torch.inference_mode(False), torch.enable_grad():
         logits, activations = _recorded_forward(model, modules, pre, post)
         mask = target_mask(logits, target, label=label, roi=roi, valid=valid)
         score = target_score(logits, mask)
         if not score.requires_grad:
             raise ValueError(f"the output of {type(model).__name__} does not depend on its inputs")
-        grads = torch.autograd.grad(score.sum(), list(activations.values()), allow_unused=True)
+        grads = (
+            torch.autograd.grad(score.sum(), list(activations.values()), allow_unused=True)
+            if cams
+            else (None,) * len(activations)
+        )
+        ig_maps, ig_info = {}, {}
+        if with_ig:
+            ig_maps, ig_info = integrated_gradients(
+                model, pre, post, mask.detach(), score.detach(), ig or IntegratedGradientsSettings()
+            )
 
     with torch.no_grad():
         raw: dict[str, dict[str, Tensor]] = {m: {} for m in methods}
         for (name, act), grad in zip(activations.items(), grads, strict=True):
-            for method, cam in cam_maps(act, grad, methods).items():
+            for method, cam in cam_maps(act, grad, cams).items():
                 raw[method][name] = cam
+        if with_ig:
+            raw["integrated_gradients"] = dict(zip(INPUT_TAPS, ig_maps, strict=True))
         return Explanation(
             taps=tuple(activations),
             methods=methods,
@@ -355,6 +420,7 @@ def explain_batch(
             score=score.detach().float(),
             raw=raw,
             upsampled=upsample_maps(raw, tuple(logits.shape[-2:])) if upsample else {},
+            ig=ig_info,
         )
 
 
@@ -370,14 +436,17 @@ def _checked_methods(methods: Sequence[Method]) -> tuple[Method, ...]:
 
 
 def _recorded_forward(
-    model: nn.Module, modules: dict[str, Tap], pre: Tensor, post: Tensor
+    model: nn.Module, modules: dict[str, Tap | None], pre: Tensor, post: Tensor
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One forward on clones of the inputs (grad-enabled), recording every tap's output once.
+
+    The input taps (``None`` in ``modules``) record the grad-enabled input clones themselves.
 
     Raises:
         TapError: a tap ran more or less than once (e.g. one Tap for a module called twice).
     """
-    seen: dict[str, list[Tensor]] = {n: [] for n in modules}
+    hooked = {n: t for n, t in modules.items() if t is not None}
+    seen: dict[str, list[Tensor]] = {n: [] for n in hooked}
 
     def recorder(name: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
@@ -385,10 +454,10 @@ def _recorded_forward(
 
         return hook
 
-    handles = [tap.register_forward_hook(recorder(n)) for n, tap in modules.items()]
+    x_pre = pre.detach().clone().requires_grad_(True)
+    x_post = post.detach().clone().requires_grad_(True)
+    handles = [tap.register_forward_hook(recorder(n)) for n, tap in hooked.items()]
     try:
-        x_pre = pre.detach().clone().requires_grad_(True)
-        x_post = post.detach().clone().requires_grad_(True)
         logits = model(x_pre, x_post)
     finally:
         for handle in handles:
@@ -399,4 +468,5 @@ def _recorded_forward(
             f"each tap must run exactly once per forward; runs per tap: {wrong}. "
             "A module called twice (e.g. a shared encoder) needs one Tap per call."
         )
-    return logits, {n: v[0] for n, v in seen.items()}
+    inputs = dict(zip(INPUT_TAPS, (x_pre, x_post), strict=True))
+    return logits, {n: inputs[n] if n in inputs else seen[n][0] for n in modules}

@@ -29,7 +29,11 @@ from changecam.explain.hirescam import Explanation, Method, choose_layer
 from changecam.metrics import confusion_counts, scores_from_counts
 
 CMAP = "RdBu_r"  # blue: evidence against the target, red: evidence for it
-METHOD_TITLES = {"hirescam": "HiResCAM", "gradcam": "Grad-CAM"}
+METHOD_TITLES = {
+    "hirescam": "HiResCAM",
+    "gradcam": "Grad-CAM",
+    "integrated_gradients": "Integrated Gradients",
+}
 
 
 def to_rgb(image: np.ndarray | Tensor) -> np.ndarray:
@@ -92,15 +96,16 @@ def render_panel(
         explanation: an explanation holding the sample at ``index`` (with upsampled maps).
         index: which sample of the explanation (and of ``faithfulness``).
         label: ground-truth change mask (H×W), if known.
-        layer: per-date layer drawn (default: the deepest explained).
-        method: ``hirescam`` (default) or ``gradcam``.
+        layer: per-date layer drawn (default: the deepest with maps of ``method``).
+        method: ``hirescam`` (default), ``gradcam`` or ``integrated_gradients`` (whose maps,
+            and post shares, are at the input only).
         faithfulness: curves of the same batch; adds the gap of ``both`` dates to the text line.
         threshold: probability threshold of the drawn prediction.
         title: heading (e.g. the pair's name).
         dpi: resolution of the returned image (the figure is 13.5 × 7 inches).
     """
     exp = explanation.select(index)
-    layer = choose_layer(exp.layers, layer, "panel layer")
+    layer = choose_layer(exp.layers_of(method), layer, f"panel layer ({method})")
     pre_rgb, post_rgb = to_rgb(pre), to_rgb(post)
     size = exp.input_size
     if pre_rgb.shape[:2] != size or post_rgb.shape[:2] != size:

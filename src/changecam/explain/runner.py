@@ -14,6 +14,7 @@ it; shares are computed on those).
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,8 @@ from changecam.atomic import atomic_open
 from changecam.data.transforms import image_to_tensor
 from changecam.explain.faithfulness import CURVE_DATES, CurveDate, Faithfulness, faithfulness
 from changecam.explain.hirescam import (
+    CAM_METHODS,
+    INPUT_TAPS,
     METHODS,
     Explanation,
     Method,
@@ -37,6 +40,7 @@ from changecam.explain.hirescam import (
     per_date_layers,
     resolve_taps,
 )
+from changecam.explain.integrated import IntegratedGradientsSettings
 from changecam.explain.render import render_panel, save_panel
 from changecam.explain.targets import Target, TargetKind
 from changecam.models.protocol import size_multiple
@@ -102,8 +106,10 @@ class ExplainSettings:
 
     Args:
         enabled: explain at all (``predict.py`` and ``eval.py`` can skip it).
-        taps: tap names or per-date layers (``enc3``; one name may be a string); ``None``: every tap.
-        methods: ``hirescam`` and/or ``gradcam`` (``hirescam`` is required).
+        taps: tap names or per-date layers (``input``, ``enc3``; one name may be a string);
+            ``None``: every tap, the input included.
+        methods: ``hirescam`` (required), ``gradcam``, ``integrated_gradients`` (maps at the
+            input only: the taps must include ``input``).
         target: ``predicted``, ``ground_truth``, ``all`` or ``roi``.
         threshold: probability threshold of the predicted-change target and of the panel.
         roi: for ``target=roi``, a 0/255 (or 0/1) mask image of the pairs' size.
@@ -112,11 +118,12 @@ class ExplainSettings:
             no limit.
         dpi: panel resolution.
         faithfulness: the deletion curves.
+        ig: Integrated Gradients (steps, baseline), used when ``methods`` lists it.
     """
 
     enabled: bool = True
     taps: tuple[str, ...] | str | None = None  # one name may be given as a string
-    methods: tuple[Method, ...] | Method = METHODS
+    methods: tuple[Method, ...] | Method = CAM_METHODS
     target: TargetKind = "predicted"
     threshold: float = 0.5
     roi: str | None = None
@@ -124,19 +131,36 @@ class ExplainSettings:
     max_pixels: int | None = None
     dpi: int = 72
     faithfulness: FaithfulnessSettings = field(default_factory=FaithfulnessSettings)
+    ig: IntegratedGradientsSettings = field(default_factory=IntegratedGradientsSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", _tuple(self.taps))
         object.__setattr__(self, "methods", _tuple(self.methods))
         if not isinstance(self.faithfulness, FaithfulnessSettings):
             object.__setattr__(self, "faithfulness", FaithfulnessSettings(**self.faithfulness))
+        if not isinstance(self.ig, IntegratedGradientsSettings):
+            object.__setattr__(self, "ig", IntegratedGradientsSettings(**self.ig))
         Target(self.target, self.threshold)  # validates kind and threshold
         bad = [m for m in self.methods if m not in METHODS]
-        if bad or "hirescam" not in self.methods:
+        if bad:
+            close = {m: difflib.get_close_matches(m, METHODS, n=1) for m in bad}
+            hints = "".join(f"; {m!r}: did you mean {c[0]!r}?" for m, c in close.items() if c)
             raise ValueError(
-                f"explain.methods={list(self.methods)} must be some of {METHODS} and include "
-                "hirescam (panels and shares use it)"
+                f"explain.methods: unknown method(s) {bad}; known methods: {list(METHODS)}{hints}"
             )
+        if "hirescam" not in self.methods:
+            raise ValueError(
+                f"explain.methods={list(self.methods)} must include hirescam (panels, shares and "
+                "the faithfulness curves use it), e.g. explain.methods=[hirescam,"
+                f"{','.join(self.methods)}]"
+            )
+        if "integrated_gradients" in self.methods and self.taps is not None:
+            if not any(t in ("input", *INPUT_TAPS) for t in self.taps):
+                raise ValueError(
+                    "explain.methods has integrated_gradients, whose maps are at the input only, "
+                    f"but explain.taps={list(self.taps)} leaves the input out; add it, e.g. "
+                    f"explain.taps=[input,{','.join(self.taps)}]"
+                )
 
     def layers(self, model: nn.Module) -> list[str]:
         """The per-date layers explained on ``model``; errors name the key asking for a missing one.
@@ -229,6 +253,7 @@ def explain_tensors(
         roi=_pad_mask(roi, padded),
         valid=valid,
         upsample=upsample,  # the curves upsample their own layer when the maps are not
+        ig=settings.ig,
     )
     faith = None
     if settings.faithfulness.enabled:
@@ -289,6 +314,8 @@ class PairExplanation:
         for method in exp.methods:
             key = "post_share" if method == "hirescam" else f"post_share_{method}"
             out[key] = {k: _num(v[0]) for k, v in exp.post_shares(method).items()}
+        if exp.ig:
+            out["integrated_gradients"] = {k: _num(v[0]) for k, v in exp.ig.items()}
         faith = self.faithfulness
         out["faithfulness_gap"] = _num(faith.gap("both")[0]) if faith else None
         if faith is not None:

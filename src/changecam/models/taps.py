@@ -10,6 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 
+class TapError(ValueError):
+    """A tap or a declared layer is missing, unknown, or does not run as many times as it must."""
+
+
 class Tap(nn.Identity):
     """Identity module marking a named activation.
 

@@ -236,3 +236,54 @@ def suggest_siamese_unet(state: Mapping[str, torch.Tensor]) -> dict[str, Any] | 
         "fusion": "concat" if bottleneck.shape[1] == 2 * widest else "diff",
         "shared_encoder": shared,
     }
+
+
+def read_external_checkpoint(path: str | Path, model_cfg: Mapping[str, Any]) -> nn.Module:
+    """A network changecam did not write (``model=external``), with its weights from ``path``.
+
+    The file is a plain ``state_dict`` of the user's own network (also wrapped or with
+    ``module.`` prefixes, see :func:`split_checkpoint`), loaded strictly into the network the
+    factory builds; a changecam checkpoint of such a wrapped network loads as well.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: pickled code, no weights, or keys and shapes that do not fit (listed).
+    """
+    state, _ = split_checkpoint(read_weights_file(path), path)
+    if not state:
+        raise CheckpointError(f"{path} holds no weight tensors")
+    wrapper = build_network(model_cfg)
+    net = wrapper if set(state) == set(wrapper.state_dict()) else wrapper.model
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and expected[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+
+        def short(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        problems = [
+            f"  {what}: {short(keys)}"
+            for what, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if keys
+        ]
+        raise CheckpointError(
+            "\n".join(
+                [
+                    f"{path} does not fit the network of model.target="
+                    f"{model_cfg.get('target')!r} with model.kwargs={model_cfg.get('kwargs')}:",
+                    *problems,
+                ]
+            )
+        )
+    net.load_state_dict(state, strict=True)
+    return wrapper.eval()

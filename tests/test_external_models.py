@@ -1,0 +1,324 @@
+"""Explaining models changecam did not write: layers declared by module path (LayerTaps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from captum.attr import LayerActivation, LayerGradientXActivation
+from torch import nn
+
+from changecam.data.io import write_png
+from changecam.explain import LayerTaps, TapError, explain_batch
+from changecam.models import ExternalModel, build_network
+from changecam.training.checkpoint import CheckpointError, read_external_checkpoint
+from helpers import REPO, run_script
+
+
+def _init(module: nn.Module, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    return module.eval()
+
+
+class StackedSiamDiff(nn.Module):
+    """torchgeo's FC-Siam-diff pattern: ``forward(x)`` with x B×T×C×H×W, the encoder runs once
+    on both dates stacked on the batch axis, ``(b t) c h w`` (or ``(t b)``: halves)."""
+
+    def __init__(self, order: str = "interleaved") -> None:
+        super().__init__()
+        self.order = order
+        self.encoder = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 1))
+        self.head = nn.Conv2d(6, 1, 3, padding=1)
+        _init(self, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]
+        if self.order == "interleaved":
+            f = self.encoder(x.flatten(0, 1)).unflatten(0, (b, t))
+        else:
+            f = self.encoder(x.transpose(0, 1).flatten(0, 1)).unflatten(0, (t, b)).transpose(0, 1)
+        return self.head(torch.relu(f[:, 1] - f[:, 0]))
+
+
+class TwoCallSiamese(nn.Module):
+    """A shared encoder called once per date, concat fusion; ``calls`` encoder runs (2 default)."""
+
+    def __init__(self, calls: int = 2) -> None:
+        super().__init__()
+        self.calls = calls
+        self.encoder = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 1, 3, padding=1)
+        _init(self, 1)
+
+    def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        if self.calls == 1:  # the dates fused before the encoder: it runs once
+            f = self.encoder(pre + post)
+            return self.head(torch.cat([f, f], 1))
+        a, b = self.encoder(pre), self.encoder(post)
+        for _ in range(self.calls - 2):
+            b = self.encoder(post)
+        return self.head(torch.cat([a, b], 1))
+
+
+def pair(b: int = 2, size: int = 16, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, size, size, generator=g), torch.rand(b, 3, size, size, generator=g)
+
+
+def recorded_grads(model: nn.Module, module: nn.Module, run, roi: torch.Tensor):
+    """Every output of ``module`` in one forward of ``run()`` and ``∂S/∂output`` by hand."""
+    outs: list[torch.Tensor] = []
+
+    def keep(mod, inp, out):
+        out.retain_grad()
+        outs.append(out)
+
+    handle = module.register_forward_hook(keep)
+    try:
+        logits = run()
+    finally:
+        handle.remove()
+    (roi * logits).sum().backward()
+    model.zero_grad(set_to_none=True)
+    return [(o.detach(), o.grad.detach()) for o in outs]
+
+
+def assert_no_hooks(model: nn.Module) -> None:
+    hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == [], f"left hooked: {hooked}"
+
+
+@pytest.mark.parametrize("order", ["interleaved", "halves"])
+def test_batch_stacked_dates_give_one_map_per_date(order):
+    model = StackedSiamDiff(order)
+    net = LayerTaps(model, {"encoder": f"batch_{order}", "head": "fused"}, inputs="stacked")
+    pre, post = pair()
+    roi = (torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    exp = explain_batch(net, pre, post, target="roi", roi=roi)
+    assert exp.taps == ("pre/input", "post/input", "pre/encoder", "post/encoder", "head")
+    assert exp.layers == ["input", "encoder"]
+
+    x = torch.stack([pre, post], 1)
+    [(act, grad)] = recorded_grads(model, model.encoder, lambda: model(x), roi)
+    cam = (act * grad).sum(1)  # 2B maps, in the model's row order
+    rows = {"interleaved": (cam[0::2], cam[1::2]), "halves": (cam[:2], cam[2:])}[order]
+    for date, expected in zip(("pre", "post"), rows, strict=True):
+        got = exp.raw["hirescam"][f"{date}/encoder"]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert got.abs().max() > 0.05, "a near-zero map proves nothing"
+    assert not torch.allclose(rows[0], rows[1])
+    assert_no_hooks(model)
+
+    # captum on the same module: one attribution per *row* of the stacked batch, not per date
+    # and sample; row 1 is sample 0's post date, so reading it as sample 1 mixes dates up
+    forward = lambda stacked: (roi * model(stacked)).sum((1, 2, 3))  # noqa: E731
+    on_module = LayerGradientXActivation(forward, model.encoder).attribute(x).sum(1)
+    assert on_module.shape[0] == 2 * len(pre) != len(exp)
+    if order == "interleaved":
+        torch.testing.assert_close(on_module[1], exp.raw["hirescam"]["post/encoder"][0])
+
+
+def test_two_calls_give_both_dates_where_captum_keeps_one():
+    model = TwoCallSiamese()
+    net = LayerTaps(model, {"encoder": "calls", "head": "fused"})
+    pre, post = pair(seed=4)
+    roi = torch.ones(2, 1, 16, 16)
+    exp = explain_batch(net, pre, post, target="all")
+    calls = recorded_grads(model, model.encoder, lambda: model(pre, post), roi)
+    assert len(calls) == 2
+    for date, (act, grad) in zip(("pre", "post"), calls, strict=True):
+        torch.testing.assert_close(
+            exp.raw["hirescam"][f"{date}/encoder"], (act * grad).sum(1), atol=1e-5, rtol=1e-5
+        )
+        gradcam = (grad.mean((2, 3), keepdim=True) * act).sum(1)
+        torch.testing.assert_close(
+            exp.raw["gradcam"][f"{date}/encoder"], gradcam, atol=1e-5, rtol=1e-5
+        )
+    share = exp.post_share("encoder")
+    assert ((share > 0) & (share < 1)).all()
+
+    # captum hooked on the encoder keeps one call: the post date; the pre date is lost
+    forward = lambda a, b: (model(a, b) * roi).sum((1, 2, 3))  # noqa: E731
+    activation = LayerActivation(forward, model.encoder).attribute((pre, post))
+    torch.testing.assert_close(activation, model.encoder(post))
+    single = LayerGradientXActivation(forward, model.encoder).attribute((pre, post)).sum(1)
+    torch.testing.assert_close(single, exp.raw["hirescam"]["post/encoder"], atol=1e-5, rtol=1e-5)
+    assert (single - exp.raw["hirescam"]["pre/encoder"]).abs().max() > 1e-3
+    assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("calls,ran", [(1, "ran 1 time"), (3, "ran 3 times")])
+def test_wrong_call_counts_fail_and_leave_nothing_hooked(calls, ran):
+    model = TwoCallSiamese(calls)
+    net = LayerTaps(model, {"encoder": "calls"})
+    pre, post = pair(seed=5)
+    with pytest.raises(
+        TapError, match=rf"encoder was declared `calls` \(2 per forward\) but {ran}"
+    ):
+        explain_batch(net, pre, post, target="all")
+    assert_no_hooks(net)
+    with pytest.raises(TapError, match=rf"but {ran}"):  # a plain forward checks it too
+        net(pre, post)
+    assert_no_hooks(net)
+    if calls == 1:  # the model itself is unchanged: declared as it runs, it explains
+        fixed = LayerTaps(model, {"encoder": "fused"})
+        assert explain_batch(fixed, pre, post, target="all").taps[-1] == "encoder"
+    assert_no_hooks(model)
+
+
+def test_batch_declared_on_a_per_date_module_fails():
+    model = TwoCallSiamese()
+    net = LayerTaps(model, {"encoder": "batch_interleaved"})
+    with pytest.raises(TapError, match=r"encoder was declared `batch_interleaved`.*2 × 2 = 4 rows"):
+        explain_batch(net, *pair(), target="all")
+    assert_no_hooks(net)
+
+
+def test_unknown_paths_modes_and_names():
+    model = StackedSiamDiff()
+    with pytest.raises(TapError, match=r"no module 'encodr\.0'; nearest names: \['encoder\.0'"):
+        LayerTaps(model, {"encodr.0": "calls"})
+    with pytest.raises(TapError, match="mode 'twice' is not one of: calls"):
+        LayerTaps(model, {"encoder": "twice"})
+    with pytest.raises(TapError, match="'input' is reserved"):
+        LayerTaps(model, {"encoder": {"mode": "pre", "name": "input"}})
+    with pytest.raises(TapError, match=r"same map name\(s\) \['enc'\]"):
+        LayerTaps(
+            model,
+            {"encoder": {"mode": "fused", "name": "enc"}, "head": {"mode": "fused", "name": "enc"}},
+        )
+    assert_no_hooks(model)
+
+
+def test_unshared_modules_pair_up_under_one_name():
+    class Unshared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc_a, self.enc_b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Conv2d(8, 1, 1)
+            _init(self, 6)
+
+        def forward(self, pre, post):
+            return self.head(torch.relu(torch.cat([self.enc_a(pre), self.enc_b(post)], 1)))
+
+    net = LayerTaps(
+        Unshared(),
+        {"enc_a": {"mode": "pre", "name": "enc"}, "enc_b": {"mode": "post", "name": "enc"}},
+    )
+    exp = explain_batch(net, *pair(seed=7), target="all", taps=["enc"])
+    assert exp.taps == ("pre/enc", "post/enc") and exp.layers == ["enc"]
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(2 * width, 1, 1)
+
+    def forward(self, pre, post):
+        return self.head(torch.cat([self.encoder(pre), self.encoder(post)], 1))
+
+
+def make(width=4):
+    torch.manual_seed(0)
+    return Net(width)
+"""
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch) -> Path:
+    """``extnet.make`` in a module of ``tmp_path``, importable here and on PYTHONPATH."""
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    (folder / "extnet.py").write_text(textwrap.dedent(FACTORY))
+    monkeypatch.syspath_prepend(str(folder))
+    yield folder
+    sys.modules.pop("extnet", None)
+
+
+def external_cfg(**over) -> dict:
+    cfg = {
+        "_target_": "changecam.models.ExternalModel",
+        "target": "extnet:make",
+        "kwargs": {"width": 4},
+        "layers": {"encoder": "calls"},
+    }
+    return {**cfg, **over}
+
+
+def test_external_model_from_a_factory_and_a_plain_state_dict(factory_module, tmp_path):
+    import extnet
+
+    weights = tmp_path / "weights.pt"
+    trained = extnet.make(width=4)
+    nn.init.constant_(trained.head.bias, 0.25)
+    torch.save(trained.state_dict(), weights)
+    net = read_external_checkpoint(weights, external_cfg())
+    assert isinstance(net, ExternalModel) and not net.training
+    assert float(net.model.head.bias) == 0.25
+    assert net.tap_names == ["pre/encoder", "post/encoder"]
+    rebuilt = build_network(net.config())  # the config a changecam checkpoint would record
+    assert rebuilt.config() == net.config() and rebuilt.tap_names == net.tap_names
+    pre, post = pair(seed=8)
+    torch.testing.assert_close(net(pre, post), trained.eval()(pre, post))
+
+    torch.save(extnet.make(width=6).state_dict(), weights)
+    with pytest.raises(CheckpointError, match="(?s)does not fit.*extnet:make.*shape mismatches"):
+        read_external_checkpoint(weights, external_cfg())
+    with pytest.raises(ValueError, match="cannot import 'nowhere'.*PYTHONPATH"):
+        ExternalModel("nowhere:make", layers={"encoder": "calls"})
+    with pytest.raises(ValueError, match="no callable 'mak'.*did you mean \\['make'\\]"):
+        ExternalModel("extnet:mak")
+
+
+@pytest.mark.slow
+def test_explain_cli_on_an_external_model(factory_module, tmp_path):
+    import extnet
+
+    weights = tmp_path / "weights.pt"
+    torch.save(extnet.make(width=4).state_dict(), weights)
+    g = np.random.default_rng(0)
+    for name in ("pre", "post"):
+        write_png(tmp_path / f"{name}.png", g.integers(0, 255, (24, 20, 3), dtype=np.uint8))
+    env = {"PYTHONPATH": os.pathsep.join([str(factory_module), os.environ.get("PYTHONPATH", "")])}
+    run_script(
+        "explain.py",
+        [
+            "model=external",
+            "model.target=extnet:make",
+            "model.kwargs={width: 4}",
+            "model.layers={encoder: calls}",
+            f"ckpt_path={weights}",
+            f"input.pre={tmp_path / 'pre.png'}",
+            f"input.post={tmp_path / 'post.png'}",
+            "explain.target=all",
+            "explain.faithfulness.steps=2",
+            "explain.dpi=30",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        env=env,
+    )
+    report = json.loads((tmp_path / "run" / "explanations.json").read_text())
+    assert report["taps"] == ["pre/input", "post/input", "pre/encoder", "post/encoder"]
+    assert report["panel_layer"] == "encoder"
+    [row] = report["pairs"]
+    assert set(row["post_share"]) == {"input", "encoder"}
+    maps = np.load(tmp_path / "run" / row["files"]["maps"])
+    assert maps["hirescam/pre/encoder"].shape == (24, 20)
