@@ -37,7 +37,6 @@ from changecam.training.callbacks.finite_checkpoint import FiniteModelCheckpoint
 from changecam.training.checkpoint import (
     CheckpointError,
     load_network,
-    read_weights_file,
     suggest_model,
 )
 from changecam.training.module import ChangeDetectionModule, DivergenceError
@@ -45,7 +44,14 @@ from helpers import REPO, compose_train, run_script, tiny_overrides
 
 UNSAFE_ADVICE = ("weights_only=False", "weights_only` set to `False`", "add_safe_globals")
 # What a finished run, evaluation or prediction leaves; none may exist after a refusal.
-FINISHED = ("metrics.json", "predictions.json", "explanations.json", "per_image.csv", "*.ckpt", "*.png")
+FINISHED = (
+    "metrics.json",
+    "predictions.json",
+    "explanations.json",
+    "per_image.csv",
+    "*.ckpt",
+    "*.png",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -111,13 +117,29 @@ def _plain_pickle(path: Path) -> None:
 
 # name -> (writer, substrings of the message)
 BAD_FILES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
-    "empty": (lambda p: p.write_bytes(b""), ("not a readable PyTorch checkpoint", "the file is empty (0 bytes)")),
-    "text": (lambda p: p.write_text("hello\n"), ("not a readable PyTorch checkpoint", "neither a torch.save file nor a pickle")),
+    "empty": (
+        lambda p: p.write_bytes(b""),
+        ("not a readable PyTorch checkpoint", "the file is empty (0 bytes)"),
+    ),
+    "text": (
+        lambda p: p.write_text("hello\n"),
+        ("not a readable PyTorch checkpoint", "neither a torch.save file nor a pickle"),
+    ),
     "truncated": (_truncated, ("not a readable PyTorch checkpoint", "damaged or cut short")),
-    "plain_pickle": (_plain_pickle, ("not a readable PyTorch checkpoint", "a pickle that torch.load(weights_only=True) cannot read")),
+    "plain_pickle": (
+        _plain_pickle,
+        (
+            "not a readable PyTorch checkpoint",
+            "a pickle that torch.load(weights_only=True) cannot read",
+        ),
+    ),
     "makedirs": (
         lambda p: torch.save({"state_dict": {}, "x": MakeDirs(p.parent / "pwned")}, p),
-        ("needs pickled Python code", "the global os.makedirs", "do not load this file by other means"),
+        (
+            "needs pickled Python code",
+            "the global os.makedirs",
+            "do not load this file by other means",
+        ),
     ),
     "module": (
         lambda p: torch.save(tiny_net(), p),
@@ -125,7 +147,10 @@ BAD_FILES: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
     ),
     "nan_weights": (
         _nan_weights,
-        ("holds non-finite weights (NaN or inf) in encoder1.conv1.conv.weight, bottleneck.bn.running_var (2 of", "module.optimizer.lr"),
+        (
+            "holds non-finite weights (NaN or inf) in encoder1.conv1.conv.weight, bottleneck.bn.running_var (2 of",
+            "module.optimizer.lr",
+        ),
     ),
 }
 
@@ -176,14 +201,32 @@ def test_torch_wordings_of_a_refusal_are_matched_case_insensitively(tmp_path):
 
 @pytest.mark.parametrize(
     ("command", "case"),
-    [("eval", "nan_weights"), ("predict", "nan_weights"), ("explain", "nan_weights"), ("predict", "makedirs"), ("eval", "empty")],
+    [
+        ("eval", "nan_weights"),
+        ("predict", "nan_weights"),
+        ("explain", "nan_weights"),
+        ("predict", "makedirs"),
+        ("eval", "empty"),
+    ],
 )
 def test_eval_predict_explain_refuse_before_any_output(tmp_path, tiny_synthetic, command, case):
     path, expected = write_bad(tmp_path, case)
     common = [f"ckpt_path={path}", "device=cpu"]
     run = {
-        "eval": (evaluate, [*common, f"data.root={tiny_synthetic}", "data.synthetic=null", "data.patch_size=32", "logger=none"]),
-        "predict": (predict, [*common, f"input.dir={tiny_synthetic / 'test'}", "sliding_window.window=32"]),
+        "eval": (
+            evaluate,
+            [
+                *common,
+                f"data.root={tiny_synthetic}",
+                "data.synthetic=null",
+                "data.patch_size=32",
+                "logger=none",
+            ],
+        ),
+        "predict": (
+            predict,
+            [*common, f"input.dir={tiny_synthetic / 'test'}", "sliding_window.window=32"],
+        ),
         "explain": (explain, [*common, f"input.dir={tiny_synthetic / 'test'}"]),
     }[command]
     cfg = compose_train(tmp_path / "out", run[1], config_name=command)
@@ -239,7 +282,10 @@ def test_resume_width_mismatch_suggests_what_eval_suggests(tmp_path, tiny_synthe
         "model.depth=2 model.fusion=concat model.shared_encoder=True"
     )
     assert fits in message and str(path) in message
-    assert "shape mismatches: encoder1.conv1.conv.weight: file (8, 3, 3, 3) vs model (4, 3, 3, 3)" in message
+    assert (
+        "shape mismatches: encoder1.conv1.conv.weight: file (8, 3, 3, 3) vs model (4, 3, 3, 3)"
+        in message
+    )
     assert message.count("\n") < 10, "a summary, not one line per tensor"
     with pytest.raises(CheckpointError) as eval_err:
         load_network(path, tiny_net().config())  # eval/predict with the same wrong model
@@ -250,7 +296,9 @@ def test_resume_width_mismatch_suggests_what_eval_suggests(tmp_path, tiny_synthe
 def test_resume_from_a_plain_state_dict_says_what_resuming_needs(tmp_path, tiny_synthetic):
     path = tmp_path / "weights.pth"
     torch.save(tiny_net().state_dict(), path)
-    with pytest.raises(CheckpointError, match="plain state_dict, not a checkpoint written by train.py") as err:
+    with pytest.raises(
+        CheckpointError, match="plain state_dict, not a checkpoint written by train.py"
+    ) as err:
         train(resume_cfg(tmp_path, tiny_synthetic, path))
     assert str(path) in str(err.value) and "last.ckpt" in str(err.value)
     assert finished_outputs(tmp_path / "run") == []
@@ -328,8 +376,12 @@ def test_a_nan_in_the_sanity_check_stops_before_training(tmp_path):
         Exploding(), optimizer=lambda params: torch.optim.SGD(params, lr=0.1), loss="bce"
     )
     loader = DataLoader(overflow_batches(), batch_size=None)
-    checkpoint = FiniteModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/f1", mode="max")
-    with pytest.raises(DivergenceError, match="val/loss is nan in the sanity check before training"):
+    checkpoint = FiniteModelCheckpoint(
+        dirpath=tmp_path, filename="best", monitor="val/f1", mode="max"
+    )
+    with pytest.raises(
+        DivergenceError, match="val/loss is nan in the sanity check before training"
+    ):
         quiet_trainer(max_epochs=1, callbacks=[checkpoint]).fit(module, loader, loader)
     assert finished_outputs(tmp_path) == []
 
@@ -354,11 +406,19 @@ class ScoreLogger(L.LightningModule):
 
 @pytest.mark.parametrize(
     ("scores", "best_epoch"),
-    [([float("nan"), 0.5, 0.25], 1), ([float("nan"), float("nan")], None), ([0.5, float("nan")], 0)],
+    [
+        ([float("nan"), 0.5, 0.25], 1),
+        ([float("nan"), float("nan")], None),
+        ([0.5, float("nan")], 0),
+    ],
 )
 def test_a_nan_score_never_becomes_best(tmp_path, scores, best_epoch):
     checkpoint = FiniteModelCheckpoint(
-        dirpath=tmp_path, filename="best", monitor="val/f1", mode="max", enable_version_counter=False
+        dirpath=tmp_path,
+        filename="best",
+        monitor="val/f1",
+        mode="max",
+        enable_version_counter=False,
     )
     loader = DataLoader(torch.ones(2, 1), batch_size=1)
     trainer = quiet_trainer(max_epochs=len(scores), callbacks=[checkpoint], num_sanity_val_steps=0)
@@ -397,7 +457,12 @@ def test_predict_py_refuses_nan_weights(tmp_path, tiny_synthetic):
     path, _ = write_bad(tmp_path, "nan_weights")
     proc = run_script(
         "predict.py",
-        [f"ckpt_path={path}", f"input.dir={tiny_synthetic / 'test'}", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            f"ckpt_path={path}",
+            f"input.dir={tiny_synthetic / 'test'}",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         cwd=tmp_path,
         check=False,
         env={"HYDRA_FULL_ERROR": "0"},
@@ -446,11 +511,20 @@ def conf_with_new_presets(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize(
     ("net", "expected"),
     [
-        (lambda: TinyEarlyFusion(3, 6, 2), "model=tiny_ef model.in_channels=3 model.base_channels=6 model.depth=2"),
-        (lambda: TinyEarlyFusion(4, 16, 3), "model=tiny_ef model.in_channels=4 model.base_channels=16 model.depth=3"),
+        (
+            lambda: TinyEarlyFusion(3, 6, 2),
+            "model=tiny_ef model.in_channels=3 model.base_channels=6 model.depth=2",
+        ),
+        (
+            lambda: TinyEarlyFusion(4, 16, 3),
+            "model=tiny_ef model.in_channels=4 model.base_channels=16 model.depth=3",
+        ),
         (lambda: TinyEarlyFusion(), "model=tiny_ef"),
         (lambda: SiameseUNet(3, 64, 4, "concat", shared_encoder=False), "model=siamese_unet_seed"),
-        (lambda: SiameseUNet(3, 4, 2, "concat"), "model=siamese_unet model.in_channels=3 model.base_channels=4"),
+        (
+            lambda: SiameseUNet(3, 4, 2, "concat"),
+            "model=siamese_unet model.in_channels=3 model.base_channels=4",
+        ),
     ],
 )
 def test_a_plain_state_dict_gets_the_model_that_fits(conf_with_new_presets, net, expected):
@@ -464,7 +538,10 @@ def test_a_mismatch_names_the_new_architecture(tmp_path, conf_with_new_presets):
         load_network(path, tiny_net().config())
     message = str(err.value)
     assert "missing keys: encoder1.conv1.conv.weight" in message
-    assert "a config that fits: model=tiny_ef model.in_channels=3 model.base_channels=6 model.depth=2" in message
+    assert (
+        "a config that fits: model=tiny_ef model.in_channels=3 model.base_channels=6 model.depth=2"
+        in message
+    )
     with pytest.raises(CheckpointError, match="the weights fit: model=tiny_ef model.in_channels=3"):
         load_network(path)  # no model= at all
 
@@ -473,7 +550,10 @@ def test_a_changecam_checkpoint_suggests_from_its_recorded_class(tmp_path, conf_
     path = changecam_checkpoint(tmp_path / "ef.ckpt", TinyEarlyFusion(3, 8, 2))
     with pytest.raises(CheckpointError) as err:
         load_network(path, tiny_net().config())  # eval with a wrong model=
-    assert "a config that fits: model=tiny_ef model.in_channels=3 model.base_channels=8 model.depth=2" in str(err.value)
+    assert (
+        "a config that fits: model=tiny_ef model.in_channels=3 model.base_channels=8 model.depth=2"
+        in str(err.value)
+    )
     assert isinstance(load_network(path), TinyEarlyFusion)  # and without model= it loads
 
 

@@ -56,7 +56,9 @@ class CheckpointError(ValueError):
 _REFUSED_GLOBAL = (
     re.compile(r"GLOBAL\s+(\S+?)\s+was not an allowed global", re.I),
     re.compile(r"unsupported GLOBAL\s+(\S+?)\s+whose module\s+\S+\s+is blocked", re.I),
-    re.compile(r"call reduce for unrecognized function\s+(.+?)(?:\s+which belongs.*)?$", re.I | re.M),
+    re.compile(
+        r"call reduce for unrecognized function\s+(.+?)(?:\s+which belongs.*)?$", re.I | re.M
+    ),
     re.compile(r"(?:create new object|can only build)\b.*?but got\s+(<class '[^']+'>|\S+)", re.I),
 )
 _WEIGHTS_ONLY_REFUSAL = re.compile(r"weights only load failed|weightsunpickler|unsupported", re.I)
@@ -402,7 +404,9 @@ def suggest_model(
         return match.overrides()
     if agreement == 1.0:
         return f"model={match.name} (its key names fit; set its widths, e.g. model.base_channels)"
-    return f"none exactly; the closest is model={match.name} ({agreement:.0%} of the key names agree)"
+    return (
+        f"none exactly; the closest is model={match.name} ({agreement:.0%} of the key names agree)"
+    )
 
 
 def _fits(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> bool:

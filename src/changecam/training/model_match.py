@@ -94,19 +94,30 @@ def read_presets(folder: Path | None = None) -> dict[str, dict[str, Any]]:
             continue
         config = {}
         for key in node:
-            if key == "defaults" or OmegaConf.is_interpolation(node, key) or OmegaConf.is_missing(node, key):
+            if (
+                key == "defaults"
+                or OmegaConf.is_interpolation(node, key)
+                or OmegaConf.is_missing(node, key)
+            ):
                 continue
             value = node[key]
-            config[str(key)] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            config[str(key)] = (
+                OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            )
         presets[path.stem] = config
     return presets
 
 
 def _build_on_meta(config: Mapping[str, Any]) -> torch.nn.Module | None:
-    """The network of ``config`` with meta tensors (shapes only), or ``None`` if it fails."""
+    """The network of ``config`` with meta tensors (shapes only; on the CPU for constructors
+    that compute with their tensors), or ``None`` if it cannot be built."""
     try:
         with torch.device("meta"):
             return build_network(dict(config))
+    except Exception:
+        pass
+    try:
+        return build_network(dict(config))
     except Exception:  # e.g. external.yaml without the user's target
         return None
 
@@ -172,7 +183,10 @@ def match_config(
         defaults = full_config(preset)
         if defaults is None:
             continue
-        fitted = {**{k: v for k, v in config.items() if k != "_target_"}, "_target_": preset["_target_"]}
+        fitted = {
+            **{k: v for k, v in config.items() if k != "_target_"},
+            "_target_": preset["_target_"],
+        }
         differences = sum(defaults.get(k) != v for k, v in fitted.items())
         match = ModelMatch(name, _without_target(preset), fitted, defaults)
         if best is None or differences < best[0]:
@@ -224,6 +238,8 @@ def match_state(
     (1.0: the same key names); its ``fitted`` config is set when the shapes agree too."""
     presets = read_presets() if presets is None else presets
     names = set(state)
+    if not names:
+        return None, 0.0
     best: tuple[float, ModelMatch | None] = (0.0, None)
     for name, preset in presets.items():
         defaults = full_config(preset)

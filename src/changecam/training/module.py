@@ -10,9 +10,9 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -95,9 +95,7 @@ class ChangeDetectionModule(L.LightningModule):
         # Mean loss over samples, reduced across DDP ranks like the scores. A NaN batch loss is
         # kept (nan_strategy=nan), so the divergence check sees it: torchmetrics' default drops
         # NaN values, and "disable" also drops the sample weights.
-        self.losses = nn.ModuleDict(
-            {s: MeanMetric(nan_strategy=float("nan")) for s in STAGES}
-        )
+        self.losses = nn.ModuleDict({s: MeanMetric(nan_strategy=float("nan")) for s in STAGES})
         self._compiled = False
 
     def setup(self, stage: str) -> None:
@@ -202,14 +200,22 @@ class ChangeDetectionModule(L.LightningModule):
         return (
             f"Training diverged: the learning rate {self._learning_rate()} is probably too "
             "high; lower it, or set trainer.gradient_clip_val (under trainer.precision=16-mixed, "
-            "also try 32)."
+            "also try 32)." + self._kept_checkpoint()
         )
+
+    def _kept_checkpoint(self) -> str:
+        """Which best checkpoint (of a finite epoch) the stopped run keeps, if any."""
+        callback = self.trainer.checkpoint_callback
+        path = getattr(callback, "best_model_path", "") if callback is not None else ""
+        return f" The best checkpoint of the epochs before stays at {path}." if path else ""
 
     def _learning_rate(self) -> str:
         """``module.optimizer.lr=<the optimiser's initial rate>``, for advice."""
         optimizers = self.trainer.optimizers
         lr = optimizers[0].defaults.get("lr") if optimizers else None
-        return f"module.optimizer.lr={lr:g}" if isinstance(lr, float | int) else "module.optimizer.lr"
+        return (
+            f"module.optimizer.lr={lr:g}" if isinstance(lr, float | int) else "module.optimizer.lr"
+        )
 
     def _nonfinite_weights(self) -> str:
         """Which weights are not finite, as a clause of a divergence message."""
