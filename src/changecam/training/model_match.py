@@ -13,7 +13,9 @@ only if every shape then agrees.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from changecam.models import build_network, network_config
 # The repository's configs (editable install), as changecam.cli.common.config_dir finds them.
 REPO_CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 DEPTHS = range(1, 8)  # the depths tried when a preset's key names differ only by depth
-WIDTH_KEYS = ("in_channels", "base_channels")  # inferred from shapes when a preset has them
+WIDTH_KEYS = ("in_channels", "base_channels")  # inferred from the shapes where a preset has them
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,15 @@ class ModelMatch:
     def overrides(self) -> str:
         """``model=<name>`` plus the ``model.<key>=<value>`` overrides that give ``fitted``.
 
-        Equal to the preset: the name alone. Otherwise every key the preset sets (so an
-        ``experiment=`` that sets ``model.*`` cannot undo it) and ``+model.<key>`` for the
-        constructor arguments the preset leaves at a default that the file changes.
+        Equal to the preset: the name alone. Otherwise the values that differ from the preset
+        and always its widths (``in_channels``, ``base_channels``: an ``experiment=`` may set
+        them); ``+model.<key>`` for arguments the preset's yaml leaves at their default.
         """
         if self.fitted is None or self.fitted == self.defaults:
             return f"model={self.name}"
         parts = [f"model={self.name}"]
         for key, value in self.fitted.items():
-            if key == "_target_":
+            if key == "_target_" or (key not in WIDTH_KEYS and self.defaults.get(key) == value):
                 continue
             if key in self.preset:
                 parts.append(f"model.{key}={hydra_value(value)}")
@@ -206,28 +208,46 @@ def _key_variants(preset: Mapping[str, Any]) -> list[dict[str, Any]]:
     return variants
 
 
-def _infer_widths(
-    config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor]
-) -> dict[str, Any] | None:
-    """``config`` with ``in_channels``/``base_channels`` scaled to the file's first weight with
-    at least two dimensions (output channels scale with the width, input channels with the bands);
-    ``None`` unless every shape then agrees."""
-    keys = [k for k in WIDTH_KEYS if isinstance(config.get(k), int)]
-    first = next((k for k, s in shapes.items() if len(s) >= 2 and k in state), None)
-    if first is None:
-        return None
-    file_shape, model_shape = tuple(state[first].shape), shapes[first]
-    fitted = dict(config)
-    scale = {"base_channels": 0, "in_channels": 1}  # the dimension each width scales
-    for key in keys:
-        dim = scale[key]
-        if len(file_shape) <= dim or model_shape[dim] == 0:
+def _width_candidates(
+    config: Mapping[str, Any],
+    key: str,
+    dim: int,
+    shapes: Mapping[str, tuple[int, ...]],
+    state: Mapping[str, torch.Tensor],
+    tries: int,
+) -> list[int]:
+    """Values of ``config[key]`` that would give the file's size of dimension ``dim``, most
+    frequent first (each tensor whose size there scales with ``key`` proposes one)."""
+    counts: Counter[int] = Counter()
+    for name, model_shape in shapes.items():
+        file_shape = tuple(state[name].shape) if name in state else ()
+        if len(file_shape) != len(model_shape) or len(model_shape) <= max(dim, 1):
+            continue
+        if model_shape[dim] == 0 or file_shape[dim] == model_shape[dim]:
             continue
         value = config[key] * file_shape[dim] / model_shape[dim]
         if value == int(value) and value >= 1:
-            fitted[key] = int(value)
-    if shapes_of(fitted) == {k: tuple(v.shape) for k, v in state.items()}:
-        return fitted
+            counts[int(value)] += 1
+    return [config[key]] + [v for v, _ in counts.most_common(tries)]
+
+
+def _infer_widths(
+    config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], state: Mapping[str, torch.Tensor]
+) -> dict[str, Any] | None:
+    """``config`` with ``in_channels``/``base_channels`` such that every shape of the network
+    equals the file's, or ``None``. Output channels (dimension 0) scale with the width, input
+    channels (dimension 1) with the bands; the few most frequent ratios are tried."""
+    target = {k: tuple(v.shape) for k, v in state.items()}
+    scaled = dict(zip(WIDTH_KEYS, (1, 0), strict=True))  # the dimension each width scales
+    options = [
+        [(key, v) for v in _width_candidates(config, key, dim, shapes, state, tries=3)]
+        for key, dim in scaled.items()
+        if isinstance(config.get(key), int) and not isinstance(config.get(key), bool)
+    ]
+    for choice in itertools.product(*options):
+        fitted = {**config, **dict(choice)}
+        if shapes_of(fitted) == target:
+            return fitted
     return None
 
 
