@@ -267,7 +267,7 @@ def test_resume_refuses_bad_files_before_lightning(tmp_path, tiny_synthetic, cas
     path, expected = write_bad(tmp_path, case)
     with pytest.raises(CheckpointError) as err:
         train(resume_cfg(tmp_path, tiny_synthetic, path))
-    assert str(err.value).startswith("ckpt_path: cannot resume from")
+    assert str(err.value).startswith("cannot resume (ckpt_path): ")
     assert_refusal(err.value, path, expected)
     assert finished_outputs(tmp_path / "run") == []
 
@@ -319,11 +319,20 @@ def diverging(synthetic: Path) -> list[str]:
     ]
 
 
-def test_a_diverged_run_stops_naming_epoch_cause_and_tensors(tmp_path, tiny_synthetic):
+@pytest.mark.parametrize(
+    ("extra", "moment"),
+    [
+        ([], "before validation at epoch 0"),
+        (["+trainer.limit_val_batches=0"], "after the training epoch at epoch 0"),  # no validation
+    ],
+)
+def test_a_diverged_run_stops_naming_epoch_cause_and_tensors(
+    tmp_path, tiny_synthetic, extra, moment
+):
     with pytest.raises(FloatingPointError) as err:
-        train(compose_train(tmp_path, diverging(tiny_synthetic)))
+        train(compose_train(tmp_path, [*diverging(tiny_synthetic), *extra]))
     message = str(err.value)
-    assert "at epoch 0" in message
+    assert moment in message
     assert "module.optimizer.lr=1e+06 is probably too high" in message
     assert "non-finite values" in message and "running_var" in message
     assert finished_outputs(tmp_path / "run") == [], "no best.ckpt, last.ckpt or metrics.json"

@@ -53,7 +53,7 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     try:
         check_resume_checkpoint(path, net)
     except CheckpointError as err:
-        raise CheckpointError(f"ckpt_path: cannot resume from {err}") from None
+        raise CheckpointError(f"cannot resume (ckpt_path): {err}") from None
     return path
 
 
