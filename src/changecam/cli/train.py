@@ -21,6 +21,7 @@ from changecam.cli.common import (
 )
 from changecam.cli.ddp import prepare_ddp_relaunch
 from changecam.data.validate import network_fit
+from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -42,6 +43,25 @@ def run_splits(cfg: DictConfig) -> list[str]:
     return [*(["train"] if cfg.get("train") else []), "val", *(["test"] if cfg.get("test") else [])]
 
 
+def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | None:
+    """``ckpt_path`` resolved and checked as eval and predict check a checkpoint (readable,
+    weights only, finite, fitting the ``model`` config, with the overrides that fit), before
+    Lightning reads it; ``None`` when not resuming.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointError: what is wrong with it, naming ``ckpt_path``.
+    """
+    path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if path is None:
+        return None
+    try:
+        check_resume_checkpoint(path, net)
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot resume (ckpt_path): {err}") from None
+    return path
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics.
@@ -56,6 +76,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, splits=run_splits(cfg))
     net = hydra.utils.instantiate(cfg.model)
+    ckpt_path = checked_resume_path(cfg, net, output_dir) if cfg.get("train") else None
     # every split the run uses, before any logger starts a run: a bad test list or image fails
     # here, not after fitting, and leaves no W&B run behind
     datamodule.prepare_data()
@@ -74,7 +95,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(
             module,
             datamodule=datamodule,
-            ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir),
+            ckpt_path=ckpt_path,
         )
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
     if best is None:

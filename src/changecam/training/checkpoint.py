@@ -24,10 +24,12 @@ import torch
 from torch import nn
 
 from changecam.models import SEED_ARCHITECTURE, build_network, network_config
+from changecam.training.model_match import match_config, match_state, shapes_of
 
 CONFIG_KEY = "net_config"
 PREFIX_KEY = "net_prefix"
 LEGACY_PREFIX = "net."  # checkpoints written before net_prefix was recorded
+SIAMESE_TARGET = "changecam.models.SiameseUNet"
 
 
 def record_network(checkpoint: dict[str, Any], module: nn.Module, net: nn.Module) -> None:
@@ -49,39 +51,123 @@ class CheckpointError(ValueError):
     """A weights file cannot be loaded into the requested network."""
 
 
-def _refusal_detail(err: Exception) -> str:
-    """The informative line of torch's weights-only error (which global it refused)."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
-    for line in text.splitlines():
-        if "Unsupported" in line:
-            return line.strip()
-    return text.splitlines()[0].strip() if text else type(err).__name__
+# torch's weights-only refusals (torch.serialization, torch._weights_only_unpickler), matched
+# case-insensitively: each names the global or class that a weights file must not need.
+_REFUSED_GLOBAL = (
+    re.compile(r"GLOBAL\s+(\S+?)\s+was not an allowed global", re.I),
+    re.compile(r"unsupported GLOBAL\s+(\S+?)\s+whose module\s+\S+\s+is blocked", re.I),
+    re.compile(
+        r"call reduce for unrecognized function\s+(.+?)(?:\s+which belongs.*)?$", re.I | re.M
+    ),
+    re.compile(r"(?:create new object|can only build)\b.*?but got\s+(<class '[^']+'>|\S+)", re.I),
+)
+_WEIGHTS_ONLY_REFUSAL = re.compile(r"weights only load failed|weightsunpickler|unsupported", re.I)
+# Sentences of torch's message that advise unsafe loading (weights_only=False, allowlisting
+# the global) or are boilerplate; they are never passed on.
+_UNSAFE_ADVICE = re.compile(
+    r"weights_only\W{0,4}(?:set to\W{0,4})?false|safe_globals|weights only load failed|"
+    r"file an issue|check the documentation|do those steps|can still be loaded|"
+    r"recommended steps|changed the default value|trusted source|arbitrary code",
+    re.I,
+)
+# Modules whose functions a weights file has no reason to call.
+_RISKY_MODULES = {"os", "sys", "posix", "nt", "subprocess", "shutil", "builtins", "socket"}
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+PICKLE_MAGIC = b"\x80"  # a pickle of protocol >= 2: torch's legacy format, or pickle.dump
+
+
+def _plain(err: BaseException) -> str:
+    """The error text without terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+
+
+def refused_global(err: BaseException) -> str | None:
+    """The global (function or class) that a weights-only refusal names, if it names one."""
+    text = _plain(err)
+    for pattern in _REFUSED_GLOBAL:
+        found = pattern.search(text)
+        if found:
+            return found.group(1).strip().rstrip(".")
+    return None
+
+
+def refusal_detail(err: BaseException) -> str:
+    """The informative part of a torch load error, without torch's advice to load unsafely."""
+    sentences = re.split(r"(?<=\.)\s+|\n+", _plain(err))
+    kept = [
+        re.sub(r"^\(?\d?\)?\s*WeightsUnpickler error:\s*", "", s.strip(), flags=re.I)
+        for s in sentences
+        if s.strip() and not _UNSAFE_ADVICE.search(s)
+    ]
+    return " ".join(s for s in kept if s) or type(err).__name__
+
+
+def _file_kind(path: Path) -> str:
+    """What the first bytes of ``path`` say it is, for the message of an unreadable file."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head.startswith(ZIP_MAGIC):
+        return "a zip archive as torch.save writes, but damaged or cut short"
+    if head.startswith(PICKLE_MAGIC):
+        return "a pickle that torch.load(weights_only=True) cannot read"
+    return f"neither a torch.save file nor a pickle (it starts with {head!r})"
+
+
+def _pickled_code_error(path: Path, name: str) -> CheckpointError:
+    """The refusal of a file that needs the global ``name`` (a function or class) to load."""
+    module = name.rsplit(".", 1)[0] if "." in name else "builtins"
+    warning = (
+        f" A weights file has no reason to call {name}: do not load this file by other means."
+        if module.split(".")[0] in _RISKY_MODULES
+        else ""
+    )
+    return CheckpointError(
+        f"{path} needs pickled Python code to load: it refers to the global {name}, which is "
+        "not a tensor or a plain value, and changecam refuses it "
+        "(torch.load(weights_only=True) only)." + warning + " Save weights only, e.g. "
+        "torch.save(model.state_dict(), path), or use a checkpoint written by changecam's train.py."
+    )
 
 
 def read_weights_file(path: str | Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with errors that say what went wrong.
 
+    A refusal names the global the file needs and never passes on torch's advice to load with
+    ``weights_only=False`` (which runs whatever code the file holds), not even in the chained
+    exception.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file needs pickled code, is not a PyTorch file, or holds no mapping.
+        CheckpointError: the file is empty, needs pickled code, is not a PyTorch file, or holds
+            no mapping.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint: the file is empty (0 bytes); the "
+            "run that wrote it was probably killed or its disk was full"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # a corrupt or foreign file, not pickled code
-            raise CheckpointError(
-                f"{path} is not a readable PyTorch checkpoint: {_refusal_detail(err)}"
-            ) from err
+        name = refused_global(err)
+        if name is not None:
+            raise _pickled_code_error(path, name) from None
+        kind = _file_kind(path)
+        if kind.startswith("a zip") and _WEIGHTS_ONLY_REFUSAL.search(_plain(err)):
+            kind = "a torch.save file holding objects other than tensors and plain values"
         raise CheckpointError(
-            f"{path} needs pickled Python code to load, which changecam refuses "
-            "(torch.load(weights_only=True) only). Save weights only, e.g. "
-            f"torch.save(model.state_dict(), path). Detail: {_refusal_detail(err)}"
-        ) from err
+            f"{path} is not a readable PyTorch checkpoint: {kind} ({refusal_detail(err)}). "
+            "changecam reads weights saved with torch.save(model.state_dict(), path) and "
+            "checkpoints written by its train.py."
+        ) from None
     except Exception as err:  # zip/format errors of corrupt or foreign files
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint: {_file_kind(path)} "
+            f"({type(err).__name__}: {refusal_detail(err)})"
+        ) from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path} holds a {type(obj).__name__}, not a checkpoint or a state_dict"
@@ -123,9 +209,79 @@ def split_checkpoint(
     return _tensors(obj), None
 
 
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    names = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state[k]).all() for k in names]).cpu()  # one sync
+    return [k for k, ok in zip(names, finite.tolist(), strict=True) if not ok]
+
+
+def describe_tensors(names: list[str], total: int, shown: int = 5) -> str:
+    """``a, b, c ... (7 of 40 tensors)``: the first few of ``names``, and how many."""
+    text = ", ".join(names[:shown]) + (" ..." if len(names) > shown else "")
+    return f"{text} ({len(names)} of {total} tensors)"
+
+
+def check_finite(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse weights that hold NaN or infinite values (those of a diverged run).
+
+    Raises:
+        CheckpointError: naming ``path`` and the first offending tensors.
+    """
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN or inf) in {describe_tensors(bad, len(state))}: "
+            "the run that wrote it diverged. Use a checkpoint from before the divergence, or "
+            "retrain with a lower module.optimizer.lr (or trainer.gradient_clip_val)."
+        )
+
+
 def load_network(path: str | Path, model_cfg: Mapping[str, Any] | None = None) -> nn.Module:
     """The network of :func:`read_checkpoint`, in eval mode on the CPU."""
     return read_checkpoint(path, model_cfg)[0]
+
+
+def read_network_state(
+    path: str | Path,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(the file's contents, the network's finite weights, the recorded network config or
+    ``None``) of a weights file: the checks every command runs before building anything.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: unreadable or empty file, pickled code, no weights, non-finite weights.
+    """
+    obj = read_weights_file(path)
+    state, stored_cfg = split_checkpoint(obj, path)
+    if not state:
+        raise CheckpointError(f"{path} holds no weight tensors")
+    check_finite(state, path)
+    return obj, state, stored_cfg
+
+
+def check_fits(
+    path: str | Path,
+    cfg: Mapping[str, Any],
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    stored_cfg: Mapping[str, Any] | None = None,
+) -> None:
+    """Raise a :class:`CheckpointError` (:func:`mismatch_message`) unless ``state`` has exactly
+    the keys and shapes of ``expected``, the state dict of the network of ``cfg``."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shape_errors = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and expected[k].shape != v.shape
+    ]
+    if missing or unexpected or shape_errors:
+        raise CheckpointError(
+            mismatch_message(path, cfg, missing, unexpected, shape_errors, state, stored_cfg)
+        )
 
 
 def read_checkpoint(
@@ -144,39 +300,53 @@ def read_checkpoint(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: pickled code, no config to build the network from, or an
-            architecture mismatch (the message lists missing and unexpected keys, shape
-            mismatches and the model config that fits the file).
+        CheckpointError: pickled code, non-finite weights, no config to build the network
+            from, or an architecture mismatch (the message lists missing and unexpected keys,
+            shape mismatches and the ``model=`` that fits the file).
     """
-    obj = read_weights_file(path)
-    state, stored_cfg = split_checkpoint(obj, path)
+    obj, state, stored_cfg = read_network_state(path)
     cfg = model_cfg if model_cfg is not None else stored_cfg
     if cfg is None:
+        hint = suggest_model(state)
         raise CheckpointError(
             f"{path} holds weights without a network config; choose the network with model=... "
-            "(e.g. model=siamese_unet_seed for the seed notebook's weights)" + _hint_suffix(state)
+            "(e.g. model=siamese_unet_seed for the seed notebook's weights)"
+            + (f"; the weights fit: {hint}" if hint else "")
         )
-    if not state:
-        raise CheckpointError(f"{path} holds no weight tensors")
     net = build_network(cfg)
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shape_errors = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and expected[k].shape != v.shape
-    ]
-    if missing or unexpected or shape_errors:
-        raise CheckpointError(mismatch_message(path, cfg, missing, unexpected, shape_errors, state))
+    check_fits(path, cfg, net.state_dict(), state, stored_cfg)
     net.load_state_dict(state, strict=True)
     hparams = obj.get("hyper_parameters") if stored_cfg is not None else None
     return net.eval(), dict(hparams) if isinstance(hparams, Mapping) else {}
 
 
-def _hint_suffix(state: Mapping[str, torch.Tensor]) -> str:
-    hint = suggest_siamese_unet(state)
-    return f"; the weights fit: {format_suggestion(hint)}" if hint else ""
+def is_lightning_checkpoint(obj: Mapping[str, Any]) -> bool:
+    """Whether ``obj`` is a Lightning checkpoint (which ``trainer.fit(ckpt_path=)`` resumes)."""
+    return isinstance(obj.get("state_dict"), Mapping) and (
+        CONFIG_KEY in obj or "pytorch-lightning_version" in obj
+    )
+
+
+def check_resume_checkpoint(path: str | Path, net: nn.Module) -> None:
+    """The checks of :func:`read_checkpoint` for ``train.py ckpt_path=<file>``, before Lightning
+    reads the file: readable, weights only, a Lightning checkpoint, finite, and fitting ``net``
+    (the network the run's ``model`` config builds).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: what is wrong, with the ``model=`` overrides that fit the file.
+    """
+    obj, state, stored_cfg = read_network_state(path)
+    if not is_lightning_checkpoint(obj):
+        hint = suggest_model(state)
+        raise CheckpointError(
+            f"{path} is a plain state_dict, not a checkpoint written by train.py: resuming needs "
+            "the optimiser and loop state of a Lightning checkpoint (<run dir>/checkpoints/"
+            "last.ckpt); a plain state_dict can be evaluated with eval.py ckpt_path=... model=..."
+            + (f" ({hint})" if hint else "")
+        )
+    cfg = network_config(net) or {"_target_": f"{type(net).__module__}.{type(net).__qualname__}"}
+    check_fits(path, cfg, net.state_dict(), state, stored_cfg)
 
 
 def mismatch_message(
@@ -186,8 +356,9 @@ def mismatch_message(
     unexpected: list[str],
     shape_errors: list[str],
     state: Mapping[str, torch.Tensor],
+    stored_cfg: Mapping[str, Any] | None = None,
 ) -> str:
-    """Explain an architecture mismatch and suggest the model config that fits the file."""
+    """Explain an architecture mismatch and suggest the ``model=`` config that fits the file."""
 
     def short(keys: list[str]) -> str:
         return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
@@ -199,19 +370,58 @@ def mismatch_message(
         lines.append(f"  unexpected keys: {short(unexpected)}")
     if shape_errors:
         lines.append(f"  shape mismatches: {short(shape_errors)}")
-    hint = suggest_siamese_unet(state)
+    hint = suggest_model(state, stored_cfg)
     if hint:
-        lines.append(f"  a config that fits: {format_suggestion(hint)}")
+        lines.append(f"  a config that fits: {hint}")
+    elif stored_cfg is not None:
+        lines.append(
+            f"  the file records the network {dict(stored_cfg)}, which no conf/model/*.yaml builds"
+        )
     else:
-        lines.append("  the file does not look like a changecam SiameseUNet")
+        lines.append("  the file fits none of the networks of conf/model/*.yaml")
     return "\n".join(lines)
+
+
+def suggest_model(
+    state: Mapping[str, torch.Tensor], stored_cfg: Mapping[str, Any] | None = None
+) -> str | None:
+    """The ``model=<name> model.<key>=<value> ...`` overrides that fit a file, for any
+    architecture of ``conf/model/*.yaml`` (see :mod:`changecam.training.model_match`).
+
+    A changecam checkpoint's recorded config says the class; a plain state dict is matched by
+    its key names and shapes (the SiameseUNet inference first: it also tells the fusion).
+    """
+    if stored_cfg is not None and "_target_" in stored_cfg:
+        match = match_config(stored_cfg)
+        return match.overrides() if match is not None else None
+    hint = suggest_siamese_unet(state)
+    if hint is not None and _fits({"_target_": SIAMESE_TARGET, **hint}, state):
+        return format_suggestion(hint)
+    match, agreement = match_state(state)
+    if match is None or agreement < 0.5:
+        return None
+    if match.fitted is not None:
+        return match.overrides()
+    if agreement == 1.0:
+        return f"model={match.name} (its key names fit; set its widths, e.g. model.base_channels)"
+    return (
+        f"none exactly; the closest is model={match.name} ({agreement:.0%} of the key names agree)"
+    )
+
+
+def _fits(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> bool:
+    return shapes_of(cfg) == {k: tuple(v.shape) for k, v in state.items()}
 
 
 def format_suggestion(hint: Mapping[str, Any]) -> str:
     """Command-line overrides for a :func:`suggest_siamese_unet` result."""
-    if dict(hint) == SEED_ARCHITECTURE:
-        return "model=siamese_unet_seed"
-    text = "model=siamese_unet " + " ".join(f"model.{k}={v}" for k, v in hint.items())
+    match = match_config({"_target_": SIAMESE_TARGET, **hint})
+    if match is not None:
+        text = match.overrides()
+    elif dict(hint) == SEED_ARCHITECTURE:
+        text = "model=siamese_unet_seed"
+    else:  # no conf/model presets (e.g. the package installed without its configs)
+        text = "model=siamese_unet " + " ".join(f"model.{k}={v}" for k, v in hint.items())
     if hint.get("fusion") == "diff":
         text += " (or model.fusion=absdiff: the weights cannot tell diff from absdiff)"
     return text

@@ -10,13 +10,14 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from changecam.metrics import ChangeScores
-from changecam.training.checkpoint import record_network
+from changecam.training.checkpoint import describe_tensors, nonfinite_tensors, record_network
 
 Loss = Literal["bce", "dice", "bce_dice"]
 LOSSES: tuple[str, ...] = typing.get_args(Loss)
@@ -33,6 +34,14 @@ warnings.filterwarnings(
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class DivergenceError(FloatingPointError):
+    """A validation or test loss or score, or the network's weights, became NaN or infinite.
+
+    Raised before Lightning's checkpoint callbacks run for that epoch, so no checkpoint of a
+    diverged network is written and a NaN score never becomes the best one.
+    """
 
 
 def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
@@ -83,8 +92,10 @@ class ChangeDetectionModule(L.LightningModule):
         pw = torch.tensor([pos_weight]) if pos_weight is not None else None
         self.register_buffer("pos_weight", pw, persistent=False)
         self.metrics = nn.ModuleDict({s: ChangeScores(threshold) for s in STAGES})
-        # Mean loss over samples, reduced across DDP ranks like the scores.
-        self.losses = nn.ModuleDict({s: MeanMetric() for s in STAGES})
+        # Mean loss over samples, reduced across DDP ranks like the scores. A NaN batch loss is
+        # kept (nan_strategy=nan), so the divergence check sees it: torchmetrics' default drops
+        # NaN values, and "disable" also drops the sample weights.
+        self.losses = nn.ModuleDict({s: MeanMetric(nan_strategy=float("nan")) for s in STAGES})
         self._compiled = False
 
     def setup(self, stage: str) -> None:
@@ -118,11 +129,17 @@ class ChangeDetectionModule(L.LightningModule):
         logits = self(batch["pre"], batch["post"])
         loss = self.compute_loss(logits, batch["mask"])
         if not torch.isfinite(loss):
+            weights = self._nonfinite_weights()
+            advice = (
+                self._likely_cause()
+                if weights.startswith("the weights hold")
+                else f"Check these inputs, lower {self._learning_rate()}, or set "
+                "trainer.gradient_clip_val."
+            )
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at global step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); samples of this batch: "
-                f"{', '.join(map(str, batch['name']))}. Check these inputs, lower "
-                "module.optimizer.lr, or set trainer.gradient_clip_val."
+                f"{', '.join(map(str, batch['name']))}; {weights}. {advice}"
             )
         self.log(
             "train/loss",
@@ -150,14 +167,85 @@ class ChangeDetectionModule(L.LightningModule):
 
     def _log_scores(self, stage: str) -> None:
         # Called on every rank: compute() reduces the counts across ranks (torchmetrics), so
-        # each rank logs the same pooled numbers and no per-step sync is needed.
+        # each rank logs the same pooled numbers and no per-step sync is needed; every rank
+        # thus also stops together when a value is not finite.
+        values = {f"{stage}/{k}": v for k, v in self.metrics[stage].compute().items()}
         if self.hparams.loss is not None:
-            self.log(f"{stage}/loss", self.losses[stage].compute(), prog_bar=stage == "val")
-        scores = self.metrics[stage].compute()
-        for name, value in scores.items():
-            self.log(f"{stage}/{name}", value, prog_bar=name == "f1")
+            values = {f"{stage}/loss": self.losses[stage].compute(), **values}
         self.metrics[stage].reset()
         self.losses[stage].reset()
+        self._check_scores(values)
+        for key, value in values.items():
+            name = key.split("/", 1)[1]
+            self.log(key, value, prog_bar=name == "f1" or (name == "loss" and stage == "val"))
+
+    # --- divergence: stop at the first non-finite score or weight, naming epoch and cause ----
+
+    def _when(self) -> str:
+        """Where in the run we are, for a divergence message."""
+        trainer = self.trainer
+        if trainer.sanity_checking:
+            return "in the sanity check before training"
+        if trainer.state.fn == TrainerFn.FITTING:
+            return f"at epoch {self.current_epoch} (global step {self.global_step})"
+        return f"when evaluating ({trainer.state.fn.value}) the loaded weights"
+
+    def _likely_cause(self) -> str:
+        """The advice of a divergence message: the learning rate while fitting."""
+        if self.trainer.state.fn != TrainerFn.FITTING or self.trainer.sanity_checking:
+            return (
+                "The checkpoint's network overflows on these inputs; evaluate a checkpoint "
+                "from before the divergence."
+            )
+        return (
+            f"Training diverged: the learning rate {self._learning_rate()} is probably too "
+            "high; lower it, or set trainer.gradient_clip_val (under trainer.precision=16-mixed, "
+            "also try 32)." + self._kept_checkpoint()
+        )
+
+    def _kept_checkpoint(self) -> str:
+        """Which best checkpoint (of a finite epoch) the stopped run keeps, if any."""
+        callback = self.trainer.checkpoint_callback
+        path = getattr(callback, "best_model_path", "") if callback is not None else ""
+        return f" The best checkpoint of the epochs before stays at {path}." if path else ""
+
+    def _learning_rate(self) -> str:
+        """``module.optimizer.lr=<the optimiser's initial rate>``, for advice."""
+        optimizers = self.trainer.optimizers
+        lr = optimizers[0].defaults.get("lr") if optimizers else None
+        return (
+            f"module.optimizer.lr={lr:g}" if isinstance(lr, float | int) else "module.optimizer.lr"
+        )
+
+    def _nonfinite_weights(self) -> str:
+        """Which weights are not finite, as a clause of a divergence message."""
+        state = self.net.state_dict()
+        bad = nonfinite_tensors(state)
+        if not bad:
+            return "the weights are finite"
+        return f"the weights hold non-finite values in {describe_tensors(bad, len(state))}"
+
+    def _check_scores(self, values: dict[str, Tensor]) -> None:
+        bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
+        if bad:
+            listed = ", ".join(f"{k} is {values[k].item()}" for k in bad)
+            raise DivergenceError(
+                f"{listed} {self._when()}; {self._nonfinite_weights()}. {self._likely_cause()}"
+            )
+
+    def _check_weights(self, moment: str) -> None:
+        state = self.net.state_dict()
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise DivergenceError(
+                f"the weights hold non-finite values {moment} {self._when()}: "
+                f"{describe_tensors(bad, len(state))}. {self._likely_cause()}"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        # Runs before the checkpoint callbacks' on_train_epoch_end (Lightning calls the
+        # module's hook first), so a diverged network is never saved.
+        self._check_weights("after the training epoch")
 
     def _warn_repeated_samples(self, stage: str) -> None:
         """Under DDP, say so when Lightning's DistributedSampler repeats evaluation samples."""
@@ -175,6 +263,7 @@ class ChangeDetectionModule(L.LightningModule):
                 )
 
     def on_validation_start(self) -> None:
+        self._check_weights("before validation")
         self._warn_repeated_samples("val")
 
     def on_test_start(self) -> None:

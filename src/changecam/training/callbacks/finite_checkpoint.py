@@ -1,0 +1,29 @@
+"""A :class:`~lightning.pytorch.callbacks.ModelCheckpoint` that never keeps a non-finite score.
+
+Lightning ranks a NaN monitored value as the worst one, but while fewer than ``save_top_k``
+checkpoints exist it still saves it: a NaN at the first validation becomes ``best.ckpt`` and
+``best_model_path``. The ChangeDetectionModule stops a diverged run before the checkpoint
+callbacks run (:class:`~changecam.training.module.DivergenceError`); this callback is the
+second guard, for modules that log their own metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+
+class FiniteModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose monitored checkpoints (``best.ckpt``) hold finite scores only."""
+
+    def check_monitor_top_k(self, trainer: Trainer, current: Tensor | None = None) -> bool:
+        if current is not None and not bool(torch.isfinite(torch.as_tensor(current)).all()):
+            rank_zero_warn(
+                f"{self.monitor}={float(current)} at epoch {trainer.current_epoch} is not finite: "
+                "no checkpoint is saved for it and it cannot become the best"
+            )
+            return False
+        return super().check_monitor_top_k(trainer, current)
