@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from changecam.atomic import write_text
+from changecam.atomic import DiskFullError, disk_full_error, remove_stale_temporaries, write_text
 from changecam.cli.config_checks import ConfigError, check_config, check_device, resolved
 from changecam.data.io import read_label
 from changecam.environment import configure_environment
@@ -100,16 +100,32 @@ def close_wandb() -> None:
             wandb.finish()
 
 
+def stop_on_full_disk(err: DiskFullError) -> typing.NoReturn:
+    """Print "no space left on device while writing <path>" once and exit with status 1.
+
+    Nothing else can be written either (a multirun stops too), so no traceback is logged: the
+    log file is most likely on the same device, and ``logging`` would print its own errors.
+    """
+    logging.raiseExceptions = False
+    print(f"Error: {err}; free space (or quota) there and rerun", file=sys.stderr, flush=True)
+    raise SystemExit(1) from err
+
+
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Run a task with changecam's environment defaults and always close W&B, also when the task
-    raises (multirun keeps going cleanly)."""
+    raises (multirun keeps going cleanly). A full disk (:class:`~changecam.atomic.DiskFullError`,
+    or ``ENOSPC``/``EDQUOT`` anywhere in the exception chain) stops the command at once:
+    :func:`stop_on_full_disk`."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> Any:
         configure_environment()
         try:
             return task(cfg)
-        except Exception:
+        except Exception as err:
+            full = disk_full_error(err)
+            if full is not None:
+                stop_on_full_disk(full)
             log.exception("task failed")
             raise
         finally:
@@ -122,14 +138,18 @@ def prepare_run(cfg: DictConfig) -> Path:
     """The set-up every command starts with; returns the run directory.
 
     Prints the config (``print_config``), runs the config guards (unknown keys, invalid
-    choices, switches this machine cannot honour) before anything is built, and fills in the
-    W&B run id and sweep group.
+    choices, switches this machine cannot honour) before anything is built, removes the
+    temporary files a killed run left in the run directory
+    (:func:`~changecam.atomic.remove_stale_temporaries`), and fills in the W&B run id and
+    sweep group.
     """
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
     check_config(cfg)
     check_device(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    for path in remove_stale_temporaries(output_dir):
+        log.info("removed %s, a temporary file of a killed run", path)
     configure_wandb(cfg, output_dir)
     return output_dir
 
