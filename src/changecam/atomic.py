@@ -14,7 +14,8 @@ device while writing <path>", also where the OS error is buried in a chained exc
 ``torch.save``'s ``unexpected pos``). JSON is strict: NaN and infinities are written as
 ``null`` (:func:`strict_json`).
 
-Checkpoints, JSON, JSON lines (:func:`append_json_line`), CSV, PNG, NPZ and the synthetic
+Checkpoints, JSON, JSON lines (:func:`append_json_line`), CSV, PNG (one file, or the files
+of one predicted pair together: :func:`write_files`), NPZ and the synthetic
 dataset (a whole folder, see :func:`atomic_directory`) all go through here.
 """
 
@@ -29,7 +30,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -201,6 +202,38 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
+def write_files(contents: Mapping[str | Path, bytes]) -> None:
+    """Write several files as one step: every file goes to its temporary (flushed and fsynced)
+    first, then all are renamed in a row. An error (a full disk) while writing leaves none of
+    them; a kill leaves at most the few renamed in the microseconds between two renames.
+
+    Raises:
+        DiskFullError: the device or quota is full (naming the file being written).
+    """
+    staged: list[tuple[Path, Path]] = []
+    current = Path()
+    try:
+        for target, data in contents.items():
+            current = Path(target)
+            _make_parent(current)
+            staged.append((temporary_path(current), current))
+            with open(staged[-1][0], "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, current in staged:
+            os.replace(tmp, current)
+    except BaseException as err:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        full = _as_disk_full(err, current)
+        if full is None or full is err:
+            raise
+        raise full from err
+    for folder in dict.fromkeys(path.parent for _, path in staged):
+        _fsync_dir(folder)
+
+
 def strict_json(data: Any) -> Any:
     """``data`` with what strict JSON cannot hold made plain: non-finite floats become ``None``;
     NumPy and torch scalars and arrays become Python numbers and lists; tuples become lists."""
@@ -295,6 +328,7 @@ __all__ = [
     "strict_json",
     "temporary_path",
     "write_bytes",
+    "write_files",
     "write_json",
     "write_text",
 ]

@@ -46,6 +46,7 @@ from changecam.atomic import (
     append_json_line,
     disk_full_error,
     strict_json,
+    write_files,
     write_json,
     write_text,
 )
@@ -62,7 +63,7 @@ from changecam.cli.common import (
     task_wrapper,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.data.io import pair_size, read_image, read_label, write_png
+from changecam.data.io import encode_png, pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
@@ -112,24 +113,22 @@ class PairPrediction:
         return out
 
     def save(self, run_dir: Path) -> dict[str, str]:
-        """Write the mask, probability and panel files; on any error remove those written."""
+        """Write the mask, probability and panel files together
+        (:func:`changecam.atomic.write_files`); on any error none of them is left."""
         files = {
             "mask": run_dir / "masks" / f"{self.name}.png",
             "probability": run_dir / "probabilities" / f"{self.name}.png",
         }
         if self.explained is not None:
             files["panel"] = run_dir / "panels" / f"{self.name}.png"
-        written: list[Path] = []
+        arrays = {"mask": self.mask, "probability": encode_probability(self.probability)}
+        if self.explained is not None:
+            arrays["panel"] = self.explained.panel
+        contents = {files[k]: encode_png(array, files[k]) for k, array in arrays.items()}
         try:
-            write_png(files["mask"], self.mask)
-            written.append(files["mask"])
-            write_png(files["probability"], encode_probability(self.probability))
-            written.append(files["probability"])
-            if self.explained is not None:
-                write_png(files["panel"], self.explained.panel)
-                written.append(files["panel"])
+            write_files(contents)
         except BaseException:
-            for path in written:
+            for path in contents:  # a rename that failed midway: the renamed ones go too
                 path.unlink(missing_ok=True)
             raise
         return {k: str(v.relative_to(run_dir)) for k, v in files.items()}
@@ -265,14 +264,17 @@ class PredictionLog:
     def start(self, settings: dict[str, Any], resume: bool) -> dict[str, dict[str, Any]]:
         """Begin (or, with ``resume``, continue) the log; returns the complete rows by name.
 
-        ``predictions.json`` goes first, so that from here on a kill leaves no finished-looking
-        run. Without ``resume`` an earlier log, and the files it lists, are removed.
+        ``predictions.json`` goes next (after the settings check), so that from here on a kill
+        leaves no finished-looking run. Without ``resume`` an earlier log, and the files it
+        lists, are removed.
 
         Raises:
-            ConfigError: ``resume`` with a log started with other settings.
+            ConfigError: ``resume`` with a log started with other settings (nothing is changed).
         """
-        (self.run_dir / REPORT_FILE).unlink(missing_ok=True)
         records = self.records()
+        if resume and records:
+            self.check_settings(records[0], settings)
+        (self.run_dir / REPORT_FILE).unlink(missing_ok=True)
         header = {"status": "started", "settings": settings}
         if not resume or not records:
             if records:
@@ -288,7 +290,6 @@ class PredictionLog:
                 )
             write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
             return {}
-        self.check_settings(records[0], settings)
         done = {
             r["pair"]["name"]: r["pair"]
             for r in records
@@ -390,7 +391,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         row["inputs"] = pair_inputs(pair)
         row["files"] = files
         row = strict_json(row)
-        pair_log.done(row)  # after all of the pair's files: the log never lists a partial pair
+        try:  # after all of the pair's files: the log never lists a partial pair
+            pair_log.done(row)
+        except BaseException:  # not logged (a full disk): its files would look finished
+            for rel in files.values():
+                (output_dir / rel).unlink(missing_ok=True)
+            raise
         rows.append(row)
         del result  # one pair's images and maps in memory at a time
 
