@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ import torch
 
 import changecam.atomic
 import changecam.cli.predict as predict_module
+import changecam.training.callbacks.cam_worker as cam_worker
 from changecam.atomic import (
     DiskFullError,
     append_json_line,
@@ -46,8 +48,10 @@ from changecam.cli.config_checks import ConfigError
 from changecam.cli.predict import LOG_FILE, REPORT_FILE, predict
 from changecam.cli.train import train
 from changecam.data.io import read_image, write_png
+from changecam.models import SiameseUNet
 from changecam.training.checkpoint_io import atomic_torch_save
 from helpers import REPO, compose_train, tiny_overrides
+from test_cam_panels import cam_settings, tiny_samples
 from test_checkpoint import make_lightning_checkpoint
 
 OUTPUT_GLOBS = ("*.png", "*.json", "*.jsonl", "*.ckpt", "*.npz", "*.csv", "*.txt")
@@ -481,6 +485,27 @@ def test_train_stops_on_a_full_disk_naming_the_file(
     assert temporaries(tmp_path / "run") == []
 
 
+def test_the_cam_panel_process_reports_a_full_disk_as_disk_full(tmp_path, monkeypatch):
+    """The background CAM-panel process's full disk reaches training as the same one message."""
+    monkeypatch.setattr(cam_worker, "_yield_to_training", lambda pid=None: None)  # no renice
+    fill_device(monkeypatch, "pair_0.png")
+    net = SiameseUNet(3, 4, 2)
+    jobs, results = queue.Queue(), queue.Queue()
+    jobs.put((3, 17, cam_worker.weights_snapshot(net)))
+    jobs.put(None)
+    settings = (cam_settings(steps=2, dpi=30), tmp_path, False)
+    cam_worker._worker_main(
+        net.config(), tiny_samples(), settings, torch.get_num_threads(), jobs, results
+    )
+    path = tmp_path / "epoch_003" / "pair_0.png"
+    assert results.queue[0] == ("disk_full", str(path))
+    worker = object.__new__(cam_worker.BackgroundExplainer)  # its receiving end, no process
+    worker._results, worker._outstanding = results, 1
+    with pytest.raises(DiskFullError, match=f"^no space left on device while writing {path}$"):
+        worker.poll()
+    assert temporaries(tmp_path) == [] and not path.exists()
+
+
 # --- slow: a real SIGKILL and a real full tmpfs --------------------------------------------
 
 
@@ -598,7 +623,7 @@ def test_a_real_full_tmpfs_stops_predict_with_the_path(tmp_path, ckpt, levir256_
         pytest.skip(reason)
     mount = tmp_path / "small"
     rc, err, listing = run_on_tmpfs(
-        mount, 600, predict_command(ckpt, levir256_tiny, mount / "run"), tmp_path
+        mount, 1000, predict_command(ckpt, levir256_tiny, mount / "run"), tmp_path
     )
     assert rc == 1, err[-3000:]
     lines = [line for line in err.splitlines() if "no space left on device while writing" in line]
@@ -608,6 +633,11 @@ def test_a_real_full_tmpfs_stops_predict_with_the_path(tmp_path, ckpt, levir256_
     assert not [f for f in files if f.endswith(".tmp")], listing
     assert f"./run/{REPORT_FILE}" not in files
     assert all(int(size) > 0 for f, size in files.items() if f.endswith(".png")), listing
+    stems = {
+        k: {Path(f).stem for f in files if f.startswith(f"./run/{k}/")}
+        for k in ("masks", "probabilities", "panels")
+    }
+    assert stems["masks"] == stems["probabilities"] == stems["panels"] != set(), listing
 
 
 @pytest.mark.slow
@@ -627,9 +657,12 @@ def test_a_real_full_tmpfs_stops_train_with_the_path(tmp_path, tiny_synthetic):
         f"hydra.run.dir={mount}/run",
         *tiny_overrides(tiny_synthetic),
     ]
-    rc, err, listing = run_on_tmpfs(mount, 100, command, tmp_path)
+    rc, err, listing = run_on_tmpfs(mount, 200, command, tmp_path)
     assert rc == 1, err[-3000:]
     assert err.count("no space left on device while writing") == 1, err[-3000:]
     assert "unexpected pos" not in err
-    files = [line.split(" ", 1)[1] for line in listing.splitlines()]
-    assert not [f for f in files if f.endswith((".tmp", ".ckpt", "metrics.json"))], listing
+    assert f"while writing {mount / 'run' / 'checkpoints'}/" in err
+    files = dict(reversed(line.split(" ", 1)) for line in listing.splitlines())
+    # best.ckpt (whole, written first) may be there; the run has no metrics.json: unfinished
+    assert not [f for f in files if f.endswith((".tmp", "metrics.json"))], listing
+    assert all(int(size) > 0 for size in files.values()), listing
