@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import changecam.cli.predict as predict_module
+import changecam.atomic
 from changecam.cli.predict import PredictionError, encode_probability, predict, read_probability
 from changecam.data.io import read_image, write_png
 from changecam.data.transforms import image_to_tensor
@@ -155,14 +156,14 @@ def test_pairs_of_different_sizes_are_refused_and_leave_nothing(tmp_path, ckpt):
 
 def test_a_pair_failing_while_writing_leaves_no_files(tmp_path, ckpt, monkeypatch):
     write_pair(tmp_path / "in", "one", (32, 32))
-    real = predict_module.write_png
+    real = os.replace
 
-    def failing(path, array):
+    def failing(tmp, path):  # the mask and probability are renamed in place, then this fails
         if "panels" in str(path):
             raise OSError(f"disk full writing {path}")
-        real(path, array)
+        real(tmp, path)
 
-    monkeypatch.setattr(predict_module, "write_png", failing)
+    monkeypatch.setattr(changecam.atomic.os, "replace", failing)
     with pytest.raises(PredictionError, match="disk full"):
         run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}"])
     assert list((tmp_path / "run").rglob("*.png")) == [], "mask and probability removed again"

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
+from changecam.atomic import remove_stale_temporaries
 from changecam.cli.train import train
 from changecam.training.checkpoint_io import AtomicCheckpointIO
 from helpers import REPO, compose_train, tiny_overrides
@@ -194,8 +195,11 @@ def test_kill_during_save_never_corrupts_the_checkpoint(tmp_path):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)  # complete, never truncated
     assert ckpt["step"] >= 3
     assert torch.equal(ckpt["w"], torch.full_like(ckpt["w"], float(ckpt["step"])))
-    # at most the temporary file of the interrupted save lies beside it
-    assert {p.name for p in path.parent.iterdir()} <= {"last.ckpt", ".last.ckpt.tmp"}
+    # at most the temporary file of the interrupted save lies beside it, removed at the next start
+    left = {p.name for p in path.parent.iterdir()} - {"last.ckpt"}
+    assert len(left) <= 1 and all(n.startswith(".last.ckpt.cc") for n in left), left
+    assert {p.name for p in remove_stale_temporaries(path.parent)} == left
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
 
 def test_trainer_uses_the_atomic_checkpoint_io(tmp_path, tiny_synthetic):

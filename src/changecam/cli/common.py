@@ -29,7 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from changecam.atomic import write_text
+from changecam.atomic import DiskFullError, disk_full_error, remove_stale_temporaries, write_text
 from changecam.cli.config_checks import ConfigError, check_config, check_device, resolved
 from changecam.cli.launch import config_dir, is_multirun, log_to_file
 from changecam.data.io import read_label
@@ -67,9 +67,22 @@ def close_wandb() -> None:
             wandb.finish()
 
 
+def stop_on_full_disk(err: DiskFullError) -> typing.NoReturn:
+    """Print "no space left on device while writing <path>" once and exit with status 1.
+
+    Nothing else can be written either (a multirun stops too), so no traceback is logged: the
+    log file is most likely on the same device, and ``logging`` would print its own errors.
+    """
+    logging.raiseExceptions = False
+    print(f"Error: {err}; free space (or quota) there and rerun", file=sys.stderr, flush=True)
+    raise SystemExit(1) from err
+
+
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Run a task with changecam's environment defaults and always close W&B, also when the task
-    raises (multirun keeps going cleanly). Reporting a failure is the console entry's job
+    raises (multirun keeps going cleanly). A full disk (:class:`~changecam.atomic.DiskFullError`,
+    or ``ENOSPC``/``EDQUOT`` anywhere in the exception chain) stops the command at once:
+    :func:`stop_on_full_disk`. Reporting any other failure is the console entry's job
     (:func:`changecam.cli.launch.hydra_main`): once, with the traceback in the log file."""
 
     @functools.wraps(task)
@@ -77,6 +90,11 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
         configure_environment()
         try:
             return task(cfg)
+        except Exception as err:
+            full = disk_full_error(err)
+            if full is not None:
+                stop_on_full_disk(full)
+            raise
         finally:
             close_wandb()
 
@@ -88,7 +106,9 @@ def prepare_run(cfg: DictConfig) -> Path:
 
     Runs the config guards (unknown keys, invalid choices, switches this machine cannot honour)
     before anything is built, then (``print_config``) writes the whole config to the log file
-    and a one-line summary to the console, and fills in the W&B run id and sweep group.
+    and a one-line summary to the console, removes the temporary files a killed run left in the
+    run directory (:func:`~changecam.atomic.remove_stale_temporaries`), and fills in the W&B
+    run id and sweep group.
     """
     check_config(cfg)
     check_device(cfg)
@@ -96,6 +116,8 @@ def prepare_run(cfg: DictConfig) -> Path:
     if cfg.get("print_config"):
         log_to_file(logging.INFO, "config:\n" + OmegaConf.to_yaml(cfg, resolve=True))
         log.info("%s (whole config: %s)", config_summary(), output_dir / ".hydra" / "config.yaml")
+    for path in remove_stale_temporaries(output_dir):
+        log.info("removed %s, a temporary file of a killed run", path)
     configure_wandb(cfg, output_dir)
     return output_dir
 

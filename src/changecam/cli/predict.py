@@ -9,15 +9,26 @@
 * ``panels/<name>.png``: the 2x4 explanation panel;
 
 and one ``predictions.json`` with each pair's changed-pixel fraction, post share per layer and
-faithfulness gap. Masks and probabilities come from sliding-window inference
+faithfulness gap, written last: it is the sign that the run finished. Masks and probabilities come from sliding-window inference
 (:mod:`changecam.models.sliding_window`); the panel, the shares and the gap from
 :func:`changecam.explain.explain_pair`, the code ``explain.py`` runs, on the whole (padded)
 image. A pair that fails (e.g. its two dates differ in size) leaves no files; the
 others are still predicted, and the command exits with an error naming the failed pairs.
+A full disk stops the command at once ("no space left on device while writing <path>").
+
+``predictions.jsonl`` beside it is the run's log: a header line with the settings, then one
+line per pair, appended (and fsynced) once all of that pair's files are written, so a killed
+run says exactly what it finished. ``predict.resume=true`` in the same run directory
+(``hydra.run.dir=<it>``) keeps the pairs the log lists as done whose files are all there,
+predicts the others and writes the full ``predictions.json``; it refuses a log started with
+another checkpoint, threshold, sliding window or explanation settings. Without it, a run
+directory holding an earlier run's log starts over: the files that log lists, the log and
+``predictions.json`` are removed first.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +41,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from changecam.atomic import write_json
+from changecam.atomic import (
+    DiskFullError,
+    append_json_line,
+    disk_full_error,
+    strict_json,
+    write_files,
+    write_json,
+    write_text,
+)
 from changecam.cli.common import (
     checked_threshold,
     explain_settings,
@@ -43,7 +62,7 @@ from changecam.cli.common import (
     task_wrapper,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.data.io import ImageReadError, pair_size, read_image, read_label, write_png
+from changecam.data.io import ImageReadError, encode_png, pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
@@ -51,6 +70,8 @@ from changecam.models.sliding_window import SlidingWindow, check_window, sliding
 
 PROBABILITY_SCALE = 65535
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
+REPORT_FILE = "predictions.json"
+LOG_FILE = "predictions.jsonl"
 
 
 class PredictionError(RuntimeError):
@@ -91,24 +112,22 @@ class PairPrediction:
         return out
 
     def save(self, run_dir: Path) -> dict[str, str]:
-        """Write the mask, probability and panel files; on any error remove those written."""
+        """Write the mask, probability and panel files together
+        (:func:`changecam.atomic.write_files`); on any error none of them is left."""
         files = {
             "mask": run_dir / "masks" / f"{self.name}.png",
             "probability": run_dir / "probabilities" / f"{self.name}.png",
         }
         if self.explained is not None:
             files["panel"] = run_dir / "panels" / f"{self.name}.png"
-        written: list[Path] = []
+        arrays = {"mask": self.mask, "probability": encode_probability(self.probability)}
+        if self.explained is not None:
+            arrays["panel"] = self.explained.panel
+        contents = {files[k]: encode_png(array, files[k]) for k, array in arrays.items()}
         try:
-            write_png(files["mask"], self.mask)
-            written.append(files["mask"])
-            write_png(files["probability"], encode_probability(self.probability))
-            written.append(files["probability"])
-            if self.explained is not None:
-                write_png(files["panel"], self.explained.panel)
-                written.append(files["panel"])
+            write_files(contents)
         except BaseException:
-            for path in written:
+            for path in contents:  # a rename that failed midway: the renamed ones go too
                 path.unlink(missing_ok=True)
             raise
         return {k: str(v.relative_to(run_dir)) for k, v in files.items()}
@@ -210,6 +229,135 @@ def optional_label(
     return label
 
 
+def run_settings(cfg: DictConfig, threshold: float) -> dict[str, Any]:
+    """What every pair of one run shares and a resumed run must repeat."""
+    ckpt = Path(cfg.ckpt_path)
+    block = cfg.get("explain")
+    return strict_json(
+        {
+            "checkpoint": str(ckpt.resolve()),
+            "checkpoint_mtime_ns": ckpt.stat().st_mtime_ns,
+            "threshold": threshold,
+            "sliding_window": OmegaConf.to_container(cfg.sliding_window, resolve=True),
+            "explain": OmegaConf.to_container(block, resolve=True) if block else None,
+        }
+    )
+
+
+def pair_inputs(pair: Triplet) -> dict[str, str | None]:
+    return {
+        "pre": str(pair.pre),
+        "post": str(pair.post),
+        "label": str(pair.label) if pair.label is not None else None,
+    }
+
+
+@dataclass(frozen=True)
+class PredictionLog:
+    """``predictions.jsonl``: a ``started`` line with the run's settings, then a ``done`` line
+    (the pair's ``predictions.json`` row) or a ``failed`` line per pair."""
+
+    run_dir: Path
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LOG_FILE
+
+    def records(self) -> list[dict[str, Any]]:
+        """The log's lines; a partial line (a kill during the append) is skipped."""
+        if not self.path.is_file():
+            return []
+        records = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s line %d is incomplete (a killed write); ignored", self.path, number)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    def complete(self, row: dict[str, Any]) -> bool:
+        """Whether every file of a ``done`` row is there (and not empty)."""
+        files = [self.run_dir / rel for rel in row.get("files", {}).values()]
+        return bool(files) and all(p.is_file() and p.stat().st_size > 0 for p in files)
+
+    def start(self, settings: dict[str, Any], resume: bool) -> dict[str, dict[str, Any]]:
+        """Begin (or, with ``resume``, continue) the log; returns the complete rows by name.
+
+        ``predictions.json`` goes next (after the settings check), so that from here on a kill
+        leaves no finished-looking run. Without ``resume`` an earlier log, and the files it
+        lists, are removed.
+
+        Raises:
+            ConfigError: ``resume`` with a log started with other settings (nothing is changed).
+        """
+        records = self.records()
+        if resume and records:
+            self.check_settings(records[0], settings)
+        (self.run_dir / REPORT_FILE).unlink(missing_ok=True)
+        header = {"status": "started", "settings": settings}
+        if not resume or not records:
+            if records:
+                log.warning(
+                    "%s holds an earlier predict run: starting over (predict.resume=true would "
+                    "keep its finished pairs)",
+                    self.run_dir,
+                )
+                self.remove_files(records)
+            elif resume:
+                log.warning(
+                    "predict.resume=true but %s has no log: predicting every pair", self.path
+                )
+            write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
+            return {}
+        done = {
+            r["pair"]["name"]: r["pair"]
+            for r in records
+            if r.get("status") == "done" and self.complete(r["pair"])
+        }
+        lines = [header] + [{"status": "done", "pair": row} for row in done.values()]
+        write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
+        log.info("resuming %s: %d pair(s) already done", self.run_dir, len(done))
+        return done
+
+    def check_settings(self, first: dict[str, Any], settings: dict[str, Any]) -> None:
+        before = first.get("settings") if first.get("status") == "started" else None
+        if before is None:
+            raise ConfigError(
+                f"predict.resume=true but {self.path} does not start with a 'started' line; "
+                "rerun without predict.resume to start over"
+            )
+        changed = [
+            k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)
+        ]
+        if changed:
+            detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise ConfigError(
+                f"predict.resume=true but {self.path} was started with other settings ({detail}); "
+                "resume with the settings it was started with, or rerun without predict.resume "
+                "(or in a new hydra.run.dir) to start over"
+            )
+
+    def remove_files(self, records: list[dict[str, Any]]) -> None:
+        """Remove the files the ``done`` lines list (only inside the run directory)."""
+        root = self.run_dir.resolve()
+        for record in records:
+            if record.get("status") != "done":
+                continue
+            for rel in record["pair"].get("files", {}).values():
+                path = (self.run_dir / rel).resolve()
+                if root in path.parents:
+                    path.unlink(missing_ok=True)
+
+    def done(self, row: dict[str, Any]) -> None:
+        append_json_line(self.path, {"status": "done", "pair": row})
+
+    def failed(self, entry: dict[str, str]) -> None:
+        append_json_line(self.path, {"status": "failed", "pair": entry})
+
+
 def mean_of(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(kept)) if kept else None
@@ -231,26 +379,46 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     check_window(net, spec.window)  # before any pair: every pair would fail the same way
     if settings is not None:
         settings.layers(net)  # unknown taps or layers fail before any pair
+    pair_log = PredictionLog(output_dir)
+    resume = bool(OmegaConf.select(cfg, "predict.resume", default=False))
+    resumed = pair_log.start(run_settings(cfg, threshold), resume)
 
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     for pair in tqdm(pairs, desc="predict", unit="pair"):
+        earlier = resumed.get(pair.name)
+        if earlier is not None and earlier.get("inputs") == pair_inputs(pair):
+            rows.append(earlier)
+            continue
         try:
             result = predict_pair(net, pair, spec, threshold, settings, device, roi)
             files = result.save(output_dir)
+        except DiskFullError:
+            raise
         except (ValueError, OSError, RuntimeError) as err:
+            full = disk_full_error(err)
+            if full is not None:
+                raise full from err
             log.error("pair %s failed: %s", pair.name, err)
-            failed.append(
-                {"name": pair.name, "pre": str(pair.pre), "post": str(pair.post), "error": str(err)}
-            )
+            entry = {
+                "name": pair.name,
+                "pre": str(pair.pre),
+                "post": str(pair.post),
+                "error": str(err),
+            }
+            failed.append(entry)
+            pair_log.failed(entry)
             continue
         row = result.summary()
-        row["inputs"] = {
-            "pre": str(pair.pre),
-            "post": str(pair.post),
-            "label": str(pair.label) if pair.label is not None else None,
-        }
+        row["inputs"] = pair_inputs(pair)
         row["files"] = files
+        row = strict_json(row)
+        try:  # after all of the pair's files: the log never lists a partial pair
+            pair_log.done(row)
+        except BaseException:  # not logged (a full disk): its files would look finished
+            for rel in files.values():
+                (output_dir / rel).unlink(missing_ok=True)
+            raise
         rows.append(row)
         del result  # one pair's images and maps in memory at a time
 
@@ -272,12 +440,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         "pairs": rows,
         "failed": failed,
     }
-    write_json(output_dir / "predictions.json", report)
+    write_json(output_dir / REPORT_FILE, report)
     print(f"predicted {len(rows)} pair(s) into {output_dir}")
     if failed:
         names = ", ".join(f["name"] for f in failed)
         raise PredictionError(
             f"{len(failed)} of {len(pairs)} pair(s) failed and have no outputs ({names}); "
-            f"see 'failed' in {output_dir / 'predictions.json'}. First error: {failed[0]['error']}"
+            f"see 'failed' in {output_dir / REPORT_FILE}. First error: {failed[0]['error']}"
         )
     return report

@@ -230,10 +230,9 @@ def _looks_complete(im, f, file_size: int) -> bool:
     return True
 
 
-def write_png(path: str | Path, array: np.ndarray) -> None:
-    """Write uint8 RGB (``H x W x 3``), single-band (``H x W``) or 16-bit single-band data to a
-    PNG file, atomically (:mod:`changecam.atomic`)."""
-    path = Path(path)
+def encode_png(array: np.ndarray, path: str | Path) -> bytes:
+    """uint8 RGB (``H x W x 3``), single-band (``H x W``) or 16-bit single-band data as the
+    bytes of a PNG file (``path``, its destination, names it in errors)."""
     data = array[..., ::-1] if array.ndim == 3 else array
     try:
         ok, encoded = cv2.imencode(".png", np.ascontiguousarray(data))
@@ -243,7 +242,13 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
         ) from err
     if not ok:
         raise OSError(f"could not encode {path} as PNG ({array.dtype} {array.shape})")
-    write_bytes(path, encoded.tobytes())
+    return encoded.tobytes()
+
+
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    """Write uint8 RGB (``H x W x 3``), single-band (``H x W``) or 16-bit single-band data to a
+    PNG file, atomically (:mod:`changecam.atomic`)."""
+    write_bytes(path, encode_png(array, path))
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

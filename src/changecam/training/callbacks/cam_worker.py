@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from changecam.atomic import DiskFullError, disk_full_error
 from changecam.explain import (
     ExplainSettings,
     Explanation,
@@ -248,6 +249,8 @@ class BackgroundExplainer:
                     ) from None
                 continue
             self._outstanding -= 1
+            if kind == "disk_full":
+                raise DiskFullError(payload)
             if kind == "error":
                 raise CamWorkerError(f"the CAM panel process failed:\n{payload}")
             done.append(payload)
@@ -311,5 +314,10 @@ def _worker_main(
                 net, samples, settings, out_dir, epoch, step, return_panels=return_panels
             )
             results.put(("ok", result))
-        except Exception:
-            results.put(("error", f"epoch {epoch}: {traceback.format_exc()}"))
+        except Exception as err:
+            full = disk_full_error(err)  # the training process stops with the same message
+            results.put(
+                ("disk_full", full.filename)
+                if full is not None
+                else ("error", f"epoch {epoch}: {traceback.format_exc()}")
+            )
