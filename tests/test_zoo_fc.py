@@ -108,7 +108,7 @@ def test_every_tap_runs_once_and_explanations_match_autograd(cls):
     net.zero_grad(set_to_none=True)
 
     exp = explain_batch(net, pre, post, target="roi", roi=roi)
-    assert exp.taps == tuple(expected_taps(cls))
+    assert exp.taps == ("pre/input", "post/input", *expected_taps(cls))  # input: every model
     for name, (act,) in acts.items():
         by_hand = (act.grad * act).sum(1).detach()
         torch.testing.assert_close(exp.map(name), by_hand, atol=1e-5, rtol=1e-5)
@@ -117,9 +117,9 @@ def test_every_tap_runs_once_and_explanations_match_autograd(cls):
 
     shares = explain_batch(net, pre, post).post_shares()  # the default target, every tap
     if cls is FCEF:
-        assert shares == {}  # the dates meet at the input: no per-date layer
+        assert list(shares) == ["input"]  # the dates meet at the input: no inner per-date layer
     else:
-        assert list(shares) == ["enc1", "enc2", "enc3", "enc4"]
+        assert list(shares) == ["input", "enc1", "enc2", "enc3", "enc4"]
         assert all(((s >= 0) & (s <= 1)).all() for s in shares.values())
 
 
@@ -205,13 +205,9 @@ def test_fast_dev_run_with_the_quickstart_experiment(tmp_path, tiny_synthetic, n
             "debug=fdr",
             "logger=none",
             *fdr_overrides(tiny_synthetic),
-            # FC-EF has no per-date layer for the panels until the engine's per-date input
-            # attribution lands; the Siamese runs keep the callback
-            *(
-                ["callbacks.cam_panels=null"]
-                if name == "fc_ef"
-                else ["callbacks.cam_panels.mode=inline", "callbacks.cam_panels.k=2"]
-            ),
+            # FC-EF's panels use its per-date input layer
+            "callbacks.cam_panels.mode=inline",
+            "callbacks.cam_panels.k=2",
         ],
     )
     assert cfg.model._target_ == f"changecam.models.fc_siam.{NETS[name].__name__}"
@@ -220,5 +216,5 @@ def test_fast_dev_run_with_the_quickstart_experiment(tmp_path, tiny_synthetic, n
     assert {"val/f1", "val/iou", "test/f1", "test/precision", "test/recall"} <= set(metrics)
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == pytest.approx(metrics)
-    if name != "fc_ef":  # the CAM panels of the two fixed validation samples
-        assert len(list((tmp_path / "run" / "cam").rglob("*.png"))) == 2
+    # the CAM panels of the two fixed validation samples (FC-EF's at its input layer)
+    assert len(list((tmp_path / "run" / "cam").rglob("*.png"))) == 2

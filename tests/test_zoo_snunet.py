@@ -104,11 +104,11 @@ def test_hirescam_at_every_tap_and_post_shares():
     net = tiny_snunet()
     pre, post, roi = pair(size=32)
     exp = explain_batch(net, pre, post, target="roi", roi=roi)
-    assert exp.taps == tuple(net.tap_names)
+    assert exp.taps == ("pre/input", "post/input", *net.tap_names)  # input: every model
     for tap in net.tap_names:
         assert exp.map(tap).shape[0] == 2 and exp.map(tap, upsampled=True).shape == (2, 32, 32)
         assert exp.map(tap).abs().max() > 1e-3, f"{tap}: a map of zeros explains nothing"
-    assert exp.layers == ["enc1", "enc2", "enc3", "enc4"]  # no pre/enc5: see the docstring
+    assert exp.layers == ["input", "enc1", "enc2", "enc3", "enc4"]  # no pre/enc5: see docstring
     shares = exp.post_shares()
     assert set(shares) == set(exp.layers)
     assert all(((s > 0) & (s < 1)).all() for s in shares.values())
