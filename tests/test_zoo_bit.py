@@ -85,11 +85,11 @@ def test_hirescam_maps_shares_and_autograd():
     net = tiny_bit()
     pre, post = pair(2, 32)
     exp = explain_batch(net, pre, post, target="all")
-    assert list(exp.taps) == TAPS
-    assert set(exp.raw["hirescam"]) == set(exp.raw["gradcam"]) == set(TAPS)
-    assert exp.layers == PER_DATE
+    assert list(exp.taps) == ["pre/input", "post/input", *TAPS]  # input: every model
+    assert set(exp.raw["hirescam"]) == set(exp.raw["gradcam"]) == set(exp.taps)
+    assert exp.layers == ["input", *PER_DATE]
     shares = exp.post_shares()
-    assert set(shares) == set(PER_DATE)
+    assert set(shares) == set(exp.layers)
     assert all(((s >= 0) & (s <= 1)).all() for s in shares.values())
 
     # by hand: S = sum of all logits; grad of S w.r.t. each activation, times it, over channels
