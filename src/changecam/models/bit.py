@@ -227,7 +227,7 @@ class BIT(ChangeNetwork):
     """BIT (bitemporal image transformer) returning change logits ``B x 1 x H x W``.
 
     Unlike the authors' two-class output (softmax / cross-entropy), the head ends in **one logit
-    channel** (no sigmoid), as every changecam network does. Inputs sides must be multiples of
+    channel** (no sigmoid), as every changecam network does. Input sides must be multiples of
     8 (:attr:`size_multiple`). With the defaults this is the authors' ``BIT_S4``
     (``base_transformer_pos_s4_dd8``): 3.55 M parameters.
 
