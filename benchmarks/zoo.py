@@ -4,7 +4,8 @@ For every architecture in ``conf/model/`` (except ``external``, which needs a us
 
 * ``params``: parameters at the published width (the config's defaults);
 * ``step_s``: CPU seconds of one training step (forward, BCE backward, AdamW step) at batch
-  8 × 256², published width, median of ``--step-reps`` after one warm-up;
+  8 × 256² and the quickstart width, median of ``--step-reps`` after one warm-up (the
+  published widths cost 2–160 s a step on two cores);
 * ``val_f1``/``test_f1``: ``train.py experiment=quickstart model=<name>`` for ``--epochs`` epochs
   at quickstart width (``model.base_channels`` = ``--width``, 8 like ``make train``), the best
   checkpoint on the synthetic val and test splits;
@@ -137,7 +138,7 @@ def markdown(rows: dict[str, dict[str, Any]], epochs: int, width: int) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     lines = [
-        "| model | params (published width) | s/step, 8 × 256² | val F1 | test F1 | "
+        f"| model | params (published width) | s/step, 8 × 256², width {width} | val F1 | test F1 | "
         "post share, input | post share per layer (shallow → deep) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -151,7 +152,7 @@ def markdown(rows: dict[str, dict[str, Any]], epochs: int, width: int) -> str:
         )
     lines.append(
         f"\nQuickstart at `model.base_channels={width}`, {epochs} epochs each (`make train` trains "
-        "20), same seed and synthetic data; step cost at the published width, CPU. Measured by "
+        "20), same seed and synthetic data; the step cost at that width, CPU. Measured by "
         "`make bench-zoo` (benchmarks/zoo.py)."
     )
     return "\n".join(lines) + "\n"
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="changecam-zoo-") as tmp:
         for name in names:
-            net = published_network(name, 4 if args.tiny else None)
+            net = published_network(name, width)
             row = {
                 "params": sum(p.numel() for p in published_network(name).parameters()),
                 "step_s": step_seconds(net, batch, size, reps),
