@@ -378,24 +378,10 @@ class BIT(ChangeNetwork):
         decoded = self.transformer_decoder(queries, tokens).transpose(1, 2).reshape(b, c, h, w)
         return self._tap(f"{date}/decoded", decoded)
 
-    def _check_inputs(self, pre: Tensor, post: Tensor) -> None:
-        if pre.shape != post.shape:
-            raise ValueError(
-                f"pre and post must have the same shape, got {tuple(pre.shape)} and {tuple(post.shape)}"
-            )
-        if pre.ndim != 4 or pre.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected inputs B x {self.in_channels} x H x W, got {tuple(pre.shape)}"
-            )
-        factor = self.size_multiple
-        if pre.shape[-2] % factor or pre.shape[-1] % factor:
-            raise ValueError(
-                f"input size {tuple(pre.shape[-2:])} must be divisible by the output stride "
-                f"{factor} of BIT's ResNet trunk; use sliding-window prediction or pad the images"
-            )
-
     def forward(self, pre: Tensor, post: Tensor) -> Tensor:
-        self._check_inputs(pre, post)
+        self.check_inputs(
+            pre, post, f"the output stride {self.size_multiple} of BIT's ResNet trunk"
+        )
         features = {d: self._features(x, d) for d, x in zip(DATES, (pre, post), strict=True)}
         tokens = torch.cat([self._tokens(features[d], d) for d in DATES], dim=1)
         if self.pos_embedding is not None:

@@ -184,22 +184,6 @@ class _FullyConvolutional(ChangeNetwork):
     def _tap(self, name: str, x: Tensor) -> Tensor:
         return self.taps[name.replace("/", "_")](x)
 
-    def _check_inputs(self, pre: Tensor, post: Tensor) -> None:
-        if pre.shape != post.shape:
-            raise ValueError(
-                f"pre and post must have the same shape, got {tuple(pre.shape)} and {tuple(post.shape)}"
-            )
-        if pre.ndim != 4 or pre.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected inputs B x {self.in_channels} x H x W, got {tuple(pre.shape)}"
-            )
-        factor = self.size_multiple
-        if pre.shape[-2] % factor or pre.shape[-1] % factor:
-            raise ValueError(
-                f"input size {tuple(pre.shape[-2:])} must be divisible by 2**depth = {factor} "
-                f"({type(self).__name__}); use sliding-window prediction or pad the images"
-            )
-
     def _encode(self, x: Tensor, prefix: str) -> list[Tensor]:
         """Each stage's output (before pooling), through the tap ``{prefix}enc{k}``."""
         skips = []
@@ -238,7 +222,7 @@ class FCEF(_FullyConvolutional):
         self._build(in_channels, base_channels, dropout, 2 * in_channels, 1, names)
 
     def forward(self, pre: Tensor, post: Tensor) -> Tensor:
-        self._check_inputs(pre, post)
+        self.check_inputs(pre, post, f"2**depth = {self.size_multiple} ({type(self).__name__})")
         skips = self._encode(torch.cat([pre, post], dim=1), "")
         return self._decode(skips[-1], skips)
 
@@ -261,7 +245,7 @@ class _FCSiam(_FullyConvolutional):
         return (pre - post).abs()
 
     def forward(self, pre: Tensor, post: Tensor) -> Tensor:
-        self._check_inputs(pre, post)
+        self.check_inputs(pre, post, f"2**depth = {self.size_multiple} ({type(self).__name__})")
         pre_skips, post_skips = self._encode(pre, "pre/"), self._encode(post, "post/")
         skips = [
             self._tap(f"fuse{k}", self._fuse(a, b))

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import hydra
-from torch import nn
+from torch import Tensor, nn
 
 
 class ChangeNetwork(nn.Module):
@@ -59,6 +59,30 @@ class ChangeNetwork(nn.Module):
     def init_kwargs(self) -> dict[str, Any]:
         """The constructor arguments this network was built with."""
         return dict(getattr(self, "_init_arguments", {}))
+
+    def check_inputs(self, pre: Tensor, post: Tensor, divisor: str | None = None) -> None:
+        """Raise :class:`ValueError` unless ``pre`` and ``post`` are both
+        B × ``self.in_channels`` × H × W with sides divisible by :attr:`size_multiple`.
+
+        Args:
+            pre: first-date images.
+            post: second-date images.
+            divisor: how the size multiple reads in the message (default: its value), e.g.
+                ``"2**depth = 16"``.
+        """
+        if pre.shape != post.shape:
+            raise ValueError(
+                f"pre and post must have the same shape, got {tuple(pre.shape)} and {tuple(post.shape)}"
+            )
+        in_channels = getattr(self, "in_channels", None)
+        if pre.ndim != 4 or (in_channels is not None and pre.shape[1] != in_channels):
+            raise ValueError(f"expected inputs B x {in_channels} x H x W, got {tuple(pre.shape)}")
+        factor = size_multiple(self)
+        if pre.shape[-2] % factor or pre.shape[-1] % factor:
+            raise ValueError(
+                f"input size {tuple(pre.shape[-2:])} must be divisible by {divisor or factor}; "
+                "use sliding-window prediction or pad the images"
+            )
 
     def config(self) -> dict[str, Any]:
         """A Hydra-instantiable description: ``{"_target_": "<module>.<class>", **init_kwargs}``."""

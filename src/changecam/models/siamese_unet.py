@@ -150,20 +150,7 @@ class SiameseUNet(ChangeNetwork):
         return getattr(self, f"encoder{k}{'a' if date == 'pre' else 'b'}")
 
     def forward(self, pre: Tensor, post: Tensor) -> Tensor:
-        if pre.shape != post.shape:
-            raise ValueError(
-                f"pre and post must have the same shape, got {tuple(pre.shape)} and {tuple(post.shape)}"
-            )
-        if pre.ndim != 4 or pre.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected inputs B x {self.in_channels} x H x W, got {tuple(pre.shape)}"
-            )
-        factor = self.size_multiple
-        if pre.shape[-2] % factor or pre.shape[-1] % factor:
-            raise ValueError(
-                f"input size {tuple(pre.shape[-2:])} must be divisible by 2**depth = {factor}; "
-                "use sliding-window prediction or pad the images"
-            )
+        self.check_inputs(pre, post, f"2**depth = {self.size_multiple}")
         x = {"pre": pre, "post": post}
         skips: list[Tensor] = []
         for k in range(1, self.depth + 1):

@@ -182,22 +182,6 @@ class SNUNet(ChangeNetwork):
             nodes.append(self._tap(f"{date}/enc{i + 1}", x))
         return nodes
 
-    def _check_inputs(self, pre: Tensor, post: Tensor) -> None:
-        if pre.shape != post.shape:
-            raise ValueError(
-                f"pre and post must have the same shape, got {tuple(pre.shape)} and {tuple(post.shape)}"
-            )
-        if pre.ndim != 4 or pre.shape[1] != self.in_channels:
-            raise ValueError(
-                f"expected inputs B x {self.in_channels} x H x W, got {tuple(pre.shape)}"
-            )
-        factor = self.size_multiple
-        if pre.shape[-2] % factor or pre.shape[-1] % factor:
-            raise ValueError(
-                f"input size {tuple(pre.shape[-2:])} must be divisible by {factor} "
-                f"(SNUNet pools {LEVELS - 1} times); use sliding-window prediction or pad the images"
-            )
-
     def _ecam(self, outputs: list[Tensor]) -> Tensor:
         """Ensemble channel attention over the four full-resolution nodes ``X_{0,1..4}``."""
         ensemble = torch.cat(outputs, dim=1)
@@ -205,7 +189,7 @@ class SNUNet(ChangeNetwork):
         return self.ca(ensemble) * (ensemble + intra.repeat(1, len(outputs), 1, 1))
 
     def forward(self, pre: Tensor, post: Tensor) -> Tensor:
-        self._check_inputs(pre, post)
+        self.check_inputs(pre, post, f"{self.size_multiple} (SNUNet pools {LEVELS - 1} times)")
         enc_pre = self._encode(pre, "pre", LEVELS - 1)
         enc_post = self._encode(post, "post", LEVELS)
         # grid[i][j] = X_{i,j}; column 0 holds the post date's encoder nodes (the upsampled input)
