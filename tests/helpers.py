@@ -7,6 +7,7 @@ and silent, no albumentations update check), the same defaults the commands set.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
@@ -36,8 +37,13 @@ def compose_train(tmp_path: Path, overrides: list[str], config_name: str = "trai
     return cfg
 
 
-def tiny_overrides(synthetic_root: Path) -> list[str]:
-    """Overrides that make any experiment tiny: 32 px tiles of the 64 px synthetic set, width 4."""
+# the tiny network of tiny_overrides: a width-4, depth-2 Siamese U-Net
+TINY_UNET = ("model.base_channels=4", "model.depth=2")
+
+
+def tiny_overrides(synthetic_root: Path, model: Sequence[str] = TINY_UNET) -> list[str]:
+    """Overrides that make any experiment tiny: 32 px tiles of the 64 px synthetic set, and the
+    ``model`` overrides (default: width 4, depth 2; other architectures pass their own)."""
     return [
         f"data.root={synthetic_root}",
         "data.synthetic=null",
@@ -48,8 +54,7 @@ def tiny_overrides(synthetic_root: Path) -> list[str]:
         "data.batch_size=4",
         "data.eval_batch_size=4",
         "data.num_workers=0",
-        "model.base_channels=4",
-        "model.depth=2",
+        *model,
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",

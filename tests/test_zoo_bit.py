@@ -12,7 +12,7 @@ from changecam.cli.train import train
 from changecam.explain.hirescam import explain_batch
 from changecam.models import build_network, find_taps
 from changecam.models.bit import BIT
-from helpers import compose_train
+from helpers import compose_train, tiny_overrides
 
 PER_DATE = ["stem", "layer1", "layer2", "layer3", "features", "tokens", "decoded"]
 TAPS = [f"{d}/{layer}" for layer in PER_DATE for d in ("pre", "post")] + ["diff", "head_in"]
@@ -139,23 +139,7 @@ def test_config_rebuilds_the_network_and_loads_its_weights():
 
 def bit_tiny_overrides(synthetic_root) -> list[str]:
     """helpers.tiny_overrides without its U-Net key (model.depth): 32 px tiles, width 8."""
-    return [
-        f"data.root={synthetic_root}",
-        "data.synthetic=null",
-        "data.layout=levir",
-        "data.train_protocol=tiles",
-        "data.eval_protocol=tiles",
-        "data.patch_size=32",
-        "data.batch_size=4",
-        "data.eval_batch_size=4",
-        "data.num_workers=0",
-        "model.dec_depth=2",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "callbacks.progress_bar=null",
-        "callbacks.model_summary=null",
-    ]
+    return tiny_overrides(synthetic_root, model=["model.dec_depth=2"])
 
 
 def test_quickstart_with_bit_runs_fast_dev_run(tmp_path, tiny_synthetic):

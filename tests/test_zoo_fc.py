@@ -192,7 +192,7 @@ def test_the_config_group_builds_the_published_network(name):
 def fdr_overrides(root) -> list[str]:
     """The suite's tiny overrides (32 px tiles, width 4) without ``model.depth``, which these
     fixed-depth networks do not take."""
-    return [o for o in tiny_overrides(root) if not o.startswith("model.depth=")]
+    return tiny_overrides(root, model=["model.base_channels=4"])
 
 
 @pytest.mark.parametrize("name", list(NETS))

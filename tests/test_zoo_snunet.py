@@ -13,7 +13,7 @@ from changecam.cli.train import train
 from changecam.explain import explain_batch
 from changecam.models import build_network, find_taps
 from changecam.models.snunet import SNUNet
-from helpers import compose_train
+from helpers import compose_train, tiny_overrides
 
 ENCODER_TAPS = [f"pre/enc{k}" for k in range(1, 5)] + [f"post/enc{k}" for k in range(1, 6)]
 NESTED_TAPS = ["x0_1", "x1_1", "x0_2", "x2_1", "x1_2", "x0_3", "x3_1", "x2_2", "x1_3", "x0_4"]
@@ -134,23 +134,7 @@ def test_config_rebuilds_the_network_and_loads_its_state_dict():
 
 def snunet_tiny_overrides(synthetic_root: Path) -> list[str]:
     """helpers.tiny_overrides without model.depth (SNUNet has none): 32 px tiles, width 4."""
-    return [
-        f"data.root={synthetic_root}",
-        "data.synthetic=null",
-        "data.layout=levir",
-        "data.train_protocol=tiles",
-        "data.eval_protocol=tiles",
-        "data.patch_size=32",
-        "data.batch_size=4",
-        "data.eval_batch_size=4",
-        "data.num_workers=0",
-        "model.base_channels=4",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "callbacks.progress_bar=null",
-        "callbacks.model_summary=null",
-    ]
+    return tiny_overrides(synthetic_root, model=["model.base_channels=4"])
 
 
 def test_quickstart_with_snunet_composes_and_runs_fast_dev_run(tmp_path, tiny_synthetic):
