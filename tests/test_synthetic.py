@@ -58,3 +58,44 @@ def test_nuisance_change_is_present():
     pre, post, label = generate_pair(SyntheticSpec(image_size=128, seed=0), "train", 0)
     diff = np.abs(post.astype(int) - pre.astype(int)).sum(-1)
     assert (diff[label == 0] > 30).mean() > 0.2  # unlabelled change everywhere
+
+
+def test_change_types_are_the_known_answer_and_readers_ignore_them(tmp_path):
+    """change_type/ marks exactly the labelled pixels; a building that appears is drawn in the
+    post image only, one that vanishes in the pre image only; the layout readers skip it."""
+    from changecam.data.layout import find_triplets
+    from changecam.data.synthetic import CHANGE_TYPE_DIR, CHANGE_TYPES, generate_scene
+
+    spec = SyntheticSpec(image_size=128, seed=0, nuisance=False)
+    seen = set()
+    for n in range(8):
+        s = generate_scene(spec, "train", n)
+        np.testing.assert_array_equal(s.change_type > 0, s.label > 0)
+        diff = np.abs(s.post.astype(int) - s.pre.astype(int)).sum(-1)
+        for kind, value in CHANGE_TYPES.items():
+            inside = s.change_type == value
+            if inside.any():
+                seen.add(kind)
+                assert (diff[inside] > 0).mean() > 0.9, kind
+    assert seen >= {"appeared", "vanished"}
+    root = generate(tmp_path / "syn", SyntheticSpec(image_size=64, train=2, val=1, test=1))
+    assert sorted(p.name for p in (root / "val").iterdir()) == ["A", "B", CHANGE_TYPE_DIR, "label"]
+    triplets = find_triplets(root, "val")
+    assert [t.label.parent.name for t in triplets] == ["label"]
+
+
+def test_enough_vanished_buildings_in_val_and_test():
+    """At least 30 % of the changed objects of the default val and test splits vanish."""
+    import cv2
+
+    from changecam.data.synthetic import CHANGE_TYPES, generate_scene
+
+    spec = SyntheticSpec()
+    kinds = []
+    for split, count in (("val", spec.val), ("test", spec.test)):
+        for n in range(count):
+            s = generate_scene(spec, split, n)
+            k, components = cv2.connectedComponents(s.label, connectivity=8)
+            kinds += [np.bincount(s.change_type[components == c]).argmax() for c in range(1, k)]
+    assert len(kinds) >= 60
+    assert np.mean(np.array(kinds) == CHANGE_TYPES["vanished"]) >= 0.3

@@ -1,13 +1,18 @@
 """A deterministic procedural bi-temporal change dataset written in the LEVIR-CD layout.
 
 Each scene has textured ground, vegetation patches, roads and buildings (roofs with cast
-shadows) present in both dates. Labelled change: buildings that appear or vanish. Unlabelled
+shadows) present in both dates. Labelled change: buildings that appear, vanish, or are replaced
+by another building (a new roof on part of the old footprint). Unlabelled
 nuisance between the dates: global illumination and colour shift, seasonal vegetation colour,
 a misregistration of up to two pixels, and sensor noise -- enough that thresholding
 ``|post - pre|`` fails while a learned model succeeds.
 
 The output is the official LEVIR-CD layout (``{train,val,test}/{A,B,label}/{split}_{n}.png``),
-so the synthetic default runs through the same loading code as the real dataset. A
+so the synthetic default runs through the same loading code as the real dataset. Beside
+``label/`` the generator writes the known answer of every changed pixel, ``change_type/`` (PNG,
+0 = no change, 1 = appeared: its evidence is in the post image, 2 = vanished: in the pre image,
+3 = replaced: in both), which the attribution study (:mod:`changecam.evaluation.attribution`)
+scores explanations against; every reader of the layout ignores that folder. A
 ``synthetic_spec.json`` records the specification; generation is skipped when it matches.
 
 Run ``python -m changecam.data.synthetic <root>`` to write a set by hand.
@@ -20,6 +25,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -28,7 +34,15 @@ from changecam.atomic import atomic_directory, write_text
 from changecam.data.io import write_png
 
 SPEC_FILE = "synthetic_spec.json"
-GENERATOR_VERSION = 1
+# 2: change types (appeared / vanished / replaced) written to change_type/; 45 % vanish
+GENERATOR_VERSION = 2
+CHANGE_TYPE_DIR = "change_type"
+ChangeKind = Literal["appeared", "vanished", "replaced"]
+# change_type/ pixel values; 0 is no change
+CHANGE_TYPES: dict[ChangeKind, int] = {"appeared": 1, "vanished": 2, "replaced": 3}
+# how a changed building changes; at least 30 % of the changed objects vanish, so the
+# attribution study's vanished-object statistics rest on enough objects
+CHANGE_KIND_P: dict[ChangeKind, float] = {"appeared": 0.45, "vanished": 0.45, "replaced": 0.10}
 
 ROOF_COLOURS = np.array(
     [
@@ -126,10 +140,51 @@ def _acquire(
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
+@dataclass(frozen=True)
+class SyntheticPair:
+    """One rendered scene.
+
+    Attributes:
+        pre: H×W×3 uint8, first date.
+        post: H×W×3 uint8, second date.
+        label: H×W uint8 in {0, 1}.
+        change_type: H×W uint8, :data:`CHANGE_TYPES` (0 outside the label).
+    """
+
+    pre: np.ndarray
+    post: np.ndarray
+    label: np.ndarray
+    change_type: np.ndarray
+
+
 def generate_pair(
     spec: SyntheticSpec, split: str, n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render scene ``n`` of ``split``: (pre RGB, post RGB, label {0,1})."""
+    scene = generate_scene(spec, split, n)
+    return scene.pre, scene.post, scene.label
+
+
+def _replacement(
+    rng: np.random.Generator, rect: tuple[int, int, int, int]
+) -> tuple[int, int, int, int]:
+    """The new building on part of an old footprint: one side cut back by 30-60 %."""
+    y0, x0, y1, x1 = rect
+    cut = rng.uniform(0.3, 0.6)
+    side = int(rng.integers(4))
+    if side == 0:
+        y1 -= int((y1 - y0) * cut)
+    elif side == 1:
+        y0 += int((y1 - y0) * cut)
+    elif side == 2:
+        x1 -= int((x1 - x0) * cut)
+    else:
+        x0 += int((x1 - x0) * cut)
+    return y0, x0, y1, x1
+
+
+def generate_scene(spec: SyntheticSpec, split: str, n: int) -> SyntheticPair:
+    """Render scene ``n`` of ``split`` with the known change type of every changed pixel."""
     split_id = ("train", "val", "test").index(split)
     rng = np.random.default_rng([spec.seed, split_id, n])
     size = spec.image_size
@@ -157,25 +212,39 @@ def generate_pair(
     n_keep = int(rng.poisson(10 * area))
     n_change = 0 if rng.random() < 0.1 else int(rng.integers(1, max(2, int(8 * area)) + 1))
     rects = _rectangles(rng, size, n_keep + n_change, occupied)
-    roofs = ROOF_COLOURS[rng.integers(0, len(ROOF_COLOURS), size=len(rects))] * rng.uniform(
-        0.85, 1.15, (len(rects), 1)
-    )
+    roof_ids = rng.integers(0, len(ROOF_COLOURS), size=len(rects))
+    roofs = ROOF_COLOURS[roof_ids] * rng.uniform(0.85, 1.15, (len(rects), 1))
     shadow = max(1, size // 128)
-    kinds = ["keep"] * min(n_keep, len(rects)) + [
-        "appear" if rng.random() < 0.7 else "vanish"
-        for _ in range(len(rects) - min(n_keep, len(rects)))
-    ]
+    n_kept = min(n_keep, len(rects))
+    kind_names = list(CHANGE_KIND_P)
+    kinds = ["keep"] * n_kept + list(
+        rng.choice(kind_names, size=len(rects) - n_kept, p=list(CHANGE_KIND_P.values()))
+    )
 
     pre_scene, post_scene = scene.copy(), scene.copy()
     label = np.zeros((size, size), dtype=np.uint8)
-    for rect, roof, kind in zip(rects, roofs, kinds, strict=True):
+    change_type = np.zeros((size, size), dtype=np.uint8)
+    for rect, roof_id, roof, kind in zip(rects, roof_ids, roofs, kinds, strict=True):
+        drawn = {"pre": rect, "post": rect}
+        if kind == "appeared":
+            del drawn["pre"]
+        elif kind == "vanished":
+            del drawn["post"]
+        elif kind == "replaced":
+            drawn["post"] = _replacement(rng, rect)
+        roof_of = {"pre": roof, "post": roof}
+        if kind == "replaced":  # another roof colour, never the old one
+            other = (roof_id + rng.integers(1, len(ROOF_COLOURS))) % len(ROOF_COLOURS)
+            roof_of["post"] = ROOF_COLOURS[other] * rng.uniform(0.85, 1.15)
         for date, canvas in (("pre", pre_scene), ("post", post_scene)):
-            if kind == "keep" or (kind == "appear") == (date == "post"):
-                _draw_building(canvas, rect, roof, shadow)
-                veg[rect[0] : rect[2] + shadow, rect[1] : rect[3] + shadow] = False
+            if date in drawn:
+                box = drawn[date]
+                _draw_building(canvas, box, roof_of[date], shadow)
+                veg[box[0] : box[2] + shadow, box[1] : box[3] + shadow] = False
         if kind != "keep":
             y0, x0, y1, x1 = rect
             label[y0:y1, x0:x1] = 1
+            change_type[y0:y1, x0:x1] = CHANGE_TYPES[kind]
 
     season_pre, season_post = rng.choice(len(VEG_SEASONS), size=2, replace=False)
     max_shift = max(1, size // 128)
@@ -188,7 +257,8 @@ def generate_pair(
     pre = _acquire(rng, pre_scene, veg, VEG_SEASONS[season_pre], (0, 0), spec.nuisance)
     post = _acquire(rng, post_scene, veg, VEG_SEASONS[season_post], shift, spec.nuisance)
     label = np.roll(label, shift, axis=(0, 1))  # labels are drawn on the post image
-    return pre, post, label
+    change_type = np.roll(change_type, shift, axis=(0, 1))
+    return SyntheticPair(pre, post, label, change_type)
 
 
 def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
@@ -217,11 +287,12 @@ def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
     with atomic_directory(root) as tmp:
         for split in ("train", "val", "test"):
             for n in range(getattr(spec, split)):
-                pre, post, label = generate_pair(spec, split, n)
+                scene = generate_scene(spec, split, n)
                 name = f"{split}_{n + 1}.png"
-                write_png(tmp / split / "A" / name, pre)
-                write_png(tmp / split / "B" / name, post)
-                write_png(tmp / split / "label" / name, label * 255)
+                write_png(tmp / split / "A" / name, scene.pre)
+                write_png(tmp / split / "B" / name, scene.post)
+                write_png(tmp / split / "label" / name, scene.label * 255)
+                write_png(tmp / split / CHANGE_TYPE_DIR / name, scene.change_type)
         write_text(tmp / SPEC_FILE, json.dumps(record, indent=2))
     return root
 
