@@ -5,7 +5,14 @@ For a tapped activation ``A`` (C×h×w) and the target score ``S`` (see
 
 * HiResCAM: ``Σ_c ∂S/∂A_c ⊙ A_c`` — signed, h×w, in units of logit contribution;
 * Grad-CAM: ``Σ_c mean_hw(∂S/∂A_c) · A_c`` — signed as well (no ReLU), as in captum's
-  ``LayerGradCam(relu_attributions=False)``.
+  ``LayerGradCam(relu_attributions=False)``;
+* date-contrastive HiResCAM (``contrastive``): ``Σ_c ∂S/∂A^post_c ⊙ (A^post_c − A^pre_c)`` for
+  the post date and the mirror for the pre date — HiResCAM with the other date's activation at
+  the same layer as the baseline instead of zero, from the same pass, at every per-date layer
+  (taps that exist for one date only have no contrastive map);
+* Layer Integrated Gradients from the other date (``layer_ig``,
+  :mod:`changecam.explain.layer_ig`): the exact path integral of which ``contrastive`` is the
+  first-order variant; ``2 × layers × steps`` more passes.
 
 Forward hooks on the model's :class:`~changecam.models.taps.Tap` modules record every requested
 activation during one forward; ``torch.autograd.grad`` then returns ``∂S/∂A`` for all of them in
@@ -31,13 +38,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from changecam.explain.integrated import IntegratedGradientsSettings, integrated_gradients
+from changecam.explain.layer_ig import LayerIGSettings, layer_integrated_gradients
 from changecam.explain.targets import Target, TargetKind, is_empty, target_mask, target_score
 from changecam.models.taps import Tap, TapError, find_taps
 
-Method = Literal["hirescam", "gradcam", "integrated_gradients"]
+Method = Literal["hirescam", "gradcam", "contrastive", "integrated_gradients", "layer_ig"]
 METHODS: tuple[Method, ...] = get_args(Method)
 # the methods computed by default: both come from the one forward and backward at every tap
 CAM_METHODS: tuple[Method, ...] = ("hirescam", "gradcam")
+# the methods that come from the one forward and backward (no extra pass)
+ONE_PASS_METHODS: tuple[Method, ...] = ("hirescam", "gradcam", "contrastive")
 Date = Literal["pre", "post"]
 DATES: tuple[Date, ...] = get_args(Date)
 INPUT_LAYER = "input"
@@ -306,6 +316,25 @@ def cam_maps(
     return out
 
 
+def contrastive_maps(
+    activations: dict[str, Tensor], gradients: dict[str, Tensor | None]
+) -> dict[str, Tensor]:
+    """Date-contrastive HiResCAM at every per-date layer: ``Σ_c ∂S/∂A^d_c ⊙ (A^d_c − A^o_c)``
+    for date ``d`` and the other date ``o`` (B×h×w each, in forward order of ``activations``)."""
+    out: dict[str, Tensor] = {}
+    layers = per_date_layers(activations)
+    for name in activations:
+        date, _, layer = name.partition("/")
+        if layer not in layers:
+            continue
+        own = activations[name].detach().float()
+        other = activations[f"{'post' if date == 'pre' else 'pre'}/{layer}"].detach().float()
+        grad = gradients[name]
+        g = torch.zeros_like(own) if grad is None else grad.detach().float()
+        out[name] = (g * (own - other)).sum(1)
+    return out
+
+
 def upsample_maps(
     raw: dict[str, dict[str, Tensor]], size: tuple[int, int]
 ) -> dict[str, dict[str, Tensor]]:
@@ -342,6 +371,7 @@ def explain_batch(
     upsample: bool = True,
     eval_mode: bool = True,
     ig: IntegratedGradientsSettings | None = None,
+    layer_ig: LayerIGSettings | None = None,
 ) -> Explanation:
     """Explain a batch: one forward and one backward for all taps, both dates and both CAMs.
 
@@ -357,8 +387,10 @@ def explain_batch(
         post: B×C×H×W images of the second date.
         taps: tap names (or per-date layers like ``"enc3"``, ``"input"``); ``None``: every tap.
         target: which pixels' logits form ``S`` (see :mod:`changecam.explain.targets`).
-        methods: any of ``hirescam``, ``gradcam`` (every tap) and ``integrated_gradients``
-            (the input taps only; ``steps`` more forward and backward passes, see ``ig``).
+        methods: any of ``hirescam``, ``gradcam`` (every tap), ``contrastive`` (every per-date
+            layer; the same pass), ``integrated_gradients`` (the input taps only; ``steps`` more
+            forward and backward passes, see ``ig``) and ``layer_ig`` (every per-date layer;
+            ``2 × layers × steps`` more passes, see ``layer_ig``).
         label: ground-truth mask for ``target="ground_truth"``.
         roi: region of interest for ``target="roi"``.
         valid: pixels allowed in the target (e.g. excluding padding); default all.
@@ -366,6 +398,7 @@ def explain_batch(
         eval_mode: run the model in eval mode (BatchNorm running statistics, no dropout).
         ig: Integrated Gradients settings (steps, baseline); default
             :class:`IntegratedGradientsSettings`.
+        layer_ig: Layer Integrated Gradients settings; default :class:`LayerIGSettings`.
 
     Raises:
         TapError: unknown tap names, or a tap that did not run exactly once.
@@ -379,14 +412,20 @@ def explain_batch(
             f"{tuple(post.shape)}"
         )
     modules = resolve_taps(model, taps)
-    cams = tuple(m for m in methods if m in CAM_METHODS)
+    cams = tuple(m for m in methods if m in ONE_PASS_METHODS)
     with_ig = "integrated_gradients" in methods
+    with_lig = "layer_ig" in methods
     if with_ig and not all(t in modules for t in INPUT_TAPS):
         raise ValueError(
             f"integrated_gradients has maps at the input only, but the taps {list(modules)} "
             "leave it out: add `input` to the taps (e.g. taps=[input, enc4])"
         )
-    if not cams:  # no CAM: no hooks and no backward, the taps are the input's
+    if (with_lig or "contrastive" in methods) and not per_date_layers(modules):
+        raise ValueError(
+            f"{'layer_ig' if with_lig else 'contrastive'} needs a layer tapped for both dates; "
+            f"the taps {list(modules)} have none"
+        )
+    if not cams and not with_lig:  # no hooks and no backward, the taps are the input's
         modules = dict.fromkeys(INPUT_TAPS)
     with preserved_state(model, eval_mode), torch.inference_mode(False), torch.enable_grad():
         logits, activations = _recorded_forward(model, modules, pre, post)
@@ -395,7 +434,9 @@ def explain_batch(
         if not score.requires_grad:
             raise ValueError(f"the output of {type(model).__name__} does not depend on its inputs")
         grads = (
-            torch.autograd.grad(score.sum(), list(activations.values()), allow_unused=True)
+            torch.autograd.grad(
+                score.sum(), list(activations.values()), allow_unused=True, retain_graph=with_lig
+            )
             if cams
             else (None,) * len(activations)
         )
@@ -404,12 +445,31 @@ def explain_batch(
             ig_maps, ig_info = integrated_gradients(
                 model, pre, post, mask.detach(), score.detach(), ig or IntegratedGradientsSettings()
             )
+        lig_maps: dict[str, Tensor] = {}
+        if with_lig:
+            inputs = dict(zip(INPUT_TAPS, (pre, post), strict=True))
+            lig_maps, lig_delta = layer_integrated_gradients(
+                model,
+                pre.detach(),
+                post.detach(),
+                mask.detach(),
+                score.detach(),
+                modules,
+                {n: inputs.get(n, a) for n, a in activations.items()},
+                per_date_layers(modules),
+                layer_ig or LayerIGSettings(),
+            )
+            ig_info = {**ig_info, **{f"layer_ig_delta/{t}": d for t, d in lig_delta.items()}}
 
     with torch.no_grad():
         raw: dict[str, dict[str, Tensor]] = {m: {} for m in methods}
         for (name, act), grad in zip(activations.items(), grads, strict=True):
             for method, cam in cam_maps(act, grad, cams).items():
                 raw[method][name] = cam
+        if "contrastive" in methods:
+            raw["contrastive"] = contrastive_maps(activations, dict(zip(activations, grads)))
+        if with_lig:
+            raw["layer_ig"] = lig_maps
         if with_ig:
             raw["integrated_gradients"] = dict(zip(INPUT_TAPS, ig_maps, strict=True))
         return Explanation(
