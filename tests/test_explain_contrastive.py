@@ -19,7 +19,9 @@ class LinearDiff(nn.Module):
         super().__init__()
         self.enc = nn.Conv2d(3, 2, 1, bias=False)
         with torch.no_grad():
-            self.enc.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, -1.0]]).view(2, 3, 1, 1))
+            self.enc.weight.copy_(
+                torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, -1.0]]).view(2, 3, 1, 1)
+            )
         self.tap_pre, self.tap_post = Tap("pre/enc1"), Tap("post/enc1")
         self.w = torch.tensor([3.0, -0.5])
 
@@ -83,13 +85,20 @@ def test_layer_ig_is_complete_against_the_date_swap_of_its_layer():
     net = SiameseUNet(3, 4, 2).eval()
     pre, post = pair(size=16)
     exp = explain_batch(
-        net, pre, post, taps=["enc1"], target="all", methods=["layer_ig"],
+        net,
+        pre,
+        post,
+        taps=["enc1"],
+        target="all",
+        methods=["layer_ig"],
         layer_ig=LayerIGSettings(steps=64, internal_batch_size=None),
     )
     with torch.no_grad():
         s = exp.score
         pre_enc1 = {}
-        handle = net.taps["pre_enc1"].register_forward_hook(lambda m, i, o: pre_enc1.setdefault("a", o))
+        handle = net.taps["pre_enc1"].register_forward_hook(
+            lambda m, i, o: pre_enc1.setdefault("a", o)
+        )
         net(pre, post)
         handle.remove()
         handle = net.taps["post_enc1"].register_forward_hook(lambda m, i, o: pre_enc1["a"])
@@ -109,7 +118,12 @@ def test_layer_ig_agrees_with_captum_on_a_shared_encoder():
     net = SiameseUNet(3, 4, 2).eval()
     pre, post = pair(b=1, size=16)
     exp = explain_batch(
-        net, pre, post, taps=["enc2"], target="all", methods=["layer_ig"],
+        net,
+        pre,
+        post,
+        taps=["enc2"],
+        target="all",
+        methods=["layer_ig"],
         layer_ig=LayerIGSettings(steps=16, internal_batch_size=None),
     )
     lig = LayerIntegratedGradients(lambda a, b: net(a, b).sum((1, 2, 3)), net.taps["post_enc2"])

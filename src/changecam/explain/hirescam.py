@@ -467,7 +467,9 @@ def explain_batch(
             for method, cam in cam_maps(act, grad, cams).items():
                 raw[method][name] = cam
         if "contrastive" in methods:
-            raw["contrastive"] = contrastive_maps(activations, dict(zip(activations, grads)))
+            raw["contrastive"] = contrastive_maps(
+                activations, dict(zip(activations, grads, strict=True))
+            )
         if with_lig:
             raw["layer_ig"] = lig_maps
         if with_ig:

@@ -127,7 +127,10 @@ def integrated_gradients(
     b_pre, b_post = baselines(x_pre, x_post, settings)
 
     def forward(a: Tensor, b: Tensor, m: Tensor) -> Tensor:
-        return target_score(model(a, b), m)
+        # the zero terms keep both dates in the graph: captum refuses an input the model does
+        # not use (e.g. a detector that only looks at the post image), whose attribution is 0
+        unused = (a * 0).flatten(1).sum(1) + (b * 0).flatten(1).sum(1)
+        return target_score(model(a, b), m) + unused
 
     batch = settings.internal_batch_size
     (a_pre, a_post), delta = IntegratedGradients(forward).attribute(

@@ -150,7 +150,9 @@ def _path_gradients(
     points = torch.cat([base + a * (own - base) for a in alphas]).requires_grad_(True)
     logits = _run_with(model, pre, post, tap, date, points)
     score = target_score(logits, mask.repeat(len(alphas), 1, 1, 1))
-    (grad,) = torch.autograd.grad(score.sum(), points)
+    (grad,) = torch.autograd.grad(score.sum(), points, allow_unused=True)
+    if grad is None:  # the score does not depend on this date's activation
+        grad = torch.zeros_like(points)
     return [g.float() for g in grad.detach().split(b)]
 
 

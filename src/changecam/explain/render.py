@@ -32,7 +32,9 @@ CMAP = "RdBu_r"  # blue: evidence against the target, red: evidence for it
 METHOD_TITLES = {
     "hirescam": "HiResCAM",
     "gradcam": "Grad-CAM",
+    "contrastive": "Date-contrastive HiResCAM",
     "integrated_gradients": "Integrated Gradients",
+    "layer_ig": "Layer IG (other date)",
 }
 
 

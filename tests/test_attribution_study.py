@@ -1,0 +1,188 @@
+"""The attribution study's metrics on tiny known-answer models and inputs (exact outcomes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from changecam.evaluation.attribution import (
+    attributed_post,
+    bootstrap,
+    causal_post,
+    changed_objects,
+    pointing,
+    spearman,
+    swap_regions,
+)
+from changecam.evaluation.randomisation import cascade_order, cascade_points, randomised
+from changecam.evaluation.study import StudyImage, StudySettings, study_model
+from changecam.models import Tap
+
+SIZE = 32
+
+
+class OneDate(nn.Module):
+    """A change detector that looks at one date only: ``logit = head(enc(x_date)) − 1`` with
+    positive 1×1 weights, so every input-side map of that date is positive on positive images."""
+
+    def __init__(self, date: str = "post", seed: int = 0) -> None:
+        super().__init__()
+        self.date = date
+        torch.manual_seed(seed)
+        self.enc = nn.Conv2d(3, 2, 1)
+        self.head = nn.Conv2d(2, 1, 1)
+        with torch.no_grad():
+            self.enc.weight.uniform_(0.2, 1.0)
+            self.enc.bias.zero_()
+            self.head.weight.uniform_(0.2, 1.0)
+            self.head.bias.fill_(-1.0)
+        self.tap_pre, self.tap_post = Tap("pre/enc1"), Tap("post/enc1")
+
+    def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        a, b = self.tap_pre(self.enc(pre)), self.tap_post(self.enc(post))
+        return self.head(b if self.date == "post" else a)
+
+
+def known_answer_images(n: int = 3, grey: bool = False) -> list[StudyImage]:
+    """Each image: one building that appeared (bright in post only) and one that vanished
+    (bright in pre only), on a mid-grey textured ground."""
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(n):
+        ground = rng.uniform(60, 120, (SIZE, SIZE, 1 if grey else 3)).repeat(3 if grey else 1, 2)
+        pre, post = ground.copy(), ground.copy()
+        label = np.zeros((SIZE, SIZE), np.uint8)
+        types = np.zeros((SIZE, SIZE), np.uint8)
+        post[4:10, 4:10] = 230  # appeared
+        label[4:10, 4:10], types[4:10, 4:10] = 1, 1
+        pre[20:27, 18:26] = 220  # vanished
+        label[20:27, 18:26], types[20:27, 18:26] = 1, 2
+        images.append(
+            StudyImage(f"img{i}", pre.astype(np.uint8), post.astype(np.uint8), label, types)
+        )
+    return images
+
+
+FAST = dict(
+    context=None,
+    faithfulness_steps=2,
+    randomisation_images=0,
+    bootstrap=50,
+    ig={"steps": 4},
+    layer_ig={"steps": 2},
+)
+
+
+def value(result: dict, method: str, layer: str, metric: str) -> float:
+    return result["results"][method][layer][metric]["mean"]
+
+
+def test_changed_objects_are_components_with_their_kind_and_dilated_region():
+    label = np.zeros((12, 12), np.uint8)
+    types = np.zeros_like(label)
+    label[1:3, 1:3], types[1:3, 1:3] = 1, 1
+    label[7:10, 6:9], types[7:10, 6:9] = 1, 2
+    objects = changed_objects(label * 255, types, dilation=1)
+    assert [o.kind for o in objects] == ["appeared", "vanished"]
+    assert [o.known_date for o in objects] == ["post", "pre"]
+    assert objects[0].mask.sum() == 4 and objects[0].region.sum() == 16  # 2x2 -> 4x4
+    assert objects[1].region.sum() == 25
+    assert [o.kind for o in changed_objects(label)] == ["unknown", "unknown"]
+    with pytest.raises(ValueError, match="dilation"):
+        changed_objects(label, dilation=-1)
+
+
+def test_date_decisions_pointing_and_swaps_are_exact():
+    pre = torch.tensor([[[0.0, 2.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]])
+    post = torch.tensor([[[1.0, -5.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 3.0]]])
+    region = torch.tensor([[[True, True], [False, False]]] * 2)
+    # positive mass in the region: pre 2 vs post 1 -> pre; tie 1 vs 1 -> half
+    torch.testing.assert_close(attributed_post(pre, post, region), torch.tensor([0.0, 0.5]))
+    torch.testing.assert_close(
+        causal_post(torch.tensor([1.0, -3.0]), torch.tensor([-2.0, 3.0])), torch.tensor([1.0, 0.5])
+    )
+    torch.testing.assert_close(pointing(pre, post, region), torch.tensor([1.0, 2 / 5]))
+    a = torch.zeros(1, 1, 2, 2)
+    b = torch.ones(1, 1, 2, 2)
+    new_pre, new_post = swap_regions(a, b, region[:1], "pre")
+    assert new_pre.flatten().tolist() == [1, 1, 0, 0] and torch.equal(new_post, b)
+
+
+def test_spearman_and_bootstrap_known_values():
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]])
+    y = torch.tensor([[10.0, 20.0, 30.0, 40.0], [4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    rho = spearman(x, y)
+    assert rho[0] == pytest.approx(1.0) and rho[1] == pytest.approx(-1.0) and rho[2].isnan()
+    # ties get their mean rank: [1, 2.5, 2.5, 4] against [1, 2, 3, 4] -> 0.9487
+    assert spearman(torch.tensor([[1.0, 2.0, 2.0, 3.0]]), x[:1])[0] == pytest.approx(
+        3 / np.sqrt(10), abs=1e-6
+    )
+    est = bootstrap([[1.0, 1.0], [0.0]], resamples=200)
+    assert est.mean == pytest.approx(2 / 3) and est.n == 3
+    assert 0.0 <= est.low <= est.mean <= est.high <= 1.0
+    one = bootstrap([[1.0, 0.0]])
+    assert one.low == one.high == 0.5
+    assert bootstrap([[]]).mean is None
+
+
+@pytest.mark.parametrize("date", ["post", "pre"])
+def test_a_one_date_model_gets_the_known_answer_right_for_one_kind_only(date):
+    """A post-only model: date accuracy 1.0 on appeared and 0.0 on vanished objects, causal
+    date always post; the pre-only model mirrors it."""
+    result = study_model(
+        OneDate(date), known_answer_images(), StudySettings(**FAST), name=f"{date}-only"
+    )
+    right, wrong = ("appeared", "vanished") if date == "post" else ("vanished", "appeared")
+    assert result["objects"] == {"appeared": 3, "vanished": 3}
+    assert result["causal"]["causal_post"]["mean"] == (1.0 if date == "post" else 0.0)
+    assert result["causal"][f"model_date_accuracy_{right}"]["mean"] == 1.0
+    assert result["causal"][f"model_date_accuracy_{wrong}"]["mean"] == 0.0
+    for method in ("hirescam", "gradcam"):
+        for layer in ("input", "enc1"):
+            assert value(result, method, layer, f"date_accuracy_{right}") == 1.0
+            assert value(result, method, layer, f"date_accuracy_{wrong}") == 0.0
+            assert value(result, method, layer, "date_accuracy") == 0.5
+            assert value(result, method, layer, "causal_agreement") == 1.0
+    # the contrastive map of the used date is negative where that date lost a building: no
+    # positive mass in either date there, a tie (half right)
+    assert value(result, "contrastive", "input", f"date_accuracy_{wrong}") == 0.5
+    assert result["baselines"] == {"random": 0.5, "post_always": 0.5}
+    assert 0.2 < value(result, "random", "input", "date_accuracy") < 0.8
+
+
+def test_gradient_times_input_fails_the_randomisation_check_on_a_linear_model():
+    """On grey images every map of a linear model is a multiple of the image, whatever the
+    weights: after re-initialising every layer |Spearman| stays 1 (gradient × input shows the
+    input, Adebayo et al. 2018); a random map passes."""
+    images = known_answer_images(1, grey=True)
+    settings = StudySettings(
+        **{**FAST, "randomisation_images": 1, "randomisation_points": 2},
+        methods=("hirescam", "random"),
+    )
+    result = study_model(OneDate("post"), images, settings)
+    check = result["results"]["hirescam"]["input"]["randomisation"]
+    assert check["layers_randomised"] == [1, 2] and check["of"] == 2
+    assert abs(check["final"]) == pytest.approx(1.0, abs=1e-5)
+    assert check["passes"] is False
+    assert result["results"]["random"]["input"]["randomisation"]["passes"] is True
+
+
+def test_cascade_goes_from_the_head_down_and_keeps_earlier_steps():
+    net = OneDate("post")
+    x = torch.rand(1, 3, 4, 4)
+    order = cascade_order(net, x, x)
+    assert order == ["head", "enc"]
+    one, two = randomised(net, order, 1, seed=3), randomised(net, order, 2, seed=3)
+    assert torch.equal(one.enc.weight, net.enc.weight)
+    assert not torch.equal(one.head.weight, net.head.weight)
+    assert torch.equal(one.head.weight, two.head.weight)
+    assert cascade_points(10, 4) == [1, 4, 7, 10] and cascade_points(2, 5) == [1, 2]
+
+
+def test_study_settings_refuse_unknown_values():
+    with pytest.raises(ValueError, match="unknown method"):
+        StudySettings(methods=("hirescam", "shap"))
+    with pytest.raises(ValueError, match="faithfulness_layers"):
+        StudySettings(faithfulness_layers="some")
