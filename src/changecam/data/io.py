@@ -134,6 +134,19 @@ def read_label(path: str | Path) -> np.ndarray:
     )
 
 
+def read_change_type(path: str | Path) -> np.ndarray:
+    """Read the synthetic generator's ``change_type/`` PNG as uint8 ``H x W`` in {0, 1, 2, 3}
+    (0 no change, 1 appeared, 2 vanished, 3 replaced)."""
+    path = Path(path)
+    types, _ = _decode(path, "change type")
+    if types.ndim != 2 or types.max(initial=0) > 3:
+        raise ImageReadError(
+            f"{path} is not a change-type map (single band, values 0 none, 1 appeared, "
+            f"2 vanished, 3 replaced); found shape {types.shape}, values up to {types.max()}"
+        )
+    return types.astype(np.uint8)
+
+
 def _is_jpeg(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(3) == JPEG_MAGIC

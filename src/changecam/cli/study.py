@@ -1,0 +1,263 @@
+"""Does the model look at the right date? The attribution study (Hydra, ``conf/study.yaml``).
+
+``python study.py study.checkpoints=[a.ckpt,b.ckpt]`` or ``python study.py study.train_zoo=true``
+(which first trains every architecture of ``conf/model/`` with the quickstart recipe, reusing a
+finished run of the same settings) explains every changed object of a split with every method
+at every per-date layer and scores the maps (:mod:`changecam.evaluation.study`). It writes, in
+the run directory:
+
+* ``study.json``: every number with its 95 % interval, keyed architecture -> method -> layer ->
+  metric (written last, atomically: its presence means the study finished);
+* ``report.md`` with its plots in ``plots/``: the headline table, date accuracy with intervals,
+  post share per layer, deletion and randomisation curves, and a best and a worst panel per
+  architecture;
+
+and logs the table and plots to the configured logger (a W&B ``Table`` and images).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from changecam.atomic import write_json
+from changecam.cli.common import (
+    instantiate_loggers,
+    log,
+    prepare_run,
+    resolve_device,
+    task_wrapper,
+)
+from changecam.cli.config_checks import ConfigError
+from changecam.cli.launch import CONF_DIR
+from changecam.data.io import ImageReadError, read_change_type, read_image, read_label
+from changecam.data.layout import find_triplets
+from changecam.data.synthetic import CHANGE_TYPE_DIR, GENERATOR_VERSION
+from changecam.evaluation.study import StudyImage, StudySettings, study_model
+from changecam.evaluation.study_report import log_study, write_report
+from changecam.training.checkpoint import read_checkpoint
+
+NOT_IN_ZOO = ("external",)
+PER_ARCHITECTURE = ("epochs", "max_objects")  # study keys that may be {default: x, <arch>: y}
+
+
+def zoo_architectures(requested: list[str] | None) -> list[str]:
+    """``conf/model/*.yaml`` that describe a network on their own (or the ``requested`` ones).
+
+    Raises:
+        ConfigError: a requested name has no ``conf/model/<name>.yaml``.
+    """
+    known = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
+    available = [name for name in known if name not in NOT_IN_ZOO]
+    if requested is None:
+        return available
+    bad = [name for name in requested if name not in available]
+    if bad:
+        raise ConfigError(f"study.zoo: unknown architecture(s) {bad}; available: {available}")
+    return list(requested)
+
+
+def per_architecture(value: Any, arch: str, key: str) -> Any:
+    """A study value for one architecture: a plain value, or ``{default: x, <arch>: y}``."""
+    if not isinstance(value, Mapping):
+        return value
+    if arch in value:
+        return value[arch]
+    if "default" not in value:
+        raise ConfigError(f"study.{key} gives no value for {arch} and no default: {dict(value)}")
+    return value["default"]
+
+
+def data_overrides() -> list[str]:
+    """This command's own ``data`` overrides, passed on to the training runs of the zoo, so the
+    models are trained on the dataset the study reads."""
+    if not HydraConfig.initialized():
+        return []
+    task = HydraConfig.get().overrides.task
+    return [o for o in task if o.lstrip("+~").split("=", 1)[0].split(".")[0] == "data"]
+
+
+def zoo_run(cfg: DictConfig, arch: str) -> tuple[Path, list[str]]:
+    """The run directory of one architecture's training and the overrides it is trained with;
+    the directory name holds a hash of everything that changes the result."""
+    overrides = [
+        *cfg.study.train_overrides,
+        f"model={arch}",
+        f"trainer.max_epochs={per_architecture(cfg.study.epochs, arch, 'epochs')}",
+        *data_overrides(),
+    ]
+    key = json.dumps({"overrides": overrides, "generator": GENERATOR_VERSION}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return Path(cfg.study.zoo_dir) / f"{arch}-{digest}", overrides
+
+
+def train_zoo(cfg: DictConfig, architectures: list[str]) -> dict[str, Path]:
+    """Train each architecture (``train.py`` in a subprocess) unless a finished run with the
+    same settings exists; return the best checkpoint of each.
+
+    Raises:
+        RuntimeError: a training run failed (its log is named).
+    """
+    checkpoints = {}
+    for arch in tqdm(architectures, desc="zoo: training", unit="model"):
+        run_dir, overrides = zoo_run(cfg, arch)
+        best = run_dir / "checkpoints" / "best.ckpt"
+        if (run_dir / "metrics.json").is_file() and best.is_file():
+            log.info("[%s] reusing the finished run %s", arch, run_dir)
+            checkpoints[arch] = best
+            continue
+        log.info("[%s] training: train.py %s", arch, " ".join(overrides))
+        command = [
+            sys.executable,
+            str(Path(CONF_DIR).parent / "train.py"),
+            *overrides,
+            f"paths.data_dir={cfg.paths.data_dir}",
+            f"hydra.run.dir={run_dir}",
+        ]
+        done = subprocess.run(command, cwd=cfg.paths.root_dir, check=False)
+        if done.returncode != 0 or not best.is_file():
+            raise RuntimeError(
+                f"training {arch} for the study failed (exit status {done.returncode}); see "
+                f"{run_dir / 'train.log'}"
+            )
+        checkpoints[arch] = best
+    return checkpoints
+
+
+def given_checkpoints(cfg: DictConfig) -> dict[str, Path]:
+    """``study.checkpoints`` named by ``study.names`` (default: each file's run directory)."""
+    paths = [Path(p) for p in cfg.study.checkpoints or []]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"study.checkpoints: no such file(s): {missing}")
+    names = list(cfg.study.names) if cfg.study.get("names") else None
+    if names is not None and len(names) != len(paths):
+        raise ConfigError(f"study.names has {len(names)} names for {len(paths)} study.checkpoints")
+    if names is None:
+        names = [p.parent.parent.name if p.parent.name == "checkpoints" else p.stem for p in paths]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"study: two checkpoints have the same name {names}; set study.names")
+    return dict(zip(names, paths, strict=True))
+
+
+def study_root(cfg: DictConfig) -> Path:
+    """The dataset the study reads: ``study.data``, or the ``data`` group's (generated if it is
+    the synthetic set)."""
+    if cfg.study.get("data"):
+        root = Path(cfg.study.data)
+        if not root.is_dir():
+            raise FileNotFoundError(f"study.data={root} is not a folder")
+        return root
+    datamodule = hydra.utils.instantiate(cfg.data, splits=[cfg.study.split])
+    datamodule.prepare_data()
+    return Path(datamodule.root)
+
+
+def read_split(root: Path, split: str, limit: int | None = None) -> list[StudyImage]:
+    """The labelled pairs of one split, with ``change_type/`` when the folder has it."""
+    images = []
+    for triplet in find_triplets(root, split)[:limit]:
+        types_path = triplet.label.parent.parent / CHANGE_TYPE_DIR / triplet.label.name
+        label = read_label(triplet.label)
+        change_type = read_change_type(types_path) if types_path.is_file() else None
+        if change_type is not None and change_type.shape != label.shape:
+            raise ImageReadError(
+                f"{types_path} is {change_type.shape} but its label {triplet.label} is {label.shape}"
+            )
+        images.append(
+            StudyImage(
+                name=triplet.name,
+                pre=read_image(triplet.pre),
+                post=read_image(triplet.post),
+                label=label,
+                change_type=change_type,
+            )
+        )
+    if not images:
+        raise FileNotFoundError(f"no labelled pairs in split {split!r} of {root}")
+    return images
+
+
+COMMAND_KEYS = (
+    "checkpoints",
+    "names",
+    "train_zoo",
+    "zoo",
+    "train_overrides",
+    "epochs",
+    "zoo_dir",
+    "data",
+    "split",
+    "max_images",
+)
+
+
+def study_settings(cfg: DictConfig, arch: str) -> StudySettings:
+    """The :class:`StudySettings` of one architecture.
+
+    Raises:
+        ConfigError: an unknown ``study`` key (the message lists the known ones).
+    """
+    block = OmegaConf.to_container(cfg.study, resolve=True)
+    known = (*COMMAND_KEYS, *StudySettings.__dataclass_fields__)
+    unknown = sorted(set(block) - set(known) - {"seed"})
+    if unknown:
+        raise ConfigError(f"study.{unknown[0]}: unknown key; known keys: {', '.join(known)}")
+    fields = {k: v for k, v in block.items() if k in StudySettings.__dataclass_fields__}
+    for key in PER_ARCHITECTURE:
+        if key in fields:
+            fields[key] = per_architecture(fields[key], arch, key)
+    fields["seed"] = cfg.seed
+    return StudySettings(**fields)
+
+
+@task_wrapper
+def study(cfg: DictConfig) -> dict[str, Any]:
+    """Train (optionally), study every model, write ``study.json`` and ``report.md``."""
+    output_dir = prepare_run(cfg)
+    if bool(cfg.study.train_zoo) == bool(cfg.study.checkpoints):
+        raise ConfigError(
+            "study: give either study.checkpoints=[a.ckpt,...] or study.train_zoo=true (not both)"
+        )
+    given = {} if cfg.study.train_zoo else given_checkpoints(cfg)
+    names = zoo_architectures(cfg.study.get("zoo")) if cfg.study.train_zoo else list(given)
+    for name in names:  # bad study values fail here, before any training
+        study_settings(cfg, name)
+    device = resolve_device(cfg.device)
+    root = study_root(cfg)
+    images = read_split(root, cfg.study.split, cfg.study.get("max_images"))
+    models = train_zoo(cfg, names) if cfg.study.train_zoo else given
+    results: dict[str, Any] = {}
+    for name, path in tqdm(models.items(), desc="study: models", unit="model"):
+        net, _ = read_checkpoint(path)
+        results[name] = {
+            "checkpoint": str(path),
+            **study_model(
+                net,
+                images,
+                study_settings(cfg, name),
+                name=name,
+                device=device,
+                progress=log.info,
+            ),
+        }
+    record = {
+        "data": {"root": str(root), "split": cfg.study.split, "images": len(images)},
+        "settings": OmegaConf.to_container(cfg.study, resolve=True),
+        "architectures": results,
+    }
+    plots = write_report(output_dir, record, images, models, device)
+    log_study(instantiate_loggers(cfg.get("logger")), record, plots)
+    write_json(output_dir / "study.json", record)
+    log.info("study: %s and %s", output_dir / "study.json", output_dir / "report.md")
+    return record
