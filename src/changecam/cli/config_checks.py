@@ -87,7 +87,14 @@ def missing_values(cfg: DictConfig) -> list[str]:
     """One line per required value the config leaves unset, saying how to set it: every ``???``
     value, and ``data.root: null`` (an experiment cannot merge ``???`` over the data group's
     default root, so it sets ``null``: e.g. ``experiment=real_small``)."""
-    keys = {k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra.")}
+    keys = set()
+    for key in cfg:
+        if key == "hydra":  # Hydra's own node: interpolations only Hydra's run fills in
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            keys.add(str(key))
+        elif OmegaConf.is_config(cfg[key]):
+            keys |= {f"{key}.{k}" for k in OmegaConf.missing_keys(cfg[key])}
     data = cfg.get("data")
     if isinstance(data, DictConfig) and "root" in data and data.get("root") is None:
         keys.add("data.root")
