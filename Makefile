@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow test-all lint format bench bench-zoo bench-real clean
+.PHONY: install train test test-slow test-all lint format bench bench-zoo bench-real bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ bench-zoo: install
 # synthetic quickstart checkpoint, synthetic only (see benchmarks/real_small.py)
 bench-real: install
 	$(PY) benchmarks/real_small.py
+
+# LEVIR-CD's exact structure (synthetic), experiment=siamese_unet for a few batches, the CAM
+# callback's share of a full epoch (see benchmarks/full_scale.py)
+bench-full: install
+	$(PY) benchmarks/full_scale.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache build src/*.egg-info
