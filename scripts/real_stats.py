@@ -7,7 +7,8 @@ from :func:`changecam.data.synthetic.generate_pair` with the current generator):
 * ``change_fraction``: changed pixels per image (mean, min, median, max, and each image's);
 * ``footprints``: connected components (8-connected) of the change labels, i.e. the changed
   buildings: count per megapixel, area in pixels, bounding-box fill (area / box area: 1 for a
-  rectangle, lower for L-shapes and compounds), solidity (area / convex-hull area), box aspect
+  rectangle, lower for L-shapes and compounds), solidity (outline polygon area / its convex
+  hull's: 1 for convex shapes), box aspect
   (long / short side), and the fraction of components that are not rectangles (fill < 0.9);
   components under ``MIN_AREA`` pixels (label specks) are left out, those touching the image
   border are counted but their shapes are cut, so ``border_fraction`` says how many;
@@ -84,12 +85,15 @@ def components(label: np.ndarray) -> list[dict[str, float]]:
         mask = (ids[y : y + h, x : x + w] == i).astype(np.uint8)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         hull = cv2.convexHull(np.concatenate(contours))
-        hull_area = max(float(cv2.contourArea(hull)), float(area))
+        # polygon areas through the boundary pixels' centres, both alike (a pixel count would
+        # exceed its own hull's polygon area)
+        outline = sum(float(cv2.contourArea(c)) for c in contours)
+        hull_area = float(cv2.contourArea(hull))
         found.append(
             {
                 "area": float(area),
                 "fill": area / float(w * h),
-                "solidity": area / hull_area,
+                "solidity": outline / hull_area if hull_area > 0 else 1.0,
                 "aspect": max(w, h) / min(w, h),
                 "border": float(x == 0 or y == 0 or x + w == width or y + h == height),
             }
