@@ -42,6 +42,7 @@ QUIET = [
 ]
 # --tiny: the real_small recipe shrunk to seconds (smoke test of the benchmark itself)
 TINY_REAL = [
+    "model.base_channels=4",  # the tiny quickstart network's width (TINY_QUICKSTART)
     "data.patch_size=64",
     "data.crops_per_image=2",
     "data.batch_size=2",
