@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow test-all lint format bench bench-zoo clean
+.PHONY: install train test test-slow test-all lint format bench bench-zoo bench-real bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,16 @@ bench: install
 # every architecture of conf/model/ trained briefly on the quickstart data (see benchmarks/zoo.py)
 bench-zoo: install
 	$(PY) benchmarks/zoo.py
+
+# experiment=real_small on the six shared LEVIR-CD images: scratch, fine-tuned from the
+# synthetic quickstart checkpoint, synthetic only (see benchmarks/real_small.py)
+bench-real: install
+	$(PY) benchmarks/real_small.py
+
+# LEVIR-CD's exact structure (synthetic), experiment=siamese_unet for a few batches, the CAM
+# callback's share of a full epoch (see benchmarks/full_scale.py)
+bench-full: install
+	$(PY) benchmarks/full_scale.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache build src/*.egg-info

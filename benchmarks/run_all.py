@@ -28,7 +28,9 @@ HERE = Path(__file__).resolve().parent
 # Expected benchmarks, in running order (a missing one is skipped with a note); any other
 # script in benchmarks/ runs after them.
 EXPECTED = ("loader", "loop", "memory", "explain_cost", "cam_callback")
-NOT_BENCHMARKS = ("common", "run_all", "zoo")  # zoo: `make bench-zoo` (it trains every model)
+# zoo: `make bench-zoo` (it trains every model); real_small: `make bench-real` (half an hour);
+# full_scale: `make bench-full` (LEVIR-CD-sized data, width 32)
+NOT_BENCHMARKS = ("common", "run_all", "zoo", "real_small", "full_scale")
 
 
 def benchmark_names() -> list[str]:

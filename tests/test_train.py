@@ -61,6 +61,8 @@ def test_every_experiment_composes(tmp_path, experiment):
     """Every ``_target_`` of the composed config imports and takes its keys, and the groups
     train.py builds (data without prepare_data, network, module, callbacks, trainer) build."""
     cfg = compose_train(tmp_path, [f"experiment={experiment}"])
+    if cfg.data.root is None:  # a required data.root (experiment=real_small)
+        cfg = compose_train(tmp_path, [f"experiment={experiment}", f"data.root={tmp_path}"])
     assert cfg.model._target_ == "changecam.models.SiameseUNet"
     assert cfg.trainer.max_epochs >= 1 and cfg.data.patch_size > 0
 

@@ -62,6 +62,9 @@ def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
         import_targets: import every ``_target_`` to read its signature; ``False`` checks only
             changecam's own targets, from their source, without importing anything heavy.
     """
+    missing = missing_values(cfg)
+    if missing:
+        raise ConfigError("required value(s) not set:\n  " + "\n  ".join(missing))
     errors = [
         message
         for path, node in target_nodes(resolved(cfg))
@@ -69,6 +72,38 @@ def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
     ]
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+# What a required (``???``) value is, for the message when it is not given.
+REQUIRED_HINTS = {
+    "data.root": "a folder of labelled pairs in either LEVIR layout: "
+    "<root>/{train,val,test}/{A,B,label}/*.png, or <root>/{A,B,label}/*.png with "
+    "<root>/list/{train,val,test}.txt",
+    "ckpt_path": "a checkpoint written by train.py (.ckpt) or a plain state_dict",
+}
+
+
+def missing_values(cfg: DictConfig) -> list[str]:
+    """One line per required value the config leaves unset, saying how to set it: every ``???``
+    value, and ``data.root: null`` (an experiment cannot merge ``???`` over the data group's
+    default root, so it sets ``null``: e.g. ``experiment=real_small``)."""
+    keys = set()
+    for key in cfg:
+        if key == "hydra":  # Hydra's own node: interpolations only Hydra's run fills in
+            continue
+        if OmegaConf.is_missing(cfg, key):
+            keys.add(str(key))
+        elif OmegaConf.is_config(cfg[key]):
+            keys |= {f"{key}.{k}" for k in OmegaConf.missing_keys(cfg[key])}
+    data = cfg.get("data")
+    if isinstance(data, DictConfig) and "root" in data and data.get("root") is None:
+        keys.add("data.root")
+    keys = sorted(keys)
+    return [
+        f"{key} is required: set {key}=<value> on the command line"
+        + (f" ({REQUIRED_HINTS[key]})" if key in REQUIRED_HINTS else "")
+        for key in keys
+    ]
 
 
 def target_nodes(tree: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from changecam.atomic import write_json
@@ -62,6 +63,18 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     return path
 
 
+def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModule:
+    """The ``module`` config built around ``net``. Its own refusals (a ``module.init_from``
+    that does not fit, an unknown ``module.freeze`` name) are raised as they are, not inside
+    Hydra's ``InstantiationException`` (which would print a multi-line message as one repr)."""
+    try:
+        return hydra.utils.instantiate(cfg.module, net=net, **overrides)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, CheckpointError | FileNotFoundError | ValueError):
+            raise err.__cause__ from None
+        raise
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics.
@@ -81,7 +94,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # here, not after fitting, and leaves no W&B run behind
     datamodule.prepare_data()
     datamodule.check(run_splits(cfg), network_fit(net))
-    module: L.LightningModule = hydra.utils.instantiate(cfg.module, net=net)
+    # resuming restores the weights: module.init_from only starts a new run
+    fresh = {"init_from": None} if ckpt_path and cfg.module.get("init_from") else {}
+    if fresh:
+        log.info("resuming from %s: module.init_from is not read", ckpt_path)
+    module = build_module(cfg, net, **fresh)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(

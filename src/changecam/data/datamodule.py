@@ -55,6 +55,10 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             evaluation: ``headers`` (lists, pairing, headers and file lengths; fast),
             ``full`` (also decode every file once, with a progress bar) or ``none`` (lists
             and pairing only). See :mod:`changecam.data.validate`.
+        crops_per_image: random crops per image and epoch under the ``random_crop`` protocol
+            (``None``: as many as the image has tiles).
+        change_crops: fraction of the training crops placed around a changed pixel
+            (``random_crop`` only; see :class:`ChangeDetectionDataset`).
         splits: every split the run will use, checked together at the first set-up (e.g.
             ``train.py`` adds ``test`` when it will test after fitting, so a bad test list
             fails before the first epoch); default: the splits of each stage as it is set up.
@@ -75,6 +79,8 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         cache_images: int = 8,
         pin_memory: bool = False,
         validate: Validation = "headers",
+        crops_per_image: int | None = None,
+        change_crops: float = 0.0,
         splits: Sequence[Split] | None = None,
     ) -> None:
         super().__init__()
@@ -93,6 +99,8 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, Mapping) else synthetic
         self.transform = PairTransform(**augment) if augment else None
         self.validate_mode: Validation = check_mode(validate)
+        self.crops_per_image = crops_per_image
+        self.change_crops = change_crops
         unknown = [s for s in splits or () if s not in SPLITS]
         if unknown:
             raise ValueError(f"unknown split {unknown[0]!r}; expected some of {SPLITS}")
@@ -167,6 +175,8 @@ class ChangeDetectionDataModule(L.LightningDataModule):
                 patch_size=self.patch_size,
                 transform=self.transform if split == "train" else None,
                 cache_images=self.cache_images,
+                crops_per_image=self.crops_per_image,
+                change_crops=self.change_crops if split == "train" else 0.0,
             )
         return self.datasets[split]
 

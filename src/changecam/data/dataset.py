@@ -2,7 +2,9 @@
 
 * ``tiles``: non-overlapping ``patch_size`` tiles of each image, row-major (LEVIR-CD's
   standard 1024 -> 16 x 256 protocol); a remainder narrower than a tile is dropped.
-* ``random_crop``: ``crops_per_image`` random ``patch_size`` crops per image (training).
+* ``random_crop``: ``crops_per_image`` random ``patch_size`` crops per image (training); with
+  ``change_crops`` > 0, that fraction of the crops is placed around a randomly chosen changed
+  pixel (small real sets where most crops would hold no change).
 * ``resize``: each whole image resized to ``patch_size`` (the seed notebook's protocol).
 * ``full``: each whole image as it is.
 
@@ -44,6 +46,9 @@ class ChangeDetectionDataset(Dataset):
         crops_per_image: samples per image per epoch for ``random_crop``
             (default: as many as there are tiles).
         cache_images: decoded triplets kept per process.
+        change_crops: probability that a ``random_crop`` crop contains a changed pixel chosen
+            uniformly among the image's changed pixels (at a random place in the crop); the
+            other crops are uniform. Images without change always get uniform crops.
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class ChangeDetectionDataset(Dataset):
         transform: PairTransform | None = None,
         crops_per_image: int | None = None,
         cache_images: int = 8,
+        change_crops: float = 0.0,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(
@@ -66,6 +72,10 @@ class ChangeDetectionDataset(Dataset):
         self.patch_size = patch_size
         self.transform = transform
         self.cache_images = max(1, cache_images)
+        if not 0.0 <= change_crops <= 1.0:
+            raise ValueError(f"data.change_crops={change_crops} must be a probability in [0, 1]")
+        self.change_crops = change_crops
+        self._changed: dict[int, np.ndarray] = {}  # flat indices of the changed pixels per image
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self.index: list[tuple[int, int, int]] = []  # (image, row, col) of each sample
         if protocol in ("tiles", "random_crop"):
@@ -117,6 +127,20 @@ class ChangeDetectionDataset(Dataset):
             self._cache.popitem(last=False)
         return pre, post, mask
 
+    def _crop_origin(self, i: int, mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        """Top-left corner of a random crop of image ``i`` (see ``change_crops``)."""
+        ps, (height, width) = self.patch_size, mask.shape
+        if self.change_crops > 0 and rng.random() < self.change_crops:
+            if i not in self._changed:
+                self._changed[i] = np.flatnonzero(mask)
+            changed = self._changed[i]
+            if changed.size:
+                y, x = divmod(int(changed[rng.integers(changed.size)]), width)
+                row = y - int(rng.integers(0, ps))
+                col = x - int(rng.integers(0, ps))
+                return min(max(row, 0), height - ps), min(max(col, 0), width - ps)
+        return int(rng.integers(0, height - ps + 1)), int(rng.integers(0, width - ps + 1))
+
     def __getitem__(self, index: int) -> dict:
         i, row, col = self.index[index]
         pre, post, mask = self.load(i)
@@ -127,9 +151,7 @@ class ChangeDetectionDataset(Dataset):
         seed = int(torch.randint(0, 2**31 - 1, (1,))) if random else 0
         ps = self.patch_size
         if self.protocol == "random_crop":
-            rng = np.random.default_rng(seed)
-            row = int(rng.integers(0, pre.shape[0] - ps + 1))
-            col = int(rng.integers(0, pre.shape[1] - ps + 1))
+            row, col = self._crop_origin(i, mask, np.random.default_rng(seed))
         if self.protocol in ("tiles", "random_crop"):
             pre, post, mask = (a[row : row + ps, col : col + ps] for a in (pre, post, mask))
             if self.protocol == "tiles":

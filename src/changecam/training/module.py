@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -18,6 +19,15 @@ from torchmetrics import MeanMetric
 
 from changecam.metrics import ChangeScores
 from changecam.training.checkpoint import describe_tensors, nonfinite_tensors, record_network
+from changecam.training.init_from import (
+    FrozenParts,
+    InitReport,
+    freeze_parts,
+    load_initial_weights,
+    set_frozen_eval,
+)
+
+log = logging.getLogger("changecam")
 
 Loss = Literal["bce", "dice", "bce_dice"]
 LOSSES: tuple[str, ...] = typing.get_args(Loss)
@@ -68,6 +78,13 @@ class ChangeDetectionModule(L.LightningModule):
             (faster convolutions on recent GPUs with mixed precision).
         compile: compile the network with ``torch.compile`` when training starts (its
             state-dict keys do not change; see :func:`changecam.cli.config_checks.check_device`).
+        init_from: a weights file (changecam checkpoint or plain state dict) whose network
+            weights ``net`` starts from; weights only, not a resume (see
+            :mod:`changecam.training.init_from`).
+        init_strict: require ``init_from`` to fit ``net`` exactly; ``False`` loads what fits by
+            name and shape and lists the rest.
+        freeze: parts of ``net`` (module or parameter names, wildcards allowed) kept as they
+            are: out of the optimiser, and frozen modules in eval mode while training.
     """
 
     def __init__(
@@ -81,11 +98,29 @@ class ChangeDetectionModule(L.LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         channels_last: bool = False,
         compile: bool = False,
+        init_from: str | None = None,
+        init_strict: bool = True,
+        freeze: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if loss is not None and loss not in LOSSES:
             raise ValueError(f"module.loss={loss!r} is not allowed; expected one of {LOSSES}")
+        freeze = [str(name) for name in freeze or ()]  # plain values: weights-only checkpoints
+        init_from = str(init_from) if init_from is not None else None
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
+        self.frozen: FrozenParts = freeze_parts(net, freeze)  # a bad name fails before loading
+        self.init_report: InitReport | None = None
+        if init_from is not None:
+            self.init_report = load_initial_weights(net, init_from, strict=init_strict)
+            report = self.init_report.summary()
+            (log.warning if self.init_report.skipped else log.info)(report)
+        if self.frozen.parameters:
+            log.info(
+                "module.freeze=%s: %d parameter tensors frozen (%s)",
+                list(self.frozen.patterns),
+                len(self.frozen.parameters),
+                ", ".join(self.frozen.modules) or "parameters only",
+            )
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -97,6 +132,18 @@ class ChangeDetectionModule(L.LightningModule):
         # NaN values, and "disable" also drops the sample weights.
         self.losses = nn.ModuleDict({s: MeanMetric(nan_strategy=float("nan")) for s in STAGES})
         self._compiled = False
+
+    def train(self, mode: bool = True) -> ChangeDetectionModule:
+        """The train/eval switch; the frozen modules stay in eval mode (fixed batch-norm
+        statistics) also in training mode."""
+        super().train(mode)
+        if mode:
+            set_frozen_eval(self.net, self.frozen)
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning restores the modes it captured rather than calling train(): set them here
+        set_frozen_eval(self.net, self.frozen)
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
@@ -281,7 +328,8 @@ class ChangeDetectionModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("this ChangeDetectionModule has no optimizer (module.optimizer=null)")
-        optimizer = self.optimizer_factory(params=self.parameters())
+        # frozen parameters (module.freeze) stay out of the optimiser
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)

@@ -1,0 +1,150 @@
+"""Does the synthetic data teach anything transferable? ``experiment=real_small`` on the six
+shared 1024² LEVIR-CD images (4 train / 1 val / 1 test), same seed and budget, three rows:
+
+* ``scratch``: ``experiment=real_small`` from random weights;
+* ``finetuned``: the same with ``module.init_from=<synthetic checkpoint>``;
+* ``synthetic_only``: the synthetic checkpoint evaluated as it is (``train=false``).
+
+The synthetic checkpoint is ``--synthetic-ckpt`` or, without it, the best checkpoint of
+``train.py experiment=quickstart`` trained here first (its time is reported). Columns: pooled
+F1 and IoU of the change class on the val image (``test_102``) and on the test image
+(``test_2``), training wall time. These images come from LEVIR-CD's *test* split: the scores are
+"F1 on the six shared LEVIR-CD images", never LEVIR-CD test results.
+
+Not part of ``make bench`` (it trains for about half an hour on two cores): ``make bench-real``.
+One JSON line per row is printed and written to ``--out`` (``benchmarks/real_small.jsonl``).
+
+    python benchmarks/real_small.py [--synthetic-ckpt best.ckpt] [--rows scratch finetuned]
+        [--override trainer.max_epochs=2 ...] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import REPO, TINY_QUICKSTART, machine, quickstart_config, timed
+
+from changecam.atomic import write_text
+from changecam.cli.common import close_wandb, compose_config
+from changecam.cli.train import train
+
+SIX_IMAGES = REPO.parent / "shared" / "data" / "levir-cd-1024-samples"
+ROWS = ("scratch", "finetuned", "synthetic_only")
+QUIET = [
+    "logger=csv",
+    "callbacks.progress_bar=null",
+    "callbacks.model_summary=null",
+    "trainer.enable_progress_bar=false",
+]
+# --tiny: the real_small recipe shrunk to seconds (smoke test of the benchmark itself)
+TINY_REAL = [
+    "model.base_channels=4",  # the tiny quickstart network's width (TINY_QUICKSTART)
+    "data.patch_size=64",
+    "data.crops_per_image=2",
+    "data.batch_size=2",
+    "data.eval_batch_size=4",
+    "trainer.max_epochs=1",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "callbacks.cam_panels=null",
+]
+
+
+def synthetic_checkpoint(tmp: Path, tiny: bool) -> tuple[Path, float]:
+    """Train ``experiment=quickstart`` (as ``make train``); its best checkpoint and wall time."""
+    overrides = [*QUIET, f"data.root={tmp / 'synthetic'}", *(TINY_QUICKSTART if tiny else [])]
+    if tiny:  # the real-data rows keep the quickstart network's depth 4
+        overrides = [o for o in overrides if o not in ("model.depth=2", "logger=csv")]
+        overrides += ["trainer.max_epochs=1", "callbacks.cam_panels=null", "logger=csv"]
+    cfg = quickstart_config(tmp / "quickstart", overrides)
+    cfg.print_config = False
+    seconds, _ = timed(lambda: train(cfg))
+    close_wandb()
+    return tmp / "quickstart" / "run" / "checkpoints" / "best.ckpt", seconds
+
+
+def real_row(
+    row: str, data: Path, ckpt: Path | None, tmp: Path, extra: list[str], tiny: bool
+) -> dict[str, Any]:
+    """One row: train (or only evaluate) ``experiment=real_small`` on ``data``."""
+    overrides = [
+        "experiment=real_small",
+        f"data.root={data}",
+        *QUIET,
+        *(TINY_REAL if tiny else []),
+        *extra,
+    ]
+    if row != "scratch":
+        overrides.append(f"module.init_from={ckpt}")
+    if row == "synthetic_only":
+        overrides.append("train=false")
+    cfg = compose_config("train", overrides, tmp / row)
+    cfg.print_config = False
+    seconds, metrics = timed(lambda: train(cfg))
+    close_wandb()
+    return {
+        "row": row,
+        "val_f1": metrics.get("val/f1"),
+        "val_iou": metrics.get("val/iou"),
+        "test_f1": metrics.get("test/f1"),
+        "test_iou": metrics.get("test/iou"),
+        "wall_s": round(seconds, 1),
+        "init_from": str(ckpt) if row != "scratch" else None,
+        "overrides": extra,
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The README table of the rows."""
+
+    def fmt(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| row | val F1 (`test_102`) | val IoU | test F1 (`test_2`) | test IoU | wall time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['row']} | {fmt(r['val_f1'])} | {fmt(r['val_iou'])} | {fmt(r['test_f1'])} "
+            f"| {fmt(r['test_iou'])} | {r['wall_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=SIX_IMAGES)
+    parser.add_argument("--synthetic-ckpt", type=Path, default=None)
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides of every row")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "real_small.jsonl")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
+    args = parser.parse_args(argv)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="changecam-real-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        ckpt, synthetic_s = args.synthetic_ckpt, None
+        if ckpt is None and set(args.rows) - {"scratch"}:
+            ckpt, synthetic_s = synthetic_checkpoint(tmp, args.tiny)
+        info = {
+            "machine": machine(),
+            "data": str(args.data),
+            "synthetic_ckpt": str(args.synthetic_ckpt) if args.synthetic_ckpt else "quickstart",
+            "synthetic_train_s": round(synthetic_s, 1) if synthetic_s else None,
+        }
+        for row in args.rows:
+            result = {**real_row(row, args.data, ckpt, tmp, args.override, args.tiny), **info}
+            print(json.dumps(result, sort_keys=True), flush=True)
+            rows.append(result)
+    write_text(args.out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    write_text(args.out.with_suffix(".md"), markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

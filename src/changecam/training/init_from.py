@@ -1,0 +1,208 @@
+"""Start a run from another run's weights (``module.init_from``) and freeze named parts.
+
+Initialising is not resuming: ``train.py ckpt_path=...`` continues a run (optimiser, epoch,
+RNG states), whereas ``module.init_from=<file>`` copies only the network's weights into a new
+run, which starts at epoch 0 with a fresh optimiser. The file goes through the checks of every
+command that reads weights (:func:`changecam.training.checkpoint.read_network_state`:
+``torch.load(weights_only=True)``, pickled code refused, non-finite weights refused), and an
+architecture mismatch gets the message of eval and predict, with the ``model=`` that fits the
+file (:func:`~changecam.training.checkpoint.check_fits`).
+
+``module.init_strict=false`` loads every tensor whose name and shape agree and lists the rest.
+``module.freeze=[...]`` names parts of the network (:func:`freeze_parts`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from changecam.models import ExternalModel, network_config
+from changecam.training.checkpoint import (
+    CheckpointError,
+    check_fits,
+    mismatch_message,
+    read_network_state,
+)
+
+log = logging.getLogger("changecam")
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """What :func:`load_initial_weights` loaded and what it left at its fresh initialisation.
+
+    Attributes:
+        path: the weights file.
+        loaded: the network's tensors taken from the file.
+        missing: the network's tensors the file lacks (left as initialised).
+        unexpected: the file's tensors the network has no place for (ignored).
+        shape_mismatches: ``name: file (..) vs model (..)`` (left as initialised).
+    """
+
+    path: str
+    loaded: list[str]
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    shape_mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> list[str]:
+        """Every tensor name not loaded (the network's and the file's), sorted."""
+        names = self.missing + self.unexpected + [s.split(":")[0] for s in self.shape_mismatches]
+        return sorted(set(names))
+
+    def summary(self) -> str:
+        """One message: how many tensors were loaded, then every skipped one, by reason."""
+        total = len(self.loaded) + len(self.missing) + len(self.shape_mismatches)
+        lines = [f"module.init_from={self.path}: loaded {len(self.loaded)} of {total} tensors"]
+        for what, names in (
+            ("not in the file (left as initialised)", self.missing),
+            ("in the file but not in the network (ignored)", self.unexpected),
+            ("shapes differ (left as initialised)", self.shape_mismatches),
+        ):
+            if names:
+                lines.append(f"  skipped, {what}: " + ", ".join(names))
+        return "\n".join(lines)
+
+
+def _target_network(net: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The module the file's keys belong to: ``net``, or the user's own network inside a
+    ``model=external`` wrapper when the file is its plain state dict."""
+    if isinstance(net, ExternalModel) and not set(state) & set(net.state_dict()):
+        return net.model
+    return net
+
+
+def load_initial_weights(net: nn.Module, path: str | Path, strict: bool = True) -> InitReport:
+    """Copy the network weights of ``path`` (a changecam checkpoint or a plain state dict)
+    into ``net``, in place.
+
+    Args:
+        net: the network the run's ``model`` config built.
+        path: the weights file.
+        strict: require exactly the keys and shapes of ``net``; ``False`` loads those whose
+            name and shape agree and reports the others.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: unreadable file, pickled code, non-finite weights; with ``strict``, any
+            mismatch (the message names it and the ``model=`` that fits the file); without,
+            a file of which not one tensor fits.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"module.init_from={path} does not exist")
+    try:
+        _, state, stored_cfg = read_network_state(path)
+        target = _target_network(net, state)
+        expected = target.state_dict()
+        cfg = network_config(target) or {
+            "_target_": f"{type(target).__module__}.{type(target).__qualname__}"
+        }
+        if strict:
+            check_fits(path, cfg, expected, state, stored_cfg)
+            target.load_state_dict(state, strict=True)
+            return InitReport(str(path), loaded=list(expected))
+        fits = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [
+            f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+            for k, v in state.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+        if not fits:
+            raise CheckpointError(
+                "not one tensor fits (module.init_strict=false loads those whose name and shape "
+                "agree). "
+                + mismatch_message(path, cfg, missing, unexpected, shapes, state, stored_cfg)
+            )
+        result = target.load_state_dict(fits, strict=False)
+        assert not result.unexpected_keys, result.unexpected_keys  # fits holds the net's keys only
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot initialise from it (module.init_from): {err}") from None
+    return InitReport(str(path), list(fits), missing, unexpected, shapes)
+
+
+def _names(net: nn.Module) -> list[str]:
+    """Every module and parameter name of ``net`` (dotted, the ``state_dict`` spelling)."""
+    return [n for n, _ in net.named_modules() if n] + [n for n, _ in net.named_parameters()]
+
+
+def top_level_names(net: nn.Module) -> list[str]:
+    """The direct children of ``net`` that hold parameters (what ``module.freeze`` usually names)."""
+    return [n for n, child in net.named_children() if any(True for _ in child.parameters())]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """``name`` is ``pattern`` or lies under it (``encoder1`` covers ``encoder1.conv1.bn``);
+    ``pattern`` may hold shell wildcards (``encoder*``)."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts)))
+
+
+@dataclass(frozen=True)
+class FrozenParts:
+    """The result of :func:`freeze_parts`.
+
+    Attributes:
+        patterns: the ``module.freeze`` entries.
+        modules: the frozen modules (whole subtrees), run in eval mode during training.
+        parameters: every frozen parameter name.
+    """
+
+    patterns: tuple[str, ...]
+    modules: tuple[str, ...]
+    parameters: tuple[str, ...]
+
+
+def freeze_parts(net: nn.Module, patterns: Sequence[str]) -> FrozenParts:
+    """Freeze the parts of ``net`` that ``patterns`` name: module or parameter names in
+    ``state_dict`` spelling (``encoder1``, ``decoder1.upconv``, ``final_conv.weight``), each
+    covering everything under it, with optional shell wildcards (``encoder*``).
+
+    A frozen parameter gets ``requires_grad=False`` (the module leaves it out of the
+    optimiser). A frozen module also runs in eval mode while training
+    (:meth:`ChangeDetectionModule.train`), so its batch-norm running statistics (and dropout)
+    stay as loaded too: its whole ``state_dict`` stays bit-identical. A parameter named on its
+    own (not its module) is only kept out of the optimiser.
+
+    Raises:
+        ValueError: a pattern names nothing in ``net``; the message lists the valid top-level
+            names.
+    """
+    patterns = tuple(str(p) for p in patterns)
+    names = _names(net)
+    unknown = [p for p in patterns if not any(_matches(p, n) for n in names)]
+    if unknown:
+        raise ValueError(
+            f"module.freeze={list(patterns)}: {', '.join(map(repr, unknown))} names no part of "
+            f"{type(net).__name__}; valid top-level names: {', '.join(top_level_names(net))} "
+            "(or any dotted module or parameter name under them, e.g. "
+            f"{next(n for n, _ in net.named_parameters())}; shell wildcards such as 'encoder*' "
+            "are allowed)"
+        )
+    covered = [n for n, _ in net.named_modules() if n and any(_matches(p, n) for p in patterns)]
+    modules = [n for n in covered if not any(n.startswith(m + ".") for m in covered)]
+    frozen = []
+    for name, param in net.named_parameters():
+        if any(_matches(p, name) for p in patterns):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return FrozenParts(patterns, tuple(modules), tuple(frozen))
+
+
+def set_frozen_eval(net: nn.Module, frozen: FrozenParts) -> None:
+    """Put the frozen modules of ``net`` in eval mode (after ``net.train()``)."""
+    found = dict(net.named_modules())
+    for name in frozen.modules:
+        found[name].eval()

@@ -1,0 +1,266 @@
+"""``module.init_from`` (weights only, a new run), ``module.init_strict``, ``module.freeze``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from hydra.core.global_hydra import GlobalHydra
+
+from changecam.cli.config_checks import ConfigError, check_config
+from changecam.cli.train import train
+from changecam.data import ChangeDetectionDataModule
+from changecam.models import SiameseUNet
+from changecam.training.checkpoint import CheckpointError, split_checkpoint
+from changecam.training.init_from import freeze_parts, load_initial_weights
+from changecam.training.module import ChangeDetectionModule
+from helpers import compose_train, tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    yield
+    GlobalHydra.instance().clear()
+
+
+def run_overrides(synthetic: Path, *extra: str) -> list[str]:
+    """Quickstart, tiny, one epoch of two batches, no CAM panels or W&B."""
+    return [
+        "experiment=quickstart",
+        *tiny_overrides(synthetic),
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "callbacks.cam_panels=null",
+        "logger=none",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def source_ckpt(tmp_path_factory, tiny_synthetic) -> Path:
+    """A changecam checkpoint of the tiny network after 3 optimiser steps."""
+    torch.manual_seed(1)
+    module = ChangeDetectionModule(
+        SiameseUNet(3, 4, 2), optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2)
+    )
+    data = ChangeDetectionDataModule(
+        tiny_synthetic, layout="levir", patch_size=32, batch_size=4, augment=None
+    )
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    path = tmp_path_factory.mktemp("source") / "source.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def net_state(path: Path) -> dict[str, torch.Tensor]:
+    return split_checkpoint(torch.load(path, weights_only=True), path)[0]
+
+
+def test_init_from_loads_exactly_the_weights(tmp_path, tiny_synthetic, source_ckpt):
+    cfg = compose_train(tmp_path, run_overrides(tiny_synthetic, f"module.init_from={source_ckpt}"))
+    net = hydra.utils.instantiate(cfg.model)
+    fresh = {k: v.clone() for k, v in net.state_dict().items()}
+    module = hydra.utils.instantiate(cfg.module, net=net)
+    loaded, expected = module.net.state_dict(), net_state(source_ckpt)
+    assert loaded.keys() == expected.keys()
+    for key in expected:  # every tensor, buffers (BN running stats, counts) included
+        assert torch.equal(loaded[key], expected[key]), key
+    assert not all(torch.equal(fresh[k], expected[k]) for k in expected), "weights were copied"
+    assert module.init_report.skipped == []
+
+
+def test_init_from_starts_a_new_run_at_epoch_0_with_a_fresh_optimiser(
+    tmp_path, tiny_synthetic, source_ckpt
+):
+    source = torch.load(source_ckpt, weights_only=True)
+    assert source["global_step"] == 3 and source["optimizer_states"][0]["state"][0]["step"] == 3
+    cfg = compose_train(tmp_path, run_overrides(tiny_synthetic, f"module.init_from={source_ckpt}"))
+    train(cfg)
+    new = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (new["epoch"], new["global_step"]) == (0, 2)  # this run's one epoch of 2 steps only
+    adam = new["optimizer_states"][0]
+    assert {int(s["step"]) for s in adam["state"].values()} == {2}  # not 3 + 2: a fresh optimiser
+    assert new["hyper_parameters"]["init_from"] == str(source_ckpt)
+
+
+def test_init_strict_false_loads_what_fits_and_lists_the_rest(tmp_path, caplog):
+    torch.manual_seed(0)
+    source = SiameseUNet(3, 4, 2, fusion="concat")
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    target = SiameseUNet(3, 4, 3, fusion="concat")  # one stage deeper
+    with pytest.raises(CheckpointError) as err:
+        load_initial_weights(target, tmp_path / "w.pth")
+    message = str(err.value)
+    assert message.startswith(f"cannot initialise from it (module.init_from): {tmp_path / 'w.pth'}")
+    assert "does not fit the network" in message and "missing keys: encoder3" in message
+    assert (
+        "a config that fits: model=siamese_unet model.in_channels=3 model.base_channels=4 model.depth=2"
+        in message
+    )
+
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="changecam"):
+        module = ChangeDetectionModule(target, init_from=str(tmp_path / "w.pth"), init_strict=False)
+    report = module.init_report
+    file_state, now = source.state_dict(), target.state_dict()
+    # depth 2 -> 3: encoder3 and decoder3 are new, the bottleneck doubles its width
+    assert report.unexpected == []
+    assert {k.split(".")[0] for k in report.missing} == {"encoder3", "decoder3"}
+    assert [s.split(":")[0] for s in report.shape_mismatches] == [
+        "bottleneck.conv.weight",
+        "bottleneck.conv.bias",
+        "bottleneck.bn.weight",
+        "bottleneck.bn.bias",
+        "bottleneck.bn.running_mean",
+        "bottleneck.bn.running_var",
+    ]
+    for key in report.loaded:
+        assert torch.equal(now[key], file_state[key]), key
+    for key in report.skipped:
+        if key in now:
+            assert torch.equal(now[key], before[key]), f"{key} left as initialised"
+    assert set(report.loaded) | set(report.skipped) == set(now)
+    warning = next(r for r in caplog.records if "module.init_from" in r.getMessage())
+    assert warning.levelno == logging.WARNING
+    text = warning.getMessage()
+    assert f"loaded {len(report.loaded)} of {len(now)} tensors" in text
+    assert "skipped, not in the file (left as initialised): encoder3.conv1.conv.weight" in text
+    assert (
+        "shapes differ (left as initialised): bottleneck.conv.weight: file (16, 16, 3, 3) vs model (32, 32, 3, 3)"
+        in text
+    )
+
+
+def test_init_from_refuses_what_eval_refuses(tmp_path):
+    net = SiameseUNet(3, 4, 2)
+    with pytest.raises(FileNotFoundError, match=r"module.init_from=.*nothing.pth does not exist"):
+        load_initial_weights(net, tmp_path / "nothing.pth")
+    torch.save(SiameseUNet(3, 4, 2), tmp_path / "whole.pt")  # needs the class to unpickle
+    with pytest.raises(CheckpointError, match=r"module.init_from.*needs pickled Python code"):
+        load_initial_weights(net, tmp_path / "whole.pt", strict=False)
+    state = SiameseUNet(3, 4, 2).state_dict()
+    state["final_conv.bias"][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"non-finite weights .* final_conv.bias"):
+        load_initial_weights(net, tmp_path / "nan.pth")
+    torch.save({"a.weight": torch.ones(2)}, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match="not one tensor fits"):
+        load_initial_weights(net, tmp_path / "foreign.pth", strict=False)
+    torch.save(SiameseUNet(3, 8, 2).state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(CheckpointError, match=r"(?s)shape mismatches.*model.base_channels=8"):
+        load_initial_weights(net, tmp_path / "wide.pth")
+
+
+def test_freeze_keeps_frozen_parts_bit_identical_after_training_steps(tiny_synthetic):
+    torch.manual_seed(0)
+    net = SiameseUNet(3, 4, 2)
+    module = ChangeDetectionModule(
+        net,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+        freeze=["encoder*"],
+    )
+    assert module.frozen.modules == ("encoder1", "encoder2")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    data = ChangeDetectionDataModule(
+        tiny_synthetic, layout="levir", patch_size=32, batch_size=4, augment=None
+    )
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        val_check_interval=2,
+    )
+    trainer.fit(module, datamodule=data)
+    after = net.state_dict()
+    frozen = [k for k in after if k.startswith("encoder")]
+    assert any("running_mean" in k for k in frozen) and any("num_batches" in k for k in frozen)
+    for key in frozen:  # weights and batch-norm statistics alike
+        assert torch.equal(after[key], before[key]), key
+    others = [k for k in after if not k.startswith("encoder") and after[k].is_floating_point()]
+    assert others and all(not torch.equal(after[k], before[k]) for k in others)
+    optimised = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert sorted(names[i] for i in optimised) == sorted(
+        n for n in names.values() if not n.startswith("encoder")
+    )
+
+
+def test_freeze_names_are_checked():
+    net = SiameseUNet(3, 4, 2)
+    with pytest.raises(ValueError) as err:
+        freeze_parts(net, ["encoder", "decoder1"])
+    message = str(err.value)
+    assert message.startswith("module.freeze=['encoder', 'decoder1']: 'encoder' names no part")
+    assert (
+        "valid top-level names: encoder1, encoder2, bottleneck, decoder2, decoder1, final_conv"
+        in message
+    )
+    parts = freeze_parts(SiameseUNet(3, 4, 2), ["decoder1.upconv", "final_conv.weight"])
+    assert parts.modules == ("decoder1.upconv",)  # final_conv.weight: that tensor only
+    assert parts.parameters == (
+        "decoder1.upconv.weight",
+        "decoder1.upconv.bias",
+        "final_conv.weight",
+    )
+
+
+def test_module_keys_pass_the_config_checks(tmp_path, tiny_synthetic):
+    cfg = compose_train(
+        tmp_path,
+        run_overrides(
+            tiny_synthetic,
+            "module.init_from=/x.ckpt",
+            "module.init_strict=false",
+            "module.freeze=[encoder1]",
+        ),
+    )
+    check_config(cfg, import_targets=False)
+    check_config(cfg)
+    bad = compose_train(tmp_path, run_overrides(tiny_synthetic, "++module.init_strcit=false"))
+    with pytest.raises(ConfigError, match="did you mean 'init_strict'"):
+        check_config(bad, import_targets=False)
+
+
+def test_unknown_freeze_name_stops_train_before_fitting(tmp_path, tiny_synthetic):
+    cfg = compose_train(tmp_path, run_overrides(tiny_synthetic, "module.freeze=[encodr1]"))
+    with pytest.raises(ValueError, match="'encodr1' names no part of SiameseUNet"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_resuming_does_not_read_init_from(tmp_path, tiny_synthetic):
+    first = compose_train(tmp_path, run_overrides(tiny_synthetic))
+    train(first)
+    GlobalHydra.instance().clear()
+    again = compose_train(
+        tmp_path,
+        run_overrides(
+            tiny_synthetic,
+            "trainer.max_epochs=2",
+            "ckpt_path=last",
+            f"module.init_from={tmp_path / 'gone.ckpt'}",  # not read: the resume has the weights
+        ),
+    )
+    train(again)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 4)

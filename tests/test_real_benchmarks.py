@@ -1,0 +1,46 @@
+"""The issue-15 benchmarks run end to end on tiny inputs (no figure is asserted but the structure)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import pytest
+
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+SIX_IMAGES = REPO.parent / "shared" / "data" / "levir-cd-1024-samples"
+
+
+@pytest.mark.slow
+def test_full_scale_writes_the_levir_structure_and_times_the_batches(tmp_path):
+    full_scale = importlib.import_module("full_scale")
+    root = full_scale.write_levir_structure(tmp_path / "L", {"train": 5, "val": 2}, 2, 64, 32)
+    names = sorted(p.name for p in (root / "train" / "A").iterdir())
+    assert names == [f"train_{n}.png" for n in (1, 2, 3, 4, 5)]
+    assert (root / "train" / "A" / "train_3.png").stat().st_ino == (
+        root / "train" / "A" / "train_1.png"
+    ).stat().st_ino  # hard links to the rendered scenes
+    figures = full_scale.main(["--tiny", "--train-batches", "2", "--val-batches", "2"])
+    assert figures["tiles"] == {"train": 80, "val": 48, "test": 48}
+    assert figures["batches_timed"]["train"] == 2 and figures["cam_epoch_end_s"] > 0
+    assert 0 < figures["cam_share_of_levir_epoch"] < 1
+
+
+@pytest.mark.slow
+def test_real_small_benchmark_rows(tmp_path):
+    if not (SIX_IMAGES / "A").is_dir():
+        pytest.skip(f"the six 1024² LEVIR-CD images are not at {SIX_IMAGES}")
+    real_small = importlib.import_module("real_small")
+    out = tmp_path / "rows.jsonl"
+    rows = real_small.main(["--tiny", "--out", str(out)])
+    assert [r["row"] for r in rows] == ["scratch", "finetuned", "synthetic_only"]
+    assert [json.loads(line)["row"] for line in out.read_text().splitlines()] == [
+        "scratch",
+        "finetuned",
+        "synthetic_only",
+    ]
+    assert all(0 <= r["test_f1"] <= 1 for r in rows)
+    assert "| synthetic_only |" in out.with_suffix(".md").read_text()
