@@ -1,0 +1,105 @@
+"""``python study.py``: config errors before any work, and the whole study on tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from changecam.cli.config_checks import ConfigError
+from changecam.cli.study import per_architecture, study_settings, zoo_architectures
+from helpers import REPO, compose_train, run_script
+
+
+def test_per_architecture_values_and_zoo_names(tmp_path):
+    assert per_architecture({"default": 6, "bit": 2}, "bit", "epochs") == 2
+    assert per_architecture({"default": 6, "bit": 2}, "fc_ef", "epochs") == 6
+    assert per_architecture(3, "bit", "epochs") == 3
+    with pytest.raises(ConfigError, match="no value for fc_ef"):
+        per_architecture({"bit": 2}, "fc_ef", "epochs")
+    assert "siamese_unet" in zoo_architectures(None) and "external" not in zoo_architectures(None)
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        zoo_architectures(["unet3000"])
+
+
+def test_study_config_composes_and_refuses_unknown_keys(tmp_path):
+    cfg = compose_train(tmp_path, ["study.max_objects=5"], config_name="study")
+    settings = study_settings(cfg, "bit")
+    assert settings.max_objects == 5 and settings.layer_ig.steps == 2
+    cfg = compose_train(tmp_path, ["+study.methds=[hirescam]"], config_name="study")
+    with pytest.raises(ConfigError, match="study.methds: unknown key"):
+        study_settings(cfg, "bit")
+
+
+def test_study_needs_checkpoints_or_train_zoo(tmp_path):
+    proc = run_script(
+        "study.py",
+        [f"hydra.run.dir={tmp_path}/run", "logger=none"],
+        cwd=tmp_path,
+        check=False,
+        env={"HYDRA_FULL_ERROR": "0"},
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "either study.checkpoints" in proc.stderr
+    assert not (tmp_path / "run" / "study.json").exists()
+
+
+@pytest.mark.slow
+def test_study_trains_a_tiny_zoo_and_writes_the_report(tmp_path):
+    tiny = [
+        "data.synthetic.image_size=64",
+        "data.synthetic.train=4",
+        "data.synthetic.val=2",
+        "data.synthetic.test=2",
+        "data.patch_size=32",
+        "data.batch_size=4",
+    ]
+    args = [
+        "study.train_zoo=true",
+        "study.zoo=[siamese_unet,fc_siam_diff]",
+        *tiny,
+        'study.train_overrides=["experiment=quickstart","logger=csv",'
+        '"callbacks.cam_panels=null","model.base_channels=4"]',
+        "study.epochs=1",
+        "study.context=32",
+        "study.randomisation_points=2",
+        "logger=csv",
+        f"paths.log_dir={tmp_path}/logs",
+        f"paths.data_dir={tmp_path}/data",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    run_script("study.py", args, cwd=tmp_path, timeout=900)
+    record = json.loads((tmp_path / "run" / "study.json").read_text())
+    assert list(record["architectures"]) == ["siamese_unet", "fc_siam_diff"]
+    unet = record["architectures"]["siamese_unet"]
+    assert set(unet["results"]) == {
+        "hirescam",
+        "gradcam",
+        "contrastive",
+        "integrated_gradients",
+        "layer_ig",
+        "random",
+    }
+    entry = unet["results"]["contrastive"]["enc2"]
+    for metric in ("date_accuracy", "causal_agreement", "pointing", "randomisation"):
+        assert metric in entry
+    assert len(entry["date_accuracy"]["ci95"]) == 2
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Headline" in report and "plots/date_accuracy.png" in report
+    for name in (
+        "date_accuracy",
+        "post_share",
+        "deletion_curves",
+        "randomisation",
+        "panel_siamese_unet_best",
+        "panel_fc_siam_diff_worst",
+    ):
+        assert (tmp_path / "run" / "plots" / f"{name}.png").is_file(), name
+    # a second run reuses the finished training runs
+    again = run_script("study.py", [*args[:-1], f"hydra.run.dir={tmp_path}/run2"], cwd=tmp_path)
+    assert (
+        again.stdout.count("reusing the finished run")
+        + again.stderr.count("reusing the finished run")
+        == 2
+    )
