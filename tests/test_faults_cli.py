@@ -101,7 +101,7 @@ def test_model_dependent_keys_fail_before_any_pair(
     [
         (["gradcamm"], "unknown method(s) ['gradcamm']; known methods"),
         (["gradcamm"], "did you mean 'gradcam'?"),
-        (["gradcam"], "must include hirescam"),
+        (["gradcam"], "must include explain.method=hirescam"),
     ],
 )
 def test_explain_methods_say_unknown_before_missing(methods, expected):

@@ -41,6 +41,7 @@ from changecam.explain.hirescam import (
     resolve_taps,
 )
 from changecam.explain.integrated import IntegratedGradientsSettings
+from changecam.explain.layer_ig import LayerIGSettings
 from changecam.explain.render import render_panel, save_panel
 from changecam.explain.targets import Target, TargetKind
 from changecam.models.protocol import size_multiple
@@ -108,8 +109,12 @@ class ExplainSettings:
         enabled: explain at all (``predict.py`` and ``eval.py`` can skip it).
         taps: tap names or per-date layers (``input``, ``enc3``; one name may be a string);
             ``None``: every tap, the input included.
-        methods: ``hirescam`` (required), ``gradcam``, ``integrated_gradients`` (maps at the
-            input only: the taps must include ``input``).
+        methods: ``hirescam``, ``gradcam``, ``contrastive`` (date-contrastive HiResCAM, the same
+            pass), ``integrated_gradients`` (maps at the input only: the taps must include
+            ``input``), ``layer_ig`` (every per-date layer, ``2 × layers × steps`` passes more).
+        method: the method of the panel, the headline post share and the faithfulness curves
+            (one of ``methods``): ``hirescam`` (the seed's) or ``contrastive`` (see README, "Does
+            the model look at the right date?").
         target: ``predicted``, ``ground_truth``, ``all`` or ``roi``.
         threshold: probability threshold of the predicted-change target and of the panel.
         roi: for ``target=roi``, a 0/255 (or 0/1) mask image of the pairs' size.
@@ -119,11 +124,13 @@ class ExplainSettings:
         dpi: panel resolution.
         faithfulness: the deletion curves.
         ig: Integrated Gradients (steps, baseline), used when ``methods`` lists it.
+        layer_ig: Layer Integrated Gradients from the other date, when ``methods`` lists it.
     """
 
     enabled: bool = True
     taps: tuple[str, ...] | str | None = None  # one name may be given as a string
     methods: tuple[Method, ...] | Method = CAM_METHODS
+    method: Method = "hirescam"
     target: TargetKind = "predicted"
     threshold: float = 0.5
     roi: str | None = None
@@ -132,6 +139,7 @@ class ExplainSettings:
     dpi: int = 72
     faithfulness: FaithfulnessSettings = field(default_factory=FaithfulnessSettings)
     ig: IntegratedGradientsSettings = field(default_factory=IntegratedGradientsSettings)
+    layer_ig: LayerIGSettings = field(default_factory=LayerIGSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", _tuple(self.taps))
@@ -140,6 +148,8 @@ class ExplainSettings:
             object.__setattr__(self, "faithfulness", FaithfulnessSettings(**self.faithfulness))
         if not isinstance(self.ig, IntegratedGradientsSettings):
             object.__setattr__(self, "ig", IntegratedGradientsSettings(**self.ig))
+        if not isinstance(self.layer_ig, LayerIGSettings):
+            object.__setattr__(self, "layer_ig", LayerIGSettings(**self.layer_ig))
         Target(self.target, self.threshold)  # validates kind and threshold
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
@@ -148,11 +158,11 @@ class ExplainSettings:
             raise ValueError(
                 f"explain.methods: unknown method(s) {bad}; known methods: {list(METHODS)}{hints}"
             )
-        if "hirescam" not in self.methods:
+        if self.method not in self.methods:
             raise ValueError(
-                f"explain.methods={list(self.methods)} must include hirescam (panels, shares and "
-                "the faithfulness curves use it), e.g. explain.methods=[hirescam,"
-                f"{','.join(self.methods)}]"
+                f"explain.methods={list(self.methods)} must include explain.method={self.method} "
+                "(panels, shares and the faithfulness curves use it), e.g. explain.methods=["
+                f"{','.join((self.method, *self.methods))}]"
             )
         if "integrated_gradients" in self.methods and self.taps is not None:
             if not any(t in ("input", *INPUT_TAPS) for t in self.taps):
@@ -254,10 +264,13 @@ def explain_tensors(
         valid=valid,
         upsample=upsample,  # the curves upsample their own layer when the maps are not
         ig=settings.ig,
+        layer_ig=settings.layer_ig,
     )
     faith = None
     if settings.faithfulness.enabled:
-        faith = _faithfulness(model, x_pre, x_post, exp, settings.faithfulness, valid)
+        faith = _faithfulness(
+            model, x_pre, x_post, exp, settings.faithfulness, valid, settings.method
+        )
     return Explained(
         explanation=exp.crop(height, width).to("cpu"),
         faithfulness=faith,
@@ -272,6 +285,7 @@ def _faithfulness(
     explanation: Explanation,
     settings: FaithfulnessSettings,
     valid: Tensor | None,
+    method: Method = "hirescam",
 ) -> Faithfulness:
     """The deletion curves of the settings on the (padded) inputs."""
     return faithfulness(
@@ -280,6 +294,7 @@ def _faithfulness(
         post,
         explanation,
         layer=settings.layer,
+        method=method,
         dates=tuple(dict.fromkeys(("both", *settings.dates))),
         steps=settings.steps,
         insertion=settings.insertion,
@@ -426,6 +441,7 @@ def explain_pair(
         result.explanation,
         label=label,
         layer=settings.panel_layer,
+        method=settings.method,
         faithfulness=result.faithfulness,
         threshold=settings.threshold,
         title=name,
