@@ -8,7 +8,7 @@ import pytest
 
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.study import per_architecture, study_settings, zoo_architectures
-from helpers import REPO, compose_train, run_script
+from helpers import compose_train, run_script
 
 
 def test_per_architecture_values_and_zoo_names(tmp_path):
