@@ -60,4 +60,4 @@ def test_the_shims_are_the_only_importers_of_the_commands():
         if p.relative_to(PACKAGE if PACKAGE in p.parents else REPO).parts[0] != "cli"
         and "cli" in imported_parts(p)
     ]
-    assert sorted(importers) == ["eval.py", "explain.py", "predict.py", "train.py"]
+    assert sorted(importers) == ["eval.py", "explain.py", "predict.py", "study.py", "train.py"]

@@ -256,7 +256,8 @@ def study(cfg: DictConfig) -> dict[str, Any]:
         "settings": OmegaConf.to_container(cfg.study, resolve=True),
         "architectures": results,
     }
-    plots = write_report(output_dir, record, images, models, device)
+    loaders = {name: (lambda p=path: read_checkpoint(p)[0]) for name, path in models.items()}
+    plots = write_report(output_dir, record, images, loaders, device)
     log_study(instantiate_loggers(cfg.get("logger")), record, plots)
     write_json(output_dir / "study.json", record)
     log.info("study: %s and %s", output_dir / "study.json", output_dir / "report.md")

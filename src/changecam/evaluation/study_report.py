@@ -7,7 +7,7 @@ re-explaining the best and worst image of each architecture for its panels.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from changecam.explain.hirescam import explain_batch
 from changecam.explain.render import METHOD_TITLES, render_panel, save_panel
 from changecam.explain.runner import pad_to_multiple
 from changecam.models.protocol import size_multiple
-from changecam.training.checkpoint import read_checkpoint
 
 TITLES = {**METHOD_TITLES, RANDOM: "random map"}
 HEADLINE = ("date_accuracy", "date_accuracy_appeared", "date_accuracy_vanished", "causal_agreement")
@@ -195,7 +194,7 @@ def panels(
     output_dir: Path,
     record: Mapping[str, Any],
     images: Sequence[StudyImage],
-    models: Mapping[str, Path],
+    models: Mapping[str, Callable[[], torch.nn.Module]],
     device: torch.device | str,
 ) -> dict[str, dict[str, Path]]:
     """For each architecture, its best method and layer (causal agreement) drawn on the image
@@ -220,7 +219,7 @@ def panels(
         }
         if not per_image:
             continue
-        net, _ = read_checkpoint(models[arch])
+        net = models[arch]()  # the network, loaded by the command
         net = net.to(device).eval()
         out[arch] = {}
         for which, name in (
@@ -364,7 +363,7 @@ def write_report(
     output_dir: Path,
     record: Mapping[str, Any],
     images: Sequence[StudyImage],
-    models: Mapping[str, Path],
+    models: Mapping[str, Callable[[], torch.nn.Module]],
     device: torch.device | str,
 ) -> dict[str, Any]:
     """Write the plots and ``report.md``; return the plot paths (``_root``: ``output_dir``)."""
