@@ -237,7 +237,7 @@ def study_model(
             chunk = objects[start : start + settings.objects_per_pass]
             batch = _make_pass(model, image, chunk, settings.context)
             batch.explanation = _explain(model, batch, settings, generator, device)
-            _score_pass(model, batch, settings, records, model_records, generator)
+            _score_pass(model, batch, settings, records, model_records)
             if len(saved) < settings.randomisation_images and start == 0:
                 saved.append(batch)
     randomisation = {}
@@ -373,7 +373,6 @@ def _score_pass(
     settings: StudySettings,
     records: _Records,
     model_records: dict[str, dict[str, list[float]]],
-    generator: torch.Generator,
 ) -> None:
     """Every per-object metric of one batch, for every method and layer."""
     exp = batch.explanation

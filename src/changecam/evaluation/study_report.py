@@ -78,6 +78,12 @@ def _figure(width: float, height: float) -> tuple[Figure, Any]:
     return figure, figure.subplots
 
 
+def _per_architecture_axes(count: int) -> tuple[Figure, np.ndarray]:
+    """One subplot per architecture, side by side, sharing the y axis."""
+    figure, subplots = _figure(3.6 * count, 3.4)
+    return figure, np.atleast_1d(subplots(1, count, sharey=True))
+
+
 def _save(figure: Figure, path: Path) -> Path:
     figure.tight_layout()
     with atomic_open(path, "wb") as f:
@@ -146,8 +152,7 @@ def plot_post_share(record: Mapping[str, Any], path: Path, methods: Sequence[str
 def plot_curves(record: Mapping[str, Any], path: Path) -> Path:
     """Deletion curves (``S`` / ``S(0)``, both dates, each method's deepest layer) per architecture."""
     archs = list(record["architectures"])
-    figure, subplots = _figure(3.6 * len(archs), 3.4)
-    axes = np.atleast_1d(subplots(1, len(archs), sharey=True))
+    figure, axes = _per_architecture_axes(len(archs))
     for ax, arch in zip(axes, archs, strict=True):
         curves = record["architectures"][arch]["curves"]
         shown_random = False
@@ -170,8 +175,7 @@ def plot_curves(record: Mapping[str, Any], path: Path) -> Path:
 def plot_randomisation(record: Mapping[str, Any], path: Path) -> Path:
     """Mean Spearman to the trained maps along the cascade (each method's deepest layer)."""
     archs = list(record["architectures"])
-    figure, subplots = _figure(3.6 * len(archs), 3.4)
-    axes = np.atleast_1d(subplots(1, len(archs), sharey=True))
+    figure, axes = _per_architecture_axes(len(archs))
     for ax, arch in zip(axes, archs, strict=True):
         for method, layers in record["architectures"][arch]["results"].items():
             layer = list(layers)[-1]
