@@ -71,7 +71,8 @@ def test_study_trains_a_tiny_zoo_and_writes_the_report(tmp_path):
     ]
     run_script("study.py", args, cwd=tmp_path, timeout=900)
     record = json.loads((tmp_path / "run" / "study.json").read_text())
-    assert list(record["architectures"]) == ["siamese_unet", "fc_siam_diff"]
+    assert record["order"] == ["siamese_unet", "fc_siam_diff"]
+    assert set(record["architectures"]) == set(record["order"])
     unet = record["architectures"]["siamese_unet"]
     assert set(unet["results"]) == {
         "hirescam",

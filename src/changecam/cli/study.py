@@ -254,6 +254,8 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     record = {
         "data": {"root": str(root), "split": cfg.study.split, "images": len(images)},
         "settings": OmegaConf.to_container(cfg.study, resolve=True),
+        # study.json is written with sorted keys; "order" keeps the order the models were given
+        "order": list(results),
         "architectures": results,
     }
     loaders = {name: (lambda p=path: read_checkpoint(p)[0]) for name, path in models.items()}
