@@ -73,6 +73,9 @@ def test_study_trains_a_tiny_zoo_and_writes_the_report(tmp_path):
     record = json.loads((tmp_path / "run" / "study.json").read_text())
     assert record["order"] == ["siamese_unet", "fc_siam_diff"]
     assert set(record["architectures"]) == set(record["order"])
+    seconds = record["seconds"]
+    assert set(seconds["study"]) == set(record["order"])
+    assert seconds["total"] >= seconds["setup_and_training"] + sum(seconds["study"].values())
     unet = record["architectures"]["siamese_unet"]
     assert set(unet["results"]) == {
         "hirescam",

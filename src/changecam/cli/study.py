@@ -21,6 +21,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,7 @@ def study_settings(cfg: DictConfig, arch: str) -> StudySettings:
 @task_wrapper
 def study(cfg: DictConfig) -> dict[str, Any]:
     """Train (optionally), study every model, write ``study.json`` and ``report.md``."""
+    started = time.perf_counter()
     output_dir = prepare_run(cfg)
     if bool(cfg.study.train_zoo) == bool(cfg.study.checkpoints):
         raise ConfigError(
@@ -237,8 +239,10 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     root = study_root(cfg)
     images = read_split(root, cfg.study.split, cfg.study.get("max_images"))
     models = train_zoo(cfg, names) if cfg.study.train_zoo else given
+    seconds: dict[str, Any] = {"setup_and_training": time.perf_counter() - started, "study": {}}
     results: dict[str, Any] = {}
     for name, path in tqdm(models.items(), desc="study: models", unit="model"):
+        begun = time.perf_counter()
         net, _ = read_checkpoint(path)
         results[name] = {
             "checkpoint": str(path),
@@ -251,6 +255,7 @@ def study(cfg: DictConfig) -> dict[str, Any]:
                 progress=log.info,
             ),
         }
+        seconds["study"][name] = time.perf_counter() - begun
     record = {
         "data": {"root": str(root), "split": cfg.study.split, "images": len(images)},
         "settings": OmegaConf.to_container(cfg.study, resolve=True),
@@ -261,6 +266,14 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     loaders = {name: (lambda p=path: read_checkpoint(p)[0]) for name, path in models.items()}
     plots = write_report(output_dir, record, images, loaders, device)
     log_study(instantiate_loggers(cfg.get("logger")), record, plots)
+    seconds["total"] = time.perf_counter() - started
+    record["seconds"] = seconds  # wall time: data and zoo training, each model's study, all
     write_json(output_dir / "study.json", record)
-    log.info("study: %s and %s", output_dir / "study.json", output_dir / "report.md")
+    log.info(
+        "study: %s and %s in %.1f min (%.1f min data and training)",
+        output_dir / "study.json",
+        output_dir / "report.md",
+        seconds["total"] / 60,
+        seconds["setup_and_training"] / 60,
+    )
     return record
