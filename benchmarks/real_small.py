@@ -31,6 +31,7 @@ from common import REPO, TINY_QUICKSTART, machine, quickstart_config, timed
 from changecam.atomic import write_text
 from changecam.cli.common import close_wandb, compose_config
 from changecam.cli.train import train
+from changecam.data.synthetic import GENERATOR_VERSION
 
 SIX_IMAGES = REPO.parent / "shared" / "data" / "levir-cd-1024-samples"
 ROWS = ("scratch", "finetuned", "synthetic_only")
@@ -54,9 +55,19 @@ TINY_REAL = [
 ]
 
 
-def synthetic_checkpoint(tmp: Path, tiny: bool) -> tuple[Path, float]:
-    """Train ``experiment=quickstart`` (as ``make train``); its best checkpoint and wall time."""
-    overrides = [*QUIET, f"data.root={tmp / 'synthetic'}", *(TINY_QUICKSTART if tiny else [])]
+def synthetic_checkpoint(
+    tmp: Path, tiny: bool, generator: list[str] | None = None
+) -> tuple[Path, float]:
+    """Train ``experiment=quickstart`` (as ``make train``); its best checkpoint and wall time.
+
+    ``generator``: overrides of the synthetic data, e.g. ``["data.synthetic.style=levir"]``.
+    """
+    overrides = [
+        *QUIET,
+        f"data.root={tmp / 'synthetic'}",
+        *(TINY_QUICKSTART if tiny else []),
+        *(generator or []),
+    ]
     if tiny:  # the real-data rows keep the quickstart network's depth 4
         overrides = [o for o in overrides if o not in ("model.depth=2", "logger=csv")]
         overrides += ["trainer.max_epochs=1", "callbacks.cam_panels=null", "logger=csv"]
@@ -105,12 +116,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     lines = [
-        "| row | val F1 (`test_102`) | val IoU | test F1 (`test_2`) | test IoU | wall time |",
-        "|---|---|---|---|---|---|",
+        "| row | synthetic data | val F1 (`test_102`) | val IoU | test F1 (`test_2`) | test IoU "
+        "| wall time |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        generator = " ".join(r.get("generator", {}).get("overrides", [])) or "default"
+        data = "–" if r["row"] == "scratch" else generator
         lines.append(
-            f"| {r['row']} | {fmt(r['val_f1'])} | {fmt(r['val_iou'])} | {fmt(r['test_f1'])} "
+            f"| {r['row']} | {data} | {fmt(r['val_f1'])} | {fmt(r['val_iou'])} | {fmt(r['test_f1'])} "
             f"| {fmt(r['test_iou'])} | {r['wall_s'] / 60:.1f} min |"
         )
     return "\n".join(lines) + "\n"
@@ -122,6 +136,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--synthetic-ckpt", type=Path, default=None)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides of every row")
+    parser.add_argument(
+        "--generator",
+        nargs="*",
+        default=[],
+        help="overrides of the synthetic data the quickstart checkpoint is trained on, "
+        "e.g. data.synthetic.style=levir data.synthetic.shapes=rectangles",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "real_small.jsonl")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     args = parser.parse_args(argv)
@@ -130,12 +151,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         tmp = Path(tmp_dir)
         ckpt, synthetic_s = args.synthetic_ckpt, None
         if ckpt is None and set(args.rows) - {"scratch"}:
-            ckpt, synthetic_s = synthetic_checkpoint(tmp, args.tiny)
+            ckpt, synthetic_s = synthetic_checkpoint(tmp, args.tiny, args.generator)
         info = {
             "machine": machine(),
             "data": str(args.data),
             "synthetic_ckpt": str(args.synthetic_ckpt) if args.synthetic_ckpt else "quickstart",
             "synthetic_train_s": round(synthetic_s, 1) if synthetic_s else None,
+            "generator": {
+                "version": GENERATOR_VERSION,
+                "overrides": args.generator,
+            },
         }
         for row in args.rows:
             result = {**real_row(row, args.data, ckpt, tmp, args.override, args.tiny), **info}

@@ -99,3 +99,58 @@ def test_enough_vanished_buildings_in_val_and_test():
             kinds += [np.bincount(s.change_type[components == c]).argmax() for c in range(1, k)]
     assert len(kinds) >= 60
     assert np.mean(np.array(kinds) == CHANGE_TYPES["vanished"]) >= 0.3
+
+
+LEVIR = SyntheticSpec(style="levir")
+
+
+def test_levir_style_is_deterministic_and_keeps_the_known_answer():
+    from changecam.data.synthetic import CHANGE_TYPES, generate_scene
+
+    a, b = generate_scene(LEVIR, "val", 2), generate_scene(LEVIR, "val", 2)
+    assert all(
+        np.array_equal(x, y) for x, y in zip(vars(a).values(), vars(b).values(), strict=True)
+    )
+    kinds = {"appeared": 0, "vanished": 0}
+    for n in range(12):
+        scene = generate_scene(SyntheticSpec(style="levir", nuisance=False), "val", n)
+        assert np.array_equal(scene.label > 0, scene.change_type > 0)
+        assert set(np.unique(scene.change_type)) <= {0, *CHANGE_TYPES.values()}
+        diff = np.abs(scene.pre.astype(int) - scene.post.astype(int)).sum(-1)
+        # without nuisance, only changed buildings and the moved sun's shadows differ
+        if scene.label.any():
+            assert diff[scene.label > 0].mean() > 5 * diff[scene.label == 0].mean()
+        for kind in kinds:
+            kinds[kind] += int((scene.change_type == CHANGE_TYPES[kind]).any())
+    assert kinds["appeared"] >= 3 and kinds["vanished"] >= 3
+
+
+def test_levir_style_follows_the_real_statistics():
+    """Footprints are not axis-aligned rectangles, sizes and change fraction are LEVIR-CD's."""
+    import cv2
+
+    from changecam.data.synthetic import generate_scene
+
+    fills, areas, fractions = [], [], []
+    for n in range(12):
+        scene = generate_scene(LEVIR, "train", n)
+        fractions.append(scene.label.mean())
+        count, _, stats, _ = cv2.connectedComponentsWithStats(scene.label, connectivity=8)
+        for x, y, w, h, area in stats[1:]:
+            if area >= 16 and x > 0 and y > 0 and x + w < 256 and y + h < 256:
+                fills.append(area / (w * h))
+                areas.append(area)
+    # benchmarks/real_stats.json: 87 % not rectangular (fill < 0.9), median area 954 px on the
+    # 1024² images, change fraction 6.3 % (the simple style: 0 %, 355 px, 2.7 %)
+    assert np.mean(np.array(fills) < 0.9) > 0.6
+    assert 500 < np.median(areas) < 1400
+    assert 0.03 < np.mean(fractions) < 0.1
+    simple = [generate_pair(SyntheticSpec(), "train", n)[2].mean() for n in range(12)]
+    assert np.mean(fractions) > np.mean(simple)
+
+
+def test_unknown_style_names_the_key():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"data\.synthetic\.style='lever'"):
+        SyntheticSpec(style="lever")

@@ -32,10 +32,13 @@ import numpy as np
 
 from changecam.atomic import atomic_directory, write_text
 from changecam.data.io import write_png
+from changecam.data.levir_style import levir_scene
 
 SPEC_FILE = "synthetic_spec.json"
 # 2: change types (appeared / vanished / replaced) written to change_type/; 45 % vanish
-GENERATOR_VERSION = 2
+# 3: the ``levir`` style (data/levir_style.py); ``simple`` renders exactly as version 2
+GENERATOR_VERSION = 3
+Style = Literal["simple", "levir"]
 CHANGE_TYPE_DIR = "change_type"
 ChangeKind = Literal["appeared", "vanished", "replaced"]
 # change_type/ pixel values; 0 is no change
@@ -73,6 +76,12 @@ class SyntheticSpec:
         test: number of test pairs.
         seed: base seed; scene ``n`` of a split is fully determined by (seed, split, n).
         nuisance: add the unlabelled nuisance change (turn off only to inspect labels).
+        style: ``simple`` (small axis-aligned buildings, generator version 2's images) or
+            ``levir`` (footprints, colours, shadows and nuisance fitted to LEVIR-CD statistics;
+            :mod:`changecam.data.levir_style`).
+        shapes: ``levir`` style only: ``levir`` footprints or, as an ablation, axis-aligned
+            ``rectangles`` of the same areas.
+        colours: ``levir`` style only: ``levir`` palette or, as an ablation, the ``simple`` one.
     """
 
     image_size: int = 256
@@ -81,6 +90,20 @@ class SyntheticSpec:
     test: int = 12
     seed: int = 0
     nuisance: bool = True
+    style: Style = "simple"
+    shapes: Literal["levir", "rectangles"] = "levir"
+    colours: Literal["levir", "simple"] = "levir"
+
+    def __post_init__(self) -> None:
+        for key, allowed in (
+            ("style", ("simple", "levir")),
+            ("shapes", ("levir", "rectangles")),
+            ("colours", ("levir", "simple")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"data.synthetic.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}"
+                )
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -188,6 +211,11 @@ def generate_scene(spec: SyntheticSpec, split: str, n: int) -> SyntheticPair:
     split_id = ("train", "val", "test").index(split)
     rng = np.random.default_rng([spec.seed, split_id, n])
     size = spec.image_size
+    if spec.style == "levir":
+        pre, post, label, change_type = levir_scene(
+            rng, size, spec.nuisance, CHANGE_TYPES, CHANGE_KIND_P, spec.shapes, spec.colours
+        )
+        return SyntheticPair(pre, post, label, change_type)
     area = (size / 256) ** 2
 
     texture = _smooth_noise(rng, size, max(4, size // 8)) * 0.6 + _smooth_noise(
@@ -302,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", type=Path)
     for key, value in asdict(SyntheticSpec()).items():
         if key != "nuisance":
-            parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
+            kind = str if isinstance(value, str) else int
+            parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=value)
     parser.add_argument("--no-nuisance", dest="nuisance", action="store_false")
     args = vars(parser.parse_args(argv))
     root = args.pop("root")

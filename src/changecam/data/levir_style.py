@@ -1,0 +1,235 @@
+"""The ``levir`` style of the synthetic generator: scenes whose statistics follow LEVIR-CD.
+
+Fitted to ``benchmarks/real_stats.json`` (``scripts/real_stats.py`` on the shared LEVIR-CD
+images), where the ``simple`` style (generator version 2) differs most:
+
+* footprints: rotated rectangles, L-shapes and compounds of LEVIR-CD's sizes
+  (:mod:`changecam.data.footprints`), aligned per block with the streets, instead of small
+  axis-aligned rectangles;
+* colours: darker ground (LEVIR-CD A: mean 101/102/85, std 61/52/45), dark tree crowns, lawns,
+  asphalt streets, a roof palette of shingle, metal, tile and flat white roofs with texture;
+* shadows cast by sun azimuth and building height, the sun moving between the dates;
+* change fraction: changed buildings are placed among the unchanged ones, not after them,
+  so large images get their share (LEVIR-CD: 6.3 % per shared 1024² image);
+* nuisance: stronger illumination and colour change between dates (LEVIR-CD: unchanged pixels
+  differ by 45 grey levels on average), season, misregistration, noise.
+
+Ablations (``shapes="rectangles"``, ``colours="simple"``) keep the rest of the style.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from changecam.data.footprints import Footprint, footprint, place
+
+ROOFS = np.array(
+    [
+        [118, 114, 110],  # grey-brown shingle
+        [158, 154, 150],  # light shingle
+        [212, 212, 208],  # flat white
+        [88, 88, 94],  # dark shingle
+        [150, 102, 82],  # tile
+        [108, 124, 140],  # blue-grey metal
+        [176, 160, 134],  # beige
+    ],
+    dtype=np.float32,
+)
+SIMPLE_ROOFS = np.array(
+    [[178, 80, 60], [150, 150, 155], [205, 205, 200], [90, 105, 130], [170, 120, 90]],
+    dtype=np.float32,
+)
+GROUND = np.array([116, 110, 96], dtype=np.float32)
+SIMPLE_GROUND = np.array([150, 135, 110], dtype=np.float32)
+ASPHALT = np.array([78, 80, 84], dtype=np.float32)
+CONCRETE = np.array([172, 170, 164], dtype=np.float32)
+LAWN_SEASONS = np.array(
+    [[88, 108, 62], [118, 120, 70], [140, 124, 86], [96, 98, 70], [70, 92, 58]], dtype=np.float32
+)
+TREE_SEASONS = np.array(
+    [[38, 58, 34], [52, 66, 38], [80, 70, 48], [60, 62, 46], [30, 48, 30]], dtype=np.float32
+)
+
+
+def _noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
+    return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
+
+
+def _stamp(canvas_mask: np.ndarray, shape: Footprint, yx: tuple[int, int]) -> np.ndarray:
+    """The footprint's mask in canvas coordinates."""
+    out = np.zeros_like(canvas_mask)
+    y, x = yx
+    h, w = shape.mask.shape
+    out[y : y + h, x : x + w] = shape.mask
+    return out
+
+
+def _shadow(mask: np.ndarray, height: float, azimuth: float) -> np.ndarray:
+    """The ground a building of ``mask`` and ``height`` px shades with the sun at ``azimuth``."""
+    dy, dx = height * np.sin(azimuth), height * np.cos(azimuth)
+    steps = max(2, int(np.ceil(height)) + 1)
+    out = np.zeros_like(mask)
+    for t in np.linspace(0.0, 1.0, steps):
+        m = np.array([[1, 0, dx * t], [0, 1, dy * t]], dtype=np.float32)
+        out |= cv2.warpAffine(mask.astype(np.uint8), m, mask.shape[::-1]).astype(bool)
+    return out & ~mask
+
+
+def _roof(rng: np.random.Generator, palette: np.ndarray) -> np.ndarray:
+    """A roof colour (3,)."""
+    return palette[int(rng.integers(len(palette)))] * rng.uniform(0.88, 1.12)
+
+
+def _local_shadow(shade: np.ndarray, mask: np.ndarray, height: float, azimuth: float) -> None:
+    """OR the shadow of one building into ``shade``, computed in its padded bounding box."""
+    ys, xs = np.nonzero(mask)
+    pad = int(np.ceil(height)) + 2
+    y0, x0 = max(0, ys.min() - pad), max(0, xs.min() - pad)
+    y1, x1 = min(mask.shape[0], ys.max() + pad + 1), min(mask.shape[1], xs.max() + pad + 1)
+    shade[y0:y1, x0:x1] |= _shadow(mask[y0:y1, x0:x1], height, azimuth)
+
+
+def levir_scene(
+    rng: np.random.Generator,
+    size: int,
+    nuisance: bool,
+    change_types: Mapping[str, int],
+    kind_p: Mapping[str, float],
+    shapes: Literal["levir", "rectangles"] = "levir",
+    colours: Literal["levir", "simple"] = "levir",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Render one pair: (pre RGB uint8, post RGB uint8, label {0,1}, change_type)."""
+    area = (size / 256) ** 2
+    ground = GROUND if colours == "levir" else SIMPLE_GROUND
+    palette = ROOFS if colours == "levir" else SIMPLE_ROOFS
+    texture = _noise(rng, size, max(4, size // 6)) * 0.6 + _noise(rng, size, max(2, size // 64))
+    grain = _noise(rng, size, max(8, size // 3))
+    scene = ground[None, None] * (0.5 + 0.55 * texture[..., None] + 0.3 * grain[..., None])
+    roof_texture = 1.0 + (0.18 if colours == "levir" else 0.0) * (grain - 0.5)
+
+    angle = float(rng.uniform(0, np.pi / 2)) if rng.random() < 0.7 else 0.0
+    occupied = np.zeros((size, size), dtype=bool)
+    road = np.zeros((size, size), dtype=np.uint8)
+    for _ in range(int(rng.integers(1, 3 + int(np.sqrt(area))))):
+        width = int(rng.integers(10, 19))
+        direction = angle + (np.pi / 2 if rng.random() < 0.5 else 0.0)
+        cx, cy = rng.uniform(0, size, size=2)
+        d = np.array([np.cos(direction), np.sin(direction)]) * size * 2
+        p0, p1 = np.array([cx, cy]) - d, np.array([cx, cy]) + d
+        cv2.line(road, tuple(int(v) for v in p0), tuple(int(v) for v in p1), 1, width)
+    road_mask = road.astype(bool)
+    surface = CONCRETE if rng.random() < 0.6 else ASPHALT
+    scene[road_mask] = surface * rng.uniform(0.9, 1.1) * (0.9 + 0.2 * grain[road_mask][:, None])
+    occupied |= road_mask
+
+    lawn = _noise(rng, size, max(2, size // 40)) > rng.uniform(0.45, 0.65)
+    n_keep = int(rng.poisson(9 * area))
+    n_change = 0 if rng.random() < 0.1 else int(rng.integers(1, max(2, int(7 * area)) + 1))
+    kind_names = list(kind_p)
+    kinds = ["keep"] * n_keep + list(rng.choice(kind_names, size=n_change, p=list(kind_p.values())))
+    kinds = [kinds[i] for i in rng.permutation(len(kinds))]  # changes among the others
+
+    masks: dict[str, list[tuple[np.ndarray, np.ndarray, float, np.ndarray]]] = {
+        "pre": [],
+        "post": [],
+    }
+    label = np.zeros((size, size), dtype=bool)
+    change_type = np.zeros((size, size), dtype=np.uint8)
+    for kind in kinds:
+        tilt = angle + rng.normal(0, 0.05) if shapes == "levir" else 0.0
+        shape = footprint(rng, tilt)
+        if shapes == "rectangles":  # the same area as an axis-aligned rectangle
+            h, w = shape.mask.shape
+            side = np.sqrt(shape.mask.sum() / (h * w))
+            rect = np.ones((max(4, int(h * side)), max(4, int(w * side))), dtype=bool)
+            ridge = np.zeros_like(rect)
+            ridge[: rect.shape[0] // 2] = True
+            shape = Footprint(rect, ridge)
+        yx = place(rng, occupied, shape, margin=3)
+        if yx is None:
+            continue
+        mask = _stamp(occupied, shape, yx)
+        ridge = _stamp(occupied, Footprint(shape.ridge, shape.ridge), yx)
+        height = float(rng.uniform(2.0, 6.0))
+        entry = (mask, ridge, height, _roof(rng, palette))
+        if kind in ("keep", "vanished", "replaced"):
+            masks["pre"].append(entry)
+        if kind in ("keep", "appeared"):
+            masks["post"].append(entry)
+        if kind == "replaced":  # a new, smaller building of another roof inside the old one
+            kernel = np.ones((5, 5), np.uint8)
+            inner = cv2.erode(mask.astype(np.uint8), kernel, iterations=2).astype(bool)
+            cut = rng.uniform(0.3, 0.6)
+            ys, xs = np.nonzero(inner if inner.any() else mask)
+            keep = xs <= xs.min() + (1 - cut) * (xs.max() - xs.min())
+            new = np.zeros_like(mask)
+            new[ys[keep], xs[keep]] = True
+            masks["post"].append((new, new & ridge, height, _roof(rng, palette)))
+        if kind != "keep":
+            label |= mask
+            change_type[mask] = change_types[kind]
+
+    all_buildings = np.zeros((size, size), dtype=bool)
+    for entries in masks.values():
+        for mask, *_ in entries:
+            all_buildings |= mask
+    grown = cv2.dilate(all_buildings.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    lawn &= ~road_mask & ~grown
+    trees = np.zeros((size, size), dtype=np.uint8)
+    free = ~road_mask & ~grown
+    for _ in range(int(rng.poisson(40 * area))):
+        y, x = (int(v) for v in rng.integers(0, size, size=2))
+        if free[y, x]:
+            cv2.circle(trees, (x, y), int(rng.integers(3, 9)), 1, -1)
+    tree_mask = trees.astype(bool) & free
+
+    azimuth = float(rng.uniform(0, 2 * np.pi))
+    seasons = rng.choice(len(LAWN_SEASONS), size=2, replace=False)
+    max_shift = max(1, size // 128)
+    shift = (
+        int(rng.integers(-max_shift, max_shift + 1)),
+        int(rng.integers(-max_shift, max_shift + 1)),
+    )
+    if not nuisance:
+        seasons, shift = (seasons[0], seasons[0]), (0, 0)
+    images = []
+    for index, date in enumerate(("pre", "post")):
+        sun = azimuth + (rng.normal(0, 0.35) if nuisance and date == "post" else 0.0)
+        canvas = scene.copy()
+        season = seasons[index]
+        canvas[lawn] = canvas[lawn] * 0.5 + LAWN_SEASONS[season] * 0.5
+        shade = _shadow(tree_mask, 4.0, sun)
+        for mask, _, height, _ in masks[date]:
+            _local_shadow(shade, mask, height, sun)
+        canvas[shade] *= 0.42
+        for mask, ridge, _, colour in masks[date]:
+            canvas[mask] = colour * roof_texture[mask][:, None]
+            canvas[ridge] *= 1.1
+            edge = mask & ~cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+            canvas[edge] *= 0.8
+        tree_colour = TREE_SEASONS[season] * (0.8 + 0.4 * texture[tree_mask][:, None])
+        canvas[tree_mask] = tree_colour
+        images.append(_acquire(rng, canvas, shift if date == "post" else (0, 0), nuisance))
+    label_u8 = np.roll(label.astype(np.uint8), shift, axis=(0, 1))
+    change_type = np.roll(change_type, shift, axis=(0, 1))
+    return images[0], images[1], label_u8, change_type
+
+
+def _acquire(
+    rng: np.random.Generator, scene: np.ndarray, shift: tuple[int, int], nuisance: bool
+) -> np.ndarray:
+    """Illumination and colour shift, haze, misregistration and sensor noise of one date."""
+    if not nuisance:
+        return np.clip(scene, 0, 255).astype(np.uint8)
+    image = scene * rng.uniform(0.65, 1.2) * rng.uniform(0.88, 1.12, size=3)
+    image = image + rng.uniform(-15, 15, size=3)
+    if rng.random() < 0.3:  # haze: a blend towards a bright grey
+        image = image * (1 - (h := rng.uniform(0.1, 0.3))) + 170 * h
+    image = np.roll(image, shift, axis=(0, 1))
+    image += rng.normal(0.0, rng.uniform(2.0, 7.0), size=image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
