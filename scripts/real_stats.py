@@ -2,7 +2,8 @@
 synthetic generator, side by side: ``python scripts/real_stats.py [--out benchmarks/real_stats.json]``.
 
 For every set (the eleven 256² patches, the six 1024² images, and synthetic pairs of both sizes
-from :func:`changecam.data.synthetic.generate_pair` with the current generator):
+from :func:`changecam.data.synthetic.generate_pair` with the current generator, in its
+``simple`` and its ``levir`` style):
 
 * ``change_fraction``: changed pixels per image (mean, min, median, max, and each image's);
 * ``footprints``: connected components (8-connected) of the change labels, i.e. the changed
@@ -194,6 +195,12 @@ def main(argv: list[str] | None = None) -> None:
         "synthetic_1024": set_statistics(
             synthetic_pairs(SyntheticSpec(image_size=1024), args.synthetic_1024)
         ),
+        "synthetic_levir_256": set_statistics(
+            synthetic_pairs(SyntheticSpec(image_size=256, style="levir"), args.synthetic_256)
+        ),
+        "synthetic_levir_1024": set_statistics(
+            synthetic_pairs(SyntheticSpec(image_size=1024, style="levir"), args.synthetic_1024)
+        ),
     }
     result = {
         "script": "scripts/real_stats.py",
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
             "real_256": str(args.real_256.name),
             "real_1024": str(args.real_1024.name),
             "synthetic": f"changecam.data.synthetic generator version {GENERATOR_VERSION}, "
-            "SyntheticSpec defaults (seed 0), train scenes",
+            "SyntheticSpec defaults (seed 0; synthetic_levir_*: style=levir), train scenes",
         },
         "min_component_area": MIN_AREA,
         "sets": sets,
