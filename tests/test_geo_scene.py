@@ -45,7 +45,11 @@ def scene_images(size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     return pre, post
 
 
-def write_tif(path: Path, data: np.ndarray, transform=None, crs=UTM50, nodata=None) -> Path:
+def write_tif(
+    path: Path, data: np.ndarray, transform=None, crs=UTM50, nodata=None, mkdir: bool = False
+) -> Path:
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
     transform = transform or from_origin(*ORIGIN, PIXEL, PIXEL)
     profile = {
         "driver": "GTiff",

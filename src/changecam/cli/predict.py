@@ -63,9 +63,11 @@ from changecam.cli.common import (
 )
 from changecam.cli.config_checks import ConfigError
 from changecam.data.io import ImageReadError, encode_png, pair_size, read_image, read_label
-from changecam.data.layout import Triplet, input_pairs
+from changecam.data.layout import Triplet, input_pairs, scene_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
+from changecam.geo.predict_scene import SceneRun, predict_scene
+from changecam.geo.scene import SceneError, SceneSettings
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 
 PROBABILITY_SCALE = 65535
@@ -363,6 +365,44 @@ def mean_of(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
+def predict_scenes(
+    cfg: DictConfig, output_dir: Path, spec: SlidingWindow, threshold: float
+) -> dict[str, Any]:
+    """GeoTIFF input: each pair through :func:`changecam.geo.predict_scene` into
+    ``<run dir>`` (one pair) or ``<run dir>/scenes/<name>/`` (a folder); ``scenes.json`` last."""
+    block = cfg.input
+    pairs = scene_pairs(block.get("pre"), block.get("post"), block.get("dir")) or []
+    bands = block.get("bands")
+    try:
+        scene = SceneSettings(
+            bands=tuple(int(b) for b in bands) if bands is not None else None,
+            scale=block.get("scale", "auto"),
+            scale_min=block.get("scale_min"),
+            scale_max=block.get("scale_max"),
+            align=block.get("align", "reproject"),
+        )
+    except SceneError as err:
+        raise ConfigError(str(err)) from err
+    run = SceneRun(
+        threshold=threshold,
+        block=int(OmegaConf.select(cfg, "predict.block", default=1024)),
+        min_area_m2=float(OmegaConf.select(cfg, "predict.min_area_m2", default=0.0)),
+        resume=bool(OmegaConf.select(cfg, "predict.resume", default=False)),
+    )
+    device = resolve_device(cfg.get("device", "auto"))
+    net = load_model(cfg)[0].to(device).eval()
+    check_window(net, spec.window)
+    results = {}
+    for pair in pairs:
+        out = output_dir if len(pairs) == 1 else output_dir / "scenes" / pair.name
+        log.info("scene %s: %s -> %s", pair.name, pair.pre, pair.post)
+        results[pair.name] = predict_scene(net, pair.pre, pair.post, out, spec, scene, run, device)
+    report = {"checkpoint": str(cfg.ckpt_path), "threshold": threshold, "scenes": results}
+    write_json(output_dir / "scenes.json", report)
+    print(f"predicted {len(results)} scene(s) into {output_dir}")
+    return report
+
+
 @task_wrapper
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict every input pair; write masks, probabilities, panels and ``predictions.json``."""
@@ -371,6 +411,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     spec = sliding_window_spec(cfg)
     if spec is None:
         raise ConfigError("predict.py predicts window by window: set sliding_window.enabled=true")
+    if scene_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir")):
+        return predict_scenes(cfg, output_dir, spec, threshold)
     settings = explain_settings(cfg, threshold)
     roi = read_roi(settings) if settings is not None else None
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))

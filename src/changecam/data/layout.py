@@ -179,3 +179,43 @@ def input_pairs(
         if not p.is_file():
             raise FileNotFoundError(f"input image {p} does not exist")
     return [Triplet(pre.stem, pre, post, None)]
+
+
+SCENE_SUFFIXES = (".tif", ".tiff")
+
+
+def is_scene(path: str | Path | None) -> bool:
+    """Whether ``path`` names a GeoTIFF/COG scene (by its suffix)."""
+    return path is not None and Path(str(path)).suffix.lower() in SCENE_SUFFIXES
+
+
+def scene_pairs(
+    pre: str | Path | None = None, post: str | Path | None = None, dir: str | Path | None = None
+) -> list[Triplet] | None:
+    """The GeoTIFF pairs of a prediction, or None when the input is not GeoTIFF: one
+    ``pre``/``post`` pair of ``.tif`` files, or a folder whose ``A/`` holds ``.tif`` scenes,
+    each paired with the same name in ``B/``.
+
+    Raises:
+        LayoutError: one date is a GeoTIFF and the other is not, or a post scene is missing.
+        FileNotFoundError: a named scene does not exist.
+    """
+    if is_scene(pre) or is_scene(post):
+        if not (is_scene(pre) and is_scene(post)):
+            raise LayoutError(f"input.pre={pre} and input.post={post}: give two GeoTIFFs")
+        for p in (Path(str(pre)), Path(str(post))):
+            if not p.is_file():
+                raise FileNotFoundError(f"input scene {p} does not exist")
+        return [Triplet(Path(str(pre)).stem, Path(str(pre)), Path(str(post)), None)]
+    if dir is None:
+        return None
+    scenes = sorted(p for p in Path(dir, "A").glob("*") if is_scene(p))
+    if not scenes:
+        return None
+    pairs = []
+    for a in scenes:
+        b = Path(dir, "B", a.name)
+        if not b.is_file():
+            raise LayoutError(f"{a}: no post scene {b}")
+        pairs.append(Triplet(a.stem, a, b, None))
+    return pairs

@@ -22,16 +22,10 @@ from rasterio.windows import Window
 
 Align = Literal["reproject", "strict"]
 Scale = Literal["auto", "percentile", "fixed"]
-TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 class SceneError(ValueError):
     """A scene pair that cannot be read or compared; the message names the file and why."""
-
-
-def is_scene(path: str | Path | None) -> bool:
-    """Whether ``path`` names a GeoTIFF (by its suffix)."""
-    return path is not None and Path(str(path)).suffix.lower() in TIFF_SUFFIXES
 
 
 @dataclass(frozen=True)
