@@ -31,11 +31,20 @@ def test_predict_py_writes_georeferenced_outputs(tmp_path, ckpt):
     report = predict(
         compose_train(
             tmp_path,
-            [*FAST, f"ckpt_path={ckpt}", f"input.pre={a}", f"input.post={b}"],
+            [
+                *FAST,
+                f"ckpt_path={ckpt}",
+                f"input.pre={a}",
+                f"input.post={b}",
+                "predict.explain_layer=enc1",
+                "explain.method=contrastive",
+            ],
             "predict",
         )
     )
     run = tmp_path / "run"
+    with rasterio.open(run / "explanation.tif") as ds:
+        assert ds.count == 3 and ds.descriptions[0] == "pre contrastive enc1"
     with rasterio.open(run / "change.tif") as ds, rasterio.open(a) as src:
         assert ds.crs == src.crs and ds.transform == src.transform
         assert set(np.unique(ds.read(1))) <= {0, 1}
@@ -65,5 +74,18 @@ def test_bad_scene_settings_fail_before_any_output(tmp_path, ckpt):
         "predict",
     )
     with pytest.raises(ConfigError, match="input.align='nearest'"):
+        predict(cfg)
+    cfg = compose_train(
+        tmp_path,
+        [
+            *FAST,
+            f"ckpt_path={ckpt}",
+            f"input.pre={a}",
+            f"input.post={b}",
+            "predict.explain_layer=enc9",
+        ],
+        "predict",
+    )
+    with pytest.raises(ConfigError, match="explain_layer=enc9: not a per-date layer"):
         predict(cfg)
     assert not (tmp_path / "run" / "change.tif").exists()

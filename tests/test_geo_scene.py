@@ -216,3 +216,22 @@ def test_bad_scenes_fail_clearly_and_leave_nothing_finished(tmp_path, pair):
     for name in ("far", "nocrs", "truncated", "empty"):
         assert not (tmp_path / name / "change.tif").exists()
         assert not (tmp_path / name / "change.geojson").exists()
+
+
+def test_explanation_raster_and_each_polygons_post_share(tmp_path):
+    """Gradient × input of the pixel-wise model: an appeared building's evidence is all post
+    (post share 1), a vanished one's all pre (0)."""
+    pre, post = scene_images()
+    pre[:, 70:80, 10:20] = 250  # the small building vanishes instead of appearing
+    post[:, 70:80, 10:20] = pre[:, 0:10, 0:10]
+    a, b = write_tif(tmp_path / "pre.tif", pre), write_tif(tmp_path / "post.tif", post)
+    run(tmp_path, a, b, explain_layer="input")
+    out = tmp_path / "out"
+    with rasterio.open(out / "explanation.tif") as ds, rasterio.open(a) as src:
+        assert ds.count == 3 and ds.crs == src.crs and ds.transform == src.transform
+        pre_map, post_map, share = ds.read()
+    assert (post_map[20:40, 30:60] > 0).all() and (pre_map[20:40, 30:60] < 0).all()
+    assert (share[20:40, 30:60] == 1).all() and (share[70:80, 10:20] == 0).all()
+    features = json.loads((out / "change.geojson").read_text())["features"]
+    shares = {f["properties"]["area_m2"]: f["properties"]["post_share"] for f in features}
+    assert shares == {150.0: 1.0, 25.0: 0.0}

@@ -65,7 +65,13 @@ from changecam.cli.config_checks import ConfigError
 from changecam.data.io import ImageReadError, encode_png, pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs, scene_pairs
 from changecam.data.transforms import image_to_tensor
-from changecam.explain import ExplainSettings, PairExplanation, explain_pair
+from changecam.explain import (
+    ExplainSettings,
+    PairExplanation,
+    explain_pair,
+    per_date_layers,
+    resolve_taps,
+)
 from changecam.geo.predict_scene import SceneRun, predict_scene
 from changecam.geo.scene import SceneError, SceneSettings
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
@@ -388,10 +394,23 @@ def predict_scenes(
         block=int(OmegaConf.select(cfg, "predict.block", default=1024)),
         min_area_m2=float(OmegaConf.select(cfg, "predict.min_area_m2", default=0.0)),
         resume=bool(OmegaConf.select(cfg, "predict.resume", default=False)),
+        explain_layer=OmegaConf.select(cfg, "predict.explain_layer", default=None),
+        method=OmegaConf.select(cfg, "explain.method", default="hirescam"),
     )
+    if run.method not in ("hirescam", "contrastive"):
+        raise ConfigError(
+            f"explain.method={run.method}: explanation.tif offers hirescam or contrastive"
+        )
     device = resolve_device(cfg.get("device", "auto"))
     net = load_model(cfg)[0].to(device).eval()
     check_window(net, spec.window)
+    if run.explain_layer is not None:
+        layers = per_date_layers(resolve_taps(net))
+        if run.explain_layer not in layers:
+            raise ConfigError(
+                f"predict.explain_layer={run.explain_layer}: not a per-date layer of this "
+                f"network; choose one of {', '.join(layers)}"
+            )
     results = {}
     for pair in pairs:
         out = output_dir if len(pairs) == 1 else output_dir / "scenes" / pair.name

@@ -13,8 +13,14 @@ Outputs, in ``out_dir``, with the pre scene's CRS and transform:
   date), tiled, deflate-compressed, with overviews;
 * ``probability.tif``: uint16 ``1 + p * 65534`` (so ``p = (value - 1) / 65534``), 0 where
   nodata (its nodata value), with overviews;
-* ``change.geojson``: one polygon per changed region in the scene's CRS, with ``area_m2`` and
-  ``mean_probability``; regions under ``min_area_m2`` are dropped.
+* ``explanation.tif`` (with ``explain_layer``): float32 bands ``pre``, ``post`` (the
+  HiResCAM maps of that layer, or date-contrastive ones with ``method="contrastive"``, upsampled
+  to pixels) and ``post_share`` (``P_post / (P_pre + P_post)`` of their positive parts per
+  pixel, NaN where both are 0 or nodata); each block (with its halo) is explained with its
+  own predicted change as the target, the maps of its centre written;
+* ``change.geojson``: one polygon per changed region in the scene's CRS, with ``area_m2``,
+  ``mean_probability`` and, with an explanation, its own ``post_share``; regions under
+  ``min_area_m2`` are dropped.
 
 Rasters are written to ``*.partial.tif`` and renamed at the end; ``scene_progress.jsonl``
 records each finished block, so ``resume=True`` continues a killed run where it stopped.
@@ -23,6 +29,7 @@ Nothing with a final name exists before the run has finished.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -30,7 +37,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import rasterio
@@ -43,13 +50,17 @@ from tqdm import tqdm
 
 from changecam.atomic import append_json_line, write_text
 from changecam.data.transforms import image_to_tensor
+from changecam.explain import Target, explain_batch
+from changecam.explain.runner import pad_to_multiple
 from changecam.geo.scene import ScenePair, SceneSettings
+from changecam.models.protocol import size_multiple
 from changecam.models.sliding_window import SlidingWindow, sliding_window_logits
 
 PROBABILITY_SCALE = 65535
 NODATA = 255
 PROGRESS_FILE = "scene_progress.jsonl"
 OUTPUTS = ("change.tif", "probability.tif")
+EXPLANATION = "explanation.tif"
 
 
 @dataclass(frozen=True)
@@ -61,12 +72,16 @@ class SceneRun:
         block: side of the blocks written at a time (px).
         min_area_m2: polygons smaller than this are dropped from ``change.geojson``.
         resume: continue a run killed in ``out_dir`` (same inputs and settings).
+        explain_layer: a per-date layer (e.g. ``enc3``) for ``explanation.tif``; None: none.
+        method: the explanation method of its maps (``hirescam`` or ``contrastive``).
     """
 
     threshold: float = 0.5
     block: int = 1024
     min_area_m2: float = 0.0
     resume: bool = False
+    explain_layer: str | None = None
+    method: Literal["hirescam", "contrastive"] = "hirescam"
 
 
 def blocks(width: int, height: int, block: int) -> list[Window]:
@@ -78,13 +93,13 @@ def blocks(width: int, height: int, block: int) -> list[Window]:
     ]
 
 
-def _profile(pair: ScenePair, dtype: str, nodata: int, block: int) -> dict[str, Any]:
+def _profile(pair: ScenePair, dtype: str, nodata: float, count: int = 1) -> dict[str, Any]:
     tile = 256 if min(pair.width, pair.height) >= 256 else 16
     return {
         "driver": "GTiff",
         "width": pair.width,
         "height": pair.height,
-        "count": 1,
+        "count": count,
         "dtype": dtype,
         "crs": pair.crs,
         "transform": pair.transform,
@@ -169,16 +184,19 @@ def predict_scene(
         "window": asdict(window),
         "threshold": run.threshold,
         "block": run.block,
+        "explain_layer": run.explain_layer,
+        "method": run.method,
     }
     progress_path = out / PROGRESS_FILE
-    partial = {name: out / name.replace(".tif", ".partial.tif") for name in OUTPUTS}
+    names = (*OUTPUTS, EXPLANATION) if run.explain_layer else OUTPUTS
+    partial = {name: out / name.replace(".tif", ".partial.tif") for name in names}
     with ScenePair(pre, post, scene) as pair:
         windows = blocks(pair.width, pair.height, run.block)
         done = _done_blocks(progress_path, settings) if run.resume else set()
         if not all(p.is_file() for p in partial.values()):
             done = set()
         if not done:
-            for path in (*partial.values(), progress_path, *(out / n for n in OUTPUTS)):
+            for path in (*partial.values(), progress_path, *(out / n for n in names)):
                 path.unlink(missing_ok=True)
             (out / "change.geojson").unlink(missing_ok=True)
             append_json_line(progress_path, {"settings": settings})
@@ -188,8 +206,9 @@ def predict_scene(
         kwargs = {}
         if mode == "w":
             kwargs = {
-                "change.tif": _profile(pair, "uint8", NODATA, run.block),
-                "probability.tif": _profile(pair, "uint16", 0, run.block),
+                "change.tif": _profile(pair, "uint8", NODATA),
+                "probability.tif": _profile(pair, "uint16", 0),
+                EXPLANATION: _profile(pair, "float32", float("nan"), count=3),
             }
         todo = [i for i in range(len(windows)) if i not in done]
         megapixels = pair.width * pair.height / 1e6
@@ -198,6 +217,11 @@ def predict_scene(
             rasterio.open(
                 partial["probability.tif"], mode, **kwargs.get("probability.tif", {})
             ) as probability,
+            (
+                rasterio.open(partial[EXPLANATION], mode, **kwargs.get(EXPLANATION, {}))
+                if run.explain_layer
+                else contextlib.nullcontext()
+            ) as explanation,
             tqdm(
                 total=len(windows),
                 initial=len(done),
@@ -214,6 +238,11 @@ def predict_scene(
                 change.write(mask.astype(np.uint8), 1, window=w)
                 scaled = np.round(p * (PROBABILITY_SCALE - 1)).astype(np.uint16) + 1
                 probability.write(np.where(ok, scaled, 0).astype(np.uint16), 1, window=w)
+                if explanation is not None:
+                    maps = _explain(net, pre_rgb, post_rgb, valid, run, device)
+                    maps = maps[:, centre[0], centre[1]]
+                    maps[:, ~ok] = np.nan
+                    explanation.write(maps.astype(np.float32), window=w)
                 append_json_line(progress_path, {"block": index})
                 bar.update(1)
                 bar.set_postfix(Mpx=f"{w.width * w.height / 1e6:.2f}/block")
@@ -226,7 +255,19 @@ def predict_scene(
                     Resampling.nearest,
                 )
         pixel_area = abs(pair.transform.a * pair.transform.e - pair.transform.b * pair.transform.d)
-        features = polygons(partial["change.tif"], partial["probability.tif"], run.min_area_m2)
+        if explanation is not None:
+            with rasterio.open(partial[EXPLANATION], "r+") as ds:
+                ds.descriptions = (
+                    f"pre {run.method} {run.explain_layer}",
+                    f"post {run.method} {run.explain_layer}",
+                    "post share",
+                )
+        features = polygons(
+            partial["change.tif"],
+            partial["probability.tif"],
+            run.min_area_m2,
+            partial.get(EXPLANATION),
+        )
         summary = {
             "width": pair.width,
             "height": pair.height,
@@ -258,14 +299,59 @@ def _probability(
     return torch.sigmoid(logits)[0, 0].cpu().numpy()
 
 
-def polygons(change_path: Path, probability_path: Path, min_area_m2: float) -> list[dict]:
+def _explain(
+    net: nn.Module,
+    pre: np.ndarray,
+    post: np.ndarray,
+    valid: np.ndarray,
+    run: SceneRun,
+    device: torch.device | str,
+) -> np.ndarray:
+    """3×H×W: the pre and post maps of ``run.explain_layer`` and the per-pixel post share."""
+    height, width = valid.shape
+    multiple = size_multiple(net)
+    a = pad_to_multiple(image_to_tensor(pre)[None].to(device), multiple)
+    b = pad_to_multiple(image_to_tensor(post)[None].to(device), multiple)
+    inside = torch.zeros(1, *a.shape[-2:], dtype=torch.bool, device=device)
+    inside[0, :height, :width] = torch.from_numpy(valid).to(device)
+    exp = explain_batch(
+        net,
+        a,
+        b,
+        taps=[run.explain_layer],
+        target=Target("predicted", run.threshold),
+        methods=("hirescam", "contrastive") if run.method == "contrastive" else ("hirescam",),
+        valid=inside,
+    )
+    maps = [
+        exp.upsampled[run.method][f"{date}/{run.explain_layer}"][0, :height, :width]
+        for date in ("pre", "post")
+    ]
+    pre_map, post_map = (m.detach().float().cpu().numpy() for m in maps)
+    p_pre, p_post = np.maximum(pre_map, 0), np.maximum(post_map, 0)
+    total = p_pre + p_post
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, p_post / total, np.nan)
+    return np.stack([pre_map, post_map, share])
+
+
+def polygons(
+    change_path: Path,
+    probability_path: Path,
+    min_area_m2: float,
+    explanation_path: Path | None = None,
+) -> list[dict]:
     """One GeoJSON feature per 8-connected changed region of ``change_path``.
 
     Properties: ``area_m2`` (pixel count × pixel area), ``pixels`` and ``mean_probability``.
     The mask is read whole (uint8: 64 MB at 8192²); the probability only in each region's
     bounding box.
     """
-    with rasterio.open(change_path) as ds, rasterio.open(probability_path) as prob:
+    with (
+        rasterio.open(change_path) as ds,
+        rasterio.open(probability_path) as prob,
+        rasterio.open(explanation_path) if explanation_path else contextlib.nullcontext() as maps,
+    ):
         mask = ds.read(1)
         transform = ds.transform
         pixel_area = abs(transform.a * transform.e - transform.b * transform.d)
@@ -297,15 +383,20 @@ def polygons(change_path: Path, probability_path: Path, min_area_m2: float) -> l
                 continue
             values = prob.read(1, window=box)[region].astype(np.float64)
             mean = float(((values - 1) / (PROBABILITY_SCALE - 1)).mean())
+            properties = {"area_m2": area, "pixels": pixels, "mean_probability": round(mean, 6)}
+            if maps is not None:  # the polygon's own post share: its positive masses
+                pre_map, post_map = (
+                    np.maximum(maps.read(i, window=box)[region], 0) for i in (1, 2)
+                )
+                total = float(np.nansum(pre_map) + np.nansum(post_map))
+                properties["post_share"] = (
+                    round(float(np.nansum(post_map)) / total, 6) if total > 0 else None
+                )
             features.append(
                 {
                     "type": "Feature",
                     "geometry": geometry,
-                    "properties": {
-                        "area_m2": area,
-                        "pixels": pixels,
-                        "mean_probability": round(mean, 6),
-                    },
+                    "properties": properties,
                 }
             )
     return features
