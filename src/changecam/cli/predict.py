@@ -391,7 +391,7 @@ def predict_scenes(
         raise ConfigError(str(err)) from err
     run = SceneRun(
         threshold=threshold,
-        block=int(OmegaConf.select(cfg, "predict.block", default=1024)),
+        block=int(OmegaConf.select(cfg, "predict.block", default=2048)),
         min_area_m2=float(OmegaConf.select(cfg, "predict.min_area_m2", default=0.0)),
         resume=bool(OmegaConf.select(cfg, "predict.resume", default=False)),
         explain_layer=OmegaConf.select(cfg, "predict.explain_layer", default=None),

@@ -1,7 +1,7 @@
 """Predict change on a georeferenced scene pair of any size, block by block, in bounded memory.
 
-The scene is cut into ``block``² blocks. Each block is read with a halo of half a window on
-every side (both dates, on the pre scene's grid, :class:`~changecam.geo.scene.ScenePair`), run
+The scene is cut into ``block``² blocks. Each block is read with a halo of the windows'
+overlap on every side (both dates, on the pre scene's grid, :class:`~changecam.geo.scene.ScenePair`), run
 through the one sliding-window inference of the project
 (:func:`~changecam.models.sliding_window.sliding_window_logits`), and its centre is written
 into the output rasters, so that memory depends on the block, never on the scene. A
@@ -77,7 +77,7 @@ class SceneRun:
     """
 
     threshold: float = 0.5
-    block: int = 1024
+    block: int = 2048
     min_area_m2: float = 0.0
     resume: bool = False
     explain_layer: str | None = None
@@ -176,7 +176,9 @@ def predict_scene(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net = net.to(device).eval()
-    halo = window.window // 2
+    # every window of a block lies inside the block and its halo, so a pixel at the block's
+    # edge is predicted from a full window of real image; the halo only adds the overlap
+    halo = max(16, round(window.window * window.overlap))
     settings = {
         "pre": str(Path(pre).resolve()),
         "post": str(Path(post).resolve()),
