@@ -32,13 +32,8 @@ from typing import Any
 import numpy as np
 import rasterio
 from common import REPO, emit, machine
-from rasterio.crs import CRS
-from rasterio.transform import from_origin
-from rasterio.windows import Window
 
-from changecam.data.synthetic import SyntheticSpec, generate_scene
-
-TILE = 256
+from changecam.geo import synthetic_scene
 
 
 def quickstart_network():
@@ -54,35 +49,10 @@ def quickstart_network():
 
 
 def write_scene_pair(folder: Path, size: int) -> tuple[Path, Path]:
-    """A ``size``² georeferenced pair written tile by tile from 256² synthetic scenes."""
-    spec = SyntheticSpec(image_size=TILE, style="levir")
-    profile = {
-        "driver": "GTiff",
-        "width": size,
-        "height": size,
-        "count": 3,
-        "dtype": "uint8",
-        "crs": CRS.from_epsg(32650),
-        "transform": from_origin(500_000.0, 3_400_000.0, 0.5, 0.5),
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-    }
-    paths = folder / f"pre_{size}.tif", folder / f"post_{size}.tif"
-    with (
-        rasterio.open(paths[0], "w", **profile) as pre,
-        rasterio.open(paths[1], "w", **profile) as post,
-    ):
-        n = 0
-        for row in range(0, size, TILE):
-            for col in range(0, size, TILE):
-                scene = generate_scene(spec, "test", n % 512)  # 512 distinct tiles, repeated
-                n += 1
-                window = Window(col, row, TILE, TILE)
-                pre.write(scene.pre.transpose(2, 0, 1), window=window)
-                post.write(scene.post.transpose(2, 0, 1), window=window)
-    return paths
+    """A ``size``² georeferenced pair written tile by tile (:mod:`changecam.geo.synthetic_scene`)."""
+    pre, post, label = synthetic_scene.write_scene_pair(folder, size)
+    label.unlink()
+    return pre, post
 
 
 def child(pre: str, post: str, out: str, explain_layer: str | None) -> None:
