@@ -16,6 +16,11 @@ image. A pair that fails (e.g. its two dates differ in size) leaves no files; th
 others are still predicted, and the command exits with an error naming the failed pairs.
 A full disk stops the command at once ("no space left on device while writing <path>").
 
+GeoTIFF pairs (``input.pre=a.tif input.post=b.tif``, or ``A/*.tif`` and ``B/*.tif`` in
+``input.dir``) go to :func:`changecam.geo.predict_scene.predict_scene` instead: georeferenced
+``change.tif``, ``probability.tif``, ``change.geojson`` and, with ``predict.explain_layer``,
+``explanation.tif``, block by block, and ``scenes.json`` last.
+
 ``predictions.jsonl`` beside it is the run's log: a header line with the settings, then one
 line per pair, appended (and fsynced) once all of that pair's files are written, so a killed
 run says exactly what it finished. ``predict.resume=true`` in the same run directory
