@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow test-all lint format bench bench-zoo bench-real bench-full bench-scene clean
+.PHONY: install train test test-slow test-all lint format bench bench-zoo bench-real bench-full clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,11 +54,6 @@ bench-real: install
 # callback's share of a full epoch (see benchmarks/full_scale.py)
 bench-full: install
 	$(PY) benchmarks/full_scale.py
-
-# whole georeferenced scenes alone (also part of `make bench`; see benchmarks/scene.py);
-# `make bench-scene ARGS=--large` adds the 16384² scene
-bench-scene: install
-	$(PY) benchmarks/scene.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache build src/*.egg-info

@@ -27,7 +27,7 @@ from common import machine
 HERE = Path(__file__).resolve().parent
 # Expected benchmarks, in running order (a missing one is skipped with a note); any other
 # script in benchmarks/ runs after them.
-EXPECTED = ("loader", "loop", "memory", "explain_cost", "cam_callback", "scene")
+EXPECTED = ("loader", "loop", "memory", "explain_cost", "cam_callback")
 # zoo: `make bench-zoo` (it trains every model); real_small: `make bench-real` (half an hour);
 # full_scale: `make bench-full` (LEVIR-CD-sized data, width 32)
 NOT_BENCHMARKS = ("common", "run_all", "zoo", "real_small", "full_scale")
@@ -49,9 +49,6 @@ TARGETS: dict[str, tuple[str, float]] = {
     "zoo_max_ratio_vs_forward_backward": ("<=", 1.3),
     "val_epoch_ratio_with_callback": ("<=", 1.15),
     "validate_headers_s": ("<=", 5.0),
-    "scene_peak_rss_gib_8192": ("<=", 1.5),
-    "scene_peak_rss_gib_16384": ("<=", 1.5),
-    "scene_vs_png_speed_ratio": (">=", 1.0),
 }
 CONTEXT_KEYS = (
     "machine",

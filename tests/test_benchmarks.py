@@ -66,16 +66,3 @@ def test_memory_reports_peak_rss_of_training_and_prediction():
     assert 100 < figures["train_peak_rss_mib"] < 4096
     assert 100 < figures["predict_1024_peak_rss_mib"] < 4096
     assert figures["predict_1024_within_2gib"] is True
-
-
-@pytest.mark.slow
-def test_scene_benchmark_reports_memory_throughput_and_explanation_cost():
-    import scene
-
-    figures = scene.main(["--tiny"])
-    assert figures["sizes"] == [512, 1024]
-    for size in (512, 1024):
-        assert 0 < figures[f"scene_peak_rss_gib_{size}"] < 4
-        assert figures[f"scene_mpx_per_s_{size}"] > 0
-    assert figures["scene_vs_png_speed_ratio"] > 0 and figures["png_path_mpx_per_s"] > 0
-    assert "explanation_extra_s_per_mpx" in figures

@@ -1,4 +1,4 @@
-"""The package's import rule (docs/design.md): models <- explain <- training/evaluation/geo <- cli."""
+"""The package's import rule (docs/design.md): models <- explain <- training/evaluation <- cli."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ LEVEL = {
     "explain": 2,
     "training": 3,
     "evaluation": 3,
-    "geo": 3,
     "cli": 4,
 }
 

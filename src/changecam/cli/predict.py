@@ -16,11 +16,6 @@ image. A pair that fails (e.g. its two dates differ in size) leaves no files; th
 others are still predicted, and the command exits with an error naming the failed pairs.
 A full disk stops the command at once ("no space left on device while writing <path>").
 
-GeoTIFF pairs (``input.pre=a.tif input.post=b.tif``, or ``A/*.tif`` and ``B/*.tif`` in
-``input.dir``) go to :func:`changecam.geo.predict_scene.predict_scene` instead: georeferenced
-``change.tif``, ``probability.tif``, ``change.geojson`` and, with ``predict.explain_layer``,
-``explanation.tif``, block by block, and ``scenes.json`` last.
-
 ``predictions.jsonl`` beside it is the run's log: a header line with the settings, then one
 line per pair, appended (and fsynced) once all of that pair's files are written, so a killed
 run says exactly what it finished. ``predict.resume=true`` in the same run directory
@@ -68,17 +63,9 @@ from changecam.cli.common import (
 )
 from changecam.cli.config_checks import ConfigError
 from changecam.data.io import ImageReadError, encode_png, pair_size, read_image, read_label
-from changecam.data.layout import Triplet, input_pairs, scene_pairs
+from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
-from changecam.explain import (
-    ExplainSettings,
-    PairExplanation,
-    explain_pair,
-    per_date_layers,
-    resolve_taps,
-)
-from changecam.geo.predict_scene import SceneRun, predict_scene
-from changecam.geo.scene import SceneError, SceneSettings
+from changecam.explain import ExplainSettings, PairExplanation, explain_pair
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 
 PROBABILITY_SCALE = 65535
@@ -376,57 +363,6 @@ def mean_of(values: list[float | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def predict_scenes(
-    cfg: DictConfig, output_dir: Path, spec: SlidingWindow, threshold: float
-) -> dict[str, Any]:
-    """GeoTIFF input: each pair through :func:`changecam.geo.predict_scene` into
-    ``<run dir>`` (one pair) or ``<run dir>/scenes/<name>/`` (a folder); ``scenes.json`` last."""
-    block = cfg.input
-    pairs = scene_pairs(block.get("pre"), block.get("post"), block.get("dir")) or []
-    bands = block.get("bands")
-    try:
-        scene = SceneSettings(
-            bands=tuple(int(b) for b in bands) if bands is not None else None,
-            scale=block.get("scale", "auto"),
-            scale_min=block.get("scale_min"),
-            scale_max=block.get("scale_max"),
-            align=block.get("align", "reproject"),
-        )
-    except SceneError as err:
-        raise ConfigError(str(err)) from err
-    run = SceneRun(
-        threshold=threshold,
-        block=int(OmegaConf.select(cfg, "predict.block", default=2048)),
-        min_area_m2=float(OmegaConf.select(cfg, "predict.min_area_m2", default=0.0)),
-        resume=bool(OmegaConf.select(cfg, "predict.resume", default=False)),
-        explain_layer=OmegaConf.select(cfg, "predict.explain_layer", default=None),
-        method=OmegaConf.select(cfg, "explain.method", default="hirescam"),
-    )
-    if run.method not in ("hirescam", "contrastive"):
-        raise ConfigError(
-            f"explain.method={run.method}: explanation.tif offers hirescam or contrastive"
-        )
-    device = resolve_device(cfg.get("device", "auto"))
-    net = load_model(cfg)[0].to(device).eval()
-    check_window(net, spec.window)
-    if run.explain_layer is not None:
-        layers = per_date_layers(resolve_taps(net))
-        if run.explain_layer not in layers:
-            raise ConfigError(
-                f"predict.explain_layer={run.explain_layer}: not a per-date layer of this "
-                f"network; choose one of {', '.join(layers)}"
-            )
-    results = {}
-    for pair in pairs:
-        out = output_dir if len(pairs) == 1 else output_dir / "scenes" / pair.name
-        log.info("scene %s: %s -> %s", pair.name, pair.pre, pair.post)
-        results[pair.name] = predict_scene(net, pair.pre, pair.post, out, spec, scene, run, device)
-    report = {"checkpoint": str(cfg.ckpt_path), "threshold": threshold, "scenes": results}
-    write_json(output_dir / "scenes.json", report)
-    print(f"predicted {len(results)} scene(s) into {output_dir}")
-    return report
-
-
 @task_wrapper
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict every input pair; write masks, probabilities, panels and ``predictions.json``."""
@@ -435,8 +371,6 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     spec = sliding_window_spec(cfg)
     if spec is None:
         raise ConfigError("predict.py predicts window by window: set sliding_window.enabled=true")
-    if scene_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir")):
-        return predict_scenes(cfg, output_dir, spec, threshold)
     settings = explain_settings(cfg, threshold)
     roi = read_roi(settings) if settings is not None else None
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
