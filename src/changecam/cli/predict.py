@@ -62,13 +62,20 @@ from changecam.cli.common import (
     task_wrapper,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.data.io import ImageReadError, encode_png, pair_size, read_image, read_label
+from changecam.data.io import (
+    PROBABILITY_SCALE,
+    ImageReadError,
+    encode_png,
+    encode_probability,
+    pair_size,
+    read_image,
+    read_label,
+)
 from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 
-PROBABILITY_SCALE = 65535
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
 REPORT_FILE = "predictions.json"
 LOG_FILE = "predictions.jsonl"
@@ -131,11 +138,6 @@ class PairPrediction:
                 path.unlink(missing_ok=True)
             raise
         return {k: str(v.relative_to(run_dir)) for k, v in files.items()}
-
-
-def encode_probability(probability: np.ndarray) -> np.ndarray:
-    """float probabilities in [0, 1] -> uint16 (``round(p * 65535)``)."""
-    return np.round(np.clip(probability, 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint16)
 
 
 def read_probability(path: str | Path) -> np.ndarray:
