@@ -62,6 +62,7 @@ from changecam.cli.common import (
     task_wrapper,
 )
 from changecam.cli.config_checks import ConfigError
+from changecam.cli.scenes import predict_scenes
 from changecam.data.io import (
     PROBABILITY_SCALE,
     ImageReadError,
@@ -74,6 +75,7 @@ from changecam.data.io import (
 from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
+from changecam.geo import is_geotiff
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
@@ -360,6 +362,20 @@ class PredictionLog:
         append_json_line(self.path, {"status": "failed", "pair": entry})
 
 
+def scene_pairs(pairs: list[Triplet]) -> bool:
+    """Whether the pairs are GeoTIFF scenes (every file ``.tif``/``.tiff``); a mix of scenes
+    and other images is refused."""
+    kinds = {is_geotiff(p.pre) and is_geotiff(p.post) for p in pairs}
+    mixed = [p for p in pairs if is_geotiff(p.pre) != is_geotiff(p.post)]
+    if mixed or len(kinds) > 1:
+        example = mixed[0] if mixed else pairs[0]
+        raise ConfigError(
+            f"predict.py got GeoTIFF scenes (.tif/.tiff) and other images together (e.g. "
+            f"{example.pre} / {example.post}); predict them in separate runs"
+        )
+    return kinds == {True}
+
+
 def mean_of(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(kept)) if kept else None
@@ -376,9 +392,22 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     settings = explain_settings(cfg, threshold)
     roi = read_roi(settings) if settings is not None else None
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
+    scenes = scene_pairs(pairs)
     device = resolve_device(cfg.get("device", "auto"))
     net = load_model(cfg)[0].to(device).eval()
     check_window(net, spec.window)  # before any pair: every pair would fail the same way
+    if scenes:  # GeoTIFF scenes: changecam.geo, window by window
+        return predict_scenes(
+            cfg,
+            pairs,
+            net,
+            spec,
+            threshold,
+            settings is not None,
+            device,
+            output_dir,
+            {k: v for k, v in run_settings(cfg, threshold).items() if k != "explain"},
+        )
     if settings is not None:
         settings.layers(net)  # unknown taps or layers fail before any pair
     pair_log = PredictionLog(output_dir)

@@ -67,7 +67,7 @@ class Grid:
         crs = self.crs.to_string() if self.crs else "no CRS"
         t = self.transform
         return (
-            f"{crs}, {self.width}x{self.height} px, origin ({t.c:.6g}, {t.f:.6g}), "
+            f"{crs}, {self.width}x{self.height} px, origin ({t.c:.10g}, {t.f:.10g}), "
             f"pixel ({t.a:.6g}, {t.e:.6g})"
             + (f", rotation ({t.b:.6g}, {t.d:.6g})" if t.b or t.d else "")
         )

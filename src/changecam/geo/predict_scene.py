@@ -39,7 +39,7 @@ from changecam.geo.bands import Scale, decimated_sample, estimate_scaling, selec
 from changecam.geo.grid import Align, SceneError, open_pair
 from changecam.geo.polygons import scene_polygons, write_geojson
 from changecam.geo.windows import Block, Region, block_grid, prefetched, read_region
-from changecam.geo.write import EXPLANATION_BANDS, TILE, SceneFiles
+from changecam.geo.write import EXPLANATION_BANDS, TILE, SceneFiles, tile_side
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
 
 log = logging.getLogger("changecam")
@@ -92,8 +92,10 @@ class SceneSettings:
             value = getattr(self, key)
             if value is not None and not isinstance(value, (int, float)):
                 object.__setattr__(self, key, tuple(value))
-        if self.block_size < TILE or self.block_size % TILE:
-            raise SceneError(f"predict.block_size={self.block_size} must be a multiple of {TILE}")
+        if self.block_size < 16 or self.block_size % 16:
+            raise SceneError(
+                f"predict.block_size={self.block_size} must be a multiple of 16 (best of {TILE})"
+            )
         if self.batch_size is not None and self.batch_size < 1:
             raise SceneError(f"predict.batch_size={self.batch_size} must be >= 1 (or null)")
         if self.min_area_m2 < 0:
@@ -279,7 +281,7 @@ def predict_scene(
             )
         grid = pair.grid
         blocks = block_grid(grid.height, grid.width, settings.block_size, spec)
-        files = SceneFiles(folder, explain=layer is not None)
+        files = SceneFiles(folder, layer is not None, tile_side(settings.block_size))
         record = {
             **(run_record or {}),
             "pre": input_record(pre_path),

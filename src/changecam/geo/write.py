@@ -32,7 +32,7 @@ from changecam.data.io import PROBABILITY_SCALE, encode_probability
 from changecam.geo.grid import Grid
 from changecam.geo.windows import Block
 
-TILE = 256
+TILE = 256  # the rasters' tile side (smaller blocks use their own side)
 CHANGE_NODATA = 255
 RASTERS = ("change", "probability", "explanation")
 EXPLANATION_BANDS = ("pre_hirescam", "post_hirescam", "post_share")
@@ -48,12 +48,20 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.part")
 
 
+def tile_side(block_size: int) -> int:
+    """The tile side of the rasters for blocks of ``block_size``: 256, or the block side when
+    that is not a multiple of 256 (GeoTIFF tiles are multiples of 16), so that every tile is
+    written by exactly one block."""
+    return TILE if block_size % TILE == 0 else block_size
+
+
 @dataclass(frozen=True)
 class SceneFiles:
     """The output files of one scene in ``folder``."""
 
     folder: Path
     explain: bool
+    tile: int = TILE
 
     def final(self, what: str) -> Path:
         return self.folder / ("change.geojson" if what == "polygons" else f"{what}.tif")
@@ -77,8 +85,8 @@ class SceneFiles:
             "crs": grid.crs,
             "transform": grid.transform,
             "tiled": True,
-            "blockxsize": TILE,
-            "blockysize": TILE,
+            "blockxsize": self.tile,
+            "blockysize": self.tile,
             "compress": "deflate",
             "sparse_ok": True,  # tiles not written yet read as nodata and cost nothing
             "BIGTIFF": "IF_SAFER",
@@ -146,7 +154,7 @@ class SceneFiles:
     def build_overviews(self, grid: Grid) -> None:
         """Overviews (2, 4, ... until under one tile) in every partial raster."""
         factors, factor = [], 2
-        while max(grid.width, grid.height) / factor >= TILE / 2 and factor <= 2**12:
+        while max(grid.width, grid.height) / factor >= self.tile / 2 and factor <= 2**12:
             factors.append(factor)
             factor *= 2
         if not factors:
