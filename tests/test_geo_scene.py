@@ -23,6 +23,7 @@ from changecam.models.sliding_window import SlidingWindow, sliding_window_logits
 from changecam.training.checkpoint import load_network
 from geo_scenes import (
     CRS,
+    FAST,
     ORIGIN,
     PIXEL,
     TRANSFORM,
@@ -317,3 +318,56 @@ def test_png_pairs_keep_the_png_path(tmp_path, ckpt):
     )
     assert [p["name"] for p in report["pairs"]] == ["pre"]
     assert read_probability(tmp_path / "run" / "probabilities" / "pre.png").shape == (64, 64)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, ckpt):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    pre, post = synthetic_pair(512)
+    paths = [write_scene(tmp_path / f"{d}.tif", x) for d, x in (("pre", pre), ("post", post))]
+    args = [
+        *FAST,
+        f"ckpt_path={ckpt}",
+        f"input.pre={paths[0]}",
+        f"input.post={paths[1]}",
+        "threshold=0.61",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(run: Path, *extra: str) -> list[str]:
+        return [sys.executable, str(REPO / "predict.py"), *args, f"hydra.run.dir={run}", *extra]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    log = killed / "pre" / "blocks.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count('"block"') >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((killed / "pre").glob("*.tif")) and not (killed / "predictions.json").exists()
+    subprocess.run(command(killed, "predict.resume=true"), env=env, check=True, capture_output=True)
+    whole = tmp_path / "whole"
+    subprocess.run(command(whole), env=env, check=True, capture_output=True)
+    summary = json.loads((killed / "pre" / "scene.json").read_text())
+    assert summary["resumed_blocks"] >= 3
+    for name in ("change", "probability", "explanation"):
+        np.testing.assert_array_equal(
+            read_band(killed / "pre" / f"{name}.tif", None),
+            read_band(whole / "pre" / f"{name}.tif", None),
+        )
+    assert json.loads((killed / "pre" / "change.geojson").read_text()) == json.loads(
+        (whole / "pre" / "change.geojson").read_text()
+    )
