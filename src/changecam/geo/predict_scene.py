@@ -199,14 +199,28 @@ class SceneNetwork:
         )
         return stacked.to(pre.device)
 
-    def block(self, region: Region, device: torch.device) -> tuple[np.ndarray, np.ndarray | None]:
-        """The block's probability (``h x w``) and explanation bands (``3 x h x w`` or ``None``)."""
+    def block(
+        self,
+        region: Region,
+        device: torch.device,
+        reuse: dict[tuple[int, int], Tensor] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The block's probability (``h x w``) and explanation bands (``3 x h x w`` or ``None``);
+        ``reuse`` holds the window outputs shared with neighbouring blocks."""
         block, size, mode = region.block, self.spec.window, self.spec.pad_mode
         x_pre = pad_to(image_to_tensor(region.pre)[None].to(device), size, size, mode)
         x_post = pad_to(image_to_tensor(region.post)[None].to(device), size, size, mode)
         valid = torch.from_numpy(region.valid)[None, None].float().to(device)
         valid = pad_to(valid, size, size, "constant")
-        out = blend_windows(self.windows, (x_pre, x_post, valid), block.rows, block.cols, self.spec)
+        out = blend_windows(
+            self.windows,
+            (x_pre, x_post, valid),
+            block.rows,
+            block.cols,
+            self.spec,
+            reuse=reuse,
+            origin=(block.region_row, block.region_col),
+        )
         r, c = block.row - block.region_row, block.col - block.region_col
         out = out[0, :, r : r + block.height, c : c + block.width].cpu().numpy()
         probability = 1.0 / (1.0 + np.exp(-out[0].astype(np.float64)))
@@ -217,6 +231,16 @@ class SceneNetwork:
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(total > 0, post / np.where(total > 0, total, 1), np.nan)
         return probability.astype(np.float32), np.stack([out[1], out[2], share]).astype(np.float32)
+
+
+def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
+    """For each window start (scene pixels), the index of the last block that uses it."""
+    last: dict[tuple[int, int], int] = {}
+    for block in blocks:  # in index order: the last block seen wins
+        for r in block.rows:
+            for c in block.cols:
+                last[(block.region_row + r, block.region_col + c)] = block.index
+    return last
 
 
 def predict_scene(
@@ -331,6 +355,8 @@ def predict_scene(
                     f"truncated file?): {err}"
                 ) from err
 
+        reuse: dict[tuple[int, int], Tensor] = {}
+        last_use = window_last_use(blocks)
         with bar:
             for region in prefetched(todo, read, settings.prefetch):
                 block = region.block
@@ -338,7 +364,9 @@ def predict_scene(
                     block.row - block.region_row : block.row - block.region_row + block.height,
                     block.col - block.region_col : block.col - block.region_col + block.width,
                 ]
-                probability, explanation = runner.block(region, device)
+                probability, explanation = runner.block(region, device, reuse)
+                for start in [k for k in reuse if last_use[k] <= block.index]:
+                    del reuse[start]  # no later block needs this window
                 files.write_block(block, probability, inner, settings.threshold, explanation)
                 changed = (probability > settings.threshold) & inner
                 entry = {

@@ -14,7 +14,7 @@ multiple of the window, the result equals patch-wise prediction bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -169,6 +169,9 @@ def blend_windows(
     rows: Sequence[int],
     cols: Sequence[int],
     spec: SlidingWindow,
+    *,
+    reuse: MutableMapping[tuple[int, int], Tensor] | None = None,
+    origin: tuple[int, int] = (0, 0),
 ) -> Tensor:
     """The one sliding-window blend: ``forward`` on every ``window x window`` crop starting at
     ``(r, c)`` for ``r`` in ``rows`` and ``c`` in ``cols`` (``spec.batch_size`` windows per
@@ -176,7 +179,8 @@ def blend_windows(
 
     :func:`sliding_window_logits` calls it with the windows of a whole image; the scene runner
     (:mod:`changecam.geo`) with the windows of the whole scene that fall into one block and its
-    halo, so a scene blended block by block equals the whole-image blend.
+    halo, so a scene blended block by block equals the whole-image blend. The windows are
+    added in row-major order either way, so each pixel sums the same terms in the same order.
 
     Args:
         forward: the crops of every input (``N x C_i x w x w`` each) -> ``N x K x w x w``
@@ -187,6 +191,11 @@ def blend_windows(
         rows: window start rows (every ``r + window <= H``).
         cols: window start columns.
         spec: window size, windows per call and blend.
+        reuse: window outputs by start ``(origin + (r, c))`` shared between calls: a window
+            found there is not computed again, and every computed one is stored (the caller
+            removes those it no longer needs). Neighbouring scene blocks share the windows
+            across their common edge this way.
+        origin: where ``inputs`` start in the coordinates of ``reuse``'s keys.
 
     Returns:
         ``B x K x H x W`` float32; pixels no window covers are NaN.
@@ -196,24 +205,40 @@ def blend_windows(
     device = first_input.device
     size = spec.window
     positions = [(r, c) for r in rows for c in cols]
+    if not positions:
+        raise ValueError("blend_windows needs at least one window")
     weight64 = blend_weight(size, spec.blend).to(device).double()
-    out_sum: Tensor | None = None
+    sums: list[Tensor] = []  # the output sum, allocated once the number of channels is known
     weight_sum = torch.zeros(height, width, dtype=torch.float64, device=device)
-    for first in range(0, len(positions), spec.batch_size):
-        chunk = positions[first : first + spec.batch_size]
+
+    def add(r: int, c: int, window_out: Tensor) -> None:
+        if not sums:
+            sums.append(
+                torch.zeros(
+                    batch, window_out.shape[1], height, width, dtype=torch.float64, device=device
+                )
+            )
+        sums[0][..., r : r + size, c : c + size] += window_out.double() * weight64
+        weight_sum[r : r + size, c : c + size] += weight64
+
+    def key(r: int, c: int) -> tuple[int, int]:
+        return origin[0] + r, origin[1] + c
+
+    missing = positions if reuse is None else [p for p in positions if key(*p) not in reuse]
+    for first in range(0, len(missing), spec.batch_size):
+        chunk = missing[first : first + spec.batch_size]
         crops = [torch.cat([x[..., r : r + size, c : c + size] for r, c in chunk]) for x in inputs]
         outputs = forward(*crops)
-        if out_sum is None:
-            out_sum = torch.zeros(
-                batch, outputs.shape[1], height, width, dtype=torch.float64, device=device
-            )
         for i, (r, c) in enumerate(chunk):
             window_out = outputs[i * batch : (i + 1) * batch]
-            out_sum[..., r : r + size, c : c + size] += window_out.double() * weight64
-            weight_sum[r : r + size, c : c + size] += weight64
-    if out_sum is None:
-        raise ValueError("blend_windows needs at least one window")
-    return (out_sum / weight_sum).float()
+            if reuse is None:  # streaming: every window is added once, in order
+                add(r, c, window_out)
+            else:
+                reuse[key(r, c)] = window_out
+    if reuse is not None:
+        for r, c in positions:
+            add(r, c, reuse[key(r, c)])
+    return (sums[0] / weight_sum).float()
 
 
 class SlidingWindowNet(nn.Module):
