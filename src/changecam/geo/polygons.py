@@ -20,7 +20,7 @@ Every record carries:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from shapely import STRtree
 from shapely.geometry import mapping, shape
 from shapely.ops import unary_union
 
-from changecam.atomic import strict_json, write_text
+from changecam.atomic import atomic_open, strict_json
 from changecam.data.io import PROBABILITY_SCALE
 from changecam.geo.grid import Grid
 from changecam.geo.windows import Block
@@ -211,15 +211,19 @@ def scene_polygons(
     return features
 
 
-def write_geojson(path: Path, features: list[dict[str, Any]], grid: Grid) -> None:
+def write_geojson(path: Path, features: Iterable[dict[str, Any]], grid: Grid) -> None:
     """A GeoJSON FeatureCollection in the scene's CRS (named in its ``crs`` member, which QGIS
-    and GDAL read), written atomically."""
-    collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    and GDAL read), written atomically, one feature at a time."""
+    head: dict[str, Any] = {"type": "FeatureCollection"}
     if grid.crs is not None:
         epsg = grid.crs.to_epsg()
         name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else grid.crs.to_wkt()
-        collection["crs"] = {"type": "name", "properties": {"name": name}}
-    write_text(path, json.dumps(strict_json(collection), allow_nan=False) + "\n")
+        head["crs"] = {"type": "name", "properties": {"name": name}}
+    with atomic_open(path, "w") as f:
+        f.write(json.dumps(head, allow_nan=False)[:-1] + ', "features": [\n')
+        for i, feature in enumerate(features):
+            f.write(("" if i == 0 else ",\n") + json.dumps(strict_json(feature), allow_nan=False))
+        f.write("\n]}\n")
 
 
 __all__ = ["Piece", "block_pieces", "join_pieces", "metric_crs", "scene_polygons", "write_geojson"]

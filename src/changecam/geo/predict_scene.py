@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -46,6 +47,7 @@ log = logging.getLogger("changecam")
 LOG_FILE = "blocks.jsonl"
 REPORT_FILE = "scene.json"
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
+GDAL_CACHE_MB = 128
 
 
 def is_geotiff(path: str | Path) -> bool:
@@ -243,7 +245,15 @@ def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
     return last
 
 
-def predict_scene(
+def predict_scene(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`_predict_scene` with GDAL's block cache capped at :data:`GDAL_CACHE_MB` (its
+    default, 5 % of the machine's memory, would grow with the scene while writing and
+    building overviews)."""
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        return _predict_scene(*args, **kwargs)
+
+
+def _predict_scene(
     net: nn.Module,
     pre_path: str | Path,
     post_path: str | Path,
