@@ -44,46 +44,12 @@ def quickstart_width() -> int:
     return int(OmegaConf.load(REPO / "conf/experiment/quickstart.yaml").model.base_channels)
 
 
-def write_synthetic_pair(folder: Path, size: int, tile: int = TILE_SCENE) -> tuple[Path, Path]:
-    """A ``size``² georeferenced pair tiled from generator scenes, one tile in memory at a time."""
-    import rasterio
-    from rasterio.transform import from_origin
-    from rasterio.windows import Window
+def write_synthetic_pair(folder: Path, size: int) -> tuple[Path, Path]:
+    """A ``size``² georeferenced pair tiled from 1024² generator scenes
+    (:func:`changecam.geo.synthetic.write_synthetic_scene`)."""
+    from changecam.geo.synthetic import write_synthetic_scene
 
-    from changecam.data.synthetic import SyntheticSpec, generate_scene
-
-    tile = min(tile, size)
-    spec = SyntheticSpec(image_size=tile, seed=11)
-    profile = {
-        "driver": "GTiff",
-        "width": size,
-        "height": size,
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:32650",
-        "transform": from_origin(399_872.0, 3_510_144.0, 0.5, 0.5),
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-        "BIGTIFF": "IF_SAFER",
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = folder / "pre.tif", folder / "post.tif"
-    with (
-        rasterio.open(paths[0], "w", **profile) as pre,
-        rasterio.open(paths[1], "w", **profile) as post,
-    ):
-        n = 0
-        for row in range(0, size, tile):
-            for col in range(0, size, tile):
-                scene = generate_scene(spec, "test", n)
-                n += 1
-                h, w = min(tile, size - row), min(tile, size - col)
-                window = Window(col, row, w, h)
-                pre.write(scene.pre[:h, :w].transpose(2, 0, 1), window=window)
-                post.write(scene.post[:h, :w].transpose(2, 0, 1), window=window)
-    return paths
+    return write_synthetic_scene(folder, size, tile=TILE_SCENE)
 
 
 def fresh_network(path: Path):
