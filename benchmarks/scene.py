@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -65,8 +66,11 @@ def fresh_network(path: Path):
     return net
 
 
-def scene_run(weights: Path, pre: Path, post: Path, out: Path, log: Path) -> dict[str, Any]:
-    """``predict.py`` on a scene pair in a child process: peak RSS, wall seconds, scene.json."""
+def scene_run(
+    weights: Path, pre: Path, post: Path, out: Path, log: Path, threads: int | None
+) -> dict[str, Any]:
+    """``predict.py`` on a scene pair in a child process (``threads`` torch threads, ``None``:
+    torch's default): peak RSS, wall seconds, scene.json."""
     cmd = [
         sys.executable,
         "predict.py",
@@ -78,9 +82,18 @@ def scene_run(weights: Path, pre: Path, post: Path, out: Path, log: Path) -> dic
         f"hydra.run.dir={out}",
         "predict.progress=false",
     ]
-    start = time.perf_counter()
-    rss = peak_rss(cmd, log)
-    wall = time.perf_counter() - start
+    before = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # the child inherits it
+    try:
+        start = time.perf_counter()
+        rss = peak_rss(cmd, log)
+        wall = time.perf_counter() - start
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
     summary = json.loads((out / "pre" / "scene.json").read_text())
     pixels = summary["size"][0] * summary["size"][1]
     return {
@@ -94,6 +107,7 @@ def scene_run(weights: Path, pre: Path, post: Path, out: Path, log: Path) -> dic
         "blocks": summary["blocks"],
         "windows": summary["windows"],
         "polygons": summary["polygons"],
+        "torch_threads": threads,
     }
 
 
@@ -178,6 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=8192, help="scene side (default 8192)")
     parser.add_argument("--large", action="store_true", help="also a 16384² scene")
     parser.add_argument("--compare", type=int, default=2048, help="side of the side-by-side pair")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the scene run (0: torch's default)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="side-by-side runs (best taken)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long run for the tests")
     args = parser.parse_args(argv)

@@ -325,6 +325,10 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
     report = run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
     assert report["scenes"][0]["resumed_blocks"] == 2 and report["scenes"][0]["blocks"] == 4
     assert_same_outputs(folder, tmp_path / "whole" / "run" / "pre")
+    mtime = (folder / "change.tif").stat().st_mtime_ns
+    again = run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
+    assert again["scenes"] == report["scenes"], "a finished scene is kept as it is"
+    assert (folder / "change.tif").stat().st_mtime_ns == mtime
     with pytest.raises(SceneFailure, match="predict.resume=true but .* other settings"):
         run_scene(tmp_path / "killed", ckpt, *pair, "threshold=0.1", "predict.resume=true")
 

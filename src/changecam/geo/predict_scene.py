@@ -235,6 +235,19 @@ class SceneNetwork:
         return probability.astype(np.float32), np.stack([out[1], out[2], share]).astype(np.float32)
 
 
+def finished_scene(
+    folder: Path, files: SceneFiles, block_log: BlockLog, record: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The summary of a scene a run with the same settings finished (every output there)."""
+    report = folder / REPORT_FILE
+    records = block_log.read()
+    if not (report.is_file() and records and records[0].get("settings") == record):
+        return None
+    if not all(files.final(what).is_file() for what in files.outputs):
+        return None
+    return json.loads(report.read_text())
+
+
 def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
     """For each window start (scene pixels), the index of the last block that uses it."""
     last: dict[tuple[int, int], int] = {}
@@ -325,12 +338,15 @@ def _predict_scene(
             "explain_layer": layer,
         }
         block_log = BlockLog(folder / LOG_FILE)
+        record = strict_json(record)
+        finished = finished_scene(folder, files, block_log, record) if resume else None
+        if finished is not None:
+            log.info("%s is finished already (predict.resume=true): kept", folder)
+            return finished
+        folder.mkdir(parents=True, exist_ok=True)
+        continued = block_log.start(record, resume, resume and files.partials_readable())
         (folder / REPORT_FILE).unlink(missing_ok=True)  # from here on the scene is unfinished
         files.remove(("final",))
-        folder.mkdir(parents=True, exist_ok=True)
-        continued = block_log.start(
-            strict_json(record), resume, resume and files.partials_readable()
-        )
         if not continued:
             files.create(grid, {"threshold": str(settings.threshold), "explain_layer": str(layer)})
         todo = [b for b in blocks if b.index not in block_log.done]
