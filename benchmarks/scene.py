@@ -189,7 +189,9 @@ def side_by_side(net, folder: Path, size: int, repeats: int = 3) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=8192, help="scene side (default 8192)")
+    parser.add_argument(
+        "--size", type=int, nargs="+", default=[8192], help="scene side(s) (default 8192)"
+    )
     parser.add_argument("--large", action="store_true", help="also a 16384² scene")
     parser.add_argument("--compare", type=int, default=2048, help="side of the side-by-side pair")
     parser.add_argument(
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3, help="side-by-side runs (best taken)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long run for the tests")
     args = parser.parse_args(argv)
-    sizes = [args.size] + ([16384] if args.large else [])
+    sizes = list(args.size) + ([16384] if args.large and 16384 not in args.size else [])
     if args.tiny:
         sizes, args.compare, args.repeats = [256], 256, 1
     started = time.perf_counter()

@@ -56,10 +56,10 @@ def render(scene: Path, out: Path, side: int = 1024) -> Path:
         ax.ticklabel_format(useOffset=False, style="plain")
     axes[0].set_ylabel("northing (m)")
     overlay = np.zeros((*change.shape[1:], 4))
-    overlay[change[0] == 1] = (1.0, 0.1, 0.1, 0.45)
+    overlay[change[0] == 1] = (0.0, 1.0, 1.0, 0.55)
     overlay[change[0] == 255] = (0.5, 0.5, 0.5, 0.6)
     axes[0].imshow(overlay, extent=extent)
-    axes[0].set_title("change.tif over the post scene (red: change, grey: nodata)")
+    axes[0].set_title("change.tif over the post scene (cyan: change, grey: nodata)")
     patches = []
     for feature in features:
         geometry = feature["geometry"]
@@ -73,7 +73,7 @@ def render(scene: Path, out: Path, side: int = 1024) -> Path:
     axes[1].set_xlim(extent[0], extent[1])
     axes[1].set_ylim(extent[2], extent[3])
     axes[1].set_title(
-        f"change.geojson: {len(features)} polygons (area_m2, mean_probability, post_share)"
+        f"change.geojson: {len(features)} polygons"
     )
     fig.suptitle(
         f"{summary['name']}: {summary['size'][1]}x{summary['size'][0]} px, "
