@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-slow test-all lint format bench bench-zoo bench-real bench-full clean
+.PHONY: install train test test-slow test-all lint format bench bench-zoo bench-real bench-full bench-scene clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ bench-real: install
 # callback's share of a full epoch (see benchmarks/full_scale.py)
 bench-full: install
 	$(PY) benchmarks/full_scale.py
+
+# whole georeferenced scenes: peak RSS of predict.py on an 8192² GeoTIFF pair (--large: and
+# 16384²), GeoTIFF vs PNG path throughput side by side on 2048², the explanation's cost
+# (see benchmarks/scene.py; `make bench-scene ARGS=--large`)
+bench-scene: install
+	$(PY) benchmarks/scene.py $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache build src/*.egg-info

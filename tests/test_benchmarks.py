@@ -66,3 +66,15 @@ def test_memory_reports_peak_rss_of_training_and_prediction():
     assert 100 < figures["train_peak_rss_mib"] < 4096
     assert 100 < figures["predict_1024_peak_rss_mib"] < 4096
     assert figures["predict_1024_within_2gib"] is True
+
+
+@pytest.mark.slow
+def test_scene_benchmark_reports_memory_and_side_by_side_speed():
+    import scene
+
+    figures = scene.main(["--tiny"])
+    (run,) = figures["scenes"]
+    assert run["side"] == 256 and run["peak_rss_mib"] > 100 and run["megapixels_per_s"] > 0
+    compare = figures["side_by_side"]
+    assert set(compare["megapixels_per_s"]) == {"png", "geotiff", "geotiff_explained"}
+    assert compare["explanation_extra_s_per_megapixel"] > 0

@@ -18,6 +18,7 @@ LEVEL = {
     "explain": 2,
     "training": 3,
     "evaluation": 3,
+    "geo": 3,
     "cli": 4,
 }
 

@@ -145,6 +145,11 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def fsync_directory(folder: str | Path) -> None:
+    """Make the renames inside ``folder`` durable (fsync the folder itself; POSIX only)."""
+    _fsync_dir(Path(folder))
+
+
 def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +329,7 @@ __all__ = [
     "atomic_directory",
     "atomic_open",
     "disk_full_error",
+    "fsync_directory",
     "remove_stale_temporaries",
     "strict_json",
     "temporary_path",

@@ -16,6 +16,10 @@ image. A pair that fails (e.g. its two dates differ in size) leaves no files; th
 others are still predicted, and the command exits with an error naming the failed pairs.
 A full disk stops the command at once ("no space left on device while writing <path>").
 
+GeoTIFF pairs (every file ``.tif``/``.tiff``) go to :mod:`changecam.cli.scenes` and
+:mod:`changecam.geo` instead: per scene ``<name>/change.tif``, ``probability.tif``,
+``explanation.tif``, ``change.geojson`` and ``scene.json``, window by window in bounded memory.
+
 ``predictions.jsonl`` beside it is the run's log: a header line with the settings, then one
 line per pair, appended (and fsynced) once all of that pair's files are written, so a killed
 run says exactly what it finished. ``predict.resume=true`` in the same run directory
@@ -62,13 +66,22 @@ from changecam.cli.common import (
     task_wrapper,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.data.io import ImageReadError, encode_png, pair_size, read_image, read_label
+from changecam.cli.scenes import predict_scenes
+from changecam.data.io import (
+    PROBABILITY_SCALE,
+    ImageReadError,
+    encode_png,
+    encode_probability,
+    pair_size,
+    read_image,
+    read_label,
+)
 from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
+from changecam.geo import is_geotiff
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 
-PROBABILITY_SCALE = 65535
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
 REPORT_FILE = "predictions.json"
 LOG_FILE = "predictions.jsonl"
@@ -131,11 +144,6 @@ class PairPrediction:
                 path.unlink(missing_ok=True)
             raise
         return {k: str(v.relative_to(run_dir)) for k, v in files.items()}
-
-
-def encode_probability(probability: np.ndarray) -> np.ndarray:
-    """float probabilities in [0, 1] -> uint16 (``round(p * 65535)``)."""
-    return np.round(np.clip(probability, 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint16)
 
 
 def read_probability(path: str | Path) -> np.ndarray:
@@ -358,6 +366,20 @@ class PredictionLog:
         append_json_line(self.path, {"status": "failed", "pair": entry})
 
 
+def scene_pairs(pairs: list[Triplet]) -> bool:
+    """Whether the pairs are GeoTIFF scenes (every file ``.tif``/``.tiff``); a mix of scenes
+    and other images is refused."""
+    kinds = {is_geotiff(p.pre) and is_geotiff(p.post) for p in pairs}
+    mixed = [p for p in pairs if is_geotiff(p.pre) != is_geotiff(p.post)]
+    if mixed or len(kinds) > 1:
+        example = mixed[0] if mixed else pairs[0]
+        raise ConfigError(
+            f"predict.py got GeoTIFF scenes (.tif/.tiff) and other images together (e.g. "
+            f"{example.pre} / {example.post}); predict them in separate runs"
+        )
+    return kinds == {True}
+
+
 def mean_of(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(kept)) if kept else None
@@ -374,9 +396,22 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     settings = explain_settings(cfg, threshold)
     roi = read_roi(settings) if settings is not None else None
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
+    scenes = scene_pairs(pairs)
     device = resolve_device(cfg.get("device", "auto"))
     net = load_model(cfg)[0].to(device).eval()
     check_window(net, spec.window)  # before any pair: every pair would fail the same way
+    if scenes:  # GeoTIFF scenes: changecam.geo, window by window
+        return predict_scenes(
+            cfg,
+            pairs,
+            net,
+            spec,
+            threshold,
+            settings is not None,
+            device,
+            output_dir,
+            {k: v for k, v in run_settings(cfg, threshold).items() if k != "explain"},
+        )
     if settings is not None:
         settings.layers(net)  # unknown taps or layers fail before any pair
     pair_log = PredictionLog(output_dir)

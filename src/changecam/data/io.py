@@ -243,6 +243,15 @@ def _looks_complete(im, f, file_size: int) -> bool:
     return True
 
 
+PROBABILITY_SCALE = 65535  # predicted probabilities are stored as uint16 p * 65535
+
+
+def encode_probability(probability: np.ndarray) -> np.ndarray:
+    """float probabilities in [0, 1] -> uint16 (``round(p * 65535)``): the one encoding of the
+    probability files (predict's PNGs and ``probability.tif``)."""
+    return np.round(np.clip(probability, 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint16)
+
+
 def encode_png(array: np.ndarray, path: str | Path) -> bytes:
     """uint8 RGB (``H x W x 3``), single-band (``H x W``) or 16-bit single-band data as the
     bytes of a PNG file (``path``, its destination, names it in errors)."""

@@ -231,6 +231,7 @@ def explain_tensors(
     *,
     label: Tensor | None = None,
     roi: Tensor | None = None,
+    valid: Tensor | None = None,
     upsample: bool = True,
 ) -> Explained:
     """Explain a batch of B×C×H×W float pairs of any size: the steps every command shares.
@@ -242,16 +243,17 @@ def explain_tensors(
         settings: what to explain (``enabled`` is the caller's business).
         label: B×1×H×W {0,1} ground truth (needed for ``target=ground_truth``).
         roi: H×W (or B×1×H×W) region of interest (needed for ``target=roi``).
+        valid: B×H×W pixels that may be in the target (e.g. not nodata); default all.
         upsample: also return the maps at input resolution (panels and curves need them).
     """
     height, width = pre.shape[-2:]
     multiple = size_multiple(model)
     x_pre, x_post = pad_to_multiple(pre, multiple), pad_to_multiple(post, multiple)
     padded = tuple(x_pre.shape[-2:])
-    valid = None
-    if padded != (height, width):  # the padding is no part of the target
+    given, valid = valid, None
+    if padded != (height, width) or given is not None:  # the padding is no part of the target
         valid = torch.zeros(len(pre), *padded, dtype=torch.bool, device=pre.device)
-        valid[:, :height, :width] = True
+        valid[:, :height, :width] = True if given is None else given.bool()
     exp = explain_batch(
         model,
         x_pre,

@@ -14,6 +14,7 @@ multiple of the window, the result equals patch-wise prediction bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -128,6 +129,9 @@ def check_window(net: nn.Module, window: int) -> None:
         )
 
 
+WindowForward = Callable[..., Tensor]
+
+
 @torch.no_grad()
 def sliding_window_logits(net: nn.Module, pre: Tensor, post: Tensor, spec: SlidingWindow) -> Tensor:
     """Change logits ``B x 1 x H x W`` of ``net(pre, post)`` computed window by window.
@@ -148,30 +152,93 @@ def sliding_window_logits(net: nn.Module, pre: Tensor, post: Tensor, spec: Slidi
     if pre.ndim != 4:
         raise ValueError(f"expected B x C x H x W inputs, got shape {tuple(pre.shape)}")
     check_window(net, spec.window)
-    batch, _, height, width = pre.shape
+    height, width = pre.shape[-2:]
     size = spec.window
     pre_p = pad_to(pre, size, size, spec.pad_mode)
     post_p = pad_to(post, size, size, spec.pad_mode)
     padded_h, padded_w = pre_p.shape[-2:]
-    positions = [
-        (r, c)
-        for r in window_starts(padded_h, size, spec.stride)
-        for c in window_starts(padded_w, size, spec.stride)
-    ]
-    weight = blend_weight(size, spec.blend).to(pre.device)
-    weight64 = weight.double()
-    logit_sum = torch.zeros(batch, 1, padded_h, padded_w, dtype=torch.float64, device=pre.device)
-    weight_sum = torch.zeros(padded_h, padded_w, dtype=torch.float64, device=pre.device)
-    for first in range(0, len(positions), spec.batch_size):
-        chunk = positions[first : first + spec.batch_size]
-        crops_pre = torch.cat([pre_p[..., r : r + size, c : c + size] for r, c in chunk])
-        crops_post = torch.cat([post_p[..., r : r + size, c : c + size] for r, c in chunk])
-        logits = net(crops_pre, crops_post).float()
+    rows = window_starts(padded_h, size, spec.stride)
+    cols = window_starts(padded_w, size, spec.stride)
+    blended = blend_windows(lambda a, b: net(a, b).float(), (pre_p, post_p), rows, cols, spec)
+    return blended[..., :height, :width]
+
+
+def blend_windows(
+    forward: WindowForward,
+    inputs: Sequence[Tensor],
+    rows: Sequence[int],
+    cols: Sequence[int],
+    spec: SlidingWindow,
+    *,
+    reuse: MutableMapping[tuple[int, int], Tensor] | None = None,
+    origin: tuple[int, int] = (0, 0),
+) -> Tensor:
+    """The one sliding-window blend: ``forward`` on every ``window x window`` crop starting at
+    ``(r, c)`` for ``r`` in ``rows`` and ``c`` in ``cols`` (``spec.batch_size`` windows per
+    call), each output weighted by :func:`blend_weight` and divided by the summed weight.
+
+    :func:`sliding_window_logits` calls it with the windows of a whole image; the scene runner
+    (:mod:`changecam.geo`) with the windows of the whole scene that fall into one block and its
+    halo, so a scene blended block by block equals the whole-image blend. The windows are
+    added in row-major order either way, so each pixel sums the same terms in the same order.
+
+    Args:
+        forward: the crops of every input (``N x C_i x w x w`` each) -> ``N x K x w x w``
+            float32 outputs (the logits, or logits and maps); ``N = B * windows``
+            (window-major).
+        inputs: ``B x C_i x H x W`` tensors of one height and width (pre, post, and e.g. a
+            valid mask), already padded to at least one window.
+        rows: window start rows (every ``r + window <= H``).
+        cols: window start columns.
+        spec: window size, windows per call and blend.
+        reuse: window outputs by start ``(origin + (r, c))`` shared between calls: a window
+            found there is not computed again, and every computed one is stored (the caller
+            removes those it no longer needs). Neighbouring scene blocks share the windows
+            across their common edge this way.
+        origin: where ``inputs`` start in the coordinates of ``reuse``'s keys.
+
+    Returns:
+        ``B x K x H x W`` float32; pixels no window covers are NaN.
+    """
+    first_input = inputs[0]
+    batch, _, height, width = first_input.shape
+    device = first_input.device
+    size = spec.window
+    positions = [(r, c) for r in rows for c in cols]
+    if not positions:
+        raise ValueError("blend_windows needs at least one window")
+    weight64 = blend_weight(size, spec.blend).to(device).double()
+    sums: list[Tensor] = []  # the output sum, allocated once the number of channels is known
+    weight_sum = torch.zeros(height, width, dtype=torch.float64, device=device)
+
+    def add(r: int, c: int, window_out: Tensor) -> None:
+        if not sums:
+            sums.append(
+                torch.zeros(
+                    batch, window_out.shape[1], height, width, dtype=torch.float64, device=device
+                )
+            )
+        sums[0][..., r : r + size, c : c + size] += window_out.double() * weight64
+        weight_sum[r : r + size, c : c + size] += weight64
+
+    def key(r: int, c: int) -> tuple[int, int]:
+        return origin[0] + r, origin[1] + c
+
+    missing = positions if reuse is None else [p for p in positions if key(*p) not in reuse]
+    for first in range(0, len(missing), spec.batch_size):
+        chunk = missing[first : first + spec.batch_size]
+        crops = [torch.cat([x[..., r : r + size, c : c + size] for r, c in chunk]) for x in inputs]
+        outputs = forward(*crops)
         for i, (r, c) in enumerate(chunk):
-            window_logits = logits[i * batch : (i + 1) * batch]
-            logit_sum[..., r : r + size, c : c + size] += window_logits.double() * weight64
-            weight_sum[r : r + size, c : c + size] += weight64
-    return (logit_sum / weight_sum)[..., :height, :width].float()
+            window_out = outputs[i * batch : (i + 1) * batch]
+            if reuse is None:  # streaming: every window is added once, in order
+                add(r, c, window_out)
+            else:
+                reuse[key(r, c)] = window_out
+    if reuse is not None:
+        for r, c in positions:
+            add(r, c, reuse[key(r, c)])
+    return (sums[0] / weight_sum).float()
 
 
 class SlidingWindowNet(nn.Module):
@@ -207,7 +274,9 @@ __all__ = [
     "PAD_MODES",
     "SlidingWindow",
     "SlidingWindowNet",
+    "WindowForward",
     "blend_weight",
+    "blend_windows",
     "check_window",
     "num_windows",
     "pad_to",

@@ -1,0 +1,113 @@
+"""predict.py on GeoTIFF scene pairs: the configuration side of :mod:`changecam.geo`.
+
+``python predict.py ckpt_path=<ckpt> input.pre=a.tif input.post=b.tif`` (or ``input.dir=`` with
+``A/`` and ``B/`` of ``.tif`` files) writes, per scene, ``<run>/<name>/change.tif``,
+``probability.tif``, ``explanation.tif`` (unless ``explain.enabled=false``),
+``change.geojson`` and ``scene.json``; ``predictions.json`` in the run directory, written
+last, lists every scene. A refused scene leaves no finished-looking files; the others are
+still predicted, and the command ends with an error naming the refused ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from changecam.atomic import DiskFullError, write_json
+from changecam.cli.common import log
+from changecam.data.layout import Triplet
+from changecam.geo import SceneError, SceneSettings, predict_scene
+from changecam.models.sliding_window import SlidingWindow
+
+REPORT_FILE = "predictions.json"
+
+
+class SceneFailure(RuntimeError):
+    """Some scenes were refused (the others were predicted)."""
+
+
+def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSettings:
+    """The ``input.*`` and ``predict.*`` keys of the GeoTIFF path as :class:`SceneSettings`."""
+
+    def get(key: str, default: Any = None) -> Any:
+        value = OmegaConf.select(cfg, key, default=default)
+        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+    return SceneSettings(
+        threshold=threshold,
+        bands=get("input.bands"),
+        scale=get("input.scale", "percentile"),
+        scale_min=get("input.scale_min"),
+        scale_max=get("input.scale_max"),
+        align=get("input.align", "reproject"),
+        block_size=int(get("predict.block_size", 1024)),
+        batch_size=get("predict.batch_size"),
+        min_area_m2=float(get("predict.min_area_m2", 0.0)),
+        explain=explain,
+        explain_layer=get("predict.explain_layer"),
+        progress=bool(get("predict.progress", True)),
+    )
+
+
+def predict_scenes(
+    cfg: DictConfig,
+    pairs: list[Triplet],
+    net: nn.Module,
+    spec: SlidingWindow,
+    threshold: float,
+    explain: bool,
+    device: torch.device,
+    output_dir: Path,
+    run_record: dict[str, Any],
+) -> dict[str, Any]:
+    """Predict every scene pair; write ``predictions.json`` last."""
+    settings = scene_settings(cfg, threshold, explain)
+    resume = bool(OmegaConf.select(cfg, "predict.resume", default=False))
+    (output_dir / REPORT_FILE).unlink(missing_ok=True)
+    scenes, failed = [], []
+    for pair in pairs:
+        try:
+            summary = predict_scene(
+                net,
+                pair.pre,
+                pair.post,
+                output_dir / pair.name,
+                spec,
+                settings,
+                device,
+                resume=resume,
+                run_record=run_record,
+                name=pair.name,
+            )
+        except DiskFullError:
+            raise
+        except SceneError as err:
+            log.error("scene %s refused: %s", pair.name, err)
+            failed.append(
+                {"name": pair.name, "pre": str(pair.pre), "post": str(pair.post), "error": str(err)}
+            )
+            continue
+        scenes.append(summary)
+    report = {
+        "checkpoint": str(cfg.ckpt_path),
+        "threshold": threshold,
+        "sliding_window": OmegaConf.to_container(cfg.sliding_window, resolve=True),
+        "probability_encoding": "probability.tif: uint16, probability = value / 65535",
+        "explained": explain,
+        "scenes": scenes,
+        "failed": failed,
+    }
+    if not failed or scenes:
+        write_json(output_dir / REPORT_FILE, report)
+    print(f"predicted {len(scenes)} scene(s) into {output_dir}")
+    if failed:
+        names = ", ".join(f["name"] for f in failed)
+        raise SceneFailure(
+            f"{len(failed)} of {len(pairs)} scene(s) refused and have no outputs ({names}). "
+            f"First error: {failed[0]['error']}"
+        )
+    return report

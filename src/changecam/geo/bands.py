@@ -1,0 +1,165 @@
+"""Which bands feed the network, and how non-uint8 data becomes the network's uint8 input.
+
+``input.bands`` lists 1-based band indexes (``[3, 2, 1]``: red, green, blue of a 4-band BGRN
+scene); ``null`` takes every band, which must then be as many as the network's input
+channels in both dates. ``input.scale``:
+
+* ``percentile`` (default): per scene and band, the 2-98 % range of the valid pixels of a
+  decimated read (GDAL uses the overviews when there are) is stretched to 0-255; uint8 data
+  passes through unchanged;
+* ``fixed``: ``input.scale_min`` .. ``input.scale_max`` (one number, or one per band) to 0-255,
+  for every data type;
+* ``none``: the values are used as they are (they must lie in 0-255).
+
+The scaled values are rounded to uint8, exactly what an 8-bit conversion of the scene would
+hold, and go through :func:`changecam.data.transforms.image_to_tensor` like any image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import numpy as np
+from rasterio.enums import Resampling
+
+from changecam.geo.grid import SceneError
+
+Scale = Literal["percentile", "fixed", "none"]
+SCALES: tuple[str, ...] = get_args(Scale)
+PERCENTILES = (2.0, 98.0)
+SAMPLE_SIDE = 1024  # the decimated read of the percentile stretch: at most this many px a side
+
+
+def select_bands(
+    pre: Any, post: Any, bands: Sequence[int] | None, in_channels: int | None
+) -> tuple[int, ...]:
+    """The 1-based band indexes read from both dates.
+
+    Raises:
+        SceneError: an index out of range (naming the file and its band count), different band
+            counts without ``input.bands``, or a count the network does not take.
+    """
+    pre_n, post_n = pre.count, post.count
+    if bands is None:
+        if pre_n != post_n:
+            raise SceneError(
+                f"{pre.name} has {pre_n} bands but {post.name} has {post_n}: choose the bands "
+                f"to compare with input.bands=[...] (1-based, e.g. input.bands=[3,2,1])"
+            )
+        chosen = tuple(range(1, pre_n + 1))
+    else:
+        chosen = tuple(int(b) for b in bands)
+        if not chosen:
+            raise SceneError("input.bands=[] selects no band; give 1-based indexes or null")
+        for dataset, count in ((pre, pre_n), (post, post_n)):
+            bad = [b for b in chosen if not 1 <= b <= count]
+            if bad:
+                raise SceneError(
+                    f"input.bands={list(chosen)}: band {bad[0]} is out of range for {dataset.name}, "
+                    f"which has {count} band(s) (indexes are 1-based: 1..{count})"
+                )
+    if in_channels is not None and len(chosen) != in_channels:
+        raise SceneError(
+            f"the network takes {in_channels} bands but {len(chosen)} are selected "
+            f"({pre.name} has {pre_n}, {post.name} has {post_n}); set input.bands=[...] with "
+            f"{in_channels} 1-based indexes (e.g. input.bands=[3,2,1])"
+        )
+    return chosen
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Per band ``lo``/``hi`` mapped to 0/255 (``None``: the values are used as they are)."""
+
+    lo: tuple[float, ...] | None = None
+    hi: tuple[float, ...] | None = None
+
+    def apply(self, data: np.ndarray) -> np.ndarray:
+        """``C x H x W`` raw values -> ``H x W x C`` uint8."""
+        if self.lo is None or self.hi is None:
+            out = np.clip(data, 0, 255)
+        else:
+            lo = np.asarray(self.lo, dtype=np.float64)[:, None, None]
+            hi = np.asarray(self.hi, dtype=np.float64)[:, None, None]
+            span = np.where(hi > lo, hi - lo, 1.0)
+            out = np.clip((data.astype(np.float64) - lo) / span * 255.0, 0.0, 255.0)
+        return np.ascontiguousarray(np.rint(out).astype(np.uint8).transpose(1, 2, 0))
+
+    def record(self) -> dict[str, Any]:
+        return {"lo": list(self.lo) if self.lo else None, "hi": list(self.hi) if self.hi else None}
+
+
+def _per_band(value: float | Sequence[float] | None, n: int, key: str) -> tuple[float, ...]:
+    if value is None:
+        raise SceneError(f"input.scale=fixed needs {key} (one number or one per band)")
+    values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != n:
+        raise SceneError(f"{key} has {len(values)} values for {n} selected bands")
+    return tuple(values)
+
+
+def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """A decimated read (``C x h x w`` values, ``h x w`` valid mask) of at most
+    :data:`SAMPLE_SIDE` pixels a side; GDAL reads the overviews where the file has them."""
+    factor = max(1, -(-max(dataset.width, dataset.height) // SAMPLE_SIDE))
+    shape = (max(1, dataset.height // factor), max(1, dataset.width // factor))
+    data = dataset.read(list(bands), out_shape=(len(bands), *shape), resampling=Resampling.nearest)
+    valid = dataset.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+    return data, valid
+
+
+def estimate_scaling(
+    dataset: Any,
+    bands: Sequence[int],
+    scale: Scale,
+    scale_min: float | Sequence[float] | None = None,
+    scale_max: float | Sequence[float] | None = None,
+    sample: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Scaling:
+    """The scaling of one date (see the module docstring).
+
+    Raises:
+        SceneError: unknown ``scale``, missing or mis-sized ``fixed`` bounds, or a percentile
+            stretch of a scene without valid pixels.
+    """
+    if scale not in SCALES:
+        raise SceneError(f"input.scale={scale!r} is not allowed; expected one of {SCALES}")
+    n = len(bands)
+    if scale == "none":
+        return Scaling()
+    if scale == "fixed":
+        lo = _per_band(scale_min, n, "input.scale_min")
+        hi = _per_band(scale_max, n, "input.scale_max")
+        bad = [i + 1 for i in range(n) if hi[i] <= lo[i]]
+        if bad:
+            raise SceneError(
+                f"input.scale_max must exceed input.scale_min (selected band {bad[0]})"
+            )
+        return Scaling(lo, hi)
+    if np.dtype(dataset.dtypes[bands[0] - 1]) == np.uint8 and all(
+        dataset.dtypes[b - 1] == "uint8" for b in bands
+    ):
+        return Scaling()  # 8-bit data is already the network's input range
+    data, valid = sample if sample is not None else decimated_sample(dataset, bands)
+    if not valid.any():
+        raise SceneError(f"{dataset.name} has no valid (non-nodata) pixel")
+    lo, hi = [], []
+    for band in data:
+        values = band[valid].astype(np.float64)
+        low, high = np.percentile(values, PERCENTILES)
+        lo.append(float(low))
+        hi.append(float(high) if high > low else float(low) + 1.0)
+    return Scaling(tuple(lo), tuple(hi))
+
+
+__all__ = [
+    "PERCENTILES",
+    "SCALES",
+    "Scale",
+    "Scaling",
+    "decimated_sample",
+    "estimate_scaling",
+    "select_bands",
+]

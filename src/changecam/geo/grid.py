@@ -1,0 +1,188 @@
+"""The two dates of a scene on one pixel grid: open a pair, compare grids, reproject the post.
+
+The pre scene's grid (CRS, affine transform, width and height) is the grid of every output.
+If the post scene has the same grid it is read as it is; otherwise ``input.align=reproject``
+(the default) reads it through a :class:`rasterio.vrt.WarpedVRT` onto the pre grid (bilinear;
+pixels outside the post scene are masked), and ``input.align=strict`` refuses the pair naming
+both grids. A pair without any overlap, or with a CRS on one side only, is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+
+Align = Literal["reproject", "strict"]
+ALIGNS: tuple[str, ...] = get_args(Align)
+
+
+class SceneError(ValueError):
+    """A scene pair changecam refuses (unreadable, misaligned, no overlap, bad bands ...)."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A raster's pixel grid: CRS (or ``None``), affine transform and size."""
+
+    crs: CRS | None
+    transform: Affine
+    width: int
+    height: int
+
+    @classmethod
+    def of(cls, dataset: Any) -> Grid:
+        return cls(dataset.crs, dataset.transform, dataset.width, dataset.height)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top) in the grid's CRS."""
+        xs, ys = [], []
+        for col, row in ((0, 0), (self.width, 0), (0, self.height), (self.width, self.height)):
+            x, y = self.transform * (col, row)
+            xs.append(x)
+            ys.append(y)
+        return min(xs), min(ys), max(xs), max(ys)
+
+    @property
+    def pixel_area(self) -> float:
+        """Area of one pixel in CRS units squared (|determinant| of the transform)."""
+        return abs(self.transform.determinant)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def describe(self) -> str:
+        crs = self.crs.to_string() if self.crs else "no CRS"
+        t = self.transform
+        return (
+            f"{crs}, {self.width}x{self.height} px, origin ({t.c:.10g}, {t.f:.10g}), "
+            f"pixel ({t.a:.6g}, {t.e:.6g})"
+            + (f", rotation ({t.b:.6g}, {t.d:.6g})" if t.b or t.d else "")
+        )
+
+    def same_as(self, other: Grid) -> bool:
+        return (
+            self.crs == other.crs
+            and self.transform.almost_equals(other.transform, precision=1e-9)
+            and (self.width, self.height) == (other.width, other.height)
+        )
+
+
+def open_raster(path: str | Path, stack: ExitStack) -> Any:
+    """Open a raster for reading inside ``stack``; unreadable files name themselves.
+
+    Raises:
+        SceneError: the file is missing or is not a raster GDAL can read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SceneError(f"input scene {path} does not exist")
+    try:
+        return stack.enter_context(rasterio.open(path))
+    except RasterioError as err:
+        raise SceneError(
+            f"{path} cannot be read as a GeoTIFF (corrupt or truncated?): {err}"
+        ) from err
+
+
+@dataclass(frozen=True)
+class ScenePair:
+    """An opened pair on the pre grid: ``post`` is the post dataset or its WarpedVRT."""
+
+    pre: Any
+    post: Any
+    post_source: Any  # the post dataset as stored (band count, dtype, scaling sample)
+    grid: Grid
+    reprojected: bool
+    pre_path: Path
+    post_path: Path
+
+
+def check_overlap(pre: Grid, post: Grid, pre_path: Path, post_path: Path) -> None:
+    """Refuse a pair whose footprints do not intersect (in the pre CRS)."""
+    left, bottom, right, top = pre.bounds
+    if pre.crs is not None and post.crs is not None and pre.crs != post.crs:
+        pl, pb, pr, pt = transform_bounds(post.crs, pre.crs, *post.bounds, densify_pts=21)
+    else:
+        pl, pb, pr, pt = post.bounds
+    if min(right, pr) <= max(left, pl) or min(top, pt) <= max(bottom, pb):
+        raise SceneError(
+            f"the scenes do not overlap: {pre_path} covers {pre.bounds} and {post_path} covers "
+            f"{(pl, pb, pr, pt)} (in the pre scene's CRS {pre.crs.to_string() if pre.crs else 'none'})"
+        )
+
+
+@contextmanager
+def open_pair(
+    pre_path: str | Path, post_path: str | Path, align: Align = "reproject"
+) -> Iterator[ScenePair]:
+    """Open both dates; the post one on the pre grid (see the module docstring).
+
+    Raises:
+        SceneError: unreadable file, CRS on one side only, no overlap, or (``strict``)
+            different grids.
+    """
+    if align not in ALIGNS:
+        raise SceneError(f"input.align={align!r} is not allowed; expected one of {ALIGNS}")
+    pre_path, post_path = Path(pre_path), Path(post_path)
+    with ExitStack() as stack:
+        pre = open_raster(pre_path, stack)
+        post = open_raster(post_path, stack)
+        pre_grid, post_grid = Grid.of(pre), Grid.of(post)
+        if (pre_grid.crs is None) != (post_grid.crs is None):
+            has, lacks = (pre_path, post_path) if post_grid.crs is None else (post_path, pre_path)
+            raise SceneError(
+                f"{lacks} has no CRS but {has} has one ({(pre_grid.crs or post_grid.crs).to_string()}); "
+                "both dates need a CRS (or neither, for pixel-aligned scenes of the same size)"
+            )
+        if pre_grid.same_as(post_grid):
+            yield ScenePair(pre, post, post, pre_grid, False, pre_path, post_path)
+            return
+        if align == "strict":
+            raise SceneError(
+                f"input.align=strict: the scenes are on different grids: {pre_path}: "
+                f"{pre_grid.describe()}; {post_path}: {post_grid.describe()} "
+                "(input.align=reproject reads the post scene on the pre grid)"
+            )
+        check_overlap(pre_grid, post_grid, pre_path, post_path)
+        if pre_grid.crs is None:
+            raise SceneError(
+                f"the scenes have no CRS and different grids ({pre_path}: {pre_grid.describe()}; "
+                f"{post_path}: {post_grid.describe()}): without a CRS they cannot be aligned"
+            )
+        vrt = stack.enter_context(
+            WarpedVRT(
+                post,
+                crs=pre_grid.crs,
+                transform=pre_grid.transform,
+                width=pre_grid.width,
+                height=pre_grid.height,
+                resampling=Resampling.bilinear,
+                add_alpha=post.nodata is None,  # pixels outside the post scene are masked
+            )
+        )
+        yield ScenePair(pre, vrt, post, pre_grid, True, pre_path, post_path)
+
+
+__all__ = [
+    "ALIGNS",
+    "Align",
+    "Grid",
+    "ScenePair",
+    "SceneError",
+    "check_overlap",
+    "open_pair",
+    "open_raster",
+]

@@ -1,0 +1,229 @@
+"""One polygon per changed region of a scene, built block by block in bounded memory.
+
+Each block of ``change.tif`` is labelled into 4-connected regions
+(:func:`cv2.connectedComponentsWithStats`), and each region is traced into a polygon by
+:func:`rasterio.features.shapes` (4-connected too) in the scene's CRS. Per region the block
+sums what its record needs: pixel count, summed probability, summed positive pre and post
+HiResCAM. Regions that touch an inner block edge are joined with their neighbours across it
+(shapely: pieces whose boundaries share a segment, not just a corner), summing their sums.
+Every record carries:
+
+* ``area_m2``: pixel count × pixel area (``null`` when the CRS is not in metres) and
+  ``pixels``;
+* ``mean_probability``: the mean change probability of its pixels;
+* ``post_share``: ``ΣReLU(post) / (ΣReLU(pre) + ΣReLU(post))`` of the explanation raster's
+  HiResCAM bands over its pixels (``null`` without an explanation, or where both are 0).
+
+``predict.min_area_m2`` drops smaller regions (in pixels × pixel area, also without metres).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import rasterio
+import rasterio.features
+import rasterio.windows
+from shapely import STRtree
+from shapely.geometry import mapping, shape
+from shapely.ops import unary_union
+
+from changecam.atomic import atomic_open, strict_json
+from changecam.data.io import PROBABILITY_SCALE
+from changecam.geo.grid import Grid
+from changecam.geo.windows import Block
+
+
+@dataclass
+class Piece:
+    """A changed region of one block (or several joined pieces)."""
+
+    geometry: Any
+    pixels: int
+    probability_sum: float
+    pre_mass: float
+    post_mass: float
+    open_edge: bool = False  # touches an inner block edge: may continue in a neighbour
+    parts: list[Any] = field(default_factory=list)
+
+    def absorb(self, other: Piece) -> None:
+        self.parts.append(other.geometry)
+        self.pixels += other.pixels
+        self.probability_sum += other.probability_sum
+        self.pre_mass += other.pre_mass
+        self.post_mass += other.post_mass
+
+
+def block_pieces(
+    block: Block,
+    change: np.ndarray,
+    probability: np.ndarray,
+    explanation: np.ndarray | None,
+    transform: Any,
+    grid: Grid,
+) -> list[Piece]:
+    """The changed regions of one block (``change`` == 1) with their sums."""
+    changed = (change == 1).astype(np.uint8)
+    count, labels = cv2.connectedComponents(changed, connectivity=4, ltype=cv2.CV_32S)
+    if count <= 1:
+        return []
+    flat = labels.ravel()
+    pixels = np.bincount(flat, minlength=count)
+    prob_sum = np.bincount(flat, weights=probability.ravel().astype(np.float64), minlength=count)
+    if explanation is not None:
+        pre = np.nan_to_num(np.clip(explanation[0], 0, None)).ravel().astype(np.float64)
+        post = np.nan_to_num(np.clip(explanation[1], 0, None)).ravel().astype(np.float64)
+        pre_mass = np.bincount(flat, weights=pre, minlength=count)
+        post_mass = np.bincount(flat, weights=post, minlength=count)
+    else:
+        pre_mass = post_mass = np.full(count, np.nan)
+    edges: set[int] = set()
+    if block.row > 0:
+        edges |= set(labels[0].tolist())
+    if block.row + block.height < grid.height:
+        edges |= set(labels[-1].tolist())
+    if block.col > 0:
+        edges |= set(labels[:, 0].tolist())
+    if block.col + block.width < grid.width:
+        edges |= set(labels[:, -1].tolist())
+    geoms: dict[int, list[Any]] = {}
+    for geom, value in rasterio.features.shapes(
+        labels, mask=labels > 0, connectivity=4, transform=transform
+    ):
+        geoms.setdefault(int(value), []).append(shape(geom))
+    return [
+        Piece(
+            geometry=parts[0] if len(parts) == 1 else unary_union(parts),
+            pixels=int(pixels[label]),
+            probability_sum=float(prob_sum[label]),
+            pre_mass=float(pre_mass[label]),
+            post_mass=float(post_mass[label]),
+            open_edge=label in edges,
+        )
+        for label, parts in geoms.items()
+    ]
+
+
+def join_pieces(pieces: Sequence[Piece]) -> list[Piece]:
+    """Join open pieces whose boundaries share a segment (one region cut by block edges)."""
+    if not pieces:
+        return []
+    tree = STRtree([p.geometry for p in pieces])
+    parent = list(range(len(pieces)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, piece in enumerate(pieces):
+        for j in tree.query(piece.geometry, predicate="intersects"):
+            j = int(j)
+            if j <= i or root(i) == root(j):
+                continue
+            if piece.geometry.intersection(pieces[j].geometry).length > 0:  # an edge, not a corner
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pieces)):
+        groups.setdefault(root(i), []).append(i)
+    joined = []
+    for members in groups.values():
+        first = pieces[members[0]]
+        merged = Piece(
+            first.geometry, first.pixels, first.probability_sum, first.pre_mass, first.post_mass
+        )
+        for k in members[1:]:
+            merged.absorb(pieces[k])
+        if merged.parts:
+            merged.geometry = unary_union([first.geometry, *merged.parts])
+            merged.parts = []
+        joined.append(merged)
+    return joined
+
+
+def metric_crs(grid: Grid) -> bool:
+    """Whether the scene's CRS is projected in metres (areas in m²)."""
+    if grid.crs is None or not grid.crs.is_projected:
+        return False
+    units = (grid.crs.linear_units or "").lower()
+    return units in ("metre", "meter", "m", "metres", "meters")
+
+
+def scene_polygons(
+    change_path: Path,
+    probability_path: Path,
+    explanation_path: Path | None,
+    blocks: Sequence[Block],
+    grid: Grid,
+    min_area_m2: float = 0.0,
+) -> list[dict[str, Any]]:
+    """The GeoJSON features of the changed regions (see the module docstring), read block by
+    block from the (partial) rasters."""
+    closed: list[Piece] = []
+    open_pieces: list[Piece] = []
+    with rasterio.open(change_path) as change_ds, rasterio.open(probability_path) as prob_ds:
+        expl_ds = rasterio.open(explanation_path) if explanation_path is not None else None
+        try:
+            for block in blocks:
+                window = block.window
+                change = change_ds.read(1, window=window)
+                if not (change == 1).any():
+                    continue
+                probability = prob_ds.read(1, window=window).astype(np.float32) / PROBABILITY_SCALE
+                explanation = expl_ds.read(window=window) if expl_ds is not None else None
+                transform = rasterio.windows.transform(window, grid.transform)
+                for piece in block_pieces(block, change, probability, explanation, transform, grid):
+                    (open_pieces if piece.open_edge else closed).append(piece)
+        finally:
+            if expl_ds is not None:
+                expl_ds.close()
+    regions = closed + join_pieces(open_pieces)
+    area = grid.pixel_area
+    metres = metric_crs(grid)
+    features = []
+    for piece in sorted(regions, key=lambda p: (-p.geometry.bounds[3], p.geometry.bounds[0])):
+        region_area = piece.pixels * area
+        if region_area < min_area_m2:
+            continue
+        total = piece.pre_mass + piece.post_mass
+        post_share = piece.post_mass / total if np.isfinite(total) and total > 0 else None
+        features.append(
+            {
+                "type": "Feature",
+                "id": len(features) + 1,
+                "geometry": mapping(piece.geometry),
+                "properties": {
+                    "id": len(features) + 1,
+                    "pixels": piece.pixels,
+                    "area_m2": region_area if metres else None,
+                    "mean_probability": piece.probability_sum / piece.pixels,
+                    "post_share": post_share,
+                },
+            }
+        )
+    return features
+
+
+def write_geojson(path: Path, features: Iterable[dict[str, Any]], grid: Grid) -> None:
+    """A GeoJSON FeatureCollection in the scene's CRS (named in its ``crs`` member, which QGIS
+    and GDAL read), written atomically, one feature at a time."""
+    head: dict[str, Any] = {"type": "FeatureCollection"}
+    if grid.crs is not None:
+        epsg = grid.crs.to_epsg()
+        name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else grid.crs.to_wkt()
+        head["crs"] = {"type": "name", "properties": {"name": name}}
+    with atomic_open(path, "w") as f:
+        f.write(json.dumps(head, allow_nan=False)[:-1] + ', "features": [\n')
+        for i, feature in enumerate(features):
+            f.write(("" if i == 0 else ",\n") + json.dumps(strict_json(feature), allow_nan=False))
+        f.write("\n]}\n")
+
+
+__all__ = ["Piece", "block_pieces", "join_pieces", "metric_crs", "scene_polygons", "write_geojson"]

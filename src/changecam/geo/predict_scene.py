@@ -1,0 +1,472 @@
+"""Predict (and explain) one georeferenced scene pair, block by block, in bounded memory.
+
+:func:`predict_scene` opens the pair on the pre grid (:mod:`changecam.geo.grid`), chooses and
+scales the bands (:mod:`changecam.geo.bands`), cuts the scene into blocks with the halo of
+their sliding windows (:mod:`changecam.geo.windows`; a background thread decodes the next
+blocks), blends each block's windows with the one sliding-window blend
+(:func:`changecam.models.sliding_window.blend_windows`) — with the explanation on, each batch
+of windows goes through the one explanation runner
+(:func:`changecam.explain.explain_tensors`: HiResCAM of the chosen layer for the window's
+predicted change, nodata excluded) and the maps are blended like the logits — and writes every
+block to the partial rasters (:mod:`changecam.geo.write`). When all blocks are done it traces
+the polygons (:mod:`changecam.geo.polygons`), builds the overviews, renames the files into
+place and writes ``scene.json`` last.
+
+``blocks.jsonl`` in the scene's folder records the run's settings and each finished block.
+``resume=True`` keeps the blocks it lists when the settings match and the partial rasters are
+readable; otherwise the scene starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from changecam.atomic import append_json_line, strict_json, write_json, write_text
+from changecam.data.transforms import image_to_tensor
+from changecam.explain import ExplainSettings, FaithfulnessSettings, explain_tensors
+from changecam.explain.hirescam import choose_layer, per_date_layers, resolve_taps
+from changecam.geo.bands import Scale, decimated_sample, estimate_scaling, select_bands
+from changecam.geo.grid import Align, SceneError, open_pair
+from changecam.geo.polygons import scene_polygons, write_geojson
+from changecam.geo.windows import Block, Region, block_grid, prefetched, read_region
+from changecam.geo.write import EXPLANATION_BANDS, TILE, SceneFiles, tile_side
+from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
+
+log = logging.getLogger("changecam")
+LOG_FILE = "blocks.jsonl"
+REPORT_FILE = "scene.json"
+GEOTIFF_SUFFIXES = (".tif", ".tiff")
+GDAL_CACHE_MB = 128
+
+
+def is_geotiff(path: str | Path) -> bool:
+    """Whether predict.py treats ``path`` as a (Geo)TIFF scene."""
+    return Path(path).suffix.lower() in GEOTIFF_SUFFIXES
+
+
+@dataclass(frozen=True)
+class SceneSettings:
+    """How a scene is read, predicted and written (``input.*`` and ``predict.*`` keys).
+
+    Args:
+        threshold: probability above which a pixel is change.
+        bands: 1-based band indexes read from both dates; ``None``: every band.
+        scale: ``percentile`` (2-98 % per scene; uint8 unchanged), ``fixed`` or ``none``.
+        scale_min: ``fixed``: the value mapped to 0 (one, or one per band).
+        scale_max: ``fixed``: the value mapped to 255.
+        align: ``reproject`` the post scene onto the pre grid, or ``strict``: refuse.
+        block_size: side of the output blocks (a multiple of 256).
+        batch_size: windows per forward pass; ``None``: ``sliding_window.batch_size``.
+        min_area_m2: smaller changed regions get no polygon.
+        explain: write ``explanation.tif`` and the polygons' post share.
+        explain_layer: per-date layer of the explanation; ``None``: the deepest.
+        prefetch: blocks the reader thread decodes ahead.
+        progress: show the progress bar.
+    """
+
+    threshold: float = 0.5
+    bands: tuple[int, ...] | None = None
+    scale: Scale = "percentile"
+    scale_min: float | tuple[float, ...] | None = None
+    scale_max: float | tuple[float, ...] | None = None
+    align: Align = "reproject"
+    block_size: int = 1024
+    batch_size: int | None = None
+    min_area_m2: float = 0.0
+    explain: bool = True
+    explain_layer: str | None = None
+    prefetch: int = 2
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("bands", "scale_min", "scale_max"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, (int, float)):
+                object.__setattr__(self, key, tuple(value))
+        if self.block_size < 16 or self.block_size % 16:
+            raise SceneError(
+                f"predict.block_size={self.block_size} must be a multiple of 16 (best of {TILE})"
+            )
+        if self.batch_size is not None and self.batch_size < 1:
+            raise SceneError(f"predict.batch_size={self.batch_size} must be >= 1 (or null)")
+        if self.min_area_m2 < 0:
+            raise SceneError(f"predict.min_area_m2={self.min_area_m2} must be >= 0")
+
+    def resumable(self) -> dict[str, Any]:
+        """What a resumed run must repeat (the progress bar and read-ahead may differ)."""
+        record = asdict(self)
+        for key in ("prefetch", "progress", "min_area_m2"):
+            record.pop(key)
+        return strict_json(record)
+
+
+@dataclass
+class BlockLog:
+    """``blocks.jsonl``: a ``started`` line with the settings, then one line per finished block."""
+
+    path: Path
+    done: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        records = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a killed append
+                continue
+        return records
+
+    def start(self, settings: dict[str, Any], resume: bool, readable: bool) -> bool:
+        """Start the log, or continue it (``resume``, same settings, readable partial
+        rasters); returns whether the run continues an earlier one."""
+        records = self.read()
+        same = bool(records) and records[0].get("settings") == settings
+        if resume and records and not same:
+            before = records[0].get("settings") or {}
+            changed = [
+                k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)
+            ]
+            raise SceneError(
+                f"predict.resume=true but {self.path} was started with other settings "
+                f"({', '.join(changed) or 'unreadable header'} differ); resume with those settings "
+                "or rerun without predict.resume"
+            )
+        if resume and same and readable:
+            self.done = {r["block"]: r for r in records[1:] if "block" in r}
+            return True
+        if resume:
+            log.warning(
+                "predict.resume=true but %s has nothing to resume: starting over", self.path.parent
+            )
+        self.done = {}
+        write_text(
+            self.path,
+            json.dumps({"status": "started", "settings": settings}, sort_keys=True) + "\n",
+        )
+        return False
+
+    def add(self, record: dict[str, Any]) -> None:
+        append_json_line(self.path, record)
+        self.done[record["block"]] = record
+
+
+def input_record(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+class SceneNetwork:
+    """The network applied to the windows of a block: logits, and (explained) the blended
+    HiResCAM maps of both dates at one layer."""
+
+    def __init__(
+        self, net: nn.Module, spec: SlidingWindow, threshold: float, layer: str | None
+    ) -> None:
+        self.net, self.spec, self.layer = net, spec, layer
+        self.settings = (
+            ExplainSettings(
+                taps=(layer,),
+                methods=("hirescam",),
+                threshold=threshold,
+                faithfulness=FaithfulnessSettings(enabled=False),
+            )
+            if layer is not None
+            else None
+        )
+
+    def windows(self, pre: Tensor, post: Tensor, valid: Tensor) -> Tensor:
+        """``N x K x w x w``: logits (K = 1) or logits, pre map, post map (K = 3)."""
+        if self.settings is None:
+            with torch.no_grad():
+                return self.net(pre, post).float()
+        result = explain_tensors(
+            self.net, pre, post, self.settings, valid=valid[:, 0] > 0.5, upsample=True
+        ).explanation
+        maps = result.upsampled["hirescam"]
+        stacked = torch.stack(
+            [result.logits[:, 0], maps[f"pre/{self.layer}"], maps[f"post/{self.layer}"]], dim=1
+        )
+        return stacked.to(pre.device)
+
+    def block(
+        self,
+        region: Region,
+        device: torch.device,
+        reuse: dict[tuple[int, int], Tensor] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The block's probability (``h x w``) and explanation bands (``3 x h x w`` or ``None``);
+        ``reuse`` holds the window outputs shared with neighbouring blocks."""
+        block, size, mode = region.block, self.spec.window, self.spec.pad_mode
+        x_pre = pad_to(image_to_tensor(region.pre)[None].to(device), size, size, mode)
+        x_post = pad_to(image_to_tensor(region.post)[None].to(device), size, size, mode)
+        valid = torch.from_numpy(region.valid)[None, None].float().to(device)
+        valid = pad_to(valid, size, size, "constant")
+        out = blend_windows(
+            self.windows,
+            (x_pre, x_post, valid),
+            block.rows,
+            block.cols,
+            self.spec,
+            reuse=reuse,
+            origin=(block.region_row, block.region_col),
+        )
+        r, c = block.row - block.region_row, block.col - block.region_col
+        out = out[0, :, r : r + block.height, c : c + block.width].cpu().numpy()
+        probability = 1.0 / (1.0 + np.exp(-out[0].astype(np.float64)))
+        if out.shape[0] == 1:
+            return probability.astype(np.float32), None
+        pre, post = np.clip(out[1], 0, None), np.clip(out[2], 0, None)
+        total = pre + post
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(total > 0, post / np.where(total > 0, total, 1), np.nan)
+        return probability.astype(np.float32), np.stack([out[1], out[2], share]).astype(np.float32)
+
+
+def finished_scene(
+    folder: Path, files: SceneFiles, block_log: BlockLog, record: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The summary of a scene a run with the same settings finished (every output there)."""
+    report = folder / REPORT_FILE
+    records = block_log.read()
+    if not (report.is_file() and records and records[0].get("settings") == record):
+        return None
+    if not all(files.final(what).is_file() for what in files.outputs):
+        return None
+    return json.loads(report.read_text())
+
+
+def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
+    """For each window start (scene pixels), the index of the last block that uses it."""
+    last: dict[tuple[int, int], int] = {}
+    for block in blocks:  # in index order: the last block seen wins
+        for r in block.rows:
+            for c in block.cols:
+                last[(block.region_row + r, block.region_col + c)] = block.index
+    return last
+
+
+def predict_scene(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """:func:`_predict_scene` with GDAL's block cache capped at :data:`GDAL_CACHE_MB` (its
+    default, 5 % of the machine's memory, would grow with the scene while writing and
+    building overviews)."""
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        return _predict_scene(*args, **kwargs)
+
+
+def _predict_scene(
+    net: nn.Module,
+    pre_path: str | Path,
+    post_path: str | Path,
+    folder: str | Path,
+    spec: SlidingWindow,
+    settings: SceneSettings,
+    device: torch.device | str = "cpu",
+    *,
+    resume: bool = False,
+    run_record: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Predict one scene pair into ``folder`` (see the module docstring); returns the summary
+    also written to ``folder/scene.json``.
+
+    Args:
+        net: the network (eval mode, on ``device``).
+        pre_path: the first date (its grid is the outputs' grid).
+        post_path: the second date.
+        folder: the scene's output folder.
+        spec: the sliding window (window, overlap, blend, padding).
+        settings: bands, scaling, alignment, blocks, explanation, polygons.
+        device: where the network runs.
+        resume: continue an earlier run of the same settings in ``folder``.
+        run_record: what else a resumed run must repeat (checkpoint, ...).
+        name: the scene's name in the summary (default: the pre file's stem).
+
+    Raises:
+        SceneError: the pair is refused (nothing that looks finished is left).
+    """
+    started = time.perf_counter()
+    pre_path, post_path, folder = Path(pre_path), Path(post_path), Path(folder)
+    device = torch.device(device)
+    check_window(net, spec.window)
+    if settings.batch_size is not None:
+        spec = SlidingWindow(**{**asdict(spec), "batch_size": settings.batch_size})
+    layer = None
+    if settings.explain:
+        layers = per_date_layers(resolve_taps(net, None))
+        layer = choose_layer(layers, settings.explain_layer, "predict.explain_layer")
+    with open_pair(pre_path, post_path, settings.align) as pair:
+        bands = select_bands(
+            pair.pre, pair.post_source, settings.bands, getattr(net, "in_channels", None)
+        )
+        scaling = []
+        for dataset in (pair.pre, pair.post_source):
+            try:
+                sample = decimated_sample(dataset, bands)
+            except Exception as err:
+                raise SceneError(
+                    f"{dataset.name} cannot be read (corrupt or truncated?): {err}"
+                ) from err
+            if not sample[1].any():
+                raise SceneError(f"{dataset.name} is all nodata: no pixel to predict")
+            scaling.append(
+                estimate_scaling(
+                    dataset, bands, settings.scale, settings.scale_min, settings.scale_max, sample
+                )
+            )
+        grid = pair.grid
+        blocks = block_grid(grid.height, grid.width, settings.block_size, spec)
+        files = SceneFiles(folder, layer is not None, tile_side(settings.block_size))
+        record = {
+            **(run_record or {}),
+            "pre": input_record(pre_path),
+            "post": input_record(post_path),
+            "sliding_window": asdict(spec),
+            "scene": settings.resumable(),
+            "explain_layer": layer,
+        }
+        block_log = BlockLog(folder / LOG_FILE)
+        record = strict_json(record)
+        finished = finished_scene(folder, files, block_log, record) if resume else None
+        if finished is not None:
+            log.info("%s is finished already (predict.resume=true): kept", folder)
+            return finished
+        folder.mkdir(parents=True, exist_ok=True)
+        continued = block_log.start(record, resume, resume and files.partials_readable())
+        (folder / REPORT_FILE).unlink(missing_ok=True)  # from here on the scene is unfinished
+        files.remove(("final",))
+        if not continued:
+            files.create(grid, {"threshold": str(settings.threshold), "explain_layer": str(layer)})
+        todo = [b for b in blocks if b.index not in block_log.done]
+        if continued:
+            log.info(
+                "resuming %s: %d of %d blocks already done",
+                folder,
+                len(blocks) - len(todo),
+                len(blocks),
+            )
+        runner = SceneNetwork(net, spec, settings.threshold, layer)
+        total_windows = sum(b.windows for b in blocks)
+        bar = tqdm(
+            total=total_windows,
+            initial=total_windows - sum(b.windows for b in todo),
+            desc=f"scene {name or pre_path.stem}",
+            unit="window",
+            disable=not settings.progress,
+        )
+        done_pixels = sum(b.pixels for b in blocks if b.index in block_log.done)
+        compute_started = time.perf_counter()
+
+        def read(block: Block) -> Region:
+            try:
+                return read_region(pair.pre, pair.post, bands, (scaling[0], scaling[1]), block)
+            except SceneError:
+                raise
+            except Exception as err:
+                raise SceneError(
+                    f"reading block {block.index} (rows {block.region_row}.., cols "
+                    f"{block.region_col}..) of {pre_path} / {post_path} failed (corrupt or "
+                    f"truncated file?): {err}"
+                ) from err
+
+        reuse: dict[tuple[int, int], Tensor] = {}
+        last_use = window_last_use(blocks)
+        with bar:
+            for region in prefetched(todo, read, settings.prefetch):
+                block = region.block
+                inner = region.valid[
+                    block.row - block.region_row : block.row - block.region_row + block.height,
+                    block.col - block.region_col : block.col - block.region_col + block.width,
+                ]
+                probability, explanation = runner.block(region, device, reuse)
+                for start in [k for k in reuse if last_use[k] <= block.index]:
+                    del reuse[start]  # no later block needs this window
+                files.write_block(block, probability, inner, settings.threshold, explanation)
+                changed = (probability > settings.threshold) & inner
+                entry = {
+                    "block": block.index,
+                    "valid": int(inner.sum()),
+                    "changed": int(changed.sum()),
+                }
+                if explanation is not None:
+                    entry["pre_mass"] = float(np.clip(explanation[0], 0, None)[changed].sum())
+                    entry["post_mass"] = float(np.clip(explanation[1], 0, None)[changed].sum())
+                block_log.add(entry)
+                done_pixels += block.pixels
+                bar.update(block.windows)
+                bar.set_postfix_str(f"{done_pixels / 1e6:.1f}/{grid.pixels / 1e6:.1f} MP")
+        compute_seconds = time.perf_counter() - compute_started
+    valid = sum(r["valid"] for r in block_log.done.values())
+    if valid == 0:
+        files.remove(("partial",))
+        (folder / LOG_FILE).unlink(missing_ok=True)
+        raise SceneError(
+            f"no pixel of {pre_path} is valid in both dates (all nodata where the scenes overlap)"
+        )
+    features = scene_polygons(
+        files.partial("change"),
+        files.partial("probability"),
+        files.partial("explanation") if layer is not None else None,
+        blocks,
+        grid,
+        settings.min_area_m2,
+    )
+    write_geojson(files.partial("polygons"), features, grid)
+    files.build_overviews(grid)
+    written = files.publish()
+    changed = sum(r["changed"] for r in block_log.done.values())
+    pre_mass = sum(r.get("pre_mass", 0.0) for r in block_log.done.values())
+    post_mass = sum(r.get("post_mass", 0.0) for r in block_log.done.values())
+    summary = strict_json(
+        {
+            "name": name or pre_path.stem,
+            "pre": str(pre_path),
+            "post": str(post_path),
+            "crs": grid.crs.to_string() if grid.crs else None,
+            "transform": list(grid.transform)[:6],
+            "size": [grid.height, grid.width],
+            "bands": list(bands),
+            "scaling": {"pre": scaling[0].record(), "post": scaling[1].record()},
+            "post_reprojected": pair.reprojected,
+            "blocks": len(blocks),
+            "windows": total_windows,
+            "resumed_blocks": len(blocks) - len(todo),
+            "valid_pixels": valid,
+            "changed_pixels": changed,
+            "changed_fraction": changed / valid,
+            "polygons": len(features),
+            "explain_layer": layer,
+            "explanation_bands": list(EXPLANATION_BANDS) if layer else None,
+            "post_share": post_mass / (pre_mass + post_mass) if pre_mass + post_mass > 0 else None,
+            "threshold": settings.threshold,
+            "min_area_m2": settings.min_area_m2,
+            "seconds": time.perf_counter() - started,
+            "compute_seconds": compute_seconds,
+            "files": written,
+        }
+    )
+    write_json(folder / REPORT_FILE, summary)
+    return summary
+
+
+__all__ = [
+    "GEOTIFF_SUFFIXES",
+    "LOG_FILE",
+    "REPORT_FILE",
+    "SceneNetwork",
+    "SceneSettings",
+    "is_geotiff",
+    "predict_scene",
+]

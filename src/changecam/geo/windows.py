@@ -1,0 +1,164 @@
+"""Cut a scene into output blocks, each with the halo its sliding windows need, and read the
+next blocks in a background thread while the network runs.
+
+The sliding windows are those of the *whole* scene (:func:`changecam.models.sliding_window.
+window_starts` over its height and width). An output block takes every window that touches it;
+the region read is the union of those windows (the block plus a halo of at most one window),
+so blending the region's windows (:func:`~changecam.models.sliding_window.blend_windows`) gives
+each block pixel exactly the value a whole-scene blend would give. Scenes narrower than one
+window are padded like the PNG path pads them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+
+from changecam.geo.bands import Scaling
+from changecam.models.sliding_window import SlidingWindow, window_starts
+
+
+@dataclass(frozen=True)
+class Block:
+    """One output block (``row``, ``col``, ``height``, ``width`` in scene pixels) and the region
+    read for it (``region_*``), with the window starts inside that region."""
+
+    index: int
+    row: int
+    col: int
+    height: int
+    width: int
+    region_row: int
+    region_col: int
+    region_height: int  # read from the scene (may be less than the windows span: padding)
+    region_width: int
+    rows: tuple[int, ...]  # window starts, relative to the region
+    cols: tuple[int, ...]
+
+    @property
+    def window(self) -> Window:
+        return Window(self.col, self.row, self.width, self.height)
+
+    @property
+    def region(self) -> Window:
+        return Window(self.region_col, self.region_row, self.region_width, self.region_height)
+
+    @property
+    def windows(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+def _axis(
+    start: int, stop: int, length: int, window: int, stride: int
+) -> tuple[int, int, list[int]]:
+    """Region start, region length read from the scene, and window starts (relative) of the
+    windows covering ``[start, stop)`` along one axis."""
+    starts = window_starts(max(length, window), window, stride)
+    used = [s for s in starts if s < stop and s + window > start]
+    first = used[0]
+    end = min(length, used[-1] + window)
+    return first, end - first, [s - first for s in used]
+
+
+def block_grid(height: int, width: int, block: int, spec: SlidingWindow) -> list[Block]:
+    """The blocks of a ``height x width`` scene, row-major, ``block`` pixels a side."""
+    blocks = []
+    for row in range(0, height, block):
+        bh = min(block, height - row)
+        r0, rh, rows = _axis(row, row + bh, height, spec.window, spec.stride)
+        for col in range(0, width, block):
+            bw = min(block, width - col)
+            c0, cw, cols = _axis(col, col + bw, width, spec.window, spec.stride)
+            blocks.append(
+                Block(len(blocks), row, col, bh, bw, r0, c0, rh, cw, tuple(rows), tuple(cols))
+            )
+    return blocks
+
+
+@dataclass
+class Region:
+    """The decoded inputs of one block's region: uint8 ``H x W x C`` per date, valid mask."""
+
+    block: Block
+    pre: np.ndarray
+    post: np.ndarray
+    valid: np.ndarray  # bool H x W: valid in both dates
+
+
+def read_region(
+    pre: Any, post: Any, bands: Sequence[int], scaling: tuple[Scaling, Scaling], block: Block
+) -> Region:
+    """Read and scale one block's region of both dates (nodata pixels set to 0)."""
+    window = block.region
+    arrays, valid = [], None
+    for dataset, scale in zip((pre, post), scaling, strict=True):
+        data = dataset.read(list(bands), window=window)
+        mask = dataset.dataset_mask(window=window) > 0
+        valid = mask if valid is None else valid & mask
+        arrays.append(scale.apply(data))
+    assert valid is not None
+    for image in arrays:
+        image[~valid] = 0
+    return Region(block, arrays[0], arrays[1], valid)
+
+
+_DONE = object()
+
+
+def prefetched(
+    blocks: Sequence[Block], read: Callable[[Block], Region], depth: int = 2
+) -> Iterator[Region]:
+    """``read(block)`` for every block, in order, decoded by a background thread up to
+    ``depth`` blocks ahead; an error in the thread is raised here, and leaving the loop early
+    stops the thread."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for block in blocks:
+                if stop.is_set():
+                    return
+                item: Any = read(block)
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:  # handed to the consumer
+            slots.put(err)
+            return
+        slots.put(_DONE)
+
+    thread = threading.Thread(target=worker, name="changecam-scene-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
+
+
+__all__ = ["Block", "Region", "block_grid", "prefetched", "read_region"]

@@ -1,0 +1,189 @@
+"""The map-ready rasters of one scene, written block by block to hidden partial files that are
+renamed into place, all together, only when the whole scene is done.
+
+* ``change.tif``: uint8, 1 = change, 0 = no change, 255 = nodata (either date had none);
+* ``probability.tif``: uint16, ``p = value / 65535``, nodata pixels masked (an internal mask);
+* ``explanation.tif`` (when explained): float32, bands ``pre_hirescam``, ``post_hirescam``
+  (HiResCAM of the chosen layer, logit contribution per pixel, blended like the logits) and
+  ``post_share`` (``ReLU(post) / (ReLU(pre) + ReLU(post))`` per pixel; NaN where undefined);
+  nodata NaN.
+
+Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression and
+overviews (built at the end). Until then the files are ``.<name>.part`` beside their final
+name, which no ``*.tif`` glob matches: a killed run never leaves a file that looks finished.
+Each block is written in its own update session (open, write, close), so a block recorded as
+done in the scene's log is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+
+from changecam.atomic import fsync_directory
+from changecam.data.io import PROBABILITY_SCALE, encode_probability
+from changecam.geo.grid import Grid
+from changecam.geo.windows import Block
+
+TILE = 256  # the rasters' tile side (smaller blocks use their own side)
+CHANGE_NODATA = 255
+RASTERS = ("change", "probability", "explanation")
+EXPLANATION_BANDS = ("pre_hirescam", "post_hirescam", "post_share")
+OVERVIEW_RESAMPLING = {
+    "change": Resampling.mode,
+    "probability": Resampling.average,
+    "explanation": Resampling.average,
+}
+
+
+def partial_path(path: Path) -> Path:
+    """The hidden name a file has until its scene is finished."""
+    return path.with_name(f".{path.name}.part")
+
+
+def tile_side(block_size: int) -> int:
+    """The tile side of the rasters for blocks of ``block_size``: 256, or the block side when
+    that is not a multiple of 256 (GeoTIFF tiles are multiples of 16), so that every tile is
+    written by exactly one block."""
+    return TILE if block_size % TILE == 0 else block_size
+
+
+@dataclass(frozen=True)
+class SceneFiles:
+    """The output files of one scene in ``folder``."""
+
+    folder: Path
+    explain: bool
+    tile: int = TILE
+
+    def final(self, what: str) -> Path:
+        return self.folder / ("change.geojson" if what == "polygons" else f"{what}.tif")
+
+    def partial(self, what: str) -> Path:
+        return partial_path(self.final(what))
+
+    @property
+    def rasters(self) -> tuple[str, ...]:
+        return RASTERS if self.explain else RASTERS[:2]
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (*self.rasters, "polygons")
+
+    def profile(self, what: str, grid: Grid) -> dict[str, Any]:
+        common = {
+            "driver": "GTiff",
+            "width": grid.width,
+            "height": grid.height,
+            "crs": grid.crs,
+            "transform": grid.transform,
+            "tiled": True,
+            "blockxsize": self.tile,
+            "blockysize": self.tile,
+            "compress": "deflate",
+            "sparse_ok": True,  # tiles not written yet read as nodata and cost nothing
+            "BIGTIFF": "IF_SAFER",
+        }
+        if what == "change":
+            return {**common, "count": 1, "dtype": "uint8", "nodata": CHANGE_NODATA}
+        if what == "probability":
+            return {**common, "count": 1, "dtype": "uint16", "predictor": 2}
+        return {**common, "count": 3, "dtype": "float32", "nodata": float("nan"), "predictor": 3}
+
+    def create(self, grid: Grid, tags: dict[str, str]) -> None:
+        """Create the empty partial rasters (replacing any earlier ones)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for what in self.rasters:
+            with rasterio.open(self.partial(what), "w", **self.profile(what, grid)) as dst:
+                dst.update_tags(**tags)
+                if what == "explanation":
+                    for band, name in enumerate(EXPLANATION_BANDS, 1):
+                        dst.set_band_description(band, name)
+                elif what == "probability":
+                    dst.set_band_description(1, "change probability x 65535")
+                else:
+                    dst.set_band_description(1, "change (1), no change (0), nodata (255)")
+
+    def partials_readable(self) -> bool:
+        """Whether every partial raster is there and opens (a resumable earlier run)."""
+        try:
+            for what in self.rasters:
+                with rasterio.open(self.partial(what)):
+                    pass
+        except (rasterio.errors.RasterioError, OSError):
+            return False
+        return True
+
+    def write_block(
+        self,
+        block: Block,
+        probability: np.ndarray,
+        valid: np.ndarray,
+        threshold: float,
+        explanation: np.ndarray | None,
+    ) -> None:
+        """Write one block of every raster; closed (on disk) when this returns.
+
+        Args:
+            block: where.
+            probability: float32 ``h x w``.
+            valid: bool ``h x w``: valid in both dates.
+            threshold: probability above which a pixel is change.
+            explanation: float32 ``3 x h x w`` (:data:`EXPLANATION_BANDS`), or ``None``.
+        """
+        window = block.window
+        change = np.where(probability > threshold, 1, 0).astype(np.uint8)
+        change[~valid] = CHANGE_NODATA
+        with rasterio.open(self.partial("change"), "r+") as dst:
+            dst.write(change, 1, window=window)
+        with rasterio.open(self.partial("probability"), "r+") as dst:
+            dst.write(encode_probability(probability), 1, window=window)
+            dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+        if self.explain and explanation is not None:
+            values = np.where(valid[None], explanation, np.nan).astype(np.float32)
+            with rasterio.open(self.partial("explanation"), "r+") as dst:
+                dst.write(values, window=window)
+
+    def build_overviews(self, grid: Grid) -> None:
+        """Overviews (2, 4, ... until under one tile) in every partial raster."""
+        factors, factor = [], 2
+        while max(grid.width, grid.height) / factor >= self.tile / 2 and factor <= 2**12:
+            factors.append(factor)
+            factor *= 2
+        if not factors:
+            return
+        for what in self.rasters:
+            with rasterio.open(self.partial(what), "r+") as dst:
+                dst.build_overviews(factors, OVERVIEW_RESAMPLING[what])
+                dst.update_tags(ns="rio_overview", resampling=OVERVIEW_RESAMPLING[what].name)
+
+    def publish(self) -> dict[str, str]:
+        """Rename every partial file to its final name (in a row), then fsync the folder."""
+        for what in self.outputs:
+            os.replace(self.partial(what), self.final(what))
+        fsync_directory(self.folder)
+        return {what: self.final(what).name for what in self.outputs}
+
+    def remove(self, names: Iterable[str] = ("partial", "final")) -> None:
+        """Remove this scene's partial and/or final files."""
+        for what in self.outputs:
+            if "partial" in names:
+                self.partial(what).unlink(missing_ok=True)
+            if "final" in names:
+                self.final(what).unlink(missing_ok=True)
+
+
+__all__ = [
+    "CHANGE_NODATA",
+    "EXPLANATION_BANDS",
+    "PROBABILITY_SCALE",
+    "SceneFiles",
+    "partial_path",
+]

@@ -1,0 +1,137 @@
+"""Scene pairs changecam.geo refuses: each with a clear error and no file that looks finished."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.transform import from_origin
+
+from changecam.cli.scenes import SceneFailure
+from changecam.geo import SceneError, SceneSettings, predict_scene
+from changecam.models import SiameseUNet
+from changecam.models.sliding_window import SlidingWindow
+from geo_scenes import ORIGIN, PIXEL, run_scene, synthetic_pair, write_scene
+from test_checkpoint import make_lightning_checkpoint
+
+SPEC = SlidingWindow(window=32, batch_size=8)
+SETTINGS = SceneSettings(block_size=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return SiameseUNet(base_channels=4, depth=2).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> tuple[np.ndarray, np.ndarray]:
+    return synthetic_pair(64)
+
+
+def finished_looking(folder: Path) -> list[str]:
+    """Files a user could take for outputs (partial files are hidden ``.<name>.part``)."""
+    if not folder.exists():
+        return []
+    return sorted(
+        p.name
+        for p in folder.rglob("*")
+        if p.suffix in (".tif", ".geojson") or p.name.endswith(".json")
+    )
+
+
+def refused(net, tmp_path: Path, pre: Path, post: Path, match: str, **settings) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(SceneError, match=match):
+        predict_scene(net, pre, post, out, SPEC, SceneSettings(**{**vars(SETTINGS), **settings}))
+    assert finished_looking(out) == []
+
+
+def test_strict_refuses_another_crs_naming_both_grids(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1], crs="EPSG:32651")
+    refused(
+        net,
+        tmp_path,
+        pre,
+        post,
+        r"input.align=strict: .*pre.tif: EPSG:32650, 64x64 px, origin \(399872, 3510144\), pixel "
+        r"\(0.5, -0.5\); .*post.tif: EPSG:32651",
+        align="strict",
+    )
+
+
+def test_scenes_without_overlap_are_refused(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    far = from_origin(ORIGIN[0] + 1000, ORIGIN[1], PIXEL, PIXEL)
+    post = write_scene(tmp_path / "post.tif", images[1], transform=far)
+    refused(net, tmp_path, pre, post, "the scenes do not overlap: .*pre.tif covers")
+
+
+def test_a_crs_on_one_side_only_is_refused(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1], crs=None)
+    refused(net, tmp_path, pre, post, "post.tif has no CRS but .*pre.tif has one \\(EPSG:32650\\)")
+
+
+def test_band_index_out_of_range(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    refused(
+        net,
+        tmp_path,
+        pre,
+        post,
+        r"band 4 is out of range for .*pre.tif, which has 3 band",
+        bands=(3, 2, 4),
+    )
+
+
+def test_different_band_counts_need_bands(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    four = np.concatenate([images[1], images[1][..., :1]], axis=2)
+    post = write_scene(tmp_path / "post.tif", four)
+    refused(net, tmp_path, pre, post, r"pre.tif has 3 bands but .*post.tif has 4: .*input.bands=")
+    refused(net, tmp_path, post, post, r"the network takes 3 bands but 4 are selected")
+
+
+def test_corrupt_and_truncated_tiffs(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    garbage = tmp_path / "garbage.tif"
+    garbage.write_bytes(np.random.default_rng(0).bytes(5000))
+    refused(net, tmp_path, pre, garbage, r"garbage.tif cannot be read as a GeoTIFF")
+    whole = write_scene(tmp_path / "whole.tif", images[1], compress="deflate")
+    cut = tmp_path / "cut.tif"
+    data = whole.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    refused(net, tmp_path, pre, cut, r"cut.tif .*(cannot be read|corrupt or truncated)")
+
+
+def test_an_all_nodata_scene(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", np.zeros_like(images[0]), nodata=0)
+    post = write_scene(tmp_path / "post.tif", images[1])
+    refused(net, tmp_path, pre, post, r"pre.tif is all nodata")
+
+
+def test_nodata_where_the_dates_overlap_is_refused(net, images, tmp_path):
+    pre_image, post_image = images[0].copy(), images[1].copy()
+    pre_image[:, 32:] = 0
+    post_image[:, :32] = 0
+    pre = write_scene(tmp_path / "pre.tif", pre_image, nodata=0)
+    post = write_scene(tmp_path / "post.tif", post_image, nodata=0)
+    refused(net, tmp_path, pre, post, r"no pixel of .*pre.tif is valid in both dates")
+    assert not any((tmp_path / "out").iterdir()), "the partial files go too"
+
+
+def test_the_command_lists_the_refused_scene_and_writes_no_report(tmp_path, images, tiny_synthetic):
+    ckpt = make_lightning_checkpoint(tmp_path / "ckpt" / "best.ckpt", tiny_synthetic, steps=1)
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1], crs="EPSG:32651")
+    with pytest.raises(SceneFailure, match=r"1 of 1 scene\(s\) refused .*\(pre\)"):
+        run_scene(tmp_path, ckpt, pre, post, "input.align=strict")
+    assert finished_looking(tmp_path / "run") == []
+    with rasterio.open(pre) as src:  # the inputs are untouched
+        assert src.crs.to_epsg() == 32650

@@ -1,0 +1,390 @@
+"""predict.py on GeoTIFF scenes: georeferenced outputs, polygons, reprojection, nodata, bands,
+kill-and-resume (changecam.geo)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.enums import Resampling
+from rasterio.warp import calculate_default_transform, reproject
+from shapely.geometry import box, shape
+
+import changecam.geo.write
+from changecam.cli.predict import read_probability
+from changecam.cli.scenes import SceneFailure
+from changecam.data.io import write_png
+from changecam.data.transforms import image_to_tensor
+from changecam.models.sliding_window import SlidingWindow, sliding_window_logits
+from changecam.training.checkpoint import load_network
+from geo_scenes import (
+    CRS,
+    FAST,
+    ORIGIN,
+    PIXEL,
+    TRANSFORM,
+    read_band,
+    run_scene,
+    synthetic_pair,
+    write_scene,
+)
+from test_checkpoint import make_lightning_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_synthetic) -> Path:
+    return make_lightning_checkpoint(
+        tmp_path_factory.mktemp("geo_ckpt") / "best.ckpt", tiny_synthetic, steps=3
+    )
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("geo_pair")
+    pre, post = synthetic_pair(128)
+    return write_scene(folder / "pre.tif", pre), write_scene(folder / "post.tif", post)
+
+
+@pytest.fixture(scope="module")
+def threshold(tmp_path_factory, ckpt, pair) -> float:
+    """The median probability of the tiny network on the pair: about half of it is change."""
+    tmp = tmp_path_factory.mktemp("geo_threshold")
+    run_scene(tmp, ckpt, *pair, "explain.enabled=false")
+    return float(np.median(read_band(tmp / "run" / "pre" / "probability.tif")) / 65535)
+
+
+def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, pair, threshold):
+    report = run_scene(tmp_path, ckpt, *pair, f"threshold={threshold}")
+    folder = tmp_path / "run" / "pre"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "blocks.jsonl",
+        "change.geojson",
+        "change.tif",
+        "explanation.tif",
+        "probability.tif",
+        "scene.json",
+    ], "no partial file is left"
+    for name, count, dtype in (
+        ("change", 1, "uint8"),
+        ("probability", 1, "uint16"),
+        ("explanation", 3, "float32"),
+    ):
+        with rasterio.open(folder / f"{name}.tif") as src:
+            assert src.crs == rasterio.crs.CRS.from_string(CRS)
+            assert src.transform == TRANSFORM, "exactly the input's transform"
+            assert (src.width, src.height, src.count, src.dtypes[0]) == (128, 128, count, dtype)
+            assert src.overviews(1)[:1] == [2], "overviews built"
+            assert src.profile["tiled"] and src.profile["compress"] == "deflate"
+    with rasterio.open(folder / "change.tif") as src:
+        assert src.nodata == 255
+    change = read_band(folder / "change.tif")
+    assert set(np.unique(change)) == {0, 1} and 0.2 < (change == 1).mean() < 0.8
+
+    # the blocks blend exactly like predict's whole-image sliding window
+    net = load_network(ckpt)
+    x_pre, x_post = (image_to_tensor(synthetic_pair(128)[i])[None] for i in (0, 1))
+    expected = torch.sigmoid(sliding_window_logits(net, x_pre, x_post, SlidingWindow(window=32)))
+    got = read_band(folder / "probability.tif") / 65535
+    np.testing.assert_allclose(got, expected[0, 0].numpy(), atol=0.5 / 65535 + 1e-6)
+
+    explanation = read_band(folder / "explanation.tif", None)
+    share = explanation[2]
+    assert np.nanmin(share) >= 0 and np.nanmax(share) <= 1
+    assert np.abs(explanation[:2]).sum() > 0
+
+    collection = json.loads((folder / "change.geojson").read_text())
+    assert collection["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32650"
+    scene_box = box(ORIGIN[0], ORIGIN[1] - 128 * PIXEL, ORIGIN[0] + 128 * PIXEL, ORIGIN[1])
+    features = collection["features"]
+    assert features and len(features) == report["scenes"][0]["polygons"]
+    total = 0
+    for feature in features:
+        geom, props = shape(feature["geometry"]), feature["properties"]
+        assert geom.is_valid and scene_box.buffer(1e-6).contains(geom)
+        assert props["area_m2"] == pytest.approx(geom.area) == props["pixels"] * PIXEL**2
+        assert threshold < props["mean_probability"] <= 1
+        assert props["post_share"] is None or 0 <= props["post_share"] <= 1
+        total += props["pixels"]
+    assert total == (change == 1).sum(), "every changed pixel in exactly one polygon"
+
+    summary = json.loads((folder / "scene.json").read_text())
+    assert summary["changed_pixels"] == total and summary["explain_layer"] == "enc2"
+    assert report["scenes"][0] == summary
+
+
+def test_min_area_drops_small_polygons(tmp_path, ckpt, pair, threshold):
+    run_scene(
+        tmp_path,
+        ckpt,
+        *pair,
+        f"threshold={threshold}",
+        "predict.min_area_m2=5",
+        "explain.enabled=false",
+    )
+    folder = tmp_path / "run" / "pre"
+    features = json.loads((folder / "change.geojson").read_text())["features"]
+    assert features and all(f["properties"]["area_m2"] >= 5 for f in features)
+    assert not (folder / "explanation.tif").exists()
+    assert all(f["properties"]["post_share"] is None for f in features)
+
+
+def reprojected(
+    src_path: Path, dst_path: Path, crs: str | None = None, pixel: float | None = None
+) -> Path:
+    """The scene in another CRS and/or pixel size (bilinear), as a GeoTIFF."""
+    with rasterio.open(src_path) as src:
+        dst_crs = crs or src.crs
+        if pixel is not None:
+            transform, width, height = calculate_default_transform(
+                src.crs, dst_crs, src.width, src.height, *src.bounds, resolution=pixel
+            )
+        else:
+            transform, width, height = calculate_default_transform(
+                src.crs, dst_crs, src.width, src.height, *src.bounds
+            )
+        data = np.zeros((src.count, height, width), np.uint8)
+        reproject(
+            src.read(),
+            data,
+            src_transform=src.transform,
+            src_crs=src.crs,
+            dst_transform=transform,
+            dst_crs=dst_crs,
+            resampling=Resampling.average if pixel else Resampling.bilinear,
+            dst_nodata=0,
+        )
+    return write_scene(
+        dst_path, data, transform=transform, crs=str(dst_crs), nodata=0, bands_first=True
+    )
+
+
+@pytest.mark.parametrize("how", ["coarser", "zone51"])
+def test_reprojected_post_gives_the_aligned_mask(tmp_path, ckpt, pair, threshold, how):
+    pre, post = pair
+    moved = reprojected(
+        post,
+        tmp_path / "post_moved.tif",
+        **({"pixel": 2 * PIXEL} if how == "coarser" else {"crs": "EPSG:32651"}),
+    )
+    with pytest.raises(SceneFailure, match="input.align=strict: the scenes are on different grids"):
+        run_scene(
+            tmp_path / "strict", ckpt, pre, moved, "input.align=strict", "explain.enabled=false"
+        )
+    aligned_run, moved_run = tmp_path / "a", tmp_path / "b"
+    run_scene(aligned_run, ckpt, pre, post, f"threshold={threshold}", "explain.enabled=false")
+    report = run_scene(
+        moved_run, ckpt, pre, moved, f"threshold={threshold}", "explain.enabled=false"
+    )
+    assert report["scenes"][0]["post_reprojected"] is True
+    with rasterio.open(moved_run / "run" / "pre" / "change.tif") as src:
+        assert src.transform == TRANSFORM and src.crs == rasterio.crs.CRS.from_string(CRS)
+        moved_mask = src.read(1)
+    aligned_mask = read_band(aligned_run / "run" / "pre" / "change.tif")
+    valid = moved_mask != 255
+    assert valid.mean() > 0.9  # a rim may fall outside the reprojected footprint: nodata
+    agreement = (moved_mask[valid] == aligned_mask[valid]).mean()
+    assert agreement > 0.85, f"masks agree on {agreement:.3f} of the pixels"
+    p_a = read_band(aligned_run / "run" / "pre" / "probability.tif").astype(float)
+    p_b = read_band(moved_run / "run" / "pre" / "probability.tif").astype(float)
+    assert np.corrcoef(p_a[valid], p_b[valid])[0, 1] > 0.9
+
+
+def test_nodata_in_either_date_stays_nodata(tmp_path, ckpt):
+    pre, post = synthetic_pair(128)
+    pre, post = pre.copy(), post.copy()
+    pre[:40, :30] = 0  # nodata=0 in the pre scene
+    hole = np.zeros((128, 128), bool)
+    hole[90:, 70:] = True
+    pre_path = write_scene(tmp_path / "pre.tif", pre, nodata=0)
+    post_path = write_scene(tmp_path / "post.tif", post)
+    with rasterio.open(post_path, "r+") as dst:  # an internal mask in the post scene
+        dst.write_mask(np.where(hole, 0, 255).astype(np.uint8))
+    run_scene(tmp_path, ckpt, pre_path, post_path, "threshold=0.0")  # everything valid is change
+    folder = tmp_path / "run" / "pre"
+    invalid = np.zeros((128, 128), bool)
+    invalid[:40, :30] = True
+    invalid |= hole
+    change = read_band(folder / "change.tif")
+    assert (change[invalid] == 255).all() and (change[~invalid] == 1).all()
+    with rasterio.open(folder / "probability.tif") as src:
+        assert ((src.dataset_mask() == 0) == invalid).all()
+    explanation = read_band(folder / "explanation.tif", None)
+    assert np.isnan(explanation[:, invalid]).all() and not np.isnan(explanation[:2, ~invalid]).any()
+    features = json.loads((folder / "change.geojson").read_text())["features"]
+    assert sum(f["properties"]["pixels"] for f in features) == (~invalid).sum()
+
+
+def test_16_bit_four_band_scene_equals_its_8_bit_rgb_conversion(tmp_path, ckpt, pair, threshold):
+    rgb = [read_band(p, None) for p in pair]  # 3 x H x W uint8
+    rng = np.random.default_rng(0)
+    # 12-bit reflectance in BGRN band order: bands=[3,2,1] is red, green, blue
+    sixteen = [
+        np.concatenate(
+            [
+                (x[::-1].astype(np.uint16) * 16 + 100),
+                rng.integers(0, 4096, (1, 128, 128), dtype=np.uint16),
+            ]
+        )
+        for x in rgb
+    ]
+    paths = [
+        write_scene(tmp_path / f"{d}16.tif", s, bands_first=True)
+        for d, s in zip(("pre", "post"), sixteen, strict=True)
+    ]
+    fixed = [
+        "input.bands=[3,2,1]",
+        "input.scale=fixed",
+        "input.scale_min=100",
+        f"input.scale_max={100 + 255 * 16}",
+    ]
+    run_scene(
+        tmp_path / "fixed", ckpt, *paths, f"threshold={threshold}", "explain.enabled=false", *fixed
+    )
+    run_scene(tmp_path / "rgb", ckpt, *pair, f"threshold={threshold}", "explain.enabled=false")
+    fixed_mask = read_band(tmp_path / "fixed" / "run" / "pre16" / "change.tif")
+    assert np.array_equal(fixed_mask, read_band(tmp_path / "rgb" / "run" / "pre" / "change.tif"))
+
+    # percentile stretch: the 8-bit conversion with the stretch the run reports gives the same mask
+    report = run_scene(
+        tmp_path / "pct",
+        ckpt,
+        *paths,
+        f"threshold={threshold}",
+        "explain.enabled=false",
+        "input.bands=[3,2,1]",
+    )
+    scaling = report["scenes"][0]["scaling"]
+    converted = []
+    for date, data in zip(("pre", "post"), sixteen, strict=True):
+        lo = np.array(scaling[date]["lo"])[:, None, None]
+        hi = np.array(scaling[date]["hi"])[:, None, None]
+        eight = np.rint(np.clip((data[[2, 1, 0]].astype(float) - lo) / (hi - lo) * 255, 0, 255))
+        converted.append(
+            write_scene(tmp_path / f"{date}8.tif", eight.astype(np.uint8), bands_first=True)
+        )
+    run_scene(
+        tmp_path / "eight", ckpt, *converted, f"threshold={threshold}", "explain.enabled=false"
+    )
+    assert np.array_equal(
+        read_band(tmp_path / "pct" / "run" / "pre16" / "change.tif"),
+        read_band(tmp_path / "eight" / "run" / "pre8" / "change.tif"),
+    )
+
+
+def assert_same_outputs(folder: Path, other: Path) -> None:
+    """Two runs' outputs agree: the mask exactly, the probability to its last step, the
+    explanation to float rounding (windows batched differently after a resume), the polygons
+    exactly (their post share to float rounding)."""
+    np.testing.assert_array_equal(read_band(folder / "change.tif"), read_band(other / "change.tif"))
+    p_a = read_band(folder / "probability.tif").astype(int)
+    assert np.abs(p_a - read_band(other / "probability.tif").astype(int)).max() <= 1
+    np.testing.assert_allclose(
+        read_band(folder / "explanation.tif", None),
+        read_band(other / "explanation.tif", None),
+        rtol=1e-3,
+        atol=1e-9,
+    )
+    ours, theirs = (
+        json.loads((f / "change.geojson").read_text())["features"] for f in (folder, other)
+    )
+    assert [f["geometry"] for f in ours] == [f["geometry"] for f in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["properties"]["pixels"] == b["properties"]["pixels"]
+        assert a["properties"]["mean_probability"] == pytest.approx(
+            b["properties"]["mean_probability"], abs=2e-5
+        )
+        assert a["properties"]["post_share"] == pytest.approx(
+            b["properties"]["post_share"], rel=1e-3
+        )
+
+
+def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshold, monkeypatch):
+    overrides = [f"threshold={threshold}"]
+    run_scene(tmp_path / "whole", ckpt, *pair, *overrides)
+    real = changecam.geo.write.SceneFiles.write_block
+    calls = {"n": 0}
+
+    def dies_after_two(self, *args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")  # what a kill leaves: two blocks on disk
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_scene(tmp_path / "killed", ckpt, *pair, *overrides)
+    folder = tmp_path / "killed" / "run" / "pre"
+    assert not list(folder.glob("*.tif")) and not list(folder.glob("*.geojson"))
+    assert not (folder / "scene.json").exists()
+    assert not (tmp_path / "killed" / "run" / "predictions.json").exists()
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", real)
+    report = run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
+    assert report["scenes"][0]["resumed_blocks"] == 2 and report["scenes"][0]["blocks"] == 4
+    assert_same_outputs(folder, tmp_path / "whole" / "run" / "pre")
+    mtime = (folder / "change.tif").stat().st_mtime_ns
+    again = run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
+    assert again["scenes"] == report["scenes"], "a finished scene is kept as it is"
+    assert (folder / "change.tif").stat().st_mtime_ns == mtime
+    with pytest.raises(SceneFailure, match="predict.resume=true but .* other settings"):
+        run_scene(tmp_path / "killed", ckpt, *pair, "threshold=0.1", "predict.resume=true")
+
+
+def test_png_pairs_keep_the_png_path(tmp_path, ckpt):
+    pre, post = synthetic_pair(64)
+    write_png(tmp_path / "pre.png", pre)
+    write_png(tmp_path / "post.png", post)
+    report = run_scene(
+        tmp_path, ckpt, tmp_path / "pre.png", tmp_path / "post.png", "explain.enabled=false"
+    )
+    assert [p["name"] for p in report["pairs"]] == ["pre"]
+    assert read_probability(tmp_path / "run" / "probabilities" / "pre.png").shape == (64, 64)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, ckpt):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    pre, post = synthetic_pair(512)
+    paths = [write_scene(tmp_path / f"{d}.tif", x) for d, x in (("pre", pre), ("post", post))]
+    args = [
+        *FAST,
+        f"ckpt_path={ckpt}",
+        f"input.pre={paths[0]}",
+        f"input.post={paths[1]}",
+        "threshold=0.61",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def command(run: Path, *extra: str) -> list[str]:
+        return [sys.executable, str(REPO / "predict.py"), *args, f"hydra.run.dir={run}", *extra]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    log = killed / "pre" / "blocks.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count('"block"') >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((killed / "pre").glob("*.tif")) and not (killed / "predictions.json").exists()
+    subprocess.run(command(killed, "predict.resume=true"), env=env, check=True, capture_output=True)
+    whole = tmp_path / "whole"
+    subprocess.run(command(whole), env=env, check=True, capture_output=True)
+    summary = json.loads((killed / "pre" / "scene.json").read_text())
+    assert summary["resumed_blocks"] >= 3
+    assert_same_outputs(killed / "pre", whole / "pre")

@@ -1,0 +1,81 @@
+"""Scene blocks: their halo windows blend to the whole-image result, each window runs once,
+and the reader thread hands its errors over."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from changecam.geo.predict_scene import window_last_use
+from changecam.geo.windows import block_grid, prefetched
+from changecam.models import SiameseUNet
+from changecam.models.sliding_window import (
+    SlidingWindow,
+    blend_windows,
+    num_windows,
+    pad_to,
+    sliding_window_logits,
+)
+
+
+@pytest.mark.parametrize("size", [(60, 100), (20, 90)], ids=str)
+def test_blocks_blend_like_the_whole_image_and_run_each_window_once(size):
+    torch.manual_seed(0)
+    net = SiameseUNet(base_channels=4, depth=2).eval()
+    spec = SlidingWindow(window=32, overlap=0.25, batch_size=5)
+    pre, post = torch.rand(1, 3, *size), torch.rand(1, 3, *size)
+    whole = sliding_window_logits(net, pre, post, spec)
+    blocks = block_grid(*size, 48, spec)
+    last_use = window_last_use(blocks)
+    runs = []
+
+    def forward(a, b):
+        runs.append(len(a))
+        with torch.no_grad():
+            return net(a, b).float()
+
+    reuse: dict = {}
+    out = torch.full_like(whole, float("nan"))
+    for block in blocks:
+        region = (
+            slice(block.region_row, block.region_row + block.region_height),
+            slice(block.region_col, block.region_col + block.region_width),
+        )
+        # padded like the runner pads a scene narrower than one window (rows of (20, 90))
+        x_pre, x_post = (
+            pad_to(x[..., region[0], region[1]], 32, 32, spec.pad_mode) for x in (pre, post)
+        )
+        blended = blend_windows(
+            forward,
+            (x_pre, x_post),
+            block.rows,
+            block.cols,
+            spec,
+            reuse=reuse,
+            origin=(block.region_row, block.region_col),
+        )
+        for start in [k for k in reuse if last_use[k] <= block.index]:
+            del reuse[start]
+        r, c = block.row - block.region_row, block.col - block.region_col
+        out[..., block.row : block.row + block.height, block.col : block.col + block.width] = (
+            blended[..., r : r + block.height, c : c + block.width]
+        )
+    assert reuse == {}, "every window is dropped once no block needs it"
+    assert sum(runs) == num_windows(*size, spec), "each window of the scene runs exactly once"
+    torch.testing.assert_close(out, whole, rtol=0, atol=1e-6)
+
+
+def test_the_reader_thread_hands_over_its_error():
+    spec = SlidingWindow(window=32)
+    blocks = block_grid(64, 64, 32, spec)
+
+    def read(block):
+        if block.index == 2:
+            raise OSError("tile 2 is truncated")
+        return block
+
+    seen = []
+    with pytest.raises(OSError, match="tile 2 is truncated"):
+        for item in prefetched(blocks, read, depth=1):
+            seen.append(item.index)
+    assert seen == [0, 1]
