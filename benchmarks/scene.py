@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     post,
                     tmp / f"run{size}",
                     tmp / f"run{size}.log",
+                    args.threads or None,
                 )
             )
             print(f"scene {size}²: {scenes[-1]}", flush=True)

@@ -45,8 +45,14 @@ def decimated(path: Path, side: int, resampling: Resampling) -> tuple[np.ndarray
 
 def render(scene: Path, out: Path, side: int = 1024) -> Path:
     summary = json.loads((scene / "scene.json").read_text())
-    post, extent = decimated(Path(summary["post"]), side, Resampling.average)
-    change, _ = decimated(scene / "change.tif", side, Resampling.nearest)
+    from changecam.geo.bands import decimated_sample
+    from changecam.geo.grid import open_pair
+
+    # the post scene on the outputs' grid (reprojected like predict.py read it); the inputs
+    # may have no overviews: decimated_sample reads them in strips
+    with open_pair(summary["pre"], summary["post"]) as pair:
+        post = decimated_sample(pair.post, summary["bands"][:3])[0]
+    change, extent = decimated(scene / "change.tif", side, Resampling.nearest)
     features = json.loads((scene / "change.geojson").read_text())["features"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.4), dpi=110)
     rgb = np.moveaxis(post[:3], 0, -1)
@@ -72,9 +78,7 @@ def render(scene: Path, out: Path, side: int = 1024) -> Path:
     )
     axes[1].set_xlim(extent[0], extent[1])
     axes[1].set_ylim(extent[2], extent[3])
-    axes[1].set_title(
-        f"change.geojson: {len(features)} polygons"
-    )
+    axes[1].set_title(f"change.geojson: {len(features)} polygons")
     fig.suptitle(
         f"{summary['name']}: {summary['size'][1]}x{summary['size'][0]} px, "
         f"{summary['changed_fraction']:.1%} changed"

@@ -79,3 +79,20 @@ def test_the_reader_thread_hands_over_its_error():
         for item in prefetched(blocks, read, depth=1):
             seen.append(item.index)
     assert seen == [0, 1]
+
+
+def test_the_scaling_sample_takes_every_kth_pixel(tmp_path, monkeypatch):
+    import numpy as np
+    import rasterio
+
+    import changecam.geo.bands
+    from geo_scenes import write_scene
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 4096, (100, 70, 4), dtype=np.uint16)
+    path = write_scene(tmp_path / "s.tif", image, nodata=0)
+    monkeypatch.setattr(changecam.geo.bands, "SAMPLE_SIDE", 30)  # 100 px: every 4th pixel
+    with rasterio.open(path) as src:
+        data, valid = changecam.geo.bands.decimated_sample(src, (3, 1))
+    np.testing.assert_array_equal(data, image[::4, ::4][..., [2, 0]].transpose(2, 0, 1))
+    np.testing.assert_array_equal(valid, (image[::4, ::4] != 0).any(-1))
