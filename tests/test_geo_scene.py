@@ -282,12 +282,9 @@ def assert_same_outputs(folder: Path, other: Path) -> None:
     np.testing.assert_array_equal(read_band(folder / "change.tif"), read_band(other / "change.tif"))
     p_a = read_band(folder / "probability.tif").astype(int)
     assert np.abs(p_a - read_band(other / "probability.tif").astype(int)).max() <= 1
-    np.testing.assert_allclose(
-        read_band(folder / "explanation.tif", None),
-        read_band(other / "explanation.tif", None),
-        rtol=1e-3,
-        atol=1e-9,
-    )
+    ours_e, theirs_e = (read_band(f / "explanation.tif", None) for f in (folder, other))
+    np.testing.assert_allclose(ours_e[:2], theirs_e[:2], rtol=1e-3, atol=1e-9)  # the maps
+    np.testing.assert_allclose(ours_e[2], theirs_e[2], atol=1e-4)  # share: a ratio of small sums
     ours, theirs = (
         json.loads((f / "change.geojson").read_text())["features"] for f in (folder, other)
     )
