@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 
 from changecam.data.footprints import Footprint, footprint, place
+from changecam.data.synthetic import GROUND as SIMPLE_GROUND
+from changecam.data.synthetic import _smooth_noise
 
 ROOFS = np.array(
     [
@@ -39,12 +41,12 @@ ROOFS = np.array(
     ],
     dtype=np.float32,
 )
+# the ablation colours=simple: five of the simple style's six roof colours (as measured)
 SIMPLE_ROOFS = np.array(
     [[178, 80, 60], [150, 150, 155], [205, 205, 200], [90, 105, 130], [170, 120, 90]],
     dtype=np.float32,
 )
 GROUND = np.array([116, 110, 96], dtype=np.float32)
-SIMPLE_GROUND = np.array([150, 135, 110], dtype=np.float32)
 ASPHALT = np.array([78, 80, 84], dtype=np.float32)
 CONCRETE = np.array([172, 170, 164], dtype=np.float32)
 LAWN_SEASONS = np.array(
@@ -53,11 +55,6 @@ LAWN_SEASONS = np.array(
 TREE_SEASONS = np.array(
     [[38, 58, 34], [52, 66, 38], [80, 70, 48], [60, 62, 46], [30, 48, 30]], dtype=np.float32
 )
-
-
-def _noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    grid = rng.random((cells + 1, cells + 1)).astype(np.float32)
-    return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
 def _stamp(canvas_mask: np.ndarray, shape: Footprint, yx: tuple[int, int]) -> np.ndarray:
@@ -107,8 +104,10 @@ def levir_scene(
     area = (size / 256) ** 2
     ground = GROUND if colours == "levir" else SIMPLE_GROUND
     palette = ROOFS if colours == "levir" else SIMPLE_ROOFS
-    texture = _noise(rng, size, max(4, size // 6)) * 0.6 + _noise(rng, size, max(2, size // 64))
-    grain = _noise(rng, size, max(8, size // 3))
+    texture = _smooth_noise(rng, size, max(4, size // 6)) * 0.6 + _smooth_noise(
+        rng, size, max(2, size // 64)
+    )
+    grain = _smooth_noise(rng, size, max(8, size // 3))
     scene = ground[None, None] * (0.5 + 0.55 * texture[..., None] + 0.3 * grain[..., None])
     roof_texture = 1.0 + (0.18 if colours == "levir" else 0.0) * (grain - 0.5)
 
@@ -127,7 +126,7 @@ def levir_scene(
     scene[road_mask] = surface * rng.uniform(0.9, 1.1) * (0.9 + 0.2 * grain[road_mask][:, None])
     occupied |= road_mask
 
-    lawn = _noise(rng, size, max(2, size // 40)) > rng.uniform(0.45, 0.65)
+    lawn = _smooth_noise(rng, size, max(2, size // 40)) > rng.uniform(0.45, 0.65)
     n_keep = int(rng.poisson(9 * area))
     n_change = 0 if rng.random() < 0.1 else int(rng.integers(1, max(2, int(7 * area)) + 1))
     kind_names = list(kind_p)

@@ -32,7 +32,6 @@ import numpy as np
 
 from changecam.atomic import atomic_directory, write_text
 from changecam.data.io import write_png
-from changecam.data.levir_style import levir_scene
 
 SPEC_FILE = "synthetic_spec.json"
 # 2: change types (appeared / vanished / replaced) written to change_type/; 45 % vanish
@@ -212,6 +211,8 @@ def generate_scene(spec: SyntheticSpec, split: str, n: int) -> SyntheticPair:
     rng = np.random.default_rng([spec.seed, split_id, n])
     size = spec.image_size
     if spec.style == "levir":
+        from changecam.data.levir_style import levir_scene  # it builds on this module
+
         pre, post, label, change_type = levir_scene(
             rng, size, spec.nuisance, CHANGE_TYPES, CHANGE_KIND_P, spec.shapes, spec.colours
         )
