@@ -148,6 +148,11 @@ def test_a_one_date_model_gets_the_known_answer_right_for_one_kind_only(date):
     # the contrastive map of the used date is negative where that date lost a building: no
     # positive mass in either date there, a tie (half right)
     assert value(result, "contrastive", "input", f"date_accuracy_{wrong}") == 0.5
+    # date-swap occlusion: the used date's swap removes an appeared building (positive) and
+    # brings back a vanished one (negative); the unused date's swap changes nothing
+    assert value(result, "occlusion", "input", f"date_accuracy_{right}") == 1.0
+    assert value(result, "occlusion", "input", f"date_accuracy_{wrong}") == 0.5
+    assert value(result, "occlusion", "input", "causal_agreement") == 0.75
     assert result["baselines"] == {"random": 0.5, "post_always": 0.5}
     assert 0.2 < value(result, "random", "input", "date_accuracy") < 0.8
 

@@ -43,6 +43,7 @@ from changecam.evaluation.randomisation import cascade_order, cascade_points, ra
 from changecam.explain.faithfulness import faithfulness
 from changecam.explain.hirescam import METHODS, Explanation, explain_batch, upsample_maps
 from changecam.explain.integrated import IntegratedGradientsSettings
+from changecam.explain.occlusion import OcclusionSettings
 from changecam.explain.layer_ig import LayerIGSettings
 from changecam.explain.runner import pad_to_multiple
 from changecam.explain.targets import target_score
@@ -63,7 +64,8 @@ class StudySettings:
 
     Args:
         methods: explanation methods (``hirescam``, ``gradcam``, ``contrastive``,
-            ``integrated_gradients``, ``layer_ig``) and ``random``, the baseline map.
+            ``integrated_gradients``, ``layer_ig``, ``occlusion``) and ``random``, the baseline
+            map.
         layers: per-date layers (``input``, ``enc3`` ...); ``None``: every per-date layer.
         dilation: pixels added around each object.
         context: each object is explained in a ``context``² window of the pair centred on it
@@ -72,6 +74,7 @@ class StudySettings:
         max_objects: at most this many objects, in image order (``None``: all).
         ig: Integrated Gradients (input layer only).
         layer_ig: Layer Integrated Gradients from the other date.
+        occlusion: date-swap occlusion (input layer only).
         faithfulness_steps: deletion-curve resolution; 0 leaves the curves out.
         faithfulness_layers: ``deepest``: the curves rank pixels by each method's deepest
             layer (as ``explain.py``'s faithfulness gap); ``all``: every layer (cost × layers).
@@ -92,6 +95,7 @@ class StudySettings:
     max_objects: int | None = None
     ig: IntegratedGradientsSettings = field(default_factory=IntegratedGradientsSettings)
     layer_ig: LayerIGSettings = field(default_factory=LayerIGSettings)
+    occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
     faithfulness_steps: int = 4
     faithfulness_layers: Literal["deepest", "all"] = "deepest"
     randomisation_images: int = 2
@@ -112,6 +116,8 @@ class StudySettings:
             object.__setattr__(self, "ig", IntegratedGradientsSettings(**self.ig))
         if not isinstance(self.layer_ig, LayerIGSettings):
             object.__setattr__(self, "layer_ig", LayerIGSettings(**self.layer_ig))
+        if not isinstance(self.occlusion, OcclusionSettings):
+            object.__setattr__(self, "occlusion", OcclusionSettings(**self.occlusion))
         bad = [m for m in self.methods if m not in STUDY_METHODS]
         if bad or not self.methods:
             raise ValueError(
@@ -342,6 +348,7 @@ def _explain(
         methods=methods,  # type: ignore[arg-type]
         ig=settings.ig,
         layer_ig=settings.layer_ig,
+        occlusion=settings.occlusion,
     ).to("cpu")
     if RANDOM in settings.methods:
         exp = with_random_maps(exp, generator)

@@ -39,15 +39,20 @@ from torch import Tensor, nn
 
 from changecam.explain.integrated import IntegratedGradientsSettings, integrated_gradients
 from changecam.explain.layer_ig import LayerIGSettings, layer_integrated_gradients
+from changecam.explain.occlusion import OcclusionSettings, date_swap_occlusion
 from changecam.explain.targets import Target, TargetKind, is_empty, target_mask, target_score
 from changecam.models.taps import Tap, TapError, find_taps
 
-Method = Literal["hirescam", "gradcam", "contrastive", "integrated_gradients", "layer_ig"]
+Method = Literal[
+    "hirescam", "gradcam", "contrastive", "integrated_gradients", "layer_ig", "occlusion"
+]
 METHODS: tuple[Method, ...] = get_args(Method)
 # the methods computed by default: both come from the one forward and backward at every tap
 CAM_METHODS: tuple[Method, ...] = ("hirescam", "gradcam")
 # the methods that come from the one forward and backward (no extra pass)
 ONE_PASS_METHODS: tuple[Method, ...] = ("hirescam", "gradcam", "contrastive")
+# methods with maps at the input taps only
+INPUT_ONLY_METHODS: tuple[Method, ...] = ("integrated_gradients", "occlusion")
 Date = Literal["pre", "post"]
 DATES: tuple[Date, ...] = get_args(Date)
 INPUT_LAYER = "input"
@@ -372,6 +377,7 @@ def explain_batch(
     eval_mode: bool = True,
     ig: IntegratedGradientsSettings | None = None,
     layer_ig: LayerIGSettings | None = None,
+    occlusion: OcclusionSettings | None = None,
 ) -> Explanation:
     """Explain a batch: one forward and one backward for all taps, both dates and both CAMs.
 
@@ -390,7 +396,9 @@ def explain_batch(
         methods: any of ``hirescam``, ``gradcam`` (every tap), ``contrastive`` (every per-date
             layer; the same pass), ``integrated_gradients`` (the input taps only; ``steps`` more
             forward and backward passes, see ``ig``) and ``layer_ig`` (every per-date layer;
-            ``2 × layers × steps`` more passes, see ``layer_ig``).
+            ``2 × layers × steps`` more passes, see ``layer_ig``) and ``occlusion`` (date-swap
+            occlusion, the input taps only; one forward per square and date, see
+            ``occlusion``).
         label: ground-truth mask for ``target="ground_truth"``.
         roi: region of interest for ``target="roi"``.
         valid: pixels allowed in the target (e.g. excluding padding); default all.
@@ -399,11 +407,13 @@ def explain_batch(
         ig: Integrated Gradients settings (steps, baseline); default
             :class:`IntegratedGradientsSettings`.
         layer_ig: Layer Integrated Gradients settings; default :class:`LayerIGSettings`.
+        occlusion: date-swap occlusion settings; default :class:`OcclusionSettings`.
 
     Raises:
         TapError: unknown tap names, or a tap that did not run exactly once.
         ValueError: mismatched ``pre``/``post`` shapes, unknown methods, a target that lacks
-            its ``label``/``roi``, or ``integrated_gradients`` without the input among the taps.
+            its ``label``/``roi``, or ``integrated_gradients`` or ``occlusion`` without the input
+            among the taps.
     """
     methods = _checked_methods(methods)
     if pre.shape != post.shape or pre.ndim != 4:
@@ -415,11 +425,13 @@ def explain_batch(
     cams = tuple(m for m in methods if m in ONE_PASS_METHODS)
     with_ig = "integrated_gradients" in methods
     with_lig = "layer_ig" in methods
-    if with_ig and not all(t in modules for t in INPUT_TAPS):
-        raise ValueError(
-            f"integrated_gradients has maps at the input only, but the taps {list(modules)} "
-            "leave it out: add `input` to the taps (e.g. taps=[input, enc4])"
-        )
+    with_occlusion = "occlusion" in methods
+    for method in INPUT_ONLY_METHODS:
+        if method in methods and not all(t in modules for t in INPUT_TAPS):
+            raise ValueError(
+                f"{method} has maps at the input only, but the taps {list(modules)} "
+                "leave it out: add `input` to the taps (e.g. taps=[input, enc4])"
+            )
     if (with_lig or "contrastive" in methods) and not per_date_layers(modules):
         raise ValueError(
             f"{'layer_ig' if with_lig else 'contrastive'} needs a layer tapped for both dates; "
@@ -460,6 +472,13 @@ def explain_batch(
                 layer_ig or LayerIGSettings(),
             )
             ig_info = {**ig_info, **{f"layer_ig_delta/{t}": d for t, d in lig_delta.items()}}
+        occlusion_maps = (
+            date_swap_occlusion(
+                model, pre, post, mask.detach(), occlusion or OcclusionSettings()
+            )
+            if with_occlusion
+            else ()
+        )
 
     with torch.no_grad():
         raw: dict[str, dict[str, Tensor]] = {m: {} for m in methods}
@@ -474,6 +493,8 @@ def explain_batch(
             raw["layer_ig"] = lig_maps
         if with_ig:
             raw["integrated_gradients"] = dict(zip(INPUT_TAPS, ig_maps, strict=True))
+        if with_occlusion:
+            raw["occlusion"] = dict(zip(INPUT_TAPS, occlusion_maps, strict=True))
         return Explanation(
             taps=tuple(activations),
             methods=methods,

@@ -35,6 +35,7 @@ METHOD_TITLES = {
     "contrastive": "Date-contrastive HiResCAM",
     "integrated_gradients": "Integrated Gradients",
     "layer_ig": "Layer IG (other date)",
+    "occlusion": "Date-swap occlusion",
 }
 
 

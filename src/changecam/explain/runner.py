@@ -31,6 +31,7 @@ from changecam.data.transforms import image_to_tensor
 from changecam.explain.faithfulness import CURVE_DATES, CurveDate, Faithfulness, faithfulness
 from changecam.explain.hirescam import (
     CAM_METHODS,
+    INPUT_ONLY_METHODS,
     INPUT_TAPS,
     METHODS,
     Explanation,
@@ -42,6 +43,7 @@ from changecam.explain.hirescam import (
 )
 from changecam.explain.integrated import IntegratedGradientsSettings
 from changecam.explain.layer_ig import LayerIGSettings
+from changecam.explain.occlusion import OcclusionSettings
 from changecam.explain.render import render_panel, save_panel
 from changecam.explain.targets import Target, TargetKind
 from changecam.models.protocol import size_multiple
@@ -111,7 +113,9 @@ class ExplainSettings:
             ``None``: every tap, the input included.
         methods: ``hirescam``, ``gradcam``, ``contrastive`` (date-contrastive HiResCAM, the same
             pass), ``integrated_gradients`` (maps at the input only: the taps must include
-            ``input``), ``layer_ig`` (every per-date layer, ``2 × layers × steps`` passes more).
+            ``input``), ``layer_ig`` (every per-date layer, ``2 × layers × steps`` passes more),
+            ``occlusion`` (date-swap occlusion, maps at the input only, one forward per square
+            and date).
         method: the method of the panel, the headline post share and the faithfulness curves
             (one of ``methods``): ``hirescam`` (the seed's) or ``contrastive`` (see README, "Does
             the model look at the right date?").
@@ -125,6 +129,7 @@ class ExplainSettings:
         faithfulness: the deletion curves.
         ig: Integrated Gradients (steps, baseline), used when ``methods`` lists it.
         layer_ig: Layer Integrated Gradients from the other date, when ``methods`` lists it.
+        occlusion: date-swap occlusion (square, stride), when ``methods`` lists it.
     """
 
     enabled: bool = True
@@ -140,6 +145,7 @@ class ExplainSettings:
     faithfulness: FaithfulnessSettings = field(default_factory=FaithfulnessSettings)
     ig: IntegratedGradientsSettings = field(default_factory=IntegratedGradientsSettings)
     layer_ig: LayerIGSettings = field(default_factory=LayerIGSettings)
+    occlusion: OcclusionSettings = field(default_factory=OcclusionSettings)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", _tuple(self.taps))
@@ -150,6 +156,8 @@ class ExplainSettings:
             object.__setattr__(self, "ig", IntegratedGradientsSettings(**self.ig))
         if not isinstance(self.layer_ig, LayerIGSettings):
             object.__setattr__(self, "layer_ig", LayerIGSettings(**self.layer_ig))
+        if not isinstance(self.occlusion, OcclusionSettings):
+            object.__setattr__(self, "occlusion", OcclusionSettings(**self.occlusion))
         Target(self.target, self.threshold)  # validates kind and threshold
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
@@ -164,11 +172,12 @@ class ExplainSettings:
                 "(panels, shares and the faithfulness curves use it), e.g. explain.methods=["
                 f"{','.join((self.method, *self.methods))}]"
             )
-        if "integrated_gradients" in self.methods and self.taps is not None:
+        input_only = [m for m in INPUT_ONLY_METHODS if m in self.methods]
+        if input_only and self.taps is not None:
             if not any(t in ("input", *INPUT_TAPS) for t in self.taps):
                 raise ValueError(
-                    "explain.methods has integrated_gradients, whose maps are at the input only, "
-                    f"but explain.taps={list(self.taps)} leaves the input out; add it, e.g. "
+                    f"explain.methods has {' and '.join(input_only)}, whose maps are at the input "
+                    f"only, but explain.taps={list(self.taps)} leaves the input out; add it, e.g. "
                     f"explain.taps=[input,{','.join(self.taps)}]"
                 )
 
@@ -267,6 +276,7 @@ def explain_tensors(
         upsample=upsample,  # the curves upsample their own layer when the maps are not
         ig=settings.ig,
         layer_ig=settings.layer_ig,
+        occlusion=settings.occlusion,
     )
     faith = None
     if settings.faithfulness.enabled:
