@@ -43,8 +43,8 @@ from changecam.evaluation.randomisation import cascade_order, cascade_points, ra
 from changecam.explain.faithfulness import faithfulness
 from changecam.explain.hirescam import METHODS, Explanation, explain_batch, upsample_maps
 from changecam.explain.integrated import IntegratedGradientsSettings
-from changecam.explain.occlusion import OcclusionSettings
 from changecam.explain.layer_ig import LayerIGSettings
+from changecam.explain.occlusion import OcclusionSettings
 from changecam.explain.runner import pad_to_multiple
 from changecam.explain.targets import target_score
 from changecam.models.protocol import size_multiple

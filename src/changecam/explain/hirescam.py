@@ -473,9 +473,7 @@ def explain_batch(
             )
             ig_info = {**ig_info, **{f"layer_ig_delta/{t}": d for t, d in lig_delta.items()}}
         occlusion_maps = (
-            date_swap_occlusion(
-                model, pre, post, mask.detach(), occlusion or OcclusionSettings()
-            )
+            date_swap_occlusion(model, pre, post, mask.detach(), occlusion or OcclusionSettings())
             if with_occlusion
             else ()
         )
