@@ -99,6 +99,30 @@ def test_folder_mode_writes_panels_maps_and_json(tmp_path, tiny_ckpt, pair_dir):
 
 
 @pytest.mark.slow  # a fresh interpreter: imports dominate
+def test_explain_method_occlusion_draws_and_records_its_own_maps(tmp_path, tiny_ckpt, pair_dir):
+    """``explain.method=occlusion``: maps at the input only, the curves and the report say so."""
+    report = run_explain(
+        tmp_path,
+        [
+            f"ckpt_path={tiny_ckpt}",
+            f"input.dir={pair_dir}",
+            "explain.target=all",
+            "explain.methods=[hirescam,occlusion]",
+            "explain.method=occlusion",
+            "explain.occlusion.window=8",
+            "explain.occlusion.stride=8",
+        ],
+    )
+    assert report["faithfulness"]["method"] == "occlusion"
+    assert report["faithfulness"]["layer"] == "input"
+    assert "AUC_occlusion" in report["faithfulness"]["gap"]
+    maps = np.load(tmp_path / "run" / report["pairs"][0]["files"]["maps"])
+    h, w = report["pairs"][0]["size"]
+    assert maps["occlusion/pre/input"].shape == (h, w) and maps["occlusion/post/input"].any()
+    assert "occlusion/post/enc1" not in maps
+    assert set(report["pairs"][0]["post_share_occlusion"]) == {"input"}
+
+
 def test_single_pair_through_the_shim(tmp_path, tiny_ckpt, pair_dir):
     name = sorted(p.name for p in (pair_dir / "A").iterdir())[1]
     out = tmp_path / "out"

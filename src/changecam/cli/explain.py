@@ -28,6 +28,7 @@ from changecam.cli.common import (
 from changecam.data.io import pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
 from changecam.explain import ExplainSettings, choose_layer, explain_pair, resolve_taps
+from changecam.explain.hirescam import INPUT_ONLY_METHODS
 
 
 def check_pairs(
@@ -107,12 +108,16 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "panel_layer": choose_layer(layers, settings.panel_layer),
         "faithfulness": {
             "enabled": settings.faithfulness.enabled,
-            "layer": choose_layer(layers, settings.faithfulness.layer),
-            "method": "hirescam",
+            # the curves rank pixels by explain.method's maps, at the deepest layer it has
+            "layer": choose_layer(
+                ["input"] if settings.method in INPUT_ONLY_METHODS else layers,
+                settings.faithfulness.layer,
+            ),
+            "method": settings.method,
             "steps": settings.faithfulness.steps,
             "random_repeats": settings.faithfulness.random_repeats,
-            "gap": "(AUC_random - AUC_hirescam) / |S(k=0)| of the date-swap deletion curve of both "
-            "dates; positive: better than random; null: undefined (empty target)",
+            "gap": f"(AUC_random - AUC_{settings.method}) / |S(k=0)| of the date-swap deletion "
+            "curve of both dates; positive: better than random; null: undefined (empty target)",
         },
         "mean": mean_summary(rows),
         "pairs": rows,
