@@ -78,3 +78,14 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
     compare = figures["side_by_side"]
     assert set(compare["megapixels_per_s"]) == {"png", "geotiff", "geotiff_explained"}
     assert compare["explanation_extra_s_per_megapixel"] > 0
+
+
+@pytest.mark.slow
+def test_scene_memory_reports_the_peak_per_phase():
+    import scene_memory
+
+    figures = scene_memory.main(["--tiny"])
+    (run,) = figures["scenes"]
+    assert run["side"] == 256 and run["cache_peak_windows"] == 1
+    assert set(run["phases_mib"]) == {"scene_polygons", "build_overviews"}
+    assert run["rss_at_start_mib"] <= run["peak_in_block_loop_mib"] <= run["peak_mib"]

@@ -1,0 +1,145 @@
+"""Where a scene's peak memory is reached: RSS per phase of ``predict_scene``, per scene size.
+
+In one process per size (a child, so that each starts from the same imports), the synthetic
+georeferenced pair of ``benchmarks/scene.py`` is predicted with the explanation on, and the
+current and peak RSS are printed before and after the polygons and the overviews; the figures
+also hold the peak of the shared-window cache, counted from the block grid (window outputs of
+3 float32 bands: logits, pre and post maps). ``--malloc-arenas N`` runs the children with
+``MALLOC_ARENA_MAX=N`` (glibc), to see how much of the peak is allocator fragmentation.
+
+Run: ``python benchmarks/scene_memory.py --size 4096 8192`` (about 6 minutes on 2 cores);
+``make bench-scene`` does not run it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import REPO, emit, machine
+
+PHASES = ("scene_polygons", "build_overviews")
+
+
+def rss_mib() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in MiB."""
+    import resource
+
+    current = 0
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                current = int(line.split()[1]) // 1024
+    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def cache_peak_windows(size: int, block: int) -> int:
+    """Most window outputs the scene runner holds for later blocks at once (its reuse cache)."""
+    from changecam.geo.predict_scene import window_last_use
+    from changecam.geo.windows import block_grid
+    from changecam.models.sliding_window import SlidingWindow
+
+    blocks = block_grid(size, size, block, SlidingWindow())
+    last = window_last_use(blocks)
+    first: dict[tuple[int, int], int] = {}
+    for b in blocks:
+        for r in b.rows:
+            for c in b.cols:
+                first.setdefault((b.region_row + r, b.region_col + c), b.index)
+    return max(sum(1 for k in last if first[k] <= b.index <= last[k]) for b in blocks)
+
+
+def child(size: int) -> dict[str, Any]:
+    """Predict one ``size``² pair in this process; RSS before and after each phase."""
+    import scene as scene_bench
+
+    from changecam.geo import SceneSettings
+    from changecam.models.sliding_window import SlidingWindow
+
+    module = sys.modules["changecam.geo.predict_scene"]
+    write = sys.modules["changecam.geo.write"]
+    phases: dict[str, dict[str, int]] = {}
+
+    def watched(owner: Any, name: str) -> None:
+        function = getattr(owner, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            before = rss_mib()
+            out = function(*args, **kwargs)
+            after = rss_mib()
+            phases[name] = {
+                "rss_before": before[0],
+                "peak_before": before[1],
+                "rss_after": after[0],
+            }
+            return out
+
+        setattr(owner, name, wrapper)
+
+    watched(module, "scene_polygons")
+    watched(write.SceneFiles, "build_overviews")
+    settings = SceneSettings(progress=False)
+    with tempfile.TemporaryDirectory(prefix="changecam-scene-memory-") as tmp_name:
+        tmp = Path(tmp_name)
+        net = scene_bench.fresh_network(tmp / "quickstart_fresh.pth").eval()
+        pre, post = scene_bench.write_synthetic_pair(tmp / "tif", size)
+        start = rss_mib()
+        started = time.perf_counter()
+        module.predict_scene(net, pre, post, tmp / "out", SlidingWindow(), settings, "cpu")
+        seconds = time.perf_counter() - started
+    end = rss_mib()
+    windows = cache_peak_windows(size, settings.block_size)
+    return {
+        "side": size,
+        "rss_at_start_mib": start[0],
+        "peak_in_block_loop_mib": phases["scene_polygons"]["peak_before"],
+        "phases_mib": phases,
+        "peak_mib": end[1],
+        "cache_peak_windows": windows,
+        "cache_peak_mib": round(windows * 3 * 256 * 256 * 4 / 2**20, 1),
+        "seconds": round(seconds, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--malloc-arenas", type=int, default=None, help="MALLOC_ARENA_MAX")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--tiny", action="store_true", help="a 256² scene, for the tests")
+    args = parser.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(args.child)), flush=True)
+        return {}
+    sizes = [256] if args.tiny else args.size
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")]),
+    }
+    if args.malloc_arenas is not None:
+        env["MALLOC_ARENA_MAX"] = str(args.malloc_arenas)
+    runs = []
+    for size in sizes:
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(size)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"scene {size}²: {runs[-1]}", flush=True)
+    figures = {"scenes": runs, "malloc_arena_max": args.malloc_arenas, "machine": machine()}
+    emit(figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
