@@ -2,7 +2,9 @@
 
 In one process per size (a child, so that each starts from the same imports), the synthetic
 georeferenced pair of ``benchmarks/scene.py`` is predicted with the explanation on, and the
-current and peak RSS are printed before and after the polygons and the overviews; the figures
+current and peak RSS are printed before and after the polygons and the overviews
+(``peak_in_block_loop_mib`` is the process's peak just before the polygons: imports, the
+written pair and the block loop; ``rss_at_start_mib`` is the RSS when the prediction starts); the figures
 also hold the peak of the shared-window cache, counted from the block grid (window outputs of
 3 float32 bands: logits, pre and post maps). ``--malloc-arenas N`` runs the children with
 ``MALLOC_ARENA_MAX=N`` (glibc), to see how much of the peak is allocator fragmentation.

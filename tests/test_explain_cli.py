@@ -98,7 +98,6 @@ def test_folder_mode_writes_panels_maps_and_json(tmp_path, tiny_ckpt, pair_dir):
     assert saved["mean"]["pairs"] == 2 and saved["panel_layer"] == "enc2"
 
 
-@pytest.mark.slow  # a fresh interpreter: imports dominate
 def test_explain_method_occlusion_draws_and_records_its_own_maps(tmp_path, tiny_ckpt, pair_dir):
     """``explain.method=occlusion``: maps at the input only, the curves and the report say so."""
     report = run_explain(
@@ -121,8 +120,16 @@ def test_explain_method_occlusion_draws_and_records_its_own_maps(tmp_path, tiny_
     assert maps["occlusion/pre/input"].shape == (h, w) and maps["occlusion/post/input"].any()
     assert "occlusion/post/enc1" not in maps
     assert set(report["pairs"][0]["post_share_occlusion"]) == {"input"}
+    assert report["panel_layer"] == "input"
+    with pytest.raises(ValueError, match=r"explain.faithfulness.layer \(occlusion\)"):
+        ExplainSettings(
+            methods=["occlusion"],
+            method="occlusion",
+            faithfulness=FaithfulnessSettings(layer="enc1"),
+        ).layers(SiameseUNet(3, 4, 2, "diff", shared_encoder=True))
 
 
+@pytest.mark.slow  # a fresh interpreter: imports dominate
 def test_single_pair_through_the_shim(tmp_path, tiny_ckpt, pair_dir):
     name = sorted(p.name for p in (pair_dir / "A").iterdir())[1]
     out = tmp_path / "out"

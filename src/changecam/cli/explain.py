@@ -28,7 +28,6 @@ from changecam.cli.common import (
 from changecam.data.io import pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
 from changecam.explain import ExplainSettings, choose_layer, explain_pair, resolve_taps
-from changecam.explain.hirescam import INPUT_ONLY_METHODS
 
 
 def check_pairs(
@@ -105,14 +104,11 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "threshold": settings.threshold,
         "methods": list(settings.methods),
         "taps": list(resolve_taps(model, settings.taps)),
-        "panel_layer": choose_layer(layers, settings.panel_layer),
+        "panel_layer": choose_layer(settings.method_layers(layers), settings.panel_layer),
         "faithfulness": {
             "enabled": settings.faithfulness.enabled,
             # the curves rank pixels by explain.method's maps, at the deepest layer it has
-            "layer": choose_layer(
-                ["input"] if settings.method in INPUT_ONLY_METHODS else layers,
-                settings.faithfulness.layer,
-            ),
+            "layer": choose_layer(settings.method_layers(layers), settings.faithfulness.layer),
             "method": settings.method,
             "steps": settings.faithfulness.steps,
             "random_repeats": settings.faithfulness.random_repeats,

@@ -81,18 +81,28 @@ def date_swap_occlusion(
     stride = min(settings.stride, side)
     shape, strides = (channels, side, side), (channels, stride, stride)
 
-    def forward(a: Tensor, b: Tensor, m: Tensor) -> Tensor:
+    def pre_swapped(a: Tensor, b: Tensor, m: Tensor) -> Tensor:
         return target_score(model(a, b), m)
 
+    def post_swapped(b: Tensor, a: Tensor, m: Tensor) -> Tensor:
+        return target_score(model(a, b), m)
+
+    # one date per call: captum 0.9 builds a CPU filler mask when one evaluation mixes squares
+    # of two inputs (in its occlusion.py), which fails on CUDA
+    maps = []
     with torch.no_grad():
-        a_pre, a_post = Occlusion(forward).attribute(
-            (x_pre, x_post),
-            sliding_window_shapes=(shape, shape),
-            strides=(strides, strides),
-            baselines=(x_post, x_pre),
-            additional_forward_args=(mask.float(),),
-            perturbations_per_eval=settings.perturbations_per_eval,
-        )
+        for forward, x, other in ((pre_swapped, x_pre, x_post), (post_swapped, x_post, x_pre)):
+            maps.append(
+                Occlusion(forward).attribute(
+                    x,
+                    sliding_window_shapes=shape,
+                    strides=strides,
+                    baselines=other,
+                    additional_forward_args=(other, mask.float()),
+                    perturbations_per_eval=settings.perturbations_per_eval,
+                )
+            )
+    a_pre, a_post = maps
     # every band of a square is swapped together, so the bands hold the same value
     return a_pre.mean(1).float(), a_post.mean(1).float()
 

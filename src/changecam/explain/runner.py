@@ -194,10 +194,19 @@ class ExplainSettings:
                 f"explain.taps={list(self.taps or [])} has no per-date layer (enc1, enc2 ...); "
                 "panels and shares need one"
             )
-        choose_layer(layers, self.panel_layer, "explain.panel_layer")
+        drawn = self.method_layers(layers)  # the panel and the curves use explain.method's maps
+        which = f" ({self.method})" if self.method in INPUT_ONLY_METHODS else ""
+        choose_layer(drawn, self.panel_layer, f"explain.panel_layer{which}")
         if self.faithfulness.enabled:
-            choose_layer(layers, self.faithfulness.layer, "explain.faithfulness.layer")
+            choose_layer(drawn, self.faithfulness.layer, f"explain.faithfulness.layer{which}")
         return layers
+
+    def method_layers(self, layers: Sequence[str]) -> list[str]:
+        """The layers among ``layers`` where ``explain.method`` has maps (the input only for
+        ``integrated_gradients`` and ``occlusion``)."""
+        if self.method in INPUT_ONLY_METHODS:
+            return [layer for layer in layers if layer == "input"]
+        return list(layers)
 
 
 @dataclass(frozen=True)
