@@ -41,6 +41,19 @@ from changecam.training.checkpoint import read_checkpoint, read_external_checkpo
 log = logging.getLogger("changecam")
 
 
+def failure_message(
+    failed: list[dict[str, str]], total: int, what: str, see: Path | None = None
+) -> str:
+    """The error of a run where some inputs failed: ``"2 of 5 <what> and have no outputs (a, b)"``,
+    where to read more (``see``), and the first error."""
+    names = ", ".join(f["name"] for f in failed)
+    where = f"; see 'failed' in {see}" if see is not None else ""
+    return (
+        f"{len(failed)} of {total} {what} and have no outputs ({names}){where}. "
+        f"First error: {failed[0]['error']}"
+    )
+
+
 # The configs live beside the package in the repository (editable install: `make install`).
 def compose_config(config_name: str, overrides: list[str], root: str | Path) -> DictConfig:
     """A command's config composed as its main composes it (the ``hydra`` node set), with every

@@ -57,6 +57,7 @@ from changecam.atomic import (
 from changecam.cli.common import (
     checked_threshold,
     explain_settings,
+    failure_message,
     load_model,
     log,
     prepare_run,
@@ -478,9 +479,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     write_json(output_dir / REPORT_FILE, report)
     print(f"predicted {len(rows)} pair(s) into {output_dir}")
     if failed:
-        names = ", ".join(f["name"] for f in failed)
         raise PredictionError(
-            f"{len(failed)} of {len(pairs)} pair(s) failed and have no outputs ({names}); "
-            f"see 'failed' in {output_dir / REPORT_FILE}. First error: {failed[0]['error']}"
+            failure_message(failed, len(pairs), "pair(s) failed", output_dir / REPORT_FILE)
         )
     return report

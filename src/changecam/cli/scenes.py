@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from changecam.atomic import DiskFullError, write_json
-from changecam.cli.common import log
+from changecam.cli.common import failure_message, log
 from changecam.data.layout import Triplet
 from changecam.geo import SceneError, SceneSettings, predict_scene
 from changecam.models.sliding_window import SlidingWindow
@@ -105,9 +105,5 @@ def predict_scenes(
         write_json(output_dir / REPORT_FILE, report)
     print(f"predicted {len(scenes)} scene(s) into {output_dir}")
     if failed:
-        names = ", ".join(f["name"] for f in failed)
-        raise SceneFailure(
-            f"{len(failed)} of {len(pairs)} scene(s) refused and have no outputs ({names}). "
-            f"First error: {failed[0]['error']}"
-        )
+        raise SceneFailure(failure_message(failed, len(pairs), "scene(s) refused"))
     return report
