@@ -45,7 +45,7 @@ from changecam.explain.hirescam import METHODS, Explanation, explain_batch, upsa
 from changecam.explain.integrated import IntegratedGradientsSettings
 from changecam.explain.layer_ig import LayerIGSettings
 from changecam.explain.occlusion import OcclusionSettings
-from changecam.explain.runner import pad_to_multiple
+from changecam.explain.runner import build_blocks, pad_to_multiple
 from changecam.explain.targets import target_score
 from changecam.models.protocol import size_multiple
 
@@ -112,12 +112,12 @@ class StudySettings:
                 object.__setattr__(self, key, (value,))
             elif value is not None:
                 object.__setattr__(self, key, tuple(value))
-        if not isinstance(self.ig, IntegratedGradientsSettings):
-            object.__setattr__(self, "ig", IntegratedGradientsSettings(**self.ig))
-        if not isinstance(self.layer_ig, LayerIGSettings):
-            object.__setattr__(self, "layer_ig", LayerIGSettings(**self.layer_ig))
-        if not isinstance(self.occlusion, OcclusionSettings):
-            object.__setattr__(self, "occlusion", OcclusionSettings(**self.occlusion))
+        build_blocks(
+            self,
+            ig=IntegratedGradientsSettings,
+            layer_ig=LayerIGSettings,
+            occlusion=OcclusionSettings,
+        )
         bad = [m for m in self.methods if m not in STUDY_METHODS]
         if bad or not self.methods:
             raise ValueError(

@@ -55,6 +55,15 @@ def _tuple(value: Sequence[Any] | str | None) -> tuple[Any, ...] | None:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def build_blocks(settings: Any, **blocks: type) -> None:
+    """Build the nested settings blocks of a frozen dataclass that were given as mappings
+    (from a config): ``build_blocks(self, ig=IntegratedGradientsSettings)``."""
+    for name, cls in blocks.items():
+        value = getattr(settings, name)
+        if not isinstance(value, cls):
+            object.__setattr__(settings, name, cls(**value))
+
+
 @dataclass(frozen=True)
 class FaithfulnessSettings:
     """The date-swap deletion curves (the ``explain.faithfulness`` block).
@@ -150,14 +159,13 @@ class ExplainSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", _tuple(self.taps))
         object.__setattr__(self, "methods", _tuple(self.methods))
-        if not isinstance(self.faithfulness, FaithfulnessSettings):
-            object.__setattr__(self, "faithfulness", FaithfulnessSettings(**self.faithfulness))
-        if not isinstance(self.ig, IntegratedGradientsSettings):
-            object.__setattr__(self, "ig", IntegratedGradientsSettings(**self.ig))
-        if not isinstance(self.layer_ig, LayerIGSettings):
-            object.__setattr__(self, "layer_ig", LayerIGSettings(**self.layer_ig))
-        if not isinstance(self.occlusion, OcclusionSettings):
-            object.__setattr__(self, "occlusion", OcclusionSettings(**self.occlusion))
+        build_blocks(
+            self,
+            faithfulness=FaithfulnessSettings,
+            ig=IntegratedGradientsSettings,
+            layer_ig=LayerIGSettings,
+            occlusion=OcclusionSettings,
+        )
         Target(self.target, self.threshold)  # validates kind and threshold
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
