@@ -7,6 +7,9 @@ and silent, no albumentations update check), the same defaults the commands set.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,3 +102,18 @@ def run_script(
     if check:
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc
+
+
+def kill_when_logged(
+    proc: subprocess.Popen, log: Path, marker: str, count: int = 3, timeout: float = 300
+) -> None:
+    """SIGKILL ``proc`` once ``log`` holds ``marker`` at least ``count`` times (the run is then
+    mid-way); fails if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_text().count(marker) >= count:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -18,10 +18,8 @@ import math
 import os
 import queue
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,7 +48,7 @@ from changecam.cli.train import train
 from changecam.data.io import read_image, write_png
 from changecam.models import SiameseUNet
 from changecam.training.checkpoint_io import atomic_torch_save
-from helpers import REPO, compose_train, tiny_overrides
+from helpers import REPO, compose_train, kill_when_logged, tiny_overrides
 from test_cam_panels import cam_settings, tiny_samples
 from test_checkpoint import make_lightning_checkpoint
 
@@ -549,15 +547,7 @@ def test_kill_9_then_resume_completes_the_run(tmp_path, ckpt, levir256_tiny):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        log = run / LOG_FILE
-        if log.is_file() and log.read_text().count('"done"') >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_logged(proc, run / LOG_FILE, '"done"')
     assert not (run / REPORT_FILE).exists(), "a killed run has no predictions.json"
     done = assert_whole_pairs(run)
     assert 3 <= len(done) < 11

@@ -344,12 +344,10 @@ def test_png_pairs_keep_the_png_path(tmp_path, ckpt):
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, ckpt):
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
-    from helpers import REPO
+    from helpers import REPO, kill_when_logged
 
     pre, post = synthetic_pair(512)
     paths = [write_scene(tmp_path / f"{d}.tif", x) for d, x in (("pre", pre), ("post", post))]
@@ -369,15 +367,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, ckpt):
     proc = subprocess.Popen(
         command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    log = killed / "pre" / "blocks.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and log.read_text().count('"block"') >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_logged(proc, killed / "pre" / "blocks.jsonl", '"block"')
     assert not list((killed / "pre").glob("*.tif")) and not (killed / "predictions.json").exists()
     subprocess.run(command(killed, "predict.resume=true"), env=env, check=True, capture_output=True)
     whole = tmp_path / "whole"
