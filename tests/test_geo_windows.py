@@ -96,3 +96,34 @@ def test_the_scaling_sample_takes_every_kth_pixel(tmp_path, monkeypatch):
         data, valid = changecam.geo.bands.decimated_sample(src, (3, 1))
     np.testing.assert_array_equal(data, image[::4, ::4][..., [2, 0]].transpose(2, 0, 1))
     np.testing.assert_array_equal(valid, (image[::4, ::4] != 0).any(-1))
+
+
+def test_the_change_overview_is_the_majority_of_the_valid_pixels(tmp_path):
+    """change.tif's first overview: 1 where at least half of the valid pixels of each 2x2 are
+    change (a tie counts as change), 0 where fewer are, 255 where none is valid."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from changecam.geo.grid import Grid
+    from changecam.geo.windows import Block
+    from changecam.geo.write import SceneFiles
+
+    rng = np.random.default_rng(0)
+    grid = Grid(rasterio.crs.CRS.from_epsg(32650), from_origin(0, 64, 0.5, 0.5), 64, 64)
+    probability = rng.random((64, 64)).astype(np.float32)
+    valid = rng.random((64, 64)) > 0.2
+    files = SceneFiles(tmp_path, explain=False, tile=16)
+    files.create(grid, {})
+    files.write_block(
+        Block(0, 0, 0, 64, 64, 0, 0, 64, 64, (0,), (0,)), probability, valid, 0.5, None
+    )
+    files.build_overviews(grid)
+    change = np.where(valid, probability > 0.5, 255).astype(np.uint8)
+    quads = change.reshape(32, 2, 32, 2).transpose(0, 2, 1, 3).reshape(32, 32, 4)
+    counted, ones = (quads != 255).sum(-1), (quads == 1).sum(-1)
+    expected = np.where(counted == 0, 255, 2 * ones >= counted).astype(np.uint8)
+    with rasterio.open(files.partial("change")) as src:
+        assert src.overviews(1) == [2, 4, 8]
+        overview = src.read(1, out_shape=(32, 32))
+    np.testing.assert_array_equal(overview, expected)

@@ -79,6 +79,8 @@ class Scaling:
 
     def apply(self, data: np.ndarray) -> np.ndarray:
         """``C x H x W`` raw values -> ``H x W x C`` uint8."""
+        if data.dtype == np.uint8 and (self.lo is None or self.hi is None):
+            return np.ascontiguousarray(data.transpose(1, 2, 0))  # already the network's range
         if self.lo is None or self.hi is None:
             out = np.clip(data, 0, 255)
         else:

@@ -224,15 +224,16 @@ class SceneNetwork:
             origin=(block.region_row, block.region_col),
         )
         r, c = block.row - block.region_row, block.col - block.region_col
-        out = out[0, :, r : r + block.height, c : c + block.width].cpu().numpy()
-        probability = 1.0 / (1.0 + np.exp(-out[0].astype(np.float64)))
+        out = out[0, :, r : r + block.height, c : c + block.width]
+        probability = torch.sigmoid(out[0]).cpu().numpy()  # as the PNG path computes it
+        out = out.cpu().numpy()
         if out.shape[0] == 1:
-            return probability.astype(np.float32), None
+            return probability, None
         pre, post = np.clip(out[1], 0, None), np.clip(out[2], 0, None)
         total = pre + post
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(total > 0, post / np.where(total > 0, total, 1), np.nan)
-        return probability.astype(np.float32), np.stack([out[1], out[2], share]).astype(np.float32)
+        return probability, np.stack([out[1], out[2], share]).astype(np.float32)
 
 
 def finished_scene(
