@@ -107,6 +107,7 @@ def scene_run(
         "blocks": summary["blocks"],
         "windows": summary["windows"],
         "polygons": summary["polygons"],
+        "window_cache": summary["window_cache"],
         "torch_threads": threads,
     }
 

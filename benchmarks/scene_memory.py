@@ -4,9 +4,9 @@ In one process per size (a child, so that each starts from the same imports), th
 georeferenced pair of ``benchmarks/scene.py`` is predicted with the explanation on, and the
 current and peak RSS are printed before and after the polygons and the overviews
 (``peak_in_block_loop_mib`` is the process's peak just before the polygons: imports, the
-written pair and the block loop; ``rss_at_start_mib`` is the RSS when the prediction starts); the figures
-also hold the peak of the shared-window cache, counted from the block grid (window outputs of
-3 float32 bands: logits, pre and post maps). ``--malloc-arenas N`` runs the children with
+written pair and the block loop; ``rss_at_start_mib`` is the RSS when the prediction starts); the
+figures also hold the peaks of the shared-window cache from ``scene.json`` (window outputs of 3
+float32 bands: logits, pre and post maps; in memory, and spilled to its temporary file). ``--malloc-arenas N`` runs the children with
 ``MALLOC_ARENA_MAX=N`` (glibc), to see how much of the peak is allocator fragmentation.
 
 Run: ``python benchmarks/scene_memory.py --size 4096 8192`` (about 6 minutes on 2 cores);
@@ -40,22 +40,6 @@ def rss_mib() -> tuple[int, int]:
             if line.startswith("VmRSS"):
                 current = int(line.split()[1]) // 1024
     return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-
-
-def cache_peak_windows(size: int, block: int) -> int:
-    """Most window outputs the scene runner holds for later blocks at once (its reuse cache)."""
-    from changecam.geo.predict_scene import window_last_use
-    from changecam.geo.windows import block_grid
-    from changecam.models.sliding_window import SlidingWindow
-
-    blocks = block_grid(size, size, block, SlidingWindow())
-    last = window_last_use(blocks)
-    first: dict[tuple[int, int], int] = {}
-    for b in blocks:
-        for r in b.rows:
-            for c in b.cols:
-                first.setdefault((b.region_row + r, b.region_col + c), b.index)
-    return max(sum(1 for k in last if first[k] <= b.index <= last[k]) for b in blocks)
 
 
 def child(size: int) -> dict[str, Any]:
@@ -94,18 +78,18 @@ def child(size: int) -> dict[str, Any]:
         pre, post = scene_bench.write_synthetic_pair(tmp / "tif", size)
         start = rss_mib()
         started = time.perf_counter()
-        module.predict_scene(net, pre, post, tmp / "out", SlidingWindow(), settings, "cpu")
+        summary = module.predict_scene(
+            net, pre, post, tmp / "out", SlidingWindow(), settings, "cpu"
+        )
         seconds = time.perf_counter() - started
     end = rss_mib()
-    windows = cache_peak_windows(size, settings.block_size)
     return {
         "side": size,
         "rss_at_start_mib": start[0],
         "peak_in_block_loop_mib": phases["scene_polygons"]["peak_before"],
         "phases_mib": phases,
         "peak_mib": end[1],
-        "cache_peak_windows": windows,
-        "cache_peak_mib": round(windows * 3 * 256 * 256 * 4 / 2**20, 1),
+        "window_cache": summary["window_cache"],
         "seconds": round(seconds, 1),
     }
 

@@ -86,7 +86,13 @@ def test_scene_memory_reports_the_peak_per_phase():
 
     figures = scene_memory.main(["--tiny"])
     (run,) = figures["scenes"]
-    assert run["side"] == 256 and run["cache_peak_windows"] == 1
+    assert run["side"] == 256
     assert set(run["phases_mib"]) == {"scene_polygons", "build_overviews"}
-    assert run["cache_peak_mib"] == 0.8  # one window of 3 float32 bands of 256²
+    # one window of 3 float32 bands of 256², in memory: a one-block scene spills nothing
+    assert run["window_cache"] == {
+        "peak_in_memory": 1,
+        "peak_on_disk": 0,
+        "peak_in_memory_mib": 0.8,
+        "peak_on_disk_mib": 0.0,
+    }
     assert run["phases_mib"]["scene_polygons"]["rss_before"] > 100

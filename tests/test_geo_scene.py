@@ -114,6 +114,8 @@ def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, p
     summary = json.loads((folder / "scene.json").read_text())
     assert summary["changed_pixels"] == total and summary["explain_layer"] == "enc2"
     assert report["scenes"][0] == summary
+    # the second block row's windows waited on disk, and the blend above is still exact
+    assert summary["window_cache"]["peak_on_disk"] > 0
 
 
 def test_min_area_drops_small_polygons(tmp_path, ckpt, pair, threshold):

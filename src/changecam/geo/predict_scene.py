@@ -19,6 +19,8 @@ readable; otherwise the scene starts over.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import time
@@ -39,6 +41,7 @@ from changecam.explain.hirescam import choose_layer, per_date_layers, resolve_ta
 from changecam.geo.bands import Scale, decimated_sample, estimate_scaling, select_bands
 from changecam.geo.grid import Align, SceneError, open_pair
 from changecam.geo.polygons import scene_polygons, write_geojson
+from changecam.geo.window_cache import WindowCache
 from changecam.geo.windows import Block, Region, block_grid, prefetched, read_region
 from changecam.geo.write import EXPLANATION_BANDS, TILE, SceneFiles, tile_side
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
@@ -205,7 +208,7 @@ class SceneNetwork:
         self,
         region: Region,
         device: torch.device,
-        reuse: dict[tuple[int, int], Tensor] | None = None,
+        reuse: WindowCache | dict[tuple[int, int], Tensor] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The block's probability (``h x w``) and explanation bands (``3 x h x w`` or ``None``);
         ``reuse`` holds the window outputs shared with neighbouring blocks."""
@@ -257,6 +260,27 @@ def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
             for c in block.cols:
                 last[(block.region_row + r, block.region_col + c)] = block.index
     return last
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed since the last call back to the system (glibc's
+    ``malloc_trim``; elsewhere nothing). Each block frees a few hundred MiB of window
+    activations; without this the process keeps them, fragmented, and its resident size creeps
+    up with the scene."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
 
 
 def predict_scene(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -382,9 +406,8 @@ def _predict_scene(
                     f"truncated file?): {err}"
                 ) from err
 
-        reuse: dict[tuple[int, int], Tensor] = {}
         last_use = window_last_use(blocks)
-        with bar:
+        with bar, WindowCache(folder) as reuse:
             for region in prefetched(todo, read, settings.prefetch):
                 block = region.block
                 inner = region.valid[
@@ -394,6 +417,9 @@ def _predict_scene(
                 probability, explanation = runner.block(region, device, reuse)
                 for start in [k for k in reuse if last_use[k] <= block.index]:
                     del reuse[start]  # no later block needs this window
+                # the next block row's windows wait on disk: memory does not grow with the width
+                reuse.spill([k for k in reuse if last_use[k] > block.index + 1])
+                release_freed_memory()
                 files.write_block(block, probability, inner, settings.threshold, explanation)
                 changed = (probability > settings.threshold) & inner
                 entry = {
@@ -408,6 +434,7 @@ def _predict_scene(
                 done_pixels += block.pixels
                 bar.update(block.windows)
                 bar.set_postfix_str(f"{done_pixels / 1e6:.1f}/{grid.pixels / 1e6:.1f} MP")
+            window_cache = reuse.record()
         compute_seconds = time.perf_counter() - compute_started
     valid = sum(r["valid"] for r in block_log.done.values())
     if valid == 0:
@@ -455,6 +482,7 @@ def _predict_scene(
             "min_area_m2": settings.min_area_m2,
             "seconds": time.perf_counter() - started,
             "compute_seconds": compute_seconds,
+            "window_cache": window_cache,
             "files": written,
         }
     )
