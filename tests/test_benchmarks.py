@@ -78,6 +78,9 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
     compare = figures["side_by_side"]
     assert set(compare["megapixels_per_s"]) == {"png", "geotiff", "geotiff_explained"}
     assert compare["explanation_extra_s_per_megapixel"] > 0
+    for path, seconds in compare["network_cpu_seconds"].items():  # a part of the path's time
+        assert 0 < seconds <= compare["cpu_seconds_best"][path] + 0.01
+    assert run["window_cache"]["peak_on_disk"] == 0  # one block: nothing waits for a later row
 
 
 @pytest.mark.slow
