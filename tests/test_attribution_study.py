@@ -10,6 +10,7 @@ from torch import nn
 from changecam.evaluation.attribution import (
     attributed_post,
     bootstrap,
+    causal_margin,
     causal_post,
     changed_objects,
     pointing,
@@ -104,6 +105,11 @@ def test_date_decisions_pointing_and_swaps_are_exact():
         causal_post(torch.tensor([1.0, -3.0]), torch.tensor([-2.0, 3.0])), torch.tensor([1.0, 0.5])
     )
     torch.testing.assert_close(pointing(pre, post, region), torch.tensor([1.0, 2 / 5]))
+    # | |ΔS_pre| - |ΔS_post| | / max: 2/3; an exact tie 0; neither swap moves S 0; one only 1
+    torch.testing.assert_close(
+        causal_margin(torch.tensor([1.0, -2.0, 0.0, 4.0]), torch.tensor([-3.0, 2.0, 0.0, 0.0])),
+        torch.tensor([2 / 3, 0.0, 0.0, 1.0]),
+    )
     a = torch.zeros(1, 1, 2, 2)
     b = torch.ones(1, 1, 2, 2)
     new_pre, new_post = swap_regions(a, b, region[:1], "pre")
@@ -125,6 +131,10 @@ def test_spearman_and_bootstrap_known_values():
     one = bootstrap([[1.0, 0.0]])
     assert one.low == one.high == 0.5
     assert bootstrap([[]]).mean is None
+    # weighted: (3·1 + 1·0) / 4; the image whose weights sum to 0 counts as empty
+    weighted = bootstrap([[1.0, 0.0], [1.0]], resamples=200, weights=[[3.0, 1.0], [0.0]])
+    assert weighted.mean == pytest.approx(0.75) and weighted.n == 2
+    assert weighted.low == weighted.high == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize("date", ["post", "pre"])
@@ -145,6 +155,7 @@ def test_a_one_date_model_gets_the_known_answer_right_for_one_kind_only(date):
             assert value(result, method, layer, f"date_accuracy_{wrong}") == 0.0
             assert value(result, method, layer, "date_accuracy") == 0.5
             assert value(result, method, layer, "causal_agreement") == 1.0
+            assert value(result, method, layer, "causal_agreement_weighted") == 1.0
     # the contrastive map of the used date is negative where that date lost a building: no
     # positive mass in either date there, a tie (half right)
     assert value(result, "contrastive", "input", f"date_accuracy_{wrong}") == 0.5
@@ -153,6 +164,12 @@ def test_a_one_date_model_gets_the_known_answer_right_for_one_kind_only(date):
     assert value(result, "occlusion", "input", f"date_accuracy_{right}") == 1.0
     assert value(result, "occlusion", "input", f"date_accuracy_{wrong}") == 0.5
     assert value(result, "occlusion", "input", "causal_agreement") == 0.75
+    # the unused date's swap changes nothing: every causal date is decisive (margin 1), so the
+    # margin-weighted agreement is the plain one
+    assert result["causal"]["causal_margin"]["mean"] == 1.0
+    assert result["causal"]["causal_near_tie"]["mean"] == 0.0
+    assert result["causal"]["causal_margin_median"] == 1.0
+    assert value(result, "occlusion", "input", "causal_agreement_weighted") == 0.75
     assert result["baselines"] == {"random": 0.5, "post_always": 0.5}
     assert 0.2 < value(result, "random", "input", "date_accuracy") < 0.8
 

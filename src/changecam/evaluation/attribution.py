@@ -17,6 +17,10 @@ and a method's per-date maps ``m_pre``, ``m_post`` (upsampled to the input, sign
   replaced by the other date's) changes ``S`` more, ``|ΔS|``; the signed drops are kept. It is
   what the model uses, right or wrong, so agreement with it tests the explanation and not the
   model;
+* **causal margin**: how decisive that date is, ``| |ΔS_pre| − |ΔS_post| | / max(|ΔS_pre|,
+  |ΔS_post|)``. Both swaps make the pair identical inside the object, so both usually remove
+  the change and the margin can be a few percent; the **margin-weighted causal agreement**
+  weighs each object's agreement by it (a near-tie decides little);
 * **pointing** (energy pointing game): the share of both dates' positive mass that lies inside
   the object;
 * **post share**: ``P_post / (P_pre + P_post)`` over the whole image.
@@ -115,6 +119,15 @@ def causal_post(drop_pre: Tensor, drop_post: Tensor) -> Tensor:
     return torch.where(post > pre, 1.0, torch.where(post < pre, 0.0, 0.5))
 
 
+def causal_margin(drop_pre: Tensor, drop_post: Tensor) -> Tensor:
+    """Per object: how decisive its causal date is, ``| |ΔS_pre| − |ΔS_post| | / max(|ΔS_pre|,
+    |ΔS_post|)`` in [0, 1] (0: both swaps move ``S`` equally, or neither moves it; 1: only one
+    does) (B, float)."""
+    pre, post = drop_pre.abs(), drop_post.abs()
+    larger = torch.maximum(pre, post)
+    return torch.where(larger > 0, (pre - post).abs() / larger.clamp(min=1e-30), 0.0)
+
+
 def agreement(post_a: Tensor, post_b: Tensor) -> Tensor:
     """How far two date decisions (1 post, 0 pre, 0.5 undecided) agree: 1, 0 or 0.5 per object."""
     return 1.0 - (post_a - post_b).abs()
@@ -179,19 +192,32 @@ class Estimate:
 
 
 def bootstrap(
-    per_image: Sequence[Sequence[float]], resamples: int = 1000, seed: int = 0
+    per_image: Sequence[Sequence[float]],
+    resamples: int = 1000,
+    seed: int = 0,
+    weights: Sequence[Sequence[float]] | None = None,
 ) -> Estimate:
     """The mean of every value pooled, and its 95 % percentile interval when the images (lists
     of per-object values) are resampled with replacement. NaN values are left out.
+
+    With ``weights`` (one per value, same layout) the mean is weighted, ``Σ w·v / Σ w``, and
+    resampled the same way; images whose weights sum to 0 count as having no value.
     """
-    groups = [np.asarray([v for v in vals if not np.isnan(v)], float) for vals in per_image]
-    groups = [g for g in groups if len(g)]
+    if weights is None:
+        weights = [[1.0] * len(vals) for vals in per_image]
+    pairs = [
+        [(v, w) for v, w in zip(vals, ws, strict=True) if not np.isnan(v)]
+        for vals, ws in zip(per_image, weights, strict=True)
+    ]
+    groups = [np.asarray(p, float).reshape(-1, 2) for p in pairs]
+    groups = [g for g in groups if len(g) and g[:, 1].sum() > 0]
     n = int(sum(len(g) for g in groups))
     if not n:
         return Estimate(None, None, None, 0)
-    mean = float(np.concatenate(groups).mean())
-    sums = np.array([g.sum() for g in groups])
-    counts = np.array([len(g) for g in groups])
+    pooled = np.concatenate(groups)
+    mean = float((pooled[:, 0] * pooled[:, 1]).sum() / pooled[:, 1].sum())
+    sums = np.array([(g[:, 0] * g[:, 1]).sum() for g in groups])
+    counts = np.array([g[:, 1].sum() for g in groups])
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(groups), size=(resamples, len(groups)))
     means = sums[picks].sum(1) / counts[picks].sum(1)
@@ -207,6 +233,7 @@ __all__ = [
     "agreement",
     "attributed_post",
     "bootstrap",
+    "causal_margin",
     "causal_post",
     "changed_objects",
     "pointing",

@@ -5,7 +5,8 @@ For each image of a split, each labelled changed object (a connected component, 
 object; the objects of an image are explained together as one batch), and each method's maps
 are scored by :mod:`changecam.evaluation.attribution`: date accuracy (against the generator's
 change types), agreement with the causal date (the date whose date-swap inside the object
-changes ``S`` more), the energy pointing game and the image-wide post share. The same batch
+changes ``S`` more; also weighed by how decisive that date is, the causal margin), the energy
+pointing game and the image-wide post share. The same batch
 gives the date-swap deletion curves (:func:`changecam.explain.faithfulness`, ``both`` dates) and
 their gap against random order. The cascading parameter-randomisation check
 (:mod:`changecam.evaluation.randomisation`) runs on the first ``randomisation_images`` images.
@@ -33,6 +34,7 @@ from changecam.evaluation.attribution import (
     agreement,
     attributed_post,
     bootstrap,
+    causal_margin,
     causal_post,
     changed_objects,
     pointing,
@@ -55,7 +57,7 @@ RANDOM = "random"
 STUDY_METHODS: tuple[str, ...] = (*METHODS, RANDOM)
 KINDS = ("appeared", "vanished")
 # the metrics of one method and layer (with _appeared / _vanished variants where they apply)
-OBJECT_METRICS = ("date_accuracy", "causal_agreement", "pointing")
+OBJECT_METRICS = ("date_accuracy", "causal_agreement", "causal_agreement_weighted", "pointing")
 
 
 @dataclass(frozen=True)
@@ -172,11 +174,29 @@ class _Records:
     """Per (method, layer, metric): one list of per-object values per image."""
 
     values: dict[tuple[str, str, str], dict[str, list[float]]] = field(default_factory=dict)
+    # per-object weights of a weighted metric, in the same layout as its values
+    weights: dict[tuple[str, str, str], dict[str, list[float]]] = field(default_factory=dict)
     curves: dict[tuple[str, str, str], list[np.ndarray]] = field(default_factory=dict)
 
-    def add(self, method: str, layer: str, metric: str, image: str, values: Iterable[float]):
+    def add(
+        self,
+        method: str,
+        layer: str,
+        metric: str,
+        image: str,
+        values: Iterable[float],
+        weights: Iterable[float] | None = None,
+    ):
+        values = [float(v) for v in values]
         per_image = self.values.setdefault((method, layer, metric), {})
-        per_image.setdefault(image, []).extend(float(v) for v in values)
+        per_image.setdefault(image, []).extend(values)
+        if weights is not None:
+            weights = [float(w) for w in weights]
+            if len(weights) != len(values):
+                raise ValueError(f"{metric}: {len(weights)} weights for {len(values)} values")
+            self.weights.setdefault((method, layer, metric), {}).setdefault(image, []).extend(
+                weights
+            )
 
 
 def engine_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -216,8 +236,8 @@ def study_model(
     Returns:
         A JSON-ready dict: ``results[method][layer][metric]`` (estimates with ``mean``, ``ci95``,
         ``n``; ``randomisation`` with its curve), ``objects`` (counts per kind), ``causal``
-        (the model's own date use: share of objects whose causal date is post, and how often
-        it is the known date), ``baselines``, ``curves`` (mean normalised deletion curves),
+        (the model's own date use: share of objects whose causal date is post, how often it is
+        the known date, the causal margins and the share of near-ties under 5 %), ``baselines``, ``curves`` (mean normalised deletion curves),
         ``per_image`` (causal agreement per image, for panels) and ``skipped`` (metrics left
         out and why).
     """
@@ -264,7 +284,8 @@ def study_model(
         "images": len(images),
         "results": results,
         "causal": {
-            key: _estimate(values, settings).as_dict() for key, values in model_records.items()
+            **{key: _estimate(values, settings).as_dict() for key, values in model_records.items()},
+            "causal_margin_median": _pooled_median(model_records.get("causal_margin", {})),
         },
         "baselines": {
             "random": 0.5,
@@ -395,6 +416,7 @@ def _score_pass(
             a, b = swap_regions(batch.pre, batch.post, batch.regions, date)
             drops[date] = score - target_score(model(a.to(device), b.to(device)), mask).cpu()
     causal = causal_post(drops["pre"], drops["post"])
+    margin = causal_margin(drops["pre"], drops["post"])
     kinds = [obj.kind for obj in batch.objects]
     known = torch.tensor(
         [{"post": 1.0, "pre": 0.0}.get(o.known_date or "", math.nan) for o in batch.objects]
@@ -416,6 +438,9 @@ def _score_pass(
         **by_kind("model_date_accuracy", agreement(causal, known), has_known),
         "drop_pre": drops["pre"].tolist(),
         "drop_post": drops["post"].tolist(),
+        "causal_margin": margin.tolist(),
+        # share of objects whose two swaps move S within 5 % of each other (descriptive)
+        "causal_near_tie": (margin < 0.05).float().tolist(),
     }.items():
         model_records.setdefault(key, {}).setdefault(name, []).extend(
             v for v in values if not math.isnan(v)
@@ -455,6 +480,15 @@ def _score_pass(
                     records.curves.setdefault((method, layer, order), []).extend(curve)
             for metric, values in metrics.items():
                 records.add(method, layer, metric, name, [v for v in values if not math.isnan(v)])
+            # each object's agreement with the causal date, weighed by how decisive that date is
+            records.add(
+                method,
+                layer,
+                "causal_agreement_weighted",
+                name,
+                agreement(attributed, causal).tolist(),
+                weights=margin.tolist(),
+            )
 
 
 def _randomisation(
@@ -503,8 +537,22 @@ def _both_dates(exp: Explanation, method: str, layer: str) -> Tensor:
     return torch.cat([pre, post], 1)
 
 
-def _estimate(per_image: dict[str, list[float]], settings: StudySettings):
-    return bootstrap(list(per_image.values()), settings.bootstrap, settings.seed)
+def _pooled_median(per_image: dict[str, list[float]]) -> float | None:
+    values = [v for vals in per_image.values() for v in vals]
+    return float(np.median(values)) if values else None
+
+
+def _estimate(
+    per_image: dict[str, list[float]],
+    settings: StudySettings,
+    weights: dict[str, list[float]] | None = None,
+):
+    return bootstrap(
+        list(per_image.values()),
+        settings.bootstrap,
+        settings.seed,
+        None if weights is None else [weights[k] for k in per_image],
+    )
 
 
 def _summarise(
@@ -515,7 +563,8 @@ def _summarise(
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for (method, layer, metric), per_image in records.values.items():
         entry = results.setdefault(method, {}).setdefault(layer, {})
-        entry[metric] = _estimate(per_image, settings).as_dict()
+        weights = records.weights.get((method, layer, metric))
+        entry[metric] = _estimate(per_image, settings, weights).as_dict()
     for (method, layer), entry in randomisation.items():
         results.setdefault(method, {}).setdefault(layer, {})["randomisation"] = entry
     return results

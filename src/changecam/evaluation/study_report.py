@@ -26,7 +26,13 @@ from changecam.explain.runner import pad_to_multiple
 from changecam.models.protocol import size_multiple
 
 TITLES = {**METHOD_TITLES, RANDOM: "random map"}
-HEADLINE = ("date_accuracy", "date_accuracy_appeared", "date_accuracy_vanished", "causal_agreement")
+HEADLINE = (
+    "date_accuracy",
+    "date_accuracy_appeared",
+    "date_accuracy_vanished",
+    "causal_agreement",
+    "causal_agreement_weighted",
+)
 
 
 def mean(entry: Mapping[str, Any] | None) -> float | None:
@@ -277,8 +283,8 @@ def report_markdown(record: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
         "## Headline (each method at its layer with the best causal agreement)",
         "",
         "| architecture | method | layer | date accuracy | appeared | vanished | causal agreement "
-        "| pointing | faithfulness gap | randomisation ρ (passes) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| margin-weighted | pointing | faithfulness gap | randomisation ρ (passes) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in headline_rows(record):
         rho = row["randomisation_final"]
@@ -287,6 +293,7 @@ def report_markdown(record: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
             f"| {row['architecture']} | {row['method']} | {row['layer']} | "
             f"{fmt(row['date_accuracy'], True)} | {fmt(row['date_accuracy_appeared'])} | "
             f"{fmt(row['date_accuracy_vanished'])} | {fmt(row['causal_agreement'], True)} | "
+            f"{fmt(row['causal_agreement_weighted'], True)} | "
             f"{fmt(row['pointing'])} | {fmt(row['faithfulness_gap'])} | "
             + ("–" if rho is None else f"{rho:.2f} ({'yes' if passes else 'NO'})")
             + " |"
@@ -325,12 +332,25 @@ def answer(arch: str, result: Mapping[str, Any]) -> str:
             f"that causal date is the one holding the evidence for {appeared:.0%} of appeared "
             f"and {vanished:.0%} of vanished buildings"
         )
+    near_tie = mean(causal.get("causal_near_tie"))
+    if near_tie is not None and causal.get("causal_margin_median") is not None:
+        parts.append(
+            f"for {near_tie:.0%} of the objects the two swaps move the score within 5 % of each "
+            f"other (median causal margin {causal['causal_margin_median']:.1%})"
+        )
     rows = [r for r in headline_rows({"architectures": {arch: result}}) if r["method"] != RANDOM]
     best = max(rows, key=lambda r: mean(r["causal_agreement"]) or -1, default=None)
     if best is not None:
         parts.append(
             f"the explanation that agrees best with it is {TITLES.get(best['method'], best['method'])} "
             f"at {best['layer']} ({fmt(best['causal_agreement'], True)})"
+        )
+    weighted = max(rows, key=lambda r: mean(r["causal_agreement_weighted"]) or -1, default=None)
+    if weighted is not None and mean(weighted["causal_agreement_weighted"]) is not None:
+        parts.append(
+            "weighed by the causal margin, the best is "
+            f"{TITLES.get(weighted['method'], weighted['method'])} at {weighted['layer']} "
+            f"({fmt(weighted['causal_agreement_weighted'], True)})"
         )
     passing = sorted({r["method"] for r in rows if r["passes_randomisation"]})
     failing = sorted({r["method"] for r in rows if r["passes_randomisation"] is False})
@@ -345,9 +365,9 @@ def answer(arch: str, result: Mapping[str, Any]) -> str:
 
 def _layer_table(result: Mapping[str, Any]) -> str:
     lines = [
-        "| method | layer | date acc. | appeared | vanished | causal agr. | pointing | post share "
-        "| gap | ρ random. |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | layer | date acc. | appeared | vanished | causal agr. | weighted | pointing "
+        "| post share | gap | ρ random. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, layers in result["results"].items():
         for layer, e in layers.items():
@@ -355,7 +375,8 @@ def _layer_table(result: Mapping[str, Any]) -> str:
             lines.append(
                 f"| {method} | {layer} | {fmt(e.get('date_accuracy'))} | "
                 f"{fmt(e.get('date_accuracy_appeared'))} | {fmt(e.get('date_accuracy_vanished'))} | "
-                f"{fmt(e.get('causal_agreement'))} | {fmt(e.get('pointing'))} | "
+                f"{fmt(e.get('causal_agreement'))} | {fmt(e.get('causal_agreement_weighted'))} | "
+                f"{fmt(e.get('pointing'))} | "
                 f"{fmt(e.get('post_share'))} | {fmt(e.get('faithfulness_gap'))} | "
                 + ("–" if rho is None else f"{rho:.2f}")
                 + " |"
