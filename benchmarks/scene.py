@@ -220,8 +220,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--repeats", type=int, default=3, help="side-by-side runs (best taken)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long run for the tests")
+    parser.add_argument(
+        "--side-by-side-only", action="store_true", help="only the side-by-side comparison"
+    )
     args = parser.parse_args(argv)
     sizes = list(args.size) + ([16384] if args.large and 16384 not in args.size else [])
+    if args.side_by_side_only:
+        sizes = []
     if args.tiny:
         sizes, args.compare, args.repeats = [256], 256, 1
     started = time.perf_counter()

@@ -345,12 +345,18 @@ def answer(arch: str, result: Mapping[str, Any]) -> str:
             f"the explanation that agrees best with it is {TITLES.get(best['method'], best['method'])} "
             f"at {best['layer']} ({fmt(best['causal_agreement'], True)})"
         )
-    weighted = max(rows, key=lambda r: mean(r["causal_agreement_weighted"]) or -1, default=None)
-    if weighted is not None and mean(weighted["causal_agreement_weighted"]) is not None:
+    weighted = [
+        (mean(entry.get("causal_agreement_weighted")), method, layer, entry)
+        for method, layers in result["results"].items()
+        if method != RANDOM
+        for layer, entry in layers.items()
+        if mean(entry.get("causal_agreement_weighted")) is not None
+    ]
+    if weighted:
+        _, method, layer, entry = max(weighted, key=lambda w: w[0])
         parts.append(
-            "weighed by the causal margin, the best is "
-            f"{TITLES.get(weighted['method'], weighted['method'])} at {weighted['layer']} "
-            f"({fmt(weighted['causal_agreement_weighted'], True)})"
+            f"weighed by the causal margin, the best is {TITLES.get(method, method)} at {layer} "
+            f"({fmt(entry['causal_agreement_weighted'], True)})"
         )
     passing = sorted({r["method"] for r in rows if r["passes_randomisation"]})
     failing = sorted({r["method"] for r in rows if r["passes_randomisation"] is False})
