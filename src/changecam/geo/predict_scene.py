@@ -265,8 +265,7 @@ def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
 def release_freed_memory() -> None:
     """Hand the heap memory freed since the last call back to the system (glibc's
     ``malloc_trim``; elsewhere nothing). Each block frees a few hundred MiB of window
-    activations; without this the process keeps them, fragmented, and its resident size creeps
-    up with the scene."""
+    activations; without this the process keeps more of them, fragmented, between blocks."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
