@@ -6,8 +6,9 @@ current and peak RSS are printed before and after the polygons and the overviews
 (``peak_in_block_loop_mib`` is the process's peak just before the polygons: imports, the
 written pair and the block loop; ``rss_at_start_mib`` is the RSS when the prediction starts); the
 figures also hold the peaks of the shared-window cache from ``scene.json`` (window outputs of 3
-float32 bands: logits, pre and post maps; in memory, and spilled to its temporary file). ``--malloc-arenas N`` runs the children with
-``MALLOC_ARENA_MAX=N`` (glibc), to see how much of the peak is allocator fragmentation.
+float32 bands: logits, pre and post maps; in memory, and spilled to its temporary file).
+``--malloc-arenas N`` runs the children with ``MALLOC_ARENA_MAX=N`` (glibc), to see how much of
+the peak is allocator fragmentation.
 
 Run: ``python benchmarks/scene_memory.py --size 4096 8192`` (about 6 minutes on 2 cores);
 ``make bench-scene`` does not run it.

@@ -6,8 +6,7 @@ object; the objects of an image are explained together as one batch), and each m
 are scored by :mod:`changecam.evaluation.attribution`: date accuracy (against the generator's
 change types), agreement with the causal date (the date whose date-swap inside the object
 changes ``S`` more; also weighed by how decisive that date is, the causal margin), the energy
-pointing game and the image-wide post share. The same batch
-gives the date-swap deletion curves (:func:`changecam.explain.faithfulness`, ``both`` dates) and
+pointing game and the image-wide post share. The same batch gives the date-swap deletion curves (:func:`changecam.explain.faithfulness`, ``both`` dates) and
 their gap against random order. The cascading parameter-randomisation check
 (:mod:`changecam.evaluation.randomisation`) runs on the first ``randomisation_images`` images.
 
@@ -237,7 +236,8 @@ def study_model(
         A JSON-ready dict: ``results[method][layer][metric]`` (estimates with ``mean``, ``ci95``,
         ``n``; ``randomisation`` with its curve), ``objects`` (counts per kind), ``causal``
         (the model's own date use: share of objects whose causal date is post, how often it is
-        the known date, the causal margins and the share of near-ties under 5 %), ``baselines``, ``curves`` (mean normalised deletion curves),
+        the known date, the causal margins and the share of near-ties under 5 %),
+        ``baselines``, ``curves`` (mean normalised deletion curves),
         ``per_image`` (causal agreement per image, for panels) and ``skipped`` (metrics left
         out and why).
     """
@@ -452,9 +452,10 @@ def _score_pass(
                 for d in ("pre", "post")
             }
             attributed = attributed_post(up["pre"], up["post"], regions)
+            agrees = agreement(attributed, causal)
             metrics = {
                 **by_kind("date_accuracy", agreement(attributed, known), has_known),
-                **by_kind("causal_agreement", agreement(attributed, causal)),
+                **by_kind("causal_agreement", agrees),
                 **by_kind("pointing", pointing(up["pre"], up["post"], regions)),
                 "post_share": exp.post_share(layer, method).tolist(),  # type: ignore[arg-type]
             }
@@ -486,7 +487,7 @@ def _score_pass(
                 layer,
                 "causal_agreement_weighted",
                 name,
-                agreement(attributed, causal).tolist(),
+                agrees.tolist(),
                 weights=margin.tolist(),
             )
 

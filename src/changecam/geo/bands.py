@@ -79,9 +79,9 @@ class Scaling:
 
     def apply(self, data: np.ndarray) -> np.ndarray:
         """``C x H x W`` raw values -> ``H x W x C`` uint8."""
-        if data.dtype == np.uint8 and (self.lo is None or self.hi is None):
-            return np.ascontiguousarray(data.transpose(1, 2, 0))  # already the network's range
         if self.lo is None or self.hi is None:
+            if data.dtype == np.uint8:  # already the network's range: no arithmetic
+                return np.ascontiguousarray(data.transpose(1, 2, 0))
             out = np.clip(data, 0, 255)
         else:
             lo = np.asarray(self.lo, dtype=np.float64)[:, None, None]

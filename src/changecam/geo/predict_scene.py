@@ -24,6 +24,7 @@ import ctypes.util
 import json
 import logging
 import time
+from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,7 @@ class SceneNetwork:
         self,
         region: Region,
         device: torch.device,
-        reuse: WindowCache | dict[tuple[int, int], Tensor] | None = None,
+        reuse: MutableMapping[tuple[int, int], Tensor] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The block's probability (``h x w``) and explanation bands (``3 x h x w`` or ``None``);
         ``reuse`` holds the window outputs shared with neighbouring blocks."""

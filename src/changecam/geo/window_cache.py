@@ -41,6 +41,8 @@ class WindowCache(MutableMapping[Key, Tensor]):
         self.shape: tuple[int, ...] | None = None
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
+        self.numpy_dtype: np.dtype | None = None
+        self.slot_bytes = 0  # bytes of one window in the file
         self.fd: int | None = None
         self.peak_in_memory = 0  # most windows held in memory at once
         self.peak_on_disk = 0  # ... and in the temporary file
@@ -50,7 +52,7 @@ class WindowCache(MutableMapping[Key, Tensor]):
         if key in self.memory:
             return self.memory[key]
         slot = self.slots[key]
-        assert self.fd is not None and self.shape is not None and self.dtype is not None
+        assert self.fd is not None and self.shape is not None
         data = os.pread(self.fd, self.slot_bytes, slot * self.slot_bytes)
         if len(data) != self.slot_bytes:
             raise OSError(f"window {key}: read {len(data)} of {self.slot_bytes} bytes back")
@@ -60,6 +62,8 @@ class WindowCache(MutableMapping[Key, Tensor]):
     def __setitem__(self, key: Key, value: Tensor) -> None:
         if self.shape is None:
             self.shape, self.dtype, self.device = tuple(value.shape), value.dtype, value.device
+            self.numpy_dtype = torch.empty((), dtype=value.dtype).numpy().dtype
+            self.slot_bytes = int(np.prod(self.shape)) * self.numpy_dtype.itemsize
         elif tuple(value.shape) != self.shape or value.dtype != self.dtype:
             raise ValueError(
                 f"window {key}: {tuple(value.shape)} {value.dtype} differs from the cache's "
@@ -89,16 +93,6 @@ class WindowCache(MutableMapping[Key, Tensor]):
 
     # spilling
     @property
-    def numpy_dtype(self) -> np.dtype:
-        assert self.dtype is not None
-        return torch.empty((), dtype=self.dtype).numpy().dtype
-
-    @property
-    def slot_bytes(self) -> int:
-        assert self.shape is not None
-        return int(np.prod(self.shape)) * self.numpy_dtype.itemsize
-
-    @property
     def in_memory(self) -> int:
         """Windows held in memory."""
         return len(self.memory)
@@ -127,7 +121,7 @@ class WindowCache(MutableMapping[Key, Tensor]):
 
     def record(self) -> dict[str, int | None]:
         """The peaks, in windows and MiB (``scene.json``'s ``window_cache``)."""
-        size = self.slot_bytes if self.shape is not None else 0
+        size = self.slot_bytes
         return {
             "peak_in_memory": self.peak_in_memory,
             "peak_on_disk": self.peak_on_disk,
