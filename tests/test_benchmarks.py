@@ -99,3 +99,21 @@ def test_scene_memory_reports_the_peak_per_phase():
         "peak_on_disk_mib": 0.0,
     }
     assert run["phases_mib"]["scene_polygons"]["rss_before"] > 100
+
+
+@pytest.mark.slow
+def test_causal_margin_reports_near_ties_stability_and_disagreements(tmp_path, tiny_synthetic):
+    import causal_margin
+
+    from test_checkpoint import make_lightning_checkpoint
+
+    ckpt = make_lightning_checkpoint(tmp_path / "best.ckpt", tiny_synthetic, steps=2)
+    figures = causal_margin.main(
+        ["--ckpt", str(ckpt), "--data", str(tiny_synthetic), "--window", "16"]
+    )
+    assert figures["objects"] > 0 and 0 <= figures["near_tie_share"] <= 1
+    method = figures["method"]
+    assert method["disagreements_that_are_near_ties"] <= method["disagreements"]
+    assert len(method["disagreement_margins"]) == method["disagreements"]
+    assert method["agreed_on_decisive"] <= method["decisive_objects"]
+    assert len(figures["causal_date_stability"]) == 5
