@@ -38,7 +38,7 @@ RASTERS = ("change", "probability", "explanation")
 EXPLANATION_BANDS = ("pre_hirescam", "post_hirescam", "post_share")
 OVERVIEW_RESAMPLING = {
     # the mean of the valid 0/1 pixels, rounded: their majority (a tie counts as change), as
-    # GDAL's mode would give for two classes, at a fifth of its cost
+    # GDAL's mode would give for two classes, more cheaply
     "change": Resampling.average,
     "probability": Resampling.average,
     "explanation": Resampling.average,
