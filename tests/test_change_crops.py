@@ -50,3 +50,37 @@ def test_change_crops_must_be_a_probability(tmp_path):
     one, _ = one_changed_pixel(tmp_path)
     with pytest.raises(ValueError, match=r"data.change_crops=1.5 must be a probability"):
         ChangeDetectionDataset([one], "random_crop", patch_size=16, change_crops=1.5)
+
+
+def test_extra_train_joins_the_training_split_only(levir256_tiny, tiny_synthetic):
+    """``data.extra_train``: another folder's train split joins training (each of its images
+    as many random crops as it has tiles); val and test stay this dataset's."""
+    from changecam.data import ChangeDetectionDataModule
+    from changecam.data.layout import find_triplets
+
+    own = find_triplets(levir256_tiny, "train")
+    extra = find_triplets(tiny_synthetic, "train")
+    dm = ChangeDetectionDataModule(
+        levir256_tiny,
+        train_protocol="random_crop",
+        patch_size=32,
+        crops_per_image=3,
+        extra_train=[tiny_synthetic],
+    )
+    dm.setup("fit")
+    train = dm.dataset("train")
+    assert train.triplets == own + extra
+    per_image = np.bincount(train.sample_images, minlength=len(own) + len(extra))
+    assert per_image.tolist() == [3] * len(own) + [(64 // 32) ** 2] * len(extra)
+    assert dm.dataset("val").triplets == find_triplets(levir256_tiny, "val")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pre"].shape[-2:] == (32, 32)
+
+
+def test_extra_train_folder_must_exist(levir256_tiny, tmp_path):
+    from changecam.data import ChangeDetectionDataModule
+    from changecam.data.layout import DatasetNotFoundError
+
+    dm = ChangeDetectionDataModule(levir256_tiny, extra_train=[tmp_path / "nowhere"])
+    with pytest.raises(DatasetNotFoundError, match="nowhere"):
+        dm.setup("fit")

@@ -59,6 +59,11 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             (``None``: as many as the image has tiles).
         change_crops: fraction of the training crops placed around a changed pixel
             (``random_crop`` only; see :class:`ChangeDetectionDataset`).
+        extra_train: more training data: folders (either layout) whose ``train`` split joins
+            this dataset's, e.g. the synthetic data an ``init_from`` checkpoint learned from,
+            so fine-tuning on a few real pairs keeps what it taught. Each of their images
+            gives as many random crops per epoch as it has tiles (``crops_per_image`` counts
+            only this dataset's images); validation and test use this dataset alone.
         splits: every split the run will use, checked together at the first set-up (e.g.
             ``train.py`` adds ``test`` when it will test after fitting, so a bad test list
             fails before the first epoch); default: the splits of each stage as it is set up.
@@ -81,6 +86,7 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         validate: Validation = "headers",
         crops_per_image: int | None = None,
         change_crops: float = 0.0,
+        extra_train: Sequence[str | Path] | None = None,
         splits: Sequence[Split] | None = None,
     ) -> None:
         super().__init__()
@@ -101,12 +107,14 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         self.validate_mode: Validation = check_mode(validate)
         self.crops_per_image = crops_per_image
         self.change_crops = change_crops
+        self.extra_train = [Path(p) for p in extra_train or ()]
         unknown = [s for s in splits or () if s not in SPLITS]
         if unknown:
             raise ValueError(f"unknown split {unknown[0]!r}; expected some of {SPLITS}")
         self.splits: tuple[Split, ...] = tuple(splits or ())
         self.datasets: dict[str, ChangeDetectionDataset] = {}
         self._triplets: dict[str, list[Triplet]] = {}
+        self._own_train = 0  # training triplets of ``root`` (the rest are ``extra_train``'s)
         self._checked: set[str] = set()
 
     def prepare_data(self) -> None:
@@ -114,10 +122,22 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             generate(self.root, self.synthetic)
 
     def triplets(self, split: Split) -> list[Triplet]:
-        """The files of one split, found on first use."""
+        """The files of one split, found on first use (``train``: with ``extra_train``'s)."""
         if split not in self._triplets:
-            self._triplets[split] = find_triplets(self.root, split, self.layout)
+            found = find_triplets(self.root, split, self.layout)
+            if split == "train":
+                self._own_train = len(found)
+                for root in self.extra_train:
+                    found = found + find_triplets(root, "train")
+            self._triplets[split] = found
         return self._triplets[split]
+
+    def crops(self, split: Split) -> int | list[int | None] | None:
+        """``crops_per_image`` of a split's images: ``extra_train`` images count their tiles."""
+        if split != "train" or not self.extra_train:
+            return self.crops_per_image
+        extra = len(self.triplets(split)) - self._own_train
+        return [self.crops_per_image] * self._own_train + [None] * extra
 
     def protocol(self, split: Split) -> tuple[Protocol, str]:
         """The sampling protocol of a split and its config key."""
@@ -175,7 +195,7 @@ class ChangeDetectionDataModule(L.LightningDataModule):
                 patch_size=self.patch_size,
                 transform=self.transform if split == "train" else None,
                 cache_images=self.cache_images,
-                crops_per_image=self.crops_per_image,
+                crops_per_image=self.crops(split),
                 change_crops=self.change_crops if split == "train" else 0.0,
             )
         return self.datasets[split]

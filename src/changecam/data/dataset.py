@@ -44,7 +44,8 @@ class ChangeDetectionDataset(Dataset):
         patch_size: tile/crop side, or the target side for ``resize``.
         transform: augmentation; ``None`` for evaluation.
         crops_per_image: samples per image per epoch for ``random_crop``
-            (default: as many as there are tiles).
+            (default: as many as there are tiles); a sequence gives each triplet its own
+            count (``None`` entries: that image's tile count).
         cache_images: decoded triplets kept per process.
         change_crops: probability that a ``random_crop`` crop contains a changed pixel chosen
             uniformly among the image's changed pixels (at a random place in the crop); the
@@ -57,7 +58,7 @@ class ChangeDetectionDataset(Dataset):
         protocol: Protocol = "tiles",
         patch_size: int = 256,
         transform: PairTransform | None = None,
-        crops_per_image: int | None = None,
+        crops_per_image: int | Sequence[int | None] | None = None,
         cache_images: int = 8,
         change_crops: float = 0.0,
     ) -> None:
@@ -78,6 +79,14 @@ class ChangeDetectionDataset(Dataset):
         self._changed: dict[int, np.ndarray] = {}  # flat indices of the changed pixels per image
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self.index: list[tuple[int, int, int]] = []  # (image, row, col) of each sample
+        if crops_per_image is None or isinstance(crops_per_image, int):
+            crops = [crops_per_image] * len(self.triplets)
+        else:
+            crops = list(crops_per_image)
+            if len(crops) != len(self.triplets):
+                raise ValueError(
+                    f"crops_per_image has {len(crops)} counts for {len(self.triplets)} triplets"
+                )
         if protocol in ("tiles", "random_crop"):
             for i, t in enumerate(self.triplets):
                 height, width = image_size(t.pre)
@@ -93,7 +102,7 @@ class ChangeDetectionDataset(Dataset):
                         for c in range(cols)
                     ]
                 else:
-                    self.index += [(i, -1, -1)] * (crops_per_image or rows * cols)
+                    self.index += [(i, -1, -1)] * (crops[i] or rows * cols)
         else:
             self.index = [(i, 0, 0) for i in range(len(self.triplets))]
 

@@ -20,6 +20,7 @@ Ablations (``shapes="rectangles"``, ``colours="simple"``) keep the rest of the s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import cv2
@@ -49,6 +50,7 @@ SIMPLE_ROOFS = np.array(
 GROUND = np.array([116, 110, 96], dtype=np.float32)
 ASPHALT = np.array([78, 80, 84], dtype=np.float32)
 CONCRETE = np.array([172, 170, 164], dtype=np.float32)
+SOIL = np.array([186, 170, 142], dtype=np.float32)  # bare, graded ground of building sites
 LAWN_SEASONS = np.array(
     [[88, 108, 62], [118, 120, 70], [140, 124, 86], [96, 98, 70], [70, 92, 58]], dtype=np.float32
 )
@@ -99,9 +101,15 @@ def levir_scene(
     kind_p: Mapping[str, float],
     shapes: Literal["levir", "rectangles"] = "levir",
     colours: Literal["levir", "simple"] = "levir",
+    landcover: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Render one pair: (pre RGB uint8, post RGB uint8, label {0,1}, change_type)."""
+    """Render one pair: (pre RGB uint8, post RGB uint8, label {0,1}, change_type).
+
+    ``landcover=False`` renders generator version 3's images exactly (its draws come from a
+    stream of their own, split off only when it is on).
+    """
     area = (size / 256) ** 2
+    cover = np.random.default_rng(int(rng.integers(2**63))) if landcover else None
     ground = GROUND if colours == "levir" else SIMPLE_GROUND
     palette = ROOFS if colours == "levir" else SIMPLE_ROOFS
     texture = _smooth_noise(rng, size, max(4, size // 6)) * 0.6 + _smooth_noise(
@@ -125,6 +133,10 @@ def levir_scene(
     surface = CONCRETE if rng.random() < 0.6 else ASPHALT
     scene[road_mask] = surface * rng.uniform(0.9, 1.1) * (0.9 + 0.2 * grain[road_mask][:, None])
     occupied |= road_mask
+    new_road = np.zeros_like(road_mask)
+    if cover is not None and cover.random() < 0.5:  # a street built between the dates
+        new_road = _road(cover, size, angle) & ~road_mask
+        occupied |= new_road
 
     lawn = _smooth_noise(rng, size, max(2, size // 40)) > rng.uniform(0.45, 0.65)
     n_keep = int(rng.poisson(9 * area))
@@ -139,6 +151,7 @@ def levir_scene(
     }
     label = np.zeros((size, size), dtype=bool)
     change_type = np.zeros((size, size), dtype=np.uint8)
+    appeared: list[np.ndarray] = []
     for kind in kinds:
         tilt = angle + rng.normal(0, 0.05) if shapes == "levir" else 0.0
         shape = footprint(rng, tilt)
@@ -172,6 +185,8 @@ def levir_scene(
         if kind != "keep":
             label |= mask
             change_type[mask] = change_types[kind]
+        if kind == "appeared":
+            appeared.append(mask)
 
     all_buildings = np.zeros((size, size), dtype=bool)
     for entries in masks.values():
@@ -186,6 +201,7 @@ def levir_scene(
         if free[y, x]:
             cv2.circle(trees, (x, y), int(rng.integers(3, 9)), 1, -1)
     tree_mask = trees.astype(bool) & free
+    land = _land_cover(cover, size, free, road_mask, appeared, new_road) if cover is not None else None
 
     azimuth = float(rng.uniform(0, 2 * np.pi))
     seasons = rng.choice(len(LAWN_SEASONS), size=2, replace=False)
@@ -202,7 +218,10 @@ def levir_scene(
         canvas = scene.copy()
         season = seasons[index]
         canvas[lawn] = canvas[lawn] * 0.5 + LAWN_SEASONS[season] * 0.5
-        shade = _shadow(tree_mask, 4.0, sun)
+        date_trees = tree_mask
+        if land is not None:
+            date_trees = land.apply(canvas, date, tree_mask, surface, grain)
+        shade = _shadow(date_trees, 4.0, sun)
         for mask, _, height, _ in masks[date]:
             _local_shadow(shade, mask, height, sun)
         canvas[shade] *= 0.42
@@ -211,12 +230,94 @@ def levir_scene(
             canvas[ridge] *= 1.1
             edge = mask & ~cv2.erode(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
             canvas[edge] *= 0.8
-        tree_colour = TREE_SEASONS[season] * (0.8 + 0.4 * texture[tree_mask][:, None])
-        canvas[tree_mask] = tree_colour
+        tree_colour = TREE_SEASONS[season] * (0.8 + 0.4 * texture[date_trees][:, None])
+        canvas[date_trees] = tree_colour
         images.append(_acquire(rng, canvas, shift if date == "post" else (0, 0), nuisance))
     label_u8 = np.roll(label.astype(np.uint8), shift, axis=(0, 1))
     change_type = np.roll(change_type, shift, axis=(0, 1))
     return images[0], images[1], label_u8, change_type
+
+
+def _road(rng: np.random.Generator, size: int, angle: float) -> np.ndarray:
+    """One straight street across the scene, along or across the blocks' ``angle``."""
+    road = np.zeros((size, size), dtype=np.uint8)
+    width = int(rng.integers(10, 19))
+    direction = angle + (np.pi / 2 if rng.random() < 0.5 else 0.0)
+    cx, cy = rng.uniform(0, size, size=2)
+    d = np.array([np.cos(direction), np.sin(direction)]) * size * 2
+    p0, p1 = np.array([cx, cy]) - d, np.array([cx, cy]) + d
+    cv2.line(road, tuple(int(v) for v in p0), tuple(int(v) for v in p1), 1, width)
+    return road.astype(bool)
+
+
+@dataclass(frozen=True)
+class LandCover:
+    """Unlabelled land-cover change of one scene (LEVIR-CD labels buildings only).
+
+    Attributes:
+        soil: bare soil per date (construction sites, graded plots, cleared ground); the plots
+            of the buildings that appear are bare in the pre date.
+        forest: woodland on the free ground, cleared wherever a date has soil.
+        new_road: a street only the post date has (the pre date shows it graded or not at all).
+        felled: trees only the pre date has.
+        soil_colour: (3,) the soil's colour.
+    """
+
+    soil: dict[str, np.ndarray]
+    forest: np.ndarray
+    new_road: np.ndarray
+    felled: np.ndarray
+    soil_colour: np.ndarray
+
+    def apply(
+        self,
+        canvas: np.ndarray,
+        date: str,
+        trees: np.ndarray,
+        surface: np.ndarray,
+        grain: np.ndarray,
+    ) -> np.ndarray:
+        """Paint this date's soil and new street into ``canvas``; its tree mask."""
+        soil = self.soil[date]
+        canvas[soil] = self.soil_colour * (0.8 + 0.4 * grain[soil][:, None])
+        trees = (trees | self.forest) & ~soil
+        if date == "post":
+            road = self.new_road
+            canvas[road] = surface * (0.9 + 0.2 * grain[road][:, None])
+            trees &= ~self.felled & ~road
+        return trees
+
+
+def _land_cover(
+    rng: np.random.Generator,
+    size: int,
+    free: np.ndarray,
+    road: np.ndarray,
+    appeared: list[np.ndarray],
+    new_road: np.ndarray,
+) -> LandCover:
+    """Draw one scene's unlabelled land-cover change (see :class:`LandCover`)."""
+    forest = np.zeros_like(free)
+    if rng.random() < 0.5:
+        forest = _smooth_noise(rng, size, max(2, size // 40)) > rng.uniform(0.55, 0.75)
+    forest &= free & ~new_road
+    soil = {}
+    for date, p in (("pre", 0.6), ("post", 0.3)):
+        blobs = np.zeros_like(free)
+        if rng.random() < p:
+            blobs = _smooth_noise(rng, size, max(2, size // 32)) > rng.uniform(0.65, 0.85)
+        soil[date] = blobs & free
+    plots = np.zeros(free.shape, np.uint8)
+    for mask in appeared:
+        if rng.random() < 0.6:
+            plots |= mask.astype(np.uint8)
+    plots = cv2.dilate(plots, np.ones((13, 13), np.uint8)).astype(bool)
+    soil["pre"] |= plots & ~road
+    if rng.random() < 0.5:
+        soil["pre"] |= new_road  # the street's course graded before it is paved
+    felled = (_smooth_noise(rng, size, max(2, size // 16)) > 0.7) & free
+    colour = SOIL * rng.uniform(0.85, 1.1) * rng.uniform(0.95, 1.05, size=3)
+    return LandCover(soil, forest, new_road, felled, colour.astype(np.float32))
 
 
 def _acquire(

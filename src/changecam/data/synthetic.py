@@ -36,7 +36,7 @@ from changecam.data.io import write_png
 SPEC_FILE = "synthetic_spec.json"
 # 2: change types (appeared / vanished / replaced) written to change_type/; 45 % vanish
 # 3: the ``levir`` style (data/levir_style.py); ``simple`` renders exactly as version 2
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 Style = Literal["simple", "levir"]
 CHANGE_TYPE_DIR = "change_type"
 ChangeKind = Literal["appeared", "vanished", "replaced"]
@@ -81,6 +81,9 @@ class SyntheticSpec:
         shapes: ``levir`` style only: ``levir`` footprints or, as an ablation, axis-aligned
             ``rectangles`` of the same areas.
         colours: ``levir`` style only: ``levir`` palette or, as an ablation, the ``simple`` one.
+        landcover: ``levir`` style only: unlabelled land-cover change (building sites bare in
+            the pre date, new streets, cleared and felled woodland; version 4); ``False``
+            renders version 3's ``levir`` images exactly (an ablation).
     """
 
     image_size: int = 256
@@ -92,6 +95,7 @@ class SyntheticSpec:
     style: Style = "simple"
     shapes: Literal["levir", "rectangles"] = "levir"
     colours: Literal["levir", "simple"] = "levir"
+    landcover: bool = True
 
     def __post_init__(self) -> None:
         for key, allowed in (
@@ -214,7 +218,14 @@ def generate_scene(spec: SyntheticSpec, split: str, n: int) -> SyntheticPair:
         from changecam.data.levir_style import levir_scene  # it builds on this module
 
         pre, post, label, change_type = levir_scene(
-            rng, size, spec.nuisance, CHANGE_TYPES, CHANGE_KIND_P, spec.shapes, spec.colours
+            rng,
+            size,
+            spec.nuisance,
+            CHANGE_TYPES,
+            CHANGE_KIND_P,
+            spec.shapes,
+            spec.colours,
+            spec.landcover and spec.nuisance,
         )
         return SyntheticPair(pre, post, label, change_type)
     area = (size / 256) ** 2
