@@ -3,7 +3,10 @@ shared 1024² LEVIR-CD images (4 train / 1 val / 1 test), same seed and budget, 
 
 * ``scratch``: ``experiment=real_small`` from random weights;
 * ``finetuned``: the same with ``module.init_from=<synthetic checkpoint>``;
-* ``synthetic_only``: the synthetic checkpoint evaluated as it is (``train=false``).
+* ``synthetic_only``: the synthetic checkpoint evaluated as it is (``train=false``);
+* ``scratch_joint`` and ``finetuned_joint``: as ``scratch`` and ``finetuned``, with the
+  synthetic checkpoint's own training split joining the real one (``data.extra_train``), so
+  fine-tuning rehearses what the checkpoint learned.
 
 The synthetic checkpoint is ``--synthetic-ckpt`` or, without it, the best checkpoint of
 ``train.py experiment=quickstart`` trained here first (its time is reported). Columns: pooled
@@ -34,7 +37,12 @@ from changecam.cli.train import train
 from changecam.data.synthetic import GENERATOR_VERSION
 
 SIX_IMAGES = REPO.parent / "shared" / "data" / "levir-cd-1024-samples"
-ROWS = ("scratch", "finetuned", "synthetic_only")
+ROWS = ("scratch", "finetuned", "synthetic_only", "scratch_joint", "finetuned_joint")
+DEFAULT_ROWS = ROWS
+# the synthetic data of the checkpoint: the levir style (generator version 4); the old
+# generator for comparison: --generator data.synthetic.style=levir data.synthetic.landcover=false
+# (version 3's images) or --generator data.synthetic.style=simple
+NEW_GENERATOR = ("data.synthetic.style=levir",)
 QUIET = [
     "logger=csv",
     "callbacks.progress_bar=null",
@@ -58,13 +66,14 @@ TINY_REAL = [
 def synthetic_checkpoint(
     tmp: Path, tiny: bool, generator: list[str] | None = None
 ) -> tuple[Path, float]:
-    """Train ``experiment=quickstart`` (as ``make train``); its best checkpoint and wall time.
+    """Train ``experiment=quickstart`` (as ``make train``) on synthetic data written to
+    ``tmp/synthetic``; its best checkpoint and wall time.
 
     ``generator``: overrides of the synthetic data, e.g. ``["data.synthetic.style=levir"]``.
     """
     overrides = [
         *QUIET,
-        f"data.root={tmp / 'synthetic'}",
+        f"data.root={synthetic_root(tmp)}",
         *(TINY_QUICKSTART if tiny else []),
         *(generator or []),
     ]
@@ -78,10 +87,22 @@ def synthetic_checkpoint(
     return tmp / "quickstart" / "run" / "checkpoints" / "best.ckpt", seconds
 
 
+def synthetic_root(tmp: Path) -> Path:
+    """Where :func:`synthetic_checkpoint` writes its training data."""
+    return tmp / "synthetic"
+
+
 def real_row(
-    row: str, data: Path, ckpt: Path | None, tmp: Path, extra: list[str], tiny: bool
+    row: str,
+    data: Path,
+    ckpt: Path | None,
+    tmp: Path,
+    extra: list[str],
+    tiny: bool,
+    synthetic_data: Path | None = None,
 ) -> dict[str, Any]:
-    """One row: train (or only evaluate) ``experiment=real_small`` on ``data``."""
+    """One row: train (or only evaluate) ``experiment=real_small`` on ``data``
+    (``*_joint`` rows: with ``synthetic_data``'s training split as ``data.extra_train``)."""
     overrides = [
         "experiment=real_small",
         f"data.root={data}",
@@ -89,7 +110,11 @@ def real_row(
         *(TINY_REAL if tiny else []),
         *extra,
     ]
-    if row != "scratch":
+    if row.endswith("_joint"):
+        if synthetic_data is None:
+            raise ValueError(f"row {row} needs the synthetic data the checkpoint learned from")
+        overrides.append(f"data.extra_train=[{synthetic_data}]")
+    if not row.startswith("scratch"):
         overrides.append(f"module.init_from={ckpt}")
     if row == "synthetic_only":
         overrides.append("train=false")
@@ -104,7 +129,8 @@ def real_row(
         "test_f1": metrics.get("test/f1"),
         "test_iou": metrics.get("test/iou"),
         "wall_s": round(seconds, 1),
-        "init_from": str(ckpt) if row != "scratch" else None,
+        "init_from": None if row.startswith("scratch") else str(ckpt),
+        "extra_train": str(synthetic_data) if row.endswith("_joint") else None,
         "overrides": extra,
     }
 
@@ -134,12 +160,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=SIX_IMAGES)
     parser.add_argument("--synthetic-ckpt", type=Path, default=None)
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    parser.add_argument(
+        "--synthetic-data",
+        type=Path,
+        default=None,
+        help="the data --synthetic-ckpt was trained on (for the *_joint rows)",
+    )
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(DEFAULT_ROWS))
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides of every row")
     parser.add_argument(
         "--generator",
         nargs="*",
-        default=[],
+        default=list(NEW_GENERATOR),
         help="overrides of the synthetic data the quickstart checkpoint is trained on, "
         "e.g. data.synthetic.style=levir data.synthetic.shapes=rectangles",
     )
@@ -152,6 +184,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         ckpt, synthetic_s = args.synthetic_ckpt, None
         if ckpt is None and set(args.rows) - {"scratch"}:
             ckpt, synthetic_s = synthetic_checkpoint(tmp, args.tiny, args.generator)
+        synthetic_data = args.synthetic_data
+        if synthetic_data is None and args.synthetic_ckpt is None and ckpt is not None:
+            synthetic_data = synthetic_root(tmp)
         info = {
             "machine": machine(),
             "data": str(args.data),
@@ -163,7 +198,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             },
         }
         for row in args.rows:
-            result = {**real_row(row, args.data, ckpt, tmp, args.override, args.tiny), **info}
+            result = {
+                **real_row(row, args.data, ckpt, tmp, args.override, args.tiny, synthetic_data),
+                **info,
+            }
             print(json.dumps(result, sort_keys=True), flush=True)
             rows.append(result)
     write_text(args.out, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))

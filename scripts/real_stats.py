@@ -16,7 +16,10 @@ from :func:`changecam.data.synthetic.generate_pair` with the current generator, 
 * ``colour``: per-channel mean and standard deviation of A and B (0-255, RGB order) and their
   16-bin normalised histograms;
 * ``nuisance``: mean absolute difference ``|B - A|`` (0-255, over bands) on unchanged pixels,
-  and the per-channel difference of the unchanged means (the global colour shift).
+  and the per-channel difference of the unchanged means (the global colour shift);
+* ``bright_new``: pixels that are bright in B (band mean > 170) and differ from A by more than
+  50 grey levels (new roofs, but also new streets, concrete and graded soil): their share of
+  each image and how many of them are labelled change (per image, and pooled).
 
 The output is numbers only (one JSON file); the last line printed is a short JSON summary.
 """
@@ -41,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 MIN_AREA = 16  # pixels: smaller label components are specks, not buildings
 BINS = 16
+BRIGHT, BRIGHT_CHANGE = 170, 50  # "bright new" pixels: B band mean above, |B - A| above
 Pair = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # name, pre RGB, post RGB, label {0,1}
 
 
@@ -111,6 +115,7 @@ def set_statistics(pairs: Iterable[Pair]) -> dict:
     squares = {d: np.zeros(3) for d in "AB"}
     hists = {d: np.zeros((3, BINS)) for d in "AB"}
     diff_sum, unchanged = 0.0, 0
+    bright_new: dict[str, tuple[int, int, int]] = {}  # name: (pixels, bright new, labelled)
     unchanged_mean = {d: np.zeros(3) for d in "AB"}
     for name, pre, post, label in pairs:
         label = (label > 0).astype(np.uint8)
@@ -130,6 +135,8 @@ def set_statistics(pairs: Iterable[Pair]) -> dict:
         diff = np.abs(post.astype(np.int16) - pre.astype(np.int16)).mean(-1)
         diff_sum += float(diff[keep].sum())
         unchanged += int(keep.sum())
+        bright = (post.mean(-1) > BRIGHT) & (diff > BRIGHT_CHANGE)
+        bright_new[name] = (label.size, int(bright.sum()), int(label[bright].sum()))
     colour = {}
     for date in "AB":
         mean = sums[date] / pixels
@@ -175,6 +182,17 @@ def set_statistics(pairs: Iterable[Pair]) -> dict:
                 for c in range(3)
             ],
         },
+        "bright_new": {
+            "fraction": {k: round(b / n, 4) for k, (n, b, _) in bright_new.items()},
+            "labelled_change": {
+                k: round(c / b, 4) if b else None for k, (_, b, c) in bright_new.items()
+            },
+            "labelled_change_pooled": round(
+                sum(c for *_, c in bright_new.values())
+                / max(1, sum(b for _, b, _ in bright_new.values())),
+                4,
+            ),
+        },
     }
 
 
@@ -198,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
         "synthetic_levir_256": set_statistics(
             synthetic_pairs(SyntheticSpec(image_size=256, style="levir"), args.synthetic_256)
         ),
+        "synthetic_levir_landcover_256": set_statistics(
+            synthetic_pairs(
+                SyntheticSpec(image_size=256, style="levir", landcover=True), args.synthetic_256
+            )
+        ),
         "synthetic_levir_1024": set_statistics(
             synthetic_pairs(SyntheticSpec(image_size=1024, style="levir"), args.synthetic_1024)
         ),
@@ -208,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             "real_256": str(args.real_256.name),
             "real_1024": str(args.real_1024.name),
             "synthetic": f"changecam.data.synthetic generator version {GENERATOR_VERSION}, "
-            "SyntheticSpec defaults (seed 0; synthetic_levir_*: style=levir), train scenes",
+            "SyntheticSpec defaults (seed 0; synthetic_levir_*: style=levir, i.e. version 3's "
+            "levir images; *_landcover_*: landcover=True), train scenes",
         },
         "min_component_area": MIN_AREA,
         "sets": sets,

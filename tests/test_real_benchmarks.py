@@ -35,12 +35,13 @@ def test_real_small_benchmark_rows(tmp_path):
         pytest.skip(f"the six 1024² LEVIR-CD images are not at {SIX_IMAGES}")
     real_small = importlib.import_module("real_small")
     out = tmp_path / "rows.jsonl"
-    rows = real_small.main(["--tiny", "--out", str(out)])
-    assert [r["row"] for r in rows] == ["scratch", "finetuned", "synthetic_only"]
-    assert [json.loads(line)["row"] for line in out.read_text().splitlines()] == [
-        "scratch",
-        "finetuned",
-        "synthetic_only",
-    ]
+    rows = real_small.main(["--tiny", "--out", str(out), "--rows", *real_small.ROWS])
+    assert [r["row"] for r in rows] == list(real_small.ROWS)
+    assert [json.loads(line)["row"] for line in out.read_text().splitlines()] == list(
+        real_small.ROWS
+    )
     assert all(0 <= r["test_f1"] <= 1 for r in rows)
+    joint = {r["row"]: r["extra_train"] for r in rows if r["row"].endswith("_joint")}
+    assert set(joint) == {"scratch_joint", "finetuned_joint"}
+    assert all(path.endswith("synthetic") for path in joint.values())
     assert "| synthetic_only |" in out.with_suffix(".md").read_text()

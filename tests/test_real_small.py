@@ -77,6 +77,28 @@ def test_real_small_fast_dev_run_on_the_256_samples_from_a_synthetic_checkpoint(
     assert loaded == [f"module.init_from={ckpt}: loaded 129 of 129 tensors"]
 
 
+def test_real_small_with_extra_train_data(tmp_path, samples_dir, tiny_synthetic):
+    """``data.extra_train=[<synthetic set>]`` reaches the datamodule from the command line: the
+    run trains on both, and a missing folder is named before any training."""
+    from changecam.data.layout import DatasetNotFoundError
+
+    overrides = [
+        "experiment=real_small",
+        f"data.root={samples_dir}",
+        "data.patch_size=64",  # the tiny synthetic set is 64²
+        "debug=fdr",
+        *QUIET,
+    ]
+    cfg = compose_train(tmp_path / "run", [*overrides, f"data.extra_train=[{tiny_synthetic}]"])
+    assert {"val/f1", "test/f1"} <= set(train(cfg))
+    GlobalHydra.instance().clear()
+    missing = tmp_path / "no_such_set"
+    cfg = compose_train(tmp_path / "bad", [*overrides, f"data.extra_train=[{missing}]"])
+    with pytest.raises(DatasetNotFoundError, match="no_such_set"):
+        train(cfg)
+    assert not (tmp_path / "bad" / "run" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_real_small_one_epoch_on_the_six_1024_images(tmp_path):
     if not (SIX_IMAGES / "A").is_dir():

@@ -201,7 +201,9 @@ def levir_scene(
         if free[y, x]:
             cv2.circle(trees, (x, y), int(rng.integers(3, 9)), 1, -1)
     tree_mask = trees.astype(bool) & free
-    land = _land_cover(cover, size, free, road_mask, appeared, new_road) if cover is not None else None
+    land = (
+        _land_cover(cover, size, free, road_mask, appeared, new_road) if cover is not None else None
+    )
 
     azimuth = float(rng.uniform(0, 2 * np.pi))
     seasons = rng.choice(len(LAWN_SEASONS), size=2, replace=False)
