@@ -46,7 +46,8 @@ bench-zoo: install
 	$(PY) benchmarks/zoo.py
 
 # experiment=real_small on the six shared LEVIR-CD images: scratch, fine-tuned from the
-# synthetic quickstart checkpoint, synthetic only (see benchmarks/real_small.py)
+# synthetic quickstart checkpoint (levir style), synthetic only, and both trainings with the
+# synthetic training split joined (see benchmarks/real_small.py)
 bench-real: install
 	$(PY) benchmarks/real_small.py
 

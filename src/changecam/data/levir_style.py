@@ -12,9 +12,13 @@ images), where the ``simple`` style (generator version 2) differs most:
 * change fraction: changed buildings are placed among the unchanged ones, not after them,
   so large images get their share (LEVIR-CD: 6.3 % per shared 1024² image);
 * nuisance: stronger illumination and colour change between dates (LEVIR-CD: unchanged pixels
-  differ by 45 grey levels on average), season, misregistration, noise.
+  differ by 45 grey levels on average), season, misregistration, noise;
+* ``landcover`` (generator version 4, off by default): unlabelled land-cover change, since
+  LEVIR-CD labels buildings only: the plots of new buildings bare in the pre date, graded soil,
+  a street built between the dates, woodland, felled trees (:class:`LandCover`).
 
-Ablations (``shapes="rectangles"``, ``colours="simple"``) keep the rest of the style.
+Ablations (``shapes="rectangles"``, ``colours="simple"``, ``landcover``) keep the rest of the
+style.
 """
 
 from __future__ import annotations
@@ -121,15 +125,9 @@ def levir_scene(
 
     angle = float(rng.uniform(0, np.pi / 2)) if rng.random() < 0.7 else 0.0
     occupied = np.zeros((size, size), dtype=bool)
-    road = np.zeros((size, size), dtype=np.uint8)
+    road_mask = np.zeros((size, size), dtype=bool)
     for _ in range(int(rng.integers(1, 3 + int(np.sqrt(area))))):
-        width = int(rng.integers(10, 19))
-        direction = angle + (np.pi / 2 if rng.random() < 0.5 else 0.0)
-        cx, cy = rng.uniform(0, size, size=2)
-        d = np.array([np.cos(direction), np.sin(direction)]) * size * 2
-        p0, p1 = np.array([cx, cy]) - d, np.array([cx, cy]) + d
-        cv2.line(road, tuple(int(v) for v in p0), tuple(int(v) for v in p1), 1, width)
-    road_mask = road.astype(bool)
+        road_mask |= _road(rng, size, angle)
     surface = CONCRETE if rng.random() < 0.6 else ASPHALT
     scene[road_mask] = surface * rng.uniform(0.9, 1.1) * (0.9 + 0.2 * grain[road_mask][:, None])
     occupied |= road_mask
