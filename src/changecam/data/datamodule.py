@@ -60,8 +60,8 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         change_crops: fraction of the training crops placed around a changed pixel
             (``random_crop`` only; see :class:`ChangeDetectionDataset`).
         extra_train: more training data: folders (either layout) whose ``train`` split joins
-            this dataset's, e.g. the synthetic data an ``init_from`` checkpoint learned from,
-            so fine-tuning on a few real pairs keeps what it taught. Each of their images
+            this dataset's, e.g. the synthetic data an ``init_from`` checkpoint learned from
+            (the README's "Real imagery" measures that on real pairs). Each of their images
             gives as many random crops per epoch as it has tiles (``crops_per_image`` counts
             only this dataset's images); validation and test use this dataset alone.
         splits: every split the run will use, checked together at the first set-up (e.g.
