@@ -170,9 +170,10 @@ def test_levir_landcover_off_renders_version_3_exactly():
     assert digest.hexdigest()[:16] == "6e1194b4e56e98f0"
 
 
-def test_levir_landcover_changes_only_unlabelled_ground():
-    """Building sites, streets and woodland change between the dates, unlabelled: more
-    difference outside the changed buildings, the same known answer inside them."""
+def test_levir_landcover_adds_unlabelled_change():
+    """Building sites, streets and woodland change between the dates without a label: the
+    labels still mark exactly the changed buildings (the known answer), and the pixels outside
+    them differ more between the dates than without ``landcover``."""
     from changecam.data.synthetic import generate_scene
 
     on, off = [], []
