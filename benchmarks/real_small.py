@@ -38,7 +38,6 @@ from changecam.data.synthetic import GENERATOR_VERSION
 
 SIX_IMAGES = REPO.parent / "shared" / "data" / "levir-cd-1024-samples"
 ROWS = ("scratch", "finetuned", "synthetic_only", "scratch_joint", "finetuned_joint")
-DEFAULT_ROWS = ROWS
 # the synthetic data of the checkpoint: the levir style (generator version 4); the old
 # generator for comparison: --generator data.synthetic.style=levir data.synthetic.landcover=false
 # (version 3's images) or --generator data.synthetic.style=simple
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         default=None,
         help="the data --synthetic-ckpt was trained on (for the *_joint rows)",
     )
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(DEFAULT_ROWS))
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides of every row")
     parser.add_argument(
         "--generator",

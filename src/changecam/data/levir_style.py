@@ -105,7 +105,7 @@ def levir_scene(
     kind_p: Mapping[str, float],
     shapes: Literal["levir", "rectangles"] = "levir",
     colours: Literal["levir", "simple"] = "levir",
-    landcover: bool = True,
+    landcover: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Render one pair: (pre RGB uint8, post RGB uint8, label {0,1}, change_type).
 
@@ -301,7 +301,7 @@ def _land_cover(
     if rng.random() < 0.5:
         forest = _smooth_noise(rng, size, max(2, size // 40)) > rng.uniform(0.55, 0.75)
     forest &= free & ~new_road
-    soil = {}
+    soil: dict[str, np.ndarray] = {}
     for date, p in (("pre", 0.6), ("post", 0.3)):
         blobs = np.zeros_like(free)
         if rng.random() < p:

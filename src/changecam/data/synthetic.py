@@ -36,6 +36,7 @@ from changecam.data.io import write_png
 SPEC_FILE = "synthetic_spec.json"
 # 2: change types (appeared / vanished / replaced) written to change_type/; 45 % vanish
 # 3: the ``levir`` style (data/levir_style.py); ``simple`` renders exactly as version 2
+# 4: the levir style's ``landcover`` option; off (the default) renders exactly as version 3
 GENERATOR_VERSION = 4
 Style = Literal["simple", "levir"]
 CHANGE_TYPE_DIR = "change_type"
@@ -82,7 +83,8 @@ class SyntheticSpec:
             ``rectangles`` of the same areas.
         colours: ``levir`` style only: ``levir`` palette or, as an ablation, the ``simple`` one.
         landcover: ``levir`` style only: add unlabelled land-cover change (building sites bare
-            in the pre date, new streets, cleared and felled woodland; version 4). Off by
+            in the pre date, new streets, cleared and felled woodland; version 4), where
+            ``nuisance`` is on. Off by
             default, which renders version 3's ``levir`` images exactly: on, it lowered the
             synthetic-only F1 on the shared LEVIR-CD images (README "Real imagery").
     """

@@ -6,9 +6,10 @@ object; the objects of an image are explained together as one batch), and each m
 are scored by :mod:`changecam.evaluation.attribution`: date accuracy (against the generator's
 change types), agreement with the causal date (the date whose date-swap inside the object
 changes ``S`` more; also weighed by how decisive that date is, the causal margin), the energy
-pointing game and the image-wide post share. The same batch gives the date-swap deletion curves (:func:`changecam.explain.faithfulness`, ``both`` dates) and
-their gap against random order. The cascading parameter-randomisation check
-(:mod:`changecam.evaluation.randomisation`) runs on the first ``randomisation_images`` images.
+pointing game and the image-wide post share. The same batch gives the date-swap deletion curves
+(:func:`changecam.explain.faithfulness`, ``both`` dates) and their gap against random order.
+The cascading parameter-randomisation check (:mod:`changecam.evaluation.randomisation`) runs on
+the first ``randomisation_images`` images.
 
 ``random`` is a map of uniform noise at each layer's resolution: the baseline of every metric
 (date accuracy 0.5, pointing = the object's share of the image, gap 0, Spearman 0).
