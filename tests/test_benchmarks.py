@@ -75,11 +75,13 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
     figures = scene.main(["--tiny"])
     (run,) = figures["scenes"]
     assert run["side"] == 256 and run["peak_rss_mib"] > 100 and run["megapixels_per_s"] > 0
-    compare = figures["side_by_side"]
-    assert set(compare["megapixels_per_s"]) == {"png", "geotiff", "geotiff_explained"}
-    assert compare["explanation_extra_s_per_megapixel"] > 0
-    for path, seconds in compare["network_cpu_seconds"].items():  # a part of the path's time
-        assert 0 < seconds <= compare["cpu_seconds_best"][path] + 0.01
+    assert set(figures["side_by_side"]) == {"one_thread", "default_threads"}
+    for compare in figures["side_by_side"].values():
+        assert set(compare["megapixels_per_s"]) == {"png", "geotiff", "geotiff_explained"}
+        assert compare["explanation_extra_s_per_megapixel"] > 0
+        for path, seconds in compare["network_cpu_seconds"].items():  # a part of its CPU time
+            assert 0 < seconds <= compare["cpu_seconds_best"][path] + 0.01
+    assert set(figures["windowed_at_least_as_fast"]["one_thread"]) == {"throughput", "cpu_seconds"}
     assert run["window_cache"]["peak_on_disk"] == 0  # one block: nothing waits for a later row
 
 
@@ -117,3 +119,13 @@ def test_causal_margin_reports_near_ties_stability_and_disagreements(tmp_path, t
     assert len(method["disagreement_margins"]) == method["disagreements"]
     assert method["agreed_on_decisive"] <= method["decisive_objects"]
     assert len(figures["causal_date_stability"]) == 5
+
+
+def test_memory_format_compares_both_formats_with_equal_values():
+    import memory_format
+
+    figures = memory_format.main(["--tiny"])
+    row = figures["models"]["siamese_unet"]
+    assert row["predict_speedup"] > 0 and row["explain_speedup"] > 0
+    assert row["logits_max_relative_difference"] < 1e-4
+    assert row["map_max_relative_difference"] < 1e-3

@@ -107,7 +107,20 @@ def test_corrupt_and_truncated_tiffs(net, images, tmp_path):
     cut = tmp_path / "cut.tif"
     data = whole.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
-    refused(net, tmp_path, pre, cut, r"cut.tif .*(cannot be read|corrupt or truncated)")
+    refused(net, tmp_path, pre, cut, r"cut.tif is truncated .*tile \(\d+, \d+\) ends at byte")
+
+
+def test_a_tile_corrupt_inside_the_file_is_named_when_decoded(net, images, tmp_path):
+    """Same length, garbage inside one compressed tile: found by the block that reads it."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1], compress="deflate")
+    with rasterio.open(post) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+        length = int(src.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+    data = bytearray(post.read_bytes())
+    data[offset : offset + length] = np.random.default_rng(1).bytes(length)
+    post.write_bytes(bytes(data))
+    refused(net, tmp_path, pre, post, r"post.tif failed \(corrupt or truncated file\?\)")
 
 
 def test_an_all_nodata_scene(net, images, tmp_path):

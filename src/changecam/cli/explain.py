@@ -28,6 +28,7 @@ from changecam.cli.common import (
 from changecam.data.io import pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
 from changecam.explain import ExplainSettings, choose_layer, explain_pair, resolve_taps
+from changecam.models.inference import inference_network
 
 
 def check_pairs(
@@ -73,7 +74,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     roi = read_roi(settings)
     check_pairs(pairs, settings, roi.shape if roi is not None else None)
     device = resolve_device(cfg.get("device", "auto"))
-    model = load_model(cfg)[0].to(device).eval()
+    model = inference_network(load_model(cfg)[0], device)
     layers = settings.layers(model)
 
     rows = []

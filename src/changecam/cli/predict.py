@@ -81,6 +81,7 @@ from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
 from changecam.geo import is_geotiff
+from changecam.models.inference import inference_network
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
@@ -399,7 +400,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
     scenes = scene_pairs(pairs)
     device = resolve_device(cfg.get("device", "auto"))
-    net = load_model(cfg)[0].to(device).eval()
+    net = inference_network(load_model(cfg)[0], device)
     check_window(net, spec.window)  # before any pair: every pair would fail the same way
     if scenes:  # GeoTIFF scenes: changecam.geo, window by window
         return predict_scenes(

@@ -29,7 +29,13 @@ def _albumentations() -> ModuleType:
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 ``H x W x C`` -> float ``C x H x W`` in [0, 1]: the one input convention."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+    return bands_to_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def bands_to_tensor(bands: np.ndarray) -> torch.Tensor:
+    """uint8 ``C x H x W`` (band first, as GDAL reads it) -> float ``C x H x W`` in [0, 1]: the
+    same convention as :func:`image_to_tensor`, without a transposed copy."""
+    return torch.from_numpy(np.ascontiguousarray(bands)).float().div_(255.0)
 
 
 def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:

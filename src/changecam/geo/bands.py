@@ -12,7 +12,8 @@ channels in both dates. ``input.scale``:
 * ``none``: the values are used as they are (they must lie in 0-255).
 
 The scaled values are rounded to uint8, exactly what an 8-bit conversion of the scene would
-hold, and go through :func:`changecam.data.transforms.image_to_tensor` like any image.
+hold, and become the network's input by :func:`changecam.data.transforms.bands_to_tensor`, the
+band-first twin of the convention every image follows.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
-from rasterio.enums import Resampling
+from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
 
 from changecam.geo.grid import SceneError
@@ -78,17 +79,17 @@ class Scaling:
     hi: tuple[float, ...] | None = None
 
     def apply(self, data: np.ndarray) -> np.ndarray:
-        """``C x H x W`` raw values -> ``H x W x C`` uint8."""
+        """``C x H x W`` raw values -> ``C x H x W`` uint8."""
         if self.lo is None or self.hi is None:
             if data.dtype == np.uint8:  # already the network's range: no arithmetic
-                return np.ascontiguousarray(data.transpose(1, 2, 0))
+                return data
             out = np.clip(data, 0, 255)
         else:
             lo = np.asarray(self.lo, dtype=np.float64)[:, None, None]
             hi = np.asarray(self.hi, dtype=np.float64)[:, None, None]
             span = np.where(hi > lo, hi - lo, 1.0)
             out = np.clip((data.astype(np.float64) - lo) / span * 255.0, 0.0, 255.0)
-        return np.ascontiguousarray(np.rint(out).astype(np.uint8).transpose(1, 2, 0))
+        return np.rint(out).astype(np.uint8)
 
     def record(self) -> dict[str, Any]:
         return {"lo": list(self.lo) if self.lo else None, "hi": list(self.hi) if self.hi else None}
@@ -101,6 +102,20 @@ def _per_band(value: float | Sequence[float] | None, n: int, key: str) -> tuple[
     if len(values) != n:
         raise SceneError(f"{key} has {len(values)} values for {n} selected bands")
     return tuple(values)
+
+
+def is_uint8(dataset: Any, bands: Sequence[int]) -> bool:
+    """Whether every selected band is 8-bit (the network's input range as it is)."""
+    return all(dataset.dtypes[b - 1] == "uint8" for b in bands)
+
+
+def needs_sample(dataset: Any, bands: Sequence[int], scale: Scale) -> bool:
+    """Whether :func:`decimated_sample` has anything to tell about ``dataset``: a percentile
+    stretch of non-8-bit bands, or whether a scene with nodata (a nodata value, alpha or mask)
+    has any valid pixel. An 8-bit scene without nodata needs no sample: its tiles are
+    decoded once, by the blocks."""
+    all_valid = all(dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
+    return not all_valid or (scale == "percentile" and not is_uint8(dataset, bands))
 
 
 def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -154,9 +169,7 @@ def estimate_scaling(
                 f"input.scale_max must exceed input.scale_min (selected band {bad[0]})"
             )
         return Scaling(lo, hi)
-    if np.dtype(dataset.dtypes[bands[0] - 1]) == np.uint8 and all(
-        dataset.dtypes[b - 1] == "uint8" for b in bands
-    ):
+    if is_uint8(dataset, bands):
         return Scaling()  # 8-bit data is already the network's input range
     data, valid = sample if sample is not None else decimated_sample(dataset, bands)
     if not valid.any():
@@ -177,5 +190,7 @@ __all__ = [
     "Scaling",
     "decimated_sample",
     "estimate_scaling",
+    "is_uint8",
+    "needs_sample",
     "select_bands",
 ]

@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import Interleaving, Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -90,11 +90,42 @@ def open_raster(path: str | Path, stack: ExitStack) -> Any:
     if not path.is_file():
         raise SceneError(f"input scene {path} does not exist")
     try:
-        return stack.enter_context(rasterio.open(path))
+        dataset = stack.enter_context(rasterio.open(path))
     except RasterioError as err:
         raise SceneError(
             f"{path} cannot be read as a GeoTIFF (corrupt or truncated?): {err}"
         ) from err
+    check_complete(dataset, path)
+    return dataset
+
+
+def check_complete(dataset: Any, path: Path) -> None:
+    """Refuse a TIFF whose tiles (or strips) reach past the end of the file, from its
+    header alone: a cut download is named before any pixel is computed. (A tile corrupt inside
+    the file is found when it is decoded.)
+
+    Raises:
+        SceneError: the file is shorter than its tiles need.
+    """
+    if dataset.driver != "GTiff":
+        return
+    size = path.stat().st_size
+    separate = dataset.interleaving == Interleaving.band  # each band has its own tiles
+    bands = range(1, dataset.count + 1) if separate else (1,)
+    for band in bands:
+        tile_rows, tile_cols = dataset.block_shapes[band - 1]
+        for i in range(-(-dataset.height // tile_rows)):
+            for j in range(-(-dataset.width // tile_cols)):
+                offset = dataset.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=band)
+                length = dataset.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=band)
+                if offset is None or length is None:
+                    return  # GDAL does not say: decoding will tell
+                if int(offset) + int(length) > size:
+                    raise SceneError(
+                        f"{path} is truncated (corrupt or cut short): band {band}'s tile "
+                        f"({i}, {j}) ends at byte {int(offset) + int(length)} but the file has "
+                        f"{size} bytes"
+                    )
 
 
 @dataclass(frozen=True)
@@ -182,6 +213,7 @@ __all__ = [
     "Grid",
     "ScenePair",
     "SceneError",
+    "check_complete",
     "check_overlap",
     "open_pair",
     "open_raster",

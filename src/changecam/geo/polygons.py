@@ -1,7 +1,8 @@
 """One polygon per changed region of a scene, built block by block in bounded memory.
 
-Each block of ``change.tif`` is labelled into 4-connected regions
-(:func:`cv2.connectedComponentsWithStats`), and each region is traced into a polygon by
+Each block of ``change.tif``, as the writer thread writes it (or read back from the partial
+raster for blocks a killed run wrote: :class:`RegionTracer`), is labelled into 4-connected
+regions (:func:`cv2.connectedComponents`), and each region is traced into a polygon by
 :func:`rasterio.features.shapes` (4-connected too) in the scene's CRS. Per region the block
 sums what its record needs: pixel count, summed probability, summed positive pre and post
 HiResCAM. Regions that touch an inner block edge are joined with their neighbours across it
@@ -156,35 +157,85 @@ def metric_crs(grid: Grid) -> bool:
     return units in ("metre", "meter", "m", "metres", "meters")
 
 
+class RegionTracer:
+    """The changed regions of a scene, collected block by block: from each block as it is
+    written (:meth:`add_block`) or, for blocks an earlier run wrote, read back from the partial
+    rasters (:meth:`add_from_rasters`). Both see the same values, so a resumed scene traces the
+    same polygons as an uninterrupted one."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.pieces: dict[int, list[Piece]] = {}  # per block index
+
+    def add_block(
+        self,
+        block: Block,
+        change: np.ndarray,
+        probability: np.ndarray,
+        explanation: np.ndarray | None,
+    ) -> None:
+        """One block's values as written: ``change`` (1 = change), ``probability`` (uint16,
+        ``p * 65535``), ``explanation`` (``3 x h x w`` or ``None``)."""
+        if not (change == 1).any():
+            return
+        transform = rasterio.windows.transform(block.window, self.grid.transform)
+        scaled = probability.astype(np.float32) / PROBABILITY_SCALE
+        self.pieces[block.index] = block_pieces(
+            block, change, scaled, explanation, transform, self.grid
+        )
+
+    def add_from_rasters(
+        self,
+        blocks: Sequence[Block],
+        change_path: Path,
+        probability_path: Path,
+        explanation_path: Path | None,
+    ) -> None:
+        """``blocks`` read back from the (partial) rasters."""
+        if not blocks:
+            return
+        with rasterio.open(change_path) as change_ds, rasterio.open(probability_path) as prob_ds:
+            expl_ds = rasterio.open(explanation_path) if explanation_path is not None else None
+            try:
+                for block in blocks:
+                    change = change_ds.read(1, window=block.window)
+                    if not (change == 1).any():
+                        continue
+                    probability = prob_ds.read(1, window=block.window)
+                    explanation = expl_ds.read(window=block.window) if expl_ds else None
+                    self.add_block(block, change, probability, explanation)
+            finally:
+                if expl_ds is not None:
+                    expl_ds.close()
+
+    def features(self, min_area_m2: float = 0.0) -> list[dict[str, Any]]:
+        """The GeoJSON features of the regions (pieces cut by block edges joined), largest
+        northing first; regions under ``min_area_m2`` dropped. The pieces are taken in block
+        order, whatever order the blocks came in, so the joined geometries are the same."""
+        pieces = [piece for index in sorted(self.pieces) for piece in self.pieces[index]]
+        closed = [piece for piece in pieces if not piece.open_edge]
+        joined = join_pieces([piece for piece in pieces if piece.open_edge])
+        return region_features(closed + joined, self.grid, min_area_m2)
+
+
 def scene_polygons(
+    tracer: RegionTracer,
+    read_back: Sequence[Block],
     change_path: Path,
     probability_path: Path,
     explanation_path: Path | None,
-    blocks: Sequence[Block],
-    grid: Grid,
     min_area_m2: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """The GeoJSON features of the changed regions (see the module docstring), read block by
-    block from the (partial) rasters."""
-    closed: list[Piece] = []
-    open_pieces: list[Piece] = []
-    with rasterio.open(change_path) as change_ds, rasterio.open(probability_path) as prob_ds:
-        expl_ds = rasterio.open(explanation_path) if explanation_path is not None else None
-        try:
-            for block in blocks:
-                window = block.window
-                change = change_ds.read(1, window=window)
-                if not (change == 1).any():
-                    continue
-                probability = prob_ds.read(1, window=window).astype(np.float32) / PROBABILITY_SCALE
-                explanation = expl_ds.read(window=window) if expl_ds is not None else None
-                transform = rasterio.windows.transform(window, grid.transform)
-                for piece in block_pieces(block, change, probability, explanation, transform, grid):
-                    (open_pieces if piece.open_edge else closed).append(piece)
-        finally:
-            if expl_ds is not None:
-                expl_ds.close()
-    regions = closed + join_pieces(open_pieces)
+    """The features of the scene's changed regions (see the module docstring): the blocks
+    ``tracer`` saw written, plus ``read_back`` read from the partial rasters."""
+    tracer.add_from_rasters(read_back, change_path, probability_path, explanation_path)
+    return tracer.features(min_area_m2)
+
+
+def region_features(
+    regions: Sequence[Piece], grid: Grid, min_area_m2: float
+) -> list[dict[str, Any]]:
+    """GeoJSON features of whole regions, with their records."""
     area = grid.pixel_area
     metres = metric_crs(grid)
     features = []
@@ -226,4 +277,13 @@ def write_geojson(path: Path, features: Iterable[dict[str, Any]], grid: Grid) ->
         f.write("\n]}\n")
 
 
-__all__ = ["Piece", "block_pieces", "join_pieces", "metric_crs", "scene_polygons", "write_geojson"]
+__all__ = [
+    "Piece",
+    "RegionTracer",
+    "block_pieces",
+    "join_pieces",
+    "metric_crs",
+    "region_features",
+    "scene_polygons",
+    "write_geojson",
+]

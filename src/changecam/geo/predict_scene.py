@@ -7,10 +7,12 @@ blocks), blends each block's windows with the one sliding-window blend
 (:func:`changecam.models.sliding_window.blend_windows`) — with the explanation on, each batch
 of windows goes through the one explanation runner
 (:func:`changecam.explain.explain_tensors`: HiResCAM of the chosen layer for the window's
-predicted change, nodata excluded) and the maps are blended like the logits — and writes every
-block to the partial rasters (:mod:`changecam.geo.write`). When all blocks are done it traces
-the polygons (:mod:`changecam.geo.polygons`), builds the overviews, renames the files into
-place and writes ``scene.json`` last.
+predicted change, nodata excluded) and the maps are blended like the logits — and hands every
+block to a background writer thread (:mod:`changecam.geo.writer`) that writes it to the
+partial rasters (:mod:`changecam.geo.write`) and traces its changed regions
+(:mod:`changecam.geo.polygons`) while the network computes the next one. When all blocks are
+done it joins the regions into polygons, builds the overviews, renames the files into place
+and writes ``scene.json`` last.
 
 ``blocks.jsonl`` in the scene's folder records the run's settings and each finished block.
 ``resume=True`` keeps the blocks it lists when the settings match and the partial rasters are
@@ -36,15 +38,22 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from changecam.atomic import append_json_line, strict_json, write_json, write_text
-from changecam.data.transforms import image_to_tensor
+from changecam.data.transforms import bands_to_tensor
 from changecam.explain import ExplainSettings, FaithfulnessSettings, explain_tensors
 from changecam.explain.hirescam import choose_layer, per_date_layers, resolve_taps
-from changecam.geo.bands import Scale, decimated_sample, estimate_scaling, select_bands
+from changecam.geo.bands import (
+    Scale,
+    decimated_sample,
+    estimate_scaling,
+    needs_sample,
+    select_bands,
+)
 from changecam.geo.grid import Align, SceneError, open_pair
-from changecam.geo.polygons import scene_polygons, write_geojson
+from changecam.geo.polygons import RegionTracer, scene_polygons, write_geojson
 from changecam.geo.window_cache import WindowCache
 from changecam.geo.windows import Block, Region, block_grid, prefetched, read_region
 from changecam.geo.write import EXPLANATION_BANDS, TILE, SceneFiles, tile_side
+from changecam.geo.writer import BlockWriter
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
 
 log = logging.getLogger("changecam")
@@ -214,8 +223,8 @@ class SceneNetwork:
         """The block's probability (``h x w``) and explanation bands (``3 x h x w`` or ``None``);
         ``reuse`` holds the window outputs shared with neighbouring blocks."""
         block, size, mode = region.block, self.spec.window, self.spec.pad_mode
-        x_pre = pad_to(image_to_tensor(region.pre)[None].to(device), size, size, mode)
-        x_post = pad_to(image_to_tensor(region.post)[None].to(device), size, size, mode)
+        x_pre = pad_to(bands_to_tensor(region.pre)[None].to(device), size, size, mode)
+        x_post = pad_to(bands_to_tensor(region.post)[None].to(device), size, size, mode)
         valid = torch.from_numpy(region.valid)[None, None].float().to(device)
         valid = pad_to(valid, size, size, "constant")
         out = blend_windows(
@@ -338,14 +347,16 @@ def _predict_scene(
         )
         scaling = []
         for dataset in (pair.pre, pair.post_source):
-            try:
-                sample = decimated_sample(dataset, bands)
-            except Exception as err:
-                raise SceneError(
-                    f"{dataset.name} cannot be read (corrupt or truncated?): {err}"
-                ) from err
-            if not sample[1].any():
-                raise SceneError(f"{dataset.name} is all nodata: no pixel to predict")
+            sample = None
+            if needs_sample(dataset, bands, settings.scale):
+                try:
+                    sample = decimated_sample(dataset, bands)
+                except Exception as err:
+                    raise SceneError(
+                        f"{dataset.name} cannot be read (corrupt or truncated?): {err}"
+                    ) from err
+                if not sample[1].any():
+                    raise SceneError(f"{dataset.name} is all nodata: no pixel to predict")
             scaling.append(
                 estimate_scaling(
                     dataset, bands, settings.scale, settings.scale_min, settings.scale_max, sample
@@ -407,7 +418,10 @@ def _predict_scene(
                 ) from err
 
         last_use = window_last_use(blocks)
-        with bar, WindowCache(folder) as reuse:
+        tracer = RegionTracer(grid)
+        written_before = [b for b in blocks if b.index in block_log.done]
+        writer = BlockWriter(files, tracer, settings.threshold, block_log.add)
+        with bar, WindowCache(folder) as reuse, writer:
             for region in prefetched(todo, read, settings.prefetch):
                 block = region.block
                 inner = region.valid[
@@ -419,18 +433,9 @@ def _predict_scene(
                     del reuse[start]  # no later block needs this window
                 # the next block row's windows wait on disk: memory does not grow with the width
                 reuse.spill([k for k in reuse if last_use[k] > block.index + 1])
-                release_freed_memory()
-                files.write_block(block, probability, inner, settings.threshold, explanation)
-                changed = (probability > settings.threshold) & inner
-                entry = {
-                    "block": block.index,
-                    "valid": int(inner.sum()),
-                    "changed": int(changed.sum()),
-                }
-                if explanation is not None:
-                    entry["pre_mass"] = float(np.clip(explanation[0], 0, None)[changed].sum())
-                    entry["post_mass"] = float(np.clip(explanation[1], 0, None)[changed].sum())
-                block_log.add(entry)
+                if layer is not None:  # the explanation's transients: hundreds of MiB a block
+                    release_freed_memory()
+                writer.submit(block, probability, inner, explanation)  # written in the background
                 done_pixels += block.pixels
                 bar.update(block.windows)
                 bar.set_postfix_str(f"{done_pixels / 1e6:.1f}/{grid.pixels / 1e6:.1f} MP")
@@ -444,11 +449,11 @@ def _predict_scene(
             f"no pixel of {pre_path} is valid in both dates (all nodata where the scenes overlap)"
         )
     features = scene_polygons(
+        tracer,
+        written_before,
         files.partial("change"),
         files.partial("probability"),
         files.partial("explanation") if layer is not None else None,
-        blocks,
-        grid,
         settings.min_area_m2,
     )
     write_geojson(files.partial("polygons"), features, grid)

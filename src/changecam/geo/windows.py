@@ -87,7 +87,7 @@ def block_grid(height: int, width: int, block: int, spec: SlidingWindow) -> list
 
 @dataclass
 class Region:
-    """The decoded inputs of one block's region: uint8 ``H x W x C`` per date, valid mask."""
+    """The decoded inputs of one block's region: uint8 ``C x H x W`` per date, valid mask."""
 
     block: Block
     pre: np.ndarray
@@ -107,8 +107,9 @@ def read_region(
         valid = mask if valid is None else valid & mask
         arrays.append(scale.apply(data))
     assert valid is not None
-    for image in arrays:
-        image[~valid] = 0
+    if not valid.all():
+        for image in arrays:
+            image[:, ~valid] = 0
     return Region(block, arrays[0], arrays[1], valid)
 
 

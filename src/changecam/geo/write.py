@@ -8,8 +8,8 @@ renamed into place, all together, only when the whole scene is done.
   ``post_share`` (``ReLU(post) / (ReLU(pre) + ReLU(post))`` per pixel; NaN where undefined);
   nodata NaN.
 
-Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression and
-overviews (built at the end). Until then the files are ``.<name>.part`` beside their final
+Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression (level
+:data:`ZLEVEL`) and overviews (built at the end). Until then the files are ``.<name>.part`` beside their final
 name, which no ``*.tif`` glob matches: a killed run never leaves a file that looks finished.
 Each block is written in its own update session (open, write, close), so a block recorded as
 done in the scene's log is on disk.
@@ -36,6 +36,10 @@ TILE = 256  # the rasters' tile side (smaller blocks use their own side)
 CHANGE_NODATA = 255
 RASTERS = ("change", "probability", "explanation")
 EXPLANATION_BANDS = ("pre_hirescam", "post_hirescam", "post_share")
+# DEFLATE's fastest level, in the blocks and the overviews: the files are about as large (the
+# probability of a 2048² scene 0.8 % larger), the overviews are built in half the time, and
+# every reader of DEFLATE reads them
+ZLEVEL = 1
 OVERVIEW_RESAMPLING = {
     # the mean of the valid 0/1 pixels, rounded: their majority (a tie counts as change), as
     # GDAL's mode would give for two classes, more cheaply
@@ -43,6 +47,17 @@ OVERVIEW_RESAMPLING = {
     "probability": Resampling.average,
     "explanation": Resampling.average,
 }
+
+
+@dataclass(frozen=True)
+class WrittenBlock:
+    """One block as written: ``change`` (uint8, :data:`CHANGE_NODATA` where invalid),
+    ``probability`` (uint16, ``p * 65535``) and ``explanation`` (float32 ``3 x h x w``, NaN
+    where invalid; ``None`` when not explained)."""
+
+    change: np.ndarray
+    probability: np.ndarray
+    explanation: np.ndarray | None
 
 
 def partial_path(path: Path) -> Path:
@@ -90,6 +105,7 @@ class SceneFiles:
             "blockxsize": self.tile,
             "blockysize": self.tile,
             "compress": "deflate",
+            "zlevel": ZLEVEL,
             "sparse_ok": True,  # tiles not written yet read as nodata and cost nothing
             "BIGTIFF": "IF_SAFER",
         }
@@ -130,7 +146,7 @@ class SceneFiles:
         valid: np.ndarray,
         threshold: float,
         explanation: np.ndarray | None,
-    ) -> None:
+    ) -> WrittenBlock:
         """Write one block of every raster; closed (on disk) when this returns.
 
         Args:
@@ -139,19 +155,25 @@ class SceneFiles:
             valid: bool ``h x w``: valid in both dates.
             threshold: probability above which a pixel is change.
             explanation: float32 ``3 x h x w`` (:data:`EXPLANATION_BANDS`), or ``None``.
+
+        Returns:
+            The values written, as a reader of the files gets them back.
         """
         window = block.window
         change = np.where(probability > threshold, 1, 0).astype(np.uint8)
         change[~valid] = CHANGE_NODATA
+        encoded = encode_probability(probability)
         with rasterio.open(self.partial("change"), "r+") as dst:
             dst.write(change, 1, window=window)
         with rasterio.open(self.partial("probability"), "r+") as dst:
-            dst.write(encode_probability(probability), 1, window=window)
+            dst.write(encoded, 1, window=window)
             dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+        values = None
         if self.explain and explanation is not None:
             values = np.where(valid[None], explanation, np.nan).astype(np.float32)
             with rasterio.open(self.partial("explanation"), "r+") as dst:
                 dst.write(values, window=window)
+        return WrittenBlock(change, encoded, values)
 
     def build_overviews(self, grid: Grid) -> None:
         """Overviews (2, 4, ... until under one tile) in every partial raster."""
@@ -161,10 +183,11 @@ class SceneFiles:
             factor *= 2
         if not factors:
             return
-        for what in self.rasters:
-            with rasterio.open(self.partial(what), "r+") as dst:
-                dst.build_overviews(factors, OVERVIEW_RESAMPLING[what])
-                dst.update_tags(ns="rio_overview", resampling=OVERVIEW_RESAMPLING[what].name)
+        with rasterio.Env(ZLEVEL_OVERVIEW=ZLEVEL):
+            for what in self.rasters:
+                with rasterio.open(self.partial(what), "r+") as dst:
+                    dst.build_overviews(factors, OVERVIEW_RESAMPLING[what])
+                    dst.update_tags(ns="rio_overview", resampling=OVERVIEW_RESAMPLING[what].name)
 
     def publish(self) -> dict[str, str]:
         """Rename every partial file to its final name (in a row), then fsync the folder."""
@@ -187,5 +210,6 @@ __all__ = [
     "EXPLANATION_BANDS",
     "PROBABILITY_SCALE",
     "SceneFiles",
+    "WrittenBlock",
     "partial_path",
 ]
