@@ -4,8 +4,8 @@ Eval mode, on the device, with its convolution weights in the channels-last memo
 inputs stay ordinary ``N x C x H x W`` tensors and the activations follow the weights into
 NHWC, where PyTorch's CPU convolutions are faster (for the quickstart U-Net 1.3-1.5x for
 prediction and for HiResCAM's forward and backward: ``benchmarks/memory_format.py``). The
-values agree with the default format to float rounding. Training keeps the default format: its
-measured gain was none at 2 threads (width 8) and small at width 16.
+values agree with the default format to float rounding. Training keeps the default format (a
+quick measurement of a width-8 training step at 2 threads found it slower there).
 """
 
 from __future__ import annotations
