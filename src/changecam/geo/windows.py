@@ -21,6 +21,7 @@ import numpy as np
 from rasterio.windows import Window
 
 from changecam.geo.bands import Scaling
+from changecam.geo.gdal_lock import GDAL_LOCK
 from changecam.models.sliding_window import SlidingWindow, window_starts
 
 
@@ -102,8 +103,9 @@ def read_region(
     window = block.region
     arrays, valid = [], None
     for dataset, scale in zip((pre, post), scaling, strict=True):
-        data = dataset.read(list(bands), window=window)
-        mask = dataset.dataset_mask(window=window) > 0
+        with GDAL_LOCK:  # the writer thread uses GDAL too (geo.gdal_lock)
+            data = dataset.read(list(bands), window=window)
+            mask = dataset.dataset_mask(window=window) > 0
         valid = mask if valid is None else valid & mask
         arrays.append(scale.apply(data))
     assert valid is not None

@@ -4,7 +4,8 @@ The network's thread hands a finished block to :class:`BlockWriter` and goes on;
 thread writes it to the partial rasters (:meth:`changecam.geo.write.SceneFiles.write_block`,
 GDAL compresses without the GIL), traces its changed regions
 (:class:`changecam.geo.polygons.RegionTracer`) and only then records it as done in the scene's
-log, so a block the log lists is on disk. Blocks are written in the order they are handed over.
+log, so a block the log lists is on disk. It takes turns with the reader thread for GDAL
+(:mod:`changecam.geo.gdal_lock`). Blocks are written in the order they are handed over.
 At most ``depth`` blocks wait, so memory stays bounded; an error in the thread is raised in the
 network's thread at the next hand-over or when the writer is closed.
 """
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from changecam.geo.gdal_lock import GDAL_LOCK
 from changecam.geo.polygons import RegionTracer
 from changecam.geo.windows import Block
 from changecam.geo.write import SceneFiles
@@ -111,8 +113,9 @@ class BlockWriter:
         valid: np.ndarray,
         explanation: np.ndarray | None,
     ) -> None:
-        written = self.files.write_block(block, probability, valid, self.threshold, explanation)
-        self.tracer.add_block(block, written.change, written.probability, written.explanation)
+        with GDAL_LOCK:  # the reader thread uses GDAL too (geo.gdal_lock)
+            written = self.files.write_block(block, probability, valid, self.threshold, explanation)
+            self.tracer.add_block(block, written.change, written.probability, written.explanation)
         changed = written.change == 1
         record: dict[str, Any] = {
             "block": block.index,
