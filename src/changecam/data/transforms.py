@@ -29,7 +29,7 @@ def _albumentations() -> ModuleType:
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 ``H x W x C`` -> float ``C x H x W`` in [0, 1]: the one input convention."""
-    return bands_to_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    return bands_to_tensor(image.transpose(2, 0, 1))  # made contiguous there, once
 
 
 def bands_to_tensor(bands: np.ndarray) -> torch.Tensor:

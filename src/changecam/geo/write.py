@@ -9,10 +9,10 @@ renamed into place, all together, only when the whole scene is done.
   nodata NaN.
 
 Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression (level
-:data:`ZLEVEL`) and overviews (built at the end). Until then the files are ``.<name>.part`` beside their final
-name, which no ``*.tif`` glob matches: a killed run never leaves a file that looks finished.
-Each block is written in its own update session (open, write, close), so a block recorded as
-done in the scene's log is on disk.
+:data:`ZLEVEL`) and overviews (built at the end). Until then the files are ``.<name>.part``
+beside their final name, which no ``*.tif`` glob matches: a killed run never leaves a file
+that looks finished. Each block is written in its own update session (open, write, close), so
+a block recorded as done in the scene's log is on disk.
 """
 
 from __future__ import annotations
