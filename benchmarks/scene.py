@@ -11,8 +11,8 @@ Measured in one run:
   from its ``scene.json``;
 * **side by side** on a ``--compare``² pair (2048² by default), in this process, one network
   as predict.py runs it (:func:`changecam.models.inference.inference_network`), best of
-  ``--repeats`` (3) interleaved runs, once with one torch thread and once with torch's default:
-  today's PNG path (:func:`changecam.cli.predict.predict_pair` + ``save``: the whole image in
+  ``--repeats`` (5) interleaved runs (every other round in reverse order), once with one torch
+  thread and once with torch's default: today's PNG path (:func:`changecam.cli.predict.predict_pair` + ``save``: the whole image in
   memory, sliding windows, mask and probability PNGs, one thread of work) against the GeoTIFF
   path (:func:`changecam.geo.predict_scene`, explanation off, then on; a reader and a writer
   thread beside the network), each with its default windows per forward pass. Throughput is
@@ -186,8 +186,11 @@ def side_by_side(
     wall: dict[str, list[float]] = {k: [] for k in runs}
     in_network: dict[str, list[float]] = {k: [] for k in runs}
     try:
-        for _ in range(repeats):  # interleaved, best of the repeats
-            for name, run in runs.items():
+        for round_ in range(repeats):  # interleaved, best of the repeats
+            # every other round in reverse order, so a drift of the machine's speed within a
+            # round does not favour one path
+            for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
+                run = runs[name]
                 network_cpu[0] = 0.0
                 start_cpu, start = time.process_time(), time.perf_counter()
                 run()
@@ -209,6 +212,14 @@ def side_by_side(
         "megapixels_per_s": {k: round(mp / v, 4) for k, v in best_wall.items()},
         "wall_seconds": {k: [round(x, 2) for x in v] for k, v in wall.items()},
         "geotiff_vs_png_speed": round(best_wall["png"] / best_wall["geotiff"], 3),
+        # the same ratio within each round (the runs of one round are seconds apart, so they
+        # share the machine's state): its median and range show how much of it is noise
+        "geotiff_vs_png_speed_per_round": [
+            round(p / g, 3) for p, g in zip(wall["png"], wall["geotiff"], strict=True)
+        ],
+        "geotiff_vs_png_speed_median_round": round(
+            median([p / g for p, g in zip(wall["png"], wall["geotiff"], strict=True)]), 3
+        ),
         "cpu_seconds_best": {k: round(v, 2) for k, v in best_cpu.items()},
         "geotiff_vs_png_cpu": round(best_cpu["png"] / best_cpu["geotiff"], 3),
         # the calling thread's CPU seconds in the network's forward passes (median of the runs)
@@ -231,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads of the scene run (0: torch's default)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="side-by-side runs (best taken)")
+    parser.add_argument("--repeats", type=int, default=5, help="side-by-side runs (best taken)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long run for the tests")
     parser.add_argument(
         "--side-by-side-only", action="store_true", help="only the side-by-side comparison"

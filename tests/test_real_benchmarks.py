@@ -45,3 +45,8 @@ def test_real_small_benchmark_rows(tmp_path):
     assert set(joint) == {"scratch_joint", "finetuned_joint"}
     assert all(path.endswith("synthetic") for path in joint.values())
     assert "| synthetic_only |" in out.with_suffix(".md").read_text()
+    every = next(r for r in rows if r["row"] == "synthetic_only")["every_image"]
+    assert 0 <= every["pooled_f1"] <= 1
+    assert len(every["per_image_f1"]) == 2  # --tiny: two whole images (limit_test_batches)
+    assert set(every["per_image_f1"]) <= {p.stem for p in (SIX_IMAGES / "A").iterdir()}
+    assert all(r["every_image"] is None for r in rows if r["row"] != "synthetic_only")
