@@ -12,7 +12,8 @@ Measured in one run:
 * **side by side** on a ``--compare``² pair (2048² by default), in this process, one network
   as predict.py runs it (:func:`changecam.models.inference.inference_network`), best of
   ``--repeats`` (5) interleaved runs (every other round in reverse order), once with one torch
-  thread and once with torch's default: today's PNG path (:func:`changecam.cli.predict.predict_pair` + ``save``: the whole image in
+  thread and once with torch's default: today's PNG path
+  (:func:`changecam.cli.predict.predict_pair` + ``save``: the whole image in
   memory, sliding windows, mask and probability PNGs, one thread of work) against the GeoTIFF
   path (:func:`changecam.geo.predict_scene`, explanation off, then on; a reader and a writer
   thread beside the network), each with its default windows per forward pass. Throughput is
