@@ -147,22 +147,23 @@ def every_image_scores(ckpt: Path, data: Path, tmp: Path, tiny: bool) -> dict[st
     with sliding windows): the synthetic-only checkpoint has seen none of them, so its four
     training images are held out for it too. Pooled F1 over the images and F1 per image."""
     from changecam.cli.evaluate import evaluate
+    from changecam.data.layout import SPLITS, find_triplets
 
-    names = sorted(
-        {
-            line.strip()
-            for listing in sorted((data / "list").glob("*.txt"))
-            for line in listing.read_text().splitlines()
-            if line.strip()
-        }
-    )
+    # every split's images in one flat LEVIR-CD-256 folder (links), listed as each split
     root = tmp / "every_image"
-    (root / "list").mkdir(parents=True, exist_ok=True)
-    for folder in ("A", "B", "label"):
-        if not (root / folder).exists():
-            (root / folder).symlink_to((data / folder).resolve(), target_is_directory=True)
-    for split in ("train", "val", "test"):
-        write_text(root / "list" / f"{split}.txt", "".join(f"{n}\n" for n in names))
+    names = []
+    for split in SPLITS:
+        for triplet in find_triplets(data, split):
+            assert triplet.label is not None  # find_triplets pairs labelled triplets
+            for folder, path in (("A", triplet.pre), ("B", triplet.post), ("label", triplet.label)):
+                link = root / folder / path.name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(path.resolve())
+            names.append(triplet.pre.name)
+    listing = "".join(f"{n}\n" for n in sorted(set(names)))
+    for split in SPLITS:
+        write_text(root / "list" / f"{split}.txt", listing)
     overrides = [
         f"ckpt_path={ckpt}",
         "data=levir_cd",

@@ -13,10 +13,10 @@ Measured in one run:
   as predict.py runs it (:func:`changecam.models.inference.inference_network`), best of
   ``--repeats`` (5) interleaved runs (every other round in reverse order), once with one torch
   thread and once with torch's default: today's PNG path
-  (:func:`changecam.cli.predict.predict_pair` + ``save``: the whole image in
-  memory, sliding windows, mask and probability PNGs, one thread of work) against the GeoTIFF
-  path (:func:`changecam.geo.predict_scene`, explanation off, then on; a reader and a writer
-  thread beside the network), each with its default windows per forward pass. Throughput is
+  (:func:`changecam.cli.predict.predict_pair` + ``save``: the whole image in memory, sliding
+  windows, mask and probability PNGs, one thread of work) against the GeoTIFF path
+  (:func:`changecam.geo.predict_scene`, explanation off, then on; a reader and a writer thread
+  beside the network), each with its default windows per forward pass. Throughput is
   megapixels per second of wall-clock time; the CPU seconds of the whole process (all its
   threads) are reported beside it, with the calling thread's CPU seconds inside the network's
   forward passes (forward hooks). The explanation's extra cost is wall seconds per megapixel.
@@ -203,6 +203,7 @@ def side_by_side(
             hook.remove()
         torch.set_num_threads(default_threads)
     best_wall = {k: min(v) for k, v in wall.items()}
+    per_round = [p / g for p, g in zip(wall["png"], wall["geotiff"], strict=True)]
     best_cpu = {k: min(v) for k, v in cpu.items()}
     mp = size * size / 1e6
     return {
@@ -215,12 +216,8 @@ def side_by_side(
         "geotiff_vs_png_speed": round(best_wall["png"] / best_wall["geotiff"], 3),
         # the same ratio within each round (the runs of one round are seconds apart, so they
         # share the machine's state): its median and range show how much of it is noise
-        "geotiff_vs_png_speed_per_round": [
-            round(p / g, 3) for p, g in zip(wall["png"], wall["geotiff"], strict=True)
-        ],
-        "geotiff_vs_png_speed_median_round": round(
-            median([p / g for p, g in zip(wall["png"], wall["geotiff"], strict=True)]), 3
-        ),
+        "geotiff_vs_png_speed_per_round": [round(r, 3) for r in per_round],
+        "geotiff_vs_png_speed_median_round": round(median(per_round), 3),
         "cpu_seconds_best": {k: round(v, 2) for k, v in best_cpu.items()},
         "geotiff_vs_png_cpu": round(best_cpu["png"] / best_cpu["geotiff"], 3),
         # the calling thread's CPU seconds in the network's forward passes (median of the runs)
