@@ -12,10 +12,9 @@ Measured in one run:
 * **side by side** on a ``--compare``² pair (2048² by default), in this process, one network
   as predict.py runs it (:func:`changecam.models.inference.inference_network`), best of
   ``--repeats`` (5) interleaved runs (every other round in reverse order), once with one torch
-  thread and once with torch's default: the PNG path
+  thread and once with torch's default: today's PNG path
   (:func:`changecam.cli.predict.predict_pair` + ``save``: the whole image in memory, sliding
-  windows, mask and probability PNGs; with ``sliding_window.workers`` ``auto`` as configured,
-  and with ``1`` as it was before the GeoTIFF path, ``png_sequential``) against the GeoTIFF path
+  windows, mask and probability PNGs, one thread of work) against the GeoTIFF path
   (:func:`changecam.geo.predict_scene`, explanation off, then on; a reader and a writer thread
   beside the network), each with its default windows per forward pass. Throughput is
   megapixels per second of wall-clock time; the CPU seconds of the whole process (all its
@@ -36,7 +35,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -151,19 +149,9 @@ def side_by_side(
                 write_png(pngs[-1], np.ascontiguousarray(src.read().transpose(1, 2, 0)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = inference_network(net, device)  # as predict.py runs it, for both paths
+    png_spec = SlidingWindow()  # conf/sliding_window/default.yaml: 256, 0.25, batch 4
     from omegaconf import OmegaConf
 
-    from changecam.cli.common import sliding_window_spec
-
-    # conf/sliding_window/default.yaml (256, 0.25, batch 4, workers auto), as predict.py reads it
-    png_spec = sliding_window_spec(
-        OmegaConf.create(
-            {"sliding_window": OmegaConf.load(REPO / "conf/sliding_window/default.yaml")}
-        )
-    )
-    assert png_spec is not None
-    # the PNG path as it was when the GeoTIFF path was asked for: one batch at a time
-    sequential_spec = SlidingWindow(**{**asdict(png_spec), "workers": 1})
     scene_batch = OmegaConf.load(REPO / "conf/predict.yaml").predict.batch_size
     pair = Triplet("pair", pngs[0], pngs[1], None)
     default_threads = torch.get_num_threads()
@@ -171,8 +159,8 @@ def side_by_side(
         torch.set_num_threads(threads)
     predict_pair(net, Triplet("warm", pngs[0], pngs[1], None), png_spec, 0.5, None, device)
 
-    def png_path(spec: SlidingWindow) -> None:
-        predict_pair(net, pair, spec, 0.5, None, device).save(folder / "png_run")
+    def png_path() -> None:
+        predict_pair(net, pair, png_spec, 0.5, None, device).save(folder / "png_run")
 
     def scene_path(explain: bool) -> None:
         settings = SceneSettings(explain=explain, progress=False, batch_size=scene_batch)
@@ -191,8 +179,7 @@ def side_by_side(
 
     hooks.append(net.register_forward_hook(leave))
     runs = {
-        "png": lambda: png_path(png_spec),
-        "png_sequential": lambda: png_path(sequential_spec),
+        "png": png_path,
         "geotiff": lambda: scene_path(False),
         "geotiff_explained": lambda: scene_path(True),
     }
@@ -216,10 +203,7 @@ def side_by_side(
             hook.remove()
         torch.set_num_threads(default_threads)
     best_wall = {k: min(v) for k, v in wall.items()}
-    per_round = {
-        png: [p / g for p, g in zip(wall[png], wall["geotiff"], strict=True)]
-        for png in ("png", "png_sequential")
-    }
+    per_round = [p / g for p, g in zip(wall["png"], wall["geotiff"], strict=True)]
     best_cpu = {k: min(v) for k, v in cpu.items()}
     mp = size * size / 1e6
     return {
@@ -230,19 +214,10 @@ def side_by_side(
         "megapixels_per_s": {k: round(mp / v, 4) for k, v in best_wall.items()},
         "wall_seconds": {k: [round(x, 2) for x in v] for k, v in wall.items()},
         "geotiff_vs_png_speed": round(best_wall["png"] / best_wall["geotiff"], 3),
-        "geotiff_vs_png_sequential_speed": round(
-            best_wall["png_sequential"] / best_wall["geotiff"], 3
-        ),
-        # the same ratios within each round (the runs of one round are seconds apart, so they
-        # share the machine's state): their median and range show how much of it is noise
-        "geotiff_vs_png_speed_per_round": [round(r, 3) for r in per_round["png"]],
-        "geotiff_vs_png_speed_median_round": round(median(per_round["png"]), 3),
-        "geotiff_vs_png_sequential_speed_per_round": [
-            round(r, 3) for r in per_round["png_sequential"]
-        ],
-        "geotiff_vs_png_sequential_speed_median_round": round(
-            median(per_round["png_sequential"]), 3
-        ),
+        # the same ratio within each round (the runs of one round are seconds apart, so they
+        # share the machine's state): its median and range show how much of it is noise
+        "geotiff_vs_png_speed_per_round": [round(r, 3) for r in per_round],
+        "geotiff_vs_png_speed_median_round": round(median(per_round), 3),
         "cpu_seconds_best": {k: round(v, 2) for k, v in best_cpu.items()},
         "geotiff_vs_png_cpu": round(best_cpu["png"] / best_cpu["geotiff"], 3),
         # the calling thread's CPU seconds in the network's forward passes (median of the runs)
@@ -251,7 +226,6 @@ def side_by_side(
             (best_wall["geotiff_explained"] - best_wall["geotiff"]) / mp, 3
         ),
         "windows_per_forward": {"png": png_spec.batch_size, "geotiff": scene_batch},
-        "window_workers": png_spec.workers_on(device),
         "device": str(device),
     }
 
@@ -314,7 +288,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "windowed_at_least_as_fast": {
             key: {
                 "throughput": row["geotiff_vs_png_speed"] >= 1.0,
-                "throughput_vs_sequential_png": row["geotiff_vs_png_sequential_speed"] >= 1.0,
                 "cpu_seconds": row["geotiff_vs_png_cpu"] >= 1.0,
             }
             for key, row in compare.items()

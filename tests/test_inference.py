@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
@@ -196,68 +195,3 @@ def test_bad_input_is_refused_with_the_config_key():
         SlidingWindow(blend="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sliding_window.batch_size=0"):
         SlidingWindow(batch_size=0)
-
-
-class ThreadRecorder(nn.Module):
-    """PixelDiff that records, per call, its thread, torch's thread count there and the grad
-    and inference modes it ran under."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[tuple[str, int, bool, bool]] = []
-
-    def forward(self, pre: Tensor, post: Tensor) -> Tensor:
-        self.seen.append(
-            (
-                threading.current_thread().name,
-                torch.get_num_threads(),
-                torch.is_grad_enabled(),
-                torch.is_inference_mode_enabled(),
-            )
-        )
-        return (post - pre).sum(1, keepdim=True)
-
-
-def test_concurrent_workers_give_the_sequential_result():
-    net = tiny_unet()
-    pre, post = pair(100, 76, batch=2)
-    sequential = sliding_window_logits(net, pre, post, SlidingWindow(window=32, batch_size=2))
-    before = torch.get_num_threads()
-    parallel = sliding_window_logits(
-        net, pre, post, SlidingWindow(window=32, batch_size=2, workers=3)
-    )
-    assert torch.get_num_threads() == before, "the caller's thread count is restored"
-    # one torch thread per worker changes a convolution's float32 rounding at most
-    torch.testing.assert_close(parallel, sequential, rtol=0, atol=1e-5)
-    exact = sliding_window_logits(
-        PixelDiff(), pre, post, SlidingWindow(window=32, overlap=0.5, workers=2)
-    )
-    assert torch.equal(exact, (post - pre).sum(1, keepdim=True)), "same windows, same blend"
-
-
-def test_workers_run_in_their_own_threads_under_the_callers_modes():
-    recorder = ThreadRecorder()
-    pre, post = pair(64, 64)
-    spec = SlidingWindow(window=32, overlap=0.0, batch_size=1, workers=2)
-    with torch.inference_mode():
-        out = sliding_window_logits(recorder, pre, post, spec)
-    assert out.is_inference()
-    assert len(recorder.seen) == 4
-    assert {name.startswith("changecam-windows") for name, *_ in recorder.seen} == {True}
-    assert {(threads, grad, inference) for _, threads, grad, inference in recorder.seen} == {
-        (1, False, True)
-    }
-    recorder.seen.clear()  # a single batch runs in the calling thread with all its threads
-    sliding_window_logits(recorder, pre[..., :32, :32], post[..., :32, :32], spec)
-    assert recorder.seen == [
-        (threading.current_thread().name, torch.get_num_threads(), False, False)
-    ]
-
-
-def test_workers_setting():
-    assert SlidingWindow(workers="auto").workers_on("cpu") == torch.get_num_threads()
-    assert SlidingWindow(workers=3).workers_on("cpu") == 3
-    assert SlidingWindow(workers="auto").workers_on(torch.device("cuda")) == 1
-    for bad in (0, -1, "all", 1.5, True):
-        with pytest.raises(ValueError, match="sliding_window.workers"):
-            SlidingWindow(workers=bad)

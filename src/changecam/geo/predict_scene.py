@@ -235,8 +235,6 @@ class SceneNetwork:
             self.spec,
             reuse=reuse,
             origin=(block.region_row, block.region_col),
-            # explained windows hook the network: those batches run one at a time
-            workers=self.spec.workers_on(device) if self.settings is None else 1,
         )
         r, c = block.row - block.region_row, block.col - block.region_col
         out = out[0, :, r : r + block.height, c : c + block.width]
@@ -371,8 +369,7 @@ def _predict_scene(
             **(run_record or {}),
             "pre": input_record(pre_path),
             "post": input_record(post_path),
-            # the workers change the logits by float32 rounding only: a resumed run may differ
-            "sliding_window": {k: v for k, v in asdict(spec).items() if k != "workers"},
+            "sliding_window": asdict(spec),
             "scene": settings.resumable(),
             "explain_layer": layer,
         }

@@ -9,10 +9,10 @@ renamed into place, all together, only when the whole scene is done.
   nodata NaN.
 
 Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression (level
-:data:`ZLEVEL`; ``probability.tif``: lossless LERC) and overviews (built at the end). Until
-then the files are ``.<name>.part`` beside their final name, which no ``*.tif`` glob matches: a
-killed run never leaves a file that looks finished. Each block is written in its own update
-session (open, write, close), so a block recorded as done in the scene's log is on disk.
+:data:`ZLEVEL`) and overviews (built at the end). Until then the files are ``.<name>.part``
+beside their final name, which no ``*.tif`` glob matches: a killed run never leaves a file
+that looks finished. Each block is written in its own update session (open, write, close), so
+a block recorded as done in the scene's log is on disk.
 """
 
 from __future__ import annotations
@@ -112,15 +112,7 @@ class SceneFiles:
         if what == "change":
             return {**common, "count": 1, "dtype": "uint8", "nodata": CHANGE_NODATA}
         if what == "probability":
-            # lossless LERC: the low bits of p * 65535 are noise to DEFLATE, which wrote 2048²
-            # probabilities 2-4x slower (measured by hand) for files no smaller
-            return {
-                **{k: v for k, v in common.items() if k != "zlevel"},
-                "compress": "lerc",
-                "max_z_error": 0,
-                "count": 1,
-                "dtype": "uint16",
-            }
+            return {**common, "count": 1, "dtype": "uint16", "predictor": 2}
         return {**common, "count": 3, "dtype": "float32", "nodata": float("nan"), "predictor": 3}
 
     def create(self, grid: Grid, tags: dict[str, str]) -> None:
@@ -191,8 +183,7 @@ class SceneFiles:
             factor *= 2
         if not factors:
             return
-        # the network is done: GDAL may compute and compress the overviews on every core
-        with rasterio.Env(ZLEVEL_OVERVIEW=ZLEVEL, GDAL_NUM_THREADS="ALL_CPUS"):
+        with rasterio.Env(ZLEVEL_OVERVIEW=ZLEVEL):
             for what in self.rasters:
                 with rasterio.open(self.partial(what), "r+") as dst:
                     dst.build_overviews(factors, OVERVIEW_RESAMPLING[what])

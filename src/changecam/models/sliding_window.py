@@ -10,19 +10,11 @@ divided by the summed weight, then cropped back to the input's size.
 Blending accumulates in float64 from float32 logits and weights, so a pixel that only one
 window covers gets that window's logit *exactly*: with ``overlap=0`` and a size that is a
 multiple of the window, the result equals patch-wise prediction bit for bit.
-
-On the CPU, ``workers`` batches of windows can run at once, each in its own thread with one
-torch thread (``workers: auto``: one per torch thread). The quickstart-sized convolutions
-scale poorly over intra-op threads, so this is faster on two or more cores (measured in
-``benchmarks/scene.py``); a window's logits then differ from a multi-threaded forward pass
-only by float32 rounding (about 1e-8).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, MutableMapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -51,9 +43,6 @@ class SlidingWindow:
             counts 0.14 of its centre) or ``uniform`` (plain average of overlapping windows).
         pad_mode: how an image smaller than one window is padded (``reflect`` mirrors it,
             repeatedly if needed).
-        workers: batches of windows computed at once on the CPU, each in its own thread with
-            one torch thread; ``auto``: as many as torch has threads (one on other devices).
-            Only plain forward passes run this way; explained windows run one batch at a time.
     """
 
     window: int = 256
@@ -61,7 +50,6 @@ class SlidingWindow:
     batch_size: int = 4
     blend: Blend = "gaussian"
     pad_mode: PadMode = "reflect"
-    workers: int | Literal["auto"] = 1
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -80,19 +68,6 @@ class SlidingWindow:
             raise ValueError(
                 f"sliding_window.pad_mode={self.pad_mode!r} is not allowed; expected one of {PAD_MODES}"
             )
-        if self.workers != "auto" and (
-            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
-        ):
-            raise ValueError(
-                f"sliding_window.workers={self.workers!r} must be an integer >= 1 or 'auto'"
-            )
-
-    def workers_on(self, device: torch.device | str) -> int:
-        """How many batches of windows run at once on ``device`` (``auto``: torch's thread
-        count on the CPU, 1 elsewhere)."""
-        if torch.device(device).type != "cpu":
-            return 1
-        return torch.get_num_threads() if self.workers == "auto" else int(self.workers)
 
     @property
     def stride(self) -> int:
@@ -184,14 +159,7 @@ def sliding_window_logits(net: nn.Module, pre: Tensor, post: Tensor, spec: Slidi
     padded_h, padded_w = pre_p.shape[-2:]
     rows = window_starts(padded_h, size, spec.stride)
     cols = window_starts(padded_w, size, spec.stride)
-    blended = blend_windows(
-        lambda a, b: net(a, b).float(),
-        (pre_p, post_p),
-        rows,
-        cols,
-        spec,
-        workers=spec.workers_on(pre.device),
-    )
+    blended = blend_windows(lambda a, b: net(a, b).float(), (pre_p, post_p), rows, cols, spec)
     return blended[..., :height, :width]
 
 
@@ -204,7 +172,6 @@ def blend_windows(
     *,
     reuse: MutableMapping[tuple[int, int], Tensor] | None = None,
     origin: tuple[int, int] = (0, 0),
-    workers: int = 1,
 ) -> Tensor:
     """The one sliding-window blend: ``forward`` on every ``window x window`` crop starting at
     ``(r, c)`` for ``r`` in ``rows`` and ``c`` in ``cols`` (``spec.batch_size`` windows per
@@ -229,9 +196,6 @@ def blend_windows(
             removes those it no longer needs). Neighbouring scene blocks share the windows
             across their common edge this way.
         origin: where ``inputs`` start in the coordinates of ``reuse``'s keys.
-        workers: calls of ``forward`` that run at once, each in its own thread with one torch
-            thread (:func:`concurrent_calls`); ``forward`` must then be safe to call from
-            several threads (a plain forward pass is; one that registers hooks is not).
 
     Returns:
         ``B x K x H x W`` float32; pixels no window covers are NaN.
@@ -261,16 +225,10 @@ def blend_windows(
         return origin[0] + r, origin[1] + c
 
     missing = positions if reuse is None else [p for p in positions if key(*p) not in reuse]
-    chunks = [missing[i : i + spec.batch_size] for i in range(0, len(missing), spec.batch_size)]
-
-    def crops_of(chunk: list[tuple[int, int]]) -> list[Tensor]:
-        return [torch.cat([x[..., r : r + size, c : c + size] for r, c in chunk]) for x in inputs]
-
-    # one batch runs in the calling thread, with all of torch's threads
-    workers = min(workers, len(chunks))
-    for chunk, outputs in zip(
-        chunks, concurrent_calls(forward, map(crops_of, chunks), workers), strict=True
-    ):
+    for first in range(0, len(missing), spec.batch_size):
+        chunk = missing[first : first + spec.batch_size]
+        crops = [torch.cat([x[..., r : r + size, c : c + size] for r, c in chunk]) for x in inputs]
+        outputs = forward(*crops)
         for i, (r, c) in enumerate(chunk):
             window_out = outputs[i * batch : (i + 1) * batch]
             if reuse is None:  # streaming: every window is added once, in order
@@ -281,50 +239,6 @@ def blend_windows(
         for r, c in positions:
             add(r, c, reuse[key(r, c)])
     return (sums[0] / weight_sum).float()
-
-
-def concurrent_calls(
-    forward: WindowForward, arguments: Iterable[Sequence[Tensor]], workers: int = 1
-) -> Iterator[Tensor]:
-    """``forward(*args)`` for each of ``arguments``, yielded in order.
-
-    With ``workers > 1`` up to ``workers`` calls run at once, each in its own thread with one
-    torch thread, under the caller's grad, inference-mode and CPU autocast state (thread-local
-    in torch). At most ``workers`` results wait, so memory stays bounded.
-    """
-    if workers <= 1:
-        for args in arguments:
-            yield forward(*args)
-        return
-    grad = torch.is_grad_enabled()
-    inference = torch.is_inference_mode_enabled()
-    autocast = torch.is_autocast_enabled("cpu")
-    autocast_dtype = torch.get_autocast_dtype("cpu")
-    caller_threads = torch.get_num_threads()
-
-    def call(args: Sequence[Tensor]) -> Tensor:
-        torch.set_num_threads(1)  # this thread's own OpenMP setting
-        with (
-            torch.inference_mode(inference),
-            torch.set_grad_enabled(grad),
-            torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast),
-        ):
-            return forward(*args)
-
-    pending: deque[Future[Tensor]] = deque()
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="changecam-windows") as pool:
-            for args in arguments:
-                if len(pending) == workers:
-                    yield pending.popleft().result()
-                pending.append(pool.submit(call, args))
-            while pending:
-                yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()
-        # torch.set_num_threads in a worker also changes the default later threads start with
-        torch.set_num_threads(caller_threads)
 
 
 class SlidingWindowNet(nn.Module):
@@ -364,7 +278,6 @@ __all__ = [
     "blend_weight",
     "blend_windows",
     "check_window",
-    "concurrent_calls",
     "num_windows",
     "pad_to",
     "sliding_window_logits",
