@@ -17,7 +17,8 @@ Measured in one run:
   windows, mask and probability PNGs, one thread of work) against the GeoTIFF path
   (:func:`changecam.geo.predict_scene`, explanation off, then on; a reader and a writer thread
   beside the network), each with its default windows per forward pass. Throughput is
-  megapixels per second of wall-clock time; the CPU seconds of the whole process (all its
+  megapixels per second of wall-clock time (the GeoTIFF runs also split theirs into setup,
+  block loop and finish, from ``scene.json``); the CPU seconds of the whole process (all its
   threads) are reported beside it, with the calling thread's CPU seconds inside the network's
   forward passes (forward hooks). The explanation's extra cost is wall seconds per megapixel.
 
@@ -43,6 +44,7 @@ from memory import peak_rss
 
 GIB = 2**30
 TILE_SCENE = 1024  # side of one generator scene
+PHASES = ("setup", "compute", "finish")  # scene.json's *_seconds
 
 
 def quickstart_width() -> int:
@@ -162,9 +164,9 @@ def side_by_side(
     def png_path() -> None:
         predict_pair(net, pair, png_spec, 0.5, None, device).save(folder / "png_run")
 
-    def scene_path(explain: bool) -> None:
+    def scene_path(explain: bool) -> dict[str, Any]:
         settings = SceneSettings(explain=explain, progress=False, batch_size=scene_batch)
-        predict_scene(
+        return predict_scene(
             net, pre_tif, post_tif, folder / f"scene_{explain}", png_spec, settings, device
         )
 
@@ -186,6 +188,10 @@ def side_by_side(
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     wall: dict[str, list[float]] = {k: [] for k in runs}
     in_network: dict[str, list[float]] = {k: [] for k in runs}
+    # the GeoTIFF runs' own split of their time (scene.json): setup, blocks, finish
+    phases: dict[str, dict[str, list[float]]] = {
+        k: {p: [] for p in PHASES} for k in runs if k != "png"
+    }
     try:
         for round_ in range(repeats):  # interleaved, best of the repeats
             # every other round in reverse order, so a drift of the machine's speed within a
@@ -194,16 +200,23 @@ def side_by_side(
                 run = runs[name]
                 network_cpu[0] = 0.0
                 start_cpu, start = time.process_time(), time.perf_counter()
-                run()
+                result = run()
                 cpu[name].append(time.process_time() - start_cpu)
                 wall[name].append(time.perf_counter() - start)
                 in_network[name].append(network_cpu[0])
+                for phase in phases.get(name, {}):
+                    phases[name][phase].append(result[f"{phase}_seconds"])
     finally:
         for hook in hooks:
             hook.remove()
         torch.set_num_threads(default_threads)
     best_wall = {k: min(v) for k, v in wall.items()}
     per_round = [p / g for p, g in zip(wall["png"], wall["geotiff"], strict=True)]
+    # the whole PNG path against the GeoTIFF path's block loop alone (reading, network,
+    # writing and tracing), without its setup and finish (joining polygons, overviews)
+    blocks_per_round = [
+        p / b for p, b in zip(wall["png"], phases["geotiff"]["compute"], strict=True)
+    ]
     best_cpu = {k: min(v) for k, v in cpu.items()}
     mp = size * size / 1e6
     return {
@@ -218,6 +231,10 @@ def side_by_side(
         # share the machine's state): its median and range show how much of it is noise
         "geotiff_vs_png_speed_per_round": [round(r, 3) for r in per_round],
         "geotiff_vs_png_speed_median_round": round(median(per_round), 3),
+        "geotiff_phase_seconds_median": {
+            k: {p: round(median(v), 3) for p, v in split.items()} for k, split in phases.items()
+        },
+        "geotiff_blocks_vs_png_speed_median_round": round(median(blocks_per_round), 3),
         "cpu_seconds_best": {k: round(v, 2) for k, v in best_cpu.items()},
         "geotiff_vs_png_cpu": round(best_cpu["png"] / best_cpu["geotiff"], 3),
         # the calling thread's CPU seconds in the network's forward passes (median of the runs)

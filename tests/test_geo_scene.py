@@ -114,6 +114,8 @@ def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, p
     summary = json.loads((folder / "scene.json").read_text())
     assert summary["changed_pixels"] == total and summary["explain_layer"] == "enc2"
     assert report["scenes"][0] == summary
+    phases = [summary[f"{p}_seconds"] for p in ("setup", "compute", "finish")]
+    assert min(phases) > 0 and sum(phases) <= summary["seconds"], "the run's time, split"
     # the second block row's windows waited on disk, and the blend above is still exact
     assert summary["window_cache"]["peak_on_disk"] > 0
 

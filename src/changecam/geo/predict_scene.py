@@ -441,6 +441,7 @@ def _predict_scene(
                 bar.set_postfix_str(f"{done_pixels / 1e6:.1f}/{grid.pixels / 1e6:.1f} MP")
             window_cache = reuse.record()
         compute_seconds = time.perf_counter() - compute_started
+    finish_started = time.perf_counter()
     valid = sum(r["valid"] for r in block_log.done.values())
     if valid == 0:
         files.remove(("partial",))
@@ -459,6 +460,7 @@ def _predict_scene(
     write_geojson(files.partial("polygons"), features, grid)
     files.build_overviews(grid)
     written = files.publish()
+    finish_seconds = time.perf_counter() - finish_started
     changed = sum(r["changed"] for r in block_log.done.values())
     pre_mass = sum(r.get("pre_mass", 0.0) for r in block_log.done.values())
     post_mass = sum(r.get("post_mass", 0.0) for r in block_log.done.values())
@@ -485,8 +487,12 @@ def _predict_scene(
             "post_share": post_mass / (pre_mass + post_mass) if pre_mass + post_mass > 0 else None,
             "threshold": settings.threshold,
             "min_area_m2": settings.min_area_m2,
+            # where the time went: opening and scaling, the blocks (network, reader and
+            # writer threads together), then joining polygons, overviews and renaming
             "seconds": time.perf_counter() - started,
+            "setup_seconds": compute_started - started,
             "compute_seconds": compute_seconds,
+            "finish_seconds": finish_seconds,
             "window_cache": window_cache,
             "files": written,
         }
