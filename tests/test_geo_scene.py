@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from rasterio.enums import Resampling
+from rasterio.enums import Interleaving, Resampling
 from rasterio.warp import calculate_default_transform, reproject
 from shapely.geometry import box, shape
 
@@ -79,6 +79,8 @@ def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, p
             assert (src.width, src.height, src.count, src.dtypes[0]) == (128, 128, count, dtype)
             assert src.overviews(1)[:1] == [2], "overviews built"
             assert src.profile["tiled"] and src.profile["compress"] == "deflate"
+            if name == "explanation":
+                assert src.interleaving == Interleaving.band
     with rasterio.open(folder / "change.tif") as src:
         assert src.nodata == 255
     change = read_band(folder / "change.tif")

@@ -113,7 +113,17 @@ class SceneFiles:
             return {**common, "count": 1, "dtype": "uint8", "nodata": CHANGE_NODATA}
         if what == "probability":
             return {**common, "count": 1, "dtype": "uint16", "predictor": 2}
-        return {**common, "count": 3, "dtype": "float32", "nodata": float("nan"), "predictor": 3}
+        # band-interleaved: GDAL built the overviews of this NaN-nodata float raster 2.5x
+        # faster than from pixel-interleaved tiles, to the same values, and wrote its blocks a
+        # little faster (measured by hand, 2048²); a reader of one band reads a third of it
+        return {
+            **common,
+            "count": 3,
+            "dtype": "float32",
+            "nodata": float("nan"),
+            "predictor": 3,
+            "interleave": "band",
+        }
 
     def create(self, grid: Grid, tags: dict[str, str]) -> None:
         """Create the empty partial rasters (replacing any earlier ones)."""
