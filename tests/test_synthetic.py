@@ -184,3 +184,68 @@ def test_levir_landcover_adds_unlabelled_change():
             diff = np.abs(scene.pre.astype(int) - scene.post.astype(int)).mean(-1)
             out.append(diff[scene.label == 0].mean())
     assert np.mean(on) > 1.1 * np.mean(off)
+
+
+def test_levir_landcover_true_is_every_part_as_in_version_4():
+    """``landcover=True`` and the list of all its parts render version 4's ``landcover=true``
+    images bit for bit (the digest was taken at version 4)."""
+    import hashlib
+
+    from changecam.data.synthetic import LANDCOVER_PARTS, generate_scene
+
+    for landcover in (True, list(LANDCOVER_PARTS)):
+        scene = generate_scene(SyntheticSpec(style="levir", landcover=landcover), "val", 2)
+        digest = hashlib.sha256()
+        for array in (scene.pre, scene.post, scene.label, scene.change_type):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        assert digest.hexdigest()[:16] == "f9077aa934f39336"
+
+
+def test_levir_landcover_parts_are_left_out_exactly():
+    """With only ``plots`` on, the pre date's bare soil is the dilated plots of the buildings
+    that appear and nothing else: no soil in the post date, no woodland, no felled trees."""
+    import cv2
+
+    from changecam.data.levir_style import _land_cover
+
+    size = 128
+    free = np.ones((size, size), dtype=bool)
+    road = np.zeros_like(free)
+    road[60:70] = True
+    free &= ~road
+    appeared = [np.zeros_like(free) for _ in range(3)]
+    appeared[0][10:20, 10:30] = True
+    appeared[1][90:110, 40:52] = True
+    appeared[2][20:30, 90:100] = True
+    around = cv2.dilate(
+        np.any(appeared, axis=0).astype(np.uint8), np.ones((13, 13), np.uint8)
+    ).astype(bool)
+    plotted = 0
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        every = _land_cover(np.random.default_rng(seed), size, free, road, appeared, road & False)
+        cover = _land_cover(rng, size, free, road, appeared, road & False, {"plots"})
+        assert not cover.soil["post"].any() and not cover.forest.any() and not cover.felled.any()
+        assert not (cover.soil["pre"] & ~around).any()  # only the plots
+        assert not (cover.soil["pre"] & road).any()
+        assert not (cover.soil["pre"] & ~every.soil["pre"]).any()  # the same draws
+        assert (cover.soil_colour == every.soil_colour).all()
+        plotted += int(cover.soil["pre"].any())
+    assert plotted >= 3  # each appeared building's plot is bare with probability 0.6
+
+
+def test_landcover_parts_are_checked_and_recorded(tmp_path):
+    """Unknown parts name the key; a list of parts (as Hydra passes it) is recorded so that an
+    unchanged set is not generated again."""
+    import pytest
+
+    with pytest.raises(ValueError, match=r"data\.synthetic\.landcover=.*'lawns'"):
+        SyntheticSpec(style="levir", landcover=["woodland", "lawns"])
+    spec = SyntheticSpec(image_size=64, train=1, val=1, test=1, style="levir", landcover=["plots"])
+    assert spec.landcover == ("plots",) and spec.landcover_parts == ("plots",)
+    assert SyntheticSpec(style="levir", landcover=False).landcover_parts == ()
+    root = generate(tmp_path / "syn", spec)
+    assert json.loads((root / SPEC_FILE).read_text())["landcover"] == ["plots"]
+    stamp = (root / "train/A/train_1.png").stat().st_mtime_ns
+    generate(root, SyntheticSpec(**{**spec.__dict__, "landcover": ["plots"]}))
+    assert (root / "train/A/train_1.png").stat().st_mtime_ns == stamp  # skipped

@@ -15,7 +15,8 @@ images), where the ``simple`` style (generator version 2) differs most:
   differ by 45 grey levels on average), season, misregistration, noise;
 * ``landcover`` (generator version 4, off by default): unlabelled land-cover change, since
   LEVIR-CD labels buildings only: the plots of new buildings bare in the pre date, graded soil,
-  a street built between the dates, woodland, felled trees (:class:`LandCover`).
+  a street built between the dates, woodland, felled trees (:class:`LandCover`). Each part can
+  be turned on alone (:data:`LANDCOVER_PARTS`; version 5), for ablations.
 
 Ablations (``shapes="rectangles"``, ``colours="simple"``, ``landcover``) keep the rest of the
 style.
@@ -23,7 +24,7 @@ style.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from changecam.data.footprints import Footprint, footprint, place
 from changecam.data.synthetic import GROUND as SIMPLE_GROUND
-from changecam.data.synthetic import _smooth_noise
+from changecam.data.synthetic import LANDCOVER_PARTS, _smooth_noise
 
 ROOFS = np.array(
     [
@@ -105,15 +106,18 @@ def levir_scene(
     kind_p: Mapping[str, float],
     shapes: Literal["levir", "rectangles"] = "levir",
     colours: Literal["levir", "simple"] = "levir",
-    landcover: bool = False,
+    landcover: Collection[str] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Render one pair: (pre RGB uint8, post RGB uint8, label {0,1}, change_type).
 
-    ``landcover=False`` renders generator version 3's images exactly (its draws come from a
-    stream of their own, split off only when it is on).
+    ``landcover``: the :data:`LANDCOVER_PARTS` to add. None renders generator version 3's
+    images exactly, and all of them version 4's ``landcover=true``: the land cover's draws
+    come from a stream of their own, split off only when a part is on, and every part is drawn
+    whether it is on or not.
     """
     area = (size / 256) ** 2
-    cover = np.random.default_rng(int(rng.integers(2**63))) if landcover else None
+    parts = frozenset(landcover)
+    cover = np.random.default_rng(int(rng.integers(2**63))) if parts else None
     ground = GROUND if colours == "levir" else SIMPLE_GROUND
     palette = ROOFS if colours == "levir" else SIMPLE_ROOFS
     texture = _smooth_noise(rng, size, max(4, size // 6)) * 0.6 + _smooth_noise(
@@ -133,8 +137,10 @@ def levir_scene(
     occupied |= road_mask
     new_road = np.zeros_like(road_mask)
     if cover is not None and cover.random() < 0.5:  # a street built between the dates
-        new_road = _road(cover, size, angle) & ~road_mask
-        occupied |= new_road
+        drawn = _road(cover, size, angle) & ~road_mask
+        if "road" in parts:
+            new_road = drawn
+            occupied |= new_road
 
     lawn = _smooth_noise(rng, size, max(2, size // 40)) > rng.uniform(0.45, 0.65)
     n_keep = int(rng.poisson(9 * area))
@@ -200,7 +206,9 @@ def levir_scene(
             cv2.circle(trees, (x, y), int(rng.integers(3, 9)), 1, -1)
     tree_mask = trees.astype(bool) & free
     land = (
-        _land_cover(cover, size, free, road_mask, appeared, new_road) if cover is not None else None
+        _land_cover(cover, size, free, road_mask, appeared, new_road, parts)
+        if cover is not None
+        else None
     )
 
     azimuth = float(rng.uniform(0, 2 * np.pi))
@@ -295,27 +303,29 @@ def _land_cover(
     road: np.ndarray,
     appeared: list[np.ndarray],
     new_road: np.ndarray,
+    parts: Collection[str] = LANDCOVER_PARTS,
 ) -> LandCover:
-    """Draw one scene's unlabelled land-cover change (see :class:`LandCover`)."""
+    """Draw one scene's land-cover change (see :class:`LandCover`): every part is drawn, and
+    those not in ``parts`` are left out."""
     forest = np.zeros_like(free)
     if rng.random() < 0.5:
         forest = _smooth_noise(rng, size, max(2, size // 40)) > rng.uniform(0.55, 0.75)
-    forest &= free & ~new_road
+    forest &= free & ~new_road & ("woodland" in parts)
     soil: dict[str, np.ndarray] = {}
     for date, p in (("pre", 0.6), ("post", 0.3)):
         blobs = np.zeros_like(free)
         if rng.random() < p:
             blobs = _smooth_noise(rng, size, max(2, size // 32)) > rng.uniform(0.65, 0.85)
-        soil[date] = blobs & free
+        soil[date] = blobs & free & ("soil" in parts)
     plots = np.zeros(free.shape, np.uint8)
     for mask in appeared:
         if rng.random() < 0.6:
             plots |= mask.astype(np.uint8)
     plots = cv2.dilate(plots, np.ones((13, 13), np.uint8)).astype(bool)
-    soil["pre"] |= plots & ~road
+    soil["pre"] |= plots & ~road & ("plots" in parts)
     if rng.random() < 0.5:
         soil["pre"] |= new_road  # the street's course graded before it is paved
-    felled = (_smooth_noise(rng, size, max(2, size // 16)) > 0.7) & free
+    felled = (_smooth_noise(rng, size, max(2, size // 16)) > 0.7) & free & ("felled" in parts)
     colour = SOIL * rng.uniform(0.85, 1.1) * rng.uniform(0.95, 1.05, size=3)
     return LandCover(soil, forest, new_road, felled, colour.astype(np.float32))
 

@@ -25,7 +25,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
@@ -37,7 +37,8 @@ SPEC_FILE = "synthetic_spec.json"
 # 2: change types (appeared / vanished / replaced) written to change_type/; 45 % vanish
 # 3: the ``levir`` style (data/levir_style.py); ``simple`` renders exactly as version 2
 # 4: the levir style's ``landcover`` option; off (the default) renders exactly as version 3
-GENERATOR_VERSION = 4
+# 5: ``landcover`` takes a list of its parts; off and on render exactly as version 4
+GENERATOR_VERSION = 5
 Style = Literal["simple", "levir"]
 CHANGE_TYPE_DIR = "change_type"
 ChangeKind = Literal["appeared", "vanished", "replaced"]
@@ -46,6 +47,12 @@ CHANGE_TYPES: dict[ChangeKind, int] = {"appeared": 1, "vanished": 2, "replaced":
 # how a changed building changes; at least 30 % of the changed objects vanish, so the
 # attribution study's vanished-object statistics rest on enough objects
 CHANGE_KIND_P: dict[ChangeKind, float] = {"appeared": 0.45, "vanished": 0.45, "replaced": 0.10}
+# the parts of the levir style's ``landcover`` (levir_style.LandCover): woodland (unchanged
+# but for the season), the plots of new buildings bare in the pre date (labelled buildings on
+# soil), bare soil per date, a street built between the dates, felled trees; all but the
+# plots are unlabelled change
+LandcoverPart = Literal["woodland", "plots", "soil", "road", "felled"]
+LANDCOVER_PARTS: tuple[str, ...] = get_args(LandcoverPart)
 
 ROOF_COLOURS = np.array(
     [
@@ -82,10 +89,11 @@ class SyntheticSpec:
         shapes: ``levir`` style only: ``levir`` footprints or, as an ablation, axis-aligned
             ``rectangles`` of the same areas.
         colours: ``levir`` style only: ``levir`` palette or, as an ablation, the ``simple`` one.
-        landcover: ``levir`` style only: add unlabelled land-cover change (building sites bare
-            in the pre date, new streets, cleared and felled woodland; version 4), where
-            ``nuisance`` is on. Off by
-            default, which renders version 3's ``levir`` images exactly: on, it lowered the
+        landcover: ``levir`` style only: add land-cover change where ``nuisance`` is on:
+            ``True`` for all of it (woodland, the plots of new buildings bare in the pre date,
+            bare soil, new streets, felled trees; version 4), or a list of those parts
+            (:data:`LANDCOVER_PARTS`, version 5). Off by default,
+            which renders version 3's ``levir`` images exactly: all of it lowered the
             synthetic-only F1 on the shared LEVIR-CD images (README "Real imagery").
     """
 
@@ -98,9 +106,18 @@ class SyntheticSpec:
     style: Style = "simple"
     shapes: Literal["levir", "rectangles"] = "levir"
     colours: Literal["levir", "simple"] = "levir"
-    landcover: bool = False
+    landcover: bool | tuple[str, ...] = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.landcover, bool):  # a list of parts (Hydra: a ListConfig)
+            parts = tuple(str(p) for p in self.landcover)
+            unknown = [p for p in parts if p not in LANDCOVER_PARTS]
+            if unknown:
+                raise ValueError(
+                    f"data.synthetic.landcover={list(parts)}: unknown part(s) {unknown}; "
+                    f"choose from {', '.join(LANDCOVER_PARTS)} (or true / false)"
+                )
+            object.__setattr__(self, "landcover", parts)
         for key, allowed in (
             ("style", ("simple", "levir")),
             ("shapes", ("levir", "rectangles")),
@@ -110,6 +127,13 @@ class SyntheticSpec:
                 raise ValueError(
                     f"data.synthetic.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}"
                 )
+
+    @property
+    def landcover_parts(self) -> tuple[str, ...]:
+        """The land-cover parts on (``landcover=True``: all of them)."""
+        if self.landcover is True:
+            return LANDCOVER_PARTS
+        return () if self.landcover is False else self.landcover
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -228,7 +252,7 @@ def generate_scene(spec: SyntheticSpec, split: str, n: int) -> SyntheticPair:
             CHANGE_KIND_P,
             spec.shapes,
             spec.colours,
-            spec.landcover and spec.nuisance,
+            spec.landcover_parts if spec.nuisance else (),
         )
         return SyntheticPair(pre, post, label, change_type)
     area = (size / 256) ** 2
@@ -314,7 +338,8 @@ def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
         FileExistsError: ``root`` exists, is not empty and was not written by this generator.
     """
     root = Path(root)
-    record = {"generator_version": GENERATOR_VERSION, **asdict(spec)}
+    # as JSON reads it back (a tuple of land-cover parts becomes a list)
+    record = json.loads(json.dumps({"generator_version": GENERATOR_VERSION, **asdict(spec)}))
     spec_path = root / SPEC_FILE
     if spec_path.is_file():
         if json.loads(spec_path.read_text()) == record:
@@ -344,12 +369,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
     for key, value in asdict(SyntheticSpec()).items():
-        if key != "nuisance":
+        if key not in ("nuisance", "landcover"):
             kind = str if isinstance(value, str) else int
             parser.add_argument(f"--{key.replace('_', '-')}", type=kind, default=value)
+    parser.add_argument(
+        "--landcover",
+        nargs="*",
+        default=None,
+        help="levir style: land-cover parts (none listed: all of them)",
+    )
     parser.add_argument("--no-nuisance", dest="nuisance", action="store_false")
     args = vars(parser.parse_args(argv))
     root = args.pop("root")
+    parts = args.pop("landcover")
+    args["landcover"] = False if parts is None else (tuple(parts) if parts else True)
     print(generate(root, SyntheticSpec(**args)))
 
 
