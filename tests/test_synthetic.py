@@ -249,3 +249,16 @@ def test_landcover_parts_are_checked_and_recorded(tmp_path):
     stamp = (root / "train/A/train_1.png").stat().st_mtime_ns
     generate(root, SyntheticSpec(**{**spec.__dict__, "landcover": ["plots"]}))
     assert (root / "train/A/train_1.png").stat().st_mtime_ns == stamp  # skipped
+
+
+def test_landcover_parts_from_the_command_line(tmp_path):
+    """``data.synthetic.landcover=[woodland,plots]`` reaches the generator as those parts."""
+    import hydra
+
+    from helpers import compose_train
+
+    cfg = compose_train(
+        tmp_path, ["data.synthetic.style=levir", "data.synthetic.landcover=[woodland,plots]"]
+    )
+    datamodule = hydra.utils.instantiate(cfg.data)
+    assert datamodule.synthetic.landcover_parts == ("woodland", "plots")
