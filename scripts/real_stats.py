@@ -221,6 +221,12 @@ def main(argv: list[str] | None = None) -> None:
                 SyntheticSpec(image_size=256, style="levir", landcover=True), args.synthetic_256
             )
         ),
+        "synthetic_levir_soil_256": set_statistics(
+            synthetic_pairs(
+                SyntheticSpec(image_size=256, style="levir", landcover=("soil",)),
+                args.synthetic_256,
+            )
+        ),
         "synthetic_levir_1024": set_statistics(
             synthetic_pairs(SyntheticSpec(image_size=1024, style="levir"), args.synthetic_1024)
         ),
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
             "real_1024": str(args.real_1024.name),
             "synthetic": f"changecam.data.synthetic generator version {GENERATOR_VERSION}, "
             "SyntheticSpec defaults (seed 0; synthetic_levir_*: style=levir, i.e. version 3's "
-            "levir images; *_landcover_*: landcover=True), train scenes",
+            "levir images; *_landcover_*: landcover=True; *_soil_*: landcover=[soil]), train scenes",
         },
         "min_component_area": MIN_AREA,
         "sets": sets,
