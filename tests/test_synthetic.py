@@ -244,6 +244,7 @@ def test_landcover_parts_are_checked_and_recorded(tmp_path):
     spec = SyntheticSpec(image_size=64, train=1, val=1, test=1, style="levir", landcover=["plots"])
     assert spec.landcover == ("plots",) and spec.landcover_parts == ("plots",)
     assert SyntheticSpec(style="levir", landcover=False).landcover_parts == ()
+    assert SyntheticSpec(style="levir", landcover="soil").landcover == ("soil",)  # landcover=soil
     root = generate(tmp_path / "syn", spec)
     assert json.loads((root / SPEC_FILE).read_text())["landcover"] == ["plots"]
     stamp = (root / "train/A/train_1.png").stat().st_mtime_ns

@@ -109,8 +109,9 @@ class SyntheticSpec:
     landcover: bool | tuple[str, ...] = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.landcover, bool):  # a list of parts (Hydra: a ListConfig)
-            parts = tuple(str(p) for p in self.landcover)
+        if not isinstance(self.landcover, bool):  # parts (Hydra: a ListConfig, or one name)
+            given = [self.landcover] if isinstance(self.landcover, str) else self.landcover
+            parts = tuple(str(p) for p in given)
             unknown = [p for p in parts if p not in LANDCOVER_PARTS]
             if unknown:
                 raise ValueError(
