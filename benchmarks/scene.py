@@ -15,9 +15,8 @@ Measured in one run:
   thread and once with torch's default: today's PNG path
   (:func:`changecam.cli.predict.predict_pair` + ``save``: the whole image in memory, sliding
   windows, mask and probability PNGs, one thread of work) against the GeoTIFF path
-  (:func:`changecam.geo.predict_scene`, explanation off, then on, then off with
-  ``predict.io_priority=idle``; a reader and a writer thread beside the network), each with
-  its default windows per forward pass. Throughput is
+  (:func:`changecam.geo.predict_scene`, explanation off, then on; a reader and a writer thread
+  beside the network), each with its default windows per forward pass. Throughput is
   megapixels per second of wall-clock time (the GeoTIFF runs also split theirs into setup,
   block loop and finish, from ``scene.json``); the CPU seconds of the whole process (all its
   threads) are reported beside it, with the calling thread's CPU seconds inside the network's
@@ -81,12 +80,17 @@ def scene_run(
 ) -> dict[str, Any]:
     """``predict.py`` on a scene pair in a child process (``threads`` torch threads, ``None``:
     torch's default): peak RSS, wall seconds, scene.json."""
+    # a plain state dict needs its network named; a Lightning checkpoint records it
+    network = (
+        []
+        if weights.suffix == ".ckpt"
+        else ["model=siamese_unet", f"model.base_channels={quickstart_width()}"]
+    )
     cmd = [
         sys.executable,
         "predict.py",
         f"ckpt_path={weights}",
-        "model=siamese_unet",
-        f"model.base_channels={quickstart_width()}",
+        *network,
         f"input.pre={pre}",
         f"input.post={post}",
         f"hydra.run.dir={out}",
@@ -167,10 +171,8 @@ def side_by_side(
     def png_path() -> None:
         predict_pair(net, pair, png_spec, 0.5, None, device).save(folder / "png_run")
 
-    def scene_path(explain: bool, io_priority: str = "normal") -> dict[str, Any]:
-        settings = SceneSettings(
-            explain=explain, progress=False, batch_size=scene_batch, io_priority=io_priority
-        )
+    def scene_path(explain: bool) -> dict[str, Any]:
+        settings = SceneSettings(explain=explain, progress=False, batch_size=scene_batch)
         return predict_scene(
             net, pre_tif, post_tif, folder / f"scene_{explain}", png_spec, settings, device
         )
@@ -189,8 +191,6 @@ def side_by_side(
         "png": png_path,
         "geotiff": lambda: scene_path(False),
         "geotiff_explained": lambda: scene_path(True),
-        # predict.io_priority=idle: the reader and writer threads at SCHED_IDLE
-        "geotiff_idle_io": lambda: scene_path(False, "idle"),
     }
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     wall: dict[str, list[float]] = {k: [] for k in runs}
@@ -234,10 +234,6 @@ def side_by_side(
         "megapixels_per_s": {k: round(mp / v, 4) for k, v in best_wall.items()},
         "wall_seconds": {k: [round(x, 2) for x in v] for k, v in wall.items()},
         "geotiff_vs_png_speed": round(best_wall["png"] / best_wall["geotiff"], 3),
-        "geotiff_idle_io_vs_png_speed": round(best_wall["png"] / best_wall["geotiff_idle_io"], 3),
-        "geotiff_idle_io_vs_png_speed_median_round": round(
-            median([p / g for p, g in zip(wall["png"], wall["geotiff_idle_io"], strict=True)]), 3
-        ),
         # the same ratio within each round (the runs of one round are seconds apart, so they
         # share the machine's state): its median and range show how much of it is noise
         "geotiff_vs_png_speed_per_round": [round(r, 3) for r in per_round],
@@ -328,7 +324,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "windowed_at_least_as_fast": {
             key: {
                 "throughput": row["geotiff_vs_png_speed"] >= 1.0,
-                "throughput_idle_io": row["geotiff_idle_io_vs_png_speed"] >= 1.0,
                 "cpu_seconds": row["geotiff_vs_png_cpu"] >= 1.0,
             }
             for key, row in compare.items()

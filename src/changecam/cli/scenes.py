@@ -50,7 +50,6 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
         explain=explain,
         explain_layer=get("predict.explain_layer"),
         progress=bool(get("predict.progress", True)),
-        io_priority=get("predict.io_priority", "normal"),
     )
 
 

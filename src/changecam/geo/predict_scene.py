@@ -49,7 +49,6 @@ from changecam.geo.bands import (
     select_bands,
 )
 from changecam.geo.grid import Align, SceneError, open_pair
-from changecam.geo.io_priority import IoPriority, check_io_priority
 from changecam.geo.polygons import RegionTracer, scene_polygons, write_geojson
 from changecam.geo.window_cache import WindowCache
 from changecam.geo.windows import Block, Region, block_grid, prefetched, read_region
@@ -87,8 +86,6 @@ class SceneSettings:
         explain_layer: per-date layer of the explanation; ``None``: the deepest.
         prefetch: blocks the reader thread decodes ahead.
         progress: show the progress bar.
-        io_priority: the reader and writer threads' scheduling priority: ``normal``, or
-            ``idle`` for a machine the run has to itself (:mod:`changecam.geo.io_priority`).
     """
 
     threshold: float = 0.5
@@ -104,7 +101,6 @@ class SceneSettings:
     explain_layer: str | None = None
     prefetch: int = 2
     progress: bool = True
-    io_priority: IoPriority = "normal"
 
     def __post_init__(self) -> None:
         for key in ("bands", "scale_min", "scale_max"):
@@ -119,15 +115,11 @@ class SceneSettings:
             raise SceneError(f"predict.batch_size={self.batch_size} must be >= 1 (or null)")
         if self.min_area_m2 < 0:
             raise SceneError(f"predict.min_area_m2={self.min_area_m2} must be >= 0")
-        try:
-            check_io_priority(self.io_priority)
-        except ValueError as err:
-            raise SceneError(str(err)) from None
 
     def resumable(self) -> dict[str, Any]:
         """What a resumed run must repeat (the progress bar and read-ahead may differ)."""
         record = asdict(self)
-        for key in ("prefetch", "progress", "min_area_m2", "io_priority"):
+        for key in ("prefetch", "progress", "min_area_m2"):
             record.pop(key)
         return strict_json(record)
 
@@ -428,11 +420,9 @@ def _predict_scene(
         last_use = window_last_use(blocks)
         tracer = RegionTracer(grid)
         written_before = [b for b in blocks if b.index in block_log.done]
-        writer = BlockWriter(
-            files, tracer, settings.threshold, block_log.add, priority=settings.io_priority
-        )
+        writer = BlockWriter(files, tracer, settings.threshold, block_log.add)
         with bar, WindowCache(folder) as reuse, writer:
-            for region in prefetched(todo, read, settings.prefetch, settings.io_priority):
+            for region in prefetched(todo, read, settings.prefetch):
                 block = region.block
                 inner = region.valid[
                     block.row - block.region_row : block.row - block.region_row + block.height,
@@ -497,7 +487,6 @@ def _predict_scene(
             "post_share": post_mass / (pre_mass + post_mass) if pre_mass + post_mass > 0 else None,
             "threshold": settings.threshold,
             "min_area_m2": settings.min_area_m2,
-            "io_priority": settings.io_priority,
             # where the time went: opening and scaling, the blocks (network, reader and
             # writer threads together), then joining polygons, overviews and renaming
             "seconds": time.perf_counter() - started,

@@ -22,7 +22,6 @@ from rasterio.windows import Window
 
 from changecam.geo.bands import Scaling
 from changecam.geo.gdal_lock import GDAL_LOCK
-from changecam.geo.io_priority import IoPriority, apply_io_priority
 from changecam.models.sliding_window import SlidingWindow, window_starts
 
 
@@ -120,21 +119,16 @@ _DONE = object()
 
 
 def prefetched(
-    blocks: Sequence[Block],
-    read: Callable[[Block], Region],
-    depth: int = 2,
-    priority: IoPriority = "normal",
+    blocks: Sequence[Block], read: Callable[[Block], Region], depth: int = 2
 ) -> Iterator[Region]:
-    """``read(block)`` for every block, in order, decoded by a background thread (at
-    ``priority``: :mod:`changecam.geo.io_priority`) up to ``depth`` blocks ahead; an error in
-    the thread is raised here, and leaving the loop early
+    """``read(block)`` for every block, in order, decoded by a background thread up to
+    ``depth`` blocks ahead; an error in the thread is raised here, and leaving the loop early
     stops the thread."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def worker() -> None:
         try:
-            apply_io_priority(priority)
             for block in blocks:
                 if stop.is_set():
                     return

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from changecam.geo.gdal_lock import GDAL_LOCK
-from changecam.geo.io_priority import IoPriority, apply_io_priority
 from changecam.geo.polygons import RegionTracer
 from changecam.geo.windows import Block
 from changecam.geo.write import SceneFiles
@@ -38,7 +37,6 @@ class BlockWriter:
         threshold: probability above which a pixel is change.
         done: called in the writer thread with each written block's log record.
         depth: blocks that may wait for the writer.
-        priority: the writer thread's scheduling priority (:mod:`changecam.geo.io_priority`).
     """
 
     def __init__(
@@ -48,10 +46,8 @@ class BlockWriter:
         threshold: float,
         done: Callable[[dict[str, Any]], None],
         depth: int = 1,
-        priority: IoPriority = "normal",
     ) -> None:
         self.files, self.tracer, self.threshold, self.done = files, tracer, threshold, done
-        self.priority = priority
         self.jobs: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.stop = threading.Event()
@@ -101,7 +97,6 @@ class BlockWriter:
 
     def _run(self) -> None:
         try:
-            apply_io_priority(self.priority)
             while not self.stop.is_set():
                 job = self.jobs.get()
                 if job is _DONE:
