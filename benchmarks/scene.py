@@ -199,6 +199,7 @@ def side_by_side(
     phases: dict[str, dict[str, list[float]]] = {
         k: {p: [] for p in PHASES} for k in runs if k != "png"
     }
+    polygons: dict[str, int] = {}  # change.geojson's features, the same every round
     try:
         for round_ in range(repeats):  # interleaved, best of the repeats
             # every other round in reverse order, so a drift of the machine's speed within a
@@ -213,6 +214,8 @@ def side_by_side(
                 in_network[name].append(network_cpu[0])
                 for phase in phases.get(name, {}):
                     phases[name][phase].append(result[f"{phase}_seconds"])
+                if name != "png":
+                    polygons[name] = result["polygons"]
     finally:
         for hook in hooks:
             hook.remove()
@@ -250,6 +253,7 @@ def side_by_side(
             (best_wall["geotiff_explained"] - best_wall["geotiff"]) / mp, 3
         ),
         "windows_per_forward": {"png": png_spec.batch_size, "geotiff": scene_batch},
+        "geotiff_polygons": polygons,
         "device": str(device),
     }
 

@@ -83,6 +83,7 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
         for phases in compare["geotiff_phase_seconds_median"].values():
             assert set(phases) == {"setup", "compute", "finish"} and min(phases.values()) > 0
         assert compare["geotiff_blocks_vs_png_speed_median_round"] > 0
+        assert set(compare["geotiff_polygons"]) == {"geotiff", "geotiff_explained"}
         for path, seconds in compare["network_cpu_seconds"].items():  # a part of its CPU time
             assert 0 < seconds <= compare["cpu_seconds_best"][path] + 0.01
     assert set(figures["windowed_at_least_as_fast"]["one_thread"]) == {"throughput", "cpu_seconds"}
