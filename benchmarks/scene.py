@@ -76,16 +76,17 @@ def fresh_network(path: Path):
 
 
 def scene_run(
-    weights: Path, pre: Path, post: Path, out: Path, log: Path, threads: int | None
+    weights: Path,
+    network: list[str],
+    pre: Path,
+    post: Path,
+    out: Path,
+    log: Path,
+    threads: int | None,
 ) -> dict[str, Any]:
     """``predict.py`` on a scene pair in a child process (``threads`` torch threads, ``None``:
-    torch's default): peak RSS, wall seconds, scene.json."""
-    # a plain state dict needs its network named; a Lightning checkpoint records it
-    network = (
-        []
-        if weights.suffix == ".ckpt"
-        else ["model=siamese_unet", f"model.base_channels={quickstart_width()}"]
-    )
+    torch's default; ``network``: the ``model=`` overrides a plain state dict needs, none for
+    a Lightning checkpoint, which records its network): peak RSS, wall seconds, scene.json."""
     cmd = [
         sys.executable,
         "predict.py",
@@ -290,11 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.weights is None:
             weights = tmp / "quickstart_fresh.pth"
             net = fresh_network(weights)
+            network = ["model=siamese_unet", f"model.base_channels={quickstart_width()}"]
         else:
             from changecam.training.checkpoint import load_network
 
             weights = args.weights.resolve()
             net = load_network(weights)  # the network config the checkpoint records
+            network = []
         compare = {}
         for threads in (1, None):  # one torch thread, then torch's default
             key = "one_thread" if threads == 1 else "default_threads"
@@ -309,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             scenes.append(
                 scene_run(
                     weights,
+                    network,
                     pre,
                     post,
                     tmp / f"run{size}",
