@@ -146,6 +146,69 @@ def test_init_strict_false_loads_what_fits_and_lists_the_rest(tmp_path, caplog):
     )
 
 
+def test_init_include_loads_only_the_named_parts(tmp_path, caplog):
+    torch.manual_seed(0)
+    source = SiameseUNet(3, 4, 2)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    torch.manual_seed(1)
+    target = SiameseUNet(3, 4, 2)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="changecam"):
+        module = ChangeDetectionModule(
+            target, init_from=str(tmp_path / "w.pth"), init_include=["encoder*", "bottleneck"]
+        )
+    report, now, file_state = module.init_report, target.state_dict(), source.state_dict()
+    trunk = [k for k in now if k.split(".")[0] in ("encoder1", "encoder2", "bottleneck")]
+    assert report.loaded == trunk
+    assert report.excluded == [k for k in now if k not in trunk]
+    assert {k.split(".")[0] for k in report.excluded} == {"decoder2", "decoder1", "final_conv"}
+    assert report.missing == report.unexpected == report.shape_mismatches == []
+    for key in now:
+        assert torch.equal(now[key], (file_state if key in trunk else before)[key]), key
+    # the two seeds' convolutions differ, so both groups tell the file from the fresh network
+    differ = {k.split(".")[0] for k in now if not torch.equal(file_state[k], before[k])}
+    assert differ == {"encoder1", "encoder2", "bottleneck", "decoder2", "decoder1", "final_conv"}
+    text = next(r for r in caplog.records if "module.init_from" in r.getMessage()).getMessage()
+    assert f"loaded {len(trunk)} of {len(now)} tensors" in text
+    assert (
+        f"left as initialised, outside module.init_include: {len(report.excluded)} tensors "
+        "(decoder2, decoder1, final_conv)" in text
+    )
+
+
+def test_init_include_with_a_file_of_only_those_parts(tmp_path):
+    source = SiameseUNet(3, 4, 2).state_dict()
+    encoders = {k: v for k, v in source.items() if k.startswith("encoder")}
+    torch.save(encoders, tmp_path / "encoders.pth")
+    net = SiameseUNet(3, 4, 2)
+    report = load_initial_weights(net, tmp_path / "encoders.pth", include=["encoder*"])
+    assert report.loaded == list(encoders)
+    for key, value in encoders.items():
+        assert torch.equal(net.state_dict()[key], value), key
+    # strict: every tensor of the named parts must be in the file
+    with pytest.raises(CheckpointError) as err:
+        load_initial_weights(net, tmp_path / "encoders.pth", include=["encoder1", "decoder1"])
+    assert "missing keys: decoder1.upconv.weight" in str(err.value)
+    assert "encoder2" not in str(err.value).split("missing keys:")[1].split("\n")[0]
+    lenient = load_initial_weights(
+        net, tmp_path / "encoders.pth", strict=False, include=["encoder1", "decoder1"]
+    )
+    assert {k.split(".")[0] for k in lenient.loaded} == {"encoder1"}
+    assert {k.split(".")[0] for k in lenient.missing} == {"decoder1"}
+    assert lenient.unexpected == []  # encoder2's tensors in the file lie outside the parts
+
+
+def test_init_include_names_are_checked(tmp_path):
+    torch.save(SiameseUNet(3, 4, 2).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError) as err:
+        load_initial_weights(SiameseUNet(3, 4, 2), tmp_path / "w.pth", include=["encodr*"])
+    message = str(err.value)
+    assert message.startswith("module.init_include=['encodr*']: 'encodr*' names no part")
+    assert "valid top-level names: encoder1, encoder2, bottleneck" in message
+    with pytest.raises(ValueError, match=r"module.init_include=\['encoder1'\] names the parts"):
+        ChangeDetectionModule(SiameseUNet(3, 4, 2), init_include=["encoder1"])
+
+
 def test_init_from_refuses_what_eval_refuses(tmp_path):
     net = SiameseUNet(3, 4, 2)
     with pytest.raises(FileNotFoundError, match=r"module.init_from=.*nothing.pth does not exist"):
@@ -230,11 +293,13 @@ def test_module_keys_pass_the_config_checks(tmp_path, tiny_synthetic):
             tiny_synthetic,
             "module.init_from=/x.ckpt",
             "module.init_strict=false",
+            "module.init_include=[encoder*,bottleneck]",
             "module.freeze=[encoder1]",
         ),
     )
     check_config(cfg, import_targets=False)
     check_config(cfg)
+    assert list(cfg.module.init_include) == ["encoder*", "bottleneck"]
     bad = compose_train(tmp_path, run_overrides(tiny_synthetic, "++module.init_strcit=false"))
     with pytest.raises(ConfigError, match="did you mean 'init_strict'"):
         check_config(bad, import_targets=False)
@@ -259,6 +324,7 @@ def test_resuming_does_not_read_init_from(tmp_path, tiny_synthetic):
             "trainer.max_epochs=2",
             "ckpt_path=last",
             f"module.init_from={tmp_path / 'gone.ckpt'}",  # not read: the resume has the weights
+            "module.init_include=[encoder1]",  # nor are the parts to take from it
         ),
     )
     train(again)

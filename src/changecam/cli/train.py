@@ -95,7 +95,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     datamodule.check(run_splits(cfg), network_fit(net))
     # resuming restores the weights: module.init_from only starts a new run
-    fresh = {"init_from": None} if ckpt_path and cfg.module.get("init_from") else {}
+    fresh = (
+        {"init_from": None, "init_include": []} if ckpt_path and cfg.module.get("init_from") else {}
+    )
     if fresh:
         log.info("resuming from %s: module.init_from is not read", ckpt_path)
     module = build_module(cfg, net, **fresh)

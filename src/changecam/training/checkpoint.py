@@ -262,6 +262,22 @@ def read_network_state(
     return obj, state, stored_cfg
 
 
+def state_differences(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` (a file's) differs from ``expected`` (a network's): the network's keys the
+    file lacks, the file's keys the network lacks, and ``name: file (..) vs model (..)`` for
+    each key whose shapes differ."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shape_errors = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and expected[k].shape != v.shape
+    ]
+    return missing, unexpected, shape_errors
+
+
 def check_fits(
     path: str | Path,
     cfg: Mapping[str, Any],
@@ -271,13 +287,7 @@ def check_fits(
 ) -> None:
     """Raise a :class:`CheckpointError` (:func:`mismatch_message`) unless ``state`` has exactly
     the keys and shapes of ``expected``, the state dict of the network of ``cfg``."""
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shape_errors = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and expected[k].shape != v.shape
-    ]
+    missing, unexpected, shape_errors = state_differences(expected, state)
     if missing or unexpected or shape_errors:
         raise CheckpointError(
             mismatch_message(path, cfg, missing, unexpected, shape_errors, state, stored_cfg)

@@ -6,10 +6,13 @@ run, which starts at epoch 0 with a fresh optimiser. The file goes through the c
 command that reads weights (:func:`changecam.training.checkpoint.read_network_state`:
 ``torch.load(weights_only=True)``, pickled code refused, non-finite weights refused), and an
 architecture mismatch gets the message of eval and predict, with the ``model=`` that fits the
-file (:func:`~changecam.training.checkpoint.check_fits`).
+file (:func:`~changecam.training.checkpoint.mismatch_message`).
 
 ``module.init_strict=false`` loads every tensor whose name and shape agree and lists the rest.
-``module.freeze=[...]`` names parts of the network (:func:`freeze_parts`).
+``module.init_include=[...]`` loads only the named parts (e.g. the per-date encoders and the
+bottleneck, leaving the decoder at its fresh initialisation); the file's other tensors are not
+read into the network. ``module.freeze=[...]`` names parts of the network (:func:`freeze_parts`).
+Both take module or parameter names in ``state_dict`` spelling, with shell wildcards.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from torch import nn
 from changecam.models import ExternalModel, network_config
 from changecam.training.checkpoint import (
     CheckpointError,
-    check_fits,
     mismatch_message,
     read_network_state,
+    state_differences,
 )
 
 log = logging.getLogger("changecam")
@@ -44,6 +47,7 @@ class InitReport:
         missing: the network's tensors the file lacks (left as initialised).
         unexpected: the file's tensors the network has no place for (ignored).
         shape_mismatches: ``name: file (..) vs model (..)`` (left as initialised).
+        excluded: the network's tensors outside ``module.init_include`` (left as initialised).
     """
 
     path: str
@@ -51,6 +55,7 @@ class InitReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatches: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
 
     @property
     def skipped(self) -> list[str]:
@@ -61,7 +66,13 @@ class InitReport:
     def summary(self) -> str:
         """One message: how many tensors were loaded, then every skipped one, by reason."""
         total = len(self.loaded) + len(self.missing) + len(self.shape_mismatches)
+        total += len(self.excluded)
         lines = [f"module.init_from={self.path}: loaded {len(self.loaded)} of {total} tensors"]
+        if self.excluded:
+            lines.append(
+                f"  left as initialised, outside module.init_include: {len(self.excluded)} "
+                f"tensors ({', '.join(_parts(self.excluded))})"
+            )
         for what, names in (
             ("not in the file (left as initialised)", self.missing),
             ("in the file but not in the network (ignored)", self.unexpected),
@@ -80,44 +91,56 @@ def _target_network(net: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Mod
     return net
 
 
-def load_initial_weights(net: nn.Module, path: str | Path, strict: bool = True) -> InitReport:
+def load_initial_weights(
+    net: nn.Module, path: str | Path, strict: bool = True, include: Sequence[str] = ()
+) -> InitReport:
     """Copy the network weights of ``path`` (a changecam checkpoint or a plain state dict)
     into ``net``, in place.
 
     Args:
         net: the network the run's ``model`` config built.
         path: the weights file.
-        strict: require exactly the keys and shapes of ``net``; ``False`` loads those whose
-            name and shape agree and reports the others.
+        strict: require exactly the keys and shapes of ``net`` (of its ``include``d parts);
+            ``False`` loads those whose name and shape agree and reports the others.
+        include: load only these parts of ``net`` (module or parameter names, each covering
+            everything under it, shell wildcards allowed; as :func:`freeze_parts`); empty:
+            all. The other tensors of ``net`` stay as initialised, and the file's tensors
+            outside them are ignored.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        ValueError: an ``include`` pattern names no part of ``net``.
         CheckpointError: unreadable file, pickled code, non-finite weights; with ``strict``, any
             mismatch (the message names it and the ``model=`` that fits the file); without,
             a file of which not one tensor fits.
     """
     path = Path(path)
+    include = tuple(str(p) for p in include)
     if not path.is_file():
         raise FileNotFoundError(f"module.init_from={path} does not exist")
     try:
         _, state, stored_cfg = read_network_state(path)
         target = _target_network(net, state)
+        check_patterns(target, include, "module.init_include")
         expected = target.state_dict()
         cfg = network_config(target) or {
             "_target_": f"{type(target).__module__}.{type(target).__qualname__}"
         }
+        excluded: list[str] = []
+        offered: Mapping[str, torch.Tensor] = state
+        if include:
+            excluded = [k for k in expected if not any(_matches(p, k) for p in include)]
+            expected = {k: v for k, v in expected.items() if k not in set(excluded)}
+            offered = {k: v for k, v in state.items() if any(_matches(p, k) for p in include)}
+        missing, unexpected, shapes = state_differences(expected, offered)
         if strict:
-            check_fits(path, cfg, expected, state, stored_cfg)
-            target.load_state_dict(state, strict=True)
-            return InitReport(str(path), loaded=list(expected))
-        fits = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
-        missing = [k for k in expected if k not in state]
-        unexpected = [k for k in state if k not in expected]
-        shapes = [
-            f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-            for k, v in state.items()
-            if k in expected and v.shape != expected[k].shape
-        ]
+            if missing or unexpected or shapes:  # the hint reads the whole file
+                raise CheckpointError(
+                    mismatch_message(path, cfg, missing, unexpected, shapes, state, stored_cfg)
+                )
+            target.load_state_dict(offered, strict=not include)
+            return InitReport(str(path), loaded=list(expected), excluded=excluded)
+        fits = {k: v for k, v in offered.items() if k in expected and v.shape == expected[k].shape}
         if not fits:
             raise CheckpointError(
                 "not one tensor fits (module.init_strict=false loads those whose name and shape "
@@ -128,7 +151,7 @@ def load_initial_weights(net: nn.Module, path: str | Path, strict: bool = True) 
         assert not result.unexpected_keys, result.unexpected_keys  # fits holds the net's keys only
     except CheckpointError as err:
         raise CheckpointError(f"cannot initialise from it (module.init_from): {err}") from None
-    return InitReport(str(path), list(fits), missing, unexpected, shapes)
+    return InitReport(str(path), list(fits), missing, unexpected, shapes, excluded)
 
 
 def _names(net: nn.Module) -> list[str]:
@@ -139,6 +162,11 @@ def _names(net: nn.Module) -> list[str]:
 def top_level_names(net: nn.Module) -> list[str]:
     """The direct children of ``net`` that hold parameters (what ``module.freeze`` usually names)."""
     return [n for n, child in net.named_children() if any(True for _ in child.parameters())]
+
+
+def _parts(names: Sequence[str]) -> list[str]:
+    """The top-level parts ``names`` lie in, in order (``encoder1.conv1.weight`` → ``encoder1``)."""
+    return list(dict.fromkeys(n.split(".")[0] for n in names))
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -165,6 +193,21 @@ class FrozenParts:
     parameters: tuple[str, ...]
 
 
+def check_patterns(net: nn.Module, patterns: Sequence[str], option: str) -> None:
+    """Raise a ``ValueError`` naming ``option`` and the valid names unless every pattern names
+    a part of ``net`` (:func:`_matches`)."""
+    names = _names(net)
+    unknown = [p for p in patterns if not any(_matches(p, n) for n in names)]
+    if unknown:
+        raise ValueError(
+            f"{option}={list(patterns)}: {', '.join(map(repr, unknown))} names no part of "
+            f"{type(net).__name__}; valid top-level names: {', '.join(top_level_names(net))} "
+            "(or any dotted module or parameter name under them, e.g. "
+            f"{next(n for n, _ in net.named_parameters())}; shell wildcards such as 'encoder*' "
+            "are allowed)"
+        )
+
+
 def freeze_parts(net: nn.Module, patterns: Sequence[str]) -> FrozenParts:
     """Freeze the parts of ``net`` that ``patterns`` name: module or parameter names in
     ``state_dict`` spelling (``encoder1``, ``decoder1.upconv``, ``final_conv.weight``), each
@@ -181,16 +224,7 @@ def freeze_parts(net: nn.Module, patterns: Sequence[str]) -> FrozenParts:
             names.
     """
     patterns = tuple(str(p) for p in patterns)
-    names = _names(net)
-    unknown = [p for p in patterns if not any(_matches(p, n) for n in names)]
-    if unknown:
-        raise ValueError(
-            f"module.freeze={list(patterns)}: {', '.join(map(repr, unknown))} names no part of "
-            f"{type(net).__name__}; valid top-level names: {', '.join(top_level_names(net))} "
-            "(or any dotted module or parameter name under them, e.g. "
-            f"{next(n for n, _ in net.named_parameters())}; shell wildcards such as 'encoder*' "
-            "are allowed)"
-        )
+    check_patterns(net, patterns, "module.freeze")
     covered = [n for n, _ in net.named_modules() if n and any(_matches(p, n) for p in patterns)]
     modules = [n for n in covered if not any(n.startswith(m + ".") for m in covered)]
     frozen = []

@@ -83,6 +83,9 @@ class ChangeDetectionModule(L.LightningModule):
             :mod:`changecam.training.init_from`).
         init_strict: require ``init_from`` to fit ``net`` exactly; ``False`` loads what fits by
             name and shape and lists the rest.
+        init_include: load only these parts of ``net`` from ``init_from`` (module or
+            parameter names, wildcards allowed; empty: all), e.g. the encoders and the
+            bottleneck; the rest stays as initialised.
         freeze: parts of ``net`` (module or parameter names, wildcards allowed) kept as they
             are: out of the optimiser, and frozen modules in eval mode while training.
     """
@@ -100,18 +103,27 @@ class ChangeDetectionModule(L.LightningModule):
         compile: bool = False,
         init_from: str | None = None,
         init_strict: bool = True,
+        init_include: Sequence[str] | None = None,
         freeze: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if loss is not None and loss not in LOSSES:
             raise ValueError(f"module.loss={loss!r} is not allowed; expected one of {LOSSES}")
         freeze = [str(name) for name in freeze or ()]  # plain values: weights-only checkpoints
+        init_include = [str(name) for name in init_include or ()]
+        if init_include and init_from is None:
+            raise ValueError(
+                f"module.init_include={init_include} names the parts to load from "
+                "module.init_from, which is not set"
+            )
         init_from = str(init_from) if init_from is not None else None
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
         self.frozen: FrozenParts = freeze_parts(net, freeze)  # a bad name fails before loading
         self.init_report: InitReport | None = None
         if init_from is not None:
-            self.init_report = load_initial_weights(net, init_from, strict=init_strict)
+            self.init_report = load_initial_weights(
+                net, init_from, strict=init_strict, include=init_include
+            )
             report = self.init_report.summary()
             (log.warning if self.init_report.skipped else log.info)(report)
         if self.frozen.parameters:
