@@ -130,7 +130,8 @@ def load_initial_weights(
         offered: Mapping[str, torch.Tensor] = state
         if include:
             excluded = [k for k in expected if not any(_matches(p, k) for p in include)]
-            expected = {k: v for k, v in expected.items() if k not in set(excluded)}
+            left_out = set(excluded)
+            expected = {k: v for k, v in expected.items() if k not in left_out}
             offered = {k: v for k, v in state.items() if any(_matches(p, k) for p in include)}
         missing, unexpected, shapes = state_differences(expected, offered)
         if strict:
