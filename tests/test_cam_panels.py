@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -17,7 +19,12 @@ from changecam.cli.train import train
 from changecam.explain import FaithfulnessSettings
 from changecam.models import SiameseUNet
 from changecam.training.callbacks import cam_panels
-from changecam.training.callbacks.cam_panels import DEFAULT_EXPLAIN, CamPanels, select_samples
+from changecam.training.callbacks.cam_panels import (
+    DEFAULT_EXPLAIN,
+    HELD_UP_WARN_S,
+    CamPanels,
+    select_samples,
+)
 from changecam.training.callbacks.cam_worker import (
     BackgroundExplainer,
     CamWorkerError,
@@ -90,6 +97,7 @@ def test_background_explains_a_snapshot_like_inline_and_raises_its_failures(tmp_
     worker = BackgroundExplainer(net.config(), samples, settings, tmp_path / "bg")
     try:
         assert worker.submit(net, epoch=3, step=17) == []
+        assert worker.waited_s == 0.0  # nothing was in flight
         with torch.no_grad():  # training goes on: the queued job must keep the old weights
             for p in net.parameters():
                 p.zero_()
@@ -114,6 +122,36 @@ def test_background_explains_a_snapshot_like_inline_and_raises_its_failures(tmp_
             worker.wait(0)
     finally:
         worker.close()
+
+
+def test_a_submit_waits_for_the_job_in_flight_and_says_how_long(tmp_path, caplog):
+    net = SiameseUNet(3, 4, 2)
+    worker = BackgroundExplainer(
+        net.config(), tiny_samples(), cam_settings(steps=2, dpi=30), tmp_path
+    )
+    try:
+        worker.submit(net, epoch=0, step=1)
+        started = time.perf_counter()
+        (first,) = worker.submit(net, epoch=1, step=2)  # returns once epoch 0's job is done
+        assert first.epoch == 0
+        assert 0 < worker.waited_s <= time.perf_counter() - started
+        assert [r.epoch for r in worker.wait(0)] == [1]
+    finally:
+        worker.close()
+
+    callback = CamPanels(tmp_path / "cam", k=2, mode="background")
+    with caplog.at_level(logging.INFO, logger="changecam"):
+        callback._report_held_up(3, HELD_UP_WARN_S / 2)  # short waits are not worth a line
+        callback._report_held_up(4, 12.34)
+        callback._report_held_up(5, 2.0)
+    records = [r for r in caplog.records if "waited" in r.getMessage()]
+    assert [r.levelno for r in records] == [logging.WARNING, logging.INFO]  # warned once
+    assert (
+        records[0]
+        .getMessage()
+        .startswith("CAM panels: validation epoch 4 waited 12.3 s for the background process")
+    )
+    assert "callbacks.cam_panels.mode=inline" in records[0].getMessage()
 
 
 def test_a_dead_background_process_is_reported(tmp_path):

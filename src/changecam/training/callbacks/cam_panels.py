@@ -23,6 +23,9 @@ from changecam.training.callbacks.cam_worker import BackgroundExplainer, CamResu
 from changecam.training.module import ChangeDetectionModule
 
 CLASS_LABELS = {0: "no change", 1: "change"}
+# a validation epoch that waits longer than this for the background process's previous panels
+# gets a warning: the process is slower than a training epoch and holds training up
+HELD_UP_WARN_S = 1.0
 Mode = Literal["auto", "background", "inline"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 log = logging.getLogger(__name__)
@@ -129,6 +132,7 @@ class CamPanels(L.Callback):
         self.worker_threads = worker_threads
         self.samples: dict[str, Any] | None = None
         self._worker: BackgroundExplainer | None = None
+        self._warned_held_up = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, ChangeDetectionModule):
@@ -197,6 +201,20 @@ class CamPanels(L.Callback):
             return self.mode == "background"
         return pl_module.device.type != "cpu" or torch.get_num_threads() < usable_cores()
 
+    def _report_held_up(self, epoch: int, waited_s: float) -> None:
+        """Say when validation waited for the background process (a warning the first time)."""
+        if waited_s < HELD_UP_WARN_S:
+            return
+        (log.info if self._warned_held_up else log.warning)(
+            "CAM panels: validation epoch %d waited %.1f s for the background process to finish "
+            "the previous panels: it is slower than a training epoch here and holds training "
+            "up. callbacks.cam_panels.mode=inline explains on the training device; or raise "
+            "callbacks.cam_panels.every_n_epochs or callbacks.cam_panels.worker_threads",
+            epoch,
+            waited_s,
+        )
+        self._warned_held_up = True
+
     def _due(self, trainer: L.Trainer) -> bool:
         """Validation epochs of fitting only (not the sanity check, not a later ``trainer.validate``)."""
         if not self.settings.enabled:
@@ -209,7 +227,9 @@ class CamPanels(L.Callback):
             return
         epoch, step = trainer.current_epoch, logging_step(trainer)
         if self._worker is not None:
-            self._log_results(trainer, self._worker.submit(pl_module.net, epoch, step))
+            results = self._worker.submit(pl_module.net, epoch, step)
+            self._report_held_up(epoch, self._worker.waited_s)
+            self._log_results(trainer, results)
         else:
             result = explain_samples(
                 pl_module.net,

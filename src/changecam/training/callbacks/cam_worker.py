@@ -190,6 +190,7 @@ class BackgroundExplainer:
         self._jobs = ctx.Queue()
         self._results = ctx.Queue()
         self._outstanding = 0
+        self.waited_s = 0.0  # how long the last submit waited for the job before it
         self._process = ctx.Process(
             target=_worker_main,
             args=(
@@ -215,11 +216,14 @@ class BackgroundExplainer:
 
     def submit(self, net: nn.Module, epoch: int, step: int) -> list[CamResult]:
         """Wait for the previous job, then queue one for ``net``'s current weights.
+        :attr:`waited_s` says how long it waited (0 when nothing was in flight).
 
         Returns:
             the results that arrived meanwhile.
         """
+        started, busy = time.perf_counter(), self._outstanding > 0
         done = self.wait(0)
+        self.waited_s = time.perf_counter() - started if busy else 0.0
         self._jobs.put((epoch, step, weights_snapshot(net)))
         self._outstanding += 1
         return done
