@@ -474,14 +474,7 @@ def read_external_checkpoint(path: str | Path, model_cfg: Mapping[str, Any]) -> 
         raise CheckpointError(f"{path} holds no weight tensors")
     wrapper = build_network(model_cfg)
     net = wrapper if set(state) == set(wrapper.state_dict()) else wrapper.model
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and expected[k].shape != v.shape
-    ]
+    missing, unexpected, shapes = state_differences(net.state_dict(), state)
     if missing or unexpected or shapes:
 
         def short(keys: list[str]) -> str:
