@@ -70,11 +70,47 @@ def test_a_reused_figure_keeps_nothing_of_the_previous_sample(explained):
     def draw(i: int) -> np.ndarray:
         return render_panel(pre[i], post[i], exp, index=i, label=label, title=f"p{i}", dpi=30)
 
-    render_module._panel_figure.cache_clear()
+    render_module._panel_layout.cache_clear()
     fresh = [draw(0)]
-    render_module._panel_figure.cache_clear()
+    render_module._panel_layout.cache_clear()
     fresh.append(draw(1))  # sample 1 has an empty target: the notice is shown
     reused = [draw(0), draw(1), draw(0)]
     assert not np.array_equal(fresh[0], fresh[1])
     for got, want in zip(reused, [fresh[0], fresh[1], fresh[0]], strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_images_and_bars_land_where_the_layout_puts_them(explained):
+    """Each sample's pictures fill their axes and the bars stand as high as the shares."""
+    _, _, _, exp = explained
+    red = np.zeros((32, 32, 3), np.uint8)
+    red[..., 0] = 255
+    blue = np.zeros((32, 32, 3), np.uint8)
+    blue[..., 2] = 255
+    label = np.zeros((32, 32), np.uint8)  # no change: a black box on the white background
+    panel = render_panel(red, blue, exp, label=label, dpi=40)
+    layout = render_module._panel_layout(
+        (32, 32), ("input", "enc1", "enc2"), "enc2", "hirescam", True, False, 40
+    )
+    for key, colour in (("pre", (255, 0, 0)), ("post", (0, 0, 255)), ("truth", (0, 0, 0))):
+        y0, y1, x0, x1 = layout.boxes[key]
+        inside = panel[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1].reshape(-1, 3)
+        assert (inside == colour).all(axis=1).mean() > 0.99, key
+        assert not np.array_equal(layout.background[(y0 + y1) // 2, (x0 + x1) // 2], colour)
+    zero, one, _ = layout.bar_rows
+    shares = [float(v[0]) for v in exp.post_shares("hirescam").values()]
+    for (x0, x1), share in zip(layout.bars, shares, strict=True):
+        column = panel[one - 2 : zero + 2, (x0 + x1) // 2]
+        height = int((column == render_module.BAR_COLOUR).all(axis=1).sum())
+        assert abs(height - share * (zero - one)) <= 1.5
+
+
+def test_colour_scale_numbers_read_like_matplotlibs():
+    ticks, labels = render_module._ticks, render_module._tick_labels
+    assert labels(ticks(2.5, 9)) == (["−2", "−1", "0", "1", "2"], "")
+    assert labels(ticks(1.0, 4)) == (["−1.0", "−0.5", "0.0", "0.5", "1.0"], "")
+    assert labels(ticks(0.37, 9)) == (["−0.3", "−0.2", "−0.1", "0.0", "0.1", "0.2", "0.3"], "")
+    # tiny logit contributions: the numbers with a power of ten to read them by
+    assert labels(ticks(8.3e-9, 9)) == (["−8", "−6", "−4", "−2", "0", "2", "4", "6", "8"], "1e−9")
+    assert labels(ticks(3e6, 4)) == (["−2", "0", "2"], "1e6")
+    assert all(abs(v) <= 0.37 for v in ticks(0.37, 9))

@@ -270,11 +270,12 @@ class CamPanels(L.Callback):
     def _log_results(self, trainer: L.Trainer, results: list[CamResult]) -> None:
         for result in results:
             log.info(
-                "rank %d wrote %d CAM panels to %s (%.1f s of work)",
+                "rank %d wrote %d CAM panels to %s (%.1f s of work, %.2f s of it drawing)",
                 trainer.global_rank,
                 len(result.names),
                 result.epoch_dir,
                 result.busy_s,
+                result.draw_s,
             )
             scalars = result.scalars()
             for logger in trainer.loggers:

@@ -60,7 +60,8 @@ class CamResult:
     gap: list[float]
     predicted: np.ndarray  # k×H×W uint8 predicted change
     panels: list[np.ndarray] = field(default_factory=list)  # uint8 RGB, if asked for
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # all of the work
+    draw_s: float = 0.0  # of it, drawing and writing the panels
 
     def scalars(self) -> dict[str, float]:
         """Means over the samples: ``val/cam/post_share/<layer>`` and the faithfulness gap."""
@@ -105,9 +106,11 @@ def explain_samples(
     scores = scores_from_counts(*confusion_counts(probs, mask, settings.threshold).T)
     gaps = faith.gap("both") if faith is not None else torch.full((len(exp),), math.nan)
     epoch_dir = Path(out_dir) / f"epoch_{epoch:03d}"
+    drawing = time.perf_counter()
     panels = [
         _draw(samples, i, exp, faith, settings, epoch_dir) for i in range(len(samples["name"]))
     ]
+    draw_s = time.perf_counter() - drawing
     return CamResult(
         epoch=epoch,
         step=step,
@@ -122,6 +125,7 @@ def explain_samples(
         predicted=(probs[:, 0] > settings.threshold).numpy().astype(np.uint8),
         panels=panels if return_panels else [],
         busy_s=time.perf_counter() - start,
+        draw_s=draw_s,
     )
 
 
