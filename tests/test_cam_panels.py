@@ -74,6 +74,8 @@ def test_auto_mode_goes_to_the_background_only_with_a_free_core(
     assert CamPanels(tmp_path, mode=mode)._background(module) is background
     with pytest.raises(ValueError, match="mode='thread'"):
         CamPanels(tmp_path, mode="thread")
+    with pytest.raises(ValueError, match="worker_device='gpu'.*'cpu', 'training'"):
+        CamPanels(tmp_path, worker_device="gpu")
 
 
 def tiny_samples(k: int = 2, size: int = 32) -> dict:
@@ -119,6 +121,21 @@ def test_background_explains_a_snapshot_like_inline_and_raises_its_failures(tmp_
 
         worker.submit(SiameseUNet(3, 8, 2), epoch=4, step=20)  # weights of another network
         with pytest.raises(CamWorkerError, match=r"(?s)epoch 4.*size mismatch"):
+            worker.wait(0)
+    finally:
+        worker.close()
+
+
+def test_the_background_process_explains_on_the_device_it_is_given(tmp_path):
+    """``worker_device=training`` hands the training device to the process (a meta device
+    here, where explaining cannot finish: the failure names it)."""
+    net = SiameseUNet(3, 4, 2)
+    worker = BackgroundExplainer(
+        net.config(), tiny_samples(), cam_settings(steps=2, dpi=30), tmp_path, device="meta"
+    )
+    try:
+        worker.submit(net, epoch=0, step=0)
+        with pytest.raises(CamWorkerError, match="meta tensor"):
             worker.wait(0)
     finally:
         worker.close()

@@ -28,6 +28,8 @@ CLASS_LABELS = {0: "no change", 1: "change"}
 HELD_UP_WARN_S = 1.0
 Mode = Literal["auto", "background", "inline"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
+WorkerDevice = Literal["cpu", "training"]
+WORKER_DEVICES: tuple[str, ...] = typing.get_args(WorkerDevice)
 log = logging.getLogger(__name__)
 # What the callback explains when it is built in code (conf/explain/callback.yaml mirrors it):
 # every tap and both methods, a short deletion curve of both dates, small panels.
@@ -80,8 +82,9 @@ class CamPanels(L.Callback):
     ``<out_dir>/epoch_<NNN>/<name>.png`` whatever the logger.
 
     In ``background`` mode the explanation, the faithfulness curves, the drawing and the PNG
-    files are done by a spawned CPU process (at idle priority) on a copy of the weights taken at
-    the end of the validation epoch; the results are logged when they arrive (at the latest when
+    files are done by a spawned process (at idle CPU priority; explaining on the CPU, or with
+    ``worker_device=training`` on the training device) on a copy of the weights taken at the
+    end of the validation epoch; the results are logged when they arrive (at the latest when
     fitting ends), so validation only pays for the copy. At most one epoch is in flight: a
     process slower than a training epoch holds up the next validation epoch. That is free only
     where training leaves a CPU core idle; where it keeps every core busy the process takes its
@@ -100,6 +103,10 @@ class CamPanels(L.Callback):
         max_candidates: validation samples scanned when choosing the fixed set.
         mode: ``auto``, ``background`` or ``inline`` (see above).
         worker_threads: torch threads of the background process.
+        worker_device: where the background process explains: ``cpu`` (default), or
+            ``training``, the training device (on a GPU: the explanation is a few forward and
+            backward passes there instead of a minute of CPU work for a wide network; the
+            drawing stays on the CPU).
         explain: what to explain and draw (taps, methods, target, panel layer, dpi and the
             faithfulness curves; the ``explain`` config group, ``conf/explain/callback.yaml``);
             default :data:`DEFAULT_EXPLAIN`. ``explain.enabled=false`` turns the panels off.
@@ -114,6 +121,7 @@ class CamPanels(L.Callback):
         max_candidates: int = 256,
         mode: Mode = "auto",
         worker_threads: int = 1,
+        worker_device: WorkerDevice = "cpu",
         explain: ExplainSettings | None = None,
     ) -> None:
         super().__init__()
@@ -123,6 +131,11 @@ class CamPanels(L.Callback):
             )
         if mode not in MODES:
             raise ValueError(f"callbacks.cam_panels.mode={mode!r}; expected one of {MODES}")
+        if worker_device not in WORKER_DEVICES:
+            raise ValueError(
+                f"callbacks.cam_panels.worker_device={worker_device!r}; expected one of "
+                f"{WORKER_DEVICES}"
+            )
         self.out_dir = Path(out_dir)
         self.k = k
         self.settings = with_threshold(explain or DEFAULT_EXPLAIN, threshold)
@@ -130,6 +143,7 @@ class CamPanels(L.Callback):
         self.max_candidates = max_candidates
         self.mode = mode
         self.worker_threads = worker_threads
+        self.worker_device = worker_device
         self.samples: dict[str, Any] | None = None
         self._worker: BackgroundExplainer | None = None
         self._warned_held_up = False
@@ -170,9 +184,12 @@ class CamPanels(L.Callback):
             return
         samples = self._fixed_samples(trainer)
         background = self._background(pl_module)
+        device = str(pl_module.device) if self.worker_device == "training" else "cpu"
         log.info(
             "CAM panels: %s (mode=%s; %d torch threads, %d usable cores, training on %s)",
-            "background process" if background else "inline, in the validation epoch",
+            f"background process explaining on {device}"
+            if background
+            else "inline, in the validation epoch",
             self.mode,
             torch.get_num_threads(),
             usable_cores(),
@@ -194,6 +211,7 @@ class CamPanels(L.Callback):
                 self.out_dir,
                 return_panels=self._return_panels(trainer),
                 threads=self.worker_threads,
+                device=device,
             )
 
     def _background(self, pl_module: L.LightningModule) -> bool:

@@ -166,7 +166,8 @@ class CamWorkerError(RuntimeError):
 
 
 class BackgroundExplainer:
-    """A spawned CPU process running :func:`explain_samples` on weight snapshots.
+    """A spawned process running :func:`explain_samples` on weight snapshots (on the CPU, or
+    on another device such as the training GPU).
 
     At most one job is in flight: :meth:`submit` first waits for the previous one, so a worker
     slower than a training epoch delays the next validation epoch instead of piling up
@@ -179,6 +180,7 @@ class BackgroundExplainer:
         out_dir: folder of the ``epoch_<NNN>`` panel folders.
         return_panels: send the panel pictures back (only W&B needs them).
         threads: torch threads of the process.
+        device: where the process explains (``cpu``, ``cuda:0``, ...); it draws on the CPU.
     """
 
     def __init__(
@@ -189,6 +191,7 @@ class BackgroundExplainer:
         out_dir: str | Path,
         return_panels: bool = True,
         threads: int = 1,
+        device: str = "cpu",
     ) -> None:
         ctx = mp.get_context("spawn")  # fork is unsafe with OpenMP and CUDA in the parent
         self._jobs = ctx.Queue()
@@ -201,7 +204,7 @@ class BackgroundExplainer:
                 net_config,
                 samples,
                 (settings, Path(out_dir), return_panels),
-                threads,
+                (threads, device),
                 self._jobs,
                 self._results,
             ),
@@ -297,15 +300,16 @@ def _worker_main(
     net_config: dict[str, Any],
     samples: dict[str, Any],
     job_settings: tuple[ExplainSettings, Path, bool],
-    threads: int,
+    resources: tuple[int, str],
     jobs: mp.Queue,
     results: mp.Queue,
 ) -> None:
     """Process body: build the network once, then explain each snapshot until ``None``."""
     _yield_to_training()
+    threads, device = resources
     torch.set_num_threads(threads)
     settings, out_dir, return_panels = job_settings
-    net = build_network(net_config)
+    net = build_network(net_config).to(device)
     parent = mp.parent_process()
     while True:
         try:
