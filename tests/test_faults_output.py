@@ -493,7 +493,7 @@ def test_the_cam_panel_process_reports_a_full_disk_as_disk_full(tmp_path, monkey
     jobs.put(None)
     settings = (cam_settings(steps=2, dpi=30), tmp_path, False)
     cam_worker._worker_main(
-        net.config(), tiny_samples(), settings, torch.get_num_threads(), jobs, results
+        net.config(), tiny_samples(), settings, (torch.get_num_threads(), "cpu"), jobs, results
     )
     path = tmp_path / "epoch_003" / "pair_0.png"
     assert results.queue[0] == ("disk_full", str(path))
