@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU check the README reports, in one run, for a machine with a GPU (about 6 minutes on
-# an H200). Each benchmark's output goes to OUT/<name>.log and its JSON line to OUT/<name>.json.
+# Every GPU check the README reports, in one run, for a machine with a GPU (each step has its
+# own time limit, 16 minutes in all). Each benchmark's output goes to OUT/<name>.log and its JSON
+# line to OUT/<name>.json.
 #
 #   benchmarks/gpu_checks.sh OUT [CKPT]      # CKPT: a trained checkpoint (make train's best.ckpt)
 #                                            # for the scene side by side; default: a fresh network
