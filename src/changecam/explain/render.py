@@ -37,6 +37,8 @@ from changecam.explain.hirescam import Explanation, Method, choose_layer
 from changecam.metrics import confusion_counts, scores_from_counts
 
 CMAP = "RdBu_r"  # blue: evidence against the target, red: evidence for it
+# one instance: the registry hands out a copy per lookup, which builds its colour table again
+COLOURS = colormaps[CMAP]
 METHOD_TITLES = {
     "hirescam": "HiResCAM",
     "gradcam": "Grad-CAM",
@@ -76,7 +78,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, vmax: float, alpha: float = 0.85
     base = np.repeat(0.25 + 0.5 * gray, 3, axis=2)
     if vmax <= 0:
         return base
-    rgba = colormaps[CMAP](Normalize(-vmax, vmax)(cam))
+    rgba = COLOURS(Normalize(-vmax, vmax)(cam))
     weight = alpha * np.clip(np.abs(cam) / vmax, 0, 1)[..., None]
     return (1 - weight) * base + weight * rgba[..., :3]
 
