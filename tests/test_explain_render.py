@@ -114,3 +114,18 @@ def test_colour_scale_numbers_read_like_matplotlibs():
     assert labels(ticks(8.3e-9, 9)) == (["−8", "−6", "−4", "−2", "0", "2", "4", "6", "8"], "1e−9")
     assert labels(ticks(3e6, 4)) == (["−2", "0", "2"], "1e6")
     assert all(abs(v) <= 0.37 for v in ticks(0.37, 9))
+
+
+def test_panels_drawn_in_threads_equal_the_ones_drawn_in_turn(explained):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, pre, post, exp = explained
+
+    def draw(i: int) -> np.ndarray:
+        return render_panel(pre[i % 2], post[i % 2], exp, index=i % 2, title=f"p{i}", dpi=30)
+
+    in_turn = [draw(i) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(draw, range(8)))
+    for got, want in zip(together, in_turn, strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -380,9 +381,14 @@ def _tick_labels(values: Sequence[float]) -> tuple[list[str], str]:
     return [t.replace("-", "\N{MINUS SIGN}") for t in texts], offset.replace("-", "\N{MINUS SIGN}")
 
 
-@functools.lru_cache(maxsize=16)
 def _font(size: float) -> ImageFont.FreeTypeFont:
-    """matplotlib's default font (DejaVu Sans) at ``size`` pixels."""
+    """matplotlib's default font (DejaVu Sans) at ``size`` pixels, one per thread (a FreeType
+    face is not safe to render from two threads at once)."""
+    return _thread_font(size, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=32)
+def _thread_font(size: float, thread: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(font_manager.findfont(font_manager.FontProperties()), size)
 
 
