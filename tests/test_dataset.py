@@ -121,3 +121,18 @@ def test_size_mismatch_is_named(tmp_path):
 def test_unknown_protocol(tmp_path):
     with pytest.raises(ValueError, match="expected one of"):
         ChangeDetectionDataset([coded_triplet(tmp_path)], "tile")  # type: ignore[arg-type]
+
+
+def test_bands_convert_on_the_device_they_are_sent_to():
+    """GDAL's band-first uint8 -> the network's floats, the same values with or without a
+    device, and on that device when one is given."""
+    from changecam.data.transforms import bands_to_tensor, image_to_tensor
+
+    bands = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(3, 2, 4) * 10
+    on_cpu = bands_to_tensor(bands)
+    assert on_cpu.dtype == torch.float32 and on_cpu.shape == (3, 2, 4)
+    assert torch.equal(on_cpu, torch.from_numpy(bands).float() / 255.0)
+    assert torch.equal(on_cpu, image_to_tensor(bands.transpose(1, 2, 0)))
+    assert torch.equal(bands_to_tensor(bands, "cpu"), on_cpu)
+    moved = bands_to_tensor(bands, "meta")
+    assert moved.device.type == "meta" and moved.dtype == torch.float32

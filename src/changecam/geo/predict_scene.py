@@ -223,8 +223,8 @@ class SceneNetwork:
         """The block's probability (``h x w``) and explanation bands (``3 x h x w`` or ``None``);
         ``reuse`` holds the window outputs shared with neighbouring blocks."""
         block, size, mode = region.block, self.spec.window, self.spec.pad_mode
-        x_pre = pad_to(bands_to_tensor(region.pre)[None].to(device), size, size, mode)
-        x_post = pad_to(bands_to_tensor(region.post)[None].to(device), size, size, mode)
+        x_pre = pad_to(bands_to_tensor(region.pre, device)[None], size, size, mode)
+        x_post = pad_to(bands_to_tensor(region.post, device)[None], size, size, mode)
         valid = torch.from_numpy(region.valid)[None, None].float().to(device)
         valid = pad_to(valid, size, size, "constant")
         out = blend_windows(
