@@ -16,7 +16,9 @@ Measured in one run:
   (:func:`changecam.cli.predict.predict_pair` + ``save``: the whole image in memory, sliding
   windows, mask and probability PNGs, one thread of work) against the GeoTIFF path
   (:func:`changecam.geo.predict_scene`, explanation off, then on; a reader and a writer thread
-  beside the network), each with its default windows per forward pass. Throughput is
+  beside the network), each with its default windows per forward pass, and the GeoTIFF path
+  again with ``predict.gdal_threads=1`` (GDAL decodes, compresses and builds overviews in the
+  reader and writer threads alone, where the default lets it use every CPU). Throughput is
   megapixels per second of wall-clock time (the GeoTIFF runs also split theirs into setup,
   block loop and finish, from ``scene.json``); the CPU seconds of the whole process (all its
   threads) are reported beside it, with the calling thread's CPU seconds inside the network's
@@ -130,7 +132,8 @@ def scene_run(
 def side_by_side(
     net, folder: Path, size: int, repeats: int = 3, threads: int | None = 1
 ) -> dict[str, Any]:
-    """PNG path vs GeoTIFF path (explanation off, then on) on one ``size``² pair, in process,
+    """PNG path vs GeoTIFF path (explanation off, then on, then off with one GDAL thread) on one
+    ``size``² pair, in process,
     with ``threads`` torch threads (``None``: torch's default), best of ``repeats`` interleaved
     runs: wall-clock megapixels per second (the paths' throughput) and CPU seconds of the whole
     process (every thread: what the machine spends)."""
@@ -172,8 +175,10 @@ def side_by_side(
     def png_path() -> None:
         predict_pair(net, pair, png_spec, 0.5, None, device).save(folder / "png_run")
 
-    def scene_path(explain: bool) -> dict[str, Any]:
-        settings = SceneSettings(explain=explain, progress=False, batch_size=scene_batch)
+    def scene_path(explain: bool, gdal_threads: int | None = None) -> dict[str, Any]:
+        settings = SceneSettings(
+            explain=explain, progress=False, batch_size=scene_batch, gdal_threads=gdal_threads
+        )
         return predict_scene(
             net, pre_tif, post_tif, folder / f"scene_{explain}", png_spec, settings, device
         )
@@ -192,6 +197,9 @@ def side_by_side(
         "png": png_path,
         "geotiff": lambda: scene_path(False),
         "geotiff_explained": lambda: scene_path(True),
+        # predict.gdal_threads=1: GDAL decodes, compresses and builds overviews in the reader
+        # and writer threads alone (the default, null, lets it use every CPU)
+        "geotiff_one_gdal_thread": lambda: scene_path(False, 1),
     }
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     wall: dict[str, list[float]] = {k: [] for k in runs}
@@ -246,6 +254,13 @@ def side_by_side(
             k: {p: round(median(v), 3) for p, v in split.items()} for k, split in phases.items()
         },
         "geotiff_blocks_vs_png_speed_median_round": round(median(blocks_per_round), 3),
+        # the default (GDAL on every CPU) against one GDAL thread, per round
+        "gdal_every_cpu_vs_one_thread_speed_median_round": round(
+            median(
+                o / e for o, e in zip(wall["geotiff_one_gdal_thread"], wall["geotiff"], strict=True)
+            ),
+            3,
+        ),
         "cpu_seconds_best": {k: round(v, 2) for k, v in best_cpu.items()},
         "geotiff_vs_png_cpu": round(best_cpu["png"] / best_cpu["geotiff"], 3),
         # the calling thread's CPU seconds in the network's forward passes (median of the runs)

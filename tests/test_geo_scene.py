@@ -19,6 +19,7 @@ from changecam.cli.predict import read_probability
 from changecam.cli.scenes import SceneFailure
 from changecam.data.io import write_png
 from changecam.data.transforms import image_to_tensor
+from changecam.geo import SceneError
 from changecam.models.sliding_window import SlidingWindow, sliding_window_logits
 from changecam.training.checkpoint import load_network
 from geo_scenes import (
@@ -334,6 +335,36 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
     assert (folder / "change.tif").stat().st_mtime_ns == mtime
     with pytest.raises(SceneFailure, match="predict.resume=true but .* other settings"):
         run_scene(tmp_path / "killed", ckpt, *pair, "threshold=0.1", "predict.resume=true")
+
+
+def test_gdal_threads_reach_the_writer_thread_and_change_no_value(
+    tmp_path, ckpt, pair, threshold, monkeypatch
+):
+    real = changecam.geo.write.SceneFiles.write_block
+    seen: dict[str, set] = {}
+
+    def recording(self, *args, **kwargs):
+        seen.setdefault(self.folder.parent.parent.name, set()).add(
+            rasterio.env.get_gdal_config("GDAL_NUM_THREADS")
+        )
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", recording)
+    before = rasterio.env.get_gdal_config("GDAL_NUM_THREADS")
+    run_scene(tmp_path / "one", ckpt, *pair, f"threshold={threshold}", "predict.gdal_threads=1")
+    run_scene(tmp_path / "every_cpu", ckpt, *pair, f"threshold={threshold}")  # the default
+    assert seen == {"one": {1}, "every_cpu": {"ALL_CPUS"}}  # rasterio reads "1" as 1
+    assert rasterio.env.get_gdal_config("GDAL_NUM_THREADS") == before, "restored after the run"
+    one, every = (tmp_path / name / "run" / "pre" for name in ("one", "every_cpu"))
+    for raster in ("change", "probability", "explanation"):
+        np.testing.assert_array_equal(
+            read_band(one / f"{raster}.tif", None), read_band(every / f"{raster}.tif", None)
+        )
+    assert (one / "change.geojson").read_text() == (every / "change.geojson").read_text()
+    for bad in ("0", "ALL_CPUS"):
+        with pytest.raises(SceneError, match="predict.gdal_threads=.* must be an integer >= 1"):
+            run_scene(tmp_path / "bad", ckpt, *pair, f"predict.gdal_threads={bad}")
+    assert not (tmp_path / "bad" / "run" / "pre").exists()
 
 
 def test_png_pairs_keep_the_png_path(tmp_path, ckpt):

@@ -50,6 +50,7 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
         explain=explain,
         explain_layer=get("predict.explain_layer"),
         progress=bool(get("predict.progress", True)),
+        gdal_threads=get("predict.gdal_threads"),
     )
 
 

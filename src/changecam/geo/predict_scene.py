@@ -86,6 +86,9 @@ class SceneSettings:
         explain_layer: per-date layer of the explanation; ``None``: the deepest.
         prefetch: blocks the reader thread decodes ahead.
         progress: show the progress bar.
+        gdal_threads: threads GDAL decodes the input tiles, compresses the output tiles and
+            builds the overviews with (``GDAL_NUM_THREADS``; 1: the reader and writer threads
+            alone); ``None``: every CPU.
     """
 
     threshold: float = 0.5
@@ -101,6 +104,7 @@ class SceneSettings:
     explain_layer: str | None = None
     prefetch: int = 2
     progress: bool = True
+    gdal_threads: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("bands", "scale_min", "scale_max"):
@@ -115,11 +119,19 @@ class SceneSettings:
             raise SceneError(f"predict.batch_size={self.batch_size} must be >= 1 (or null)")
         if self.min_area_m2 < 0:
             raise SceneError(f"predict.min_area_m2={self.min_area_m2} must be >= 0")
+        threads = self.gdal_threads
+        if threads is not None and (type(threads) is not int or threads < 1):
+            raise SceneError(f"predict.gdal_threads={threads!r} must be an integer >= 1 (or null)")
+
+    @property
+    def gdal_num_threads(self) -> str:
+        """The value of GDAL's ``GDAL_NUM_THREADS`` option."""
+        return "ALL_CPUS" if self.gdal_threads is None else str(self.gdal_threads)
 
     def resumable(self) -> dict[str, Any]:
         """What a resumed run must repeat (the progress bar and read-ahead may differ)."""
         record = asdict(self)
-        for key in ("prefetch", "progress", "min_area_m2"):
+        for key in ("prefetch", "progress", "min_area_m2", "gdal_threads"):
             record.pop(key)
         return strict_json(record)
 
@@ -292,12 +304,23 @@ def _glibc() -> Any:
 _LIBC = _glibc()
 
 
-def predict_scene(*args: Any, **kwargs: Any) -> dict[str, Any]:
+def predict_scene(
+    net: nn.Module,
+    pre_path: str | Path,
+    post_path: str | Path,
+    folder: str | Path,
+    spec: SlidingWindow,
+    settings: SceneSettings,
+    device: torch.device | str = "cpu",
+    **kwargs: Any,
+) -> dict[str, Any]:
     """:func:`_predict_scene` with GDAL's block cache capped at :data:`GDAL_CACHE_MB` (its
     default, 5 % of the machine's memory, would grow with the scene while writing and
-    building overviews)."""
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        return _predict_scene(*args, **kwargs)
+    building overviews) and ``settings.gdal_threads`` threads for GDAL's (de)compression and
+    overviews (the reader and writer threads take turns with GDAL, geo.gdal_lock: these
+    threads shorten each turn)."""
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_NUM_THREADS=settings.gdal_num_threads):
+        return _predict_scene(net, pre_path, post_path, folder, spec, settings, device, **kwargs)
 
 
 def _predict_scene(
