@@ -17,7 +17,7 @@ Measured in one run:
   windows, mask and probability PNGs, one thread of work) against the GeoTIFF path
   (:func:`changecam.geo.predict_scene`, explanation off, then on; a reader and a writer thread
   beside the network), each with its default windows per forward pass, and the GeoTIFF path
-  again with ``predict.gdal_threads=1`` (GDAL decodes, compresses and builds overviews in the
+  again with ``predict.gdal_threads=1`` (GDAL decodes and compresses tiles in the
   reader and writer threads alone, where the default lets it use every CPU). Throughput is
   megapixels per second of wall-clock time (the GeoTIFF runs also split theirs into setup,
   block loop and finish, from ``scene.json``); the CPU seconds of the whole process (all its
@@ -197,7 +197,7 @@ def side_by_side(
         "png": png_path,
         "geotiff": lambda: scene_path(False),
         "geotiff_explained": lambda: scene_path(True),
-        # predict.gdal_threads=1: GDAL decodes, compresses and builds overviews in the reader
+        # predict.gdal_threads=1: GDAL decodes and compresses tiles in the reader
         # and writer threads alone (the default, null, lets it use every CPU)
         "geotiff_one_gdal_thread": lambda: scene_path(False, 1),
     }

@@ -86,8 +86,8 @@ class SceneSettings:
         explain_layer: per-date layer of the explanation; ``None``: the deepest.
         prefetch: blocks the reader thread decodes ahead.
         progress: show the progress bar.
-        gdal_threads: threads GDAL decodes the input tiles, compresses the output tiles and
-            builds the overviews with (``GDAL_NUM_THREADS``; 1: the reader and writer threads
+        gdal_threads: threads GDAL decodes the input tiles and compresses the output tiles
+            (overviews included) with (``GDAL_NUM_THREADS``; 1: the reader and writer threads
             alone); ``None``: every CPU.
     """
 
@@ -316,8 +316,8 @@ def predict_scene(
 ) -> dict[str, Any]:
     """:func:`_predict_scene` with GDAL's block cache capped at :data:`GDAL_CACHE_MB` (its
     default, 5 % of the machine's memory, would grow with the scene while writing and
-    building overviews) and ``settings.gdal_threads`` threads for GDAL's (de)compression and
-    overviews (the reader and writer threads take turns with GDAL, geo.gdal_lock: these
+    building overviews) and ``settings.gdal_threads`` threads for GDAL's (de)compression (the
+    reader and writer threads take turns with GDAL, geo.gdal_lock: these
     threads shorten each turn)."""
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_NUM_THREADS=settings.gdal_num_threads):
         return _predict_scene(net, pre_path, post_path, folder, spec, settings, device, **kwargs)
