@@ -77,13 +77,16 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
     assert run["side"] == 256 and run["peak_rss_mib"] > 100 and run["megapixels_per_s"] > 0
     assert set(figures["side_by_side"]) == {"one_thread", "default_threads"}
     for compare in figures["side_by_side"].values():
-        assert set(compare["megapixels_per_s"]) == {"png", "geotiff", "geotiff_explained"}
+        geotiff_rows = {"geotiff", "geotiff_explained", "geotiff_one_gdal_thread"}
+        assert set(compare["megapixels_per_s"]) == {"png"} | geotiff_rows
+        assert compare["gdal_every_cpu_vs_one_thread_speed_median_round"] > 0
         assert compare["explanation_extra_s_per_megapixel"] > 0
         assert len(compare["geotiff_vs_png_speed_per_round"]) == compare["repeats"]
         for phases in compare["geotiff_phase_seconds_median"].values():
             assert set(phases) == {"setup", "compute", "finish"} and min(phases.values()) > 0
         assert compare["geotiff_blocks_vs_png_speed_median_round"] > 0
-        assert set(compare["geotiff_polygons"]) == {"geotiff", "geotiff_explained"}
+        assert set(compare["geotiff_polygons"]) == geotiff_rows
+        assert len(set(compare["geotiff_polygons"].values())) == 1  # GDAL threads change no output
         for path, seconds in compare["network_cpu_seconds"].items():  # a part of its CPU time
             assert 0 < seconds <= compare["cpu_seconds_best"][path] + 0.01
     assert set(figures["windowed_at_least_as_fast"]["one_thread"]) == {"throughput", "cpu_seconds"}
