@@ -195,7 +195,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        generator = " ".join(r.get("generator", {}).get("overrides", [])) or "default"
+        if r.get("generator") is None and r.get("synthetic_ckpt") not in (None, "quickstart"):
+            generator = f"`{Path(r['synthetic_ckpt']).name}` (given)"
+        else:
+            generator = " ".join((r.get("generator") or {}).get("overrides", [])) or "default"
         data = "–" if r["row"] == "scratch" else generator
         lines.append(
             f"| {r['row']} | {data} | {fmt(r['val_f1'])} | {fmt(r['val_iou'])} | {fmt(r['test_f1'])} "
@@ -240,10 +243,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "data": str(args.data),
             "synthetic_ckpt": str(args.synthetic_ckpt) if args.synthetic_ckpt else "quickstart",
             "synthetic_train_s": round(synthetic_s, 1) if synthetic_s else None,
-            "generator": {
-                "version": GENERATOR_VERSION,
-                "overrides": args.generator,
-            },
+            # a given checkpoint's synthetic data is not known here (--generator is not used)
+            "generator": None
+            if args.synthetic_ckpt
+            else {"version": GENERATOR_VERSION, "overrides": args.generator},
         }
         for row in args.rows:
             result = {

@@ -41,6 +41,8 @@ def test_real_small_benchmark_rows(tmp_path):
         real_small.ROWS
     )
     assert all(0 <= r["test_f1"] <= 1 for r in rows)
+    # the quickstart checkpoint it trained records the synthetic data it was trained on
+    assert all(r["generator"]["overrides"] == list(real_small.NEW_GENERATOR) for r in rows)
     joint = {r["row"]: r["extra_train"] for r in rows if r["row"].endswith("_joint")}
     assert set(joint) == {"scratch_joint", "finetuned_joint"}
     assert all(path.endswith("synthetic") for path in joint.values())
@@ -50,3 +52,24 @@ def test_real_small_benchmark_rows(tmp_path):
     assert len(every["per_image_f1"]) == 2  # --tiny: two whole images (limit_test_batches)
     assert set(every["per_image_f1"]) <= {p.stem for p in (SIX_IMAGES / "A").iterdir()}
     assert all(r["every_image"] is None for r in rows if r["row"] != "synthetic_only")
+
+
+def test_real_small_table_names_a_given_checkpoint_not_a_generator():
+    real_small = importlib.import_module("real_small")
+    row = {"val_f1": 0.5, "val_iou": 0.3, "test_f1": 0.8, "test_iou": 0.7, "wall_s": 60.0}
+    table = real_small.markdown(
+        [
+            {**row, "row": "scratch", "synthetic_ckpt": "/runs/best.ckpt", "generator": None},
+            {**row, "row": "finetuned", "synthetic_ckpt": "/runs/best.ckpt", "generator": None},
+            {
+                **row,
+                "row": "finetuned",
+                "synthetic_ckpt": "quickstart",
+                "generator": {"version": 5, "overrides": ["data.synthetic.style=simple"]},
+            },
+        ]
+    )
+    lines = table.splitlines()
+    assert lines[2].startswith("| scratch | – |")
+    assert lines[3].startswith("| finetuned | `best.ckpt` (given) | 0.500 |")
+    assert lines[4].startswith("| finetuned | data.synthetic.style=simple |")
