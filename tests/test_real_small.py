@@ -43,6 +43,24 @@ def test_real_small_requires_data_root(tmp_path):
     assert "<root>/list/{train,val,test}.txt" in message  # both layouts are named
 
 
+def test_real_small_finetune_requires_a_checkpoint_and_lowers_the_rate(tmp_path):
+    cfg = compose_train(tmp_path, ["experiment=real_small_finetune", "data.root=/pairs"])
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg, import_targets=False)
+    message = str(err.value)
+    assert "module.init_from is required: set module.init_from=<value>" in message
+    assert "checkpoints/best.ckpt" in message and "data.root" not in message
+    GlobalHydra.instance().clear()
+    recipe = compose_train(tmp_path, ["experiment=real_small", "data.root=/pairs"])
+    assert (cfg.module.optimizer.lr, recipe.module.optimizer.lr) == (1e-3, 3e-3)
+    # everything else is experiment=real_small's
+    for group in ("data", "model", "trainer", "callbacks"):
+        assert cfg[group] == recipe[group], group
+    assert {k: v for k, v in cfg.module.items() if k != "optimizer"} == {
+        k: v for k, v in recipe.module.items() if k != "optimizer"
+    }
+
+
 def quickstart_checkpoint(path: Path, tmp_path: Path, synthetic: Path) -> Path:
     """A changecam checkpoint of the quickstart network (width 8, depth 4), one step on the
     tiny synthetic set."""

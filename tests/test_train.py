@@ -11,6 +11,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import pytest
+import torch
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import nn
@@ -121,6 +122,11 @@ def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, levir256_tiny, 
             "data.eval_batch_size=1",
         ]
         overrides += ["data.train_protocol=resize", "data.eval_protocol=resize"]
+    if experiment == "real_small_finetune":  # starts from a checkpoint it requires
+        net = hydra.utils.instantiate(compose_train(tmp_path / "start", overrides).model)
+        GlobalHydra.instance().clear()
+        torch.save(net.state_dict(), tmp_path / "start.pt")
+        overrides.append(f"module.init_from={tmp_path / 'start.pt'}")
     cfg = compose_train(tmp_path, overrides)
     metrics = train(cfg)
     assert {

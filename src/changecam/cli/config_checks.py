@@ -80,13 +80,17 @@ REQUIRED_HINTS = {
     "<root>/{train,val,test}/{A,B,label}/*.png, or <root>/{A,B,label}/*.png with "
     "<root>/list/{train,val,test}.txt",
     "ckpt_path": "a checkpoint written by train.py (.ckpt) or a plain state_dict",
+    "module.init_from": "the checkpoint to start from, e.g. make train's "
+    "outputs/quickstart/runs/<time>/checkpoints/best.ckpt, or a plain state_dict",
 }
 
 
 def missing_values(cfg: DictConfig) -> list[str]:
     """One line per required value the config leaves unset, saying how to set it: every ``???``
     value, and ``data.root: null`` (an experiment cannot merge ``???`` over the data group's
-    default root, so it sets ``null``: e.g. ``experiment=real_small``)."""
+    default root, so it sets ``null``: e.g. ``experiment=real_small``), and every key the
+    config's ``required`` list names that is ``null`` (for the same reason: e.g.
+    ``module.init_from`` in ``experiment=real_small_finetune``)."""
     keys = set()
     for key in cfg:
         if key == "hydra":  # Hydra's own node: interpolations only Hydra's run fills in
@@ -98,6 +102,9 @@ def missing_values(cfg: DictConfig) -> list[str]:
     data = cfg.get("data")
     if isinstance(data, DictConfig) and "root" in data and data.get("root") is None:
         keys.add("data.root")
+    for key in cfg.get("required") or []:
+        if OmegaConf.select(cfg, str(key), throw_on_missing=False) is None:
+            keys.add(str(key))
     keys = sorted(keys)
     return [
         f"{key} is required: set {key}=<value> on the command line"
