@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from rasterio.enums import Interleaving, Resampling
+from rasterio.enums import Interleaving, MaskFlags, Resampling
 from rasterio.warp import calculate_default_transform, reproject
 from shapely.geometry import box, shape
 
@@ -84,6 +84,8 @@ def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, p
                 assert src.interleaving == Interleaving.band
     with rasterio.open(folder / "change.tif") as src:
         assert src.nodata == 255
+    with rasterio.open(folder / "probability.tif") as src:  # no nodata in the pair: no mask
+        assert src.mask_flag_enums == ([MaskFlags.all_valid],)
     change = read_band(folder / "change.tif")
     assert set(np.unique(change)) == {0, 1} and 0.2 < (change == 1).mean() < 0.8
 

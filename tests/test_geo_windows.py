@@ -127,3 +127,47 @@ def test_the_change_overview_is_the_majority_of_the_valid_pixels(tmp_path):
         assert src.overviews(1) == [2, 4, 8]
         overview = src.read(1, out_shape=(32, 32))
     np.testing.assert_array_equal(overview, expected)
+
+
+def test_an_all_valid_scene_writes_no_mask_and_refuses_nodata(tmp_path):
+    """A scene whose inputs have no nodata writes probability.tif without a mask (GDAL reads
+    every pixel as valid); a nodata pixel there would be a bug and is refused, not dropped."""
+    import numpy as np
+    import rasterio
+    from rasterio.enums import MaskFlags
+    from rasterio.transform import from_origin
+
+    from changecam.geo.grid import Grid
+    from changecam.geo.windows import Block
+    from changecam.geo.write import SceneFiles
+
+    grid = Grid(rasterio.crs.CRS.from_epsg(32650), from_origin(0, 32, 0.5, 0.5), 32, 32)
+    block = Block(0, 0, 0, 32, 32, 0, 0, 32, 32, (0,), (0,))
+    probability = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    for masked in (True, False):
+        files = SceneFiles(tmp_path / str(masked), explain=False, tile=16, masked=masked)
+        files.create(grid, {})
+        files.write_block(block, probability, np.ones((32, 32), bool), 0.5, None)
+        with rasterio.open(files.partial("probability")) as src:
+            expected = [MaskFlags.per_dataset] if masked else [MaskFlags.all_valid]
+            assert src.mask_flag_enums == (expected,)
+            assert (src.dataset_mask() == 255).all()
+            np.testing.assert_array_equal(src.read(1), np.round(probability * 65535))
+    holed = np.ones((32, 32), bool)
+    holed[0, 0] = False
+    with pytest.raises(ValueError, match="block 0 has nodata"):
+        files.write_block(block, probability, holed, 0.5, None)
+
+
+def test_geojson_geometry_is_shapelys_mapping():
+    import json
+
+    from shapely.geometry import MultiPolygon, Polygon, box, mapping
+
+    from changecam.geo.polygons import geojson_geometry
+
+    holed = Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 2)]])
+    for geometry in (holed, MultiPolygon([holed, box(10.5, 0.25, 12, 3)])):
+        assert json.dumps(geojson_geometry(geometry)) == json.dumps(
+            json.loads(json.dumps(mapping(geometry)))
+        )

@@ -109,13 +109,20 @@ def is_uint8(dataset: Any, bands: Sequence[int]) -> bool:
     return all(dataset.dtypes[b - 1] == "uint8" for b in bands)
 
 
+def all_valid(dataset: Any, bands: Sequence[int] | None = None) -> bool:
+    """Whether GDAL's mask flags say every pixel of ``bands`` (default: every band, which is
+    what a dataset mask covers) is valid: no nodata value, alpha band or mask."""
+    indexes = dataset.indexes if bands is None else bands
+    return all(dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in indexes)
+
+
 def needs_sample(dataset: Any, bands: Sequence[int], scale: Scale) -> bool:
     """Whether :func:`decimated_sample` has anything to tell about ``dataset``: a percentile
     stretch of non-8-bit bands, or whether a scene with nodata (a nodata value, alpha or mask)
     has any valid pixel. An 8-bit scene without nodata needs no sample: its tiles are
     decoded once, by the blocks."""
-    all_valid = all(dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands)
-    return not all_valid or (scale == "percentile" and not is_uint8(dataset, bands))
+    valid = all_valid(dataset, bands)
+    return not valid or (scale == "percentile" and not is_uint8(dataset, bands))
 
 
 def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +195,7 @@ __all__ = [
     "SCALES",
     "Scale",
     "Scaling",
+    "all_valid",
     "decimated_sample",
     "estimate_scaling",
     "is_uint8",

@@ -232,6 +232,22 @@ def scene_polygons(
     return tracer.features(min_area_m2)
 
 
+def geojson_geometry(geometry: Any) -> dict[str, Any]:
+    """The GeoJSON of a (Multi)Polygon, its rings read as NumPy arrays (what shapely's
+    ``mapping`` gives, as lists, several times faster: a scene has thousands of regions)."""
+
+    def rings(polygon: Any) -> list[Any]:
+        return [np.asarray(polygon.exterior.coords).tolist()] + [
+            np.asarray(ring.coords).tolist() for ring in polygon.interiors
+        ]
+
+    if geometry.geom_type == "Polygon":
+        return {"type": "Polygon", "coordinates": rings(geometry)}
+    if geometry.geom_type == "MultiPolygon":
+        return {"type": "MultiPolygon", "coordinates": [rings(p) for p in geometry.geoms]}
+    return mapping(geometry)
+
+
 def region_features(
     regions: Sequence[Piece], grid: Grid, min_area_m2: float
 ) -> list[dict[str, Any]]:
@@ -249,14 +265,16 @@ def region_features(
             {
                 "type": "Feature",
                 "id": len(features) + 1,
-                "geometry": mapping(piece.geometry),
-                "properties": {
-                    "id": len(features) + 1,
-                    "pixels": piece.pixels,
-                    "area_m2": region_area if metres else None,
-                    "mean_probability": piece.probability_sum / piece.pixels,
-                    "post_share": post_share,
-                },
+                "geometry": geojson_geometry(piece.geometry),
+                "properties": strict_json(
+                    {
+                        "id": len(features) + 1,
+                        "pixels": piece.pixels,
+                        "area_m2": region_area if metres else None,
+                        "mean_probability": piece.probability_sum / piece.pixels,
+                        "post_share": post_share,
+                    }
+                ),
             }
         )
     return features
@@ -264,7 +282,8 @@ def region_features(
 
 def write_geojson(path: Path, features: Iterable[dict[str, Any]], grid: Grid) -> None:
     """A GeoJSON FeatureCollection in the scene's CRS (named in its ``crs`` member, which QGIS
-    and GDAL read), written atomically, one feature at a time."""
+    and GDAL read), written atomically, one feature at a time. The features' properties are
+    strict JSON already (:func:`region_features`); a non-finite number anywhere is an error."""
     head: dict[str, Any] = {"type": "FeatureCollection"}
     if grid.crs is not None:
         epsg = grid.crs.to_epsg()
@@ -273,7 +292,7 @@ def write_geojson(path: Path, features: Iterable[dict[str, Any]], grid: Grid) ->
     with atomic_open(path, "w") as f:
         f.write(json.dumps(head, allow_nan=False)[:-1] + ', "features": [\n')
         for i, feature in enumerate(features):
-            f.write(("" if i == 0 else ",\n") + json.dumps(strict_json(feature), allow_nan=False))
+            f.write(("" if i == 0 else ",\n") + json.dumps(feature, allow_nan=False))
         f.write("\n]}\n")
 
 
@@ -281,6 +300,7 @@ __all__ = [
     "Piece",
     "RegionTracer",
     "block_pieces",
+    "geojson_geometry",
     "join_pieces",
     "metric_crs",
     "region_features",

@@ -43,6 +43,7 @@ from changecam.explain import ExplainSettings, FaithfulnessSettings, explain_ten
 from changecam.explain.hirescam import choose_layer, per_date_layers, resolve_taps
 from changecam.geo.bands import (
     Scale,
+    all_valid,
     decimated_sample,
     estimate_scaling,
     needs_sample,
@@ -387,7 +388,10 @@ def _predict_scene(
             )
         grid = pair.grid
         blocks = block_grid(grid.height, grid.width, settings.block_size, spec)
-        files = SceneFiles(folder, layer is not None, tile_side(settings.block_size))
+        # a pair whose every band is valid by its flags (no nodata, alpha or mask; a
+        # reprojected post has an alpha band) gives no nodata pixel: no mask to write
+        masked = not (all_valid(pair.pre) and all_valid(pair.post))
+        files = SceneFiles(folder, layer is not None, tile_side(settings.block_size), masked)
         record = {
             **(run_record or {}),
             "pre": input_record(pre_path),

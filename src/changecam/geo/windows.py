@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from rasterio.windows import Window
 
-from changecam.geo.bands import Scaling
+from changecam.geo.bands import Scaling, all_valid
 from changecam.geo.gdal_lock import GDAL_LOCK
 from changecam.models.sliding_window import SlidingWindow, window_starts
 
@@ -99,16 +99,18 @@ class Region:
 def read_region(
     pre: Any, post: Any, bands: Sequence[int], scaling: tuple[Scaling, Scaling], block: Block
 ) -> Region:
-    """Read and scale one block's region of both dates (nodata pixels set to 0)."""
+    """Read and scale one block's region of both dates (nodata pixels set to 0). A date whose
+    mask flags say every pixel is valid (:func:`~changecam.geo.bands.all_valid`) has no mask to
+    read."""
     window = block.region
-    arrays, valid = [], None
+    arrays = []
+    valid = np.ones((block.region_height, block.region_width), dtype=bool)
     for dataset, scale in zip((pre, post), scaling, strict=True):
         with GDAL_LOCK:  # the writer thread uses GDAL too (geo.gdal_lock)
             data = dataset.read(list(bands), window=window)
-            mask = dataset.dataset_mask(window=window) > 0
-        valid = mask if valid is None else valid & mask
+            if not all_valid(dataset):
+                valid &= dataset.dataset_mask(window=window) > 0
         arrays.append(scale.apply(data))
-    assert valid is not None
     if not valid.all():
         for image in arrays:
             image[:, ~valid] = 0

@@ -74,11 +74,14 @@ def tile_side(block_size: int) -> int:
 
 @dataclass(frozen=True)
 class SceneFiles:
-    """The output files of one scene in ``folder``."""
+    """The output files of one scene in ``folder``. ``masked``: the scene may have nodata,
+    so ``probability.tif`` carries a validity mask (without one GDAL reads every pixel as
+    valid; its overviews are built 3-5 times faster without a mask to follow)."""
 
     folder: Path
     explain: bool
     tile: int = TILE
+    masked: bool = True
 
     def final(self, what: str) -> Path:
         return self.folder / ("change.geojson" if what == "polygons" else f"{what}.tif")
@@ -175,9 +178,12 @@ class SceneFiles:
         encoded = encode_probability(probability)
         with rasterio.open(self.partial("change"), "r+") as dst:
             dst.write(change, 1, window=window)
+        if not self.masked and not valid.all():
+            raise ValueError(f"block {block.index} has nodata, but the scene was taken as all valid")
         with rasterio.open(self.partial("probability"), "r+") as dst:
             dst.write(encoded, 1, window=window)
-            dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+            if self.masked:
+                dst.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
         values = None
         if self.explain and explanation is not None:
             values = np.where(valid[None], explanation, np.nan).astype(np.float32)
