@@ -76,7 +76,7 @@ def tile_side(block_size: int) -> int:
 class SceneFiles:
     """The output files of one scene in ``folder``. ``masked``: the scene may have nodata,
     so ``probability.tif`` carries a validity mask (without one GDAL reads every pixel as
-    valid; its overviews are built 3-5 times faster without a mask to follow)."""
+    valid; GDAL builds its overviews several times faster without a mask to follow)."""
 
     folder: Path
     explain: bool
