@@ -399,6 +399,8 @@ def _predict_scene(
             "sliding_window": asdict(spec),
             "scene": settings.resumable(),
             "explain_layer": layer,
+            # a resumed run writes the mask exactly when the first one did
+            "probability_mask": masked,
         }
         block_log = BlockLog(folder / LOG_FILE)
         record = strict_json(record)
