@@ -172,14 +172,16 @@ class SceneFiles:
         Returns:
             The values written, as a reader of the files gets them back.
         """
+        if not self.masked and not valid.all():  # before anything is written
+            raise ValueError(
+                f"block {block.index} has nodata, but the scene was taken as all valid"
+            )
         window = block.window
         change = np.where(probability > threshold, 1, 0).astype(np.uint8)
         change[~valid] = CHANGE_NODATA
         encoded = encode_probability(probability)
         with rasterio.open(self.partial("change"), "r+") as dst:
             dst.write(change, 1, window=window)
-        if not self.masked and not valid.all():
-            raise ValueError(f"block {block.index} has nodata, but the scene was taken as all valid")
         with rasterio.open(self.partial("probability"), "r+") as dst:
             dst.write(encoded, 1, window=window)
             if self.masked:
