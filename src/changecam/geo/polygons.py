@@ -69,17 +69,28 @@ def block_pieces(
     transform: Any,
     grid: Grid,
 ) -> list[Piece]:
-    """The changed regions of one block (``change`` == 1) with their sums."""
+    """The changed regions of one block (``change`` == 1) with their sums; ``probability`` as
+    written (uint16, ``p * 65535``)."""
     changed = (change == 1).astype(np.uint8)
     count, labels = cv2.connectedComponents(changed, connectivity=4, ltype=cv2.CV_32S)
     if count <= 1:
         return []
-    flat = labels.ravel()
+    # the sums over the changed pixels alone (a few per cent of a block), in the same order
+    inside = np.flatnonzero(changed)
+    flat = labels.ravel()[inside]
     pixels = np.bincount(flat, minlength=count)
-    prob_sum = np.bincount(flat, weights=probability.ravel().astype(np.float64), minlength=count)
+    prob_sum = np.bincount(
+        flat,
+        weights=(probability.ravel()[inside].astype(np.float32) / PROBABILITY_SCALE).astype(
+            np.float64
+        ),
+        minlength=count,
+    )
     if explanation is not None:
-        pre = np.nan_to_num(np.clip(explanation[0], 0, None)).ravel().astype(np.float64)
-        post = np.nan_to_num(np.clip(explanation[1], 0, None)).ravel().astype(np.float64)
+        pre, post = (
+            np.nan_to_num(np.clip(band.ravel()[inside], 0, None)).astype(np.float64)
+            for band in explanation[:2]
+        )
         pre_mass = np.bincount(flat, weights=pre, minlength=count)
         post_mass = np.bincount(flat, weights=post, minlength=count)
     else:
@@ -179,9 +190,8 @@ class RegionTracer:
         if not (change == 1).any():
             return
         transform = rasterio.windows.transform(block.window, self.grid.transform)
-        scaled = probability.astype(np.float32) / PROBABILITY_SCALE
         self.pieces[block.index] = block_pieces(
-            block, change, scaled, explanation, transform, self.grid
+            block, change, probability, explanation, transform, self.grid
         )
 
     def add_from_rasters(
