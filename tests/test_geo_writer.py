@@ -1,5 +1,5 @@
 """The background block writer: blocks on disk before the log lists them, in order, and an
-error in its thread raised in the caller's."""
+error in either of its threads (writer, tracer) raised in the caller's."""
 
 from __future__ import annotations
 
@@ -72,3 +72,20 @@ def test_an_error_in_the_writer_is_raised_in_the_caller_and_nothing_after_it_is_
             for block in BLOCKS:
                 writer.submit(block, probability, valid, None)
     assert logged == []
+
+
+def test_an_error_in_the_tracer_is_raised_in_the_caller(tmp_path, monkeypatch):
+    files = scene_files(tmp_path)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("tracing failed")
+
+    monkeypatch.setattr(RegionTracer, "add_block", broken)
+    logged = []
+    probability, valid = np.full((32, 32), 0.9, np.float32), np.ones((32, 32), bool)
+    with pytest.raises(RuntimeError, match="tracing failed"):
+        with BlockWriter(files, RegionTracer(GRID), 0.5, logged.append) as writer:
+            for block in BLOCKS:
+                writer.submit(block, probability, valid, None)
+    # written and logged before tracing: a resume traces logged blocks from the rasters
+    assert [r["block"] for r in logged][:1] == [0]

@@ -1,6 +1,6 @@
 """One polygon per changed region of a scene, built block by block in bounded memory.
 
-Each block of ``change.tif``, as the writer thread writes it (or read back from the partial
+Each block of ``change.tif``, as the writer thread wrote it (or read back from the partial
 raster for blocks a killed run wrote: :class:`RegionTracer`), is labelled into 4-connected
 regions (:func:`cv2.connectedComponents`), and each region is traced into a polygon by
 :func:`rasterio.features.shapes` (4-connected too) in the scene's CRS. Per region the block
@@ -37,6 +37,7 @@ from shapely.ops import unary_union
 
 from changecam.atomic import atomic_open, strict_json
 from changecam.data.io import PROBABILITY_SCALE
+from changecam.geo.gdal_lock import GDAL_LOCK
 from changecam.geo.grid import Grid
 from changecam.geo.windows import Block
 
@@ -104,10 +105,12 @@ def block_pieces(
         edges |= set(labels[:, 0].tolist())
     if block.col + block.width < grid.width:
         edges |= set(labels[:, -1].tolist())
+    with GDAL_LOCK:  # GDAL's polygonize, beside the reader and writer threads (geo.gdal_lock)
+        traced = list(
+            rasterio.features.shapes(labels, mask=labels > 0, connectivity=4, transform=transform)
+        )
     geoms: dict[int, list[Any]] = {}
-    for geom, value in rasterio.features.shapes(
-        labels, mask=labels > 0, connectivity=4, transform=transform
-    ):
+    for geom, value in traced:
         geoms.setdefault(int(value), []).append(shape(geom))
     return [
         Piece(

@@ -9,8 +9,8 @@ of windows goes through the one explanation runner
 (:func:`changecam.explain.explain_tensors`: HiResCAM of the chosen layer for the window's
 predicted change, nodata excluded) and the maps are blended like the logits — and hands every
 block to a background writer thread (:mod:`changecam.geo.writer`) that writes it to the
-partial rasters (:mod:`changecam.geo.write`) and traces its changed regions
-(:mod:`changecam.geo.polygons`) while the network computes the next one. When all blocks are
+partial rasters (:mod:`changecam.geo.write`) and hands it to a tracer thread that traces its
+changed regions (:mod:`changecam.geo.polygons`) while the network computes the next one. When all blocks are
 done it joins the regions into polygons, builds the overviews, renames the files into place
 and writes ``scene.json`` last.
 

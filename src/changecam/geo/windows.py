@@ -106,7 +106,7 @@ def read_region(
     arrays = []
     valid = np.ones((block.region_height, block.region_width), dtype=bool)
     for dataset, scale in zip((pre, post), scaling, strict=True):
-        with GDAL_LOCK:  # the writer thread uses GDAL too (geo.gdal_lock)
+        with GDAL_LOCK:  # the writer and tracer threads use GDAL too (geo.gdal_lock)
             data = dataset.read(list(bands), window=window)
             if not all_valid(dataset):
                 valid &= dataset.dataset_mask(window=window) > 0
