@@ -78,7 +78,10 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
     assert set(figures["side_by_side"]) == {"one_thread", "default_threads"}
     for compare in figures["side_by_side"].values():
         geotiff_rows = {"geotiff", "geotiff_explained", "geotiff_one_gdal_thread"}
-        assert set(compare["megapixels_per_s"]) == {"png"} | geotiff_rows
+        like_for_like = "geotiff_rasters_only"  # no polygons, no overviews
+        assert set(compare["megapixels_per_s"]) == {"png", like_for_like} | geotiff_rows
+        assert compare["geotiff_rasters_only_vs_png_speed"] > 0
+        assert compare["geotiff_rasters_only_vs_png_speed_median_round"] > 0
         assert compare["gdal_every_cpu_vs_one_thread_speed_median_round"] > 0
         assert compare["explanation_extra_s_per_megapixel"] > 0
         assert len(compare["geotiff_vs_png_speed_per_round"]) == compare["repeats"]
@@ -89,7 +92,11 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
         assert len(set(compare["geotiff_polygons"].values())) == 1  # GDAL threads change no output
         for path, seconds in compare["network_cpu_seconds"].items():  # a part of its CPU time
             assert 0 < seconds <= compare["cpu_seconds_best"][path] + 0.01
-    assert set(figures["windowed_at_least_as_fast"]["one_thread"]) == {"throughput", "cpu_seconds"}
+    assert set(figures["windowed_at_least_as_fast"]["one_thread"]) == {
+        "throughput",
+        "cpu_seconds",
+        "rasters_only_throughput",
+    }
     assert run["window_cache"]["peak_on_disk"] == 0  # one block: nothing waits for a later row
 
 

@@ -308,6 +308,56 @@ def assert_same_outputs(folder: Path, other: Path) -> None:
         )
 
 
+def test_rasters_only_and_a_resume_that_adds_the_polygons(
+    tmp_path, ckpt, pair, threshold, monkeypatch
+):
+    overrides = [f"threshold={threshold}", "explain.enabled=false"]
+    rasters_only = ["predict.polygons=false", "predict.overviews=false"]
+    run_scene(tmp_path / "whole", ckpt, *pair, *overrides)
+    whole = tmp_path / "whole" / "run" / "pre"
+    report = run_scene(tmp_path / "rasters", ckpt, *pair, *overrides, *rasters_only)
+    folder = tmp_path / "rasters" / "run" / "pre"
+    assert report["scenes"][0]["polygons"] is None and not report["scenes"][0]["overviews"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "blocks.jsonl",
+        "change.tif",
+        "probability.tif",
+        "scene.json",
+    ]
+    for name in ("change.tif", "probability.tif"):
+        with rasterio.open(folder / name) as ours, rasterio.open(whole / name) as theirs:
+            assert ours.overviews(1) == [] and theirs.overviews(1) == [2, 4]
+            np.testing.assert_array_equal(ours.read(1), theirs.read(1))
+    # killed with rasters only, resumed with the polygons: the two blocks it kept are traced
+    # from the rasters, the other two as they are written
+    real = changecam.geo.write.SceneFiles.write_block
+    calls = {"n": 0}
+
+    def dies_after_two(self, *args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_scene(tmp_path / "killed", ckpt, *pair, *overrides, *rasters_only)
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", real)
+    report = run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
+    assert report["scenes"][0]["resumed_blocks"] == 2 and report["scenes"][0]["overviews"]
+    folder = tmp_path / "killed" / "run" / "pre"
+    ours, theirs = (
+        json.loads((f / "change.geojson").read_text())["features"] for f in (folder, whole)
+    )
+    assert ours and [f["geometry"] for f in ours] == [f["geometry"] for f in theirs]
+    assert [f["properties"]["pixels"] for f in ours] == [f["properties"]["pixels"] for f in theirs]
+    with rasterio.open(folder / "change.tif") as src:
+        assert src.overviews(1) == [2, 4]
+    with pytest.raises(SceneError, match="predict.polygons='no' must be true or false"):
+        run_scene(tmp_path / "bad", ckpt, *pair, "predict.polygons=no")
+    assert not (tmp_path / "bad" / "run" / "pre").exists()
+
+
 def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshold, monkeypatch):
     overrides = [f"threshold={threshold}"]
     run_scene(tmp_path / "whole", ckpt, *pair, *overrides)

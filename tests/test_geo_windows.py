@@ -159,6 +159,21 @@ def test_an_all_valid_scene_writes_no_mask_and_refuses_nodata(tmp_path):
         files.write_block(block, probability, holed, 0.5, None)
 
 
+def test_a_run_with_fewer_outputs_removes_the_files_an_earlier_run_left(tmp_path):
+    """Starting over with the explanation or the polygons off removes an earlier run's
+    explanation.tif and change.geojson, which would otherwise look like this run's."""
+    from changecam.geo.write import SceneFiles
+
+    earlier = SceneFiles(tmp_path, explain=True)
+    for what in earlier.outputs:
+        earlier.final(what).write_text("earlier")
+        earlier.partial(what).write_text("earlier")
+    fewer = SceneFiles(tmp_path, explain=False, polygons=False)
+    assert fewer.outputs == ("change", "probability")
+    fewer.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_geojson_geometry_is_shapelys_mapping():
     import json
 

@@ -47,6 +47,8 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
         block_size=int(get("predict.block_size", 1024)),
         batch_size=get("predict.batch_size"),
         min_area_m2=float(get("predict.min_area_m2", 0.0)),
+        polygons=get("predict.polygons", True),
+        overviews=get("predict.overviews", True),
         explain=explain,
         explain_layer=get("predict.explain_layer"),
         progress=bool(get("predict.progress", True)),

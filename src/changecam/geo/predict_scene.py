@@ -83,6 +83,8 @@ class SceneSettings:
         block_size: side of the output blocks (a multiple of 256).
         batch_size: windows per forward pass; ``None``: ``sliding_window.batch_size``.
         min_area_m2: smaller changed regions get no polygon.
+        polygons: trace the changed regions into ``change.geojson``; ``False``: rasters only.
+        overviews: build the rasters' overviews (what QGIS draws when zoomed out).
         explain: write ``explanation.tif`` and the polygons' post share.
         explain_layer: per-date layer of the explanation; ``None``: the deepest.
         prefetch: blocks the reader thread decodes ahead.
@@ -101,6 +103,8 @@ class SceneSettings:
     block_size: int = 1024
     batch_size: int | None = None
     min_area_m2: float = 0.0
+    polygons: bool = True
+    overviews: bool = True
     explain: bool = True
     explain_layer: str | None = None
     prefetch: int = 2
@@ -120,6 +124,9 @@ class SceneSettings:
             raise SceneError(f"predict.batch_size={self.batch_size} must be >= 1 (or null)")
         if self.min_area_m2 < 0:
             raise SceneError(f"predict.min_area_m2={self.min_area_m2} must be >= 0")
+        for key in ("polygons", "overviews"):
+            if type(getattr(self, key)) is not bool:
+                raise SceneError(f"predict.{key}={getattr(self, key)!r} must be true or false")
         threads = self.gdal_threads
         if threads is not None and (type(threads) is not int or threads < 1):
             raise SceneError(f"predict.gdal_threads={threads!r} must be an integer >= 1 (or null)")
@@ -130,9 +137,10 @@ class SceneSettings:
         return "ALL_CPUS" if self.gdal_threads is None else str(self.gdal_threads)
 
     def resumable(self) -> dict[str, Any]:
-        """What a resumed run must repeat (the progress bar and read-ahead may differ)."""
+        """What a resumed run must repeat (the progress bar, read-ahead and what is made of
+        the finished blocks may differ: a resume traces the blocks it keeps from the rasters)."""
         record = asdict(self)
-        for key in ("prefetch", "progress", "min_area_m2", "gdal_threads"):
+        for key in ("prefetch", "progress", "min_area_m2", "gdal_threads", "polygons", "overviews"):
             record.pop(key)
         return strict_json(record)
 
@@ -391,7 +399,9 @@ def _predict_scene(
         # a pair whose every band is valid by its flags (no nodata, alpha or mask; a
         # reprojected post has an alpha band) gives no nodata pixel: no mask to write
         masked = not (all_valid(pair.pre) and all_valid(pair.post))
-        files = SceneFiles(folder, layer is not None, tile_side(settings.block_size), masked)
+        files = SceneFiles(
+            folder, layer is not None, tile_side(settings.block_size), masked, settings.polygons
+        )
         record = {
             **(run_record or {}),
             "pre": input_record(pre_path),
@@ -447,7 +457,7 @@ def _predict_scene(
                 ) from err
 
         last_use = window_last_use(blocks)
-        tracer = RegionTracer(grid)
+        tracer = RegionTracer(grid) if settings.polygons else None
         written_before = [b for b in blocks if b.index in block_log.done]
         writer = BlockWriter(files, tracer, settings.threshold, block_log.add)
         with bar, WindowCache(folder) as reuse, writer:
@@ -478,16 +488,19 @@ def _predict_scene(
         raise SceneError(
             f"no pixel of {pre_path} is valid in both dates (all nodata where the scenes overlap)"
         )
-    features = scene_polygons(
-        tracer,
-        written_before,
-        files.partial("change"),
-        files.partial("probability"),
-        files.partial("explanation") if layer is not None else None,
-        settings.min_area_m2,
-    )
-    write_geojson(files.partial("polygons"), features, grid)
-    files.build_overviews(grid)
+    features = None
+    if tracer is not None:
+        features = scene_polygons(
+            tracer,
+            written_before,
+            files.partial("change"),
+            files.partial("probability"),
+            files.partial("explanation") if layer is not None else None,
+            settings.min_area_m2,
+        )
+        write_geojson(files.partial("polygons"), features, grid)
+    if settings.overviews:
+        files.build_overviews(grid)
     written = files.publish()
     finish_seconds = time.perf_counter() - finish_started
     changed = sum(r["changed"] for r in block_log.done.values())
@@ -510,7 +523,8 @@ def _predict_scene(
             "valid_pixels": valid,
             "changed_pixels": changed,
             "changed_fraction": changed / valid,
-            "polygons": len(features),
+            "polygons": len(features) if features is not None else None,
+            "overviews": settings.overviews,
             "explain_layer": layer,
             "explanation_bands": list(EXPLANATION_BANDS) if layer else None,
             "post_share": post_mass / (pre_mass + post_mass) if pre_mass + post_mass > 0 else None,

@@ -76,12 +76,14 @@ def tile_side(block_size: int) -> int:
 class SceneFiles:
     """The output files of one scene in ``folder``. ``masked``: the scene may have nodata,
     so ``probability.tif`` carries a validity mask (without one GDAL reads every pixel as
-    valid; GDAL builds its overviews several times faster without a mask to follow)."""
+    valid; GDAL builds its overviews several times faster without a mask to follow).
+    ``polygons``: ``change.geojson`` is one of them."""
 
     folder: Path
     explain: bool
     tile: int = TILE
     masked: bool = True
+    polygons: bool = True
 
     def final(self, what: str) -> Path:
         return self.folder / ("change.geojson" if what == "polygons" else f"{what}.tif")
@@ -95,7 +97,7 @@ class SceneFiles:
 
     @property
     def outputs(self) -> tuple[str, ...]:
-        return (*self.rasters, "polygons")
+        return (*self.rasters, "polygons") if self.polygons else self.rasters
 
     def profile(self, what: str, grid: Grid) -> dict[str, Any]:
         common = {
@@ -215,8 +217,9 @@ class SceneFiles:
         return {what: self.final(what).name for what in self.outputs}
 
     def remove(self, names: Iterable[str] = ("partial", "final")) -> None:
-        """Remove this scene's partial and/or final files."""
-        for what in self.outputs:
+        """Remove this scene's partial and/or final files, and those a run with other settings
+        may have left (an explanation, polygons), which would look like this run's."""
+        for what in (*RASTERS, "polygons"):
             if "partial" in names:
                 self.partial(what).unlink(missing_ok=True)
             if "final" in names:

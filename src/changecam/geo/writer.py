@@ -37,7 +37,8 @@ class BlockWriter:
 
     Args:
         files: the scene's partial rasters.
-        tracer: collects the changed regions of the written blocks (in the tracer thread).
+        tracer: collects the changed regions of the written blocks (in the tracer thread);
+            ``None``: no polygons, no tracer thread.
         threshold: probability above which a pixel is change.
         done: called in the writer thread with each written block's log record.
         depth: blocks that may wait for the writer, and for the tracer.
@@ -46,7 +47,7 @@ class BlockWriter:
     def __init__(
         self,
         files: SceneFiles,
-        tracer: RegionTracer,
+        tracer: RegionTracer | None,
         threshold: float,
         done: Callable[[dict[str, Any]], None],
         depth: int = 1,
@@ -63,7 +64,8 @@ class BlockWriter:
 
     def __enter__(self) -> BlockWriter:
         self.thread.start()
-        self.tracer_thread.start()
+        if self.tracer is not None:
+            self.tracer_thread.start()
         return self
 
     def submit(
@@ -103,7 +105,8 @@ class BlockWriter:
             except queue.Full:
                 continue
         self.thread.join()  # it hands the end on to the tracer thread
-        self.tracer_thread.join()
+        if self.tracer is not None:
+            self.tracer_thread.join()
         if kind is None:
             self._raise()
 
@@ -121,7 +124,8 @@ class BlockWriter:
         except BaseException as err:  # handed to the network's thread
             self._fail(err)
         finally:
-            self._put(self.traces, _DONE)
+            if self.tracer is not None:
+                self._put(self.traces, _DONE)
 
     def _trace(self) -> None:
         try:
@@ -133,6 +137,7 @@ class BlockWriter:
                 if job is _DONE:
                     return
                 block, written = job
+                assert self.tracer is not None  # the thread runs only with a tracer
                 self.tracer.add_block(
                     block, written.change, written.probability, written.explanation
                 )
@@ -163,7 +168,8 @@ class BlockWriter:
             record["pre_mass"] = float(np.clip(explanation[0], 0, None)[changed].sum())
             record["post_mass"] = float(np.clip(explanation[1], 0, None)[changed].sum())
         self.done(record)
-        self._put(self.traces, (block, written))
+        if self.tracer is not None:
+            self._put(self.traces, (block, written))
 
 
 __all__ = ["BlockWriter"]
