@@ -5,6 +5,7 @@
 #
 #   benchmarks/gpu_checks.sh OUT [CKPT]      # CKPT: a trained checkpoint (make train's best.ckpt)
 #                                            # for the scene side by side; default: a fresh network
+#   CHECKS="scene" benchmarks/gpu_checks.sh OUT CKPT   # only the checks named (space-separated)
 #
 # On a machine whose Python has torch and Lightning but not changecam's other dependencies, put
 # their wheels in .whl/ first (on a machine with the package index, for the GPU machine's Python):
@@ -34,6 +35,9 @@ status=0
 check() {  # name, timeout in seconds, script and arguments
     local name=$1 limit=$2
     shift 2
+    if [ -n "${CHECKS:-}" ] && [[ " $CHECKS " != *" $name "* ]]; then
+        return 0  # not asked for
+    fi
     local started=$SECONDS
     timeout "$limit" "$python" "$@" > "$out/$name.log" 2>&1
     local rc=$?
