@@ -10,9 +10,10 @@ of windows goes through the one explanation runner
 predicted change, nodata excluded) and the maps are blended like the logits — and hands every
 block to a background writer thread (:mod:`changecam.geo.writer`) that writes it to the
 partial rasters (:mod:`changecam.geo.write`) and hands it to a tracer thread that traces its
-changed regions (:mod:`changecam.geo.polygons`) while the network computes the next one. When all blocks are
-done it joins the regions into polygons, builds the overviews, renames the files into place
-and writes ``scene.json`` last.
+changed regions (:mod:`changecam.geo.polygons`) while the network computes the next one. When
+all blocks are done it joins the regions into polygons, builds the overviews (each unless
+``predict.polygons`` / ``predict.overviews`` is off), renames the files into place and writes
+``scene.json`` last.
 
 ``blocks.jsonl`` in the scene's folder records the run's settings and each finished block.
 ``resume=True`` keeps the blocks it lists when the settings match and the partial rasters are
