@@ -85,8 +85,11 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
         assert compare["gdal_every_cpu_vs_one_thread_speed_median_round"] > 0
         assert compare["explanation_extra_s_per_megapixel"] > 0
         assert len(compare["geotiff_vs_png_speed_per_round"]) == compare["repeats"]
-        for phases in compare["geotiff_phase_seconds_median"].values():
-            assert set(phases) == {"setup", "compute", "finish"} and min(phases.values()) > 0
+        for name, phases in compare["geotiff_phase_seconds_median"].items():
+            assert set(phases) == {"setup", "compute", "finish"}
+            assert phases["setup"] > 0 and phases["compute"] > 0
+            # rasters only, the finish is a rename: it may round to 0.000 s
+            assert phases["finish"] >= 0 if name == like_for_like else phases["finish"] > 0
         assert compare["geotiff_blocks_vs_png_speed_median_round"] > 0
         assert set(compare["geotiff_polygons"]) == geotiff_rows
         assert len(set(compare["geotiff_polygons"].values())) == 1  # GDAL threads change no output
