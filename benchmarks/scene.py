@@ -20,7 +20,8 @@ Measured in one run:
   GeoTIFF path making only what the PNG path makes (``predict.polygons=false
   predict.overviews=false``: a mask and a probability raster, like for like), and the GeoTIFF
   path again with ``predict.gdal_threads=1`` (GDAL decodes and compresses tiles in the
-  reader and writer threads alone, where the default lets it use every CPU). Throughput is
+  reader and writer threads alone, where the default lets it use every CPU), all of them with
+  the garbage collector as predict.py runs it (:func:`changecam.environment.frozen_gc`). Throughput is
   megapixels per second of wall-clock time (the GeoTIFF runs also split theirs into setup,
   block loop and finish, from ``scene.json``); the CPU seconds of the whole process (all its
   threads) are reported beside it, with the calling thread's CPU seconds inside the network's
@@ -145,6 +146,7 @@ def side_by_side(
     from changecam.cli.predict import predict_pair
     from changecam.data.io import write_png
     from changecam.data.layout import Triplet
+    from changecam.environment import frozen_gc
     from changecam.geo import SceneSettings, predict_scene
     from changecam.models.inference import inference_network
     from changecam.models.sliding_window import SlidingWindow
@@ -221,21 +223,22 @@ def side_by_side(
     }
     polygons: dict[str, int] = {}  # change.geojson's features, the same every round
     try:
-        for round_ in range(repeats):  # interleaved, best of the repeats
-            # every other round in reverse order, so a drift of the machine's speed within a
-            # round does not favour one path
-            for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
-                run = runs[name]
-                network_cpu[0] = 0.0
-                start_cpu, start = time.process_time(), time.perf_counter()
-                result = run()
-                cpu[name].append(time.process_time() - start_cpu)
-                wall[name].append(time.perf_counter() - start)
-                in_network[name].append(network_cpu[0])
-                for phase in phases.get(name, {}):
-                    phases[name][phase].append(result[f"{phase}_seconds"])
-                if name != "png" and result["polygons"] is not None:
-                    polygons[name] = result["polygons"]
+        with frozen_gc():  # as predict.py runs (changecam.environment.frozen_gc)
+            for round_ in range(repeats):  # interleaved, best of the repeats
+                # every other round in reverse order, so a drift of the machine's speed within a
+                # round does not favour one path
+                for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
+                    run = runs[name]
+                    network_cpu[0] = 0.0
+                    start_cpu, start = time.process_time(), time.perf_counter()
+                    result = run()
+                    cpu[name].append(time.process_time() - start_cpu)
+                    wall[name].append(time.perf_counter() - start)
+                    in_network[name].append(network_cpu[0])
+                    for phase in phases.get(name, {}):
+                        phases[name][phase].append(result[f"{phase}_seconds"])
+                    if name != "png" and result["polygons"] is not None:
+                        polygons[name] = result["polygons"]
     finally:
         for hook in hooks:
             hook.remove()

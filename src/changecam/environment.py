@@ -8,9 +8,12 @@ albumentations, and the tests and benchmarks at their start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 ENVIRONMENT = {
     "WANDB_MODE": "offline",
@@ -71,3 +74,21 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+@contextmanager
+def frozen_gc() -> Iterator[None]:
+    """Inside, Python's full garbage collections skip the objects that existed on entry
+    (``gc.freeze``): after the imports and the network about 430,000, which a full collection
+    walks in 0.17 s on a 2-core CPU, a pause that lands wherever the objects a long prediction
+    makes happen to trigger it. The objects made inside are collected as before, and on exit
+    the frozen ones are collectable again. Nested uses leave them frozen until the outermost
+    exits."""
+    outermost = gc.get_freeze_count() == 0
+    if outermost:
+        gc.freeze()
+    try:
+        yield
+    finally:
+        if outermost:
+            gc.unfreeze()

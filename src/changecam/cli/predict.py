@@ -79,6 +79,7 @@ from changecam.data.io import (
 )
 from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
+from changecam.environment import frozen_gc
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
 from changecam.geo import is_geotiff
 from changecam.models.inference import inference_network
@@ -388,6 +389,7 @@ def mean_of(values: list[float | None]) -> float | None:
 
 
 @task_wrapper
+@frozen_gc()  # full collections skip the imports' objects (changecam.environment.frozen_gc)
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict every input pair; write masks, probabilities, panels and ``predictions.json``."""
     output_dir = prepare_run(cfg)
