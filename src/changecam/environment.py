@@ -79,9 +79,9 @@ def usable_cores() -> int:
 @contextmanager
 def frozen_gc() -> Iterator[None]:
     """Inside, Python's full garbage collections skip the objects that existed on entry
-    (``gc.freeze``): after the imports and the network about 430,000, which a full collection
-    walks in 0.17 s on a 2-core CPU, a pause that lands wherever the objects a long prediction
-    makes happen to trigger it. The objects made inside are collected as before, and on exit
+    (``gc.freeze``): after predict.py's imports about 430,000, which a full collection walks in
+    0.17 s on a 2-core CPU, a pause that lands wherever the objects a long prediction makes
+    happen to trigger it. The objects made inside are collected as before, and on exit
     the frozen ones are collectable again. Nested uses leave them frozen until the outermost
     exits."""
     outermost = gc.get_freeze_count() == 0
