@@ -30,7 +30,8 @@ HERE = Path(__file__).resolve().parent
 EXPECTED = ("loader", "loop", "memory", "explain_cost", "cam_callback")
 # zoo: `make bench-zoo` (it trains every model); real_small: `make bench-real` (half an hour);
 # full_scale: `make bench-full` (LEVIR-CD-sized data, width 32); scene: `make bench-scene`
-# (an 8192² GeoTIFF pair: tens of minutes on a CPU)
+# (an 8192² GeoTIFF pair: tens of minutes on a CPU); scene_memory, scene_timeline and
+# causal_margin: by hand
 NOT_BENCHMARKS = (
     "common",
     "run_all",
@@ -39,7 +40,8 @@ NOT_BENCHMARKS = (
     "full_scale",
     "scene",
     "scene_memory",
-    "causal_margin",  # needs a trained checkpoint: run by hand
+    "scene_timeline",
+    "causal_margin",  # needs a trained checkpoint
 )
 
 

@@ -116,6 +116,39 @@ def test_scene_benchmark_runs_a_trained_checkpoint_of_its_own_width(tmp_path, ti
 
 
 @pytest.mark.slow
+def test_scene_timeline_times_each_step_in_its_own_thread():
+    import scene_timeline
+
+    figures = scene_timeline.main(["--tiny", "--switch-interval", "0.001"])
+    assert figures["switch_interval_s"] == 0.001 and sys.getswitchinterval() == 0.005  # restored
+    steps = figures["steps"]
+    assert set(steps["png"]) == {"decode", "network", "encode"}
+    assert steps["png"]["decode"]["calls"] == 2  # pre and post
+    threads = {step: row["thread"] for step, row in steps["geotiff"].items()}
+    assert threads == {
+        "read": "changecam-scene-reader",
+        "network": "MainThread",
+        "hand_over": "MainThread",
+        "write": "changecam-scene-writer",
+        "trace": "changecam-scene-tracer",
+        "polygons": "MainThread",
+        "geojson": "MainThread",
+        "overviews": "MainThread",
+        "publish": "MainThread",
+    }
+    for path, spans in figures["spans_last_round"].items():
+        wall = figures["wall_ms_median"][path]  # one round: its wall
+        assert all(0 <= start and start + length <= wall + 1 for _, _, start, length in spans)
+    # one block: read, network, write, trace, then the finish, each after the one before
+    order = [
+        step for _, step, _, _ in sorted(figures["spans_last_round"]["geotiff"], key=lambda s: s[2])
+    ]
+    assert order.index("read") < order.index("network") < order.index("write")
+    assert order.index("write") < order.index("trace") < order.index("polygons")
+    assert 0 <= figures["network_thread_idle_ms_last_round"] < figures["wall_ms_median"]["geotiff"]
+
+
+@pytest.mark.slow
 def test_scene_memory_reports_the_peak_per_phase():
     import scene_memory
 
