@@ -186,3 +186,46 @@ def test_geojson_geometry_is_shapelys_mapping():
         assert json.dumps(geojson_geometry(geometry)) == json.dumps(
             json.loads(json.dumps(mapping(geometry)))
         )
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        (8.5, 47.4, 1 / 3600, 1 / 3600),  # EPSG:4326, one arc-second: block edges inexact
+        (399_872.3, 3_510_144.7, 0.3, 0.3),  # UTM at 0.3 m
+        (399_872.0, 3_510_144.0, 0.5, 0.5),  # exact binary fractions
+    ],
+    ids=["arcsecond", "0.3m", "0.5m"],
+)
+def test_a_region_cut_by_block_edges_is_one_polygon_on_any_grid(transform):
+    """Traced per block in pixel coordinates, the pieces of one region share their edges
+    exactly, whatever the pixel size; placed in the CRS once, the polygon covers its pixels."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+    from shapely.geometry import box, shape
+
+    from changecam.geo.grid import Grid
+    from changecam.geo.polygons import RegionTracer
+
+    affine = from_origin(*transform)
+    crs = rasterio.crs.CRS.from_epsg(4326 if transform[2] < 0.01 else 32650)
+    grid = Grid(crs, affine, 192, 192)
+    change = np.zeros((192, 192), np.uint8)
+    change[70:150, 20:180] = 1  # crosses block edges both ways, and two four-block corners
+    change[170:180, 5:15] = 1  # inside one block
+    change[63, 63] = change[64, 64] = 1  # touch at a block corner only: two regions
+    tracer = RegionTracer(grid)
+    for block in block_grid(192, 192, 64, SlidingWindow(window=32)):
+        window = np.s_[block.row : block.row + block.height, block.col : block.col + block.width]
+        probability = np.full((block.height, block.width), 40000, np.uint16)
+        tracer.add_block(block, change[window], probability, None)
+    features = tracer.features()
+    assert sorted(f["properties"]["pixels"] for f in features) == [1, 1, 100, 80 * 160]
+    big = next(f for f in features if f["properties"]["pixels"] == 80 * 160)
+    geometry = shape(big["geometry"])
+    left, top = affine * (20, 70)
+    right, bottom = affine * (180, 150)
+    expected = box(left, bottom, right, top)
+    assert geometry.geom_type == "Polygon" and not geometry.interiors
+    assert geometry.symmetric_difference(expected).area <= 1e-9 * expected.area

@@ -3,7 +3,11 @@
 Each block of ``change.tif``, as the writer thread wrote it (or read back from the partial
 raster for blocks a killed run wrote: :class:`RegionTracer`), is labelled into 4-connected
 regions (:func:`cv2.connectedComponents`), and each region is traced into a polygon by
-:func:`rasterio.features.shapes` (4-connected too) in the scene's CRS. Per region the block
+:func:`rasterio.features.shapes` (4-connected too) in scene pixel coordinates, where the edge two
+blocks share is the same integer seen from either side (in the CRS it need not be: with a pixel
+size such as 1/3600° or 0.3 m, ``x0 + 1024 a + 1024 a`` and ``x0 + 2048 a`` can differ in the
+last bit, and the two halves of a region would share no segment to be joined by). Each whole
+region is mapped to the scene's CRS once, by its affine transform. Per region the block
 sums what its record needs: pixel count, summed probability, summed positive pre and post
 HiResCAM. Regions that touch an inner block edge are joined with their neighbours across it
 (shapely: pieces whose boundaries share a segment, not just a corner), summing their sums.
@@ -30,8 +34,9 @@ import cv2
 import numpy as np
 import rasterio
 import rasterio.features
-import rasterio.windows
+from affine import Affine
 from shapely import STRtree
+from shapely.affinity import affine_transform
 from shapely.geometry import mapping, shape
 from shapely.ops import unary_union
 
@@ -67,11 +72,10 @@ def block_pieces(
     change: np.ndarray,
     probability: np.ndarray,
     explanation: np.ndarray | None,
-    transform: Any,
     grid: Grid,
 ) -> list[Piece]:
-    """The changed regions of one block (``change`` == 1) with their sums; ``probability`` as
-    written (uint16, ``p * 65535``)."""
+    """The changed regions of one block (``change`` == 1) with their sums, in scene pixel
+    coordinates; ``probability`` as written (uint16, ``p * 65535``)."""
     changed = (change == 1).astype(np.uint8)
     count, labels = cv2.connectedComponents(changed, connectivity=4, ltype=cv2.CV_32S)
     if count <= 1:
@@ -107,7 +111,12 @@ def block_pieces(
         edges |= set(labels[:, -1].tolist())
     with GDAL_LOCK:  # GDAL's polygonize, beside the reader and writer threads (geo.gdal_lock)
         traced = list(
-            rasterio.features.shapes(labels, mask=labels > 0, connectivity=4, transform=transform)
+            rasterio.features.shapes(
+                labels,
+                mask=labels > 0,
+                connectivity=4,
+                transform=Affine.translation(block.col, block.row),
+            )
         )
     geoms: dict[int, list[Any]] = {}
     for geom, value in traced:
@@ -192,10 +201,7 @@ class RegionTracer:
         ``p * 65535``), ``explanation`` (``3 x h x w`` or ``None``)."""
         if not (change == 1).any():
             return
-        transform = rasterio.windows.transform(block.window, self.grid.transform)
-        self.pieces[block.index] = block_pieces(
-            block, change, probability, explanation, transform, self.grid
-        )
+        self.pieces[block.index] = block_pieces(block, change, probability, explanation, self.grid)
 
     def add_from_rasters(
         self,
@@ -264,21 +270,25 @@ def geojson_geometry(geometry: Any) -> dict[str, Any]:
 def region_features(
     regions: Sequence[Piece], grid: Grid, min_area_m2: float
 ) -> list[dict[str, Any]]:
-    """GeoJSON features of whole regions, with their records."""
+    """GeoJSON features of whole regions (in scene pixel coordinates), with their records, in
+    the scene's CRS."""
     area = grid.pixel_area
     metres = metric_crs(grid)
+    t = grid.transform
+    kept = [piece for piece in regions if piece.pixels * area >= min_area_m2]
+    placed = [affine_transform(piece.geometry, [t.a, t.b, t.d, t.e, t.c, t.f]) for piece in kept]
     features = []
-    for piece in sorted(regions, key=lambda p: (-p.geometry.bounds[3], p.geometry.bounds[0])):
+    for geometry, piece in sorted(
+        zip(placed, kept, strict=True), key=lambda g: (-g[0].bounds[3], g[0].bounds[0])
+    ):
         region_area = piece.pixels * area
-        if region_area < min_area_m2:
-            continue
         total = piece.pre_mass + piece.post_mass
         post_share = piece.post_mass / total if np.isfinite(total) and total > 0 else None
         features.append(
             {
                 "type": "Feature",
                 "id": len(features) + 1,
-                "geometry": geojson_geometry(piece.geometry),
+                "geometry": geojson_geometry(geometry),
                 "properties": strict_json(
                     {
                         "id": len(features) + 1,
