@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,13 @@ def test_a_tile_corrupt_inside_the_file_is_named_when_decoded(net, images, tmp_p
     data = bytearray(post.read_bytes())
     data[offset : offset + length] = np.random.default_rng(1).bytes(length)
     post.write_bytes(bytes(data))
-    refused(net, tmp_path, pre, post, r"post.tif failed \(corrupt or truncated file\?\)")
+    with pytest.raises(SceneError) as caught:
+        predict_scene(net, pre, post, tmp_path / "out", SPEC, SETTINGS)
+    message = str(caught.value)
+    assert re.search(r"post.tif cannot be decoded at rows \d+-\d+, columns \d+-\d+", message)
+    assert "pre.tif" not in message, "only the corrupt file is named"
+    assert "ZIPDecode" in message, "GDAL's own message, not only rasterio's 'Read failed'"
+    assert finished_looking(tmp_path / "out") == []
 
 
 def test_an_all_nodata_scene(net, images, tmp_path):
@@ -148,3 +155,47 @@ def test_the_command_lists_the_refused_scene_and_writes_no_report(tmp_path, imag
     assert finished_looking(tmp_path / "run") == []
     with rasterio.open(pre) as src:  # the inputs are untouched
         assert src.crs.to_epsg() == 32650
+
+
+def test_a_scene_georeferenced_by_control_points_only_is_refused(net, images, tmp_path):
+    from rasterio.control import GroundControlPoint
+
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    gcps = tmp_path / "gcps.tif"
+    with rasterio.open(
+        gcps, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8"
+    ) as dst:
+        dst.write(images[1].transpose(2, 0, 1))
+        x, y = ORIGIN
+        points = [
+            GroundControlPoint(row, col, x + col * PIXEL, y - row * PIXEL)
+            for row, col in ((0, 0), (0, 64), (64, 0), (64, 64))
+        ]
+        dst.gcps = (points, rasterio.crs.CRS.from_epsg(32650))
+    refused(net, tmp_path, pre, gcps, r"gcps.tif is georeferenced by ground control points only")
+    refused(net, tmp_path, gcps, gcps, r"gcps.tif is georeferenced by ground control points only")
+
+
+def test_an_rgba_post_scene_is_reprojected_with_its_own_alpha(net, images, tmp_path):
+    """The warp keeps the alpha band the post scene has (adding another one fails in GDAL):
+    its transparent pixels and those outside its footprint are nodata."""
+    alpha = np.full((64, 64, 1), 255, np.uint8)
+    alpha[:16, :16] = 0
+
+    def rgba(path: Path, image: np.ndarray, **kw) -> Path:
+        return write_scene(
+            path, np.concatenate([image, alpha], axis=2), photometric="RGB", alpha="YES", **kw
+        )
+
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    shifted = from_origin(ORIGIN[0] + 4 * PIXEL, ORIGIN[1], PIXEL, PIXEL)  # 4 px to the east
+    post = rgba(tmp_path / "post.tif", images[1], transform=shifted)
+    settings = SceneSettings(**{**vars(SETTINGS), "bands": (1, 2, 3), "threshold": 0.0})
+    summary = predict_scene(net, pre, post, tmp_path / "out", SPEC, settings)
+    assert summary["post_reprojected"] is True
+    with rasterio.open(tmp_path / "out" / "change.tif") as src:
+        change = src.read(1)
+    expected = np.zeros((64, 64), bool)
+    expected[:, :4] = True  # west of the post footprint
+    expected[:16, 4:20] = True  # the post scene's transparent corner, 4 px east
+    assert ((change == 255) == expected).all()

@@ -18,7 +18,7 @@ from typing import Any, Literal, get_args
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
-from rasterio.enums import Interleaving, Resampling
+from rasterio.enums import ColorInterp, Interleaving, Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -128,6 +128,25 @@ def check_complete(dataset: Any, path: Path) -> None:
                     )
 
 
+def check_georeferenced(dataset: Any, path: Path) -> None:
+    """Refuse a file georeferenced by ground control points or RPCs alone (no CRS and no
+    geotransform): read pixel for pixel, it would be compared with the other date as if the two
+    were aligned, and the outputs would carry no georeferencing.
+
+    Raises:
+        SceneError: the file has GCPs or RPCs but no geotransform.
+    """
+    if dataset.crs is not None or not dataset.transform.is_identity:
+        return
+    how = "ground control points" if dataset.gcps[0] else "RPCs" if dataset.rpcs else None
+    if how is not None:
+        raise SceneError(
+            f"{path} is georeferenced by {how} only (no geotransform): warp it onto a grid first, "
+            f"e.g. gdalwarp -t_srs <CRS> {path.name} {path.stem}_warped.tif"
+            + (" -rpc" if how == "RPCs" else "")
+        )
+
+
 @dataclass(frozen=True)
 class ScenePair:
     """An opened pair on the pre grid: ``post`` is the post dataset or its WarpedVRT."""
@@ -162,8 +181,8 @@ def open_pair(
     """Open both dates; the post one on the pre grid (see the module docstring).
 
     Raises:
-        SceneError: unreadable file, CRS on one side only, no overlap, or (``strict``)
-            different grids.
+        SceneError: unreadable file, georeferenced by GCPs or RPCs only, CRS on one side
+            only, no overlap, (``strict``) different grids, or a post scene GDAL cannot warp.
     """
     if align not in ALIGNS:
         raise SceneError(f"input.align={align!r} is not allowed; expected one of {ALIGNS}")
@@ -171,6 +190,8 @@ def open_pair(
     with ExitStack() as stack:
         pre = open_raster(pre_path, stack)
         post = open_raster(post_path, stack)
+        for dataset, path in ((pre, pre_path), (post, post_path)):
+            check_georeferenced(dataset, path)
         pre_grid, post_grid = Grid.of(pre), Grid.of(post)
         if (pre_grid.crs is None) != (post_grid.crs is None):
             has, lacks = (pre_path, post_path) if post_grid.crs is None else (post_path, pre_path)
@@ -193,17 +214,26 @@ def open_pair(
                 f"the scenes have no CRS and different grids ({pre_path}: {pre_grid.describe()}; "
                 f"{post_path}: {post_grid.describe()}): without a CRS they cannot be aligned"
             )
-        vrt = stack.enter_context(
-            WarpedVRT(
-                post,
-                crs=pre_grid.crs,
-                transform=pre_grid.transform,
-                width=pre_grid.width,
-                height=pre_grid.height,
-                resampling=Resampling.bilinear,
-                add_alpha=post.nodata is None,  # pixels outside the post scene are masked
+        # pixels outside the post scene are masked: by its nodata value, its own alpha band,
+        # or an alpha band the warp adds
+        has_alpha = ColorInterp.alpha in post.colorinterp
+        try:
+            vrt = stack.enter_context(
+                WarpedVRT(
+                    post,
+                    crs=pre_grid.crs,
+                    transform=pre_grid.transform,
+                    width=pre_grid.width,
+                    height=pre_grid.height,
+                    resampling=Resampling.bilinear,
+                    add_alpha=post.nodata is None and not has_alpha,
+                )
             )
-        )
+        except RasterioError as err:
+            raise SceneError(
+                f"{post_path} cannot be reprojected onto the grid of {pre_path} "
+                f"({pre_grid.describe()}): {err}"
+            ) from err
         yield ScenePair(pre, vrt, post, pre_grid, True, pre_path, post_path)
 
 
@@ -214,6 +244,7 @@ __all__ = [
     "ScenePair",
     "SceneError",
     "check_complete",
+    "check_georeferenced",
     "check_overlap",
     "open_pair",
     "open_raster",

@@ -447,7 +447,14 @@ def _predict_scene(
 
         def read(block: Block) -> Region:
             try:
-                return read_region(pair.pre, pair.post, bands, (scaling[0], scaling[1]), block)
+                return read_region(
+                    pair.pre,
+                    pair.post,
+                    bands,
+                    (scaling[0], scaling[1]),
+                    block,
+                    (pre_path, post_path),
+                )
             except SceneError:
                 raise
             except Exception as err:

@@ -15,13 +15,16 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from changecam.geo.bands import Scaling, all_valid
 from changecam.geo.gdal_lock import GDAL_LOCK
+from changecam.geo.grid import SceneError
 from changecam.models.sliding_window import SlidingWindow, window_starts
 
 
@@ -97,19 +100,39 @@ class Region:
 
 
 def read_region(
-    pre: Any, post: Any, bands: Sequence[int], scaling: tuple[Scaling, Scaling], block: Block
+    pre: Any,
+    post: Any,
+    bands: Sequence[int],
+    scaling: tuple[Scaling, Scaling],
+    block: Block,
+    paths: tuple[Path, Path] | None = None,
 ) -> Region:
     """Read and scale one block's region of both dates (nodata pixels set to 0). A date whose
     mask flags say every pixel is valid (:func:`~changecam.geo.bands.all_valid`) has no mask to
-    read."""
+    read.
+
+    Raises:
+        SceneError: a date's tiles cannot be decoded (named by ``paths``, else the dataset's
+            name), with GDAL's own message.
+    """
     window = block.region
     arrays = []
     valid = np.ones((block.region_height, block.region_width), dtype=bool)
-    for dataset, scale in zip((pre, post), scaling, strict=True):
-        with GDAL_LOCK:  # the writer and tracer threads use GDAL too (geo.gdal_lock)
-            data = dataset.read(list(bands), window=window)
-            if not all_valid(dataset):
-                valid &= dataset.dataset_mask(window=window) > 0
+    names = paths or (pre.name, post.name)
+    for dataset, scale, name in zip((pre, post), scaling, names, strict=True):
+        try:
+            with GDAL_LOCK:  # the writer and tracer threads use GDAL too (geo.gdal_lock)
+                data = dataset.read(list(bands), window=window)
+                if not all_valid(dataset):
+                    valid &= dataset.dataset_mask(window=window) > 0
+        except RasterioError as err:
+            cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+            raise SceneError(
+                f"{name} cannot be decoded at rows {block.region_row}-"
+                f"{block.region_row + block.region_height - 1}, columns {block.region_col}-"
+                f"{block.region_col + block.region_width - 1} (corrupt or truncated file?): "
+                f"{err}{cause}"
+            ) from err
         arrays.append(scale.apply(data))
     if not valid.all():
         for image in arrays:
