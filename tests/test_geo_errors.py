@@ -199,3 +199,81 @@ def test_an_rgba_post_scene_is_reprojected_with_its_own_alpha(net, images, tmp_p
     expected[:, :4] = True  # west of the post footprint
     expected[:16, 4:20] = True  # the post scene's transparent corner, 4 px east
     assert ((change == 255) == expected).all()
+
+
+@pytest.mark.parametrize("scale", ["percentile", "fixed"])
+def test_nan_pixels_of_a_float_scene_are_nodata_without_a_declared_value(
+    net, images, tmp_path, scale
+):
+    """NaN (or an infinity) in a float band is nodata even when the file declares none: it
+    neither blanks the percentile stretch nor becomes change."""
+    reflectance = images[0].astype(np.float32) * 10 + 1000
+    reflectance[5, 7] = np.nan
+    reflectance[40:42, 50, 1] = np.inf
+    pre = write_scene(tmp_path / "pre.tif", reflectance)
+    post = write_scene(tmp_path / "post.tif", images[1].astype(np.float32) * 10 + 1000)
+    fixed = {"scale_min": 1000.0, "scale_max": 3550.0} if scale == "fixed" else {}
+    settings = SceneSettings(**{**vars(SETTINGS), "scale": scale, "threshold": 0.0, **fixed})
+    summary = predict_scene(net, pre, post, tmp_path / "out", SPEC, settings)
+    assert all(np.isfinite(summary["scaling"]["pre"]["lo"]))
+    with rasterio.open(tmp_path / "out" / "change.tif") as src:
+        change = src.read(1)
+    invalid = np.zeros((64, 64), bool)
+    invalid[5, 7] = invalid[40:42, 50] = True
+    assert ((change == 255) == invalid).all() and summary["valid_pixels"] == 64 * 64 - 3
+
+
+def test_min_area_needs_a_crs_in_metres(net, images, tmp_path):
+    degrees = from_origin(8.5, 47.4, 1 / 3600, 1 / 3600)
+    pre = write_scene(tmp_path / "pre.tif", images[0], transform=degrees, crs="EPSG:4326")
+    post = write_scene(tmp_path / "post.tif", images[1], transform=degrees, crs="EPSG:4326")
+    refused(
+        net,
+        tmp_path,
+        pre,
+        post,
+        r"predict.min_area_m2=5.0 needs a CRS in metres, but .*pre.tif is in EPSG:4326",
+        min_area_m2=5.0,
+    )
+
+
+def test_a_refused_rerun_leaves_no_earlier_output_in_its_folder(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1], compress="deflate")
+    predict_scene(net, pre, post, tmp_path / "out", SPEC, SETTINGS)
+    assert "scene.json" in finished_looking(tmp_path / "out")
+    data = post.read_bytes()
+    post.write_bytes(data[: len(data) // 2])  # the post scene is now a cut download
+    refused(net, tmp_path, pre, post, r"post.tif is truncated")  # nothing that looks finished
+
+
+def test_resuming_a_finished_scene_with_other_outputs_predicts_it_again(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    out = tmp_path / "out"
+    probe = tmp_path / "probe"
+    predict_scene(
+        net, pre, post, probe, SPEC, SceneSettings(**{**vars(SETTINGS), "explain": False})
+    )
+    with rasterio.open(probe / "probability.tif") as src:  # about half of it change
+        threshold = float(np.median(src.read(1))) / 65535
+    base = {**vars(SETTINGS), "threshold": threshold, "explain": False}
+    first = predict_scene(net, pre, post, out, SPEC, SceneSettings(**base), resume=True)
+    kept = predict_scene(net, pre, post, out, SPEC, SceneSettings(**base), resume=True)
+    assert kept == first, "the same settings keep the finished scene"
+    areas = [f["properties"]["area_m2"] for f in read_features(out)]
+    assert min(areas) < 2.0 < max(areas)
+    again = predict_scene(
+        net, pre, post, out, SPEC, SceneSettings(**{**base, "min_area_m2": 2.0}), resume=True
+    )
+    assert again["min_area_m2"] == 2.0 and again["polygons"] < first["polygons"]
+    assert min(f["properties"]["area_m2"] for f in read_features(out)) >= 2.0
+    rasters_only = SceneSettings(**{**base, "polygons": False, "overviews": False})
+    summary = predict_scene(net, pre, post, out, SPEC, rasters_only, resume=True)
+    assert summary["polygons"] is None and not (out / "change.geojson").exists()
+
+
+def read_features(folder: Path) -> list[dict]:
+    import json
+
+    return json.loads((folder / "change.geojson").read_text())["features"]

@@ -110,10 +110,27 @@ def is_uint8(dataset: Any, bands: Sequence[int]) -> bool:
 
 
 def all_valid(dataset: Any, bands: Sequence[int] | None = None) -> bool:
-    """Whether GDAL's mask flags say every pixel of ``bands`` (default: every band, which is
-    what a dataset mask covers) is valid: no nodata value, alpha band or mask."""
+    """Whether every pixel of ``bands`` (default: every band, which is what a dataset mask
+    covers) is valid: GDAL's mask flags say so (no nodata value, alpha band or mask) and the
+    bands are not floating point (where NaN or an infinity is nodata, declared or not)."""
     indexes = dataset.indexes if bands is None else bands
-    return all(dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in indexes)
+    return all(
+        dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid]
+        and not np.issubdtype(np.dtype(dataset.dtypes[b - 1]), np.floating)
+        for b in indexes
+    )
+
+
+def finite_values(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Floating-point ``C x H x W`` data: ``valid`` (``H x W``) is narrowed in place to the
+    pixels finite in every band, and the others are set to 0; other data is returned as it is."""
+    if not np.issubdtype(data.dtype, np.floating):
+        return data
+    finite = np.isfinite(data).all(axis=0)
+    if finite.all():
+        return data
+    valid &= finite
+    return np.where(finite, data, 0).astype(data.dtype)
 
 
 def needs_sample(dataset: Any, bands: Sequence[int], scale: Scale) -> bool:
@@ -137,7 +154,7 @@ def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np
             list(bands), out_shape=(len(bands), *shape), resampling=Resampling.nearest
         )
         valid = dataset.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
-        return data, valid
+        return finite_values(data, valid), valid
     tile_rows = dataset.block_shapes[0][0]
     strip = max(factor, tile_rows) // factor * factor  # whole tiles, a multiple of the step
     data_parts, valid_parts = [], []
@@ -145,7 +162,8 @@ def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np
         window = Window(0, row, dataset.width, min(strip, dataset.height - row))
         data_parts.append(dataset.read(list(bands), window=window)[:, ::factor, ::factor])
         valid_parts.append(dataset.dataset_mask(window=window)[::factor, ::factor] > 0)
-    return np.concatenate(data_parts, axis=1), np.concatenate(valid_parts, axis=0)
+    data, valid = np.concatenate(data_parts, axis=1), np.concatenate(valid_parts, axis=0)
+    return finite_values(data, valid), valid
 
 
 def estimate_scaling(
@@ -198,6 +216,7 @@ __all__ = [
     "all_valid",
     "decimated_sample",
     "estimate_scaling",
+    "finite_values",
     "is_uint8",
     "needs_sample",
     "select_bands",

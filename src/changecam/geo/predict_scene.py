@@ -51,7 +51,7 @@ from changecam.geo.bands import (
     select_bands,
 )
 from changecam.geo.grid import Align, SceneError, open_pair
-from changecam.geo.polygons import RegionTracer, scene_polygons, write_geojson
+from changecam.geo.polygons import RegionTracer, metric_crs, scene_polygons, write_geojson
 from changecam.geo.window_cache import WindowCache
 from changecam.geo.windows import Block, Region, block_grid, prefetched, read_region
 from changecam.geo.write import EXPLANATION_BANDS, TILE, SceneFiles, tile_side
@@ -272,16 +272,29 @@ class SceneNetwork:
 
 
 def finished_scene(
-    folder: Path, files: SceneFiles, block_log: BlockLog, record: dict[str, Any]
+    folder: Path,
+    files: SceneFiles,
+    block_log: BlockLog,
+    record: dict[str, Any],
+    settings: SceneSettings,
 ) -> dict[str, Any] | None:
-    """The summary of a scene a run with the same settings finished (every output there)."""
+    """The summary of a scene a run with the same settings finished (every output there),
+    those a resume may change included: the polygons, their ``min_area_m2`` and the
+    overviews (a finished scene made with others is predicted again)."""
     report = folder / REPORT_FILE
     records = block_log.read()
     if not (report.is_file() and records and records[0].get("settings") == record):
         return None
     if not all(files.final(what).is_file() for what in files.outputs):
         return None
-    return json.loads(report.read_text())
+    summary = json.loads(report.read_text())
+    made = (summary.get("polygons") is not None, summary.get("overviews"))
+    if made != (settings.polygons, settings.overviews) or (
+        settings.polygons and summary.get("min_area_m2") != settings.min_area_m2
+    ):
+        log.info("%s was finished with other outputs: predicted again", folder)
+        return None
+    return summary
 
 
 def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
@@ -328,9 +341,17 @@ def predict_scene(
     default, 5 % of the machine's memory, would grow with the scene while writing and
     building overviews) and ``settings.gdal_threads`` threads for GDAL's (de)compression (the
     reader and writer threads take turns with GDAL, geo.gdal_lock: these
-    threads shorten each turn)."""
+    threads shorten each turn). A refused scene leaves no ``scene.json`` or output of an
+    earlier run in ``folder``: they would describe other inputs or settings."""
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_NUM_THREADS=settings.gdal_num_threads):
-        return _predict_scene(net, pre_path, post_path, folder, spec, settings, device, **kwargs)
+        try:
+            return _predict_scene(
+                net, pre_path, post_path, folder, spec, settings, device, **kwargs
+            )
+        except SceneError:
+            (Path(folder) / REPORT_FILE).unlink(missing_ok=True)
+            SceneFiles(Path(folder), explain=True).remove(("final",))
+            raise
 
 
 def _predict_scene(
@@ -396,6 +417,12 @@ def _predict_scene(
                 )
             )
         grid = pair.grid
+        if settings.min_area_m2 > 0 and settings.polygons and not metric_crs(grid):
+            raise SceneError(
+                f"predict.min_area_m2={settings.min_area_m2} needs a CRS in metres, but "
+                f"{pre_path} is in {grid.crs.to_string() if grid.crs else 'no CRS'}; reproject "
+                "the scenes to a projected CRS (e.g. their UTM zone) or set predict.min_area_m2=0"
+            )
         blocks = block_grid(grid.height, grid.width, settings.block_size, spec)
         # a pair whose every band is valid by its flags (no nodata, alpha or mask; a
         # reprojected post has an alpha band) gives no nodata pixel: no mask to write
@@ -415,7 +442,7 @@ def _predict_scene(
         }
         block_log = BlockLog(folder / LOG_FILE)
         record = strict_json(record)
-        finished = finished_scene(folder, files, block_log, record) if resume else None
+        finished = finished_scene(folder, files, block_log, record, settings) if resume else None
         if finished is not None:
             log.info("%s is finished already (predict.resume=true): kept", folder)
             return finished

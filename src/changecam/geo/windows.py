@@ -22,7 +22,7 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from changecam.geo.bands import Scaling, all_valid
+from changecam.geo.bands import Scaling, all_valid, finite_values
 from changecam.geo.gdal_lock import GDAL_LOCK
 from changecam.geo.grid import SceneError
 from changecam.models.sliding_window import SlidingWindow, window_starts
@@ -133,7 +133,7 @@ def read_region(
                 f"{block.region_col + block.region_width - 1} (corrupt or truncated file?): "
                 f"{err}{cause}"
             ) from err
-        arrays.append(scale.apply(data))
+        arrays.append(scale.apply(finite_values(data, valid)))
     if not valid.all():
         for image in arrays:
             image[:, ~valid] = 0
