@@ -1,5 +1,6 @@
 """Small GeoTIFF scene pairs for the ``test_geo_*`` tests, written with rasterio (EPSG:32650,
-0.5 m pixels, a real UTM transform), and a run of predict.py on them."""
+0.5 m pixels, a real UTM transform), a run of predict.py on them, and a hand-built change
+network whose answer follows the images exactly (:class:`DifferenceNet`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import torch
 from rasterio.transform import from_origin
+from torch import Tensor, nn
 
 from changecam.cli.predict import predict
 from changecam.data.synthetic import SyntheticSpec, generate_scene
+from changecam.models.protocol import ChangeNetwork
+from changecam.models.taps import Tap
+from changecam.training.checkpoint import CONFIG_KEY, PREFIX_KEY
 from helpers import compose_train
 
 CRS = "EPSG:32650"
@@ -32,6 +38,30 @@ def synthetic_pair(size: int = 128, n: int = 0) -> tuple[np.ndarray, np.ndarray]
     """A synthetic scene pair (H x W x 3 uint8 each) from the repository's generator."""
     scene = generate_scene(SyntheticSpec(image_size=size), "test", n)
     return scene.pre, scene.post
+
+
+# post-date roofs (row0, col0, row1, col1) painted over the pre image by :func:`changed_pair`:
+# one crosses the 64 px block edges both ways, two are small, all are apart
+ROOFS = ((10, 12, 30, 50), (50, 52, 80, 78), (96, 90, 120, 124), (6, 100, 12, 108), (70, 10, 74, 14))
+ROOF_COLOUR = (225, 70, 50)
+
+
+def changed_pair(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """The generator's pre image of a ``size``² scene, and the same image with :data:`ROOFS`
+    painted on as the post image: the change is known to the pixel."""
+    pre = synthetic_pair(size)[0]
+    post = pre.copy()
+    for r0, c0, r1, c1 in ROOFS:
+        post[r0:r1, c0:c1] = ROOF_COLOUR
+    return pre, post
+
+
+def roof_mask(size: int = 128) -> np.ndarray:
+    """Where :func:`changed_pair` changed the image."""
+    mask = np.zeros((size, size), bool)
+    for r0, c0, r1, c1 in ROOFS:
+        mask[r0:r1, c0:c1] = True
+    return mask
 
 
 def write_scene(
@@ -83,3 +113,46 @@ def run_scene(tmp_path: Path, ckpt: Path, pre: Path, post: Path, *overrides: str
 def read_band(path: Path, band: int | None = 1) -> np.ndarray:
     with rasterio.open(path) as src:
         return src.read(band) if band is not None else src.read()
+
+
+class DifferenceNet(ChangeNetwork):
+    """A hand-built change network for the scene tests: the logit of a pixel is
+    ``gain * sum_bands |box(post) - box(pre)| - offset`` (``box``: the 3x3 mean, zero-padded),
+    so a pixel is change (p > 0.5) exactly where the dates' local means differ by more than
+    ``offset / gain`` summed over the bands (0.25 of the [0, 1] range by default), and
+    nowhere when the dates are equal. The smoothed images are tapped per date
+    (``pre/smooth``, ``post/smooth``) for HiResCAM.
+    """
+
+    def __init__(self, in_channels: int = 3, gain: float = 8.0, offset: float = 2.0) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.smooth = nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels)
+        self.head = nn.Conv2d(in_channels, 1, 1)
+        with torch.no_grad():
+            self.smooth.weight.fill_(1 / 9)
+            self.smooth.bias.zero_()
+            self.head.weight.fill_(gain)
+            self.head.bias.fill_(-offset)
+        self.taps = nn.ModuleDict({"pre": Tap("pre/smooth"), "post": Tap("post/smooth")})
+
+    def forward(self, pre: Tensor, post: Tensor) -> Tensor:
+        before = self.taps["pre"](self.smooth(pre))
+        after = self.taps["post"](self.smooth(post))
+        return self.head((after - before).abs())
+
+
+def difference_checkpoint(path: Path, **kwargs: Any) -> Path:
+    """A checkpoint of :class:`DifferenceNet` as changecam writes them (its weights under
+    ``net.`` and its config), which predict.py rebuilds in this process."""
+    net = DifferenceNet(**kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            CONFIG_KEY: net.config(),
+            PREFIX_KEY: "net.",
+        },
+        path,
+    )
+    return path
