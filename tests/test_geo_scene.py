@@ -516,6 +516,55 @@ def test_pixels_outside_the_post_footprint_are_nodata(tmp_path, ckpt, pair, thre
     assert len(holed) == 1 and holed[0].interiors[0].envelope.area == pytest.approx(16 * PIXEL**2)
 
 
+def test_a_folder_of_scene_pairs_batches_windows_and_shows_progress(
+    tmp_path, ckpt, pair, monkeypatch, capfd
+):
+    """``input.dir`` with ``A/`` and ``B/`` GeoTIFFs paired by name; ``predict.batch_size``
+    windows per forward pass; a progress bar in windows and megapixels."""
+    import geo_scenes
+    from changecam.cli.predict import predict
+    from helpers import compose_train
+
+    for folder in ("A", "B"):
+        (tmp_path / "scenes" / folder).mkdir(parents=True)
+    for name in ("east", "west"):
+        for folder, source in zip(("A", "B"), pair, strict=True):
+            (tmp_path / "scenes" / folder / f"{name}.tif").write_bytes(source.read_bytes())
+    batches: list[int] = []
+    real = geo_scenes.DifferenceNet.forward
+
+    def recording(self, pre, post):
+        batches.append(pre.shape[0])
+        return real(self, pre, post)
+
+    monkeypatch.setattr(geo_scenes.DifferenceNet, "forward", recording)
+    overrides = [o for o in FAST if not o.startswith("predict.")]
+    cfg = compose_train(
+        tmp_path,
+        [
+            *overrides,
+            "predict.block_size=64",
+            "predict.batch_size=3",
+            "predict.progress=true",
+            f"ckpt_path={ckpt}",
+            f"input.dir={tmp_path / 'scenes'}",
+            "explain.enabled=false",
+        ],
+        "predict",
+    )
+    report = predict(cfg)
+    assert [scene["name"] for scene in report["scenes"]] == ["east", "west"]
+    for name in ("east", "west"):
+        assert (read_band(tmp_path / "run" / name / "change.tif")[roof_mask()] == 1).all()
+    # 5 x 5 windows of 32 px a scene (stride 24), each computed once, in batches of 3 (a
+    # block's last one smaller); the bar counts each block's windows, shared ones included
+    assert sum(batches) == 2 * 25 and max(batches) == 3 and set(batches) <= {1, 2, 3}
+    uses = report["scenes"][0]["windows"]
+    err = capfd.readouterr().err
+    assert f"{uses}/{uses} [" in err and "window" in err and "0.02/0.02 MP" in err
+    assert "scene east" in err and "scene west" in err
+
+
 def test_png_pairs_keep_the_png_path(tmp_path, ckpt):
     pre, post = synthetic_pair(64)
     write_png(tmp_path / "pre.png", pre)

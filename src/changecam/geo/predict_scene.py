@@ -512,7 +512,7 @@ def _predict_scene(
                 writer.submit(block, probability, inner, explanation)  # written in the background
                 done_pixels += block.pixels
                 bar.update(block.windows)
-                bar.set_postfix_str(f"{done_pixels / 1e6:.1f}/{grid.pixels / 1e6:.1f} MP")
+                bar.set_postfix_str(f"{done_pixels / 1e6:.2f}/{grid.pixels / 1e6:.2f} MP")
             window_cache = reuse.record()
         compute_seconds = time.perf_counter() - compute_started
     finish_started = time.perf_counter()
