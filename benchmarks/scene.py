@@ -318,8 +318,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = list(args.size) + ([16384] if args.large and 16384 not in args.size else [])
     if args.side_by_side_only:
         sizes = []
-    if args.tiny:
-        sizes, args.compare, args.repeats = [256], 256, 1
+    if args.tiny:  # two sizes, so the growth of the peak is computed too
+        sizes, args.compare, args.repeats = [256, 512], 256, 1
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="changecam-scene-") as tmp_name:
         tmp = Path(tmp_name)

@@ -73,8 +73,15 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
     import scene
 
     figures = scene.main(["--tiny"])
-    (run,) = figures["scenes"]
-    assert run["side"] == 256 and run["peak_rss_mib"] > 100 and run["megapixels_per_s"] > 0
+    run, larger = figures["scenes"]
+    assert (run["side"], larger["side"]) == (256, 512)
+    for scene_run in (run, larger):
+        assert scene_run["peak_rss_mib"] > 100 and scene_run["megapixels_per_s"] > 0
+        assert scene_run["within_1_5_gib"] is True
+    assert figures["peak_rss_growth"] == pytest.approx(
+        larger["peak_rss_mib"] / run["peak_rss_mib"], abs=1e-3
+    )
+    assert 0.8 < figures["peak_rss_growth"] < 1.5, "bounded memory: the peak hardly grows"
     assert set(figures["side_by_side"]) == {"one_thread", "default_threads"}
     for compare in figures["side_by_side"].values():
         geotiff_rows = {"geotiff", "geotiff_explained", "geotiff_one_gdal_thread"}
@@ -112,7 +119,7 @@ def test_scene_benchmark_runs_a_trained_checkpoint_of_its_own_width(tmp_path, ti
     ckpt = make_lightning_checkpoint(tmp_path / "best.ckpt", tiny_synthetic)  # width 4, depth 2
     figures = scene.main(["--tiny", "--weights", str(ckpt)])
     assert figures["network"].endswith(f"trained: {ckpt}")
-    assert figures["scenes"][0]["megapixels_per_s"] > 0  # predict.py built the recorded network
+    assert all(s["megapixels_per_s"] > 0 for s in figures["scenes"])  # predict.py built it
 
 
 @pytest.mark.slow

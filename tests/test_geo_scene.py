@@ -565,6 +565,47 @@ def test_a_folder_of_scene_pairs_batches_windows_and_shows_progress(
     assert "scene east" in err and "scene west" in err
 
 
+def test_the_overlay_figure_renders_a_predicted_scene(tmp_path, ckpt, pair, threshold):
+    import importlib.util
+
+    from PIL import Image
+
+    from helpers import REPO
+
+    run_scene(tmp_path, ckpt, *pair, f"threshold={threshold}", "explain.enabled=false")
+    spec = importlib.util.spec_from_file_location(
+        "render_scene_overlay", REPO / "scripts" / "render_scene_overlay.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.render(tmp_path / "run" / "pre", tmp_path / "overlay.png", side=128)
+    with Image.open(out) as image:
+        width, height = image.size
+        pixels = np.asarray(image.convert("RGB"))
+    assert width > height > 300
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # the scene, not a blank plot
+
+
+def test_the_synthetic_scene_pair_is_georeferenced_and_tiled(tmp_path):
+    from changecam.geo.synthetic import ORIGIN as SYNTHETIC_ORIGIN
+    from changecam.geo.synthetic import PIXEL as SYNTHETIC_PIXEL
+    from changecam.geo.synthetic import write_synthetic_scene
+
+    pre, post = write_synthetic_scene(tmp_path, 300, tile=128)
+    for path in (pre, post):
+        with rasterio.open(path) as src:
+            assert src.crs == rasterio.crs.CRS.from_epsg(32650)
+            assert src.transform == rasterio.transform.from_origin(
+                *SYNTHETIC_ORIGIN, SYNTHETIC_PIXEL, SYNTHETIC_PIXEL
+            )
+            assert (src.width, src.height, src.count, src.dtypes[0]) == (300, 300, 3, "uint8")
+            assert src.profile["tiled"] and src.block_shapes[0] == (256, 256)
+            assert src.profile["compress"] == "deflate"
+    a, b = read_band(pre, None), read_band(post, None)
+    assert a.std() > 10 and (a != b).any(), "generator scenes, with change between the dates"
+    assert not np.array_equal(a[:, :128, :128], a[:, :128, 128:256]), "a new scene per tile"
+
+
 def test_png_pairs_keep_the_png_path(tmp_path, ckpt):
     pre, post = synthetic_pair(64)
     write_png(tmp_path / "pre.png", pre)
