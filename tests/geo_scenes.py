@@ -42,7 +42,13 @@ def synthetic_pair(size: int = 128, n: int = 0) -> tuple[np.ndarray, np.ndarray]
 
 # post-date roofs (row0, col0, row1, col1) painted over the pre image by :func:`changed_pair`:
 # one crosses the 64 px block edges both ways, two are small, all are apart
-ROOFS = ((10, 12, 30, 50), (50, 52, 80, 78), (96, 90, 120, 124), (6, 100, 12, 108), (70, 10, 74, 14))
+ROOFS = (
+    (10, 12, 30, 50),
+    (50, 52, 80, 78),
+    (96, 90, 120, 124),
+    (6, 100, 12, 108),
+    (70, 10, 74, 14),
+)
 ROOF_COLOUR = (225, 70, 50)
 
 
