@@ -70,6 +70,26 @@ def test_scenes_without_overlap_are_refused(net, images, tmp_path):
     far = from_origin(ORIGIN[0] + 1000, ORIGIN[1], PIXEL, PIXEL)
     post = write_scene(tmp_path / "post.tif", images[1], transform=far)
     refused(net, tmp_path, pre, post, "the scenes do not overlap: .*pre.tif covers")
+    # the same footprint told in the next UTM zone: no overlap either, found in the pre CRS
+    from rasterio.warp import transform as transform_points
+
+    (x,), (y,) = transform_points("EPSG:32650", "EPSG:32651", [ORIGIN[0] + 1000], [ORIGIN[1]])
+    other_zone = write_scene(
+        tmp_path / "post51.tif",
+        images[1],
+        transform=from_origin(x, y, PIXEL, PIXEL),
+        crs="EPSG:32651",
+    )
+    refused(net, tmp_path, pre, other_zone, r"the scenes do not overlap: .*in the pre scene's CRS")
+    near = transform_points("EPSG:32650", "EPSG:32651", [ORIGIN[0] + 10], [ORIGIN[1]])
+    overlapping = write_scene(
+        tmp_path / "near51.tif",
+        images[1],
+        transform=from_origin(near[0][0], near[1][0], PIXEL, PIXEL),
+        crs="EPSG:32651",
+    )
+    summary = predict_scene(net, pre, overlapping, tmp_path / "near", SPEC, SETTINGS)
+    assert summary["post_reprojected"] is True  # a control: 10 m apart, it does overlap
 
 
 def test_a_crs_on_one_side_only_is_refused(net, images, tmp_path):
@@ -277,3 +297,22 @@ def read_features(folder: Path) -> list[dict]:
     import json
 
     return json.loads((folder / "change.geojson").read_text())["features"]
+
+
+def test_a_date_whose_few_valid_pixels_the_sample_misses_is_still_predicted(net, tmp_path):
+    """2050 px wide, the scaling sample takes every 3rd column; the only valid pixels of the pre
+    date are in column 1: every pixel is read before the date is called all nodata, and its
+    percentile stretch comes from them."""
+    rng = np.random.default_rng(0)
+    pre = np.zeros((16, 2050, 3), np.uint16)
+    pre[:, 1] = rng.integers(1000, 3000, (16, 3))
+    post = rng.integers(1000, 3000, (16, 2050, 3)).astype(np.uint16)
+    pre_path = write_scene(tmp_path / "pre.tif", pre, nodata=0)
+    post_path = write_scene(tmp_path / "post.tif", post)
+    summary = predict_scene(net, pre_path, post_path, tmp_path / "out", SPEC, SETTINGS)
+    assert summary["valid_pixels"] == 16
+    values = pre[:, 1].reshape(-1, 3).astype(float)
+    np.testing.assert_allclose(summary["scaling"]["pre"]["lo"], np.percentile(values, 2, axis=0))
+    with rasterio.open(tmp_path / "out" / "change.tif") as src:
+        change = src.read(1)
+    assert (change[:, 1] != 255).all() and (np.delete(change, 1, axis=1) == 255).all()

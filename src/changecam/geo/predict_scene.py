@@ -49,6 +49,7 @@ from changecam.geo.bands import (
     estimate_scaling,
     needs_sample,
     select_bands,
+    valid_pixels,
 )
 from changecam.geo.grid import Align, SceneError, open_pair
 from changecam.geo.polygons import RegionTracer, metric_crs, scene_polygons, write_geojson
@@ -405,6 +406,8 @@ def _predict_scene(
             if needs_sample(dataset, bands, settings.scale):
                 try:
                     sample = decimated_sample(dataset, bands)
+                    if not sample[1].any():  # too few or too thin for its grid? every pixel
+                        sample = valid_pixels(dataset, bands)
                 except Exception as err:
                     raise SceneError(
                         f"{dataset.name} cannot be read (corrupt or truncated?): {err}"
