@@ -17,7 +17,9 @@ that runs it (its start and length in ms from the start of its run):
 Figures: per path the median wall ms of the rounds and, per step, its thread, calls and
 summed ms (median of the rounds); the GeoTIFF path's ``network_thread_idle_ms`` is its block
 loop less the network's and hand-over's time (waiting for the reader, and the bookkeeping
-between blocks); and the last round's spans. ``--switch-interval`` sets
+between blocks), ``network_ms_geotiff_minus_png`` what its network's thread took more than the
+PNG path's for the same windows, beside ``writer_and_tracer_ms``, and ``tail_ms`` its time after
+the last block; and the last round's spans. ``--switch-interval`` sets
 :func:`sys.setswitchinterval` (Python's default 0.005 s: how long a thread that wants the GIL
 waits before asking the holder to drop it), to see whether the network's thread queues for the
 GIL behind the reader, writer and tracer. Run by hand (``make bench`` does not):
@@ -232,6 +234,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the last round's block loop (first read to last hand-over) less the network's
         # thread's own work in it: waiting for the reader, and the bookkeeping between blocks
         "network_thread_idle_ms_last_round": round(loop_ms - sum(s[3] for s in own), 1),
+        # the same windows in both paths: what the GeoTIFF path's network thread took more,
+        # beside what its writer and tracer threads spent meanwhile (medians of the rounds)
+        "network_ms_geotiff_minus_png": round(
+            steps["geotiff"]["network"]["ms"] - steps["png"]["network"]["ms"], 1
+        ),
+        "writer_and_tracer_ms": round(
+            sum(steps["geotiff"].get(k, {"ms": 0.0})["ms"] for k in ("write", "trace")), 1
+        ),
+        # the last round's time after the network's last block: the last write and trace,
+        # then the finish (polygons, GeoJSON, overviews, renames)
+        "tail_ms_last_round": round(
+            max(s[2] + s[3] for s in spans) - max(s[2] + s[3] for s in own), 1
+        ),
         "spans_last_round": last,
         "network": "quickstart SiameseUNet, "
         + ("freshly initialised" if args.weights is None else f"trained: {args.weights}"),

@@ -153,6 +153,10 @@ def test_scene_timeline_times_each_step_in_its_own_thread():
     assert order.index("read") < order.index("network") < order.index("write")
     assert order.index("write") < order.index("trace") < order.index("polygons")
     assert 0 <= figures["network_thread_idle_ms_last_round"] < figures["wall_ms_median"]["geotiff"]
+    assert figures["writer_and_tracer_ms"] > 0 and figures["tail_ms_last_round"] > 0
+    assert figures["network_ms_geotiff_minus_png"] == pytest.approx(
+        steps["geotiff"]["network"]["ms"] - steps["png"]["network"]["ms"], abs=0.2
+    )
 
 
 @pytest.mark.slow
