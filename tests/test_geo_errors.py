@@ -257,11 +257,23 @@ def test_min_area_needs_a_crs_in_metres(net, images, tmp_path):
     )
 
 
-def test_a_refused_rerun_leaves_no_earlier_output_in_its_folder(net, images, tmp_path):
+def test_a_refused_rerun_on_changed_inputs_leaves_no_earlier_output(net, images, tmp_path):
     pre = write_scene(tmp_path / "pre.tif", images[0])
     post = write_scene(tmp_path / "post.tif", images[1], compress="deflate")
     predict_scene(net, pre, post, tmp_path / "out", SPEC, SETTINGS)
     assert "scene.json" in finished_looking(tmp_path / "out")
+    finished = finished_looking(tmp_path / "out")
+    # a refused setting with the same inputs keeps the finished outputs (they are still right)
+    with pytest.raises(SceneError, match="band 9 is out of range"):
+        predict_scene(
+            net,
+            pre,
+            post,
+            tmp_path / "out",
+            SPEC,
+            SceneSettings(**{**vars(SETTINGS), "bands": (1, 2, 9)}),
+        )
+    assert finished_looking(tmp_path / "out") == finished
     data = post.read_bytes()
     post.write_bytes(data[: len(data) // 2])  # the post scene is now a cut download
     refused(net, tmp_path, pre, post, r"post.tif is truncated")  # nothing that looks finished

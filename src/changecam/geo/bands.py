@@ -167,26 +167,31 @@ def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np
 
 
 def valid_pixels(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Every valid pixel of the scene, read in strips of whole tiles (at most
-    ``SAMPLE_SIDE**2`` of them, evenly taken), as a ``C x 1 x n`` sample with its ``1 x n``
-    mask: for a date whose valid pixels are too few or too thin for
-    :func:`decimated_sample`'s grid to meet (a one-pixel column), before it is called all
-    nodata. It keeps only the valid pixels, so the memory is that of a sample."""
+    """The scene's valid pixels, read in strips of whole tiles and thinned to at most
+    ``2 * SAMPLE_SIDE**2`` (every ``k``-th, ``k`` doubling whenever more pile up), as a
+    ``C x 1 x n`` sample with its ``1 x n`` mask: for a date whose valid pixels are too few or
+    too thin for :func:`decimated_sample`'s grid to meet (a one-pixel column), before it is
+    called all nodata. Memory: the kept pixels and one strip."""
+    cap = 2 * SAMPLE_SIDE**2
     strip = dataset.block_shapes[0][0]
-    parts = []
+    step, seen, parts = 1, 0, []
     for row in range(0, dataset.height, strip):
         window = Window(0, row, dataset.width, min(strip, dataset.height - row))
         valid = dataset.dataset_mask(window=window) > 0
         if not valid.any():
             continue
         data = finite_values(dataset.read(list(bands), window=window), valid)
-        parts.append(data[:, valid])
+        values = data[:, valid]
+        # every step-th valid pixel of the scene, counted across the strips
+        parts.append(values[:, (-seen) % step :: step].copy())
+        seen += values.shape[1]
+        while sum(p.shape[1] for p in parts) > cap:
+            step *= 2
+            parts = [np.concatenate(parts, axis=1)[:, ::2].copy()]
     if not parts:
         return np.zeros((len(bands), 1, 0)), np.zeros((1, 0), bool)
-    values = np.concatenate(parts, axis=1)
-    step = max(1, -(-values.shape[1] // SAMPLE_SIDE**2))
-    values = values[:, ::step]
-    return values[:, None, :], np.ones((1, values.shape[1]), bool)
+    kept = np.concatenate(parts, axis=1)
+    return kept[:, None, :], np.ones((1, kept.shape[1]), bool)
 
 
 def estimate_scaling(

@@ -19,7 +19,8 @@ Every record carries:
 * ``post_share``: ``ΣReLU(post) / (ΣReLU(pre) + ΣReLU(post))`` of the explanation raster's
   HiResCAM bands over its pixels (``null`` without an explanation, or where both are 0).
 
-``predict.min_area_m2`` drops smaller regions (in pixels × pixel area, also without metres).
+``predict.min_area_m2`` drops smaller regions (pixels × pixel area; the runner refuses it in a
+CRS not in metres).
 """
 
 from __future__ import annotations

@@ -342,17 +342,38 @@ def predict_scene(
     default, 5 % of the machine's memory, would grow with the scene while writing and
     building overviews) and ``settings.gdal_threads`` threads for GDAL's (de)compression (the
     reader and writer threads take turns with GDAL, geo.gdal_lock: these
-    threads shorten each turn). A refused scene leaves no ``scene.json`` or output of an
-    earlier run in ``folder``: they would describe other inputs or settings."""
+    threads shorten each turn). A refused scene whose inputs are not the files an earlier
+    run's outputs in ``folder`` were made from (changed since, or other files) leaves none of
+    those outputs, which would describe other inputs; a refusal with the same inputs (a
+    setting) keeps them."""
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_NUM_THREADS=settings.gdal_num_threads):
         try:
             return _predict_scene(
                 net, pre_path, post_path, folder, spec, settings, device, **kwargs
             )
         except SceneError:
-            (Path(folder) / REPORT_FILE).unlink(missing_ok=True)
-            SceneFiles(Path(folder), explain=True).remove(("final",))
+            folder = Path(folder)
+            if not made_from(folder, Path(pre_path), Path(post_path)):
+                (folder / REPORT_FILE).unlink(missing_ok=True)
+                SceneFiles(folder, explain=True).remove(("final",))
             raise
+
+
+def made_from(folder: Path, pre_path: Path, post_path: Path) -> bool:
+    """Whether the run logged in ``folder`` (``blocks.jsonl``'s header; no log: nothing to
+    tell, ``True``) read these files as they are now (path, size and modification time)."""
+    records = BlockLog(folder / LOG_FILE).read()
+    if not records:
+        return True
+    recorded = records[0].get("settings") or {}
+    for key, path in (("pre", pre_path), ("post", post_path)):
+        try:
+            now = input_record(path)
+        except OSError:
+            return False
+        if recorded.get(key) != now:
+            return False
+    return True
 
 
 def _predict_scene(
@@ -428,7 +449,8 @@ def _predict_scene(
             )
         blocks = block_grid(grid.height, grid.width, settings.block_size, spec)
         # a pair whose every band is valid by its flags (no nodata, alpha or mask; a
-        # reprojected post has an alpha band) gives no nodata pixel: no mask to write
+        # reprojected post has an alpha band) and is not floating point (NaN is nodata)
+        # gives no nodata pixel: no mask to write
         masked = not (all_valid(pair.pre) and all_valid(pair.post))
         files = SceneFiles(
             folder, layer is not None, tile_side(settings.block_size), masked, settings.polygons
