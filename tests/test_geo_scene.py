@@ -27,6 +27,7 @@ from changecam.cli.scenes import SceneFailure
 from changecam.data.io import write_png
 from changecam.data.transforms import image_to_tensor
 from changecam.geo import SceneError
+from changecam.geo.grid import open_pair
 from changecam.models.sliding_window import SlidingWindow, sliding_window_logits
 from changecam.training.checkpoint import load_network
 from geo_scenes import (
@@ -150,8 +151,16 @@ def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, p
         dtype="int32",
     )
     np.testing.assert_array_equal(burnt > 0, change == 1)
+    probability = read_band(folder / "probability.tif") / 65535
+    relu = np.clip(explanation[:2], 0, None)
     for feature in features:
-        assert (burnt == feature["id"]).sum() == feature["properties"]["pixels"]
+        mine = burnt == feature["id"]
+        props = feature["properties"]
+        assert mine.sum() == props["pixels"]
+        # the record's sums are those of the rasters over its own pixels
+        assert props["mean_probability"] == pytest.approx(probability[mine].mean(), abs=1e-6)
+        pre_mass, post_mass = relu[0][mine].sum(), relu[1][mine].sum()
+        assert props["post_share"] == pytest.approx(post_mass / (pre_mass + post_mass), rel=1e-5)
 
     summary = json.loads((folder / "scene.json").read_text())
     assert summary["changed_pixels"] == total and summary["explain_layer"] == "smooth"
@@ -178,6 +187,19 @@ def test_min_area_drops_small_polygons(tmp_path, ckpt, pair, threshold):
     assert all(f["properties"]["area_m2"] >= 20 for f in features)
     assert not (folder / "explanation.tif").exists()
     assert all(f["properties"]["post_share"] is None for f in features)
+    # a region exactly at the limit stays (12 m²: the 6x8 px roof)
+    run_scene(
+        tmp_path / "at",
+        ckpt,
+        *pair,
+        f"threshold={threshold}",
+        "predict.min_area_m2=12",
+        "explain.enabled=false",
+        "predict.overviews=false",
+    )
+    features = json.loads((tmp_path / "at" / "run" / "pre" / "change.geojson").read_text())
+    assert sorted(f["properties"]["area_m2"] for f in features["features"])[0] == 12.0
+    assert len(features["features"]) == len(ROOFS) - 1
 
 
 def reprojected(
@@ -240,6 +262,23 @@ def test_reprojected_post_gives_the_aligned_mask(tmp_path, ckpt, pair, threshold
     iou = change_iou(moved_mask, aligned_mask)
     assert iou > 0.9, f"changed pixels: intersection over union {iou:.3f}"
     assert (moved_mask[roof_mask()] == 1).mean() > 0.95
+    # the post scene as the runner reads it is GDAL's bilinear warp onto the pre grid (within
+    # one grey level; nearest differs by up to 50-65 levels here)
+    with open_pair(pre, moved) as opened:
+        warped, inside = opened.post.read([1, 2, 3]), opened.post.dataset_mask() > 0
+    with rasterio.open(moved) as src:
+        expected = np.zeros((3, 128, 128), np.uint8)
+        reproject(
+            src.read(),
+            expected,
+            src_transform=src.transform,
+            src_crs=src.crs,
+            dst_transform=TRANSFORM,
+            dst_crs=CRS,
+            resampling=Resampling.bilinear,
+            src_nodata=0,
+        )
+    assert np.abs(warped.astype(int) - expected.astype(int))[:, inside].max() <= 1
 
 
 def test_nodata_in_either_date_stays_nodata(tmp_path, ckpt):
@@ -252,13 +291,16 @@ def test_nodata_in_either_date_stays_nodata(tmp_path, ckpt):
     post_path = write_scene(tmp_path / "post.tif", post)
     with rasterio.open(post_path, "r+") as dst:  # an internal mask in the post scene
         dst.write_mask(np.where(hole, 0, 255).astype(np.uint8))
-    run_scene(tmp_path, ckpt, pre_path, post_path, "threshold=0.0")  # everything valid is change
+    # everything valid is change
+    report = run_scene(tmp_path, ckpt, pre_path, post_path, "threshold=0.0")
     folder = tmp_path / "run" / "pre"
     invalid = np.zeros((128, 128), bool)
     invalid[:40, :30] = True
     invalid |= hole
     change = read_band(folder / "change.tif")
     assert (change[invalid] == 255).all() and (change[~invalid] == 1).all()
+    summary = report["scenes"][0]
+    assert summary["changed_pixels"] == summary["valid_pixels"] == (~invalid).sum()
     with rasterio.open(folder / "probability.tif") as src:
         assert ((src.dataset_mask() == 0) == invalid).all()
     explanation = read_band(folder / "explanation.tif", None)

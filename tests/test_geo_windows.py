@@ -129,6 +129,31 @@ def test_the_change_overview_is_the_majority_of_the_valid_pixels(tmp_path):
     np.testing.assert_array_equal(overview, expected)
 
 
+def test_a_pixel_exactly_at_the_threshold_is_not_change(tmp_path):
+    """Change is ``p > threshold``, as in the PNG path: a tie is no change."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from changecam.geo.grid import Grid
+    from changecam.geo.windows import Block
+    from changecam.geo.write import SceneFiles
+
+    grid = Grid(rasterio.crs.CRS.from_epsg(32650), from_origin(0, 16, 0.5, 0.5), 16, 16)
+    probability = np.full((16, 16), 0.5, np.float32)
+    probability[:, 8:] = np.nextafter(np.float32(0.5), np.float32(1))
+    files = SceneFiles(tmp_path, explain=False, tile=16)
+    files.create(grid, {})
+    written = files.write_block(
+        Block(0, 0, 0, 16, 16, 0, 0, 16, 16, (0,), (0,)),
+        probability,
+        np.ones((16, 16), bool),
+        0.5,
+        None,
+    )
+    assert (written.change[:, :8] == 0).all() and (written.change[:, 8:] == 1).all()
+
+
 def test_an_all_valid_scene_writes_no_mask_and_refuses_nodata(tmp_path):
     """A scene whose inputs have no nodata writes probability.tif without a mask (GDAL reads
     every pixel as valid); a nodata pixel there would be a bug and is refused, not dropped."""
