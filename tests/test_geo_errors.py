@@ -300,6 +300,10 @@ def test_resuming_a_finished_scene_with_other_outputs_predicts_it_again(net, ima
     )
     assert again["min_area_m2"] == 2.0 and again["polygons"] < first["polygons"]
     assert min(f["properties"]["area_m2"] for f in read_features(out)) >= 2.0
+    with pytest.raises(SceneError, match="other settings \\(scene differ\\)"):
+        predict_scene(
+            net, pre, post, out, SPEC, SceneSettings(**{**base, "threshold": 0.9}), resume=True
+        )
     rasters_only = SceneSettings(**{**base, "polygons": False, "overviews": False})
     summary = predict_scene(net, pre, post, out, SPEC, rasters_only, resume=True)
     assert summary["polygons"] is None and not (out / "change.geojson").exists()

@@ -125,6 +125,12 @@ def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, p
     explanation = read_band(folder / "explanation.tif", None)
     share = explanation[2]
     assert np.nanmin(share) >= 0 and np.nanmax(share) <= 1
+    pre_relu, post_relu = (np.clip(band, 0, None) for band in explanation[:2])
+    both = pre_relu + post_relu
+    np.testing.assert_allclose(
+        share[both > 0], (post_relu / np.where(both > 0, both, 1))[both > 0], rtol=1e-6
+    )
+    assert np.isnan(share[both == 0]).all()
     assert np.abs(explanation[:2][:, roofs]).min(axis=0).max() > 0  # both dates drove a roof
 
     collection = json.loads((folder / "change.geojson").read_text())
@@ -142,6 +148,9 @@ def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, p
         total += props["pixels"]
     assert total == (change == 1).sum(), "every changed pixel in exactly one polygon"
     assert len(features) == len(ROOFS), "one polygon per roof, the one cut by blocks joined"
+    tops = [shape(f["geometry"]).bounds[3] for f in features]
+    assert tops == sorted(tops, reverse=True), "northernmost first"
+    assert [f["id"] for f in features] == list(range(1, len(features) + 1))
     # the polygons burnt back into the grid are the mask, pixel for pixel (each polygon alone
     # covers its own pixel count)
     burnt = rasterize(

@@ -65,6 +65,28 @@ def test_blocks_blend_like_the_whole_image_and_run_each_window_once(size):
     torch.testing.assert_close(out, whole, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "side, window, stride, block", [(200, 32, 17, 48), (150, 32, 24, 64), (97, 20, 7, 16)]
+)
+def test_each_block_reads_exactly_the_windows_that_touch_it(side, window, stride, block):
+    """Brute force: a block's windows are every whole-scene window that covers one of its
+    pixels, and its region is their union (clipped to the scene)."""
+    from changecam.models.sliding_window import window_starts
+
+    spec = SlidingWindow(window=window, overlap=1 - stride / window)
+    assert spec.stride == stride
+    starts = window_starts(side, window, stride)
+    for b in block_grid(side, side, block, spec):
+        for first, length, region_first, offsets in (
+            (b.row, b.height, b.region_row, b.rows),
+            (b.col, b.width, b.region_col, b.cols),
+        ):
+            touching = [s for s in starts if s < first + length and s + window > first]
+            assert [region_first + o for o in offsets] == touching
+        assert b.region_row == min(b.region_row + r for r in b.rows)
+        assert b.region_row + b.region_height == min(side, b.region_row + b.rows[-1] + window)
+
+
 def test_the_reader_thread_hands_over_its_error():
     spec = SlidingWindow(window=32)
     blocks = block_grid(64, 64, 32, spec)
@@ -81,7 +103,8 @@ def test_the_reader_thread_hands_over_its_error():
     assert seen == [0, 1]
 
 
-def test_the_scaling_sample_takes_every_kth_pixel(tmp_path, monkeypatch):
+@pytest.mark.parametrize("side, step", [(30, 4), (34, 3)])  # 3: not a divisor of the 32 px tile
+def test_the_scaling_sample_takes_every_kth_pixel(tmp_path, monkeypatch, side, step):
     import numpy as np
     import rasterio
 
@@ -91,11 +114,12 @@ def test_the_scaling_sample_takes_every_kth_pixel(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 4096, (100, 70, 4), dtype=np.uint16)
     path = write_scene(tmp_path / "s.tif", image, nodata=0)
-    monkeypatch.setattr(changecam.geo.bands, "SAMPLE_SIDE", 30)  # 100 px: every 4th pixel
+    monkeypatch.setattr(changecam.geo.bands, "SAMPLE_SIDE", side)  # 100 px: every step-th
     with rasterio.open(path) as src:
         data, valid = changecam.geo.bands.decimated_sample(src, (3, 1))
-    np.testing.assert_array_equal(data, image[::4, ::4][..., [2, 0]].transpose(2, 0, 1))
-    np.testing.assert_array_equal(valid, (image[::4, ::4] != 0).any(-1))
+    every = image[::step, ::step]
+    np.testing.assert_array_equal(data, every[..., [2, 0]].transpose(2, 0, 1))
+    np.testing.assert_array_equal(valid, (every != 0).any(-1))
 
 
 def test_the_change_overview_is_the_majority_of_the_valid_pixels(tmp_path):

@@ -89,3 +89,37 @@ def test_an_error_in_the_tracer_is_raised_in_the_caller(tmp_path, monkeypatch):
                 writer.submit(block, probability, valid, None)
     # written and logged before tracing: a resume traces logged blocks from the rasters
     assert [r["block"] for r in logged][:1] == [0]
+
+
+def test_blocks_still_waiting_when_the_caller_fails_are_neither_written_nor_logged(
+    tmp_path, monkeypatch
+):
+    import threading
+    import time
+
+    files = scene_files(tmp_path)
+    real = SceneFiles.write_block
+    writing = threading.Event()
+    writers: list[BlockWriter] = []
+
+    def slow(self, block, *args, **kwargs):
+        writing.set()
+        deadline = time.monotonic() + 5
+        while not writers[0].stop.is_set() and time.monotonic() < deadline:
+            time.sleep(0.001)  # block 0 finishes only once the caller has failed
+        return real(self, block, *args, **kwargs)
+
+    monkeypatch.setattr(SceneFiles, "write_block", slow)
+    logged = []
+    probability = np.full((32, 32), 0.9, np.float32)
+    valid = np.ones((32, 32), bool)
+    with pytest.raises(RuntimeError, match="the network failed"):
+        with BlockWriter(files, None, 0.5, logged.append) as writer:
+            writers.append(writer)
+            writer.submit(BLOCKS[0], probability, valid, None)
+            assert writing.wait(5)
+            writer.submit(BLOCKS[1], probability, valid, None)  # waits in the queue
+            raise RuntimeError("the network failed")
+    assert [r["block"] for r in logged] == [0], "the block being written finishes; no other"
+    with rasterio.open(files.partial("change")) as src:
+        assert (src.read(1, window=BLOCKS[1].window) != 1).all(), "block 1 never written"
