@@ -68,6 +68,29 @@ def write_synthetic_pair(folder: Path, size: int) -> tuple[Path, Path]:
     return write_synthetic_scene(folder, size, tile=TILE_SCENE)
 
 
+def png_pair(pre_tif: Path, post_tif: Path, folder: Path) -> tuple[Path, Path]:
+    """The pair as PNGs in ``folder`` (written unless there already), for the PNG path."""
+    import numpy as np
+    import rasterio
+
+    from changecam.data.io import write_png
+
+    pngs = []
+    for path in (pre_tif, post_tif):
+        pngs.append(folder / f"{path.stem}.png")
+        if not pngs[-1].is_file():
+            with rasterio.open(path) as src:
+                write_png(pngs[-1], np.ascontiguousarray(src.read().transpose(1, 2, 0)))
+    return pngs[0], pngs[1]
+
+
+def network_description(weights: Path | None) -> str:
+    """The JSON's ``network``: the quickstart U-Net, fresh or the checkpoint ``weights``."""
+    return f"quickstart SiameseUNet base_channels={quickstart_width()}, " + (
+        "freshly initialised" if weights is None else f"trained: {weights}"
+    )
+
+
 def fresh_network(path: Path):
     """The quickstart U-Net, freshly initialised, saved as a state dict at ``path``."""
     import torch
@@ -140,11 +163,9 @@ def side_by_side(
     with ``threads`` torch threads (``None``: torch's default), best of ``repeats`` interleaved
     runs: wall-clock megapixels per second (the paths' throughput) and CPU seconds of the whole
     process (every thread: what the machine spends)."""
-    import numpy as np
     import torch
 
     from changecam.cli.predict import predict_pair
-    from changecam.data.io import write_png
     from changecam.data.layout import Triplet
     from changecam.environment import frozen_gc
     from changecam.geo import SceneSettings, predict_scene
@@ -156,14 +177,7 @@ def side_by_side(
         pre_tif, post_tif = tif_folder / "pre.tif", tif_folder / "post.tif"
     else:
         pre_tif, post_tif = write_synthetic_pair(tif_folder, size)
-    import rasterio
-
-    pngs = []
-    for path in (pre_tif, post_tif):
-        pngs.append(folder / "png" / f"{path.stem}.png")
-        if not pngs[-1].is_file():
-            with rasterio.open(path) as src:
-                write_png(pngs[-1], np.ascontiguousarray(src.read().transpose(1, 2, 0)))
+    pngs = png_pair(pre_tif, post_tif, folder / "png")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = inference_network(net, device)  # as predict.py runs it, for both paths
     png_spec = SlidingWindow()  # conf/sliding_window/default.yaml: 256, 0.25, batch 4
@@ -372,8 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             for key, row in compare.items()
         },
-        "network": f"quickstart SiameseUNet base_channels={quickstart_width()}, "
-        + ("freshly initialised" if args.weights is None else f"trained: {args.weights}"),
+        "network": network_description(args.weights),
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine(),
     }

@@ -100,11 +100,7 @@ class Timeline:
 
 def network_and_pair(args: argparse.Namespace, folder: Path) -> tuple[Any, Path, Path, Path, Path]:
     """The network (``--weights`` or a fresh quickstart U-Net) and the pair as GeoTIFFs and PNGs."""
-    import numpy as np
-    import rasterio
     import scene
-
-    from changecam.data.io import write_png
 
     if args.weights is None:
         net = scene.fresh_network(folder / "quickstart_fresh.pth")
@@ -113,12 +109,8 @@ def network_and_pair(args: argparse.Namespace, folder: Path) -> tuple[Any, Path,
 
         net = load_network(args.weights.resolve())
     pre_tif, post_tif = scene.write_synthetic_pair(folder / "tif", args.compare)
-    pngs = []
-    for path in (pre_tif, post_tif):
-        pngs.append(folder / "png" / f"{path.stem}.png")
-        with rasterio.open(path) as src:
-            write_png(pngs[-1], np.ascontiguousarray(src.read().transpose(1, 2, 0)))
-    return net, pre_tif, post_tif, pngs[0], pngs[1]
+    pre_png, post_png = scene.png_pair(pre_tif, post_tif, folder / "png")
+    return net, pre_tif, post_tif, pre_png, post_png
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -136,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import torch
     from omegaconf import OmegaConf
-    from scene import REPO
+    from scene import REPO, network_description
 
     import changecam.cli.predict as png_module
     from changecam.data.layout import Triplet
@@ -248,8 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             max(s[2] + s[3] for s in spans) - max(s[2] + s[3] for s in own), 1
         ),
         "spans_last_round": last,
-        "network": "quickstart SiameseUNet, "
-        + ("freshly initialised" if args.weights is None else f"trained: {args.weights}"),
+        "network": network_description(args.weights),
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine(),
     }

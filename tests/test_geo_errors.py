@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -310,8 +311,6 @@ def test_resuming_a_finished_scene_with_other_outputs_predicts_it_again(net, ima
 
 
 def read_features(folder: Path) -> list[dict]:
-    import json
-
     return json.loads((folder / "change.geojson").read_text())["features"]
 
 
