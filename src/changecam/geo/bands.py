@@ -18,7 +18,7 @@ band-first twin of the convention every image follows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -142,6 +142,12 @@ def needs_sample(dataset: Any, bands: Sequence[int], scale: Scale) -> bool:
     return not valid or (scale == "percentile" and not is_uint8(dataset, bands))
 
 
+def strips(dataset: Any, rows: int) -> Iterator[Window]:
+    """The dataset as full-width windows of ``rows`` rows (the last one shorter)."""
+    for row in range(0, dataset.height, rows):
+        yield Window(0, row, dataset.width, min(rows, dataset.height - row))
+
+
 def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Every ``k``-th pixel of every ``k``-th row (``C x h x w`` values, ``h x w`` valid mask), at
     most :data:`SAMPLE_SIDE` pixels a side. A file with overviews is read from them (GDAL picks
@@ -158,8 +164,7 @@ def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np
     tile_rows = dataset.block_shapes[0][0]
     strip = max(factor, tile_rows) // factor * factor  # whole tiles, a multiple of the step
     data_parts, valid_parts = [], []
-    for row in range(0, dataset.height, strip):
-        window = Window(0, row, dataset.width, min(strip, dataset.height - row))
+    for window in strips(dataset, strip):
         data_parts.append(dataset.read(list(bands), window=window)[:, ::factor, ::factor])
         valid_parts.append(dataset.dataset_mask(window=window)[::factor, ::factor] > 0)
     data, valid = np.concatenate(data_parts, axis=1), np.concatenate(valid_parts, axis=0)
@@ -173,10 +178,8 @@ def valid_pixels(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.nda
     too thin for :func:`decimated_sample`'s grid to meet (a one-pixel column), before it is
     called all nodata. Memory: the kept pixels and one strip."""
     cap = 2 * SAMPLE_SIDE**2
-    strip = dataset.block_shapes[0][0]
     step, seen, parts = 1, 0, []
-    for row in range(0, dataset.height, strip):
-        window = Window(0, row, dataset.width, min(strip, dataset.height - row))
+    for window in strips(dataset, dataset.block_shapes[0][0]):  # whole tiles
         valid = dataset.dataset_mask(window=window) > 0
         if not valid.any():
             continue
