@@ -520,6 +520,25 @@ def test_gdal_threads_reach_the_writer_thread_and_change_no_value(
     assert not (tmp_path / "bad" / "run" / "pre").exists()
 
 
+def test_gdal_block_cache_is_128_mib_while_a_scene_runs(
+    tmp_path, ckpt, pair, threshold, monkeypatch
+):
+    # rasterio reads an integer GDAL_CACHEMAX as bytes: 128 would be a 128-byte cache, under
+    # which every tile an overview or a decimated read touches is decoded again and again
+    real = changecam.geo.write.SceneFiles.write_block
+    seen: set = set()
+
+    def recording(self, *args, **kwargs):
+        seen.add(rasterio.env.get_gdal_config("GDAL_CACHEMAX"))  # GDAL's own size, in bytes
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", recording)
+    before = rasterio.env.get_gdal_config("GDAL_CACHEMAX")
+    run_scene(tmp_path, ckpt, *pair, f"threshold={threshold}")
+    assert seen == {128 * 1024 * 1024}
+    assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == before, "restored after the run"
+
+
 def test_a_trained_unet_predicts_and_explains_a_scene_like_its_whole_image(
     tmp_path, unet_ckpt, pair
 ):

@@ -64,6 +64,10 @@ LOG_FILE = "blocks.jsonl"
 REPORT_FILE = "scene.json"
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 GDAL_CACHE_MB = 128
+# rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, in bytes (GDAL's own option
+# reads small numbers as MB): 128 there is a 128-byte cache, which re-decodes every tile a
+# read or an overview touches more than once (rasterio #2336)
+GDAL_CACHE_BYTES = GDAL_CACHE_MB * 1024 * 1024
 
 
 def is_geotiff(path: str | Path) -> bool:
@@ -346,7 +350,7 @@ def predict_scene(
     run's outputs in ``folder`` were made from (changed since, or other files) leaves none of
     those outputs, which would describe other inputs; a refusal with the same inputs (a
     setting) keeps them."""
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_NUM_THREADS=settings.gdal_num_threads):
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES, GDAL_NUM_THREADS=settings.gdal_num_threads):
         try:
             return _predict_scene(
                 net, pre_path, post_path, folder, spec, settings, device, **kwargs
