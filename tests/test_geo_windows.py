@@ -279,3 +279,49 @@ def test_a_region_cut_by_block_edges_is_one_polygon_on_any_grid(transform):
     expected = box(left, bottom, right, top)
     assert geometry.geom_type == "Polygon" and not geometry.interiors
     assert geometry.symmetric_difference(expected).area <= 1e-9 * expected.area
+
+
+@pytest.mark.parametrize("copy", ["overviews", "cog"])
+def test_the_scaling_sample_ignores_overviews(tmp_path, monkeypatch, copy):
+    """A scene with averaged overviews (or its COG copy) holds the same pixels, so it gets the
+    same sample and the same stretch as the scene without them (the overviews' averaging had
+    pulled the 98th percentile of this noise from 4000 down to about 2960)."""
+    import numpy as np
+    import rasterio
+    import rasterio.shutil
+    from rasterio.enums import Resampling
+
+    import changecam.geo.bands
+    from geo_scenes import write_scene
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(300, 4001, (256, 256, 3), dtype=np.uint16)
+    image[:, :20] = 0  # a nodata border
+    plain = write_scene(tmp_path / "plain.tif", image, nodata=0)
+    if copy == "overviews":
+        other = write_scene(tmp_path / "other.tif", image, nodata=0)
+        with rasterio.open(other, "r+") as dst:
+            dst.build_overviews([2, 4, 8], Resampling.average)
+    else:
+        other = tmp_path / "other.tif"
+        with rasterio.open(plain) as src:
+            rasterio.shutil.copy(
+                src, other, driver="COG", blocksize=64, overview_resampling="average"
+            )
+    monkeypatch.setattr(changecam.geo.bands, "SAMPLE_SIDE", 64)  # every 4th pixel
+    samples, scalings = [], []
+    for path in (plain, other):
+        with rasterio.open(path) as src:
+            assert bool(src.overviews(1)) == (path == other)
+            samples.append(changecam.geo.bands.decimated_sample(src, (1, 2, 3)))
+            scalings.append(
+                changecam.geo.bands.estimate_scaling(
+                    src, (1, 2, 3), "percentile", sample=samples[-1]
+                )
+            )
+    np.testing.assert_array_equal(samples[0][0], samples[1][0])
+    np.testing.assert_array_equal(samples[0][1], samples[1][1])
+    assert scalings[0] == scalings[1]
+    every = image[::4, ::4]
+    np.testing.assert_array_equal(samples[0][0], every.transpose(2, 0, 1))
+    assert scalings[0].hi[0] > 3900  # the full-resolution tail, not the averaged one

@@ -5,8 +5,8 @@ scene); ``null`` takes every band, which must then be as many as the network's i
 channels in both dates. ``input.scale``:
 
 * ``percentile`` (default): per scene and band, the 2-98 % range of the valid pixels of a
-  decimated read (GDAL uses the overviews when there are) is stretched to 0-255; uint8 data
-  passes through unchanged;
+  decimated read (every ``k``-th full-resolution pixel, never the overviews) is stretched to
+  0-255; uint8 data passes through unchanged;
 * ``fixed``: ``input.scale_min`` .. ``input.scale_max`` (one number, or one per band) to 0-255,
   for every data type;
 * ``none``: the values are used as they are (they must lie in 0-255).
@@ -150,11 +150,13 @@ def strips(dataset: Any, rows: int) -> Iterator[Window]:
 
 def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Every ``k``-th pixel of every ``k``-th row (``C x h x w`` values, ``h x w`` valid mask), at
-    most :data:`SAMPLE_SIDE` pixels a side. A file with overviews is read from them (GDAL picks
-    the level); one without is read in strips of whole tiles and subsampled in NumPy (GDAL's
-    own decimated read of a pixel-interleaved tiled file took 18 s for a 2048² scene)."""
+    most :data:`SAMPLE_SIDE` pixels a side, read at full resolution in strips of whole tiles and
+    subsampled in NumPy. Never from the file's overviews: they are averaged (the bright and dark
+    tails of the 2-98 % stretch shrink) and made however the file's maker chose, so a scene and
+    its COG copy, the same pixels, would get different stretches and the difference would read
+    as change."""
     factor = max(1, -(-max(dataset.width, dataset.height) // SAMPLE_SIDE))
-    if factor == 1 or dataset.overviews(bands[0]):
+    if factor == 1:
         shape = (max(1, dataset.height // factor), max(1, dataset.width // factor))
         data = dataset.read(
             list(bands), out_shape=(len(bands), *shape), resampling=Resampling.nearest
