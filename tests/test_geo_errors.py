@@ -331,3 +331,36 @@ def test_a_date_whose_few_valid_pixels_the_sample_misses_is_still_predicted(net,
     with rasterio.open(tmp_path / "out" / "change.tif") as src:
         change = src.read(1)
     assert (change[:, 1] != 255).all() and (np.delete(change, 1, axis=1) == 255).all()
+
+
+@pytest.mark.parametrize("dtype, low, high", [("float32", -0.5, 0.5), ("int16", -40, 200)])
+def test_scale_none_refuses_values_outside_0_255(net, images, tmp_path, dtype, low, high):
+    """Reflectance passed with input.scale=none would be clipped to 0-255 (a change in a
+    -0.5..0.5 scene vanished); it is refused, naming the file and its values."""
+    pre_values = np.linspace(low, high, 64 * 64 * 3).reshape(64, 64, 3).astype(dtype)
+    pre = write_scene(tmp_path / "pre.tif", pre_values)
+    post = write_scene(tmp_path / "post.tif", images[1].astype(dtype))
+    refused(
+        net,
+        tmp_path,
+        pre,
+        post,
+        rf"input.scale=none but .*pre.tif has values {low:g} to .* outside the network's 0-255; "
+        "set input.scale=percentile",
+        scale="none",
+    )
+
+
+def test_scale_none_takes_16_bit_values_within_0_255(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0].astype(np.uint16))
+    post = write_scene(tmp_path / "post.tif", images[1].astype(np.uint16))
+    settings = SceneSettings(**{**vars(SETTINGS), "scale": "none"})
+    wide = predict_scene(net, pre, post, tmp_path / "wide", SPEC, settings)
+    pre8 = write_scene(tmp_path / "pre8.tif", images[0])
+    post8 = write_scene(tmp_path / "post8.tif", images[1])
+    narrow = predict_scene(net, pre8, post8, tmp_path / "narrow", SPEC, settings)
+    assert wide["changed_pixels"] == narrow["changed_pixels"]
+    for name in ("change", "probability"):
+        with rasterio.open(tmp_path / "wide" / f"{name}.tif") as a:
+            with rasterio.open(tmp_path / "narrow" / f"{name}.tif") as b:
+                np.testing.assert_array_equal(a.read(), b.read())

@@ -133,11 +133,34 @@ def read_region(
                 f"{block.region_col + block.region_width - 1} (corrupt or truncated file?): "
                 f"{err}{cause}"
             ) from err
-        arrays.append(scale.apply(finite_values(data, valid)))
+        data = finite_values(data, valid)
+        if scale.lo is None and data.dtype != np.uint8:
+            check_network_range(data, valid, name, block)
+        arrays.append(scale.apply(data))
     if not valid.all():
         for image in arrays:
             image[:, ~valid] = 0
     return Region(block, arrays[0], arrays[1], valid)
+
+
+def check_network_range(data: np.ndarray, valid: np.ndarray, name: Any, block: Block) -> None:
+    """``input.scale=none``: the valid values must already lie in the network's 0-255.
+
+    Raises:
+        SceneError: one does not (it would be clipped, silently changing the image).
+    """
+    values = data[:, valid]
+    if values.size == 0:
+        return
+    low, high = values.min(), values.max()
+    if low < 0 or high > 255:
+        raise SceneError(
+            f"input.scale=none but {name} has values {low:g} to {high:g} at rows "
+            f"{block.region_row}-{block.region_row + block.region_height - 1}, columns "
+            f"{block.region_col}-{block.region_col + block.region_width - 1}, outside the "
+            "network's 0-255; set input.scale=percentile (a 2-98 % stretch per scene) or "
+            "input.scale=fixed with input.scale_min/input.scale_max"
+        )
 
 
 _DONE = object()
