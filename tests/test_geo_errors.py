@@ -364,3 +364,40 @@ def test_scale_none_takes_16_bit_values_within_0_255(net, images, tmp_path):
         with rasterio.open(tmp_path / "wide" / f"{name}.tif") as a:
             with rasterio.open(tmp_path / "narrow" / f"{name}.tif") as b:
                 np.testing.assert_array_equal(a.read(), b.read())
+
+
+def test_a_file_of_large_blocks_is_warned_about_with_the_command_that_tiles_it(
+    net, images, tmp_path, monkeypatch, caplog
+):
+    """A whole-image strip cannot be read window by window in bounded memory: every window
+    read decodes it whole. The scene still runs; the log says so and how to rewrite it."""
+    import changecam.geo.windows
+
+    monkeypatch.setattr(changecam.geo.windows, "LARGE_BLOCK_BYTES", 64 * 64 * 3 - 1)
+    pre = write_scene(
+        tmp_path / "pre.tif", images[0], tiled=False, blockysize=64, compress="deflate"
+    )
+    post = write_scene(tmp_path / "post.tif", images[1])  # 32² tiles: 3 KiB
+    with rasterio.open(pre) as src:
+        assert src.block_shapes[0] == (64, 64)
+    with caplog.at_level("WARNING", logger="changecam"):
+        predict_scene(net, pre, post, tmp_path / "out", SPEC, SETTINGS)
+    warnings = [r.getMessage() for r in caplog.records if "blocks of" in r.getMessage()]
+    assert len(warnings) == 1
+    assert re.match(
+        r".*pre\.tif is stored in blocks of 64x64 px \(0 MiB decoded, a single strip\): every "
+        r"window read decodes whole blocks.*rio convert --co tiled=true .* .*pre\.tif tiled\.tif$",
+        warnings[0],
+    )
+    assert (tmp_path / "out" / "scene.json").is_file()
+
+
+def test_decoded_block_bytes_count_every_band_of_a_pixel_interleaved_block(tmp_path):
+    from changecam.geo.windows import decoded_block_bytes
+
+    image = np.zeros((64, 64, 4), np.uint16)
+    pixel = write_scene(tmp_path / "pixel.tif", image)
+    band = write_scene(tmp_path / "band.tif", image, interleave="band")
+    with rasterio.open(pixel) as a, rasterio.open(band) as b:
+        assert decoded_block_bytes(a, (3, 2, 1)) == 32 * 32 * 2 * 4
+        assert decoded_block_bytes(b, (3, 2, 1)) == 32 * 32 * 2 * 3

@@ -54,7 +54,14 @@ from changecam.geo.bands import (
 from changecam.geo.grid import Align, SceneError, open_pair
 from changecam.geo.polygons import RegionTracer, metric_crs, scene_polygons, write_geojson
 from changecam.geo.window_cache import WindowCache
-from changecam.geo.windows import Block, Region, block_grid, prefetched, read_region
+from changecam.geo.windows import (
+    Block,
+    Region,
+    block_grid,
+    large_block_warning,
+    prefetched,
+    read_region,
+)
 from changecam.geo.write import EXPLANATION_BANDS, TILE, SceneFiles, tile_side
 from changecam.geo.writer import BlockWriter
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
@@ -426,7 +433,10 @@ def _predict_scene(
             pair.pre, pair.post_source, settings.bands, getattr(net, "in_channels", None)
         )
         scaling = []
-        for dataset in (pair.pre, pair.post_source):
+        for dataset, path in ((pair.pre, pre_path), (pair.post_source, post_path)):
+            warning = large_block_warning(dataset, bands, path)
+            if warning is not None:
+                log.warning(warning)
             sample = None
             if needs_sample(dataset, bands, settings.scale):
                 try:

@@ -143,6 +143,36 @@ def read_region(
     return Region(block, arrays[0], arrays[1], valid)
 
 
+# a file block (tile or strip) decoded larger than this: every window read decodes whole blocks
+# (a single-strip 8192² 16-bit scene: 512 MiB each time), so memory and time grow with it
+LARGE_BLOCK_BYTES = 32 * 1024 * 1024
+
+
+def decoded_block_bytes(dataset: Any, bands: Sequence[int]) -> int:
+    """Bytes GDAL decodes for one block of ``dataset``'s file: a pixel-interleaved block holds
+    every band, a band-interleaved one the selected band (summed over ``bands``)."""
+    height, width = dataset.block_shapes[bands[0] - 1]
+    interleaved = getattr(dataset.interleaving, "name", None) == "pixel"
+    indexes = dataset.indexes if interleaved else bands
+    return sum(height * width * np.dtype(dataset.dtypes[b - 1]).itemsize for b in indexes)
+
+
+def large_block_warning(dataset: Any, bands: Sequence[int], path: Path) -> str | None:
+    """A warning for a file whose blocks are too large to read window by window in bounded
+    memory (a whole-image strip, typically), with the command that rewrites it tiled."""
+    size = decoded_block_bytes(dataset, bands)
+    if size <= LARGE_BLOCK_BYTES:
+        return None
+    height, width = dataset.block_shapes[bands[0] - 1]
+    return (
+        f"{path} is stored in blocks of {height}x{width} px ({size / 2**20:.0f} MiB decoded"
+        f"{', a single strip' if height == dataset.height else ''}): every window read decodes "
+        "whole blocks, so memory and time grow with them and the scene is not read in bounded "
+        "memory. Rewrite it tiled once: rio convert --co tiled=true --co blockxsize=256 "
+        f"--co blockysize=256 --co compress=deflate {path} tiled.tif"
+    )
+
+
 def check_network_range(data: np.ndarray, valid: np.ndarray, name: Any, block: Block) -> None:
     """``input.scale=none``: the valid values must already lie in the network's 0-255.
 
@@ -212,4 +242,12 @@ def prefetched(
             thread.join(timeout=0.05)
 
 
-__all__ = ["Block", "Region", "block_grid", "prefetched", "read_region"]
+__all__ = [
+    "LARGE_BLOCK_BYTES",
+    "Block",
+    "Region",
+    "block_grid",
+    "large_block_warning",
+    "prefetched",
+    "read_region",
+]
