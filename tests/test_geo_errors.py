@@ -118,6 +118,40 @@ def test_different_band_counts_need_bands(net, images, tmp_path):
     post = write_scene(tmp_path / "post.tif", four)
     refused(net, tmp_path, pre, post, r"pre.tif has 3 bands but .*post.tif has 4: .*input.bands=")
     refused(net, tmp_path, post, post, r"the network takes 3 bands but 4 are selected")
+    # 16-bit bands not labelled red, green, blue: the issue's blue-green-red-NIR example
+    bgrn = write_scene(tmp_path / "bgrn.tif", four.astype(np.uint16))
+    refused(
+        net,
+        tmp_path,
+        bgrn,
+        bgrn,
+        r"indexes \(e.g. input.bands=\[3,2,1\]: red, green, blue of a blue-green-red-NIR file\)$",
+    )
+
+
+def test_a_band_refusal_suggests_the_labelled_colours_and_names_the_alpha_band(
+    net, images, tmp_path
+):
+    """An RGB pre and an RGBA post: [3,2,1] would swap red and blue, so the example is the
+    files' own red, green and blue, and band 4 is named as the post's alpha."""
+    pre = write_scene(tmp_path / "pre.tif", images[0], photometric="RGB")
+    alpha = np.full((64, 64, 1), 255, np.uint8)
+    post = write_scene(
+        tmp_path / "post.tif",
+        np.concatenate([images[1], alpha], axis=2),
+        photometric="RGB",
+        alpha="YES",
+    )
+    with rasterio.open(post) as src:
+        assert src.colorinterp[3] == rasterio.enums.ColorInterp.alpha
+    refused(
+        net,
+        tmp_path,
+        pre,
+        post,
+        r"pre.tif has 3 bands but .*post.tif has 4: .*input.bands=\[1,2,3\]: their red, green "
+        r"and blue; band 4 of .*post.tif is its alpha",
+    )
 
 
 def test_corrupt_and_truncated_tiffs(net, images, tmp_path):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.windows import Window
 
 from changecam.geo.grid import SceneError
@@ -48,7 +48,7 @@ def select_bands(
         if pre_n != post_n:
             raise SceneError(
                 f"{pre.name} has {pre_n} bands but {post.name} has {post_n}: choose the bands "
-                f"to compare with input.bands=[...] (1-based, e.g. input.bands=[3,2,1])"
+                f"to compare with input.bands=[...] (1-based, {band_hint(pre, post)})"
             )
         chosen = tuple(range(1, pre_n + 1))
     else:
@@ -66,9 +66,33 @@ def select_bands(
         raise SceneError(
             f"the network takes {in_channels} bands but {len(chosen)} are selected "
             f"({pre.name} has {pre_n}, {post.name} has {post_n}); set input.bands=[...] with "
-            f"{in_channels} 1-based indexes (e.g. input.bands=[3,2,1])"
+            f"{in_channels} 1-based indexes ({band_hint(pre, post)})"
         )
     return chosen
+
+
+def band_hint(pre: Any, post: Any) -> str:
+    """An example ``input.bands`` for a refusal: the red, green and blue bands when both files
+    label them alike (an RGB and an RGBA file: ``[1,2,3]``), and which bands are alpha (a
+    mask, not an image band)."""
+    rgb = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+    found = []
+    for colour in rgb:
+        where = {
+            d.colorinterp.index(colour) + 1 if colour in d.colorinterp else 0 for d in (pre, post)
+        }
+        found.append(where.pop() if len(where) == 1 else 0)
+    if all(found):
+        hint = f"input.bands=[{','.join(map(str, found))}]: their red, green and blue"
+    else:
+        hint = "e.g. input.bands=[3,2,1]: red, green, blue of a blue-green-red-NIR file"
+    for dataset in (pre, post) if pre.name != post.name else (pre,):
+        alpha = [i + 1 for i, c in enumerate(dataset.colorinterp) if c == ColorInterp.alpha]
+        if alpha:
+            hint += (
+                f"; band {alpha[0]} of {dataset.name} is its alpha (a nodata mask, read as such)"
+            )
+    return hint
 
 
 @dataclass(frozen=True)
