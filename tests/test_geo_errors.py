@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -379,8 +380,8 @@ def test_scale_none_refuses_values_outside_0_255(net, images, tmp_path, dtype, l
         tmp_path,
         pre,
         post,
-        rf"input.scale=none but .*pre.tif has values {low:g} to .* outside the network's 0-255; "
-        "set input.scale=percentile",
+        rf"input.scale=none but .*pre.tif has values {float(low)!r} to .* in its sample, outside "
+        "the network's 0-255; set input.scale=percentile",
         scale="none",
     )
 
@@ -409,7 +410,11 @@ def test_a_file_of_large_blocks_is_warned_about_with_the_command_that_tiles_it(
 
     monkeypatch.setattr(changecam.geo.windows, "LARGE_BLOCK_BYTES", 64 * 64 * 3 - 1)
     pre = write_scene(
-        tmp_path / "pre.tif", images[0], tiled=False, blockysize=64, compress="deflate"
+        tmp_path / "my scenes" / "pre.tif",
+        images[0],
+        tiled=False,
+        blockysize=64,
+        compress="deflate",
     )
     post = write_scene(tmp_path / "post.tif", images[1])  # 32² tiles: 3 KiB
     with rasterio.open(pre) as src:
@@ -420,9 +425,11 @@ def test_a_file_of_large_blocks_is_warned_about_with_the_command_that_tiles_it(
     assert len(warnings) == 1
     assert re.match(
         r".*pre\.tif is stored in blocks of 64x64 px \(0 MiB decoded, a single strip\): every "
-        r"window read decodes whole blocks.*rio convert --co tiled=true .* .*pre\.tif tiled\.tif$",
+        r"window read decodes whole blocks.*: GDAL_CACHEMAX=512 rio convert --co tiled=true .*",
         warnings[0],
     )
+    command = shlex.split(warnings[0].split(": ")[-1])  # pastes into a shell as it is
+    assert command[-2:] == [str(pre), str(pre.with_name("pre_tiled.tif"))]
     assert (tmp_path / "out" / "scene.json").is_file()
 
 
@@ -435,3 +442,46 @@ def test_decoded_block_bytes_count_every_band_of_a_pixel_interleaved_block(tmp_p
     with rasterio.open(pixel) as a, rasterio.open(band) as b:
         assert decoded_block_bytes(a, (3, 2, 1)) == 32 * 32 * 2 * 4
         assert decoded_block_bytes(b, (3, 2, 1)) == 32 * 32 * 2 * 3
+
+
+def test_scale_none_refused_at_setup_keeps_a_finished_scene(net, images, tmp_path):
+    """The range is checked on the sample before any output is touched: resuming a finished
+    scene with input.scale=none is refused and its outputs stay."""
+    pre = write_scene(tmp_path / "pre.tif", images[0].astype(np.uint16) * 16)  # 12-bit
+    post = write_scene(tmp_path / "post.tif", images[1].astype(np.uint16) * 16)
+    out = tmp_path / "out"
+    predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    settings = SceneSettings(**{**vars(SETTINGS), "scale": "none"})
+    with pytest.raises(
+        SceneError,
+        match=r"input.scale=none but .*pre.tif has values [0-9.]+ to [0-9.]+ in its sample",
+    ):
+        predict_scene(net, pre, post, out, SPEC, settings, resume=True)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_scale_none_checks_each_block_on_the_pixels_valid_in_both_dates(tmp_path):
+    """A value outside 0-255 where the other date is nodata never reaches the network: either
+    order of the pair reads; one in a pixel valid in both is refused, naming the block."""
+    from changecam.geo.bands import Scaling
+    from changecam.geo.windows import block_grid, read_region
+
+    hidden = np.full((64, 64, 3), 100, np.uint16)
+    hidden[:8, :8] = 4000
+    holed = np.full((64, 64, 3), 120, np.uint16)
+    holed[:8, :8] = 0  # nodata
+    a = write_scene(tmp_path / "a.tif", hidden)
+    b = write_scene(tmp_path / "b.tif", holed, nodata=0)
+    block = block_grid(64, 64, 64, SPEC)[0]
+    none = (Scaling(), Scaling())
+    for first, second in ((a, b), (b, a)):
+        with rasterio.open(first) as x, rasterio.open(second) as y:
+            region = read_region(x, y, (1, 2, 3), none, block)
+        assert not region.valid[:8, :8].any() and region.valid[8:, 8:].all()
+        assert region.pre.max() <= 120 and region.post.max() <= 120
+    hidden[20, 30] = 300
+    c = write_scene(tmp_path / "c.tif", hidden)
+    with rasterio.open(b) as x, rasterio.open(c) as y:
+        with pytest.raises(SceneError, match=r"c.tif has values 100.0 to 300.0 at rows 0-63"):
+            read_region(x, y, (1, 2, 3), none, block, (Path("b.tif"), Path("c.tif")))

@@ -103,8 +103,16 @@ def test_the_reader_thread_hands_over_its_error():
     assert seen == [0, 1]
 
 
-@pytest.mark.parametrize("side, step", [(30, 4), (34, 3)])  # 3: not a divisor of the 32 px tile
-def test_the_scaling_sample_takes_every_kth_pixel(tmp_path, monkeypatch, side, step):
+@pytest.mark.parametrize(
+    "side, step, layout",
+    [
+        (30, 4, {}),
+        (34, 3, {}),  # 3: not a divisor of the 32 px tile
+        (34, 3, {"tiled": False, "blockysize": 5, "compress": "deflate"}),  # 5-row strips
+        (13, 8, {"tiled": False, "blockysize": 1}),  # one-row strips, fewer than the step
+    ],
+)
+def test_the_scaling_sample_takes_every_kth_pixel(tmp_path, monkeypatch, side, step, layout):
     import numpy as np
     import rasterio
 
@@ -113,9 +121,11 @@ def test_the_scaling_sample_takes_every_kth_pixel(tmp_path, monkeypatch, side, s
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 4096, (100, 70, 4), dtype=np.uint16)
-    path = write_scene(tmp_path / "s.tif", image, nodata=0)
+    path = write_scene(tmp_path / "s.tif", image, nodata=0, **layout)
     monkeypatch.setattr(changecam.geo.bands, "SAMPLE_SIDE", side)  # 100 px: every step-th
     with rasterio.open(path) as src:
+        if layout:
+            assert src.block_shapes[0] == (layout["blockysize"], 70)
         data, valid = changecam.geo.bands.decimated_sample(src, (3, 1))
     every = image[::step, ::step]
     np.testing.assert_array_equal(data, every[..., [2, 0]].transpose(2, 0, 1))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
-from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.windows import Window
 
 from changecam.geo.grid import SceneError
@@ -159,11 +159,11 @@ def finite_values(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 def needs_sample(dataset: Any, bands: Sequence[int], scale: Scale) -> bool:
     """Whether :func:`decimated_sample` has anything to tell about ``dataset``: a percentile
-    stretch of non-8-bit bands, or whether a scene with nodata (a nodata value, alpha or mask)
-    has any valid pixel. An 8-bit scene without nodata needs no sample: its tiles are
-    decoded once, by the blocks."""
+    stretch of non-8-bit bands, whether non-8-bit bands taken as they are (``none``) lie in
+    0-255, or whether a scene with nodata (a nodata value, alpha or mask) has any valid pixel.
+    An 8-bit scene without nodata needs no sample: its tiles are decoded once, by the blocks."""
     valid = all_valid(dataset, bands)
-    return not valid or (scale == "percentile" and not is_uint8(dataset, bands))
+    return not valid or (scale in ("percentile", "none") and not is_uint8(dataset, bands))
 
 
 def strips(dataset: Any, rows: int) -> Iterator[Window]:
@@ -181,18 +181,15 @@ def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np
     as change."""
     factor = max(1, -(-max(dataset.width, dataset.height) // SAMPLE_SIDE))
     if factor == 1:
-        shape = (max(1, dataset.height // factor), max(1, dataset.width // factor))
-        data = dataset.read(
-            list(bands), out_shape=(len(bands), *shape), resampling=Resampling.nearest
-        )
-        valid = dataset.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
-        return finite_values(data, valid), valid
+        valid = dataset.dataset_mask() > 0
+        return finite_values(dataset.read(list(bands)), valid), valid
     tile_rows = dataset.block_shapes[0][0]
-    strip = max(factor, tile_rows) // factor * factor  # whole tiles, a multiple of the step
+    rows = tile_rows * -(-factor // tile_rows)  # whole tiles (or strips), at least one k-row
     data_parts, valid_parts = [], []
-    for window in strips(dataset, strip):
-        data_parts.append(dataset.read(list(bands), window=window)[:, ::factor, ::factor])
-        valid_parts.append(dataset.dataset_mask(window=window)[::factor, ::factor] > 0)
+    for window in strips(dataset, rows):
+        first = -int(window.row_off) % factor  # the strip's first row on the k-grid
+        data_parts.append(dataset.read(list(bands), window=window)[:, first::factor, ::factor])
+        valid_parts.append(dataset.dataset_mask(window=window)[first::factor, ::factor] > 0)
     data, valid = np.concatenate(data_parts, axis=1), np.concatenate(valid_parts, axis=0)
     return finite_values(data, valid), valid
 

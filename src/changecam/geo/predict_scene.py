@@ -47,6 +47,7 @@ from changecam.geo.bands import (
     all_valid,
     decimated_sample,
     estimate_scaling,
+    is_uint8,
     needs_sample,
     select_bands,
     valid_pixels,
@@ -58,6 +59,7 @@ from changecam.geo.windows import (
     Block,
     Region,
     block_grid,
+    check_network_range,
     large_block_warning,
     prefetched,
     read_region,
@@ -449,6 +451,9 @@ def _predict_scene(
                     ) from err
                 if not sample[1].any():
                     raise SceneError(f"{dataset.name} is all nodata: no pixel to predict")
+                if settings.scale == "none" and not is_uint8(dataset, bands):
+                    # before any output is touched; each block is checked again as it is read
+                    check_network_range(sample[0], sample[1], path)
             scaling.append(
                 estimate_scaling(
                     dataset, bands, settings.scale, settings.scale_min, settings.scale_max, sample

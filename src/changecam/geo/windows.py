@@ -12,6 +12,7 @@ window are padded like the PNG path pads them.
 from __future__ import annotations
 
 import queue
+import shlex
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -116,10 +117,10 @@ def read_region(
             name), with GDAL's own message.
     """
     window = block.region
-    arrays = []
+    raw = []
     valid = np.ones((block.region_height, block.region_width), dtype=bool)
     names = paths or (pre.name, post.name)
-    for dataset, scale, name in zip((pre, post), scaling, names, strict=True):
+    for dataset, name in zip((pre, post), names, strict=True):
         try:
             with GDAL_LOCK:  # the writer and tracer threads use GDAL too (geo.gdal_lock)
                 data = dataset.read(list(bands), window=window)
@@ -133,8 +134,10 @@ def read_region(
                 f"{block.region_col + block.region_width - 1} (corrupt or truncated file?): "
                 f"{err}{cause}"
             ) from err
-        data = finite_values(data, valid)
-        if scale.lo is None and data.dtype != np.uint8:
+        raw.append(finite_values(data, valid))
+    arrays = []
+    for data, scale, name in zip(raw, scaling, names, strict=True):
+        if scale.lo is None and data.dtype != np.uint8:  # valid: in both dates
             check_network_range(data, valid, name, block)
         arrays.append(scale.apply(data))
     if not valid.all():
@@ -153,7 +156,7 @@ def decoded_block_bytes(dataset: Any, bands: Sequence[int]) -> int:
     every band, a band-interleaved one the selected band (summed over ``bands``)."""
     height, width = dataset.block_shapes[bands[0] - 1]
     interleaved = getattr(dataset.interleaving, "name", None) == "pixel"
-    indexes = dataset.indexes if interleaved else bands
+    indexes = dataset.indexes if interleaved else sorted(set(bands))
     return sum(height * width * np.dtype(dataset.dtypes[b - 1]).itemsize for b in indexes)
 
 
@@ -164,17 +167,24 @@ def large_block_warning(dataset: Any, bands: Sequence[int], path: Path) -> str |
     if size <= LARGE_BLOCK_BYTES:
         return None
     height, width = dataset.block_shapes[bands[0] - 1]
+    path = Path(path)
+    tiled = path.with_name(f"{path.stem}_tiled.tif")
+    cache_mb = max(512, 2 * -(-size // 2**20))  # the whole block in GDAL's cache while copying
     return (
         f"{path} is stored in blocks of {height}x{width} px ({size / 2**20:.0f} MiB decoded"
         f"{', a single strip' if height == dataset.height else ''}): every window read decodes "
         "whole blocks, so memory and time grow with them and the scene is not read in bounded "
-        "memory. Rewrite it tiled once: rio convert --co tiled=true --co blockxsize=256 "
-        f"--co blockysize=256 --co compress=deflate {path} tiled.tif"
+        f"memory. Rewrite it tiled once: GDAL_CACHEMAX={cache_mb} rio convert --co tiled=true "
+        "--co blockxsize=256 --co blockysize=256 --co compress=deflate "
+        f"{shlex.quote(str(path))} {shlex.quote(str(tiled))}"
     )
 
 
-def check_network_range(data: np.ndarray, valid: np.ndarray, name: Any, block: Block) -> None:
-    """``input.scale=none``: the valid values must already lie in the network's 0-255.
+def check_network_range(
+    data: np.ndarray, valid: np.ndarray, name: Any, block: Block | None = None
+) -> None:
+    """``input.scale=none``: the valid values (of ``block``, or of the scene's sample when
+    ``None``) must already lie in the network's 0-255.
 
     Raises:
         SceneError: one does not (it would be clipped, silently changing the image).
@@ -182,12 +192,16 @@ def check_network_range(data: np.ndarray, valid: np.ndarray, name: Any, block: B
     values = data[:, valid]
     if values.size == 0:
         return
-    low, high = values.min(), values.max()
+    low, high = float(values.min()), float(values.max())
     if low < 0 or high > 255:
+        where = (
+            "in its sample"
+            if block is None
+            else f"at rows {block.region_row}-{block.region_row + block.region_height - 1}, "
+            f"columns {block.region_col}-{block.region_col + block.region_width - 1}"
+        )
         raise SceneError(
-            f"input.scale=none but {name} has values {low:g} to {high:g} at rows "
-            f"{block.region_row}-{block.region_row + block.region_height - 1}, columns "
-            f"{block.region_col}-{block.region_col + block.region_width - 1}, outside the "
+            f"input.scale=none but {name} has values {low!r} to {high!r} {where}, outside the "
             "network's 0-255; set input.scale=percentile (a 2-98 % stretch per scene) or "
             "input.scale=fixed with input.scale_min/input.scale_max"
         )
