@@ -11,6 +11,6 @@ input.pre=a.tif input.post=b.tif``).
 """
 
 from changecam.geo.grid import Grid, SceneError, open_pair
-from changecam.geo.scene import SceneSettings, is_geotiff, predict_scene
+from changecam.geo.scene import SceneSettings, is_scene_file, predict_scene
 
-__all__ = ["Grid", "SceneError", "SceneSettings", "is_geotiff", "open_pair", "predict_scene"]
+__all__ = ["Grid", "SceneError", "SceneSettings", "is_scene_file", "open_pair", "predict_scene"]
