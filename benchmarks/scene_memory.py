@@ -50,7 +50,7 @@ def child(size: int) -> dict[str, Any]:
     from changecam.geo import SceneSettings
     from changecam.models.sliding_window import SlidingWindow
 
-    module = sys.modules["changecam.geo.predict_scene"]
+    module = sys.modules["changecam.geo.scene"]
     write = sys.modules["changecam.geo.write"]
     phases: dict[str, dict[str, int]] = {}
 

@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from changecam.models.inference import inference_network
     from changecam.models.sliding_window import SlidingWindow
 
-    # the module (changecam.geo's predict_scene attribute is the function of that name)
-    scene_module = importlib.import_module("changecam.geo.predict_scene")
+    scene_module = importlib.import_module("changecam.geo.scene")
 
     default_interval = sys.getswitchinterval()
     started = time.perf_counter()

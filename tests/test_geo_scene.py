@@ -721,3 +721,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, unet_ckpt):
     summary = json.loads((killed / "pre" / "scene.json").read_text())
     assert summary["resumed_blocks"] >= 3
     assert_same_outputs(killed / "pre", whole / "pre")
+
+
+def test_the_runner_module_is_reachable_by_its_own_name():
+    """``changecam.geo.predict_scene`` is the function the package exports; its module has another
+    name, so patching or timing the module (benchmarks/scene_timeline.py) reaches the runner."""
+    import importlib
+    import inspect
+
+    import changecam.geo
+
+    module = importlib.import_module("changecam.geo.scene")
+    assert inspect.ismodule(changecam.geo.scene) and changecam.geo.scene is module
+    assert changecam.geo.predict_scene is module.predict_scene

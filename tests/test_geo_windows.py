@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from changecam.geo.predict_scene import window_last_use
+from changecam.geo.scene import window_last_use
 from changecam.geo.windows import block_grid, prefetched
 from changecam.models import SiameseUNet
 from changecam.models.sliding_window import (

@@ -16,7 +16,7 @@ image. A pair that fails (e.g. its two dates differ in size) leaves no files; th
 others are still predicted, and the command exits with an error naming the failed pairs.
 A full disk stops the command at once ("no space left on device while writing <path>").
 
-GeoTIFF pairs (every file ``.tif``/``.tiff``) go to :mod:`changecam.cli.scenes` and
+GeoTIFF pairs (every file ``.tif``/``.tiff``, or a GDAL ``.vrt`` of GeoTIFFs) go to :mod:`changecam.cli.scenes` and
 :mod:`changecam.geo` instead: per scene ``<name>/change.tif``, ``probability.tif``,
 ``explanation.tif``, ``change.geojson`` and ``scene.json``, window by window in bounded memory.
 
@@ -81,7 +81,7 @@ from changecam.data.layout import Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.environment import frozen_gc
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
-from changecam.geo import is_geotiff
+from changecam.geo import is_scene_file
 from changecam.models.inference import inference_network
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 
@@ -370,14 +370,14 @@ class PredictionLog:
 
 
 def scene_pairs(pairs: list[Triplet]) -> bool:
-    """Whether the pairs are GeoTIFF scenes (every file ``.tif``/``.tiff``); a mix of scenes
-    and other images is refused."""
-    kinds = {is_geotiff(p.pre) and is_geotiff(p.post) for p in pairs}
-    mixed = [p for p in pairs if is_geotiff(p.pre) != is_geotiff(p.post)]
+    """Whether the pairs are georeferenced scenes (every file ``.tif``/``.tiff``/``.vrt``); a mix
+    of scenes and other images is refused."""
+    kinds = {is_scene_file(p.pre) and is_scene_file(p.post) for p in pairs}
+    mixed = [p for p in pairs if is_scene_file(p.pre) != is_scene_file(p.post)]
     if mixed or len(kinds) > 1:
         example = mixed[0] if mixed else pairs[0]
         raise ConfigError(
-            f"predict.py got GeoTIFF scenes (.tif/.tiff) and other images together (e.g. "
+            f"predict.py got GeoTIFF scenes (.tif/.tiff/.vrt) and other images together (e.g. "
             f"{example.pre} / {example.post}); predict them in separate runs"
         )
     return kinds == {True}

@@ -20,6 +20,8 @@ Split = Literal["train", "val", "test"]
 Layout = Literal["auto", "levir", "levir256"]
 SPLITS: tuple[str, ...] = get_args(Split)
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+# prediction inputs may also be GDAL VRTs of GeoTIFFs (predict.py's scene path reads them)
+INPUT_SUFFIXES: tuple[str, ...] = (*IMAGE_SUFFIXES, ".vrt")
 
 LEVIR_HELP = (
     "Expected either the official LEVIR-CD layout <root>/{train,val,test}/{A,B,label}/*.png "
@@ -60,13 +62,13 @@ def detect_layout(root: str | Path) -> Literal["levir", "levir256"]:
     raise DatasetNotFoundError(f"dataset root {root} holds neither known layout. {LEVIR_HELP}")
 
 
-def _images(folder: Path) -> dict[str, Path]:
+def _images(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     """The image files of ``folder`` by name without suffix (the key pairing uses)."""
     if not folder.is_dir():
         raise LayoutError(f"missing folder {folder}")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in suffixes:
             continue
         if path.stem in found:
             raise LayoutError(
@@ -78,7 +80,10 @@ def _images(folder: Path) -> dict[str, Path]:
 
 
 def pair_folder(
-    folder: str | Path, names: list[str] | None = None, require_label: bool = True
+    folder: str | Path,
+    names: list[str] | None = None,
+    require_label: bool = True,
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
 ) -> list[Triplet]:
     """Pair ``folder/A``, ``folder/B`` and ``folder/label`` strictly by file name without suffix
     (``A/x.jpg`` pairs with ``B/x.jpg`` and ``label/x.png``).
@@ -87,17 +92,18 @@ def pair_folder(
         folder: directory holding ``A/``, ``B/`` and (if ``require_label``) ``label/``.
         names: file names to take (e.g. from a ``list/*.txt``); default: every image in ``A/``.
         require_label: whether ``label/`` must exist. Without it, labels are used when present.
+        suffixes: the file suffixes (lower case) taken as images.
 
     Raises:
         LayoutError: a name present in one folder is missing in another, two files of a folder
             share a name, or nothing is found.
     """
     folder = Path(folder)
-    pre, post = _images(folder / "A"), _images(folder / "B")
+    pre, post = _images(folder / "A", suffixes), _images(folder / "B", suffixes)
     has_label = (folder / "label").is_dir()
     if require_label and not has_label:
         raise LayoutError(f"missing folder {folder / 'label'}")
-    label = _images(folder / "label") if has_label else {}
+    label = _images(folder / "label", suffixes) if has_label else {}
     # (name without suffix, the file name shown when a partner is missing)
     wanted = (
         [(Path(n).stem, n) for n in names]
@@ -117,7 +123,7 @@ def pair_folder(
             if stem not in found:
                 raise LayoutError(
                     f"{folder / sub / shown} is missing (no file named {stem} with any of the "
-                    f"suffixes {', '.join(IMAGE_SUFFIXES)} in {folder / sub})"
+                    f"suffixes {', '.join(suffixes)} in {folder / sub})"
                 )
         triplets.append(Triplet(stem, pre[stem], post[stem], label.get(stem)))
     if not triplets:
@@ -169,7 +175,7 @@ def input_pairs(
     if dir is not None and (pre is not None or post is not None):
         raise ValueError("give either input.dir or input.pre and input.post, not both")
     if dir is not None:
-        return pair_folder(dir, require_label=False)
+        return pair_folder(dir, require_label=False, suffixes=INPUT_SUFFIXES)
     if pre is None or post is None:
         raise ValueError(
             "no input: set input.dir=<folder with A/ and B/> or input.pre=<file> input.post=<file>"

@@ -7,10 +7,10 @@ input.pre=a.tif input.post=b.tif``).
 * :mod:`~changecam.geo.windows`: output blocks with their sliding-window halo, a reader thread;
 * :mod:`~changecam.geo.write`: the rasters, block by block, renamed into place at the end;
 * :mod:`~changecam.geo.polygons`: one polygon per changed region, with area, probability, post share;
-* :mod:`~changecam.geo.predict_scene`: the runner (:func:`predict_scene`).
+* :mod:`~changecam.geo.scene`: the runner (:func:`predict_scene`).
 """
 
 from changecam.geo.grid import Grid, SceneError, open_pair
-from changecam.geo.predict_scene import SceneSettings, is_geotiff, predict_scene
+from changecam.geo.scene import SceneSettings, is_scene_file, predict_scene
 
-__all__ = ["Grid", "SceneError", "SceneSettings", "is_geotiff", "open_pair", "predict_scene"]
+__all__ = ["Grid", "SceneError", "SceneSettings", "is_scene_file", "open_pair", "predict_scene"]

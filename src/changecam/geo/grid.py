@@ -5,6 +5,9 @@ If the post scene has the same grid it is read as it is; otherwise ``input.align
 (the default) reads it through a :class:`rasterio.vrt.WarpedVRT` onto the pre grid (bilinear;
 pixels outside the post scene are masked), and ``input.align=strict`` refuses the pair naming
 both grids. A pair without any overlap, or with a CRS on one side only, is refused.
+
+A scene is a GeoTIFF (or COG) or a GDAL VRT of GeoTIFFs (e.g. Sentinel-2 bands stacked from
+separate files with ``gdalbuildvrt -separate``, or a mosaic of tiles).
 """
 
 from __future__ import annotations
@@ -81,10 +84,11 @@ class Grid:
 
 
 def open_raster(path: str | Path, stack: ExitStack) -> Any:
-    """Open a raster for reading inside ``stack``; unreadable files name themselves.
+    """Open a raster for reading inside ``stack``; unreadable files name themselves (a GDAL
+    VRT's missing or truncated sources too).
 
     Raises:
-        SceneError: the file is missing or is not a raster GDAL can read.
+        SceneError: the file (or a file a VRT reads) is missing or is not a raster GDAL can read.
     """
     path = Path(path)
     if not path.is_file():
@@ -96,7 +100,30 @@ def open_raster(path: str | Path, stack: ExitStack) -> Any:
             f"{path} cannot be read as a GeoTIFF (corrupt or truncated?): {err}"
         ) from err
     check_complete(dataset, path)
+    for source in vrt_sources(path):
+        if not source.is_file():
+            raise SceneError(f"{path} reads {source}, which does not exist")
+        with rasterio.open(source) as opened:
+            check_complete(opened, source)
     return dataset
+
+
+def vrt_sources(path: Path) -> list[Path]:
+    """The files a GDAL VRT reads (absolute, sorted; nested VRTs' too); none for other files.
+
+    Raises:
+        SceneError: the VRT cannot be parsed.
+    """
+    if path.suffix.lower() != ".vrt":
+        return []
+    try:
+        with rasterio.open(path.resolve()) as vrt:
+            files = [Path(f) for f in vrt.files]
+    except RasterioError as err:
+        raise SceneError(f"{path} cannot be read as a GDAL VRT: {err}") from err
+    sources = sorted({f for f in files if f != path.resolve()})
+    nested = [s for source in sources if source.is_file() for s in vrt_sources(source)]
+    return sorted(set(sources) | set(nested))
 
 
 def check_complete(dataset: Any, path: Path) -> None:
@@ -248,4 +275,5 @@ __all__ = [
     "check_overlap",
     "open_pair",
     "open_raster",
+    "vrt_sources",
 ]

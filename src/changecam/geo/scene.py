@@ -52,7 +52,7 @@ from changecam.geo.bands import (
     select_bands,
     valid_pixels,
 )
-from changecam.geo.grid import Align, SceneError, open_pair
+from changecam.geo.grid import Align, SceneError, open_pair, vrt_sources
 from changecam.geo.polygons import RegionTracer, metric_crs, scene_polygons, write_geojson
 from changecam.geo.window_cache import WindowCache
 from changecam.geo.windows import (
@@ -71,7 +71,7 @@ from changecam.models.sliding_window import SlidingWindow, blend_windows, check_
 log = logging.getLogger("changecam")
 LOG_FILE = "blocks.jsonl"
 REPORT_FILE = "scene.json"
-GEOTIFF_SUFFIXES = (".tif", ".tiff")
+SCENE_SUFFIXES = (".tif", ".tiff", ".vrt")
 GDAL_CACHE_MB = 128
 # rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, in bytes (GDAL's own option
 # reads small numbers as MB): 128 there is a 128-byte cache, which re-decodes every tile a
@@ -79,9 +79,9 @@ GDAL_CACHE_MB = 128
 GDAL_CACHE_BYTES = GDAL_CACHE_MB * 1024 * 1024
 
 
-def is_geotiff(path: str | Path) -> bool:
-    """Whether predict.py treats ``path`` as a (Geo)TIFF scene."""
-    return Path(path).suffix.lower() in GEOTIFF_SUFFIXES
+def is_scene_file(path: str | Path) -> bool:
+    """Whether predict.py treats ``path`` as a georeferenced scene (GeoTIFF, COG or GDAL VRT)."""
+    return Path(path).suffix.lower() in SCENE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -213,8 +213,17 @@ class BlockLog:
 
 
 def input_record(path: Path) -> dict[str, Any]:
+    """Path, size and modification time of an input scene, and of each file a VRT reads."""
     stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    record: dict[str, Any] = {
+        "path": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
+    sources = vrt_sources(path)
+    if sources:
+        record["sources"] = [input_record(source) for source in sources]
+    return record
 
 
 class SceneNetwork:
@@ -382,7 +391,7 @@ def made_from(folder: Path, pre_path: Path, post_path: Path) -> bool:
     for key, path in (("pre", pre_path), ("post", post_path)):
         try:
             now = input_record(path)
-        except OSError:
+        except (OSError, SceneError):  # gone or unreadable: opening the pair names it
             return False
         if recorded.get(key) != now:
             return False
@@ -624,11 +633,11 @@ def _predict_scene(
 
 
 __all__ = [
-    "GEOTIFF_SUFFIXES",
     "LOG_FILE",
     "REPORT_FILE",
+    "SCENE_SUFFIXES",
     "SceneNetwork",
     "SceneSettings",
-    "is_geotiff",
+    "is_scene_file",
     "predict_scene",
 ]

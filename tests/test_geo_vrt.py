@@ -1,0 +1,131 @@
+"""GDAL VRTs as scenes: a stack of single-band files (what ``gdalbuildvrt -separate`` writes
+for Sentinel-2's per-band files) predicts exactly like the stacked GeoTIFF, through
+``input.pre``/``input.post`` and ``input.dir``; a missing or truncated source is named before
+any output; a resume refuses a scene whose source changed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from changecam.cli.predict import predict
+from changecam.geo import SceneError, SceneSettings, predict_scene
+from changecam.geo.scene import made_from
+from changecam.models import SiameseUNet
+from changecam.models.sliding_window import SlidingWindow
+from geo_scenes import (
+    FAST,
+    TRANSFORM,
+    changed_pair,
+    difference_checkpoint,
+    read_band,
+    run_scene,
+    write_scene,
+)
+from helpers import compose_train
+from test_geo_scene import assert_same_outputs
+
+
+def write_band_stack(vrt: Path, sources: Path, image: np.ndarray) -> Path:
+    """Each band of ``image`` (H x W x C) as a single-band GeoTIFF in ``sources``, and at
+    ``vrt`` a VRT stacking them (paths relative to the VRT, as ``gdalbuildvrt`` writes)."""
+    height, width, count = image.shape
+    bands = []
+    for i in range(count):
+        source = write_scene(sources / f"band{i + 1}.tif", image[..., i : i + 1])
+        bands.append(
+            f'<VRTRasterBand dataType="Byte" band="{i + 1}"><SimpleSource>'
+            f'<SourceFilename relativeToVRT="1">{os.path.relpath(source, vrt.parent)}'
+            "</SourceFilename><SourceBand>1</SourceBand>"
+            f'<SrcRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>'
+            f'<DstRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>'
+            "</SimpleSource></VRTRasterBand>"
+        )
+    with rasterio.open(sources / "band1.tif") as first:
+        srs = first.crs.to_wkt()
+    geotransform = ", ".join(str(v) for v in TRANSFORM.to_gdal())
+    vrt.parent.mkdir(parents=True, exist_ok=True)
+    vrt.write_text(
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{srs}</SRS>'
+        f"<GeoTransform>{geotransform}</GeoTransform>{''.join(bands)}</VRTDataset>"
+    )
+    return vrt
+
+
+def test_a_vrt_band_stack_predicts_like_the_stacked_geotiff(tmp_path):
+    ckpt = difference_checkpoint(tmp_path / "difference.ckpt")
+    pre, post = changed_pair(128)
+    tif_pre = write_scene(tmp_path / "tif" / "scene.tif", pre)
+    tif_post = write_scene(tmp_path / "tif_post" / "scene.tif", post)
+    run_scene(tmp_path / "from_tif", ckpt, tif_pre, tif_post, "threshold=0.5")
+
+    # input.pre / input.post
+    vrt_pre = write_band_stack(tmp_path / "vrt" / "scene.vrt", tmp_path / "bands_pre", pre)
+    vrt_post = write_band_stack(tmp_path / "vrt_post" / "scene.vrt", tmp_path / "bands_post", post)
+    report = run_scene(tmp_path / "from_vrt", ckpt, vrt_pre, vrt_post, "threshold=0.5")
+    assert [s["name"] for s in report["scenes"]] == ["scene"]
+    tif_out, vrt_out = (tmp_path / run / "run" / "scene" for run in ("from_tif", "from_vrt"))
+    assert read_band(vrt_out / "change.tif").sum() > 0
+    assert_same_outputs(vrt_out, tif_out)
+    with rasterio.open(vrt_out / "change.tif") as ours, rasterio.open(tif_pre) as scene:
+        assert ours.crs == scene.crs and ours.transform == scene.transform
+
+    # input.dir: A/ and B/ hold the VRTs only (their band files live elsewhere)
+    for sub, image in (("A", pre), ("B", post)):
+        write_band_stack(tmp_path / "dir" / sub / "scene.vrt", tmp_path / f"dir_{sub}", image)
+    cfg = compose_train(
+        tmp_path / "from_dir",
+        [*FAST, f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'dir'}", "threshold=0.5"],
+        "predict",
+    )
+    assert [s["name"] for s in predict(cfg)["scenes"]] == ["scene"]
+    assert_same_outputs(tmp_path / "from_dir" / "run" / "scene", tif_out)
+
+
+SPEC = SlidingWindow(window=32, batch_size=8)
+SETTINGS = SceneSettings(block_size=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return SiameseUNet(base_channels=4, depth=2).eval()
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_vrt_whose_source_is_missing_or_truncated_is_refused_naming_it(net, tmp_path, damage):
+    pre, post = changed_pair(64)
+    pre_vrt = write_band_stack(tmp_path / "pre.vrt", tmp_path / "pre_bands", pre)
+    post_vrt = write_band_stack(tmp_path / "post.vrt", tmp_path / "post_bands", post)
+    source = tmp_path / "post_bands" / "band2.tif"
+    if damage == "missing":
+        source.unlink()
+        match = f"{post_vrt} reads {source}, which does not exist"
+    else:
+        source.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+        match = f"{source} is truncated"
+    out = tmp_path / "out"
+    with pytest.raises(SceneError, match=match):
+        predict_scene(net, pre_vrt, post_vrt, out, SPEC, SETTINGS)
+    assert not out.exists() or not [p for p in out.rglob("*") if p.suffix in (".tif", ".json")]
+
+
+def test_a_resume_refuses_a_vrt_whose_source_changed(net, tmp_path):
+    pre, post = changed_pair(64)
+    pre_vrt = write_band_stack(tmp_path / "pre.vrt", tmp_path / "pre_bands", pre)
+    post_vrt = write_band_stack(tmp_path / "post.vrt", tmp_path / "post_bands", post)
+    out = tmp_path / "out"
+    predict_scene(net, pre_vrt, post_vrt, out, SPEC, SETTINGS)
+    assert made_from(out, pre_vrt, post_vrt)
+    # the VRT file itself is untouched: only its source says the scene is another one
+    write_scene(tmp_path / "post_bands" / "band3.tif", np.zeros_like(post[..., :1]))
+    assert not made_from(out, pre_vrt, post_vrt)
+    # a resume refuses the changed scene and leaves no outputs made from the old one
+    with pytest.raises(SceneError, match=r"started with other settings \(post differ\)"):
+        predict_scene(net, pre_vrt, post_vrt, out, SPEC, SETTINGS, resume=True)
+    assert not (out / "change.tif").exists() and not (out / "scene.json").exists()
