@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from affine import Affine
 from rasterio.enums import Interleaving, MaskFlags, Resampling
 from rasterio.features import rasterize
 from rasterio.warp import calculate_default_transform, reproject
@@ -553,6 +554,68 @@ def test_a_trained_unet_predicts_and_explains_a_scene_like_its_whole_image(
     np.testing.assert_allclose(got, expected[0, 0].numpy(), atol=0.5 / 65535 + 1e-6)
     explanation = read_band(folder / "explanation.tif", None)
     assert np.isfinite(explanation[:2]).all() and np.abs(explanation[:2]).max() > 0
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "float32"])
+@pytest.mark.parametrize("alpha", ["added by the reprojection", "the file's own"])
+def test_an_alpha_band_masks_every_data_type(tmp_path, ckpt, dtype, alpha):
+    """GDAL takes an alpha band as a mask for 8- and 16-bit unsigned bands only: the alpha a
+    reprojection adds to a post scene without nodata, or a file's own, must mask int16 and
+    float scenes too (everything valid is change here, so a missed mask is change)."""
+    pre, post = changed_pair(128)
+    pre_path = write_scene(tmp_path / "pre.tif", pre.astype(dtype))
+    covered = np.zeros((128, 128), bool)
+    covered[:, 64:] = True
+    if alpha == "added by the reprojection":  # the post covers the right half only
+        east = Affine.translation(64 * PIXEL, 0) @ TRANSFORM
+        post_path = write_scene(tmp_path / "post.tif", post[:, 64:].astype(dtype), transform=east)
+        extra = []
+    else:
+        opacity = np.where(covered, 255, 0).astype(np.uint8)[..., None]
+        post_path = write_scene(
+            tmp_path / "post.tif",
+            np.concatenate([post, opacity], axis=2).astype(dtype),
+            photometric="RGB",
+            alpha="YES",
+        )
+        extra = ["input.bands=[1,2,3]"]
+    scale = ["input.scale=fixed", "input.scale_min=0", "input.scale_max=255"]
+    report = run_scene(
+        tmp_path,
+        ckpt,
+        pre_path,
+        post_path,
+        "threshold=0.0",
+        "explain.enabled=false",
+        *scale,
+        *extra,
+    )
+    change = read_band(tmp_path / "run" / "pre" / "change.tif")
+    np.testing.assert_array_equal(change == 255, ~covered)
+    assert (change[covered] == 1).all()
+    assert report["scenes"][0]["valid_pixels"] == covered.sum()
+
+
+def test_nodata_is_judged_on_the_selected_bands(tmp_path, ckpt):
+    """A pixel whose selected bands all hold the nodata value is nodata, whatever the bands left
+    out hold; one where only a left-out band is nodata is valid."""
+    pre, post = changed_pair(128)
+    nir = np.full((128, 128, 1), 50, np.uint8)
+    pre4, post4 = (np.concatenate([image, nir], axis=2) for image in (pre, post))
+    pre4[20:40, 20:40, :3] = 0  # no data in red, green, blue; the NIR band has a value
+    post4[5:10, 5:10, 3] = 0  # only the NIR band, left out, is nodata
+    paths = [
+        write_scene(tmp_path / f"{name}.tif", image, nodata=0, photometric="MINISBLACK")
+        for name, image in (("pre", pre4), ("post", post4))
+    ]
+    run_scene(
+        tmp_path, ckpt, *paths, "threshold=0.0", "explain.enabled=false", "input.bands=[1,2,3]"
+    )
+    change = read_band(tmp_path / "run" / "pre" / "change.tif")
+    invalid = np.zeros((128, 128), bool)
+    invalid[20:40, 20:40] = True
+    invalid |= (pre == 0).all(axis=2) | (post == 0).all(axis=2)  # generator pixels black in RGB
+    np.testing.assert_array_equal(change == 255, invalid)
 
 
 def test_pixels_outside_the_post_footprint_are_nodata(tmp_path, ckpt, pair, threshold):

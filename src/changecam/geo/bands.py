@@ -87,11 +87,9 @@ def band_hint(pre: Any, post: Any) -> str:
     else:
         hint = "e.g. input.bands=[3,2,1]: red, green, blue of a blue-green-red-NIR file"
     for dataset in (pre, post) if pre.name != post.name else (pre,):
-        alpha = [i + 1 for i, c in enumerate(dataset.colorinterp) if c == ColorInterp.alpha]
-        if alpha:
-            hint += (
-                f"; band {alpha[0]} of {dataset.name} is its alpha (a nodata mask, read as such)"
-            )
+        alpha = alpha_band(dataset)
+        if alpha is not None:
+            hint += f"; band {alpha} of {dataset.name} is its alpha (a nodata mask, read as such)"
     return hint
 
 
@@ -133,16 +131,36 @@ def is_uint8(dataset: Any, bands: Sequence[int]) -> bool:
     return all(dataset.dtypes[b - 1] == "uint8" for b in bands)
 
 
-def all_valid(dataset: Any, bands: Sequence[int] | None = None) -> bool:
-    """Whether every pixel of ``bands`` (default: every band, which is what a dataset mask
-    covers) is valid: GDAL's mask flags say so (no nodata value, alpha band or mask) and the
-    bands are not floating point (where NaN or an infinity is nodata, declared or not)."""
-    indexes = dataset.indexes if bands is None else bands
-    return all(
+def alpha_band(dataset: Any) -> int | None:
+    """The 1-based index of ``dataset``'s alpha band (the file's own, or the one a
+    reprojection adds), if it has one."""
+    alpha = [i + 1 for i, c in enumerate(dataset.colorinterp) if c == ColorInterp.alpha]
+    return alpha[0] if alpha else None
+
+
+def all_valid(dataset: Any, bands: Sequence[int]) -> bool:
+    """Whether every pixel of ``bands`` is valid: there is no alpha band, GDAL's mask flags say
+    so (no nodata value or mask) and the bands are not floating point (where NaN or an infinity
+    is nodata, declared or not)."""
+    return alpha_band(dataset) is None and all(
         dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid]
         and not np.issubdtype(np.dtype(dataset.dtypes[b - 1]), np.floating)
-        for b in indexes
+        for b in bands
     )
+
+
+def valid_mask(dataset: Any, bands: Sequence[int], window: Window | None = None) -> np.ndarray:
+    """Where ``dataset`` holds data for ``bands`` (bool ``H x W``; NaN is left to
+    :func:`finite_values`): where any selected band is valid by its GDAL mask, like GDAL's
+    dataset mask but blind to the bands not selected. A mask or nodata value comes first, as in
+    GDAL; without one an alpha band decides, read as values: GDAL takes an alpha band as the
+    mask of 8- and 16-bit unsigned bands only, so the alpha a reprojection adds to a float or
+    int16 scene would otherwise mask nothing."""
+    alpha = alpha_band(dataset)
+    flags = [dataset.mask_flag_enums[b - 1] for b in bands]
+    if alpha is not None and all(f == [MaskFlags.all_valid] or MaskFlags.alpha in f for f in flags):
+        return dataset.read(alpha, window=window) > 0
+    return (dataset.read_masks(list(bands), window=window) > 0).any(axis=0)
 
 
 def finite_values(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -181,7 +199,7 @@ def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np
     as change."""
     factor = max(1, -(-max(dataset.width, dataset.height) // SAMPLE_SIDE))
     if factor == 1:
-        valid = dataset.dataset_mask() > 0
+        valid = valid_mask(dataset, bands)
         return finite_values(dataset.read(list(bands)), valid), valid
     tile_rows = dataset.block_shapes[0][0]
     rows = tile_rows * -(-factor // tile_rows)  # whole tiles (or strips), at least one k-row
@@ -189,7 +207,7 @@ def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np
     for window in strips(dataset, rows):
         first = -int(window.row_off) % factor  # the strip's first row on the k-grid
         data_parts.append(dataset.read(list(bands), window=window)[:, first::factor, ::factor])
-        valid_parts.append(dataset.dataset_mask(window=window)[first::factor, ::factor] > 0)
+        valid_parts.append(valid_mask(dataset, bands, window)[first::factor, ::factor])
     data, valid = np.concatenate(data_parts, axis=1), np.concatenate(valid_parts, axis=0)
     return finite_values(data, valid), valid
 
@@ -203,7 +221,7 @@ def valid_pixels(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.nda
     cap = 2 * SAMPLE_SIDE**2
     step, seen, parts = 1, 0, []
     for window in strips(dataset, dataset.block_shapes[0][0]):  # whole tiles
-        valid = dataset.dataset_mask(window=window) > 0
+        valid = valid_mask(dataset, bands, window)
         if not valid.any():
             continue
         data = finite_values(dataset.read(list(bands), window=window), valid)
@@ -268,11 +286,13 @@ __all__ = [
     "Scale",
     "Scaling",
     "all_valid",
+    "alpha_band",
     "decimated_sample",
     "estimate_scaling",
     "finite_values",
     "is_uint8",
     "needs_sample",
     "select_bands",
+    "valid_mask",
     "valid_pixels",
 ]

@@ -476,10 +476,10 @@ def _predict_scene(
                 "the scenes to a projected CRS (e.g. their UTM zone) or set predict.min_area_m2=0"
             )
         blocks = block_grid(grid.height, grid.width, settings.block_size, spec)
-        # a pair whose every band is valid by its flags (no nodata, alpha or mask; a
+        # a pair whose every selected band is valid by its flags (no nodata, alpha or mask; a
         # reprojected post has an alpha band) and is not floating point (NaN is nodata)
         # gives no nodata pixel: no mask to write
-        masked = not (all_valid(pair.pre) and all_valid(pair.post))
+        masked = not (all_valid(pair.pre, bands) and all_valid(pair.post, bands))
         files = SceneFiles(
             folder, layer is not None, tile_side(settings.block_size), masked, settings.polygons
         )

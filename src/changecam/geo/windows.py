@@ -23,7 +23,7 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from changecam.geo.bands import Scaling, all_valid, finite_values
+from changecam.geo.bands import Scaling, all_valid, finite_values, valid_mask
 from changecam.geo.gdal_lock import GDAL_LOCK
 from changecam.geo.grid import SceneError
 from changecam.models.sliding_window import SlidingWindow, window_starts
@@ -124,8 +124,8 @@ def read_region(
         try:
             with GDAL_LOCK:  # the writer and tracer threads use GDAL too (geo.gdal_lock)
                 data = dataset.read(list(bands), window=window)
-                if not all_valid(dataset):
-                    valid &= dataset.dataset_mask(window=window) > 0
+                if not all_valid(dataset, bands):
+                    valid &= valid_mask(dataset, bands, window)
         except RasterioError as err:
             cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
             raise SceneError(
