@@ -797,3 +797,35 @@ def test_the_runner_module_is_reachable_by_its_own_name():
     module = importlib.import_module("changecam.geo.scene")
     assert inspect.ismodule(changecam.geo.scene) and changecam.geo.scene is module
     assert changecam.geo.predict_scene is module.predict_scene
+
+
+@pytest.mark.parametrize("name", ["predictions.json", "predict.log"])
+def test_a_scene_named_like_a_run_file_is_refused_and_the_others_run(tmp_path, ckpt, pair, name):
+    """``<run>/<name>`` must not be the report (written last) or the run's log: the scene is
+    refused naming it, the other scenes are predicted and the report is written."""
+    from changecam.cli.predict import predict
+    from helpers import compose_train
+
+    for stem in (name, "ok"):
+        for folder, source in zip(("A", "B"), pair, strict=True):
+            target = tmp_path / "scenes" / folder / f"{stem}.tif"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "predict.log").write_text("the run's log\n")
+    cfg = compose_train(
+        tmp_path,
+        [*FAST, f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'scenes'}", "explain.enabled=false"],
+        "predict",
+    )
+    with pytest.raises(SceneFailure, match="1 of 2"):
+        predict(cfg)
+    report = json.loads((run / "predictions.json").read_text())
+    assert [s["name"] for s in report["scenes"]] == ["ok"]
+    assert [f["name"] for f in report["failed"]] == [name]
+    assert (
+        f"would be written to {run / name}, which is the run directory's own"
+        in (report["failed"][0]["error"])
+    )
+    assert (run / "predict.log").read_text() == "the run's log\n"

@@ -24,6 +24,9 @@ from changecam.geo import SceneError, SceneSettings, predict_scene
 from changecam.models.sliding_window import SlidingWindow
 
 REPORT_FILE = "predictions.json"
+# the run directory's own entries that exist before a scene is written (Hydra's config
+# folder) or after (the report, written last); the log is an existing file, refused as such
+RUN_ENTRIES = (".hydra", REPORT_FILE)
 
 
 class SceneFailure(RuntimeError):
@@ -56,6 +59,22 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
     )
 
 
+def scene_folder(output_dir: Path, pair: Triplet) -> Path:
+    """The scene's output folder, ``<run>/<name>``.
+
+    Raises:
+        SceneError: the name is one of the run directory's own entries (``.hydra``,
+            ``predictions.json``, the log): its outputs would be written into them.
+    """
+    folder = output_dir / pair.name
+    if pair.name in RUN_ENTRIES or (folder.exists() and not folder.is_dir()):
+        raise SceneError(
+            f"the scene {pair.pre} would be written to {folder}, which is the run directory's "
+            f"own {'folder' if folder.is_dir() else 'file'}; rename the scene's files"
+        )
+    return folder
+
+
 def predict_scenes(
     cfg: DictConfig,
     pairs: list[Triplet],
@@ -78,7 +97,7 @@ def predict_scenes(
                 net,
                 pair.pre,
                 pair.post,
-                output_dir / pair.name,
+                scene_folder(output_dir, pair),
                 spec,
                 settings,
                 device,
