@@ -557,11 +557,14 @@ def test_a_trained_unet_predicts_and_explains_a_scene_like_its_whole_image(
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "int16", "float32"])
-@pytest.mark.parametrize("alpha", ["added by the reprojection", "the file's own"])
+@pytest.mark.parametrize(
+    "alpha", ["added by the reprojection", "the file's own", "its own beside a nodata value"]
+)
 def test_an_alpha_band_masks_every_data_type(tmp_path, ckpt, dtype, alpha):
     """GDAL takes an alpha band as a mask for 8- and 16-bit unsigned bands only: the alpha a
-    reprojection adds to a post scene without nodata, or a file's own, must mask int16 and
-    float scenes too (everything valid is change here, so a missed mask is change)."""
+    reprojection adds to a post scene without nodata, or a file's own (also beside a nodata
+    value, where GDAL ignores it), must mask int16 and float scenes too (everything valid is
+    change here, so a missed mask is change)."""
     pre, post = changed_pair(128)
     pre_path = write_scene(tmp_path / "pre.tif", pre.astype(dtype))
     covered = np.zeros((128, 128), bool)
@@ -577,6 +580,7 @@ def test_an_alpha_band_masks_every_data_type(tmp_path, ckpt, dtype, alpha):
             np.concatenate([post, opacity], axis=2).astype(dtype),
             photometric="RGB",
             alpha="YES",
+            **({"nodata": 1000} if "nodata" in alpha else {}),
         )
         extra = ["input.bands=[1,2,3]"]
     scale = ["input.scale=fixed", "input.scale_min=0", "input.scale_max=255"]

@@ -6,6 +6,7 @@ any output; a resume refuses a scene whose source changed."""
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,11 @@ import torch
 
 from changecam.cli.predict import predict
 from changecam.geo import SceneError, SceneSettings, predict_scene
-from changecam.geo.scene import made_from
+from changecam.geo.scene import input_record, made_from
 from changecam.models import SiameseUNet
 from changecam.models.sliding_window import SlidingWindow
 from geo_scenes import (
+    CRS,
     FAST,
     TRANSFORM,
     changed_pair,
@@ -31,30 +33,39 @@ from helpers import compose_train
 from test_geo_scene import assert_same_outputs
 
 
-def write_band_stack(vrt: Path, sources: Path, image: np.ndarray) -> Path:
-    """Each band of ``image`` (H x W x C) as a single-band GeoTIFF in ``sources``, and at
-    ``vrt`` a VRT stacking them (paths relative to the VRT, as ``gdalbuildvrt`` writes)."""
-    height, width, count = image.shape
-    bands = []
-    for i in range(count):
-        source = write_scene(sources / f"band{i + 1}.tif", image[..., i : i + 1])
-        bands.append(
-            f'<VRTRasterBand dataType="Byte" band="{i + 1}"><SimpleSource>'
-            f'<SourceFilename relativeToVRT="1">{os.path.relpath(source, vrt.parent)}'
-            "</SourceFilename><SourceBand>1</SourceBand>"
-            f'<SrcRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>'
-            f'<DstRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>'
-            "</SimpleSource></VRTRasterBand>"
-        )
-    with rasterio.open(sources / "band1.tif") as first:
-        srs = first.crs.to_wkt()
+def write_vrt(
+    vrt: Path, sources: list[str], height: int, width: int, relative: bool = True
+) -> Path:
+    """At ``vrt``, a VRT whose band ``i`` is band 1 of ``sources[i]`` (on the test grid)."""
+    bands = [
+        f'<VRTRasterBand dataType="Byte" band="{i + 1}"><SimpleSource>'
+        f'<SourceFilename relativeToVRT="{int(relative)}">{source}</SourceFilename>'
+        "<SourceBand>1</SourceBand>"
+        f'<SourceProperties RasterXSize="{width}" RasterYSize="{height}" DataType="Byte" '
+        'BlockXSize="32" BlockYSize="32"/>'
+        f'<SrcRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>'
+        f'<DstRect xOff="0" yOff="0" xSize="{width}" ySize="{height}"/>'
+        "</SimpleSource></VRTRasterBand>"
+        for i, source in enumerate(sources)
+    ]
     geotransform = ", ".join(str(v) for v in TRANSFORM.to_gdal())
     vrt.parent.mkdir(parents=True, exist_ok=True)
     vrt.write_text(
-        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{srs}</SRS>'
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{CRS}</SRS>'
         f"<GeoTransform>{geotransform}</GeoTransform>{''.join(bands)}</VRTDataset>"
     )
     return vrt
+
+
+def write_band_stack(vrt: Path, sources: Path, image: np.ndarray, **profile) -> Path:
+    """Each band of ``image`` (H x W x C) as a single-band GeoTIFF in ``sources``, and at
+    ``vrt`` a VRT stacking them (paths relative to the VRT, as ``gdalbuildvrt`` writes)."""
+    height, width, count = image.shape
+    files = [
+        write_scene(sources / f"band{i + 1}.tif", image[..., i : i + 1], **profile)
+        for i in range(count)
+    ]
+    return write_vrt(vrt, [os.path.relpath(f, vrt.parent) for f in files], height, width)
 
 
 def test_a_vrt_band_stack_predicts_like_the_stacked_geotiff(tmp_path):
@@ -97,7 +108,7 @@ def net() -> torch.nn.Module:
     return SiameseUNet(base_channels=4, depth=2).eval()
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "not a raster"])
 def test_a_vrt_whose_source_is_missing_or_truncated_is_refused_naming_it(net, tmp_path, damage):
     pre, post = changed_pair(64)
     pre_vrt = write_band_stack(tmp_path / "pre.vrt", tmp_path / "pre_bands", pre)
@@ -106,9 +117,12 @@ def test_a_vrt_whose_source_is_missing_or_truncated_is_refused_naming_it(net, tm
     if damage == "missing":
         source.unlink()
         match = f"{post_vrt} reads {source}, which does not exist"
-    else:
+    elif damage == "truncated":
         source.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
         match = f"{source} is truncated"
+    else:
+        source.write_bytes(b"these are not the pixels you are looking for")
+        match = f"{post_vrt} reads {source}, which cannot be read as a raster"
     out = tmp_path / "out"
     with pytest.raises(SceneError, match=match):
         predict_scene(net, pre_vrt, post_vrt, out, SPEC, SETTINGS)
@@ -129,3 +143,51 @@ def test_a_resume_refuses_a_vrt_whose_source_changed(net, tmp_path):
     with pytest.raises(SceneError, match=r"started with other settings \(post differ\)"):
         predict_scene(net, pre_vrt, post_vrt, out, SPEC, SETTINGS, resume=True)
     assert not (out / "change.tif").exists() and not (out / "scene.json").exists()
+
+
+def test_a_vrt_reading_itself_is_refused(net, tmp_path):
+    """Two VRTs that read each other (GDAL opens them lazily): refused, not a recursion."""
+    write_vrt(tmp_path / "a.vrt", ["b.vrt"] * 3, 64, 64)
+    write_vrt(tmp_path / "b.vrt", ["a.vrt"] * 3, 64, 64)
+    pre = write_scene(tmp_path / "pre.tif", changed_pair(64)[0])
+    with pytest.raises(SceneError, match="reads itself"):
+        predict_scene(net, pre, tmp_path / "a.vrt", tmp_path / "out", SPEC, SETTINGS)
+
+
+def test_a_vrt_reading_a_zip_predicts_like_its_files(net, tmp_path):
+    """Sources GDAL reads by a virtual name (``/vsizip/``, ``/vsicurl/``...) are not local
+    files: they are read, not refused as missing, and recorded by name for a resume."""
+    pre, post = changed_pair(64)
+    plain = write_band_stack(tmp_path / "plain.vrt", tmp_path / "bands", post)
+    archive = tmp_path / "bands.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for i in range(3):
+            zipped.write(tmp_path / "bands" / f"band{i + 1}.tif", f"band{i + 1}.tif")
+    names = [f"/vsizip/{archive}/band{i + 1}.tif" for i in range(3)]
+    zipped_vrt = write_vrt(tmp_path / "zipped.vrt", names, 64, 64, relative=False)
+    pre_path = write_scene(tmp_path / "pre.tif", pre)
+    for post_path, out in ((plain, "plain"), (zipped_vrt, "zipped")):
+        predict_scene(net, pre_path, post_path, tmp_path / out, SPEC, SETTINGS)
+    np.testing.assert_array_equal(
+        read_band(tmp_path / "zipped" / "probability.tif"),
+        read_band(tmp_path / "plain" / "probability.tif"),
+    )
+    assert [s["path"] for s in input_record(zipped_vrt)["sources"]] == names
+
+
+def test_a_vrt_over_a_file_of_large_blocks_is_warned_about(net, tmp_path, monkeypatch, caplog):
+    """The VRT's own blocks say nothing of its sources': a source stored as one strip is
+    named in the warning, with the command that tiles it."""
+    import changecam.geo.windows
+
+    monkeypatch.setattr(changecam.geo.windows, "LARGE_BLOCK_BYTES", 64 * 64 - 1)
+    pre, post = changed_pair(64)
+    strips = {"tiled": False, "blockysize": 64, "compress": "deflate"}
+    post_vrt = write_band_stack(tmp_path / "post.vrt", tmp_path / "bands", post, **strips)
+    pre_path = write_scene(tmp_path / "pre.tif", pre)
+    with caplog.at_level("WARNING", logger="changecam"):
+        predict_scene(net, pre_path, post_vrt, tmp_path / "out", SPEC, SETTINGS)
+    warnings = [r.getMessage() for r in caplog.records if "blocks of" in r.getMessage()]
+    assert [w.split(" is stored")[0] for w in warnings] == [
+        str(tmp_path / "bands" / f"band{i + 1}.tif") for i in range(3)
+    ]

@@ -77,7 +77,7 @@ from changecam.data.io import (
     read_image,
     read_label,
 )
-from changecam.data.layout import Triplet, input_pairs
+from changecam.data.layout import INPUT_SUFFIXES, Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.environment import frozen_gc
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
@@ -399,7 +399,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("predict.py predicts window by window: set sliding_window.enabled=true")
     settings = explain_settings(cfg, threshold)
     roi = read_roi(settings) if settings is not None else None
-    pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
+    pairs = input_pairs(
+        cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"), INPUT_SUFFIXES
+    )
     scenes = scene_pairs(pairs)
     device = resolve_device(cfg.get("device", "auto"))
     net = inference_network(load_model(cfg)[0], device)

@@ -20,7 +20,7 @@ Split = Literal["train", "val", "test"]
 Layout = Literal["auto", "levir", "levir256"]
 SPLITS: tuple[str, ...] = get_args(Split)
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-# prediction inputs may also be GDAL VRTs of GeoTIFFs (predict.py's scene path reads them)
+# predict.py's inputs may also be GDAL VRTs (its scene path reads them; explain.py does not)
 INPUT_SUFFIXES: tuple[str, ...] = (*IMAGE_SUFFIXES, ".vrt")
 
 LEVIR_HELP = (
@@ -163,10 +163,14 @@ def find_triplets(root: str | Path, split: Split, layout: Layout = "auto") -> li
 
 
 def input_pairs(
-    pre: str | Path | None = None, post: str | Path | None = None, dir: str | Path | None = None
+    pre: str | Path | None = None,
+    post: str | Path | None = None,
+    dir: str | Path | None = None,
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
 ) -> list[Triplet]:
     """The pairs a prediction/explanation command works on: one ``pre``/``post`` file pair, or a
-    folder with ``A/`` and ``B/`` (and optionally ``label/``), paired by file name.
+    folder with ``A/`` and ``B/`` (and optionally ``label/``), paired by file name among the
+    files with ``suffixes`` (predict.py: :data:`INPUT_SUFFIXES`, which adds GDAL VRTs).
 
     Raises:
         ValueError: neither or both ways are given.
@@ -175,7 +179,7 @@ def input_pairs(
     if dir is not None and (pre is not None or post is not None):
         raise ValueError("give either input.dir or input.pre and input.post, not both")
     if dir is not None:
-        return pair_folder(dir, require_label=False, suffixes=INPUT_SUFFIXES)
+        return pair_folder(dir, require_label=False, suffixes=suffixes)
     if pre is None or post is None:
         raise ValueError(
             "no input: set input.dir=<folder with A/ and B/> or input.pre=<file> input.post=<file>"

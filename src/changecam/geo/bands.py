@@ -151,16 +151,16 @@ def all_valid(dataset: Any, bands: Sequence[int]) -> bool:
 
 def valid_mask(dataset: Any, bands: Sequence[int], window: Window | None = None) -> np.ndarray:
     """Where ``dataset`` holds data for ``bands`` (bool ``H x W``; NaN is left to
-    :func:`finite_values`): where any selected band is valid by its GDAL mask, like GDAL's
-    dataset mask but blind to the bands not selected. A mask or nodata value comes first, as in
-    GDAL; without one an alpha band decides, read as values: GDAL takes an alpha band as the
-    mask of 8- and 16-bit unsigned bands only, so the alpha a reprojection adds to a float or
-    int16 scene would otherwise mask nothing."""
+    :func:`finite_values`): where any selected band is valid by its GDAL mask (nodata value or
+    mask; like GDAL's dataset mask, but blind to the bands not selected) and, if there is an
+    alpha band, it is not transparent. The alpha is read as values: GDAL takes an alpha band as
+    the mask of 8- and 16-bit unsigned bands only, and not at all beside a nodata value, so the
+    alpha a reprojection adds to a float or int16 scene would otherwise mask nothing."""
+    valid = (dataset.read_masks(list(bands), window=window) > 0).any(axis=0)
     alpha = alpha_band(dataset)
-    flags = [dataset.mask_flag_enums[b - 1] for b in bands]
-    if alpha is not None and all(f == [MaskFlags.all_valid] or MaskFlags.alpha in f for f in flags):
-        return dataset.read(alpha, window=window) > 0
-    return (dataset.read_masks(list(bands), window=window) > 0).any(axis=0)
+    if alpha is not None:
+        valid &= dataset.read(alpha, window=window) > 0
+    return valid
 
 
 def finite_values(data: np.ndarray, valid: np.ndarray) -> np.ndarray:

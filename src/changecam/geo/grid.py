@@ -12,6 +12,7 @@ separate files with ``gdalbuildvrt -separate``, or a mosaic of tiles).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -101,29 +102,52 @@ def open_raster(path: str | Path, stack: ExitStack) -> Any:
         ) from err
     check_complete(dataset, path)
     for source in vrt_sources(path):
-        if not source.is_file():
+        if not is_local(source):
+            continue  # /vsizip/, /vsicurl/, DRIVER:...: GDAL reads it when a block needs it
+        if not Path(source).is_file():
             raise SceneError(f"{path} reads {source}, which does not exist")
-        with rasterio.open(source) as opened:
-            check_complete(opened, source)
+        try:
+            with rasterio.open(source) as opened:
+                check_complete(opened, Path(source))
+        except RasterioError as err:
+            raise SceneError(
+                f"{path} reads {source}, which cannot be read as a raster: {err}"
+            ) from err
     return dataset
 
 
-def vrt_sources(path: Path) -> list[Path]:
-    """The files a GDAL VRT reads (absolute, sorted; nested VRTs' too); none for other files.
+def is_local(source: str) -> bool:
+    """Whether a file name GDAL reads is a plain file on disk: not a ``/vsi…`` virtual file
+    (``/vsizip/``, ``/vsicurl/``, ...) nor a ``DRIVER:…`` connection string."""
+    return not source.startswith("/vsi") and re.match(r"[A-Za-z][\w]+:", source) is None
+
+
+def vrt_sources(path: Path, _within: frozenset[Path] = frozenset()) -> list[str]:
+    """The files a GDAL VRT reads, nested VRTs' too (sorted; plain files as absolute paths,
+    virtual ones as GDAL names them); none for other files.
 
     Raises:
-        SceneError: the VRT cannot be parsed.
+        SceneError: the VRT cannot be parsed, or it reads itself (through other VRTs).
     """
     if path.suffix.lower() != ".vrt":
         return []
+    here = path.resolve()
+    if here in _within:
+        raise SceneError(f"{path} reads itself (through {', '.join(map(str, sorted(_within)))})")
     try:
-        with rasterio.open(path.resolve()) as vrt:
-            files = [Path(f) for f in vrt.files]
+        with rasterio.open(here) as vrt:
+            files = list(vrt.files)
     except RasterioError as err:
         raise SceneError(f"{path} cannot be read as a GDAL VRT: {err}") from err
-    sources = sorted({f for f in files if f != path.resolve()})
-    nested = [s for source in sources if source.is_file() for s in vrt_sources(source)]
-    return sorted(set(sources) | set(nested))
+    sources = {str(Path(f).resolve()) if is_local(f) else f for f in files}
+    sources.discard(str(here))
+    nested = [
+        s
+        for source in sources
+        if is_local(source) and Path(source).is_file()
+        for s in vrt_sources(Path(source), _within | {here})
+    ]
+    return sorted(sources | set(nested))
 
 
 def check_complete(dataset: Any, path: Path) -> None:
@@ -273,6 +297,7 @@ __all__ = [
     "check_complete",
     "check_georeferenced",
     "check_overlap",
+    "is_local",
     "open_pair",
     "open_raster",
     "vrt_sources",

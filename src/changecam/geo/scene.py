@@ -52,7 +52,7 @@ from changecam.geo.bands import (
     select_bands,
     valid_pixels,
 )
-from changecam.geo.grid import Align, SceneError, open_pair, vrt_sources
+from changecam.geo.grid import Align, SceneError, is_local, open_pair, vrt_sources
 from changecam.geo.polygons import RegionTracer, metric_crs, scene_polygons, write_geojson
 from changecam.geo.window_cache import WindowCache
 from changecam.geo.windows import (
@@ -60,7 +60,7 @@ from changecam.geo.windows import (
     Region,
     block_grid,
     check_network_range,
-    large_block_warning,
+    large_block_warnings,
     prefetched,
     read_region,
 )
@@ -212,17 +212,21 @@ class BlockLog:
         self.done[record["block"]] = record
 
 
-def input_record(path: Path) -> dict[str, Any]:
-    """Path, size and modification time of an input scene, and of each file a VRT reads."""
+def file_record(path: Path) -> dict[str, Any]:
     stat = path.stat()
-    record: dict[str, Any] = {
-        "path": str(path.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-    }
+    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def input_record(path: Path) -> dict[str, Any]:
+    """Path, size and modification time of an input scene, and of each plain file a VRT reads
+    (virtual ones, ``/vsicurl/…``, by name)."""
+    record = file_record(path)
     sources = vrt_sources(path)
     if sources:
-        record["sources"] = [input_record(source) for source in sources]
+        record["sources"] = [
+            file_record(Path(source)) if is_local(source) else {"path": source}
+            for source in sources
+        ]
     return record
 
 
@@ -445,8 +449,7 @@ def _predict_scene(
         )
         scaling = []
         for dataset, path in ((pair.pre, pre_path), (pair.post_source, post_path)):
-            warning = large_block_warning(dataset, bands, path)
-            if warning is not None:
+            for warning in large_block_warnings(dataset, bands, path):
                 log.warning(warning)
             sample = None
             if needs_sample(dataset, bands, settings.scale):

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from changecam.geo.bands import Scaling, all_valid, finite_values, valid_mask
 from changecam.geo.gdal_lock import GDAL_LOCK
-from changecam.geo.grid import SceneError
+from changecam.geo.grid import SceneError, is_local, vrt_sources
 from changecam.models.sliding_window import SlidingWindow, window_starts
 
 
@@ -180,6 +181,18 @@ def large_block_warning(dataset: Any, bands: Sequence[int], path: Path) -> str |
     )
 
 
+def large_block_warnings(dataset: Any, bands: Sequence[int], path: Path) -> list[str]:
+    """:func:`large_block_warning` for the file or, if it is a GDAL VRT, for each plain file it
+    reads (every band of it): a VRT's own blocks are virtual, read from its sources by window."""
+    sources = vrt_sources(Path(path))
+    warnings = [] if sources else [large_block_warning(dataset, bands, path)]
+    for source in sources:
+        if is_local(source) and Path(source).suffix.lower() != ".vrt":
+            with rasterio.open(source) as opened:
+                warnings.append(large_block_warning(opened, opened.indexes, Path(source)))
+    return [w for w in warnings if w is not None]
+
+
 def check_network_range(
     data: np.ndarray, valid: np.ndarray, name: Any, block: Block | None = None
 ) -> None:
@@ -262,6 +275,7 @@ __all__ = [
     "Region",
     "block_grid",
     "large_block_warning",
+    "large_block_warnings",
     "prefetched",
     "read_region",
 ]
