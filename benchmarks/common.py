@@ -38,7 +38,8 @@ def cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """Where a figure was measured: CPU, cores, GPU, library versions, the 1-minute load when called (a benchmark that calls it last counts its own run)."""
+    """Where a figure was measured: CPU, cores, GPU, library versions, and the 1-minute load
+    when called (a benchmark that calls it last counts its own run in it)."""
     import torch
 
     info: dict[str, Any] = {
