@@ -17,7 +17,7 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
-from rasterio.enums import Interleaving, MaskFlags, Resampling
+from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.features import rasterize
 from rasterio.warp import calculate_default_transform, reproject
 from shapely.geometry import box, shape
@@ -557,14 +557,11 @@ def test_a_trained_unet_predicts_and_explains_a_scene_like_its_whole_image(
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "int16", "float32"])
-@pytest.mark.parametrize(
-    "alpha", ["added by the reprojection", "the file's own", "its own beside a nodata value"]
-)
+@pytest.mark.parametrize("alpha", ["added by the reprojection", "the file's own"])
 def test_an_alpha_band_masks_every_data_type(tmp_path, ckpt, dtype, alpha):
     """GDAL takes an alpha band as a mask for 8- and 16-bit unsigned bands only: the alpha a
-    reprojection adds to a post scene without nodata, or a file's own (also beside a nodata
-    value, where GDAL ignores it), must mask int16 and float scenes too (everything valid is
-    change here, so a missed mask is change)."""
+    reprojection adds to a post scene without nodata, or a file's own, must mask int16 and
+    float scenes too (everything valid is change here, so a missed mask is change)."""
     pre, post = changed_pair(128)
     pre_path = write_scene(tmp_path / "pre.tif", pre.astype(dtype))
     covered = np.zeros((128, 128), bool)
@@ -580,7 +577,6 @@ def test_an_alpha_band_masks_every_data_type(tmp_path, ckpt, dtype, alpha):
             np.concatenate([post, opacity], axis=2).astype(dtype),
             photometric="RGB",
             alpha="YES",
-            **({"nodata": 1000} if "nodata" in alpha else {}),
         )
         extra = ["input.bands=[1,2,3]"]
     scale = ["input.scale=fixed", "input.scale_min=0", "input.scale_max=255"]
@@ -620,6 +616,32 @@ def test_nodata_is_judged_on_the_selected_bands(tmp_path, ckpt):
     invalid[20:40, 20:40] = True
     invalid |= (pre == 0).all(axis=2) | (post == 0).all(axis=2)  # generator pixels black in RGB
     np.testing.assert_array_equal(change == 255, invalid)
+
+
+def test_a_nodata_value_comes_before_an_alpha_band(tmp_path, ckpt):
+    """A 4-band uint8 file written with GDAL's defaults is labelled RGBA, though its fourth
+    band is often near-infrared: with a nodata value, as in GDAL, that value decides and a 0
+    in the fourth band is not a hole; without one, the alpha does."""
+    pre, post = changed_pair(128)
+    nir = np.full((128, 128, 1), 50, np.uint8)
+    nir[5:10, 5:10] = 0  # dark water in the near-infrared
+    pre4, post4 = (np.concatenate([image, nir], axis=2) for image in (pre, post))
+    pre4[20:40, 20:40, :3] = 0  # no data in red, green, blue
+    invalid = np.zeros((128, 128), bool)
+    invalid[20:40, 20:40] = True
+    invalid |= (pre == 0).all(axis=2) | (post == 0).all(axis=2)
+    for nodata, holes in ((0, invalid), (None, nir[..., 0] == 0)):
+        folder = tmp_path / str(nodata)
+        paths = [
+            write_scene(folder / f"{name}.tif", image, nodata=nodata)
+            for name, image in (("pre", pre4), ("post", post4))
+        ]
+        with rasterio.open(paths[0]) as src:
+            assert src.colorinterp[3] == ColorInterp.alpha
+        overrides = ["threshold=0.0", "explain.enabled=false", "input.bands=[1,2,3]"]
+        run_scene(folder, ckpt, *paths, *overrides)
+        change = read_band(folder / "run" / "pre" / "change.tif")
+        np.testing.assert_array_equal(change == 255, holes)
 
 
 def test_pixels_outside_the_post_footprint_are_nodata(tmp_path, ckpt, pair, threshold):

@@ -18,12 +18,14 @@ band-first twin of the convention every image follows.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import numpy as np
 from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import NodataShadowWarning
 from rasterio.windows import Window
 
 from changecam.geo.grid import SceneError
@@ -32,6 +34,10 @@ Scale = Literal["percentile", "fixed", "none"]
 SCALES: tuple[str, ...] = get_args(Scale)
 PERCENTILES = (2.0, 98.0)
 SAMPLE_SIDE = 1024  # the decimated read of the percentile stretch: at most this many px a side
+
+# valid_mask puts a nodata value before an alpha band on purpose, as GDAL does; rasterio would
+# say so at every block
+warnings.filterwarnings("ignore", category=NodataShadowWarning, module=r"changecam\.geo\.bands")
 
 
 def select_bands(
@@ -151,16 +157,21 @@ def all_valid(dataset: Any, bands: Sequence[int]) -> bool:
 
 def valid_mask(dataset: Any, bands: Sequence[int], window: Window | None = None) -> np.ndarray:
     """Where ``dataset`` holds data for ``bands`` (bool ``H x W``; NaN is left to
-    :func:`finite_values`): where any selected band is valid by its GDAL mask (nodata value or
-    mask; like GDAL's dataset mask, but blind to the bands not selected) and, if there is an
-    alpha band, it is not transparent. The alpha is read as values: GDAL takes an alpha band as
-    the mask of 8- and 16-bit unsigned bands only, and not at all beside a nodata value, so the
-    alpha a reprojection adds to a float or int16 scene would otherwise mask nothing."""
-    valid = (dataset.read_masks(list(bands), window=window) > 0).any(axis=0)
+    :func:`finite_values`): where any selected band is valid by its mask, as in GDAL's dataset
+    mask but blind to the bands not selected. A band's mask is GDAL's (its nodata value, a
+    mask, or the alpha band), except that a band GDAL calls all valid takes the alpha band's
+    values where there is one: GDAL masks by alpha only 8- and 16-bit unsigned bands, so the
+    alpha a reprojection adds to a float or int16 scene would otherwise mask nothing. As in
+    GDAL, a nodata value or mask comes before the alpha (a 4-band file GDAL labels RGBA may
+    hold a near-infrared band, not an alpha)."""
+    masks = dataset.read_masks(list(bands), window=window) > 0
     alpha = alpha_band(dataset)
-    if alpha is not None:
-        valid &= dataset.read(alpha, window=window) > 0
-    return valid
+    unmasked = [
+        i for i, b in enumerate(bands) if dataset.mask_flag_enums[b - 1] == [MaskFlags.all_valid]
+    ]
+    if alpha is not None and unmasked:
+        masks[unmasked] = dataset.read(alpha, window=window) > 0
+    return masks.any(axis=0)
 
 
 def finite_values(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
