@@ -145,13 +145,38 @@ def test_a_resume_refuses_a_vrt_whose_source_changed(net, tmp_path):
     assert not (out / "change.tif").exists() and not (out / "scene.json").exists()
 
 
-def test_a_vrt_reading_itself_is_refused(net, tmp_path):
-    """Two VRTs that read each other (GDAL opens them lazily): refused, not a recursion."""
-    write_vrt(tmp_path / "a.vrt", ["b.vrt"] * 3, 64, 64)
-    write_vrt(tmp_path / "b.vrt", ["a.vrt"] * 3, 64, 64)
+@pytest.mark.parametrize("through", ["directly", "through another VRT"])
+def test_a_vrt_reading_itself_is_refused(net, tmp_path, through):
+    """A VRT that reads itself (GDAL opens it lazily, and fails at the first pixel): refused
+    as it is opened, not a recursion or a bare read error."""
+    if through == "directly":
+        write_vrt(tmp_path / "a.vrt", ["a.vrt"] * 3, 64, 64)
+    else:
+        write_vrt(tmp_path / "a.vrt", ["b.vrt"] * 3, 64, 64)
+        write_vrt(tmp_path / "b.vrt", ["a.vrt"] * 3, 64, 64)
     pre = write_scene(tmp_path / "pre.tif", changed_pair(64)[0])
-    with pytest.raises(SceneError, match="reads itself"):
+    with pytest.raises(SceneError, match="a.vrt reads itself"):
         predict_scene(net, pre, tmp_path / "a.vrt", tmp_path / "out", SPEC, SETTINGS)
+
+
+def test_a_local_source_whose_name_has_a_colon_is_checked_and_recorded(net, tmp_path, monkeypatch):
+    """``S2A_T31:tile.tif`` looks like a GDAL ``DRIVER:`` name, but it is a file: recorded for
+    a resume like any file. Once gone it cannot be told from a GDAL name, so it is named when
+    its first block is read, and no output looks finished."""
+    monkeypatch.chdir(tmp_path)  # a source name not relative to the VRT is read from here
+    pre, post = changed_pair(64)
+    names = [f"S2A_T31:band{i + 1}.tif" for i in range(3)]
+    for i, name in enumerate(names):
+        write_scene(tmp_path / name, post[..., i : i + 1])
+    post_vrt = write_vrt(tmp_path / "post.vrt", names, 64, 64, relative=False)
+    record = input_record(post_vrt)
+    assert [s["path"] for s in record["sources"]] == [str(tmp_path / n) for n in names]
+    assert all("size" in s for s in record["sources"])
+    (tmp_path / names[1]).unlink()
+    pre_path = write_scene(tmp_path / "pre.tif", pre)
+    with pytest.raises(SceneError, match="S2A_T31:band2.tif: No such file"):
+        predict_scene(net, pre_path, post_vrt, tmp_path / "out", SPEC, SETTINGS)
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.suffix in (".tif", ".json")]
 
 
 def test_a_vrt_reading_a_zip_predicts_like_its_files(net, tmp_path):
@@ -188,6 +213,8 @@ def test_a_vrt_over_a_file_of_large_blocks_is_warned_about(net, tmp_path, monkey
     with caplog.at_level("WARNING", logger="changecam"):
         predict_scene(net, pre_path, post_vrt, tmp_path / "out", SPEC, SETTINGS)
     warnings = [r.getMessage() for r in caplog.records if "blocks of" in r.getMessage()]
-    assert [w.split(" is stored")[0] for w in warnings] == [
-        str(tmp_path / "bands" / f"band{i + 1}.tif") for i in range(3)
-    ]
+    assert len(warnings) == 1  # one for the VRT, not one per file (a mosaic has thousands)
+    assert warnings[0].startswith(
+        f"{post_vrt} reads 3 files stored in large blocks; the first: "
+        f"{tmp_path / 'bands' / 'band1.tif'} is stored in blocks of 64x64 px"
+    )

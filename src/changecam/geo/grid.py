@@ -117,37 +117,50 @@ def open_raster(path: str | Path, stack: ExitStack) -> Any:
 
 
 def is_local(source: str) -> bool:
-    """Whether a file name GDAL reads is a plain file on disk: not a ``/vsi…`` virtual file
-    (``/vsizip/``, ``/vsicurl/``, ...) nor a ``DRIVER:…`` connection string."""
-    return not source.startswith("/vsi") and re.match(r"[A-Za-z][\w]+:", source) is None
+    """Whether a file name GDAL reads is a plain file on disk: one that exists, or one that is
+    neither a ``/vsi…`` virtual file (``/vsizip/``, ``/vsicurl/``, ...) nor a ``DRIVER:…``
+    connection string."""
+    try:
+        if Path(source).exists():
+            return True
+    except OSError:  # e.g. a name too long to be a file
+        return False
+    return not source.startswith("/vsi") and re.match(r"[A-Za-z]\w+:", source) is None
 
 
-def vrt_sources(path: Path, _within: frozenset[Path] = frozenset()) -> list[str]:
+def vrt_sources(path: Path) -> list[str]:
     """The files a GDAL VRT reads, nested VRTs' too (sorted; plain files as absolute paths,
     virtual ones as GDAL names them); none for other files.
 
     Raises:
-        SceneError: the VRT cannot be parsed, or it reads itself (through other VRTs).
+        SceneError: a VRT cannot be parsed, or it reads itself (directly or through others).
     """
     if path.suffix.lower() != ".vrt":
         return []
-    here = path.resolve()
-    if here in _within:
-        raise SceneError(f"{path} reads itself (through {', '.join(map(str, sorted(_within)))})")
+    found: set[str] = set()
+    collect_sources(path.resolve(), (), found, set())
+    return sorted(found)
+
+
+def collect_sources(vrt: Path, chain: tuple[Path, ...], found: set[str], done: set[Path]) -> None:
+    """Add the files ``vrt`` reads to ``found``, depth first; ``chain``: the VRTs that led here,
+    ``done``: the VRTs already collected (a nested VRT several others read is read once)."""
+    if vrt in chain:
+        route = " -> ".join(str(p) for p in (*chain, vrt))
+        raise SceneError(f"{chain[0]} reads itself ({route})")
+    if vrt in done:
+        return
     try:
-        with rasterio.open(here) as vrt:
-            files = list(vrt.files)
+        with rasterio.open(vrt) as dataset:
+            files = list(dataset.files)[1:]  # GDAL lists the VRT itself first
     except RasterioError as err:
-        raise SceneError(f"{path} cannot be read as a GDAL VRT: {err}") from err
-    sources = {str(Path(f).resolve()) if is_local(f) else f for f in files}
-    sources.discard(str(here))
-    nested = [
-        s
-        for source in sources
-        if is_local(source) and Path(source).is_file()
-        for s in vrt_sources(Path(source), _within | {here})
-    ]
-    return sorted(sources | set(nested))
+        raise SceneError(f"{vrt} cannot be read as a GDAL VRT: {err}") from err
+    for name in files:
+        source = str(Path(name).resolve()) if is_local(name) else name
+        found.add(source)
+        if source.lower().endswith(".vrt") and is_local(source) and Path(source).is_file():
+            collect_sources(Path(source), (*chain, vrt), found, done)
+    done.add(vrt)
 
 
 def check_complete(dataset: Any, path: Path) -> None:
@@ -297,6 +310,7 @@ __all__ = [
     "check_complete",
     "check_georeferenced",
     "check_overlap",
+    "collect_sources",
     "is_local",
     "open_pair",
     "open_raster",

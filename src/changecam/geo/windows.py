@@ -182,15 +182,25 @@ def large_block_warning(dataset: Any, bands: Sequence[int], path: Path) -> str |
 
 
 def large_block_warnings(dataset: Any, bands: Sequence[int], path: Path) -> list[str]:
-    """:func:`large_block_warning` for the file or, if it is a GDAL VRT, for each plain file it
-    reads (every band of it): a VRT's own blocks are virtual, read from its sources by window."""
-    sources = vrt_sources(Path(path))
-    warnings = [] if sources else [large_block_warning(dataset, bands, path)]
+    """:func:`large_block_warning` for the file or, if it is a GDAL VRT, for the plain files it
+    reads (every band of each; one warning naming the first and counting the others): a VRT's
+    own blocks are virtual, read from its sources by window."""
+    sources = [s for s in vrt_sources(Path(path)) if is_local(s) and not s.lower().endswith(".vrt")]
+    if not sources:
+        warning = large_block_warning(dataset, bands, path)
+        return [] if warning is None else [warning]
+    large = []
     for source in sources:
-        if is_local(source) and Path(source).suffix.lower() != ".vrt":
+        try:
             with rasterio.open(source) as opened:
-                warnings.append(large_block_warning(opened, opened.indexes, Path(source)))
-    return [w for w in warnings if w is not None]
+                warning = large_block_warning(opened, opened.indexes, Path(source))
+        except RasterioError:  # gone since it was checked: reading the block will say so
+            continue
+        if warning is not None:
+            large.append(warning)
+    if len(large) > 1:
+        return [f"{path} reads {len(large)} files stored in large blocks; the first: {large[0]}"]
+    return large
 
 
 def check_network_range(
