@@ -16,8 +16,8 @@ image. A pair that fails (e.g. its two dates differ in size) leaves no files; th
 others are still predicted, and the command exits with an error naming the failed pairs.
 A full disk stops the command at once ("no space left on device while writing <path>").
 
-GeoTIFF pairs (every file ``.tif``/``.tiff``, or a GDAL ``.vrt`` of GeoTIFFs) go to :mod:`changecam.cli.scenes` and
-:mod:`changecam.geo` instead: per scene ``<name>/change.tif``, ``probability.tif``,
+GeoTIFF pairs (every file ``.tif``/``.tiff``, or a GDAL ``.vrt``) go to
+:mod:`changecam.cli.scenes` and :mod:`changecam.geo` instead: per scene ``<name>/change.tif``, ``probability.tif``,
 ``explanation.tif``, ``change.geojson`` and ``scene.json``, window by window in bounded memory.
 
 ``predictions.jsonl`` beside it is the run's log: a header line with the settings, then one
