@@ -17,8 +17,9 @@ others are still predicted, and the command exits with an error naming the faile
 A full disk stops the command at once ("no space left on device while writing <path>").
 
 GeoTIFF pairs (every file ``.tif``/``.tiff``, or a GDAL ``.vrt``) go to
-:mod:`changecam.cli.scenes` and :mod:`changecam.geo` instead: per scene ``<name>/change.tif``, ``probability.tif``,
-``explanation.tif``, ``change.geojson`` and ``scene.json``, window by window in bounded memory.
+:mod:`changecam.cli.scenes` and :mod:`changecam.geo` instead: per scene ``<name>/change.tif``,
+``probability.tif``, ``explanation.tif``, ``change.geojson`` and ``scene.json``, window by
+window in bounded memory.
 
 ``predictions.jsonl`` beside it is the run's log: a header line with the settings, then one
 line per pair, appended (and fsynced) once all of that pair's files are written, so a killed
