@@ -1,7 +1,8 @@
 """GDAL VRTs as scenes: a stack of single-band files (what ``gdalbuildvrt -separate`` writes
 for Sentinel-2's per-band files) predicts exactly like the stacked GeoTIFF, through
-``input.pre``/``input.post`` and ``input.dir``; a missing or truncated source is named before
-any output; a resume refuses a scene whose source changed."""
+``input.pre``/``input.post`` and ``input.dir``, and so does one reading them from a zip; a
+missing, truncated or unreadable source and a VRT that reads itself are refused before any
+output; a resume refuses a scene whose source changed; large source blocks are warned about."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ from geo_scenes import (
 )
 from helpers import compose_train
 from test_geo_scene import assert_same_outputs
+
+SPEC = SlidingWindow(window=32, batch_size=8)
+SETTINGS = SceneSettings(block_size=64, progress=False)
 
 
 def write_vrt(
@@ -98,10 +102,6 @@ def test_a_vrt_band_stack_predicts_like_the_stacked_geotiff(tmp_path):
     assert_same_outputs(tmp_path / "from_dir" / "run" / "scene", tif_out)
 
 
-SPEC = SlidingWindow(window=32, batch_size=8)
-SETTINGS = SceneSettings(block_size=64, progress=False)
-
-
 @pytest.fixture(scope="module")
 def net() -> torch.nn.Module:
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def net() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "not a raster"])
-def test_a_vrt_whose_source_is_missing_or_truncated_is_refused_naming_it(net, tmp_path, damage):
+def test_a_vrt_whose_source_is_missing_or_damaged_is_refused_naming_it(net, tmp_path, damage):
     pre, post = changed_pair(64)
     pre_vrt = write_band_stack(tmp_path / "pre.vrt", tmp_path / "pre_bands", pre)
     post_vrt = write_band_stack(tmp_path / "post.vrt", tmp_path / "post_bands", post)
