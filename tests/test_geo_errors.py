@@ -406,9 +406,9 @@ def test_a_file_of_large_blocks_is_warned_about_with_the_command_that_tiles_it(
 ):
     """A whole-image strip cannot be read window by window in bounded memory: every window
     read decodes it whole. The scene still runs; the log says so and how to rewrite it."""
-    import changecam.geo.windows
+    import changecam.geo.grid
 
-    monkeypatch.setattr(changecam.geo.windows, "LARGE_BLOCK_BYTES", 64 * 64 * 3 - 1)
+    monkeypatch.setattr(changecam.geo.grid, "LARGE_BLOCK_BYTES", 64 * 64 * 3 - 1)
     pre = write_scene(
         tmp_path / "my scenes" / "pre.tif",
         images[0],
@@ -434,7 +434,7 @@ def test_a_file_of_large_blocks_is_warned_about_with_the_command_that_tiles_it(
 
 
 def test_decoded_block_bytes_count_every_band_of_a_pixel_interleaved_block(tmp_path):
-    from changecam.geo.windows import decoded_block_bytes
+    from changecam.geo.grid import decoded_block_bytes
 
     image = np.zeros((64, 64, 4), np.uint16)
     pixel = write_scene(tmp_path / "pixel.tif", image)

@@ -203,9 +203,9 @@ def test_a_vrt_reading_a_zip_predicts_like_its_files(net, tmp_path):
 def test_a_vrt_over_a_file_of_large_blocks_is_warned_about(net, tmp_path, monkeypatch, caplog):
     """The VRT's own blocks say nothing of its sources': a source stored as one strip is
     named in the warning, with the command that tiles it."""
-    import changecam.geo.windows
+    import changecam.geo.grid
 
-    monkeypatch.setattr(changecam.geo.windows, "LARGE_BLOCK_BYTES", 64 * 64 - 1)
+    monkeypatch.setattr(changecam.geo.grid, "LARGE_BLOCK_BYTES", 64 * 64 - 1)
     pre, post = changed_pair(64)
     strips = {"tiled": False, "blockysize": 64, "compress": "deflate"}
     post_vrt = write_band_stack(tmp_path / "post.vrt", tmp_path / "bands", post, **strips)

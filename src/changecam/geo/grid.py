@@ -12,13 +12,16 @@ separate files with ``gdalbuildvrt -separate``, or a mosaic of tiles).
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterator
+import shlex
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.crs import CRS
@@ -27,6 +30,7 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 
+log = logging.getLogger("changecam")
 Align = Literal["reproject", "strict"]
 ALIGNS: tuple[str, ...] = get_args(Align)
 
@@ -86,7 +90,8 @@ class Grid:
 
 def open_raster(path: str | Path, stack: ExitStack) -> Any:
     """Open a raster for reading inside ``stack``; unreadable files name themselves (a GDAL
-    VRT's missing or truncated sources too).
+    VRT's missing or truncated sources too). A VRT's sources stored in large blocks are
+    warned about here (:func:`large_block_warning`); a plain file's, once its bands are chosen.
 
     Raises:
         SceneError: the file (or a file a VRT reads) is missing or is not a raster GDAL can read.
@@ -101,6 +106,7 @@ def open_raster(path: str | Path, stack: ExitStack) -> Any:
             f"{path} cannot be read as a GeoTIFF (corrupt or truncated?): {err}"
         ) from err
     check_complete(dataset, path)
+    large = []
     for source in vrt_sources(path):
         if not is_local(source):
             continue  # /vsizip/, /vsicurl/, DRIVER:...: GDAL reads it when a block needs it
@@ -109,10 +115,15 @@ def open_raster(path: str | Path, stack: ExitStack) -> Any:
         try:
             with rasterio.open(source) as opened:
                 check_complete(opened, Path(source))
+                large.append(large_block_warning(opened, opened.indexes, Path(source)))
         except RasterioError as err:
             raise SceneError(
                 f"{path} reads {source}, which cannot be read as a raster: {err}"
             ) from err
+    large = [w for w in large if w is not None]
+    if large:  # one warning for the VRT: a mosaic may read thousands of such files
+        many = f"{path} reads {len(large)} files stored in large blocks; the first: "
+        log.warning((many if len(large) > 1 else "") + large[0])
     return dataset
 
 
@@ -190,6 +201,43 @@ def check_complete(dataset: Any, path: Path) -> None:
                         f"({i}, {j}) ends at byte {int(offset) + int(length)} but the file has "
                         f"{size} bytes"
                     )
+
+
+# a file block (tile or strip) decoded larger than this: every window read decodes whole blocks
+# (a single-strip 8192² 16-bit scene: 512 MiB each time), so memory and time grow with it
+LARGE_BLOCK_BYTES = 32 * 1024 * 1024
+
+
+def decoded_block_bytes(dataset: Any, bands: Sequence[int]) -> int:
+    """Bytes GDAL decodes for one block of ``dataset``'s file: a pixel-interleaved block holds
+    every band, a band-interleaved one the selected band (summed over ``bands``)."""
+    height, width = dataset.block_shapes[bands[0] - 1]
+    interleaved = getattr(dataset.interleaving, "name", None) == "pixel"
+    indexes = dataset.indexes if interleaved else sorted(set(bands))
+    return sum(height * width * np.dtype(dataset.dtypes[b - 1]).itemsize for b in indexes)
+
+
+def large_block_warning(dataset: Any, bands: Sequence[int], path: Path) -> str | None:
+    """A warning for a file whose blocks are too large to read window by window in bounded
+    memory (a whole-image strip, typically), with the command that rewrites it tiled. None for a
+    GDAL VRT: its blocks are virtual, read from its sources (see :func:`open_raster`) by window."""
+    if dataset.driver == "VRT":
+        return None
+    size = decoded_block_bytes(dataset, bands)
+    if size <= LARGE_BLOCK_BYTES:
+        return None
+    height, width = dataset.block_shapes[bands[0] - 1]
+    path = Path(path)
+    tiled = path.with_name(f"{path.stem}_tiled.tif")
+    cache_mb = max(512, 2 * -(-size // 2**20))  # the whole block in GDAL's cache while copying
+    return (
+        f"{path} is stored in blocks of {height}x{width} px ({size / 2**20:.0f} MiB decoded"
+        f"{', a single strip' if height == dataset.height else ''}): every window read decodes "
+        "whole blocks, so memory and time grow with them and the scene is not read in bounded "
+        f"memory. Rewrite it tiled once: GDAL_CACHEMAX={cache_mb} rio convert --co tiled=true "
+        "--co blockxsize=256 --co blockysize=256 --co compress=deflate "
+        f"{shlex.quote(str(path))} {shlex.quote(str(tiled))}"
+    )
 
 
 def check_georeferenced(dataset: Any, path: Path) -> None:
@@ -303,6 +351,7 @@ def open_pair(
 
 __all__ = [
     "ALIGNS",
+    "LARGE_BLOCK_BYTES",
     "Align",
     "Grid",
     "ScenePair",
@@ -311,7 +360,9 @@ __all__ = [
     "check_georeferenced",
     "check_overlap",
     "collect_sources",
+    "decoded_block_bytes",
     "is_local",
+    "large_block_warning",
     "open_pair",
     "open_raster",
     "vrt_sources",

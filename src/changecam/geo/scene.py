@@ -52,7 +52,14 @@ from changecam.geo.bands import (
     select_bands,
     valid_pixels,
 )
-from changecam.geo.grid import Align, SceneError, is_local, open_pair, vrt_sources
+from changecam.geo.grid import (
+    Align,
+    SceneError,
+    is_local,
+    large_block_warning,
+    open_pair,
+    vrt_sources,
+)
 from changecam.geo.polygons import RegionTracer, metric_crs, scene_polygons, write_geojson
 from changecam.geo.window_cache import WindowCache
 from changecam.geo.windows import (
@@ -60,7 +67,6 @@ from changecam.geo.windows import (
     Region,
     block_grid,
     check_network_range,
-    large_block_warnings,
     prefetched,
     read_region,
 )
@@ -449,7 +455,8 @@ def _predict_scene(
         )
         scaling = []
         for dataset, path in ((pair.pre, pre_path), (pair.post_source, post_path)):
-            for warning in large_block_warnings(dataset, bands, path):
+            warning = large_block_warning(dataset, bands, path)
+            if warning is not None:
                 log.warning(warning)
             sample = None
             if needs_sample(dataset, bands, settings.scale):

@@ -12,7 +12,6 @@ window are padded like the PNG path pads them.
 from __future__ import annotations
 
 import queue
-import shlex
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from changecam.geo.bands import Scaling, all_valid, finite_values, valid_mask
 from changecam.geo.gdal_lock import GDAL_LOCK
-from changecam.geo.grid import SceneError, is_local, vrt_sources
+from changecam.geo.grid import SceneError
 from changecam.models.sliding_window import SlidingWindow, window_starts
 
 
@@ -147,62 +145,6 @@ def read_region(
     return Region(block, arrays[0], arrays[1], valid)
 
 
-# a file block (tile or strip) decoded larger than this: every window read decodes whole blocks
-# (a single-strip 8192² 16-bit scene: 512 MiB each time), so memory and time grow with it
-LARGE_BLOCK_BYTES = 32 * 1024 * 1024
-
-
-def decoded_block_bytes(dataset: Any, bands: Sequence[int]) -> int:
-    """Bytes GDAL decodes for one block of ``dataset``'s file: a pixel-interleaved block holds
-    every band, a band-interleaved one the selected band (summed over ``bands``)."""
-    height, width = dataset.block_shapes[bands[0] - 1]
-    interleaved = getattr(dataset.interleaving, "name", None) == "pixel"
-    indexes = dataset.indexes if interleaved else sorted(set(bands))
-    return sum(height * width * np.dtype(dataset.dtypes[b - 1]).itemsize for b in indexes)
-
-
-def large_block_warning(dataset: Any, bands: Sequence[int], path: Path) -> str | None:
-    """A warning for a file whose blocks are too large to read window by window in bounded
-    memory (a whole-image strip, typically), with the command that rewrites it tiled."""
-    size = decoded_block_bytes(dataset, bands)
-    if size <= LARGE_BLOCK_BYTES:
-        return None
-    height, width = dataset.block_shapes[bands[0] - 1]
-    path = Path(path)
-    tiled = path.with_name(f"{path.stem}_tiled.tif")
-    cache_mb = max(512, 2 * -(-size // 2**20))  # the whole block in GDAL's cache while copying
-    return (
-        f"{path} is stored in blocks of {height}x{width} px ({size / 2**20:.0f} MiB decoded"
-        f"{', a single strip' if height == dataset.height else ''}): every window read decodes "
-        "whole blocks, so memory and time grow with them and the scene is not read in bounded "
-        f"memory. Rewrite it tiled once: GDAL_CACHEMAX={cache_mb} rio convert --co tiled=true "
-        "--co blockxsize=256 --co blockysize=256 --co compress=deflate "
-        f"{shlex.quote(str(path))} {shlex.quote(str(tiled))}"
-    )
-
-
-def large_block_warnings(dataset: Any, bands: Sequence[int], path: Path) -> list[str]:
-    """:func:`large_block_warning` for the file or, if it is a GDAL VRT, for the plain files it
-    reads (every band of each; one warning naming the first and counting the others): a VRT's
-    own blocks are virtual, read from its sources by window."""
-    sources = [s for s in vrt_sources(Path(path)) if is_local(s) and not s.lower().endswith(".vrt")]
-    if not sources:
-        warning = large_block_warning(dataset, bands, path)
-        return [] if warning is None else [warning]
-    large = []
-    for source in sources:
-        try:
-            with rasterio.open(source) as opened:
-                warning = large_block_warning(opened, opened.indexes, Path(source))
-        except RasterioError:  # gone since it was checked: reading the block will say so
-            continue
-        if warning is not None:
-            large.append(warning)
-    if len(large) > 1:
-        return [f"{path} reads {len(large)} files stored in large blocks; the first: {large[0]}"]
-    return large
-
-
 def check_network_range(
     data: np.ndarray, valid: np.ndarray, name: Any, block: Block | None = None
 ) -> None:
@@ -280,12 +222,9 @@ def prefetched(
 
 
 __all__ = [
-    "LARGE_BLOCK_BYTES",
     "Block",
     "Region",
     "block_grid",
-    "large_block_warning",
-    "large_block_warnings",
     "prefetched",
     "read_region",
 ]
