@@ -221,10 +221,4 @@ def prefetched(
             thread.join(timeout=0.05)
 
 
-__all__ = [
-    "Block",
-    "Region",
-    "block_grid",
-    "prefetched",
-    "read_region",
-]
+__all__ = ["Block", "Region", "block_grid", "check_network_range", "prefetched", "read_region"]
