@@ -1,22 +1,26 @@
-"""Reading an offline W&B run without syncing it: its history records and media files."""
+"""Reading an offline W&B run without syncing it: its history records."""
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768  # the .wandb transaction log is a LevelDB-style log of 32 KiB blocks
 HEADER = 7
+# wandb.finish() can return before the W&B service has written the run's last records (the
+# service outlives the run inside pytest), so a reader waits for the closing ``exit`` record.
+COMPLETE_WAIT_S = 60.0
 
 
-def history(run_dir: Path) -> list[dict]:
-    """Every ``run.log`` call of an offline run, as {key: decoded value}."""
+def records(path: Path) -> list:
+    """The complete records of a ``.wandb`` log as written so far (a torn tail is left out)."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = run_dir.glob("run-*.wandb")
     buf = path.read_bytes()
-    pos, chunks, rows = HEADER, [], []
+    pos, chunks, out = HEADER, [], []
     while pos + HEADER <= len(buf):
         left = BLOCK - pos % BLOCK
         if left < HEADER:
@@ -24,17 +28,38 @@ def history(run_dir: Path) -> list[dict]:
             continue
         _crc, length, kind = struct.unpack("<IHB", buf[pos : pos + HEADER])
         pos += HEADER
+        if pos + length > len(buf):
+            break  # still being written
         chunks.append(buf[pos : pos + length])
         pos += length
         if kind in (1, 4):  # FULL or LAST fragment
             record = pb.Record()
-            record.ParseFromString(b"".join(chunks))
+            try:
+                record.ParseFromString(b"".join(chunks))
+            except DecodeError:
+                break
             chunks = []
-            if record.WhichOneof("record_type") == "history":
-                rows.append(
-                    {
-                        (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                        for i in record.history.item
-                    }
-                )
-    return rows
+            out.append(record)
+    return out
+
+
+def history(run_dir: Path) -> list[dict]:
+    """Every ``run.log`` call of an offline run, as {key: decoded value}, once the run's log
+    is complete (ends with its ``exit`` record)."""
+    (path,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + COMPLETE_WAIT_S
+    while True:
+        found = records(path)
+        if found and found[-1].WhichOneof("record_type") == "exit":
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{path} has no exit record {COMPLETE_WAIT_S:.0f} s after wandb.finish() "
+                f"({len(found)} records)"
+            )
+        time.sleep(0.1)
+    return [
+        {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+        for r in found
+        if r.WhichOneof("record_type") == "history"
+    ]
