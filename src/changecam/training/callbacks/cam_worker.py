@@ -316,9 +316,13 @@ def _worker_main(
             job = jobs.get(timeout=POLL_S)
         except queue.Empty:
             if parent is not None and not parent.is_alive():
-                return  # the training process is gone (e.g. killed): do not linger
+                # the training process is gone (e.g. killed): do not linger, nor wait at exit
+                # to send a result nobody will read (a full pipe would block for ever)
+                results.cancel_join_thread()
+                return
             continue
         if job is None:
+            results.cancel_join_thread()  # the parent has taken what it wanted
             return
         epoch, step, state = job
         try:
