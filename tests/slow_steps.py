@@ -2,7 +2,8 @@
 
 Slowing steps down (``time.sleep``) changes no number; it makes an epoch last long enough
 that the test can kill the process in the middle of one, and the printed lines show where
-the process was when it died.
+the process was when it died. ``pause_at`` holds the run at one step until it is killed, so
+the kill lands there however slow the machine is.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from typing import Any
 
 import lightning as L
 
+PAUSE_S = 600.0  # far longer than the test takes to notice the step and kill the run
+
 
 class SlowSteps(L.Callback):
-    """Sleep ``seconds`` after every training step and print ``slow_steps epoch=E batch=B``."""
+    """Sleep ``seconds`` after every training step and print ``slow_steps epoch=E batch=B``;
+    after step ``pause_at`` (``"E:B"``) sleep for :data:`PAUSE_S` instead."""
 
-    def __init__(self, seconds: float = 0.2) -> None:
+    def __init__(self, seconds: float = 0.2, pause_at: str | None = None) -> None:
         self.seconds = seconds
+        self.pause_at = pause_at
 
     def on_train_batch_end(
         self,
@@ -28,4 +33,5 @@ class SlowSteps(L.Callback):
         batch_idx: int,
     ) -> None:
         print(f"slow_steps epoch={trainer.current_epoch} batch={batch_idx}", flush=True)
-        time.sleep(self.seconds)
+        here = f"{trainer.current_epoch}:{batch_idx}"
+        time.sleep(PAUSE_S if here == self.pause_at else self.seconds)

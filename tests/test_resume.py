@@ -137,7 +137,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_synt
                 *base,
                 f"hydra.run.dir={killed}",
                 "+callbacks.slow._target_=slow_steps.SlowSteps",
-                "+callbacks.slow.seconds=1.0",
+                "+callbacks.slow.seconds=0",
+                "+callbacks.slow.pause_at='1:0'",
             ],
             cwd=tmp_path,
             stdout=log,
@@ -145,7 +146,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_synt
         )
         last = killed / "checkpoints" / "last.ckpt"
         deadline = time.monotonic() + 240
-        # kill in the pause after the first step of the second epoch: after the first checkpoint
+        # kill while the run waits after the first step of the second epoch (after the first
+        # checkpoint)
         while "slow_steps epoch=1 batch=0" not in log_path.read_text():
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "the second epoch did not start within 240 s"
