@@ -104,6 +104,20 @@ def run_script(
     return proc
 
 
+def paused_after(target: str, count: int, command: Sequence[str]) -> list[str]:
+    """``command`` (``[python, script, *args]``) run through ``tests/pause_after.py``: the
+    function ``target`` (``module:Qual.name``) pauses after its ``count``-th call."""
+    python, script, *args = command
+    return [
+        python,
+        str(Path(__file__).with_name("pause_after.py")),
+        target,
+        str(count),
+        script,
+        *args,
+    ]
+
+
 def kill_when_logged(
     proc: subprocess.Popen, log: Path, marker: str, count: int = 3, timeout: float = 300
 ) -> None:

@@ -48,7 +48,7 @@ from changecam.cli.train import train
 from changecam.data.io import read_image, write_png
 from changecam.models import SiameseUNet
 from changecam.training.checkpoint_io import atomic_torch_save
-from helpers import REPO, compose_train, kill_when_logged, tiny_overrides
+from helpers import REPO, compose_train, kill_when_logged, paused_after, tiny_overrides
 from test_cam_panels import cam_settings, tiny_samples
 from test_checkpoint import make_lightning_checkpoint
 
@@ -540,8 +540,10 @@ def assert_whole_pairs(run: Path) -> set[str]:
 @pytest.mark.slow
 def test_kill_9_then_resume_completes_the_run(tmp_path, ckpt, levir256_tiny):
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        predict_command(ckpt, levir256_tiny, run),
+    proc = subprocess.Popen(  # waits after its third pair until it is killed
+        paused_after(
+            "changecam.cli.predict:PredictionLog.done", 3, predict_command(ckpt, levir256_tiny, run)
+        ),
         cwd=tmp_path,
         env=script_env(),
         stdout=subprocess.DEVNULL,
@@ -550,7 +552,7 @@ def test_kill_9_then_resume_completes_the_run(tmp_path, ckpt, levir256_tiny):
     kill_when_logged(proc, run / LOG_FILE, '"done"')
     assert not (run / REPORT_FILE).exists(), "a killed run has no predictions.json"
     done = assert_whole_pairs(run)
-    assert 3 <= len(done) < 11
+    assert len(done) == 3  # killed in the pause after the third pair
     kept = {n: (run / "masks" / f"{n}.png").stat().st_mtime_ns for n in done}
 
     resumed = subprocess.run(

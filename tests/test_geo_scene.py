@@ -782,7 +782,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, unet_ckpt):
     import subprocess
     import sys
 
-    from helpers import REPO, kill_when_logged
+    from helpers import REPO, kill_when_logged, paused_after
 
     pre, post = synthetic_pair(512)
     paths = [write_scene(tmp_path / f"{d}.tif", x) for d, x in (("pre", pre), ("post", post))]
@@ -799,8 +799,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, unet_ckpt):
         return [sys.executable, str(REPO / "predict.py"), *args, f"hydra.run.dir={run}", *extra]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    proc = subprocess.Popen(  # waits after its third block until it is killed
+        paused_after("changecam.geo.scene:BlockLog.add", 3, command(killed)),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     kill_when_logged(proc, killed / "pre" / "blocks.jsonl", '"block"')
     assert not list((killed / "pre").glob("*.tif")) and not (killed / "predictions.json").exists()
@@ -808,7 +811,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, unet_ckpt):
     whole = tmp_path / "whole"
     subprocess.run(command(whole), env=env, check=True, capture_output=True)
     summary = json.loads((killed / "pre" / "scene.json").read_text())
-    assert summary["resumed_blocks"] >= 3
+    assert summary["resumed_blocks"] == 3  # killed in the pause after the third block
     assert_same_outputs(killed / "pre", whole / "pre")
 
 
