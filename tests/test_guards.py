@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -90,7 +89,6 @@ def test_invalid_config_fails_at_start_with_allowed_values(
 
 
 def test_all_errors_are_listed_together_on_the_command_line(tmp_path):
-    start = time.monotonic()
     proc = run_script(
         "train.py",
         ["experiment=quickstart", "model.fusion=dif", "module.loss=dice2"],
@@ -103,7 +101,6 @@ def test_all_errors_are_listed_together_on_the_command_line(tmp_path):
     assert "model.fusion='dif' is not allowed" in proc.stderr
     assert "module.loss='dice2' is not allowed" in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "data").exists()
-    assert time.monotonic() - start < 90
     # reported once, without a traceback on the console; the traceback is in the log file
     assert proc.stderr.count("model.fusion='dif' is not allowed") == 1
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import hydra
@@ -185,16 +184,15 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.Comp
 
 
 def test_levir_experiment_without_data_fails_fast_with_help(tmp_path):
-    start = time.monotonic()
     proc = run_cli(
         ["experiment=siamese_unet", f"paths.data_dir={tmp_path}", "logger=none"], cwd=tmp_path
     )
-    elapsed = time.monotonic() - start
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert str(tmp_path / "LEVIR-CD") in out
     assert "{train,val,test}/{A,B,label}" in out and "data=synthetic" in out and "LEVIR" in out
-    assert elapsed < 60
+    # fast: it stops before fitting starts (no wall-clock bound: the machine may be slow)
+    assert "Trainable params" not in out and not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_config_typo_is_rejected(tmp_path):
