@@ -192,10 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for round_ in range(args.repeats):
                     order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
                     for name in order:
-                        timeline.restart()
-                        start = time.perf_counter()
+                        timeline.restart()  # spans and the wall count from one origin
                         runs[name]()
-                        walls[name].append((time.perf_counter() - start) * 1e3)
+                        walls[name].append((time.perf_counter() - timeline.origin) * 1e3)
                         totals[name].append(timeline.totals())
                         last[name] = list(timeline.spans)
         finally:

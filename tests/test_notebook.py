@@ -69,6 +69,8 @@ def test_notebook_runs_on_a_tiny_checkpoint(tmp_path, tiny_synthetic, monkeypatc
         nb,
         kernel_name=kernel_on_this_python(tmp_path, monkeypatch),
         timeout=240,
+        iopub_timeout=60,  # a slow kernel's output must not be dropped silently
+        raise_on_iopub_timeout=True,
         resources={"metadata": {"path": str(tmp_path)}},
     )
     client.execute()
