@@ -858,3 +858,34 @@ def test_a_scene_named_like_a_run_file_is_refused_and_the_others_run(tmp_path, c
         in (report["failed"][0]["error"])
     )
     assert (run / "predict.log").read_text() == "the run's log\n"
+
+
+@pytest.mark.parametrize("stem", [".", ".."])
+def test_a_scene_named_dot_or_dot_dot_is_refused_and_writes_nothing_outside_its_folder(
+    tmp_path, ckpt, pair, stem
+):
+    """``...tif`` is scene ``..`` and ``..tif`` scene ``.``: ``<run>/<name>`` would be the run
+    directory's parent or the run directory itself."""
+    from changecam.cli.predict import predict
+    from helpers import compose_train
+
+    for name in (stem, "ok"):
+        for folder, source in zip(("A", "B"), pair, strict=True):
+            target = tmp_path / "scenes" / folder / f"{name}.tif"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    run = tmp_path / "run"
+    cfg = compose_train(
+        tmp_path,
+        [*FAST, f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'scenes'}", "explain.enabled=false"],
+        "predict",
+    )
+    with pytest.raises(SceneFailure, match="1 of 2"):
+        predict(cfg)
+    report = json.loads((run / "predictions.json").read_text())
+    assert [s["name"] for s in report["scenes"]] == ["ok"]
+    assert [f["name"] for f in report["failed"]] == [stem]
+    assert f"is named {stem!r}" in report["failed"][0]["error"]
+    scene_outputs = ("*.tif", "*.geojson", "scene.json", "blocks.jsonl")
+    for folder in (tmp_path, run):
+        assert not [p for pattern in scene_outputs for p in folder.glob(pattern)], folder

@@ -64,8 +64,15 @@ def scene_folder(output_dir: Path, pair: Triplet) -> Path:
 
     Raises:
         SceneError: the name is one of the run directory's own entries (``.hydra``,
-            ``predictions.json``, the log): its outputs would be written into them.
+            ``predictions.json``, the log), or ``.`` or ``..`` (``...tif``): its outputs would
+            be written into them, or beside the run directory.
     """
+    if pair.name in (".", ".."):
+        raise SceneError(
+            f"the scene {pair.pre} is named {pair.name!r}, which would write its outputs "
+            f"{'into the run directory itself' if pair.name == '.' else 'beside the run directory'}"
+            "; rename the scene's files"
+        )
     folder = output_dir / pair.name
     if pair.name in RUN_ENTRIES or (folder.exists() and not folder.is_dir()):
         raise SceneError(
