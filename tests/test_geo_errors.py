@@ -130,6 +130,51 @@ def test_different_band_counts_need_bands(net, images, tmp_path):
     )
 
 
+def test_complex_values_are_refused_not_cast_to_their_real_part(net, images, tmp_path):
+    """SAR-style complex64 (amplitude x random phase): its real part is not the image."""
+    phase = np.random.default_rng(0).uniform(0, 2 * np.pi, images[1].shape)
+    post = write_scene(tmp_path / "post.tif", (images[1] * np.exp(1j * phase)).astype(np.complex64))
+    pre = write_scene(tmp_path / "pre.tif", images[0].astype(np.float32))
+    for scale in ("percentile", "none"):
+        refused(
+            net, tmp_path, pre, post, r"post.tif holds complex values \(complex64\)", scale=scale
+        )
+
+
+def test_the_band_hint_fits_files_of_fewer_than_three_bands(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0][..., :1])
+    post = write_scene(tmp_path / "post.tif", images[1][..., :1])
+    refused(
+        net,
+        tmp_path,
+        pre,
+        post,
+        r"the network takes 3 bands but 1 are selected .*\(.*pre.tif has only 1 band\(s\)\)$",
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("bands", [1.9, 2, 3]),  # was read as band 1
+        ("bands", 3),
+        ("bands", "3,2,1"),
+        ("bands", [True, 2, 3]),
+        ("scale_min", "abc"),
+        ("scale_max", [0, "255"]),
+    ],
+)
+def test_settings_of_the_wrong_type_are_refused_naming_the_key(setting, value):
+    with pytest.raises(SceneError, match=rf"^input.{setting}=.* must be a"):
+        SceneSettings(**{setting: value})
+
+
+def test_settings_of_the_right_type_are_kept_as_tuples():
+    settings = SceneSettings(bands=[3, np.int64(2), 1], scale_min=[0, 1.5, 2], scale_max=255)
+    assert settings.bands == (3, 2, 1) and settings.scale_min == (0, 1.5, 2)
+    assert settings.scale_max == 255
+
+
 def test_a_band_refusal_suggests_the_labelled_colours_and_names_the_alpha_band(
     net, images, tmp_path
 ):

@@ -47,7 +47,8 @@ def select_bands(
 
     Raises:
         SceneError: an index out of range (naming the file and its band count), different band
-            counts without ``input.bands``, or a count the network does not take.
+            counts without ``input.bands``, complex values, or a count the network does not
+            take.
     """
     pre_n, post_n = pre.count, post.count
     if bands is None:
@@ -68,6 +69,15 @@ def select_bands(
                     f"input.bands={list(chosen)}: band {bad[0]} is out of range for {dataset.name}, "
                     f"which has {count} band(s) (indexes are 1-based: 1..{count})"
                 )
+    for dataset in (pre, post):
+        complex_types = sorted(
+            {t for b in chosen if (t := dataset.dtypes[b - 1]).startswith("complex")}
+        )
+        if complex_types:
+            raise SceneError(
+                f"{dataset.name} holds complex values ({', '.join(complex_types)}), which are not "
+                "image bands: write a real-valued band (e.g. the amplitude) and predict that"
+            )
     if in_channels is not None and len(chosen) != in_channels:
         raise SceneError(
             f"the network takes {in_channels} bands but {len(chosen)} are selected "
@@ -88,10 +98,13 @@ def band_hint(pre: Any, post: Any) -> str:
             d.colorinterp.index(colour) + 1 if colour in d.colorinterp else 0 for d in (pre, post)
         }
         found.append(where.pop() if len(where) == 1 else 0)
+    fewest = min(pre.count, post.count)
     if all(found):
         hint = f"input.bands=[{','.join(map(str, found))}]: their red, green and blue"
-    else:
+    elif fewest >= 3:
         hint = "e.g. input.bands=[3,2,1]: red, green, blue of a blue-green-red-NIR file"
+    else:
+        hint = f"{pre.name if pre.count == fewest else post.name} has only {fewest} band(s)"
     for dataset in (pre, post) if pre.name != post.name else (pre,):
         alpha = alpha_band(dataset)
         if alpha is not None:

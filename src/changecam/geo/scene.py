@@ -26,6 +26,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import numbers
 import time
 from collections.abc import MutableMapping
 from dataclasses import asdict, dataclass, field
@@ -90,6 +91,14 @@ def is_scene_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in SCENE_SUFFIXES
 
 
+def is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SceneSettings:
     """How a scene is read, predicted and written (``input.*`` and ``predict.*`` keys).
@@ -133,6 +142,20 @@ class SceneSettings:
     gdal_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.bands is not None and not (
+            isinstance(self.bands, list | tuple) and all(map(is_integer, self.bands))
+        ):
+            raise SceneError(
+                f"input.bands={self.bands!r} must be a list of 1-based band indexes (integers), "
+                "e.g. input.bands=[3,2,1]"
+            )
+        for key in ("scale_min", "scale_max"):
+            value = getattr(self, key)
+            values = value if isinstance(value, list | tuple) else [value]
+            if value is not None and not all(map(is_number, values)):
+                raise SceneError(
+                    f"input.{key}={value!r} must be a number or a list of numbers (one per band)"
+                )
         for key in ("bands", "scale_min", "scale_max"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, (int, float)):
