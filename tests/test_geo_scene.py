@@ -880,7 +880,9 @@ def test_a_scene_named_dot_or_dot_dot_is_refused_and_writes_nothing_outside_its_
         [*FAST, f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'scenes'}", "explain.enabled=false"],
         "predict",
     )
-    with pytest.raises(SceneFailure, match="1 of 2"):
+    with pytest.raises(
+        SceneFailure, match=r"1 of 2 scene\(s\) refused, with no output from this run"
+    ):
         predict(cfg)
     report = json.loads((run / "predictions.json").read_text())
     assert [s["name"] for s in report["scenes"]] == ["ok"]

@@ -44,12 +44,13 @@ log = logging.getLogger("changecam")
 def failure_message(
     failed: list[dict[str, str]], total: int, what: str, see: Path | None = None
 ) -> str:
-    """The error of a run where some inputs failed: ``"2 of 5 <what> and have no outputs (a, b)"``,
-    where to read more (``see``), and the first error."""
+    """The error of a run where some inputs failed: ``"2 of 5 <what>, with no output from this
+    run (a, b)"``, where to read more (``see``), and the first error. (A scene refused for a
+    setting keeps an earlier run's finished outputs, so not "no outputs".)"""
     names = ", ".join(f["name"] for f in failed)
     where = f"; see 'failed' in {see}" if see is not None else ""
     return (
-        f"{len(failed)} of {total} {what} and have no outputs ({names}){where}. "
+        f"{len(failed)} of {total} {what}, with no output from this run ({names}){where}. "
         f"First error: {failed[0]['error']}"
     )
 
