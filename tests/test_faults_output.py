@@ -483,12 +483,19 @@ def test_train_stops_on_a_full_disk_naming_the_file(
     assert temporaries(tmp_path / "run") == []
 
 
+class ProcessQueueStandIn(queue.Queue):
+    """A thread queue with the one extra method the process body calls on its result queue."""
+
+    def cancel_join_thread(self) -> None:
+        pass
+
+
 def test_the_cam_panel_process_reports_a_full_disk_as_disk_full(tmp_path, monkeypatch):
     """The background CAM-panel process's full disk reaches training as the same one message."""
     monkeypatch.setattr(cam_worker, "_yield_to_training", lambda pid=None: None)  # no renice
     fill_device(monkeypatch, "pair_0.png")
     net = SiameseUNet(3, 4, 2)
-    jobs, results = queue.Queue(), queue.Queue()
+    jobs, results = queue.Queue(), ProcessQueueStandIn()
     jobs.put((3, 17, cam_worker.weights_snapshot(net)))
     jobs.put(None)
     settings = (cam_settings(steps=2, dpi=30), tmp_path, False)

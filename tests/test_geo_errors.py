@@ -251,7 +251,9 @@ def test_the_command_lists_the_refused_scene_and_writes_no_report(tmp_path, imag
     ckpt = make_lightning_checkpoint(tmp_path / "ckpt" / "best.ckpt", tiny_synthetic, steps=1)
     pre = write_scene(tmp_path / "pre.tif", images[0])
     post = write_scene(tmp_path / "post.tif", images[1], crs="EPSG:32651")
-    with pytest.raises(SceneFailure, match=r"1 of 1 scene\(s\) refused .*\(pre\)"):
+    with pytest.raises(
+        SceneFailure, match=r"1 of 1 scene\(s\) refused, with no output from this run \(pre\)"
+    ):
         run_scene(tmp_path, ckpt, pre, post, "input.align=strict")
     assert finished_looking(tmp_path / "run") == []
     with rasterio.open(pre) as src:  # the inputs are untouched

@@ -141,7 +141,8 @@ def test_pairs_of_different_sizes_are_refused_and_leave_nothing(tmp_path, ckpt):
     write_pair(tmp_path / "in", "good", (32, 32))
     write_pair(tmp_path / "in", "skewed", (32, 32), post_size=(32, 40))
     with pytest.raises(
-        PredictionError, match=r"1 of 2 pair\(s\) failed .*\(skewed\).*32x32 but .*32x40"
+        PredictionError,
+        match=r"1 of 2 pair\(s\) failed, with no output from this run \(skewed\).*32x32 but .*32x40",
     ):
         run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}"])
     run = tmp_path / "run"
