@@ -196,7 +196,10 @@ out, job = Path(sys.argv[1]), sys.argv[2] == "job"
 worker = BackgroundExplainer(net.config(), samples, DEFAULT_EXPLAIN, out)
 if job:  # a result (with its panel picture, > 64 KiB) that nobody will read
     worker.submit(net, 0, 0)
+    deadline = time.monotonic() + 300
     while not (out / "epoch_000" / "a.png").exists():
+        if not worker._process.is_alive() or time.monotonic() > deadline:
+            sys.exit("the CAM panel process wrote no panel")
         time.sleep(0.05)
 print(worker._process.pid, flush=True)
 sys.stdin.read()
@@ -217,7 +220,9 @@ def test_the_background_process_exits_when_training_is_killed(tmp_path, state):
         stdout=subprocess.PIPE,
         text=True,
     )
-    pid = int(parent.stdout.readline())
+    line = parent.stdout.readline()
+    assert line, f"the training stand-in ended early (exit code {parent.wait()})"
+    pid = int(line)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     # the process runs at idle priority: on a busy machine it waits its turn

@@ -149,7 +149,7 @@ def test_the_band_hint_fits_files_of_fewer_than_three_bands(net, images, tmp_pat
         tmp_path,
         pre,
         post,
-        r"the network takes 3 bands but 1 are selected .*\(.*pre.tif has only 1 band\(s\)\)$",
+        r"the network takes 3 bands but 1 are selected .*\(.*pre.tif has 1 band\(s\)\)$",
     )
 
 
@@ -169,10 +169,15 @@ def test_settings_of_the_wrong_type_are_refused_naming_the_key(setting, value):
         SceneSettings(**{setting: value})
 
 
-def test_settings_of_the_right_type_are_kept_as_tuples():
-    settings = SceneSettings(bands=[3, np.int64(2), 1], scale_min=[0, 1.5, 2], scale_max=255)
-    assert settings.bands == (3, 2, 1) and settings.scale_min == (0, 1.5, 2)
-    assert settings.scale_max == 255
+def test_settings_of_the_right_type_are_kept_as_plain_numbers():
+    from omegaconf import OmegaConf
+
+    listed = OmegaConf.create({"bands": [3, 2, 1]}).bands
+    for bands in ([3, np.int64(2), 1], listed, np.array([3, 2, 1])):
+        settings = SceneSettings(bands=bands, scale_min=[0, 1.5, 2], scale_max=np.uint16(255))
+        assert settings.bands == (3, 2, 1) and all(type(b) is int for b in settings.bands)
+        assert settings.scale_min == (0.0, 1.5, 2.0) and settings.scale_max == 255.0
+        assert type(settings.scale_max) is float
 
 
 def test_a_band_refusal_suggests_the_labelled_colours_and_names_the_alpha_band(
@@ -532,3 +537,12 @@ def test_scale_none_checks_each_block_on_the_pixels_valid_in_both_dates(tmp_path
     with rasterio.open(b) as x, rasterio.open(c) as y:
         with pytest.raises(SceneError, match=r"c.tif has values 100.0 to 300.0 at rows 0-63"):
             read_region(x, y, (1, 2, 3), none, block, (Path("b.tif"), Path("c.tif")))
+
+
+def test_interpolated_band_indexes_from_the_config_are_resolved():
+    from omegaconf import OmegaConf
+
+    from changecam.cli.scenes import scene_settings
+
+    cfg = OmegaConf.create({"nir": 4, "input": {"bands": ["${nir}", 3, 2]}})
+    assert scene_settings(cfg, 0.5, False).bands == (4, 3, 2)

@@ -4,8 +4,9 @@
 ``A/`` and ``B/`` of ``.tif`` files) writes, per scene, ``<run>/<name>/change.tif``,
 ``probability.tif``, ``explanation.tif`` (unless ``explain.enabled=false``),
 ``change.geojson`` and ``scene.json``; ``predictions.json`` in the run directory, written
-last, lists every scene. A refused scene leaves no finished-looking files; the others are
-still predicted, and the command ends with an error naming the refused ones.
+last, lists every scene. A refused scene gets no finished-looking file from this run (an earlier
+run's outputs stay when only a setting was refused); the others are still predicted, and the
+command ends with an error naming the refused ones.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
 
     def get(key: str, default: Any = None) -> Any:
         value = OmegaConf.select(cfg, key, default=default)
-        return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
     return SceneSettings(
         threshold=threshold,

@@ -104,7 +104,7 @@ def band_hint(pre: Any, post: Any) -> str:
     elif fewest >= 3:
         hint = "e.g. input.bands=[3,2,1]: red, green, blue of a blue-green-red-NIR file"
     else:
-        hint = f"{pre.name if pre.count == fewest else post.name} has only {fewest} band(s)"
+        hint = f"{pre.name if pre.count == fewest else post.name} has {fewest} band(s)"
     for dataset in (pre, post) if pre.name != post.name else (pre,):
         alpha = alpha_band(dataset)
         if alpha is not None:

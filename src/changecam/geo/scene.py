@@ -28,7 +28,7 @@ import json
 import logging
 import numbers
 import time
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,10 @@ def is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def is_sequence(value: Any) -> bool:
+    return isinstance(value, Sequence | np.ndarray) and not isinstance(value, str | bytes)
+
+
 @dataclass(frozen=True)
 class SceneSettings:
     """How a scene is read, predicted and written (``input.*`` and ``predict.*`` keys).
@@ -142,24 +146,25 @@ class SceneSettings:
     gdal_threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.bands is not None and not (
-            isinstance(self.bands, list | tuple) and all(map(is_integer, self.bands))
-        ):
-            raise SceneError(
-                f"input.bands={self.bands!r} must be a list of 1-based band indexes (integers), "
-                "e.g. input.bands=[3,2,1]"
-            )
+        if self.bands is not None:
+            if not (is_sequence(self.bands) and all(map(is_integer, self.bands))):
+                raise SceneError(
+                    f"input.bands={self.bands!r} must be a list of 1-based band indexes "
+                    "(integers), e.g. input.bands=[3,2,1]"
+                )
+            object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
         for key in ("scale_min", "scale_max"):
             value = getattr(self, key)
-            values = value if isinstance(value, list | tuple) else [value]
-            if value is not None and not all(map(is_number, values)):
+            if value is None:
+                continue
+            if is_number(value):
+                object.__setattr__(self, key, float(value))
+            elif is_sequence(value) and all(map(is_number, value)):
+                object.__setattr__(self, key, tuple(float(v) for v in value))
+            else:
                 raise SceneError(
                     f"input.{key}={value!r} must be a number or a list of numbers (one per band)"
                 )
-        for key in ("bands", "scale_min", "scale_max"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, (int, float)):
-                object.__setattr__(self, key, tuple(value))
         if self.block_size < 16 or self.block_size % 16:
             raise SceneError(
                 f"predict.block_size={self.block_size} must be a multiple of 16 (best of {TILE})"
