@@ -546,3 +546,27 @@ def test_interpolated_band_indexes_from_the_config_are_resolved():
 
     cfg = OmegaConf.create({"nir": 4, "input": {"bands": ["${nir}", 3, 2]}})
     assert scene_settings(cfg, 0.5, False).bands == (4, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["explain.method=contrastive", "explain.methods=[hirescam,contrastive]"], "method"),
+        (["explain.taps=[input]"], "taps"),
+        (["explain.target=all"], "target"),
+    ],
+)
+def test_explain_choices_a_scene_would_ignore_are_refused_before_any_output(
+    tmp_path, images, tiny_synthetic, overrides, named
+):
+    """explanation.tif is HiResCAM of the predicted change at predict.explain_layer: another
+    method, taps or target were silently not applied."""
+    ckpt = make_lightning_checkpoint(tmp_path / "ckpt" / "best.ckpt", tiny_synthetic, steps=1)
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    with pytest.raises(SceneError, match=rf"^GeoTIFF scenes do not use explain\.{named}="):
+        run_scene(tmp_path, ckpt, pre, post, *overrides)
+    assert finished_looking(tmp_path / "run") == []
+    # without an explanation nothing is ignored
+    report = run_scene(tmp_path, ckpt, pre, post, *overrides, "explain.enabled=false")
+    assert [s["name"] for s in report["scenes"]] == ["pre"]

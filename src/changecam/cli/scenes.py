@@ -60,6 +60,39 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
     )
 
 
+def check_scene_explain(cfg: DictConfig, explain: bool) -> None:
+    """Refuse the ``explain.*`` choices a scene would otherwise ignore.
+
+    ``explanation.tif`` holds HiResCAM of the predicted change at one layer
+    (``predict.explain_layer``). The other keys (panel, curves, ``max_pixels``) belong to the
+    PNG path's panels.
+
+    Raises:
+        SceneError: ``explain.method`` other than ``hirescam``, ``explain.taps`` set, or
+            ``explain.target`` other than ``predicted``.
+    """
+    if not explain:
+        return
+    method = OmegaConf.select(cfg, "explain.method", default="hirescam")
+    taps = OmegaConf.select(cfg, "explain.taps", default=None)
+    target = OmegaConf.select(cfg, "explain.target", default="predicted")
+    ignored = []
+    if method != "hirescam":
+        ignored.append(f"explain.method={method} (explanation.tif holds HiResCAM)")
+    if taps is not None:
+        ignored.append(
+            f"explain.taps={OmegaConf.to_container(taps) if OmegaConf.is_config(taps) else taps} "
+            "(a scene is explained at one layer: predict.explain_layer=<layer>)"
+        )
+    if target != "predicted":
+        ignored.append(f"explain.target={target} (a scene explains its predicted change)")
+    if ignored:
+        raise SceneError(
+            f"GeoTIFF scenes do not use {'; '.join(ignored)}: drop "
+            f"{'it' if len(ignored) == 1 else 'them'}, or set explain.enabled=false"
+        )
+
+
 def scene_folder(output_dir: Path, pair: Triplet) -> Path:
     """The scene's output folder, ``<run>/<name>``.
 
@@ -95,6 +128,7 @@ def predict_scenes(
     run_record: dict[str, Any],
 ) -> dict[str, Any]:
     """Predict every scene pair; write ``predictions.json`` last."""
+    check_scene_explain(cfg, explain)
     settings = scene_settings(cfg, threshold, explain)
     resume = bool(OmegaConf.select(cfg, "predict.resume", default=False))
     (output_dir / REPORT_FILE).unlink(missing_ok=True)
