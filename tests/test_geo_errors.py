@@ -388,7 +388,7 @@ def test_resuming_a_finished_scene_with_other_outputs_predicts_it_again(net, ima
     )
     assert again["min_area_m2"] == 2.0 and again["polygons"] < first["polygons"]
     assert min(f["properties"]["area_m2"] for f in read_features(out)) >= 2.0
-    with pytest.raises(SceneError, match="other settings \\(scene differ\\)"):
+    with pytest.raises(SceneError, match="other settings \\(scene.threshold differ\\)"):
         predict_scene(
             net, pre, post, out, SPEC, SceneSettings(**{**base, "threshold": 0.9}), resume=True
         )
@@ -570,3 +570,18 @@ def test_explain_choices_a_scene_would_ignore_are_refused_before_any_output(
     # without an explanation nothing is ignored
     report = run_scene(tmp_path, ckpt, pre, post, *overrides, "explain.enabled=false")
     assert [s["name"] for s in report["scenes"]] == ["pre"]
+
+
+def test_naming_the_layer_a_run_resolved_to_resumes_it(net, images, tmp_path):
+    """A run started with predict.explain_layer=null (the deepest) is the same run as one naming
+    that layer; another layer is named in the refusal."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    out = tmp_path / "out"
+    first = predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    assert first["explain_layer"] == "enc2"
+    named = SceneSettings(**{**vars(SETTINGS), "explain_layer": "enc2"})
+    assert predict_scene(net, pre, post, out, SPEC, named, resume=True) == first
+    other = SceneSettings(**{**vars(SETTINGS), "explain_layer": "enc1"})
+    with pytest.raises(SceneError, match=r"other settings \(explain_layer differ\)"):
+        predict_scene(net, pre, post, out, SPEC, other, resume=True)

@@ -187,11 +187,32 @@ class SceneSettings:
 
     def resumable(self) -> dict[str, Any]:
         """What a resumed run must repeat (the progress bar, read-ahead and what is made of
-        the finished blocks may differ: a resume traces the blocks it keeps from the rasters)."""
+        the finished blocks may differ: a resume traces the blocks it keeps from the rasters).
+        The layer asked for is left out: the runner records the layer it resolves to, so
+        ``predict.explain_layer=<the deepest>`` resumes a run started with ``null``."""
         record = asdict(self)
-        for key in ("prefetch", "progress", "min_area_m2", "gdal_threads", "polygons", "overviews"):
+        for key in (
+            "prefetch",
+            "progress",
+            "min_area_m2",
+            "gdal_threads",
+            "polygons",
+            "overviews",
+            "explain_layer",
+        ):
             record.pop(key)
         return strict_json(record)
+
+
+def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two JSON records differ (``scene.threshold``, ``post.size``)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [
+            changed
+            for key in sorted(set(before) | set(after))
+            for changed in changed_keys(before.get(key), after.get(key), f"{prefix}{key}.")
+        ]
+    return [prefix.rstrip(".")] if before != after else []
 
 
 @dataclass
@@ -218,10 +239,7 @@ class BlockLog:
         records = self.read()
         same = bool(records) and records[0].get("settings") == settings
         if resume and records and not same:
-            before = records[0].get("settings") or {}
-            changed = [
-                k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)
-            ]
+            changed = changed_keys(records[0].get("settings") or {}, settings)
             raise SceneError(
                 f"predict.resume=true but {self.path} was started with other settings "
                 f"({', '.join(changed) or 'unreadable header'} differ); resume with those settings "
