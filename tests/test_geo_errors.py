@@ -585,3 +585,12 @@ def test_naming_the_layer_a_run_resolved_to_resumes_it(net, images, tmp_path):
     other = SceneSettings(**{**vars(SETTINGS), "explain_layer": "enc1"})
     with pytest.raises(SceneError, match=r"other settings \(explain_layer differ\)"):
         predict_scene(net, pre, post, out, SPEC, other, resume=True)
+
+
+def test_changed_keys_name_nested_keys_and_keys_only_one_side_has():
+    from changecam.geo.scene import changed_keys
+
+    before = {"scene": {"threshold": 0.5, "layer": None, "bands": [1, 2]}, "post": {"size": 1}}
+    after = {"scene": {"threshold": 0.9, "bands": [1, 2]}, "post": {"size": 1}, "new": None}
+    assert changed_keys(before, after) == ["new", "scene.layer", "scene.threshold"]
+    assert changed_keys(before, before) == []

@@ -204,13 +204,19 @@ class SceneSettings:
         return strict_json(record)
 
 
+_ABSENT = object()
+
+
 def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
-    """The dotted keys where two JSON records differ (``scene.threshold``, ``post.size``)."""
+    """The dotted keys where two JSON records differ (``scene.threshold``, ``post.size``); a key
+    only one side has is one too (an older version's log)."""
     if isinstance(before, dict) and isinstance(after, dict):
         return [
             changed
             for key in sorted(set(before) | set(after))
-            for changed in changed_keys(before.get(key), after.get(key), f"{prefix}{key}.")
+            for changed in changed_keys(
+                before.get(key, _ABSENT), after.get(key, _ABSENT), f"{prefix}{key}."
+            )
         ]
     return [prefix.rstrip(".")] if before != after else []
 
