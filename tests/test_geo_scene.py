@@ -828,31 +828,40 @@ def test_the_runner_module_is_reachable_by_its_own_name():
     assert changecam.geo.predict_scene is module.predict_scene
 
 
-@pytest.mark.parametrize("name", ["predictions.json", "predict.log"])
-def test_a_scene_named_like_a_run_file_is_refused_and_the_others_run(tmp_path, ckpt, pair, name):
-    """``<run>/<name>`` must not be the report (written last) or the run's log: the scene is
-    refused naming it, the other scenes are predicted and the report is written."""
+def predict_with_one_refused(tmp_path: Path, ckpt: Path, pair, refused: str) -> dict:
+    """predict.py on ``input.dir`` scenes ``refused`` and ``ok`` (copies of ``pair``), where
+    ``refused`` is refused and ``ok`` predicted; returns ``predictions.json``."""
     from changecam.cli.predict import predict
     from helpers import compose_train
 
-    for stem in (name, "ok"):
+    for stem in (refused, "ok"):
         for folder, source in zip(("A", "B"), pair, strict=True):
             target = tmp_path / "scenes" / folder / f"{stem}.tif"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.read_bytes())
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "predict.log").write_text("the run's log\n")
     cfg = compose_train(
         tmp_path,
         [*FAST, f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'scenes'}", "explain.enabled=false"],
         "predict",
     )
-    with pytest.raises(SceneFailure, match="1 of 2"):
+    with pytest.raises(
+        SceneFailure, match=r"1 of 2 scene\(s\) refused, with no output from this run"
+    ):
         predict(cfg)
-    report = json.loads((run / "predictions.json").read_text())
+    report = json.loads((tmp_path / "run" / "predictions.json").read_text())
     assert [s["name"] for s in report["scenes"]] == ["ok"]
-    assert [f["name"] for f in report["failed"]] == [name]
+    assert [f["name"] for f in report["failed"]] == [refused]
+    return report
+
+
+@pytest.mark.parametrize("name", ["predictions.json", "predict.log"])
+def test_a_scene_named_like_a_run_file_is_refused_and_the_others_run(tmp_path, ckpt, pair, name):
+    """``<run>/<name>`` must not be the report (written last) or the run's log: the scene is
+    refused naming it, the other scenes are predicted and the report is written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "predict.log").write_text("the run's log\n")
+    report = predict_with_one_refused(tmp_path, ckpt, pair, name)
     assert (
         f"would be written to {run / name}, which is the run directory's own"
         in (report["failed"][0]["error"])
@@ -866,28 +875,8 @@ def test_a_scene_named_dot_or_dot_dot_is_refused_and_writes_nothing_outside_its_
 ):
     """``...tif`` is scene ``..`` and ``..tif`` scene ``.``: ``<run>/<name>`` would be the run
     directory's parent or the run directory itself."""
-    from changecam.cli.predict import predict
-    from helpers import compose_train
-
-    for name in (stem, "ok"):
-        for folder, source in zip(("A", "B"), pair, strict=True):
-            target = tmp_path / "scenes" / folder / f"{name}.tif"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
-    run = tmp_path / "run"
-    cfg = compose_train(
-        tmp_path,
-        [*FAST, f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'scenes'}", "explain.enabled=false"],
-        "predict",
-    )
-    with pytest.raises(
-        SceneFailure, match=r"1 of 2 scene\(s\) refused, with no output from this run"
-    ):
-        predict(cfg)
-    report = json.loads((run / "predictions.json").read_text())
-    assert [s["name"] for s in report["scenes"]] == ["ok"]
-    assert [f["name"] for f in report["failed"]] == [stem]
+    report = predict_with_one_refused(tmp_path, ckpt, pair, stem)
     assert f"is named {stem!r}" in report["failed"][0]["error"]
     scene_outputs = ("*.tif", "*.geojson", "scene.json", "blocks.jsonl")
-    for folder in (tmp_path, run):
+    for folder in (tmp_path, tmp_path / "run"):
         assert not [p for pattern in scene_outputs for p in folder.glob(pattern)], folder
