@@ -13,6 +13,7 @@ LEVEL = {
     "atomic": 0,
     "environment": 0,
     "metrics": 0,
+    "run_log": 0,
     "data": 1,
     "models": 1,
     "explain": 2,

@@ -265,8 +265,8 @@ def append_json_line(path: str | Path, data: Any) -> None:
     """Append ``data`` as one strict JSON line to ``path`` (a JSON-lines log) and fsync it.
 
     A line is written whole or not at all: on an error (a full disk) the file is cut back to
-    its previous length. A kill during the write can leave a partial last line, which readers
-    of the log skip.
+    its previous length. A kill during the write can leave a partial last line, which
+    :func:`changecam.run_log.read_json_lines` skips.
 
     Raises:
         DiskFullError: the device or quota is full.

@@ -85,6 +85,7 @@ from changecam.explain import ExplainSettings, PairExplanation, explain_pair
 from changecam.geo import is_scene_file
 from changecam.models.inference import inference_network
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
+from changecam.run_log import read_json_lines, settings_changes
 
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
 REPORT_FILE = "predictions.json"
@@ -277,18 +278,7 @@ class PredictionLog:
 
     def records(self) -> list[dict[str, Any]]:
         """The log's lines; a partial line (a kill during the append) is skipped."""
-        if not self.path.is_file():
-            return []
-        records = []
-        for number, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s line %d is incomplete (a killed write); ignored", self.path, number)
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+        return read_json_lines(self.path)
 
     def complete(self, row: dict[str, Any]) -> bool:
         """Whether every file of a ``done`` row is there (and not empty)."""
@@ -341,15 +331,12 @@ class PredictionLog:
                 f"predict.resume=true but {self.path} does not start with a 'started' line; "
                 "rerun without predict.resume to start over"
             )
-        changed = [
-            k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k)
-        ]
+        changed = settings_changes(before, settings)
         if changed:
-            detail = "; ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise ConfigError(
-                f"predict.resume=true but {self.path} was started with other settings ({detail}); "
-                "resume with the settings it was started with, or rerun without predict.resume "
-                "(or in a new hydra.run.dir) to start over"
+                f"predict.resume=true but {self.path} was started with other settings "
+                f"({'; '.join(changed)}); resume with the settings it was started with, or rerun "
+                "without predict.resume (or in a new hydra.run.dir) to start over"
             )
 
     def remove_files(self, records: list[dict[str, Any]]) -> None:

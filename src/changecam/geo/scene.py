@@ -74,6 +74,7 @@ from changecam.geo.windows import (
 from changecam.geo.write import EXPLANATION_BANDS, TILE, SceneFiles, tile_side
 from changecam.geo.writer import BlockWriter
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
+from changecam.run_log import read_json_lines, settings_changes
 
 log = logging.getLogger("changecam")
 LOG_FILE = "blocks.jsonl"
@@ -204,23 +205,6 @@ class SceneSettings:
         return strict_json(record)
 
 
-_ABSENT = object()
-
-
-def changed_keys(before: Any, after: Any, prefix: str = "") -> list[str]:
-    """The dotted keys where two JSON records differ (``scene.threshold``, ``post.size``); a key
-    only one side has is one too (an older version's log)."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        return [
-            changed
-            for key in sorted(set(before) | set(after))
-            for changed in changed_keys(
-                before.get(key, _ABSENT), after.get(key, _ABSENT), f"{prefix}{key}."
-            )
-        ]
-    return [prefix.rstrip(".")] if before != after else []
-
-
 @dataclass
 class BlockLog:
     """``blocks.jsonl``: a ``started`` line with the settings, then one line per finished block."""
@@ -229,15 +213,7 @@ class BlockLog:
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # a killed append
-                continue
-        return records
+        return read_json_lines(self.path)
 
     def start(self, settings: dict[str, Any], resume: bool, readable: bool) -> bool:
         """Start the log, or continue it (``resume``, same settings, readable partial
@@ -245,10 +221,10 @@ class BlockLog:
         records = self.read()
         same = bool(records) and records[0].get("settings") == settings
         if resume and records and not same:
-            changed = changed_keys(records[0].get("settings") or {}, settings)
+            changed = settings_changes(records[0].get("settings") or {}, settings)
             raise SceneError(
                 f"predict.resume=true but {self.path} was started with other settings "
-                f"({', '.join(changed) or 'unreadable header'} differ); resume with those settings "
+                f"({'; '.join(changed) or 'unreadable header'}); resume with those settings "
                 "or rerun without predict.resume"
             )
         if resume and same and readable:

@@ -1,0 +1,76 @@
+"""The JSON-lines logs that let a killed run resume: predict.py's log of finished pairs and a
+GeoTIFF scene's log of finished blocks. Both start with a ``started`` line holding the run's
+settings and grow by :func:`changecam.atomic.append_json_line`; this module reads them back
+(:func:`read_json_lines`) and names what a resume changed (:func:`settings_changes`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_ABSENT = object()
+VALUE_CHARS = 60  # a value longer than this is cut in a message
+
+
+def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
+    """The log's records (JSON objects), in order; ``[]`` when there is no log.
+
+    A line that is not a whole JSON object (a kill during the append leaves a partial last
+    line) is skipped with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            log.warning("%s line %d is incomplete (a killed write); ignored", path, number)
+    return records
+
+
+def _shown(value: Any) -> str:
+    if value is _ABSENT:
+        return "(absent)"
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= VALUE_CHARS else text[: VALUE_CHARS - 1] + "…"
+
+
+def settings_changes(before: Any, after: Any, key: str = "") -> list[str]:
+    """Where two JSON settings records differ, one ``key: before -> after`` per leaf.
+
+    Keys are dotted (``scene.threshold``), list items indexed (``post.sources[1].size``); a key
+    only one side has (a log written by an older version) is shown as ``(absent)`` there.
+    Lists of different lengths are one change.
+    """
+    if isinstance(before, dict) and isinstance(after, dict):
+        prefix = f"{key}." if key else ""
+        return [
+            change
+            for name in sorted(set(before) | set(after))
+            for change in settings_changes(
+                before.get(name, _ABSENT), after.get(name, _ABSENT), f"{prefix}{name}"
+            )
+        ]
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        return [
+            change
+            for index, (old, new) in enumerate(zip(before, after, strict=True))
+            for change in settings_changes(old, new, f"{key}[{index}]")
+        ]
+    if before == after:
+        return []
+    return [f"{key or '(settings)'}: {_shown(before)} -> {_shown(after)}"]
+
+
+__all__ = ["read_json_lines", "settings_changes"]
