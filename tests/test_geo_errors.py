@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ from rasterio.transform import from_origin
 
 from changecam.cli.scenes import SceneFailure
 from changecam.geo import SceneError, SceneSettings, predict_scene
+from changecam.geo.write import SETTINGS_TAG, SceneFiles
 from changecam.models import SiameseUNet
 from changecam.models.sliding_window import SlidingWindow
-from geo_scenes import ORIGIN, PIXEL, run_scene, synthetic_pair, write_scene
+from geo_scenes import ORIGIN, PIXEL, read_band, run_scene, synthetic_pair, write_scene
 from test_checkpoint import make_lightning_checkpoint
 
 SPEC = SlidingWindow(window=32, batch_size=8)
@@ -367,7 +369,21 @@ def test_a_refused_rerun_on_changed_inputs_leaves_no_earlier_output(net, images,
     refused(net, tmp_path, pre, post, r"post.tif is truncated")  # nothing that looks finished
 
 
-def test_resuming_a_finished_scene_with_other_outputs_predicts_it_again(net, images, tmp_path):
+@pytest.fixture
+def forward_calls(net: torch.nn.Module) -> Iterator[list[int]]:
+    """A list that grows by one at each forward of the module's ``net`` during the test."""
+    calls: list[int] = []
+    handle = net.register_forward_hook(lambda *_: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+def test_resuming_a_finished_scene_with_other_outputs_finishes_it_again(
+    net, images, tmp_path, forward_calls
+):
+    """Other polygons or min_area_m2: the scene is finished again from its rasters, without
+    the network; no overviews where the rasters have them: predicted again (GDAL cannot take
+    overviews out of a file)."""
     pre = write_scene(tmp_path / "pre.tif", images[0])
     post = write_scene(tmp_path / "post.tif", images[1])
     out = tmp_path / "out"
@@ -383,11 +399,23 @@ def test_resuming_a_finished_scene_with_other_outputs_predicts_it_again(net, ima
     assert kept == first, "the same settings keep the finished scene"
     areas = [f["properties"]["area_m2"] for f in read_features(out)]
     assert min(areas) < 2.0 < max(areas)
+    mask = read_band(out / "change.tif")
+    calls = forward_calls
+    calls.clear()
     again = predict_scene(
         net, pre, post, out, SPEC, SceneSettings(**{**base, "min_area_m2": 2.0}), resume=True
     )
     assert again["min_area_m2"] == 2.0 and again["polygons"] < first["polygons"]
     assert min(f["properties"]["area_m2"] for f in read_features(out)) >= 2.0
+    assert calls == [] and again["resumed_blocks"] == again["blocks"] == first["blocks"]
+    np.testing.assert_array_equal(read_band(out / "change.tif"), mask)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "blocks.jsonl",
+        "change.geojson",
+        "change.tif",
+        "probability.tif",
+        "scene.json",
+    ]
     with pytest.raises(SceneError, match=r"other settings \(scene.threshold: [0-9.]+ -> 0.9\)"):
         predict_scene(
             net, pre, post, out, SPEC, SceneSettings(**{**base, "threshold": 0.9}), resume=True
@@ -395,6 +423,46 @@ def test_resuming_a_finished_scene_with_other_outputs_predicts_it_again(net, ima
     rasters_only = SceneSettings(**{**base, "polygons": False, "overviews": False})
     summary = predict_scene(net, pre, post, out, SPEC, rasters_only, resume=True)
     assert summary["polygons"] is None and not (out / "change.geojson").exists()
+    assert calls != [] and summary["resumed_blocks"] == 0
+    np.testing.assert_array_equal(read_band(out / "change.tif"), mask)
+
+
+def test_a_kill_between_the_final_renames_is_finished_by_a_resume(
+    net, images, tmp_path, forward_calls
+):
+    """change.tif renamed into place, the other files not yet, no scene.json: a resume renames
+    it back and finishes the scene from the rasters, without the network, to the same files."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    out = tmp_path / "out"
+    first = predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    finished = {p.name: read_band(p, None) for p in out.glob("*.tif")}
+    for name in ("probability.tif", "explanation.tif", "change.geojson"):
+        (out / name).rename(out / f".{name}.part")
+    (out / "scene.json").unlink()
+    calls = forward_calls
+    calls.clear()
+    summary = predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
+    assert calls == [] and summary["resumed_blocks"] == first["blocks"]
+    assert summary["polygons"] == first["polygons"]
+    for name, values in finished.items():
+        np.testing.assert_array_equal(read_band(out / name, None), values)
+    assert not list(out.glob(".*.part")) and (out / "scene.json").is_file()
+
+
+def test_rasters_of_other_settings_are_not_taken_back(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    out = tmp_path / "out"
+    predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    files = SceneFiles(out, explain=True)
+    assert files.take_back("0123456789abcdef", overviews=True) == []
+    (out / ".change.tif.part").write_bytes(b"")
+    with rasterio.open(out / "probability.tif") as src:
+        tag = src.tags()[SETTINGS_TAG]
+    assert files.take_back(tag, overviews=False) == [], "it has overviews"
+    assert files.take_back(tag, overviews=True) == ["probability", "explanation"]
+    assert (out / ".probability.tif.part").is_file() and (out / "change.tif").is_file()
 
 
 def read_features(folder: Path) -> list[dict]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import json
 import logging
 import numbers
@@ -71,7 +72,7 @@ from changecam.geo.windows import (
     prefetched,
     read_region,
 )
-from changecam.geo.write import EXPLANATION_BANDS, TILE, SceneFiles, tile_side
+from changecam.geo.write import EXPLANATION_BANDS, SETTINGS_TAG, TILE, SceneFiles, tile_side
 from changecam.geo.writer import BlockWriter
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
 from changecam.run_log import read_json_lines, settings_changes
@@ -341,7 +342,8 @@ def finished_scene(
 ) -> dict[str, Any] | None:
     """The summary of a scene a run with the same settings finished (every output there),
     those a resume may change included: the polygons, their ``min_area_m2`` and the
-    overviews (a finished scene made with others is predicted again)."""
+    overviews (a finished scene made with others is finished again, see
+    :func:`take_back_rasters`)."""
     report = folder / REPORT_FILE
     records = block_log.read()
     if not (report.is_file() and records and records[0].get("settings") == record):
@@ -353,9 +355,36 @@ def finished_scene(
     if made != (settings.polygons, settings.overviews) or (
         settings.polygons and summary.get("min_area_m2") != settings.min_area_m2
     ):
-        log.info("%s was finished with other outputs: predicted again", folder)
+        log.info("%s was finished with other outputs: finishing it again", folder)
         return None
     return summary
+
+
+def settings_hash(record: dict[str, Any]) -> str:
+    """The rasters' :data:`~changecam.geo.write.SETTINGS_TAG`: a hash of the resume record."""
+    return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def take_back_rasters(
+    files: SceneFiles,
+    block_log: BlockLog,
+    record: dict[str, Any],
+    blocks: list[Block],
+    settings: SceneSettings,
+) -> None:
+    """When a run with this record did every block and published its rasters (all of them, or
+    some: a kill between the final renames) but its scene is not kept (other polygons or
+    ``min_area_m2``, or no ``scene.json``), rename them back to their partial names: the
+    resume then finishes the scene from them (polygons, overviews) without the network."""
+    records = block_log.read()
+    if not records or records[0].get("settings") != record:
+        return
+    done = {r["block"] for r in records[1:] if "block" in r}
+    if not done >= {b.index for b in blocks}:
+        return
+    taken = files.take_back(settings_hash(record), settings.overviews)
+    if taken:
+        log.info("%s: every block was done; finishing it again from %s", files.folder, taken)
 
 
 def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
@@ -537,12 +566,21 @@ def _predict_scene(
         if finished is not None:
             log.info("%s is finished already (predict.resume=true): kept", folder)
             return finished
+        if resume:
+            take_back_rasters(files, block_log, record, blocks, settings)
         folder.mkdir(parents=True, exist_ok=True)
         continued = block_log.start(record, resume, resume and files.partials_readable())
         (folder / REPORT_FILE).unlink(missing_ok=True)  # from here on the scene is unfinished
         files.remove(("final",))
         if not continued:
-            files.create(grid, {"threshold": str(settings.threshold), "explain_layer": str(layer)})
+            files.create(
+                grid,
+                {
+                    "threshold": str(settings.threshold),
+                    "explain_layer": str(layer),
+                    SETTINGS_TAG: settings_hash(record),
+                },
+            )
         todo = [b for b in blocks if b.index not in block_log.done]
         if continued:
             log.info(

@@ -35,6 +35,8 @@ from changecam.geo.windows import Block
 TILE = 256  # the rasters' tile side (smaller blocks use their own side)
 CHANGE_NODATA = 255
 RASTERS = ("change", "probability", "explanation")
+# each raster's tag naming the settings it was made with (a hash of the scene's resume record)
+SETTINGS_TAG = "changecam_settings"
 EXPLANATION_BANDS = ("pre_hirescam", "post_hirescam", "post_share")
 # DEFLATE's fastest level, in the blocks and the overviews: the files are about as large (the
 # probability of a 2048² scene 0.8 % larger), the overviews are built in half the time, and
@@ -209,6 +211,30 @@ class SceneFiles:
                     dst.build_overviews(factors, OVERVIEW_RESAMPLING[what])
                     dst.update_tags(ns="rio_overview", resampling=OVERVIEW_RESAMPLING[what].name)
 
+    def take_back(self, settings: str, overviews: bool) -> list[str]:
+        """Rename back to their partial names the final rasters that a run with these
+        ``settings`` (:data:`SETTINGS_TAG`) published and whose partial file is gone, so that
+        a resume can finish the scene again from them: after a kill between the final renames,
+        or with other polygons or ``min_area_m2``. A raster with overviews stays where it is
+        when none are asked for (GDAL cannot take them out). Returns the rasters taken back."""
+        taken = []
+        for what in self.rasters:
+            final, partial = self.final(what), self.partial(what)
+            if partial.exists() or not final.is_file():
+                continue
+            try:
+                with rasterio.open(final) as src:
+                    same = src.tags().get(SETTINGS_TAG) == settings
+                    fits = overviews or not src.overviews(1)
+            except (rasterio.errors.RasterioError, OSError):
+                continue
+            if same and fits:
+                os.replace(final, partial)
+                taken.append(what)
+        if taken:
+            fsync_directory(self.folder)
+        return taken
+
     def publish(self) -> dict[str, str]:
         """Rename every partial file to its final name (in a row), then fsync the folder."""
         for what in self.outputs:
@@ -230,6 +256,7 @@ __all__ = [
     "CHANGE_NODATA",
     "EXPLANATION_BANDS",
     "PROBABILITY_SCALE",
+    "SETTINGS_TAG",
     "SceneFiles",
     "WrittenBlock",
     "partial_path",
