@@ -27,6 +27,16 @@ def tiny(synthetic: Path) -> list[str]:
     ]
 
 
+def test_a_sweep_without_a_sweep_dir_runs_under_the_folder_it_is_started_in(
+    tmp_path, tiny_synthetic
+):
+    """The README's sweep commands name no hydra.sweep.dir: the default one, under
+    outputs/<task>/multiruns/, is named before Hydra's runtime values exist."""
+    run_script("train.py", ["-m", *tiny(tiny_synthetic), "logger=none"], cwd=tmp_path)
+    (job,) = tmp_path.glob("outputs/quickstart/multiruns/*/0")
+    assert "val/f1" in json.loads((job / "metrics.json").read_text())
+
+
 @pytest.mark.slow
 def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny_synthetic):
     sweep = tmp_path / "sweep"

@@ -105,6 +105,8 @@ def hydra_main(config_name: str, task: str) -> Callable[[], Any]:
             raise SystemExit(1) from None
 
     def main() -> Any:
+        # conf/paths: the folder the command is started in, absolute, also in a sweep's jobs
+        os.environ.setdefault("CHANGECAM_ROOT", os.getcwd())
         return hydra.main(version_base="1.3", config_path=config_dir(), config_name=config_name)(
             job
         )()
