@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from changecam.atomic import remove_stale_temporaries
 from changecam.cli.train import train
+from changecam.training.callbacks.rng_state import (
+    CHECKPOINT_KEY,
+    RNGStateCallback,
+    capture_rng_states,
+)
 from changecam.training.checkpoint_io import AtomicCheckpointIO
 from helpers import REPO, compose_train, tiny_overrides
 
@@ -210,3 +218,25 @@ def test_trainer_uses_the_atomic_checkpoint_io(tmp_path, tiny_synthetic):
     cfg = compose_train(tmp_path, [*resume_overrides(tiny_synthetic, 1), "logger=none"])
     trainer = hydra.utils.instantiate(cfg.trainer)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_each_ddp_rank_restores_its_own_rng_states():
+    """Rank 1's states are row 1 of the checkpoint's gathered tensors (a view torch cannot set
+    as it is: it crashed every DDP resume)."""
+    drawn = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        states = capture_rng_states()
+        drawn.append((states, torch.rand(3), np.random.rand(3), random.random()))
+    gathered = {k: torch.stack([drawn[0][0][k], drawn[1][0][k]]) for k in drawn[0][0]}
+    for rank, (_, torch_draw, numpy_draw, python_draw) in enumerate(drawn):
+        callback = RNGStateCallback()
+        trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        callback.on_load_checkpoint(trainer, None, {CHECKPOINT_KEY: gathered})
+        torch.manual_seed(99)
+        callback.on_fit_start(trainer, None)
+        assert torch.equal(torch.rand(3), torch_draw), rank
+        assert np.array_equal(np.random.rand(3), numpy_draw), rank
+        assert random.random() == python_draw, rank

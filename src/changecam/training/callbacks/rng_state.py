@@ -102,7 +102,9 @@ class RNGStateCallback(L.Callback):
                 f"{trainer.world_size}: RNG states are not restored"
             )
             return
-        self._pending = {k: v[trainer.global_rank] for k, v in states.items()}
+        # a copy of the rank's row: torch.set_rng_state crashes the process on a view that
+        # does not start its storage (rank >= 1)
+        self._pending = {k: v[trainer.global_rank].clone() for k, v in states.items()}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is not None:
