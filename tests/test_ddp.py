@@ -77,24 +77,28 @@ def test_ddp_cpu_pooled_metrics_equal_single_process(tmp_path, tiny_synthetic):
 def test_ddp_inside_a_multirun_reruns_only_its_job(tmp_path, tiny_synthetic):
     """Lightning re-runs the command line for rank 1; in a sweep that must be this job only,
     in this job's folder. The sweep folder's name has microseconds in it, so a rank that
-    composed the sweep again would make a folder of its own."""
+    composed the sweep again would make a folder of its own. The second job starts its own
+    rank 1 (the first job's launcher variables and process group are gone)."""
     run_script(
         "train.py",
         [
             "-m",
             *ddp_overrides(tiny_synthetic),
             "trainer=ddp_cpu",
-            "model.fusion=diff",
+            "model.fusion=diff,concat",
             "hydra.sweep.dir=sweep_${now:%H-%M-%S-%f}",
         ],
         cwd=tmp_path,
     )
     sweeps = list(tmp_path.glob("sweep_*"))
     assert len(sweeps) == 1, sweeps
-    assert sorted(p.name for p in sweeps[0].iterdir()) == ["0", "multirun.yaml"]
-    job = sweeps[0] / "0"
-    assert (job / "metrics.json").is_file()
-    assert "model.fusion=diff" in (job / ".hydra" / "overrides.yaml").read_text()
+    assert sorted(p.name for p in sweeps[0].iterdir()) == ["0", "1", "multirun.yaml"]
+    for number, fusion in enumerate(("diff", "concat")):
+        job = sweeps[0] / str(number)
+        assert (job / "metrics.json").is_file()
+        assert f"model.fusion={fusion}" in (job / ".hydra" / "overrides.yaml").read_text()
+        config = (job / ".hydra" / "config.yaml").read_text()
+        assert "strategy: ddp" in config and "devices: 2" in config
     assert not (tmp_path / "outputs").exists()  # no single-run folder for rank 1 either
 
 

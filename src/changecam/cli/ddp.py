@@ -3,16 +3,22 @@
 With ``strategy=ddp`` Lightning starts ranks 1..N-1 by running the command line again with
 ``hydra.run.dir=<hydra.run.dir>`` appended. That is right for a single run, but in a multirun
 the command line starts the whole sweep again (``-m`` and every swept value), and
-``hydra.run.dir`` is not the job's folder. :func:`prepare_ddp_relaunch` makes the command line
+``hydra.run.dir`` is not the job's folder. :func:`ddp_job` makes the command line
 this one job's overrides, in RUN mode, and points ``hydra.run.dir`` at the job's folder, so the
-ranks share one output folder.
+ranks share one output folder; when the job ends, :func:`ddp_job` takes back what Lightning
+left in this process (its launcher's environment variables, the process group), so that the
+sweep's next job starts its own ranks.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import read_write
 
@@ -33,14 +39,24 @@ def starts_rank_processes(trainer: L.Trainer) -> bool:
     )
 
 
-def prepare_ddp_relaunch(trainer: L.Trainer) -> None:
-    """In a Hydra multirun, make Lightning's DDP ranks re-run this job in its own folder.
+# what Lightning's launcher sets in the main process; LOCAL_RANK left set would make the next
+# job's trainer take its ranks for started by someone else, and start none
+LAUNCHER_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def ddp_job(trainer: L.Trainer) -> Iterator[None]:
+    """Run one job of a Hydra multirun whose DDP ranks Lightning starts by re-running this
+    script: the ranks re-run this job only, in its folder, and when the job ends this process
+    is as it was before (environment, ``sys.argv``, no process group). Outside a multirun, or
+    when the ranks are started by others (SLURM, torchrun), it does nothing.
 
     Raises:
         ConfigError: under ``hydra/launcher=joblib``, whose worker processes cannot be
             re-run as a script.
     """
     if not (is_multirun() and starts_rank_processes(trainer)):
+        yield
         return
     hydra_cfg = HydraConfig.get()
     launcher = hydra_cfg.runtime.choices.get("hydra/launcher")
@@ -50,6 +66,18 @@ def prepare_ddp_relaunch(trainer: L.Trainer) -> None:
             "re-running the script, which a joblib worker cannot do. Sweep DDP runs with the "
             "basic launcher (they run one after another) or on SLURM (hydra/launcher=slurm)."
         )
+    argv, environment = sys.argv, {k: os.environ.get(k) for k in LAUNCHER_ENVIRONMENT}
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, "hydra.mode=RUN"]
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -20,7 +20,7 @@ from changecam.cli.common import (
     task_wrapper,
     to_float_dict,
 )
-from changecam.cli.ddp import prepare_ddp_relaunch
+from changecam.cli.ddp import ddp_job
 from changecam.data.validate import network_fit
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 
@@ -107,27 +107,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
     log_hyperparameters(loggers, cfg)
-    prepare_ddp_relaunch(trainer)
-
-    metrics: dict[str, Any] = {}
-    if cfg.get("train"):
-        trainer.fit(
-            module,
-            datamodule=datamodule,
-            ckpt_path=ckpt_path,
-        )
-    best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-    if best is None:
-        log.warning(
-            "no best checkpoint (fast_dev_run or no checkpoint callback): evaluating current weights"
-        )
-    metrics.update(
-        trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-    )
-    if cfg.get("test"):
+    with ddp_job(trainer):
+        metrics: dict[str, Any] = {}
+        if cfg.get("train"):
+            trainer.fit(
+                module,
+                datamodule=datamodule,
+                ckpt_path=ckpt_path,
+            )
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        if best is None:
+            log.warning(
+                "no best checkpoint (fast_dev_run or no checkpoint callback): evaluating current weights"
+            )
         metrics.update(
-            trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+            trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
         )
+        if cfg.get("test"):
+            metrics.update(
+                trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+            )
     metrics = to_float_dict(metrics)
     if trainer.is_global_zero:
         write_json(output_dir / "metrics.json", metrics)
