@@ -160,22 +160,26 @@ def test_short_run_leaves_checkpoints_metrics_and_wandb(tmp_path, tiny_synthetic
     assert list((run / "wandb").glob("offline-run-*")), "an offline W&B run under the run directory"
 
 
-def test_checkpoint_is_weights_only_loadable(tmp_path, tiny_synthetic):
-    import torch
-
-    cfg = compose_train(
-        tmp_path,
-        [
-            "experiment=quickstart",
-            "trainer.max_epochs=1",
-            "logger=none",
-            *tiny_overrides(tiny_synthetic),
-        ],
-    )
-    train(cfg)
-    ckpt = torch.load(tmp_path / "run/checkpoints/best.ckpt", weights_only=True, map_location="cpu")
+def test_checkpoint_is_weights_only_loadable_and_train_false_scores_it(tmp_path, tiny_synthetic):
+    overrides = [
+        "experiment=quickstart",
+        "trainer.max_epochs=1",
+        "logger=none",
+        "module.pos_weight=20",  # a model that predicts change: its scores are not all 0
+        *tiny_overrides(tiny_synthetic),
+    ]
+    trained = train(compose_train(tmp_path, overrides))
+    best = tmp_path / "run/checkpoints/best.ckpt"
+    ckpt = torch.load(best, weights_only=True, map_location="cpu")
     assert ckpt["net_config"]["_target_"] == "changecam.models.siamese_unet.SiameseUNet"
     assert ckpt["net_config"]["base_channels"] == 4
+    # train=false with ckpt_path: that checkpoint's scores, not the initial weights'
+    scored = train(
+        compose_train(tmp_path / "score", [*overrides, "train=false", f"ckpt_path={best}"])
+    )
+    assert scored == trained
+    initial = train(compose_train(tmp_path / "initial", [*overrides, "train=false"]))
+    assert initial["val/loss"] != trained["val/loss"]
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -89,7 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, splits=run_splits(cfg))
     net = hydra.utils.instantiate(cfg.model)
-    ckpt_path = checked_resume_path(cfg, net, output_dir) if cfg.get("train") else None
+    ckpt_path = checked_resume_path(cfg, net, output_dir)
     # every split the run uses, before any logger starts a run: a bad test list or image fails
     # here, not after fitting, and leaves no W&B run behind
     datamodule.prepare_data()
@@ -115,11 +115,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 datamodule=datamodule,
                 ckpt_path=ckpt_path,
             )
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-        if best is None:
-            log.warning(
-                "no best checkpoint (fast_dev_run or no checkpoint callback): evaluating current weights"
-            )
+            best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+            if best is None:
+                log.warning(
+                    "no best checkpoint (fast_dev_run or no checkpoint callback): evaluating "
+                    "current weights"
+                )
+        else:  # train=false scores ckpt_path, or the network as built
+            best = ckpt_path
+            if best is None:
+                log.warning("train=false without ckpt_path: evaluating the initial weights")
         metrics.update(
             trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
         )
