@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import pytest
+import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from changecam.metrics import SCORE_NAMES
@@ -100,6 +101,20 @@ def test_ddp_inside_a_multirun_reruns_only_its_job(tmp_path, tiny_synthetic):
         config = (job / ".hydra" / "config.yaml").read_text()
         assert "strategy: ddp" in config and "devices: 2" in config
     assert not (tmp_path / "outputs").exists()  # no single-run folder for rank 1 either
+
+
+@pytest.mark.slow
+def test_a_ddp_run_resumes_on_every_rank(tmp_path, tiny_synthetic):
+    """Each rank restores its own RNG states from the checkpoint (rank 1 crashed doing so)."""
+    run = tmp_path / "run"
+    common = [*ddp_overrides(tiny_synthetic), "trainer=ddp_cpu", f"hydra.run.dir={run}"]
+    run_script("train.py", common, cwd=tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+    (run / "metrics.json").unlink()
+    run_script("train.py", [*common, "trainer.max_epochs=2", "ckpt_path=last"], cwd=tmp_path)
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert "val/f1" in json.loads((run / "metrics.json").read_text())
 
 
 @pytest.fixture(autouse=True)
