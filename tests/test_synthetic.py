@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -263,3 +266,39 @@ def test_landcover_parts_from_the_command_line(tmp_path):
     )
     datamodule = hydra.utils.instantiate(cfg.data)
     assert datamodule.synthetic.landcover_parts == ("woodland", "plots")
+
+
+def test_a_set_another_process_writes_meanwhile_is_taken(tmp_path, monkeypatch):
+    """Two jobs of a sweep (or two DDP ranks) generating one set at once: each writes its own
+    temporary folder, the first moves it into place, the second takes it."""
+    import changecam.data.synthetic as synthetic
+
+    root, spec = tmp_path / "synthetic", SyntheticSpec(image_size=32, train=1, val=1, test=1)
+    real, calls = synthetic.generate_scene, []
+
+    def another_process_finishes_first(*args, **kwargs):
+        if not calls:
+            calls.append(1)
+            assert generate(root, spec) == root  # the other process, start to end
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate_scene", another_process_finishes_first)
+    assert generate(root, spec) == root
+    assert json.loads((root / SPEC_FILE).read_text())["image_size"] == 32
+    assert [p.name for p in tmp_path.iterdir()] == ["synthetic"], "no temporary folder left"
+    assert len(find_triplets(root, "train", "levir")) == 1
+
+
+def test_a_killed_writers_temporary_folder_is_removed(tmp_path):
+    from changecam.atomic import _HOST, atomic_directory
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = gone.pid
+    stale = tmp_path / f".synthetic.cc{dead}-{_HOST}abcdef.tmp"
+    (stale / "train").mkdir(parents=True)
+    live = tmp_path / f".synthetic.cc{os.getpid()}-{_HOST}abcdef.tmp"
+    live.mkdir()
+    with atomic_directory(tmp_path / "synthetic") as tmp:
+        (tmp / "a").write_text("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "synthetic"]

@@ -301,19 +301,40 @@ def append_json_line(path: str | Path, data: Any) -> None:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Fill a temporary sibling folder; on success it becomes ``path`` (which must not exist).
 
+    The folder has :func:`temporary_path`'s name, so that processes writing the same ``path``
+    at once (a sweep's jobs, DDP ranks) do not share one; those a killed process left are
+    removed first.
+
     Yields:
         the temporary folder to write into. On an error it is removed and ``path`` is untouched.
+
+    Raises:
+        FileExistsError: ``path`` exists, before or (written by another process) after the
+            folder was filled.
     """
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists; remove it before writing it anew")
     _make_parent(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in path.parent.iterdir():
+        match = _TEMPORARY.match(stale.name)
+        if (
+            stale.name.startswith(f".{path.name[:180]}.cc")
+            and match
+            and match["host"] == _HOST
+            and _process_is_gone(int(match["pid"]))
+        ):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = temporary_path(path)
     tmp.mkdir()
     try:
         yield tmp
-        tmp.rename(path)
+        try:
+            tmp.rename(path)
+        except OSError as err:
+            if path.exists():
+                raise FileExistsError(f"{path} was written by another process meanwhile") from err
+            raise
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         full = _as_disk_full(err, path)

@@ -25,7 +25,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
@@ -335,15 +335,35 @@ def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
     The set is written to a temporary sibling folder and moved into place at the end, so an
     interrupted run never leaves a half-written dataset behind.
 
+    Processes generating the same set at once (a sweep's jobs, DDP ranks) each write their own
+    temporary folder; the first to finish moves it into place and the others take it.
+
     Raises:
         FileExistsError: ``root`` exists, is not empty and was not written by this generator.
     """
     root = Path(root)
     # as JSON reads it back (a tuple of land-cover parts becomes a list)
     record = json.loads(json.dumps({"generator_version": GENERATOR_VERSION, **asdict(spec)}))
+    try:
+        return _generate(root, spec, record)
+    except FileExistsError:
+        if _holds(root, record):  # another process wrote the same set meanwhile
+            return root
+        raise
+
+
+def _holds(root: Path, record: dict[str, Any]) -> bool:
+    """Whether ``root`` holds the generator's set of this specification."""
+    try:
+        return json.loads((root / SPEC_FILE).read_text()) == record
+    except (OSError, ValueError):
+        return False
+
+
+def _generate(root: Path, spec: SyntheticSpec, record: dict[str, Any]) -> Path:
     spec_path = root / SPEC_FILE
     if spec_path.is_file():
-        if json.loads(spec_path.read_text()) == record:
+        if _holds(root, record):
             return root
         shutil.rmtree(root)  # an older synthetic set of ours: replace it
     elif root.exists() and any(root.iterdir()):
