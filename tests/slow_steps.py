@@ -34,4 +34,7 @@ class SlowSteps(L.Callback):
     ) -> None:
         print(f"slow_steps epoch={trainer.current_epoch} batch={batch_idx}", flush=True)
         here = f"{trainer.current_epoch}:{batch_idx}"
-        time.sleep(PAUSE_S if here == self.pause_at else self.seconds)
+        # in short sleeps: a SIGTERM (Lightning's handler only takes note) ends the pause
+        end = time.monotonic() + (PAUSE_S if here == self.pause_at else self.seconds)
+        while time.monotonic() < end and not trainer.received_sigterm:
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))

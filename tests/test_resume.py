@@ -112,11 +112,11 @@ def test_ckpt_path_last_without_checkpoint_says_how(tmp_path, tiny_synthetic):
         train(cfg)
 
 
-def cli(args: list[str], **kwargs) -> subprocess.Popen:
+def cli(args: list[str], full_error: bool = True, **kwargs) -> subprocess.Popen:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "HYDRA_FULL_ERROR": "1",
+        "HYDRA_FULL_ERROR": "1" if full_error else "0",
         "PYTHONPATH": str(REPO / "tests"),
     }
     return subprocess.Popen(
@@ -175,6 +175,56 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_synt
         (full / "metrics.json").read_text()
     )
     assert_same_weights(killed / "checkpoints/last.ckpt", full / "checkpoints/last.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_sigterm_mid_epoch_fails_and_says_how_to_resume(tmp_path, tiny_synthetic, sweep):
+    """A SIGTERM (a cluster's time limit, ``kill``) is not a success: exit 143 with the resume
+    command; in a sweep the sweep stops (the next job does not run) and names its folder."""
+    where = tmp_path / "sweep" if sweep else tmp_path / "run"
+    args = [
+        *(["-m"] if sweep else []),
+        *resume_overrides(tiny_synthetic, EPOCHS),
+        "logger=none",
+        "print_config=false",
+        "+callbacks.slow._target_=slow_steps.SlowSteps",
+        "+callbacks.slow.seconds=0",
+        "+callbacks.slow.pause_at='1:0'",
+        *(["model.fusion=diff,concat", f"hydra.sweep.dir={where}"] if sweep else []),
+        *([] if sweep else [f"hydra.run.dir={where}"]),
+    ]
+    log_path = tmp_path / "out.log"
+    with open(log_path, "w") as log:
+        proc = cli(args, full_error=False, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 240
+        while "slow_steps epoch=1 batch=0" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the second epoch did not start within 240 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    out = log_path.read_text()
+    assert proc.returncode == 143, out[-3000:]
+    if sweep:
+        assert (
+            "Error: Stopped: stopped by SIGTERM; resume its sweep with the same command and "
+            f"ckpt_path=last hydra.sweep.dir={where}"
+        ) in out, out[-3000:]
+        assert sorted(p.name for p in where.iterdir() if p.is_dir()) == ["0"]
+    else:
+        assert (
+            "Error: Stopped: stopped by SIGTERM; resume it with the same command and "
+            f"ckpt_path=last hydra.run.dir={where}"
+        ) in out, out[-3000:]
+    job = where / "0" if sweep else where
+    assert not (job / "metrics.json").exists()
+    assert (job / "checkpoints" / "last.ckpt").is_file()
+    # the command it prints resumes the run, or the sweep (its second job starts anew)
+    resume = [a for a in args if "slow" not in a and "hydra.run.dir" not in a]
+    run_cli([*resume, "ckpt_path=last", *([] if sweep else [f"hydra.run.dir={where}"])], tmp_path)
+    for job in [where / "0", where / "1"] if sweep else [where]:
+        assert "val/f1" in json.loads((job / "metrics.json").read_text())
 
 
 SAVER = """

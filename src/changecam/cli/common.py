@@ -31,7 +31,7 @@ from torch import nn
 
 from changecam.atomic import DiskFullError, disk_full_error, remove_stale_temporaries, write_text
 from changecam.cli.config_checks import ConfigError, check_config, check_device, resolved
-from changecam.cli.launch import config_dir, is_multirun, log_to_file
+from changecam.cli.launch import Stopped, config_dir, is_multirun, log_to_file
 from changecam.data.io import read_label
 from changecam.environment import configure_environment
 from changecam.explain import ExplainSettings
@@ -104,6 +104,11 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
         configure_environment()
         try:
             return task(cfg)
+        except SystemExit as err:
+            # Lightning ends its loops on SIGTERM with a SystemExit of status 0
+            if type(err).__name__ != "SIGTERMException":
+                raise
+            raise Stopped(f"stopped by SIGTERM; {resume_hint(cfg)}") from None
         except Exception as err:
             full = disk_full_error(err)
             if full is not None:
@@ -113,6 +118,19 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
             close_wandb()
 
     return wrapped
+
+
+def resume_hint(cfg: DictConfig) -> str:
+    """How to resume this run from its last checkpoint: in its run folder, or in a sweep, its
+    sweep folder (``hydra.run.dir`` is not read under ``-m``)."""
+    if is_multirun():
+        return (
+            f"resume its sweep with the same command and ckpt_path=last "
+            f"hydra.sweep.dir={HydraConfig.get().sweep.dir}"
+        )
+    return (
+        f"resume it with the same command and ckpt_path=last hydra.run.dir={cfg.paths.output_dir}"
+    )
 
 
 def prepare_run(cfg: DictConfig) -> Path:

@@ -70,6 +70,13 @@ def log_to_file(level: int, message: str) -> None:
             handler.handle(record)
 
 
+class Stopped(Exception):
+    """The command was stopped from outside (SIGTERM: a cluster's time limit or preemption,
+    ``kill``): exit status 143, as a shell reports a process a SIGTERM ended."""
+
+    exit_code = 128 + 15
+
+
 def report_failure(err: BaseException) -> None:
     """One line on stderr naming the error; its traceback in the log file."""
     files = log_files()
@@ -99,10 +106,12 @@ def hydra_main(config_name: str, task: str) -> Callable[[], Any]:
         try:
             return run_task(task, cfg)
         except Exception as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or is_multirun():
+            # a SIGTERM stops a whole sweep, not only its job: Hydra would go on to the next
+            stopped = isinstance(err, Stopped)
+            if not stopped and (os.environ.get("HYDRA_FULL_ERROR") == "1" or is_multirun()):
                 raise
             report_failure(err)
-            raise SystemExit(1) from None
+            raise SystemExit(getattr(err, "exit_code", 1)) from None
 
     def main() -> Any:
         # conf/paths: the folder the command is started in, absolute, also in a sweep's jobs
@@ -115,4 +124,12 @@ def hydra_main(config_name: str, task: str) -> Callable[[], Any]:
     return main
 
 
-__all__ = ["CONF_DIR", "config_dir", "hydra_main", "is_multirun", "log_to_file", "report_failure"]
+__all__ = [
+    "CONF_DIR",
+    "Stopped",
+    "config_dir",
+    "hydra_main",
+    "is_multirun",
+    "log_to_file",
+    "report_failure",
+]

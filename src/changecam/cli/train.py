@@ -21,17 +21,23 @@ from changecam.cli.common import (
     to_float_dict,
 )
 from changecam.cli.ddp import ddp_job
+from changecam.cli.launch import is_multirun
 from changecam.data.validate import network_fit
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``"last"`` means this run directory's ``checkpoints/last.ckpt``."""
+    """``"last"`` means this run directory's ``checkpoints/last.ckpt``; in a sweep, a job that
+    has none (it had not started when the sweep was stopped) starts from the beginning."""
     if ckpt_path == "last":
         path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file() and is_multirun():
+            log.info("ckpt_path=last: %s has no last.ckpt, so this job starts anew", output_dir)
+            return None
         if not path.is_file():
             raise FileNotFoundError(
-                f"ckpt_path=last but {path} does not exist (run with hydra.run.dir=<the old run dir>)"
+                f"ckpt_path=last but {path} does not exist (run with hydra.run.dir=<the old run "
+                "dir>, or in a sweep with hydra.sweep.dir=<the old sweep dir>)"
             )
         return str(path)
     if ckpt_path is not None and not Path(ckpt_path).is_file():
