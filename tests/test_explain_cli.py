@@ -190,6 +190,11 @@ def test_bad_inputs_are_refused_before_writing(tmp_path, tiny_ckpt, pair_dir):
                 "explain.target=ground_truth",
             ],
         )
+    with pytest.raises(ValueError, match=r"is 40x36 = 1440 pixels, above explain.max_pixels=1000"):
+        run_explain(
+            tmp_path,
+            [f"ckpt_path={tiny_ckpt}", f"input.dir={pair_dir}", "explain.max_pixels=1000"],
+        )
     assert not (tmp_path / "run" / "explanations.json").exists()
 
 

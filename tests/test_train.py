@@ -103,6 +103,17 @@ def test_every_experiment_composes(tmp_path, experiment):
     assert type(trainer.strategy.checkpoint_io) is checkpoint_io
 
 
+@pytest.mark.parametrize("data", ["synthetic", "levir_cd"])
+def test_the_overrides_the_readme_and_the_messages_name_need_no_plus(tmp_path, data):
+    """``data.change_crops=`` (README) and ``trainer.gradient_clip_val=`` (the divergence
+    guard's advice) are keys of the configs, not Hydra ``+`` additions."""
+    cfg = compose_train(
+        tmp_path, [f"data={data}", "data.change_crops=0.5", "trainer.gradient_clip_val=1.0"]
+    )
+    assert hydra.utils.instantiate(cfg.data).change_crops == 0.5
+    assert cfg.trainer.gradient_clip_val == 1.0
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, levir256_tiny, experiment):
     overrides = [

@@ -34,9 +34,16 @@ from changecam.models.inference import inference_network
 def check_pairs(
     pairs: list[Triplet], settings: ExplainSettings, roi_size: tuple[int, int] | None
 ) -> None:
-    """Refuse, before writing anything, pairs whose sizes differ or that lack what the target needs."""
+    """Refuse, before writing anything, pairs whose sizes differ, that lack what the target
+    needs, or that are larger than ``explain.max_pixels``."""
     for t in pairs:
         size = pair_size(t)
+        if settings.max_pixels is not None and size[0] * size[1] > settings.max_pixels:
+            raise ValueError(
+                f"pair {t.name!r} ({t.pre}) is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, "
+                f"above explain.max_pixels={settings.max_pixels}: explain a crop of it, or raise "
+                "explain.max_pixels (memory grows with the image)"
+            )
         if settings.target == "ground_truth" and t.label is None:
             raise ValueError(
                 f"explain.target=ground_truth but pair {t.name!r} ({t.pre}) has no label "
