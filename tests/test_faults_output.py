@@ -17,6 +17,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -184,10 +185,12 @@ def test_a_full_device_raises_disk_full_naming_the_file_and_leaves_nothing(
     target, write = WRITERS[writer]
     path = tmp_path / target
     fill_device(monkeypatch, path.name, code)
-    if writer == "folder":  # the file inside the staged folder is written as .<folder>.tmp/A/x.png
-        path = tmp_path / ".dataset.tmp" / "A" / "x.png"
     with pytest.raises(DiskFullError) as caught:
         write(tmp_path / target)
+    if writer == "folder":  # written inside the staged folder, .dataset.cc<pid>-<host>….tmp/A/
+        staged = Path(caught.value.filename).parents[1].name
+        assert re.fullmatch(rf"\.dataset\.cc{os.getpid()}-[0-9a-f]{{10}}\.tmp", staged), staged
+        path = tmp_path / staged / "A" / "x.png"
     assert str(caught.value) == f"no space left on device while writing {path}"
     assert caught.value.errno == code and caught.value.filename == str(path)
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())

@@ -137,6 +137,34 @@ def test_large_pairs_skip_the_explanation_but_keep_the_mask(tmp_path, ckpt):
     assert (tmp_path / "run" / "panels" / "b_small.png").is_file()
 
 
+def test_explain_method_contrastive_alone_gives_its_shares_and_their_means(tmp_path, ckpt):
+    """predict.py runs explain.method (its only method unless explain.methods adds others);
+    the report names it, and the means cover each method's shares."""
+    write_pair(tmp_path / "in", "a", (32, 32))
+    write_pair(tmp_path / "in", "b", (32, 32), seed=1)
+    report = run_predict(
+        tmp_path,
+        [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}", "explain.method=contrastive"],
+    )
+    assert report["method"] == "contrastive"
+    rows = report["pairs"]
+    assert all("post_share" not in r and set(r["post_share_contrastive"]) for r in rows)
+    for layer, mean in report["mean"]["post_share_contrastive"].items():
+        shares = [r["post_share_contrastive"][layer] for r in rows]
+        assert mean == pytest.approx(np.mean([v for v in shares if v is not None]))
+    both = run_predict(
+        tmp_path / "both",
+        [
+            f"ckpt_path={ckpt}",
+            f"input.dir={tmp_path / 'in'}",
+            "explain.method=contrastive",
+            "explain.methods=[hirescam,contrastive]",
+        ],
+    )
+    assert set(both["mean"]) >= {"post_share", "post_share_contrastive"}
+    assert both["mean"]["post_share_contrastive"] == report["mean"]["post_share_contrastive"]
+
+
 def test_pairs_of_different_sizes_are_refused_and_leave_nothing(tmp_path, ckpt):
     write_pair(tmp_path / "in", "good", (32, 32))
     write_pair(tmp_path / "in", "skewed", (32, 32), post_size=(32, 40))

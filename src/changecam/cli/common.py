@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sys
 import typing
 from collections.abc import Callable, Mapping
@@ -274,6 +275,25 @@ def explain_settings(cfg: DictConfig, threshold: float) -> ExplainSettings | Non
     if not block or not block.get("enabled", True):
         return None
     return hydra.utils.instantiate(block, threshold=threshold)
+
+
+def mean_of(values: list[float | None]) -> float | None:
+    """The mean of the defined values (``None`` and NaN skipped); ``None`` when there are none."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return float(sum(kept) / len(kept)) if kept else None
+
+
+def mean_post_shares(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """The mean over pairs of every post share the rows hold, per layer: ``post_share``
+    (HiResCAM) and ``post_share_<method>`` for each other method that ran."""
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith("post_share"))
+    return {
+        key: {
+            layer: mean_of([r[key][layer] for r in rows if r.get(key)])
+            for layer in dict.fromkeys(name for r in rows for name in (r.get(key) or {}))
+        }
+        for key in keys
+    }
 
 
 def read_roi(settings: ExplainSettings) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -20,6 +19,8 @@ from changecam.cli.common import (
     explain_settings,
     load_model,
     log,
+    mean_of,
+    mean_post_shares,
     prepare_run,
     read_roi,
     resolve_device,
@@ -54,16 +55,11 @@ def check_pairs(
 
 
 def mean_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means over pairs of the post share per layer and the faithfulness gap (undefined values skipped)."""
-
-    def mean(values: list[float | None]) -> float | None:
-        kept = [v for v in values if v is not None]
-        return float(np.mean(kept)) if kept else None
-
-    layers = list(rows[0]["post_share"]) if rows else []
+    """Means over pairs of each method's post share per layer and of the faithfulness gap
+    (undefined values skipped)."""
     return {
-        "post_share": {k: mean([r["post_share"][k] for r in rows]) for k in layers},
-        "faithfulness_gap": mean([r["faithfulness_gap"] for r in rows]),
+        **mean_post_shares(rows),
+        "faithfulness_gap": mean_of([r["faithfulness_gap"] for r in rows]),
         "pairs": len(rows),
         "pairs_with_empty_target": sum(r["empty_target"] for r in rows),
     }
@@ -111,6 +107,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "target": settings.target,
         "threshold": settings.threshold,
         "methods": list(settings.methods),
+        # whose maps the panels and curves use: its share is post_share(_<method>)
+        "method": settings.method,
         "taps": list(resolve_taps(model, settings.taps)),
         "panel_layer": choose_layer(settings.method_layers(layers), settings.panel_layer),
         "faithfulness": {

@@ -34,7 +34,6 @@ directory holding an earlier run's log starts over: the files that log lists, th
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +60,8 @@ from changecam.cli.common import (
     failure_message,
     load_model,
     log,
+    mean_of,
+    mean_post_shares,
     prepare_run,
     read_roi,
     resolve_device,
@@ -123,8 +124,10 @@ class PairPrediction:
         }
         if self.explained is not None:
             explained = self.explained.summary()
-            for key in ("post_share", "faithfulness_gap", "target_score", "empty_target"):
+            for key in ("faithfulness_gap", "target_score", "empty_target"):
                 out[key] = explained.get(key)
+            # post_share (HiResCAM), post_share_<method> for the other methods that ran
+            out.update({k: v for k, v in explained.items() if k.startswith("post_share")})
         elif self.skipped:
             out["explanation_skipped"] = self.skipped
         return out
@@ -371,11 +374,6 @@ def scene_pairs(pairs: list[Triplet]) -> bool:
     return kinds == {True}
 
 
-def mean_of(values: list[float | None]) -> float | None:
-    kept = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(kept)) if kept else None
-
-
 @task_wrapper
 @frozen_gc()  # full collections skip the imports' objects (changecam.environment.frozen_gc)
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -451,20 +449,19 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         rows.append(row)
         del result  # one pair's images and maps in memory at a time
 
-    explained = [r for r in rows if r.get("post_share")]
     report = {
         "checkpoint": str(cfg.ckpt_path),
         "threshold": threshold,
         "sliding_window": OmegaConf.to_container(cfg.sliding_window, resolve=True),
         "probability_encoding": PROBABILITY_ENCODING,
         "explained": settings is not None,
+        # whose maps the panels and curves use: its share is post_share(_<method>)
+        "method": settings.method if settings is not None else None,
         "mean": {
             "changed_fraction": mean_of([r["changed_fraction"] for r in rows]),
             "faithfulness_gap": mean_of([r.get("faithfulness_gap") for r in rows]),
-            "post_share": {
-                layer: mean_of([r["post_share"][layer] for r in explained])
-                for layer in dict.fromkeys(k for r in explained for k in r["post_share"])
-            },
+            "post_share": {},
+            **mean_post_shares(rows),
         },
         "pairs": rows,
         "failed": failed,
