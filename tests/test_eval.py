@@ -151,6 +151,20 @@ def test_eval_on_a_hand_made_prediction_set(tmp_path, hand_made):
     assert "test/f1" in logged and "seed_style/test/f1" in logged
 
 
+def test_an_undefined_post_share_is_null_and_post_share_false_drops_the_column(tmp_path, hand_made):
+    """Nothing predicted (a threshold above every probability): the split's post share is
+    undefined, written as null; post_share=false: no post-share column at all."""
+    base = [*hand_made_overrides(*hand_made), "logger=none"]
+    metrics = evaluate(compose_train(tmp_path / "none", [*base, "threshold=0.99999"], "eval"))
+    saved = json.loads((tmp_path / "none" / "run" / "metrics.json").read_text())
+    assert metrics["test/post_share/enc1"] is None and saved["test/post_share/enc1"] is None
+    assert metrics["test/f1"] == 0.0
+    metrics = evaluate(compose_train(tmp_path / "off", [*base, "post_share=false"], "eval"))
+    assert not any("post_share" in key for key in metrics)
+    rows = read_rows(tmp_path / "off" / "run" / "per_image.csv")
+    assert list(rows[0]) == ["name", "TP", "FP", "FN", "TN", "F1", "IoU"]
+
+
 def test_seed_style_with_one_batch_equals_the_pooled_scores(tmp_path, hand_made):
     cfg = compose_train(tmp_path, [*hand_made_overrides(*hand_made), "logger=none"], "eval")
     metrics = evaluate(cfg)  # default seed_batch_size=16 > 2 images: one group

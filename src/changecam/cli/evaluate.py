@@ -87,7 +87,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("eval.py runs on one device; set trainer.devices=1 (and no ddp trainer)")
     log_hyperparameters(loggers, cfg)
     run_loop = trainer.test if split == "test" else trainer.validate
-    metrics = to_float_dict(run_loop(module, datamodule=datamodule, verbose=False)[0])
+    metrics: dict[str, float | None] = {
+        **to_float_dict(run_loop(module, datamodule=datamodule, verbose=False)[0]),
+        **dict.fromkeys(per_image.undefined),  # null in metrics.json: nothing was predicted
+    }
 
     for logger in loggers:
         if hasattr(logger, "log_table"):

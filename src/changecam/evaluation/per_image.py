@@ -122,6 +122,8 @@ class PerImageScores(L.Callback):
         self.post_share_layer = post_share_layer
         self.seed_batch_size = seed_batch_size
         self.rows: list[ImageScore] = []
+        # the split's metric keys left undefined (no image with a prediction to explain)
+        self.undefined: list[str] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -150,6 +152,11 @@ class PerImageScores(L.Callback):
         shares = torch.cat(self._shares)
         if self.post_share_layer is not None and (~shares.isnan()).any():
             pl_module.log(f"{split}/post_share/{self.post_share_layer}", shares.nanmean())
+        self.undefined = (
+            [f"{split}/post_share/{self.post_share_layer}"]
+            if self.post_share_layer is not None and shares.isnan().all()
+            else []
+        )
         self.rows = image_scores(self._names, counts, shares)
         self._reset()
 
@@ -170,25 +177,31 @@ class PerImageScores(L.Callback):
             self._on_epoch_end(trainer, pl_module)
 
     def columns(self) -> list[str]:
-        """The CSV header, with the post-share column named after its layer."""
-        share = f"post_share_{self.post_share_layer}" if self.post_share_layer else "post_share"
-        return [f.replace("post_share", share) for f in ImageScore.__dataclass_fields__]
+        """The CSV header, with the post-share column named after its layer (none without
+        a layer)."""
+        fields = list(ImageScore.__dataclass_fields__)
+        if self.post_share_layer is None:
+            return [f for f in fields if f != "post_share"]
+        return [f.replace("post_share", f"post_share_{self.post_share_layer}") for f in fields]
 
     def csv_text(self) -> str:
         """``per_image.csv`` as text (NaN written as ``nan``)."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(self.columns())
-        for row in self.rows:
+        for row in self.table():
             writer.writerow(
-                f"{v:.6f}" if isinstance(v, float) and not math.isnan(v) else v
-                for v in asdict(row).values()
+                f"{v:.6f}" if isinstance(v, float) and not math.isnan(v) else v for v in row
             )
         return buffer.getvalue()
 
     def table(self) -> list[list[Any]]:
-        """The rows as lists, for a logger's ``log_table``."""
-        return [list(asdict(r).values()) for r in self.rows]
+        """The rows as lists (the columns of :meth:`columns`), for a logger's ``log_table``."""
+        rows = [asdict(r) for r in self.rows]
+        if self.post_share_layer is None:
+            for row in rows:
+                del row["post_share"]
+        return [list(row.values()) for row in rows]
 
 
 __all__ = [
