@@ -121,6 +121,13 @@ def rgba_label(root):
     return [str(label), "single-band"]
 
 
+def colour_label(root):
+    """An RGB label whose channels differ: its header looks like a grey one saved as RGB."""
+    label = first(root, "test", "label")
+    rewrite(label, lambda a: np.dstack([a, np.zeros_like(a), a]))
+    return [str(label), "colour"]
+
+
 def grey_label_values(root):
     return [str(rewrite(first(root, "test", "label"), lambda a: a // 2)), "label values"]
 
@@ -171,6 +178,7 @@ TRAIN_CASES = [
     (size_mismatch, [], DataValidationError),
     (sixteen_bit_image, [], DataValidationError),
     (rgba_label, [], DataValidationError),
+    (colour_label, [], DataValidationError),
     (grey_label_values, ["data.validate=full"], DataValidationError),
     (missing_partner, [], LayoutError),
     (same_name_twice, [], LayoutError),

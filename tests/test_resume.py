@@ -4,6 +4,7 @@ survives a SIGKILL in mid-epoch; checkpoints are written atomically."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from changecam.atomic import remove_stale_temporaries
-from changecam.cli.train import train
+from changecam.cli.train import resolve_ckpt_path, train
 from changecam.training.callbacks.rng_state import (
     CHECKPOINT_KEY,
     RNGStateCallback,
@@ -290,3 +291,34 @@ def test_each_ddp_rank_restores_its_own_rng_states():
         assert torch.equal(torch.rand(3), torch_draw), rank
         assert np.array_equal(np.random.rand(3), numpy_draw), rank
         assert random.random() == python_draw, rank
+
+
+def test_a_requeued_slurm_job_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """SLURM_RESTART_COUNT > 0 (submitit requeued the job after a timeout or preemption, in
+    the same folder): no ckpt_path means the folder's last.ckpt, if it has one."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert resolve_ckpt_path(None, tmp_path) is None
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resolve_ckpt_path(None, tmp_path) is None, "requeued before its first checkpoint"
+    last.parent.mkdir()
+    last.write_bytes(b"a checkpoint")
+    assert resolve_ckpt_path(None, tmp_path) == str(last)
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"another")
+    assert resolve_ckpt_path(str(other), tmp_path) == str(other), "a named ckpt_path wins"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert resolve_ckpt_path(None, tmp_path) is None, "a first run starts anew"
+
+
+def test_a_requeued_training_run_continues_its_epochs(
+    tmp_path, tiny_synthetic, monkeypatch, caplog
+):
+    train(compose_train(tmp_path, [*resume_overrides(tiny_synthetic, 1), "logger=none"]))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    steps = torch.load(last, weights_only=True)["global_step"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with caplog.at_level(logging.INFO):
+        train(compose_train(tmp_path, [*resume_overrides(tiny_synthetic, 2), "logger=none"]))
+    assert f"Restored all states from the checkpoint at {last}" in caplog.text, caplog.text
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * steps

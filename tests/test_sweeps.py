@@ -66,25 +66,31 @@ def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny
     assert fusions == {"diff", "concat"}
 
 
-def test_optuna_search_stores_its_study_in_the_sweep_dir(tmp_path, tiny_synthetic):
+def test_optuna_search_stores_its_study_in_the_sweep_dir_and_continues_it(tmp_path, tiny_synthetic):
     sweep = tmp_path / "sweep"
-    run_script(
-        "train.py",
-        [
-            "hparams_search=optuna",
-            "hydra.sweeper.n_trials=2",
-            *tiny(tiny_synthetic),
-            "logger=none",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp_path,
-    )
+    for trials, seed in ((2, 1234), (1, 7)):  # a second invocation continues the study
+        run_script(
+            "train.py",
+            [
+                "hparams_search=optuna",
+                f"hydra.sweeper.n_trials={trials}",
+                f"hydra.sweeper.sampler.seed={seed}",
+                *tiny(tiny_synthetic),
+                "logger=none",
+                f"hydra.sweep.dir={sweep}",
+            ],
+            cwd=tmp_path,
+        )
     study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{sweep / 'optuna.db'}")
     trials = study.get_trials()
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
-    f1 = [json.loads((sweep / str(i) / "metrics.json").read_text())["val/f1"] for i in (0, 1)]
+    # every trial in a folder of its own, <start time>_<job number>: none overwritten
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name[-2:] for p in jobs] == ["_0", "_1", "_0"]
+    f1 = [json.loads((job / "metrics.json").read_text())["val/f1"] for job in jobs]
     assert [t.value for t in trials] == pytest.approx(f1)  # what train returned: val/f1
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(max(f1))
     assert set(best["best_params"]) == {

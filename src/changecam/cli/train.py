@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,19 @@ from changecam.training.checkpoint import CheckpointError, check_resume_checkpoi
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     """``"last"`` means this run directory's ``checkpoints/last.ckpt``; in a sweep, a job that
-    has none (it had not started when the sweep was stopped) starts from the beginning."""
+    has none (it had not started when the sweep was stopped) starts from the beginning. A SLURM
+    job requeued after a timeout or preemption (``SLURM_RESTART_COUNT`` > 0) resumes from its
+    ``last.ckpt`` when it has one and names no ``ckpt_path``."""
+    requeued = os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
+    if ckpt_path is None and requeued:
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if path.is_file():
+            log.info(
+                "SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming from %s",
+                os.environ["SLURM_RESTART_COUNT"],
+                path,
+            )
+            return str(path)
     if ckpt_path == "last":
         path = output_dir / "checkpoints" / "last.ckpt"
         if not path.is_file() and is_multirun():

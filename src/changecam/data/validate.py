@@ -8,6 +8,8 @@ split the run will use (``data.validate``):
   promises (:func:`changecam.data.io.read_header`). The pre, post and label of a triplet must
   agree in size, the images must be 8-bit RGB or grey, the labels single-band, and the sizes
   must suit the sampling protocol, ``data.patch_size`` and the network's size multiple.
+  Labels stored as RGB or palette images are decoded too (grey in those modes is fine; a
+  colour label is only visible in its pixels).
   637 LEVIR-CD-sized triplets take well under a second (``benchmarks/validate_data.py``).
 * ``full``: the same, then every file is decoded once as the loaders will decode it, with a
   progress bar (label values, transparency and corrupt compressed data are only visible there).
@@ -39,6 +41,8 @@ from changecam.data.layout import Triplet
 Validation = Literal["headers", "full", "none"]
 VALIDATIONS: tuple[str, ...] = get_args(Validation)
 SHOWN_PROBLEMS = 12  # problems spelled out in one error; the rest are counted
+# label modes that may hold colour: decoded even by the header check (grey LEVIR labels are "L")
+COLOUR_CAPABLE_LABEL_MODES = frozenset({"RGB", "P"})
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +170,11 @@ def triplet_headers(triplet: Triplet) -> tuple[tuple[int, int] | None, list[str]
             f"{label.path} is {label.bits}-bit {label.mode}; expected a single-band 0/255 (or "
             "0/1) change mask, e.g. an 8-bit grey PNG"
         )
+    elif label is not None and label.mode in COLOUR_CAPABLE_LABEL_MODES:
+        try:  # grey saved as RGB or a palette is fine; a colour label shows only in its pixels
+            read_label(label.path)
+        except (OSError, ValueError) as err:
+            problems.append(str(err))
     if len(headers) < len(files):
         return None, problems
     size = headers["pre"].size
