@@ -90,6 +90,20 @@ def test_resume_matches_uninterrupted_and_keeps_wandb_id(tmp_path, tiny_syntheti
     assert len(offline_runs) == 2 and all(p.name.split("-")[3] == first_id for p in offline_runs)
 
 
+def test_resume_with_loader_workers_matches_uninterrupted(tmp_path, tiny_synthetic):
+    """A worker process's generator is not in the checkpoint: with workers, each sample's
+    augmentation seed comes from the sampler (seed, epoch), so a resume draws the same ones."""
+    workers = ["data.num_workers=1", "logger=none", "test=false"]
+    train(compose_train(tmp_path / "full", [*resume_overrides(tiny_synthetic, EPOCHS), *workers]))
+    split = [*resume_overrides(tiny_synthetic, 1), *workers]
+    train(compose_train(tmp_path / "split", split))
+    again = [*resume_overrides(tiny_synthetic, EPOCHS), *workers, "ckpt_path=last"]
+    train(compose_train(tmp_path / "split", again))
+    assert_same_weights(
+        tmp_path / "split/run/checkpoints/last.ckpt", tmp_path / "full/run/checkpoints/last.ckpt"
+    )
+
+
 def test_resume_without_rng_states_draws_other_batches(tmp_path, tiny_synthetic):
     """The control: without the RNG callback the resumed weights differ from the uninterrupted ones."""
     no_rng = ["logger=none", "callbacks.rng_state=null", "test=false"]

@@ -198,3 +198,15 @@ def test_sampler_seed_is_shared_under_ddp(monkeypatch):
     assert sampler_seed(2) == 5  # DDP: the seed seed_everything gave every rank
     monkeypatch.delenv("PL_GLOBAL_SEED")
     assert sampler_seed(2) == 0  # DDP without a seed: a constant all ranks agree on
+
+
+def test_sample_seeds_come_with_the_order_and_follow_the_epoch():
+    sampler = ImageGroupedSampler([0, 0, 1, 1, 2], images_per_block=2, batch_size=2, seed=3)
+    plain = list(sampler)
+    sampler.sample_seeds = True
+    pairs = list(sampler)
+    assert [i for i, _ in pairs] == plain
+    assert pairs == list(sampler), "the same epoch gives the same seeds"
+    assert len({s for _, s in pairs}) == 5
+    sampler.set_epoch(1)
+    assert {s for _, s in pairs}.isdisjoint(s for _, s in sampler)

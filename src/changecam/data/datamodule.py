@@ -216,7 +216,7 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         trainer = self.trainer
         world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         dataset = self.dataset("train")
-        return ImageGroupedSampler(
+        sampler = ImageGroupedSampler(
             dataset.sample_images,
             images_per_block=self.cache_images,
             batch_size=self.batch_size,
@@ -224,7 +224,14 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             num_replicas=world_size,
             rank=rank,
             seed=sampler_seed(world_size),
+            # the workers' generators are not in the checkpoints; the main process's is
+            sample_seeds=self.num_workers > 0,
         )
+        # loader workers draw the first indices when Lightning creates the iterator, before
+        # it calls set_epoch: a resumed fit would replay epoch 0's order without this. The
+        # epoch is the one Lightning sets (epoch_progress.current.processed), restored by now
+        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer else 0)
+        return sampler
 
     def _loader(self, split: Split) -> DataLoader:
         train = split == "train"

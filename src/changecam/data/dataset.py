@@ -150,14 +150,24 @@ class ChangeDetectionDataset(Dataset):
                 return min(max(row, 0), height - ps), min(max(col, 0), width - ps)
         return int(rng.integers(0, height - ps + 1)), int(rng.integers(0, width - ps + 1))
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Sample ``index``, or ``(index, seed)`` with its augmentation seed (a sampler's, see
+        :class:`~changecam.data.sampler.ImageGroupedSampler`)."""
+        given = None
+        if isinstance(index, tuple):
+            index, given = index
         i, row, col = self.index[index]
         pre, post, mask = self.load(i)
         name = self.triplets[i].name
-        # All randomness of one sample comes from one draw of torch's generator, so runs are
-        # reproducible under seed_everything (workers get distinct, seeded generators).
+        # All randomness of one sample comes from one seed: the sampler's, or one draw of
+        # torch's generator, so runs are reproducible under seed_everything.
         random = self.transform is not None or self.protocol == "random_crop"
-        seed = int(torch.randint(0, 2**31 - 1, (1,))) if random else 0
+        if not random:
+            seed = 0
+        elif given is not None:
+            seed = int(given)
+        else:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))
         ps = self.patch_size
         if self.protocol == "random_crop":
             row, col = self._crop_origin(i, mask, np.random.default_rng(seed))

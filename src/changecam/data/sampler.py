@@ -45,6 +45,10 @@ class ImageGroupedSampler(DistributedSampler):
         num_replicas: number of DDP processes.
         rank: this process's rank.
         seed: base seed; every rank must use the same one.
+        sample_seeds: yield ``(index, seed)`` pairs: each sample's augmentation seed, drawn
+            from ``(seed, epoch)`` (:meth:`epoch_seeds`). With loader workers the dataset
+            would otherwise draw it from the worker's generator, whose state no checkpoint
+            holds, so a resumed run would augment differently.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class ImageGroupedSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         seed: int = 0,
+        sample_seeds: bool = False,
     ) -> None:
         if images_per_block < 1:
             raise ValueError(f"images_per_block={images_per_block} must be at least 1")
@@ -70,12 +75,22 @@ class ImageGroupedSampler(DistributedSampler):
         self.images_per_block = images_per_block
         self.batch_size = batch_size
         self.num_workers = max(1, num_workers)
+        self.sample_seeds = sample_seeds
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order().tolist())
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
+        order = self.order().tolist()
+        if not self.sample_seeds:
+            return iter(order)
+        seeds = self.epoch_seeds().tolist()
+        return iter([(i, seeds[i]) for i in order])
+
+    def epoch_seeds(self) -> np.ndarray:
+        """Each sample's augmentation seed in the current epoch (by sample index)."""
+        rng = np.random.default_rng([self.seed, self.epoch, 1])
+        return rng.integers(0, 2**31 - 1, size=len(self.sample_images))
 
     def order(self) -> np.ndarray:
         """This rank's sample indices for the current epoch, in the order they are drawn."""
