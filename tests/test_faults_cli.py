@@ -78,6 +78,15 @@ MODEL_CASES = [
     ),
     (explain, "explain", ["explain.taps=[fuse1]"], ValueError, "has no per-date layer"),
     (evaluate, "eval", ["post_share_layer=enc5"], ValueError, "post_share_layer='enc5'"),
+    # the settings' own refusal, not inside Hydra's InstantiationException
+    (
+        explain,
+        "explain",
+        ["explain.methods=[gradcamm]"],
+        ValueError,
+        "explain.methods: unknown method",
+    ),
+    (predict, "predict", ["explain.methods=[gradcamm]"], ValueError, "did you mean 'gradcam'?"),
 ]
 
 

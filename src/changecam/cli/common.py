@@ -24,6 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -268,13 +269,25 @@ def sliding_window_spec(cfg: DictConfig) -> SlidingWindow | None:
     return SlidingWindow(**fields)
 
 
+def instantiate_refusing(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, with the built object's own refusals (a ``ValueError``
+    such as a ``CheckpointError``, or a ``FileNotFoundError``) raised as they are, not inside
+    Hydra's ``InstantiationException`` (which prints them as one multi-line repr)."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError | FileNotFoundError):
+            raise err.__cause__ from None
+        raise
+
+
 def explain_settings(cfg: DictConfig, threshold: float) -> ExplainSettings | None:
     """The ``explain`` group as :class:`~changecam.explain.ExplainSettings` with the run's
     ``threshold``, or ``None`` when ``explain.enabled=false``."""
     block = cfg.get("explain")
     if not block or not block.get("enabled", True):
         return None
-    return hydra.utils.instantiate(block, threshold=threshold)
+    return instantiate_refusing(block, threshold=threshold)
 
 
 def mean_of(values: list[float | None]) -> float | None:

@@ -8,13 +8,13 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from changecam.atomic import write_json
 from changecam.cli.common import (
     instantiate_callbacks,
     instantiate_loggers,
+    instantiate_refusing,
     log,
     log_hyperparameters,
     prepare_run,
@@ -83,15 +83,9 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
 
 
 def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModule:
-    """The ``module`` config built around ``net``. Its own refusals (a ``module.init_from``
-    that does not fit, an unknown ``module.freeze`` name) are raised as they are, not inside
-    Hydra's ``InstantiationException`` (which would print a multi-line message as one repr)."""
-    try:
-        return hydra.utils.instantiate(cfg.module, net=net, **overrides)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, CheckpointError | FileNotFoundError | ValueError):
-            raise err.__cause__ from None
-        raise
+    """The ``module`` config built around ``net``; its own refusals (a ``module.init_from``
+    that does not fit, an unknown ``module.freeze`` name) are raised as they are."""
+    return instantiate_refusing(cfg.module, net=net, **overrides)
 
 
 @task_wrapper
