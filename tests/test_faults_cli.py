@@ -40,6 +40,13 @@ CLI_CASES = [
     ("predict.py", ["ckpt_path=x.ckpt", "explain.target=everything"], "explain.target"),
     ("explain.py", ["ckpt_path=x.ckpt", "explain.faithfulness.dates=[pre,later]"], "later"),
     ("eval.py", ["ckpt_path=x.ckpt", "data.train_protocol=crops"], "data.train_protocol='crops'"),
+    # keys +/++ adds outside every _target_ node (Hydra suggests +treshold= for treshold=)
+    ("eval.py", ["ckpt_path=x.ckpt", "++treshold=0.3"], "did you mean 'threshold'?"),
+    (
+        "predict.py",
+        ["ckpt_path=x.ckpt", "input.dir=.", "++predict.resum=true"],
+        "predict.resum: unknown key",
+    ),
 ]
 
 

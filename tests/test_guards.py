@@ -76,6 +76,9 @@ def test_nan_loss_stops_training_naming_step_and_samples():
         ("++model.fusoin=diff", "model.fusoin: unknown key for changecam.models.SiameseUNet (did you mean 'fusion'?); allowed keys: in_channels, base_channels, depth, fusion, shared_encoder"),
         ("++trainer.max_epoch=3", "trainer.max_epoch: unknown key for lightning.pytorch.trainer.Trainer (did you mean 'max_epochs'?)"),
         ("++module.optimizer.learning_rate=0.1", "module.optimizer.learning_rate: unknown key for torch.optim.AdamW"),
+        # outside every _target_ node: compared with the config as composed without them
+        ("++trian=false", "trian: unknown key (+/++ added it, but nothing reads it; did you mean 'train'?)"),
+        ("+ckpt_pth=x", "ckpt_pth: unknown key (+/++ added it, but nothing reads it; did you mean 'ckpt_path'?)"),
     ],
 )  # fmt: skip
 def test_invalid_config_fails_at_start_with_allowed_values(

@@ -65,13 +65,76 @@ def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
     missing = missing_values(cfg)
     if missing:
         raise ConfigError("required value(s) not set:\n  " + "\n  ".join(missing))
+    tree = resolved(cfg)
     errors = [
         message
-        for path, node in target_nodes(resolved(cfg))
+        for path, node in target_nodes(tree)
         for message in check_node(path, node, import_targets)
     ]
+    errors += added_key_problems(tree)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def added_key_problems(tree: dict[str, Any]) -> list[str]:
+    """Keys a ``+key=``/``++key=`` override adds outside every ``_target_`` node (whose
+    signatures are checked): ``++threshold=``, ``++predict.resume=`` that the command's config
+    has, or a typo nothing would read (Hydra itself suggests ``+treshold=`` for ``treshold=``).
+
+    Needs the run's Hydra config (its overrides and config name); without one, nothing is
+    checked. The config is composed again without those overrides to see which keys it has.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from changecam.cli.launch import config_dir  # launch imports this module
+
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    targets = {path for path, _ in target_nodes(tree)}
+    conf = Path(config_dir())
+    added = []
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if not (override.is_add() or override.is_force_add()) or key.startswith("hydra"):
+            continue
+        if "/" in key or (conf / key).is_dir():  # a config group (+hparams_search=optuna)
+            continue
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in targets for i in range(1, len(parts) + 1)):
+            continue  # inside (or making) a _target_ node: its signature is checked
+        added.append((override, key))
+    if not added:
+        return []
+    kept = [o for o in hydra_cfg.overrides.task if o not in {a.input_line for a, _ in added}]
+    base = OmegaConf.to_container(_compose_again(hydra_cfg.job.config_name, kept), resolve=False)
+    problems = []
+    for _, key in added:
+        *parents, name = key.split(".")
+        node: Any = base
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name in node:
+            continue  # ++ of a key the config has: an override like any other
+        siblings = list(node) if isinstance(node, dict) else []
+        close = difflib.get_close_matches(name, siblings, n=1)
+        hint = f"; did you mean '{'.'.join([*parents, close[0]])}'?" if close else ""
+        problems.append(f"{key}: unknown key (+/++ added it, but nothing reads it{hint})")
+    return problems
+
+
+def _compose_again(config_name: str, overrides: list[str]) -> DictConfig:
+    """The command's config composed with ``overrides`` (inside a Hydra app or outside one)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from changecam.cli.launch import config_dir
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config_name, overrides=overrides)
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
 
 
 # What a required (``???``) value is, for the message when it is not given.
