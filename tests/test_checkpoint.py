@@ -210,10 +210,23 @@ def test_architecture_mismatch_lists_keys_and_the_config_that_fits(tmp_path, tin
     assert "unexpected keys: encoder1.conv1.conv.weight" in message
     assert message.endswith(
         "a config that fits: model=siamese_unet model.in_channels=3 model.base_channels=4 "
-        "model.depth=2"
-    )  # the recorded config's values that differ from conf/model/siamese_unet.yaml, and widths
+        "model.depth=2 model.shared_encoder=true"
+    )  # the recorded config's values that differ from conf/model/siamese_unet.yaml, widths,
+    # and the value the failed config set otherwise (or the hint would keep shared_encoder=false)
     with pytest.raises(CheckpointError, match=r"(?s)missing keys: encoder3.*model.depth=2$"):
         load_network(path, model_cfg(depth=3))
+
+
+def test_the_hint_names_the_values_the_failed_config_set_otherwise(tmp_path):
+    """A plain state dict of the preset's fusion (concat), loaded with model.fusion=diff: the
+    hint must name model.fusion=concat, though it equals conf/model/siamese_unet.yaml's."""
+    torch.save(SiameseUNet(3, 8, 2, fusion="concat").state_dict(), tmp_path / "w.pth")
+    with pytest.raises(CheckpointError) as err:
+        load_network(tmp_path / "w.pth", model_cfg(base_channels=8, fusion="diff"))
+    assert str(err.value).endswith(
+        "a config that fits: model=siamese_unet model.in_channels=3 model.base_channels=8 "
+        "model.depth=2 model.fusion=concat"
+    )
 
 
 def test_shape_mismatch_is_a_checkpoint_error_not_a_runtime_error(tmp_path):

@@ -380,7 +380,7 @@ def mismatch_message(
         lines.append(f"  unexpected keys: {short(unexpected)}")
     if shape_errors:
         lines.append(f"  shape mismatches: {short(shape_errors)}")
-    hint = suggest_model(state, stored_cfg)
+    hint = suggest_model(state, stored_cfg, cfg)
     if hint:
         lines.append(f"  a config that fits: {hint}")
     elif stored_cfg is not None:
@@ -393,25 +393,28 @@ def mismatch_message(
 
 
 def suggest_model(
-    state: Mapping[str, torch.Tensor], stored_cfg: Mapping[str, Any] | None = None
+    state: Mapping[str, torch.Tensor],
+    stored_cfg: Mapping[str, Any] | None = None,
+    current: Mapping[str, Any] | None = None,
 ) -> str | None:
     """The ``model=<name> model.<key>=<value> ...`` overrides that fit a file, for any
     architecture of ``conf/model/*.yaml`` (see :mod:`changecam.training.model_match`).
 
     A changecam checkpoint's recorded config says the class; a plain state dict is matched by
     its key names and shapes (the SiameseUNet inference first: it also tells the fusion).
+    ``current``: the network config that did not fit; the values it set otherwise are named.
     """
     if stored_cfg is not None and "_target_" in stored_cfg:
         match = match_config(stored_cfg)
-        return match.overrides() if match is not None else None
+        return match.overrides(current) if match is not None else None
     hint = suggest_siamese_unet(state)
     if hint is not None and _fits({"_target_": SIAMESE_TARGET, **hint}, state):
-        return format_suggestion(hint)
+        return format_suggestion(hint, current)
     match, agreement = match_state(state)
     if match is None or agreement < 0.5:
         return None
     if match.fitted is not None:
-        return match.overrides()
+        return match.overrides(current)
     if agreement == 1.0:
         return f"model={match.name} (its key names fit; set its widths, e.g. model.base_channels)"
     return (
@@ -423,11 +426,11 @@ def _fits(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> bool:
     return shapes_of(cfg) == {k: tuple(v.shape) for k, v in state.items()}
 
 
-def format_suggestion(hint: Mapping[str, Any]) -> str:
+def format_suggestion(hint: Mapping[str, Any], current: Mapping[str, Any] | None = None) -> str:
     """Command-line overrides for a :func:`suggest_siamese_unet` result."""
     match = match_config({"_target_": SIAMESE_TARGET, **hint})
     if match is not None:
-        text = match.overrides()
+        text = match.overrides(current)
     elif dict(hint) == SEED_ARCHITECTURE:
         text = "model=siamese_unet_seed"
     else:  # no conf/model presets (e.g. the package installed without its configs)

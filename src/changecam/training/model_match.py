@@ -42,23 +42,40 @@ class ModelMatch:
     fitted: dict[str, Any] | None  # full constructor config that fits the file, or None
     defaults: dict[str, Any]  # the preset's full constructor config (yaml + defaults)
 
-    def overrides(self) -> str:
+    @property
+    def preset_target(self) -> Any:
+        return self.defaults.get("_target_")
+
+    def overrides(self, current: Mapping[str, Any] | None = None) -> str:
         """``model=<name>`` plus the ``model.<key>=<value>`` overrides that give ``fitted``.
 
         Equal to the preset: the name alone. Otherwise the values that differ from the preset
         and always its widths (``in_channels``, ``base_channels``: an ``experiment=`` may set
         them); ``+model.<key>`` for arguments the preset's yaml leaves at their default.
+        ``current``: the network config of the command that failed; a value it set otherwise
+        (``model.fusion=diff`` on its command line) is named too, or the hint would keep it.
         """
-        if self.fitted is None or self.fitted == self.defaults:
+        same_class = current is not None and same_target(
+            current.get("_target_"), self.preset_target
+        )
+        if self.fitted is None:
             return f"model={self.name}"
+        at_defaults = self.fitted == self.defaults
         parts = [f"model={self.name}"]
         for key, value in self.fitted.items():
-            if key == "_target_" or (key not in WIDTH_KEYS and self.defaults.get(key) == value):
+            if key == "_target_":
                 continue
-            if key in self.preset:
-                parts.append(f"model.{key}={hydra_value(value)}")
-            elif self.defaults.get(key) != value:
-                parts.append(f"+model.{key}={hydra_value(value)}")
+            set_otherwise = same_class and current is not None and current.get(key, value) != value
+            differs = self.defaults.get(key) != value
+            if at_defaults:
+                named = set_otherwise
+            elif key in self.preset:
+                named = key in WIDTH_KEYS or differs or set_otherwise
+            else:
+                named = differs or set_otherwise
+            if named:
+                plus = "" if key in self.preset else "+"
+                parts.append(f"{plus}model.{key}={hydra_value(value)}")
         return " ".join(parts)
 
 
@@ -66,6 +83,8 @@ def hydra_value(value: Any) -> str:
     """A value as a Hydra command-line override writes it."""
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, list | tuple):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
     if isinstance(value, Mapping):
