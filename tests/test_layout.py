@@ -10,6 +10,7 @@ from changecam.data.layout import (
     LayoutError,
     detect_layout,
     find_triplets,
+    input_pairs,
     pair_folder,
 )
 from helpers import run_script
@@ -139,3 +140,12 @@ def test_committed_fixture_is_what_make_fixtures_writes(tmp_path, levir256_tiny,
             assert a.shape == b.shape and np.array_equal(a, b), name
         else:
             assert made.read_text() == committed.read_text(), name
+
+
+def test_input_pairs_name_the_missing_date():
+    with pytest.raises(ValueError, match="input.pre is set but input.post is not"):
+        input_pairs("a.png", None, None)
+    with pytest.raises(ValueError, match="input.post is set but input.pre is not"):
+        input_pairs(None, "b.png", None)
+    with pytest.raises(ValueError, match="no input: set input.dir"):
+        input_pairs(None, None, None)

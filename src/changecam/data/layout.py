@@ -180,6 +180,9 @@ def input_pairs(
         raise ValueError("give either input.dir or input.pre and input.post, not both")
     if dir is not None:
         return pair_folder(dir, require_label=False, suffixes=suffixes)
+    if (pre is None) != (post is None):
+        given, other = ("input.pre", "input.post") if post is None else ("input.post", "input.pre")
+        raise ValueError(f"{given} is set but {other} is not: a pair needs both dates")
     if pre is None or post is None:
         raise ValueError(
             "no input: set input.dir=<folder with A/ and B/> or input.pre=<file> input.post=<file>"
