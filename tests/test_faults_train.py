@@ -267,7 +267,7 @@ def test_resume_refuses_bad_files_before_lightning(tmp_path, tiny_synthetic, cas
     path, expected = write_bad(tmp_path, case)
     with pytest.raises(CheckpointError) as err:
         train(resume_cfg(tmp_path, tiny_synthetic, path))
-    assert str(err.value).startswith("cannot resume (ckpt_path): ")
+    assert str(err.value).startswith("cannot resume ckpt_path: ")
     assert_refusal(err.value, path, expected)
     assert finished_outputs(tmp_path / "run") == []
 

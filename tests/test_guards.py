@@ -91,6 +91,24 @@ def test_invalid_config_fails_at_start_with_allowed_values(
     assert not (tmp_path / "run").exists()  # nothing was built or written
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["++threshold=0.3"],  # a key the eval config has: an override like any other
+        ["+run_label=x", "task_name=${run_label}"],  # an interpolation reads the added key
+        ["++tags.0=foo"],  # a list item
+        ["+logger@logger.csv2=csv"],  # a config group under another package
+        ["+data.extra=1"],  # inside a _target_ node: left to its signature check
+    ],
+    ids=["existing", "interpolated", "list-item", "group", "in-target"],
+)
+def test_legitimate_added_keys_pass_the_added_key_check(tmp_path, overrides):
+    from changecam.cli.config_checks import added_key_problems, resolved
+
+    cfg = compose_train(tmp_path, ["ckpt_path=x.ckpt", *overrides], "eval")
+    assert added_key_problems(cfg, resolved(cfg)) == []
+
+
 def test_all_errors_are_listed_together_on_the_command_line(tmp_path):
     proc = run_script(
         "train.py",

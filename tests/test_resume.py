@@ -319,9 +319,11 @@ def test_a_requeued_slurm_job_resumes_from_its_last_checkpoint(tmp_path, monkeyp
     assert resolve_ckpt_path(None, tmp_path) == str(last)
     other = tmp_path / "other.ckpt"
     other.write_bytes(b"another")
-    assert resolve_ckpt_path(str(other), tmp_path) == str(other), "a named ckpt_path wins"
+    # started from another checkpoint: the requeued job resumes its own progress, not that
+    assert resolve_ckpt_path(str(other), tmp_path) == str(last)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     assert resolve_ckpt_path(None, tmp_path) is None, "a first run starts anew"
+    assert resolve_ckpt_path(str(other), tmp_path) == str(other)
 
 
 def test_a_requeued_training_run_continues_its_epochs(
@@ -336,3 +338,19 @@ def test_a_requeued_training_run_continues_its_epochs(
     assert f"Restored all states from the checkpoint at {last}" in caplog.text, caplog.text
     resumed = torch.load(last, weights_only=True)
     assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * steps
+
+
+def test_ckpt_path_last_in_a_sweep(tmp_path, monkeypatch):
+    """A job that had not started when its sweep stopped starts anew; a sweep folder in which
+    no job has a last.ckpt (a mistyped hydra.sweep.dir) is refused."""
+    import changecam.cli.train
+
+    monkeypatch.setattr(changecam.cli.train, "is_multirun", lambda: True)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"no job of the sweep folder .* has one"):
+        resolve_ckpt_path("last", tmp_path / "1")
+    last = tmp_path / "0" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"a checkpoint")
+    assert resolve_ckpt_path("last", tmp_path / "0") == str(last)
+    assert resolve_ckpt_path("last", tmp_path / "1") is None

@@ -88,6 +88,8 @@ def test_optuna_search_stores_its_study_in_the_sweep_dir_and_continues_it(tmp_pa
     # every trial in a folder of its own, <start time>_<job number>: none overwritten
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name[-2:] for p in jobs] == ["_0", "_1", "_0"]
+    starts = [p.name[:-2] for p in jobs]  # one start time per invocation (PinSweepStart)
+    assert starts[0] == starts[1] != starts[2]
     f1 = [json.loads((job / "metrics.json").read_text())["val/f1"] for job in jobs]
     assert [t.value for t in trials] == pytest.approx(f1)  # what train returned: val/f1
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 3

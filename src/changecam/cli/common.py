@@ -124,7 +124,10 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
 def resume_hint(cfg: DictConfig) -> str:
     """How to resume this run from its last checkpoint: in its run folder, or in a sweep, its
-    sweep folder (``hydra.run.dir`` is not read under ``-m``)."""
+    sweep folder (``hydra.run.dir`` is not read under ``-m``). Only a fitting ``train.py``
+    run resumes; other commands (eval.py, ``train=false``) are run again."""
+    if not cfg.get("train"):
+        return "run it again"
     if is_multirun():
         return (
             f"resume its sweep with the same command and ckpt_path=last "

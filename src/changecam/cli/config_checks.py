@@ -25,6 +25,7 @@ import functools
 import inspect
 import operator
 import os
+import re
 import shutil
 import types
 import typing
@@ -71,51 +72,59 @@ def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
         for path, node in target_nodes(tree)
         for message in check_node(path, node, import_targets)
     ]
-    errors += added_key_problems(tree)
+    errors += added_key_problems(cfg, tree)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
-def added_key_problems(tree: dict[str, Any]) -> list[str]:
+def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
     """Keys a ``+key=``/``++key=`` override adds outside every ``_target_`` node (whose
-    signatures are checked): ``++threshold=``, ``++predict.resume=`` that the command's config
-    has, or a typo nothing would read (Hydra itself suggests ``+treshold=`` for ``treshold=``).
+    signatures are checked) that the command's config does not have and no interpolation
+    reads: a typo nothing would read (Hydra itself suggests ``+treshold=`` for ``treshold=``).
 
-    Needs the run's Hydra config (its overrides and config name); without one, nothing is
-    checked. The config is composed again without those overrides to see which keys it has.
+    Needs the run's Hydra config (its overrides, config name and group choices); without one,
+    or when the config cannot be composed again without those overrides, nothing is checked.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from changecam.cli.launch import config_dir  # launch imports this module
-
     if not HydraConfig.initialized():
         return []
     hydra_cfg = HydraConfig.get()
+    groups = set(hydra_cfg.runtime.choices)  # every config group of this composition
     targets = {path for path, _ in target_nodes(tree)}
-    conf = Path(config_dir())
+    unresolved = OmegaConf.to_yaml(cfg)
     added = []
     for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
         key = override.key_or_group
         if not (override.is_add() or override.is_force_add()) or key.startswith("hydra"):
             continue
-        if "/" in key or (conf / key).is_dir():  # a config group (+hparams_search=optuna)
+        if key in groups or "/" in key:  # a config group (+hparams_search=optuna)
             continue
         parts = key.split(".")
         if any(".".join(parts[:i]) in targets for i in range(1, len(parts) + 1)):
             continue  # inside (or making) a _target_ node: its signature is checked
+        if re.search(r"\$\{[^}]*" + re.escape(key) + r"\b", unresolved):
+            continue  # an interpolation reads it (+run_label=x task_name=${run_label})
         added.append((override, key))
     if not added:
         return []
-    kept = [o for o in hydra_cfg.overrides.task if o not in {a.input_line for a, _ in added}]
-    base = OmegaConf.to_container(_compose_again(hydra_cfg.job.config_name, kept), resolve=False)
+    dropped = {o.input_line for o, _ in added}
+    kept = [o for o in hydra_cfg.overrides.task if o not in dropped]
+    try:
+        base = OmegaConf.to_container(
+            _compose_again(hydra_cfg.job.config_name, [*hydra_cfg.overrides.hydra, *kept]),
+            resolve=False,
+        )
+    except Exception:  # cannot tell which keys the config has: the other checks still run
+        return []
     problems = []
     for _, key in added:
         *parents, name = key.split(".")
         node: Any = base
         for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and name in node:
+            node = _child(node, part)
+        if _child(node, name) is not _ABSENT:
             continue  # ++ of a key the config has: an override like any other
         siblings = list(node) if isinstance(node, dict) else []
         close = difflib.get_close_matches(name, siblings, n=1)
@@ -124,12 +133,24 @@ def added_key_problems(tree: dict[str, Any]) -> list[str]:
     return problems
 
 
+_ABSENT = object()
+
+
+def _child(node: Any, part: str) -> Any:
+    """``node[part]`` of a config container (a list by its index), or :data:`_ABSENT`."""
+    if isinstance(node, dict):
+        return node.get(part, _ABSENT)
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return node[int(part)]
+    return _ABSENT
+
+
 def _compose_again(config_name: str, overrides: list[str]) -> DictConfig:
     """The command's config composed with ``overrides`` (inside a Hydra app or outside one)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from changecam.cli.launch import config_dir
+    from changecam.cli.launch import config_dir  # launch imports this module
 
     if GlobalHydra.instance().is_initialized():
         return compose(config_name=config_name, overrides=overrides)

@@ -31,6 +31,7 @@ from changecam.cli.common import (
     checked_choice,
     checked_threshold,
     instantiate_loggers,
+    instantiate_refusing,
     load_model,
     log,
     log_hyperparameters,
@@ -74,7 +75,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     # whole images, one per step, when windows do the cutting
     overrides: dict[str, Any] = {"eval_protocol": "full", "eval_batch_size": 1} if spec else {}
-    datamodule = hydra.utils.instantiate(cfg.data, **overrides)
+    datamodule = instantiate_refusing(cfg.data, **overrides)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,

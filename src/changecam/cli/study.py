@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from changecam.atomic import write_json
 from changecam.cli.common import (
     instantiate_loggers,
+    instantiate_refusing,
     log,
     prepare_run,
     resolve_device,
@@ -159,7 +159,7 @@ def study_root(cfg: DictConfig) -> Path:
         if not root.is_dir():
             raise FileNotFoundError(f"study.data={root} is not a folder")
         return root
-    datamodule = hydra.utils.instantiate(cfg.data, splits=[cfg.study.split])
+    datamodule = instantiate_refusing(cfg.data, splits=[cfg.study.split])
     datamodule.prepare_data()
     return Path(datamodule.root)
 

@@ -28,31 +28,36 @@ from changecam.training.checkpoint import CheckpointError, check_resume_checkpoi
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``"last"`` means this run directory's ``checkpoints/last.ckpt``; in a sweep, a job that
-    has none (it had not started when the sweep was stopped) starts from the beginning. A SLURM
-    job requeued after a timeout or preemption (``SLURM_RESTART_COUNT`` > 0) resumes from its
-    ``last.ckpt`` when it has one and names no ``ckpt_path``."""
+    """``"last"`` means this run directory's ``checkpoints/last.ckpt``.
+
+    In a sweep, a job without one (it had not started when the sweep was stopped) starts from
+    the beginning, as long as some job of the sweep folder has one (a mistyped
+    ``hydra.sweep.dir`` is refused). A SLURM job requeued after a timeout or preemption
+    (``SLURM_RESTART_COUNT`` > 0) resumes from its own ``last.ckpt`` when it has one, whatever
+    ``ckpt_path`` it was started with.
+    """
+    last = output_dir / "checkpoints" / "last.ckpt"
     requeued = os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
-    if ckpt_path is None and requeued:
-        path = output_dir / "checkpoints" / "last.ckpt"
-        if path.is_file():
-            log.info(
-                "SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming from %s",
-                os.environ["SLURM_RESTART_COUNT"],
-                path,
-            )
-            return str(path)
+    if requeued and last.is_file():
+        log.info(
+            "SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming from %s",
+            os.environ["SLURM_RESTART_COUNT"],
+            last,
+        )
+        return str(last)
     if ckpt_path == "last":
-        path = output_dir / "checkpoints" / "last.ckpt"
-        if not path.is_file() and is_multirun():
+        if last.is_file():
+            return str(last)
+        if is_multirun() and list(output_dir.parent.glob("*/checkpoints/last.ckpt")):
             log.info("ckpt_path=last: %s has no last.ckpt, so this job starts anew", output_dir)
             return None
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"ckpt_path=last but {path} does not exist (run with hydra.run.dir=<the old run "
-                "dir>, or in a sweep with hydra.sweep.dir=<the old sweep dir>)"
-            )
-        return str(path)
+        where = (
+            f"no job of the sweep folder {output_dir.parent} has one (run with "
+            "hydra.sweep.dir=<the old sweep dir>)"
+            if is_multirun()
+            else "run with hydra.run.dir=<the old run dir>"
+        )
+        raise FileNotFoundError(f"ckpt_path=last but {last} does not exist ({where})")
     if ckpt_path is not None and not Path(ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist")
     return ckpt_path
@@ -78,7 +83,8 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     try:
         check_resume_checkpoint(path, net)
     except CheckpointError as err:
-        raise CheckpointError(f"cannot resume (ckpt_path): {err}") from None
+        what = "resume" if cfg.get("train") else "score (train=false)"
+        raise CheckpointError(f"cannot {what} ckpt_path: {err}") from None
     return path
 
 
@@ -100,8 +106,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, splits=run_splits(cfg))
-    net = hydra.utils.instantiate(cfg.model)
+    datamodule: L.LightningDataModule = instantiate_refusing(cfg.data, splits=run_splits(cfg))
+    net = instantiate_refusing(cfg.model)
     ckpt_path = checked_resume_path(cfg, net, output_dir)
     # every split the run uses, before any logger starts a run: a bad test list or image fails
     # here, not after fitting, and leaves no W&B run behind

@@ -365,14 +365,18 @@ def _generate(root: Path, spec: SyntheticSpec, record: dict[str, Any]) -> Path:
     if spec_path.is_file():
         if _holds(root, record):
             return root
-        shutil.rmtree(root)  # an older synthetic set of ours: replace it
+        # an older synthetic set of ours: replace it (another process may be removing it too)
+        shutil.rmtree(root, ignore_errors=True)
     elif root.exists() and any(root.iterdir()):
         raise FileExistsError(
             f"{root} exists and holds files not written by the synthetic generator; "
             "choose another data.root for data=synthetic"
         )
     if root.exists():
-        root.rmdir()  # empty (checked above)
+        try:
+            root.rmdir()  # empty (checked above)
+        except OSError:  # another process's set landed meanwhile: atomic_directory says so
+            pass
     with atomic_directory(root) as tmp:
         for split in ("train", "val", "test"):
             for n in range(getattr(spec, split)):
