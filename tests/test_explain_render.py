@@ -129,3 +129,25 @@ def test_panels_drawn_in_threads_equal_the_ones_drawn_in_turn(explained):
         together = list(pool.map(draw, range(8)))
     for got, want in zip(together, in_turn, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_long_map_title_shrinks_to_its_axes_and_a_short_one_keeps_its_size():
+    """ "pre + post Date-contrastive HiResCAM enc4" ran into the next panel's title."""
+    from matplotlib import rcParams
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+
+    fig = Figure(figsize=(13.5, 7.0), dpi=72)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 4)
+    fig.subplots_adjust(left=0.02, right=0.98, wspace=0.1)
+    renderer = fig.canvas.get_renderer()
+    long = render_module._fit_title(
+        axes[1, 2], "pre + post Date-contrastive HiResCAM enc4", renderer
+    )
+    width = axes[1, 2].get_window_extent(renderer).width
+    assert long.get_window_extent(renderer).width <= width
+    default = FontProperties(size=rcParams["axes.titlesize"]).get_size_in_points()
+    short = render_module._fit_title(axes[1, 0], "pre HiResCAM enc4", renderer)
+    assert long.get_fontsize() < short.get_fontsize() == default

@@ -430,9 +430,12 @@ def _panel_layout(
             0.5, 0.5, "no label", ha="center", va="center", transform=axes[0, 2].transAxes
         )
         axes[0, 2].set_title("ground truth")
-    for ax, d in ((axes[1, 0], "pre"), (axes[1, 1], "post")):
-        ax.set_title(f"{d} {name} {layer}")
-    axes[1, 2].set_title(f"pre + post {name} {layer}")
+    fig.subplots_adjust(
+        left=0.02, right=0.98, top=0.9 if has_title else 0.94, bottom=0.15, wspace=0.1, hspace=0.2
+    )
+    renderer = fig.canvas.get_renderer()
+    for ax, d in ((axes[1, 0], "pre"), (axes[1, 1], "post"), (axes[1, 2], "pre + post")):
+        _fit_title(ax, f"{d} {name} {layer}", renderer)
 
     bar_ax = axes[1, 3]
     bar_patches = bar_ax.bar(range(len(layers)), [1.0] * len(layers), color="none")
@@ -502,6 +505,18 @@ def _panel_layout(
         ),
         dpi=dpi,
     )
+
+
+def _fit_title(ax: Any, text: str, renderer: Any, smallest: float = 7.0) -> Any:
+    """Set ``ax``'s title, in a smaller font where it would be wider than the axes (and run
+    into its neighbour's: "pre + post Date-contrastive HiResCAM enc4"). Returns the title."""
+    title = ax.set_title(text)
+    width = ax.get_window_extent(renderer).width
+    size = title.get_fontsize()
+    while title.get_window_extent(renderer).width > width and size > smallest:
+        size -= 0.5
+        title.set_fontsize(size)
+    return title
 
 
 def _tick_bins(box: Box, dpi: int) -> int:
