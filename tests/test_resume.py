@@ -137,6 +137,23 @@ def run_cli(args: list[str], cwd: Path) -> None:
     assert proc.returncode == 0, out[-3000:]
 
 
+# the run holds after the first step of the second epoch (after the first checkpoint)
+PAUSE_IN_EPOCH_1 = [
+    "+callbacks.slow._target_=slow_steps.SlowSteps",
+    "+callbacks.slow.seconds=0",
+    "+callbacks.slow.pause_at='1:0'",
+]
+
+
+def wait_until_paused(proc: subprocess.Popen, log_path: Path) -> None:
+    """Wait until the run started with :data:`PAUSE_IN_EPOCH_1` holds in its second epoch."""
+    deadline = time.monotonic() + 240
+    while "slow_steps epoch=1 batch=0" not in log_path.read_text():
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the second epoch did not start within 240 s"
+        time.sleep(0.02)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_synthetic):
     base = [
@@ -151,22 +168,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_synt
             [
                 *base,
                 f"hydra.run.dir={killed}",
-                "+callbacks.slow._target_=slow_steps.SlowSteps",
-                "+callbacks.slow.seconds=0",
-                "+callbacks.slow.pause_at='1:0'",
+                *PAUSE_IN_EPOCH_1,
             ],
             cwd=tmp_path,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         last = killed / "checkpoints" / "last.ckpt"
-        deadline = time.monotonic() + 240
-        # kill while the run waits after the first step of the second epoch (after the first
-        # checkpoint)
-        while "slow_steps epoch=1 batch=0" not in log_path.read_text():
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the second epoch did not start within 240 s"
-            time.sleep(0.02)
+        wait_until_paused(proc, log_path)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -195,20 +204,14 @@ def test_sigterm_mid_epoch_fails_and_says_how_to_resume(tmp_path, tiny_synthetic
         *resume_overrides(tiny_synthetic, EPOCHS),
         "logger=none",
         "print_config=false",
-        "+callbacks.slow._target_=slow_steps.SlowSteps",
-        "+callbacks.slow.seconds=0",
-        "+callbacks.slow.pause_at='1:0'",
+        *PAUSE_IN_EPOCH_1,
         *(["model.fusion=diff,concat", f"hydra.sweep.dir={where}"] if sweep else []),
         *([] if sweep else [f"hydra.run.dir={where}"]),
     ]
     log_path = tmp_path / "out.log"
     with open(log_path, "w") as log:
         proc = cli(args, full_error=False, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 240
-        while "slow_steps epoch=1 batch=0" not in log_path.read_text():
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the second epoch did not start within 240 s"
-            time.sleep(0.02)
+        wait_until_paused(proc, log_path)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
     out = log_path.read_text()
@@ -228,7 +231,7 @@ def test_sigterm_mid_epoch_fails_and_says_how_to_resume(tmp_path, tiny_synthetic
     assert not (job / "metrics.json").exists()
     assert (job / "checkpoints" / "last.ckpt").is_file()
     # the command it prints resumes the run, or the sweep (its second job starts anew)
-    resume = [a for a in args if "slow" not in a and "hydra.run.dir" not in a]
+    resume = [a for a in args if a not in PAUSE_IN_EPOCH_1 and "hydra.run.dir" not in a]
     run_cli([*resume, "ckpt_path=last", *([] if sweep else [f"hydra.run.dir={where}"])], tmp_path)
     for job in [where / "0", where / "1"] if sweep else [where]:
         assert "val/f1" in json.loads((job / "metrics.json").read_text())
