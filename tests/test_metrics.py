@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from changecam.metrics import ChangeScores, confusion_counts, scores_from_counts
+from changecam.metrics import ChangeScores, confusion_counts, mean_of, scores_from_counts
 
 
 def test_hand_computed_scores():
@@ -53,3 +55,11 @@ def test_pooled_over_batches_equals_one_confusion_matrix():
 def test_logits_are_refused():
     with pytest.raises(ValueError, match="probabilities"):
         ChangeScores().update(torch.tensor([[-2.0, 3.0]]), torch.tensor([[0.0, 1.0]]))
+
+
+def test_mean_of_skips_undefined_values():
+    """A pair with nothing predicted has no post share (None in JSON, NaN in a tensor): the mean
+    over pairs leaves it out instead of counting it as 0 or turning the mean into NaN."""
+    assert mean_of([0.25, None, math.nan, 0.75]) == 0.5
+    assert mean_of([None, math.nan]) is None
+    assert mean_of([]) is None

@@ -7,6 +7,9 @@ probabilities, so they stay exact across batches and DDP ranks.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torchmetrics.classification import BinaryStatScores
@@ -63,3 +66,10 @@ class ChangeScores(BinaryStatScores):
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
         tp, fp, tn, fn = self._final_state()
         return {k: v.float() for k, v in scores_from_counts(tp, fp, fn, tn).items()}
+
+
+def mean_of(values: Sequence[float | None]) -> float | None:
+    """The mean over samples of the defined values (``None`` and NaN skipped, e.g. the post
+    share of a pair with no predicted change); ``None`` when there are none."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return float(sum(kept) / len(kept)) if kept else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import sys
 import typing
 from collections.abc import Callable, Mapping
@@ -37,6 +36,7 @@ from changecam.cli.launch import Stopped, config_dir, is_multirun, log_to_file
 from changecam.data.io import read_label
 from changecam.environment import configure_environment
 from changecam.explain import ExplainSettings
+from changecam.metrics import mean_of
 from changecam.models import SlidingWindow, is_external
 from changecam.training.checkpoint import read_checkpoint, read_external_checkpoint
 
@@ -291,12 +291,6 @@ def explain_settings(cfg: DictConfig, threshold: float) -> ExplainSettings | Non
     if not block or not block.get("enabled", True):
         return None
     return instantiate_refusing(block, threshold=threshold)
-
-
-def mean_of(values: list[float | None]) -> float | None:
-    """The mean of the defined values (``None`` and NaN skipped); ``None`` when there are none."""
-    kept = [v for v in values if v is not None and not math.isnan(v)]
-    return float(sum(kept) / len(kept)) if kept else None
 
 
 def mean_post_shares(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:

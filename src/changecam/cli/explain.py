@@ -19,7 +19,6 @@ from changecam.cli.common import (
     explain_settings,
     load_model,
     log,
-    mean_of,
     mean_post_shares,
     prepare_run,
     read_roi,
@@ -29,6 +28,7 @@ from changecam.cli.common import (
 from changecam.data.io import pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
 from changecam.explain import ExplainSettings, choose_layer, explain_pair, resolve_taps
+from changecam.metrics import mean_of
 from changecam.models.inference import inference_network
 
 

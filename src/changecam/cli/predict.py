@@ -60,7 +60,6 @@ from changecam.cli.common import (
     failure_message,
     load_model,
     log,
-    mean_of,
     mean_post_shares,
     prepare_run,
     read_roi,
@@ -84,6 +83,7 @@ from changecam.data.transforms import image_to_tensor
 from changecam.environment import frozen_gc
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair
 from changecam.geo import is_scene_file
+from changecam.metrics import mean_of
 from changecam.models.inference import inference_network
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 from changecam.run_log import read_json_lines, settings_changes

@@ -18,7 +18,6 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from changecam.explain import (
     render_panel,
     save_panel,
 )
-from changecam.metrics import confusion_counts, scores_from_counts
+from changecam.metrics import confusion_counts, mean_of, scores_from_counts
 from changecam.models.protocol import build_network
 
 log = logging.getLogger(__name__)
@@ -65,15 +64,10 @@ class CamResult:
 
     def scalars(self) -> dict[str, float]:
         """Means over the samples: ``val/cam/post_share/<layer>`` and the faithfulness gap."""
-        out = {f"val/cam/post_share/{layer}": _nanmean(v) for layer, v in self.shares.items()}
+        out = {f"val/cam/post_share/{layer}": mean_of(v) for layer, v in self.shares.items()}
         if self.gap_layer is not None:
-            out[f"val/cam/faithfulness_gap/{self.gap_layer}"] = _nanmean(self.gap)
-        return {k: v for k, v in out.items() if not math.isnan(v)}
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
+            out[f"val/cam/faithfulness_gap/{self.gap_layer}"] = mean_of(self.gap)
+        return {k: v for k, v in out.items() if v is not None}
 
 
 def explain_samples(
