@@ -13,6 +13,7 @@ import pytest
 
 from changecam.cli.evaluate import evaluate
 from changecam.cli.explain import explain
+from changecam.cli.launch import Stopped, exit_reporting
 from changecam.cli.predict import predict
 from changecam.explain.hirescam import TapError
 from helpers import compose_train, run_script
@@ -144,3 +145,24 @@ def test_a_tap_name_given_as_a_string_is_one_name(tmp_path, ckpt, levir256_tiny)
         )
     )
     assert report["taps"] == ["pre/enc2", "post/enc2"]  # not ["e", "n", "c", "2"]
+
+
+@pytest.mark.parametrize(
+    ("rank", "err", "status", "printed"),
+    [
+        (0, Stopped("stopped by SIGTERM; resume it"), 143, True),
+        (1, Stopped("stopped by SIGTERM; resume it"), 143, False),
+        (1, ValueError("rank 1 only: bad batch"), 1, True),
+    ],
+)
+def test_a_sigterm_is_named_by_rank_zero_only(rank, err, status, printed, monkeypatch, capsys):
+    """A SIGTERM reaches every DDP rank: rank 0 names it with the resume hint, the others exit
+    with the same status quietly (their hint names their own folder, wrong in a sweep). Any
+    other error is named by the rank it happened on."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    monkeypatch.setattr(rank_zero_only, "rank", rank, raising=False)
+    with pytest.raises(SystemExit) as stop:
+        exit_reporting(err)
+    assert stop.value.code == status
+    assert (f"Error: {type(err).__name__}: {err}" in capsys.readouterr().err) == printed

@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -85,6 +85,26 @@ def report_failure(err: BaseException) -> None:
     print(f"Error: {type(err).__name__}: {err}{where}", file=sys.stderr, flush=True)
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is DDP rank 0 (or no DDP run has started in it). Read from
+    Lightning's own record, once Lightning is imported: the quick checks run without it."""
+    rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+    return rank_zero is None or getattr(rank_zero.rank_zero_only, "rank", 0) == 0
+
+
+def exit_reporting(err: BaseException) -> NoReturn:
+    """Exit with ``err``'s status (1, or :class:`Stopped`'s 143), naming it on stderr once.
+
+    A SIGTERM reaches every DDP rank; only rank 0 says so. The other ranks would each repeat
+    it, with a resume hint of their own that is wrong in a sweep (they run as single jobs).
+    """
+    if isinstance(err, Stopped) and not is_rank_zero():
+        log_to_file(logging.ERROR, f"{type(err).__name__}: {err}")
+    else:
+        report_failure(err)
+    raise SystemExit(getattr(err, "exit_code", 1)) from None
+
+
 def run_task(task: str, cfg: DictConfig) -> Any:
     """Check ``cfg`` from source, then import and run ``task`` (``"module:function"``)."""
     configure_environment()
@@ -110,8 +130,7 @@ def hydra_main(config_name: str, task: str) -> Callable[[], Any]:
             stopped = isinstance(err, Stopped)
             if not stopped and (os.environ.get("HYDRA_FULL_ERROR") == "1" or is_multirun()):
                 raise
-            report_failure(err)
-            raise SystemExit(getattr(err, "exit_code", 1)) from None
+            exit_reporting(err)
 
     def main() -> Any:
         # conf/paths: the folder the command is started in, absolute, also in a sweep's jobs
@@ -128,6 +147,7 @@ __all__ = [
     "CONF_DIR",
     "Stopped",
     "config_dir",
+    "exit_reporting",
     "hydra_main",
     "is_multirun",
     "log_to_file",
