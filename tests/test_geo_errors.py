@@ -11,11 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import rasterio.crs
 import torch
+from affine import Affine
 from rasterio.transform import from_origin
+from shapely.geometry import shape
 
+import changecam.geo.bands
 from changecam.cli.scenes import SceneFailure
 from changecam.geo import SceneError, SceneSettings, predict_scene
+from changecam.geo.grid import Grid
+from changecam.geo.polygons import area_problem, areal_scales
 from changecam.geo.write import SETTINGS_TAG, SceneFiles
 from changecam.models import SiameseUNet
 from changecam.models.sliding_window import SlidingWindow
@@ -333,18 +339,100 @@ def test_nan_pixels_of_a_float_scene_are_nodata_without_a_declared_value(
     assert ((change == 255) == invalid).all() and summary["valid_pixels"] == 64 * 64 - 3
 
 
-def test_min_area_needs_a_crs_in_metres(net, images, tmp_path):
-    degrees = from_origin(8.5, 47.4, 1 / 3600, 1 / 3600)
-    pre = write_scene(tmp_path / "pre.tif", images[0], transform=degrees, crs="EPSG:4326")
-    post = write_scene(tmp_path / "post.tif", images[1], transform=degrees, crs="EPSG:4326")
+WEB_MERCATOR_60N = from_origin(1.3e7, 8.4e6, 0.5, 0.5)  # about 60° N: areas 1/cos²(60°) = 4×
+
+
+@pytest.mark.parametrize(
+    ("crs", "transform", "reason"),
+    [
+        ("EPSG:4326", from_origin(8.5, 47.4, 1 / 3600, 1 / 3600), "not a projected CRS in metres"),
+        ("EPSG:3857", WEB_MERCATOR_60N, r"where a pixel's area is 3.99× its ground area"),
+    ],
+)
+def test_min_area_needs_ground_areas_in_metres(net, images, tmp_path, crs, transform, reason):
+    """Degrees, and metres of a CRS that is far from equal-area in the scene (Web Mercator
+    at 60° N): no area in m² to filter by, and polygons without ``area_m2``."""
+    pre = write_scene(tmp_path / "pre.tif", images[0], transform=transform, crs=crs)
+    post = write_scene(tmp_path / "post.tif", images[1], transform=transform, crs=crs)
     refused(
         net,
         tmp_path,
         pre,
         post,
-        r"predict.min_area_m2=5.0 needs a CRS in metres, but .*pre.tif is in EPSG:4326",
+        rf"predict.min_area_m2=5.0 needs ground areas in m², but .*pre.tif is in {crs}, {reason}",
         min_area_m2=5.0,
     )
+    everything = SceneSettings(**{**vars(SETTINGS), "threshold": 0.0, "explain": False})
+    predict_scene(net, pre, post, tmp_path / "kept", SPEC, everything)
+    features = read_features(tmp_path / "kept")
+    assert features and all(f["properties"]["area_m2"] is None for f in features)
+
+
+@pytest.mark.parametrize(
+    ("crs", "transform", "problem"),
+    [
+        ("EPSG:32650", from_origin(399872, 3510144, 0.5, 0.5), None),  # UTM: 0.9995
+        ("EPSG:32650", from_origin(166000, 3510144, 0.5, 0.5), None),  # its zone's edge: 1.002
+        ("EPSG:6933", from_origin(1e6, 5e6, 10, 10), None),  # equal-area
+        ("EPSG:3857", from_origin(1.3e7, 1e5, 0.5, 0.5), None),  # Web Mercator at 1° N: 1.007
+        ("EPSG:3857", WEB_MERCATOR_60N, "3.99×"),
+        ("EPSG:2056", from_origin(2.6e6, 1.2e6, 0.1, 0.1), None),  # Swiss oblique Mercator
+    ],
+)
+def test_areas_in_m2_where_the_crs_keeps_them_within_one_percent(crs, transform, problem):
+    grid = Grid(crs=rasterio.crs.CRS.from_string(crs), transform=transform, width=64, height=64)
+    scales = areal_scales(grid)
+    assert len(scales) == 5 and all(s > 0 for s in scales)
+    found = area_problem(grid)
+    assert found is None if problem is None else problem in found
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        Affine(PIXEL, 0, ORIGIN[0], 0, PIXEL, ORIGIN[1] - 64 * PIXEL),  # south-up
+        Affine(-PIXEL, 0, ORIGIN[0] + 64 * PIXEL, 0, -PIXEL, ORIGIN[1]),  # mirrored east-west
+        from_origin(*ORIGIN, PIXEL, PIXEL),  # north-up
+    ],
+)
+def test_exterior_rings_run_counter_clockwise_on_any_grid(net, images, tmp_path, transform):
+    """RFC 7946's right-hand rule, also where the grid's transform flips the pixel rings."""
+    pre = write_scene(tmp_path / "pre.tif", images[0], transform=transform)
+    post = write_scene(tmp_path / "post.tif", images[1], transform=transform)
+    settings = SceneSettings(**{**vars(SETTINGS), "explain": False})
+    predict_scene(net, pre, post, tmp_path / "out", SPEC, settings)
+    with rasterio.open(tmp_path / "out" / "probability.tif") as src:  # about half of it change
+        threshold = float(np.median(src.read(1))) / 65535
+    settings = SceneSettings(**{**vars(settings), "threshold": threshold})
+    predict_scene(net, pre, post, tmp_path / "half", SPEC, settings)
+    polygons = [shape(f["geometry"]) for f in read_features(tmp_path / "half")]
+    polygons = [p for g in polygons for p in getattr(g, "geoms", [g])]
+    assert any(p.interiors for p in polygons), "holes too"
+    assert all(p.exterior.is_ccw for p in polygons)
+    assert not any(ring.is_ccw for p in polygons for ring in p.interiors)
+
+
+def test_a_value_the_sample_misses_is_refused_before_an_earlier_run_is_touched(
+    net, images, tmp_path, monkeypatch
+):
+    """``input.scale=none`` on 16-bit data with one value above 255 that the decimated sample
+    steps over: refused before any output is touched, so the earlier run's finished outputs
+    (another setting, the same files) stay, and stay finished."""
+    monkeypatch.setattr(changecam.geo.bands, "SAMPLE_SIDE", 16)  # every 4th pixel of 64 px
+    wide = [image.astype(np.uint16) for image in images]
+    wide[0][33, 41, 1] = 300  # row 33, column 41: off the sample's grid
+    pre = write_scene(tmp_path / "pre.tif", wide[0])
+    post = write_scene(tmp_path / "post.tif", wide[1])
+    out = tmp_path / "out"
+    settings = SceneSettings(**{**vars(SETTINGS), "explain": False})
+    first = predict_scene(net, pre, post, out, SPEC, settings)
+    before = {name: (out / name).stat().st_mtime_ns for name in finished_looking(out)}
+    with pytest.raises(SceneError, match=r"values [\d.]+ to 300.0 at rows 32-63, outside"):
+        predict_scene(
+            net, pre, post, out, SPEC, SceneSettings(**{**vars(settings), "scale": "none"})
+        )
+    assert {name: (out / name).stat().st_mtime_ns for name in finished_looking(out)} == before
+    assert predict_scene(net, pre, post, out, SPEC, settings, resume=True) == first
 
 
 def test_a_refused_rerun_on_changed_inputs_leaves_no_earlier_output(net, images, tmp_path):

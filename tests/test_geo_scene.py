@@ -9,6 +9,8 @@ U-Net runs the explained scene and the real kill."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -462,6 +464,7 @@ def test_rasters_only_and_a_resume_that_adds_the_polygons(
 
 def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshold, monkeypatch):
     overrides = [f"threshold={threshold}"]
+    pair = tuple(Path(shutil.copy(path, tmp_path / path.name)) for path in pair)  # touched below
     run_scene(tmp_path / "whole", ckpt, *pair, *overrides)
     real = changecam.geo.write.SceneFiles.write_block
     calls = {"n": 0}
@@ -489,6 +492,13 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
     assert (folder / "change.tif").stat().st_mtime_ns == mtime
     with pytest.raises(SceneFailure, match="predict.resume=true but .* other settings"):
         run_scene(tmp_path / "killed", ckpt, *pair, "threshold=0.1", "predict.resume=true")
+    os.utime(pair[1], ns=(0, 0))  # the post file changed since: no setting can resume it
+    with pytest.raises(
+        SceneFailure,
+        match=r"the input files are not those .* \(post\.mtime_ns: \d+ -> 0\).* rerun without "
+        "predict.resume",
+    ):
+        run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
 
 
 def test_gdal_threads_reach_the_writer_thread_and_change_no_value(

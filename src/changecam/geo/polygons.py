@@ -13,14 +13,16 @@ HiResCAM. Regions that touch an inner block edge are joined with their neighbour
 (shapely: pieces whose boundaries share a segment, not just a corner), summing their sums.
 Every record carries:
 
-* ``area_m2``: pixel count × pixel area (``null`` when the CRS is not in metres) and
-  ``pixels``;
+* ``area_m2``: pixel count × pixel area (``null`` when that is not the ground area in m²: a CRS
+  not in metres, or one whose areas are more than 1 % off the ground's in the scene, such as
+  Web Mercator away from the equator; :func:`area_problem`) and ``pixels``;
 * ``mean_probability``: the mean change probability of its pixels;
 * ``post_share``: ``ΣReLU(post) / (ΣReLU(pre) + ΣReLU(post))`` of the explanation raster's
   HiResCAM bands over its pixels (``null`` without an explanation, or where both are 0).
 
-``predict.min_area_m2`` drops smaller regions (pixels × pixel area; the runner refuses it in a
-CRS not in metres).
+``predict.min_area_m2`` drops smaller regions (pixels × pixel area; the runner refuses it where
+``area_m2`` would be ``null``). Exterior rings run counter-clockwise in the CRS, holes clockwise
+(RFC 7946), whichever way the grid's transform is oriented.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from typing import Any
 import cv2
 import numpy as np
 import rasterio
+import rasterio.crs
 import rasterio.features
+import rasterio.warp
+import shapely
 from affine import Affine
 from shapely import STRtree
 from shapely.affinity import affine_transform
@@ -173,12 +178,64 @@ def join_pieces(pieces: Sequence[Piece]) -> list[Piece]:
     return joined
 
 
+AREA_TOLERANCE = 0.01  # how far a pixel's CRS area may be from its ground area, as a fraction
+
+
+def area_problem(grid: Grid) -> str | None:
+    """Why pixel count × pixel area is not a region's ground area in m² in this scene's CRS,
+    or ``None`` when it is: the CRS is projected in metres and, at the scene's corners and
+    centre, a pixel's area in the CRS is within :data:`AREA_TOLERANCE` of its area on the
+    ellipsoid (UTM inside its zone, equal-area projections; not Web Mercator away from the
+    equator, which enlarges areas by 1/cos² of the latitude)."""
+    crs = grid.crs
+    if crs is None or not crs.is_projected:
+        return f"is in {crs.to_string() if crs else 'no CRS'}, not a projected CRS in metres"
+    units = (crs.linear_units or "").lower()
+    if units not in ("metre", "meter", "m", "metres", "meters"):
+        return f"is in {crs.to_string()}, whose unit is {crs.linear_units!r}, not metres"
+    scales = areal_scales(grid)
+    worst = max(scales, key=lambda scale: abs(scale - 1), default=1.0)
+    if abs(worst - 1) > AREA_TOLERANCE:
+        return (
+            f"is in {crs.to_string()}, where a pixel's area is {worst:.3g}× its ground area "
+            "in this scene (not an equal-area projection there)"
+        )
+    return None
+
+
 def metric_crs(grid: Grid) -> bool:
-    """Whether the scene's CRS is projected in metres (areas in m²)."""
-    if grid.crs is None or not grid.crs.is_projected:
-        return False
-    units = (grid.crs.linear_units or "").lower()
-    return units in ("metre", "meter", "m", "metres", "meters")
+    """Whether pixel count × pixel area is a region's ground area in m²: :func:`area_problem`."""
+    return area_problem(grid) is None
+
+
+def areal_scales(grid: Grid) -> list[float]:
+    """A pixel's area in the CRS over its area on the WGS 84 ellipsoid (in a Lambert
+    azimuthal equal-area projection centred on it), at the scene's four corner pixels and
+    its centre. Empty when the CRS cannot be placed on the globe (then it is taken as it is)."""
+    t = grid.transform
+    points = [(0.5, 0.5), (grid.width - 0.5, 0.5), (0.5, grid.height - 0.5)]
+    points += [(grid.width - 0.5, grid.height - 0.5), (grid.width / 2, grid.height / 2)]
+    scales = []
+    try:
+        for col, row in points:
+            corners = [
+                t @ (col + dc, row + dr)
+                for dc, dr in ((-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5))
+            ]
+            x, y = t @ (col, row)
+            (lon,), (lat,) = rasterio.warp.transform(grid.crs, "EPSG:4326", [x], [y])
+            laea = rasterio.crs.CRS.from_proj4(
+                f"+proj=laea +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m +no_defs"
+            )
+            xs, ys = rasterio.warp.transform(grid.crs, laea, *zip(*corners, strict=True))
+            ground = 0.5 * abs(
+                sum(xs[i] * ys[(i + 1) % 4] - xs[(i + 1) % 4] * ys[i] for i in range(4))
+            )
+            if ground > 0 and np.isfinite(ground):
+                scales.append(grid.pixel_area / ground)
+    except Exception:  # noqa: BLE001 - a CRS PROJ cannot place on the globe: taken as it is
+        return []
+    return scales
 
 
 class RegionTracer:
@@ -278,6 +335,8 @@ def region_features(
     t = grid.transform
     kept = [piece for piece in regions if piece.pixels * area >= min_area_m2]
     placed = [affine_transform(piece.geometry, [t.a, t.b, t.d, t.e, t.c, t.f]) for piece in kept]
+    # exterior rings counter-clockwise in the CRS (RFC 7946), also on a south-up or mirrored grid
+    placed = list(shapely.orient_polygons(np.array(placed, dtype=object)))
     features = []
     for geometry, piece in sorted(
         zip(placed, kept, strict=True), key=lambda g: (-g[0].bounds[3], g[0].bounds[0])
@@ -326,6 +385,7 @@ __all__ = [
     "block_pieces",
     "geojson_geometry",
     "join_pieces",
+    "area_problem",
     "metric_crs",
     "region_features",
     "scene_polygons",

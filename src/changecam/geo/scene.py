@@ -62,13 +62,14 @@ from changecam.geo.grid import (
     open_pair,
     vrt_sources,
 )
-from changecam.geo.polygons import RegionTracer, metric_crs, scene_polygons, write_geojson
+from changecam.geo.polygons import RegionTracer, area_problem, scene_polygons, write_geojson
 from changecam.geo.window_cache import WindowCache
 from changecam.geo.windows import (
     Block,
     Region,
     block_grid,
     check_network_range,
+    check_whole_range,
     prefetched,
     read_region,
 )
@@ -223,6 +224,12 @@ class BlockLog:
         same = bool(records) and records[0].get("settings") == settings
         if resume and records and not same:
             changed = settings_changes(records[0].get("settings") or {}, settings)
+            if changed and all(change.startswith(("pre.", "post.")) for change in changed):
+                raise SceneError(
+                    f"predict.resume=true but the input files are not those {self.path} was "
+                    f"started from ({'; '.join(changed)}): its finished blocks describe the "
+                    "files as they were; rerun without predict.resume"
+                )
             raise SceneError(
                 f"predict.resume=true but {self.path} was started with other settings "
                 f"({'; '.join(changed) or 'unreadable header'}); resume with those settings "
@@ -417,6 +424,33 @@ def _glibc() -> Any:
 _LIBC = _glibc()
 
 
+def checked_sample(
+    dataset: Any, bands: Sequence[int], scale: str, path: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """The date's :func:`decimated_sample` (or every valid pixel, for a date too thin for its
+    grid), refusing a date that is all nodata and, under ``input.scale=none``, non-8-bit values
+    outside 0-255: in the sample at once, then in every pixel (:func:`check_whole_range`), all
+    before any output is touched. Each block is checked again as it is read.
+
+    Raises:
+        SceneError: the date is unreadable, all nodata, or out of range.
+    """
+    try:
+        sample = decimated_sample(dataset, bands)
+        if not sample[1].any():  # too few or too thin for its grid? every pixel
+            sample = valid_pixels(dataset, bands)
+        if not sample[1].any():
+            raise SceneError(f"{dataset.name} is all nodata: no pixel to predict")
+        if scale == "none" and not is_uint8(dataset, bands):
+            check_network_range(sample[0], sample[1], path)
+            check_whole_range(dataset, bands, path)
+    except SceneError:
+        raise
+    except Exception as err:
+        raise SceneError(f"{dataset.name} cannot be read (corrupt or truncated?): {err}") from err
+    return sample
+
+
 def predict_scene(
     net: nn.Module,
     pre_path: str | Path,
@@ -517,30 +551,19 @@ def _predict_scene(
                 log.warning(warning)
             sample = None
             if needs_sample(dataset, bands, settings.scale):
-                try:
-                    sample = decimated_sample(dataset, bands)
-                    if not sample[1].any():  # too few or too thin for its grid? every pixel
-                        sample = valid_pixels(dataset, bands)
-                except Exception as err:
-                    raise SceneError(
-                        f"{dataset.name} cannot be read (corrupt or truncated?): {err}"
-                    ) from err
-                if not sample[1].any():
-                    raise SceneError(f"{dataset.name} is all nodata: no pixel to predict")
-                if settings.scale == "none" and not is_uint8(dataset, bands):
-                    # before any output is touched; each block is checked again as it is read
-                    check_network_range(sample[0], sample[1], path)
+                sample = checked_sample(dataset, bands, settings.scale, path)
             scaling.append(
                 estimate_scaling(
                     dataset, bands, settings.scale, settings.scale_min, settings.scale_max, sample
                 )
             )
         grid = pair.grid
-        if settings.min_area_m2 > 0 and settings.polygons and not metric_crs(grid):
+        area_reason = area_problem(grid) if settings.min_area_m2 > 0 and settings.polygons else None
+        if area_reason is not None:
             raise SceneError(
-                f"predict.min_area_m2={settings.min_area_m2} needs a CRS in metres, but "
-                f"{pre_path} is in {grid.crs.to_string() if grid.crs else 'no CRS'}; reproject "
-                "the scenes to a projected CRS (e.g. their UTM zone) or set predict.min_area_m2=0"
+                f"predict.min_area_m2={settings.min_area_m2} needs ground areas in m², but "
+                f"{pre_path} {area_reason}; reproject the scenes to their UTM zone or an "
+                "equal-area CRS, or set predict.min_area_m2=0"
             )
         blocks = block_grid(grid.height, grid.width, settings.block_size, spec)
         # a pair whose every selected band is valid by its flags (no nodata, alpha or mask; a

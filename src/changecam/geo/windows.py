@@ -22,7 +22,7 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from changecam.geo.bands import Scaling, all_valid, finite_values, valid_mask
+from changecam.geo.bands import Scaling, all_valid, finite_values, strips, valid_mask
 from changecam.geo.gdal_lock import GDAL_LOCK
 from changecam.geo.grid import SceneError
 from changecam.models.sliding_window import SlidingWindow, window_starts
@@ -137,7 +137,11 @@ def read_region(
     arrays = []
     for data, scale, name in zip(raw, scaling, names, strict=True):
         if scale.lo is None and data.dtype != np.uint8:  # valid: in both dates
-            check_network_range(data, valid, name, block)
+            where = (
+                f"at rows {block.region_row}-{block.region_row + block.region_height - 1}, "
+                f"columns {block.region_col}-{block.region_col + block.region_width - 1}"
+            )
+            check_network_range(data, valid, name, where)
         arrays.append(scale.apply(data))
     if not valid.all():
         for image in arrays:
@@ -146,10 +150,10 @@ def read_region(
 
 
 def check_network_range(
-    data: np.ndarray, valid: np.ndarray, name: Any, block: Block | None = None
+    data: np.ndarray, valid: np.ndarray, name: Any, where: str = "in its sample"
 ) -> None:
-    """``input.scale=none``: the valid values (of ``block``, or of the scene's sample when
-    ``None``) must already lie in the network's 0-255.
+    """``input.scale=none``: the valid values of ``data`` (read ``where``) must already lie in
+    the network's 0-255.
 
     Raises:
         SceneError: one does not (it would be clipped, silently changing the image).
@@ -159,17 +163,30 @@ def check_network_range(
         return
     low, high = float(values.min()), float(values.max())
     if low < 0 or high > 255:
-        where = (
-            "in its sample"
-            if block is None
-            else f"at rows {block.region_row}-{block.region_row + block.region_height - 1}, "
-            f"columns {block.region_col}-{block.region_col + block.region_width - 1}"
-        )
         raise SceneError(
             f"input.scale=none but {name} has values {low!r} to {high!r} {where}, outside the "
             "network's 0-255; set input.scale=percentile (a 2-98 % stretch per scene) or "
             "input.scale=fixed with input.scale_min/input.scale_max"
         )
+
+
+def check_whole_range(dataset: Any, bands: Sequence[int], name: Any) -> None:
+    """``input.scale=none`` on non-8-bit bands: every valid value of the date lies in 0-255,
+    read in strips of whole tiles before any output is touched (a sample can miss a single
+    pixel, and a refusal found at a block would come after an earlier run's outputs in the
+    folder are gone). Memory: one strip.
+
+    Raises:
+        SceneError: a value outside 0-255, naming its rows.
+    """
+    for window in strips(dataset, dataset.block_shapes[0][0]):
+        rows = f"at rows {window.row_off}-{window.row_off + window.height - 1}"
+        if all_valid(dataset, bands):
+            valid = np.ones((window.height, window.width), bool)
+        else:
+            valid = valid_mask(dataset, bands, window)
+        data = finite_values(dataset.read(list(bands), window=window), valid)
+        check_network_range(data, valid, name, rows)
 
 
 _DONE = object()
@@ -221,4 +238,12 @@ def prefetched(
             thread.join(timeout=0.05)
 
 
-__all__ = ["Block", "Region", "block_grid", "check_network_range", "prefetched", "read_region"]
+__all__ = [
+    "Block",
+    "Region",
+    "block_grid",
+    "check_network_range",
+    "check_whole_range",
+    "prefetched",
+    "read_region",
+]
