@@ -22,6 +22,7 @@ from changecam.cli.scenes import SceneFailure
 from changecam.geo import SceneError, SceneSettings, predict_scene
 from changecam.geo.grid import Grid
 from changecam.geo.polygons import area_problem, areal_scales
+from changecam.geo.scene import LOG_FILE, BlockLog
 from changecam.geo.write import SETTINGS_TAG, SceneFiles
 from changecam.models import SiameseUNet
 from changecam.models.sliding_window import SlidingWindow
@@ -346,7 +347,7 @@ WEB_MERCATOR_60N = from_origin(1.3e7, 8.4e6, 0.5, 0.5)  # about 60° N: areas 1/
     ("crs", "transform", "reason"),
     [
         ("EPSG:4326", from_origin(8.5, 47.4, 1 / 3600, 1 / 3600), "not a projected CRS in metres"),
-        ("EPSG:3857", WEB_MERCATOR_60N, r"where a pixel's area is 3.99× its ground area"),
+        ("EPSG:3857", WEB_MERCATOR_60N, r"where a pixel's area is 3.987× its ground area"),
     ],
 )
 def test_min_area_needs_ground_areas_in_metres(net, images, tmp_path, crs, transform, reason):
@@ -375,14 +376,27 @@ def test_min_area_needs_ground_areas_in_metres(net, images, tmp_path, crs, trans
         ("EPSG:32650", from_origin(166000, 3510144, 0.5, 0.5), None),  # its zone's edge: 1.002
         ("EPSG:6933", from_origin(1e6, 5e6, 10, 10), None),  # equal-area
         ("EPSG:3857", from_origin(1.3e7, 1e5, 0.5, 0.5), None),  # Web Mercator at 1° N: 1.007
-        ("EPSG:3857", WEB_MERCATOR_60N, "3.99×"),
+        ("EPSG:3857", WEB_MERCATOR_60N, "3.987×"),
         ("EPSG:2056", from_origin(2.6e6, 1.2e6, 0.1, 0.1), None),  # Swiss oblique Mercator
+        # polar stereographic, 1 km pixels: at the corners and the centre within 1 %, at the
+        # top edge's middle (nearest the pole) 1.7 % off
+        ("EPSG:3413", Affine(1000, 0, -800000, 0, -1000, -1850000), "0.98"),
+        # a geostationary (SEVIRI) crop whose top corners lie beyond the Earth's limb
+        (
+            "+proj=geos +h=35785831 +lon_0=0 +a=6378169 +b=6356583.8 +units=m +no_defs +sweep=y",
+            from_origin(-2.0e6, 5.5e6, 3000.0, 3000.0),
+            "cannot place part of this scene on the globe",
+        ),
     ],
 )
 def test_areas_in_m2_where_the_crs_keeps_them_within_one_percent(crs, transform, problem):
-    grid = Grid(crs=rasterio.crs.CRS.from_string(crs), transform=transform, width=64, height=64)
+    size = (300, 1600) if crs == "EPSG:3413" else (834, 1334) if "geos" in crs else (64, 64)
+    grid = Grid(
+        crs=rasterio.crs.CRS.from_string(crs), transform=transform, width=size[1], height=size[0]
+    )
     scales = areal_scales(grid)
-    assert len(scales) == 5 and all(s > 0 for s in scales)
+    assert len(scales) == 25
+    assert all(s is not None and s > 0 for s in scales) or "geos" in crs
     found = area_problem(grid)
     assert found is None if problem is None else problem in found
 
@@ -741,3 +755,20 @@ def test_naming_the_layer_a_run_resolved_to_resumes_it(net, images, tmp_path):
     other = SceneSettings(**{**vars(SETTINGS), "explain_layer": "enc1"})
     with pytest.raises(SceneError, match=r'other settings \(explain_layer: "enc2" -> "enc1"\)'):
         predict_scene(net, pre, post, out, SPEC, other, resume=True)
+
+
+def test_a_resume_whose_input_files_changed_says_no_setting_resumes_it(tmp_path):
+    """Changed files (and what follows from them: whether there is nodata to mask) cannot be
+    resumed by any setting; a changed setting can."""
+    log = BlockLog(tmp_path / LOG_FILE)
+    first = {"post": {"path": "b.tif", "mtime_ns": 1}, "probability_mask": False, "scene": 1}
+    log.start(first, resume=False, readable=True)
+    files = {"post": {"path": "b.tif", "mtime_ns": 2}, "probability_mask": True, "scene": 1}
+    with pytest.raises(
+        SceneError,
+        match=r"the input files are not those .* \(post.mtime_ns: 1 -> 2; probability_mask: false "
+        r"-> true\).* rerun without predict.resume",
+    ):
+        log.start(files, resume=True, readable=True)
+    with pytest.raises(SceneError, match=r"other settings \(scene: 1 -> 2\); resume with those"):
+        log.start({**first, "scene": 2}, resume=True, readable=True)

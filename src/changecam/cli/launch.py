@@ -148,6 +148,7 @@ __all__ = [
     "Stopped",
     "config_dir",
     "exit_reporting",
+    "is_rank_zero",
     "hydra_main",
     "is_multirun",
     "log_to_file",

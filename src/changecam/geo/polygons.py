@@ -183,10 +183,13 @@ AREA_TOLERANCE = 0.01  # how far a pixel's CRS area may be from its ground area,
 
 def area_problem(grid: Grid) -> str | None:
     """Why pixel count × pixel area is not a region's ground area in m² in this scene's CRS,
-    or ``None`` when it is: the CRS is projected in metres and, at the scene's corners and
-    centre, a pixel's area in the CRS is within :data:`AREA_TOLERANCE` of its area on the
-    ellipsoid (UTM inside its zone, equal-area projections; not Web Mercator away from the
-    equator, which enlarges areas by 1/cos² of the latitude)."""
+    or ``None`` when it is: the CRS is projected in metres and, at a 5 × 5 grid of points over
+    the scene (corners and edges included), a pixel's area in the CRS is within
+    :data:`AREA_TOLERANCE` of its area on the ellipsoid (UTM inside its zone, equal-area
+    projections; not Web Mercator beyond about 3° from the equator, which enlarges areas by
+    about 1/cos² of the latitude). A point the CRS cannot place on the globe (outside its
+    domain) leaves the areas unknown; a CRS that places none (a local engineering CRS) is
+    taken as it is."""
     crs = grid.crs
     if crs is None or not crs.is_projected:
         return f"is in {crs.to_string() if crs else 'no CRS'}, not a projected CRS in metres"
@@ -194,10 +197,18 @@ def area_problem(grid: Grid) -> str | None:
     if units not in ("metre", "meter", "m", "metres", "meters"):
         return f"is in {crs.to_string()}, whose unit is {crs.linear_units!r}, not metres"
     scales = areal_scales(grid)
-    worst = max(scales, key=lambda scale: abs(scale - 1), default=1.0)
+    placed = [scale for scale in scales if scale is not None]
+    if not placed:
+        return None
+    if len(placed) < len(scales):
+        return (
+            f"is in {crs.to_string()}, which cannot place part of this scene on the globe "
+            "(outside the projection's domain), so its ground areas are unknown"
+        )
+    worst = max(placed, key=lambda scale: abs(scale - 1))
     if abs(worst - 1) > AREA_TOLERANCE:
         return (
-            f"is in {crs.to_string()}, where a pixel's area is {worst:.3g}× its ground area "
+            f"is in {crs.to_string()}, where a pixel's area is {worst:.4g}× its ground area "
             "in this scene (not an equal-area projection there)"
         )
     return None
@@ -208,34 +219,41 @@ def metric_crs(grid: Grid) -> bool:
     return area_problem(grid) is None
 
 
-def areal_scales(grid: Grid) -> list[float]:
+AREA_POINTS = 5  # areal_scales' points a side
+
+
+def areal_scales(grid: Grid) -> list[float | None]:
     """A pixel's area in the CRS over its area on the WGS 84 ellipsoid (in a Lambert
-    azimuthal equal-area projection centred on it), at the scene's four corner pixels and
-    its centre. Empty when the CRS cannot be placed on the globe (then it is taken as it is)."""
+    azimuthal equal-area projection centred on it), at :data:`AREA_POINTS` × AREA_POINTS
+    pixels spread evenly over the scene, corners included; ``None`` where PROJ cannot place
+    the pixel on the globe (outside the projection's domain, or not finite)."""
     t = grid.transform
-    points = [(0.5, 0.5), (grid.width - 0.5, 0.5), (0.5, grid.height - 0.5)]
-    points += [(grid.width - 0.5, grid.height - 0.5), (grid.width / 2, grid.height / 2)]
-    scales = []
+    cols = np.linspace(0.5, grid.width - 0.5, AREA_POINTS)
+    rows = np.linspace(0.5, grid.height - 0.5, AREA_POINTS)
+    return [pixel_areal_scale(grid.crs, t, col, row) for row in rows for col in cols]
+
+
+def pixel_areal_scale(crs: Any, t: Affine, col: float, row: float) -> float | None:
+    """The pixel centred at ``(col, row)``: its area in ``crs`` over its ground area (see
+    :func:`areal_scales`), or ``None`` where PROJ cannot place it."""
+    corners = [
+        t @ (col + dc, row + dr) for dc, dr in ((-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5))
+    ]
+    x, y = t @ (col, row)
     try:
-        for col, row in points:
-            corners = [
-                t @ (col + dc, row + dr)
-                for dc, dr in ((-0.5, -0.5), (0.5, -0.5), (0.5, 0.5), (-0.5, 0.5))
-            ]
-            x, y = t @ (col, row)
-            (lon,), (lat,) = rasterio.warp.transform(grid.crs, "EPSG:4326", [x], [y])
-            laea = rasterio.crs.CRS.from_proj4(
-                f"+proj=laea +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m +no_defs"
-            )
-            xs, ys = rasterio.warp.transform(grid.crs, laea, *zip(*corners, strict=True))
-            ground = 0.5 * abs(
-                sum(xs[i] * ys[(i + 1) % 4] - xs[(i + 1) % 4] * ys[i] for i in range(4))
-            )
-            if ground > 0 and np.isfinite(ground):
-                scales.append(grid.pixel_area / ground)
-    except Exception:  # noqa: BLE001 - a CRS PROJ cannot place on the globe: taken as it is
-        return []
-    return scales
+        (lon,), (lat,) = rasterio.warp.transform(crs, "EPSG:4326", [x], [y])
+        if not (np.isfinite(lon) and np.isfinite(lat)):
+            return None
+        laea = rasterio.crs.CRS.from_proj4(
+            f"+proj=laea +lat_0={lat} +lon_0={lon} +datum=WGS84 +units=m +no_defs"
+        )
+        xs, ys = rasterio.warp.transform(crs, laea, *zip(*corners, strict=True))
+    except Exception:  # noqa: BLE001 - PROJ's CPLE errors (rasterio._err): outside its domain
+        return None
+    ground = 0.5 * abs(sum(xs[i] * ys[(i + 1) % 4] - xs[(i + 1) % 4] * ys[i] for i in range(4)))
+    if not (np.isfinite(ground) and ground > 0):
+        return None
+    return abs(t.determinant) / ground
 
 
 class RegionTracer:

@@ -224,7 +224,9 @@ class BlockLog:
         same = bool(records) and records[0].get("settings") == settings
         if resume and records and not same:
             changed = settings_changes(records[0].get("settings") or {}, settings)
-            if changed and all(change.startswith(("pre.", "post.")) for change in changed):
+            # probability_mask follows from the files (whether they have nodata)
+            inputs = ("pre.", "post.", "probability_mask:")
+            if changed and all(change.startswith(inputs) for change in changed):
                 raise SceneError(
                     f"predict.resume=true but the input files are not those {self.path} was "
                     f"started from ({'; '.join(changed)}): its finished blocks describe the "
@@ -544,6 +546,14 @@ def _predict_scene(
         bands = select_bands(
             pair.pre, pair.post_source, settings.bands, getattr(net, "in_channels", None)
         )
+        grid = pair.grid
+        area_reason = area_problem(grid) if settings.min_area_m2 > 0 and settings.polygons else None
+        if area_reason is not None:
+            raise SceneError(
+                f"predict.min_area_m2={settings.min_area_m2} needs ground areas in m², but "
+                f"{pre_path} {area_reason}; reproject the scenes to their UTM zone or an "
+                "equal-area CRS, or set predict.min_area_m2=0"
+            )
         scaling = []
         for dataset, path in ((pair.pre, pre_path), (pair.post_source, post_path)):
             warning = large_block_warning(dataset, bands, path)
@@ -556,14 +566,6 @@ def _predict_scene(
                 estimate_scaling(
                     dataset, bands, settings.scale, settings.scale_min, settings.scale_max, sample
                 )
-            )
-        grid = pair.grid
-        area_reason = area_problem(grid) if settings.min_area_m2 > 0 and settings.polygons else None
-        if area_reason is not None:
-            raise SceneError(
-                f"predict.min_area_m2={settings.min_area_m2} needs ground areas in m², but "
-                f"{pre_path} {area_reason}; reproject the scenes to their UTM zone or an "
-                "equal-area CRS, or set predict.min_area_m2=0"
             )
         blocks = block_grid(grid.height, grid.width, settings.block_size, spec)
         # a pair whose every selected band is valid by its flags (no nodata, alpha or mask; a
