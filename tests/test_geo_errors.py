@@ -602,7 +602,7 @@ def test_scale_none_refuses_values_outside_0_255(net, images, tmp_path, dtype, l
         tmp_path,
         pre,
         post,
-        rf"input.scale=none but .*pre.tif has values {float(low)!r} to .* in its sample, outside "
+        rf"input.scale=none but .*pre.tif has values {float(low)!r} to .* at rows 0-63, outside "
         "the network's 0-255; set input.scale=percentile",
         scale="none",
     )
@@ -677,7 +677,7 @@ def test_scale_none_refused_at_setup_keeps_a_finished_scene(net, images, tmp_pat
     settings = SceneSettings(**{**vars(SETTINGS), "scale": "none"})
     with pytest.raises(
         SceneError,
-        match=r"input.scale=none but .*pre.tif has values [0-9.]+ to [0-9.]+ in its sample",
+        match=r"input.scale=none but .*pre.tif has values [0-9.]+ to [0-9.]+ at rows 0-63",
     ):
         predict_scene(net, pre, post, out, SPEC, settings, resume=True)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before

@@ -3,9 +3,14 @@ and the reader thread hands its errors over."""
 
 from __future__ import annotations
 
+import tracemalloc
+
+import numpy as np
 import pytest
+import rasterio
 import torch
 
+import changecam.geo.bands
 from changecam.geo.scene import window_last_use
 from changecam.geo.windows import block_grid, prefetched
 from changecam.models import SiameseUNet
@@ -335,3 +340,27 @@ def test_the_scaling_sample_ignores_overviews(tmp_path, monkeypatch, copy):
     every = image[::4, ::4]
     np.testing.assert_array_equal(samples[0][0], every.transpose(2, 0, 1))
     assert scalings[0].hi[0] > 3900  # the full-resolution tail, not the averaged one
+
+
+def test_the_decimated_sample_holds_one_strip_not_the_date(tmp_path, monkeypatch):
+    """Each strip is copied down to its sample before the next is read: a view would keep
+    every strip, the whole 16-bit date, alive until the end."""
+    monkeypatch.setattr(changecam.geo.bands, "SAMPLE_SIDE", 128)  # every 16th pixel
+    side, tile = 2048, 128
+    path = tmp_path / "u16.tif"
+    profile = {"driver": "GTiff", "width": side, "height": side, "count": 3, "dtype": "uint16"}
+    profile |= {"tiled": True, "blockxsize": tile, "blockysize": tile}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.arange(side * side * 3, dtype=np.uint16).reshape(3, side, side))
+    with rasterio.open(path) as src:
+        tracemalloc.start()
+        try:
+            data, valid = changecam.geo.bands.decimated_sample(src, (1, 2, 3))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    date = side * side * 3 * 2  # 24 MiB
+    assert data.shape == (3, 128, 128) and valid.all()
+    assert peak < date / 4, (
+        f"peak {peak / 2**20:.1f} MiB while sampling a {date / 2**20:.0f} MiB date"
+    )

@@ -19,7 +19,7 @@ band-first twin of the convention every image follows.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -214,26 +214,36 @@ def strips(dataset: Any, rows: int) -> Iterator[Window]:
         yield Window(0, row, dataset.width, min(rows, dataset.height - row))
 
 
-def decimated_sample(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def decimated_sample(
+    dataset: Any,
+    bands: Sequence[int],
+    inspect: Callable[[np.ndarray, np.ndarray, Window], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Every ``k``-th pixel of every ``k``-th row (``C x h x w`` values, ``h x w`` valid mask), at
     most :data:`SAMPLE_SIDE` pixels a side, read at full resolution in strips of whole tiles and
     subsampled in NumPy. Never from the file's overviews: they are averaged (the bright and dark
     tails of the 2-98 % stretch shrink) and made however the file's maker chose, so a scene and
     its COG copy, the same pixels, would get different stretches and the difference would read
-    as change."""
+    as change. ``inspect(data, valid, window)``, if given, sees every strip whole before it is
+    subsampled (every pixel of the date, in the same single read)."""
     factor = max(1, -(-max(dataset.width, dataset.height) // SAMPLE_SIDE))
-    if factor == 1:
-        valid = valid_mask(dataset, bands)
-        return finite_values(dataset.read(list(bands)), valid), valid
     tile_rows = dataset.block_shapes[0][0]
     rows = tile_rows * -(-factor // tile_rows)  # whole tiles (or strips), at least one k-row
     data_parts, valid_parts = [], []
-    for window in strips(dataset, rows):
+    for window in strips(dataset, dataset.height if factor == 1 else rows):
         first = -int(window.row_off) % factor  # the strip's first row on the k-grid
-        data_parts.append(dataset.read(list(bands), window=window)[:, first::factor, ::factor])
-        valid_parts.append(valid_mask(dataset, bands, window)[first::factor, ::factor])
+        data = dataset.read(list(bands), window=window)
+        valid = valid_mask(dataset, bands, window)
+        if inspect is not None:
+            data = finite_values(data, valid)
+            inspect(data, valid, window)
+        # copies: a view would keep the whole strip alive, and with it the whole date
+        data = np.ascontiguousarray(data[:, first::factor, ::factor])
+        valid = np.ascontiguousarray(valid[first::factor, ::factor])
+        data_parts.append(finite_values(data, valid))
+        valid_parts.append(valid)
     data, valid = np.concatenate(data_parts, axis=1), np.concatenate(valid_parts, axis=0)
-    return finite_values(data, valid), valid
+    return data, valid
 
 
 def valid_pixels(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

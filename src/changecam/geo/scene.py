@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import torch
+from rasterio.windows import Window
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -69,7 +70,6 @@ from changecam.geo.windows import (
     Region,
     block_grid,
     check_network_range,
-    check_whole_range,
     prefetched,
     read_region,
 )
@@ -431,21 +431,24 @@ def checked_sample(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The date's :func:`decimated_sample` (or every valid pixel, for a date too thin for its
     grid), refusing a date that is all nodata and, under ``input.scale=none``, non-8-bit values
-    outside 0-255: in the sample at once, then in every pixel (:func:`check_whole_range`), all
-    before any output is touched. Each block is checked again as it is read.
+    outside 0-255 anywhere in the date (the sample's read sees every pixel: a sample alone can
+    step over one), all before any output is touched. Each block is checked again as it is read.
 
     Raises:
         SceneError: the date is unreadable, all nodata, or out of range.
     """
+
+    def in_range(data: np.ndarray, valid: np.ndarray, window: Window) -> None:
+        rows = f"at rows {window.row_off}-{window.row_off + window.height - 1}"
+        check_network_range(data, valid, path, rows)
+
+    inspect = in_range if scale == "none" and not is_uint8(dataset, bands) else None
     try:
-        sample = decimated_sample(dataset, bands)
+        sample = decimated_sample(dataset, bands, inspect)
         if not sample[1].any():  # too few or too thin for its grid? every pixel
             sample = valid_pixels(dataset, bands)
         if not sample[1].any():
             raise SceneError(f"{dataset.name} is all nodata: no pixel to predict")
-        if scale == "none" and not is_uint8(dataset, bands):
-            check_network_range(sample[0], sample[1], path)
-            check_whole_range(dataset, bands, path)
     except SceneError:
         raise
     except Exception as err:

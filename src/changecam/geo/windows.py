@@ -22,7 +22,7 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from changecam.geo.bands import Scaling, all_valid, finite_values, strips, valid_mask
+from changecam.geo.bands import Scaling, all_valid, finite_values, valid_mask
 from changecam.geo.gdal_lock import GDAL_LOCK
 from changecam.geo.grid import SceneError
 from changecam.models.sliding_window import SlidingWindow, window_starts
@@ -149,9 +149,7 @@ def read_region(
     return Region(block, arrays[0], arrays[1], valid)
 
 
-def check_network_range(
-    data: np.ndarray, valid: np.ndarray, name: Any, where: str = "in its sample"
-) -> None:
+def check_network_range(data: np.ndarray, valid: np.ndarray, name: Any, where: str) -> None:
     """``input.scale=none``: the valid values of ``data`` (read ``where``) must already lie in
     the network's 0-255.
 
@@ -168,25 +166,6 @@ def check_network_range(
             "network's 0-255; set input.scale=percentile (a 2-98 % stretch per scene) or "
             "input.scale=fixed with input.scale_min/input.scale_max"
         )
-
-
-def check_whole_range(dataset: Any, bands: Sequence[int], name: Any) -> None:
-    """``input.scale=none`` on non-8-bit bands: every valid value of the date lies in 0-255,
-    read in strips of whole tiles before any output is touched (a sample can miss a single
-    pixel, and a refusal found at a block would come after an earlier run's outputs in the
-    folder are gone). Memory: one strip.
-
-    Raises:
-        SceneError: a value outside 0-255, naming its rows.
-    """
-    for window in strips(dataset, dataset.block_shapes[0][0]):
-        rows = f"at rows {window.row_off}-{window.row_off + window.height - 1}"
-        if all_valid(dataset, bands):
-            valid = np.ones((window.height, window.width), bool)
-        else:
-            valid = valid_mask(dataset, bands, window)
-        data = finite_values(dataset.read(list(bands), window=window), valid)
-        check_network_range(data, valid, name, rows)
 
 
 _DONE = object()
@@ -243,7 +222,6 @@ __all__ = [
     "Region",
     "block_grid",
     "check_network_range",
-    "check_whole_range",
     "prefetched",
     "read_region",
 ]
