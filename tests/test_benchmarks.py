@@ -203,3 +203,13 @@ def test_memory_format_compares_both_formats_with_equal_values():
     assert row["predict_speedup"] > 0 and row["explain_speedup"] > 0
     assert row["logits_max_relative_difference"] < 1e-4
     assert row["map_max_relative_difference"] < 1e-3
+
+
+def test_scene_sample_memory_reports_the_growth_per_side():
+    import scene_sample_memory
+
+    figures = scene_sample_memory.main(["--tiny"])
+    assert [run["side"] for run in figures["scenes"]] == [256, 512]
+    assert [run["date_mib"] for run in figures["scenes"]] == [0.4, 1.5]
+    assert all(run["rss_before_mib"] > 50 for run in figures["scenes"])  # numpy, rasterio, torch
+    assert figures["growth_ratio"] > 0
