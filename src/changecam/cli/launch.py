@@ -148,9 +148,9 @@ __all__ = [
     "Stopped",
     "config_dir",
     "exit_reporting",
-    "is_rank_zero",
     "hydra_main",
     "is_multirun",
+    "is_rank_zero",
     "log_to_file",
     "report_failure",
 ]

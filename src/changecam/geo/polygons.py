@@ -399,11 +399,11 @@ def write_geojson(path: Path, features: Iterable[dict[str, Any]], grid: Grid) ->
 
 __all__ = [
     "Piece",
+    "area_problem",
     "RegionTracer",
     "block_pieces",
     "geojson_geometry",
     "join_pieces",
-    "area_problem",
     "metric_crs",
     "region_features",
     "scene_polygons",
