@@ -399,8 +399,8 @@ def write_geojson(path: Path, features: Iterable[dict[str, Any]], grid: Grid) ->
 
 __all__ = [
     "Piece",
-    "area_problem",
     "RegionTracer",
+    "area_problem",
     "block_pieces",
     "geojson_geometry",
     "join_pieces",
