@@ -18,6 +18,7 @@ from rasterio.transform import from_origin
 from shapely.geometry import shape
 
 import changecam.geo.bands
+import changecam.geo.scene
 from changecam.cli.scenes import SceneFailure
 from changecam.geo import SceneError, SceneSettings, predict_scene
 from changecam.geo.grid import Grid
@@ -772,3 +773,20 @@ def test_a_resume_whose_input_files_changed_says_no_setting_resumes_it(tmp_path)
         log.start(files, resume=True, readable=True)
     with pytest.raises(SceneError, match=r"other settings \(scene: 1 -> 2\); resume with those"):
         log.start({**first, "scene": 2}, resume=True, readable=True)
+
+
+def test_a_finished_scene_resumed_reads_no_sample(net, images, tmp_path, monkeypatch):
+    """Resuming a folder of scenes skips the finished ones without decoding them again for the
+    stretch (a 16-bit date is sampled in a full read)."""
+    wide = [image.astype(np.uint16) * 16 for image in images]
+    pre = write_scene(tmp_path / "pre.tif", wide[0])
+    post = write_scene(tmp_path / "post.tif", wide[1])
+    settings = SceneSettings(**{**vars(SETTINGS), "explain": False})
+    first = predict_scene(net, pre, post, tmp_path / "out", SPEC, settings, resume=True)
+    assert first["scaling"]["pre"]["lo"] is not None  # percentile: the sample was read
+
+    def no_sample(*args, **kwargs):
+        raise AssertionError("a finished scene was sampled again")
+
+    monkeypatch.setattr(changecam.geo.scene, "checked_sample", no_sample)
+    assert predict_scene(net, pre, post, tmp_path / "out", SPEC, settings, resume=True) == first

@@ -557,19 +557,6 @@ def _predict_scene(
                 f"{pre_path} {area_reason}; reproject the scenes to their UTM zone or an "
                 "equal-area CRS, or set predict.min_area_m2=0"
             )
-        scaling = []
-        for dataset, path in ((pair.pre, pre_path), (pair.post_source, post_path)):
-            warning = large_block_warning(dataset, bands, path)
-            if warning is not None:
-                log.warning(warning)
-            sample = None
-            if needs_sample(dataset, bands, settings.scale):
-                sample = checked_sample(dataset, bands, settings.scale, path)
-            scaling.append(
-                estimate_scaling(
-                    dataset, bands, settings.scale, settings.scale_min, settings.scale_max, sample
-                )
-            )
         blocks = block_grid(grid.height, grid.width, settings.block_size, spec)
         # a pair whose every selected band is valid by its flags (no nodata, alpha or mask; a
         # reprojected post has an alpha band) and is not floating point (NaN is nodata)
@@ -594,6 +581,20 @@ def _predict_scene(
         if finished is not None:
             log.info("%s is finished already (predict.resume=true): kept", folder)
             return finished
+        # a finished scene needs no sample (the run that finished it read the same files)
+        scaling = []
+        for dataset, path in ((pair.pre, pre_path), (pair.post_source, post_path)):
+            warning = large_block_warning(dataset, bands, path)
+            if warning is not None:
+                log.warning(warning)
+            sample = None
+            if needs_sample(dataset, bands, settings.scale):
+                sample = checked_sample(dataset, bands, settings.scale, path)
+            scaling.append(
+                estimate_scaling(
+                    dataset, bands, settings.scale, settings.scale_min, settings.scale_max, sample
+                )
+            )
         if resume:
             take_back_rasters(files, block_log, record, blocks, settings)
         folder.mkdir(parents=True, exist_ok=True)
