@@ -213,3 +213,13 @@ def test_scene_sample_memory_reports_the_growth_per_side():
     assert [run["date_mib"] for run in figures["scenes"]] == [0.4, 1.5]
     assert all(run["rss_before_mib"] > 50 for run in figures["scenes"])  # numpy, rasterio, torch
     assert figures["growth_ratio"] > 0
+
+
+def test_polygon_memory_reports_the_growth_per_side():
+    import polygon_memory
+
+    figures = polygon_memory.main(["--tiny"])
+    assert [run["side"] for run in figures["scenes"]] == [256, 512]
+    small, large = (run["regions"] for run in figures["scenes"])
+    assert 100 < small < large  # about 5 000 regions per Mpx
+    assert figures["growth_ratio"] > 0

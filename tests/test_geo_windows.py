@@ -364,3 +364,31 @@ def test_the_decimated_sample_holds_one_strip_not_the_date(tmp_path, monkeypatch
     assert peak < date / 4, (
         f"peak {peak / 2**20:.1f} MiB while sampling a {date / 2**20:.0f} MiB date"
     )
+
+
+def test_regions_inside_a_block_are_spilled_not_kept(tmp_path):
+    """A region inside its block is finished at once: only the pieces at inner block edges
+    stay in memory, the spill is an unnamed file (nothing in the folder), and the features
+    come back in order with their records."""
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    from changecam.geo.grid import Grid
+    from changecam.geo.polygons import RegionTracer
+
+    grid = Grid(CRS.from_epsg(32650), from_origin(399872, 3510144, 0.5, 0.5), 128, 128)
+    change = np.zeros((128, 128), np.uint8)
+    change[4:6, 4:6] = change[10:13, 40:42] = change[70:72, 90:93] = 1  # inside their blocks
+    change[60:68, 20:24] = 1  # across the edge of rows 63 | 64
+    tracer = RegionTracer(grid, tmp_path)
+    for block in block_grid(128, 128, 64, SlidingWindow(window=32)):
+        window = np.s_[block.row : block.row + block.height, block.col : block.col + block.width]
+        probability = np.full((block.height, block.width), 40000, np.uint16)
+        tracer.add_block(block, change[window], probability, None)
+    assert list(tmp_path.iterdir()) == []
+    assert [len(pieces) for pieces in tracer.open.values()] == [1, 1]  # the two halves
+    features = tracer.features(min_area_m2=1.0)  # 4 px = 1 m²: all kept
+    assert [f["properties"]["pixels"] for f in features] == [4, 6, 32, 6]  # north first
+    assert [f["id"] for f in features] == [1, 2, 3, 4]
+    assert len(tracer.features(min_area_m2=1.5)) == 3
+    tracer.close()

@@ -20,6 +20,11 @@ Every record carries:
 * ``post_share``: ``ΣReLU(post) / (ΣReLU(pre) + ΣReLU(post))`` of the explanation raster's
   HiResCAM bands over its pixels (``null`` without an explanation, or where both are 0).
 
+A region inside its block is finished as soon as its block is traced: placed in the CRS and
+spilled as GeoJSON text to an unnamed temporary file, with only its sort key (8 bytes a field)
+kept, so memory grows with the pieces at inner block edges and with the largest region, not
+with the number of regions.
+
 ``predict.min_area_m2`` drops smaller regions (pixels × pixel area; the runner refuses it where
 ``area_m2`` would be ``null``). Exterior rings run counter-clockwise in the CRS, holes clockwise
 (RFC 7946), whichever way the grid's transform is oriented.
@@ -28,7 +33,9 @@ Every record carries:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import tempfile
+from array import array
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,11 +267,21 @@ class RegionTracer:
     """The changed regions of a scene, collected block by block: from each block as it is
     written (:meth:`add_block`) or, for blocks an earlier run wrote, read back from the partial
     rasters (:meth:`add_from_rasters`). Both see the same values, so a resumed scene traces the
-    same polygons as an uninterrupted one."""
+    same polygons as an uninterrupted one.
 
-    def __init__(self, grid: Grid) -> None:
+    Memory does not grow with the number of regions: a region inside its block is finished at
+    once (placed in the CRS, written as GeoJSON text to an unnamed temporary file in
+    ``spill_dir``) and only its sort key stays in memory; only the pieces that touch an inner
+    block edge wait in memory for :meth:`features` to join them."""
+
+    def __init__(self, grid: Grid, spill_dir: Path | None = None) -> None:
         self.grid = grid
-        self.pieces: dict[int, list[Piece]] = {}  # per block index
+        self.open: dict[int, list[Piece]] = {}  # per block index: pieces that may continue
+        self.spill = tempfile.TemporaryFile(dir=spill_dir, prefix=".polygons-")  # noqa: SIM115
+        # one sort key per finished region, in flat arrays (8 bytes a field, not a Python
+        # object each): north first (-top), then west (left), then its block and place there
+        self.keys = {name: array(kind) for name, kind in KEY_FIELDS.items()}
+        self.metres = metric_crs(grid)
 
     def add_block(
         self,
@@ -277,7 +294,23 @@ class RegionTracer:
         ``p * 65535``), ``explanation`` (``3 x h x w`` or ``None``)."""
         if not (change == 1).any():
             return
-        self.pieces[block.index] = block_pieces(block, change, probability, explanation, self.grid)
+        pieces = block_pieces(block, change, probability, explanation, self.grid)
+        open_pieces = [piece for piece in pieces if piece.open_edge]
+        if open_pieces:
+            self.open[block.index] = open_pieces
+        for order, piece in enumerate(p for p in pieces if not p.open_edge):
+            self._finish(piece, (block.index, order))
+
+    def _finish(self, piece: Piece, origin: tuple[int, int]) -> None:
+        """Place a whole region in the CRS and spill its GeoJSON text; keep its sort key."""
+        geometry, text = region_text(piece, self.grid, self.metres)
+        left, _, _, top = geometry.bounds
+        offset = self.spill.seek(0, 2)
+        data = text.encode()
+        self.spill.write(data)
+        values = (-top, left, *origin, offset, len(data), piece.pixels)
+        for column, value in zip(self.keys.values(), values, strict=True):
+            column.append(value)
 
     def add_from_rasters(
         self,
@@ -303,14 +336,64 @@ class RegionTracer:
                 if expl_ds is not None:
                     expl_ds.close()
 
-    def features(self, min_area_m2: float = 0.0) -> list[dict[str, Any]]:
-        """The GeoJSON features of the regions (pieces cut by block edges joined), largest
-        northing first; regions under ``min_area_m2`` dropped. The pieces are taken in block
-        order, whatever order the blocks came in, so the joined geometries are the same."""
-        pieces = [piece for index in sorted(self.pieces) for piece in self.pieces[index]]
-        closed = [piece for piece in pieces if not piece.open_edge]
-        joined = join_pieces([piece for piece in pieces if piece.open_edge])
-        return region_features(closed + joined, self.grid, min_area_m2)
+    def close(self) -> None:
+        """Let go of the spill (its features can no longer be read)."""
+        self.spill.close()
+
+    def features(self, min_area_m2: float = 0.0) -> SceneFeatures:
+        """The regions (pieces cut by block edges joined, taken in block order whatever order
+        the blocks came in, so the joined geometries are the same), largest northing first
+        (ties: the regions inside one block in block order, then the joined ones); regions under
+        ``min_area_m2`` dropped."""
+        pieces = [piece for index in sorted(self.open) for piece in self.open[index]]
+        self.open = {}
+        for order, piece in enumerate(join_pieces(pieces)):
+            self._finish(piece, (JOINED, order))
+        keys = {name: np.array(column, dtype=column.typecode) for name, column in self.keys.items()}
+        order = np.lexsort([keys[name] for name in reversed(SORT_FIELDS)])
+        order = order[keys["pixels"][order] * self.grid.pixel_area >= min_area_m2]
+        return SceneFeatures(self.spill, keys["offset"][order], keys["length"][order])
+
+
+# a finished region's key: where it sorts (north first, then west, then its block and its
+# place in it; joined regions after every block's own, in the order they were joined), where
+# its text lies in the spill, and its pixel count (for min_area_m2)
+JOINED = 2**62  # the "block" of the joined regions
+KEY_FIELDS = {
+    "neg_top": "d",
+    "left": "d",
+    "block": "q",
+    "order": "q",
+    "offset": "q",
+    "length": "q",
+    "pixels": "q",
+}
+SORT_FIELDS = ("neg_top", "left", "block", "order")
+
+
+@dataclass
+class SceneFeatures:
+    """The scene's features in their order, read from the spill one at a time: ``texts()`` as
+    GeoJSON text (what :func:`write_geojson` writes), iteration as dicts; ids count from 1."""
+
+    spill: Any
+    offsets: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def texts(self) -> Iterator[str]:
+        for number, (offset, length) in enumerate(zip(self.offsets, self.lengths, strict=True), 1):
+            self.spill.seek(int(offset))
+            geometry, properties = self.spill.read(int(length)).decode().split("\n", 1)
+            yield (
+                f'{{"type": "Feature", "id": {number}, "geometry": {geometry}, '
+                f'"properties": {{"id": {number}, {properties[1:]}}}'
+            )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (json.loads(text) for text in self.texts())
 
 
 def scene_polygons(
@@ -320,7 +403,7 @@ def scene_polygons(
     probability_path: Path,
     explanation_path: Path | None,
     min_area_m2: float = 0.0,
-) -> list[dict[str, Any]]:
+) -> SceneFeatures:
     """The features of the scene's changed regions (see the module docstring): the blocks
     ``tracer`` saw written, plus ``read_back`` read from the partial rasters."""
     tracer.add_from_rasters(read_back, change_path, probability_path, explanation_path)
@@ -343,58 +426,43 @@ def geojson_geometry(geometry: Any) -> dict[str, Any]:
     return mapping(geometry)
 
 
-def region_features(
-    regions: Sequence[Piece], grid: Grid, min_area_m2: float
-) -> list[dict[str, Any]]:
-    """GeoJSON features of whole regions (in scene pixel coordinates), with their records, in
-    the scene's CRS."""
-    area = grid.pixel_area
-    metres = metric_crs(grid)
+def region_text(piece: Piece, grid: Grid, metres: bool) -> tuple[Any, str]:
+    """A whole region (in scene pixel coordinates) placed in the scene's CRS, exterior ring
+    counter-clockwise (RFC 7946, also on a south-up or mirrored grid), and its record as two
+    lines of JSON: the geometry, then the properties (``id`` is added when it is written)."""
     t = grid.transform
-    kept = [piece for piece in regions if piece.pixels * area >= min_area_m2]
-    placed = [affine_transform(piece.geometry, [t.a, t.b, t.d, t.e, t.c, t.f]) for piece in kept]
-    # exterior rings counter-clockwise in the CRS (RFC 7946), also on a south-up or mirrored grid
-    placed = list(shapely.orient_polygons(np.array(placed, dtype=object)))
-    features = []
-    for geometry, piece in sorted(
-        zip(placed, kept, strict=True), key=lambda g: (-g[0].bounds[3], g[0].bounds[0])
-    ):
-        region_area = piece.pixels * area
-        total = piece.pre_mass + piece.post_mass
-        post_share = piece.post_mass / total if np.isfinite(total) and total > 0 else None
-        features.append(
-            {
-                "type": "Feature",
-                "id": len(features) + 1,
-                "geometry": geojson_geometry(geometry),
-                "properties": strict_json(
-                    {
-                        "id": len(features) + 1,
-                        "pixels": piece.pixels,
-                        "area_m2": region_area if metres else None,
-                        "mean_probability": piece.probability_sum / piece.pixels,
-                        "post_share": post_share,
-                    }
-                ),
-            }
-        )
-    return features
+    placed = affine_transform(piece.geometry, [t.a, t.b, t.d, t.e, t.c, t.f])
+    placed = shapely.orient_polygons(placed)
+    total = piece.pre_mass + piece.post_mass
+    post_share = piece.post_mass / total if np.isfinite(total) and total > 0 else None
+    properties = strict_json(
+        {
+            "pixels": piece.pixels,
+            "area_m2": piece.pixels * grid.pixel_area if metres else None,
+            "mean_probability": piece.probability_sum / piece.pixels,
+            "post_share": post_share,
+        }
+    )
+    geometry = json.dumps(geojson_geometry(placed), allow_nan=False)
+    return placed, f"{geometry}\n{json.dumps(properties, allow_nan=False)}"
 
 
-def write_geojson(path: Path, features: Iterable[dict[str, Any]], grid: Grid) -> None:
+def write_geojson(path: Path, features: SceneFeatures, grid: Grid) -> int:
     """A GeoJSON FeatureCollection in the scene's CRS (named in its ``crs`` member, which QGIS
-    and GDAL read), written atomically, one feature at a time. The features' properties are
-    strict JSON already (:func:`region_features`); a non-finite number anywhere is an error."""
+    and GDAL read), written atomically, one feature at a time from the spill; returns how many.
+    The features' text is strict JSON already (:func:`region_text`)."""
     head: dict[str, Any] = {"type": "FeatureCollection"}
     if grid.crs is not None:
         epsg = grid.crs.to_epsg()
         name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else grid.crs.to_wkt()
         head["crs"] = {"type": "name", "properties": {"name": name}}
+    count = 0
     with atomic_open(path, "w") as f:
         f.write(json.dumps(head, allow_nan=False)[:-1] + ', "features": [\n')
-        for i, feature in enumerate(features):
-            f.write(("" if i == 0 else ",\n") + json.dumps(feature, allow_nan=False))
+        for count, text in enumerate(features.texts(), start=1):
+            f.write(("" if count == 1 else ",\n") + text)
         f.write("\n]}\n")
+    return count
 
 
 __all__ = [
@@ -405,7 +473,8 @@ __all__ = [
     "geojson_geometry",
     "join_pieces",
     "metric_crs",
-    "region_features",
+    "SceneFeatures",
+    "region_text",
     "scene_polygons",
     "write_geojson",
 ]

@@ -650,7 +650,7 @@ def _predict_scene(
                 ) from err
 
         last_use = window_last_use(blocks)
-        tracer = RegionTracer(grid) if settings.polygons else None
+        tracer = RegionTracer(grid, folder) if settings.polygons else None
         written_before = [b for b in blocks if b.index in block_log.done]
         writer = BlockWriter(files, tracer, settings.threshold, block_log.add)
         with bar, WindowCache(folder) as reuse, writer:
@@ -692,6 +692,7 @@ def _predict_scene(
             settings.min_area_m2,
         )
         write_geojson(files.partial("polygons"), features, grid)
+        tracer.close()
     if settings.overviews:
         files.build_overviews(grid)
     written = files.publish()
