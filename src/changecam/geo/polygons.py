@@ -468,12 +468,12 @@ def write_geojson(path: Path, features: SceneFeatures, grid: Grid) -> int:
 __all__ = [
     "Piece",
     "RegionTracer",
+    "SceneFeatures",
     "area_problem",
     "block_pieces",
     "geojson_geometry",
     "join_pieces",
     "metric_crs",
-    "SceneFeatures",
     "region_text",
     "scene_polygons",
     "write_geojson",
