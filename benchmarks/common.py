@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -92,3 +93,46 @@ TINY_QUICKSTART: list[str] = [
     "model.depth=2",
     "logger=csv",
 ]
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current, peak) resident set size of this process in MiB (Linux ``/proc``)."""
+    import resource
+
+    current = 0.0
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                current = int(line.split()[1]) / 1024
+    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> Any:
+    """``python <script> --child <args>`` in a fresh process (``src/`` and ``benchmarks/`` on
+    its path, ``env`` added to this one's): the JSON its last line prints. The memory
+    benchmarks measure each size this way, every child from the same imports."""
+    child_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")]),
+        **(env or {}),
+    }
+    out = subprocess.run(
+        [sys.executable, script, "--child", *args],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def growth_figures(benchmark: str, runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """A memory benchmark's figures: its runs (smallest size first) and ``growth_ratio``, the
+    ``key`` growth of the largest over the smallest (below 1 MiB counted as 1: noise)."""
+    growth = [max(run[key], 1.0) for run in runs]
+    return {
+        "benchmark": benchmark,
+        "machine": machine(),
+        "scenes": runs,
+        "growth_ratio": round(growth[-1] / growth[0], 3),
+    }

@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import REPO, emit, machine
-from scene_sample_memory import rss_mib
+from common import emit, growth_figures, rss_mib, run_child
 
 BLOCK = 256
 
@@ -75,27 +71,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(child(args.child)), flush=True)
         return {}
     sides = [256, 512] if args.tiny else sorted(args.size)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")]),
-    }
-    runs = []
-    for side in sides:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", str(side)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    growth = [max(run["growth_after_writing_mib"], 1.0) for run in runs]  # below 1 MiB: noise
-    figures = {
-        "benchmark": "polygon_memory",
-        "machine": machine(),
-        "scenes": runs,
-        "growth_ratio": round(growth[-1] / growth[0], 3),
-    }
+    runs = [run_child(__file__, [str(side)]) for side in sides]
+    figures = growth_figures("polygon_memory", runs, "growth_after_writing_mib")
     emit(figures)
     return figures
 

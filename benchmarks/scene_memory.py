@@ -18,29 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, emit, machine
+from common import emit, machine, rss_mib, run_child
 
 PHASES = ("scene_polygons", "build_overviews")
 
 
-def rss_mib() -> tuple[int, int]:
-    """(current, peak) resident set size of this process in MiB."""
-    import resource
-
-    current = 0
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                current = int(line.split()[1]) // 1024
-    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+def whole_mib() -> tuple[int, int]:
+    """(current, peak) RSS in whole MiB, as this benchmark reports them."""
+    current, peak = rss_mib()
+    return int(current), int(peak)
 
 
 def child(size: int) -> dict[str, Any]:
@@ -58,9 +50,9 @@ def child(size: int) -> dict[str, Any]:
         function = getattr(owner, name)
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            before = rss_mib()
+            before = whole_mib()
             out = function(*args, **kwargs)
-            after = rss_mib()
+            after = whole_mib()
             phases[name] = {
                 "rss_before": before[0],
                 "peak_before": before[1],
@@ -77,13 +69,13 @@ def child(size: int) -> dict[str, Any]:
         tmp = Path(tmp_name)
         net = scene_bench.fresh_network(tmp / "quickstart_fresh.pth").eval()
         pre, post = scene_bench.write_synthetic_pair(tmp / "tif", size)
-        start = rss_mib()
+        start = whole_mib()
         started = time.perf_counter()
         summary = module.predict_scene(
             net, pre, post, tmp / "out", SlidingWindow(), settings, "cpu"
         )
         seconds = time.perf_counter() - started
-    end = rss_mib()
+    end = whole_mib()
     return {
         "side": size,
         "rss_at_start_mib": start[0],
@@ -106,22 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(child(args.child)), flush=True)
         return {}
     sizes = [256] if args.tiny else args.size
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")]),
-    }
-    if args.malloc_arenas is not None:
-        env["MALLOC_ARENA_MAX"] = str(args.malloc_arenas)
+    env = {} if args.malloc_arenas is None else {"MALLOC_ARENA_MAX": str(args.malloc_arenas)}
     runs = []
     for size in sizes:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", str(size)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs.append(run_child(__file__, [str(size)], env))
         print(f"scene {size}²: {runs[-1]}", flush=True)
     figures = {"scenes": runs, "malloc_arena_max": args.malloc_arenas, "machine": machine()}
     emit(figures)

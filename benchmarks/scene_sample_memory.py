@@ -17,28 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import REPO, emit, machine
+from common import emit, growth_figures, rss_mib, run_child
 
 TILE = 256
-
-
-def rss_mib() -> tuple[float, float]:
-    """(current, peak) resident set size of this process in MiB."""
-    import resource
-
-    current = 0.0
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                current = int(line.split()[1]) / 1024
-    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_pair(folder: Path, side: int) -> list[Path]:
@@ -102,29 +87,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(child(int(side), Path(pre), Path(post))), flush=True)
         return {}
     sides = [256, 512] if args.tiny else sorted(args.size)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "benchmarks")]),
-    }
     runs = []
     for side in sides:
         with tempfile.TemporaryDirectory(prefix="changecam-sample-memory-") as tmp:
             pre, post = write_pair(Path(tmp), side)
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", str(side), str(pre), str(post)],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    growth = [max(run["peak_growth_mib"], 1.0) for run in runs]  # below 1 MiB: noise
-    figures = {
-        "benchmark": "scene_sample_memory",
-        "machine": machine(),
-        "scenes": runs,
-        "growth_ratio": round(growth[-1] / growth[0], 3),
-    }
+            runs.append(run_child(__file__, [str(side), str(pre), str(post)]))
+    figures = growth_figures("scene_sample_memory", runs, "peak_growth_mib")
     emit(figures)
     return figures
 
