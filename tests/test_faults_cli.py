@@ -7,6 +7,7 @@ finished-looking output exists (checkpoints, metrics.json, predictions.json, mas
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,26 @@ def test_a_sigterm_is_named_by_rank_zero_only(rank, err, status, printed, monkey
         exit_reporting(err)
     assert stop.value.code == status
     assert (f"Error: {type(err).__name__}: {err}" in capsys.readouterr().err) == printed
+
+
+@pytest.mark.parametrize(
+    ("script", "overrides"),
+    [
+        ("eval.py", ["ckpt_path=missing.ckpt", "threshold=0.4"]),
+        ("explain.py", ["ckpt_path=missing.ckpt", "explain.taps=[enc2]"]),
+        ("predict.py", ["ckpt_path=missing.ckpt", "input.dir=pairs"]),
+        ("study.py", ["study.checkpoints=[missing.ckpt]", "seed=3"]),
+    ],
+)
+def test_every_command_logs_its_config_before_it_fails(tmp_path, script, overrides):
+    """Like train.py, each command writes its whole config to its log and names its choices and
+    overrides on the console, so a failed run's log says what it was asked to do."""
+    proc = run_script(script, overrides, cwd=tmp_path, timeout=120, check=False)
+    assert proc.returncode == 1
+    task = script.removesuffix(".py")
+    summary = re.search(rf"\] - {task}:(.*) \| (.*) \(whole config: ", proc.stdout + proc.stderr)
+    assert summary and summary[2] == " ".join(overrides), proc.stdout[-2000:]
+    (log,) = (tmp_path / "outputs" / task / "runs").glob(f"*/{task}.log")
+    text = log.read_text()
+    assert "config:\n" in text and f"task_name: {task}\n" in text, text[:2000]
+    assert f"{overrides[0].replace('=', ': ', 1)}\n" in text or "- missing.ckpt" in text

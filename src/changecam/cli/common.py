@@ -161,7 +161,8 @@ def prepare_run(cfg: DictConfig) -> Path:
 
 def config_summary() -> str:
     """The command's config choices and overrides on one line, e.g.
-    ``train: experiment=quickstart model=siamese_unet data=synthetic | trainer.max_epochs=1``."""
+    ``train: experiment=quickstart model=siamese_unet data=synthetic | trainer.max_epochs=1``
+    or ``predict: | ckpt_path=best.ckpt input.dir=pairs``."""
     if not HydraConfig.initialized():
         return "config"
     hydra_cfg = HydraConfig.get()
@@ -177,7 +178,7 @@ def config_summary() -> str:
     )
     choices = [f"{k}={v}" for k, v in hydra_cfg.runtime.choices.items() if k in shown and v]
     overrides = [o for o in hydra_cfg.overrides.task if o.split("=")[0].lstrip("+~") not in shown]
-    text = f"{hydra_cfg.job.config_name}: " + " ".join(choices)
+    text = f"{hydra_cfg.job.config_name}:" + "".join(f" {c}" for c in choices)
     return text + (" | " + " ".join(overrides) if overrides else "")
 
 
