@@ -135,6 +135,11 @@ def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, p
     )
     assert np.isnan(share[both == 0]).all()
     assert np.abs(explanation[:2][:, roofs]).min(axis=0).max() > 0  # both dates drove a roof
+    # zoomed out, each pixel's share is that of the four it covers together, as a polygon's
+    sums = np.stack([pre_relu, post_relu]).reshape(2, 64, 2, 64, 2).sum((2, 4))
+    with rasterio.open(folder / "explanation.tif", overview_level=0) as src:
+        overview_share = src.read(3)
+    np.testing.assert_allclose(overview_share, sums[1] / sums.sum(0), rtol=1e-6)
 
     collection = json.loads((folder / "change.geojson").read_text())
     assert collection["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32650"

@@ -6,12 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
+from rasterio.enums import Resampling
 from rasterio.transform import from_origin
 
 from changecam.geo.grid import Grid
 from changecam.geo.polygons import RegionTracer
 from changecam.geo.windows import Block
-from changecam.geo.write import SceneFiles
+import changecam.geo.write
+from changecam.geo.write import SceneFiles, write_share_overviews
 from changecam.geo.writer import BlockWriter
 
 GRID = Grid(rasterio.crs.CRS.from_epsg(32650), from_origin(0, 32, 0.5, 0.5), 64, 32)
@@ -123,3 +125,60 @@ def test_blocks_still_waiting_when_the_caller_fails_are_neither_written_nor_logg
     assert [r["block"] for r in logged] == [0], "the block being written finishes; no other"
     with rasterio.open(files.partial("change")) as src:
         assert (src.read(1, window=BLOCKS[1].window) != 1).all(), "block 1 never written"
+
+
+def explanation_raster(path, bands: np.ndarray, factors: list[int]) -> None:
+    """A band-interleaved float32 explanation raster with GDAL's average overviews."""
+    _, height, width = bands.shape
+    profile = SceneFiles(path.parent, explain=True, tile=16).profile(
+        "explanation", Grid(GRID.crs, GRID.transform, width, height)
+    )
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(bands)
+    with rasterio.open(path, "r+") as dst:
+        dst.build_overviews(factors, Resampling.average)
+
+
+def test_an_overview_share_is_the_share_of_the_evidence_it_covers(tmp_path):
+    """Two 2 x 2 cells: per-pixel shares 0, NaN, NaN, 1 average to 0.5 (GDAL), but together
+    the post date holds 3 of the 4 units of evidence; negative evidence counts as none."""
+    pre = np.array([[1, 0, -5, 2], [0, 0, 0, 0]], np.float32)
+    post = np.array([[0, 0, 2, -1], [0, 3, 0, 0]], np.float32)
+    with np.errstate(invalid="ignore"):
+        share = np.clip(post, 0, None) / (np.clip(pre, 0, None) + np.clip(post, 0, None))
+    path = tmp_path / "explanation.tif"
+    explanation_raster(path, np.stack([pre, post, share]), [2])
+    with rasterio.open(path, overview_level=0) as src:
+        assert src.read(3)[0, 0] == pytest.approx(0.5)  # GDAL's average of the shares
+    write_share_overviews(path)
+    with rasterio.open(path, overview_level=0) as src:
+        np.testing.assert_allclose(src.read(3), [[0.75, 0.5]])
+        np.testing.assert_allclose(src.read(1), [[0.25, -0.75]])  # the evidence: GDAL's
+    with rasterio.open(path) as src:
+        np.testing.assert_array_equal(src.read(1), pre)  # full resolution untouched
+        assert "ReLU" in src.tags(3)["overview"]
+
+
+@pytest.mark.parametrize("strip_pixels", [2, 1 << 20])
+def test_share_overviews_of_every_level_from_strips(tmp_path, monkeypatch, strip_pixels):
+    """Odd sides, nodata and cells without evidence, read two rows at a time (every level
+    carries an odd row into the next strip) or whole."""
+    monkeypatch.setattr(changecam.geo.write, "SHARE_STRIP_PIXELS", strip_pixels)
+    rng = np.random.default_rng(0)
+    height, width = 75, 53
+    bands = rng.normal(size=(3, height, width)).astype(np.float32)
+    bands[:2, :9, :11] = np.nan
+    bands[:2, 40:60, 20:40] = -1.0  # no evidence: NaN share
+    evidence = np.nan_to_num(np.clip(bands[:2], 0, None)).astype(np.float64)
+    path = tmp_path / "explanation.tif"
+    explanation_raster(path, bands, [2, 4, 8, 16])
+    write_share_overviews(path)
+    for level, factor in enumerate([2, 4, 8, 16]):
+        rows, cols = -(-height // factor), -(-width // factor)
+        padded = np.zeros((2, rows * factor, cols * factor))
+        padded[:, :height, :width] = evidence
+        sums = padded.reshape(2, rows, factor, cols, factor).sum((2, 4))
+        with np.errstate(invalid="ignore"):
+            expected = np.where(sums.sum(0) > 0, sums[1] / sums.sum(0), np.nan)
+        with rasterio.open(path, overview_level=level) as src:
+            np.testing.assert_allclose(src.read(3), expected, rtol=1e-6)

@@ -210,6 +210,8 @@ class SceneFiles:
                 with rasterio.open(self.partial(what), "r+") as dst:
                     dst.build_overviews(factors, OVERVIEW_RESAMPLING[what])
                     dst.update_tags(ns="rio_overview", resampling=OVERVIEW_RESAMPLING[what].name)
+            if "explanation" in self.rasters:
+                write_share_overviews(self.partial("explanation"))
 
     def take_back(self, settings: str, overviews: bool) -> list[str]:
         """Rename back to their partial names the final rasters that a run with these
@@ -250,6 +252,103 @@ class SceneFiles:
                 self.partial(what).unlink(missing_ok=True)
             if "final" in names:
                 self.final(what).unlink(missing_ok=True)
+
+
+
+
+# rows of the full-resolution pre and post bands read at a time, at most this many pixels each
+SHARE_STRIP_PIXELS = 1 << 20
+SHARE_OVERVIEW_TAG = "overview"
+SHARE_OVERVIEW_RULE = "sum ReLU(post_hirescam) / (sum ReLU(pre_hirescam) + sum ReLU(post_hirescam))"
+
+
+def halve(sums: np.ndarray) -> np.ndarray:
+    """Sums of 2 x 2 cells of ``sums`` (``bands x rows x cols``, zero-padded to even sides):
+    ``ceil(rows / 2) x ceil(cols / 2)``, as GDAL sizes an overview of factor 2."""
+    bands, rows, cols = sums.shape
+    if rows % 2 or cols % 2:
+        padded = np.zeros((bands, rows + rows % 2, cols + cols % 2), dtype=sums.dtype)
+        padded[:, :rows, :cols] = sums
+        sums = padded
+    pairs = sums[:, :, 0::2] + sums[:, :, 1::2]
+    return pairs[:, 0::2] + pairs[:, 1::2]
+
+
+def share_of(sums: np.ndarray) -> np.ndarray:
+    """``post / (pre + post)`` of summed ReLU evidence (``2 x rows x cols``); NaN where both
+    sums are 0."""
+    total = sums[0] + sums[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, sums[1] / np.where(total > 0, total, 1), np.nan)
+
+
+def write_share_overviews(path: Path) -> None:
+    """Rewrite the ``post_share`` band of every overview of the explanation raster ``path``.
+
+    GDAL's average of the per-pixel shares weighs a pixel with almost no evidence as much as
+    one with strong evidence. Each overview pixel gets instead the share of the pixels it
+    covers taken together, ``ΣReLU(post) / (ΣReLU(pre) + ΣReLU(post))``, as a polygon's own
+    ``post_share`` is. One pass over the full-resolution bands in strips; each level's summed
+    evidence is halved into the next (in float64 from the first overview on), and written a row of tiles at a time (whole
+    tiles, one level's dataset open at a time). Memory grows with the scene's width only.
+    """
+    with rasterio.open(path) as src:
+        height, width, levels = src.height, src.width, len(src.overviews(1))
+    if not levels:
+        return
+    strip = max(2, min(TILE, 2 ** int(np.log2(max(2, SHARE_STRIP_PIXELS // width)))))
+    shapes, tile_rows = [], []
+    for level in range(levels):
+        with rasterio.open(path, overview_level=level) as overview:
+            shapes.append(overview.shape)
+            tile_rows.append(overview.block_shapes[2][0])
+        factor = 2 ** (level + 1)
+        if shapes[-1] != (-(-height // factor), -(-width // factor)):
+            raise ValueError(f"{path}: overview {level} is not of factor {factor}")
+    carry: list[np.ndarray | None] = [None] * levels  # an odd row waiting for its pair
+    pending: list[list[np.ndarray]] = [[] for _ in range(levels)]  # shares not written yet
+    written = [0] * levels
+
+    def flush(level: int, last: bool) -> None:
+        rows = sum(len(r) for r in pending[level])
+        if not rows or (rows < tile_rows[level] and not last):
+            return
+        shares = np.concatenate(pending[level]).astype(np.float32)
+        whole = len(shares) if last else len(shares) - len(shares) % tile_rows[level]
+        with rasterio.open(path, "r+", overview_level=level) as dst:
+            dst.write(
+                shares[:whole],
+                3,
+                window=((written[level], written[level] + whole), (0, shapes[level][1])),
+            )
+        written[level] += whole
+        pending[level] = [shares[whole:]] if whole < len(shares) else []
+
+    for row in range(0, height, strip):
+        last = row + strip >= height
+        window = ((row, min(row + strip, height)), (0, width))
+        with rasterio.open(path) as src:  # not open while an overview is written
+            evidence = src.read((1, 2), window=window)
+        sums = np.fmax(evidence, 0, out=evidence)  # ReLU; NaN (nodata) is no evidence
+        for level in range(levels):
+            if carry[level] is not None:
+                sums = np.concatenate([carry[level], sums], axis=1)
+                carry[level] = None
+            if sums.shape[1] % 2 and not last:
+                sums, carry[level] = sums[:, :-1], sums[:, -1:]
+            if not sums.shape[1]:
+                break
+            sums = halve(sums).astype(np.float64, copy=False)  # 4 float32 values: exact enough
+            pending[level].append(share_of(sums))
+            flush(level, last)
+    for level, shape in enumerate(shapes):
+        if written[level] != shape[0]:  # GDAL sizes overviews as ceil(side / factor)
+            raise RuntimeError(
+                f"{path}: wrote {written[level]} rows of overview {level}, "
+                f"which has {shape[0]}"
+            )
+    with rasterio.open(path, "r+") as dst:
+        dst.update_tags(3, **{SHARE_OVERVIEW_TAG: SHARE_OVERVIEW_RULE})
 
 
 __all__ = [
