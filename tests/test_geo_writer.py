@@ -9,10 +9,10 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.transform import from_origin
 
+import changecam.geo.write
 from changecam.geo.grid import Grid
 from changecam.geo.polygons import RegionTracer
 from changecam.geo.windows import Block
-import changecam.geo.write
 from changecam.geo.write import SceneFiles, write_share_overviews
 from changecam.geo.writer import BlockWriter
 
