@@ -254,8 +254,6 @@ class SceneFiles:
                 self.final(what).unlink(missing_ok=True)
 
 
-
-
 # rows of the full-resolution pre and post bands read at a time, at most this many pixels each
 SHARE_STRIP_PIXELS = 1 << 20
 SHARE_OVERVIEW_TAG = "overview"
@@ -344,8 +342,7 @@ def write_share_overviews(path: Path) -> None:
     for level, shape in enumerate(shapes):
         if written[level] != shape[0]:  # GDAL sizes overviews as ceil(side / factor)
             raise RuntimeError(
-                f"{path}: wrote {written[level]} rows of overview {level}, "
-                f"which has {shape[0]}"
+                f"{path}: wrote {written[level]} rows of overview {level}, which has {shape[0]}"
             )
     with rasterio.open(path, "r+") as dst:
         dst.update_tags(3, **{SHARE_OVERVIEW_TAG: SHARE_OVERVIEW_RULE})
