@@ -722,7 +722,8 @@ def test_interpolated_band_indexes_from_the_config_are_resolved():
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        (["explain.method=contrastive", "explain.methods=[hirescam,contrastive]"], "method"),
+        (["explain.methods=[hirescam,contrastive]"], "methods"),
+        (["explain.method=contrastive", "explain.methods=[hirescam,contrastive]"], "methods"),
         (["explain.taps=[input]"], "taps"),
         (["explain.target=all"], "target"),
     ],
@@ -730,8 +731,8 @@ def test_interpolated_band_indexes_from_the_config_are_resolved():
 def test_explain_choices_a_scene_would_ignore_are_refused_before_any_output(
     tmp_path, images, tiny_synthetic, overrides, named
 ):
-    """explanation.tif is HiResCAM of the predicted change at predict.explain_layer: another
-    method, taps or target were silently not applied."""
+    """explanation.tif holds explain.method's maps of the predicted change at
+    predict.explain_layer: more methods, taps or another target were silently not applied."""
     ckpt = make_lightning_checkpoint(tmp_path / "ckpt" / "best.ckpt", tiny_synthetic, steps=1)
     pre = write_scene(tmp_path / "pre.tif", images[0])
     post = write_scene(tmp_path / "post.tif", images[1])
@@ -756,6 +757,9 @@ def test_naming_the_layer_a_run_resolved_to_resumes_it(net, images, tmp_path):
     other = SceneSettings(**{**vars(SETTINGS), "explain_layer": "enc1"})
     with pytest.raises(SceneError, match=r'other settings \(explain_layer: "enc2" -> "enc1"\)'):
         predict_scene(net, pre, post, out, SPEC, other, resume=True)
+    contrastive = SceneSettings(**{**vars(SETTINGS), "explain_method": "contrastive"})
+    with pytest.raises(SceneError, match=r"other settings \(scene.explain_method: "):
+        predict_scene(net, pre, post, out, SPEC, contrastive, resume=True)
 
 
 def test_a_resume_whose_input_files_changed_says_no_setting_resumes_it(tmp_path):

@@ -571,6 +571,34 @@ def test_a_trained_unet_predicts_and_explains_a_scene_like_its_whole_image(
     assert np.isfinite(explanation[:2]).all() and np.abs(explanation[:2]).max() > 0
 
 
+def test_a_contrastive_explanation_splits_difference_evidence_evenly(
+    tmp_path, ckpt, pair, threshold
+):
+    """DifferenceNet's logit is ``gain * sum |A_post - A_pre| - offset``: date-contrastive
+    HiResCAM gives both dates ``gain * |A_post - A_pre|`` summed over the bands, the same map,
+    so every post share is exactly 0.5, the polygons' too (HiResCAM's differ)."""
+    report = run_scene(
+        tmp_path, ckpt, *pair, f"threshold={threshold}", "explain.method=contrastive"
+    )
+    summary = report["scenes"][0]
+    assert summary["explain_method"] == "contrastive"
+    assert summary["explanation_bands"] == ["pre_contrastive", "post_contrastive", "post_share"]
+    folder = tmp_path / "run" / "pre"
+    with rasterio.open(folder / "explanation.tif") as src:
+        assert src.descriptions == ("pre_contrastive", "post_contrastive", "post_share")
+        assert src.tags()["explain_method"] == "contrastive"
+        pre, post, share = src.read()
+    np.testing.assert_array_equal(pre, post)
+    assert pre[roof_mask()].min() > 0
+    assert np.unique(share[np.isfinite(share)]).tolist() == [0.5]
+    assert summary["post_share"] == 0.5
+    polygons = json.loads((folder / "change.geojson").read_text())["features"]
+    assert {f["properties"]["post_share"] for f in polygons} == {0.5}
+
+    hirescam = run_scene(tmp_path / "h", ckpt, *pair, f"threshold={threshold}")["scenes"][0]
+    assert hirescam["explain_method"] == "hirescam" and hirescam["post_share"] != 0.5
+
+
 @pytest.mark.parametrize("dtype", ["uint16", "int16", "float32"])
 @pytest.mark.parametrize("alpha", ["added by the reprojection", "the file's own"])
 def test_an_alpha_band_masks_every_data_type(tmp_path, ckpt, dtype, alpha):

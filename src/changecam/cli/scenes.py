@@ -22,6 +22,7 @@ from changecam.atomic import DiskFullError, write_json
 from changecam.cli.common import failure_message, log
 from changecam.data.layout import Triplet
 from changecam.geo import SceneError, SceneSettings, predict_scene
+from changecam.geo.scene import SCENE_METHODS
 from changecam.models.sliding_window import SlidingWindow
 
 REPORT_FILE = "predictions.json"
@@ -55,6 +56,7 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
         overviews=get("predict.overviews", True),
         explain=explain,
         explain_layer=get("predict.explain_layer"),
+        explain_method=get("explain.method", "hirescam"),
         progress=bool(get("predict.progress", True)),
         gdal_threads=get("predict.gdal_threads"),
     )
@@ -63,22 +65,33 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
 def check_scene_explain(cfg: DictConfig, explain: bool) -> None:
     """Refuse the ``explain.*`` choices a scene would otherwise ignore.
 
-    ``explanation.tif`` holds HiResCAM of the predicted change at one layer
-    (``predict.explain_layer``). The other keys (panel, curves, ``max_pixels``) belong to the
-    PNG path's panels.
+    ``explanation.tif`` holds the maps of ``explain.method`` (HiResCAM or date-contrastive
+    HiResCAM) for the predicted change at one layer (``predict.explain_layer``). The other keys
+    (panel, curves, ``max_pixels``) belong to the PNG path's panels.
 
     Raises:
-        SceneError: ``explain.method`` other than ``hirescam``, ``explain.taps`` set, or
+        SceneError: ``explain.method`` other than ``hirescam`` or ``contrastive``,
+            ``explain.methods`` other than ``[explain.method]``, ``explain.taps`` set, or
             ``explain.target`` other than ``predicted``.
     """
     if not explain:
         return
     method = OmegaConf.select(cfg, "explain.method", default="hirescam")
+    methods = OmegaConf.select(cfg, "explain.methods", default=None)
+    methods = (
+        OmegaConf.to_container(methods, resolve=True) if OmegaConf.is_config(methods) else methods
+    )
     taps = OmegaConf.select(cfg, "explain.taps", default=None)
     target = OmegaConf.select(cfg, "explain.target", default="predicted")
     ignored = []
-    if method != "hirescam":
-        ignored.append(f"explain.method={method} (explanation.tif holds HiResCAM)")
+    if method not in SCENE_METHODS:
+        ignored.append(
+            f"explain.method={method} (explanation.tif holds one of {list(SCENE_METHODS)})"
+        )
+    elif methods is not None and methods not in ([method], method):
+        ignored.append(
+            f"explain.methods={methods} (explanation.tif holds explain.method={method} only)"
+        )
     if taps is not None:
         ignored.append(
             f"explain.taps={OmegaConf.to_container(taps) if OmegaConf.is_config(taps) else taps} "

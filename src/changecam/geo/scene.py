@@ -32,7 +32,7 @@ import time
 from collections.abc import MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import rasterio
@@ -73,7 +73,7 @@ from changecam.geo.windows import (
     prefetched,
     read_region,
 )
-from changecam.geo.write import EXPLANATION_BANDS, SETTINGS_TAG, TILE, SceneFiles, tile_side
+from changecam.geo.write import SETTINGS_TAG, TILE, SceneFiles, explanation_bands, tile_side
 from changecam.geo.writer import BlockWriter
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
 from changecam.run_log import read_json_lines, settings_changes
@@ -83,6 +83,9 @@ LOG_FILE = "blocks.jsonl"
 REPORT_FILE = "scene.json"
 SCENE_SUFFIXES = (".tif", ".tiff", ".vrt")
 GDAL_CACHE_MB = 128
+# the per-date maps explanation.tif may hold (both from the one forward and backward)
+SceneMethod = Literal["hirescam", "contrastive"]
+SCENE_METHODS: tuple[SceneMethod, ...] = get_args(SceneMethod)
 # rasterio hands an integer GDAL_CACHEMAX to GDALSetCacheMax64, in bytes (GDAL's own option
 # reads small numbers as MB): 128 there is a 128-byte cache, which re-decodes every tile a
 # read or an overview touches more than once (rasterio #2336)
@@ -124,6 +127,8 @@ class SceneSettings:
         overviews: build the rasters' overviews (what QGIS draws when zoomed out).
         explain: write ``explanation.tif`` and the polygons' post share.
         explain_layer: per-date layer of the explanation; ``None``: the deepest.
+        explain_method: ``hirescam``, or ``contrastive`` (date-contrastive HiResCAM: the
+            other date's activation as the baseline; see :mod:`changecam.explain.hirescam`).
         prefetch: blocks the reader thread decodes ahead.
         progress: show the progress bar.
         gdal_threads: threads GDAL decodes the input tiles and compresses the output tiles
@@ -144,6 +149,7 @@ class SceneSettings:
     overviews: bool = True
     explain: bool = True
     explain_layer: str | None = None
+    explain_method: SceneMethod = "hirescam"
     prefetch: int = 2
     progress: bool = True
     gdal_threads: int | None = None
@@ -179,6 +185,11 @@ class SceneSettings:
         for key in ("polygons", "overviews"):
             if type(getattr(self, key)) is not bool:
                 raise SceneError(f"predict.{key}={getattr(self, key)!r} must be true or false")
+        if self.explain_method not in SCENE_METHODS:
+            raise SceneError(
+                f"explain.method={self.explain_method!r}: a scene is explained with one of "
+                f"{list(SCENE_METHODS)}"
+            )
         threads = self.gdal_threads
         if threads is not None and (type(threads) is not int or threads < 1):
             raise SceneError(f"predict.gdal_threads={threads!r} must be an integer >= 1 (or null)")
@@ -192,8 +203,12 @@ class SceneSettings:
         """What a resumed run must repeat (the progress bar, read-ahead and what is made of
         the finished blocks may differ: a resume traces the blocks it keeps from the rasters).
         The layer asked for is left out: the runner records the layer it resolves to, so
-        ``predict.explain_layer=<the deepest>`` resumes a run started with ``null``."""
+        ``predict.explain_layer=<the deepest>`` resumes a run started with ``null``. The
+        method is recorded only when it is not ``hirescam``, the one method of the runs made
+        before there was a choice (they stay resumable), and only when explained."""
         record = asdict(self)
+        if not self.explain or self.explain_method == "hirescam":
+            record.pop("explain_method")
         for key in (
             "prefetch",
             "progress",
@@ -276,16 +291,22 @@ def input_record(path: Path) -> dict[str, Any]:
 
 class SceneNetwork:
     """The network applied to the windows of a block: logits, and (explained) the blended
-    HiResCAM maps of both dates at one layer."""
+    maps of both dates at one layer (HiResCAM or date-contrastive HiResCAM)."""
 
     def __init__(
-        self, net: nn.Module, spec: SlidingWindow, threshold: float, layer: str | None
+        self,
+        net: nn.Module,
+        spec: SlidingWindow,
+        threshold: float,
+        layer: str | None,
+        method: SceneMethod = "hirescam",
     ) -> None:
-        self.net, self.spec, self.layer = net, spec, layer
+        self.net, self.spec, self.layer, self.method = net, spec, layer, method
         self.settings = (
             ExplainSettings(
                 taps=(layer,),
-                methods=("hirescam",),
+                methods=(method,),
+                method=method,
                 threshold=threshold,
                 faithfulness=FaithfulnessSettings(enabled=False),
             )
@@ -301,7 +322,7 @@ class SceneNetwork:
         result = explain_tensors(
             self.net, pre, post, self.settings, valid=valid[:, 0] > 0.5, upsample=True
         ).explanation
-        maps = result.upsampled["hirescam"]
+        maps = result.upsampled[self.method]
         stacked = torch.stack(
             [result.logits[:, 0], maps[f"pre/{self.layer}"], maps[f"post/{self.layer}"]], dim=1
         )
@@ -563,7 +584,12 @@ def _predict_scene(
         # gives no nodata pixel: no mask to write
         masked = not (all_valid(pair.pre, bands) and all_valid(pair.post, bands))
         files = SceneFiles(
-            folder, layer is not None, tile_side(settings.block_size), masked, settings.polygons
+            folder,
+            layer is not None,
+            tile_side(settings.block_size),
+            masked,
+            settings.polygons,
+            settings.explain_method,
         )
         record = {
             **(run_record or {}),
@@ -607,6 +633,7 @@ def _predict_scene(
                 {
                     "threshold": str(settings.threshold),
                     "explain_layer": str(layer),
+                    "explain_method": settings.explain_method if layer else "None",
                     SETTINGS_TAG: settings_hash(record),
                 },
             )
@@ -618,7 +645,7 @@ def _predict_scene(
                 len(blocks) - len(todo),
                 len(blocks),
             )
-        runner = SceneNetwork(net, spec, settings.threshold, layer)
+        runner = SceneNetwork(net, spec, settings.threshold, layer, settings.explain_method)
         total_windows = sum(b.windows for b in blocks)
         bar = tqdm(
             total=total_windows,
@@ -720,7 +747,10 @@ def _predict_scene(
             "polygons": len(features) if features is not None else None,
             "overviews": settings.overviews,
             "explain_layer": layer,
-            "explanation_bands": list(EXPLANATION_BANDS) if layer else None,
+            "explain_method": settings.explain_method if layer else None,
+            "explanation_bands": list(explanation_bands(settings.explain_method))
+            if layer
+            else None,
             "post_share": post_mass / (pre_mass + post_mass) if pre_mass + post_mass > 0 else None,
             "threshold": settings.threshold,
             "min_area_m2": settings.min_area_m2,

@@ -3,10 +3,10 @@ renamed into place, all together, only when the whole scene is done.
 
 * ``change.tif``: uint8, 1 = change, 0 = no change, 255 = nodata (either date had none);
 * ``probability.tif``: uint16, ``p = value / 65535``, nodata pixels masked (an internal mask);
-* ``explanation.tif`` (when explained): float32, bands ``pre_hirescam``, ``post_hirescam``
-  (HiResCAM of the chosen layer, logit contribution per pixel, blended like the logits) and
-  ``post_share`` (``ReLU(post) / (ReLU(pre) + ReLU(post))`` per pixel; NaN where undefined);
-  nodata NaN.
+* ``explanation.tif`` (when explained): float32, bands ``pre_<method>``, ``post_<method>``
+  (HiResCAM, or date-contrastive HiResCAM, of the chosen layer, logit contribution per pixel,
+  blended like the logits) and ``post_share`` (``ReLU(post) / (ReLU(pre) + ReLU(post))`` per
+  pixel; NaN where undefined); nodata NaN.
 
 Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression (level
 :data:`ZLEVEL`) and overviews (built at the end). Until then the files are ``.<name>.part``
@@ -38,6 +38,13 @@ RASTERS = ("change", "probability", "explanation")
 # each raster's tag naming the settings it was made with (a hash of the scene's resume record)
 SETTINGS_TAG = "changecam_settings"
 EXPLANATION_BANDS = ("pre_hirescam", "post_hirescam", "post_share")
+
+
+def explanation_bands(method: str) -> tuple[str, str, str]:
+    """The band names of ``explanation.tif`` explained with ``method``."""
+    return (f"pre_{method}", f"post_{method}", "post_share")
+
+
 # DEFLATE's fastest level, in the blocks and the overviews: the files are about as large (the
 # probability of a 2048² scene 0.8 % larger), the overviews are built in half the time, and
 # every reader of DEFLATE reads them
@@ -79,13 +86,15 @@ class SceneFiles:
     """The output files of one scene in ``folder``. ``masked``: the scene may have nodata,
     so ``probability.tif`` carries a validity mask (without one GDAL reads every pixel as
     valid; GDAL builds its overviews several times faster without a mask to follow).
-    ``polygons``: ``change.geojson`` is one of them."""
+    ``polygons``: ``change.geojson`` is one of them. ``method``: the explanation's (its band
+    names)."""
 
     folder: Path
     explain: bool
     tile: int = TILE
     masked: bool = True
     polygons: bool = True
+    method: str = "hirescam"
 
     def final(self, what: str) -> Path:
         return self.folder / ("change.geojson" if what == "polygons" else f"{what}.tif")
@@ -96,6 +105,10 @@ class SceneFiles:
     @property
     def rasters(self) -> tuple[str, ...]:
         return RASTERS if self.explain else RASTERS[:2]
+
+    @property
+    def bands(self) -> tuple[str, str, str]:
+        return explanation_bands(self.method)
 
     @property
     def outputs(self) -> tuple[str, ...]:
@@ -139,7 +152,7 @@ class SceneFiles:
             with rasterio.open(self.partial(what), "w", **self.profile(what, grid)) as dst:
                 dst.update_tags(**tags)
                 if what == "explanation":
-                    for band, name in enumerate(EXPLANATION_BANDS, 1):
+                    for band, name in enumerate(self.bands, 1):
                         dst.set_band_description(band, name)
                 elif what == "probability":
                     dst.set_band_description(1, "change probability x 65535")
@@ -257,7 +270,9 @@ class SceneFiles:
 # rows of the full-resolution pre and post bands read at a time, at most this many pixels each
 SHARE_STRIP_PIXELS = 1 << 20
 SHARE_OVERVIEW_TAG = "overview"
-SHARE_OVERVIEW_RULE = "sum ReLU(post_hirescam) / (sum ReLU(pre_hirescam) + sum ReLU(post_hirescam))"
+SHARE_OVERVIEW_RULE = (
+    "sum ReLU(band 2) / (sum ReLU(band 1) + sum ReLU(band 2)) of the pixels covered"
+)
 
 
 def halve(sums: np.ndarray) -> np.ndarray:
@@ -355,5 +370,6 @@ __all__ = [
     "SETTINGS_TAG",
     "SceneFiles",
     "WrittenBlock",
+    "explanation_bands",
     "partial_path",
 ]
