@@ -83,6 +83,24 @@ def test_listed_name_missing_in_flat_layout(tmp_path, levir256_tiny):
     assert len(find_triplets(root, "train")) == 3  # other splits unaffected
 
 
+@pytest.mark.parametrize("twice", ["test_2_0000_0000.png", "test_2_0000_0000"])
+def test_a_name_listed_twice_is_refused(tmp_path, levir256_tiny, twice):
+    """Its pair would be scored (or trained on) twice, silently moving every pooled score."""
+    import shutil
+
+    root = tmp_path / "flat"
+    shutil.copytree(levir256_tiny, root)
+    listing = root / "list" / "test.txt"
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join([*lines, "", twice]) + "\n")
+    first = next(i for i, n in enumerate(n for n in lines if n.strip()) if "test_2_0000_0000" in n)
+    with pytest.raises(
+        LayoutError,
+        match=rf"test\.txt names test_2_0000_0000 twice \(lines {first + 1} and {len(lines) + 1} ",
+    ):
+        find_triplets(root, "test")
+
+
 def test_missing_root_message(tmp_path):
     with pytest.raises(DatasetNotFoundError) as err:
         find_triplets(tmp_path / "nowhere", "train")

@@ -156,6 +156,14 @@ def find_triplets(root: str | Path, split: Split, layout: Layout = "auto") -> li
         names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         if not names:
             raise LayoutError(f"split list {listing} is empty")
+        seen: dict[str, int] = {}
+        for number, name in enumerate(names, 1):
+            if Path(name).stem in seen:  # its pair would be trained on or scored twice
+                raise LayoutError(
+                    f"split list {listing} names {Path(name).stem} twice (lines "
+                    f"{seen[Path(name).stem]} and {number} among its non-blank lines)"
+                )
+            seen[Path(name).stem] = number
         return pair_folder(root, names)
     raise ValueError(
         f"data.layout={layout!r} is not allowed; expected one of {', '.join(get_args(Layout))}"
