@@ -49,6 +49,17 @@ CLI_CASES = [
         ["ckpt_path=x.ckpt", "input.dir=.", "++predict.resum=true"],
         "predict.resum: unknown key",
     ),
+    # plain keys outside every _target_ node: a switch given as text would be taken as true
+    (
+        "predict.py",
+        ["ckpt_path=x.ckpt", "input.dir=.", "predict.resume=no"],
+        "predict.resume='no' must be true or false",
+    ),
+    (
+        "eval.py",
+        ["ckpt_path=x.ckpt", "threshold=abc", "post_share=maybe"],
+        "threshold='abc' must be a number (like its default, 0.5)\n  post_share='maybe' must be",
+    ),
 ]
 
 

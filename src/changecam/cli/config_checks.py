@@ -73,6 +73,7 @@ def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
         for message in check_node(path, node, import_targets)
     ]
     errors += added_key_problems(cfg, tree)
+    errors += plain_value_problems(tree)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -130,6 +131,62 @@ def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
         close = difflib.get_close_matches(name, siblings, n=1)
         hint = f"; did you mean '{'.'.join([*parents, close[0]])}'?" if close else ""
         problems.append(f"{key}: unknown key (+/++ added it, but nothing reads it{hint})")
+    return problems
+
+
+def plain_value_problems(tree: dict[str, Any]) -> list[str]:
+    """Overridden keys outside every ``_target_`` node whose value is not of the type of the
+    command's own value: a switch given as ``predict.resume=no`` (a string, which Python would
+    take as true) or a number as ``threshold=abc``. Keys whose own value is ``null``, a string
+    or a container are left to their consumer.
+
+    Needs the run's Hydra config, like :func:`added_key_problems`.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not HydraConfig.initialized():
+        return []
+    hydra_cfg = HydraConfig.get()
+    groups = set(hydra_cfg.runtime.choices)
+    targets = {path for path, _ in target_nodes(tree)}
+    checked = []
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if override.is_delete() or key.startswith("hydra") or key in groups or "/" in key:
+            continue
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in targets for i in range(1, len(parts) + 1)):
+            continue  # inside a _target_ node: its signature is checked
+        value: Any = tree
+        for part in parts:
+            value = _child(value, part)
+        if isinstance(value, (str, int, float)):  # bool is an int
+            checked.append((override.input_line, key, value))
+    if not checked:
+        return []
+    dropped = {line for line, _, _ in checked}
+    kept = [o for o in hydra_cfg.overrides.task if o not in dropped]
+    try:
+        base = OmegaConf.to_container(
+            _compose_again(hydra_cfg.job.config_name, [*hydra_cfg.overrides.hydra, *kept]),
+            resolve=True,
+        )
+    except Exception:  # cannot tell the command's own values: the other checks still run
+        return []
+    problems = []
+    for _, key, value in checked:
+        own: Any = base
+        for part in key.split("."):
+            own = _child(own, part)
+        if isinstance(own, bool) and not isinstance(value, bool):
+            problems.append(f"{key}={value!r} must be true or false")
+        elif (
+            isinstance(own, (int, float))
+            and not isinstance(own, bool)
+            and (isinstance(value, bool) or not isinstance(value, (int, float)))
+        ):
+            problems.append(f"{key}={value!r} must be a number (like its default, {own})")
     return problems
 
 
