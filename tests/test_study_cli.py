@@ -7,7 +7,7 @@ import json
 import pytest
 
 from changecam.cli.config_checks import ConfigError
-from changecam.cli.study import per_architecture, study_settings, zoo_architectures
+from changecam.cli.study import per_architecture, study_settings, train_zoo, zoo_architectures
 from helpers import compose_train, run_script
 
 
@@ -43,6 +43,21 @@ def test_study_needs_checkpoints_or_train_zoo(tmp_path):
     assert proc.returncode == 1
     assert "either study.checkpoints" in proc.stderr
     assert not (tmp_path / "run" / "study.json").exists()
+
+
+def test_a_failed_zoo_training_names_the_log_it_wrote(tmp_path):
+    cfg = compose_train(
+        tmp_path,
+        [
+            f"study.zoo_dir={tmp_path}/zoo",
+            "study.train_overrides=['experiment=quickstart','logger=none','model.fusion=dif']",
+        ],
+        config_name="study",
+    )
+    with pytest.raises(RuntimeError, match="training siamese_unet for the study failed") as err:
+        train_zoo(cfg, ["siamese_unet"])
+    log = str(err.value).split("see ")[1].split(" and the output")[0]
+    assert log.endswith("quickstart.log") and "model.fusion='dif'" in open(log).read()
 
 
 @pytest.mark.slow

@@ -127,9 +127,10 @@ def train_zoo(cfg: DictConfig, architectures: list[str]) -> dict[str, Path]:
         ]
         done = subprocess.run(command, cwd=cfg.paths.root_dir, check=False)
         if done.returncode != 0 or not best.is_file():
+            logs = sorted(run_dir.glob("*.log"))  # <task_name>.log, e.g. quickstart.log
             raise RuntimeError(
                 f"training {arch} for the study failed (exit status {done.returncode}); see "
-                f"{run_dir / 'train.log'}"
+                f"{logs[0] if logs else run_dir} and the output above"
             )
         checkpoints[arch] = best
     return checkpoints
