@@ -356,10 +356,10 @@ def test_predict_stops_at_once_on_a_full_disk_and_resumes(
     if where == LOG_FILE:  # the header and a's line go through; b's line does not
         real = predict_module.PredictionLog.done
 
-        def done(self, row):
+        def done(self, row, stamps):
             if row["name"] == "b":
                 fill_device(monkeypatch, LOG_FILE)
-            real(self, row)
+            real(self, row, stamps)
 
         monkeypatch.setattr(predict_module.PredictionLog, "done", done)
     else:
@@ -457,6 +457,27 @@ def test_without_resume_an_earlier_run_starts_over(tmp_path, ckpt, pairs):
     expected = {f"{k}/{n}.png" for n in "ab" for k in ("masks", "probabilities")}
     assert set(outputs(run)) == expected | {LOG_FILE, REPORT_FILE}, "c's old files are gone"
     assert [r["status"] for r in log_lines(run)] == ["started", "done", "done"]
+
+
+def test_a_resume_predicts_a_pair_again_when_its_files_changed(tmp_path, ckpt, pairs, monkeypatch):
+    """A replaced input file (same name) is predicted again; a pair no longer in the inputs
+    loses its files, which would otherwise look like this run's."""
+    run = tmp_path / "run"
+    run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN])
+    before = (run / "probabilities" / "a.png").read_bytes()
+    rng = np.random.default_rng(1)
+    write_png(pairs / "B" / "a.png", rng.integers(0, 256, (32, 32, 3), np.uint8))
+    for date in "AB":
+        (pairs / date / "c.png").unlink()
+    computed = count_pairs(monkeypatch)
+    report = run_predict(
+        tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN, "predict.resume=true"]
+    )
+    assert computed == ["a"]
+    assert [p["name"] for p in report["pairs"]] == ["a", "b"]
+    assert (run / "probabilities" / "a.png").read_bytes() != before
+    expected = {f"{k}/{n}.png" for n in "ab" for k in ("masks", "probabilities")}
+    assert set(outputs(run)) == expected | {LOG_FILE, REPORT_FILE}, "c's old files are gone"
 
 
 # --- train: a full disk -------------------------------------------------------------------

@@ -24,8 +24,9 @@ window in bounded memory.
 ``predictions.jsonl`` beside it is the run's log: a header line with the settings, then one
 line per pair, appended (and fsynced) once all of that pair's files are written, so a killed
 run says exactly what it finished. ``predict.resume=true`` in the same run directory
-(``hydra.run.dir=<it>``) keeps the pairs the log lists as done whose files are all there,
-predicts the others and writes the full ``predictions.json``; it refuses a log started with
+(``hydra.run.dir=<it>``) keeps the pairs the log lists as done whose files are all there
+and whose input files have the size and modification time the log recorded, predicts the
+others, removes the files of logged pairs no longer among the inputs and writes the full ``predictions.json``; it refuses a log started with
 another checkpoint, threshold, sliding window or explanation settings. Without it, a run
 directory holding an earlier run's log starts over: the files that log lists, the log and
 ``predictions.json`` are removed first.
@@ -268,6 +269,19 @@ def pair_inputs(pair: Triplet) -> dict[str, str | None]:
     }
 
 
+def input_stamps(pair: Triplet) -> dict[str, list[int] | None]:
+    """Size and modification time of each input file: a resume predicts a pair again when one
+    of its files was replaced since it was logged."""
+
+    def stamp(path: Path | None) -> list[int] | None:
+        if path is None:
+            return None
+        stat = Path(path).stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
+    return {"pre": stamp(pair.pre), "post": stamp(pair.post), "label": stamp(pair.label)}
+
+
 @dataclass(frozen=True)
 class PredictionLog:
     """``predictions.jsonl``: a ``started`` line with the run's settings, then a ``done`` line
@@ -289,7 +303,8 @@ class PredictionLog:
         return bool(files) and all(p.is_file() and p.stat().st_size > 0 for p in files)
 
     def start(self, settings: dict[str, Any], resume: bool) -> dict[str, dict[str, Any]]:
-        """Begin (or, with ``resume``, continue) the log; returns the complete rows by name.
+        """Begin (or, with ``resume``, continue) the log; returns the ``done`` lines of complete
+        pairs by name (``pair``: the row, ``stamps``: :func:`input_stamps` when logged).
 
         ``predictions.json`` goes next (after the settings check), so that from here on a kill
         leaves no finished-looking run. Without ``resume`` an earlier log, and the files it
@@ -318,11 +333,11 @@ class PredictionLog:
             write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
             return {}
         done = {
-            r["pair"]["name"]: r["pair"]
+            r["pair"]["name"]: r
             for r in records
             if r.get("status") == "done" and self.complete(r["pair"])
         }
-        lines = [header] + [{"status": "done", "pair": row} for row in done.values()]
+        lines = [header, *done.values()]
         write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
         log.info("resuming %s: %d pair(s) already done", self.run_dir, len(done))
         return done
@@ -353,8 +368,8 @@ class PredictionLog:
                 if root in path.parents:
                     path.unlink(missing_ok=True)
 
-    def done(self, row: dict[str, Any]) -> None:
-        append_json_line(self.path, {"status": "done", "pair": row})
+    def done(self, row: dict[str, Any], stamps: dict[str, Any]) -> None:
+        append_json_line(self.path, {"status": "done", "pair": row, "stamps": stamps})
 
     def failed(self, entry: dict[str, str]) -> None:
         append_json_line(self.path, {"status": "failed", "pair": entry})
@@ -413,10 +428,20 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     for pair in tqdm(pairs, desc="predict", unit="pair"):
-        earlier = resumed.get(pair.name)
-        if earlier is not None and earlier.get("inputs") == pair_inputs(pair):
-            rows.append(earlier)
+        earlier = resumed.pop(pair.name, None)
+        stamps = input_stamps(pair)
+        if (
+            earlier is not None
+            and earlier["pair"].get("inputs") == pair_inputs(pair)
+            and earlier.get("stamps") == stamps
+        ):
+            rows.append(earlier["pair"])
             continue
+        if earlier is not None:  # its inputs changed: none of its old files may stay
+            log.info(
+                "pair %s: its input files changed since it was logged, predicting again", pair.name
+            )
+            pair_log.remove_files([earlier])
         try:
             result = predict_pair(net, pair, spec, threshold, settings, device, roi)
             files = result.save(output_dir)
@@ -441,13 +466,20 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         row["files"] = files
         row = strict_json(row)
         try:  # after all of the pair's files: the log never lists a partial pair
-            pair_log.done(row)
+            pair_log.done(row, stamps)
         except BaseException:  # not logged (a full disk): its files would look finished
             for rel in files.values():
                 (output_dir / rel).unlink(missing_ok=True)
             raise
         rows.append(row)
         del result  # one pair's images and maps in memory at a time
+    if resumed:  # logged pairs this run's inputs no longer hold: their files would look finished
+        log.warning(
+            "removing the files of %d logged pair(s) that are not among this run's inputs: %s",
+            len(resumed),
+            ", ".join(sorted(resumed)),
+        )
+        pair_log.remove_files(list(resumed.values()))
 
     report = {
         "checkpoint": str(cfg.ckpt_path),
