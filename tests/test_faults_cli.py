@@ -203,3 +203,17 @@ def test_every_command_logs_its_config_before_it_fails(tmp_path, script, overrid
     text = log.read_text()
     assert "config:\n" in text and f"task_name: {task}\n" in text, text[:2000]
     assert f"{overrides[0].replace('=', ': ', 1)}\n" in text or "- missing.ckpt" in text
+
+
+def test_the_resume_hint_names_ckpt_path_last_only_once_there_is_one(tmp_path):
+    """A run stopped before its first checkpoint has nothing to resume: ``ckpt_path=last``
+    would fail with "last.ckpt does not exist"."""
+    from changecam.cli.common import resume_hint
+
+    cfg = compose_train(tmp_path, ["experiment=quickstart"])
+    assert resume_hint(cfg).startswith("run it again (it stopped before its first checkpoint")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"saved")
+    assert resume_hint(cfg) == (
+        f"resume it with the same command and ckpt_path=last hydra.run.dir={tmp_path / 'run'}"
+    )

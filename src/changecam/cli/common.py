@@ -125,9 +125,17 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 def resume_hint(cfg: DictConfig) -> str:
     """How to resume this run from its last checkpoint: in its run folder, or in a sweep, its
     sweep folder (``hydra.run.dir`` is not read under ``-m``). Only a fitting ``train.py``
-    run resumes; other commands (eval.py, ``train=false``) are run again."""
+    run that wrote its ``last.ckpt`` resumes; other commands (eval.py, ``train=false``) are run
+    again. (A sweep resumes its jobs without one anew.)"""
     if not cfg.get("train"):
         return "run it again"
+    if (
+        not is_multirun()
+        and not (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
+    ):
+        return (
+            "run it again (it stopped before its first checkpoint, so there is nothing to resume)"
+        )
     if is_multirun():
         return (
             f"resume its sweep with the same command and ckpt_path=last "
