@@ -301,6 +301,8 @@ def test_resume_from_a_plain_state_dict_says_what_resuming_needs(tmp_path, tiny_
     ) as err:
         train(resume_cfg(tmp_path, tiny_synthetic, path))
     assert str(path) in str(err.value) and "last.ckpt" in str(err.value)
+    assert f"module.init_from={path}" in str(err.value)
+    assert "model=siamese_unet" in str(err.value)  # the config that fits it
     assert finished_outputs(tmp_path / "run") == []
 
 

@@ -352,7 +352,8 @@ def check_resume_checkpoint(path: str | Path, net: nn.Module) -> None:
         raise CheckpointError(
             f"{path} is a plain state_dict, not a checkpoint written by train.py: resuming needs "
             "the optimiser and loop state of a Lightning checkpoint (<run dir>/checkpoints/"
-            "last.ckpt); a plain state_dict can be evaluated with eval.py ckpt_path=... model=..."
+            "last.ckpt); to start a new run from its weights use module.init_from="
+            f"{path}, and a plain state_dict can be evaluated with eval.py ckpt_path=... model=..."
             + (f" ({hint})" if hint else "")
         )
     cfg = network_config(net) or {"_target_": f"{type(net).__module__}.{type(net).__qualname__}"}
