@@ -198,6 +198,39 @@ def test_bad_inputs_are_refused_before_writing(tmp_path, tiny_ckpt, pair_dir):
     assert not (tmp_path / "run" / "explanations.json").exists()
 
 
+def test_an_unreadable_pair_fails_alone_and_a_rerun_keeps_no_earlier_file(
+    tmp_path, tiny_ckpt, pair_dir
+):
+    """A label holding 0, 1 and 2 fails its pair only: the other is explained and listed, the
+    command fails naming it. A rerun into the same folder with one pair leaves no file of the
+    first run's other pair (nor its explanations.json) looking like its own."""
+    from changecam.cli.explain import PairFailure
+
+    bad = tmp_path / "bad"
+    shutil.copytree(pair_dir, bad)
+    first, second = sorted(p.name for p in (bad / "label").iterdir())
+    label = read_label(pair_dir / "label" / first)
+    write_png(bad / "label" / first, np.minimum(label.astype(np.uint8) * 2 + (label == 0), 2))
+    with pytest.raises(PairFailure, match=rf"1 of 2 pair\(s\) failed.*\({Path(first).stem}\)"):
+        run_explain(tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={bad}"])
+    run = tmp_path / "run"
+    saved = json.loads((run / "explanations.json").read_text())
+    assert [r["name"] for r in saved["pairs"]] == [Path(second).stem]
+    assert [f["name"] for f in saved["failed"]] == [Path(first).stem]
+    assert sorted(p.name for p in (run / "panels").iterdir()) == [second]
+
+    run_explain(
+        tmp_path,
+        [
+            f"ckpt_path={tiny_ckpt}",
+            f"input.pre={pair_dir / 'A' / first}",
+            f"input.post={pair_dir / 'B' / first}",
+        ],
+    )
+    assert sorted(p.name for p in (run / "panels").iterdir()) == [first]
+    assert sorted(p.name for p in (run / "maps").iterdir()) == [f"{Path(first).stem}.npz"]
+
+
 def test_pipeline_padding_keeps_the_target_inside_the_image():
     torch.manual_seed(1)
     net = SiameseUNet(3, 4, 3).eval()  # sides must be multiples of 8

@@ -146,14 +146,15 @@ def resume_hint(cfg: DictConfig) -> str:
     )
 
 
-def prepare_run(cfg: DictConfig) -> Path:
+def prepare_run(cfg: DictConfig, results: tuple[str, ...] = ()) -> Path:
     """The set-up every command starts with; returns the run directory.
 
     Runs the config guards (unknown keys, invalid choices, switches this machine cannot honour)
     before anything is built, then (``print_config``) writes the whole config to the log file
     and a one-line summary to the console, removes the temporary files a killed run left in the
-    run directory (:func:`~changecam.atomic.remove_stale_temporaries`), and fills in the W&B
-    run id and sweep group.
+    run directory (:func:`~changecam.atomic.remove_stale_temporaries`) and the ``results``
+    files an earlier run left there (a run into the same ``hydra.run.dir`` that failed would
+    leave them looking like its own), and fills in the W&B run id and sweep group.
     """
     check_config(cfg)
     check_device(cfg)
@@ -163,6 +164,10 @@ def prepare_run(cfg: DictConfig) -> Path:
         log.info("%s (whole config: %s)", config_summary(), output_dir / ".hydra" / "config.yaml")
     for path in remove_stale_temporaries(output_dir):
         log.info("removed %s, a temporary file of a killed run", path)
+    for name in results:
+        if (output_dir / name).is_file():
+            (output_dir / name).unlink(missing_ok=True)  # (every DDP rank runs this)
+            log.warning("removed %s, written by an earlier run in this folder", output_dir / name)
     configure_wandb(cfg, output_dir)
     return output_dir
 

@@ -53,7 +53,7 @@ EvalSplit = Literal["val", "test"]
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` on ``cfg.split``; write ``metrics.json`` and ``per_image.csv``."""
-    output_dir = prepare_run(cfg)
+    output_dir = prepare_run(cfg, results=("metrics.json", "per_image.csv"))
     split = checked_choice(cfg.get("split", "test"), EvalSplit, "split")
     threshold = checked_threshold(cfg.threshold)
     device = resolve_device(cfg.get("device", "auto"))

@@ -7,16 +7,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from changecam.atomic import write_json
+from changecam.atomic import DiskFullError, disk_full_error, write_json
 from changecam.cli.common import (
     checked_threshold,
     explain_settings,
+    failure_message,
     load_model,
     log,
     mean_post_shares,
@@ -30,6 +32,12 @@ from changecam.data.layout import Triplet, input_pairs
 from changecam.explain import ExplainSettings, choose_layer, explain_pair, resolve_taps
 from changecam.metrics import mean_of
 from changecam.models.inference import inference_network
+
+REPORT_FILE = "explanations.json"
+
+
+class PairFailure(RuntimeError):
+    """Some pairs failed (the others were explained)."""
 
 
 def check_pairs(
@@ -65,10 +73,37 @@ def mean_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def remove_earlier_run(output_dir: Path) -> None:
+    """An earlier run's ``explanations.json`` in this run directory, and the panels and maps it
+    lists: a rerun that fails, or explains fewer pairs, would otherwise leave them beside its
+    own as if they were."""
+    report = output_dir / REPORT_FILE
+    if not report.is_file():
+        return
+    try:
+        rows = json.loads(report.read_text()).get("pairs", [])
+    except (OSError, ValueError, AttributeError):
+        rows = []
+    root = output_dir.resolve()
+    for row in rows if isinstance(rows, list) else []:
+        files = row.get("files", {}) if isinstance(row, dict) else {}
+        for rel in files.values() if isinstance(files, dict) else []:
+            path = (output_dir / str(rel)).resolve()
+            if root in path.parents:
+                path.unlink(missing_ok=True)
+    report.unlink(missing_ok=True)
+    log.warning("removed the panels, maps and %s of an earlier explain run in this folder", report)
+
+
 @task_wrapper
 def explain(cfg: DictConfig) -> dict[str, Any]:
-    """Explain every input pair; write panels, maps and ``explanations.json``; return the JSON."""
+    """Explain every input pair; write panels, maps and ``explanations.json``; return the JSON.
+
+    A pair that cannot be read fails alone (logged, listed under ``failed``); the others are
+    explained, and the command then fails naming the failed ones.
+    """
     output_dir = prepare_run(cfg)
+    remove_earlier_run(output_dir)
     threshold = checked_threshold(cfg.threshold)
     settings = explain_settings(cfg, threshold)
     if settings is None:
@@ -80,20 +115,33 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     model = inference_network(load_model(cfg)[0], device)
     layers = settings.layers(model)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
     for t in tqdm(pairs, desc="explain", unit="pair"):
-        label = read_label(t.label) if t.label is not None else None
-        result = explain_pair(
-            model,
-            read_image(t.pre),
-            read_image(t.post),
-            label=label,
-            roi=roi,
-            name=t.name,
-            settings=settings,
-            device=device,
-        )
-        files = result.save(output_dir, maps=bool(cfg.get("save_maps", True)))
+        try:
+            label = read_label(t.label) if t.label is not None else None
+            result = explain_pair(
+                model,
+                read_image(t.pre),
+                read_image(t.post),
+                label=label,
+                roi=roi,
+                name=t.name,
+                settings=settings,
+                device=device,
+            )
+            files = result.save(output_dir, maps=bool(cfg.get("save_maps", True)))
+        except DiskFullError:
+            raise
+        except (ValueError, OSError, RuntimeError) as err:
+            full = disk_full_error(err)
+            if full is not None:
+                raise full from err
+            log.error("pair %s failed: %s", t.name, err)
+            failed.append(
+                {"name": t.name, "pre": str(t.pre), "post": str(t.post), "error": str(err)}
+            )
+            continue
         row = result.summary()
         row["inputs"] = {
             "pre": str(t.pre),
@@ -123,8 +171,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         },
         "mean": mean_summary(rows),
         "pairs": rows,
+        "failed": failed,
     }
-    write_json(output_dir / "explanations.json", report)
+    write_json(output_dir / REPORT_FILE, report)
     gaps = ", ".join(
         f"{r['name']} {r['faithfulness_gap']:.3f}"
         if r["faithfulness_gap"] is not None
@@ -137,5 +186,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     if mean["faithfulness_gap"] is not None:
         print(
             f"mean faithfulness gap ({report['faithfulness']['layer']}): {mean['faithfulness_gap']:.3f}"
+        )
+    if failed:
+        raise PairFailure(
+            failure_message(failed, len(pairs), "pair(s) failed", output_dir / REPORT_FILE)
         )
     return report

@@ -227,7 +227,7 @@ def study_settings(cfg: DictConfig, arch: str) -> StudySettings:
 def study(cfg: DictConfig) -> dict[str, Any]:
     """Train (optionally), study every model, write ``study.json`` and ``report.md``."""
     started = time.perf_counter()
-    output_dir = prepare_run(cfg)
+    output_dir = prepare_run(cfg, results=("study.json", "report.md"))
     if bool(cfg.study.train_zoo) == bool(cfg.study.checkpoints):
         raise ConfigError(
             "study: give either study.checkpoints=[a.ckpt,...] or study.train_zoo=true (not both)"

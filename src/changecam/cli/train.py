@@ -102,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     invalid choices and switches this machine cannot honour stop the run before anything is
     built.
     """
-    output_dir = prepare_run(cfg)
+    output_dir = prepare_run(cfg, results=("metrics.json",))
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
