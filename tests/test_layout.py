@@ -124,6 +124,24 @@ def test_prediction_folder_without_labels(tmp_path):
     assert t.label is None and t.name == "x"
 
 
+def test_a_missing_optional_label_leaves_its_pair_unlabelled(tmp_path, caplog):
+    """predict's and explain's label/ is optional: one pair without a label (or a label
+    without a pair) is named in a warning, not a refusal of the whole run."""
+    img = np.zeros((8, 8, 3), np.uint8)
+    for name in ("x", "y"):
+        for sub in ("A", "B"):
+            write_png(tmp_path / sub / f"{name}.png", img)
+    write_png(tmp_path / "label" / "y.png", img[..., 0])
+    write_png(tmp_path / "label" / "z.png", img[..., 0])
+    with caplog.at_level("WARNING"):
+        x, y = pair_folder(tmp_path, require_label=False)
+    assert (x.name, x.label, y.label) == ("x", None, tmp_path / "label" / "y.png")
+    assert "1 pair(s) have no label in" in caplog.text and ": x" in caplog.text
+    assert "1 label(s) in" in caplog.text and "have no pair, not used: z" in caplog.text
+    with pytest.raises(LayoutError, match=r"label/z\.png has no partner .*A/z\.png"):
+        pair_folder(tmp_path)  # a training set's labels are not optional
+
+
 def test_committed_fixture_is_small_and_in_the_real_format(levir256_tiny):
     files = sorted(p for p in levir256_tiny.rglob("*") if p.is_file())
     assert sum(p.stat().st_size for p in files) < 256 * 1024

@@ -12,9 +12,12 @@ Pairing is strict by file name without its suffix, so images and masks may diffe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
+
+log = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
 Layout = Literal["auto", "levir", "levir256"]
@@ -91,7 +94,9 @@ def pair_folder(
     Args:
         folder: directory holding ``A/``, ``B/`` and (if ``require_label``) ``label/``.
         names: file names to take (e.g. from a ``list/*.txt``); default: every image in ``A/``.
-        require_label: whether ``label/`` must exist. Without it, labels are used when present.
+        require_label: whether ``label/`` must exist and hold every pair's label. Without it,
+            labels are used when present: a pair without one (or a label without its pair) is
+            named in a warning and the pair is taken unlabelled.
         suffixes: the file suffixes (lower case) taken as images.
 
     Raises:
@@ -111,15 +116,33 @@ def pair_folder(
         else [(stem, path.name) for stem, path in pre.items()]
     )
     if names is None:
-        for found in (post, label) if has_label else (post,):
+        for found in (post, label) if has_label and require_label else (post,):
             extra = sorted(set(found) - set(pre))
             if extra:
                 raise LayoutError(
                     f"{found[extra[0]]} has no partner {folder / 'A' / found[extra[0]].name}"
                 )
+    if has_label and not require_label:
+        unlabelled = sorted(stem for stem, _ in wanted if stem not in label)
+        orphans = sorted(set(label) - {stem for stem, _ in wanted})
+        if unlabelled:
+            log.warning(
+                "%d pair(s) have no label in %s, taken unlabelled: %s",
+                len(unlabelled),
+                folder / "label",
+                ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else ""),
+            )
+        if orphans:
+            log.warning(
+                "%d label(s) in %s have no pair, not used: %s",
+                len(orphans),
+                folder / "label",
+                ", ".join(orphans[:10]) + (" ..." if len(orphans) > 10 else ""),
+            )
     triplets = []
     for stem, shown in wanted:
-        for sub, found in (("A", pre), ("B", post)) + ((("label", label),) if has_label else ()):
+        required = (("label", label),) if has_label and require_label else ()
+        for sub, found in (("A", pre), ("B", post)) + required:
             if stem not in found:
                 raise LayoutError(
                     f"{folder / sub / shown} is missing (no file named {stem} with any of the "
