@@ -60,6 +60,23 @@ def test_a_failed_zoo_training_names_the_log_it_wrote(tmp_path):
     assert log.endswith("quickstart.log") and "model.fusion='dif'" in open(log).read()
 
 
+def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synthetic, monkeypatch):
+    import changecam.cli.study as study_module
+    from test_checkpoint import make_lightning_checkpoint
+
+    good = make_lightning_checkpoint(tmp_path / "good" / "best.ckpt", tiny_synthetic, steps=1)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[:4000])
+    studied = []
+    monkeypatch.setattr(study_module, "study_model", lambda *a, **k: studied.append(a))
+    cfg = compose_train(
+        tmp_path, [f"study.checkpoints=[{good},{cut}]", "logger=none"], config_name="study"
+    )
+    with pytest.raises(Exception, match="cut.ckpt"):
+        study_module.study(cfg)
+    assert studied == []
+
+
 @pytest.mark.slow
 def test_study_trains_a_tiny_zoo_and_writes_the_report(tmp_path):
     tiny = [

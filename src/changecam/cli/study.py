@@ -236,6 +236,8 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     names = zoo_architectures(cfg.study.get("zoo")) if cfg.study.train_zoo else list(given)
     for name in names:  # bad study values fail here, before any training
         study_settings(cfg, name)
+    for path in given.values():  # a bad checkpoint fails here, not after the models before it
+        read_checkpoint(path)
     device = resolve_device(cfg.device)
     root = study_root(cfg)
     images = read_split(root, cfg.study.split, cfg.study.get("max_images"))
