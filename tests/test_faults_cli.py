@@ -217,3 +217,14 @@ def test_the_resume_hint_names_ckpt_path_last_only_once_there_is_one(tmp_path):
     assert resume_hint(cfg) == (
         f"resume it with the same command and ckpt_path=last hydra.run.dir={tmp_path / 'run'}"
     )
+
+
+def test_a_device_that_is_not_one_and_a_missing_roi_are_named(tmp_path):
+    from changecam.cli.common import read_roi, resolve_device
+    from changecam.explain import ExplainSettings
+
+    with pytest.raises(ValueError, match="device='gpu' is not a device: use auto, cpu, cuda"):
+        resolve_device("gpu")
+    missing = tmp_path / "roi.png"
+    with pytest.raises(FileNotFoundError, match=f"explain.roi={missing}: no such file"):
+        read_roi(ExplainSettings(roi=str(missing), target="roi"))

@@ -286,6 +286,13 @@ def test_freeze_names_are_checked():
     )
 
 
+def test_freezing_every_part_or_a_threshold_outside_0_1_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"module.freeze=\['\*'\] freezes every parameter"):
+        ChangeDetectionModule(SiameseUNet(3, 4, 2), freeze=["*"])
+    with pytest.raises(ValueError, match=r"module.threshold=2 must be a probability in \[0, 1\)"):
+        ChangeDetectionModule(SiameseUNet(3, 4, 2), threshold=2)
+
+
 def test_module_keys_pass_the_config_checks(tmp_path, tiny_synthetic):
     cfg = compose_train(
         tmp_path,

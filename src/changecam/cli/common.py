@@ -253,7 +253,12 @@ def resolve_device(name: str) -> torch.device:
     """``device`` config value -> :class:`torch.device`; ``auto`` picks CUDA when available."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={name!r} is not a device: use auto, cpu, cuda or cuda:<index>"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
     return device
@@ -322,6 +327,8 @@ def mean_post_shares(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | 
 
 def read_roi(settings: ExplainSettings) -> Any:
     """The ``explain.roi`` mask (``None`` without one); ``target=roi`` requires it."""
+    if settings.roi and not Path(settings.roi).is_file():
+        raise FileNotFoundError(f"explain.roi={settings.roi}: no such file")
     roi = read_label(settings.roi) if settings.roi else None
     if settings.target == "roi" and roi is None:
         raise ValueError("explain.target=roi needs explain.roi=<mask image>")

@@ -109,6 +109,8 @@ class ChangeDetectionModule(L.LightningModule):
         super().__init__()
         if loss is not None and loss not in LOSSES:
             raise ValueError(f"module.loss={loss!r} is not allowed; expected one of {LOSSES}")
+        if not 0.0 <= threshold < 1.0:  # as eval.py, predict.py and explain.py check theirs
+            raise ValueError(f"module.threshold={threshold} must be a probability in [0, 1)")
         freeze = [str(name) for name in freeze or ()]  # plain values: weights-only checkpoints
         init_include = [str(name) for name in init_include or ()]
         if init_include and init_from is None:
@@ -119,6 +121,11 @@ class ChangeDetectionModule(L.LightningModule):
         init_from = str(init_from) if init_from is not None else None
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer", "scheduler"])
         self.frozen: FrozenParts = freeze_parts(net, freeze)  # a bad name fails before loading
+        if freeze and not any(p.requires_grad for p in net.parameters()):
+            raise ValueError(
+                f"module.freeze={freeze} freezes every parameter of the network: nothing would "
+                "be trained; leave at least one part out (e.g. the decoder or the head)"
+            )
         self.init_report: InitReport | None = None
         if init_from is not None:
             self.init_report = load_initial_weights(
