@@ -151,3 +151,11 @@ def test_a_long_map_title_shrinks_to_its_axes_and_a_short_one_keeps_its_size():
     default = FontProperties(size=rcParams["axes.titlesize"]).get_size_in_points()
     short = render_module._fit_title(axes[1, 0], "pre HiResCAM enc4", renderer)
     assert long.get_fontsize() < short.get_fontsize() == default
+
+
+def test_a_mask_with_a_one_pixel_side_keeps_both_sides():
+    from changecam.explain.render import to_mask
+
+    assert to_mask(np.ones((1, 1, 1))).shape == (1, 1)  # was squeezed to shape ()
+    assert to_mask(torch.ones(1, 1, 1, 7)).shape == (1, 7)
+    assert to_mask(np.ones((6, 1))).shape == (6, 1)

@@ -67,7 +67,9 @@ def to_mask(mask: np.ndarray | Tensor) -> np.ndarray:
     """bool H×W from an H×W, 1×H×W array or tensor."""
     if isinstance(mask, Tensor):
         mask = mask.detach().cpu().numpy()
-    mask = np.asarray(mask).squeeze()
+    mask = np.asarray(mask)
+    while mask.ndim > 2 and mask.shape[0] == 1:  # not squeeze(): a 1-pixel side is a side
+        mask = mask[0]
     if mask.ndim != 2:
         raise ValueError(f"expected an H×W mask, got shape {mask.shape}")
     return mask > 0.5 if mask.dtype.kind == "f" else mask != 0
