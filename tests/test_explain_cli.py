@@ -156,13 +156,18 @@ def test_single_pair_through_the_shim(tmp_path, tiny_ckpt, pair_dir):
 
 
 def test_bad_inputs_are_refused_before_writing(tmp_path, tiny_ckpt, pair_dir):
+    """Settings that do not fit are refused before any file; a pair whose dates differ in size
+    fails alone."""
+    from changecam.cli.explain import PairFailure
+
     bad = tmp_path / "bad"
     shutil.copytree(pair_dir, bad)
     name = sorted(p.name for p in (bad / "B").iterdir())[1]
     write_png(bad / "B" / name, np.zeros((38, 31, 3), np.uint8))
-    with pytest.raises(ValueError, match=f"is 38x30 but .*B/{name} is 38x31"):
-        run_explain(tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={bad}"])
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    with pytest.raises(PairFailure, match=f"is 38x30 but .*B/{name} is 38x31"):
+        run_explain(tmp_path / "sizes", [f"ckpt_path={tiny_ckpt}", f"input.dir={bad}"])
+    saved = json.loads((tmp_path / "sizes" / "run" / "explanations.json").read_text())
+    assert len(saved["pairs"]) == 1 and [f["name"] for f in saved["failed"]] == [Path(name).stem]
     with pytest.raises(
         TapError, match="unknown tap name.*available: \\['pre/input', 'post/input', 'pre/enc1'"
     ):
@@ -218,6 +223,11 @@ def test_an_unreadable_pair_fails_alone_and_a_rerun_keeps_no_earlier_file(
     assert [r["name"] for r in saved["pairs"]] == [Path(second).stem]
     assert [f["name"] for f in saved["failed"]] == [Path(first).stem]
     assert sorted(p.name for p in (run / "panels").iterdir()) == [second]
+    (bad / "B" / first).write_bytes(b"")  # unreadable at its header: fails alone as well
+    with pytest.raises(PairFailure, match=rf"\({Path(first).stem}\)"):
+        run_explain(tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={bad}"])
+    saved = json.loads((run / "explanations.json").read_text())
+    assert [r["name"] for r in saved["pairs"]] == [Path(second).stem]
 
     run_explain(
         tmp_path,

@@ -44,7 +44,7 @@ from changecam.atomic import (
     write_text,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.cli.predict import LOG_FILE, REPORT_FILE, predict
+from changecam.cli.predict import LOG_FILE, REPORT_FILE, PredictionError, predict
 from changecam.cli.train import train
 from changecam.data.io import read_image, write_png
 from changecam.models import SiameseUNet
@@ -475,6 +475,14 @@ def test_a_resume_predicts_a_pair_again_when_its_files_changed(tmp_path, ckpt, p
     )
     assert computed == ["a"]
     assert [p["name"] for p in report["pairs"]] == ["a", "b"]
+    # an input that cannot even be stat()ed (a dangling link) fails its pair alone
+    for date in "AB":
+        (pairs / date / "d.png").symlink_to(pairs / date / "gone.png")
+    with pytest.raises(PredictionError, match=r"1 of 3 pair\(s\) failed.*\(d\)"):
+        run_predict(
+            tmp_path,
+            [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN, "predict.resume=true"],
+        )
     assert (run / "probabilities" / "a.png").read_bytes() != before
     expected = {f"{k}/{n}.png" for n in "ab" for k in ("masks", "probabilities")}
     assert set(outputs(run)) == expected | {LOG_FILE, REPORT_FILE}, "c's old files are gone"

@@ -179,6 +179,14 @@ def test_settings_of_the_wrong_type_are_refused_naming_the_key(setting, value):
         SceneSettings(**{setting: value})
 
 
+def test_an_explanation_method_is_judged_only_when_explained():
+    with pytest.raises(SceneError, match="explain.method='gradcam': a scene is explained with"):
+        SceneSettings(explain_method="gradcam")
+    assert SceneSettings(explain=False, explain_method="gradcam").resumable() == (
+        SceneSettings(explain=False).resumable()
+    )
+
+
 def test_settings_of_the_right_type_are_kept_as_plain_numbers():
     from omegaconf import OmegaConf
 

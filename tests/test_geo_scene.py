@@ -25,6 +25,7 @@ from rasterio.warp import calculate_default_transform, reproject
 from shapely.geometry import box, shape
 
 import changecam.geo.write
+from changecam.cli.config_checks import ConfigError
 from changecam.cli.predict import read_probability
 from changecam.cli.scenes import SceneFailure
 from changecam.data.io import write_png
@@ -462,7 +463,8 @@ def test_rasters_only_and_a_resume_that_adds_the_polygons(
     assert [f["properties"]["pixels"] for f in ours] == [f["properties"]["pixels"] for f in theirs]
     with rasterio.open(folder / "change.tif") as src:
         assert src.overviews(1) == [2, 4]
-    with pytest.raises(SceneError, match="predict.polygons='no' must be true or false"):
+    # refused by the config guard, before the scene (SceneSettings refuses it too, for the API)
+    with pytest.raises(ConfigError, match="predict.polygons='no' must be true or false"):
         run_scene(tmp_path / "bad", ckpt, *pair, "predict.polygons=no")
     assert not (tmp_path / "bad" / "run" / "pre").exists()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -339,3 +340,33 @@ def test_check_value_reads_literal_union_and_plain_annotations():
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (["predict.resume=no"], "predict.resume='no' must be true or false"),
+        (["predict.block_size=big"], "predict.block_size='big' must be a number"),
+        (["predict.resume=true", "threshold=0.3"], None),
+        (["threshold='0.3'"], None),  # text the consumer reads as a number
+        (["threshold=${oc.env:CHANGECAM_TEST_THR,0.3}"], None),  # an interpolation: text
+        # text Python reads as true whatever it says
+        (
+            ["predict.resume=${oc.env:CHANGECAM_TEST_RESUME,false}"],
+            "must be true or false (from an environment variable: "
+            "predict.resume='${oc.decode:${oc.env:NAME}}')",
+        ),
+        (["predict.resume='${oc.decode:${oc.env:CHANGECAM_TEST_RESUME,false}}'"], None),
+        (["predict.gdal_threads=2"], None),  # its default is null: its consumer checks it
+    ],
+)
+def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
+    from changecam.cli.config_checks import ConfigError, check_config
+    from helpers import compose_train
+
+    cfg = compose_train(tmp_path, ["ckpt_path=x.ckpt", "input.dir=.", *overrides], "predict")
+    if problem is None:
+        check_config(cfg, import_targets=False)
+    else:
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            check_config(cfg, import_targets=False)

@@ -96,7 +96,8 @@ def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
     targets = {path for path, _ in target_nodes(tree)}
     unresolved = OmegaConf.to_yaml(cfg)
     added = []
-    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed
+    for override in OverridesParser.create().parse_overrides(task):
         key = override.key_or_group
         if not (override.is_add() or override.is_force_add()) or key.startswith("hydra"):
             continue
@@ -111,7 +112,7 @@ def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
     if not added:
         return []
     dropped = {o.input_line for o, _ in added}
-    kept = [o for o in hydra_cfg.overrides.task if o not in dropped]
+    kept = [o for o in task if o not in dropped]
     try:
         base = OmegaConf.to_container(
             _compose_again(hydra_cfg.job.config_name, [*hydra_cfg.overrides.hydra, *kept]),
@@ -137,8 +138,9 @@ def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
 def plain_value_problems(tree: dict[str, Any]) -> list[str]:
     """Overridden keys outside every ``_target_`` node whose value is not of the type of the
     command's own value: a switch given as ``predict.resume=no`` (a string, which Python would
-    take as true) or a number as ``threshold=abc``. Keys whose own value is ``null``, a string
-    or a container are left to their consumer.
+    take as true) or a number as ``threshold=abc`` (text that reads as a number, as
+    ``seed=${oc.env:SLURM_ARRAY_TASK_ID}`` gives, is a number). Keys whose own value is
+    ``null``, a string or a container are left to their consumer.
 
     Needs the run's Hydra config, like :func:`added_key_problems`.
     """
@@ -151,7 +153,9 @@ def plain_value_problems(tree: dict[str, Any]) -> list[str]:
     groups = set(hydra_cfg.runtime.choices)
     targets = {path for path, _ in target_nodes(tree)}
     checked = []
-    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+    # unresolved: a ListConfig resolves the ${...} inside its strings when they are read
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+    for override in OverridesParser.create().parse_overrides(task):
         key = override.key_or_group
         if override.is_delete() or key.startswith("hydra") or key in groups or "/" in key:
             continue
@@ -166,7 +170,7 @@ def plain_value_problems(tree: dict[str, Any]) -> list[str]:
     if not checked:
         return []
     dropped = {line for line, _, _ in checked}
-    kept = [o for o in hydra_cfg.overrides.task if o not in dropped]
+    kept = [o for o in task if o not in dropped]
     try:
         base = OmegaConf.to_container(
             _compose_again(hydra_cfg.job.config_name, [*hydra_cfg.overrides.hydra, *kept]),
@@ -175,22 +179,33 @@ def plain_value_problems(tree: dict[str, Any]) -> list[str]:
     except Exception:  # cannot tell the command's own values: the other checks still run
         return []
     problems = []
-    for _, key, value in checked:
+    for line, key, value in checked:
         own: Any = base
         for part in key.split("."):
             own = _child(own, part)
         if isinstance(own, bool) and not isinstance(value, bool):
-            problems.append(f"{key}={value!r} must be true or false")
+            # ${oc.env:X} is text, which Python reads as true whatever it says
+            hint = f" (from an environment variable: {key}='${{oc.decode:${{oc.env:NAME}}}}')"
+            problems.append(f"{key}={value!r} must be true or false{hint if '${' in line else ''}")
         elif (
             isinstance(own, (int, float))
             and not isinstance(own, bool)
-            and (isinstance(value, bool) or not isinstance(value, (int, float)))
+            and (isinstance(value, bool) or not (isinstance(value, (int, float)) or _number(value)))
         ):
             problems.append(f"{key}={value!r} must be a number (like its default, {own})")
     return problems
 
 
 _ABSENT = object()
+
+
+def _number(value: Any) -> bool:
+    """Whether ``value`` is text its consumer reads as a number (``seed='7'``)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _child(node: Any, part: str) -> Any:

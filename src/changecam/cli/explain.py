@@ -40,13 +40,26 @@ class PairFailure(RuntimeError):
     """Some pairs failed (the others were explained)."""
 
 
+def failure(t: Triplet, err: Exception) -> dict[str, str]:
+    """A failed pair's entry in ``explanations.json``."""
+    return {"name": t.name, "pre": str(t.pre), "post": str(t.post), "error": str(err)}
+
+
 def check_pairs(
     pairs: list[Triplet], settings: ExplainSettings, roi_size: tuple[int, int] | None
-) -> None:
-    """Refuse, before writing anything, pairs whose sizes differ, that lack what the target
-    needs, or that are larger than ``explain.max_pixels``."""
+) -> tuple[list[Triplet], list[dict[str, str]]]:
+    """Refuse, before writing anything, pairs that lack what the target needs or are larger
+    than ``explain.max_pixels`` (the settings do not fit them). A pair whose files cannot be
+    read or whose sizes differ fails alone: returns the others and the failed ones."""
+    readable, failed = [], []
     for t in pairs:
-        size = pair_size(t)
+        try:
+            size = pair_size(t)
+        except (ValueError, OSError) as err:
+            log.error("pair %s failed: %s", t.name, err)
+            failed.append(failure(t, err))
+            continue
+        readable.append(t)
         if settings.max_pixels is not None and size[0] * size[1] > settings.max_pixels:
             raise ValueError(
                 f"pair {t.name!r} ({t.pre}) is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, "
@@ -60,6 +73,7 @@ def check_pairs(
             )
         if roi_size is not None and roi_size != size:
             raise ValueError(f"explain.roi is {roi_size} but pair {t.name!r} is {size}")
+    return readable, failed
 
 
 def mean_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -103,21 +117,20 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     explained, and the command then fails naming the failed ones.
     """
     output_dir = prepare_run(cfg)
-    remove_earlier_run(output_dir)
     threshold = checked_threshold(cfg.threshold)
     settings = explain_settings(cfg, threshold)
     if settings is None:
         raise ValueError("explain.enabled=false: explain.py has nothing to do")
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
     roi = read_roi(settings)
-    check_pairs(pairs, settings, roi.shape if roi is not None else None)
+    readable, failed = check_pairs(pairs, settings, roi.shape if roi is not None else None)
     device = resolve_device(cfg.get("device", "auto"))
     model = inference_network(load_model(cfg)[0], device)
     layers = settings.layers(model)
+    remove_earlier_run(output_dir)  # once this run's settings and network are known good
 
     rows: list[dict[str, Any]] = []
-    failed: list[dict[str, str]] = []
-    for t in tqdm(pairs, desc="explain", unit="pair"):
+    for t in tqdm(readable, desc="explain", unit="pair"):
         try:
             label = read_label(t.label) if t.label is not None else None
             result = explain_pair(
@@ -138,9 +151,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             if full is not None:
                 raise full from err
             log.error("pair %s failed: %s", t.name, err)
-            failed.append(
-                {"name": t.name, "pre": str(t.pre), "post": str(t.post), "error": str(err)}
-            )
+            failed.append(failure(t, err))
             continue
         row = result.summary()
         row["inputs"] = {

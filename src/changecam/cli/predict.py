@@ -274,10 +274,11 @@ def input_stamps(pair: Triplet) -> dict[str, list[int] | None]:
     of its files was replaced since it was logged."""
 
     def stamp(path: Path | None) -> list[int] | None:
-        if path is None:
+        try:
+            stat = Path(path).stat() if path is not None else None
+        except OSError:  # the pair then fails alone, when it is read
             return None
-        stat = Path(path).stat()
-        return [stat.st_size, stat.st_mtime_ns]
+        return [stat.st_size, stat.st_mtime_ns] if stat is not None else None
 
     return {"pre": stamp(pair.pre), "post": stamp(pair.post), "label": stamp(pair.label)}
 

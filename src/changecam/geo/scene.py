@@ -185,7 +185,7 @@ class SceneSettings:
         for key in ("polygons", "overviews"):
             if type(getattr(self, key)) is not bool:
                 raise SceneError(f"predict.{key}={getattr(self, key)!r} must be true or false")
-        if self.explain_method not in SCENE_METHODS:
+        if self.explain and self.explain_method not in SCENE_METHODS:
             raise SceneError(
                 f"explain.method={self.explain_method!r}: a scene is explained with one of "
                 f"{list(SCENE_METHODS)}"
