@@ -333,11 +333,13 @@ class PredictionLog:
                 )
             write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
             return {}
-        done = {
-            r["pair"]["name"]: r
-            for r in records
-            if r.get("status") == "done" and self.complete(r["pair"])
-        }
+        logged = [r for r in records if r.get("status") == "done"]
+        done = {r["pair"]["name"]: r for r in logged if self.complete(r["pair"])}
+        # a pair with some of its files gone is predicted again: none of the others may stay
+        self.remove_files(
+            [r for r in logged if not self.complete(r["pair"])],
+            keep={rel for r in done.values() for rel in r["pair"].get("files", {}).values()},
+        )
         lines = [header, *done.values()]
         write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
         log.info("resuming %s: %d pair(s) already done", self.run_dir, len(done))
@@ -358,13 +360,16 @@ class PredictionLog:
                 "without predict.resume (or in a new hydra.run.dir) to start over"
             )
 
-    def remove_files(self, records: list[dict[str, Any]]) -> None:
-        """Remove the files the ``done`` lines list (only inside the run directory)."""
+    def remove_files(self, records: list[dict[str, Any]], keep: set[str] = frozenset()) -> None:
+        """Remove the files the ``done`` lines list (only inside the run directory), except
+        those in ``keep`` (relative paths that other lines list)."""
         root = self.run_dir.resolve()
         for record in records:
             if record.get("status") != "done":
                 continue
             for rel in record["pair"].get("files", {}).values():
+                if rel in keep:
+                    continue
                 path = (self.run_dir / rel).resolve()
                 if root in path.parents:
                     path.unlink(missing_ok=True)
