@@ -55,6 +55,12 @@ CLI_CASES = [
         ["ckpt_path=x.ckpt", "input.dir=.", "predict.resume=no"],
         "predict.resume='no' must be true or false",
     ),
+    # a hydra.* override with an interpolation (read as typed, not resolved) keeps the guard on
+    (
+        "eval.py",
+        ["ckpt_path=x.ckpt", "post_share=no", "hydra.run.dir=out/${hydra.job.override_dirname}"],
+        "post_share='no' must be true or false",
+    ),
     (
         "eval.py",
         ["ckpt_path=x.ckpt", "threshold=abc", "post_share=maybe"],

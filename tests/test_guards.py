@@ -348,7 +348,8 @@ def _clear_hydra():
         (["predict.resume=no"], "predict.resume='no' must be true or false"),
         (["predict.block_size=big"], "predict.block_size='big' must be a number"),
         (["predict.resume=true", "threshold=0.3"], None),
-        (["threshold='0.3'"], None),  # text the consumer reads as a number
+        (["threshold='0.3'", "sliding_window.window='64'"], None),  # text that reads as a number
+        (["sliding_window.window=${oc.env:CHANGECAM_TEST_WINDOW,64}"], None),
         (["threshold=${oc.env:CHANGECAM_TEST_THR,0.3}"], None),  # an interpolation: text
         # text Python reads as true whatever it says
         (
@@ -367,6 +368,8 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
     cfg = compose_train(tmp_path, ["ckpt_path=x.ckpt", "input.dir=.", *overrides], "predict")
     if problem is None:
         check_config(cfg, import_targets=False)
+        assert cfg.threshold in (0.3, 0.5) and type(cfg.threshold) is float
+        assert type(cfg.sliding_window.window) is int  # text that reads as a number: a number
     else:
         with pytest.raises(ConfigError, match=re.escape(problem)):
             check_config(cfg, import_targets=False)

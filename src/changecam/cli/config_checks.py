@@ -56,7 +56,8 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
-    """Raise :class:`ConfigError` listing every unknown key and invalid value of the config.
+    """Raise :class:`ConfigError` listing every unknown key and invalid value of the config;
+    then put numbers given as text (``seed=${oc.env:SLURM_ARRAY_TASK_ID}``) into it as numbers.
 
     Args:
         cfg: the composed config.
@@ -73,9 +74,12 @@ def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
         for message in check_node(path, node, import_targets)
     ]
     errors += added_key_problems(cfg, tree)
-    errors += plain_value_problems(tree)
+    problems, numbers = plain_value_problems(tree)
+    errors += problems
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    for key, number in numbers.items():  # as a number: its consumers need not convert text
+        OmegaConf.update(cfg, key, number, merge=False)
 
 
 def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
@@ -115,7 +119,10 @@ def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
     kept = [o for o in task if o not in dropped]
     try:
         base = OmegaConf.to_container(
-            _compose_again(hydra_cfg.job.config_name, [*hydra_cfg.overrides.hydra, *kept]),
+            _compose_again(
+                hydra_cfg.job.config_name,
+                [*OmegaConf.to_container(hydra_cfg.overrides.hydra, resolve=False), *kept],
+            ),
             resolve=False,
         )
     except Exception:  # cannot tell which keys the config has: the other checks still run
@@ -135,12 +142,16 @@ def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
     return problems
 
 
-def plain_value_problems(tree: dict[str, Any]) -> list[str]:
+def plain_value_problems(tree: dict[str, Any]) -> tuple[list[str], dict[str, int | float]]:
     """Overridden keys outside every ``_target_`` node whose value is not of the type of the
     command's own value: a switch given as ``predict.resume=no`` (a string, which Python would
-    take as true) or a number as ``threshold=abc`` (text that reads as a number, as
-    ``seed=${oc.env:SLURM_ARRAY_TASK_ID}`` gives, is a number). Keys whose own value is
-    ``null``, a string or a container are left to their consumer.
+    take as true) or a number as ``threshold=abc``. Keys whose own value is ``null``, a string
+    or a container are left to their consumer.
+
+    Text that reads as a number where the command's value is one (``seed='7'``, or
+    ``seed=${oc.env:SLURM_ARRAY_TASK_ID}``, which OmegaConf gives as text) is returned as that
+    number (an ``int`` where the command's is one and the text is whole), for
+    :func:`check_config` to put in the config before anything reads it.
 
     Needs the run's Hydra config, like :func:`added_key_problems`.
     """
@@ -148,7 +159,7 @@ def plain_value_problems(tree: dict[str, Any]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     if not HydraConfig.initialized():
-        return []
+        return [], {}
     hydra_cfg = HydraConfig.get()
     groups = set(hydra_cfg.runtime.choices)
     targets = {path for path, _ in target_nodes(tree)}
@@ -168,17 +179,18 @@ def plain_value_problems(tree: dict[str, Any]) -> list[str]:
         if isinstance(value, (str, int, float)):  # bool is an int
             checked.append((override.input_line, key, value))
     if not checked:
-        return []
+        return [], {}
     dropped = {line for line, _, _ in checked}
     kept = [o for o in task if o not in dropped]
+    hydra_overrides = OmegaConf.to_container(hydra_cfg.overrides.hydra, resolve=False)
     try:
         base = OmegaConf.to_container(
-            _compose_again(hydra_cfg.job.config_name, [*hydra_cfg.overrides.hydra, *kept]),
+            _compose_again(hydra_cfg.job.config_name, [*hydra_overrides, *kept]),
             resolve=True,
         )
     except Exception:  # cannot tell the command's own values: the other checks still run
-        return []
-    problems = []
+        return [], {}
+    problems, numbers = [], {}
     for line, key, value in checked:
         own: Any = base
         for part in key.split("."):
@@ -187,13 +199,14 @@ def plain_value_problems(tree: dict[str, Any]) -> list[str]:
             # ${oc.env:X} is text, which Python reads as true whatever it says
             hint = f" (from an environment variable: {key}='${{oc.decode:${{oc.env:NAME}}}}')"
             problems.append(f"{key}={value!r} must be true or false{hint if '${' in line else ''}")
-        elif (
-            isinstance(own, (int, float))
-            and not isinstance(own, bool)
-            and (isinstance(value, bool) or not (isinstance(value, (int, float)) or _number(value)))
-        ):
-            problems.append(f"{key}={value!r} must be a number (like its default, {own})")
-    return problems
+        elif isinstance(own, (int, float)) and not isinstance(own, bool):
+            if isinstance(value, str) and _number(value):
+                number = float(value)
+                whole = isinstance(own, int) and number.is_integer()
+                numbers[key] = int(number) if whole else number
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"{key}={value!r} must be a number (like its default, {own})")
+    return problems, numbers
 
 
 _ABSENT = object()
