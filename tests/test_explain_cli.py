@@ -229,6 +229,9 @@ def test_an_unreadable_pair_fails_alone_and_a_rerun_keeps_no_earlier_file(
     saved = json.loads((run / "explanations.json").read_text())
     assert [r["name"] for r in saved["pairs"]] == [Path(second).stem]
 
+    # what a killed run leaves: a panel and maps that no explanations.json lists
+    write_png(run / "panels" / "killed.png", np.zeros((4, 4, 3), np.uint8))
+    (run / "maps" / "killed.npz").write_bytes(b"maps")
     run_explain(
         tmp_path,
         [
@@ -239,6 +242,16 @@ def test_an_unreadable_pair_fails_alone_and_a_rerun_keeps_no_earlier_file(
     )
     assert sorted(p.name for p in (run / "panels").iterdir()) == [first]
     assert sorted(p.name for p in (run / "maps").iterdir()) == [f"{Path(first).stem}.npz"]
+
+
+def test_a_pair_whose_maps_cannot_be_written_keeps_no_panel(tmp_path, tiny_ckpt, pair_dir):
+    from changecam.cli.explain import PairFailure
+
+    first, second = sorted(p.stem for p in (pair_dir / "A").iterdir())
+    (tmp_path / "run" / "maps" / f"{first}.npz").mkdir(parents=True)  # in the way of its maps
+    with pytest.raises(PairFailure, match=rf"1 of 2 pair\(s\) failed.*\({first}\)"):
+        run_explain(tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={pair_dir}"])
+    assert sorted(p.stem for p in (tmp_path / "run" / "panels").iterdir()) == [second]
 
 
 def test_pipeline_padding_keeps_the_target_inside_the_image():

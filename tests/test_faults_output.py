@@ -489,6 +489,23 @@ def test_a_resume_predicts_a_pair_again_when_its_files_changed(tmp_path, ckpt, p
     assert set(outputs(run)) == expected | {LOG_FILE, REPORT_FILE}, "c's old files are gone"
 
 
+def test_a_resume_follows_a_pairs_last_log_line(tmp_path, ckpt, pairs, monkeypatch):
+    """A pair predicted again has two done lines: the last one counts, and when its files are
+    not all there the pair is predicted again, never taken from the earlier line."""
+    run = tmp_path / "run"
+    run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN])
+    lines = log_lines(run)
+    again = json.loads(json.dumps(lines[1]))  # a's line, as a later prediction of a wrote it
+    again["pair"]["files"]["panel"] = "panels/a.png"  # a file that is gone
+    with open(run / LOG_FILE, "a") as log:
+        log.write(json.dumps(again) + "\n")
+    computed = count_pairs(monkeypatch)
+    run_predict(
+        tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN, "predict.resume=true"]
+    )
+    assert computed == ["a"]
+
+
 # --- train: a full disk -------------------------------------------------------------------
 
 

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -88,25 +87,22 @@ def mean_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def remove_earlier_run(output_dir: Path) -> None:
-    """An earlier run's ``explanations.json`` in this run directory, and the panels and maps it
-    lists: a rerun that fails, or explains fewer pairs, would otherwise leave them beside its
-    own as if they were."""
-    report = output_dir / REPORT_FILE
-    if not report.is_file():
-        return
-    try:
-        rows = json.loads(report.read_text()).get("pairs", [])
-    except (OSError, ValueError, AttributeError):
-        rows = []
-    root = output_dir.resolve()
-    for row in rows if isinstance(rows, list) else []:
-        files = row.get("files", {}) if isinstance(row, dict) else {}
-        for rel in files.values() if isinstance(files, dict) else []:
-            path = (output_dir / str(rel)).resolve()
-            if root in path.parents:
-                path.unlink(missing_ok=True)
-    report.unlink(missing_ok=True)
-    log.warning("removed the panels, maps and %s of an earlier explain run in this folder", report)
+    """An earlier run's ``explanations.json``, panels (``panels/*.png``) and maps
+    (``maps/*.npz``) in this run directory, whether it finished or was killed: a rerun that
+    fails, or explains fewer pairs, would otherwise leave them beside its own as if they were."""
+    earlier = [output_dir / REPORT_FILE] if (output_dir / REPORT_FILE).is_file() else []
+    for folder, pattern in (("panels", "*.png"), ("maps", "*.npz")):
+        if (output_dir / folder).is_dir():
+            earlier += [p for p in (output_dir / folder).glob(pattern) if p.is_file()]
+    for path in earlier:
+        path.unlink(missing_ok=True)
+    if earlier:
+        log.warning(
+            "removed %d file(s) of an earlier explain run in %s (explanations.json, panels/, "
+            "maps/)",
+            len(earlier),
+            output_dir,
+        )
 
 
 @task_wrapper

@@ -270,15 +270,16 @@ def pair_inputs(pair: Triplet) -> dict[str, str | None]:
 
 
 def input_stamps(pair: Triplet) -> dict[str, list[int] | None]:
-    """Size and modification time of each input file: a resume predicts a pair again when one
-    of its files was replaced since it was logged."""
+    """Size and modification and change times of each input file: a resume predicts a pair
+    again when one of its files was replaced since it was logged (also by one of the same size
+    given the old modification time, which ``st_ctime`` still tells)."""
 
     def stamp(path: Path | None) -> list[int] | None:
         try:
             stat = Path(path).stat() if path is not None else None
         except OSError:  # the pair then fails alone, when it is read
             return None
-        return [stat.st_size, stat.st_mtime_ns] if stat is not None else None
+        return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns] if stat is not None else None
 
     return {"pre": stamp(pair.pre), "post": stamp(pair.post), "label": stamp(pair.label)}
 
@@ -334,10 +335,11 @@ class PredictionLog:
             write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
             return {}
         logged = [r for r in records if r.get("status") == "done"]
-        done = {r["pair"]["name"]: r for r in logged if self.complete(r["pair"])}
+        last = {r["pair"]["name"]: r for r in logged}  # a pair predicted again: its last line
+        done = {name: r for name, r in last.items() if self.complete(r["pair"])}
         # a pair with some of its files gone is predicted again: none of the others may stay
         self.remove_files(
-            [r for r in logged if not self.complete(r["pair"])],
+            [r for r in logged if done.get(r["pair"]["name"]) is not r],
             keep={rel for r in done.values() for rel in r["pair"].get("files", {}).values()},
         )
         lines = [header, *done.values()]

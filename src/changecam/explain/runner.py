@@ -373,7 +373,11 @@ class PairExplanation:
         save_panel(self.panel, written["panel"])
         if maps:
             written["maps"] = str(run_dir / "maps" / f"{self.name}.npz")
-            save_maps(self.explanation, written["maps"])
+            try:
+                save_maps(self.explanation, written["maps"])
+            except BaseException:  # the pair failed: no panel of it stays
+                Path(written["panel"]).unlink(missing_ok=True)
+                raise
         return written
 
 
