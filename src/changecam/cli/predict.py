@@ -25,8 +25,9 @@ window in bounded memory.
 line per pair, appended (and fsynced) once all of that pair's files are written, so a killed
 run says exactly what it finished. ``predict.resume=true`` in the same run directory
 (``hydra.run.dir=<it>``) keeps the pairs the log lists as done whose files are all there
-and whose input files have the size and modification time the log recorded, predicts the
-others, removes the files of logged pairs no longer among the inputs and writes the full ``predictions.json``; it refuses a log started with
+and whose input files have the size, modification and change times the log recorded,
+predicts the others, removes the files of logged pairs no longer among the inputs and writes
+the full ``predictions.json``; it refuses a log started with
 another checkpoint, threshold, sliding window or explanation settings. Without it, a run
 directory holding an earlier run's log starts over: the files that log lists, the log and
 ``predictions.json`` are removed first.
