@@ -234,3 +234,14 @@ def test_a_device_that_is_not_one_and_a_missing_roi_are_named(tmp_path):
     missing = tmp_path / "roi.png"
     with pytest.raises(FileNotFoundError, match=f"explain.roi={missing}: no such file"):
         read_roi(ExplainSettings(roi=str(missing), target="roi"))
+
+
+@pytest.mark.parametrize("command", ["eval", "explain", "predict", "study"])
+def test_a_config_composed_in_code_prints_its_config(tmp_path, command):
+    """Benchmarks and notebooks compose a command's config in code (print_config on): its
+    hydra node has no hydra.job.num, which the whole config's YAML would need."""
+    from changecam.cli.common import compose_config, prepare_run
+
+    cfg = compose_config(command, ["ckpt_path=x.ckpt"] if command != "study" else [], tmp_path)
+    assert cfg.print_config
+    assert prepare_run(cfg) == tmp_path / "run"

@@ -160,7 +160,9 @@ def prepare_run(cfg: DictConfig, results: tuple[str, ...] = ()) -> Path:
     check_device(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("print_config"):
-        log_to_file(logging.INFO, "config:\n" + OmegaConf.to_yaml(cfg, resolve=True))
+        # the job's config, without the hydra node (whose hydra.job.num is unset outside a
+        # sweep when a config is composed in code, by a benchmark or a notebook)
+        log_to_file(logging.INFO, "config:\n" + OmegaConf.to_yaml(resolved(cfg)))
         log.info("%s (whole config: %s)", config_summary(), output_dir / ".hydra" / "config.yaml")
     for path in remove_stale_temporaries(output_dir):
         log.info("removed %s, a temporary file of a killed run", path)
