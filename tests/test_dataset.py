@@ -59,6 +59,27 @@ def test_identical_geometry_for_pre_post_mask(tmp_path, seed):
         assert torch.equal(s["mask"][0], expected)
 
 
+def test_flips_and_rotation_are_drawn_independently():
+    """Each part at p=0.5: a reflection (one flip, not both) with probability 1/2, the
+    identity with (1/4)(5/8) + (1/4)(1/8) = 3/16 (no flip and no turn, or both flips and a
+    half turn). Under albumentations' shared child seed the three fired together and no
+    reflection ever occurred. Pre, post and mask always get the same geometry."""
+    aug = PairTransform(hflip=0.5, vflip=0.5, rot90=0.5)
+    corner = np.array([[1, 2], [0, 0]], np.uint8)  # tells the square's 8 symmetries apart
+    rotations = {np.rot90(corner, k).tobytes() for k in range(4)}
+    seen: dict[bytes, int] = {}
+    draws = 4000
+    for seed in range(draws):
+        rgb = np.repeat(corner[..., None], 3, axis=2)
+        pre, post, mask = aug(rgb, rgb + 1, corner, seed)
+        assert np.array_equal(pre[..., 0], mask) and np.array_equal(post, pre + 1)
+        seen[mask.tobytes()] = seen.get(mask.tobytes(), 0) + 1
+    assert len(seen) == 8
+    reflections = sum(n for key, n in seen.items() if key not in rotations) / draws
+    assert 0.47 < reflections < 0.53  # 3 standard deviations: 0.024
+    assert 0.165 < seen[corner.tobytes()] / draws < 0.21  # 3/16 = 0.1875, sd 0.006
+
+
 def test_date_swap_and_jitter_keep_mask(tmp_path):
     t = coded_triplet(tmp_path)
     ds = ChangeDetectionDataset([t], "tiles", 32, transform=PairTransform(0, 0, 0, date_swap=1.0))
@@ -85,7 +106,7 @@ def test_date_swap_and_jitter_keep_mask(tmp_path):
         s = swapped[0]
         assert torch.equal(s["pre"], j["post"]) and torch.equal(s["post"], j["pre"])
         for key in ("pre", "post"):  # the jitter changed both dates, each by its own draw
-            assert (j[key] - plain[key]).abs().mean() > 2 / 255
+            assert not torch.equal(j[key], plain[key])
         assert not torch.allclose(j["post"] - j["pre"], plain["post"] - plain["pre"], atol=0.02)
         assert torch.equal(j["mask"], label) and torch.equal(s["mask"], label)
 

@@ -1,8 +1,8 @@
 """Augmentations that keep pre, post and mask aligned, and the image -> tensor convention.
 
-Geometry (flips, 90-degree rotations) is one albumentations ``Compose`` with
-``additional_targets={"post": "image"}``, so both dates and the mask get the same parameters.
-Photometric jitter is drawn independently per date (it mimics the nuisance change between
+Geometry (flips, 90-degree rotations) is drawn once per sample, each of its three parts on
+its own, and applied with NumPy to both dates and the mask alike. Photometric jitter
+(albumentations' ``ColorJitter``) is drawn independently per date (it mimics the nuisance change between
 acquisitions). A date swap exchanges pre and post; the change label is symmetric for
 appear/vanish, so the mask stays as it is.
 """
@@ -48,6 +48,16 @@ def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(mask))[None].float()
 
 
+def flip_rotate(image: np.ndarray, hflip: bool, vflip: bool, k: int) -> np.ndarray:
+    """``image`` (H x W or H x W x C) flipped left-right, up-down, then turned ``k`` quarter
+    turns (contiguous, as the loaders' tensors need)."""
+    if hflip:
+        image = image[:, ::-1]
+    if vflip:
+        image = image[::-1]
+    return np.ascontiguousarray(np.rot90(image, k, axes=(0, 1)))
+
+
 @dataclass
 class PairTransform:
     """Random, identical geometry for (pre, post, mask) plus per-date jitter and date swap.
@@ -73,17 +83,9 @@ class PairTransform:
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.augment.{key}={value} must be a probability in [0, 1]")
-        A = _albumentations()  # noqa: N806 (the library's usual alias)
-        self.geometry = A.Compose(
-            [
-                A.HorizontalFlip(p=self.hflip),
-                A.VerticalFlip(p=self.vflip),
-                A.RandomRotate90(p=self.rot90),
-            ],
-            additional_targets={"post": "image"},
-        )
         self.photometric = None
         if self.jitter > 0:
+            A = _albumentations()  # noqa: N806 (the library's usual alias)
             j = self.jitter
             self.photometric = A.Compose(
                 [A.ColorJitter(brightness=j, contrast=j, saturation=j, hue=0.0, p=self.jitter_p)]
@@ -92,11 +94,17 @@ class PairTransform:
     def __call__(
         self, pre: np.ndarray, post: np.ndarray, mask: np.ndarray, seed: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Apply the augmentation with all randomness drawn from ``seed``."""
-        rng = np.random.default_rng(seed)
-        self.geometry.set_random_seed(int(rng.integers(2**31)))
-        out = self.geometry(image=pre, post=post, mask=mask)
-        pre, post, mask = out["image"], out["post"], out["mask"]
+        """Apply the augmentation with all randomness drawn from ``seed``.
+
+        The flips and the rotation are drawn here, each on its own: albumentations'
+        ``Compose.set_random_seed`` hands every child the same seed, so its flips and rotation
+        fired together and no reflection was ever drawn. The stream is a child of ``seed``
+        (``(seed, 1)``): the crop drawn from ``seed`` itself stays independent of it.
+        """
+        rng = np.random.default_rng((seed, 1))
+        hflip, vflip, rotate = (rng.random() < p for p in (self.hflip, self.vflip, self.rot90))
+        k = int(rng.integers(4)) if rotate else 0  # as RandomRotate90: 0, 90, 180 or 270 degrees
+        pre, post, mask = (flip_rotate(a, hflip, vflip, k) for a in (pre, post, mask))
         if self.photometric is not None:
             self.photometric.set_random_seed(int(rng.integers(2**31)))
             pre = self.photometric(image=pre)["image"]
