@@ -245,3 +245,17 @@ def test_a_config_composed_in_code_prints_its_config(tmp_path, command):
     cfg = compose_config(command, ["ckpt_path=x.ckpt"] if command != "study" else [], tmp_path)
     assert cfg.print_config
     assert prepare_run(cfg) == tmp_path / "run"
+
+
+def test_a_threshold_other_than_the_checkpoints_is_named(caplog):
+    """eval, predict and explain score at their own threshold (0.5 unless given): a checkpoint
+    trained with another module.threshold would score differently than train said."""
+    from changecam.cli.common import warn_other_threshold
+
+    with caplog.at_level("WARNING"):
+        warn_other_threshold({"threshold": 0.3}, 0.5)
+        warn_other_threshold({"threshold": 0.5}, 0.5)
+        warn_other_threshold({}, 0.5)  # a plain state_dict: nothing to compare
+    assert caplog.text.count("module.threshold=") == 1
+    assert "trained and scored with module.threshold=0.3" in caplog.text
+    assert "set threshold=0.3 to score it as train did" in caplog.text

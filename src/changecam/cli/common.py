@@ -235,6 +235,20 @@ def to_float_dict(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items())}
 
 
+def warn_other_threshold(hparams: dict[str, Any], threshold: float) -> None:
+    """Say so when the checkpoint was trained (and scored) with another ``module.threshold``:
+    ``threshold`` is the command's own, 0.5 unless given."""
+    trained = hparams.get("threshold")
+    if isinstance(trained, (int, float)) and float(trained) != threshold:
+        log.warning(
+            "the checkpoint was trained and scored with module.threshold=%s; this run uses "
+            "threshold=%s (set threshold=%s to score it as train did)",
+            trained,
+            threshold,
+            trained,
+        )
+
+
 def checked_threshold(value: Any, key: str = "threshold") -> float:
     """A probability threshold in [0, 1), or a :class:`ValueError` naming ``key``."""
     threshold = float(value)

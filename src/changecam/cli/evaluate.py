@@ -40,6 +40,7 @@ from changecam.cli.common import (
     sliding_window_spec,
     task_wrapper,
     to_float_dict,
+    warn_other_threshold,
 )
 from changecam.evaluation.per_image import SEED_STYLE, PerImageScores
 from changecam.explain import choose_layer, per_date_layers, resolve_taps
@@ -58,6 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     threshold = checked_threshold(cfg.threshold)
     device = resolve_device(cfg.get("device", "auto"))
     net, hparams = load_model(cfg)
+    warn_other_threshold(hparams, threshold)
     spec = sliding_window_spec(cfg)
     share_layer = None
     if cfg.get("post_share", True):

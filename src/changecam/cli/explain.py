@@ -25,6 +25,7 @@ from changecam.cli.common import (
     read_roi,
     resolve_device,
     task_wrapper,
+    warn_other_threshold,
 )
 from changecam.data.io import pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
@@ -121,7 +122,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     roi = read_roi(settings)
     readable, failed = check_pairs(pairs, settings, roi.shape if roi is not None else None)
     device = resolve_device(cfg.get("device", "auto"))
-    model = inference_network(load_model(cfg)[0], device)
+    net, hparams = load_model(cfg)
+    warn_other_threshold(hparams, threshold)
+    model = inference_network(net, device)
     layers = settings.layers(model)
     remove_earlier_run(output_dir)  # once this run's settings and network are known good
 

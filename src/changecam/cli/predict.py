@@ -68,6 +68,7 @@ from changecam.cli.common import (
     resolve_device,
     sliding_window_spec,
     task_wrapper,
+    warn_other_threshold,
 )
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.scenes import predict_scenes
@@ -414,7 +415,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     )
     scenes = scene_pairs(pairs)
     device = resolve_device(cfg.get("device", "auto"))
-    net = inference_network(load_model(cfg)[0], device)
+    net, hparams = load_model(cfg)
+    warn_other_threshold(hparams, threshold)
+    net = inference_network(net, device)
     check_window(net, spec.window)  # before any pair: every pair would fail the same way
     if scenes:  # GeoTIFF scenes: changecam.geo, window by window
         return predict_scenes(
