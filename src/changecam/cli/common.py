@@ -57,6 +57,16 @@ def failure_message(
     )
 
 
+def failed_pair(pair: Any, err: Exception) -> dict[str, str]:
+    """The entry of a pair (a :class:`~changecam.data.layout.Triplet`) that failed alone,
+    logged. A full disk is no pair's fault: it is raised as :class:`DiskFullError` instead."""
+    full = disk_full_error(err)
+    if full is not None:
+        raise full from err
+    log.error("pair %s failed: %s", pair.name, err)
+    return {"name": pair.name, "pre": str(pair.pre), "post": str(pair.post), "error": str(err)}
+
+
 # The configs live beside the package in the repository (editable install: `make install`).
 def compose_config(config_name: str, overrides: list[str], root: str | Path) -> DictConfig:
     """A command's config composed as its main composes it (the ``hydra`` node set), with every

@@ -13,10 +13,11 @@ from typing import Any
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from changecam.atomic import DiskFullError, disk_full_error, write_json
+from changecam.atomic import DiskFullError, write_json
 from changecam.cli.common import (
     checked_threshold,
     explain_settings,
+    failed_pair,
     failure_message,
     load_model,
     log,
@@ -40,11 +41,6 @@ class PairFailure(RuntimeError):
     """Some pairs failed (the others were explained)."""
 
 
-def failure(t: Triplet, err: Exception) -> dict[str, str]:
-    """A failed pair's entry in ``explanations.json``."""
-    return {"name": t.name, "pre": str(t.pre), "post": str(t.post), "error": str(err)}
-
-
 def check_pairs(
     pairs: list[Triplet], settings: ExplainSettings, roi_size: tuple[int, int] | None
 ) -> tuple[list[Triplet], list[dict[str, str]]]:
@@ -56,8 +52,7 @@ def check_pairs(
         try:
             size = pair_size(t)
         except (ValueError, OSError) as err:
-            log.error("pair %s failed: %s", t.name, err)
-            failed.append(failure(t, err))
+            failed.append(failed_pair(t, err))
             continue
         readable.append(t)
         if settings.max_pixels is not None and size[0] * size[1] > settings.max_pixels:
@@ -146,11 +141,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         except DiskFullError:
             raise
         except (ValueError, OSError, RuntimeError) as err:
-            full = disk_full_error(err)
-            if full is not None:
-                raise full from err
-            log.error("pair %s failed: %s", t.name, err)
-            failed.append(failure(t, err))
+            failed.append(failed_pair(t, err))
             continue
         row = result.summary()
         row["inputs"] = {

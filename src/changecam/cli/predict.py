@@ -50,7 +50,6 @@ from tqdm import tqdm
 from changecam.atomic import (
     DiskFullError,
     append_json_line,
-    disk_full_error,
     strict_json,
     write_files,
     write_json,
@@ -59,6 +58,7 @@ from changecam.atomic import (
 from changecam.cli.common import (
     checked_threshold,
     explain_settings,
+    failed_pair,
     failure_message,
     load_model,
     log,
@@ -460,16 +460,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         except DiskFullError:
             raise
         except (ValueError, OSError, RuntimeError) as err:
-            full = disk_full_error(err)
-            if full is not None:
-                raise full from err
-            log.error("pair %s failed: %s", pair.name, err)
-            entry = {
-                "name": pair.name,
-                "pre": str(pair.pre),
-                "post": str(pair.post),
-                "error": str(err),
-            }
+            entry = failed_pair(pair, err)
             failed.append(entry)
             pair_log.failed(entry)
             continue
