@@ -73,7 +73,14 @@ from changecam.geo.windows import (
     prefetched,
     read_region,
 )
-from changecam.geo.write import SETTINGS_TAG, TILE, SceneFiles, explanation_bands, tile_side
+from changecam.geo.write import (
+    SETTINGS_TAG,
+    TILE,
+    SceneFiles,
+    explanation_bands,
+    share_of,
+    tile_side,
+)
 from changecam.geo.writer import BlockWriter
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
 from changecam.run_log import read_json_lines, settings_changes
@@ -356,10 +363,7 @@ class SceneNetwork:
         out = out.cpu().numpy()
         if out.shape[0] == 1:
             return probability, None
-        pre, post = np.clip(out[1], 0, None), np.clip(out[2], 0, None)
-        total = pre + post
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(total > 0, post / np.where(total > 0, total, 1), np.nan)
+        share = share_of(np.clip(out[1], 0, None), np.clip(out[2], 0, None))
         return probability, np.stack([out[1], out[2], share]).astype(np.float32)
 
 

@@ -283,7 +283,8 @@ def strip_rows(width: int, multiple: int) -> int:
 
 
 def share_of(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
-    """``post / (pre + post)`` of non-negative evidence; NaN where both are 0."""
+    """``post / (pre + post)`` of non-negative evidence (float32); NaN where both are 0: the
+    ``post_share`` band, per pixel and in the overviews."""
     total = pre + post
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, post / np.where(total > 0, total, 1), np.nan).astype(np.float32)
