@@ -123,22 +123,14 @@ def pair_folder(
                     f"{found[extra[0]]} has no partner {folder / 'A' / found[extra[0]].name}"
                 )
     if has_label and not require_label:
-        unlabelled = sorted(stem for stem, _ in wanted if stem not in label)
-        orphans = sorted(set(label) - {stem for stem, _ in wanted})
-        if unlabelled:
-            log.warning(
-                "%d pair(s) have no label in %s, taken unlabelled: %s",
-                len(unlabelled),
-                folder / "label",
-                ", ".join(unlabelled[:10]) + (" ..." if len(unlabelled) > 10 else ""),
-            )
-        if orphans:
-            log.warning(
-                "%d label(s) in %s have no pair, not used: %s",
-                len(orphans),
-                folder / "label",
-                ", ".join(orphans[:10]) + (" ..." if len(orphans) > 10 else ""),
-            )
+        stems = {stem for stem, _ in wanted}
+        for names, what in (
+            (sorted(stems - set(label)), "pair(s) have no label in %s, taken unlabelled"),
+            (sorted(set(label) - stems), "label(s) in %s have no pair, not used"),
+        ):
+            if names:
+                shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+                log.warning(f"%d {what}: %s", len(names), folder / "label", shown)
     triplets = []
     for stem, shown in wanted:
         required = (("label", label),) if has_label and require_label else ()
