@@ -1,5 +1,5 @@
-"""Resume: ``ckpt_path=last`` continues exactly (RNG states included), keeps the W&B run id,
-survives a SIGKILL in mid-epoch; checkpoints are written atomically."""
+"""Resume: ``ckpt_path=last`` continues exactly (RNG states included), keeps the W&B run id and
+the CSV history, survives a SIGKILL in mid-epoch; checkpoints are written atomically."""
 
 from __future__ import annotations
 
@@ -57,22 +57,29 @@ def _restore_global_state():
     torch.use_deterministic_algorithms(False)  # trainer.deterministic=true sets it process-wide
 
 
-def test_resume_matches_uninterrupted_and_keeps_wandb_id(tmp_path, tiny_synthetic):
+def test_resume_matches_uninterrupted_and_keeps_wandb_id_and_csv_history(tmp_path, tiny_synthetic):
+    """Every row of the resumed ``csv/metrics.csv`` equals the uninterrupted run's: the epochs
+    before the stop are kept, and the first run's end-of-run scores (logged after its last
+    checkpoint) are dropped."""
+    per_step = "trainer.log_every_n_steps=1"
     full = train(
-        compose_train(tmp_path / "full", [*resume_overrides(tiny_synthetic, EPOCHS), "logger=none"])
+        compose_train(
+            tmp_path / "full", [*resume_overrides(tiny_synthetic, EPOCHS), "logger=csv", per_step]
+        )
     )
 
     split = tmp_path / "split"
-    train(
-        compose_train(split, [*resume_overrides(tiny_synthetic, 1), "logger=wandb", "test=false"])
-    )
+    first = [*resume_overrides(tiny_synthetic, 1), "logger=many", per_step, "test=false"]
+    train(compose_train(split, first))
     run = split / "run"
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 0 and ckpt["rng_states"]["torch"].shape[0] == 1  # one set per process
     first_id = (run / "wandb" / "run_id.txt").read_text().strip()
+    first_rows = (run / "csv/metrics.csv").read_text().splitlines()
     resumed = train(
         compose_train(
-            split, [*resume_overrides(tiny_synthetic, EPOCHS), "logger=wandb", "ckpt_path=last"]
+            split,
+            [*resume_overrides(tiny_synthetic, EPOCHS), "logger=many", per_step, "ckpt_path=last"],
         )
     )
     assert resumed == full  # exact, every key
@@ -80,6 +87,10 @@ def test_resume_matches_uninterrupted_and_keeps_wandb_id(tmp_path, tiny_syntheti
     offline_runs = sorted((run / "wandb").glob("offline-run-*"))
     # offline-run-<time>-<id>, plus "-1" when both runs started within the same second
     assert len(offline_runs) == 2 and all(p.name.split("-")[3] == first_id for p in offline_runs)
+    full_rows = (tmp_path / "full/run/csv/metrics.csv").read_text().splitlines()
+    assert (run / "csv/metrics.csv").read_text().splitlines() == full_rows
+    assert len(first_rows) == 8  # header, 4 steps, val and train epoch, the final val
+    assert len(full_rows) == 15
 
 
 def test_resume_with_loader_workers_matches_uninterrupted(tmp_path, tiny_synthetic):

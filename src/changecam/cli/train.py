@@ -25,6 +25,7 @@ from changecam.cli.ddp import ddp_job
 from changecam.cli.launch import is_multirun
 from changecam.data.validate import network_fit
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
+from changecam.training.csv_logger import CSVLogger
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -122,6 +123,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, net, **fresh)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
+    for logger in loggers:
+        if isinstance(logger, CSVLogger):  # a resumed run continues its metrics.csv
+            logger.resume_from(ckpt_path if cfg.get("train") else None)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )

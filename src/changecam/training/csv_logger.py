@@ -1,0 +1,83 @@
+"""Lightning's CSV logger, except that a resumed run keeps the rows it logged before its checkpoint.
+
+Lightning's writer deletes an existing ``metrics.csv`` when it starts, so a run resumed with
+``ckpt_path=last`` kept only the epochs after the stop.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from pathlib import Path
+
+import torch
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
+from lightning.pytorch.loggers.csv_logs import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from changecam.atomic import write_text
+
+log = logging.getLogger(__name__)
+
+
+def resumed_step(ckpt_path: str | Path) -> int:
+    """The logger step a run resumed from ``ckpt_path`` continues at: Lightning logs with the
+    count of batches that stepped an optimizer, which the checkpoint's fit loop keeps."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    epoch_loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(epoch_loop.get("_batches_that_stepped", ckpt["global_step"]))
+
+
+class _HistoryKeepingWriter(ExperimentWriter):
+    """Keeps the rows of ``metrics.csv`` logged before ``keep_before`` (a logger step) and
+    appends to them; rows from after the checkpoint (logged before a kill, or the scores a
+    finished run added at its end) are dropped, as the resumed run logs them again."""
+
+    def __init__(self, log_dir: str, keep_before: int) -> None:
+        self._keep_before = keep_before
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as file:
+            reader = csv.DictReader(file)
+            keys = list(reader.fieldnames or [])
+            rows = [row for row in reader if int(float(row["step"])) < self._keep_before]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(path, text.getvalue())
+        self.metrics_keys = keys
+        log.info("%s: kept the %d rows logged before step %d", path, len(rows), self._keep_before)
+
+
+class CSVLogger(LightningCSVLogger):
+    """:class:`lightning.pytorch.loggers.CSVLogger` that continues ``metrics.csv`` on resume.
+
+    Call :meth:`resume_from` before anything is logged; without it a new file is started, as
+    Lightning does.
+    """
+
+    _keep_before: int | None = None
+
+    def resume_from(self, ckpt_path: str | Path | None) -> None:
+        """Keep the rows logged before the checkpoint ``ckpt_path`` (``None``: start anew)."""
+        if self._experiment is not None:
+            raise RuntimeError("CSVLogger.resume_from must be called before anything is logged")
+        self._keep_before = None if ckpt_path is None else resumed_step(ckpt_path)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ExperimentWriter:
+        if self._experiment is not None:
+            return self._experiment
+        if self._keep_before is None:
+            return super().experiment
+        self._fs.makedirs(self.root_dir, exist_ok=True)
+        self._experiment = _HistoryKeepingWriter(self.log_dir, self._keep_before)
+        return self._experiment
