@@ -20,6 +20,8 @@ from changecam.evaluation.per_image import (
     whole_image_post_share,
 )
 from changecam.models import SiameseUNet
+from changecam.models.protocol import network_config
+from changecam.training.checkpoint import CONFIG_KEY, PREFIX_KEY
 from helpers import compose_train, run_script
 from test_checkpoint import make_lightning_checkpoint
 
@@ -163,6 +165,31 @@ def test_an_undefined_post_share_is_null_and_post_share_false_drops_the_column(t
     assert not any("post_share" in key for key in metrics)
     rows = read_rows(tmp_path / "off" / "run" / "per_image.csv")
     assert list(rows[0]) == ["name", "TP", "FP", "FN", "TN", "F1", "IoU"]
+
+
+def test_eval_scores_at_the_checkpoints_threshold_unless_given(tmp_path, hand_made, caplog):
+    """The red detector's change probability is sigmoid(10) = 0.99995: a checkpoint trained
+    with module.threshold=0.99999 predicts nothing, and eval.py scores it so; threshold=0.5
+    given scores test_1's 8 rows (F1 0.5) and says it differs from the checkpoint's."""
+    root, _ = hand_made
+    net = red_detector()
+    ckpt = tmp_path / "strict.ckpt"
+    torch.save(
+        {
+            "pytorch-lightning_version": "2.6.6",
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            CONFIG_KEY: network_config(net),
+            PREFIX_KEY: "net.",
+            "hyper_parameters": {"threshold": 0.99999},
+        },
+        ckpt,
+    )
+    base = [*hand_made_overrides(root, ckpt), "logger=none", "post_share=false"]
+    assert evaluate(compose_train(tmp_path / "own", base, "eval"))["test/f1"] == 0.0
+    with caplog.at_level("WARNING"):
+        given = evaluate(compose_train(tmp_path / "given", [*base, "threshold=0.5"], "eval"))
+    assert given["test/f1"] == pytest.approx(0.5)
+    assert "trained and scored with module.threshold=0.99999" in caplog.text
 
 
 def test_seed_style_with_one_batch_equals_the_pooled_scores(tmp_path, hand_made):

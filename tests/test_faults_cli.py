@@ -63,8 +63,14 @@ CLI_CASES = [
     ),
     (
         "eval.py",
-        ["ckpt_path=x.ckpt", "threshold=abc", "post_share=maybe"],
-        "threshold='abc' must be a number (like its default, 0.5)\n  post_share='maybe' must be",
+        ["ckpt_path=x.ckpt", "seed_batch_size=abc", "post_share=maybe"],
+        "seed_batch_size='abc' must be a number (like its default, 16)\n  post_share='maybe' must",
+    ),
+    # threshold's default is null (the checkpoint's): eval.py judges it before reading anything
+    (
+        "eval.py",
+        ["ckpt_path=x.ckpt", "threshold=abc"],
+        "threshold='abc' must be a probability in [0, 1) or null",
     ),
 ]
 
@@ -247,15 +253,22 @@ def test_a_config_composed_in_code_prints_its_config(tmp_path, command):
     assert prepare_run(cfg) == tmp_path / "run"
 
 
-def test_a_threshold_other_than_the_checkpoints_is_named(caplog):
-    """eval, predict and explain score at their own threshold (0.5 unless given): a checkpoint
-    trained with another module.threshold would score differently than train said."""
-    from changecam.cli.common import warn_other_threshold
+def test_the_threshold_is_the_checkpoints_unless_given(caplog):
+    """eval, predict and explain score at the module.threshold the checkpoint was trained with
+    (0.5 when it records none); a given threshold wins, and differing from the checkpoint's is
+    named, as it scores otherwise than train.py did."""
+    from changecam.cli.common import run_threshold
 
-    with caplog.at_level("WARNING"):
-        warn_other_threshold({"threshold": 0.3}, 0.5)
-        warn_other_threshold({"threshold": 0.5}, 0.5)
-        warn_other_threshold({}, 0.5)  # a plain state_dict: nothing to compare
-    assert caplog.text.count("module.threshold=") == 1
-    assert "trained and scored with module.threshold=0.3" in caplog.text
-    assert "set threshold=0.3 to score it as train did" in caplog.text
+    with caplog.at_level("INFO"):
+        assert run_threshold(None, {"threshold": 0.3}) == 0.3
+        assert run_threshold(None, {}) == 0.5  # a plain state_dict
+        assert run_threshold(0.5, {"threshold": 0.5}) == 0.5
+        assert run_threshold(0.5, {}) == 0.5
+        assert run_threshold(0.5, {"threshold": 0.3}) == 0.5
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "the checkpoint was trained and scored with module.threshold=0.3; this run uses "
+        "threshold=0.5 as given (threshold=null scores it as train did)"
+    ]
+    assert "threshold=0.3 (the checkpoint's module.threshold)" in caplog.text
+    assert "threshold=0.5 (the checkpoint records no module.threshold)" in caplog.text

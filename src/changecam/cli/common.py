@@ -245,23 +245,46 @@ def to_float_dict(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items())}
 
 
-def warn_other_threshold(hparams: dict[str, Any], threshold: float) -> None:
-    """Say so when the checkpoint was trained (and scored) with another ``module.threshold``:
-    ``threshold`` is the command's own, 0.5 unless given."""
+DEFAULT_THRESHOLD = 0.5
+
+
+def run_threshold(given: float | None, hparams: dict[str, Any]) -> float:
+    """The decision threshold of eval, predict and explain: ``threshold`` as given, else the
+    ``module.threshold`` the checkpoint was trained and scored with (0.5 for a checkpoint that
+    records none, e.g. a plain state_dict). A given one that differs from the checkpoint's is
+    warned about, as it scores otherwise than train.py did."""
     trained = hparams.get("threshold")
-    if isinstance(trained, (int, float)) and float(trained) != threshold:
+    trained = float(trained) if isinstance(trained, (int, float)) else None
+    if given is None:
+        threshold = DEFAULT_THRESHOLD if trained is None else trained
+        where = (
+            "the checkpoint's module.threshold"
+            if trained is not None
+            else "the checkpoint records no module.threshold"
+        )
+        log.info("threshold=%s (%s)", threshold, where)
+        return threshold
+    if trained is not None and trained != given:
         log.warning(
             "the checkpoint was trained and scored with module.threshold=%s; this run uses "
-            "threshold=%s (set threshold=%s to score it as train did)",
+            "threshold=%s as given (threshold=null scores it as train did)",
             trained,
-            threshold,
-            trained,
+            given,
         )
+    return given
 
 
-def checked_threshold(value: Any, key: str = "threshold") -> float:
-    """A probability threshold in [0, 1), or a :class:`ValueError` naming ``key``."""
-    threshold = float(value)
+def checked_threshold(value: Any, key: str = "threshold") -> float | None:
+    """A probability threshold in [0, 1), ``None`` for ``null``, or a :class:`ValueError`
+    naming ``key``."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        threshold = float(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r} must be a probability in [0, 1) or null") from None
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"{key}={threshold} must be a probability in [0, 1)")
     return threshold

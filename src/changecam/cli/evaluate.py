@@ -37,10 +37,10 @@ from changecam.cli.common import (
     log_hyperparameters,
     prepare_run,
     resolve_device,
+    run_threshold,
     sliding_window_spec,
     task_wrapper,
     to_float_dict,
-    warn_other_threshold,
 )
 from changecam.evaluation.per_image import SEED_STYLE, PerImageScores
 from changecam.explain import choose_layer, per_date_layers, resolve_taps
@@ -56,10 +56,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` on ``cfg.split``; write ``metrics.json`` and ``per_image.csv``."""
     output_dir = prepare_run(cfg, results=("metrics.json", "per_image.csv"))
     split = checked_choice(cfg.get("split", "test"), EvalSplit, "split")
-    threshold = checked_threshold(cfg.threshold)
+    given = checked_threshold(cfg.threshold)
     device = resolve_device(cfg.get("device", "auto"))
     net, hparams = load_model(cfg)
-    warn_other_threshold(hparams, threshold)
+    threshold = run_threshold(given, hparams)
     spec = sliding_window_spec(cfg)
     share_layer = None
     if cfg.get("post_share", True):

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from changecam.atomic import DiskFullError, write_json
 from changecam.cli.common import (
+    DEFAULT_THRESHOLD,
     checked_threshold,
     explain_settings,
     failed_pair,
@@ -25,12 +26,18 @@ from changecam.cli.common import (
     prepare_run,
     read_roi,
     resolve_device,
+    run_threshold,
     task_wrapper,
-    warn_other_threshold,
 )
 from changecam.data.io import pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
-from changecam.explain import ExplainSettings, choose_layer, explain_pair, resolve_taps
+from changecam.explain import (
+    ExplainSettings,
+    choose_layer,
+    explain_pair,
+    resolve_taps,
+    with_threshold,
+)
 from changecam.metrics import mean_of
 from changecam.models.inference import inference_network
 
@@ -109,8 +116,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     explained, and the command then fails naming the failed ones.
     """
     output_dir = prepare_run(cfg)
-    threshold = checked_threshold(cfg.threshold)
-    settings = explain_settings(cfg, threshold)
+    given = checked_threshold(cfg.threshold)
+    settings = explain_settings(cfg, DEFAULT_THRESHOLD if given is None else given)
     if settings is None:
         raise ValueError("explain.enabled=false: explain.py has nothing to do")
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
@@ -118,7 +125,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     readable, failed = check_pairs(pairs, settings, roi.shape if roi is not None else None)
     device = resolve_device(cfg.get("device", "auto"))
     net, hparams = load_model(cfg)
-    warn_other_threshold(hparams, threshold)
+    settings = with_threshold(settings, run_threshold(given, hparams))
     model = inference_network(net, device)
     layers = settings.layers(model)
     remove_earlier_run(output_dir)  # once this run's settings and network are known good

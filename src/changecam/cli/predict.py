@@ -56,6 +56,7 @@ from changecam.atomic import (
     write_text,
 )
 from changecam.cli.common import (
+    DEFAULT_THRESHOLD,
     checked_threshold,
     explain_settings,
     failed_pair,
@@ -66,9 +67,9 @@ from changecam.cli.common import (
     prepare_run,
     read_roi,
     resolve_device,
+    run_threshold,
     sliding_window_spec,
     task_wrapper,
-    warn_other_threshold,
 )
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.scenes import predict_scenes
@@ -84,7 +85,7 @@ from changecam.data.io import (
 from changecam.data.layout import INPUT_SUFFIXES, Triplet, input_pairs
 from changecam.data.transforms import image_to_tensor
 from changecam.environment import frozen_gc
-from changecam.explain import ExplainSettings, PairExplanation, explain_pair
+from changecam.explain import ExplainSettings, PairExplanation, explain_pair, with_threshold
 from changecam.geo import is_scene_file
 from changecam.metrics import mean_of
 from changecam.models.inference import inference_network
@@ -404,11 +405,11 @@ def scene_pairs(pairs: list[Triplet]) -> bool:
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict every input pair; write masks, probabilities, panels and ``predictions.json``."""
     output_dir = prepare_run(cfg)
-    threshold = checked_threshold(cfg.threshold)
+    given = checked_threshold(cfg.threshold)
     spec = sliding_window_spec(cfg)
     if spec is None:
         raise ConfigError("predict.py predicts window by window: set sliding_window.enabled=true")
-    settings = explain_settings(cfg, threshold)
+    settings = explain_settings(cfg, DEFAULT_THRESHOLD if given is None else given)
     roi = read_roi(settings) if settings is not None else None
     pairs = input_pairs(
         cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"), INPUT_SUFFIXES
@@ -416,7 +417,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     scenes = scene_pairs(pairs)
     device = resolve_device(cfg.get("device", "auto"))
     net, hparams = load_model(cfg)
-    warn_other_threshold(hparams, threshold)
+    threshold = run_threshold(given, hparams)
+    if settings is not None:
+        settings = with_threshold(settings, threshold)
     net = inference_network(net, device)
     check_window(net, spec.window)  # before any pair: every pair would fail the same way
     if scenes:  # GeoTIFF scenes: changecam.geo, window by window
