@@ -158,6 +158,14 @@ def test_curves_are_batched_and_batch_size_does_not_change_them():
         )
     one = big.select(1)
     torch.testing.assert_close(one.gap("post"), big.gap("post")[1:])
+    # a sample scored alone gets the curves it gets in the batch, the random baseline included
+    alone = faithfulness(
+        model, pre[1:], post[1:], exp.select(slice(1, 2)), dates=["post"], steps=4, insertion=False
+    )
+    for order in ("cam", "random"):
+        torch.testing.assert_close(
+            alone.curve("deletion", "post", order), big.curve("deletion", "post", order)[1:]
+        )
 
 
 def test_valid_region_is_never_modified_and_empty_target_gives_nan():

@@ -197,7 +197,8 @@ def faithfulness(
         insertion: also compute insertion curves.
         random_repeats: random permutations averaged for the baseline (on images of
             thousands of pixels one is stable: each step deletes many random pixels).
-        seed: seed of the random order (the same seed gives the same baseline).
+        seed: seed of the random order (the same seed gives the same baseline); every
+            sample of the batch gets the same order, so its curves do not depend on its batch.
         valid: B×H×W (or H×W) bool pixels that may be modified (e.g. excluding padding).
         batch_size: counterfactual pairs per forward pass.
         eval_mode: run the model in eval mode (restored afterwards).
@@ -281,8 +282,11 @@ def _orders(
     else:
         ones = torch.ones(b, h, w, dtype=torch.bool, device=device)
         cam = (cams[date], ones if date == "post" else ~ones)
+    # one order for every sample of the batch: a sample's random curve is then the same
+    # whichever batch (and place in it) it is scored in, as when it is scored alone
     randoms = [
-        (torch.rand(b, h, w, generator=generator).to(device), cam[1]) for _ in range(random_repeats)
+        (torch.rand(h, w, generator=generator).to(device).expand(b, h, w), cam[1])
+        for _ in range(random_repeats)
     ]
     return {"cam": [cam], "random": randoms}
 
