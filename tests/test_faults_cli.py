@@ -231,7 +231,7 @@ def test_the_resume_hint_names_ckpt_path_last_only_once_there_is_one(tmp_path):
     )
 
 
-def test_a_device_that_is_not_one_and_a_missing_roi_are_named(tmp_path):
+def test_a_device_that_is_not_one_and_a_missing_or_unread_roi_are_named(tmp_path):
     from changecam.cli.common import read_roi, resolve_device
     from changecam.explain import ExplainSettings
 
@@ -240,6 +240,9 @@ def test_a_device_that_is_not_one_and_a_missing_roi_are_named(tmp_path):
     missing = tmp_path / "roi.png"
     with pytest.raises(FileNotFoundError, match=f"explain.roi={missing}: no such file"):
         read_roi(ExplainSettings(roi=str(missing), target="roi"))
+    # a ROI only the roi target reads: with another target it would be silently ignored
+    with pytest.raises(ValueError, match="explain.roi=roi.png is read only by explain.target=roi"):
+        ExplainSettings(roi="roi.png", target="predicted")
 
 
 @pytest.mark.parametrize("command", ["eval", "explain", "predict", "study"])

@@ -167,6 +167,11 @@ class ExplainSettings:
             occlusion=OcclusionSettings,
         )
         Target(self.target, self.threshold)  # validates kind and threshold
+        if self.roi and self.target != "roi":
+            raise ValueError(
+                f"explain.roi={self.roi} is read only by explain.target=roi (this run's target "
+                f"is {self.target}): set explain.target=roi, or drop explain.roi"
+            )
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             close = {m: difflib.get_close_matches(m, METHODS, n=1) for m in bad}
