@@ -328,3 +328,18 @@ def test_train_and_eval_give_the_same_test_scores_on_one_checkpoint(tmp_path, ti
     names = ["f1", "iou", "precision", "recall", "accuracy", "loss"]
     assert 0 < trained["test/f1"] < 1, "a model that is neither perfect nor empty"
     assert {n: evaluated[f"test/{n}"] for n in names} == {n: trained[f"test/{n}"] for n in names}
+    # the loss is a mean over samples: Dice over whole batches made it depend on the batch size
+    one_by_one = evaluate(
+        compose_train(
+            tmp_path / "eval1",
+            [
+                f"ckpt_path={ckpt}",
+                "logger=none",
+                "post_share=false",
+                *[o for o in data if o.startswith(("data.", "trainer."))],
+                "data.eval_batch_size=1",
+            ],
+            "eval",
+        )
+    )
+    assert one_by_one["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-5)

@@ -220,8 +220,13 @@ class ChangeDetectionModule(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
         logits = self(batch["pre"], batch["post"])
         if self.hparams.loss is not None:
-            loss = self.compute_loss(logits, batch["mask"])
-            self.losses[stage].update(loss.detach(), weight=logits.shape[0])
+            # the mean of per-sample losses: Dice over a whole batch would make val/loss and
+            # test/loss depend on the evaluation batch size
+            mask = batch["mask"]
+            per_sample = torch.stack(
+                [self.compute_loss(logits[i : i + 1], mask[i : i + 1]) for i in range(len(mask))]
+            )
+            self.losses[stage].update(per_sample.detach())
         self.metrics[stage].update(torch.sigmoid(logits.float()), batch["mask"])
         return logits
 
