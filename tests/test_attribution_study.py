@@ -177,16 +177,18 @@ def test_a_one_date_model_gets_the_known_answer_right_for_one_kind_only(date):
 def test_gradient_times_input_fails_the_randomisation_check_on_a_linear_model():
     """On grey images every map of a linear model is a multiple of the image, whatever the
     weights: after re-initialising every layer |Spearman| stays 1 (gradient × input shows the
-    input, Adebayo et al. 2018); a random map passes."""
+    input, Adebayo et al. 2018); a random map passes. Seed 1's re-initialised weights flip the
+    maps' sign (Spearman −1): the check averages |Spearman|, as a flipped ranking is still the
+    trained one's structure, so signs of different objects cannot cancel."""
     images = known_answer_images(1, grey=True)
     settings = StudySettings(
-        **{**FAST, "randomisation_images": 1, "randomisation_points": 2},
+        **{**FAST, "randomisation_images": 1, "randomisation_points": 2, "seed": 1},
         methods=("hirescam", "random"),
     )
     result = study_model(OneDate("post"), images, settings)
     check = result["results"]["hirescam"]["input"]["randomisation"]
     assert check["layers_randomised"] == [1, 2] and check["of"] == 2
-    assert abs(check["final"]) == pytest.approx(1.0, abs=1e-5)
+    assert check["spearman"] == pytest.approx([1.0, 1.0], abs=1e-5)
     assert check["passes"] is False
     assert result["results"]["random"]["input"]["randomisation"]["passes"] is True
 
@@ -208,3 +210,29 @@ def test_study_settings_refuse_unknown_values():
         StudySettings(methods=("hirescam", "shap"))
     with pytest.raises(ValueError, match="faithfulness_layers"):
         StudySettings(faithfulness_layers="some")
+
+
+def test_the_faithfulness_gap_is_pooled_over_objects(monkeypatch):
+    """Each object's gap is ``(AUC_random − AUC_map) / |S(0)|``; the study's estimate weighs it
+    by ``|S(0)|``, i.e. ``Σ(AUC_random − AUC_map) / Σ|S(0)|``, so an object whose score is
+    near 0 cannot dominate it (a plain mean of ratios would let it)."""
+    import changecam.evaluation.study as study
+
+    seen: list[tuple[float, float]] = []
+    real = study.faithfulness
+
+    def recording(*args, **kwargs):
+        faith = real(*args, **kwargs)
+        diff = faith.auc("deletion", "both", "random") - faith.auc("deletion", "both", "cam")
+        seen.extend(zip(faith.score0.tolist(), diff.tolist(), strict=True))
+        return faith
+
+    monkeypatch.setattr(study, "faithfulness", recording)
+    settings = StudySettings(**FAST, methods=("hirescam",))
+    result = study_model(OneDate("post"), known_answer_images(), settings)
+    s0 = np.array([s for s, _ in seen])
+    diff = np.array([d for _, d in seen])
+    assert len(seen) == 6 and np.ptp(np.abs(s0)) > 1  # objects of very different |S(0)|
+    pooled = diff.sum() / np.abs(s0).sum()
+    assert value(result, "hirescam", "enc1", "faithfulness_gap") == pytest.approx(pooled)
+    assert pooled != pytest.approx(np.mean(diff / np.abs(s0)))

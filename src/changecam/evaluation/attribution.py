@@ -23,7 +23,11 @@ and a method's per-date maps ``m_pre``, ``m_post`` (upsampled to the input, sign
   weighs each object's agreement by it (a near-tie decides little);
 * **pointing** (energy pointing game): the share of both dates' positive mass that lies inside
   the object;
-* **post share**: ``P_post / (P_pre + P_post)`` over the whole image.
+* **post share**: ``P_post / (P_pre + P_post)`` over the window the object is explained in
+  (``study.context``², or the whole image with ``study.context=null``);
+* **faithfulness gap**: ``(AUC_random − AUC_map) / |S(0)|`` of the date-swap deletion curves,
+  estimated pooled over objects (each weighed by ``|S(0)|``: ``Σ(AUC_random − AUC_map) /
+  Σ|S(0)|``).
 
 Accuracies are pooled over objects; their 95 % confidence intervals come from a bootstrap over
 images (objects of one image are not independent).

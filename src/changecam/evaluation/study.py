@@ -475,7 +475,19 @@ def _score_pass(
                     seed=settings.seed,
                     valid=None if batch.valid is None else batch.valid.to(device),
                 )
-                metrics["faithfulness_gap"] = faith.gap("both").tolist()
+                # each object's gap weighed by its |S(0)|: the estimate is the pooled
+                # Σ(AUC_random − AUC_map) / Σ|S(0)|, which an object whose S(0) is near 0 (the
+                # target is the object's logits, predicted change or not) cannot dominate
+                gaps, s0 = faith.gap("both"), faith.score0.abs()
+                kept = ~gaps.isnan()
+                records.add(
+                    method,
+                    layer,
+                    "faithfulness_gap",
+                    name,
+                    gaps[kept].tolist(),
+                    weights=s0[kept].tolist(),
+                )
                 scale = faith.score0.abs().clamp(min=1e-12)[:, None]
                 for order in ("cam", "random"):
                     curve = (faith.curve("deletion", "both", order) / scale).numpy()
@@ -500,7 +512,8 @@ def _randomisation(
     generator: torch.Generator,
     device: torch.device | str,
 ) -> dict[tuple[str, str], dict[str, Any]]:
-    """Mean Spearman between trained and cascaded-randomised maps per method and layer."""
+    """Mean |Spearman| between trained and cascaded-randomised maps per method and layer (a
+    map whose ranking flips still carries the trained model's structure: signs must not cancel)."""
     first = saved[0]
     order = cascade_order(model, first.pre[:1].to(device), first.post[:1].to(device))
     points = cascade_points(len(order), settings.randomisation_points)
@@ -523,11 +536,11 @@ def _randomisation(
         for key, values in rhos.items():
             entry = out.setdefault(key, {"layers_randomised": [], "of": len(order), "spearman": []})
             entry["layers_randomised"].append(count)
-            entry["spearman"].append(float(np.mean(values)) if values else None)
+            entry["spearman"].append(float(np.mean(np.abs(values))) if values else None)
     for entry in out.values():
         final = entry["spearman"][-1]
         entry["final"] = final
-        entry["passes"] = None if final is None else bool(abs(final) < settings.pass_spearman)
+        entry["passes"] = None if final is None else bool(final < settings.pass_spearman)
         entry["pass_spearman"] = settings.pass_spearman
     return out
 

@@ -179,7 +179,7 @@ def plot_curves(record: Mapping[str, Any], path: Path) -> Path:
 
 
 def plot_randomisation(record: Mapping[str, Any], path: Path) -> Path:
-    """Mean Spearman to the trained maps along the cascade (each method's deepest layer)."""
+    """Mean |Spearman| to the trained maps along the cascade (each method's deepest layer)."""
     archs = list(record["architectures"])
     figure, axes = _per_architecture_axes(len(archs))
     for ax, arch in zip(axes, archs, strict=True):
@@ -195,7 +195,7 @@ def plot_randomisation(record: Mapping[str, Any], path: Path) -> Path:
         ax.set_ylim(-0.3, 1.05)
         ax.set_title(arch, fontsize=9)
         ax.set_xlabel("share of layers re-initialised (head first)", fontsize=8)
-    axes[0].set_ylabel("Spearman to trained map")
+    axes[0].set_ylabel("mean |Spearman| to trained map")
     axes[0].legend(fontsize=6)
     return _save(figure, path)
 
