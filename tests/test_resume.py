@@ -3,6 +3,7 @@ the CSV history, survives a SIGKILL in mid-epoch; checkpoints are written atomic
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -379,3 +380,85 @@ def test_ckpt_path_last_in_a_sweep(tmp_path, monkeypatch):
     last.write_bytes(b"a checkpoint")
     assert resolve_ckpt_path("last", tmp_path / "0") == str(last)
     assert resolve_ckpt_path("last", tmp_path / "1") is None
+
+
+def csv_layout(run: Path) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(epoch, step, the keys it holds) of every row of a run's ``csv/metrics.csv``."""
+    with (run / "csv" / "metrics.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    return [(r["epoch"], r["step"], tuple(k for k, v in r.items() if v)) for r in rows]
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_mid_epoch_checkpoint_keeps_the_csv_rows_of_its_step(
+    tmp_path, tiny_synthetic
+):
+    """A validation inside an epoch saves last.ckpt before Lightning counts that batch: the
+    batch's row and the validation's, logged at that step, are kept on resume; rows logged after
+    the checkpoint are dropped. The same rows as an uninterrupted run's."""
+    base = [
+        *resume_overrides(tiny_synthetic, EPOCHS),
+        "+trainer.val_check_interval=0.5",  # 4 batches: validations after batches 1 and 3
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+        "print_config=false",
+    ]
+    killed = tmp_path / "killed"
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = cli(
+            [
+                *base,
+                f"hydra.run.dir={killed}",
+                "+callbacks.slow._target_=slow_steps.SlowSteps",
+                "+callbacks.slow.seconds=0",
+                "+callbacks.slow.pause_at='1:2'",
+            ],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 240
+        while "slow_steps epoch=1 batch=2" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "epoch 1's third batch did not end within 240 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    ckpt = torch.load(killed / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 6  # saved by the validation after epoch 1's batch 1
+    run_cli([*base, f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)
+    full = tmp_path / "full"
+    run_cli([*base, f"hydra.run.dir={full}"], cwd=tmp_path)
+    assert csv_layout(killed) == csv_layout(full)
+
+
+def test_scoring_a_checkpoint_in_its_run_keeps_the_csv_history(tmp_path, tiny_synthetic):
+    """train=false ckpt_path=last only scores: the training rows stay, its rows follow."""
+    base = [*resume_overrides(tiny_synthetic, 1), "logger=csv", "test=false"]
+    train(compose_train(tmp_path, base))
+    trained = (tmp_path / "run/csv/metrics.csv").read_text().splitlines()
+    train(compose_train(tmp_path, [*base, "train=false", "ckpt_path=last"]))
+    scored = (tmp_path / "run/csv/metrics.csv").read_text().splitlines()
+    assert scored[: len(trained)] == trained and len(scored) == len(trained) + 1
+
+
+def test_a_csv_row_cut_by_a_kill_is_dropped_on_resume(tmp_path):
+    from changecam.training.csv_logger import _HistoryKeepingWriter
+
+    log_dir = tmp_path / "csv"
+    log_dir.mkdir()
+    (log_dir / "metrics.csv").write_text(
+        "epoch,step,train/loss_step\r\n0,0,0.9\r\n0,1,0.8\r\n0,2\r\n1,"  # a short row, a cut line
+    )
+    writer = _HistoryKeepingWriter(str(log_dir), keep_before=10)
+    assert writer.metrics_keys == ["epoch", "step", "train/loss_step"]
+    writer.log_metrics({"train/loss_step": 0.7}, step=3)
+    writer.save()
+    assert (log_dir / "metrics.csv").read_text().splitlines() == [
+        "epoch,step,train/loss_step",
+        "0,0,0.9",
+        "0,1,0.8",
+        ",3,0.7",
+    ]

@@ -125,7 +125,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers:
         if isinstance(logger, CSVLogger):  # a resumed run continues its metrics.csv
-            logger.resume_from(ckpt_path if cfg.get("train") else None)
+            logger.resume_from(ckpt_path, train=bool(cfg.get("train")))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -23,11 +24,37 @@ log = logging.getLogger(__name__)
 
 
 def resumed_step(ckpt_path: str | Path) -> int:
-    """The logger step a run resumed from ``ckpt_path`` continues at: Lightning logs with the
-    count of batches that stepped an optimizer, which the checkpoint's fit loop keeps."""
+    """The first logger step a run resumed from ``ckpt_path`` logs again.
+
+    Lightning logs at the count of batches that stepped an optimizer, which the fit loop keeps
+    in the checkpoint. A checkpoint saved at an epoch's end holds the count after the epoch's
+    last batch; one saved by a validation inside an epoch (``trainer.val_check_interval``)
+    holds it before that batch is counted, although the batch and its validation were logged at
+    that step, and ``global_step`` (optimizer steps, counted earlier) is then one ahead.
+    """
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    global_step = int(ckpt["global_step"])
     epoch_loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-    return int(epoch_loop.get("_batches_that_stepped", ckpt["global_step"]))
+    stepped = epoch_loop.get("_batches_that_stepped")
+    return global_step if stepped is None else min(global_step, int(stepped) + 1)
+
+
+def _complete_rows(text: str) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and the complete rows of a ``metrics.csv``: a last line without its line end,
+    or any row with fewer or more fields than the header, was cut short by a kill."""
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    keys = list(reader.fieldnames or [])
+    rows = [row for row in reader if None not in row and None not in row.values()]
+    return keys, rows
+
+
+def _logged_before(row: dict[str, str], step: float) -> bool:
+    try:
+        return float(row["step"]) < step
+    except ValueError:  # not a number: not a row Lightning wrote
+        return False
 
 
 class _HistoryKeepingWriter(ExperimentWriter):
@@ -35,7 +62,7 @@ class _HistoryKeepingWriter(ExperimentWriter):
     appends to them; rows from after the checkpoint (logged before a kill, or the scores a
     finished run added at its end) are dropped, as the resumed run logs them again."""
 
-    def __init__(self, log_dir: str, keep_before: int) -> None:
+    def __init__(self, log_dir: str, keep_before: float) -> None:
         self._keep_before = keep_before
         super().__init__(log_dir)
 
@@ -44,16 +71,18 @@ class _HistoryKeepingWriter(ExperimentWriter):
         if not path.is_file():
             return
         with path.open(newline="") as file:
-            reader = csv.DictReader(file)
-            keys = list(reader.fieldnames or [])
-            rows = [row for row in reader if int(float(row["step"])) < self._keep_before]
+            keys, rows = _complete_rows(file.read())
+        if not keys:  # not even a whole header
+            path.unlink()
+            return
+        rows = [row for row in rows if _logged_before(row, self._keep_before)]
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         write_text(path, text.getvalue())
         self.metrics_keys = keys
-        log.info("%s: kept the %d rows logged before step %d", path, len(rows), self._keep_before)
+        log.info("%s: kept the %d rows logged before step %s", path, len(rows), self._keep_before)
 
 
 class CSVLogger(LightningCSVLogger):
@@ -63,13 +92,18 @@ class CSVLogger(LightningCSVLogger):
     Lightning does.
     """
 
-    _keep_before: int | None = None
+    _keep_before: float | None = None
 
-    def resume_from(self, ckpt_path: str | Path | None) -> None:
-        """Keep the rows logged before the checkpoint ``ckpt_path`` (``None``: start anew)."""
+    def resume_from(self, ckpt_path: str | Path | None, train: bool = True) -> None:
+        """Keep the rows logged before the checkpoint ``ckpt_path`` that training resumes from;
+        ``train=False`` (the run only scores a checkpoint) keeps every row; ``None`` with
+        ``train`` starts a new file, as Lightning does."""
         if self._experiment is not None:
             raise RuntimeError("CSVLogger.resume_from must be called before anything is logged")
-        self._keep_before = None if ckpt_path is None else resumed_step(ckpt_path)
+        if not train:
+            self._keep_before = math.inf
+        else:
+            self._keep_before = None if ckpt_path is None else resumed_step(ckpt_path)
 
     @property
     @rank_zero_experiment
