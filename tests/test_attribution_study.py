@@ -236,3 +236,7 @@ def test_the_faithfulness_gap_is_pooled_over_objects(monkeypatch):
     pooled = diff.sum() / np.abs(s0).sum()
     assert value(result, "hirescam", "enc1", "faithfulness_gap") == pytest.approx(pooled)
     assert pooled != pytest.approx(np.mean(diff / np.abs(s0)))
+    # the plotted curves are pooled the same way: the area between them is the gap
+    curves = {o: np.array(result["curves"][f"hirescam/enc1/{o}"]) for o in ("cam", "random")}
+    k = np.linspace(0, 1, len(curves["cam"]))
+    assert np.trapezoid(curves["random"] - curves["cam"], k) == pytest.approx(pooled, abs=1e-5)

@@ -260,8 +260,12 @@ def test_the_threshold_is_the_checkpoints_unless_given(caplog):
     """eval, predict and explain score at the module.threshold the checkpoint was trained with
     (0.5 when it records none); a given threshold wins, and differing from the checkpoint's is
     named, as it scores otherwise than train.py did."""
-    from changecam.cli.common import run_threshold
+    from changecam.cli.common import checked_threshold, run_threshold
 
+    for bad in ("abc", [0.3], {"a": 1}, True):
+        with pytest.raises(ValueError, match="must be a probability in \\[0, 1\\) or null"):
+            checked_threshold(bad)
+    assert checked_threshold(0) == 0.0 and checked_threshold(None) is None
     with caplog.at_level("INFO"):
         assert run_threshold(None, {"threshold": 0.3}) == 0.3
         assert run_threshold(None, {}) == 0.5  # a plain state_dict

@@ -283,7 +283,7 @@ def checked_threshold(value: Any, key: str = "threshold") -> float | None:
         if isinstance(value, bool):
             raise ValueError
         threshold = float(value)
-    except ValueError:
+    except (TypeError, ValueError):  # text, a list, a mapping
         raise ValueError(f"{key}={value!r} must be a probability in [0, 1) or null") from None
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"{key}={threshold} must be a probability in [0, 1)")

@@ -6,7 +6,7 @@ object; the objects of an image are explained together as one batch), and each m
 are scored by :mod:`changecam.evaluation.attribution`: date accuracy (against the generator's
 change types), agreement with the causal date (the date whose date-swap inside the object
 changes ``S`` more; also weighed by how decisive that date is, the causal margin), the energy
-pointing game and the image-wide post share. The same batch gives the date-swap deletion curves
+pointing game and the post share of the object's window. The same batch gives the date-swap deletion curves
 (:func:`changecam.explain.faithfulness`, ``both`` dates) and their gap against random order.
 The cascading parameter-randomisation check (:mod:`changecam.evaluation.randomisation`) runs on
 the first ``randomisation_images`` images.
@@ -177,6 +177,8 @@ class _Records:
     # per-object weights of a weighted metric, in the same layout as its values
     weights: dict[tuple[str, str, str], dict[str, list[float]]] = field(default_factory=dict)
     curves: dict[tuple[str, str, str], list[np.ndarray]] = field(default_factory=dict)
+    # |S(0)| of the objects whose curves are in ``curves``, per (method, layer)
+    curve_scales: dict[tuple[str, str], list[float]] = field(default_factory=dict)
 
     def add(
         self,
@@ -238,7 +240,7 @@ def study_model(
         ``n``; ``randomisation`` with its curve), ``objects`` (counts per kind), ``causal``
         (the model's own date use: share of objects whose causal date is post, how often it is
         the known date, the causal margins and the share of near-ties under 5 %),
-        ``baselines``, ``curves`` (mean normalised deletion curves),
+        ``baselines``, ``curves`` (deletion curves pooled over objects, ``Σ S(k) / Σ|S(0)|``),
         ``per_image`` (causal agreement per image, for panels) and ``skipped`` (metrics left
         out and why).
     """
@@ -293,8 +295,11 @@ def study_model(
             "post_always": (kinds.get("appeared", 0) / n_known) if n_known else None,
         },
         "curves": {
-            f"{m}/{layer}/{order}": np.mean(c, 0).round(6).tolist()
+            f"{m}/{layer}/{order}": (np.sum(c, 0) / sum(records.curve_scales[(m, layer)]))
+            .round(6)
+            .tolist()
             for (m, layer, order), c in records.curves.items()
+            if sum(records.curve_scales[(m, layer)]) > 0
         },
         "per_image": {
             f"{m}/{layer}": {img: float(np.nanmean(v)) if len(v) else None for img, v in d.items()}
@@ -488,10 +493,12 @@ def _score_pass(
                     gaps[kept].tolist(),
                     weights=s0[kept].tolist(),
                 )
-                scale = faith.score0.abs().clamp(min=1e-12)[:, None]
+                # the curves pooled the same way (Σ S(k) / Σ|S(0)|), so that the area between
+                # the plotted curves is the gap in the table
                 for order in ("cam", "random"):
-                    curve = (faith.curve("deletion", "both", order) / scale).numpy()
+                    curve = faith.curve("deletion", "both", order)[kept].numpy()
                     records.curves.setdefault((method, layer, order), []).extend(curve)
+                records.curve_scales.setdefault((method, layer), []).extend(s0[kept].tolist())
             for metric, values in metrics.items():
                 records.add(method, layer, metric, name, [v for v in values if not math.isnan(v)])
             # each object's agreement with the causal date, weighed by how decisive that date is

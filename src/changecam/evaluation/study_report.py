@@ -156,7 +156,8 @@ def plot_post_share(record: Mapping[str, Any], path: Path, methods: Sequence[str
 
 
 def plot_curves(record: Mapping[str, Any], path: Path) -> Path:
-    """Deletion curves (``S`` / ``S(0)``, both dates, each method's deepest layer) per architecture."""
+    """Deletion curves (``Σ S(k) / Σ|S(0)|`` over objects, both dates, each method's deepest
+    layer) per architecture: the area between a method's curve and random order's is its gap."""
     archs = list(record["architectures"])
     figure, axes = _per_architecture_axes(len(archs))
     for ax, arch in zip(axes, archs, strict=True):
@@ -173,7 +174,7 @@ def plot_curves(record: Mapping[str, Any], path: Path) -> Path:
             ax.plot(np.linspace(0, 1, len(values)), values, style, label=label)
         ax.set_title(arch, fontsize=9)
         ax.set_xlabel("fraction swapped", fontsize=8)
-    axes[0].set_ylabel("S / S(0)")
+    axes[0].set_ylabel("Σ S / Σ |S(0)|")
     axes[0].legend(fontsize=6)
     return _save(figure, path)
 
