@@ -435,13 +435,23 @@ def test_sigkill_after_a_mid_epoch_checkpoint_keeps_the_csv_rows_of_its_step(
 
 
 def test_scoring_a_checkpoint_in_its_run_keeps_the_csv_history(tmp_path, tiny_synthetic):
-    """train=false ckpt_path=last only scores: the training rows stay, its rows follow."""
-    base = [*resume_overrides(tiny_synthetic, 1), "logger=csv", "test=false"]
-    train(compose_train(tmp_path, base))
-    trained = (tmp_path / "run/csv/metrics.csv").read_text().splitlines()
-    train(compose_train(tmp_path, [*base, "train=false", "ckpt_path=last"]))
-    scored = (tmp_path / "run/csv/metrics.csv").read_text().splitlines()
+    """train=false ckpt_path=last only scores: the training rows stay and its rows follow (at
+    step 0: Lightning's validate() has no training step). A later resume drops them, as they
+    are no part of the training history, and ends with an uninterrupted run's rows."""
+    per_step = ["logger=csv", "trainer.log_every_n_steps=1"]
+    full = tmp_path / "full"
+    train(compose_train(full, [*resume_overrides(tiny_synthetic, EPOCHS), *per_step]))
+    split = tmp_path / "split"
+    first = [*resume_overrides(tiny_synthetic, 1), *per_step, "test=false"]
+    train(compose_train(split, first))
+    trained = (split / "run/csv/metrics.csv").read_text().splitlines()
+    train(compose_train(split, [*first, "train=false", "ckpt_path=last"]))
+    scored = (split / "run/csv/metrics.csv").read_text().splitlines()
     assert scored[: len(trained)] == trained and len(scored) == len(trained) + 1
+    assert scored[-1].startswith("0,0,")
+    resumed = [*resume_overrides(tiny_synthetic, EPOCHS), *per_step, "ckpt_path=last"]
+    train(compose_train(split, resumed))
+    assert (split / "run/csv/metrics.csv").read_text() == (full / "run/csv/metrics.csv").read_text()
 
 
 def test_a_csv_row_cut_by_a_kill_is_dropped_on_resume(tmp_path):
@@ -462,3 +472,13 @@ def test_a_csv_row_cut_by_a_kill_is_dropped_on_resume(tmp_path):
         "0,1,0.8",
         ",3,0.7",
     ]
+
+
+def test_a_csv_without_steps_keeps_no_rows(tmp_path):
+    from changecam.training.csv_logger import _HistoryKeepingWriter
+
+    log_dir = tmp_path / "csv"
+    log_dir.mkdir()
+    (log_dir / "metrics.csv").write_text("epoch,val/f1\r\n0,0.5\r\n")
+    _HistoryKeepingWriter(str(log_dir), keep_before=10)
+    assert (log_dir / "metrics.csv").read_text().splitlines() == ["epoch,val/f1"]

@@ -50,11 +50,22 @@ def _complete_rows(text: str) -> tuple[list[str], list[dict[str, str]]]:
     return keys, rows
 
 
-def _logged_before(row: dict[str, str], step: float) -> bool:
-    try:
-        return float(row["step"]) < step
-    except ValueError:  # not a number: not a row Lightning wrote
-        return False
+def _history(rows: list[dict[str, str]], keep_before: float) -> list[dict[str, str]]:
+    """The rows of one training history logged before step ``keep_before``: they stop at the
+    first row that is not, or whose step goes back (a ``train=false`` scoring appended at step
+    0), or that has no step (not a row Lightning wrote)."""
+    kept: list[dict[str, str]] = []
+    last = -math.inf
+    for row in rows:
+        try:
+            step = float(row["step"])
+        except (KeyError, ValueError):
+            break
+        if step < last or step >= keep_before:
+            break
+        kept.append(row)
+        last = step
+    return kept
 
 
 class _HistoryKeepingWriter(ExperimentWriter):
@@ -75,7 +86,7 @@ class _HistoryKeepingWriter(ExperimentWriter):
         if not keys:  # not even a whole header
             path.unlink()
             return
-        rows = [row for row in rows if _logged_before(row, self._keep_before)]
+        rows = rows if math.isinf(self._keep_before) else _history(rows, self._keep_before)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\n")
         writer.writeheader()
