@@ -46,7 +46,10 @@ def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny
             "-m",
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
-            *tiny(tiny_synthetic),
+            *[o for o in tiny(tiny_synthetic) if o != "callbacks.cam_panels=null"],
+            # the CAM panels' background process, spawned from a joblib (loky) worker
+            "callbacks.cam_panels.mode=background",
+            "callbacks.cam_panels.k=2",
             "model.fusion=diff,concat",
             "logger=wandb",
             f"hydra.sweep.dir={sweep}",
@@ -63,6 +66,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_and_groups_wandb_runs(tmp_path, tiny
         fusions.add(yaml.safe_load((job / ".hydra/config.yaml").read_text())["model"]["fusion"])
         (run_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
         assert group in run_file.read_bytes()  # the W&B run record carries the sweep's group
+        assert len(list(job.glob("cam/epoch_000/*.png"))) == 2
     assert fusions == {"diff", "concat"}
 
 

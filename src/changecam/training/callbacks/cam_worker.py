@@ -9,6 +9,7 @@ logged by the training process, with the step of the epoch they belong to.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
@@ -18,6 +19,7 @@ import sys
 import time
 import traceback
 import types
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,26 @@ def weights_snapshot(net: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
 
+@contextlib.contextmanager
+def _stdlib_start_method() -> Iterator[None]:
+    """Name a start method the spawned child knows while it starts.
+
+    spawn tells the child the parent's process-wide start method. A joblib (loky) worker, as in
+    a ``hydra/launcher=joblib`` sweep, has set it to ``loky``, which the child's plain
+    :mod:`multiprocessing` cannot set, and it dies at start-up.
+    """
+    default = mp.context._default_context  # the only handle on the process-wide method
+    actual = default._actual_context
+    if actual is None or actual.get_start_method() in mp.get_all_start_methods():
+        yield
+        return
+    default._actual_context = mp.get_context("spawn")
+    try:
+        yield
+    finally:
+        default._actual_context = actual
+
+
 class CamWorkerError(RuntimeError):
     """The background CAM-panel process failed or died."""
 
@@ -210,7 +232,8 @@ class BackgroundExplainer:
         main = sys.modules["__main__"]
         sys.modules["__main__"] = types.ModuleType("__main__")
         try:
-            self._process.start()
+            with _stdlib_start_method():
+                self._process.start()
         finally:
             sys.modules["__main__"] = main
         _yield_to_training(self._process.pid)  # now, not after the child's imports (seconds)
