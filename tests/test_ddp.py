@@ -117,6 +117,21 @@ def test_a_ddp_run_resumes_on_every_rank(tmp_path, tiny_synthetic):
     assert "val/f1" in json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow
+def test_a_ddp_sweep_resumed_with_ckpt_path_last_starts_the_jobs_without_one(
+    tmp_path, tiny_synthetic
+):
+    """ckpt_path=last in a sweep: a job without last.ckpt starts anew, on every rank (rank 1
+    is re-run as a plain run, and refused the missing checkpoint, which killed the sweep)."""
+    sweep = tmp_path / "sweep"
+    common = ["-m", *ddp_overrides(tiny_synthetic), "trainer=ddp_cpu", f"hydra.sweep.dir={sweep}"]
+    run_script("train.py", [*common, "model.fusion=diff"], cwd=tmp_path)
+    assert (sweep / "0/checkpoints/last.ckpt").is_file() and not (sweep / "1").exists()
+    run_script("train.py", [*common, "model.fusion=diff,concat", "ckpt_path=last"], cwd=tmp_path)
+    for job in ("0", "1"):
+        assert "val/f1" in json.loads((sweep / job / "metrics.json").read_text())
+
+
 @pytest.fixture(autouse=True)
 def _clear_hydra():
     yield

@@ -41,7 +41,22 @@ def starts_rank_processes(trainer: L.Trainer) -> bool:
 
 # what Lightning's launcher sets in the main process; LOCAL_RANK left set would make the next
 # job's trainer take its ranks for started by someone else, and start none
-LAUNCHER_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+# set for the ranks a sweep job's DDP re-runs (as a plain run, hydra.mode=RUN): they are still
+# one job of a sweep, e.g. for ckpt_path=last (train.resolve_ckpt_path)
+SWEEP_JOB_ENV = "CHANGECAM_SWEEP_JOB"
+LAUNCHER_ENVIRONMENT = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "NODE_RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    SWEEP_JOB_ENV,
+)
+
+
+def in_sweep() -> bool:
+    """Whether this process runs one job of a Hydra multirun, itself or as a DDP rank of one."""
+    return is_multirun() or os.environ.get(SWEEP_JOB_ENV) == "1"
 
 
 @contextmanager
@@ -68,6 +83,7 @@ def ddp_job(trainer: L.Trainer) -> Iterator[None]:
         )
     argv, environment = sys.argv, {k: os.environ.get(k) for k in LAUNCHER_ENVIRONMENT}
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, "hydra.mode=RUN"]
+    os.environ[SWEEP_JOB_ENV] = "1"
     with read_write(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     try:

@@ -21,8 +21,7 @@ from changecam.cli.common import (
     task_wrapper,
     to_float_dict,
 )
-from changecam.cli.ddp import ddp_job
-from changecam.cli.launch import is_multirun
+from changecam.cli.ddp import ddp_job, in_sweep
 from changecam.data.validate import network_fit
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 from changecam.training.csv_logger import CSVLogger
@@ -49,13 +48,13 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path == "last":
         if last.is_file():
             return str(last)
-        if is_multirun() and list(output_dir.parent.glob("*/checkpoints/last.ckpt")):
+        if in_sweep() and list(output_dir.parent.glob("*/checkpoints/last.ckpt")):
             log.info("ckpt_path=last: %s has no last.ckpt, so this job starts anew", output_dir)
             return None
         where = (
             f"no job of the sweep folder {output_dir.parent} has one (run with "
             "hydra.sweep.dir=<the old sweep dir>)"
-            if is_multirun()
+            if in_sweep()
             else "run with hydra.run.dir=<the old run dir>"
         )
         raise FileNotFoundError(f"ckpt_path=last but {last} does not exist ({where})")
