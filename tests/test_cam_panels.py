@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from changecam.cli.train import train
-from changecam.explain import FaithfulnessSettings
+from changecam.explain import ExplainSettings, FaithfulnessSettings
 from changecam.models import SiameseUNet
 from changecam.training.callbacks import cam_panels
 from changecam.training.callbacks.cam_panels import (
@@ -76,6 +76,9 @@ def test_auto_mode_goes_to_the_background_only_with_a_free_core(
         CamPanels(tmp_path, mode="thread")
     with pytest.raises(ValueError, match="worker_device='gpu'.*'cpu', 'training'"):
         CamPanels(tmp_path, worker_device="gpu")
+    # the ROI target needs a mask the callback never reads: refused at start, not after epoch 1
+    with pytest.raises(ValueError, match="cam_panels.explain.target=roi"):
+        CamPanels(tmp_path, explain=ExplainSettings(target="roi", roi="roi.png"))
 
 
 def tiny_samples(k: int = 2, size: int = 32) -> dict:

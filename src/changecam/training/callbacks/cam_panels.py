@@ -136,6 +136,12 @@ class CamPanels(L.Callback):
                 f"callbacks.cam_panels.worker_device={worker_device!r}; expected one of "
                 f"{WORKER_DEVICES}"
             )
+        if explain is not None and explain.target == "roi":
+            raise ValueError(
+                "callbacks.cam_panels.explain.target=roi: the panels explain validation samples "
+                "of every place, which one explain.roi mask does not fit; use predicted, "
+                "ground_truth or all"
+            )
         self.out_dir = Path(out_dir)
         self.k = k
         self.settings = with_threshold(explain or DEFAULT_EXPLAIN, threshold)
