@@ -368,10 +368,11 @@ def test_a_requeued_training_run_continues_its_epochs(
 
 def test_ckpt_path_last_in_a_sweep(tmp_path, monkeypatch):
     """A job that had not started when its sweep stopped starts anew; a sweep folder in which
-    no job has a last.ckpt (a mistyped hydra.sweep.dir) is refused."""
-    import changecam.cli.train
+    no job has a last.ckpt (a mistyped hydra.sweep.dir) is refused. A sweep job's DDP rank,
+    re-run as a plain run, knows it is one from its environment."""
+    from changecam.cli.ddp import SWEEP_JOB_ENV
 
-    monkeypatch.setattr(changecam.cli.train, "is_multirun", lambda: True)
+    monkeypatch.setenv(SWEEP_JOB_ENV, "1")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     with pytest.raises(FileNotFoundError, match=r"no job of the sweep folder .* has one"):
         resolve_ckpt_path("last", tmp_path / "1")
@@ -482,3 +483,22 @@ def test_a_csv_without_steps_keeps_no_rows(tmp_path):
     (log_dir / "metrics.csv").write_text("epoch,val/f1\r\n0,0.5\r\n")
     _HistoryKeepingWriter(str(log_dir), keep_before=10)
     assert (log_dir / "metrics.csv").read_text().splitlines() == ["epoch,val/f1"]
+
+
+def test_a_new_run_in_an_old_run_folder_starts_its_own_history(tmp_path, tiny_synthetic):
+    """Without ckpt_path the run is not the folder's earlier run resumed: it gets a W&B run of
+    its own, and the earlier run's CAM panels go (a later epoch's would look like its own)."""
+    base = [
+        *resume_overrides(tiny_synthetic, 2, cam=True),
+        "logger=wandb",
+        "callbacks.cam_panels.mode=inline",
+        "callbacks.cam_panels.k=2",
+        "test=false",
+    ]
+    train(compose_train(tmp_path, base))
+    run = tmp_path / "run"
+    first_id = (run / "wandb" / "run_id.txt").read_text().strip()
+    assert sorted(p.name for p in (run / "cam").iterdir()) == ["epoch_000", "epoch_001"]
+    train(compose_train(tmp_path, [*base, "trainer.max_epochs=1"]))
+    assert (run / "wandb" / "run_id.txt").read_text().strip() != first_id
+    assert sorted(p.name for p in (run / "cam").iterdir()) == ["epoch_000"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import sys
 import typing
 from collections.abc import Callable, Mapping
@@ -156,8 +157,17 @@ def resume_hint(cfg: DictConfig) -> str:
     )
 
 
-def prepare_run(cfg: DictConfig, results: tuple[str, ...] = ()) -> Path:
+def prepare_run(
+    cfg: DictConfig,
+    results: tuple[str, ...] = (),
+    history: tuple[str, ...] = (),
+    resumes: bool = False,
+) -> Path:
     """The set-up every command starts with; returns the run directory.
+
+    ``history`` names folders of a run's history (train's ``cam/`` panels), removed unless the
+    run ``resumes`` an earlier one in this folder; only a resuming run continues the folder's
+    W&B run.
 
     Runs the config guards (unknown keys, invalid choices, switches this machine cannot honour)
     before anything is built, then (``print_config``) writes the whole config to the log file
@@ -180,7 +190,11 @@ def prepare_run(cfg: DictConfig, results: tuple[str, ...] = ()) -> Path:
         if (output_dir / name).is_file():
             (output_dir / name).unlink(missing_ok=True)  # (every DDP rank runs this)
             log.warning("removed %s, written by an earlier run in this folder", output_dir / name)
-    configure_wandb(cfg, output_dir)
+    for name in () if resumes else history:
+        if (output_dir / name).is_dir() and rank_zero_only.rank == 0:
+            shutil.rmtree(output_dir / name)
+            log.warning("removed %s, written by an earlier run in this folder", output_dir / name)
+    configure_wandb(cfg, output_dir, resumes)
     return output_dir
 
 
@@ -388,14 +402,15 @@ WANDB_LOGGER = "lightning.pytorch.loggers.wandb.WandbLogger"
 RUN_ID_FILE = Path("wandb") / "run_id.txt"
 
 
-def wandb_run_id(output_dir: str | Path) -> str:
-    """The W&B run id of a run directory: read from ``wandb/run_id.txt``, else made and stored.
+def wandb_run_id(output_dir: str | Path, resumes: bool = True) -> str:
+    """The W&B run id of a run directory: read from ``wandb/run_id.txt`` when the run
+    ``resumes`` (or is a DDP rank started later), else made and stored.
 
-    Resuming in the same directory (``ckpt_path=last``) thus continues the same W&B run. Only
-    global rank 0 writes the file; DDP ranks started later read it.
+    Resuming in the same directory (``ckpt_path=last``) thus continues the same W&B run, and a
+    new run there starts its own. Only global rank 0 writes the file.
     """
     path = Path(output_dir) / RUN_ID_FILE
-    if path.is_file():
+    if path.is_file() and (resumes or rank_zero_only.rank != 0):
         return path.read_text().strip()
     from wandb.sdk.lib.runid import generate_id  # wandb is imported only where W&B is used
 
@@ -405,7 +420,7 @@ def wandb_run_id(output_dir: str | Path) -> str:
     return run_id
 
 
-def configure_wandb(cfg: DictConfig, output_dir: str | Path) -> None:
+def configure_wandb(cfg: DictConfig, output_dir: str | Path, resumes: bool = False) -> None:
     """Fill in the W&B logger's run id (kept on resume) and, in a sweep, a shared group.
 
     A value set in the config (``logger.wandb.id``/``group``) is kept. The runs of one
@@ -417,7 +432,7 @@ def configure_wandb(cfg: DictConfig, output_dir: str | Path) -> None:
             continue
         with open_dict(conf):
             if conf.get("id") is None:
-                conf.id = wandb_run_id(output_dir)
+                conf.id = wandb_run_id(output_dir, resumes)
             if is_multirun():
                 hydra_cfg = HydraConfig.get()
                 if conf.get("group") is None:

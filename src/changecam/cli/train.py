@@ -102,7 +102,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     invalid choices and switches this machine cannot honour stop the run before anything is
     built.
     """
-    output_dir = prepare_run(cfg, results=("metrics.json",))
+    # ckpt_path (or a SLURM requeue) continues this folder's history: its CAM panels, W&B run
+    requeued = os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
+    output_dir = prepare_run(
+        cfg,
+        results=("metrics.json",),
+        history=("cam",),
+        resumes=cfg.get("ckpt_path") is not None or requeued,
+    )
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
