@@ -239,17 +239,3 @@ def test_multirun_sweep(tmp_path, tiny_synthetic):
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
-
-
-def test_run_folders_are_named_to_the_microsecond():
-    """Two runs started in the same second (jobs launched together by a script) must not share
-    one folder, where each would overwrite the other's checkpoints and metrics."""
-    from hydra import compose, initialize_config_dir
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True)
-    GlobalHydra.instance().clear()
-    hydra_node = OmegaConf.to_container(cfg.hydra, resolve=False)
-    for folder in (hydra_node["run"]["dir"], hydra_node["sweep"]["dir"]):
-        assert folder.endswith("${now:%Y-%m-%d_%H-%M-%S-%f}"), folder
