@@ -502,3 +502,17 @@ def test_a_new_run_in_an_old_run_folder_starts_its_own_history(tmp_path, tiny_sy
     train(compose_train(tmp_path, [*base, "trainer.max_epochs=1"]))
     assert (run / "wandb" / "run_id.txt").read_text().strip() != first_id
     assert sorted(p.name for p in (run / "cam").iterdir()) == ["epoch_000"]
+
+
+def test_a_requeued_job_without_a_checkpoint_starts_its_own_history(
+    tmp_path, tiny_synthetic, monkeypatch
+):
+    """A SLURM requeue before the first checkpoint trains anew: a W&B run of its own too."""
+    base = [*resume_overrides(tiny_synthetic, 1), "logger=wandb", "test=false"]
+    train(compose_train(tmp_path, base))
+    run = tmp_path / "run"
+    first_id = (run / "wandb" / "run_id.txt").read_text().strip()
+    (run / "checkpoints" / "last.ckpt").unlink()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    train(compose_train(tmp_path, base))
+    assert (run / "wandb" / "run_id.txt").read_text().strip() != first_id

@@ -157,17 +157,11 @@ def resume_hint(cfg: DictConfig) -> str:
     )
 
 
-def prepare_run(
-    cfg: DictConfig,
-    results: tuple[str, ...] = (),
-    history: tuple[str, ...] = (),
-    resumes: bool = False,
-) -> Path:
+def prepare_run(cfg: DictConfig, results: tuple[str, ...] = (), history: bool = True) -> Path:
     """The set-up every command starts with; returns the run directory.
 
-    ``history`` names folders of a run's history (train's ``cam/`` panels), removed unless the
-    run ``resumes`` an earlier one in this folder; only a resuming run continues the folder's
-    W&B run.
+    ``history=False`` leaves :func:`start_history` (the W&B run id, an earlier run's panels)
+    to the caller, who knows only later whether the run resumes one (train.py).
 
     Runs the config guards (unknown keys, invalid choices, switches this machine cannot honour)
     before anything is built, then (``print_config``) writes the whole config to the log file
@@ -190,12 +184,22 @@ def prepare_run(
         if (output_dir / name).is_file():
             (output_dir / name).unlink(missing_ok=True)  # (every DDP rank runs this)
             log.warning("removed %s, written by an earlier run in this folder", output_dir / name)
-    for name in () if resumes else history:
+    if history:
+        start_history(cfg, output_dir, resumes=False)
+    return output_dir
+
+
+def start_history(
+    cfg: DictConfig, output_dir: Path, resumes: bool, folders: tuple[str, ...] = ()
+) -> None:
+    """Continue the run directory's history when the run ``resumes`` one (its W&B run id),
+    else start a new one: a fresh W&B run id, and the ``folders`` of the earlier run's history
+    (train's ``cam/`` panels) removed."""
+    for name in () if resumes else folders:
         if (output_dir / name).is_dir() and rank_zero_only.rank == 0:
             shutil.rmtree(output_dir / name)
             log.warning("removed %s, written by an earlier run in this folder", output_dir / name)
     configure_wandb(cfg, output_dir, resumes)
-    return output_dir
 
 
 def config_summary() -> str:

@@ -18,6 +18,7 @@ from changecam.cli.common import (
     log,
     log_hyperparameters,
     prepare_run,
+    start_history,
     task_wrapper,
     to_float_dict,
 )
@@ -102,20 +103,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     invalid choices and switches this machine cannot honour stop the run before anything is
     built.
     """
-    # ckpt_path (or a SLURM requeue) continues this folder's history: its CAM panels, W&B run
-    requeued = os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
-    output_dir = prepare_run(
-        cfg,
-        results=("metrics.json",),
-        history=("cam",),
-        resumes=cfg.get("ckpt_path") is not None or requeued,
-    )
+    output_dir = prepare_run(cfg, results=("metrics.json",), history=False)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
     datamodule: L.LightningDataModule = instantiate_refusing(cfg.data, splits=run_splits(cfg))
     net = instantiate_refusing(cfg.model)
     ckpt_path = checked_resume_path(cfg, net, output_dir)
+    # a checkpoint to go on from (or to score) continues the folder's CAM panels and W&B run
+    start_history(cfg, output_dir, resumes=ckpt_path is not None, folders=("cam",))
     # every split the run uses, before any logger starts a run: a bad test list or image fails
     # here, not after fitting, and leaves no W&B run behind
     datamodule.prepare_data()
