@@ -30,7 +30,8 @@ def test_frozen_gc_skips_what_existed_collects_what_is_new_and_restores():
         assert frozen > 0 and gc.is_tracked(kept)
         with frozen_gc():  # nested: the outer one keeps them frozen
             pass
-        assert gc.get_freeze_count() == frozen
+        # not equal: a frozen object freed meanwhile (by another thread too) leaves the count
+        assert gc.get_freeze_count() > frozen // 2, "the nested exit unfroze the outer's objects"
         made_inside = unreachable_cycle()
         gc.collect()
         assert made_inside() is None, "a cycle made inside is still collected"
