@@ -370,13 +370,17 @@ def instantiate_refusing(node: Any, **kwargs: Any) -> Any:
         raise
 
 
-def explain_settings(cfg: DictConfig, threshold: float) -> ExplainSettings | None:
+def explain_settings(cfg: DictConfig, threshold: float | None) -> ExplainSettings | None:
     """The ``explain`` group as :class:`~changecam.explain.ExplainSettings` with the run's
-    ``threshold``, or ``None`` when ``explain.enabled=false``."""
+    ``threshold`` (``None``, the checkpoint's, not known yet: 0.5 until
+    :func:`~changecam.explain.with_threshold` sets it), or ``None`` when
+    ``explain.enabled=false``."""
     block = cfg.get("explain")
     if not block or not block.get("enabled", True):
         return None
-    return instantiate_refusing(block, threshold=threshold)
+    return instantiate_refusing(
+        block, threshold=DEFAULT_THRESHOLD if threshold is None else threshold
+    )
 
 
 def mean_post_shares(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
@@ -406,7 +410,7 @@ WANDB_LOGGER = "lightning.pytorch.loggers.wandb.WandbLogger"
 RUN_ID_FILE = Path("wandb") / "run_id.txt"
 
 
-def wandb_run_id(output_dir: str | Path, resumes: bool = True) -> str:
+def wandb_run_id(output_dir: str | Path, resumes: bool) -> str:
     """The W&B run id of a run directory: read from ``wandb/run_id.txt`` when the run
     ``resumes`` (or is a DDP rank started later), else made and stored.
 

@@ -15,7 +15,6 @@ from tqdm import tqdm
 
 from changecam.atomic import DiskFullError, write_json
 from changecam.cli.common import (
-    DEFAULT_THRESHOLD,
     checked_threshold,
     explain_settings,
     failed_pair,
@@ -117,7 +116,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     """
     output_dir = prepare_run(cfg)
     given = checked_threshold(cfg.threshold)
-    settings = explain_settings(cfg, DEFAULT_THRESHOLD if given is None else given)
+    settings = explain_settings(cfg, given)
     if settings is None:
         raise ValueError("explain.enabled=false: explain.py has nothing to do")
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))

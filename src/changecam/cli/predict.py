@@ -56,7 +56,6 @@ from changecam.atomic import (
     write_text,
 )
 from changecam.cli.common import (
-    DEFAULT_THRESHOLD,
     checked_threshold,
     explain_settings,
     failed_pair,
@@ -409,7 +408,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     spec = sliding_window_spec(cfg)
     if spec is None:
         raise ConfigError("predict.py predicts window by window: set sliding_window.enabled=true")
-    settings = explain_settings(cfg, DEFAULT_THRESHOLD if given is None else given)
+    settings = explain_settings(cfg, given)
     roi = read_roi(settings) if settings is not None else None
     pairs = input_pairs(
         cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"), INPUT_SUFFIXES
