@@ -149,21 +149,45 @@ def run_cli(args: list[str], cwd: Path) -> None:
     assert proc.returncode == 0, out[-3000:]
 
 
-# the run holds after the first step of the second epoch (after the first checkpoint)
-PAUSE_IN_EPOCH_1 = [
-    "+callbacks.slow._target_=slow_steps.SlowSteps",
-    "+callbacks.slow.seconds=0",
-    "+callbacks.slow.pause_at='1:0'",
-]
+def pause_at(step: str) -> list[str]:
+    """Overrides that hold the run after training step ``step`` (``"epoch:batch"``)."""
+    return [
+        "+callbacks.slow._target_=slow_steps.SlowSteps",
+        "+callbacks.slow.seconds=0",
+        f"+callbacks.slow.pause_at='{step}'",
+    ]
 
 
-def wait_until_paused(proc: subprocess.Popen, log_path: Path) -> None:
-    """Wait until the run started with :data:`PAUSE_IN_EPOCH_1` holds in its second epoch."""
-    deadline = time.monotonic() + 240
-    while "slow_steps epoch=1 batch=0" not in log_path.read_text():
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, "the second epoch did not start within 240 s"
-        time.sleep(0.02)
+def kill_when_paused(
+    args: list[str],
+    cwd: Path,
+    log_path: Path,
+    step: str = "1:0",
+    sig: signal.Signals = signal.SIGKILL,
+    full_error: bool = True,
+    wait_s: float = 30,
+) -> subprocess.Popen:
+    """Run train.py with ``args`` held after ``step`` (:func:`pause_at`; by default the first
+    step of the second epoch, after the first checkpoint), send it ``sig`` there and wait up to
+    ``wait_s`` for it to end; its output is in ``log_path``."""
+    epoch, batch = step.split(":")
+    held = f"slow_steps epoch={epoch} batch={batch}"
+    with open(log_path, "w") as log:
+        proc = cli(
+            [*args, *pause_at(step)],
+            full_error=full_error,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 240
+        while held not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"step {step} did not end within 240 s"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        proc.wait(timeout=wait_s)
+    return proc
 
 
 @pytest.mark.slow
@@ -175,21 +199,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_synt
     ]
     killed = tmp_path / "killed"
     log_path = tmp_path / "killed.log"
-    with open(log_path, "w") as log:
-        proc = cli(
-            [
-                *base,
-                f"hydra.run.dir={killed}",
-                *PAUSE_IN_EPOCH_1,
-            ],
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        last = killed / "checkpoints" / "last.ckpt"
-        wait_until_paused(proc, log_path)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    proc = kill_when_paused([*base, f"hydra.run.dir={killed}"], tmp_path, log_path)
+    last = killed / "checkpoints" / "last.ckpt"
     assert proc.returncode == -signal.SIGKILL
     steps = [line for line in log_path.read_text().splitlines() if line.startswith("slow_steps")]
     assert steps[-1] == "slow_steps epoch=1 batch=0", steps  # mid-epoch
@@ -216,16 +227,13 @@ def test_sigterm_mid_epoch_fails_and_says_how_to_resume(tmp_path, tiny_synthetic
         *resume_overrides(tiny_synthetic, EPOCHS),
         "logger=none",
         "print_config=false",
-        *PAUSE_IN_EPOCH_1,
         *(["model.fusion=diff,concat", f"hydra.sweep.dir={where}"] if sweep else []),
         *([] if sweep else [f"hydra.run.dir={where}"]),
     ]
     log_path = tmp_path / "out.log"
-    with open(log_path, "w") as log:
-        proc = cli(args, full_error=False, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-        wait_until_paused(proc, log_path)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+    proc = kill_when_paused(
+        args, tmp_path, log_path, sig=signal.SIGTERM, full_error=False, wait_s=120
+    )
     out = log_path.read_text()
     assert proc.returncode == 143, out[-3000:]
     if sweep:
@@ -243,7 +251,7 @@ def test_sigterm_mid_epoch_fails_and_says_how_to_resume(tmp_path, tiny_synthetic
     assert not (job / "metrics.json").exists()
     assert (job / "checkpoints" / "last.ckpt").is_file()
     # the command it prints resumes the run, or the sweep (its second job starts anew)
-    resume = [a for a in args if a not in PAUSE_IN_EPOCH_1 and "hydra.run.dir" not in a]
+    resume = [a for a in args if "hydra.run.dir" not in a]
     run_cli([*resume, "ckpt_path=last", *([] if sweep else [f"hydra.run.dir={where}"])], tmp_path)
     for job in [where / "0", where / "1"] if sweep else [where]:
         assert "val/f1" in json.loads((job / "metrics.json").read_text())
@@ -406,27 +414,10 @@ def test_sigkill_after_a_mid_epoch_checkpoint_keeps_the_csv_rows_of_its_step(
         "print_config=false",
     ]
     killed = tmp_path / "killed"
-    log_path = tmp_path / "killed.log"
-    with open(log_path, "w") as log:
-        proc = cli(
-            [
-                *base,
-                f"hydra.run.dir={killed}",
-                "+callbacks.slow._target_=slow_steps.SlowSteps",
-                "+callbacks.slow.seconds=0",
-                "+callbacks.slow.pause_at='1:2'",
-            ],
-            cwd=tmp_path,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 240
-        while "slow_steps epoch=1 batch=2" not in log_path.read_text():
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "epoch 1's third batch did not end within 240 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    proc = kill_when_paused(
+        [*base, f"hydra.run.dir={killed}"], tmp_path, tmp_path / "killed.log", "1:2"
+    )
+    assert proc.returncode == -signal.SIGKILL
     ckpt = torch.load(killed / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 6  # saved by the validation after epoch 1's batch 1
     run_cli([*base, f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)
