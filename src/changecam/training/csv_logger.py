@@ -32,7 +32,8 @@ def resumed_step(ckpt_path: str | Path) -> int:
     holds it before that batch is counted, although the batch and its validation were logged at
     that step, and ``global_step`` (optimizer steps, counted earlier) is then one ahead.
     """
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    # mapped, not read: only two counters are needed, not the weights and optimizer state
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     global_step = int(ckpt["global_step"])
     epoch_loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
     stepped = epoch_loop.get("_batches_that_stepped")
