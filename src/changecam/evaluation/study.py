@@ -176,9 +176,14 @@ class _Records:
     values: dict[tuple[str, str, str], dict[str, list[float]]] = field(default_factory=dict)
     # per-object weights of a weighted metric, in the same layout as its values
     weights: dict[tuple[str, str, str], dict[str, list[float]]] = field(default_factory=dict)
+    # per (method, layer, order): the deletion curves of the objects whose faithfulness gap is
+    # recorded, whose |S(0)| are that gap's weights
     curves: dict[tuple[str, str, str], list[np.ndarray]] = field(default_factory=dict)
-    # |S(0)| of the objects whose curves are in ``curves``, per (method, layer)
-    curve_scales: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+
+    def curve_scale(self, method: str, layer: str) -> float:
+        """Σ|S(0)| of the objects behind ``curves`` of ``method`` at ``layer``."""
+        per_image = self.weights.get((method, layer, "faithfulness_gap"), {})
+        return float(sum(sum(w) for w in per_image.values()))
 
     def add(
         self,
@@ -295,11 +300,9 @@ def study_model(
             "post_always": (kinds.get("appeared", 0) / n_known) if n_known else None,
         },
         "curves": {
-            f"{m}/{layer}/{order}": (np.sum(c, 0) / sum(records.curve_scales[(m, layer)]))
-            .round(6)
-            .tolist()
+            f"{m}/{layer}/{order}": (np.sum(c, 0) / scale).round(6).tolist()
             for (m, layer, order), c in records.curves.items()
-            if sum(records.curve_scales[(m, layer)]) > 0
+            if (scale := records.curve_scale(m, layer)) > 0
         },
         "per_image": {
             f"{m}/{layer}": {img: float(np.nanmean(v)) if len(v) else None for img, v in d.items()}
@@ -498,7 +501,6 @@ def _score_pass(
                 for order in ("cam", "random"):
                     curve = faith.curve("deletion", "both", order)[kept].numpy()
                     records.curves.setdefault((method, layer, order), []).extend(curve)
-                records.curve_scales.setdefault((method, layer), []).extend(s0[kept].tolist())
             for metric, values in metrics.items():
                 records.add(method, layer, metric, name, [v for v in values if not math.isnan(v)])
             # each object's agreement with the causal date, weighed by how decisive that date is
