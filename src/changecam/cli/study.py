@@ -6,8 +6,8 @@ finished run of the same settings) explains every changed object of a split with
 at every per-date layer and scores the maps (:mod:`changecam.evaluation.study`). It writes, in
 the run directory:
 
-* ``study.json``: every number with its 95 % interval, keyed architecture -> method -> layer ->
-  metric (written last, atomically: its presence means the study finished);
+* ``study.json``: every number with its 95 % interval, keyed architecture -> ``results`` ->
+  method -> layer -> metric (written last, atomically: its presence means the study finished);
 * ``report.md`` with its plots in ``plots/``: the headline table, date accuracy with intervals,
   post share per layer, deletion and randomisation curves, and a best and a worst panel per
   architecture;
