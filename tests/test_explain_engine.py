@@ -241,6 +241,21 @@ def test_bad_input_messages():
     with pytest.raises(TapError, match="exactly once.*'enc': 2"):
         explain_batch(TwiceTapped(), pre, post)
 
+    class ChangedAfterTap(NoTaps):
+        """ResNet's `out += identity` on a tapped activation: the recorded map would be wrong."""
+
+        def __init__(self):
+            super().__init__()
+            self.taps = nn.ModuleList([Tap("pre/enc"), Tap("post/enc")])
+
+        def forward(self, a, b):
+            a, b = self.taps[0](a * 2), self.taps[1](b * 2)
+            b += 1
+            return self.conv(torch.cat([a, b], 1))
+
+    with pytest.raises(TapError, match=r"tap\(s\) \['post/enc'\] was modified in place"):
+        explain_batch(ChangedAfterTap(), pre, post)
+
 
 def test_taps_by_per_date_layer_name():
     net = tiny_net(seed=18)

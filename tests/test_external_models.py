@@ -184,6 +184,45 @@ def test_batch_declared_on_a_per_date_module_fails():
     assert_no_hooks(net)
 
 
+class InPlaceResidual(nn.Module):
+    """A shared encoder whose declared layer's output is changed in place afterwards (ResNet's
+    ``out += identity``, then ReLU(inplace=True)), or the same forward written out of place."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place = in_place
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.skip = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(8, 1, 3, padding=1)
+        _init(self, 4)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn(self.conv(x))
+        if self.in_place:
+            out += self.skip(x)
+            return torch.relu_(out)
+        return torch.relu(out + self.skip(x))
+
+    def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.encode(pre), self.encode(post)], 1))
+
+
+def test_in_place_ops_after_a_declared_layer_do_not_reach_its_maps():
+    pre, post = pair(seed=7)
+    twin, changed = InPlaceResidual(False), InPlaceResidual(True)
+    changed.load_state_dict(twin.state_dict())
+    methods = ("hirescam", "gradcam", "contrastive", "layer_ig")
+    want, got = (
+        explain_batch(LayerTaps(m, {"bn": "calls"}), pre, post, taps=["bn"], methods=methods)
+        for m in (twin, changed)
+    )
+    for method in methods:
+        for tap in ("pre/bn", "post/bn"):
+            assert want.raw[method][tap].abs().sum() > 0
+            torch.testing.assert_close(got.raw[method][tap], want.raw[method][tap])
+
+
 def test_unknown_paths_modes_and_names():
     model = StackedSiamDiff()
     with pytest.raises(TapError, match=r"no module 'encodr\.0'; nearest names: \['encoder\.0'"):

@@ -528,10 +528,12 @@ def _recorded_forward(
     """
     hooked = {n: t for n, t in modules.items() if t is not None}
     seen: dict[str, list[Tensor]] = {n: [] for n in hooked}
+    versions: dict[str, int] = {}
 
     def recorder(name: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             seen[name].append(output)
+            versions[name] = output._version
 
         return hook
 
@@ -548,6 +550,15 @@ def _recorded_forward(
         raise TapError(
             f"each tap must run exactly once per forward; runs per tap: {wrong}. "
             "A module called twice (e.g. a shared encoder) needs one Tap per call."
+        )
+    # An in-place op after the tap (`out += identity`, ReLU(inplace=True)) would leave the
+    # recorded activation, and its gradient, those of a later layer: silently wrong maps.
+    changed = sorted(n for n, v in seen.items() if v[0]._version != versions[n])
+    if changed:
+        raise TapError(
+            f"the output of tap(s) {changed} was modified in place later in the forward (e.g. "
+            "`out += identity` or ReLU(inplace=True)), so the recorded activation is another "
+            "layer's; pass a copy on after the tap (`tap(x).clone()`) or make that op out of place"
         )
     inputs = dict(zip(INPUT_TAPS, (x_pre, x_post), strict=True))
     return logits, {n: inputs[n] if n in inputs else seen[n][0] for n in modules}

@@ -196,11 +196,13 @@ class LayerTaps(nn.Module):
                     f"{spec.path} returned a {type(output).__name__}, not a tensor; declare a "
                     "submodule whose output is one tensor"
                 )
+            # A copy goes on: the model may change its layer's output in place (ResNet's
+            # `out += identity`, ReLU(inplace=True)), which must not reach the recorded tap.
             if spec.mode == "calls":
-                return self._tap_of[names[call]](output)
+                return self._tap_of[names[call]](output).clone()
             if spec.mode in ("batch_halves", "batch_interleaved"):
                 return self._split(spec, output, batch)
-            return self._tap_of[names[0]](output)
+            return self._tap_of[names[0]](output).clone()
 
         return hook
 
