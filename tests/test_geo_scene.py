@@ -394,6 +394,35 @@ def test_16_bit_four_band_scene_equals_its_8_bit_rgb_conversion(tmp_path, ckpt, 
         np.testing.assert_allclose(scaling[date]["hi"], expected[1])
 
 
+@pytest.mark.parametrize("only_one_date", ["beyond the pre grid", "under post nodata"])
+def test_the_percentile_stretch_reads_pixels_valid_in_both_dates(
+    tmp_path, ckpt, threshold, only_one_date
+):
+    """Two 12-bit dates with the same pixels where both have data: a bright field that only one
+    date has (beyond the other's footprint, or under its nodata) must not stretch the dates
+    differently, or the same values read as change everywhere."""
+    pre8, _ = synthetic_pair(128)
+    pre = pre8.astype(np.uint16) * 40 + 1000
+    if only_one_date == "beyond the pre grid":  # 64 more columns east: the post is reprojected
+        post = np.concatenate([pre, np.full((128, 64, 3), 12000, np.uint16)], axis=1)
+        nodata = {}
+    else:
+        pre[:, :40] = 9000
+        post = pre.copy()
+        post[:, :40] = 0
+        nodata = {"nodata": 0}
+    paths = [
+        write_scene(tmp_path / "pre.tif", pre, **nodata),
+        write_scene(tmp_path / "post.tif", post, **nodata),
+    ]
+    report = run_scene(tmp_path, ckpt, *paths, f"threshold={threshold}", "explain.enabled=false")
+    summary = report["scenes"][0]
+    assert summary["post_reprojected"] is (only_one_date == "beyond the pre grid")
+    assert summary["scaling"]["pre"] == summary["scaling"]["post"]
+    assert summary["valid_pixels"] == (128 * 128 if not nodata else 128 * 88)
+    assert summary["changed_pixels"] == 0
+
+
 def assert_same_outputs(folder: Path, other: Path) -> None:
     """Two runs' outputs agree: the mask exactly, the probability to its last step, the
     explanation to float rounding (windows batched differently after a resume), the polygons

@@ -4,9 +4,10 @@
 scene); ``null`` takes every band, which must then be as many as the network's input
 channels in both dates. ``input.scale``:
 
-* ``percentile`` (default): per scene and band, the 2-98 % range of the valid pixels of a
-  decimated read (every ``k``-th full-resolution pixel, never the overviews) is stretched to
-  0-255; uint8 data passes through unchanged;
+* ``percentile`` (default): per scene and band, the 2-98 % range of a decimated read (every
+  ``k``-th full-resolution pixel, never the overviews) is stretched to 0-255, over the pixels
+  valid in both dates on the pre grid (:func:`pair_scalings`); uint8 data passes through
+  unchanged;
 * ``fixed``: ``input.scale_min`` .. ``input.scale_max`` (one number, or one per band) to 0-255,
   for every data type;
 * ``none``: the values are used as they are (they must lie in 0-255).
@@ -33,6 +34,7 @@ from changecam.geo.grid import SceneError
 Scale = Literal["percentile", "fixed", "none"]
 SCALES: tuple[str, ...] = get_args(Scale)
 PERCENTILES = (2.0, 98.0)
+Sample = tuple[np.ndarray, np.ndarray]  # C x h x w values and their h x w valid mask
 SAMPLE_SIDE = 1024  # the decimated read of the percentile stretch: at most this many px a side
 
 # valid_mask puts a nodata value before an alpha band on purpose, as GDAL does; rasterio would
@@ -214,6 +216,11 @@ def strips(dataset: Any, rows: int) -> Iterator[Window]:
         yield Window(0, row, dataset.width, min(rows, dataset.height - row))
 
 
+def sample_factor(dataset: Any) -> int:
+    """``k`` of :func:`decimated_sample`: every ``k``-th pixel of every ``k``-th row."""
+    return max(1, -(-max(dataset.width, dataset.height) // SAMPLE_SIDE))
+
+
 def decimated_sample(
     dataset: Any,
     bands: Sequence[int],
@@ -226,7 +233,7 @@ def decimated_sample(
     its COG copy, the same pixels, would get different stretches and the difference would read
     as change. ``inspect(data, valid, window)``, if given, sees every strip whole before it is
     subsampled (every pixel of the date, in the same single read)."""
-    factor = max(1, -(-max(dataset.width, dataset.height) // SAMPLE_SIDE))
+    factor = sample_factor(dataset)
     tile_rows = dataset.block_shapes[0][0]
     rows = tile_rows * -(-factor // tile_rows)  # whole tiles (or strips), at least one k-row
     data_parts, valid_parts = [], []
@@ -314,6 +321,52 @@ def estimate_scaling(
     return Scaling(tuple(lo), tuple(hi))
 
 
+def pair_scalings(
+    pre: Any,
+    post: Any,
+    bands: Sequence[int],
+    scale: Scale,
+    scale_min: float | Sequence[float] | None = None,
+    scale_max: float | Sequence[float] | None = None,
+    samples: tuple[Sample | None, Sample | None] = (None, None),
+) -> tuple[Scaling, Scaling]:
+    """Both dates' scalings, ``post`` on the pre grid (its WarpedVRT when reprojected).
+
+    A percentile stretch takes each date's 2-98 % over the pixels valid in *both* dates, at the
+    same places of the pre grid: pixels only one date has (beyond the other's footprint, under
+    its nodata clouds) would stretch the two dates differently, and the same values would then
+    read as change. Where no sample pixel is valid in both (a thin overlap), each date's own.
+
+    Args:
+        samples: each date's :func:`decimated_sample` on the pre grid when already read (else
+            ``None``: read here when needed).
+    """
+    datasets = (pre, post)
+    if scale != "percentile" or all(is_uint8(d, bands) for d in datasets):
+        return tuple(  # type: ignore[return-value]
+            estimate_scaling(d, bands, scale, scale_min, scale_max, s)
+            for d, s in zip(datasets, samples, strict=True)
+        )
+    factor = sample_factor(pre)
+    shape = (-(-pre.height // factor), -(-pre.width // factor))
+    on_grid = []
+    for dataset, sample in zip(datasets, samples, strict=True):
+        if sample is None:
+            if is_uint8(dataset, bands) and all_valid(dataset, bands):
+                sample = (np.zeros((0, *shape), np.uint8), np.ones(shape, bool))
+            else:
+                sample = decimated_sample(dataset, bands)
+        on_grid.append(sample)
+    both = None  # None: each date's own valid pixels
+    if all(valid.shape == shape for _, valid in on_grid):  # not every valid pixel of a thin date
+        both = on_grid[0][1] & on_grid[1][1]
+        both = both if both.any() else None
+    return tuple(  # type: ignore[return-value]
+        estimate_scaling(d, bands, scale, scale_min, scale_max, s if both is None else (s[0], both))
+        for d, s in zip(datasets, on_grid, strict=True)
+    )
+
+
 __all__ = [
     "PERCENTILES",
     "SCALES",
@@ -326,6 +379,8 @@ __all__ = [
     "finite_values",
     "is_uint8",
     "needs_sample",
+    "pair_scalings",
+    "sample_factor",
     "select_bands",
     "valid_mask",
     "valid_pixels",

@@ -49,9 +49,9 @@ from changecam.geo.bands import (
     Scale,
     all_valid,
     decimated_sample,
-    estimate_scaling,
     is_uint8,
     needs_sample,
+    pair_scalings,
     select_bands,
     valid_pixels,
 )
@@ -612,7 +612,7 @@ def _predict_scene(
             log.info("%s is finished already (predict.resume=true): kept", folder)
             return finished
         # a finished scene needs no sample (the run that finished it read the same files)
-        scaling = []
+        samples = []
         for dataset, path in ((pair.pre, pre_path), (pair.post_source, post_path)):
             warning = large_block_warning(dataset, bands, path)
             if warning is not None:
@@ -620,11 +620,18 @@ def _predict_scene(
             sample = None
             if needs_sample(dataset, bands, settings.scale):
                 sample = checked_sample(dataset, bands, settings.scale, path)
-            scaling.append(
-                estimate_scaling(
-                    dataset, bands, settings.scale, settings.scale_min, settings.scale_max, sample
-                )
-            )
+            samples.append(sample)
+        if pair.reprojected:  # on the post's own grid: the stretch reads it through the warp
+            samples[1] = None
+        scaling = pair_scalings(
+            pair.pre,
+            pair.post,
+            bands,
+            settings.scale,
+            settings.scale_min,
+            settings.scale_max,
+            (samples[0], samples[1]),
+        )
         if resume:
             take_back_rasters(files, block_log, record, blocks, settings)
         folder.mkdir(parents=True, exist_ok=True)
