@@ -327,6 +327,24 @@ def test_nodata_in_either_date_stays_nodata(tmp_path, ckpt):
     assert sum(f["properties"]["pixels"] for f in features) == (~invalid).sum()
 
 
+def test_the_probability_mask_is_inside_its_file_whatever_the_environment_says(
+    tmp_path, ckpt, monkeypatch
+):
+    monkeypatch.setenv("GDAL_TIFF_INTERNAL_MASK", "NO")  # GDAL 3.5-3.8's default: a .msk sidecar
+    pre, post = changed_pair(128)
+    pre = pre.copy()
+    pre[:40, :40] = 0
+    paths = (
+        write_scene(tmp_path / "pre.tif", pre, nodata=0),
+        write_scene(tmp_path / "post.tif", post),
+    )
+    run_scene(tmp_path, ckpt, *paths, "explain.enabled=false")
+    folder = tmp_path / "run" / "pre"
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".msk")]
+    with rasterio.open(folder / "probability.tif") as src:
+        assert (src.dataset_mask() == 0).sum() == 40 * 40
+
+
 def test_16_bit_four_band_scene_equals_its_8_bit_rgb_conversion(tmp_path, ckpt, pair, threshold):
     rgb = [read_band(p, None) for p in pair]  # 3 x H x W uint8
     rng = np.random.default_rng(0)

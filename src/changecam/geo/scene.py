@@ -499,7 +499,13 @@ def predict_scene(
     run's outputs in ``folder`` were made from (changed since, or other files) leaves none of
     those outputs, which would describe other inputs; a refusal with the same inputs (a
     setting) keeps them."""
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES, GDAL_NUM_THREADS=settings.gdal_num_threads):
+    # GDAL_TIFF_INTERNAL_MASK: the probability's mask inside its .tif (GDAL before 3.9, or a
+    # user's environment, would write a .msk sidecar that the rename to the final name leaves)
+    with rasterio.Env(
+        GDAL_CACHEMAX=GDAL_CACHE_BYTES,
+        GDAL_NUM_THREADS=settings.gdal_num_threads,
+        GDAL_TIFF_INTERNAL_MASK=True,
+    ):
         try:
             return _predict_scene(
                 net, pre_path, post_path, folder, spec, settings, device, **kwargs
