@@ -546,10 +546,17 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
     assert (folder / "change.tif").stat().st_mtime_ns == mtime
     with pytest.raises(SceneFailure, match="predict.resume=true but .* other settings"):
         run_scene(tmp_path / "killed", ckpt, *pair, "threshold=0.1", "predict.resume=true")
-    os.utime(pair[1], ns=(0, 0))  # the post file changed since: no setting can resume it
+    # another post file of the same size, copied in with the old one's modification time
+    # (cp -p, rsync -a): no setting can resume it
+    stat = pair[1].stat()
+    replacement = tmp_path / "other_post.tif"
+    write_scene(replacement, read_band(pair[0], None), bands_first=True)
+    assert replacement.stat().st_size == stat.st_size
+    os.replace(replacement, pair[1])
+    os.utime(pair[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(
         SceneFailure,
-        match=r"the input files are not those .* \(post\.mtime_ns: \d+ -> 0\).* rerun without "
+        match=r"the input files are not those .* \(post\.ctime_ns: \d+ -> \d+\).* rerun without "
         "predict.resume",
     ):
         run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")

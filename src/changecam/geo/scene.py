@@ -279,13 +279,20 @@ class BlockLog:
 
 
 def file_record(path: Path) -> dict[str, Any]:
+    """Path, size, modification and change times: ``ctime_ns`` tells a replaced file of the
+    same size that kept the old modification time (``cp -p``, ``rsync -a``, ``tar``)."""
     stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {
+        "path": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ctime_ns": stat.st_ctime_ns,
+    }
 
 
 def input_record(path: Path) -> dict[str, Any]:
-    """Path, size and modification time of an input scene, and of each plain file a VRT reads
-    (virtual ones, ``/vsicurl/…``, by name)."""
+    """:func:`file_record` of an input scene, and of each plain file a VRT reads (virtual
+    ones, ``/vsicurl/…``, by name)."""
     record = file_record(path)
     sources = vrt_sources(path)
     if sources:
@@ -520,7 +527,7 @@ def predict_scene(
 
 def made_from(folder: Path, pre_path: Path, post_path: Path) -> bool:
     """Whether the run logged in ``folder`` (``blocks.jsonl``'s header; no log: nothing to
-    tell, ``True``) read these files as they are now (path, size and modification time)."""
+    tell, ``True``) read these files as they are now (:func:`file_record`)."""
     records = BlockLog(folder / LOG_FILE).read()
     if not records:
         return True
