@@ -58,6 +58,30 @@ def test_each_block_is_on_disk_before_the_log_lists_it(tmp_path):
     )  # float32 values
 
 
+def test_blocks_and_published_files_are_fsynced_before_they_count(tmp_path, monkeypatch):
+    """Through a power loss too: the block's tiles before its log line, every whole file before
+    its final name."""
+    files = SceneFiles(tmp_path, explain=True, tile=16, polygons=False)
+    files.create(GRID, {})
+    events: list[str] = []
+    real_fsync = changecam.geo.write.fsync_file
+    monkeypatch.setattr(
+        changecam.geo.write,
+        "fsync_file",
+        lambda path: (events.append(f"fsync {path.name}"), real_fsync(path))[1],
+    )
+    valid = np.ones((32, 32), bool)
+    explanation = np.ones((3, 32, 32), np.float32)
+    with BlockWriter(files, None, 0.5, lambda r: events.append(f"log {r['block']}")) as writer:
+        for block in BLOCKS:
+            writer.submit(block, np.full((32, 32), 0.9, np.float32), valid, explanation)
+    partials = [f"fsync {files.partial(w).name}" for w in ("change", "probability", "explanation")]
+    assert events == [*partials, "log 0", *partials, "log 1"]
+    events.clear()
+    files.publish()
+    assert events == partials and all(files.final(w).is_file() for w in files.rasters)
+
+
 def test_an_error_in_the_writer_is_raised_in_the_caller_and_nothing_after_it_is_logged(
     tmp_path, monkeypatch
 ):

@@ -145,6 +145,15 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def fsync_file(path: str | Path) -> None:
+    """Make a file's data, written and closed by another writer (GDAL), durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_directory(folder: str | Path) -> None:
     """Make the renames inside ``folder`` durable (fsync the folder itself; POSIX only)."""
     _fsync_dir(Path(folder))
@@ -351,6 +360,7 @@ __all__ = [
     "atomic_open",
     "disk_full_error",
     "fsync_directory",
+    "fsync_file",
     "remove_stale_temporaries",
     "strict_json",
     "temporary_path",

@@ -27,7 +27,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from changecam.atomic import fsync_directory, temporary_path
+from changecam.atomic import fsync_directory, fsync_file, temporary_path
 from changecam.data.io import PROBABILITY_SCALE, encode_probability
 from changecam.geo.grid import Grid
 from changecam.geo.windows import Block
@@ -177,7 +177,8 @@ class SceneFiles:
         threshold: float,
         explanation: np.ndarray | None,
     ) -> WrittenBlock:
-        """Write one block of every raster; closed (on disk) when this returns.
+        """Write one block of every raster; closed and fsynced (on disk, also through a power
+        loss, before ``blocks.jsonl`` says the block is done) when this returns.
 
         Args:
             block: where.
@@ -208,6 +209,8 @@ class SceneFiles:
             values = np.where(valid[None], explanation, np.nan).astype(np.float32)
             with rasterio.open(self.partial("explanation"), "r+") as dst:
                 dst.write(values, window=window)
+        for what in ("change", "probability", *(("explanation",) if values is not None else ())):
+            fsync_file(self.partial(what))
         return WrittenBlock(change, encoded, values)
 
     def build_overviews(self, grid: Grid) -> None:
@@ -251,7 +254,10 @@ class SceneFiles:
         return taken
 
     def publish(self) -> dict[str, str]:
-        """Rename every partial file to its final name (in a row), then fsync the folder."""
+        """Rename every partial file, fsynced, to its final name (in a row), then fsync the
+        folder: after a power loss a final name holds its whole file."""
+        for what in self.outputs:
+            fsync_file(self.partial(what))
         for what in self.outputs:
             os.replace(self.partial(what), self.final(what))
         fsync_directory(self.folder)
