@@ -447,6 +447,24 @@ def test_resume_refuses_other_settings_and_changes_nothing(
     assert {p: (run / p).read_bytes() for p in outputs(run)} == before
 
 
+def test_resume_refuses_a_plain_state_dict_loaded_into_another_network(tmp_path, pairs):
+    """``model.fusion=diff`` and ``absdiff`` take the same weights: only the record of the
+    network tells the resumed run's pairs from the first run's."""
+    weights = tmp_path / "weights.pt"
+    torch.manual_seed(0)
+    torch.save(SiameseUNet(3, base_channels=4, depth=2, fusion="diff").state_dict(), weights)
+    model = ["model=siamese_unet", "model.base_channels=4", "model.depth=2"]
+    common = [f"ckpt_path={weights}", f"input.dir={pairs}", *NO_EXPLAIN, *model]
+    run_predict(tmp_path, [*common, "model.fusion=diff"])
+    run = tmp_path / "run"
+    before = {p: (run / p).read_bytes() for p in outputs(run)}
+    with pytest.raises(
+        ConfigError, match=r"started with other settings \(network.fusion: \"diff\" -> \"absdiff\""
+    ):
+        run_predict(tmp_path, [*common, "model.fusion=absdiff", "predict.resume=true"])
+    assert {p: (run / p).read_bytes() for p in outputs(run)} == before
+
+
 def test_without_resume_an_earlier_run_starts_over(tmp_path, ckpt, pairs):
     run = tmp_path / "run"
     run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN])

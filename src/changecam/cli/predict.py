@@ -88,6 +88,7 @@ from changecam.explain import ExplainSettings, PairExplanation, explain_pair, wi
 from changecam.geo import is_scene_file
 from changecam.metrics import mean_of
 from changecam.models.inference import inference_network
+from changecam.models.protocol import network_config
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 from changecam.run_log import read_json_lines, settings_changes
 
@@ -248,14 +249,21 @@ def optional_label(
     return label
 
 
-def run_settings(cfg: DictConfig, threshold: float) -> dict[str, Any]:
-    """What every pair of one run shares and a resumed run must repeat."""
+def run_settings(cfg: DictConfig, threshold: float, net: nn.Module) -> dict[str, Any]:
+    """What every pair of one run shares and a resumed run must repeat: also the network the
+    weights were loaded into (a plain state_dict's ``model=`` options, e.g. ``fusion``, can
+    change the network and keep every weight's shape)."""
     ckpt = Path(cfg.ckpt_path)
     block = cfg.get("explain")
+    model = cfg.get("model")
+    network = network_config(net)
+    if network is None and model is not None:
+        network = OmegaConf.to_container(model, resolve=True)
     return strict_json(
         {
             "checkpoint": str(ckpt.resolve()),
             "checkpoint_mtime_ns": ckpt.stat().st_mtime_ns,
+            "network": network,
             "threshold": threshold,
             "sliding_window": OmegaConf.to_container(cfg.sliding_window, resolve=True),
             "explain": OmegaConf.to_container(block, resolve=True) if block else None,
@@ -431,13 +439,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             settings is not None,
             device,
             output_dir,
-            {k: v for k, v in run_settings(cfg, threshold).items() if k != "explain"},
+            {k: v for k, v in run_settings(cfg, threshold, net).items() if k != "explain"},
         )
     if settings is not None:
         settings.layers(net)  # unknown taps or layers fail before any pair
     pair_log = PredictionLog(output_dir)
     resume = bool(OmegaConf.select(cfg, "predict.resume", default=False))
-    resumed = pair_log.start(run_settings(cfg, threshold), resume)
+    resumed = pair_log.start(run_settings(cfg, threshold, net), resume)
 
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
