@@ -149,6 +149,23 @@ def test_other_date_baseline_cancels_on_a_symmetric_model():
     assert maps["midpoint"].abs().max() > 0.01
 
 
+def test_other_date_maps_of_a_symmetric_siamese_model_are_exact_negatives():
+    """Features compared after a nonlinear encoder: the path's second half is its first with
+    the dates swapped, so the total cancels but each pixel's evidence does not."""
+
+    class SiameseAbsDiff(Smooth):
+        def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+            a, b = (torch.tanh(self.conv(torch.cat([x, x], 1))) for x in (pre, post))
+            return self.head((a - b).abs()) * 4
+
+    pre, post = pair(seed=6)
+    ig = IntegratedGradientsSettings(steps=32, baseline="other_date")
+    exp = explain_batch(SiameseAbsDiff(), pre, post, target="all", methods=[IG], ig=ig)
+    pre_map, post_map = exp.raw[IG]["pre/input"], exp.raw[IG]["post/input"]
+    assert pre_map.abs().max() > 0.01
+    torch.testing.assert_close(post_map, -pre_map, atol=1e-5, rtol=1e-4)
+
+
 def test_a_method_with_maps_at_the_input_only():
     net = tiny_net(seed=7)
     pre, post = pair(seed=8)

@@ -14,8 +14,11 @@ Baselines (``explain.ig.baseline``):
   pair halfway between the dates, so the maps split ``S(pre, post) − S(no change)`` between
   the dates. It is the middle of the ``other_date`` path.
 * ``other_date``: the pre image's baseline is the post image and vice versa — the path from the
-  swapped pair. For a model that is symmetric in the dates (e.g. fused by ``|pre − post|``)
-  ``S(baseline) = S`` and the two halves of the path cancel: the maps are about zero.
+  swapped pair. For a model that is symmetric in the dates (e.g. a Siamese U-Net fused by
+  ``|pre − post|``) ``S(baseline) = S``, so the total is zero, but the maps need not be: the path's
+  second half is the first one with the dates swapped, so the post map is exactly minus the pre
+  map, pixel by pixel (both zero where it compares the raw pixels first); a post share there
+  says nothing about the dates.
 * ``blur``: a Gaussian-blurred copy of each date (``blur_sigma`` pixels) — detail removed,
   layout kept, independent of the other date.
 """
