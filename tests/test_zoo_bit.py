@@ -81,6 +81,28 @@ def test_output_shape_taps_and_size_multiple():
         BIT(base_channels=1)
 
 
+def test_which_pre_taps_the_post_image_reaches():
+    """Up to the tokens a date's taps are its own pixels' alone; the decoder's queries are, but
+    the tokens they read went through the encoder's attention over both dates."""
+    net = tiny_bit()
+    pre, post = pair(1, 32)
+    outputs = []
+    for other in (post, torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))):
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [
+            t.register_forward_hook(lambda m, i, o, n=n, s=seen: s.__setitem__(n, o.detach()))
+            for n, t in find_taps(net).items()
+            if n.startswith("pre/")
+        ]
+        with torch.no_grad():
+            net(pre, other)
+        for h in hooks:
+            h.remove()
+        outputs.append(seen)
+    moved = [n for n in outputs[0] if not torch.equal(outputs[0][n], outputs[1][n])]
+    assert moved == ["pre/decoded"]
+
+
 def test_hirescam_maps_shares_and_autograd():
     net = tiny_bit()
     pre, post = pair(2, 32)
