@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from changecam.data.transforms import image_to_tensor
 from changecam.evaluation.per_image import whole_image_post_share
 from changecam.explain import (
     ExplainSettings,
@@ -21,6 +22,7 @@ from changecam.explain import (
     render_panel,
 )
 from changecam.explain.integrated import baselines
+from changecam.explain.runner import pad_to_multiple
 from changecam.models import SiameseUNet, Tap
 
 IG = "integrated_gradients"
@@ -134,6 +136,41 @@ def test_integrated_gradients_completeness(base):
     torch.testing.assert_close(exp.ig["baseline_score"], s_base, atol=1e-3, rtol=1e-3)
     assert exp.ig["delta"].abs().max() < 1e-3  # captum's convergence delta agrees
     assert not torch.allclose(exp.raw[IG]["pre/input"], exp.raw[IG]["post/input"])
+
+
+def test_completeness_deltas_describe_the_maps_cropped_from_a_padded_pair():
+    """The padding's attribution goes with the padding: the deltas a pair reports are those of
+    the maps it returns."""
+    torch.manual_seed(0)
+    net = SiameseUNet(3, base_channels=4, depth=3).eval()
+    g = np.random.default_rng(0)
+    pre_u8, post_u8 = (g.integers(0, 255, (26, 22, 3), dtype=np.uint8) for _ in range(2))
+    settings = ExplainSettings(
+        taps=("input", "enc1"),
+        methods=("hirescam", IG, "layer_ig"),
+        target="all",
+        faithfulness=FaithfulnessSettings(enabled=False),
+    )
+    result = explain_pair(net, pre_u8, post_u8, settings=settings)
+    assert result.padded_size == (32, 24)
+    exp = result.explanation
+    kept = sum(exp.raw[IG][t].sum() for t in ("pre/input", "post/input"))
+    torch.testing.assert_close(exp.ig["delta"][0], kept - (exp.score - exp.ig["baseline_score"])[0])
+    assert exp.ig["delta"].abs().max() > 1e-3, "the padding held attribution: a real test"
+    x_pre, x_post = (pad_to_multiple(image_to_tensor(x)[None], 8) for x in (pre_u8, post_u8))
+    valid = torch.zeros(1, 32, 24, dtype=torch.bool)
+    valid[:, :26, :22] = True
+    padded = explain_batch(  # the same pass, uncropped
+        net, x_pre, x_post, taps=settings.taps, target="all", methods=settings.methods, valid=valid
+    )
+    for tap in ("pre/input", "post/input", "pre/enc1", "post/enc1"):
+        key = f"layer_ig_delta/{tap}"  # both tell the same S - S(swapped)
+        torch.testing.assert_close(
+            exp.raw["layer_ig"][tap].sum() - exp.ig[key][0],
+            padded.raw["layer_ig"][tap].sum() - padded.ig[key][0],
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_other_date_baseline_cancels_on_a_symmetric_model():

@@ -182,8 +182,9 @@ class Explanation:
             B×H×W, divided by the area ratio ``(H·W)/(h·w)`` so it reads as logit contribution
             per input pixel (its sum approximates the raw map's sum). Empty if not requested.
         ig: for ``integrated_gradients``: ``baseline_score`` ``S(baseline)`` and ``delta``
-            (captum's convergence delta ``Σ attributions − (S − S(baseline))``), B each;
-            empty otherwise.
+            (captum's convergence delta ``Σ attributions − (S − S(baseline))``), B each; for
+            ``layer_ig``: ``layer_ig_delta/<tap>`` (``Σ map − (S − S(swapped))``); after
+            :meth:`crop`, the deltas of the kept maps; empty otherwise.
     """
 
     taps: tuple[str, ...]
@@ -274,6 +275,8 @@ class Explanation:
 
         Raw maps keep the tap cells that cover the kept pixels (``ceil(h·height/H)`` rows ...);
         ``score`` is unchanged (exclude the padding from the target with ``valid`` when explaining).
+        The completeness deltas of ``ig`` then describe the kept maps: the attribution the
+        padding held, which the maps no longer sum, moves into them.
         """
         full_h, full_w = self.input_size
         if not (0 < height <= full_h and 0 < width <= full_w):
@@ -283,16 +286,31 @@ class Explanation:
             h, w = t.shape[-2:]
             return t[..., : -(-h * height // full_h), : -(-w * width // full_w)]
 
+        raw = {m: {k: crop_raw(v) for k, v in d.items()} for m, d in self.raw.items()}
+
+        def dropped(method: str, taps: Sequence[str]) -> Tensor:
+            return sum(
+                self.raw[method][t].flatten(1).sum(1) - raw[method][t].flatten(1).sum(1)
+                for t in taps
+            )
+
+        ig = dict(self.ig)
+        for key in ig:
+            if key == "delta":
+                ig[key] = ig[key] - dropped("integrated_gradients", INPUT_TAPS)
+            elif key.startswith("layer_ig_delta/"):
+                ig[key] = ig[key] - dropped("layer_ig", [key.removeprefix("layer_ig_delta/")])
         return replace(
             self,
             logits=self.logits[..., :height, :width],
             mask=self.mask[..., :height, :width],
             score=self.score,
-            raw={m: {k: crop_raw(v) for k, v in d.items()} for m, d in self.raw.items()},
+            raw=raw,
             upsampled={
                 m: {k: v[..., :height, :width] for k, v in d.items()}
                 for m, d in self.upsampled.items()
             },
+            ig=ig,
         )
 
     def _apply(self, fn) -> Explanation:
