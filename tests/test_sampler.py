@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -198,6 +199,23 @@ def test_sampler_seed_is_shared_under_ddp(monkeypatch):
     assert sampler_seed(2) == 5  # DDP: the seed seed_everything gave every rank
     monkeypatch.delenv("PL_GLOBAL_SEED")
     assert sampler_seed(2) == 0  # DDP without a seed: a constant all ranks agree on
+
+
+def test_ddp_ranks_without_workers_augment_each_sample_by_its_own_seed(tiny_synthetic):
+    """Every rank's torch generator is seeded alike: drawn from it, each step's augmentation
+    would be the same on every rank."""
+    seeds = []
+    for rank in (0, 1):
+        torch.manual_seed(0)
+        dm = ChangeDetectionDataModule(tiny_synthetic, layout="levir", patch_size=32)
+        progress = SimpleNamespace(current=SimpleNamespace(processed=0))
+        dm.trainer = SimpleNamespace(  # type: ignore[assignment]
+            world_size=2, global_rank=rank, fit_loop=SimpleNamespace(epoch_progress=progress)
+        )
+        drawn = list(dm.train_sampler())
+        assert all(isinstance(d, tuple) for d in drawn), "(index, seed) pairs"
+        seeds.append([s for _, s in drawn])
+    assert all(a != b for a, b in zip(*seeds, strict=True))
 
 
 def test_sample_seeds_come_with_the_order_and_follow_the_epoch():

@@ -224,8 +224,9 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             num_replicas=world_size,
             rank=rank,
             seed=sampler_seed(world_size),
-            # the workers' generators are not in the checkpoints; the main process's is
-            sample_seeds=self.num_workers > 0,
+            # the workers' generators are not in the checkpoints (the main process's is), and
+            # every DDP rank's main generator draws the same numbers: each sample its own seed
+            sample_seeds=self.num_workers > 0 or world_size > 1,
         )
         # loader workers draw the first indices when Lightning creates the iterator, before
         # it calls set_epoch: a resumed fit would replay epoch 0's order without this. The
