@@ -382,6 +382,20 @@ def test_a_nan_validation_loss_stops_evaluation_with_finite_weights(tmp_path):
     assert "the weights are finite" in message
 
 
+def test_non_finite_logits_stop_an_evaluation_without_a_loss(tmp_path):
+    """eval.py on a plain state_dict has no loss whose NaN would tell; the scores count a NaN
+    probability as no change."""
+    module = ChangeDetectionModule(Exploding(), loss=None)
+    with pytest.raises(
+        DivergenceError,
+        match=r"^\d+ of the network's val logits are not finite when evaluating \(validate\) "
+        "the loaded weights; the weights are finite",
+    ):
+        quiet_trainer(enable_checkpointing=False).validate(
+            module, DataLoader(overflow_batches(), batch_size=None), verbose=False
+        )
+
+
 def test_a_nan_in_the_sanity_check_stops_before_training(tmp_path):
     module = ChangeDetectionModule(
         Exploding(), optimizer=lambda params: torch.optim.SGD(params, lr=0.1), loss="bce"

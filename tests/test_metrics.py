@@ -52,6 +52,15 @@ def test_pooled_over_batches_equals_one_confusion_matrix():
     )  # not a mean of ratios
 
 
+def test_a_nan_probability_is_no_change_as_in_the_per_image_counts():
+    probs = torch.tensor([[float("nan"), 0.2, 0.9, 0.1]])
+    mask = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    metric = ChangeScores()
+    metric.update(probs, mask)
+    tp, fp, fn, tn = confusion_counts(probs, mask)[0]
+    assert [int(v) for v in metric._final_state()] == [1, 0, 3, 0] == [tp, fp, tn, fn]
+
+
 def test_logits_are_refused():
     with pytest.raises(ValueError, match="probabilities"):
         ChangeScores().update(torch.tensor([[-2.0, 3.0]]), torch.tensor([[0.0, 1.0]]))

@@ -59,8 +59,12 @@ class ChangeScores(BinaryStatScores):
         super().__init__(threshold=threshold, multidim_average="global", **kwargs)
 
     def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        if preds.is_floating_point() and (preds.min() < 0 or preds.max() > 1):
-            raise ValueError("ChangeScores expects probabilities in [0, 1], not logits")
+        if preds.is_floating_point():
+            if preds.min() < 0 or preds.max() > 1:
+                raise ValueError("ChangeScores expects probabilities in [0, 1], not logits")
+            # NaN is no change, as in confusion_counts: torchmetrics would take a batch with a
+            # NaN for logits on the CPU and call every pixel change
+            preds = torch.nan_to_num(preds, nan=0.0)
         super().update(preds, target.long())
 
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]

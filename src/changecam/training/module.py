@@ -15,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from changecam.metrics import ChangeScores
 from changecam.training.checkpoint import describe_tensors, nonfinite_tensors, record_network
@@ -150,6 +150,8 @@ class ChangeDetectionModule(L.LightningModule):
         # kept (nan_strategy=nan), so the divergence check sees it: torchmetrics' default drops
         # NaN values, and "disable" also drops the sample weights.
         self.losses = nn.ModuleDict({s: MeanMetric(nan_strategy=float("nan")) for s in STAGES})
+        # Non-finite logits (the scores count them as no change), checked with the scores.
+        self.nonfinite = nn.ModuleDict({s: SumMetric() for s in STAGES})
         self._compiled = False
 
     def train(self, mode: bool = True) -> ChangeDetectionModule:
@@ -228,6 +230,7 @@ class ChangeDetectionModule(L.LightningModule):
             )
             self.losses[stage].update(per_sample.detach())
         self.metrics[stage].update(torch.sigmoid(logits.float()), batch["mask"])
+        self.nonfinite[stage].update((~torch.isfinite(logits)).sum().float())
         return logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -243,9 +246,15 @@ class ChangeDetectionModule(L.LightningModule):
         values = {f"{stage}/{k}": v for k, v in self.metrics[stage].compute().items()}
         if self.hparams.loss is not None:
             values = {f"{stage}/loss": self.losses[stage].compute(), **values}
-        self.metrics[stage].reset()
-        self.losses[stage].reset()
+        nonfinite = int(self.nonfinite[stage].compute())
+        for metric in (self.metrics, self.losses, self.nonfinite):
+            metric[stage].reset()
         self._check_scores(values)
+        if nonfinite:  # no loss to turn NaN (plain eval): the scores alone would hide them
+            raise DivergenceError(
+                f"{nonfinite} of the network's {stage} logits are not finite {self._when()}; "
+                f"{self._nonfinite_weights()}. {self._likely_cause()}"
+            )
         for key, value in values.items():
             name = key.split("/", 1)[1]
             self.log(key, value, prog_bar=name == "f1" or (name == "loss" and stage == "val"))
