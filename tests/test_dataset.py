@@ -119,6 +119,23 @@ def test_resize_and_full(tmp_path):
     assert f["pre"].shape == (3, 64, 96) and f["name"] == "img"
 
 
+def test_resize_keeps_the_mask_on_the_change_it_labels(tmp_path):
+    """A bright square that is the change: after the resize the mask covers the pixels the
+    square mostly covers, not those whose area's top-left pixel it covers."""
+    pre = np.zeros((64, 64, 3), np.uint8)
+    post = pre.copy()
+    post[10:30, 13:43] = 255
+    mask = (post[..., 0] > 0).astype(np.uint8) * 255
+    for sub, arr in (("A", pre), ("B", post), ("label", mask)):
+        write_png(tmp_path / sub / "sq.png", arr)
+    t = Triplet("sq", *(tmp_path / sub / "sq.png" for sub in ("A", "B", "label")))
+    sample = ChangeDetectionDataset([t], "resize", patch_size=16)[0]
+    brightness = sample["post"][0]  # each 4 x 4 area's share of the square
+    assert torch.equal(sample["mask"][0], (brightness >= 0.5).float())
+    rows = sample["mask"][0].any(1).nonzero().flatten().tolist()
+    assert rows == [2, 3, 4, 5, 6, 7]  # rows 10-29: half of area 2 (8-11), half of area 7
+
+
 def test_decoded_once_per_image(tmp_path, monkeypatch):
     import changecam.data.dataset as mod
 
