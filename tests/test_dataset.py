@@ -136,6 +136,22 @@ def test_resize_keeps_the_mask_on_the_change_it_labels(tmp_path):
     assert rows == [2, 3, 4, 5, 6, 7]  # rows 10-29: half of area 2 (8-11), half of area 7
 
 
+def test_evaluation_crops_are_the_same_every_time(tmp_path, tiny_synthetic):
+    from changecam.data import ChangeDetectionDataModule
+
+    def crops(split: str, seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        dm = ChangeDetectionDataModule(
+            tiny_synthetic, layout="levir", patch_size=16, eval_protocol="random_crop"
+        )
+        dataset = dm.dataset(split)
+        return [dataset[i]["pre"] for i in range(len(dataset))]
+
+    first, again = crops("val", 0), crops("val", 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, first[0]) for a in first[1:]), "still spread over the image"
+
+
 def test_decoded_once_per_image(tmp_path, monkeypatch):
     import changecam.data.dataset as mod
 

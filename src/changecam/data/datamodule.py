@@ -197,6 +197,7 @@ class ChangeDetectionDataModule(L.LightningDataModule):
                 cache_images=self.cache_images,
                 crops_per_image=self.crops(split),
                 change_crops=self.change_crops if split == "train" else 0.0,
+                fixed_crops=split != "train",
             )
         return self.datasets[split]
 
