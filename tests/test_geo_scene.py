@@ -327,6 +327,24 @@ def test_nodata_in_either_date_stays_nodata(tmp_path, ckpt):
     assert sum(f["properties"]["pixels"] for f in features) == (~invalid).sum()
 
 
+def test_an_overlap_too_thin_for_the_percentile_sample_stretches_each_date_by_its_own(
+    tmp_path, ckpt
+):
+    """A 1026 px wide pre (its sample takes every second column) and a post that overlaps its
+    last column only: no sample place is valid in both, so each date's own pixels."""
+    g = np.random.default_rng(0)
+    pre = g.integers(1000, 4000, (64, 1026, 3)).astype(np.uint16)
+    post = g.integers(1000, 4000, (64, 200, 3)).astype(np.uint16)
+    east = Affine.translation(1025 * PIXEL, 0) * TRANSFORM
+    paths = write_scene(tmp_path / "pre.tif", pre), write_scene(tmp_path / "post.tif", post, east)
+    report = run_scene(tmp_path, ckpt, *paths, "explain.enabled=false")
+    summary = report["scenes"][0]
+    assert summary["post_reprojected"] and summary["valid_pixels"] == 64
+    own = np.percentile(post.reshape(-1, 3).astype(float), [2, 98], axis=0)
+    np.testing.assert_allclose(summary["scaling"]["post"]["lo"], own[0])
+    np.testing.assert_allclose(summary["scaling"]["post"]["hi"], own[1])
+
+
 def test_the_probability_mask_is_inside_its_file_whatever_the_environment_says(
     tmp_path, ckpt, monkeypatch
 ):

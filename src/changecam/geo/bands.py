@@ -328,42 +328,45 @@ def pair_scalings(
     scale: Scale,
     scale_min: float | Sequence[float] | None = None,
     scale_max: float | Sequence[float] | None = None,
-    samples: tuple[Sample | None, Sample | None] = (None, None),
+    own: tuple[Sample | None, Sample | None] = (None, None),
+    on_grid: tuple[Sample | None, Sample | None] = (None, None),
 ) -> tuple[Scaling, Scaling]:
-    """Both dates' scalings, ``post`` on the pre grid (its WarpedVRT when reprojected).
+    """Both dates' scalings; ``pre`` and ``post`` as stored.
 
     A percentile stretch takes each date's 2-98 % over the pixels valid in *both* dates, at the
     same places of the pre grid: pixels only one date has (beyond the other's footprint, under
     its nodata clouds) would stretch the two dates differently, and the same values would then
-    read as change. Where no sample pixel is valid in both (a thin overlap), each date's own.
+    read as change. Where the samples do not meet (a thin overlap), each date's own pixels.
 
     Args:
-        samples: each date's :func:`decimated_sample` on the pre grid when already read (else
-            ``None``: read here when needed).
+        own: each date's sample of its own file (:func:`decimated_sample`, or every valid
+            pixel of a thin date), if read (else read here when needed).
+        on_grid: each date's :func:`decimated_sample` at the places of the pre grid's (the post
+            through its warp when reprojected, :func:`~changecam.geo.grid.post_on_sample_grid`);
+            ``None`` for an 8-bit date without nodata (every place valid).
     """
     datasets = (pre, post)
-    if scale != "percentile" or all(is_uint8(d, bands) for d in datasets):
-        return tuple(  # type: ignore[return-value]
-            estimate_scaling(d, bands, scale, scale_min, scale_max, s)
-            for d, s in zip(datasets, samples, strict=True)
-        )
-    factor = sample_factor(pre)
-    shape = (-(-pre.height // factor), -(-pre.width // factor))
-    on_grid = []
-    for dataset, sample in zip(datasets, samples, strict=True):
-        if sample is None:
-            if is_uint8(dataset, bands) and all_valid(dataset, bands):
-                sample = (np.zeros((0, *shape), np.uint8), np.ones(shape, bool))
-            else:
-                sample = decimated_sample(dataset, bands)
-        on_grid.append(sample)
-    both = None  # None: each date's own valid pixels
-    if all(valid.shape == shape for _, valid in on_grid):  # not every valid pixel of a thin date
-        both = on_grid[0][1] & on_grid[1][1]
-        both = both if both.any() else None
+    if scale == "percentile" and not all(is_uint8(d, bands) for d in datasets):
+        factor = sample_factor(pre)
+        shape = (-(-pre.height // factor), -(-pre.width // factor))
+        valid = [
+            (np.ones(shape, bool) if is_uint8(d, bands) and all_valid(d, bands) else None)
+            if s is None
+            else s[1]
+            for d, s in zip(datasets, on_grid, strict=True)
+        ]
+        if all(v is not None and v.shape == shape for v in valid):
+            both = valid[0] & valid[1]  # type: ignore[operator]
+            if both.any():
+                return tuple(  # type: ignore[return-value]
+                    estimate_scaling(
+                        d, bands, scale, scale_min, scale_max, None if s is None else (s[0], both)
+                    )
+                    for d, s in zip(datasets, on_grid, strict=True)
+                )
     return tuple(  # type: ignore[return-value]
-        estimate_scaling(d, bands, scale, scale_min, scale_max, s if both is None else (s[0], both))
-        for d, s in zip(datasets, on_grid, strict=True)
+        estimate_scaling(d, bands, scale, scale_min, scale_max, s)
+        for d, s in zip(datasets, own, strict=True)
     )
 
 
@@ -371,6 +374,7 @@ __all__ = [
     "PERCENTILES",
     "SCALES",
     "Scale",
+    "Sample",
     "Scaling",
     "all_valid",
     "alpha_band",

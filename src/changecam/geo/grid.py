@@ -286,6 +286,41 @@ def check_overlap(pre: Grid, post: Grid, pre_path: Path, post_path: Path) -> Non
         )
 
 
+def warped(post: Any, grid: Grid, resampling: Resampling) -> WarpedVRT:
+    """``post`` read on ``grid``. Pixels outside the post scene are masked: by its nodata
+    value, its own alpha band, or an alpha band the warp adds."""
+    has_alpha = ColorInterp.alpha in post.colorinterp
+    return WarpedVRT(
+        post,
+        crs=grid.crs,
+        transform=grid.transform,
+        width=grid.width,
+        height=grid.height,
+        resampling=resampling,
+        add_alpha=post.nodata is None and not has_alpha,
+    )
+
+
+@contextmanager
+def post_on_sample_grid(pair: ScenePair, factor: int) -> Iterator[Any]:
+    """The post date on the pixel centres a ``factor``-decimated read of the pre grid takes
+    (every ``factor``-th pixel of every ``factor``-th row, from the first), nearest neighbour:
+    a reprojected post's percentile sample without warping the whole scene."""
+    if not pair.reprojected:
+        yield pair.post
+        return
+    grid = pair.grid
+    shift = -(factor - 1) / 2  # a coarse pixel's centre on its first fine pixel's centre
+    coarse = Grid(
+        grid.crs,
+        grid.transform * Affine.translation(shift, shift) * Affine.scale(factor),
+        -(-grid.width // factor),
+        -(-grid.height // factor),
+    )
+    with warped(pair.post_source, coarse, Resampling.nearest) as vrt:
+        yield vrt
+
+
 @contextmanager
 def open_pair(
     pre_path: str | Path, post_path: str | Path, align: Align = "reproject"
@@ -326,21 +361,8 @@ def open_pair(
                 f"the scenes have no CRS and different grids ({pre_path}: {pre_grid.describe()}; "
                 f"{post_path}: {post_grid.describe()}): without a CRS they cannot be aligned"
             )
-        # pixels outside the post scene are masked: by its nodata value, its own alpha band,
-        # or an alpha band the warp adds
-        has_alpha = ColorInterp.alpha in post.colorinterp
         try:
-            vrt = stack.enter_context(
-                WarpedVRT(
-                    post,
-                    crs=pre_grid.crs,
-                    transform=pre_grid.transform,
-                    width=pre_grid.width,
-                    height=pre_grid.height,
-                    resampling=Resampling.bilinear,
-                    add_alpha=post.nodata is None and not has_alpha,
-                )
-            )
+            vrt = stack.enter_context(warped(post, pre_grid, Resampling.bilinear))
         except RasterioError as err:
             raise SceneError(
                 f"{post_path} cannot be reprojected onto the grid of {pre_path} "
@@ -365,5 +387,7 @@ __all__ = [
     "large_block_warning",
     "open_pair",
     "open_raster",
+    "post_on_sample_grid",
     "vrt_sources",
+    "warped",
 ]

@@ -46,21 +46,26 @@ from changecam.data.transforms import bands_to_tensor
 from changecam.explain import ExplainSettings, FaithfulnessSettings, explain_tensors
 from changecam.explain.hirescam import choose_layer, per_date_layers, resolve_taps
 from changecam.geo.bands import (
+    Sample,
     Scale,
+    Scaling,
     all_valid,
     decimated_sample,
     is_uint8,
     needs_sample,
     pair_scalings,
+    sample_factor,
     select_bands,
     valid_pixels,
 )
 from changecam.geo.grid import (
     Align,
     SceneError,
+    ScenePair,
     is_local,
     large_block_warning,
     open_pair,
+    post_on_sample_grid,
     vrt_sources,
 )
 from changecam.geo.polygons import RegionTracer, area_problem, scene_polygons, write_geojson
@@ -488,6 +493,47 @@ def checked_sample(
     return sample
 
 
+def pair_scaling(
+    pair: ScenePair, bands: Sequence[int], settings: SceneSettings, pre_path: Path, post_path: Path
+) -> tuple[Scaling, Scaling]:
+    """Both dates' :class:`Scaling` (:func:`~changecam.geo.bands.pair_scalings`), each date
+    checked first (:func:`checked_sample`). A reprojected post's percentile sample is read
+    through a warp onto the sample's places only; when that finds no valid pixel (a thin
+    overlap) the post's own file is sampled and checked instead.
+
+    Raises:
+        SceneError: a date unreadable, all nodata, or out of range.
+    """
+    scale = settings.scale
+    pre, post = pair.pre, pair.post_source
+    joint = scale == "percentile" and not (is_uint8(pre, bands) and is_uint8(post, bands))
+    own: list[Sample | None] = [None, None]
+    if needs_sample(pre, bands, scale):
+        own[0] = checked_sample(pre, bands, scale, pre_path)
+    warped_sample = None
+    if pair.reprojected and joint:
+        try:
+            with post_on_sample_grid(pair, sample_factor(pre)) as coarse:
+                warped_sample = decimated_sample(coarse, bands)
+        except Exception as err:
+            raise SceneError(f"{post_path} cannot be read (corrupt or truncated?): {err}") from err
+        if not warped_sample[1].any():
+            warped_sample = None
+    if warped_sample is None and needs_sample(post, bands, scale):
+        own[1] = checked_sample(post, bands, scale, post_path)
+    on_grid = (own[0], warped_sample if pair.reprojected else own[1])
+    return pair_scalings(
+        pre,
+        post,
+        bands,
+        scale,
+        settings.scale_min,
+        settings.scale_max,
+        (own[0], own[1]),
+        on_grid,
+    )
+
+
 def predict_scene(
     net: nn.Module,
     pre_path: str | Path,
@@ -625,26 +671,11 @@ def _predict_scene(
             log.info("%s is finished already (predict.resume=true): kept", folder)
             return finished
         # a finished scene needs no sample (the run that finished it read the same files)
-        samples = []
         for dataset, path in ((pair.pre, pre_path), (pair.post_source, post_path)):
             warning = large_block_warning(dataset, bands, path)
             if warning is not None:
                 log.warning(warning)
-            sample = None
-            if needs_sample(dataset, bands, settings.scale):
-                sample = checked_sample(dataset, bands, settings.scale, path)
-            samples.append(sample)
-        if pair.reprojected:  # on the post's own grid: the stretch reads it through the warp
-            samples[1] = None
-        scaling = pair_scalings(
-            pair.pre,
-            pair.post,
-            bands,
-            settings.scale,
-            settings.scale_min,
-            settings.scale_max,
-            (samples[0], samples[1]),
-        )
+        scaling = pair_scaling(pair, bands, settings, pre_path, post_path)
         if resume:
             take_back_rasters(files, block_log, record, blocks, settings)
         folder.mkdir(parents=True, exist_ok=True)
