@@ -465,6 +465,22 @@ def test_resume_refuses_a_plain_state_dict_loaded_into_another_network(tmp_path,
     assert {p: (run / p).read_bytes() for p in outputs(run)} == before
 
 
+def test_a_log_from_before_the_network_was_recorded_still_resumes(
+    tmp_path, ckpt, pairs, monkeypatch
+):
+    run = tmp_path / "run"
+    run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN])
+    lines = (run / LOG_FILE).read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["settings"].pop("network")["_target_"].endswith("SiameseUNet")
+    (run / LOG_FILE).write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    computed = count_pairs(monkeypatch)
+    report = run_predict(
+        tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN, "predict.resume=true"]
+    )
+    assert computed == [] and [p["name"] for p in report["pairs"]] == ["a", "b", "c"]
+
+
 def test_without_resume_an_earlier_run_starts_over(tmp_path, ckpt, pairs):
     run = tmp_path / "run"
     run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN])

@@ -574,10 +574,30 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
     os.utime(pair[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(
         SceneFailure,
-        match=r"the input files are not those .* \(post\.ctime_ns: \d+ -> \d+\).* rerun without "
-        "predict.resume",
+        match=r"the input files are not those .* \(post\.sample_sha256: \"\w+\" -> \"\w+\"\).* "
+        "rerun without predict.resume",
     ):
         run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
+
+
+def test_a_finished_scene_survives_a_metadata_change_and_an_older_log(tmp_path, ckpt, pair):
+    """chmod (ctime) changes no input, and a log written before changecam recorded the network
+    and the inputs' content samples resumes as it did: the finished scene is kept."""
+    pair = tuple(Path(shutil.copy(path, tmp_path / path.name)) for path in pair)
+    run_scene(tmp_path, ckpt, *pair, "explain.enabled=false")
+    folder = tmp_path / "run" / "pre"
+    log_path = folder / "blocks.jsonl"
+    lines = log_path.read_text().splitlines()
+    header = json.loads(lines[0])
+    settings = header["settings"]
+    assert "network" in settings and "sample_sha256" in settings["post"]
+    del settings["network"], settings["pre"]["sample_sha256"], settings["post"]["sample_sha256"]
+    log_path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    pair[1].chmod(0o444)
+    mtime = (folder / "change.tif").stat().st_mtime_ns
+    report = run_scene(tmp_path, ckpt, *pair, "explain.enabled=false", "predict.resume=true")
+    assert report["scenes"][0]["changed_pixels"] > 0
+    assert (folder / "change.tif").stat().st_mtime_ns == mtime, "kept, not predicted again"
 
 
 def test_gdal_threads_reach_the_writer_thread_and_change_no_value(

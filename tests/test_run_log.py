@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from changecam.atomic import append_json_line
-from changecam.run_log import read_json_lines, settings_changes
+from changecam.run_log import as_logged, read_json_lines, settings_changes
 
 
 def test_settings_changes_name_each_changed_leaf_with_both_values():
@@ -51,3 +51,18 @@ def test_read_json_lines_skips_a_killed_append_and_says_so(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="changecam.run_log"):
         assert read_json_lines(log) == [{"status": "started"}, {"block": 0}]
     assert f"{log} line 3 is incomplete" in caplog.text
+
+
+def test_as_logged_drops_only_keys_recorded_since_that_the_log_lacks():
+    now = {
+        "network": {"fusion": "diff"},
+        "threshold": 0.5,
+        "post": {"size": 3, "sample_sha256": "ab", "sources": [{"size": 1, "sample_sha256": "c"}]},
+    }
+    old = {"threshold": 0.4, "post": {"size": 3, "sources": [{"size": 1}]}}
+    assert as_logged(now, old) == {
+        "threshold": 0.5,  # not a recorded-since key: still compared, and still differs
+        "post": {"size": 3, "sources": [{"size": 1}]},
+    }
+    assert as_logged(now, now) == now  # a log that has them compares them
+    assert as_logged(now, {}) == {"threshold": 0.5, "post": now["post"]}

@@ -1,7 +1,8 @@
 """The JSON-lines logs that let a killed run resume: predict.py's log of finished pairs and a
 GeoTIFF scene's log of finished blocks. Both start with a ``started`` line holding the run's
 settings and grow by :func:`changecam.atomic.append_json_line`; this module reads them back
-(:func:`read_json_lines`) and names what a resume changed (:func:`settings_changes`).
+(:func:`read_json_lines`), names what a resume changed (:func:`settings_changes`), and lets a
+log older than a recorded key resume (:func:`as_logged`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,26 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+# keys a resume record gained after some logs were written: the network the weights went into,
+# an input file's content sample
+RECORDED_SINCE = frozenset({"network", "sample_sha256"})
+
+
+def as_logged(record: Any, logged: Any, added: frozenset[str] = RECORDED_SINCE) -> Any:
+    """``record`` without the keys of ``added`` that ``logged`` (the settings an earlier run
+    logged) lacks, at any depth: a log written before changecam recorded them resumes as it
+    did then."""
+    if isinstance(record, dict) and isinstance(logged, dict):
+        return {
+            key: as_logged(value, logged.get(key), added)
+            for key, value in record.items()
+            if key in logged or key not in added
+        }
+    if isinstance(record, list) and isinstance(logged, list) and len(record) == len(logged):
+        return [as_logged(r, g, added) for r, g in zip(record, logged, strict=True)]
+    return record
+
+
 def _shown(value: Any) -> str:
     if value is _ABSENT:
         return "(absent)"
@@ -73,4 +94,4 @@ def settings_changes(before: Any, after: Any, key: str = "") -> list[str]:
     return [f"{key or '(settings)'}: {_shown(before)} -> {_shown(after)}"]
 
 
-__all__ = ["read_json_lines", "settings_changes"]
+__all__ = ["RECORDED_SINCE", "as_logged", "read_json_lines", "settings_changes"]

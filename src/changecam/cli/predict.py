@@ -90,7 +90,7 @@ from changecam.metrics import mean_of
 from changecam.models.inference import inference_network
 from changecam.models.protocol import network_config
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
-from changecam.run_log import read_json_lines, settings_changes
+from changecam.run_log import as_logged, read_json_lines, settings_changes
 
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
 REPORT_FILE = "predictions.json"
@@ -364,7 +364,7 @@ class PredictionLog:
                 f"predict.resume=true but {self.path} does not start with a 'started' line; "
                 "rerun without predict.resume to start over"
             )
-        changed = settings_changes(before, settings)
+        changed = settings_changes(before, as_logged(settings, before))
         if changed:
             raise ConfigError(
                 f"predict.resume=true but {self.path} was started with other settings "

@@ -88,7 +88,7 @@ from changecam.geo.write import (
 )
 from changecam.geo.writer import BlockWriter
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
-from changecam.run_log import read_json_lines, settings_changes
+from changecam.run_log import as_logged, read_json_lines, settings_changes
 
 log = logging.getLogger("changecam")
 LOG_FILE = "blocks.jsonl"
@@ -283,15 +283,33 @@ class BlockLog:
         self.done[record["block"]] = record
 
 
+SAMPLE_CHUNKS, SAMPLE_CHUNK_BYTES = 16, 4096
+
+
+def content_sample(path: Path, size: int) -> str:
+    """A hash of 16 chunks of 4 KiB spread evenly over the file (the whole of a file up to
+    64 KiB): another file of the same size, copied in with the old modification time
+    (``cp -p``, ``rsync -a``, ``tar``), differs there, while a change of metadata only (chmod,
+    a hard link, a backup's attributes) keeps it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= SAMPLE_CHUNKS * SAMPLE_CHUNK_BYTES:
+            digest.update(f.read())
+        else:
+            for i in range(SAMPLE_CHUNKS):
+                f.seek((size - SAMPLE_CHUNK_BYTES) * i // (SAMPLE_CHUNKS - 1))
+                digest.update(f.read(SAMPLE_CHUNK_BYTES))
+    return digest.hexdigest()[:16]
+
+
 def file_record(path: Path) -> dict[str, Any]:
-    """Path, size, modification and change times: ``ctime_ns`` tells a replaced file of the
-    same size that kept the old modification time (``cp -p``, ``rsync -a``, ``tar``)."""
+    """Path, size, modification time and :func:`content_sample` of an input file."""
     stat = path.stat()
     return {
         "path": str(path.resolve()),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
-        "ctime_ns": stat.st_ctime_ns,
+        "sample_sha256": content_sample(path, stat.st_size),
     }
 
 
@@ -583,7 +601,7 @@ def made_from(folder: Path, pre_path: Path, post_path: Path) -> bool:
             now = input_record(path)
         except (OSError, SceneError):  # gone or unreadable: opening the pair names it
             return False
-        if recorded.get(key) != now:
+        if recorded.get(key) != as_logged(now, recorded.get(key)):
             return False
     return True
 
@@ -666,6 +684,9 @@ def _predict_scene(
         }
         block_log = BlockLog(folder / LOG_FILE)
         record = strict_json(record)
+        logged = block_log.read() if resume else []
+        if logged:  # a log older than a recorded key resumes as it did
+            record = as_logged(record, logged[0].get("settings") or {})
         finished = finished_scene(folder, files, block_log, record, settings) if resume else None
         if finished is not None:
             log.info("%s is finished already (predict.resume=true): kept", folder)
