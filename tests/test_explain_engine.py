@@ -256,6 +256,27 @@ def test_bad_input_messages():
     with pytest.raises(TapError, match=r"tap\(s\) \['post/enc'\] was modified in place"):
         explain_batch(ChangedAfterTap(), pre, post)
 
+    class ViewTaps(NoTaps):
+        """Taps on views of one tensor, another part of which is zeroed in place later: the
+        shared version counter moves, the tapped values do not."""
+
+        def __init__(self, touch_tapped: bool):
+            super().__init__()
+            self.touch_tapped = touch_tapped
+            self.enc = nn.Conv2d(3, 4, 3, padding=1)
+            self.taps = nn.ModuleList([Tap("pre/enc"), Tap("post/enc")])
+
+        def forward(self, a, b):
+            f = self.enc(torch.cat([a, b]))
+            n = len(a)
+            pa, pb = self.taps[0](f[:n, :3]), self.taps[1](f[n:, :3])
+            f[:, 2 if self.touch_tapped else 3].zero_()
+            return self.conv(torch.cat([pa, pb], 1))
+
+    assert explain_batch(ViewTaps(False), pre, post, taps=["enc"]).raw["hirescam"]["post/enc"].any()
+    with pytest.raises(TapError, match="modified in place"):
+        explain_batch(ViewTaps(True), pre, post, taps=["enc"])
+
 
 def test_taps_by_per_date_layer_name():
     net = tiny_net(seed=18)

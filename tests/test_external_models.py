@@ -223,6 +223,30 @@ def test_in_place_ops_after_a_declared_layer_do_not_reach_its_maps():
             torch.testing.assert_close(got.raw[method][tap], want.raw[method][tap])
 
 
+def test_a_declared_layers_output_is_copied_only_while_it_is_explained():
+    """Training and plain prediction keep the model's own tensor (no second copy held for the
+    backward); the explanation's recorded activation is kept apart from later in-place ops."""
+    net = InPlaceResidual(True)
+    raw: list[int] = []
+    net.bn.register_forward_hook(lambda m, i, o: raw.append(o.data_ptr()))  # before LayerTaps'
+    received: list[int] = []
+    real_encode = net.encode
+
+    def encode(x):
+        out = real_encode(x)
+        received.append(out.data_ptr())
+        return out
+
+    net.encode = encode  # type: ignore[method-assign]
+    wrapped = LayerTaps(net, {"bn": "calls"})
+    wrapped(*pair(seed=8))
+    assert received == raw, "no hooks on the taps: the model's own tensors"
+    raw.clear()
+    received.clear()
+    explain_batch(wrapped, *pair(seed=8), taps=["bn"])
+    assert len(received) == 2 and not set(received) & set(raw), "copies while explained"
+
+
 def test_unknown_paths_modes_and_names():
     model = StackedSiamDiff()
     with pytest.raises(TapError, match=r"no module 'encodr\.0'; nearest names: \['encoder\.0'"):

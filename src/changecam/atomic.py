@@ -147,7 +147,8 @@ def _fsync_dir(folder: Path) -> None:
 
 def fsync_file(path: str | Path) -> None:
     """Make a file's data, written and closed by another writer (GDAL), durable."""
-    fd = os.open(path, os.O_RDONLY)
+    # Windows flushes (FlushFileBuffers) only through a handle that may write
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

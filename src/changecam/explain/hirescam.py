@@ -547,11 +547,16 @@ def _recorded_forward(
     hooked = {n: t for n, t in modules.items() if t is not None}
     seen: dict[str, list[Tensor]] = {n: [] for n in hooked}
     versions: dict[str, int] = {}
+    # a view shares its base's version counter, which an in-place op on another part of the
+    # base also moves: its values tell
+    view_values: dict[str, Tensor] = {}
 
     def recorder(name: str):
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             seen[name].append(output)
             versions[name] = output._version
+            if output._is_view():
+                view_values[name] = output.detach().clone()
 
         return hook
 
@@ -571,7 +576,12 @@ def _recorded_forward(
         )
     # An in-place op after the tap (`out += identity`, ReLU(inplace=True)) would leave the
     # recorded activation, and its gradient, those of a later layer: silently wrong maps.
-    changed = sorted(n for n, v in seen.items() if v[0]._version != versions[n])
+    changed = sorted(
+        n
+        for n, v in seen.items()
+        if v[0]._version != versions[n]
+        and (n not in view_values or not torch.equal(v[0].detach(), view_values[n]))
+    )
     if changed:
         raise TapError(
             f"the output of tap(s) {changed} was modified in place later in the forward (e.g. "

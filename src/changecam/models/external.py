@@ -196,13 +196,11 @@ class LayerTaps(nn.Module):
                     f"{spec.path} returned a {type(output).__name__}, not a tensor; declare a "
                     "submodule whose output is one tensor"
                 )
-            # A copy goes on: the model may change its layer's output in place (ResNet's
-            # `out += identity`, ReLU(inplace=True)), which must not reach the recorded tap.
             if spec.mode == "calls":
-                return self._tap_of[names[call]](output).clone()
+                return _through(self._tap_of[names[call]], output)
             if spec.mode in ("batch_halves", "batch_interleaved"):
                 return self._split(spec, output, batch)
-            return self._tap_of[names[0]](output).clone()
+            return _through(self._tap_of[names[0]], output)
 
         return hook
 
@@ -218,6 +216,14 @@ class LayerTaps(nn.Module):
             return torch.cat([tap_pre(output[:batch]), tap_post(output[batch:])])
         rows = output.unflatten(0, (batch, 2))
         return torch.stack([tap_pre(rows[:, 0]), tap_post(rows[:, 1])], 1).flatten(0, 1)
+
+
+def _through(tap: Tap, output: Tensor) -> Tensor:
+    """``output`` through ``tap``; a copy goes on while the tap is recorded (it has hooks): the
+    model may change its layer's output in place (ResNet's ``out += identity``,
+    ReLU(inplace=True)), which must not reach the recorded activation."""
+    out = tap(output)
+    return out.clone() if tap._forward_hooks else out
 
 
 def import_factory(target: str) -> Callable[..., Any]:
