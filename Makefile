@@ -23,8 +23,8 @@ install: $(STAMP)
 train: install
 	$(PY) train.py experiment=quickstart
 
-# the everyday suite; the tests marked `slow` (DDP, sweeps, kill-and-resume, CLI and notebook
-# runs on real data) run in `make test-slow`, and CI (.ci/run) runs both
+# the everyday suite; the tests marked `slow` (DDP, sweeps, kill-and-resume, longer CLI runs
+# on real data) run in `make test-slow`, and CI (.ci/run) runs both
 test: install
 	$(PY) -m pytest -q -m "not slow" --durations=10
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from common import emit, machine, timed
 from omegaconf import open_dict
 
@@ -102,40 +103,48 @@ class Clock:
         cls.started, cls.cam_epoch_end = {}, []
 
 
+def finished(trainer: L.Trainer) -> float:
+    """``time.perf_counter()`` once the queued device work is done (CUDA runs asynchronously:
+    without this a batch's time would land in whatever synchronises next, e.g. the CAMs)."""
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class BatchTimer(L.Callback):
-    """Wall time of every batch of each loop (with ``torch`` work finished: CPU here)."""
+    """Wall time of every batch of each loop, its device work finished."""
 
     def _stage(self, trainer: L.Trainer) -> str | None:
         if trainer.sanity_checking:
             return None
         return "test" if trainer.testing else "val"
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        Clock.started["train"] = time.perf_counter()
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        Clock.started["train"] = finished(trainer)
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        Clock.batches["train"].append(time.perf_counter() - Clock.started["train"])
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        Clock.batches["train"].append(finished(trainer) - Clock.started["train"])
 
     def on_validation_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        Clock.started["val"] = time.perf_counter()
+        Clock.started["val"] = finished(trainer)
 
     def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         stage = self._stage(trainer)
         if stage is not None:
-            Clock.batches[stage].append(time.perf_counter() - Clock.started["val"])
+            Clock.batches[stage].append(finished(trainer) - Clock.started["val"])
 
-    def on_test_batch_start(self, *args: Any) -> None:
-        Clock.started["test"] = time.perf_counter()
+    def on_test_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        Clock.started["test"] = finished(trainer)
 
-    def on_test_batch_end(self, *args: Any) -> None:
-        Clock.batches["test"].append(time.perf_counter() - Clock.started["test"])
+    def on_test_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        Clock.batches["test"].append(finished(trainer) - Clock.started["test"])
 
 
 class CamStart(L.Callback):
     """Placed just before the CAM callback: its validation-epoch-end work starts here."""
 
-    def on_validation_epoch_end(self, *args: Any) -> None:
-        Clock.cam_t0 = time.perf_counter()
+    def on_validation_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        Clock.cam_t0 = finished(trainer)
 
 
 class CamEnd(L.Callback):
@@ -144,7 +153,7 @@ class CamEnd(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        Clock.cam_epoch_end.append(time.perf_counter() - Clock.cam_t0)
+        Clock.cam_epoch_end.append(finished(trainer) - Clock.cam_t0)
 
 
 def timer(name: str) -> dict[str, str]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check the README reports, in one run, for a machine with a GPU (each step has its
-# own time limit, 20 minutes in all). Each benchmark's output goes to OUT/<name>.log and its JSON
-# line to OUT/<name>.json.
+# own time limit, 20 minutes in all). Each benchmark's stdout goes to OUT/<name>.stdout, its stderr
+# to OUT/<name>.log, and its JSON line (stdout's last) to OUT/<name>.json.
 #
 #   benchmarks/gpu_checks.sh OUT [CKPT]      # CKPT: a trained checkpoint (make train's best.ckpt)
 #                                            # for the scene side by side; default: a fresh network
@@ -20,8 +20,10 @@ set -uo pipefail
 
 out=${1:?usage: benchmarks/gpu_checks.sh OUT [CKPT]}
 ckpt=${2:-}
-cd "$(dirname "$0")/.."
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # both taken relative to where the script is started, before the cd
+if [ -n "$ckpt" ]; then ckpt=$(cd "$(dirname "$ckpt")" && pwd)/$(basename "$ckpt"); fi
+cd "$(dirname "$0")/.."
 python=${PYTHON:-python}
 if compgen -G ".whl/*.whl" > /dev/null; then
     site=${TMPDIR:-/tmp}/changecam-site
@@ -39,9 +41,10 @@ check() {  # name, timeout in seconds, script and arguments
         return 0  # not asked for
     fi
     local started=$SECONDS
-    timeout "$limit" "$python" "$@" > "$out/$name.log" 2>&1
+    # the JSON line is the last line of stdout; stderr (warnings, progress) goes to the log alone
+    timeout "$limit" "$python" "$@" > "$out/$name.stdout" 2> "$out/$name.log"
     local rc=$?
-    tail -n 1 "$out/$name.log" > "$out/$name.json"
+    tail -n 1 "$out/$name.stdout" > "$out/$name.json"
     echo "$name: exit $rc in $((SECONDS - started)) s: $(cut -c 1-300 "$out/$name.json")"
     [ "$rc" -eq 0 ] || status=1
 }

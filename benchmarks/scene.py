@@ -161,8 +161,8 @@ def side_by_side(
     """PNG path vs GeoTIFF path (explanation off, then on, then off with one GDAL thread) on one
     ``size``² pair, in process,
     with ``threads`` torch threads (``None``: torch's default), best of ``repeats`` interleaved
-    runs: wall-clock megapixels per second (the paths' throughput) and CPU seconds of the whole
-    process (every thread: what the machine spends)."""
+    runs after one untimed run of each: wall-clock megapixels per second (the paths' throughput)
+    and CPU seconds of the whole process (every thread: what the machine spends)."""
     import torch
 
     from changecam.cli.predict import predict_pair
@@ -188,7 +188,6 @@ def side_by_side(
     default_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    predict_pair(net, Triplet("warm", pngs[0], pngs[1], None), png_spec, 0.5, None, device)
 
     def png_path() -> None:
         predict_pair(net, pair, png_spec, 0.5, None, device).save(folder / "png_run")
@@ -238,6 +237,8 @@ def side_by_side(
     polygons: dict[str, int] = {}  # change.geojson's features, the same every round
     try:
         with frozen_gc():  # as predict.py runs (changecam.environment.frozen_gc)
+            for run in runs.values():  # warm-up, untimed: first calls, caches, allocators
+                run()
             for round_ in range(repeats):  # interleaved, best of the repeats
                 # every other round in reverse order, so a drift of the machine's speed within a
                 # round does not favour one path

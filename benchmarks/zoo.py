@@ -3,7 +3,7 @@
 For every architecture in ``conf/model/`` (except ``external``, which needs a user's model):
 
 * ``params``: parameters at the published width (the config's defaults);
-* ``step_s``: CPU seconds of one training step (forward, BCE backward, AdamW step) at batch
+* ``step_s``: wall-clock seconds (on the CPU) of one training step (forward, BCE backward, AdamW step) at batch
   8 × 256² and the quickstart width, median of ``--step-reps`` after one warm-up (the
   published widths cost 2–160 s a step on two cores);
 * ``val_f1``/``test_f1``: ``train.py experiment=quickstart model=<name>`` for ``--epochs`` epochs
@@ -17,7 +17,7 @@ All architectures share one synthetic dataset, seed and budget. It is not part o
 (training every architecture takes longer than that whole run); ``make bench-zoo`` runs it and
 writes ``benchmarks/zoo.md``.
 
-    python benchmarks/zoo.py [--epochs 5] [--width 8] [--only fc_ef bit] [--tiny]
+    python benchmarks/zoo.py [--epochs 3] [--width 8] [--only fc_ef bit] [--tiny]
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def markdown(rows: dict[str, dict[str, Any]], epochs: int, width: int) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=5, help="quickstart epochs per architecture")
+    parser.add_argument("--epochs", type=int, default=3, help="quickstart epochs per architecture")
     parser.add_argument("--width", type=int, default=8, help="quickstart model.base_channels")
     parser.add_argument("--step-reps", type=int, default=3, help="timed training steps")
     parser.add_argument("--only", nargs="+", default=None, help="architecture names")
