@@ -257,25 +257,35 @@ def test_bad_input_messages():
         explain_batch(ChangedAfterTap(), pre, post)
 
     class ViewTaps(NoTaps):
-        """Taps on views of one tensor, another part of which is zeroed in place later: the
-        shared version counter moves, the tapped values do not."""
+        """Taps on views of one tensor (a channel split), used before and after another part of
+        it gets an in-place op: the shared version counter moves and the views' gradient
+        functions are rebuilt, but the tapped values do not change."""
 
-        def __init__(self, touch_tapped: bool):
+        def __init__(self, touch_tapped: bool = False, in_place: bool = True):
             super().__init__()
-            self.touch_tapped = touch_tapped
+            self.touch_tapped, self.in_place = touch_tapped, in_place
             self.enc = nn.Conv2d(3, 4, 3, padding=1)
+            self.mix = nn.Conv2d(3, 3, 1)
             self.taps = nn.ModuleList([Tap("pre/enc"), Tap("post/enc")])
 
         def forward(self, a, b):
             f = self.enc(torch.cat([a, b]))
             n = len(a)
             pa, pb = self.taps[0](f[:n, :3]), self.taps[1](f[n:, :3])
-            f[:, 2 if self.touch_tapped else 3].zero_()
-            return self.conv(torch.cat([pa, pb], 1))
+            mixed = self.mix(torch.cat([pa, pb]))  # used before the in-place op
+            if not self.in_place:
+                f = f.clone()
+            f[:, 2 if self.touch_tapped else 3].relu_()
+            return self.conv(torch.cat([pa + mixed[:n], pb + mixed[n:]], 1))
 
-    assert explain_batch(ViewTaps(False), pre, post, taps=["enc"]).raw["hirescam"]["post/enc"].any()
+    twin, split = ViewTaps(in_place=False), ViewTaps()
+    split.load_state_dict(twin.state_dict())
+    want, got = (explain_batch(m, pre, post, taps=["enc"]) for m in (twin, split))
+    for tap in ("pre/enc", "post/enc"):
+        assert want.raw["hirescam"][tap].abs().sum() > 0
+        torch.testing.assert_close(got.raw["hirescam"][tap], want.raw["hirescam"][tap])
     with pytest.raises(TapError, match="modified in place"):
-        explain_batch(ViewTaps(True), pre, post, taps=["enc"])
+        explain_batch(ViewTaps(touch_tapped=True), pre, post, taps=["enc"])
 
 
 def test_taps_by_per_date_layer_name():

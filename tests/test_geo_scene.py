@@ -580,9 +580,11 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
         run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
 
 
-def test_a_finished_scene_survives_a_metadata_change_and_an_older_log(tmp_path, ckpt, pair):
+@pytest.mark.parametrize("older", ["without network and samples", "with ctime"])
+def test_a_finished_scene_survives_a_metadata_change_and_an_older_log(tmp_path, ckpt, pair, older):
     """chmod (ctime) changes no input, and a log written before changecam recorded the network
-    and the inputs' content samples resumes as it did: the finished scene is kept."""
+    and the inputs' content samples, or while it recorded their ctime, resumes as it did: the
+    finished scene is kept."""
     pair = tuple(Path(shutil.copy(path, tmp_path / path.name)) for path in pair)
     run_scene(tmp_path, ckpt, *pair, "explain.enabled=false")
     folder = tmp_path / "run" / "pre"
@@ -591,7 +593,12 @@ def test_a_finished_scene_survives_a_metadata_change_and_an_older_log(tmp_path, 
     header = json.loads(lines[0])
     settings = header["settings"]
     assert "network" in settings and "sample_sha256" in settings["post"]
-    del settings["network"], settings["pre"]["sample_sha256"], settings["post"]["sample_sha256"]
+    for date in ("pre", "post"):
+        del settings[date]["sample_sha256"]
+        if older == "with ctime":
+            settings[date]["ctime_ns"] = 1796505241037075380
+    if older == "without network and samples":
+        del settings["network"]
     log_path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     pair[1].chmod(0o444)
     mtime = (folder / "change.tif").stat().st_mtime_ns

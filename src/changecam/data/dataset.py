@@ -39,8 +39,9 @@ PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 def resize_triplet(
     pre: np.ndarray, post: np.ndarray, mask: np.ndarray, size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The ``resize`` protocol: both images area-averaged to ``size``², and the mask where the
-    average of its 0/1 pixels over the same area is at least one half. OpenCV's nearest
+    """The ``resize`` protocol: both images area-averaged to ``size``², and the mask (0/1, as
+    :func:`~changecam.data.io.read_label` gives it) where the average of its pixels over the
+    same area is at least one half. OpenCV's nearest
     neighbour would take each area's top-left pixel, shifting the mask (1.5 px of a 1024²
     image at 256²) against the images it labels."""
     pre, post = (cv2.resize(x, (size, size), interpolation=cv2.INTER_AREA) for x in (pre, post))

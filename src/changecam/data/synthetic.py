@@ -4,7 +4,7 @@ Each scene has textured ground, vegetation patches, roads and buildings (roofs w
 shadows) present in both dates. Labelled change: buildings that appear, vanish, or are replaced
 by another building (a new roof on part of the old footprint). Unlabelled
 nuisance between the dates: global illumination and colour shift, seasonal vegetation colour,
-a misregistration of up to ``size // 128`` pixels (2 at 256²), and sensor noise -- enough that thresholding
+a misregistration of up to ``max(1, size // 128)`` pixels (2 at 256²), and sensor noise -- enough that thresholding
 ``|post - pre|`` fails while a learned model succeeds.
 
 The output is the official LEVIR-CD layout (``{train,val,test}/{A,B,label}/{split}_{n}.png``),

@@ -547,16 +547,21 @@ def _recorded_forward(
     hooked = {n: t for n, t in modules.items() if t is not None}
     seen: dict[str, list[Tensor]] = {n: [] for n in hooked}
     versions: dict[str, int] = {}
-    # a view shares its base's version counter, which an in-place op on another part of the
-    # base also moves: its values tell
-    view_values: dict[str, Tensor] = {}
+    # A view shares its base's version counter, which an in-place op on another part of the
+    # base also moves, and such an op rebuilds the view's gradient function, so the gradient of
+    # the recorded view would miss its uses before the op: a copy goes on instead, recorded,
+    # and the view is checked at the end to still hold the copy's values.
+    views: dict[str, Tensor] = {}
 
     def recorder(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+            copy = None
+            if output._is_view():
+                views[name] = output
+                output = copy = output.clone()
             seen[name].append(output)
             versions[name] = output._version
-            if output._is_view():
-                view_values[name] = output.detach().clone()
+            return copy
 
         return hook
 
@@ -580,7 +585,7 @@ def _recorded_forward(
         n
         for n, v in seen.items()
         if v[0]._version != versions[n]
-        and (n not in view_values or not torch.equal(v[0].detach(), view_values[n]))
+        or (n in views and not torch.equal(views[n].detach(), v[0].detach()))
     )
     if changed:
         raise TapError(
