@@ -257,9 +257,9 @@ def test_bad_input_messages():
         explain_batch(ChangedAfterTap(), pre, post)
 
     class ViewTaps(NoTaps):
-        """Taps on views of one tensor (a channel split), used before and after another part of
-        it gets an in-place op: the shared version counter moves and the views' gradient
-        functions are rebuilt, but the tapped values do not change."""
+        """Taps on views of one tensor (a channel split), used before and after a part of it
+        gets an in-place op: the shared version counter moves and the views' gradient functions
+        are rebuilt."""
 
         def __init__(self, touch_tapped: bool = False, in_place: bool = True):
             super().__init__()
@@ -278,14 +278,13 @@ def test_bad_input_messages():
             f[:, 2 if self.touch_tapped else 3].relu_()
             return self.conv(torch.cat([pa + mixed[:n], pb + mixed[n:]], 1))
 
-    twin, split = ViewTaps(in_place=False), ViewTaps()
-    split.load_state_dict(twin.state_dict())
-    want, got = (explain_batch(m, pre, post, taps=["enc"]) for m in (twin, split))
-    for tap in ("pre/enc", "post/enc"):
-        assert want.raw["hirescam"][tap].abs().sum() > 0
-        torch.testing.assert_close(got.raw["hirescam"][tap], want.raw["hirescam"][tap])
-    with pytest.raises(TapError, match="modified in place"):
-        explain_batch(ViewTaps(touch_tapped=True), pre, post, taps=["enc"])
+    exp = explain_batch(ViewTaps(in_place=False), pre, post, taps=["enc"])
+    assert all(exp.raw["hirescam"][tap].abs().sum() > 0 for tap in ("pre/enc", "post/enc"))
+    # an in-place op on the base, on the tapped slice or beside it: the gradient of the
+    # recorded view would miss its uses before the op (all-zero maps here), so refused
+    for touch_tapped in (False, True):
+        with pytest.raises(TapError, match="or is a view of a tensor that was"):
+            explain_batch(ViewTaps(touch_tapped=touch_tapped), pre, post, taps=["enc"])
 
 
 def test_taps_by_per_date_layer_name():

@@ -43,30 +43,20 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
 # keys a resume record gained after some logs were written: the network the weights went into,
 # an input file's content sample
 RECORDED_SINCE = frozenset({"network", "sample_sha256"})
-# keys it no longer writes: an input file's change time (2026-12-05, replaced by its sample)
-RECORDED_UNTIL = frozenset({"ctime_ns"})
 
 
-def as_logged(
-    record: Any,
-    logged: Any,
-    added: frozenset[str] = RECORDED_SINCE,
-    retired: frozenset[str] = RECORDED_UNTIL,
-) -> Any:
-    """``record`` as the earlier run that wrote ``logged`` (its settings) would have written
-    it, at any depth: without the keys of ``added`` that ``logged`` lacks, and with the values
-    of the keys of ``retired`` that ``logged`` holds. A log from before or after a key changed
-    resumes as it did then."""
+def as_logged(record: Any, logged: Any, added: frozenset[str] = RECORDED_SINCE) -> Any:
+    """``record`` without the keys of ``added`` that ``logged`` (the settings an earlier run
+    logged) lacks, at any depth: a log written before changecam recorded them resumes as it
+    did then."""
     if isinstance(record, dict) and isinstance(logged, dict):
-        kept = {
-            key: as_logged(value, logged.get(key), added, retired)
+        return {
+            key: as_logged(value, logged.get(key), added)
             for key, value in record.items()
             if key in logged or key not in added
         }
-        kept.update({k: v for k, v in logged.items() if k in retired and k not in record})
-        return kept
     if isinstance(record, list) and isinstance(logged, list) and len(record) == len(logged):
-        return [as_logged(r, g, added, retired) for r, g in zip(record, logged, strict=True)]
+        return [as_logged(r, g, added) for r, g in zip(record, logged, strict=True)]
     return record
 
 
@@ -104,4 +94,4 @@ def settings_changes(before: Any, after: Any, key: str = "") -> list[str]:
     return [f"{key or '(settings)'}: {_shown(before)} -> {_shown(after)}"]
 
 
-__all__ = ["RECORDED_SINCE", "RECORDED_UNTIL", "as_logged", "read_json_lines", "settings_changes"]
+__all__ = ["RECORDED_SINCE", "as_logged", "read_json_lines", "settings_changes"]

@@ -547,21 +547,11 @@ def _recorded_forward(
     hooked = {n: t for n, t in modules.items() if t is not None}
     seen: dict[str, list[Tensor]] = {n: [] for n in hooked}
     versions: dict[str, int] = {}
-    # A view shares its base's version counter, which an in-place op on another part of the
-    # base also moves, and such an op rebuilds the view's gradient function, so the gradient of
-    # the recorded view would miss its uses before the op: a copy goes on instead, recorded,
-    # and the view is checked at the end to still hold the copy's values.
-    views: dict[str, Tensor] = {}
 
     def recorder(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-            copy = None
-            if output._is_view():
-                views[name] = output
-                output = copy = output.clone()
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
             seen[name].append(output)
             versions[name] = output._version
-            return copy
 
         return hook
 
@@ -581,17 +571,17 @@ def _recorded_forward(
         )
     # An in-place op after the tap (`out += identity`, ReLU(inplace=True)) would leave the
     # recorded activation, and its gradient, those of a later layer: silently wrong maps.
-    changed = sorted(
-        n
-        for n, v in seen.items()
-        if v[0]._version != versions[n]
-        or (n in views and not torch.equal(views[n].detach(), v[0].detach()))
-    )
+    # (A view shares its base's version counter: an in-place op on another part of the base
+    # moves it too, and rebuilds the view's gradient function, whose gradient then misses the
+    # view's uses before the op; so a moved counter is refused either way.)
+    changed = sorted(n for n, v in seen.items() if v[0]._version != versions[n])
     if changed:
         raise TapError(
-            f"the output of tap(s) {changed} was modified in place later in the forward (e.g. "
-            "`out += identity` or ReLU(inplace=True)), so the recorded activation is another "
-            "layer's; pass a copy on after the tap (`tap(x).clone()`) or make that op out of place"
+            f"the output of tap(s) {changed} was modified in place later in the forward, or is "
+            "a view of a tensor that was (e.g. `out += identity`, ReLU(inplace=True), an "
+            "in-place op on another slice of the same tensor), so the recorded activation or "
+            "its gradient is another layer's; pass a copy on after the tap "
+            "(`x = tap(x).clone()`) or make that op out of place"
         )
     inputs = dict(zip(INPUT_TAPS, (x_pre, x_post), strict=True))
     return logits, {n: inputs[n] if n in inputs else seen[n][0] for n in modules}

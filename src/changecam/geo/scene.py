@@ -244,9 +244,16 @@ class BlockLog:
     def read(self) -> list[dict[str, Any]]:
         return read_json_lines(self.path)
 
-    def start(self, settings: dict[str, Any], resume: bool, readable: bool) -> bool:
-        """Start the log, or continue it (``resume``, same settings, readable partial
-        rasters); returns whether the run continues an earlier one."""
+    def start(
+        self,
+        settings: dict[str, Any],
+        resume: bool,
+        readable: bool,
+        new_settings: dict[str, Any] | None = None,
+    ) -> bool:
+        """Start the log, or continue it (``resume``, same ``settings``, readable partial
+        rasters); returns whether the run continues an earlier one. A new log's header holds
+        ``new_settings`` (default ``settings``): every key this version records."""
         records = self.read()
         same = bool(records) and records[0].get("settings") == settings
         if resume and records and not same:
@@ -272,10 +279,8 @@ class BlockLog:
                 "predict.resume=true but %s has nothing to resume: starting over", self.path.parent
             )
         self.done = {}
-        write_text(
-            self.path,
-            json.dumps({"status": "started", "settings": settings}, sort_keys=True) + "\n",
-        )
+        header = {"status": "started", "settings": new_settings or settings}
+        write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
         return False
 
     def add(self, record: dict[str, Any]) -> None:
@@ -684,9 +689,9 @@ def _predict_scene(
             "probability_mask": masked,
         }
         block_log = BlockLog(folder / LOG_FILE)
-        record = strict_json(record)
+        fresh = record = strict_json(record)
         logged = block_log.read() if resume else []
-        if logged:  # a log older than a recorded key resumes as it did
+        if logged:  # a log older than a recorded key resumes as it did; a new log gets them all
             record = as_logged(record, logged[0].get("settings") or {})
         finished = finished_scene(folder, files, block_log, record, settings) if resume else None
         if finished is not None:
@@ -701,7 +706,8 @@ def _predict_scene(
         if resume:
             take_back_rasters(files, block_log, record, blocks, settings)
         folder.mkdir(parents=True, exist_ok=True)
-        continued = block_log.start(record, resume, resume and files.partials_readable())
+        continued = block_log.start(record, resume, resume and files.partials_readable(), fresh)
+        record = record if continued else fresh
         (folder / REPORT_FILE).unlink(missing_ok=True)  # from here on the scene is unfinished
         files.remove(("final",))
         if not continued:
