@@ -11,7 +11,7 @@ from rasterio.transform import from_origin
 
 import changecam.geo.write
 from changecam.geo.grid import Grid
-from changecam.geo.polygons import RegionTracer
+from changecam.geo.polygons import RegionTracer, geojson_crs
 from changecam.geo.windows import Block
 from changecam.geo.write import SceneFiles, write_share_overviews
 from changecam.geo.writer import BlockWriter
@@ -229,3 +229,19 @@ def test_share_overviews_follow_gdals_footprints_on_odd_sides(tmp_path, height, 
         with np.errstate(invalid="ignore"):
             expected = np.where(pre + post > 0, post / (pre + post), np.nan)
         np.testing.assert_allclose(share, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_geojson_names_the_scenes_crs_exactly_and_probability_carries_its_scale(tmp_path):
+    def name(crs) -> str:
+        return geojson_crs(Grid(crs, GRID.transform, 64, 32))["properties"]["name"]
+
+    assert name(GRID.crs) == "urn:ogc:def:crs:EPSG::32650"
+    # a UTM zone on the International ellipsoid, no datum: ED50 (EPSG:23032) is a close
+    # match, about 100 m off; its WKT is exact
+    ellipsoid_only = rasterio.crs.CRS.from_string("+proj=utm +zone=32 +ellps=intl +units=m")
+    assert not name(ellipsoid_only).startswith("urn:") and "International" in name(ellipsoid_only)
+    # no member would read as WGS84
+    assert name(None).startswith("LOCAL_CS[")
+    files = scene_files(tmp_path)
+    with rasterio.open(files.partial("probability")) as src:
+        assert src.scales == (1 / 65535,) and src.offsets == (0.0,)

@@ -195,8 +195,7 @@ def area_problem(grid: Grid) -> str | None:
     :data:`AREA_TOLERANCE` of its area on the ellipsoid (UTM inside its zone, equal-area
     projections; not Web Mercator beyond about 3° from the equator, which enlarges areas by
     about 1/cos² of the latitude). A point the CRS cannot place on the globe (outside its
-    domain) leaves the areas unknown; a CRS that places none (a local engineering CRS) is
-    taken as it is."""
+    domain) leaves the areas unknown, and so does one that places none."""
     crs = grid.crs
     if crs is None or not crs.is_projected:
         return f"is in {crs.to_string() if crs else 'no CRS'}, not a projected CRS in metres"
@@ -205,11 +204,9 @@ def area_problem(grid: Grid) -> str | None:
         return f"is in {crs.to_string()}, whose unit is {crs.linear_units!r}, not metres"
     scales = areal_scales(grid)
     placed = [scale for scale in scales if scale is not None]
-    if not placed:
-        return None
     if len(placed) < len(scales):
         return (
-            f"is in {crs.to_string()}, which cannot place part of this scene on the globe "
+            f"is in {crs.to_string()}, which cannot place this scene (or part of it) on the globe "
             "(outside the projection's domain), so its ground areas are unknown"
         )
     worst = max(placed, key=lambda scale: abs(scale - 1))
@@ -447,15 +444,30 @@ def region_text(piece: Piece, grid: Grid, metres: bool) -> tuple[Any, str]:
     return placed, f"{geometry}\n{json.dumps(properties, allow_nan=False)}"
 
 
+# GDAL reads a GeoJSON without a ``crs`` member (or with a null one) as WGS84: a scene without
+# a CRS is named a local one instead
+LOCAL_CRS = 'LOCAL_CS["unknown",UNIT["metre",1]]'
+
+
+def geojson_crs(grid: Grid) -> dict[str, Any]:
+    """The ``crs`` member naming the scene's CRS: its EPSG code only when the CRS is exactly
+    that code's (a UTM zone on another ellipsoid would otherwise be named, say, ED50, and land
+    about 100 m off), else its WKT; a scene without one gets a local CRS."""
+    crs = grid.crs
+    if crs is None:
+        name = LOCAL_CRS
+    else:
+        epsg = crs.to_epsg(confidence_threshold=100)
+        name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else crs.to_wkt()
+    return {"type": "name", "properties": {"name": name}}
+
+
 def write_geojson(path: Path, features: SceneFeatures, grid: Grid) -> int:
-    """A GeoJSON FeatureCollection in the scene's CRS (named in its ``crs`` member, which QGIS
-    and GDAL read), written atomically, one feature at a time from the spill; returns how many.
-    The features' text is strict JSON already (:func:`region_text`)."""
-    head: dict[str, Any] = {"type": "FeatureCollection"}
-    if grid.crs is not None:
-        epsg = grid.crs.to_epsg()
-        name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else grid.crs.to_wkt()
-        head["crs"] = {"type": "name", "properties": {"name": name}}
+    """A GeoJSON FeatureCollection in the scene's CRS (named in its GeoJSON 2008 ``crs``
+    member, which QGIS and GDAL read; RFC 7946 readers take every file as WGS84), written
+    atomically, one feature at a time from the spill; returns how many. The features' text is
+    strict JSON already (:func:`region_text`)."""
+    head: dict[str, Any] = {"type": "FeatureCollection", "crs": geojson_crs(grid)}
     count = 0
     with atomic_open(path, "w") as f:
         f.write(json.dumps(head, allow_nan=False)[:-1] + ', "features": [\n')
@@ -471,6 +483,7 @@ __all__ = [
     "SceneFeatures",
     "area_problem",
     "block_pieces",
+    "geojson_crs",
     "geojson_geometry",
     "join_pieces",
     "metric_crs",

@@ -51,7 +51,8 @@ def explanation_bands(method: str) -> tuple[str, str, str]:
 ZLEVEL = 1
 OVERVIEW_RESAMPLING = {
     # the mean of the valid 0/1 pixels, rounded: their majority (a tie counts as change), as
-    # GDAL's mode would give for two classes, more cheaply
+    # GDAL's mode would give for two classes, more cheaply (each level from the one below: a
+    # majority of majorities beyond x2)
     "change": Resampling.average,
     "probability": Resampling.average,
     "explanation": Resampling.average,
@@ -156,6 +157,7 @@ class SceneFiles:
                         dst.set_band_description(band, name)
                 elif what == "probability":
                     dst.set_band_description(1, "change probability x 65535")
+                    dst.scales, dst.offsets = (1 / 65535,), (0.0,)  # GIS tools show 0-1
                 else:
                     dst.set_band_description(1, "change (1), no change (0), nodata (255)")
 
