@@ -7,6 +7,7 @@ import functools
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from changecam.cli.config_checks import ConfigError, check_device, check_value
 from changecam.cli.train import train
 from changecam.models import SiameseUNet
+from changecam.training.callbacks.finite_checkpoint import FiniteModelCheckpoint
 from changecam.training.module import ChangeDetectionModule, NonFiniteLossError
 from helpers import compose_train, run_script, tiny_overrides
 
@@ -375,3 +377,58 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
     else:
         with pytest.raises(ConfigError, match=re.escape(problem)):
             check_config(cfg, import_targets=False)
+
+
+def tiny_module(**kwargs) -> ChangeDetectionModule:
+    return ChangeDetectionModule(
+        SiameseUNet(3, base_channels=4, depth=2),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        **kwargs,
+    )
+
+
+def test_training_options_that_would_silently_do_something_else_are_refused():
+    with pytest.raises(ValueError, match="module.pos_weight=5.0 weighs the BCE term"):
+        tiny_module(loss="dice", pos_weight=5.0)
+    # ReduceLROnPlateau follows val/f1, which grows: mode=min cuts the rate at each improvement
+    plateau = tiny_module(scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
+    with pytest.raises(ValueError, match=r"add \+module.scheduler.mode=max"):
+        plateau.configure_optimizers()
+    tiny_module(
+        scheduler=functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="max")
+    ).configure_optimizers()
+    # the default cosine schedule's T_max counts epochs: stepped per optimizer step it cycles
+    cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3)
+    stepped = tiny_module(scheduler=cosine, scheduler_interval="step")
+    stepped._trainer = SimpleNamespace(max_epochs=3, estimated_stepping_batches=12)
+    with pytest.raises(ValueError, match=r"set module.scheduler.T_max=12"):
+        stepped.configure_optimizers()
+    stepped._trainer = SimpleNamespace(max_epochs=12, estimated_stepping_batches=12)
+    stepped.configure_optimizers()  # T_max given in steps
+    # several best checkpoints under one name would overwrite each other
+    with pytest.raises(ValueError, match="save_top_k=2 keeps several checkpoints"):
+        FiniteModelCheckpoint(filename="best", monitor="val/f1", mode="max", save_top_k=2)
+    FiniteModelCheckpoint(filename="best-{epoch:03d}", monitor="val/f1", save_top_k=2)
+
+
+def test_a_run_whose_validation_never_comes_is_refused_and_one_without_is_scored(
+    tmp_path, tiny_synthetic
+):
+    base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "logger=none"]
+    with pytest.raises(ConfigError, match="check_val_every_n_epoch=5 is beyond"):
+        train(
+            compose_train(
+                tmp_path / "never",
+                [*base, "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=5"],
+            )
+        )
+    assert not (tmp_path / "never" / "run" / "checkpoints").exists()
+    # validation off: no best.ckpt, the final weights scored on test
+    metrics = train(
+        compose_train(
+            tmp_path / "off",
+            [*base, "trainer.max_epochs=1", "+trainer.limit_val_batches=0", "test=true"],
+        )
+    )
+    assert "test/f1" in metrics and "val/f1" not in metrics
+    assert json.loads((tmp_path / "off" / "run" / "metrics.json").read_text())["test/f1"] >= 0

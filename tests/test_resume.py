@@ -90,6 +90,8 @@ def test_resume_matches_uninterrupted_and_keeps_wandb_id_and_csv_history(tmp_pat
     assert len(offline_runs) == 2 and all(p.name.split("-")[3] == first_id for p in offline_runs)
     full_rows = (tmp_path / "full/run/csv/metrics.csv").read_text().splitlines()
     assert (run / "csv/metrics.csv").read_text().splitlines() == full_rows
+    kept = (run / "csv/metrics.csv").read_bytes()
+    assert b"\n" not in kept.replace(b"\r\n", b""), "one line end, as Lightning writes"
     assert len(first_rows) == 8  # header, 4 steps, val and train epoch, the final val
     assert len(full_rows) == 15
 

@@ -22,6 +22,7 @@ from changecam.cli.common import (
     task_wrapper,
     to_float_dict,
 )
+from changecam.cli.config_checks import ConfigError
 from changecam.cli.ddp import ddp_job, in_sweep
 from changecam.data.validate import network_fit
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
@@ -95,6 +96,24 @@ def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModu
     return instantiate_refusing(cfg.module, net=net, **overrides)
 
 
+def check_validation_runs(trainer: DictConfig) -> None:
+    """Refuse a fit whose validation would never run while validation is on (the ``trainer``
+    config): no checkpoint, best or last, would be written (both are saved after a validation).
+
+    Raises:
+        ConfigError: ``check_val_every_n_epoch`` beyond ``max_epochs``.
+    """
+    every = trainer.get("check_val_every_n_epoch", 1)
+    epochs = trainer.get("max_epochs")
+    on = trainer.get("limit_val_batches", 1.0) != 0 and not trainer.get("fast_dev_run")
+    if on and isinstance(every, int) and isinstance(epochs, int) and 0 < epochs < every:
+        raise ConfigError(
+            f"trainer.check_val_every_n_epoch={every} is beyond trainer.max_epochs={epochs}: "
+            "validation would never run, so no checkpoint (best.ckpt or last.ckpt) would be "
+            f"written; set trainer.check_val_every_n_epoch to at most {epochs}"
+        )
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics.
@@ -104,6 +123,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     built.
     """
     output_dir = prepare_run(cfg, results=("metrics.json",), history=False)
+    if cfg.get("train"):
+        check_validation_runs(cfg.trainer)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -143,16 +164,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
             if best is None:
                 log.warning(
-                    "no best checkpoint (fast_dev_run or no checkpoint callback): evaluating "
-                    "current weights"
+                    "no best checkpoint (%s): scoring the final weights",
+                    "validation is off, trainer.limit_val_batches=0"
+                    if not trainer.limit_val_batches
+                    else "fast_dev_run, no checkpoint callback, or no finite val/f1",
                 )
         else:  # train=false scores ckpt_path, or the network as built
             best = ckpt_path
             if best is None:
                 log.warning("train=false without ckpt_path: evaluating the initial weights")
-        metrics.update(
-            trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-        )
+        scored = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        metrics.update(scored[0] if scored else {})  # nothing with limit_val_batches=0
         if cfg.get("test"):
             metrics.update(
                 trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]

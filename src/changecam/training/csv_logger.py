@@ -89,7 +89,7 @@ class _HistoryKeepingWriter(ExperimentWriter):
             return
         rows = rows if math.isinf(self._keep_before) else _history(rows, self._keep_before)
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\n")
+        writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\r\n")  # as Lightning's rows
         writer.writeheader()
         writer.writerows(rows)
         write_text(path, text.getvalue())

@@ -9,6 +9,8 @@ second guard, for modules that log their own metrics.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -17,7 +19,22 @@ from torch import Tensor
 
 
 class FiniteModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose monitored checkpoints (``best.ckpt``) hold finite scores only."""
+    """``ModelCheckpoint`` whose monitored checkpoints (``best.ckpt``) hold finite scores only.
+
+    Raises:
+        ValueError: ``save_top_k`` keeps more than one checkpoint under one file name (without
+            ``{epoch}`` or another field in ``filename``): each would overwrite the last.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.save_top_k not in (0, 1) and "{" not in (self.filename or "{"):
+            raise ValueError(
+                f"callbacks.model_checkpoint.save_top_k={self.save_top_k} keeps several "
+                f"checkpoints, but all under the name {self.filename!r}: each would overwrite the "
+                "last, leaving the latest kept one, not the best; add a field to the name, e.g. "
+                "callbacks.model_checkpoint.filename='best-{epoch:03d}'"
+            )
 
     def check_monitor_top_k(self, trainer: Trainer, current: Tensor | None = None) -> bool:
         if current is not None and not bool(torch.isfinite(torch.as_tensor(current)).all()):
