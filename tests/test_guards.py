@@ -7,7 +7,6 @@ import functools
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
 import lightning as L
@@ -17,9 +16,8 @@ from hydra.core.global_hydra import GlobalHydra
 from torch.utils.data import DataLoader
 
 from changecam.cli.config_checks import ConfigError, check_device, check_value
-from changecam.cli.train import train
+from changecam.cli.train import check_training_settings, train
 from changecam.models import SiameseUNet
-from changecam.training.callbacks.finite_checkpoint import FiniteModelCheckpoint
 from changecam.training.module import ChangeDetectionModule, NonFiniteLossError
 from helpers import compose_train, run_script, tiny_overrides
 
@@ -379,36 +377,62 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
             check_config(cfg, import_targets=False)
 
 
-def tiny_module(**kwargs) -> ChangeDetectionModule:
-    return ChangeDetectionModule(
-        SiameseUNet(3, base_channels=4, depth=2),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
-        **kwargs,
-    )
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["module.scheduler_interval=step"], r"module.scheduler.T_max is \$\{trainer.max_epochs\}"),
+        (
+            [
+                "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+                "~module.scheduler.T_max",
+            ],
+            r"add \+module.scheduler.mode=max",
+        ),
+        (["callbacks.model_checkpoint.save_top_k=2"], "save_top_k=2 keeps several checkpoints"),
+        (["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=5"], "is beyond"),
+    ],
+)
+def test_training_options_that_would_silently_do_something_else_are_refused_first(
+    tmp_path, tiny_synthetic, overrides, match
+):
+    base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "logger=csv"]
+    with pytest.raises(ConfigError, match=match):
+        train(compose_train(tmp_path, [*base, *overrides]))
+    assert not (tmp_path / "run").exists(), "refused before the run folder is made"
 
 
-def test_training_options_that_would_silently_do_something_else_are_refused():
-    with pytest.raises(ValueError, match="module.pos_weight=5.0 weighs the BCE term"):
-        tiny_module(loss="dice", pos_weight=5.0)
-    # ReduceLROnPlateau follows val/f1, which grows: mode=min cuts the rate at each improvement
-    plateau = tiny_module(scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
-    with pytest.raises(ValueError, match=r"add \+module.scheduler.mode=max"):
-        plateau.configure_optimizers()
-    tiny_module(
-        scheduler=functools.partial(torch.optim.lr_scheduler.ReduceLROnPlateau, mode="max")
-    ).configure_optimizers()
-    # the default cosine schedule's T_max counts epochs: stepped per optimizer step it cycles
-    cosine = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=3)
-    stepped = tiny_module(scheduler=cosine, scheduler_interval="step")
-    stepped._trainer = SimpleNamespace(max_epochs=3, estimated_stepping_batches=12)
-    with pytest.raises(ValueError, match=r"set module.scheduler.T_max=12"):
-        stepped.configure_optimizers()
-    stepped._trainer = SimpleNamespace(max_epochs=12, estimated_stepping_batches=12)
-    stepped.configure_optimizers()  # T_max given in steps
-    # several best checkpoints under one name would overwrite each other
-    with pytest.raises(ValueError, match="save_top_k=2 keeps several checkpoints"):
-        FiniteModelCheckpoint(filename="best", monitor="val/f1", mode="max", save_top_k=2)
-    FiniteModelCheckpoint(filename="best-{epoch:03d}", monitor="val/f1", save_top_k=2)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["module.scheduler_interval=step", "module.scheduler.T_max=1"],  # in steps
+        [
+            "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+            "~module.scheduler.T_max",
+            "+module.scheduler.mode=max",
+        ],
+        [
+            "callbacks.model_checkpoint.save_top_k=2",
+            "callbacks.model_checkpoint.filename='best-{epoch}'",
+        ],
+        [
+            "callbacks.model_checkpoint.save_top_k=-1",
+            "callbacks.model_checkpoint.enable_version_counter=true",
+        ],
+        [
+            "trainer.max_epochs=2",
+            "trainer.check_val_every_n_epoch=5",
+            "+trainer.limit_val_batches=0",
+        ],
+    ],
+)
+def test_the_same_options_set_to_fit_pass(tmp_path, tiny_synthetic, overrides):
+    base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic)]
+    check_training_settings(compose_train(tmp_path, [*base, *overrides]))
+
+
+def test_pos_weight_with_a_dice_loss_is_said_to_do_nothing():
+    with pytest.warns(UserWarning, match="module.pos_weight=5.0 has no effect"):
+        ChangeDetectionModule(SiameseUNet(3, base_channels=4, depth=2), loss="dice", pos_weight=5.0)
 
 
 def test_a_run_whose_validation_never_comes_is_refused_and_one_without_is_scored(

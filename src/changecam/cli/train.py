@@ -8,7 +8,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from changecam.atomic import write_json
 from changecam.cli.common import (
@@ -25,6 +25,7 @@ from changecam.cli.common import (
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.ddp import ddp_job, in_sweep
 from changecam.data.validate import network_fit
+from changecam.training.callbacks.finite_checkpoint import top_k_problem
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 from changecam.training.csv_logger import CSVLogger
 
@@ -96,22 +97,54 @@ def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModu
     return instantiate_refusing(cfg.module, net=net, **overrides)
 
 
-def check_validation_runs(trainer: DictConfig) -> None:
-    """Refuse a fit whose validation would never run while validation is on (the ``trainer``
-    config): no checkpoint, best or last, would be written (both are saved after a validation).
+def check_training_settings(cfg: DictConfig) -> None:
+    """Refuse, before anything is written, training settings that would silently do something
+    else than asked: validation that never comes (no checkpoint, best or last, is written: both
+    are saved after a validation), a step-interval schedule whose length counts epochs, a
+    ``ReduceLROnPlateau`` that would cut the rate at each improvement of ``val/f1``, and
+    several best checkpoints under one file name.
 
     Raises:
-        ConfigError: ``check_val_every_n_epoch`` beyond ``max_epochs``.
+        ConfigError: each problem found, together.
     """
-    every = trainer.get("check_val_every_n_epoch", 1)
-    epochs = trainer.get("max_epochs")
-    on = trainer.get("limit_val_batches", 1.0) != 0 and not trainer.get("fast_dev_run")
-    if on and isinstance(every, int) and isinstance(epochs, int) and 0 < epochs < every:
-        raise ConfigError(
+    problems = []
+    trainer = cfg.get("trainer") or {}
+    every, epochs = trainer.get("check_val_every_n_epoch", 1), trainer.get("max_epochs")
+    validating = trainer.get("limit_val_batches", 1.0) != 0 and not trainer.get("fast_dev_run")
+    if validating and isinstance(every, int) and isinstance(epochs, int) and 0 < epochs < every:
+        problems.append(
             f"trainer.check_val_every_n_epoch={every} is beyond trainer.max_epochs={epochs}: "
             "validation would never run, so no checkpoint (best.ckpt or last.ckpt) would be "
             f"written; set trainer.check_val_every_n_epoch to at most {epochs}"
         )
+    module = cfg.get("module") or {}
+    scheduler = module.get("scheduler")
+    if scheduler is not None:
+        raw = OmegaConf.to_container(scheduler, resolve=False)
+        interval = module.get("scheduler_interval", "epoch")
+        if interval == "step" and raw.get("T_max") == "${trainer.max_epochs}":
+            problems.append(
+                "module.scheduler_interval=step steps the scheduler at every optimizer step, but "
+                "module.scheduler.T_max is ${trainer.max_epochs}, which counts epochs: the schedule "
+                "would cycle; set module.scheduler.T_max to the run's optimizer steps"
+            )
+        if str(raw.get("_target_", "")).endswith("ReduceLROnPlateau") and raw.get("mode") != "max":
+            problems.append(
+                "the scheduler follows val/f1, which grows as the model improves, but "
+                f"ReduceLROnPlateau's mode is {raw.get('mode', 'min')!r}: it would cut the learning "
+                "rate at every improvement; add +module.scheduler.mode=max"
+            )
+    best = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if best is not None:
+        problem = top_k_problem(
+            best.get("save_top_k", 1),
+            best.get("filename"),
+            best.get("enable_version_counter", True),
+        )
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 @task_wrapper
@@ -122,9 +155,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     invalid choices and switches this machine cannot honour stop the run before anything is
     built.
     """
-    output_dir = prepare_run(cfg, results=("metrics.json",), history=False)
     if cfg.get("train"):
-        check_validation_runs(cfg.trainer)
+        check_training_settings(cfg)
+    output_dir = prepare_run(cfg, results=("metrics.json",), history=False)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -162,6 +195,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 ckpt_path=ckpt_path,
             )
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+            saved = Path(output_dir, "checkpoints")
+            expected = trainer.checkpoint_callback is not None and not trainer.fast_dev_run
+            if expected and not (saved.is_dir() and any(saved.glob("*.ckpt"))):
+                log.warning(
+                    "no checkpoint was written: validation never ran in this run's length "
+                    "(trainer.check_val_every_n_epoch against max_steps or max_time), and "
+                    "last.ckpt is saved after a validation unless it runs every epoch"
+                )
             if best is None:
                 log.warning(
                     "no best checkpoint (%s): scoring the final weights",

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers.csv_logs import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from changecam.atomic import write_text
+from changecam.atomic import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class _HistoryKeepingWriter(ExperimentWriter):
         writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\r\n")  # as Lightning's rows
         writer.writeheader()
         writer.writerows(rows)
-        write_text(path, text.getvalue())
+        write_bytes(path, text.getvalue().encode())  # bytes: no newline translation
         self.metrics_keys = keys
         log.info("%s: kept the %d rows logged before step %s", path, len(rows), self._keep_before)
 

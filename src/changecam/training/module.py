@@ -111,10 +111,10 @@ class ChangeDetectionModule(L.LightningModule):
             raise ValueError(f"module.loss={loss!r} is not allowed; expected one of {LOSSES}")
         if not 0.0 <= threshold < 1.0:  # as eval.py, predict.py and explain.py check theirs
             raise ValueError(f"module.threshold={threshold} must be a probability in [0, 1)")
-        if loss == "dice" and pos_weight is not None:
-            raise ValueError(
-                f"module.pos_weight={pos_weight} weighs the BCE term, which module.loss=dice "
-                "does not have; use module.loss=bce_dice, or drop module.pos_weight"
+        if loss == "dice" and pos_weight is not None:  # a warning: a sweep may pair them
+            rank_zero_warn(
+                f"module.pos_weight={pos_weight} has no effect: it weighs the BCE term, which "
+                "module.loss=dice does not have (module.loss=bce_dice has both)"
             )
         freeze = [str(name) for name in freeze or ()]  # plain values: weights-only checkpoints
         init_include = [str(name) for name in init_include or ()]
@@ -363,26 +363,6 @@ class ChangeDetectionModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         return torch.sigmoid(self(batch["pre"], batch["post"]))
 
-    def _check_scheduler(self, scheduler: Any) -> None:
-        """Refuse the scheduler settings that would silently do something else than asked."""
-        interval = self.hparams.scheduler_interval
-        trainer = self._trainer
-        t_max = getattr(scheduler, "T_max", None)
-        if interval == "step" and trainer is not None and t_max == trainer.max_epochs:
-            raise ValueError(
-                f"module.scheduler_interval=step steps the scheduler at every optimizer step, but "
-                f"its T_max={t_max} is trainer.max_epochs (the default), which counts epochs: the "
-                "schedule would cycle every few epochs; set module.scheduler.T_max="
-                f"{trainer.estimated_stepping_batches} (this run's optimizer steps)"
-            )
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            if scheduler.mode != "max":
-                raise ValueError(
-                    "the scheduler follows val/f1, which grows as the model improves, but "
-                    f"ReduceLROnPlateau has mode={scheduler.mode!r}: it would cut the learning "
-                    "rate at every improvement; add +module.scheduler.mode=max"
-                )
-
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("this ChangeDetectionModule has no optimizer (module.optimizer=null)")
@@ -391,7 +371,6 @@ class ChangeDetectionModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        self._check_scheduler(scheduler)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {

@@ -23,18 +23,15 @@ class FiniteModelCheckpoint(ModelCheckpoint):
 
     Raises:
         ValueError: ``save_top_k`` keeps more than one checkpoint under one file name (without
-            ``{epoch}`` or another field in ``filename``): each would overwrite the last.
+            ``{epoch}`` or another field in ``filename``, no version counter): each would
+            overwrite the last.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.save_top_k not in (0, 1) and "{" not in (self.filename or "{"):
-            raise ValueError(
-                f"callbacks.model_checkpoint.save_top_k={self.save_top_k} keeps several "
-                f"checkpoints, but all under the name {self.filename!r}: each would overwrite the "
-                "last, leaving the latest kept one, not the best; add a field to the name, e.g. "
-                "callbacks.model_checkpoint.filename='best-{epoch:03d}'"
-            )
+        problem = top_k_problem(self.save_top_k, self.filename, self._enable_version_counter)
+        if problem:
+            raise ValueError(problem)
 
     def check_monitor_top_k(self, trainer: Trainer, current: Tensor | None = None) -> bool:
         if current is not None and not bool(torch.isfinite(torch.as_tensor(current)).all()):
@@ -44,3 +41,16 @@ class FiniteModelCheckpoint(ModelCheckpoint):
             )
             return False
         return super().check_monitor_top_k(trainer, current)
+
+
+def top_k_problem(save_top_k: int, filename: str | None, version_counter: bool) -> str | None:
+    """Why these settings would keep the wrong checkpoint, or ``None``: several kept under one
+    file name (no field in ``filename``, no version counter) overwrite each other."""
+    if save_top_k in (0, 1) or version_counter or "{" in (filename or "{"):
+        return None
+    return (
+        f"callbacks.model_checkpoint.save_top_k={save_top_k} keeps several checkpoints, but all "
+        f"under the name {filename!r}: each would overwrite the last, leaving the latest kept "
+        "one, not the best; add a field to the name, e.g. "
+        "callbacks.model_checkpoint.filename='best-{epoch:03d}'"
+    )
