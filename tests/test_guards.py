@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Literal
@@ -389,6 +390,13 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
             r"add \+module.scheduler.mode=max",
         ),
         (["callbacks.model_checkpoint.save_top_k=2"], "save_top_k=2 keeps several checkpoints"),
+        (  # Lightning's version counter: best.ckpt would hold the latest kept one
+            [
+                "callbacks.model_checkpoint.save_top_k=-1",
+                "callbacks.model_checkpoint.enable_version_counter=true",
+            ],
+            "save_top_k=-1 keeps several checkpoints",
+        ),
         (["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=5"], "is beyond"),
     ],
 )
@@ -396,15 +404,21 @@ def test_training_options_that_would_silently_do_something_else_are_refused_firs
     tmp_path, tiny_synthetic, overrides, match
 ):
     base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "logger=csv"]
+    earlier = {"metrics.json": b"{}", "csv/metrics.csv": b"epoch,step\r\n0,1\r\n"}
+    for name, data in earlier.items():  # an earlier run's results in the same folder
+        (tmp_path / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / name).write_bytes(data)
     with pytest.raises(ConfigError, match=match):
         train(compose_train(tmp_path, [*base, *overrides]))
-    assert not (tmp_path / "run").exists(), "refused before the run folder is made"
+    files = {str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*")}
+    assert files == {"metrics.json", "csv", "csv/metrics.csv"}, "refused before any write"
+    assert all((tmp_path / "run" / n).read_bytes() == d for n, d in earlier.items())
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["module.scheduler_interval=step", "module.scheduler.T_max=1"],  # in steps
+        ["module.scheduler_interval=step", "module.scheduler.T_max=20"],  # 20 steps, 20 epochs
         [
             "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
             "~module.scheduler.T_max",
@@ -413,10 +427,6 @@ def test_training_options_that_would_silently_do_something_else_are_refused_firs
         [
             "callbacks.model_checkpoint.save_top_k=2",
             "callbacks.model_checkpoint.filename='best-{epoch}'",
-        ],
-        [
-            "callbacks.model_checkpoint.save_top_k=-1",
-            "callbacks.model_checkpoint.enable_version_counter=true",
         ],
         [
             "trainer.max_epochs=2",
@@ -456,3 +466,28 @@ def test_a_run_whose_validation_never_comes_is_refused_and_one_without_is_scored
     )
     assert "test/f1" in metrics and "val/f1" not in metrics
     assert json.loads((tmp_path / "off" / "run" / "metrics.json").read_text())["test/f1"] >= 0
+
+
+def test_a_run_that_writes_no_checkpoint_says_so(tmp_path, tiny_synthetic, caplog):
+    """Validation every second epoch, but the run stops after one step: neither checkpoint is
+    written, although an earlier run's are in the folder."""
+    base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "logger=none", "test=false"]
+    train(compose_train(tmp_path, [*base, "trainer.max_epochs=1"]))
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        train(compose_train(tmp_path, [*base, "trainer.max_epochs=1"]))
+    assert "no checkpoint was written" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        train(
+            compose_train(
+                tmp_path,
+                [
+                    *base,
+                    "trainer.max_epochs=-1",
+                    "+trainer.max_steps=1",
+                    "trainer.check_val_every_n_epoch=2",
+                ],
+            )
+        )
+    assert "no checkpoint was written" in caplog.text

@@ -157,8 +157,16 @@ def resume_hint(cfg: DictConfig) -> str:
     )
 
 
-def prepare_run(cfg: DictConfig, results: tuple[str, ...] = (), history: bool = True) -> Path:
+def prepare_run(
+    cfg: DictConfig,
+    results: tuple[str, ...] = (),
+    history: bool = True,
+    checks: Callable[[DictConfig], None] | None = None,
+) -> Path:
     """The set-up every command starts with; returns the run directory.
+
+    ``checks`` (the command's own refusals) runs after the config guards and before anything
+    is written.
 
     ``history=False`` leaves :func:`start_history` (the W&B run id, an earlier run's panels)
     to the caller, who knows only later whether the run resumes one (train.py).
@@ -172,6 +180,8 @@ def prepare_run(cfg: DictConfig, results: tuple[str, ...] = (), history: bool = 
     """
     check_config(cfg)
     check_device(cfg)
+    if checks is not None:
+        checks(cfg)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("print_config"):
         # the job's config, without the hydra node (whose hydra.job.num is unset outside a

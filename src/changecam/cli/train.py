@@ -128,23 +128,31 @@ def check_training_settings(cfg: DictConfig) -> None:
                 "module.scheduler.T_max is ${trainer.max_epochs}, which counts epochs: the schedule "
                 "would cycle; set module.scheduler.T_max to the run's optimizer steps"
             )
-        if str(raw.get("_target_", "")).endswith("ReduceLROnPlateau") and raw.get("mode") != "max":
+        mode = scheduler.get("mode", "min")  # resolved: only T_max's spelling matters
+        if str(raw.get("_target_", "")).endswith("ReduceLROnPlateau") and mode != "max":
             problems.append(
                 "the scheduler follows val/f1, which grows as the model improves, but "
-                f"ReduceLROnPlateau's mode is {raw.get('mode', 'min')!r}: it would cut the learning "
-                "rate at every improvement; add +module.scheduler.mode=max"
+                f"ReduceLROnPlateau's mode is {mode!r}: it would cut the learning rate at every "
+                "improvement; add +module.scheduler.mode=max"
             )
     best = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if best is not None:
-        problem = top_k_problem(
-            best.get("save_top_k", 1),
-            best.get("filename"),
-            best.get("enable_version_counter", True),
-        )
+        problem = top_k_problem(best.get("save_top_k", 1), best.get("filename"))
         if problem:
             problems.append(problem)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def checkpoint_files(trainer: L.Trainer) -> dict[str, int]:
+    """The ``.ckpt`` files in the checkpoint callbacks' folders, with their mtimes."""
+    folders = {Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if cb.dirpath}
+    return {
+        str(path): path.stat().st_mtime_ns
+        for folder in folders
+        if folder.is_dir()
+        for path in folder.glob("*.ckpt")
+    }
 
 
 @task_wrapper
@@ -155,9 +163,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     invalid choices and switches this machine cannot honour stop the run before anything is
     built.
     """
-    if cfg.get("train"):
-        check_training_settings(cfg)
-    output_dir = prepare_run(cfg, results=("metrics.json",), history=False)
+    output_dir = prepare_run(
+        cfg,
+        results=("metrics.json",),
+        history=False,
+        checks=check_training_settings if cfg.get("train") else None,
+    )
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -189,15 +200,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     with ddp_job(trainer):
         metrics: dict[str, Any] = {}
         if cfg.get("train"):
+            before = checkpoint_files(trainer)
             trainer.fit(
                 module,
                 datamodule=datamodule,
                 ckpt_path=ckpt_path,
             )
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-            saved = Path(output_dir, "checkpoints")
-            expected = trainer.checkpoint_callback is not None and not trainer.fast_dev_run
-            if expected and not (saved.is_dir() and any(saved.glob("*.ckpt"))):
+            expected = trainer.checkpoint_callbacks and not trainer.fast_dev_run
+            if expected and checkpoint_files(trainer) == before:
                 log.warning(
                     "no checkpoint was written: validation never ran in this run's length "
                     "(trainer.check_val_every_n_epoch against max_steps or max_time), and "

@@ -23,13 +23,13 @@ class FiniteModelCheckpoint(ModelCheckpoint):
 
     Raises:
         ValueError: ``save_top_k`` keeps more than one checkpoint under one file name (without
-            ``{epoch}`` or another field in ``filename``, no version counter): each would
-            overwrite the last.
+            ``{epoch}`` or another field in ``filename``): each would overwrite the last, or
+            with the version counter the plain name would hold the latest kept one.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        problem = top_k_problem(self.save_top_k, self.filename, self._enable_version_counter)
+        problem = top_k_problem(self.save_top_k, self.filename)
         if problem:
             raise ValueError(problem)
 
@@ -43,10 +43,11 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         return super().check_monitor_top_k(trainer, current)
 
 
-def top_k_problem(save_top_k: int, filename: str | None, version_counter: bool) -> str | None:
+def top_k_problem(save_top_k: Any, filename: str | None) -> str | None:
     """Why these settings would keep the wrong checkpoint, or ``None``: several kept under one
-    file name (no field in ``filename``, no version counter) overwrite each other."""
-    if save_top_k in (0, 1) or version_counter or "{" in (filename or "{"):
+    file name (no field in ``filename``) overwrite each other, and with Lightning's version
+    counter the plain name holds the latest kept one, not the best."""
+    if save_top_k in (0, 1) or not isinstance(save_top_k, int) or "{" in (filename or "{"):
         return None
     return (
         f"callbacks.model_checkpoint.save_top_k={save_top_k} keeps several checkpoints, but all "
