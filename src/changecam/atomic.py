@@ -136,23 +136,23 @@ def remove_stale_temporaries(folder: str | Path, max_depth: int = 3) -> list[Pat
     return removed
 
 
+def _fsync_path(path: str | Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(folder: Path) -> None:
     if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(folder, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def fsync_file(path: str | Path) -> None:
     """Make a file's data, written and closed by another writer (GDAL), durable."""
     # Windows flushes (FlushFileBuffers) only through a handle that may write
-    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
 
 
 def fsync_directory(folder: str | Path) -> None:
