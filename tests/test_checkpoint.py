@@ -28,7 +28,12 @@ NET = "changecam.models.SiameseUNet"
 
 
 def make_lightning_checkpoint(
-    path: Path, synthetic_root: Path, steps: int = 2, patch_size: int = 32, **net_kwargs
+    path: Path,
+    synthetic_root: Path,
+    steps: int = 2,
+    patch_size: int = 32,
+    train_protocol: str = "tiles",
+    **net_kwargs,
 ) -> Path:
     """A real changecam Lightning checkpoint: a tiny SiameseUNet fitted for a few steps."""
     kwargs = {"base_channels": 4, "depth": 2, **net_kwargs}
@@ -38,7 +43,12 @@ def make_lightning_checkpoint(
         optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
     )
     data = ChangeDetectionDataModule(
-        synthetic_root, layout="levir", patch_size=patch_size, batch_size=4, augment=None
+        synthetic_root,
+        layout="levir",
+        train_protocol=train_protocol,
+        patch_size=patch_size,
+        batch_size=4,
+        augment=None,
     )
     trainer = L.Trainer(
         max_steps=steps,

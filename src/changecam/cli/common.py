@@ -40,6 +40,7 @@ from changecam.explain import ExplainSettings
 from changecam.metrics import mean_of
 from changecam.models import SlidingWindow, is_external
 from changecam.training.checkpoint import read_checkpoint, read_external_checkpoint
+from changecam.training.input_scale import DATA_KEY, scale_warning
 
 log = logging.getLogger("changecam")
 
@@ -348,6 +349,30 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
     if is_external(model_cfg):  # model=external: a plain state_dict of the user's own network
         return read_external_checkpoint(cfg.ckpt_path, model_cfg), {}
     return read_checkpoint(cfg.ckpt_path, model_cfg)
+
+
+def warn_training_scale(
+    cfg: DictConfig,
+    hparams: Mapping[str, Any],
+    command: str,
+    remedy: str,
+    run_factors: list[float] | None = None,
+    run_protocol: str | None = None,
+) -> str | None:
+    """Log (and return) :func:`~changecam.training.input_scale.scale_warning` for a checkpoint
+    run at another pixel scale than it was trained at (default: the images' own)."""
+    message = scale_warning(
+        hparams.get(DATA_KEY), cfg.ckpt_path, command, remedy, run_factors, run_protocol
+    )
+    if message is not None:
+        log.warning(message)
+    return message
+
+
+NATIVE_SCALE_REMEDY = (
+    "Resample the inputs by its training scale first (a GeoTIFF: gdalwarp -tr with its pixel "
+    "size divided by that scale), or use a network trained with data.train_protocol=tiles."
+)
 
 
 def sliding_window_spec(cfg: DictConfig) -> SlidingWindow | None:

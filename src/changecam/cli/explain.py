@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from changecam.atomic import DiskFullError, write_json
 from changecam.cli.common import (
+    NATIVE_SCALE_REMEDY,
     checked_threshold,
     explain_settings,
     failed_pair,
@@ -27,6 +28,7 @@ from changecam.cli.common import (
     resolve_device,
     run_threshold,
     task_wrapper,
+    warn_training_scale,
 )
 from changecam.data.io import pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
@@ -124,6 +126,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     readable, failed = check_pairs(pairs, settings, roi.shape if roi is not None else None)
     device = resolve_device(cfg.get("device", "auto"))
     net, hparams = load_model(cfg)
+    warn_training_scale(cfg, hparams, "explain.py", NATIVE_SCALE_REMEDY)
     settings = with_threshold(settings, run_threshold(given, hparams))
     model = inference_network(net, device)
     layers = settings.layers(model)

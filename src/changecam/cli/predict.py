@@ -56,6 +56,7 @@ from changecam.atomic import (
     write_text,
 )
 from changecam.cli.common import (
+    NATIVE_SCALE_REMEDY,
     checked_threshold,
     explain_settings,
     failed_pair,
@@ -69,6 +70,7 @@ from changecam.cli.common import (
     run_threshold,
     sliding_window_spec,
     task_wrapper,
+    warn_training_scale,
 )
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.scenes import predict_scenes
@@ -424,6 +426,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     scenes = scene_pairs(pairs)
     device = resolve_device(cfg.get("device", "auto"))
     net, hparams = load_model(cfg)
+    warn_training_scale(cfg, hparams, "predict.py", NATIVE_SCALE_REMEDY)
     threshold = run_threshold(given, hparams)
     if settings is not None:
         settings = with_threshold(settings, threshold)

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from changecam.data.dataset import ChangeDetectionDataset, Protocol
+from changecam.data.io import image_size
 from changecam.data.layout import SPLITS, Layout, Split, Triplet, find_triplets
 from changecam.data.sampler import ImageGroupedSampler
 from changecam.data.synthetic import SyntheticSpec, generate
@@ -116,6 +117,7 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         self._triplets: dict[str, list[Triplet]] = {}
         self._own_train = 0  # training triplets of ``root`` (the rest are ``extra_train``'s)
         self._checked: set[str] = set()
+        self._sizes: dict[str, list[tuple[int, int]]] = {}
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
@@ -131,6 +133,13 @@ class ChangeDetectionDataModule(L.LightningDataModule):
                     found = found + find_triplets(root, "train")
             self._triplets[split] = found
         return self._triplets[split]
+
+    def image_sizes(self, split: Split) -> list[tuple[int, int]]:
+        """The distinct (height, width) of a split's images, from their headers (cached): what
+        the ``resize`` protocol scales from (:mod:`changecam.training.input_scale`)."""
+        if split not in self._sizes:
+            self._sizes[split] = sorted({image_size(t.pre) for t in self.triplets(split)})
+        return self._sizes[split]
 
     def crops(self, split: Split) -> int | list[int | None] | None:
         """``crops_per_image`` of a split's images: ``extra_train`` images count their tiles."""

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from changecam.models import SEED_ARCHITECTURE, build_network, network_config
+from changecam.training.input_scale import DATA_KEY
 from changecam.training.model_match import match_config, match_state, shapes_of
 
 CONFIG_KEY = "net_config"
@@ -299,7 +300,8 @@ def read_checkpoint(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the network, load its weights from ``path``; return it (eval mode, on the CPU) and
     the module hyper-parameters the file records (``loss``, ``threshold`` ...; empty for a
-    plain state dict).
+    plain state dict), with the training data's protocol under
+    :data:`~changecam.training.input_scale.DATA_KEY` where the file records it.
 
     Args:
         path: a Lightning ``.ckpt`` written by changecam (it records the network config) or a
@@ -327,7 +329,10 @@ def read_checkpoint(
     check_fits(path, cfg, net.state_dict(), state, stored_cfg)
     net.load_state_dict(state, strict=True)
     hparams = obj.get("hyper_parameters") if stored_cfg is not None else None
-    return net.eval(), dict(hparams) if isinstance(hparams, Mapping) else {}
+    hparams = dict(hparams) if isinstance(hparams, Mapping) else {}
+    if stored_cfg is not None and isinstance(obj.get(DATA_KEY), Mapping):
+        hparams[DATA_KEY] = dict(obj[DATA_KEY])  # the training data's pixel scale
+    return net.eval(), hparams
 
 
 def is_lightning_checkpoint(obj: Mapping[str, Any]) -> bool:

@@ -26,6 +26,7 @@ from changecam.training.init_from import (
     load_initial_weights,
     set_frozen_eval,
 )
+from changecam.training.input_scale import record_data
 
 log = logging.getLogger("changecam")
 
@@ -381,5 +382,8 @@ class ChangeDetectionModule(L.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lets eval/predict/explain rebuild the network from the checkpoint alone.
+        # Lets eval/predict/explain rebuild the network from the checkpoint alone, and tell
+        # when they run it at another pixel scale than it was trained at.
         record_network(checkpoint, self, self.net)
+        if self._trainer is not None and self._trainer.datamodule is not None:
+            record_data(checkpoint, self._trainer.datamodule)
