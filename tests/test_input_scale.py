@@ -123,3 +123,8 @@ def test_eval_warns_when_it_scores_at_another_scale(tmp_path, hand_made, caplog)
         with caplog.at_level("WARNING"):
             evaluate(compose_train(tmp_path / "_".join(extra), [*base, *extra], "eval"))
         assert (WARNING in caplog.text) is warned, (extra, caplog.text)
+        if warned:
+            assert (
+                "Evaluate it as it was trained: data.eval_protocol=resize data.patch_size=32"
+                in caplog.text
+            )

@@ -47,7 +47,7 @@ from changecam.evaluation.per_image import SEED_STYLE, PerImageScores
 from changecam.explain import choose_layer, per_date_layers, resolve_taps
 from changecam.metrics import SCORE_NAMES
 from changecam.models import SlidingWindowNet
-from changecam.training.input_scale import describe_protocol, resize_factors
+from changecam.training.input_scale import DATA_KEY, describe_protocol, resize_factors
 from changecam.training.module import ChangeDetectionModule
 
 EvalSplit = Literal["val", "test"]
@@ -65,12 +65,14 @@ def warn_eval_scale(cfg: DictConfig, hparams: dict[str, Any], datamodule: Any, s
         sizes = datamodule.image_sizes(split) if protocol == "resize" else []
     except (OSError, ValueError):  # the evaluation itself names the missing or bad files
         return
+    trained = hparams.get(DATA_KEY) or {}
     warn_training_scale(
         cfg,
         hparams,
         "eval.py",
-        "Evaluate it with the data protocol it was trained with (the experiment= it was "
-        "trained with sets it), or use a network trained at the images' own resolution.",
+        "Evaluate it as it was trained: data.eval_protocol="
+        f"{trained.get('train_protocol')} data.patch_size={trained.get('patch_size')} (or "
+        "sliding_window.enabled=true for a network trained at the images' own resolution).",
         resize_factors(patch_size, sizes) if protocol == "resize" else [1.0],
         describe_protocol(protocol, patch_size, sizes).format("eval"),
     )
