@@ -77,6 +77,13 @@ def test_strict_refuses_another_crs_naming_both_grids(net, images, tmp_path):
     )
 
 
+def test_strict_shows_grids_a_micrometre_apart_as_different(net, images, tmp_path):
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    shifted = Affine(PIXEL, 0, ORIGIN[0] + 1e-6, 0, -PIXEL, ORIGIN[1])
+    post = write_scene(tmp_path / "post.tif", images[1], transform=shifted)
+    refused(net, tmp_path, pre, post, r"origin \(399872.000001, 3510144\)", align="strict")
+
+
 def test_scenes_without_overlap_are_refused(net, images, tmp_path):
     pre = write_scene(tmp_path / "pre.tif", images[0])
     far = from_origin(ORIGIN[0] + 1000, ORIGIN[1], PIXEL, PIXEL)
@@ -159,8 +166,39 @@ def test_the_band_hint_fits_files_of_fewer_than_three_bands(net, images, tmp_pat
         tmp_path,
         pre,
         post,
-        r"the network takes 3 bands but 1 are selected .*\(.*pre.tif has 1 band\(s\)\)$",
+        r"the network takes 3 bands but 1 are selected .*\(.*pre.tif has 1 band\(s\); a grey "
+        r"scene repeats its band, e.g. input.bands=\[1,1,1\] for three\)$",
     )
+
+
+def test_a_paletted_scene_is_refused_not_read_as_colour_indexes(net, images, tmp_path):
+    """A colour table's indexes are not an image: the network would see them as grey levels."""
+    pre = write_scene(tmp_path / "pre.tif", images[0][..., :1], photometric="palette")
+    with rasterio.open(pre, "r+") as dst:
+        dst.write_colormap(1, {i: (i, 255 - i, i // 2, 255) for i in range(256)})
+    post = write_scene(tmp_path / "post.tif", images[1][..., :1])
+    refused(
+        net,
+        tmp_path,
+        pre,
+        post,
+        r"band 1 of .*pre.tif is paletted: .* gdal_translate -of VRT -expand rgb pre.tif "
+        r"pre_rgb.vrt",
+        bands=[1, 1, 1],
+    )
+
+
+def test_a_crs_without_a_geotransform_is_refused(net, images, tmp_path, caplog):
+    """A CRS alone would label (column, row) coordinates as eastings and northings."""
+    pre = write_scene(tmp_path / "pre.tif", images[0], transform=None)
+    post = write_scene(tmp_path / "post.tif", images[1], transform=None)
+    refused(net, tmp_path, pre, post, r"pre.tif has a CRS \(EPSG:32650\) but no geotransform")
+    # neither a CRS nor a geotransform: predicted pixel for pixel, and the log says so
+    pre = write_scene(tmp_path / "pre.tif", images[0], transform=None, crs=None)
+    post = write_scene(tmp_path / "post.tif", images[1], transform=None, crs=None)
+    with caplog.at_level("WARNING", logger="changecam"):
+        predict_scene(net, pre, post, tmp_path / "plain", SPEC, SETTINGS)
+    assert "pre.tif is not georeferenced: the pair is read pixel for pixel" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -623,6 +661,23 @@ def test_scale_none_refuses_values_outside_0_255(net, images, tmp_path, dtype, l
     )
 
 
+def test_scale_none_on_reflectance_between_0_and_1_is_warned_about(net, images, tmp_path, caplog):
+    pre, post = (
+        write_scene(tmp_path / f"{n}.tif", (x / 255).astype(np.float32))
+        for n, x in zip(("pre", "post"), images, strict=True)
+    )
+    with caplog.at_level("WARNING", logger="changecam"):
+        predict_scene(
+            net,
+            pre,
+            post,
+            tmp_path / "out",
+            SPEC,
+            SceneSettings(**{**vars(SETTINGS), "scale": "none"}),
+        )
+    assert "input.scale=none but the values of" in caplog.text and "lie within 0-1" in caplog.text
+
+
 def test_scale_none_takes_16_bit_values_within_0_255(net, images, tmp_path):
     pre = write_scene(tmp_path / "pre.tif", images[0].astype(np.uint16))
     post = write_scene(tmp_path / "post.tif", images[1].astype(np.uint16))
@@ -667,7 +722,33 @@ def test_a_file_of_large_blocks_is_warned_about_with_the_command_that_tiles_it(
     )
     command = shlex.split(warnings[0].split(": ")[-1])  # pastes into a shell as it is
     assert command[-2:] == [str(pre), str(pre.with_name("pre_tiled.tif"))]
+    assert "photometric=rgb" not in command
     assert (tmp_path / "out" / "scene.json").is_file()
+
+
+def test_the_tiling_command_of_a_jpeg_ycbcr_file_writes_rgb(tmp_path):
+    """YCbCr goes with JPEG compression only: the command's deflate copy must say RGB."""
+    from changecam.geo.grid import large_block_warning
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    path = write_scene(
+        tmp_path / "ortho.tif",
+        image,
+        tiled=False,
+        blockysize=64,
+        compress="jpeg",
+        photometric="ycbcr",
+    )
+    with rasterio.open(path) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["SOURCE_COLOR_SPACE"] == "YCbCr"
+        import changecam.geo.grid as grid_module
+
+        before, grid_module.LARGE_BLOCK_BYTES = grid_module.LARGE_BLOCK_BYTES, 0
+        try:
+            warning = large_block_warning(src, (1, 2, 3), path)
+        finally:
+            grid_module.LARGE_BLOCK_BYTES = before
+    assert warning is not None and "--co photometric=rgb" in warning
 
 
 def test_decoded_block_bytes_count_every_band_of_a_pixel_interleaved_block(tmp_path):

@@ -19,9 +19,11 @@ band-first twin of the convention every image follows.
 
 from __future__ import annotations
 
+import shlex
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import numpy as np
@@ -72,6 +74,15 @@ def select_bands(
                     f"which has {count} band(s) (indexes are 1-based: 1..{count})"
                 )
     for dataset in (pre, post):
+        paletted = [b for b in chosen if dataset.colorinterp[b - 1] == ColorInterp.palette]
+        if paletted:
+            name = Path(dataset.name)
+            raise SceneError(
+                f"band {paletted[0]} of {dataset.name} is paletted: its values index a colour "
+                "table, they are not colours. Expand it to RGB first, e.g. gdal_translate -of "
+                f"VRT -expand rgb {shlex.quote(name.name)} "
+                f"{shlex.quote(name.stem + '_rgb.vrt')} (a VRT scene is read as it is)"
+            )
         complex_types = sorted(
             {t for b in chosen if (t := dataset.dtypes[b - 1]).startswith("complex")}
         )
@@ -107,6 +118,8 @@ def band_hint(pre: Any, post: Any) -> str:
         hint = "e.g. input.bands=[3,2,1]: red, green, blue of a blue-green-red-NIR file"
     else:
         hint = f"{pre.name if pre.count == fewest else post.name} has {fewest} band(s)"
+        if pre.count == post.count == 1:
+            hint += "; a grey scene repeats its band, e.g. input.bands=[1,1,1] for three"
     for dataset in (pre, post) if pre.name != post.name else (pre,):
         alpha = alpha_band(dataset)
         if alpha is not None:

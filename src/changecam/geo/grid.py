@@ -75,9 +75,9 @@ class Grid:
         crs = self.crs.to_string() if self.crs else "no CRS"
         t = self.transform
         return (
-            f"{crs}, {self.width}x{self.height} px, origin ({t.c:.10g}, {t.f:.10g}), "
-            f"pixel ({t.a:.6g}, {t.e:.6g})"
-            + (f", rotation ({t.b:.6g}, {t.d:.6g})" if t.b or t.d else "")
+            f"{crs}, {self.width}x{self.height} px, origin ({t.c:.15g}, {t.f:.15g}), "
+            f"pixel ({t.a:.15g}, {t.e:.15g})"
+            + (f", rotation ({t.b:.15g}, {t.d:.15g})" if t.b or t.d else "")
         )
 
     def same_as(self, other: Grid) -> bool:
@@ -236,19 +236,30 @@ def large_block_warning(dataset: Any, bands: Sequence[int], path: Path) -> str |
         "whole blocks, so memory and time grow with them and the scene is not read in bounded "
         f"memory. Rewrite it tiled once: GDAL_CACHEMAX={cache_mb} rio convert --co tiled=true "
         "--co blockxsize=256 --co blockysize=256 --co compress=deflate "
-        f"{shlex.quote(str(path))} {shlex.quote(str(tiled))}"
+        # JPEG's YCbCr encoding goes with JPEG compression only; GDAL decodes it to RGB
+        + ("--co photometric=rgb " if is_ycbcr(dataset) else "")
+        + f"{shlex.quote(str(path))} {shlex.quote(str(tiled))}"
     )
 
 
+def is_ycbcr(dataset: Any) -> bool:
+    """Whether the file stores YCbCr (JPEG-compressed TIFFs' usual encoding), which GDAL reads
+    as RGB."""
+    structure = dataset.tags(ns="IMAGE_STRUCTURE")
+    return str(structure.get("SOURCE_COLOR_SPACE", "")).upper() == "YCBCR"
+
+
 def check_georeferenced(dataset: Any, path: Path) -> None:
-    """Refuse a file georeferenced by ground control points or RPCs alone (no CRS and no
-    geotransform): read pixel for pixel, it would be compared with the other date as if the two
-    were aligned, and the outputs would carry no georeferencing.
+    """Refuse a file without a geotransform that is georeferenced otherwise: by ground control
+    points or RPCs alone, or by a CRS alone (a ``gdal_edit -a_srs`` on an image never placed,
+    or a ``.tif`` copied without its world file). Read pixel for pixel, it would be compared
+    with the other date as if the two were aligned, and its outputs would be labelled with a
+    CRS their (column, row) coordinates are not in.
 
     Raises:
-        SceneError: the file has GCPs or RPCs but no geotransform.
+        SceneError: the file has GCPs, RPCs or a CRS but no geotransform.
     """
-    if dataset.crs is not None or not dataset.transform.is_identity:
+    if not dataset.transform.is_identity:
         return
     how = "ground control points" if dataset.gcps[0] else "RPCs" if dataset.rpcs else None
     if how is not None:
@@ -256,6 +267,13 @@ def check_georeferenced(dataset: Any, path: Path) -> None:
             f"{path} is georeferenced by {how} only (no geotransform): warp it onto a grid first, "
             f"e.g. gdalwarp -t_srs <CRS> {path.name} {path.stem}_warped.tif"
             + (" -rpc" if how == "RPCs" else "")
+        )
+    if dataset.crs is not None:
+        raise SceneError(
+            f"{path} has a CRS ({dataset.crs.to_string()}) but no geotransform, so its pixels "
+            f"have no place in it: give it one (its world file {path.stem}.tfw beside it, or "
+            f"gdal_edit -a_ullr <ulx> <uly> <lrx> <lry> {path.name}), or remove the CRS "
+            "(gdal_edit -unsetsrs) to predict the pair pixel for pixel"
         )
 
 
@@ -340,6 +358,12 @@ def open_pair(
         for dataset, path in ((pre, pre_path), (post, post_path)):
             check_georeferenced(dataset, path)
         pre_grid, post_grid = Grid.of(pre), Grid.of(post)
+        if pre_grid.crs is None and pre_grid.transform.is_identity:
+            log.warning(
+                "%s is not georeferenced: the pair is read pixel for pixel, the rasters carry "
+                "no georeferencing and change.geojson's coordinates are (column, row)",
+                pre_path,
+            )
         if (pre_grid.crs is None) != (post_grid.crs is None):
             has, lacks = (pre_path, post_path) if post_grid.crs is None else (post_path, pre_path)
             raise SceneError(

@@ -514,6 +514,14 @@ def checked_sample(
         raise
     except Exception as err:
         raise SceneError(f"{dataset.name} cannot be read (corrupt or truncated?): {err}") from err
+    values = sample[0][:, sample[1]]
+    if inspect is not None and values.dtype.kind == "f" and float(values.max()) <= 1.0:
+        log.warning(
+            "input.scale=none but the values of %s lie within 0-1 (reflectance?): the network "
+            "takes 0-255, so it sees a nearly black image; set input.scale=percentile, or "
+            "input.scale=fixed input.scale_min=0 input.scale_max=1",
+            path,
+        )
     return sample
 
 
