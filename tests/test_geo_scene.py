@@ -1028,3 +1028,47 @@ def test_a_scene_named_dot_or_dot_dot_is_refused_and_writes_nothing_outside_its_
     scene_outputs = ("*.tif", "*.geojson", "scene.json", "blocks.jsonl")
     for folder in (tmp_path, tmp_path / "run"):
         assert not [p for pattern in scene_outputs for p in folder.glob(pattern)], folder
+
+
+def test_a_joint_percentile_stretch_is_one_for_both_dates(tmp_path, ckpt, threshold):
+    """New bright roofs over a tenth of a 12-bit post scene move its own 98th percentile, so
+    ``percentile`` maps its unchanged pixels to other values than the pre date's; with
+    ``percentile_joint`` both dates share one stretch, the 2-98 % of both samples together."""
+    pre8, _ = synthetic_pair(128)
+    pre = pre8.astype(np.uint16) * 40 + 1000
+    post = pre.copy()
+    post[:40, :40] = 16000  # a tenth of the scene, brighter than anything else
+    paths = [write_scene(tmp_path / "pre.tif", pre), write_scene(tmp_path / "post.tif", post)]
+    scaling = {}
+    for scale in ("percentile", "percentile_joint"):
+        report = run_scene(
+            tmp_path / scale, ckpt, *paths, f"input.scale={scale}", "explain.enabled=false"
+        )
+        scaling[scale] = report["scenes"][0]["scaling"]
+    own = scaling["percentile"]
+    assert own["post"]["hi"][0] == pytest.approx(16000)  # the roofs' value
+    assert own["pre"]["hi"][0] < 12000
+    joint = scaling["percentile_joint"]
+    assert joint["pre"] == joint["post"]
+    both = np.concatenate([pre.reshape(-1, 3), post.reshape(-1, 3)]).astype(float)
+    expected = np.percentile(both, [2, 98], axis=0)
+    np.testing.assert_allclose(joint["pre"]["lo"], expected[0])
+    np.testing.assert_allclose(joint["pre"]["hi"], expected[1])
+
+
+def test_a_joint_percentile_stretch_needs_one_data_type(tmp_path):
+    from changecam.geo import SceneError, SceneSettings
+    from changecam.geo.bands import pair_scalings
+    from changecam.geo.grid import open_pair
+
+    pre8, post8 = synthetic_pair(64)
+    pre = write_scene(tmp_path / "pre.tif", pre8.astype(np.uint16) * 40)
+    post = write_scene(tmp_path / "post.tif", post8.astype(np.int16))
+    assert SceneSettings(scale="percentile_joint").scale == "percentile_joint"
+    with (
+        open_pair(pre, post) as pair,
+        pytest.raises(
+            SceneError, match=r"percentile_joint .*pre.tif holds uint16 and .*post.tif int16"
+        ),
+    ):
+        pair_scalings(pair.pre, pair.post, (1, 2, 3), "percentile_joint")

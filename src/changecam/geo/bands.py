@@ -8,6 +8,10 @@ channels in both dates. ``input.scale``:
   ``k``-th full-resolution pixel, never the overviews) is stretched to 0-255, over the pixels
   valid in both dates on the pre grid (:func:`pair_scalings`); uint8 data passes through
   unchanged;
+* ``percentile_joint``: one 2-98 % range per band from both dates' samples together, the same
+  for both: a same-sensor pair keeps its radiometric differences, and a change large and bright
+  enough to move one date's own 98th percentile (new roofs over a few per cent of the scene)
+  cannot darken that whole date; both dates must hold one data type;
 * ``fixed``: ``input.scale_min`` .. ``input.scale_max`` (one number, or one per band) to 0-255,
   for every data type;
 * ``none``: the values are used as they are (they must lie in 0-255).
@@ -33,7 +37,8 @@ from rasterio.windows import Window
 
 from changecam.geo.grid import SceneError
 
-Scale = Literal["percentile", "fixed", "none"]
+Scale = Literal["percentile", "percentile_joint", "fixed", "none"]
+STRETCHES = ("percentile", "percentile_joint")  # the scalings a sample of the pair decides
 SCALES: tuple[str, ...] = get_args(Scale)
 PERCENTILES = (2.0, 98.0)
 Sample = tuple[np.ndarray, np.ndarray]  # C x h x w values and their h x w valid mask
@@ -220,7 +225,7 @@ def needs_sample(dataset: Any, bands: Sequence[int], scale: Scale) -> bool:
     0-255, or whether a scene with nodata (a nodata value, alpha or mask) has any valid pixel.
     An 8-bit scene without nodata needs no sample: its tiles are decoded once, by the blocks."""
     valid = all_valid(dataset, bands)
-    return not valid or (scale in ("percentile", "none") and not is_uint8(dataset, bands))
+    return not valid or (scale in (*STRETCHES, "none") and not is_uint8(dataset, bands))
 
 
 def strips(dataset: Any, rows: int) -> Iterator[Window]:
@@ -325,10 +330,14 @@ def estimate_scaling(
     data, valid = sample if sample is not None else decimated_sample(dataset, bands)
     if not valid.any():
         raise SceneError(f"{dataset.name} has no valid (non-nodata) pixel")
+    return stretch(data[:, valid])
+
+
+def stretch(values: np.ndarray) -> Scaling:
+    """The 2-98 % range of each band of ``values`` (``C x N``, at least one column)."""
     lo, hi = [], []
-    for band in data:
-        values = band[valid].astype(np.float64)
-        low, high = np.percentile(values, PERCENTILES)
+    for band in values:
+        low, high = np.percentile(band.astype(np.float64), PERCENTILES)
         lo.append(float(low))
         hi.append(float(high) if high > low else float(low) + 1.0)
     return Scaling(tuple(lo), tuple(hi))
@@ -359,33 +368,51 @@ def pair_scalings(
             ``None`` for an 8-bit date without nodata (every place valid).
     """
     datasets = (pre, post)
-    if scale == "percentile" and not all(is_uint8(d, bands) for d in datasets):
-        factor = sample_factor(pre)
-        shape = (-(-pre.height // factor), -(-pre.width // factor))
-        valid = [
-            (np.ones(shape, bool) if is_uint8(d, bands) and all_valid(d, bands) else None)
-            if s is None
-            else s[1]
-            for d, s in zip(datasets, on_grid, strict=True)
-        ]
-        if all(v is not None and v.shape == shape for v in valid):
-            both = valid[0] & valid[1]  # type: ignore[operator]
-            if both.any():
-                return tuple(  # type: ignore[return-value]
-                    estimate_scaling(
-                        d, bands, scale, scale_min, scale_max, None if s is None else (s[0], both)
-                    )
-                    for d, s in zip(datasets, on_grid, strict=True)
-                )
-    return tuple(  # type: ignore[return-value]
-        estimate_scaling(d, bands, scale, scale_min, scale_max, s)
-        for d, s in zip(datasets, own, strict=True)
-    )
+    if scale not in STRETCHES or all(is_uint8(d, bands) for d in datasets):
+        return tuple(  # type: ignore[return-value]
+            estimate_scaling(d, bands, scale, scale_min, scale_max, s)
+            for d, s in zip(datasets, own, strict=True)
+        )
+    if scale == "percentile_joint":
+        types = [{d.dtypes[b - 1] for b in bands} for d in datasets]
+        if types[0] != types[1]:
+            raise SceneError(
+                f"input.scale=percentile_joint stretches both dates alike, so they must hold "
+                f"one data type, but {pre.name} holds {'/'.join(sorted(types[0]))} and "
+                f"{post.name} {'/'.join(sorted(types[1]))}: use input.scale=percentile"
+            )
+    factor = sample_factor(pre)
+    shape = (-(-pre.height // factor), -(-pre.width // factor))
+    valid = [
+        (np.ones(shape, bool) if is_uint8(d, bands) and all_valid(d, bands) else None)
+        if s is None
+        else s[1]
+        for d, s in zip(datasets, on_grid, strict=True)
+    ]
+    samples: list[Sample | None] = list(own)
+    if all(v is not None and v.shape == shape for v in valid):
+        both = valid[0] & valid[1]  # type: ignore[operator]
+        if both.any():
+            samples = [None if s is None else (s[0], both) for s in on_grid]
+    if scale == "percentile":
+        return tuple(  # type: ignore[return-value]
+            estimate_scaling(d, bands, scale, scale_min, scale_max, s)
+            for d, s in zip(datasets, samples, strict=True)
+        )
+    values = []
+    for dataset, sample in zip(datasets, samples, strict=True):
+        data, where = sample if sample is not None else decimated_sample(dataset, bands)
+        values.append(data[:, where])
+    if not sum(v.shape[1] for v in values):
+        raise SceneError(f"{pre.name} and {post.name} have no valid (non-nodata) pixel")
+    joint = stretch(np.concatenate(values, axis=1))
+    return joint, joint
 
 
 __all__ = [
     "PERCENTILES",
     "SCALES",
+    "STRETCHES",
     "Scale",
     "Sample",
     "Scaling",
@@ -399,6 +426,7 @@ __all__ = [
     "pair_scalings",
     "sample_factor",
     "select_bands",
+    "stretch",
     "valid_mask",
     "valid_pixels",
 ]

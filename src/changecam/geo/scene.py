@@ -46,6 +46,7 @@ from changecam.data.transforms import bands_to_tensor
 from changecam.explain import ExplainSettings, FaithfulnessSettings, explain_tensors
 from changecam.explain.hirescam import choose_layer, per_date_layers, resolve_taps
 from changecam.geo.bands import (
+    STRETCHES,
     Sample,
     Scale,
     Scaling,
@@ -538,12 +539,12 @@ def pair_scaling(
     """
     scale = settings.scale
     pre, post = pair.pre, pair.post_source
-    joint = scale == "percentile" and not (is_uint8(pre, bands) and is_uint8(post, bands))
+    stretched = scale in STRETCHES and not (is_uint8(pre, bands) and is_uint8(post, bands))
     own: list[Sample | None] = [None, None]
     if needs_sample(pre, bands, scale):
         own[0] = checked_sample(pre, bands, scale, pre_path)
     warped_sample = None
-    if pair.reprojected and joint:
+    if pair.reprojected and stretched:
         try:
             with post_on_sample_grid(pair, sample_factor(pre)) as coarse:
                 warped_sample = decimated_sample(coarse, bands)
