@@ -82,6 +82,10 @@ def test_strict_shows_grids_a_micrometre_apart_as_different(net, images, tmp_pat
     shifted = Affine(PIXEL, 0, ORIGIN[0] + 1e-6, 0, -PIXEL, ORIGIN[1])
     post = write_scene(tmp_path / "post.tif", images[1], transform=shifted)
     refused(net, tmp_path, pre, post, r"origin \(399872.000001, 3510144\)", align="strict")
+    # 4 float steps apart: still told apart in the message
+    close = Affine(PIXEL, 0, ORIGIN[0], 0, -PIXEL, ORIGIN[1] + 3.7e-9)
+    post = write_scene(tmp_path / "post.tif", images[1], transform=close)
+    refused(net, tmp_path, pre, post, r"origin \(399872, 3510144.0000000037\)", align="strict")
 
 
 def test_scenes_without_overlap_are_refused(net, images, tmp_path):
@@ -182,8 +186,8 @@ def test_a_paletted_scene_is_refused_not_read_as_colour_indexes(net, images, tmp
         tmp_path,
         pre,
         post,
-        r"band 1 of .*pre.tif is paletted: .* gdal_translate -of VRT -expand rgb pre.tif "
-        r"pre_rgb.vrt",
+        rf"band 1 of .*pre.tif is paletted: .* gdal_translate -of VRT -expand rgb {pre} "
+        rf"{pre.with_name('pre_rgb.vrt')} ",
         bands=[1, 1, 1],
     )
 
@@ -675,7 +679,7 @@ def test_scale_none_on_reflectance_between_0_and_1_is_warned_about(net, images, 
             SPEC,
             SceneSettings(**{**vars(SETTINGS), "scale": "none"}),
         )
-    assert "input.scale=none but the values of" in caplog.text and "lie within 0-1" in caplog.text
+    assert "input.scale=none but the values sampled from" in caplog.text and "lie within 0-1" in caplog.text
 
 
 def test_scale_none_takes_16_bit_values_within_0_255(net, images, tmp_path):

@@ -108,15 +108,17 @@ def test_predict_and_explain_warn_for_a_resize_trained_checkpoint(tmp_path, capl
 
 def test_eval_warns_when_it_scores_at_another_scale(tmp_path, hand_made, caplog):  # noqa: F811
     """The hand-made test images are 32x32: a network trained resized from 64 to 32 (scale
-    1/2) is warned about on tiles, and also on ``resize`` to 32 (scale 1), but not on ``resize``
-    to 16 (scale 1/2)."""
+    1/2) is warned about on tiles, on ``resize`` to 32 (scale 1) and on sliding windows, each
+    time with the settings that score it at scale 1/2, and not on ``resize`` to 16."""
     root, _ = hand_made
     ckpt = red_checkpoint(tmp_path / "resized.ckpt", RESIZED_64)
     base = [*hand_made_overrides(root, ckpt), "logger=none", "post_share=false"]
     base = [o for o in base if not o.startswith(("model", "data.patch_size"))]
+    remedy = "Score it at its training scale: data.eval_protocol=resize data.patch_size=16"
     for extra, warned in (
         (["data.eval_protocol=tiles", "data.patch_size=32"], True),
         (["data.eval_protocol=resize", "data.patch_size=32"], True),
+        (["sliding_window.enabled=true", "data.patch_size=32"], True),
         (["data.eval_protocol=resize", "data.patch_size=16"], False),
     ):
         caplog.clear()
@@ -124,7 +126,46 @@ def test_eval_warns_when_it_scores_at_another_scale(tmp_path, hand_made, caplog)
             evaluate(compose_train(tmp_path / "_".join(extra), [*base, *extra], "eval"))
         assert (WARNING in caplog.text) is warned, (extra, caplog.text)
         if warned:
-            assert (
-                "Evaluate it as it was trained: data.eval_protocol=resize data.patch_size=32"
-                in caplog.text
-            )
+            windows = extra[0].startswith("sliding_window")
+            assert remedy + (" sliding_window.enabled=false." if windows else ".") in caplog.text
+
+
+def test_eval_lists_the_split_after_the_synthetic_set_is_made_again(tmp_path, caplog):
+    """The scale check lists the test split's files: only after prepare_data has written the
+    set the config describes, or eval.py would score an earlier set's list."""
+    ckpt = red_checkpoint(tmp_path / "resized.ckpt", RESIZED_64)
+    overrides = [
+        f"ckpt_path={ckpt}",
+        f"data.root={tmp_path / 'synthetic'}",
+        "data.eval_protocol=resize",
+        "data.patch_size=16",
+        "data.synthetic.train=1",
+        "data.synthetic.val=1",
+        "logger=none",
+        "post_share=false",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+    ]
+    for size, count in ((64, 2), (32, 3)):
+        spec = [f"data.synthetic.image_size={size}", f"data.synthetic.test={count}"]
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            evaluate(compose_train(tmp_path / f"run{size}", [*overrides, *spec], "eval"))
+        rows = (tmp_path / f"run{size}" / "run" / "per_image.csv").read_text().strip().splitlines()
+        assert len(rows) == 1 + count
+        # 64 px resized to 16 is scale 1/4, not the 1/2 trained; 32 px to 16 is 1/2
+        assert (WARNING in caplog.text) is (size == 64), caplog.text
+
+
+def test_scales_met_in_training_are_not_warned_about():
+    """Non-square images resized to a square train at two scales; running at those, or at one
+    of several trained sizes, is no scale it never saw."""
+    wide = {"train_protocol": "resize", "patch_size": 256, "image_sizes": [[512, 1024]]}
+    assert scale_warning(wide, "x", "eval.py", "", [0.25, 0.5], "resized") is None
+    assert scale_warning(wide, "x", "predict.py", "") is not None
+    mixed = {
+        "train_protocol": "resize",
+        "patch_size": 256,
+        "image_sizes": [[256, 256], [1024, 1024]],
+    }
+    assert scale_warning(mixed, "x", "predict.py", "") is None

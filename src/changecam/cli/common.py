@@ -40,7 +40,13 @@ from changecam.explain import ExplainSettings
 from changecam.metrics import mean_of
 from changecam.models import SlidingWindow, is_external
 from changecam.training.checkpoint import read_checkpoint, read_external_checkpoint
-from changecam.training.input_scale import DATA_KEY, scale_warning
+from changecam.training.input_scale import (
+    DATA_KEY,
+    describe_protocol,
+    eval_remedy,
+    resize_factors,
+    scale_warning,
+)
 
 log = logging.getLogger("changecam")
 
@@ -352,21 +358,45 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def warn_training_scale(
-    cfg: DictConfig,
+    path: Any,
     hparams: Mapping[str, Any],
     command: str,
     remedy: str,
     run_factors: list[float] | None = None,
     run_protocol: str | None = None,
 ) -> str | None:
-    """Log (and return) :func:`~changecam.training.input_scale.scale_warning` for a checkpoint
-    run at another pixel scale than it was trained at (default: the images' own)."""
-    message = scale_warning(
-        hparams.get(DATA_KEY), cfg.ckpt_path, command, remedy, run_factors, run_protocol
-    )
+    """Log (and return) :func:`~changecam.training.input_scale.scale_warning` for the checkpoint
+    at ``path`` run at another pixel scale than it was trained at (default: the images' own)."""
+    message = scale_warning(hparams.get(DATA_KEY), path, command, remedy, run_factors, run_protocol)
     if message is not None:
         log.warning(message)
     return message
+
+
+def warn_split_scale(
+    path: Any, hparams: Mapping[str, Any], datamodule: Any, split: str, command: str, windows: bool
+) -> None:
+    """:func:`warn_training_scale` for a data module's ``split`` scored by ``command`` (with
+    ``windows``: whole images, sliding windows, at their own resolution). Call it after
+    ``datamodule.prepare_data()``: it lists the split's files."""
+    record = hparams.get(DATA_KEY)
+    protocol = "full" if windows else getattr(datamodule, "eval_protocol", None)
+    if not isinstance(record, Mapping) or protocol is None:  # nothing known to compare
+        return
+    patch_size = int(datamodule.patch_size)
+    try:
+        resized = protocol == "resize" or record.get("train_protocol") == "resize"
+        sizes = datamodule.image_sizes(split) if resized else []
+    except (OSError, ValueError):  # the scoring itself names the missing or bad files
+        return
+    warn_training_scale(
+        path,
+        hparams,
+        command,
+        eval_remedy(record, sizes, windows),
+        resize_factors(patch_size, sizes) if protocol == "resize" else [1.0],
+        describe_protocol(protocol, patch_size, sizes).format("eval"),
+    )
 
 
 NATIVE_SCALE_REMEDY = (

@@ -41,41 +41,15 @@ from changecam.cli.common import (
     sliding_window_spec,
     task_wrapper,
     to_float_dict,
-    warn_training_scale,
+    warn_split_scale,
 )
 from changecam.evaluation.per_image import SEED_STYLE, PerImageScores
 from changecam.explain import choose_layer, per_date_layers, resolve_taps
 from changecam.metrics import SCORE_NAMES
 from changecam.models import SlidingWindowNet
-from changecam.training.input_scale import DATA_KEY, describe_protocol, resize_factors
 from changecam.training.module import ChangeDetectionModule
 
 EvalSplit = Literal["val", "test"]
-
-
-def warn_eval_scale(cfg: DictConfig, hparams: dict[str, Any], datamodule: Any, split: str) -> None:
-    """Warn when the split is fed to the network at another pixel scale than the checkpoint
-    was trained at (:mod:`changecam.training.input_scale`): e.g. a ``resize``-trained network
-    scored on tiles at the images' own resolution."""
-    protocol = getattr(datamodule, "eval_protocol", None)
-    if protocol is None:  # a datamodule of the user's own: its scale is unknown
-        return
-    patch_size = int(datamodule.patch_size)
-    try:
-        sizes = datamodule.image_sizes(split) if protocol == "resize" else []
-    except (OSError, ValueError):  # the evaluation itself names the missing or bad files
-        return
-    trained = hparams.get(DATA_KEY) or {}
-    warn_training_scale(
-        cfg,
-        hparams,
-        "eval.py",
-        "Evaluate it as it was trained: data.eval_protocol="
-        f"{trained.get('train_protocol')} data.patch_size={trained.get('patch_size')} (or "
-        "sliding_window.enabled=true for a network trained at the images' own resolution).",
-        resize_factors(patch_size, sizes) if protocol == "resize" else [1.0],
-        describe_protocol(protocol, patch_size, sizes).format("eval"),
-    )
 
 
 @task_wrapper
@@ -105,7 +79,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # whole images, one per step, when windows do the cutting
     overrides: dict[str, Any] = {"eval_protocol": "full", "eval_batch_size": 1} if spec else {}
     datamodule = instantiate_refusing(cfg.data, **overrides)
-    warn_eval_scale(cfg, hparams, datamodule, split)
+    datamodule.prepare_data()  # before the scale check lists the split's files
+    warn_split_scale(cfg.ckpt_path, hparams, datamodule, split, "eval.py", spec is not None)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,

@@ -126,7 +126,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     readable, failed = check_pairs(pairs, settings, roi.shape if roi is not None else None)
     device = resolve_device(cfg.get("device", "auto"))
     net, hparams = load_model(cfg)
-    warn_training_scale(cfg, hparams, "explain.py", NATIVE_SCALE_REMEDY)
+    warn_training_scale(cfg.ckpt_path, hparams, "explain.py", NATIVE_SCALE_REMEDY)
     settings = with_threshold(settings, run_threshold(given, hparams))
     model = inference_network(net, device)
     layers = settings.layers(model)

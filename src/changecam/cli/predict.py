@@ -426,7 +426,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     scenes = scene_pairs(pairs)
     device = resolve_device(cfg.get("device", "auto"))
     net, hparams = load_model(cfg)
-    warn_training_scale(cfg, hparams, "predict.py", NATIVE_SCALE_REMEDY)
+    warn_training_scale(cfg.ckpt_path, hparams, "predict.py", NATIVE_SCALE_REMEDY)
     threshold = run_threshold(given, hparams)
     if settings is not None:
         settings = with_threshold(settings, threshold)

@@ -32,12 +32,14 @@ from tqdm import tqdm
 
 from changecam.atomic import write_json
 from changecam.cli.common import (
+    NATIVE_SCALE_REMEDY,
     instantiate_loggers,
     instantiate_refusing,
     log,
     prepare_run,
     resolve_device,
     task_wrapper,
+    warn_training_scale,
 )
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.launch import CONF_DIR
@@ -237,7 +239,8 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     for name in names:  # bad study values fail here, before any training
         study_settings(cfg, name)
     for path in given.values():  # a bad checkpoint fails here, not after the models before it
-        read_checkpoint(path)
+        _, hparams = read_checkpoint(path)
+        warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images
     device = resolve_device(cfg.device)
     root = study_root(cfg)
     images = read_split(root, cfg.study.split, cfg.study.get("max_images"))

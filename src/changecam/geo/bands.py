@@ -82,11 +82,12 @@ def select_bands(
         paletted = [b for b in chosen if dataset.colorinterp[b - 1] == ColorInterp.palette]
         if paletted:
             name = Path(dataset.name)
+            expanded = name.with_name(f"{name.stem}_rgb.vrt")
             raise SceneError(
                 f"band {paletted[0]} of {dataset.name} is paletted: its values index a colour "
-                "table, they are not colours. Expand it to RGB first, e.g. gdal_translate -of "
-                f"VRT -expand rgb {shlex.quote(name.name)} "
-                f"{shlex.quote(name.stem + '_rgb.vrt')} (a VRT scene is read as it is)"
+                "table, they are not colours. Expand it to RGB first and predict that, e.g. "
+                f"gdal_translate -of VRT -expand rgb {shlex.quote(str(name))} "
+                f"{shlex.quote(str(expanded))} (a VRT scene is read as it is)"
             )
         complex_types = sorted(
             {t for b in chosen if (t := dataset.dtypes[b - 1]).startswith("complex")}

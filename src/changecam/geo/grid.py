@@ -75,9 +75,9 @@ class Grid:
         crs = self.crs.to_string() if self.crs else "no CRS"
         t = self.transform
         return (
-            f"{crs}, {self.width}x{self.height} px, origin ({t.c:.15g}, {t.f:.15g}), "
-            f"pixel ({t.a:.15g}, {t.e:.15g})"
-            + (f", rotation ({t.b:.15g}, {t.d:.15g})" if t.b or t.d else "")
+            f"{crs}, {self.width}x{self.height} px, origin ({exact(t.c)}, {exact(t.f)}), "
+            f"pixel ({exact(t.a)}, {exact(t.e)})"
+            + (f", rotation ({exact(t.b)}, {exact(t.d)})" if t.b or t.d else "")
         )
 
     def same_as(self, other: Grid) -> bool:
@@ -249,6 +249,13 @@ def is_ycbcr(dataset: Any) -> bool:
     return str(structure.get("SOURCE_COLOR_SPACE", "")).upper() == "YCBCR"
 
 
+def exact(value: float) -> str:
+    """``value`` in as few digits as tell it from every other float (``399872``, ``0.5``,
+    ``3510144.0000000037``): grids that differ show it."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def check_georeferenced(dataset: Any, path: Path) -> None:
     """Refuse a file without a geotransform that is georeferenced otherwise: by ground control
     points or RPCs alone, or by a CRS alone (a ``gdal_edit -a_srs`` on an image never placed,
@@ -358,12 +365,6 @@ def open_pair(
         for dataset, path in ((pre, pre_path), (post, post_path)):
             check_georeferenced(dataset, path)
         pre_grid, post_grid = Grid.of(pre), Grid.of(post)
-        if pre_grid.crs is None and pre_grid.transform.is_identity:
-            log.warning(
-                "%s is not georeferenced: the pair is read pixel for pixel, the rasters carry "
-                "no georeferencing and change.geojson's coordinates are (column, row)",
-                pre_path,
-            )
         if (pre_grid.crs is None) != (post_grid.crs is None):
             has, lacks = (pre_path, post_path) if post_grid.crs is None else (post_path, pre_path)
             raise SceneError(
@@ -371,6 +372,12 @@ def open_pair(
                 "both dates need a CRS (or neither, for pixel-aligned scenes of the same size)"
             )
         if pre_grid.same_as(post_grid):
+            if pre_grid.crs is None and pre_grid.transform.is_identity:
+                log.warning(
+                    "%s is not georeferenced: the pair is read pixel for pixel, the rasters "
+                    "carry no georeferencing and change.geojson's coordinates are (column, row)",
+                    pre_path,
+                )
             yield ScenePair(pre, post, post, pre_grid, False, pre_path, post_path)
             return
         if align == "strict":

@@ -129,11 +129,12 @@ class SceneSettings:
     Args:
         threshold: probability above which a pixel is change.
         bands: 1-based band indexes read from both dates; ``None``: every band.
-        scale: ``percentile`` (2-98 % per scene; uint8 unchanged), ``fixed`` or ``none``.
+        scale: ``percentile`` (2-98 % per date; uint8 unchanged), ``percentile_joint`` (one
+            2-98 % for both dates), ``fixed`` or ``none``.
         scale_min: ``fixed``: the value mapped to 0 (one, or one per band).
         scale_max: ``fixed``: the value mapped to 255.
         align: ``reproject`` the post scene onto the pre grid, or ``strict``: refuse.
-        block_size: side of the output blocks (a multiple of 256).
+        block_size: side of the output blocks (a multiple of 16; best of 256, the tiles).
         batch_size: windows per forward pass; ``None``: ``sliding_window.batch_size``.
         min_area_m2: smaller changed regions get no polygon.
         polygons: trace the changed regions into ``change.geojson``; ``False``: rasters only.
@@ -518,7 +519,7 @@ def checked_sample(
     values = sample[0][:, sample[1]]
     if inspect is not None and values.dtype.kind == "f" and float(values.max()) <= 1.0:
         log.warning(
-            "input.scale=none but the values of %s lie within 0-1 (reflectance?): the network "
+            "input.scale=none but the values sampled from %s lie within 0-1 (reflectance?): the network "
             "takes 0-255, so it sees a nearly black image; set input.scale=percentile, or "
             "input.scale=fixed input.scale_min=0 input.scale_max=1",
             path,

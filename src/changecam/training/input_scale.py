@@ -31,8 +31,9 @@ def record_data(checkpoint: dict[str, Any], datamodule: Any) -> None:
         "train_protocol": str(protocol),
         "patch_size": int(datamodule.patch_size),
     }
-    if protocol == "resize":
-        record["image_sizes"] = [list(size) for size in datamodule.image_sizes("train")]
+    sizes = getattr(datamodule, "image_sizes", None)
+    if protocol == "resize" and sizes is not None:
+        record["image_sizes"] = [list(size) for size in sizes("train")]
     checkpoint[DATA_KEY] = record
 
 
@@ -98,8 +99,8 @@ def scale_warning(
     """
     trained = training_factors(record)
     run = run_factors or [1.0]
-    if not trained or all(abs(t - r) < 1e-9 for t in trained for r in run):
-        return None
+    if not trained or all(any(abs(t - r) < 1e-9 for t in trained) for r in run):
+        return None  # every scale it runs at is one it was trained at
     assert record is not None  # training_factors found a record
     how = describe_protocol(
         record["train_protocol"], int(record["patch_size"]), record.get("image_sizes") or []
@@ -111,10 +112,36 @@ def scale_warning(
     )
 
 
+def eval_remedy(record: Mapping[str, Any], sizes: list[tuple[int, int]], windows: bool) -> str:
+    """What eval.py (or another scorer of a data module's split) should be given to score the
+    checkpoint at its training scale: ``sizes`` are the split's image sizes, ``windows`` whether
+    sliding windows replace the data module's protocol."""
+    off = " sliding_window.enabled=false" if windows else ""
+    factors = training_factors(record) or [1.0]
+    if record.get("train_protocol") != "resize" or factors == [1.0]:
+        return (
+            "Score it at the images' own resolution: data.eval_protocol=tiles (or full, or "
+            "sliding_window.enabled=true)."
+        )
+    sides = {side for size in sizes for side in size}
+    if len(factors) == 1 and len(sides) == 1:
+        patch = sides.pop() * factors[0]
+        if abs(patch - round(patch)) < 1e-9:
+            return (
+                f"Score it at its training scale: data.eval_protocol=resize "
+                f"data.patch_size={round(patch)}{off}."
+            )
+    return (
+        f"Score it at its training scale ({describe_factors(factors)}): data.eval_protocol=resize "
+        f"with data.patch_size the images' side times that scale{off}."
+    )
+
+
 __all__ = [
     "DATA_KEY",
     "describe_factors",
     "describe_protocol",
+    "eval_remedy",
     "record_data",
     "resize_factors",
     "scale_warning",
