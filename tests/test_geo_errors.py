@@ -679,7 +679,10 @@ def test_scale_none_on_reflectance_between_0_and_1_is_warned_about(net, images, 
             SPEC,
             SceneSettings(**{**vars(SETTINGS), "scale": "none"}),
         )
-    assert "input.scale=none but the values sampled from" in caplog.text and "lie within 0-1" in caplog.text
+    assert (
+        "input.scale=none but the values sampled from" in caplog.text
+        and "lie within 0-1" in caplog.text
+    )
 
 
 def test_scale_none_takes_16_bit_values_within_0_255(net, images, tmp_path):
