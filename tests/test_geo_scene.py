@@ -864,11 +864,11 @@ def test_a_folder_of_scene_pairs_batches_windows_and_shows_progress(
     for name in ("east", "west"):
         assert (read_band(tmp_path / "run" / name / "change.tif")[roof_mask()] == 1).all()
     # 5 x 5 windows of 32 px a scene (stride 24), each computed once, in batches of 3 (a
-    # block's last one smaller); the bar counts each block's windows, shared ones included
+    # block's last one smaller); the bar and scene.json count each window once
     assert sum(batches) == 2 * 25 and max(batches) == 3 and set(batches) <= {1, 2, 3}
-    uses = report["scenes"][0]["windows"]
+    assert report["scenes"][0]["windows"] == 25
     err = capfd.readouterr().err
-    assert f"{uses}/{uses} [" in err and "window" in err and "0.02/0.02 MP" in err
+    assert "25/25 [" in err and "window" in err and "0.02/0.02 MP" in err
     assert "scene east" in err and "scene west" in err
 
 

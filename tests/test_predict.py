@@ -220,6 +220,45 @@ def test_bad_inputs_fail_before_any_work(tmp_path, ckpt):
         )
 
 
+def test_scene_keys_are_judged_before_the_network_and_warned_about_for_pngs(tmp_path, ckpt, caplog):
+    """An invalid input.*/predict.* value fails before the checkpoint is read (a missing one
+    here), for PNG pairs too; valid ones that only GeoTIFF scenes use are warned about."""
+    from changecam.geo import SceneError
+
+    write_pair(tmp_path / "in", "x", (32, 32))
+    pngs = [f"input.dir={tmp_path / 'in'}"]
+    scenes = [f"input.pre={tmp_path}/a.tif", f"input.post={tmp_path}/b.tif"]
+    for name in ("a.tif", "b.tif"):  # never read: the values fail first
+        (tmp_path / name).touch()
+    for inputs in (pngs, scenes):
+        for bad, match in (
+            (
+                "input.scale=pct",
+                r"input.scale='pct' is not allowed; expected one of \['percentile'",
+            ),
+            ("input.align=exact", r"input.align='exact' is not allowed"),
+            ("predict.gdal_threads=0", r"predict.gdal_threads=0 must be an integer >= 1"),
+        ):
+            with pytest.raises(SceneError, match=match):
+                run_predict(tmp_path / "bad", [f"ckpt_path={tmp_path}/none.ckpt", *inputs, bad])
+    with caplog.at_level("WARNING", logger="changecam"):
+        run_predict(
+            tmp_path / "png",
+            [f"ckpt_path={ckpt}", *pngs, "input.bands=[3,2,1]", "predict.block_size=512"],
+        )
+    assert (
+        "input.bands, predict.block_size apply to GeoTIFF scenes only (.tif/.tiff/.vrt); these "
+        "PNG pairs ignore them" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="changecam"):
+        run_predict(
+            tmp_path / "plain",
+            [f"ckpt_path={ckpt}", *pngs, "explain.method=gradcam", "explain.methods=[gradcam]"],
+        )
+    assert "apply to GeoTIFF scenes only" not in caplog.text
+
+
 def test_probability_encoding_round_trip(tmp_path):
     p = np.array([[0.0, 0.5, 1.0, 0.123456]], dtype=np.float32)
     write_png(tmp_path / "p.png", encode_probability(p))

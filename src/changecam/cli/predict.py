@@ -73,7 +73,7 @@ from changecam.cli.common import (
     warn_training_scale,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.cli.scenes import predict_scenes
+from changecam.cli.scenes import check_scene_settings, predict_scenes
 from changecam.data.io import (
     PROBABILITY_SCALE,
     ImageReadError,
@@ -424,6 +424,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"), INPUT_SUFFIXES
     )
     scenes = scene_pairs(pairs)
+    check_scene_settings(cfg, given, settings is not None, scenes)
     device = resolve_device(cfg.get("device", "auto"))
     net, hparams = load_model(cfg)
     warn_training_scale(cfg.ckpt_path, hparams, "predict.py", NATIVE_SCALE_REMEDY)

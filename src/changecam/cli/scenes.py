@@ -62,6 +62,54 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
     )
 
 
+# the keys of the GeoTIFF path alone (SceneSettings field: config key); PNG pairs ignore them
+SCENE_KEYS = {
+    "bands": "input.bands",
+    "scale": "input.scale",
+    "scale_min": "input.scale_min",
+    "scale_max": "input.scale_max",
+    "align": "input.align",
+    "block_size": "predict.block_size",
+    "batch_size": "predict.batch_size",
+    "min_area_m2": "predict.min_area_m2",
+    "polygons": "predict.polygons",
+    "overviews": "predict.overviews",
+    "explain_layer": "predict.explain_layer",
+    "progress": "predict.progress",
+    "gdal_threads": "predict.gdal_threads",
+}
+
+
+def check_scene_settings(
+    cfg: DictConfig, threshold: float | None, explain: bool, scenes: bool
+) -> None:
+    """Judge the GeoTIFF path's keys before the network is loaded: an invalid value fails at
+    once, whatever the inputs; for PNG pairs, which ignore them, the keys set otherwise than
+    their defaults are warned about.
+
+    Raises:
+        SceneError: an invalid ``input.*`` or ``predict.*`` value, or (scenes) an
+            ``explain.*`` choice a scene would ignore (:func:`check_scene_explain`).
+    """
+    threshold = 0.5 if threshold is None else threshold
+    if scenes:
+        check_scene_explain(cfg, explain)
+        scene_settings(cfg, threshold, explain)
+        return
+    settings = scene_settings(cfg, threshold, False)  # PNG pairs: explain.* is theirs
+    default = SceneSettings(threshold=threshold, explain=False)
+    ignored = [
+        key
+        for field, key in SCENE_KEYS.items()
+        if getattr(settings, field) != getattr(default, field)
+    ]
+    if ignored:
+        log.warning(
+            "%s apply to GeoTIFF scenes only (.tif/.tiff/.vrt); these PNG pairs ignore them",
+            ", ".join(ignored),
+        )
+
+
 def check_scene_explain(cfg: DictConfig, explain: bool) -> None:
     """Refuse the ``explain.*`` choices a scene would otherwise ignore.
 

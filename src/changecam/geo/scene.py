@@ -46,6 +46,7 @@ from changecam.data.transforms import bands_to_tensor
 from changecam.explain import ExplainSettings, FaithfulnessSettings, explain_tensors
 from changecam.explain.hirescam import choose_layer, per_date_layers, resolve_taps
 from changecam.geo.bands import (
+    SCALES,
     STRETCHES,
     Sample,
     Scale,
@@ -60,6 +61,7 @@ from changecam.geo.bands import (
     valid_pixels,
 )
 from changecam.geo.grid import (
+    ALIGNS,
     Align,
     SceneError,
     ScenePair,
@@ -169,6 +171,12 @@ class SceneSettings:
     gdal_threads: int | None = None
 
     def __post_init__(self) -> None:
+        for key, allowed in (("scale", SCALES), ("align", ALIGNS)):
+            if getattr(self, key) not in allowed:
+                raise SceneError(
+                    f"input.{key}={getattr(self, key)!r} is not allowed; expected one of "
+                    f"{list(allowed)}"
+                )
         if self.bands is not None:
             if not (is_sequence(self.bands) and all(map(is_integer, self.bands))):
                 raise SceneError(
@@ -459,6 +467,20 @@ def take_back_rasters(
         log.info("%s: every block was done; finishing it again from %s", files.folder, taken)
 
 
+def new_windows(blocks: Sequence[Block]) -> dict[int, int]:
+    """Per block index, how many of its windows no earlier block of ``blocks`` computes: what
+    it adds to the windows computed (a window shared across a block edge is computed once)."""
+    seen: set[tuple[int, int]] = set()
+    counts = {}
+    for block in blocks:
+        starts = {
+            (block.region_row + r, block.region_col + c) for r in block.rows for c in block.cols
+        }
+        counts[block.index] = len(starts - seen)
+        seen |= starts
+    return counts
+
+
 def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
     """For each window start (scene pixels), the index of the last block that uses it."""
     last: dict[tuple[int, int], int] = {}
@@ -739,10 +761,12 @@ def _predict_scene(
                 len(blocks),
             )
         runner = SceneNetwork(net, spec, settings.threshold, layer, settings.explain_method)
-        total_windows = sum(b.windows for b in blocks)
+        # distinct windows: those of the blocks still to do are computed by this run
+        total_windows = sum(new_windows(blocks).values())
+        computed = new_windows(todo)
         bar = tqdm(
             total=total_windows,
-            initial=total_windows - sum(b.windows for b in todo),
+            initial=total_windows - sum(computed.values()),
             desc=f"scene {name or pre_path.stem}",
             unit="window",
             disable=not settings.progress,
@@ -789,7 +813,7 @@ def _predict_scene(
                     release_freed_memory()
                 writer.submit(block, probability, inner, explanation)  # written in the background
                 done_pixels += block.pixels
-                bar.update(block.windows)
+                bar.update(computed[block.index])
                 bar.set_postfix_str(f"{done_pixels / 1e6:.2f}/{grid.pixels / 1e6:.2f} MP")
             window_cache = reuse.record()
         compute_seconds = time.perf_counter() - compute_started
