@@ -201,6 +201,12 @@ def test_bad_inputs_are_refused_before_writing(tmp_path, tiny_ckpt, pair_dir):
             [f"ckpt_path={tiny_ckpt}", f"input.dir={pair_dir}", "explain.max_pixels=1000"],
         )
     assert not (tmp_path / "run" / "explanations.json").exists()
+    from changecam.geo import SceneError
+
+    with pytest.raises(SceneError, match="input.scale='pct' is not allowed"):
+        run_explain(
+            tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={pair_dir}", "input.scale=pct"]
+        )
 
 
 def test_an_unreadable_pair_fails_alone_and_a_rerun_keeps_no_earlier_file(

@@ -169,3 +169,18 @@ def test_scales_met_in_training_are_not_warned_about():
         "image_sizes": [[256, 256], [1024, 1024]],
     }
     assert scale_warning(mixed, "x", "predict.py", "") is None
+
+
+def test_a_data_module_of_ones_own_is_not_judged():
+    """Without changecam's protocol, patch size or image sizes nothing can be compared."""
+    from types import SimpleNamespace
+
+    from changecam.cli.common import warn_split_scale
+
+    hparams = {DATA_KEY: RESIZED_64}
+    for module in (
+        SimpleNamespace(),
+        SimpleNamespace(eval_protocol="tiles", patch_size=32),  # no image_sizes
+    ):
+        for windows in (False, True):
+            assert warn_split_scale("x", hparams, module, "test", "eval.py", windows) is None

@@ -238,17 +238,26 @@ def test_scene_keys_are_judged_before_the_network_and_warned_about_for_pngs(tmp_
             ),
             ("input.align=exact", r"input.align='exact' is not allowed"),
             ("predict.gdal_threads=0", r"predict.gdal_threads=0 must be an integer >= 1"),
+            ("predict.block_size=null", r"predict.block_size=None must be an integer"),
+            ("predict.batch_size=abc", r"predict.batch_size='abc' must be an integer"),
+            ("predict.min_area_m2=null", r"predict.min_area_m2=None must be a number"),
         ):
             with pytest.raises(SceneError, match=match):
                 run_predict(tmp_path / "bad", [f"ckpt_path={tmp_path}/none.ckpt", *inputs, bad])
     with caplog.at_level("WARNING", logger="changecam"):
         run_predict(
             tmp_path / "png",
-            [f"ckpt_path={ckpt}", *pngs, "input.bands=[3,2,1]", "predict.block_size=512"],
+            [
+                f"ckpt_path={ckpt}",
+                *pngs,
+                "input.bands=[3,2,1]",
+                "predict.block_size=512",
+                "predict.batch_size='4'",  # text, as ${oc.env:...} gives it: read as a number
+            ],
         )
     assert (
-        "input.bands, predict.block_size apply to GeoTIFF scenes only (.tif/.tiff/.vrt); these "
-        "PNG pairs ignore them" in caplog.text
+        "input.bands, predict.block_size, predict.batch_size apply to predict.py's GeoTIFF scenes only "
+        "(.tif/.tiff/.vrt); these pairs ignore them" in caplog.text
     )
     caplog.clear()
     with caplog.at_level("WARNING", logger="changecam"):
@@ -256,7 +265,7 @@ def test_scene_keys_are_judged_before_the_network_and_warned_about_for_pngs(tmp_
             tmp_path / "plain",
             [f"ckpt_path={ckpt}", *pngs, "explain.method=gradcam", "explain.methods=[gradcam]"],
         )
-    assert "apply to GeoTIFF scenes only" not in caplog.text
+    assert "GeoTIFF scenes only" not in caplog.text
 
 
 def test_probability_encoding_round_trip(tmp_path):

@@ -380,13 +380,15 @@ def warn_split_scale(
     ``windows``: whole images, sliding windows, at their own resolution). Call it after
     ``datamodule.prepare_data()``: it lists the split's files."""
     record = hparams.get(DATA_KEY)
-    protocol = "full" if windows else getattr(datamodule, "eval_protocol", None)
-    if not isinstance(record, Mapping) or protocol is None:  # nothing known to compare
-        return
-    patch_size = int(datamodule.patch_size)
+    protocol = getattr(datamodule, "eval_protocol", None)
+    patch_size = getattr(datamodule, "patch_size", None)
+    image_sizes = getattr(datamodule, "image_sizes", None)
+    if not isinstance(record, Mapping) or None in (protocol, patch_size, image_sizes):
+        return  # a data module of the user's own: its scale is unknown
+    protocol, patch_size = "full" if windows else protocol, int(patch_size)
     try:
         resized = protocol == "resize" or record.get("train_protocol") == "resize"
-        sizes = datamodule.image_sizes(split) if resized else []
+        sizes = image_sizes(split) if resized else []
     except (OSError, ValueError):  # the scoring itself names the missing or bad files
         return
     warn_training_scale(

@@ -30,6 +30,7 @@ from changecam.cli.common import (
     task_wrapper,
     warn_training_scale,
 )
+from changecam.cli.scenes import check_scene_settings
 from changecam.data.io import pair_size, read_image, read_label
 from changecam.data.layout import Triplet, input_pairs
 from changecam.explain import (
@@ -122,6 +123,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     if settings is None:
         raise ValueError("explain.enabled=false: explain.py has nothing to do")
     pairs = input_pairs(cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"))
+    check_scene_settings(cfg, None, False, scenes=False)  # input.* of scenes: judged, unused
     roi = read_roi(settings)
     readable, failed = check_pairs(pairs, settings, roi.shape if roi is not None else None)
     device = resolve_device(cfg.get("device", "auto"))

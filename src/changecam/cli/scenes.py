@@ -49,9 +49,9 @@ def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSet
         scale_min=get("input.scale_min"),
         scale_max=get("input.scale_max"),
         align=get("input.align", "reproject"),
-        block_size=int(get("predict.block_size", 1024)),
+        block_size=get("predict.block_size", 1024),
         batch_size=get("predict.batch_size"),
-        min_area_m2=float(get("predict.min_area_m2", 0.0)),
+        min_area_m2=get("predict.min_area_m2", 0.0),
         polygons=get("predict.polygons", True),
         overviews=get("predict.overviews", True),
         explain=explain,
@@ -105,7 +105,8 @@ def check_scene_settings(
     ]
     if ignored:
         log.warning(
-            "%s apply to GeoTIFF scenes only (.tif/.tiff/.vrt); these PNG pairs ignore them",
+            "%s apply to predict.py's GeoTIFF scenes only (.tif/.tiff/.vrt); these pairs "
+            "ignore them",
             ", ".join(ignored),
         )
 

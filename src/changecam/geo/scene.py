@@ -171,6 +171,24 @@ class SceneSettings:
     gdal_threads: int | None = None
 
     def __post_init__(self) -> None:
+        # numbers written as text (an environment variable's ${oc.env:...}) are read as such
+        for key, kind in (("block_size", int), ("batch_size", int), ("gdal_threads", int)):
+            value = getattr(self, key)
+            if isinstance(value, str) and value.strip().isdigit():
+                object.__setattr__(self, key, kind(value))
+        if isinstance(self.min_area_m2, str):
+            try:
+                object.__setattr__(self, "min_area_m2", float(self.min_area_m2))
+            except ValueError:
+                pass  # refused below, as any other non-number
+        if not is_integer(self.block_size):
+            raise SceneError(
+                f"predict.block_size={self.block_size!r} must be an integer (a multiple of 16)"
+            )
+        if self.batch_size is not None and not is_integer(self.batch_size):
+            raise SceneError(f"predict.batch_size={self.batch_size!r} must be an integer (or null)")
+        if not is_number(self.min_area_m2):
+            raise SceneError(f"predict.min_area_m2={self.min_area_m2!r} must be a number")
         for key, allowed in (("scale", SCALES), ("align", ALIGNS)):
             if getattr(self, key) not in allowed:
                 raise SceneError(
