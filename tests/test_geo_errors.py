@@ -196,7 +196,14 @@ def test_a_crs_without_a_geotransform_is_refused(net, images, tmp_path, caplog):
     """A CRS alone would label (column, row) coordinates as eastings and northings."""
     pre = write_scene(tmp_path / "pre.tif", images[0], transform=None)
     post = write_scene(tmp_path / "post.tif", images[1], transform=None)
-    refused(net, tmp_path, pre, post, r"pre.tif has a CRS \(EPSG:32650\) but no geotransform")
+    refused(
+        net,
+        tmp_path,
+        pre,
+        post,
+        r"pre.tif has a CRS \(EPSG:32650\) but no geotransform.*gdal_edit -a_ullr <ulx> <uly> "
+        rf"<lrx> <lry> {pre}, .*gdal_edit -a_srs None {pre}\) to predict",
+    )
     # neither a CRS nor a geotransform: predicted pixel for pixel, and the log says so
     pre = write_scene(tmp_path / "pre.tif", images[0], transform=None, crs=None)
     post = write_scene(tmp_path / "post.tif", images[1], transform=None, crs=None)

@@ -1045,11 +1045,21 @@ def test_a_joint_percentile_stretch_is_one_for_both_dates(tmp_path, ckpt, thresh
             tmp_path / scale, ckpt, *paths, f"input.scale={scale}", "explain.enabled=false"
         )
         scaling[scale] = report["scenes"][0]["scaling"]
+    from changecam.geo.bands import Scaling
+
+    def network_input(record: dict, image: np.ndarray) -> np.ndarray:
+        return Scaling(tuple(record["lo"]), tuple(record["hi"])).apply(image.transpose(2, 0, 1))
+
+    unchanged = np.ones((128, 128), bool)
+    unchanged[:40, :40] = False
     own = scaling["percentile"]
     assert own["post"]["hi"][0] == pytest.approx(16000)  # the roofs' value
-    assert own["pre"]["hi"][0] < 12000
+    differs = network_input(own["pre"], pre) != network_input(own["post"], post)
+    assert differs.any(axis=0)[unchanged].mean() > 0.9  # unchanged pixels darkened in the post
     joint = scaling["percentile_joint"]
     assert joint["pre"] == joint["post"]
+    same = network_input(joint["pre"], pre) == network_input(joint["post"], post)
+    assert same.all(axis=0)[unchanged].all()
     both = np.concatenate([pre.reshape(-1, 3), post.reshape(-1, 3)]).astype(float)
     expected = np.percentile(both, [2, 98], axis=0)
     np.testing.assert_allclose(joint["pre"]["lo"], expected[0])

@@ -184,3 +184,10 @@ def test_a_data_module_of_ones_own_is_not_judged():
     ):
         for windows in (False, True):
             assert warn_split_scale("x", hparams, module, "test", "eval.py", windows) is None
+    # with the image sizes it is judged: tiles of 64 px images run at scale 1, not 1/2
+    ours = SimpleNamespace(eval_protocol="tiles", patch_size=32, image_sizes=lambda _: [(64, 64)])
+    assert WARNING in warn_split_scale("x", hparams, ours, "test", "eval.py", False)
+    windows = warn_split_scale("x", hparams, ours, "test", "eval.py", True)
+    assert (
+        "on whole images at their own resolution (sliding_window.enabled=true, scale 1)" in windows
+    )

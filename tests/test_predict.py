@@ -241,6 +241,7 @@ def test_scene_keys_are_judged_before_the_network_and_warned_about_for_pngs(tmp_
             ("predict.block_size=null", r"predict.block_size=None must be an integer"),
             ("predict.batch_size=abc", r"predict.batch_size='abc' must be an integer"),
             ("predict.min_area_m2=null", r"predict.min_area_m2=None must be a number"),
+            ("input.scale=fixed", r"input.scale=fixed needs input.scale_min"),
         ):
             with pytest.raises(SceneError, match=match):
                 run_predict(tmp_path / "bad", [f"ckpt_path={tmp_path}/none.ckpt", *inputs, bad])

@@ -375,29 +375,31 @@ def warn_training_scale(
 
 def warn_split_scale(
     path: Any, hparams: Mapping[str, Any], datamodule: Any, split: str, command: str, windows: bool
-) -> None:
+) -> str | None:
     """:func:`warn_training_scale` for a data module's ``split`` scored by ``command`` (with
     ``windows``: whole images, sliding windows, at their own resolution). Call it after
-    ``datamodule.prepare_data()``: it lists the split's files."""
+    ``datamodule.prepare_data()``: it lists the split's files. Returns the warning, if any."""
     record = hparams.get(DATA_KEY)
     protocol = getattr(datamodule, "eval_protocol", None)
     patch_size = getattr(datamodule, "patch_size", None)
     image_sizes = getattr(datamodule, "image_sizes", None)
     if not isinstance(record, Mapping) or None in (protocol, patch_size, image_sizes):
-        return  # a data module of the user's own: its scale is unknown
+        return None  # a data module of the user's own: its scale is unknown
     protocol, patch_size = "full" if windows else protocol, int(patch_size)
     try:
         resized = protocol == "resize" or record.get("train_protocol") == "resize"
         sizes = image_sizes(split) if resized else []
     except (OSError, ValueError):  # the scoring itself names the missing or bad files
-        return
-    warn_training_scale(
+        return None
+    return warn_training_scale(
         path,
         hparams,
         command,
         eval_remedy(record, sizes, windows),
         resize_factors(patch_size, sizes) if protocol == "resize" else [1.0],
-        describe_protocol(protocol, patch_size, sizes).format("eval"),
+        "whole images at their own resolution (sliding_window.enabled=true, scale 1)"
+        if windows
+        else describe_protocol(protocol, patch_size, sizes).format("eval"),
     )
 
 

@@ -35,34 +35,8 @@ class SceneFailure(RuntimeError):
     """Some scenes were refused (the others were predicted)."""
 
 
-def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSettings:
-    """The ``input.*`` and ``predict.*`` keys of the GeoTIFF path as :class:`SceneSettings`."""
-
-    def get(key: str, default: Any = None) -> Any:
-        value = OmegaConf.select(cfg, key, default=default)
-        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-    return SceneSettings(
-        threshold=threshold,
-        bands=get("input.bands"),
-        scale=get("input.scale", "percentile"),
-        scale_min=get("input.scale_min"),
-        scale_max=get("input.scale_max"),
-        align=get("input.align", "reproject"),
-        block_size=get("predict.block_size", 1024),
-        batch_size=get("predict.batch_size"),
-        min_area_m2=get("predict.min_area_m2", 0.0),
-        polygons=get("predict.polygons", True),
-        overviews=get("predict.overviews", True),
-        explain=explain,
-        explain_layer=get("predict.explain_layer"),
-        explain_method=get("explain.method", "hirescam"),
-        progress=bool(get("predict.progress", True)),
-        gdal_threads=get("predict.gdal_threads"),
-    )
-
-
 # the keys of the GeoTIFF path alone (SceneSettings field: config key); PNG pairs ignore them
+_ABSENT = object()
 SCENE_KEYS = {
     "bands": "input.bands",
     "scale": "input.scale",
@@ -78,6 +52,19 @@ SCENE_KEYS = {
     "progress": "predict.progress",
     "gdal_threads": "predict.gdal_threads",
 }
+
+
+def scene_settings(cfg: DictConfig, threshold: float, explain: bool) -> SceneSettings:
+    """The ``input.*`` and ``predict.*`` keys of the GeoTIFF path (:data:`SCENE_KEYS`) as
+    :class:`SceneSettings`; a key the config lacks takes the field's default."""
+    values = {}
+    for field, key in {**SCENE_KEYS, "explain_method": "explain.method"}.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT:
+            values[field] = (
+                OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+            )
+    return SceneSettings(threshold=threshold, explain=explain, **values)
 
 
 def check_scene_settings(

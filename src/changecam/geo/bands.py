@@ -4,7 +4,7 @@
 scene); ``null`` takes every band, which must then be as many as the network's input
 channels in both dates. ``input.scale``:
 
-* ``percentile`` (default): per scene and band, the 2-98 % range of a decimated read (every
+* ``percentile`` (default): per date and band, the 2-98 % range of a decimated read (every
   ``k``-th full-resolution pixel, never the overviews) is stretched to 0-255, over the pixels
   valid in both dates on the pre grid (:func:`pair_scalings`); uint8 data passes through
   unchanged;
@@ -328,6 +328,8 @@ def estimate_scaling(
         return Scaling(lo, hi)
     if is_uint8(dataset, bands):
         return Scaling()  # 8-bit data is already the network's input range
+    if scale == "percentile_joint":
+        raise ValueError("a joint stretch takes both dates: pair_scalings, not estimate_scaling")
     data, valid = sample if sample is not None else decimated_sample(dataset, bands)
     if not valid.any():
         raise SceneError(f"{dataset.name} has no valid (non-nodata) pixel")

@@ -276,11 +276,12 @@ def check_georeferenced(dataset: Any, path: Path) -> None:
             + (" -rpc" if how == "RPCs" else "")
         )
     if dataset.crs is not None:
+        quoted = shlex.quote(str(path))
         raise SceneError(
             f"{path} has a CRS ({dataset.crs.to_string()}) but no geotransform, so its pixels "
-            f"have no place in it: give it one (its world file {path.stem}.tfw beside it, or "
-            f"gdal_edit -a_ullr <ulx> <uly> <lrx> <lry> {path.name}), or remove the CRS "
-            "(gdal_edit -unsetsrs) to predict the pair pixel for pixel"
+            "have no place in it: give it one (gdal_edit -a_ullr <ulx> <uly> <lrx> <lry> "
+            f"{quoted}, or a world file beside it), or remove the CRS of both dates "
+            f"(gdal_edit -a_srs None {quoted}) to predict the pair pixel for pixel"
         )
 
 

@@ -214,6 +214,23 @@ class SceneSettings:
                 raise SceneError(
                     f"input.{key}={value!r} must be a number or a list of numbers (one per band)"
                 )
+        if self.scale == "fixed":  # what needs no file; the count of bands is judged with them
+            for key in ("scale_min", "scale_max"):
+                if getattr(self, key) is None:
+                    raise SceneError(
+                        f"input.scale=fixed needs input.{key} (one number or one per band)"
+                    )
+            lows, highs = (
+                v if isinstance(v, tuple) else (v,) for v in (self.scale_min, self.scale_max)
+            )
+            n = max(len(lows), len(highs))
+            if {len(lows), len(highs)} <= {1, n}:  # other lengths: refused with the bands
+                lows, highs = (v * n if len(v) == 1 else v for v in (lows, highs))
+                bad = [i + 1 for i in range(n) if highs[i] <= lows[i]]
+                if bad:
+                    raise SceneError(
+                        f"input.scale_max must exceed input.scale_min (selected band {bad[0]})"
+                    )
         if self.block_size < 16 or self.block_size % 16:
             raise SceneError(
                 f"predict.block_size={self.block_size} must be a multiple of 16 (best of {TILE})"

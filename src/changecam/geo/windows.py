@@ -54,10 +54,6 @@ class Block:
         return Window(self.region_col, self.region_row, self.region_width, self.region_height)
 
     @property
-    def windows(self) -> int:
-        return len(self.rows) * len(self.cols)
-
-    @property
     def pixels(self) -> int:
         return self.height * self.width
 
@@ -163,7 +159,7 @@ def check_network_range(data: np.ndarray, valid: np.ndarray, name: Any, where: s
     if low < 0 or high > 255:
         raise SceneError(
             f"input.scale=none but {name} has values {low!r} to {high!r} {where}, outside the "
-            "network's 0-255; set input.scale=percentile (a 2-98 % stretch per scene) or "
+            "network's 0-255; set input.scale=percentile (a 2-98 % stretch per date) or "
             "input.scale=fixed with input.scale_min/input.scale_max"
         )
 

@@ -25,7 +25,7 @@ def record_data(checkpoint: dict[str, Any], datamodule: Any) -> None:
     """Record ``datamodule``'s training protocol in a checkpoint about to be saved (nothing for
     a datamodule that has no ``train_protocol``, e.g. a user's own)."""
     protocol = getattr(datamodule, "train_protocol", None)
-    if protocol is None:
+    if protocol is None or getattr(datamodule, "patch_size", None) is None:
         return
     record: dict[str, Any] = {
         "train_protocol": str(protocol),
@@ -117,6 +117,7 @@ def eval_remedy(record: Mapping[str, Any], sizes: list[tuple[int, int]], windows
     checkpoint at its training scale: ``sizes`` are the split's image sizes, ``windows`` whether
     sliding windows replace the data module's protocol."""
     off = " sliding_window.enabled=false" if windows else ""
+    and_off = ", and set sliding_window.enabled=false" if windows else ""
     factors = training_factors(record) or [1.0]
     if record.get("train_protocol") != "resize" or factors == [1.0]:
         return (
@@ -133,7 +134,7 @@ def eval_remedy(record: Mapping[str, Any], sizes: list[tuple[int, int]], windows
             )
     return (
         f"Score it at its training scale ({describe_factors(factors)}): data.eval_protocol=resize "
-        f"with data.patch_size the images' side times that scale{off}."
+        f"with data.patch_size the images' side times that scale{and_off}."
     )
 
 
