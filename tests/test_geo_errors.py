@@ -228,6 +228,30 @@ def test_settings_of_the_wrong_type_are_refused_naming_the_key(setting, value):
         SceneSettings(**{setting: value})
 
 
+@pytest.mark.parametrize(
+    ("bounds", "match"),
+    [
+        ({}, "input.scale=fixed needs input.scale_min"),
+        ({"scale_min": 5, "scale_max": 1}, r"must exceed input.scale_min \(selected band 1\)"),
+        ({"scale_min": [0, 9], "scale_max": 5}, r"must exceed input.scale_min \(selected band 2\)"),
+        ({"scale_min": float("nan"), "scale_max": 5}, "must be finite numbers"),
+        ({"scale_min": 0, "scale_max": float("inf")}, "must be finite numbers"),
+    ],
+)
+def test_fixed_bounds_that_need_no_file_are_judged_with_the_settings(bounds, match):
+    with pytest.raises(SceneError, match=match):
+        SceneSettings(scale="fixed", **bounds)
+
+
+def test_fixed_bounds_of_other_lengths_are_left_to_the_bands():
+    """A one-value list is not stretched over the bands here: the band count refuses it."""
+    assert SceneSettings(scale="fixed", scale_min=[1, 2], scale_max=[0]).scale_max == (0.0,)
+    assert SceneSettings(scale="fixed", scale_min=[0, 100], scale_max=[100, 200]).scale_min == (
+        0.0,
+        100.0,
+    )
+
+
 def test_an_explanation_method_is_judged_only_when_explained():
     with pytest.raises(SceneError, match="explain.method='gradcam': a scene is explained with"):
         SceneSettings(explain_method="gradcam")

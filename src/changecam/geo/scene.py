@@ -27,6 +27,7 @@ import ctypes.util
 import hashlib
 import json
 import logging
+import math
 import numbers
 import time
 from collections.abc import MutableMapping, Sequence
@@ -220,12 +221,18 @@ class SceneSettings:
                     raise SceneError(
                         f"input.scale=fixed needs input.{key} (one number or one per band)"
                     )
-            lows, highs = (
-                v if isinstance(v, tuple) else (v,) for v in (self.scale_min, self.scale_max)
-            )
-            n = max(len(lows), len(highs))
-            if {len(lows), len(highs)} <= {1, n}:  # other lengths: refused with the bands
-                lows, highs = (v * n if len(v) == 1 else v for v in (lows, highs))
+            bounds = (self.scale_min, self.scale_max)
+            if not all(
+                math.isfinite(v) for b in bounds for v in (b if isinstance(b, tuple) else (b,))
+            ):
+                raise SceneError(
+                    f"input.scale_min={self.scale_min!r} and input.scale_max={self.scale_max!r} "
+                    "must be finite numbers"
+                )
+            n = max(len(b) if isinstance(b, tuple) else 1 for b in bounds)
+            # a number serves every band; lists of other lengths are refused with the bands
+            lows, highs = (b if isinstance(b, tuple) else (b,) * n for b in bounds)
+            if len(lows) == len(highs) == n:
                 bad = [i + 1 for i in range(n) if highs[i] <= lows[i]]
                 if bad:
                     raise SceneError(
