@@ -35,8 +35,8 @@ class SceneFailure(RuntimeError):
     """Some scenes were refused (the others were predicted)."""
 
 
-# the keys of the GeoTIFF path alone (SceneSettings field: config key); PNG pairs ignore them
 _ABSENT = object()
+# the keys of the GeoTIFF path alone (SceneSettings field: config key); PNG pairs ignore them
 SCENE_KEYS = {
     "bands": "input.bands",
     "scale": "input.scale",

@@ -39,7 +39,7 @@ def record_data(checkpoint: dict[str, Any], datamodule: Any) -> None:
 
 def resize_factors(patch_size: int, sizes: Iterable[Iterable[int]]) -> list[float]:
     """Network pixels per image pixel of ``resize`` to ``patch_size``², per distinct image side
-    (largest first)."""
+    (smallest first)."""
     return sorted({patch_size / side for size in sizes for side in size})
 
 
