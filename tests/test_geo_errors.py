@@ -228,6 +228,13 @@ def test_settings_of_the_wrong_type_are_refused_naming_the_key(setting, value):
         SceneSettings(**{setting: value})
 
 
+@pytest.mark.parametrize("switch", ["polygons", "overviews", "progress"])
+def test_switches_given_as_text_are_refused(switch):
+    """``predict.progress="false"`` (text) would have shown the bar."""
+    with pytest.raises(SceneError, match=rf"^predict.{switch}='false' must be true or false"):
+        SceneSettings(**{switch: "false"})
+
+
 @pytest.mark.parametrize(
     ("bounds", "match"),
     [

@@ -280,7 +280,7 @@ def check_georeferenced(dataset: Any, path: Path) -> None:
         raise SceneError(
             f"{path} has a CRS ({dataset.crs.to_string()}) but no geotransform, so its pixels "
             "have no place in it: give it one (gdal_edit -a_ullr <ulx> <uly> <lrx> <lry> "
-            f"{quoted}, or a world file beside it), or remove the CRS of both dates "
+            f"{quoted}, or for a GeoTIFF a world file beside it), or remove the CRS of both dates "
             f"(gdal_edit -a_srs None {quoted}) to predict the pair pixel for pixel"
         )
 

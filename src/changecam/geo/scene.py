@@ -246,7 +246,7 @@ class SceneSettings:
             raise SceneError(f"predict.batch_size={self.batch_size} must be >= 1 (or null)")
         if self.min_area_m2 < 0:
             raise SceneError(f"predict.min_area_m2={self.min_area_m2} must be >= 0")
-        for key in ("polygons", "overviews"):
+        for key in ("polygons", "overviews", "progress"):
             if type(getattr(self, key)) is not bool:
                 raise SceneError(f"predict.{key}={getattr(self, key)!r} must be true or false")
         if self.explain and self.explain_method not in SCENE_METHODS:
