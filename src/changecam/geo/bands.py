@@ -35,7 +35,7 @@ from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NodataShadowWarning
 from rasterio.windows import Window
 
-from changecam.geo.grid import SceneError
+from changecam.geo.grid import SceneError, check_choice
 
 Scale = Literal["percentile", "percentile_joint", "fixed", "none"]
 STRETCHES = ("percentile", "percentile_joint")  # the scalings a sample of the pair decides
@@ -312,8 +312,7 @@ def estimate_scaling(
         SceneError: unknown ``scale``, missing or mis-sized ``fixed`` bounds, or a percentile
             stretch of a scene without valid pixels.
     """
-    if scale not in SCALES:
-        raise SceneError(f"input.scale={scale!r} is not allowed; expected one of {SCALES}")
+    check_choice("input.scale", scale, SCALES)
     n = len(bands)
     if scale == "none":
         return Scaling()

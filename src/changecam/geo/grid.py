@@ -249,6 +249,16 @@ def is_ycbcr(dataset: Any) -> bool:
     return str(structure.get("SOURCE_COLOR_SPACE", "")).upper() == "YCBCR"
 
 
+def check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
+    """Refuse a ``value`` of the setting ``key`` that is not one of ``allowed``.
+
+    Raises:
+        SceneError: naming the key, the value and the allowed ones.
+    """
+    if value not in allowed:
+        raise SceneError(f"{key}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
 def exact(value: float) -> str:
     """``value`` in as few digits as tell it from every other float (``399872``, ``0.5``,
     ``3510144.0000000037``): grids that differ show it."""
@@ -357,8 +367,7 @@ def open_pair(
         SceneError: unreadable file, georeferenced by GCPs or RPCs only, CRS on one side
             only, no overlap, (``strict``) different grids, or a post scene GDAL cannot warp.
     """
-    if align not in ALIGNS:
-        raise SceneError(f"input.align={align!r} is not allowed; expected one of {ALIGNS}")
+    check_choice("input.align", align, ALIGNS)
     pre_path, post_path = Path(pre_path), Path(post_path)
     with ExitStack() as stack:
         pre = open_raster(pre_path, stack)
@@ -410,6 +419,7 @@ __all__ = [
     "Grid",
     "ScenePair",
     "SceneError",
+    "check_choice",
     "check_complete",
     "check_georeferenced",
     "check_overlap",

@@ -66,6 +66,7 @@ from changecam.geo.grid import (
     Align,
     SceneError,
     ScenePair,
+    check_choice,
     is_local,
     large_block_warning,
     open_pair,
@@ -190,12 +191,8 @@ class SceneSettings:
             raise SceneError(f"predict.batch_size={self.batch_size!r} must be an integer (or null)")
         if not is_number(self.min_area_m2):
             raise SceneError(f"predict.min_area_m2={self.min_area_m2!r} must be a number")
-        for key, allowed in (("scale", SCALES), ("align", ALIGNS)):
-            if getattr(self, key) not in allowed:
-                raise SceneError(
-                    f"input.{key}={getattr(self, key)!r} is not allowed; expected one of "
-                    f"{list(allowed)}"
-                )
+        check_choice("input.scale", self.scale, SCALES)
+        check_choice("input.align", self.align, ALIGNS)
         if self.bands is not None:
             if not (is_sequence(self.bands) and all(map(is_integer, self.bands))):
                 raise SceneError(
