@@ -512,9 +512,7 @@ def new_windows(blocks: Sequence[Block]) -> dict[int, int]:
     seen: set[tuple[int, int]] = set()
     counts = {}
     for block in blocks:
-        starts = {
-            (block.region_row + r, block.region_col + c) for r in block.rows for c in block.cols
-        }
+        starts = set(block.window_starts)
         counts[block.index] = len(starts - seen)
         seen |= starts
     return counts
@@ -524,9 +522,8 @@ def window_last_use(blocks: list[Block]) -> dict[tuple[int, int], int]:
     """For each window start (scene pixels), the index of the last block that uses it."""
     last: dict[tuple[int, int], int] = {}
     for block in blocks:  # in index order: the last block seen wins
-        for r in block.rows:
-            for c in block.cols:
-                last[(block.region_row + r, block.region_col + c)] = block.index
+        for start in block.window_starts:
+            last[start] = block.index
     return last
 
 

@@ -54,6 +54,11 @@ class Block:
         return Window(self.region_col, self.region_row, self.region_width, self.region_height)
 
     @property
+    def window_starts(self) -> list[tuple[int, int]]:
+        """The starts of its windows in scene pixels (row, column), row-major."""
+        return [(self.region_row + r, self.region_col + c) for r in self.rows for c in self.cols]
+
+    @property
     def pixels(self) -> int:
         return self.height * self.width
 
