@@ -399,7 +399,7 @@ def warn_split_scale(
         resize_factors(patch_size, sizes) if protocol == "resize" else [1.0],
         "whole images at their own resolution (sliding_window.enabled=true, scale 1)"
         if windows
-        else describe_protocol(protocol, patch_size, sizes).format("eval"),
+        else describe_protocol("eval", protocol, patch_size, sizes),
     )
 
 

@@ -16,7 +16,7 @@ can be said about them.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 DATA_KEY = "data_protocol"
 
@@ -62,16 +62,19 @@ def describe_factors(factors: list[float]) -> str:
     return one(factors[0]) if len(factors) == 1 else f"{one(factors[0])} to {one(factors[-1])}"
 
 
-def describe_protocol(protocol: str, patch_size: int, sizes: Iterable[Iterable[int]]) -> str:
-    """How a protocol feeds the images to the network, with its scale, for a message."""
+def describe_protocol(
+    stage: Literal["train", "eval"], protocol: str, patch_size: int, sizes: Iterable[Iterable[int]]
+) -> str:
+    """How ``data.<stage>_protocol`` feeds the images to the network, with its scale, for a
+    message."""
     if protocol != "resize":
-        return f"images at their own resolution (data.{{}}_protocol={protocol}, scale 1)"
+        return f"images at their own resolution (data.{stage}_protocol={protocol}, scale 1)"
     sizes = [tuple(size) for size in sizes]
     factors = resize_factors(patch_size, sizes)
     shown = ", ".join(f"{h}x{w}" for h, w in sizes) or "whole"
     cover = f", each network pixel covering {1 / factors[0]:.3g}x{1 / factors[0]:.3g} image pixels"
     return (
-        f"{shown} images resized to {patch_size}x{patch_size} (data.{{}}_protocol=resize, "
+        f"{shown} images resized to {patch_size}x{patch_size} (data.{stage}_protocol=resize, "
         f"scale {describe_factors(factors)}{cover if len(factors) == 1 and factors[0] < 1 else ''})"
     )
 
@@ -94,8 +97,8 @@ def scale_warning(
         remedy: what to do instead (the message's last sentence).
         run_factors: network pixels per image pixel the command runs at (default ``[1.0]``:
             the images' own resolution).
-        run_protocol: how the command feeds the images (:func:`describe_protocol` with
-            ``eval``), default: at their own resolution.
+        run_protocol: how the command feeds the images (:func:`describe_protocol` of the
+            ``eval`` stage), default: at their own resolution.
     """
     trained = training_factors(record)
     run = run_factors or [1.0]
@@ -103,8 +106,11 @@ def scale_warning(
         return None  # every scale it runs at is one it was trained at
     assert record is not None  # training_factors found a record
     how = describe_protocol(
-        record["train_protocol"], int(record["patch_size"]), record.get("image_sizes") or []
-    ).format("train")
+        "train",
+        record["train_protocol"],
+        int(record["patch_size"]),
+        record.get("image_sizes") or [],
+    )
     where = run_protocol or "images at their own resolution (scale 1)"
     return (
         f"{path} was trained on {how}, but {command} runs it on {where}: a scale it never saw, "
