@@ -22,7 +22,8 @@ PNG path's for the same windows, beside ``writer_and_tracer_ms``, and ``tail_ms`
 the last block; and the last round's spans. ``--switch-interval`` sets
 :func:`sys.setswitchinterval` (Python's default 0.005 s: how long a thread that wants the GIL
 waits before asking the holder to drop it), to see whether the network's thread queues for the
-GIL behind the reader, writer and tracer. Run by hand (``make bench`` does not):
+GIL behind the reader, writer and tracer. ``--stand-in`` runs ``benchmarks/scene.py``'s stand-in
+network, whose forward passes cost next to nothing (as on a GPU). Run by hand (``make bench`` does not):
 ``python benchmarks/scene_timeline.py --weights <make train's best.ckpt>``. Last line: one JSON
 object.
 """
@@ -99,10 +100,13 @@ class Timeline:
 
 
 def network_and_pair(args: argparse.Namespace, folder: Path) -> tuple[Any, Path, Path, Path, Path]:
-    """The network (``--weights`` or a fresh quickstart U-Net) and the pair as GeoTIFFs and PNGs."""
+    """The network (``--weights``, the stand-in, or a fresh quickstart U-Net) and the pair as
+    GeoTIFFs and PNGs."""
     import scene
 
-    if args.weights is None:
+    if args.stand_in:
+        net = scene.stand_in_network()
+    elif args.weights is None:
         net = scene.fresh_network(folder / "quickstart_fresh.pth")
     else:
         from changecam.training.checkpoint import load_network
@@ -121,8 +125,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--switch-interval", type=float, default=None, help="sys.setswitchinterval (seconds)"
     )
+    parser.add_argument(
+        "--stand-in",
+        action="store_true",
+        help="a network that costs next to nothing, as on a GPU (benchmarks/scene.py)",
+    )
     parser.add_argument("--tiny", action="store_true", help="seconds-long run for the tests")
     args = parser.parse_args(argv)
+    if args.stand_in and args.weights is not None:
+        parser.error("--stand-in replaces the network: leave out --weights")
     if args.tiny:
         args.compare, args.repeats = 256, 1
 
@@ -238,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             max(s[2] + s[3] for s in spans) - max(s[2] + s[3] for s in own), 1
         ),
         "spans_last_round": last,
-        "network": network_description(args.weights),
+        "network": network_description(args.weights, args.stand_in),
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine(),
     }

@@ -123,6 +123,51 @@ def test_scene_benchmark_runs_a_trained_checkpoint_of_its_own_width(tmp_path, ti
 
 
 @pytest.mark.slow
+def test_scene_benchmark_stand_in_times_the_paths_without_the_network():
+    import scene
+
+    figures = scene.main(["--tiny", "--stand-in"])
+    assert figures["network"].startswith("stand-in") and figures["scenes"] == []
+    for compare in figures["side_by_side"].values():
+        # no explanation: the stand-in has no per-date layers
+        assert set(compare["megapixels_per_s"]) == {
+            "png",
+            "geotiff",
+            "geotiff_rasters_only",
+            "geotiff_one_gdal_thread",
+        }
+        assert compare["explanation_extra_s_per_megapixel"] is None
+        assert set(compare["geotiff_polygons"].values()) == {1}  # it finds a changed region
+    with pytest.raises(SystemExit):
+        scene.main(["--tiny", "--stand-in", "--weights", "best.ckpt"])
+
+
+@pytest.mark.slow
+def test_scene_timeline_runs_the_stand_in():
+    import scene_timeline
+
+    figures = scene_timeline.main(["--tiny", "--stand-in"])
+    assert figures["network"].startswith("stand-in")
+    assert figures["steps"]["geotiff"]["trace"]["calls"] == 1  # one block, with change in it
+
+
+def test_stand_in_network_marks_where_the_dates_differ_over_its_neighbourhood():
+    import scene
+    import torch
+
+    net = scene.stand_in_network()
+    pre = torch.zeros(1, 3, 16, 16)
+    post = pre.clone()
+    post[..., 4:12, 4:12] = 1.0  # a difference of 255 over 8x8 pixels
+    logits = net(pre, post)
+    assert logits.shape == (1, 1, 16, 16)
+    change = logits[0, 0] > 0
+    assert change[8, 8] and change[4, 4] and not change[0, 0] and not change[15, 15]
+    # the centre: |diff| 255 over the whole 5x5 neighbourhood
+    assert logits[0, 0, 8, 8].item() == pytest.approx((255 - scene.STAND_IN_THRESHOLD) / 8)
+
+
+@pytest.mark.slow
 def test_scene_timeline_times_each_step_in_its_own_thread():
     import scene_timeline
 
