@@ -103,7 +103,7 @@ def network_description(weights: Path | None, stand_in: bool = False) -> str:
 
 # the stand-in network (--stand-in): change where the dates' mean absolute difference over a 5x5
 # neighbourhood exceeds this (0-255 scale); on the synthetic 2048² pair, 2.2 % of the pixels in
-# 909 regions, as many regions as make train's checkpoint finds there (about 900)
+# 910 regions, about as many as make train's checkpoint finds there (900)
 STAND_IN_THRESHOLD = 80.0
 STAND_IN_SIDE = 5
 
@@ -355,9 +355,7 @@ def side_by_side(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--size", type=int, nargs="+", default=[8192], help="scene side(s) (default 8192)"
-    )
+    parser.add_argument("--size", type=int, nargs="+", help="scene side(s) (default 8192)")
     parser.add_argument("--large", action="store_true", help="also a 16384² scene")
     parser.add_argument("--compare", type=int, default=2048, help="side of the side-by-side pair")
     parser.add_argument(
@@ -381,11 +379,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.stand_in and args.weights is not None:
         parser.error("--stand-in replaces the network: leave out --weights")
-    sizes = list(args.size) + ([16384] if args.large and 16384 not in args.size else [])
+    if args.stand_in and (args.size or args.large):
+        parser.error("--stand-in runs the side by side alone: leave out --size and --large")
+    size = args.size or [8192]
+    sizes = list(size) + ([16384] if args.large and 16384 not in size else [])
     if args.side_by_side_only or args.stand_in:  # predict.py cannot run the stand-in
         sizes = []
     if args.tiny:  # two sizes, so the growth of the peak is computed too
-        sizes, args.compare, args.repeats = [] if args.stand_in else [256, 512], 256, 1
+        sizes = [] if args.stand_in or args.side_by_side_only else [256, 512]
+        args.compare, args.repeats = 256, 1
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="changecam-scene-") as tmp_name:
         tmp = Path(tmp_name)

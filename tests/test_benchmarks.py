@@ -137,9 +137,11 @@ def test_scene_benchmark_stand_in_times_the_paths_without_the_network():
             "geotiff_one_gdal_thread",
         }
         assert compare["explanation_extra_s_per_megapixel"] is None
-        assert set(compare["geotiff_polygons"].values()) == {1}  # it finds a changed region
+        assert min(compare["geotiff_polygons"].values()) >= 1  # it finds changed regions
     with pytest.raises(SystemExit):
         scene.main(["--tiny", "--stand-in", "--weights", "best.ckpt"])
+    with pytest.raises(SystemExit):  # no scenes: only the side by side
+        scene.main(["--tiny", "--stand-in", "--size", "1024"])
 
 
 @pytest.mark.slow
@@ -148,7 +150,7 @@ def test_scene_timeline_runs_the_stand_in():
 
     figures = scene_timeline.main(["--tiny", "--stand-in"])
     assert figures["network"].startswith("stand-in")
-    assert figures["steps"]["geotiff"]["trace"]["calls"] == 1  # one block, with change in it
+    assert figures["steps"]["geotiff"]["trace"]["calls"] == 1  # one block
 
 
 def test_stand_in_network_marks_where_the_dates_differ_over_its_neighbourhood():
