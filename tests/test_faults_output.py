@@ -465,6 +465,29 @@ def test_resume_refuses_a_plain_state_dict_loaded_into_another_network(tmp_path,
     assert {p: (run / p).read_bytes() for p in outputs(run)} == before
 
 
+def test_resume_refuses_another_checkpoint_given_the_old_ones_modification_time(tmp_path, pairs):
+    """Weights of the same network copied over the checkpoint with its old time (``cp -p``,
+    ``rsync -a``): the checkpoint's content sample tells them apart."""
+    weights = tmp_path / "weights.pt"
+    model = ["model=siamese_unet", "model.base_channels=4", "model.depth=2"]
+    common = [f"ckpt_path={weights}", f"input.dir={pairs}", *NO_EXPLAIN, *model]
+    torch.manual_seed(0)
+    torch.save(SiameseUNet(3, base_channels=4, depth=2).state_dict(), weights)
+    run_predict(tmp_path, common)
+    run = tmp_path / "run"
+    before = {p: (run / p).read_bytes() for p in outputs(run)}
+    stat = weights.stat()
+    torch.manual_seed(1)
+    torch.save(SiameseUNet(3, base_channels=4, depth=2).state_dict(), weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size  # the same path, size and time
+    with pytest.raises(
+        ConfigError, match=r"started with other settings \(checkpoint_sample_sha256: "
+    ):
+        run_predict(tmp_path, [*common, "predict.resume=true"])
+    assert {p: (run / p).read_bytes() for p in outputs(run)} == before
+
+
 def test_a_log_from_before_the_network_was_recorded_still_resumes(
     tmp_path, ckpt, pairs, monkeypatch
 ):

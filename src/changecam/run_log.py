@@ -1,12 +1,14 @@
 """The JSON-lines logs that let a killed run resume: predict.py's log of finished pairs and a
 GeoTIFF scene's log of finished blocks. Both start with a ``started`` line holding the run's
 settings and grow by :func:`changecam.atomic.append_json_line`; this module reads them back
-(:func:`read_json_lines`), names what a resume changed (:func:`settings_changes`), and lets a
-log older than a recorded key resume (:func:`as_logged`).
+(:func:`read_json_lines`), names what a resume changed (:func:`settings_changes`), lets a
+log older than a recorded key resume (:func:`as_logged`), and records the files a run reads so
+that a resume tells when one was replaced (:func:`file_record`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -41,8 +43,10 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
 
 
 # keys a resume record gained after some logs were written: the network the weights went into,
-# an input file's content sample
-RECORDED_SINCE = frozenset({"network", "sample_sha256"})
+# an input file's content sample, the checkpoint's size and content sample
+RECORDED_SINCE = frozenset(
+    {"network", "sample_sha256", "checkpoint_size", "checkpoint_sample_sha256"}
+)
 
 
 def as_logged(record: Any, logged: Any, added: frozenset[str] = RECORDED_SINCE) -> Any:
@@ -94,4 +98,43 @@ def settings_changes(before: Any, after: Any, key: str = "") -> list[str]:
     return [f"{key or '(settings)'}: {_shown(before)} -> {_shown(after)}"]
 
 
-__all__ = ["RECORDED_SINCE", "as_logged", "read_json_lines", "settings_changes"]
+SAMPLE_CHUNKS, SAMPLE_CHUNK_BYTES = 16, 4096
+
+
+def content_sample(path: Path, size: int) -> str:
+    """A hash of 16 chunks of 4 KiB spread evenly over the file (the whole of a file up to
+    64 KiB): another scene of the same size, copied in with the old modification time
+    (``cp -p``, ``rsync -a``, ``tar``), differs there, while a change of metadata only (chmod,
+    a hard link, a backup's attributes) keeps it. An edit of a few pixels in place that keeps
+    the size and the modification time can fall between the chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= SAMPLE_CHUNKS * SAMPLE_CHUNK_BYTES:
+            digest.update(f.read())
+        else:
+            for i in range(SAMPLE_CHUNKS):
+                f.seek((size - SAMPLE_CHUNK_BYTES) * i // (SAMPLE_CHUNKS - 1))
+                digest.update(f.read(SAMPLE_CHUNK_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Path, size, modification time and :func:`content_sample` of a file a run reads (an
+    input scene, the checkpoint): what a resume compares to tell that it was replaced."""
+    stat = path.stat()
+    return {
+        "path": str(path.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sample_sha256": content_sample(path, stat.st_size),
+    }
+
+
+__all__ = [
+    "RECORDED_SINCE",
+    "as_logged",
+    "content_sample",
+    "file_record",
+    "read_json_lines",
+    "settings_changes",
+]

@@ -92,7 +92,7 @@ from changecam.metrics import mean_of
 from changecam.models.inference import inference_network
 from changecam.models.protocol import network_config
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
-from changecam.run_log import as_logged, read_json_lines, settings_changes
+from changecam.run_log import as_logged, file_record, read_json_lines, settings_changes
 
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
 REPORT_FILE = "predictions.json"
@@ -256,6 +256,7 @@ def run_settings(cfg: DictConfig, threshold: float, net: nn.Module) -> dict[str,
     weights were loaded into (a plain state_dict's ``model=`` options, e.g. ``fusion``, can
     change the network and keep every weight's shape)."""
     ckpt = Path(cfg.ckpt_path)
+    checkpoint = file_record(ckpt)
     block = cfg.get("explain")
     model = cfg.get("model")
     network = network_config(net)
@@ -264,7 +265,10 @@ def run_settings(cfg: DictConfig, threshold: float, net: nn.Module) -> dict[str,
     return strict_json(
         {
             "checkpoint": str(ckpt.resolve()),
-            "checkpoint_mtime_ns": ckpt.stat().st_mtime_ns,
+            "checkpoint_mtime_ns": checkpoint["mtime_ns"],
+            # another checkpoint given the old file's modification time (cp -p, rsync -a)
+            "checkpoint_size": checkpoint["size"],
+            "checkpoint_sample_sha256": checkpoint["sample_sha256"],
             "network": network,
             "threshold": threshold,
             "sliding_window": OmegaConf.to_container(cfg.sliding_window, resolve=True),

@@ -93,7 +93,7 @@ from changecam.geo.write import (
 )
 from changecam.geo.writer import BlockWriter
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
-from changecam.run_log import as_logged, read_json_lines, settings_changes
+from changecam.run_log import as_logged, file_record, read_json_lines, settings_changes
 
 log = logging.getLogger("changecam")
 LOG_FILE = "blocks.jsonl"
@@ -335,37 +335,6 @@ class BlockLog:
     def add(self, record: dict[str, Any]) -> None:
         append_json_line(self.path, record)
         self.done[record["block"]] = record
-
-
-SAMPLE_CHUNKS, SAMPLE_CHUNK_BYTES = 16, 4096
-
-
-def content_sample(path: Path, size: int) -> str:
-    """A hash of 16 chunks of 4 KiB spread evenly over the file (the whole of a file up to
-    64 KiB): another scene of the same size, copied in with the old modification time
-    (``cp -p``, ``rsync -a``, ``tar``), differs there, while a change of metadata only (chmod,
-    a hard link, a backup's attributes) keeps it. An edit of a few pixels in place that keeps
-    the size and the modification time can fall between the chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if size <= SAMPLE_CHUNKS * SAMPLE_CHUNK_BYTES:
-            digest.update(f.read())
-        else:
-            for i in range(SAMPLE_CHUNKS):
-                f.seek((size - SAMPLE_CHUNK_BYTES) * i // (SAMPLE_CHUNKS - 1))
-                digest.update(f.read(SAMPLE_CHUNK_BYTES))
-    return digest.hexdigest()[:16]
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    """Path, size, modification time and :func:`content_sample` of an input file."""
-    stat = path.stat()
-    return {
-        "path": str(path.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "sample_sha256": content_sample(path, stat.st_size),
-    }
 
 
 def input_record(path: Path) -> dict[str, Any]:
