@@ -14,6 +14,7 @@ import errno
 import fnmatch
 import io
 import json
+import logging
 import math
 import os
 import queue
@@ -48,6 +49,7 @@ from changecam.cli.predict import LOG_FILE, REPORT_FILE, PredictionError, predic
 from changecam.cli.train import train
 from changecam.data.io import read_image, write_png
 from changecam.models import SiameseUNet
+from changecam.run_log import read_json_lines
 from changecam.training.checkpoint_io import atomic_torch_save
 from helpers import REPO, compose_train, kill_when_logged, paused_after, tiny_overrides
 from test_cam_panels import cam_settings, tiny_samples
@@ -212,6 +214,19 @@ def test_a_failed_append_keeps_the_earlier_lines(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match=f"while writing {log}"):
         append_json_line(log, {"status": "done", "pair": {"name": "a" * 1000}})
     assert log.read_bytes() == before
+
+
+def test_an_append_after_a_killed_one_starts_a_line_of_its_own(tmp_path, caplog):
+    """A kill during an append leaves a partial last line: the next record is not joined to it
+    (and lost with it), and the partial line alone is skipped."""
+    log = tmp_path / LOG_FILE
+    append_json_line(log, {"status": "started"})
+    with open(log, "a") as f:
+        f.write('{"block": 1, "pre_mass": 0.00')  # what the kill left
+    append_json_line(log, {"block": 2})
+    with caplog.at_level(logging.WARNING):
+        assert read_json_lines(log) == [{"status": "started"}, {"block": 2}]
+    assert "line 2 is incomplete" in caplog.text
 
 
 @pytest.mark.parametrize(

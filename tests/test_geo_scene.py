@@ -9,6 +9,7 @@ U-Net runs the explained scene and the real kill."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -578,6 +579,38 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
         "rerun without predict.resume",
     ):
         run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
+
+
+@pytest.mark.parametrize("partial", [".probability.tif.part", ".explanation.tif.part"])
+def test_a_partial_raster_cut_short_is_computed_again(
+    tmp_path, ckpt, pair, threshold, monkeypatch, caplog, partial
+):
+    """A partial raster whose last tiles are gone (a full disk, a copy cut short) is not
+    resumed from: its header lists tiles past its end (the probability's last ones are its
+    internal mask's), so the scene starts over, saying which file, and ends as a whole run."""
+    overrides = [f"threshold={threshold}"]
+    run_scene(tmp_path / "whole", ckpt, *pair, *overrides)
+    real = changecam.geo.write.SceneFiles.write_block
+    calls = {"n": 0}
+
+    def dies_after_two(self, *args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_scene(tmp_path / "killed", ckpt, *pair, *overrides)
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", real)
+    folder = tmp_path / "killed" / "run" / "pre"
+    damaged = folder / partial
+    os.truncate(damaged, damaged.stat().st_size - 100)
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        report = run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
+    assert f"{damaged} is truncated" in caplog.text and "starting over" in caplog.text
+    assert report["scenes"][0]["resumed_blocks"] == 0
+    assert_same_outputs(folder, tmp_path / "whole" / "run" / "pre")
 
 
 def test_a_finished_scene_survives_a_metadata_change_and_an_older_log(tmp_path, ckpt, pair):

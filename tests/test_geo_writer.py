@@ -273,3 +273,27 @@ def test_blocks_are_compressed_at_gdals_default_level_not_the_creation_one(tmp_p
             sizes[level] = src.block_size(1, 0, 0)
     assert changecam.geo.write.ZLEVEL == 1 and sizes[1] != sizes[6]
     assert written == sizes[6]
+
+
+def test_a_partial_raster_damaged_inside_is_named_when_read_back(tmp_path):
+    """A resume traces the earlier run's blocks from its partial rasters: a tile garbled since
+    (its bytes, not its length) fails there with the file named and the way out."""
+    from changecam.geo.grid import SceneError
+
+    files = scene_files(tmp_path)
+    probability = np.full((32, 32), 0.9, np.float32)
+    files.write_block(BLOCKS[0], probability, np.ones((32, 32), bool), 0.5, None)
+    path = files.partial("change")
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+        length = int(src.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * length)
+    tracer = RegionTracer(GRID)
+    with pytest.raises(
+        SceneError,
+        match=r"\.change\.tif\.part, written by the run being resumed, "
+        r"cannot be read back at block 0 .*rerun without predict.resume",
+    ):
+        tracer.add_from_rasters([BLOCKS[0]], path, files.partial("probability"), None)

@@ -276,7 +276,8 @@ def append_json_line(path: str | Path, data: Any) -> None:
 
     A line is written whole or not at all: on an error (a full disk) the file is cut back to
     its previous length. A kill during the write can leave a partial last line, which
-    :func:`changecam.run_log.read_json_lines` skips.
+    :func:`changecam.run_log.read_json_lines` skips; the next line starts on a line of its
+    own, not joined to it.
 
     Raises:
         DiskFullError: the device or quota is full.
@@ -285,9 +286,11 @@ def append_json_line(path: str | Path, data: Any) -> None:
     line = (json.dumps(strict_json(data), sort_keys=True, allow_nan=False) + "\n").encode()
     _make_parent(path)
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     start = os.fstat(fd).st_size
     try:
+        if start and os.pread(fd, 1, start - 1) != b"\n":  # a killed append's partial line
+            line = b"\n" + line
         view = memoryview(line)
         while view:
             view = view[os.write(fd, view) :]

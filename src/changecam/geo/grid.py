@@ -12,9 +12,11 @@ separate files with ``gdalbuildvrt -separate``, or a mosaic of tiles).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import shlex
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Interleaving, Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 
@@ -194,13 +196,31 @@ def check_complete(dataset: Any, path: Path) -> None:
                 offset = dataset.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=band)
                 length = dataset.get_tag_item(f"BLOCK_SIZE_{j}_{i}", "TIFF", bidx=band)
                 if offset is None or length is None:
-                    return  # GDAL does not say: decoding will tell
+                    continue  # a sparse tile (none written), or GDAL does not say
                 if int(offset) + int(length) > size:
                     raise SceneError(
                         f"{path} is truncated (corrupt or cut short): band {band}'s tile "
                         f"({i}, {j}) ends at byte {int(offset) + int(length)} but the file has "
                         f"{size} bytes"
                     )
+
+
+def check_every_image_complete(path: Path) -> None:
+    """:func:`check_complete` for every image a GeoTIFF holds (``GTIFF_DIR:n:path``): the main
+    one, its internal masks and its overviews.
+
+    Raises:
+        SceneError: one of them is shorter than its tiles need.
+    """
+    for number in itertools.count(1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a mask's image
+                dataset = rasterio.open(f"GTIFF_DIR:{number}:{path}")
+        except RasterioError:
+            return  # no such image: every one was checked
+        with dataset:
+            check_complete(dataset, path)
 
 
 # a file block (tile or strip) decoded larger than this: every window read decodes whole blocks

@@ -56,7 +56,7 @@ from shapely.ops import unary_union
 from changecam.atomic import atomic_open, strict_json
 from changecam.data.io import PROBABILITY_SCALE
 from changecam.geo.gdal_lock import GDAL_LOCK
-from changecam.geo.grid import Grid
+from changecam.geo.grid import Grid, SceneError
 from changecam.geo.windows import Block
 
 
@@ -323,11 +323,11 @@ class RegionTracer:
             expl_ds = rasterio.open(explanation_path) if explanation_path is not None else None
             try:
                 for block in blocks:
-                    change = change_ds.read(1, window=block.window)
+                    change = read_back(change_ds, block, 1)
                     if not (change == 1).any():
                         continue
-                    probability = prob_ds.read(1, window=block.window)
-                    explanation = expl_ds.read(window=block.window) if expl_ds else None
+                    probability = read_back(prob_ds, block, 1)
+                    explanation = read_back(expl_ds, block) if expl_ds else None
                     self.add_block(block, change, probability, explanation)
             finally:
                 if expl_ds is not None:
@@ -391,6 +391,22 @@ class SceneFeatures:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (json.loads(text) for text in self.texts())
+
+
+def read_back(dataset: Any, block: Block, band: int | None = None) -> np.ndarray:
+    """One block of a partial raster an earlier run wrote.
+
+    Raises:
+        SceneError: it cannot be decoded (the file was damaged since), naming the file and
+            saying to start over.
+    """
+    try:
+        return dataset.read(band, window=block.window)
+    except rasterio.errors.RasterioError as err:
+        raise SceneError(
+            f"{dataset.name}, written by the run being resumed, cannot be read back at block "
+            f"{block.index} (damaged since?): {err}; rerun without predict.resume"
+        ) from err
 
 
 def scene_polygons(

@@ -10,13 +10,16 @@ renamed into place, all together, only when the whole scene is done.
 
 Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression and
 overviews (built at the end; see :data:`ZLEVEL` for the levels). Until then the files are ``.<name>.part``
-beside their final name, which no ``*.tif`` glob matches: a killed run never leaves a file
-that looks finished. Each block is written in its own update session (open, write, close), so
+beside their final name, which no ``*.tif`` glob matches: a killed run leaves no file that
+looks finished, except in the instant the finished files are renamed into place, before
+``scene.json`` is written (a resume takes them back and finishes the scene; a run without
+``resume`` removes them). Each block is written in its own update session (open, write, close), so
 a block recorded as done in the scene's log is on disk.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,9 +32,10 @@ from rasterio.enums import Resampling
 
 from changecam.atomic import fsync_directory, fsync_file, temporary_path
 from changecam.data.io import PROBABILITY_SCALE, encode_probability
-from changecam.geo.grid import Grid
+from changecam.geo.grid import Grid, SceneError, check_every_image_complete
 from changecam.geo.windows import Block
 
+log = logging.getLogger("changecam")
 TILE = 256  # the rasters' tile side (smaller blocks use their own side)
 CHANGE_NODATA = 255
 RASTERS = ("change", "probability", "explanation")
@@ -165,12 +169,18 @@ class SceneFiles:
                     dst.set_band_description(1, "change (1), no change (0), nodata (255)")
 
     def partials_readable(self) -> bool:
-        """Whether every partial raster is there and opens (a resumable earlier run)."""
+        """Whether every partial raster is there, opens and holds every tile its header lists
+        (a resumable earlier run); a file cut short (a full disk, a copy) is not, and is named
+        in a warning."""
         try:
             for what in self.rasters:
                 with rasterio.open(self.partial(what)):
                     pass
+                check_every_image_complete(self.partial(what))
         except (rasterio.errors.RasterioError, OSError):
+            return False
+        except SceneError as err:
+            log.warning("%s", err)
             return False
         return True
 
