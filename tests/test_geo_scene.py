@@ -627,7 +627,8 @@ def test_a_finished_scene_survives_a_metadata_change_and_an_older_log(tmp_path, 
     assert "network" in settings and "sample_sha256" in settings["post"]
     for date in ("pre", "post"):
         del settings[date]["sample_sha256"]
-    del settings["network"]
+    for key in ("network", "checkpoint_size", "checkpoint_sample_sha256"):
+        del settings[key]
     log_path.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     pair[1].chmod(0o444)
     mtime = (folder / "change.tif").stat().st_mtime_ns
@@ -642,6 +643,7 @@ def test_a_finished_scene_survives_a_metadata_change_and_an_older_log(tmp_path, 
     run_scene(tmp_path, ckpt, *pair, "explain.enabled=false", "predict.resume=true")
     settings = json.loads(log_path.read_text().splitlines()[0])["settings"]
     assert "network" in settings and "sample_sha256" in settings["post"]
+    assert "checkpoint_sample_sha256" in settings
 
 
 def test_gdal_threads_reach_the_writer_thread_and_change_no_value(

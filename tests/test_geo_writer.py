@@ -297,3 +297,44 @@ def test_a_partial_raster_damaged_inside_is_named_when_read_back(tmp_path):
         r"cannot be read back at block 0 .*rerun without predict.resume",
     ):
         tracer.add_from_rasters([BLOCKS[0]], path, files.partial("probability"), None)
+
+
+def test_a_partial_raster_cut_anywhere_is_not_taken_as_complete(tmp_path):
+    """Cut at any byte, a partial raster with a block written is found short: its main image's
+    tiles, its internal mask's directory, values and tiles are all checked against its length
+    (GDAL reads a cut directory chain as ending there, and a cut mask as none)."""
+    from changecam.geo.grid import SceneError, check_every_image_complete, tiff_directories
+
+    files = scene_files(tmp_path)  # masked: probability.tif carries an internal mask
+    probability = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    valid = np.ones((32, 32), bool)
+    valid[:4] = False
+    files.write_block(BLOCKS[0], probability, valid, 0.5, None)
+    path = files.partial("probability")
+    assert tiff_directories(path) == 2  # the image and its mask
+    assert files.partials_readable()
+    whole = path.read_bytes()
+    for size in range(len(whole) - 1, 0, -1):
+        path.write_bytes(whole[:size])
+        with pytest.raises(SceneError, match="truncated|not a TIFF"):
+            check_every_image_complete(path)
+    assert not files.partials_readable()
+
+
+@pytest.mark.parametrize("options", [{"BIGTIFF": "YES"}, {"ENDIANNESS": "BIG"}])
+def test_tiff_directories_reads_bigtiff_and_big_endian_files(tmp_path, options):
+    from changecam.geo.grid import SceneError, check_every_image_complete, tiff_directories
+
+    path = tmp_path / "overviews.tif"
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "uint16"}
+    profile |= {"tiled": True, "blockxsize": 16, "blockysize": 16, "compress": "deflate"}
+    with rasterio.open(path, "w", **profile, **options) as dst:
+        dst.write(np.arange(64 * 64, dtype=np.uint16).reshape(1, 64, 64))
+    with rasterio.open(path, "r+") as dst:
+        dst.build_overviews([2, 4], Resampling.average)
+    assert tiff_directories(path) == 3
+    whole = path.read_bytes()
+    for size in range(len(whole) - 1, 0, -7):
+        path.write_bytes(whole[:size])
+        with pytest.raises(SceneError):
+            check_every_image_complete(path)

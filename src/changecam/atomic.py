@@ -286,11 +286,14 @@ def append_json_line(path: str | Path, data: Any) -> None:
     line = (json.dumps(strict_json(data), sort_keys=True, allow_nan=False) + "\n").encode()
     _make_parent(path)
     created = not path.exists()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fd, readable = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666), True
+    except PermissionError:  # a log we may append to but not read
+        fd, readable = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666), False
     start = os.fstat(fd).st_size
     try:
-        if start and os.pread(fd, 1, start - 1) != b"\n":  # a killed append's partial line
-            line = b"\n" + line
+        if readable and start and os.pread(fd, 1, start - 1) != b"\n":  # a killed append's
+            line = b"\n" + line  # partial line: this one starts a line of its own
         view = memoryview(line)
         while view:
             view = view[os.write(fd, view) :]

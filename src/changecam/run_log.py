@@ -103,8 +103,8 @@ SAMPLE_CHUNKS, SAMPLE_CHUNK_BYTES = 16, 4096
 
 def content_sample(path: Path, size: int) -> str:
     """A hash of 16 chunks of 4 KiB spread evenly over the file (the whole of a file up to
-    64 KiB): another scene of the same size, copied in with the old modification time
-    (``cp -p``, ``rsync -a``, ``tar``), differs there, while a change of metadata only (chmod,
+    64 KiB): another file of the same size (a scene, a checkpoint), copied in with the old
+    modification time (``cp -p``, ``rsync -a``, ``tar``), differs there, while a change of metadata only (chmod,
     a hard link, a backup's attributes) keeps it. An edit of a few pixels in place that keeps
     the size and the modification time can fall between the chunks."""
     digest = hashlib.sha256()

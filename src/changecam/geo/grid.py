@@ -12,10 +12,10 @@ separate files with ``gdalbuildvrt -separate``, or a mosaic of tiles).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 import shlex
+import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -205,22 +205,79 @@ def check_complete(dataset: Any, path: Path) -> None:
                     )
 
 
-def check_every_image_complete(path: Path) -> None:
-    """:func:`check_complete` for every image a GeoTIFF holds (``GTIFF_DIR:n:path``): the main
-    one, its internal masks and its overviews.
+# bytes per value of each TIFF field type (BYTE, ASCII, SHORT, LONG, RATIONAL, ..., IFD8)
+TIFF_TYPE_BYTES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8}
+TIFF_TYPE_BYTES |= {13: 4, 16: 8, 17: 8, 18: 8}
+
+
+def tiff_directories(path: Path) -> int:
+    """How many images (directories) a TIFF file chains, read from the file itself (classic
+    TIFF and BigTIFF, either byte order), each directory and the values it keeps out of line
+    (such as its tile offsets) found inside the file.
 
     Raises:
-        SceneError: one of them is shorter than its tiles need.
+        SceneError: it is not a TIFF, or a directory or its values lie past the end of the
+            file (cut short: GDAL would take the chain as ending there, or read its values
+            as missing).
     """
-    for number in itertools.count(1):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a mask's image
-                dataset = rasterio.open(f"GTIFF_DIR:{number}:{path}")
-        except RasterioError:
-            return  # no such image: every one was checked
-        with dataset:
-            check_complete(dataset, path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+        order = {b"II": "<", b"MM": ">"}.get(head[:2])
+        version = struct.unpack(order + "H", head[2:4])[0] if order and len(head) >= 4 else None
+        if version not in (42, 43):
+            raise SceneError(f"{path} is not a TIFF file")
+        big = version == 43
+        if len(head) < (16 if big else 8):  # cut inside the header
+            raise SceneError(f"{path} is truncated (corrupt or cut short): {size} bytes")
+        count_format, entry_format, inline = ("Q", "HHQQ", 8) if big else ("H", "HHII", 4)
+        count_bytes = struct.calcsize(order + count_format)
+        entry_bytes = struct.calcsize(order + entry_format)  # no native alignment padding
+        next_bytes = struct.calcsize(order + entry_format[-1])
+        offset = struct.unpack_from(order + entry_format[-1], head, 8 if big else 4)[0]
+        images, seen = 0, set()
+        while offset and offset not in seen:
+            seen.add(offset)
+            f.seek(offset)
+            raw = f.read(count_bytes)
+            entries = struct.unpack(order + count_format, raw)[0] if len(raw) == count_bytes else 0
+            table = f.read(entries * entry_bytes + next_bytes)
+            if not raw or len(table) < entries * entry_bytes + next_bytes:
+                break  # the directory is cut
+            for i in range(entries):
+                _, kind, count, value = struct.unpack_from(
+                    order + entry_format, table, i * entry_bytes
+                )
+                length = count * TIFF_TYPE_BYTES.get(kind, 1)
+                if length > inline and value + length > size:
+                    break  # values kept out of line, cut
+            else:
+                images += 1
+                offset = struct.unpack_from(order + entry_format[-1], table, entries * entry_bytes)[
+                    0
+                ]
+                continue
+            break
+        else:
+            return images
+    raise SceneError(
+        f"{path} is truncated (corrupt or cut short): its directory {images + 1} (an image, a "
+        f"mask or an overview) reaches past the end of its {size} bytes"
+    )
+
+
+def check_every_image_complete(path: Path) -> None:
+    """:func:`check_complete` for every image a GeoTIFF chains (:func:`tiff_directories`;
+    ``GTIFF_DIR:n:path``): the main one, its internal masks and its overviews.
+
+    Raises:
+        SceneError: a directory, or one of an image's tiles, lies past the end of the file.
+    """
+    for number in range(1, tiff_directories(path) + 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a mask's image
+            with rasterio.open(f"GTIFF_DIR:{number}:{path}") as dataset:
+                check_complete(dataset, path)
 
 
 # a file block (tile or strip) decoded larger than this: every window read decodes whole blocks

@@ -323,11 +323,11 @@ class RegionTracer:
             expl_ds = rasterio.open(explanation_path) if explanation_path is not None else None
             try:
                 for block in blocks:
-                    change = read_back(change_ds, block, 1)
+                    change = read_partial_block(change_ds, block, 1)
                     if not (change == 1).any():
                         continue
-                    probability = read_back(prob_ds, block, 1)
-                    explanation = read_back(expl_ds, block) if expl_ds else None
+                    probability = read_partial_block(prob_ds, block, 1)
+                    explanation = read_partial_block(expl_ds, block) if expl_ds else None
                     self.add_block(block, change, probability, explanation)
             finally:
                 if expl_ds is not None:
@@ -393,7 +393,7 @@ class SceneFeatures:
         return (json.loads(text) for text in self.texts())
 
 
-def read_back(dataset: Any, block: Block, band: int | None = None) -> np.ndarray:
+def read_partial_block(dataset: Any, block: Block, band: int | None = None) -> np.ndarray:
     """One block of a partial raster an earlier run wrote.
 
     Raises:

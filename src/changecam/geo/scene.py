@@ -322,6 +322,10 @@ class BlockLog:
             )
         if resume and same and readable:
             self.done = {r["block"]: r for r in records[1:] if "block" in r}
+            # written again whole: a killed append's partial line is not read (and warned
+            # about) at every later start
+            lines = [records[0], *self.done.values()]
+            write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
             return True
         if resume:
             log.warning(
