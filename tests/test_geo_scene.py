@@ -581,15 +581,9 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
         run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
 
 
-@pytest.mark.parametrize("partial", [".probability.tif.part", ".explanation.tif.part"])
-def test_a_partial_raster_cut_short_is_computed_again(
-    tmp_path, ckpt, pair, threshold, monkeypatch, caplog, partial
-):
-    """A partial raster whose last tiles are gone (a full disk, a copy cut short) is not
-    resumed from: its header lists tiles past its end (the probability's last ones are its
-    internal mask's), so the scene starts over, saying which file, and ends as a whole run."""
-    overrides = [f"threshold={threshold}"]
-    run_scene(tmp_path / "whole", ckpt, *pair, *overrides)
+def killed_after_two_blocks(run, ckpt, pair, overrides, monkeypatch) -> Path:
+    """A run of ``pair`` into ``run`` stopped as a kill stops it, with two blocks written and
+    logged; returns the scene's folder."""
     real = changecam.geo.write.SceneFiles.write_block
     calls = {"n": 0}
 
@@ -601,9 +595,40 @@ def test_a_partial_raster_cut_short_is_computed_again(
 
     monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
-        run_scene(tmp_path / "killed", ckpt, *pair, *overrides)
+        run_scene(run, ckpt, *pair, *overrides)
     monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", real)
-    folder = tmp_path / "killed" / "run" / "pre"
+    return run / "run" / "pre"
+
+
+def test_a_killed_appends_partial_line_is_gone_from_the_resumed_log(
+    tmp_path, ckpt, pair, threshold, monkeypatch, caplog
+):
+    """The partial line a kill left in ``blocks.jsonl`` is warned about once: the resume writes
+    the log again without it, and its own records go on lines of their own."""
+    folder = killed_after_two_blocks(tmp_path, ckpt, pair, [f"threshold={threshold}"], monkeypatch)
+    log_path = folder / "blocks.jsonl"
+    with open(log_path, "a") as f:
+        f.write('{"block": 2, "changed": 1')  # the third block's record, cut by the kill
+    report = run_scene(tmp_path, ckpt, *pair, f"threshold={threshold}", "predict.resume=true")
+    assert report["scenes"][0]["resumed_blocks"] == 2
+    lines = log_path.read_text().splitlines()
+    assert [json.loads(line).get("block") for line in lines] == [None, 0, 1, 2, 3]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        run_scene(tmp_path, ckpt, *pair, f"threshold={threshold}", "predict.resume=true")
+    assert "incomplete" not in caplog.text
+
+
+@pytest.mark.parametrize("partial", [".probability.tif.part", ".explanation.tif.part"])
+def test_a_partial_raster_cut_short_is_computed_again(
+    tmp_path, ckpt, pair, threshold, monkeypatch, caplog, partial
+):
+    """A partial raster whose last tiles are gone (a full disk, a copy cut short) is not
+    resumed from: its header lists tiles past its end (the probability's last ones are its
+    internal mask's), so the scene starts over, saying which file, and ends as a whole run."""
+    overrides = [f"threshold={threshold}"]
+    run_scene(tmp_path / "whole", ckpt, *pair, *overrides)
+    folder = killed_after_two_blocks(tmp_path / "killed", ckpt, pair, overrides, monkeypatch)
     damaged = folder / partial
     os.truncate(damaged, damaged.stat().st_size - 100)
     with caplog.at_level(logging.WARNING, logger="changecam"):
