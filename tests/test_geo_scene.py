@@ -603,8 +603,9 @@ def killed_after_two_blocks(run, ckpt, pair, overrides, monkeypatch) -> Path:
 def test_a_killed_appends_partial_line_is_gone_from_the_resumed_log(
     tmp_path, ckpt, pair, threshold, monkeypatch, caplog
 ):
-    """The partial line a kill left in ``blocks.jsonl`` is warned about once: the resume writes
-    the log again without it, and its own records go on lines of their own."""
+    """The partial line a kill left in ``blocks.jsonl`` is warned about by the resume that finds
+    it, not by every later one: that resume writes the log again without it, and its own
+    records go on lines of their own."""
     folder = killed_after_two_blocks(tmp_path, ckpt, pair, [f"threshold={threshold}"], monkeypatch)
     log_path = folder / "blocks.jsonl"
     with open(log_path, "a") as f:

@@ -277,7 +277,7 @@ def append_json_line(path: str | Path, data: Any) -> None:
     A line is written whole or not at all: on an error (a full disk) the file is cut back to
     its previous length. A kill during the write can leave a partial last line, which
     :func:`changecam.run_log.read_json_lines` skips; the next line starts on a line of its
-    own, not joined to it.
+    own, not joined to it (where the log can be read: a write-only one is appended to as it is).
 
     Raises:
         DiskFullError: the device or quota is full.

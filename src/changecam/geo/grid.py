@@ -216,11 +216,18 @@ def tiff_directories(path: Path) -> int:
     (such as its tile offsets) found inside the file.
 
     Raises:
-        SceneError: it is not a TIFF, or a directory or its values lie past the end of the
-            file (cut short: GDAL would take the chain as ending there, or read its values
-            as missing).
+        SceneError: it is not a TIFF, or its header, a directory or a directory's values lie
+            past the end of the file (cut short: GDAL would take the chain as ending there, or
+            read the values as missing).
     """
     size = path.stat().st_size
+
+    def cut_short(what: str) -> SceneError:
+        return SceneError(
+            f"{path} is truncated (corrupt or cut short): {what} reaches past the end of its "
+            f"{size} bytes"
+        )
+
     with open(path, "rb") as f:
         head = f.read(16)
         order = {b"II": "<", b"MM": ">"}.get(head[:2])
@@ -228,42 +235,36 @@ def tiff_directories(path: Path) -> int:
         if version not in (42, 43):
             raise SceneError(f"{path} is not a TIFF file")
         big = version == 43
-        if len(head) < (16 if big else 8):  # cut inside the header
-            raise SceneError(f"{path} is truncated (corrupt or cut short): {size} bytes")
+        if len(head) < (16 if big else 8):
+            raise cut_short("its header")
+        # with the byte order given, struct adds no alignment padding
         count_format, entry_format, inline = ("Q", "HHQQ", 8) if big else ("H", "HHII", 4)
         count_bytes = struct.calcsize(order + count_format)
-        entry_bytes = struct.calcsize(order + entry_format)  # no native alignment padding
-        next_bytes = struct.calcsize(order + entry_format[-1])
-        offset = struct.unpack_from(order + entry_format[-1], head, 8 if big else 4)[0]
+        entry_bytes = struct.calcsize(order + entry_format)
+        next_format = order + entry_format[-1]
+        next_bytes = struct.calcsize(next_format)
+        offset = struct.unpack_from(next_format, head, 8 if big else 4)[0]
         images, seen = 0, set()
-        while offset and offset not in seen:
+        while offset and offset not in seen:  # (a loop: libtiff refuses the file when read)
             seen.add(offset)
+            directory = f"its directory {images + 1} (an image, a mask or an overview)"
+            if offset + count_bytes + next_bytes > size:
+                raise cut_short(directory)
             f.seek(offset)
-            raw = f.read(count_bytes)
-            entries = struct.unpack(order + count_format, raw)[0] if len(raw) == count_bytes else 0
+            (entries,) = struct.unpack(order + count_format, f.read(count_bytes))
+            if entries > (size - offset - count_bytes - next_bytes) // entry_bytes:
+                raise cut_short(directory)
             table = f.read(entries * entry_bytes + next_bytes)
-            if not raw or len(table) < entries * entry_bytes + next_bytes:
-                break  # the directory is cut
             for i in range(entries):
                 _, kind, count, value = struct.unpack_from(
                     order + entry_format, table, i * entry_bytes
                 )
-                length = count * TIFF_TYPE_BYTES.get(kind, 1)
+                length = count * TIFF_TYPE_BYTES.get(kind, 0)  # an unknown type: ignored
                 if length > inline and value + length > size:
-                    break  # values kept out of line, cut
-            else:
-                images += 1
-                offset = struct.unpack_from(order + entry_format[-1], table, entries * entry_bytes)[
-                    0
-                ]
-                continue
-            break
-        else:
-            return images
-    raise SceneError(
-        f"{path} is truncated (corrupt or cut short): its directory {images + 1} (an image, a "
-        f"mask or an overview) reaches past the end of its {size} bytes"
-    )
+                    raise cut_short(f"the values of {directory}")
+            images += 1
+            (offset,) = struct.unpack_from(next_format, table, entries * entry_bytes)
+    return images
 
 
 def check_every_image_complete(path: Path) -> None:

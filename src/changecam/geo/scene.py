@@ -322,10 +322,9 @@ class BlockLog:
             )
         if resume and same and readable:
             self.done = {r["block"]: r for r in records[1:] if "block" in r}
-            # written again whole: a killed append's partial line is not read (and warned
-            # about) at every later start
-            lines = [records[0], *self.done.values()]
-            write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
+            # written again from the records read: a killed append's partial line is not read
+            # (and warned about) at every later start
+            write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
             return True
         if resume:
             log.warning(
