@@ -9,12 +9,12 @@ renamed into place, all together, only when the whole scene is done.
   pixel; NaN where undefined); nodata NaN.
 
 Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression and
-overviews (built at the end; see :data:`ZLEVEL` for the levels). Until then the files are ``.<name>.part``
-beside their final name, which no ``*.tif`` glob matches: a killed run leaves no file that
-looks finished, except in the instant the finished files are renamed into place, before
-``scene.json`` is written (a resume takes them back and finishes the scene; a run without
-``resume`` removes them). Each block is written in its own update session (open, write, close), so
-a block recorded as done in the scene's log is on disk.
+overviews (built at the end; see :data:`ZLEVEL` for the levels). Until then the files are
+``.<name>.part`` beside their final name, which no ``*.tif`` glob matches: a killed run leaves
+no file that looks finished, except in the instant the finished files are renamed into place,
+before ``scene.json`` is written (a resume takes them back and finishes the scene; a run
+without ``resume`` removes them). Each block is written in its own update session (open,
+write, close), so a block recorded as done in the scene's log is on disk.
 """
 
 from __future__ import annotations
