@@ -503,6 +503,51 @@ def test_resume_refuses_another_checkpoint_given_the_old_ones_modification_time(
     assert {p: (run / p).read_bytes() for p in outputs(run)} == before
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_pair_files_a_killed_run_did_not_log_are_removed(tmp_path, ckpt, pairs, resume):
+    """A kill between a pair's renames and its log line leaves some or all of its files; the
+    next run in the folder removes those no logged pair lists (the pair may be gone from the
+    inputs, or the run may make no panels), and keeps those it resumes."""
+    common = [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN]
+    run_predict(tmp_path, common)
+    run = tmp_path / "run"
+    write_png(run / "masks" / "gone.png", np.zeros((32, 32), np.uint8))  # what the kill left
+    write_png(run / "panels" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    kept = (run / "masks" / "a.png").stat().st_mtime_ns
+    report = run_predict(tmp_path, [*common, *(["predict.resume=true"] if resume else [])])
+    assert [p["name"] for p in report["pairs"]] == ["a", "b", "c"]
+    assert not (run / "masks" / "gone.png").exists()
+    assert not list((run / "panels").glob("*.png"))
+    assert ((run / "masks" / "a.png").stat().st_mtime_ns == kept) is resume
+
+
+def test_resume_refuses_another_roi_mask_under_the_same_name(tmp_path, ckpt, pairs):
+    """``explain.target=roi``: the mask is recorded by its content, so another one copied over
+    it (its old time given back) is not taken for the one the finished pairs were explained
+    with."""
+    roi = tmp_path / "roi.png"
+    mask = np.zeros((32, 32), np.uint8)
+    mask[:16] = 255
+    write_png(roi, mask)
+    explain = [
+        "explain.target=roi",
+        f"explain.roi={roi}",
+        "explain.faithfulness.enabled=false",
+    ]
+    common = [f"ckpt_path={ckpt}", f"input.dir={pairs}", *explain]
+    run_predict(tmp_path, common)
+    run = tmp_path / "run"
+    before = {p: (run / p).read_bytes() for p in outputs(run)}
+    stat = roi.stat()
+    write_png(roi, 255 - mask)  # the other half
+    os.utime(roi, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(
+        ConfigError, match=r"started with other settings \(roi_file\.sample_sha256: "
+    ):
+        run_predict(tmp_path, [*common, "predict.resume=true"])
+    assert {p: (run / p).read_bytes() for p in outputs(run)} == before
+
+
 def test_a_log_from_before_the_network_was_recorded_still_resumes(
     tmp_path, ckpt, pairs, monkeypatch
 ):

@@ -43,9 +43,9 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
 
 
 # keys a resume record gained after some logs were written: the network the weights went into,
-# an input file's content sample, the checkpoint's size and content sample
+# an input file's content sample, the checkpoint's size and content sample, the ROI mask's file
 RECORDED_SINCE = frozenset(
-    {"network", "sample_sha256", "checkpoint_size", "checkpoint_sample_sha256"}
+    {"network", "sample_sha256", "checkpoint_size", "checkpoint_sample_sha256", "roi_file"}
 )
 
 

@@ -96,6 +96,8 @@ from changecam.run_log import as_logged, file_record, read_json_lines, settings_
 
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
 REPORT_FILE = "predictions.json"
+# where each of a pair's files goes in the run directory
+PAIR_FOLDERS = {"mask": "masks", "probability": "probabilities", "panel": "panels"}
 LOG_FILE = "predictions.jsonl"
 
 
@@ -141,12 +143,8 @@ class PairPrediction:
     def save(self, run_dir: Path) -> dict[str, str]:
         """Write the mask, probability and panel files together
         (:func:`changecam.atomic.write_files`); on any error none of them is left."""
-        files = {
-            "mask": run_dir / "masks" / f"{self.name}.png",
-            "probability": run_dir / "probabilities" / f"{self.name}.png",
-        }
-        if self.explained is not None:
-            files["panel"] = run_dir / "panels" / f"{self.name}.png"
+        kinds = ("mask", "probability", *(("panel",) if self.explained is not None else ()))
+        files = {kind: run_dir / PAIR_FOLDERS[kind] / f"{self.name}.png" for kind in kinds}
         arrays = {"mask": self.mask, "probability": encode_probability(self.probability)}
         if self.explained is not None:
             arrays["panel"] = self.explained.panel
@@ -262,8 +260,13 @@ def run_settings(cfg: DictConfig, threshold: float, net: nn.Module) -> dict[str,
     network = network_config(net)
     if network is None and model is not None:
         network = OmegaConf.to_container(model, resolve=True)
+    explained_roi = block and block.get("enabled", True) and block.get("target") == "roi"
+    roi = block.get("roi") if explained_roi else None
     return strict_json(
         {
+            # the explain.target=roi mask by its content too: another mask under the same name
+            # explains the pairs otherwise
+            **({"roi_file": file_record(Path(roi))} if roi and Path(roi).is_file() else {}),
             "checkpoint": str(ckpt.resolve()),
             "checkpoint_mtime_ns": checkpoint["mtime_ns"],
             # another checkpoint given the old file's modification time (cp -p, rsync -a)
@@ -348,16 +351,16 @@ class PredictionLog:
                 log.warning(
                     "predict.resume=true but %s has no log: predicting every pair", self.path
                 )
+            self.remove_unlisted(keep=set())
             write_text(self.path, json.dumps(header, sort_keys=True) + "\n")
             return {}
         logged = [r for r in records if r.get("status") == "done"]
         last = {r["pair"]["name"]: r for r in logged}  # a pair predicted again: its last line
         done = {name: r for name, r in last.items() if self.complete(r["pair"])}
         # a pair with some of its files gone is predicted again: none of the others may stay
-        self.remove_files(
-            [r for r in logged if done.get(r["pair"]["name"]) is not r],
-            keep={rel for r in done.values() for rel in r["pair"].get("files", {}).values()},
-        )
+        kept = {rel for r in done.values() for rel in r["pair"].get("files", {}).values()}
+        self.remove_files([r for r in logged if done.get(r["pair"]["name"]) is not r], keep=kept)
+        self.remove_unlisted(keep=kept)
         lines = [header, *done.values()]
         write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
         log.info("resuming %s: %d pair(s) already done", self.run_dir, len(done))
@@ -391,6 +394,27 @@ class PredictionLog:
                 path = (self.run_dir / rel).resolve()
                 if root in path.parents:
                     path.unlink(missing_ok=True)
+
+    def remove_unlisted(self, keep: set[str]) -> None:
+        """Remove the pair files in the run directory's pair folders that no ``done`` line of
+        this run lists (``keep``: relative paths): a kill between a pair's renames and its log
+        line leaves some or all of them, and they would look finished beside a report that
+        does not list them."""
+        unlisted = [
+            path
+            for folder in sorted(set(PAIR_FOLDERS.values()))
+            for path in sorted((self.run_dir / folder).glob("*.png"))
+            if f"{folder}/{path.name}" not in keep
+        ]
+        for path in unlisted:
+            path.unlink(missing_ok=True)
+        if unlisted:
+            log.warning(
+                "removed %d file(s) a killed run wrote but did not log: %s",
+                len(unlisted),
+                ", ".join(str(p.relative_to(self.run_dir)) for p in unlisted[:5])
+                + (" ..." if len(unlisted) > 5 else ""),
+            )
 
     def done(self, row: dict[str, Any], stamps: dict[str, Any]) -> None:
         append_json_line(self.path, {"status": "done", "pair": row, "stamps": stamps})
