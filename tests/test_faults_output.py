@@ -504,7 +504,9 @@ def test_resume_refuses_another_checkpoint_given_the_old_ones_modification_time(
 
 
 @pytest.mark.parametrize("resume", [True, False])
-def test_pair_files_a_killed_run_did_not_log_are_removed(tmp_path, ckpt, pairs, resume):
+def test_pair_files_a_killed_run_did_not_log_are_removed(
+    tmp_path, ckpt, pairs, resume, monkeypatch
+):
     """A kill between a pair's renames and its log line leaves some or all of its files; the
     next run in the folder removes those no logged pair lists (the pair may be gone from the
     inputs, or the run may make no panels), and keeps those it resumes."""
@@ -513,12 +515,14 @@ def test_pair_files_a_killed_run_did_not_log_are_removed(tmp_path, ckpt, pairs, 
     run = tmp_path / "run"
     write_png(run / "masks" / "gone.png", np.zeros((32, 32), np.uint8))  # what the kill left
     write_png(run / "panels" / "a.png", np.zeros((8, 8, 3), np.uint8))
-    kept = (run / "masks" / "a.png").stat().st_mtime_ns
+    (run / "masks" / "not_ours.png").mkdir()  # a folder is never removed
+    computed = count_pairs(monkeypatch)
     report = run_predict(tmp_path, [*common, *(["predict.resume=true"] if resume else [])])
     assert [p["name"] for p in report["pairs"]] == ["a", "b", "c"]
+    assert computed == ([] if resume else ["a", "b", "c"])
     assert not (run / "masks" / "gone.png").exists()
     assert not list((run / "panels").glob("*.png"))
-    assert ((run / "masks" / "a.png").stat().st_mtime_ns == kept) is resume
+    assert (run / "masks" / "a.png").is_file() and (run / "masks" / "not_ours.png").is_dir()
 
 
 def test_resume_refuses_another_roi_mask_under_the_same_name(tmp_path, ckpt, pairs):

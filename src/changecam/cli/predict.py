@@ -399,12 +399,16 @@ class PredictionLog:
         """Remove the pair files in the run directory's pair folders that no ``done`` line of
         this run lists (``keep``: relative paths): a kill between a pair's renames and its log
         line leaves some or all of them, and they would look finished beside a report that
-        does not list them."""
+        does not list them. (An explain.py run's panels in the same folder go too: both
+        commands write ``panels/<name>.png``.) Only files, only inside the run directory."""
+        root = self.run_dir.resolve()
+        folders = [f for f in sorted(set(PAIR_FOLDERS.values())) if (self.run_dir / f).is_dir()]
         unlisted = [
             path
-            for folder in sorted(set(PAIR_FOLDERS.values()))
+            for folder in folders
+            if (self.run_dir / folder).resolve().parent == root  # not a link out of the run
             for path in sorted((self.run_dir / folder).glob("*.png"))
-            if f"{folder}/{path.name}" not in keep
+            if path.is_file() and f"{folder}/{path.name}" not in keep
         ]
         for path in unlisted:
             path.unlink(missing_ok=True)
