@@ -305,11 +305,12 @@ def test_a_partial_raster_cut_anywhere_is_not_taken_as_complete(tmp_path):
     (GDAL reads a cut directory chain as ending there, and a cut mask as none)."""
     from changecam.geo.grid import SceneError, check_every_image_complete, tiff_directories
 
-    files = scene_files(tmp_path)  # masked: probability.tif carries an internal mask
+    files = scene_files(tmp_path)  # masked: probability.tif carries a mask
     probability = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     valid = np.ones((32, 32), bool)
     valid[:4] = False
-    files.write_block(BLOCKS[0], probability, valid, 0.5, None)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):  # inside the file, as predict_scene sets
+        files.write_block(BLOCKS[0], probability, valid, 0.5, None)
     path = files.partial("probability")
     assert tiff_directories(path) == 2  # the image and its mask
     assert files.partials_readable()
