@@ -484,6 +484,25 @@ def assert_same_outputs(folder: Path, other: Path) -> None:
         )
 
 
+def killed_after_two_blocks(run, ckpt, pair, overrides, monkeypatch) -> Path:
+    """A run of ``pair`` into ``run`` stopped as a kill stops it, with two blocks written and
+    logged; returns the scene's folder."""
+    real = changecam.geo.write.SceneFiles.write_block
+    calls = {"n": 0}
+
+    def dies_after_two(self, *args, **kwargs):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_scene(run, ckpt, *pair, *overrides)
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", real)
+    return run / "run" / "pre"
+
+
 def test_rasters_only_and_a_resume_that_adds_the_polygons(
     tmp_path, ckpt, pair, threshold, monkeypatch
 ):
@@ -506,22 +525,11 @@ def test_rasters_only_and_a_resume_that_adds_the_polygons(
             np.testing.assert_array_equal(ours.read(1), theirs.read(1))
     # killed with rasters only, resumed with the polygons: the two blocks it kept are traced
     # from the rasters, the other two as they are written
-    real = changecam.geo.write.SceneFiles.write_block
-    calls = {"n": 0}
-
-    def dies_after_two(self, *args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        calls["n"] += 1
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run_scene(tmp_path / "killed", ckpt, *pair, *overrides, *rasters_only)
-    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", real)
+    folder = killed_after_two_blocks(
+        tmp_path / "killed", ckpt, pair, [*overrides, *rasters_only], monkeypatch
+    )
     report = run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
     assert report["scenes"][0]["resumed_blocks"] == 2 and report["scenes"][0]["overviews"]
-    folder = tmp_path / "killed" / "run" / "pre"
     ours, theirs = (
         json.loads((f / "change.geojson").read_text())["features"] for f in (folder, whole)
     )
@@ -539,23 +547,10 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
     overrides = [f"threshold={threshold}"]
     pair = tuple(Path(shutil.copy(path, tmp_path / path.name)) for path in pair)  # touched below
     run_scene(tmp_path / "whole", ckpt, *pair, *overrides)
-    real = changecam.geo.write.SceneFiles.write_block
-    calls = {"n": 0}
-
-    def dies_after_two(self, *args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")  # what a kill leaves: two blocks on disk
-        calls["n"] += 1
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run_scene(tmp_path / "killed", ckpt, *pair, *overrides)
-    folder = tmp_path / "killed" / "run" / "pre"
+    folder = killed_after_two_blocks(tmp_path / "killed", ckpt, pair, overrides, monkeypatch)
     assert not list(folder.glob("*.tif")) and not list(folder.glob("*.geojson"))
     assert not (folder / "scene.json").exists()
     assert not (tmp_path / "killed" / "run" / "predictions.json").exists()
-    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", real)
     report = run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
     assert report["scenes"][0]["resumed_blocks"] == 2 and report["scenes"][0]["blocks"] == 4
     assert_same_outputs(folder, tmp_path / "whole" / "run" / "pre")
@@ -579,25 +574,6 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
         "rerun without predict.resume",
     ):
         run_scene(tmp_path / "killed", ckpt, *pair, *overrides, "predict.resume=true")
-
-
-def killed_after_two_blocks(run, ckpt, pair, overrides, monkeypatch) -> Path:
-    """A run of ``pair`` into ``run`` stopped as a kill stops it, with two blocks written and
-    logged; returns the scene's folder."""
-    real = changecam.geo.write.SceneFiles.write_block
-    calls = {"n": 0}
-
-    def dies_after_two(self, *args, **kwargs):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        calls["n"] += 1
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        run_scene(run, ckpt, *pair, *overrides)
-    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", real)
-    return run / "run" / "pre"
 
 
 def test_a_killed_appends_partial_line_is_gone_from_the_resumed_log(
