@@ -249,30 +249,49 @@ def test_the_geojson_names_the_scenes_crs_exactly_and_probability_carries_its_sc
 
 def test_blocks_are_compressed_at_gdals_default_level_not_the_creation_one(tmp_path):
     """What write.ZLEVEL's comment and the README say: a level given when a file is created does
-    not outlive that session, so the blocks, each written in an update of the file, are
-    compressed at GDAL's default DEFLATE level (6), not write.ZLEVEL (1). If a GDAL keeps the
-    level, this fails: update the docs (and the benchmark figures)."""
+    not outlive that session, so the DEFLATE blocks (change.tif's), each written in an update
+    of the file, are compressed at GDAL's default level (6), not write.ZLEVEL (1). If a GDAL
+    keeps the level, this fails: update the docs (and the benchmark figures)."""
     rng = np.random.default_rng(0)
     side = 256
-    smooth = np.add.outer(np.linspace(0, 1, side), np.linspace(0, 1, side)) / 2
-    probability = np.clip(smooth + rng.normal(0, 0.01, (side, side)), 0, 1).astype(np.float32)
+    # a probability near the threshold: a change mask of scattered pixels, which the two
+    # levels compress to different sizes
+    probability = (0.5 + rng.normal(0, 0.1, (side, side))).astype(np.float32)
     grid = Grid(GRID.crs, GRID.transform, side, side)
     block = Block(0, 0, 0, side, side, 0, 0, side, side, (0,), (0,))
     files = SceneFiles(tmp_path / "scene", explain=False, tile=side)
     files.create(grid, {})
-    files.write_block(block, probability, np.ones((side, side), bool), 0.5, None)
-    with rasterio.open(files.partial("probability")) as src:
-        written = src.block_size(1, 0, 0)
-    profile = files.profile("probability", grid)  # the raster's own creation options
+    written = files.write_block(block, probability, np.ones((side, side), bool), 0.5, None)
+    with rasterio.open(files.partial("change")) as src:
+        written_size = src.block_size(1, 0, 0)
+    profile = files.profile("change", grid)  # the raster's own creation options
+    assert profile["compress"] == "deflate"
     sizes = {}
     for level in (1, 6):
         path = tmp_path / f"level{level}.tif"
         with rasterio.open(path, "w", **{**profile, "zlevel": level}) as dst:
-            dst.write(changecam.geo.write.encode_probability(probability), 1)
+            dst.write(written.change, 1)
         with rasterio.open(path) as src:
             sizes[level] = src.block_size(1, 0, 0)
     assert changecam.geo.write.ZLEVEL == 1 and sizes[1] != sizes[6]
-    assert written == sizes[6]
+    assert written_size == sizes[6]
+
+
+def test_probability_is_lossless_lerc(tmp_path):
+    """probability.tif is LERC-compressed with no loss: every encoded value reads back."""
+    rng = np.random.default_rng(1)
+    side = 64
+    probability = rng.random((side, side)).astype(np.float32)
+    grid = Grid(GRID.crs, GRID.transform, side, side)
+    block = Block(0, 0, 0, side, side, 0, 0, side, side, (0,), (0,))
+    files = SceneFiles(tmp_path / "scene", explain=False, tile=side)
+    files.create(grid, {})
+    written = files.write_block(block, probability, np.ones((side, side), bool), 0.5, None)
+    with rasterio.open(files.partial("probability")) as src:
+        assert src.profile["compress"] == "lerc"
+        read = src.read(1)
+    assert np.array_equal(read, changecam.geo.write.encode_probability(probability))
+    assert np.array_equal(read, written.probability)
 
 
 def test_a_partial_raster_damaged_inside_is_named_when_read_back(tmp_path):

@@ -141,7 +141,18 @@ class SceneFiles:
         if what == "change":
             return {**common, "count": 1, "dtype": "uint8", "nodata": CHANGE_NODATA}
         if what == "probability":
-            return {**common, "count": 1, "dtype": "uint16", "predictor": 2}
+            # LERC, lossless: the network's probabilities are noisy in their low bits, which
+            # DEFLATE (level 6 in the updates, above) compresses slowly and little; lossless
+            # LERC wrote the blocks of a trained network's 2048² probability 3.6x faster than
+            # DEFLATE with its predictor, and 6 % smaller (by hand, one GDAL thread)
+            lerc = {k: v for k, v in common.items() if k not in ("compress", "zlevel")}
+            return {
+                **lerc,
+                "compress": "lerc",
+                "max_z_error": 0,
+                "count": 1,
+                "dtype": "uint16",
+            }
         # band-interleaved: GDAL built the overviews of this NaN-nodata float raster 2.5x
         # faster than from pixel-interleaved tiles, to the same values, and wrote its blocks a
         # little faster (measured by hand, 2048²); a reader of one band reads a third of it
