@@ -30,8 +30,8 @@ HERE = Path(__file__).resolve().parent
 EXPECTED = ("loader", "loop", "memory", "explain_cost", "cam_callback")
 # zoo: `make bench-zoo` (it trains every model); real_small: `make bench-real` (half an hour);
 # full_scale: `make bench-full` (LEVIR-CD-sized data, width 32); scene: `make bench-scene`
-# (an 8192² GeoTIFF pair: tens of minutes on a CPU); scene_memory, scene_timeline and
-# causal_margin: by hand
+# (an 8192² GeoTIFF pair: tens of minutes on a CPU); scene_memory, scene_timeline,
+# scene_codecs and causal_margin: by hand
 NOT_BENCHMARKS = (
     "common",
     "run_all",
@@ -41,6 +41,7 @@ NOT_BENCHMARKS = (
     "scene",
     "scene_memory",
     "scene_timeline",
+    "scene_codecs",
     "causal_margin",  # needs a trained checkpoint
 )
 

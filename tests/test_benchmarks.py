@@ -270,3 +270,16 @@ def test_polygon_memory_reports_the_growth_per_side():
     small, large = (run["regions"] for run in figures["scenes"])
     assert 100 < small < large  # about 5 000 regions per Mpx
     assert figures["growth_ratio"] > 0
+
+
+def test_scene_codecs_rewrites_both_rasters_with_every_codec():
+    import scene_codecs
+
+    figures = scene_codecs.main(["--tiny"])
+    probability, explanation = figures["rasters"]["probability"], figures["rasters"]["explanation"]
+    assert probability["predict_uses"] == "lerc"
+    assert explanation["predict_uses"] == "deflate_predictor"
+    for raster in (probability, explanation):
+        assert set(raster["cpu_ms_per_megapixel"]) == set(scene_codecs.CODECS)
+        assert raster["cpu_vs_predict_uses"][raster["predict_uses"]] == 1.0
+        assert all(bits > 0 for bits in raster["bits_per_pixel"].values())
