@@ -8,8 +8,9 @@ renamed into place, all together, only when the whole scene is done.
   blended like the logits) and ``post_share`` (``ReLU(post) / (ReLU(pre) + ReLU(post))`` per
   pixel; NaN where undefined); nodata NaN.
 
-Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression and
-overviews (built at the end; see :data:`ZLEVEL` for the levels). Until then the files are
+Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression
+(``probability.tif``: lossless LERC, see :meth:`SceneFiles.profile`) and overviews (built at
+the end; see :data:`ZLEVEL` for DEFLATE's levels). Until then the files are
 ``.<name>.part`` beside their final name, which no ``*.tif`` glob matches: a killed run leaves
 no file that looks finished, except in the instant the finished files are renamed into place,
 before ``scene.json`` is written (a resume takes them back and finishes the scene; a run
