@@ -6,10 +6,12 @@ compression level (DEFLATE is at libtiff's default, 6). This predicts the synthe
 ``--size``² pair (2048² by default; :func:`changecam.geo.synthetic.write_synthetic_scene`)
 with the quickstart U-Net (``--weights``: a trained ``.ckpt``; default freshly initialised),
 explanation on, then writes its probability and explanation rasters again block by block
-(predict.py's blocks, one update session each, one GDAL thread) with each codec, in
-interleaved rounds, and reports the best round's CPU milliseconds per megapixel, the size in
-bits per pixel and both against the codec predict.py uses. Every codec here is lossless: each
-file is read back and must equal what was written. Last line: one JSON object.
+(predict.py's blocks, one update session each, one GDAL thread; the pair has no nodata, so
+no mask) with each codec, in interleaved rounds, and reports each codec's best round: CPU
+milliseconds per megapixel, the size in bits per pixel, and both against the codec predict.py
+uses. Every codec here is lossless: each file is read back and must equal what was written to
+it. LERC is among them to show what it would save, though predict.py does not use it (some
+QGIS builds and GDAL packages cannot read it). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def rewrite(
     import rasterio
 
     path.unlink(missing_ok=True)
-    options = {k: v for k, v in profile.items() if k not in ("compress", "predictor", "zlevel")}
+    codec_keys = ("compress", "predictor", "zlevel", "max_z_error")
+    options = {k: v for k, v in profile.items() if k not in codec_keys}
     options |= creation_options(codec, profile["dtype"])
     with rasterio.open(path, "w", **options):
         pass

@@ -106,8 +106,7 @@ def test_outputs_are_georeferenced_and_polygons_match_the_mask(tmp_path, ckpt, p
             assert src.transform == TRANSFORM, "exactly the input's transform"
             assert (src.width, src.height, src.count, src.dtypes[0]) == (128, 128, count, dtype)
             assert src.overviews(1)[:1] == [2], "overviews built"
-            codec = "lerc" if name == "probability" else "deflate"  # LERC: lossless, faster
-            assert src.profile["tiled"] and src.profile["compress"] == codec
+            assert src.profile["tiled"] and src.profile["compress"] == "deflate"
             if name == "explanation":
                 assert src.interleaving == Interleaving.band
     with rasterio.open(folder / "change.tif") as src:

@@ -277,21 +277,26 @@ def test_blocks_are_compressed_at_gdals_default_level_not_the_creation_one(tmp_p
     assert written_size == sizes[6]
 
 
-def test_probability_is_lossless_lerc(tmp_path):
-    """probability.tif is LERC-compressed with no loss: every encoded value reads back."""
+def test_probability_reads_back_as_encoded_with_its_mask(tmp_path):
+    """probability.tif gives back every encoded value, 0 and 65535 included, and its mask."""
     rng = np.random.default_rng(1)
     side = 64
     probability = rng.random((side, side)).astype(np.float32)
+    probability[0, :8], probability[1, :8] = 0.0, 1.0
+    valid = np.ones((side, side), bool)
+    valid[40:, 50:] = False
     grid = Grid(GRID.crs, GRID.transform, side, side)
     block = Block(0, 0, 0, side, side, 0, 0, side, side, (0,), (0,))
-    files = SceneFiles(tmp_path / "scene", explain=False, tile=side)
-    files.create(grid, {})
-    written = files.write_block(block, probability, np.ones((side, side), bool), 0.5, None)
-    with rasterio.open(files.partial("probability")) as src:
-        assert src.profile["compress"] == "lerc"
-        read = src.read(1)
-    assert np.array_equal(read, changecam.geo.write.encode_probability(probability))
-    assert np.array_equal(read, written.probability)
+    files = SceneFiles(tmp_path / "scene", explain=False, tile=side, masked=True)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        files.create(grid, {})
+        written = files.write_block(block, probability, valid, 0.5, None)
+        with rasterio.open(files.partial("probability")) as src:
+            read, mask = src.read(1), src.read_masks(1)
+    encoded = changecam.geo.write.encode_probability(probability)
+    assert encoded[0, :8].max() == 0 and encoded[1, :8].min() == 65535
+    assert np.array_equal(read, encoded) and np.array_equal(read, written.probability)
+    assert np.array_equal(mask > 0, valid)
 
 
 def test_a_partial_raster_damaged_inside_is_named_when_read_back(tmp_path):

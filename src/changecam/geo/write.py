@@ -8,9 +8,8 @@ renamed into place, all together, only when the whole scene is done.
   blended like the logits) and ``post_share`` (``ReLU(post) / (ReLU(pre) + ReLU(post))`` per
   pixel; NaN where undefined); nodata NaN.
 
-Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression
-(``probability.tif``: lossless LERC, see :meth:`SceneFiles.profile`) and overviews (built at
-the end; see :data:`ZLEVEL` for DEFLATE's levels). Until then the files are
+Every raster has the pre scene's CRS and transform, 256 px tiles, DEFLATE compression and
+overviews (built at the end; see :data:`ZLEVEL` for the levels). Until then the files are
 ``.<name>.part`` beside their final name, which no ``*.tif`` glob matches: a killed run leaves
 no file that looks finished, except in the instant the finished files are renamed into place,
 before ``scene.json`` is written (a resume takes them back and finishes the scene; a run
@@ -55,8 +54,8 @@ def explanation_bands(method: str) -> tuple[str, str, str]:
 # blocks do not get it: GDAL keeps a creation's level for that session only (it is not stored
 # in the file) and takes none when a file is opened to update it, as each block is, so they
 # are compressed at libtiff's default level, 6, as are the post_share overviews rewritten in
-# an update (by hand, the probability blocks of a 2048² scene: 157 ms in 4 update sessions,
-# 159 ms in one at level 6, 66 ms at level 1; level 6 0.2 % smaller)
+# an update (by hand, a 2048² probability raster then written with a predictor: 157 ms in 4
+# update sessions, 159 ms in one at level 6, 66 ms at level 1; level 6 0.2 % smaller)
 ZLEVEL = 1
 OVERVIEW_RESAMPLING = {
     # the mean of the valid 0/1 pixels, rounded: their majority (a tie counts as change), as
@@ -142,18 +141,13 @@ class SceneFiles:
         if what == "change":
             return {**common, "count": 1, "dtype": "uint8", "nodata": CHANGE_NODATA}
         if what == "probability":
-            # LERC, lossless: the network's probabilities are noisy in their low bits, which
-            # DEFLATE (level 6 in the updates, above) compresses slowly and little; lossless
-            # LERC wrote a trained network's 2048² probability, block by block, with 4.2x less
-            # CPU than DEFLATE with a predictor, 2 % larger (benchmarks/scene_codecs.py)
-            lerc = {k: v for k, v in common.items() if k not in ("compress", "zlevel")}
-            return {
-                **lerc,
-                "compress": "lerc",
-                "max_z_error": 0,
-                "count": 1,
-                "dtype": "uint16",
-            }
+            # no predictor: a network's probabilities are noisy in their low bits, where the
+            # predictor made the blocks 8 % smaller for 49 % more CPU (a trained network's
+            # 2048² scene, benchmarks/scene_codecs.py). Lossless LERC would take a quarter of
+            # the CPU, but some QGIS builds (macOS packages, Fedora, openSUSE, Flatpak),
+            # Homebrew's GDAL and some rasterio wheels cannot read it: a map-ready file must
+            # open anywhere
+            return {**common, "count": 1, "dtype": "uint16"}
         # band-interleaved: GDAL built the overviews of this NaN-nodata float raster 2.5x
         # faster than from pixel-interleaved tiles, to the same values, and wrote its blocks a
         # little faster (measured by hand, 2048²); a reader of one band reads a third of it
