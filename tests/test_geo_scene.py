@@ -579,14 +579,17 @@ def test_a_killed_run_resumes_to_the_same_outputs(tmp_path, ckpt, pair, threshol
 def test_a_killed_appends_partial_line_is_gone_from_the_resumed_log(
     tmp_path, ckpt, pair, threshold, monkeypatch, caplog
 ):
-    """The partial line a kill left in ``blocks.jsonl`` is warned about by the resume that finds
-    it, not by every later one: that resume writes the log again without it, and its own
-    records go on lines of their own."""
+    """The partial line a kill left in ``blocks.jsonl`` is warned about once, by the resume that
+    finds it (its several readers of the log read it once), not by every later one: that resume
+    writes the log again without it, and its own records go on lines of their own."""
     folder = killed_after_two_blocks(tmp_path, ckpt, pair, [f"threshold={threshold}"], monkeypatch)
     log_path = folder / "blocks.jsonl"
     with open(log_path, "a") as f:
         f.write('{"block": 2, "changed": 1')  # the third block's record, cut by the kill
-    report = run_scene(tmp_path, ckpt, *pair, f"threshold={threshold}", "predict.resume=true")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        report = run_scene(tmp_path, ckpt, *pair, f"threshold={threshold}", "predict.resume=true")
+    assert caplog.text.count("line 4 is incomplete") == 1
     assert report["scenes"][0]["resumed_blocks"] == 2
     lines = log_path.read_text().splitlines()
     assert [json.loads(line).get("block") for line in lines] == [None, 0, 1, 2, 3]

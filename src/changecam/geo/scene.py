@@ -289,9 +289,14 @@ class BlockLog:
 
     path: Path
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
+    # the records as read until this log writes: the run's several readers read (and warn
+    # about a killed append's partial line) once
+    _read: list[dict[str, Any]] | None = field(default=None, repr=False)
 
     def read(self) -> list[dict[str, Any]]:
-        return read_json_lines(self.path)
+        if self._read is None:
+            self._read = read_json_lines(self.path)
+        return self._read
 
     def start(
         self,
@@ -304,6 +309,7 @@ class BlockLog:
         rasters); returns whether the run continues an earlier one. A new log's header holds
         ``new_settings`` (default ``settings``): every key this version records."""
         records = self.read()
+        self._read = None  # written below, or refused
         same = bool(records) and records[0].get("settings") == settings
         if resume and records and not same:
             changed = settings_changes(records[0].get("settings") or {}, settings)
@@ -336,6 +342,7 @@ class BlockLog:
         return False
 
     def add(self, record: dict[str, Any]) -> None:
+        self._read = None
         append_json_line(self.path, record)
         self.done[record["block"]] = record
 
