@@ -128,6 +128,23 @@ def stand_in_network():
     return DifferenceStandIn().eval()
 
 
+def raster_compression() -> dict[str, str]:
+    """The JSON's ``compression``: each scene raster's codec (and predictor) as predict.py
+    writes it, so that a record tells which one it was measured with."""
+    from affine import Affine
+
+    from changecam.geo.grid import Grid
+    from changecam.geo.write import RASTERS, SceneFiles
+
+    files, grid = SceneFiles(Path("."), explain=True), Grid(None, Affine.identity(), 1, 1)
+    described = {}
+    for what in RASTERS:
+        profile = files.profile(what, grid)
+        predictor = profile.get("predictor")
+        described[what] = profile["compress"] + (f" predictor {predictor}" if predictor else "")
+    return described
+
+
 def fresh_network(path: Path):
     """The quickstart U-Net, freshly initialised, saved as a state dict at ``path``."""
     import torch
@@ -445,6 +462,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for key, row in compare.items()
         },
         "network": network_description(args.weights, args.stand_in),
+        "compression": raster_compression(),
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine(),
     }

@@ -291,7 +291,7 @@ class BlockLog:
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
     # the records as read until this log writes: the run's several readers read (and warn
     # about a killed append's partial line) once
-    _read: list[dict[str, Any]] | None = field(default=None, repr=False)
+    _read: list[dict[str, Any]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def read(self) -> list[dict[str, Any]]:
         if self._read is None:

@@ -142,8 +142,8 @@ class SceneFiles:
             return {**common, "count": 1, "dtype": "uint8", "nodata": CHANGE_NODATA}
         if what == "probability":
             # no predictor: a network's probabilities are noisy in their low bits, where the
-            # predictor made the blocks 8 % smaller for 49 % more CPU (a trained network's
-            # 2048² scene, benchmarks/scene_codecs.py). Lossless LERC would take a quarter of
+            # predictor made the blocks 8 % smaller for 48 % more CPU (a trained network's
+            # 2048² scene, benchmarks/scene_codecs.py). Lossless LERC would take a third of
             # the CPU, but some QGIS builds (macOS packages, Fedora, openSUSE, Flatpak),
             # Homebrew's GDAL and some rasterio wheels cannot read it: a map-ready file must
             # open anywhere
