@@ -128,21 +128,22 @@ def stand_in_network():
     return DifferenceStandIn().eval()
 
 
+def codec_name(profile: dict[str, Any]) -> str:
+    """A raster profile's codec as the benchmarks name it: ``deflate``, ``deflate_predictor``,
+    ``lerc``, ..."""
+    return profile["compress"] + ("_predictor" if profile.get("predictor", 1) != 1 else "")
+
+
 def raster_compression() -> dict[str, str]:
-    """The JSON's ``compression``: each scene raster's codec (and predictor) as predict.py
-    writes it, so that a record tells which one it was measured with."""
+    """The JSON's ``compression``: each scene raster's :func:`codec_name` as predict.py writes
+    it, so that a record tells which one it was measured with."""
     from affine import Affine
 
     from changecam.geo.grid import Grid
     from changecam.geo.write import RASTERS, SceneFiles
 
     files, grid = SceneFiles(Path("."), explain=True), Grid(None, Affine.identity(), 1, 1)
-    described = {}
-    for what in RASTERS:
-        profile = files.profile(what, grid)
-        predictor = profile.get("predictor")
-        described[what] = profile["compress"] + (f" predictor {predictor}" if predictor else "")
-    return described
+    return {what: codec_name(files.profile(what, grid)) for what in RASTERS}
 
 
 def fresh_network(path: Path):

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common import emit, machine
+from scene import codec_name, fresh_network, network_description
 
 CODECS: dict[str, dict[str, Any]] = {
     "deflate": {"compress": "deflate"},
@@ -42,14 +43,13 @@ def creation_options(codec: str, dtype: str) -> dict[str, Any]:
     return options
 
 
-def predict_codec(files: Any, what: str, grid: Any) -> str:
-    """The name in :data:`CODECS` of the compression predict.py gives raster ``what``."""
-    profile = files.profile(what, grid)
-    for codec in CODECS:
-        if creation_options(codec, profile["dtype"]).items() <= profile.items():
-            if codec != "deflate" or "predictor" not in profile:
-                return codec
-    raise ValueError(f"{what}.tif's compression is not one of {list(CODECS)}: add it")
+def predict_codec(what: str, profile: dict[str, Any]) -> str:
+    """The name in :data:`CODECS` of the compression predict.py gives raster ``what``
+    (its ``profile``)."""
+    codec = codec_name(profile)
+    if codec not in CODECS:
+        raise ValueError(f"{what}.tif's compression, {codec}, is not one of {list(CODECS)}")
+    return codec
 
 
 def rewrite(
@@ -90,7 +90,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import rasterio
     import torch
-    from scene import fresh_network, network_description
 
     from changecam.geo import SceneSettings, predict_scene
     from changecam.geo.grid import Grid
@@ -121,11 +120,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for what in ("probability", "explanation"):
             with rasterio.open(files.final(what)) as src:
                 grid = Grid(src.crs, src.transform, src.width, src.height)
-                rasters[what] = (
-                    src.read(),
-                    files.profile(what, grid),
-                    predict_codec(files, what, grid),
-                )
+                profile = files.profile(what, grid)
+                rasters[what] = (src.read(), profile, predict_codec(what, profile))
         seconds: dict[str, dict[str, list[float]]] = {
             what: {codec: [] for codec in CODECS} for what in rasters
         }

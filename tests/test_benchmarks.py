@@ -132,7 +132,7 @@ def test_scene_benchmark_stand_in_times_the_paths_without_the_network():
     assert figures["compression"] == {
         "change": "deflate",
         "probability": "deflate",
-        "explanation": "deflate predictor 3",
+        "explanation": "deflate_predictor",
     }
     for compare in figures["side_by_side"].values():
         # no explanation: the stand-in has no per-date layers
