@@ -238,18 +238,116 @@ def test_a_run_with_fewer_outputs_removes_the_files_an_earlier_run_left(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
-def test_geojson_geometry_is_shapelys_mapping():
+def test_region_texts_are_shapelys_mapping_of_the_placed_regions():
+    """Each region's geometry text is its outline placed by the grid's transform (exterior
+    counter-clockwise, holes clockwise), as shapely maps it, and its bounds are that one's."""
     import json
 
-    from shapely.geometry import MultiPolygon, Polygon, box, mapping
+    from affine import Affine
+    from shapely.geometry import MultiPolygon, Polygon, box, mapping, shape
 
-    from changecam.geo.polygons import geojson_geometry
+    from changecam.geo.grid import Grid
+    from changecam.geo.polygons import Piece, region_texts
 
     holed = Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 2)]])
-    for geometry in (holed, MultiPolygon([holed, box(10.5, 0.25, 12, 3)])):
-        assert json.dumps(geojson_geometry(geometry)) == json.dumps(
-            json.loads(json.dumps(mapping(geometry)))
-        )
+    outlines = [holed, MultiPolygon([holed, box(10, 0, 12, 3)])]
+    pieces = [Piece(g, int(g.area), 0.5 * g.area, 1.0, 3.0) for g in outlines]
+    grid = Grid(None, Affine(0.5, 0, 399_872.0, 0, -0.5, 3_510_144.0), 20, 20)
+    bounds, texts = region_texts(pieces, grid, metres=True)
+    x0, y0 = 399_872.0, 3_510_144.0
+
+    def by_hand(polygon):  # x0 + 0.5 col, y0 - 0.5 row
+        def ring(coords):
+            return [(x0 + 0.5 * x, y0 - 0.5 * y) for x, y in coords]
+
+        return Polygon(ring(polygon.exterior.coords), [ring(r.coords) for r in polygon.interiors])
+
+    for outline, bound, text in zip(outlines, bounds, texts, strict=True):
+        geometry, properties = (json.loads(line) for line in text.split("\n"))
+        placed = shape(geometry)
+        parts = [by_hand(p) for p in getattr(outline, "geoms", [outline])]
+        assert placed.equals(parts[0] if len(parts) == 1 else MultiPolygon(parts))
+        assert geometry == json.loads(json.dumps(mapping(placed)))
+        for polygon in getattr(placed, "geoms", [placed]):
+            assert polygon.exterior.is_ccw and not any(r.is_ccw for r in polygon.interiors)
+        assert list(bound) == list(placed.bounds)
+        assert properties == {
+            "pixels": int(outline.area),
+            "area_m2": int(outline.area) * 0.25,
+            "mean_probability": 0.5,
+            "post_share": 0.75,
+        }
+
+
+def test_traced_outlines_are_exact_pixel_edges_wherever_the_block_lies():
+    """A known answer: a ring with a hole, a region in that hole, and two regions touching
+    only at a corner, in a block at (col 100, row 40): each outline follows its pixels' edges
+    in scene pixel coordinates."""
+    import cv2
+    import numpy as np
+    from shapely.geometry import Polygon, box
+
+    from changecam.geo.polygons import trace_labels
+
+    change = np.zeros((12, 16), np.uint8)
+    change[1:6, 1:6] = 1
+    change[2:5, 2:5] = 0  # the ring's hole
+    change[3, 3] = 1  # inside the hole
+    change[8, 8] = change[9, 9] = 1  # corner to corner: two regions (4-connected)
+    count, labels = cv2.connectedComponents(change, connectivity=4, ltype=cv2.CV_32S)
+    inside = np.flatnonzero(change)
+    outlines = trace_labels(labels, count, inside, labels.ravel()[inside], (100, 40))
+    assert outlines[0] is None and count == 5
+    expected = {
+        labels[1, 1]: Polygon(
+            [(101, 41), (106, 41), (106, 46), (101, 46)],
+            [[(102, 42), (105, 42), (105, 45), (102, 45)]],
+        ),
+        labels[3, 3]: box(103, 43, 104, 44),
+        labels[8, 8]: box(108, 48, 109, 49),
+        labels[9, 9]: box(109, 49, 110, 50),
+    }
+    for label, polygon in expected.items():
+        assert outlines[label].equals(polygon), (label, outlines[label].wkt)
+
+
+def test_packed_tracing_gives_the_outlines_of_tracing_the_whole_block(monkeypatch):
+    """Sparse regions are traced from their bounding boxes packed into a small raster: the
+    outlines (holes, nested and diagonal neighbours included) are those traced from the whole
+    block, and GDAL is given a fraction of its pixels."""
+    import cv2
+    import numpy as np
+    import rasterio.features
+
+    from changecam.geo import polygons
+
+    rng = np.random.default_rng(3)
+    blurred = cv2.GaussianBlur(rng.random((300, 260)), (0, 0), 2)
+    change = (blurred > np.quantile(blurred, 0.93)).astype(np.uint8)
+    change[rng.random(change.shape) < 0.01] ^= 1  # specks, and holes in the regions
+    count, labels = cv2.connectedComponents(change, connectivity=4, ltype=cv2.CV_32S)
+    inside = np.flatnonzero(change)
+    flat = labels.ravel()[inside]
+    assert count > 50 and change.mean() < 0.1
+
+    traced_pixels = []
+    shapes = rasterio.features.shapes
+
+    def counting(source, **kwargs):
+        traced_pixels.append(source.size)
+        return shapes(source, **kwargs)
+
+    monkeypatch.setattr(rasterio.features, "shapes", counting)
+    packed = polygons.trace_labels(labels, count, inside, flat, (512, 1024))
+    monkeypatch.setattr(polygons, "PACK_FRACTION", 0.0)
+    whole = polygons.trace_labels(labels, count, inside, flat, (512, 1024))
+    assert traced_pixels[1] == labels.size and traced_pixels[0] <= labels.size / 2
+    holes = 0
+    for label in range(1, count):
+        assert packed[label].equals(whole[label]), label
+        assert packed[label].area == (labels == label).sum()
+        holes += len(packed[label].interiors)
+    assert holes > 0
 
 
 @pytest.mark.parametrize(

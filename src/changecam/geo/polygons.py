@@ -3,11 +3,13 @@
 Each block of ``change.tif``, as the writer thread wrote it (or read back from the partial
 raster for blocks a killed run wrote: :class:`RegionTracer`), is labelled into 4-connected
 regions (:func:`cv2.connectedComponents`), and each region is traced into a polygon by
-:func:`rasterio.features.shapes` (4-connected too) in scene pixel coordinates, where the edge two
-blocks share is the same integer seen from either side (in the CRS it need not be: with a pixel
-size such as 1/3600° or 0.3 m, ``x0 + 1024 a + 1024 a`` and ``x0 + 2048 a`` can differ in the
-last bit, and the two halves of a region would share no segment to be joined by). Each whole
-region is mapped to the scene's CRS once, by its affine transform. Per region the block
+:func:`rasterio.features.shapes` (4-connected too; from the regions' bounding boxes packed
+together where they cover little of the block: :func:`trace_labels`) in scene pixel
+coordinates, where the edge two blocks share is the same integer seen from either side (in the
+CRS it need not be: with a pixel size such as 1/3600° or 0.3 m, ``x0 + 1024 a + 1024 a`` and
+``x0 + 2048 a`` can differ in the last bit, and the two halves of a region would share no
+segment to be joined by). Each whole region is mapped to the scene's CRS once, by its affine
+transform (a block's regions together: :func:`region_texts`). Per region the block
 sums what its record needs: pixel count, summed probability, summed positive pre and post
 HiResCAM. Regions that touch an inner block edge are joined with their neighbours across it
 (shapely: pieces whose boundaries share a segment, not just a corner), summing their sums.
@@ -49,8 +51,7 @@ import rasterio.warp
 import shapely
 from affine import Affine
 from shapely import STRtree
-from shapely.affinity import affine_transform
-from shapely.geometry import mapping, shape
+from shapely.geometry import shape
 from shapely.ops import unary_union
 
 from changecam.atomic import atomic_open, strict_json
@@ -122,29 +123,84 @@ def block_pieces(
         edges |= set(labels[:, 0].tolist())
     if block.col + block.width < grid.width:
         edges |= set(labels[:, -1].tolist())
-    with GDAL_LOCK:  # GDAL's polygonize, beside the reader and writer threads (geo.gdal_lock)
-        traced = list(
-            rasterio.features.shapes(
-                labels,
-                mask=labels > 0,
-                connectivity=4,
-                transform=Affine.translation(block.col, block.row),
-            )
-        )
-    geoms: dict[int, list[Any]] = {}
-    for geom, value in traced:
-        geoms.setdefault(int(value), []).append(shape(geom))
+    outlines = trace_labels(labels, count, inside, flat, (block.col, block.row))
     return [
         Piece(
-            geometry=parts[0] if len(parts) == 1 else unary_union(parts),
+            geometry=outlines[label],
             pixels=int(pixels[label]),
             probability_sum=float(prob_sum[label]),
             pre_mass=float(pre_mass[label]),
             post_mass=float(post_mass[label]),
             open_edge=label in edges,
         )
-        for label, parts in geoms.items()
+        for label in range(1, count)
     ]
+
+
+# GDAL's polygonize scans every pixel it is given (about 14 ms a megapixel on these CPUs), and
+# changed regions are mostly a few per cent of a block: each region's bounding box is packed
+# into a smaller raster, shelf by shelf, and traced there unless the packed raster would be
+# larger than this fraction of the block
+PACK_FRACTION = 0.5
+
+
+def trace_labels(
+    labels: np.ndarray,
+    count: int,
+    inside: np.ndarray,
+    flat: np.ndarray,
+    origin: tuple[int, int],
+) -> list[Any]:
+    """The outline of each labelled region of a block (4-connected, as labelled), in scene
+    pixel coordinates: index ``k`` is label ``k``'s (Multi)Polygon (index 0, the background,
+    ``None``).
+
+    Args:
+        labels: int32 ``h x w``: 0 background, regions ``1 .. count - 1`` (each non-empty).
+        count: the number of labels, background included.
+        inside: the flat indices of the labelled pixels.
+        flat: their labels.
+        origin: the block's ``(col, row)`` in the scene.
+    """
+    height, width = labels.shape
+    rows, cols = np.divmod(inside, width)
+    order = np.argsort(flat, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(flat[order]) != 0])
+    top = np.minimum.reduceat(rows[order], starts)
+    left = np.minimum.reduceat(cols[order], starts)
+    heights = np.maximum.reduceat(rows[order], starts) - top + 1
+    widths = np.maximum.reduceat(cols[order], starts) - left + 1
+    # shelves of the tallest boxes first, each as wide as the block
+    place_row, place_col = [0] * (count - 1), [0] * (count - 1)
+    box_heights, box_widths = heights.tolist(), widths.tolist()
+    shelf_top = shelf_height = x = 0
+    for k in np.argsort(-heights, kind="stable").tolist():
+        if x + box_widths[k] > width:
+            shelf_top, shelf_height, x = shelf_top + shelf_height, 0, 0
+        place_row[k], place_col[k] = shelf_top, x
+        x += box_widths[k]
+        shelf_height = max(shelf_height, box_heights[k])
+    packed_height = shelf_top + shelf_height
+    if packed_height <= PACK_FRACTION * height:
+        rows_at, cols_at = np.asarray(place_row), np.asarray(place_col)
+        canvas = np.zeros((packed_height, width), np.int32)
+        k = flat - 1
+        canvas[rows - top[k] + rows_at[k], cols - left[k] + cols_at[k]] = flat
+        shift = np.stack([left - cols_at, top - rows_at], axis=1)
+    else:
+        canvas, shift = labels, np.zeros((count - 1, 2), np.int64)
+    with GDAL_LOCK:  # GDAL's polygonize, beside the reader and writer threads (geo.gdal_lock)
+        traced = list(rasterio.features.shapes(canvas, mask=canvas > 0, connectivity=4))
+    polygons = np.array([shape(geom) for geom, _ in traced], dtype=object)
+    values = np.array([int(value) for _, value in traced], dtype=np.int64)
+    coords, index = shapely.get_coordinates(polygons, return_index=True)
+    coords += shift[values - 1][index] + np.asarray(origin)  # integers: exact
+    polygons = shapely.set_coordinates(polygons, coords)
+    outlines: list[Any] = [None] * count
+    for polygon, value in zip(polygons.tolist(), values.tolist(), strict=True):
+        previous = outlines[value]
+        outlines[value] = polygon if previous is None else unary_union([previous, polygon])
+    return outlines
 
 
 def join_pieces(pieces: Sequence[Piece]) -> list[Piece]:
@@ -295,19 +351,30 @@ class RegionTracer:
         open_pieces = [piece for piece in pieces if piece.open_edge]
         if open_pieces:
             self.open[block.index] = open_pieces
-        for order, piece in enumerate(p for p in pieces if not p.open_edge):
-            self._finish(piece, (block.index, order))
+        self._finish([p for p in pieces if not p.open_edge], block.index)
 
-    def _finish(self, piece: Piece, origin: tuple[int, int]) -> None:
-        """Place a whole region in the CRS and spill its GeoJSON text; keep its sort key."""
-        geometry, text = region_text(piece, self.grid, self.metres)
-        left, _, _, top = geometry.bounds
+    def _finish(self, pieces: Sequence[Piece], origin: int) -> None:
+        """Place whole regions in the CRS and spill their GeoJSON text; keep their sort keys
+        (``origin``: their block's index, or :data:`JOINED`; then their order in ``pieces``)."""
+        if not pieces:
+            return
+        bounds, texts = region_texts(pieces, self.grid, self.metres)
         offset = self.spill.seek(0, 2)
-        data = text.encode()
-        self.spill.write(data)
-        values = (-top, left, *origin, offset, len(data), piece.pixels)
-        for column, value in zip(self.keys.values(), values, strict=True):
-            column.append(value)
+        data = [text.encode() for text in texts]
+        self.spill.write(b"".join(data))
+        lengths = [len(d) for d in data]
+        starts = np.cumsum([offset, *lengths[:-1]]).tolist()
+        columns = (
+            (-bounds[:, 3]).tolist(),  # -top
+            bounds[:, 0].tolist(),  # left
+            [origin] * len(pieces),
+            list(range(len(pieces))),
+            starts,
+            lengths,
+            [piece.pixels for piece in pieces],
+        )
+        for column, values in zip(self.keys.values(), columns, strict=True):
+            column.extend(values)
 
     def add_from_rasters(
         self,
@@ -344,8 +411,7 @@ class RegionTracer:
         ``min_area_m2`` dropped."""
         pieces = [piece for index in sorted(self.open) for piece in self.open[index]]
         self.open = {}
-        for order, piece in enumerate(join_pieces(pieces)):
-            self._finish(piece, (JOINED, order))
+        self._finish(join_pieces(pieces), JOINED)
         keys = {name: np.array(column, dtype=column.typecode) for name, column in self.keys.items()}
         order = np.lexsort([keys[name] for name in reversed(SORT_FIELDS)])
         order = order[keys["pixels"][order] * self.grid.pixel_area >= min_area_m2]
@@ -423,41 +489,35 @@ def scene_polygons(
     return tracer.features(min_area_m2)
 
 
-def geojson_geometry(geometry: Any) -> dict[str, Any]:
-    """The GeoJSON of a (Multi)Polygon, its rings read as NumPy arrays (what shapely's
-    ``mapping`` gives, as lists, several times faster: a scene has thousands of regions)."""
-
-    def rings(polygon: Any) -> list[Any]:
-        return [np.asarray(polygon.exterior.coords).tolist()] + [
-            np.asarray(ring.coords).tolist() for ring in polygon.interiors
-        ]
-
-    if geometry.geom_type == "Polygon":
-        return {"type": "Polygon", "coordinates": rings(geometry)}
-    if geometry.geom_type == "MultiPolygon":
-        return {"type": "MultiPolygon", "coordinates": [rings(p) for p in geometry.geoms]}
-    return mapping(geometry)
-
-
-def region_text(piece: Piece, grid: Grid, metres: bool) -> tuple[Any, str]:
-    """A whole region (in scene pixel coordinates) placed in the scene's CRS, exterior ring
-    counter-clockwise (RFC 7946, also on a south-up or mirrored grid), and its record as two
-    lines of JSON: the geometry, then the properties (``id`` is added when it is written)."""
+def region_texts(pieces: Sequence[Piece], grid: Grid, metres: bool) -> tuple[np.ndarray, list[str]]:
+    """Whole regions (in scene pixel coordinates) placed in the scene's CRS, exterior rings
+    counter-clockwise (RFC 7946, also on a south-up or mirrored grid): their bounds in the CRS
+    (``n x 4``: left, bottom, right, top) and each one's record as two lines of JSON, the
+    geometry, then the properties (``id`` is added when it is written). All regions at once
+    (shapely's array functions: a scene has thousands of regions); the coordinates' text is
+    Python's, the shortest that reads back as the same float."""
     t = grid.transform
-    placed = affine_transform(piece.geometry, [t.a, t.b, t.d, t.e, t.c, t.f])
-    placed = shapely.orient_polygons(placed)
-    total = piece.pre_mass + piece.post_mass
-    post_share = piece.post_mass / total if np.isfinite(total) and total > 0 else None
-    properties = strict_json(
-        {
-            "pixels": piece.pixels,
-            "area_m2": piece.pixels * grid.pixel_area if metres else None,
-            "mean_probability": piece.probability_sum / piece.pixels,
-            "post_share": post_share,
-        }
-    )
-    geometry = json.dumps(geojson_geometry(placed), allow_nan=False)
-    return placed, f"{geometry}\n{json.dumps(properties, allow_nan=False)}"
+
+    def to_crs(xy: np.ndarray) -> np.ndarray:  # shapely.affinity.affine_transform's arithmetic
+        x, y = xy.T
+        return np.stack([t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f], axis=1)
+
+    pixels = np.array([piece.geometry for piece in pieces], dtype=object)
+    placed = shapely.orient_polygons(shapely.transform(pixels, to_crs))
+    texts = []
+    for piece, geometry in zip(pieces, shapely.to_geojson(placed).tolist(), strict=True):
+        total = piece.pre_mass + piece.post_mass
+        post_share = piece.post_mass / total if np.isfinite(total) and total > 0 else None
+        properties = strict_json(
+            {
+                "pixels": piece.pixels,
+                "area_m2": piece.pixels * grid.pixel_area if metres else None,
+                "mean_probability": piece.probability_sum / piece.pixels,
+                "post_share": post_share,
+            }
+        )
+        texts.append(f"{geometry}\n{json.dumps(properties, allow_nan=False)}")
+    return shapely.bounds(placed), texts
 
 
 # GDAL reads a GeoJSON without a ``crs`` member (or with a null one) as WGS84: a scene without
@@ -482,7 +542,7 @@ def write_geojson(path: Path, features: SceneFeatures, grid: Grid) -> int:
     """A GeoJSON FeatureCollection in the scene's CRS (named in its GeoJSON 2008 ``crs``
     member, which QGIS and GDAL read; RFC 7946 readers take every file as WGS84), written
     atomically, one feature at a time from the spill; returns how many. The features' text is
-    strict JSON already (:func:`region_text`)."""
+    strict JSON already (:func:`region_texts`)."""
     head: dict[str, Any] = {"type": "FeatureCollection", "crs": geojson_crs(grid)}
     count = 0
     with atomic_open(path, "w") as f:
@@ -500,10 +560,9 @@ __all__ = [
     "area_problem",
     "block_pieces",
     "geojson_crs",
-    "geojson_geometry",
     "join_pieces",
     "metric_crs",
-    "region_text",
+    "region_texts",
     "scene_polygons",
     "write_geojson",
 ]
