@@ -39,6 +39,7 @@ import tempfile
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,6 @@ import rasterio.warp
 import shapely
 from affine import Affine
 from shapely import STRtree
-from shapely.geometry import shape
 from shapely.ops import unary_union
 
 from changecam.atomic import atomic_open, strict_json
@@ -191,11 +191,19 @@ def trace_labels(
         canvas, shift = labels, np.zeros((count - 1, 2), np.int64)
     with GDAL_LOCK:  # GDAL's polygonize, beside the reader and writer threads (geo.gdal_lock)
         traced = list(rasterio.features.shapes(canvas, mask=canvas > 0, connectivity=4))
-    polygons = np.array([shape(geom) for geom, _ in traced], dtype=object)
+    # all polygons built at once from their rings' coordinates (each ring's first point
+    # repeated last, as shapely keeps it), shifted into the scene: integers, exact
     values = np.array([int(value) for _, value in traced], dtype=np.int64)
-    coords, index = shapely.get_coordinates(polygons, return_index=True)
-    coords += shift[values - 1][index] + np.asarray(origin)  # integers: exact
-    polygons = shapely.set_coordinates(polygons, coords)
+    rings = [ring for geom, _ in traced for ring in geom["coordinates"]]
+    ring_counts = [len(geom["coordinates"]) for geom, _ in traced]
+    ring_lengths = np.array([len(ring) for ring in rings])
+    coords = np.array(list(chain.from_iterable(rings)), dtype=np.float64)
+    polygon_of_ring = np.repeat(np.arange(len(traced)), ring_counts)
+    coords += np.repeat((shift[values - 1] + np.asarray(origin))[polygon_of_ring], ring_lengths, 0)
+    polygons = shapely.polygons(
+        shapely.linearrings(coords, indices=np.repeat(np.arange(len(rings)), ring_lengths)),
+        indices=polygon_of_ring,
+    )
     outlines: list[Any] = [None] * count
     for polygon, value in zip(polygons.tolist(), values.tolist(), strict=True):
         previous = outlines[value]
