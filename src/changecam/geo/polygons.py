@@ -39,6 +39,7 @@ import tempfile
 from array import array
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -342,7 +343,13 @@ class RegionTracer:
         # one sort key per finished region, in flat arrays (8 bytes a field, not a Python
         # object each): north first (-top), then west (left), then its block and place there
         self.keys = {name: array(kind) for name, kind in KEY_FIELDS.items()}
-        self.metres = metric_crs(grid)
+
+    @cached_property
+    def metres(self) -> bool:
+        """:func:`metric_crs` of the grid (25 points, two PROJ transformations each, about 7 ms
+        here), done by the first region finished (in the tracer thread), not when the tracer is
+        made (in the network's)."""
+        return metric_crs(self.grid)
 
     def add_block(
         self,
