@@ -163,6 +163,8 @@ def trace_labels(
         flat: their labels.
         origin: the block's ``(col, row)`` in the scene.
     """
+    if count <= 1:
+        return [None] * count
     height, width = labels.shape
     rows, cols = np.divmod(inside, width)
     order = np.argsort(flat, kind="stable")
@@ -347,9 +349,10 @@ class RegionTracer:
     @cached_property
     def metres(self) -> bool:
         """:func:`metric_crs` of the grid (25 points, two PROJ transformations each, about 7 ms
-        here), done by the first region finished (in the tracer thread), not when the tracer is
-        made (in the network's)."""
-        return metric_crs(self.grid)
+        here), found when the first region is finished (in the tracer thread, unless a resume
+        reads blocks back first), not when the tracer is made (in the network's thread)."""
+        with GDAL_LOCK:  # PROJ through GDAL, beside the reader and writer threads
+            return metric_crs(self.grid)
 
     def add_block(
         self,
@@ -509,8 +512,9 @@ def region_texts(pieces: Sequence[Piece], grid: Grid, metres: bool) -> tuple[np.
     counter-clockwise (RFC 7946, also on a south-up or mirrored grid): their bounds in the CRS
     (``n x 4``: left, bottom, right, top) and each one's record as two lines of JSON, the
     geometry, then the properties (``id`` is added when it is written). All regions at once
-    (shapely's array functions: a scene has thousands of regions); the coordinates' text is
-    Python's, the shortest that reads back as the same float."""
+    (shapely's array functions: a scene has thousands of regions); the geometry's text is
+    GEOS's compact GeoJSON, every coordinate written so that it reads back as the same float
+    (not always in Python's shortest digits)."""
     t = grid.transform
 
     def to_crs(xy: np.ndarray) -> np.ndarray:  # shapely.affinity.affine_transform's arithmetic
