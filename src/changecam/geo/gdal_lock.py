@@ -6,8 +6,8 @@ write out a dirty block of a dataset that another thread is writing at that mome
 GeoTIFFs such as ``explanation.tif``). A 16384² scene here once failed with a broken write
 (``_tiffWriteProc``) and an undecodable tile after about nine minutes, with the reader and the
 writer thread both using GDAL. So they take turns (the tracer thread too, for GDAL's polygonize,
-though it works on in-memory rasters): each still runs beside the network, which never calls
-GDAL.
+though it works on in-memory rasters, and for the PROJ transformations that tell whether the
+grid's areas are metres): each still runs beside the network, which never calls GDAL.
 """
 
 from __future__ import annotations
