@@ -349,8 +349,8 @@ class RegionTracer:
     @cached_property
     def metres(self) -> bool:
         """:func:`metric_crs` of the grid (25 points, two PROJ transformations each, about 7 ms
-        here), found when the first region is finished (in the tracer thread, unless a resume
-        reads blocks back first), not when the tracer is made (in the network's thread)."""
+        here), found when the first region is finished (mostly in the tracer thread), not when
+        the tracer is made (in the network's thread)."""
         with GDAL_LOCK:  # PROJ through GDAL, beside the reader and writer threads
             return metric_crs(self.grid)
 
