@@ -7,6 +7,7 @@ run and prints its figures as one JSON object on its **last** line (``run_all.py
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -72,6 +73,44 @@ def quickstart_config(tmp: Path, overrides: list[str]) -> DictConfig:
 
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
+
+
+def paired_verdict(ratios: Sequence[float], coverage: float = 0.9) -> dict[str, Any]:
+    """Which of two paths is the faster, from their speed ratio in each round (``> 1``: the
+    first path was faster in that round), without assuming how the machine's noise is
+    distributed: the median ratio's order-statistic confidence interval (the sign test's),
+    the narrowest ``[r_(j), r_(n+1-j)]`` of the sorted ratios that covers the median with
+    probability ``coverage`` or more.
+
+    Returns:
+        ``verdict``: ``faster`` (the whole interval above 1), ``slower`` (below 1), ``even
+        within noise`` (it holds 1) or ``too few rounds`` (even ``[min, max]`` covers less
+        than ``coverage``: 4 rounds or fewer for 0.9); with the ``median``, the ``interval``
+        and its exact ``coverage``.
+    """
+    values, n = sorted(ratios), len(ratios)
+    # the interval [r_(j), r_(n+1-j)] misses the median when fewer than j of the n rounds
+    # fall on one side of it: probability 2 P(Binomial(n, 1/2) < j)
+    chosen, j, below = None, 1, 0
+    while 2 * j <= n + 1:
+        below += math.comb(n, j - 1)
+        covered = 1 - 2 * below / 2**n
+        if covered < coverage:
+            break
+        chosen = (j, covered)
+        j += 1
+    record: dict[str, Any] = {"median": round(median(values), 3) if values else None}
+    if chosen is None:
+        return {"verdict": "too few rounds", **record, "interval": None, "coverage": None}
+    j, covered = chosen
+    low, high = values[j - 1], values[n - j]
+    verdict = "faster" if low > 1 else "slower" if high < 1 else "even within noise"
+    return {
+        "verdict": verdict,
+        **record,
+        "interval": [round(low, 3), round(high, 3)],
+        "coverage": round(covered, 4),
+    }
 
 
 def emit(figures: dict[str, Any]) -> None:

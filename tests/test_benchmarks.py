@@ -50,6 +50,27 @@ def test_targets_are_judged_by_direction():
     assert run_all.verdict("no_target_here", 3.0) == ""
 
 
+def test_paired_verdict_is_the_sign_tests_interval_for_the_median_ratio():
+    common = importlib.import_module("common")
+    # 5 rounds: [min, max] misses the median only when every round falls on one side of
+    # it, 2 / 2**5; 4 rounds cover it with 1 - 2 / 2**4 = 0.875 at best
+    faster = common.paired_verdict([1.04, 1.01, 1.2, 1.03, 1.05])
+    assert faster == {
+        "verdict": "faster",
+        "median": 1.04,
+        "interval": [1.01, 1.2],
+        "coverage": 0.9375,
+    }
+    assert common.paired_verdict([0.97, 0.99, 0.9, 0.95, 0.98])["verdict"] == "slower"
+    even = common.paired_verdict([0.94, 1.1, 1.02, 0.99, 1.01])
+    assert (even["verdict"], even["interval"]) == ("even within noise", [0.94, 1.1])
+    assert common.paired_verdict([1.1, 1.2, 1.3, 1.4])["verdict"] == "too few rounds"
+    # 9 rounds: the second smallest to the second largest, 1 - 2 * (1 + 9) / 2**9
+    nine = common.paired_verdict([0.98, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.3])
+    assert nine["interval"] == [1.01, 1.07] and nine["coverage"] == 0.9609
+    assert nine["verdict"] == "faster"
+
+
 def test_loop_fit_and_plain_loop_compute_the_same_epoch():
     loop = importlib.import_module("loop")
     figures = loop.main(["--tiny"])
@@ -107,6 +128,10 @@ def test_scene_benchmark_reports_memory_and_side_by_side_speed():
         "cpu_seconds",
         "rasters_only_throughput",
     }
+    # one round (--tiny) is no ground for a verdict
+    assert figures["windowed_at_least_as_fast"]["one_thread"]["throughput"]["verdict"] == (
+        "too few rounds"
+    )
     assert run["window_cache"]["peak_on_disk"] == 0  # one block: nothing waits for a later row
 
 
