@@ -31,7 +31,7 @@ EXPECTED = ("loader", "loop", "memory", "explain_cost", "cam_callback")
 # zoo: `make bench-zoo` (it trains every model); real_small: `make bench-real` (half an hour);
 # full_scale: `make bench-full` (LEVIR-CD-sized data, width 32); scene: `make bench-scene`
 # (an 8192² GeoTIFF pair: tens of minutes on a CPU); scene_memory, scene_timeline,
-# scene_codecs and causal_margin: by hand
+# scene_codecs and causal_margin: by hand; scene_verdicts reads the scene records (no timing)
 NOT_BENCHMARKS = (
     "common",
     "run_all",
@@ -42,6 +42,7 @@ NOT_BENCHMARKS = (
     "scene_memory",
     "scene_timeline",
     "scene_codecs",
+    "scene_verdicts",
     "causal_margin",  # needs a trained checkpoint
 )
 

@@ -71,6 +71,33 @@ def test_paired_verdict_is_the_sign_tests_interval_for_the_median_ratio():
     assert nine["verdict"] == "faster"
 
 
+def test_scene_verdicts_judges_each_recorded_side_by_side(tmp_path, capsys):
+    scene_verdicts = importlib.import_module("scene_verdicts")
+    rounds = {
+        "default_threads": {
+            "geotiff_vs_png_speed_per_round": [0.9, 0.95, 0.97, 0.92, 0.99],
+            "geotiff_rasters_only_vs_png_speed_per_round": [0.9, 1.05, 1.1, 1.0, 1.02],
+        },
+        "one_thread": {"geotiff_vs_png_speed_per_round": [1.02, 1.01, 1.1]},
+    }
+    record = tmp_path / "scene_x.json"
+    record.write_text(json.dumps({"network": "quickstart, trained: x", "side_by_side": rounds}))
+    (tmp_path / "scene_memory.json").write_text(json.dumps({"peak": 1}))  # no side by side
+    table = scene_verdicts.main([str(record), str(tmp_path / "scene_memory.json")])
+    assert set(table) == {"scene_x.json"}
+    two, one = table["scene_x.json"]["default_threads"], table["scene_x.json"]["one_thread"]
+    assert two["every output"]["verdict"] == "slower"
+    assert two["rasters only"]["verdict"] == "even within noise"
+    assert one == {"every output": common_verdict([1.02, 1.01, 1.1])}  # 3 rounds: too few
+    assert one["every output"]["verdict"] == "too few rounds"
+    out = capsys.readouterr().out
+    assert "| scene_x.json | trained | default_threads | slower (median 0.95, 0.9–0.99) |" in out
+
+
+def common_verdict(ratios):
+    return importlib.import_module("common").paired_verdict(ratios)
+
+
 def test_loop_fit_and_plain_loop_compute_the_same_epoch():
     loop = importlib.import_module("loop")
     figures = loop.main(["--tiny"])
