@@ -80,18 +80,26 @@ def paired_verdict(ratios: Sequence[float], coverage: float = 0.9) -> dict[str, 
     first path was faster in that round), without assuming how the machine's noise is
     distributed: the median ratio's order-statistic confidence interval (the sign test's),
     the narrowest ``[r_(j), r_(n+1-j)]`` of the sorted ratios that covers the median with
-    probability ``coverage`` or more.
+    probability ``coverage`` or more, the rounds taken as independent. The rounds of one run
+    share that run's state of the machine: a verdict is the run's, and another run of the same
+    code may get another.
 
     Returns:
         ``verdict``: ``faster`` (the whole interval above 1), ``slower`` (below 1), ``even
         within noise`` (it holds 1) or ``too few rounds`` (even ``[min, max]`` covers less
         than ``coverage``: 4 rounds or fewer for 0.9); with the ``median``, the ``interval``
-        and its exact ``coverage``.
+        (its ends rounded to 3 decimals, as judged) and its ``coverage`` (to 4 decimals).
+
+    Raises:
+        ValueError: ``coverage`` is not between 0 and 1.
     """
+    if not 0 < coverage < 1:
+        raise ValueError(f"coverage={coverage!r} must be between 0 and 1")
     values, n = sorted(ratios), len(ratios)
     # the interval [r_(j), r_(n+1-j)] misses the median when fewer than j of the n rounds
     # fall on one side of it: probability 2 P(Binomial(n, 1/2) < j)
-    chosen, j, below = None, 1, 0
+    chosen: tuple[int, float] | None = None
+    j, below = 1, 0
     while 2 * j <= n + 1:
         below += math.comb(n, j - 1)
         covered = 1 - 2 * below / 2**n
@@ -103,14 +111,9 @@ def paired_verdict(ratios: Sequence[float], coverage: float = 0.9) -> dict[str, 
     if chosen is None:
         return {"verdict": "too few rounds", **record, "interval": None, "coverage": None}
     j, covered = chosen
-    low, high = values[j - 1], values[n - j]
+    low, high = round(values[j - 1], 3), round(values[n - j], 3)
     verdict = "faster" if low > 1 else "slower" if high < 1 else "even within noise"
-    return {
-        "verdict": verdict,
-        **record,
-        "interval": [round(low, 3), round(high, 3)],
-        "coverage": round(covered, 4),
-    }
+    return {"verdict": verdict, **record, "interval": [low, high], "coverage": round(covered, 4)}
 
 
 def emit(figures: dict[str, Any]) -> None:

@@ -64,21 +64,42 @@ def test_paired_verdict_is_the_sign_tests_interval_for_the_median_ratio():
     assert common.paired_verdict([0.97, 0.99, 0.9, 0.95, 0.98])["verdict"] == "slower"
     even = common.paired_verdict([0.94, 1.1, 1.02, 0.99, 1.01])
     assert (even["verdict"], even["interval"]) == ("even within noise", [0.94, 1.1])
+    # a round exactly even is no evidence of either
+    assert common.paired_verdict([1.0, 1.0, 1.01, 1.02, 1.03])["verdict"] == "even within noise"
     assert common.paired_verdict([1.1, 1.2, 1.3, 1.4])["verdict"] == "too few rounds"
-    # 9 rounds: the second smallest to the second largest, 1 - 2 * (1 + 9) / 2**9
+    assert common.paired_verdict([]) == {
+        "verdict": "too few rounds",
+        "median": None,
+        "interval": None,
+        "coverage": None,
+    }
+    # a coverage met exactly is met
+    assert common.paired_verdict([1.1] * 5, coverage=0.9375)["coverage"] == 0.9375
+    # 8 rounds: the second smallest to the second largest, 1 - 2 * (1 + 8) / 2**8
+    eight = common.paired_verdict([0.9, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.2])
+    assert (eight["interval"], eight["coverage"]) == ([1.01, 1.06], 0.9297)
+    # 9 rounds: the same, 1 - 2 * (1 + 9) / 2**9 (the third would cover 0.8203)
     nine = common.paired_verdict([0.98, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.3])
     assert nine["interval"] == [1.01, 1.07] and nine["coverage"] == 0.9609
     assert nine["verdict"] == "faster"
+    with pytest.raises(ValueError, match="coverage"):
+        common.paired_verdict([1.1] * 5, coverage=1.0)
 
 
 def test_scene_verdicts_judges_each_recorded_side_by_side(tmp_path, capsys):
     scene_verdicts = importlib.import_module("scene_verdicts")
     rounds = {
         "default_threads": {
+            "torch_threads": 2,
             "geotiff_vs_png_speed_per_round": [0.9, 0.95, 0.97, 0.92, 0.99],
             "geotiff_rasters_only_vs_png_speed_per_round": [0.9, 1.05, 1.1, 1.0, 1.02],
         },
-        "one_thread": {"geotiff_vs_png_speed_per_round": [1.02, 1.01, 1.1]},
+        # an older record: the rasters-only rounds rebuilt from the wall seconds
+        "one_thread": {
+            "torch_threads": 1,
+            "geotiff_vs_png_speed_per_round": [1.02, 1.01, 1.1],
+            "wall_seconds": {"png": [2.2, 2.4, 2.2], "geotiff_rasters_only": [2.0, 2.0, 2.0]},
+        },
     }
     record = tmp_path / "scene_x.json"
     record.write_text(json.dumps({"network": "quickstart, trained: x", "side_by_side": rounds}))
@@ -88,14 +109,20 @@ def test_scene_verdicts_judges_each_recorded_side_by_side(tmp_path, capsys):
     two, one = table["scene_x.json"]["default_threads"], table["scene_x.json"]["one_thread"]
     assert two["every output"]["verdict"] == "slower"
     assert two["rasters only"]["verdict"] == "even within noise"
-    assert one == {"every output": common_verdict([1.02, 1.01, 1.1])}  # 3 rounds: too few
-    assert one["every output"]["verdict"] == "too few rounds"
+    assert "from_wall_seconds" not in two["rasters only"]
+    assert one["every output"]["verdict"] == "too few rounds"  # 3 rounds
+    assert one["rasters only"] == {
+        "verdict": "too few rounds",
+        "median": 1.1,
+        "interval": None,
+        "coverage": None,
+        "from_wall_seconds": True,
+    }
     out = capsys.readouterr().out
-    assert "| scene_x.json | trained | default_threads | slower (median 0.95, 0.9–0.99) |" in out
-
-
-def common_verdict(ratios):
-    return importlib.import_module("common").paired_verdict(ratios)
+    assert "| scene_x.json | trained | 2 | slower (median 0.95, 0.9–0.99) |" in out
+    assert "| scene_x.json | trained | 1 | too few rounds (median 1.02) | ≈ too few rounds" in out
+    # it reads records and times nothing: `make bench` leaves it out
+    assert "scene_verdicts" not in run_all.benchmark_names()
 
 
 def test_loop_fit_and_plain_loop_compute_the_same_epoch():
