@@ -302,9 +302,11 @@ def test_traced_outlines_are_exact_pixel_edges_wherever_the_block_lies():
     change[2:5, 2:5] = 0  # the ring's hole
     change[3, 3] = 1  # inside the hole
     change[8, 8] = change[9, 9] = 1  # corner to corner: two regions (4-connected)
-    count, labels = cv2.connectedComponents(change, connectivity=4, ltype=cv2.CV_32S)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        change, connectivity=4, ltype=cv2.CV_32S
+    )
     inside = np.flatnonzero(change)
-    outlines = trace_labels(labels, count, inside, labels.ravel()[inside], (100, 40))
+    outlines = trace_labels(labels, stats, inside, labels.ravel()[inside], (100, 40))
     assert outlines[0] is None and count == 5
     expected = {
         labels[1, 1]: Polygon(
@@ -333,7 +335,9 @@ def test_packed_tracing_gives_the_outlines_of_tracing_the_whole_block(monkeypatc
     blurred = cv2.GaussianBlur(rng.random((300, 260)), (0, 0), 2)
     change = (blurred > np.quantile(blurred, 0.93)).astype(np.uint8)
     change[rng.random(change.shape) < 0.01] ^= 1  # specks, and holes in the regions
-    count, labels = cv2.connectedComponents(change, connectivity=4, ltype=cv2.CV_32S)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        change, connectivity=4, ltype=cv2.CV_32S
+    )
     inside = np.flatnonzero(change)
     flat = labels.ravel()[inside]
     assert count > 50 and change.mean() < 0.1
@@ -346,9 +350,9 @@ def test_packed_tracing_gives_the_outlines_of_tracing_the_whole_block(monkeypatc
         return shapes(source, **kwargs)
 
     monkeypatch.setattr(rasterio.features, "shapes", counting)
-    packed = polygons.trace_labels(labels, count, inside, flat, (512, 1024))
+    packed = polygons.trace_labels(labels, stats, inside, flat, (512, 1024))
     monkeypatch.setattr(polygons, "PACK_FRACTION", 0.0)
-    whole = polygons.trace_labels(labels, count, inside, flat, (512, 1024))
+    whole = polygons.trace_labels(labels, stats, inside, flat, (512, 1024))
     assert traced_pixels[1] == labels.size and traced_pixels[0] <= labels.size / 2
     holes = 0
     for label in range(1, count):

@@ -2,7 +2,8 @@
 
 Each block of ``change.tif``, as the writer thread wrote it (or read back from the partial
 raster for blocks a killed run wrote: :class:`RegionTracer`), is labelled into 4-connected
-regions (:func:`cv2.connectedComponents`), and each region is traced into a polygon by
+regions (:func:`cv2.connectedComponentsWithStats`, which also gives their bounding boxes and
+pixel counts), and each region is traced into a polygon by
 :func:`rasterio.features.shapes` (4-connected too; from the regions' bounding boxes packed
 together where they cover little of the block: :func:`trace_labels`) in scene pixel
 coordinates, where the edge two blocks share is the same integer seen from either side (in the
@@ -92,13 +93,15 @@ def block_pieces(
     """The changed regions of one block (``change`` == 1) with their sums, in scene pixel
     coordinates; ``probability`` as written (uint16, ``p * 65535``)."""
     changed = (change == 1).astype(np.uint8)
-    count, labels = cv2.connectedComponents(changed, connectivity=4, ltype=cv2.CV_32S)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        changed, connectivity=4, ltype=cv2.CV_32S
+    )
     if count <= 1:
         return []
     # the sums over the changed pixels alone (a few per cent of a block), in the same order
     inside = np.flatnonzero(changed)
     flat = labels.ravel()[inside]
-    pixels = np.bincount(flat, minlength=count)
+    pixels = stats[:, cv2.CC_STAT_AREA]
     prob_sum = np.bincount(
         flat,
         weights=(probability.ravel()[inside].astype(np.float32) / PROBABILITY_SCALE).astype(
@@ -124,7 +127,7 @@ def block_pieces(
         edges |= set(labels[:, 0].tolist())
     if block.col + block.width < grid.width:
         edges |= set(labels[:, -1].tolist())
-    outlines = trace_labels(labels, count, inside, flat, (block.col, block.row))
+    outlines = trace_labels(labels, stats, inside, flat, (block.col, block.row))
     return [
         Piece(
             geometry=outlines[label],
@@ -147,7 +150,7 @@ PACK_FRACTION = 0.5
 
 def trace_labels(
     labels: np.ndarray,
-    count: int,
+    stats: np.ndarray,
     inside: np.ndarray,
     flat: np.ndarray,
     origin: tuple[int, int],
@@ -158,21 +161,19 @@ def trace_labels(
 
     Args:
         labels: int32 ``h x w``: 0 background, regions ``1 .. count - 1`` (each non-empty).
-        count: the number of labels, background included.
+        stats: ``count x 5``, row ``k`` label ``k``'s bounding box (left, top, width, height)
+            and pixel count, as :func:`cv2.connectedComponentsWithStats` gives them (row 0 the
+            background).
         inside: the flat indices of the labelled pixels.
         flat: their labels.
         origin: the block's ``(col, row)`` in the scene.
     """
+    count = len(stats)
     if count <= 1:
         return [None] * count
     height, width = labels.shape
     rows, cols = np.divmod(inside, width)
-    order = np.argsort(flat, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(flat[order]) != 0])
-    top = np.minimum.reduceat(rows[order], starts)
-    left = np.minimum.reduceat(cols[order], starts)
-    heights = np.maximum.reduceat(rows[order], starts) - top + 1
-    widths = np.maximum.reduceat(cols[order], starts) - left + 1
+    left, top, widths, heights = (stats[1:, i].astype(np.int64) for i in range(4))
     # shelves of the tallest boxes first, each as wide as the block
     place_row, place_col = [0] * (count - 1), [0] * (count - 1)
     box_heights, box_widths = heights.tolist(), widths.tolist()
