@@ -647,6 +647,31 @@ def test_a_kill_between_the_final_renames_is_finished_by_a_resume(
     assert not list(out.glob(".*.part")) and (out / "scene.json").is_file()
 
 
+@pytest.mark.parametrize("renamed", [("change.tif",), ("change.tif", "probability.tif")])
+def test_a_refused_resume_after_a_kill_mid_publish_leaves_nothing_looking_finished(
+    net, images, tmp_path, renamed
+):
+    """Killed between the final renames, then resumed with another setting: refused, and the
+    rasters published so far go back to their partial names (nothing looks finished); a
+    resume with the first settings then finishes the scene to the same files."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    out = tmp_path / "out"
+    predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    finished = {p.name: read_band(p, None) for p in out.glob("*.tif")}
+    for name in {"change.tif", "probability.tif", "explanation.tif"} - set(renamed):
+        (out / name).rename(out / f".{name}.part")
+    (out / "scene.json").unlink()  # the geojson, renamed last, stays: a kill before scene.json
+    other = SceneSettings(**{**vars(SETTINGS), "threshold": 0.9})
+    with pytest.raises(SceneError, match="other settings"):
+        predict_scene(net, pre, post, out, SPEC, other, resume=True)
+    assert finished_looking(out) == []
+    summary = predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
+    assert summary["resumed_blocks"] == summary["blocks"]
+    for name, values in finished.items():
+        np.testing.assert_array_equal(read_band(out / name, None), values)
+
+
 def test_rasters_of_other_settings_are_not_taken_back(net, images, tmp_path):
     pre = write_scene(tmp_path / "pre.tif", images[0])
     post = write_scene(tmp_path / "post.tif", images[1])

@@ -42,7 +42,13 @@ from rasterio.windows import Window
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from changecam.atomic import append_json_line, strict_json, write_json, write_text
+from changecam.atomic import (
+    append_json_line,
+    fsync_directory,
+    strict_json,
+    write_json,
+    write_text,
+)
 from changecam.data.transforms import bands_to_tensor
 from changecam.explain import ExplainSettings, FaithfulnessSettings, explain_tensors
 from changecam.explain.hirescam import choose_layer, per_date_layers, resolve_taps
@@ -485,6 +491,26 @@ def take_back_rasters(
         log.info("%s: every block was done; finishing it again from %s", files.folder, taken)
 
 
+def hide_unfinished(folder: Path) -> None:
+    """When a refused run keeps an earlier run's outputs in ``folder`` but that run published
+    them only in part (killed between the final renames, or before its ``scene.json``): its
+    published rasters go back to their partial names (:meth:`SceneFiles.take_back`, the
+    log's settings; a resume with those settings finishes the scene from them) and its
+    ``change.geojson``, which such a resume writes again, is removed, so nothing left looks
+    finished."""
+    if (folder / REPORT_FILE).exists():
+        return
+    records = BlockLog(folder / LOG_FILE).read()
+    if not records or not isinstance(records[0].get("settings"), dict):
+        return
+    files = SceneFiles(folder, explain=True)
+    taken = files.take_back(settings_hash(records[0]["settings"]), overviews=True)
+    if taken or files.final("polygons").exists():
+        files.final("polygons").unlink(missing_ok=True)
+        fsync_directory(folder)
+        log.info("%s was published only in part: %s taken back to partial names", folder, taken)
+
+
 def new_windows(blocks: Sequence[Block]) -> dict[int, int]:
     """Per block index, how many of its windows no earlier block of ``blocks`` computes: what
     it adds to the windows computed (a window shared across a block edge is computed once)."""
@@ -639,6 +665,8 @@ def predict_scene(
             if not made_from(folder, Path(pre_path), Path(post_path)):
                 (folder / REPORT_FILE).unlink(missing_ok=True)
                 SceneFiles(folder, explain=True).remove(("final",))
+            else:
+                hide_unfinished(folder)
             raise
 
 
