@@ -23,7 +23,7 @@ from changecam.cli.scenes import SceneFailure
 from changecam.geo import SceneError, SceneSettings, predict_scene
 from changecam.geo.grid import Grid
 from changecam.geo.polygons import area_problem, areal_scales
-from changecam.geo.scene import LOG_FILE, BlockLog
+from changecam.geo.scene import LOG_FILE, BlockLog, SceneNetwork
 from changecam.geo.write import SETTINGS_TAG, SceneFiles
 from changecam.models import SiameseUNet
 from changecam.models.sliding_window import SlidingWindow
@@ -670,6 +670,49 @@ def test_a_refused_resume_after_a_kill_mid_publish_leaves_nothing_looking_finish
     assert summary["resumed_blocks"] == summary["blocks"]
     for name, values in finished.items():
         np.testing.assert_array_equal(read_band(out / name, None), values)
+
+
+@pytest.mark.parametrize("garbled", ["change", "probability", "explanation"])
+def test_a_resume_names_a_kept_tile_garbled_since_before_predicting(
+    net, tmp_path, monkeypatch, garbled
+):
+    """Killed after two of four blocks, rasters only with overviews (no polygons read the
+    kept blocks back), a kept tile's bytes garbled: the resume names the file before the
+    network runs and leaves nothing that looks finished (GDAL's overview build would only have
+    logged the tile and gone on)."""
+    pair = synthetic_pair(128)
+    pre = write_scene(tmp_path / "pre.tif", pair[0])
+    post = write_scene(tmp_path / "post.tif", pair[1])
+    out = tmp_path / "out"
+    settings = SceneSettings(**{**vars(SETTINGS), "polygons": False})
+    real, calls = SceneFiles.write_block, []
+
+    def dies_after_two(self, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SceneFiles, "write_block", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        predict_scene(net, pre, post, out, SPEC, settings)
+    monkeypatch.setattr(SceneFiles, "write_block", real)
+    path = out / f".{garbled}.tif.part"
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+        length = int(src.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * length)
+    forward = []
+    monkeypatch.setattr(SceneNetwork, "block", lambda *a, **k: forward.append(1))
+    with pytest.raises(
+        SceneError,
+        match=rf"\.{garbled}\.tif\.part, written by the run being resumed, cannot be read back "
+        r"at block 0 .*rerun without predict.resume",
+    ):
+        predict_scene(net, pre, post, out, SPEC, settings, resume=True)
+    assert forward == [] and finished_looking(out) == []
 
 
 def test_rasters_of_other_settings_are_not_taken_back(net, images, tmp_path):

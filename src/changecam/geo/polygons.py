@@ -59,8 +59,9 @@ from shapely.ops import unary_union
 from changecam.atomic import atomic_open, strict_json
 from changecam.data.io import PROBABILITY_SCALE
 from changecam.geo.gdal_lock import GDAL_LOCK
-from changecam.geo.grid import Grid, SceneError
+from changecam.geo.grid import Grid
 from changecam.geo.windows import Block
+from changecam.geo.write import read_partial_block
 
 
 @dataclass
@@ -476,22 +477,6 @@ class SceneFeatures:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (json.loads(text) for text in self.texts())
-
-
-def read_partial_block(dataset: Any, block: Block, band: int | None = None) -> np.ndarray:
-    """One block of a partial raster an earlier run wrote.
-
-    Raises:
-        SceneError: it cannot be decoded (the file was damaged since), naming the file and
-            saying to start over.
-    """
-    try:
-        return dataset.read(band, window=block.window)
-    except rasterio.errors.RasterioError as err:
-        raise SceneError(
-            f"{dataset.name}, written by the run being resumed, cannot be read back at block "
-            f"{block.index} (damaged since?): {err}; rerun without predict.resume"
-        ) from err
 
 
 def scene_polygons(

@@ -803,6 +803,7 @@ def _predict_scene(
                 len(blocks) - len(todo),
                 len(blocks),
             )
+            files.read_back(b for b in blocks if b.index in block_log.done)
         runner = SceneNetwork(net, spec, settings.threshold, layer, settings.explain_method)
         # distinct windows: those of the blocks still to do are computed by this run
         total_windows = sum(new_windows(blocks).values())

@@ -90,6 +90,26 @@ def tile_side(block_size: int) -> int:
     return TILE if block_size % TILE == 0 else block_size
 
 
+def read_partial_block(
+    dataset: Any, block: Block, band: int | None = None, mask: bool = False
+) -> np.ndarray:
+    """One block of a partial raster an earlier run wrote (``mask``: its validity mask).
+
+    Raises:
+        SceneError: it cannot be decoded (the file was damaged since), naming the file and
+            saying to start over.
+    """
+    try:
+        if mask:
+            return dataset.read_masks(band, window=block.window)
+        return dataset.read(band, window=block.window)
+    except rasterio.errors.RasterioError as err:
+        raise SceneError(
+            f"{dataset.name}, written by the run being resumed, cannot be read back at block "
+            f"{block.index} (damaged since?): {err}; rerun without predict.resume"
+        ) from err
+
+
 @dataclass(frozen=True)
 class SceneFiles:
     """The output files of one scene in ``folder``. ``masked``: the scene may have nodata,
@@ -190,6 +210,24 @@ class SceneFiles:
             log.warning("%s", err)
             return False
         return True
+
+    def read_back(self, blocks: Iterable[Block]) -> None:
+        """Decode ``blocks`` of every partial raster, ``probability.tif``'s mask included: a
+        resume checks the blocks it keeps before it predicts the others. A tile garbled since
+        (its bytes, not its length: :meth:`partials_readable` finds a cut file) is named here;
+        nothing else would read every kept tile (the polygons read only the blocks with
+        change, and GDAL's overview build logs a tile it cannot decode and goes on).
+
+        Raises:
+            SceneError: a block cannot be decoded, naming the file.
+        """
+        blocks = list(blocks)
+        for what in self.rasters:
+            with rasterio.open(self.partial(what)) as src:
+                for block in blocks:
+                    read_partial_block(src, block)
+                    if what == "probability" and self.masked:
+                        read_partial_block(src, block, 1, mask=True)
 
     def write_block(
         self,
