@@ -50,7 +50,13 @@ def test_read_json_lines_skips_a_killed_append_and_says_so(tmp_path, caplog):
         f.write('{"block": 1, "va')  # what a kill during the append leaves
     with caplog.at_level(logging.WARNING, logger="changecam.run_log"):
         assert read_json_lines(log) == [{"status": "started"}, {"block": 0}]
-    assert f"{log} line 3 is incomplete" in caplog.text
+        # read again by another reader of the same run (a refusal's clean-up): no second warning
+        assert read_json_lines(log) == [{"status": "started"}, {"block": 0}]
+    assert caplog.text.count(f"{log} line 3 is incomplete") == 1
+    log.write_text('{"status": "started"}\n{"block"\n')  # another partial line: said again
+    with caplog.at_level(logging.WARNING, logger="changecam.run_log"):
+        assert read_json_lines(log) == [{"status": "started"}]
+    assert f"{log} line 2 is incomplete" in caplog.text
 
 
 def test_as_logged_drops_only_keys_recorded_since_that_the_log_lacks():

@@ -24,22 +24,31 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
     """The log's records (JSON objects), in order; ``[]`` when there is no log.
 
     A line that is not a whole JSON object (a kill during the append leaves a partial last
-    line) is skipped with a warning.
+    line) is skipped with a warning, once per process for the file as it is (a run reads its
+    log in several places).
     """
     path = Path(path)
     if not path.is_file():
         return []
+    text = path.read_text(encoding="utf-8")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
         if isinstance(record, dict):
             records.append(record)
-        else:
+            continue
+        seen = (str(path.resolve()), number, line)
+        if seen not in _WARNED:
+            _WARNED.add(seen)
             log.warning("%s line %d is incomplete (a killed write); ignored", path, number)
     return records
+
+
+# (file, line number, line) of the incomplete lines warned about in this process
+_WARNED: set[tuple[str, int, str]] = set()
 
 
 # keys a resume record gained after some logs were written: the network the weights went into,
