@@ -406,6 +406,39 @@ def test_a_region_cut_by_block_edges_is_one_polygon_on_any_grid(transform):
     assert geometry.symmetric_difference(expected).area <= 1e-9 * expected.area
 
 
+def test_a_regions_vertices_do_not_depend_on_the_block_size():
+    """Joined across block edges, a region keeps no vertex where its pieces met (a point in
+    the middle of a straight edge): traced with 32-, 64- or 128-pixel blocks (the scene
+    whole), every region has the same vertices, so the same normalised coordinates."""
+    import shapely
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+    from shapely.geometry import shape
+
+    from changecam.geo.grid import Grid
+    from changecam.geo.polygons import RegionTracer
+
+    grid = Grid(CRS.from_epsg(32650), from_origin(399872, 3510144, 0.5, 0.5), 128, 128)
+    rng = np.random.default_rng(3)
+    change = (rng.random((16, 16)) < 0.45).repeat(8, 0).repeat(8, 1).astype(np.uint8)
+    change[20:100, 30:40] = 1  # a long straight edge across three block rows
+    traced = {}
+    for size in (32, 64, 128):
+        tracer = RegionTracer(grid)
+        for block in block_grid(128, 128, size, SlidingWindow(window=32)):
+            rows = np.s_[block.row : block.row + block.height]
+            window = (rows, np.s_[block.col : block.col + block.width])
+            probability = np.full((block.height, block.width), 40000, np.uint16)
+            tracer.add_block(block, change[window], probability, None)
+        features = sorted(
+            (shapely.normalize(shape(f["geometry"])).wkt for f in tracer.features()), key=str
+        )
+        tracer.close()
+        traced[size] = features
+    assert len(traced[128]) > 5
+    assert traced[32] == traced[128] and traced[64] == traced[128]
+
+
 @pytest.mark.parametrize("copy", ["overviews", "cog"])
 def test_the_scaling_sample_ignores_overviews(tmp_path, monkeypatch, copy):
     """A scene with averaged overviews (or its COG copy) holds the same pixels, so it gets the

@@ -212,8 +212,17 @@ def trace_labels(
     outlines: list[Any] = [None] * count
     for polygon, value in zip(polygons.tolist(), values.tolist(), strict=True):
         previous = outlines[value]
-        outlines[value] = polygon if previous is None else unary_union([previous, polygon])
+        outlines[value] = polygon if previous is None else dissolved([previous, polygon])
     return outlines
+
+
+def dissolved(polygons: Sequence[Any]) -> Any:
+    """The union of traced polygons (scene pixel coordinates) without the vertices where they
+    met in the middle of a straight edge, as GDAL traces a region whole: a region's vertices
+    do not depend on where the blocks cut it. Exact: the coordinates are integers, and a
+    simplification with tolerance 0 takes out only the vertices on the line through their
+    neighbours."""
+    return shapely.simplify(unary_union(polygons), 0)
 
 
 def join_pieces(pieces: Sequence[Piece]) -> list[Piece]:
@@ -248,7 +257,7 @@ def join_pieces(pieces: Sequence[Piece]) -> list[Piece]:
         for k in members[1:]:
             merged.absorb(pieces[k])
         if merged.parts:
-            merged.geometry = unary_union([first.geometry, *merged.parts])
+            merged.geometry = dissolved([first.geometry, *merged.parts])
             merged.parts = []
         joined.append(merged)
     return joined
