@@ -410,6 +410,7 @@ def test_a_regions_vertices_do_not_depend_on_the_block_size():
     """Joined across block edges, a region keeps no vertex where its pieces met (a point in
     the middle of a straight edge): traced with 32-, 64- or 128-pixel blocks (the scene
     whole), every region has the same vertices, so the same normalised coordinates."""
+    import cv2
     import shapely
     from rasterio.crs import CRS
     from rasterio.transform import from_origin
@@ -422,6 +423,15 @@ def test_a_regions_vertices_do_not_depend_on_the_block_size():
     rng = np.random.default_rng(3)
     change = (rng.random((16, 16)) < 0.45).repeat(8, 0).repeat(8, 1).astype(np.uint8)
     change[20:100, 30:40] = 1  # a long straight edge across three block rows
+
+    def pixels(geometries):  # each region's pixel count x 0.25 m², from the mask
+        labels = cv2.connectedComponents(change, connectivity=4)[1]
+        for g in geometries:
+            row, col = rasterio.transform.rowcol(
+                grid.transform, *g.representative_point().coords[0]
+            )
+            yield (labels == labels[row, col]).sum() * 0.25
+
     traced = {}
     for size in (32, 64, 128):
         tracer = RegionTracer(grid)
@@ -430,11 +440,12 @@ def test_a_regions_vertices_do_not_depend_on_the_block_size():
             window = (rows, np.s_[block.col : block.col + block.width])
             probability = np.full((block.height, block.width), 40000, np.uint16)
             tracer.add_block(block, change[window], probability, None)
-        features = sorted(
-            (shapely.normalize(shape(f["geometry"])).wkt for f in tracer.features()), key=str
-        )
+        geometries = [shape(f["geometry"]) for f in tracer.features()]
         tracer.close()
-        traced[size] = features
+        assert all(
+            g.is_valid and g.area == f for g, f in zip(geometries, pixels(geometries), strict=True)
+        )
+        traced[size] = sorted(shapely.normalize(g).wkt for g in geometries)
     assert len(traced[128]) > 5
     assert traced[32] == traced[128] and traced[64] == traced[128]
 

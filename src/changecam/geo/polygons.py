@@ -219,10 +219,21 @@ def trace_labels(
 def dissolved(polygons: Sequence[Any]) -> Any:
     """The union of traced polygons (scene pixel coordinates) without the vertices where they
     met in the middle of a straight edge, as GDAL traces a region whole: a region's vertices
-    do not depend on where the blocks cut it. Exact: the coordinates are integers, and a
-    simplification with tolerance 0 takes out only the vertices on the line through their
-    neighbours."""
-    return shapely.simplify(unary_union(polygons), 0)
+    do not depend on where the blocks cut it. Exact: the coordinates are integers, and only a
+    vertex on the line through its neighbours goes (a ring's first one included)."""
+    union = unary_union(polygons)
+    parts = [
+        shapely.Polygon(corners(part.exterior), [corners(ring) for ring in part.interiors])
+        for part in getattr(union, "geoms", [union])
+    ]
+    return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
+
+
+def corners(ring: Any) -> np.ndarray:
+    """A closed ring's vertices where it turns (its closing point left out)."""
+    xy = np.asarray(ring.coords)[:-1]
+    before, after = xy - np.roll(xy, 1, axis=0), np.roll(xy, -1, axis=0) - xy
+    return xy[before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0] != 0]
 
 
 def join_pieces(pieces: Sequence[Piece]) -> list[Piece]:
