@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 from collections.abc import Iterator
@@ -647,29 +648,99 @@ def test_a_kill_between_the_final_renames_is_finished_by_a_resume(
     assert not list(out.glob(".*.part")) and (out / "scene.json").is_file()
 
 
-@pytest.mark.parametrize("renamed", [("change.tif",), ("change.tif", "probability.tif")])
-def test_a_refused_resume_after_a_kill_mid_publish_leaves_nothing_looking_finished(
-    net, images, tmp_path, renamed
-):
-    """Killed between the final renames, then resumed with another setting: refused, and the
-    rasters published so far go back to their partial names (nothing looks finished); a
-    resume with the first settings then finishes the scene to the same files."""
+def killed_publishing(net, pre: Path, post: Path, out: Path, renamed: int) -> None:
+    """A run of SETTINGS into ``out`` stopped as a kill stops it after ``renamed`` of its
+    four final renames (4: before its scene.json)."""
+    real_replace, done = os.replace, []
+
+    def killed_replace(src, dst):
+        if str(src).endswith(".part"):
+            if len(done) == renamed:
+                raise KeyboardInterrupt("killed")
+            done.append(dst)
+        return real_replace(src, dst)
+
+    def killed_write_json(path, value):
+        raise KeyboardInterrupt("killed")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", killed_replace)
+        patch.setattr(changecam.geo.scene, "write_json", killed_write_json)  # scene.json only
+        with pytest.raises(KeyboardInterrupt):
+            predict_scene(net, pre, post, out, SPEC, SETTINGS)
+
+
+def test_partial_rasters_with_overviews_are_predicted_again_without_them(net, images, tmp_path):
+    """Killed after the overviews were built, before any rename, then resumed with
+    predict.overviews=false: GDAL cannot take the overviews out, so the scene is predicted
+    again, and its rasters have none, as its scene.json says."""
     pre = write_scene(tmp_path / "pre.tif", images[0])
     post = write_scene(tmp_path / "post.tif", images[1])
     out = tmp_path / "out"
-    predict_scene(net, pre, post, out, SPEC, SETTINGS)
-    finished = {p.name: read_band(p, None) for p in out.glob("*.tif")}
-    for name in {"change.tif", "probability.tif", "explanation.tif"} - set(renamed):
-        (out / name).rename(out / f".{name}.part")
-    (out / "scene.json").unlink()  # the geojson, renamed last, stays: a kill before scene.json
+    killed_publishing(net, pre, post, out, 0)
+    with rasterio.open(out / ".change.tif.part") as src:
+        assert src.overviews(1), "built before the kill"
+    no_overviews = SceneSettings(**{**vars(SETTINGS), "overviews": False})
+    summary = predict_scene(net, pre, post, out, SPEC, no_overviews, resume=True)
+    assert summary["resumed_blocks"] == 0 and summary["overviews"] is False
+    for name in ("change.tif", "probability.tif", "explanation.tif"):
+        with rasterio.open(out / name) as src:
+            assert src.overviews(1) == [], name
+
+
+@pytest.mark.parametrize("renamed", [1, 2, 3, 4])
+def test_a_refused_resume_after_a_kill_mid_publish_leaves_nothing_looking_finished(
+    net, images, tmp_path, monkeypatch, renamed
+):
+    """Killed after ``renamed`` of the four final renames (4: before scene.json), then resumed
+    with another setting: refused, and what was published goes back to its partial name or
+    (the geojson) away, so nothing looks finished; a resume with the first settings then
+    finishes the scene to the same files."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    finished = predict_scene(net, pre, post, tmp_path / "whole", SPEC, SETTINGS)["files"]
+    rasters = [name for name in finished.values() if name.endswith(".tif")]
+    whole = {name: read_band(tmp_path / "whole" / name, None) for name in rasters}
+    out = tmp_path / "out"
+    killed_publishing(net, pre, post, out, renamed)
+    assert len(finished_looking(out)) == renamed
     other = SceneSettings(**{**vars(SETTINGS), "threshold": 0.9})
     with pytest.raises(SceneError, match="other settings"):
         predict_scene(net, pre, post, out, SPEC, other, resume=True)
     assert finished_looking(out) == []
     summary = predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
     assert summary["resumed_blocks"] == summary["blocks"]
-    for name, values in finished.items():
+    for name, values in whole.items():
         np.testing.assert_array_equal(read_band(out / name, None), values)
+    assert (out / "change.geojson").read_text() == (
+        tmp_path / "whole" / "change.geojson"
+    ).read_text()
+
+
+def test_a_refusal_keeps_rasters_another_runs_log_does_not_describe(net, images, tmp_path):
+    """A finished scene, then a run with another threshold killed just after it took away
+    scene.json and before it removed the old rasters: the log's header is the new run's, so a
+    refused resume takes none of the old files back or away."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    out = tmp_path / "out"
+    predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    published = finished_looking(out)
+    real_remove = SceneFiles.remove
+
+    def killed_remove(self, names=("partial", "final")):
+        if "final" in names:
+            raise KeyboardInterrupt("killed")
+        return real_remove(self, names)
+
+    other = SceneSettings(**{**vars(SETTINGS), "threshold": 0.9})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SceneFiles, "remove", killed_remove)
+        with pytest.raises(KeyboardInterrupt):
+            predict_scene(net, pre, post, out, SPEC, other)
+    with pytest.raises(SceneError, match="other settings"):
+        predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
+    assert finished_looking(out) == [n for n in published if n != "scene.json"]
 
 
 @pytest.mark.parametrize("garbled", ["change", "probability", "explanation"])

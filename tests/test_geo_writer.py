@@ -3,10 +3,13 @@ error in either of its threads (writer, tracer) raised in the caller's."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import rasterio
 from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 
 import changecam.geo.write
@@ -319,6 +322,33 @@ def test_a_partial_raster_damaged_inside_is_named_when_read_back(tmp_path):
         r"cannot be read back at block 0 .*rerun without predict.resume",
     ):
         tracer.add_from_rasters([BLOCKS[0]], path, files.partial("probability"), None)
+
+
+@pytest.mark.parametrize("image", ["probability", "its mask"])
+def test_a_resumes_read_back_names_a_garbled_tile_of_the_probability_or_its_mask(tmp_path, image):
+    """The check a resume makes of the blocks it keeps decodes probability.tif's internal
+    mask too (the polygons never read it): a garbled tile in either is named."""
+    from changecam.geo.grid import SceneError
+
+    valid = np.ones((32, 32), bool)
+    valid[20:, 25:] = False
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        files = scene_files(tmp_path)  # masked: it may have nodata
+        files.write_block(BLOCKS[0], np.full((32, 32), 0.7, np.float32), valid, 0.5, None)
+        files.read_back([BLOCKS[0]])
+        path = files.partial("probability")
+        # the mask is the file's second image
+        name = f"GTIFF_DIR:2:{path}" if image == "its mask" else path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(name) as src:
+                offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+                length = int(src.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(b"\xff" * length)
+        with pytest.raises(SceneError, match=r"\.probability\.tif\.part, written by the run"):
+            files.read_back([BLOCKS[0]])
 
 
 def test_a_partial_raster_cut_anywhere_is_not_taken_as_complete(tmp_path):

@@ -505,9 +505,14 @@ def hide_unfinished(folder: Path) -> None:
         return
     files = SceneFiles(folder, explain=True)
     taken = files.take_back(settings_hash(records[0]["settings"]), overviews=True)
-    if taken or files.final("polygons").exists():
-        files.final("polygons").unlink(missing_ok=True)
+    # rasters left under their final names are another run's (a kill just as a new run began
+    # removing them): they stay, and so does the geojson beside them
+    polygons = files.final("polygons")
+    alone = polygons.exists() and not any(files.final(w).is_file() for w in files.rasters)
+    if alone:
+        polygons.unlink()
         fsync_directory(folder)
+    if taken or alone:
         log.info("%s was published only in part: %s taken back to partial names", folder, taken)
 
 
@@ -781,7 +786,16 @@ def _predict_scene(
         if resume:
             take_back_rasters(files, block_log, record, blocks, settings)
         folder.mkdir(parents=True, exist_ok=True)
-        continued = block_log.start(record, resume, resume and files.partials_readable(), fresh)
+        readable = resume and files.partials_readable()
+        if readable and not settings.overviews and files.partials_have_overviews():
+            # killed after building them; GDAL cannot take overviews out of a file
+            log.warning(
+                "%s: the partial rasters have overviews, which predict.overviews=false does not "
+                "make: predicting the scene again",
+                folder,
+            )
+            readable = False
+        continued = block_log.start(record, resume, readable, fresh)
         record = record if continued else fresh
         (folder / REPORT_FILE).unlink(missing_ok=True)  # from here on the scene is unfinished
         files.remove(("final",))

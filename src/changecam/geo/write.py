@@ -211,6 +211,14 @@ class SceneFiles:
             return False
         return True
 
+    def partials_have_overviews(self) -> bool:
+        """Whether a partial raster has overviews (a run killed after building them)."""
+        for what in self.rasters:
+            with rasterio.open(self.partial(what)) as src:
+                if src.overviews(1):
+                    return True
+        return False
+
     def read_back(self, blocks: Iterable[Block]) -> None:
         """Decode ``blocks`` of every partial raster, ``probability.tif``'s mask included: a
         resume checks the blocks it keeps before it predicts the others. A tile garbled since
