@@ -503,6 +503,32 @@ def test_resume_refuses_another_checkpoint_given_the_old_ones_modification_time(
     assert {p: (run / p).read_bytes() for p in outputs(run)} == before
 
 
+def test_a_checkpoint_swapped_while_it_is_read_is_recorded_as_read(tmp_path, pairs, monkeypatch):
+    """The checkpoint is recorded before it is loaded: other weights copied over it just after
+    the load (the instant a record taken afterwards would have described) are refused by a
+    resume, since the finished pairs were predicted with the first ones."""
+    weights = tmp_path / "weights.pt"
+    model = ["model=siamese_unet", "model.base_channels=4", "model.depth=2"]
+    common = [f"ckpt_path={weights}", f"input.dir={pairs}", *NO_EXPLAIN, *model]
+    torch.manual_seed(0)
+    torch.save(SiameseUNet(3, base_channels=4, depth=2).state_dict(), weights)
+    real_load = predict_module.load_model
+
+    def load_then_swap(cfg):
+        loaded = real_load(cfg)
+        torch.manual_seed(1)
+        torch.save(SiameseUNet(3, base_channels=4, depth=2).state_dict(), weights)
+        return loaded
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predict_module, "load_model", load_then_swap)
+        run_predict(tmp_path, common)
+    with pytest.raises(
+        ConfigError, match=r"started with other settings .*checkpoint_sample_sha256"
+    ):
+        run_predict(tmp_path, [*common, "predict.resume=true"])
+
+
 @pytest.mark.parametrize("resume", [True, False])
 def test_pair_files_a_killed_run_did_not_log_are_removed(
     tmp_path, ckpt, pairs, resume, monkeypatch

@@ -249,24 +249,40 @@ def optional_label(
     return label
 
 
-def run_settings(cfg: DictConfig, threshold: float, net: nn.Module) -> dict[str, Any]:
+def read_file_records(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """:func:`file_record` of the checkpoint and of the ``explain.target=roi`` mask (when
+    there is one), taken before either is read: a file swapped in while the run reads it is
+    then recorded as the file it was, and a resume refuses it."""
+    block = cfg.get("explain")
+    explained_roi = block and block.get("enabled", True) and block.get("target") == "roi"
+    roi = block.get("roi") if explained_roi else None
+    records = {}
+    if Path(cfg.ckpt_path).is_file():  # else loading it names it
+        records["checkpoint"] = file_record(Path(cfg.ckpt_path))
+    if roi and Path(roi).is_file():
+        records["roi_file"] = file_record(Path(roi))
+    return records
+
+
+def run_settings(
+    cfg: DictConfig, threshold: float, net: nn.Module, records: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     """What every pair of one run shares and a resumed run must repeat: also the network the
     weights were loaded into (a plain state_dict's ``model=`` options, e.g. ``fusion``, can
-    change the network and keep every weight's shape)."""
+    change the network and keep every weight's shape). ``records``: :func:`read_file_records`,
+    taken before the files were read."""
     ckpt = Path(cfg.ckpt_path)
-    checkpoint = file_record(ckpt)
+    checkpoint = records["checkpoint"]
     block = cfg.get("explain")
     model = cfg.get("model")
     network = network_config(net)
     if network is None and model is not None:
         network = OmegaConf.to_container(model, resolve=True)
-    explained_roi = block and block.get("enabled", True) and block.get("target") == "roi"
-    roi = block.get("roi") if explained_roi else None
     return strict_json(
         {
             # the explain.target=roi mask by its content too: another mask under the same name
             # explains the pairs otherwise
-            **({"roi_file": file_record(Path(roi))} if roi and Path(roi).is_file() else {}),
+            **({"roi_file": records["roi_file"]} if "roi_file" in records else {}),
             "checkpoint": str(ckpt.resolve()),
             "checkpoint_mtime_ns": checkpoint["mtime_ns"],
             # another checkpoint given the old file's modification time (cp -p, rsync -a)
@@ -451,6 +467,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if spec is None:
         raise ConfigError("predict.py predicts window by window: set sliding_window.enabled=true")
     settings = explain_settings(cfg, given)
+    records = read_file_records(cfg)  # before the checkpoint and the mask are read
     roi = read_roi(settings) if settings is not None else None
     pairs = input_pairs(
         cfg.input.get("pre"), cfg.input.get("post"), cfg.input.get("dir"), INPUT_SUFFIXES
@@ -475,13 +492,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             settings is not None,
             device,
             output_dir,
-            {k: v for k, v in run_settings(cfg, threshold, net).items() if k != "explain"},
+            {k: v for k, v in run_settings(cfg, threshold, net, records).items() if k != "explain"},
         )
     if settings is not None:
         settings.layers(net)  # unknown taps or layers fail before any pair
     pair_log = PredictionLog(output_dir)
     resume = bool(OmegaConf.select(cfg, "predict.resume", default=False))
-    resumed = pair_log.start(run_settings(cfg, threshold, net), resume)
+    resumed = pair_log.start(run_settings(cfg, threshold, net, records), resume)
 
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
