@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, read_write
 
 
 class MakeSweepDir(Callback):
@@ -37,3 +37,49 @@ class PinSweepStart(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ[SWEEP_STARTED] = time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+# set for the ranks of a job that several processes run (torchrun, srun, Lightning's own
+# children): each resolves the time-named folder itself, and they must agree on it
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+
+
+def launched_as_a_rank() -> bool:
+    """Whether this process is one of several that run one job."""
+    if any(name in os.environ for name in RANK_VARIABLES):
+        return True
+    return os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1")
+
+
+def claim_folder(folder: Path) -> Path:
+    """Create ``folder``, or the first of ``folder_1``, ``folder_2``, ... that does not exist
+    yet (``mkdir`` is atomic: two processes never claim the same one); returns it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(10_000):
+        candidate = folder if n == 0 else folder.with_name(f"{folder.name}_{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"{folder} and 9999 numbered folders beside it exist already")
+
+
+class ClaimRunDir(Callback):
+    """Give a single run its own folder when another run took its time-named one: runs started
+    in the same second (a shell loop of ``python predict.py ... &``, or one run right after
+    another) were written into one folder. The folder named by the start time is created
+    here; if it exists, the run gets ``<time>_1`` (``_2``, ...). Only a folder named by
+    ``${now:...}``: a ``hydra.run.dir`` given by name (a resume, ``ckpt_path=last``) is used as
+    it is, and so is the time-named folder of a process that is one rank of several (torchrun,
+    srun, Lightning's DDP children), whose ranks must agree on it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        given = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")
+        if "${now:" not in str(given) or launched_as_a_rank():
+            return
+        folder = Path(str(config.hydra.run.dir))
+        claimed = claim_folder(folder)
+        if claimed != folder:
+            with read_write(config.hydra):
+                config.hydra.run.dir = str(claimed)
