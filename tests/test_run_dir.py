@@ -38,9 +38,7 @@ def test_runs_in_the_same_second_get_folders_of_their_own(tmp_path, no_rank):
     assert all(f.is_dir() and f.parent == tmp_path / "runs" for f in folders)
 
 
-def test_a_folder_given_by_name_or_a_ranks_folder_is_used_as_it_is(
-    tmp_path, no_rank, monkeypatch
-):
+def test_a_folder_given_by_name_or_a_ranks_folder_is_used_as_it_is(tmp_path, no_rank, monkeypatch):
     given = tmp_path / "the_run"
     given.mkdir()  # a resume into it
     cfg = composed(str(given))
