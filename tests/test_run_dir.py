@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from changecam.cli.hydra_callbacks import ClaimRunDir, claim_folder
+from changecam.cli.hydra_callbacks import RANK_VARIABLES, ClaimRunDir, claim_folder
 from changecam.cli.launch import config_dir
 from helpers import run_script
 
@@ -21,7 +21,7 @@ def composed(run_dir: str) -> DictConfig:
 
 @pytest.fixture
 def no_rank(monkeypatch):
-    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+    for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("SLURM_NTASKS", raising=False)
 
@@ -82,6 +82,7 @@ def test_two_commands_in_the_same_run_second_write_two_folders(tmp_path):
             cwd=tmp_path,
             timeout=120,
             check=False,
+            env={name: "" for name in (*RANK_VARIABLES, "SLURM_NTASKS")},  # not a rank
         )
         assert proc.returncode != 0
     folders = sorted((tmp_path / "runs").iterdir())

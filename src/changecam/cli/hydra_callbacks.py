@@ -46,7 +46,7 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "TORCHELASTIC
 
 def launched_as_a_rank() -> bool:
     """Whether this process is one of several that run one job."""
-    if any(name in os.environ for name in RANK_VARIABLES):
+    if any(os.environ.get(name, "").strip() for name in RANK_VARIABLES):
         return True
     return os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1")
 
