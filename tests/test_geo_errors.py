@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -784,6 +785,29 @@ def test_a_resume_names_a_kept_tile_garbled_since_before_predicting(
     ):
         predict_scene(net, pre, post, out, SPEC, settings, resume=True)
     assert forward == [] and finished_looking(out) == []
+
+
+def test_a_scene_replaced_while_it_is_read_is_recorded_as_read(net, images, tmp_path, monkeypatch):
+    """The inputs are recorded before they are opened: a post file renamed over the one being
+    read (GDAL reads on from the file it opened) is refused by a resume, since the finished
+    scene was predicted from the first one."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    other = write_scene(tmp_path / "other.tif", images[0])
+    out = tmp_path / "out"
+    real_open = changecam.geo.scene.open_pair
+
+    @contextlib.contextmanager
+    def open_then_replace(*args, **kwargs):
+        with real_open(*args, **kwargs) as pair:
+            os.replace(other, post)
+            yield pair
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(changecam.geo.scene, "open_pair", open_then_replace)
+        predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    with pytest.raises(SceneError, match="the input files are not those"):
+        predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
 
 
 def test_rasters_of_other_settings_are_not_taken_back(net, images, tmp_path):

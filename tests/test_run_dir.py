@@ -9,51 +9,80 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from changecam.cli.hydra_callbacks import RANK_VARIABLES, ClaimRunDir, claim_folder
+from changecam.cli.hydra_callbacks import (
+    RANK_VARIABLES,
+    SIZE_VARIABLES,
+    ClaimRunDir,
+    claim_folder,
+)
 from changecam.cli.launch import config_dir
 from helpers import run_script
 
 
 def composed(run_dir: str) -> DictConfig:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("predict", [f"hydra.run.dir={run_dir}"], return_hydra_config=True)
+        return compose("predict", [f"hydra.run.dir='{run_dir}'"], return_hydra_config=True)
 
 
 @pytest.fixture
 def no_rank(monkeypatch):
-    for name in RANK_VARIABLES:
+    for name in (*RANK_VARIABLES, *SIZE_VARIABLES):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+
+
+SECOND = "${now:%Y-%m-%d_%H-%M-%S}"  # the default run folder's name
 
 
 def test_runs_in_the_same_second_get_folders_of_their_own(tmp_path, no_rank):
-    pattern = f"{tmp_path}/runs/${{now:%Y}}"  # one folder name for the whole year
+    """The time-named folder taken (by a run started in the same second): ``_1``, then ``_2``."""
     folders = []
-    for _ in range(3):
-        cfg = composed(pattern)
+    for taken in range(3):
+        cfg = composed(f"{tmp_path}/runs/{SECOND}")
+        second = Path(cfg.hydra.run.dir)  # resolved once: the run's start
+        for n in range(taken):
+            second.with_name(second.name + (f"_{n}" if n else "")).mkdir(
+                parents=True, exist_ok=True
+            )
         ClaimRunDir().on_run_start(cfg)
-        folders.append(Path(cfg.hydra.run.dir))
-    year = folders[0].name
-    assert [f.name for f in folders] == [year, f"{year}_1", f"{year}_2"]
-    assert all(f.is_dir() and f.parent == tmp_path / "runs" for f in folders)
+        folders.append((second, Path(cfg.hydra.run.dir)))
+    assert [claimed.name for _, claimed in folders] == [
+        second.name + suffix for (second, _), suffix in zip(folders, ["", "_1", "_2"], strict=True)
+    ]
+    assert all(claimed.is_dir() for _, claimed in folders)
 
 
-def test_a_folder_given_by_name_or_a_ranks_folder_is_used_as_it_is(tmp_path, no_rank, monkeypatch):
-    given = tmp_path / "the_run"
-    given.mkdir()  # a resume into it
-    cfg = composed(str(given))
+@pytest.mark.parametrize(
+    "run_dir",
+    [
+        "TMP/the_run",  # given by name: a resume into it
+        "TMP/runs/${now:%Y-%m-%d}",  # a day's runs in one folder, on purpose
+        "${oc.env:CHANGECAM_TEST_RUN_DIR,TMP/runs/" + SECOND + "}",
+    ],
+    ids=["by name", "coarser time", "from the environment"],
+)
+def test_a_folder_meant_to_be_shared_is_used_as_it_is(tmp_path, no_rank, monkeypatch, run_dir):
+    monkeypatch.setenv("CHANGECAM_TEST_RUN_DIR", str(tmp_path / "the_run"))
+    cfg = composed(run_dir.replace("TMP", str(tmp_path)))
+    folder = Path(cfg.hydra.run.dir)
+    folder.mkdir(parents=True)  # an earlier run's
     ClaimRunDir().on_run_start(cfg)
-    assert cfg.hydra.run.dir == str(given)
-    (tmp_path / "runs").mkdir()
-    pattern = f"{tmp_path}/runs/${{now:%Y}}"
-    for env in ({"LOCAL_RANK": "1"}, {"SLURM_NTASKS": "4"}):
-        with monkeypatch.context() as patch:
-            for name, value in env.items():
-                patch.setenv(name, value)
-            cfg = composed(pattern)
-            ClaimRunDir().on_run_start(cfg)
-        assert Path(cfg.hydra.run.dir).name.isdigit(), env  # the time's name: ranks agree
-    assert list((tmp_path / "runs").iterdir()) == [], "a rank claims nothing"
+    assert Path(cfg.hydra.run.dir) == folder
+
+
+@pytest.mark.parametrize(
+    "env", [{"LOCAL_RANK": "1"}, {"SLURM_NTASKS": "4"}, {"OMPI_COMM_WORLD_SIZE": "2"}]
+)
+def test_a_rank_of_a_multi_process_job_keeps_the_time_named_folder(
+    tmp_path, no_rank, monkeypatch, env
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cfg = composed(f"{tmp_path}/runs/{SECOND}")
+    folder = Path(cfg.hydra.run.dir)
+    folder.mkdir(parents=True)  # rank 0's
+    ClaimRunDir().on_run_start(cfg)
+    assert Path(cfg.hydra.run.dir) == folder, "its ranks must agree on one folder"
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
 
 
 def test_concurrent_claims_never_share_a_folder(tmp_path):
@@ -71,21 +100,27 @@ def test_concurrent_claims_never_share_a_folder(tmp_path):
     assert len(set(claimed)) == 8
 
 
-def test_two_commands_in_the_same_run_second_write_two_folders(tmp_path):
-    """Through Hydra (the callback in conf/hydra/default.yaml): two predict.py runs whose
-    folder is named by the year, each refused at once (no checkpoint), each with its own
-    folder, config and log."""
-    for _ in range(2):
-        proc = run_script(
-            "predict.py",
-            [f"hydra.run.dir={tmp_path}/runs/${{now:%Y}}", "ckpt_path=missing.ckpt"],
-            cwd=tmp_path,
-            timeout=120,
-            check=False,
-            env={name: "" for name in (*RANK_VARIABLES, "SLURM_NTASKS")},  # not a rank
-        )
-        assert proc.returncode != 0
-    folders = sorted((tmp_path / "runs").iterdir())
-    assert [f.name for f in folders] == [folders[0].name, f"{folders[0].name}_1"]
-    for folder in folders:
-        assert (folder / ".hydra" / "config.yaml").is_file() and (folder / "predict.log").is_file()
+def test_a_command_whose_second_is_taken_writes_a_folder_of_its_own(tmp_path):
+    """Through Hydra (the callback in conf/hydra/default.yaml): every second of the next two
+    minutes already has its folder (other runs'), so predict.py, refused at once (no input),
+    writes its config and log into ``<second>_1``."""
+    import time
+
+    runs = tmp_path / "runs"
+    now = time.time()
+    taken = {time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now + s)) for s in range(120)}
+    for name in taken:
+        (runs / name).mkdir(parents=True)
+    proc = run_script(
+        "predict.py",
+        [f"hydra.run.dir={runs}/{SECOND}", "ckpt_path=missing.ckpt"],
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+        env={name: "" for name in (*RANK_VARIABLES, *SIZE_VARIABLES)},  # not a rank
+    )
+    assert proc.returncode != 0
+    made = [p for p in runs.iterdir() if p.name not in taken]
+    assert len(made) == 1 and made[0].name.endswith("_1") and made[0].name[:-2] in taken
+    assert (made[0] / ".hydra" / "config.yaml").is_file() and (made[0] / "predict.log").is_file()
+    assert not any(any((runs / name).iterdir()) for name in taken), "nothing in another's"

@@ -39,16 +39,36 @@ class PinSweepStart(Callback):
         os.environ[SWEEP_STARTED] = time.strftime("%Y-%m-%d_%H-%M-%S")
 
 
-# set for the ranks of a job that several processes run (torchrun, srun, Lightning's own
-# children): each resolves the time-named folder itself, and they must agree on it
-RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+# set for each rank of a job that several processes run (torchrun, Lightning's own children,
+# MPI): each resolves the time-named folder itself, and they must agree on it
+RANK_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "TORCHELASTIC_RUN_ID",
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+    "PMIX_RANK",
+)
+# how many processes run the job (SLURM's srun, LSF's jsrun, MPI): a rank when above 1
+SIZE_VARIABLES = (
+    "WORLD_SIZE",
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+    "JSM_NAMESPACE_SIZE",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMI_SIZE",
+)
+# the last part of the default hydra.run.dir (conf/hydra/default.yaml): a folder per start
+# second, the only folder name claimed (a coarser time, or a name given, is meant to be shared)
+TIME_NAME = "${now:%Y-%m-%d_%H-%M-%S}"
 
 
 def launched_as_a_rank() -> bool:
     """Whether this process is one of several that run one job."""
     if any(os.environ.get(name, "").strip() for name in RANK_VARIABLES):
         return True
-    return os.environ.get("SLURM_NTASKS", "1").strip() not in ("", "1")
+    return any(os.environ.get(name, "1").strip() not in ("", "1") for name in SIZE_VARIABLES)
 
 
 def claim_folder(folder: Path) -> Path:
@@ -68,15 +88,16 @@ def claim_folder(folder: Path) -> Path:
 class ClaimRunDir(Callback):
     """Give a single run its own folder when another run took its time-named one: runs started
     in the same second (a shell loop of ``python predict.py ... &``, or one run right after
-    another) were written into one folder. The folder named by the start time is created
-    here; if it exists, the run gets ``<time>_1`` (``_2``, ...). Only a folder named by
-    ``${now:...}``: a ``hydra.run.dir`` given by name (a resume, ``ckpt_path=last``) is used as
-    it is, and so is the time-named folder of a process that is one rank of several (torchrun,
-    srun, Lightning's DDP children), whose ranks must agree on it."""
+    another) were written into one folder. The folder named by the start second
+    (:data:`TIME_NAME`, the default) is created here; if it exists, the run gets ``<time>_1``
+    (``_2``, ...). Any other ``hydra.run.dir`` (a folder given by name for a resume or
+    ``ckpt_path=last``, or a coarser time such as ``${now:%Y-%m-%d}``) is used as it is, and so
+    is the time-named folder of a process that is one rank of several (torchrun, srun, jsrun,
+    MPI, Lightning's DDP children), whose ranks must agree on it."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         given = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")
-        if "${now:" not in str(given) or launched_as_a_rank():
+        if not str(given).endswith("/" + TIME_NAME) or launched_as_a_rank():
             return
         folder = Path(str(config.hydra.run.dir))
         claimed = claim_folder(folder)

@@ -272,7 +272,8 @@ def run_settings(
     change the network and keep every weight's shape). ``records``: :func:`read_file_records`,
     taken before the files were read."""
     ckpt = Path(cfg.ckpt_path)
-    checkpoint = records["checkpoint"]
+    # (a checkpoint that appeared after the records were taken: recorded now)
+    checkpoint = records.get("checkpoint") or file_record(ckpt)
     block = cfg.get("explain")
     model = cfg.get("model")
     network = network_config(net)

@@ -733,7 +733,13 @@ def _predict_scene(
     if settings.explain:
         layers = per_date_layers(resolve_taps(net, None))
         layer = choose_layer(layers, settings.explain_layer, "predict.explain_layer")
+    try:  # recorded before they are read: a file replaced meanwhile is not taken for the one read
+        inputs = {"pre": input_record(pre_path), "post": input_record(post_path)}
+    except (OSError, SceneError):  # opening the pair names what is wrong
+        inputs = None
     with open_pair(pre_path, post_path, settings.align) as pair:
+        if inputs is None:
+            inputs = {"pre": input_record(pre_path), "post": input_record(post_path)}
         bands = select_bands(
             pair.pre, pair.post_source, settings.bands, getattr(net, "in_channels", None)
         )
@@ -760,8 +766,7 @@ def _predict_scene(
         )
         record = {
             **(run_record or {}),
-            "pre": input_record(pre_path),
-            "post": input_record(post_path),
+            **inputs,
             "sliding_window": asdict(spec),
             "scene": settings.resumable(),
             "explain_layer": layer,
