@@ -5,12 +5,14 @@ network whose answer follows the images exactly (:class:`DifferenceNet`)."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
 import torch
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 from torch import Tensor, nn
 
@@ -114,6 +116,20 @@ def run_scene(tmp_path: Path, ckpt: Path, pre: Path, post: Path, *overrides: str
         json.dumps(report)
     )
     return report
+
+
+def garble_first_tile(path: Path, image: int = 1) -> None:
+    """Overwrite the bytes of the first tile of one of a TIFF's images (1: the main image, 2:
+    the next, e.g. an internal mask) with 0xff, keeping its length: a file damaged inside."""
+    name = f"GTIFF_DIR:{image}:{path}" if image > 1 else str(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a mask has no geotransform
+        with rasterio.open(name) as src:
+            offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+            length = int(src.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * length)
 
 
 def read_band(path: Path, band: int | None = 1) -> np.ndarray:

@@ -29,7 +29,15 @@ from changecam.geo.scene import LOG_FILE, BlockLog, SceneNetwork
 from changecam.geo.write import SETTINGS_TAG, SceneFiles
 from changecam.models import SiameseUNet
 from changecam.models.sliding_window import SlidingWindow
-from geo_scenes import ORIGIN, PIXEL, read_band, run_scene, synthetic_pair, write_scene
+from geo_scenes import (
+    ORIGIN,
+    PIXEL,
+    garble_first_tile,
+    read_band,
+    run_scene,
+    synthetic_pair,
+    write_scene,
+)
 from test_checkpoint import make_lightning_checkpoint
 
 SPEC = SlidingWindow(window=32, batch_size=8)
@@ -769,13 +777,7 @@ def test_a_resume_names_a_kept_tile_garbled_since_before_predicting(
     with pytest.raises(KeyboardInterrupt):
         predict_scene(net, pre, post, out, SPEC, settings)
     monkeypatch.setattr(SceneFiles, "write_block", real)
-    path = out / f".{garbled}.tif.part"
-    with rasterio.open(path) as src:
-        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
-        length = int(src.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(b"\xff" * length)
+    garble_first_tile(out / f".{garbled}.tif.part")
     forward = []
     monkeypatch.setattr(SceneNetwork, "block", lambda *a, **k: forward.append(1))
     with pytest.raises(

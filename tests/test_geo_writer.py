@@ -3,13 +3,10 @@ error in either of its threads (writer, tracer) raised in the caller's."""
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import rasterio
 from rasterio.enums import Resampling
-from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 
 import changecam.geo.write
@@ -18,6 +15,7 @@ from changecam.geo.polygons import RegionTracer, geojson_crs
 from changecam.geo.windows import Block
 from changecam.geo.write import SceneFiles, write_share_overviews
 from changecam.geo.writer import BlockWriter
+from geo_scenes import garble_first_tile
 
 GRID = Grid(rasterio.crs.CRS.from_epsg(32650), from_origin(0, 32, 0.5, 0.5), 64, 32)
 BLOCKS = [Block(i, 0, 32 * i, 32, 32, 0, 32 * i, 32, 32, (0,), (0,)) for i in range(2)]
@@ -309,12 +307,7 @@ def test_a_partial_raster_damaged_inside_is_named_when_read_back(tmp_path):
     probability = np.full((32, 32), 0.9, np.float32)
     files.write_block(BLOCKS[0], probability, np.ones((32, 32), bool), 0.5, None)
     path = files.partial("change")
-    with rasterio.open(path) as src:
-        offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
-        length = int(src.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(b"\xff" * length)
+    garble_first_tile(path)
     tracer = RegionTracer(GRID)
     with pytest.raises(
         SceneError,
@@ -336,17 +329,8 @@ def test_a_resumes_read_back_names_a_garbled_tile_of_the_probability_or_its_mask
         files = scene_files(tmp_path)  # masked: it may have nodata
         files.write_block(BLOCKS[0], np.full((32, 32), 0.7, np.float32), valid, 0.5, None)
         files.read_back([BLOCKS[0]])
-        path = files.partial("probability")
         # the mask is the file's second image
-        name = f"GTIFF_DIR:2:{path}" if image == "its mask" else path
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(name) as src:
-                offset = int(src.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
-                length = int(src.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
-        with open(path, "r+b") as f:
-            f.seek(offset)
-            f.write(b"\xff" * length)
+        garble_first_tile(files.partial("probability"), 2 if image == "its mask" else 1)
         with pytest.raises(SceneError, match=r"\.probability\.tif\.part, written by the run"):
             files.read_back([BLOCKS[0]])
 
