@@ -1,4 +1,5 @@
-"""Run folders: a run started in the same second as another gets a folder of its own."""
+"""Run and sweep folders: a run or multirun started in the same second as another gets a folder
+of its own."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ from changecam.cli.hydra_callbacks import (
     RANK_VARIABLES,
     SIZE_VARIABLES,
     ClaimRunDir,
+    MakeSweepDir,
     claim_folder,
+    sweep_dir_override,
 )
 from changecam.cli.launch import config_dir
 from helpers import run_script
 
 
-def composed(run_dir: str) -> DictConfig:
+def composed(run_dir: str, key: str = "run") -> DictConfig:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("predict", [f"hydra.run.dir='{run_dir}'"], return_hydra_config=True)
+        return compose("predict", [f"hydra.{key}.dir='{run_dir}'"], return_hydra_config=True)
 
 
 @pytest.fixture
@@ -124,3 +127,77 @@ def test_a_command_whose_second_is_taken_writes_a_folder_of_its_own(tmp_path):
     assert len(made) == 1 and made[0].name.endswith("_1") and made[0].name[:-2] in taken
     assert (made[0] / ".hydra" / "config.yaml").is_file() and (made[0] / "predict.log").is_file()
     assert not any(any((runs / name).iterdir()) for name in taken), "nothing in another's"
+
+
+def test_multiruns_in_the_same_second_get_sweep_folders_of_their_own(tmp_path, no_rank):
+    """The sweep's time-named folder taken: ``_1``, and every job's config, composed again from
+    the sweep's overrides, is given the claimed folder."""
+    cfg = composed(f"{tmp_path}/multiruns/{SECOND}", key="sweep")
+    second = Path(cfg.hydra.sweep.dir)
+    second.mkdir(parents=True)  # another multirun's
+    MakeSweepDir().on_multirun_start(cfg)
+    claimed = second.with_name(second.name + "_1")
+    assert Path(cfg.hydra.sweep.dir) == claimed and claimed.is_dir()
+    assert cfg.hydra.overrides.hydra[-1] == f"hydra.sweep.dir='{claimed}'"
+
+
+@pytest.mark.parametrize(
+    "sweep_dir",
+    ["TMP/the_study", "TMP/multiruns/${now:%Y-%m-%d}"],
+    ids=["by name", "coarser time"],
+)
+def test_a_sweep_folder_meant_to_be_shared_is_used_as_it_is(tmp_path, no_rank, sweep_dir):
+    """E.g. an Optuna study continued in its old folder."""
+    cfg = composed(sweep_dir.replace("TMP", str(tmp_path)), key="sweep")
+    folder = Path(cfg.hydra.sweep.dir)
+    folder.mkdir(parents=True)
+    overrides = list(cfg.hydra.overrides.hydra)
+    MakeSweepDir().on_multirun_start(cfg)
+    assert Path(cfg.hydra.sweep.dir) == folder and list(cfg.hydra.overrides.hydra) == overrides
+
+
+def test_a_sweep_folder_is_made_when_it_is_free(tmp_path, no_rank):
+    cfg = composed(f"{tmp_path}/multiruns/{SECOND}", key="sweep")
+    overrides = list(cfg.hydra.overrides.hydra)
+    MakeSweepDir().on_multirun_start(cfg)
+    assert Path(cfg.hydra.sweep.dir).is_dir() and list(cfg.hydra.overrides.hydra) == overrides
+
+
+@pytest.mark.parametrize(
+    ("folder", "expected"),
+    [
+        ("/a b/c,d=e/2026_1", "hydra.sweep.dir='/a b/c,d=e/2026_1'"),
+        ("/it's/2026_1", "hydra.sweep.dir='/it\\'s/2026_1'"),
+        ("/a${b}/2026_1", None),  # Hydra would resolve it
+        ("/a\\b/2026_1", None),
+    ],
+)
+def test_a_claimed_sweep_folder_is_written_as_an_override_that_reads_back(folder, expected):
+    assert sweep_dir_override(Path(folder)) == expected
+
+
+def test_a_multirun_whose_second_is_taken_writes_a_folder_of_its_own(tmp_path):
+    """Through Hydra: every second of the next two minutes already has its sweep folder, so
+    predict.py's multirun (its job refused at once: no checkpoint) puts ``multirun.yaml`` and its
+    job ``0`` into ``<second>_1``."""
+    import time
+
+    sweeps = tmp_path / "multiruns"
+    now = time.time()
+    taken = {time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now + s)) for s in range(120)}
+    for name in taken:
+        (sweeps / name).mkdir(parents=True)
+    proc = run_script(
+        "predict.py",
+        ["-m", f"hydra.sweep.dir={sweeps}/{SECOND}", "ckpt_path=missing.ckpt"],
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+        env={name: "" for name in (*RANK_VARIABLES, *SIZE_VARIABLES)},  # not a rank
+    )
+    assert proc.returncode != 0
+    made = [p for p in sweeps.iterdir() if p.name not in taken]
+    assert len(made) == 1 and made[0].name.endswith("_1") and made[0].name[:-2] in taken
+    assert (made[0] / "multirun.yaml").is_file()
+    assert (made[0] / "0" / ".hydra" / "config.yaml").is_file()
+    assert not any(any((sweeps / name).iterdir()) for name in taken), "nothing in another's"

@@ -7,20 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, read_write
-
-
-class MakeSweepDir(Callback):
-    """Create the sweep folder when a multirun starts, before the sweeper runs.
-
-    The Optuna sweeper opens its sqlite storage (``<sweep dir>/optuna.db``) before the
-    launcher would create the folder.
-    """
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-
 
 SWEEP_STARTED = "CHANGECAM_SWEEP_STARTED"
 
@@ -104,3 +93,46 @@ class ClaimRunDir(Callback):
         if claimed != folder:
             with read_write(config.hydra):
                 config.hydra.run.dir = str(claimed)
+
+
+def sweep_dir_override(folder: Path) -> str | None:
+    """The Hydra override that sets ``hydra.sweep.dir`` to ``folder`` for every job of a sweep,
+    or None where a path cannot be written as one (a backslash, or ``${``, which Hydra would
+    resolve)."""
+    text = str(folder)
+    if "\\" in text or "${" in text:
+        return None
+    override = "hydra.sweep.dir='" + text.replace("'", "\\'") + "'"
+    parsed = OverridesParser.create().parse_override(override)
+    return override if parsed.value() == text else None
+
+
+class MakeSweepDir(Callback):
+    """Create the sweep folder when a multirun starts, before the sweeper runs (the Optuna
+    sweeper opens ``<sweep dir>/optuna.db`` before a launcher would create it).
+
+    As :class:`ClaimRunDir` does for a run, the default folder named by the start second
+    (:data:`TIME_NAME`) is claimed: a multirun started in the same second as another (a shell
+    loop, a SLURM array whose tasks each start a sweep) gets ``<time>_1`` (``_2``, ...), where
+    its jobs ``0``, ``1``, ... would have been written over the other's. Each job's config is
+    composed again from the sweep's overrides, so the claimed folder is added to them
+    (``hydra.overrides.hydra``). Any other ``hydra.sweep.dir`` (an Optuna study continued in
+    its old folder, a coarser time) is used as it is, and so is the folder of a rank.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(str(config.hydra.sweep.dir))
+        given = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir")
+        if not str(given).endswith("/" + TIME_NAME) or launched_as_a_rank():
+            folder.mkdir(parents=True, exist_ok=True)
+            return
+        claimed = claim_folder(folder)
+        if claimed == folder:
+            return
+        override = sweep_dir_override(claimed)
+        if override is None:  # shared, as before the claim
+            claimed.rmdir()
+            return
+        with read_write(config.hydra):
+            config.hydra.sweep.dir = str(claimed)
+            config.hydra.overrides.hydra.append(override)
