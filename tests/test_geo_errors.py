@@ -726,6 +726,39 @@ def test_a_refused_resume_after_a_kill_mid_publish_leaves_nothing_looking_finish
     ).read_text()
 
 
+def test_a_kill_while_a_finished_scene_is_taken_back_leaves_no_scene_json(net, images, tmp_path):
+    """A finished scene resumed with another min_area_m2 is finished again from its rasters,
+    renamed back to partial names first: killed after the first of those renames, it has no
+    scene.json beside the missing change.tif, a refused run then hides the rest, and a resume
+    finishes the scene to the same rasters."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    out = tmp_path / "out"
+    finished = predict_scene(net, pre, post, out, SPEC, SETTINGS)["files"]
+    whole = {n: read_band(out / n, None) for n in finished.values() if n.endswith(".tif")}
+    smaller = SceneSettings(**{**vars(SETTINGS), "min_area_m2": 1.0})
+    real_replace = os.replace
+
+    def killed_after_one(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith(".part"):
+            raise KeyboardInterrupt("killed")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "replace", killed_after_one)
+        with pytest.raises(KeyboardInterrupt):
+            predict_scene(net, pre, post, out, SPEC, smaller, resume=True)
+    assert (out / ".change.tif.part").is_file() and not (out / "scene.json").exists()
+    other = SceneSettings(**{**vars(SETTINGS), "threshold": 0.9})
+    with pytest.raises(SceneError, match="other settings"):
+        predict_scene(net, pre, post, out, SPEC, other, resume=True)
+    assert finished_looking(out) == []
+    summary = predict_scene(net, pre, post, out, SPEC, smaller, resume=True)
+    assert summary["resumed_blocks"] == summary["blocks"] and summary["min_area_m2"] == 1.0
+    for name, values in whole.items():
+        np.testing.assert_array_equal(read_band(out / name, None), values)
+
+
 def test_a_refusal_keeps_rasters_another_runs_log_does_not_describe(net, images, tmp_path):
     """A finished scene, then a run with another threshold killed just after it took away
     scene.json and before it removed the old rasters: the log's header is the new run's, so a

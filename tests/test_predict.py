@@ -241,6 +241,8 @@ def test_scene_keys_are_judged_before_the_network_and_warned_about_for_pngs(tmp_
             ("predict.block_size=null", r"predict.block_size=None must be an integer"),
             ("predict.batch_size=abc", r"predict.batch_size='abc' must be an integer"),
             ("predict.min_area_m2=null", r"predict.min_area_m2=None must be a number"),
+            ("predict.min_area_m2=nan", r"predict.min_area_m2=nan must be a finite number >= 0"),
+            ("predict.min_area_m2=-1", r"predict.min_area_m2=-1 must be a finite number >= 0"),
             ("input.scale=fixed", r"input.scale=fixed needs input.scale_min"),
         ):
             with pytest.raises(SceneError, match=match):

@@ -247,8 +247,8 @@ class SceneSettings:
             )
         if self.batch_size is not None and self.batch_size < 1:
             raise SceneError(f"predict.batch_size={self.batch_size} must be >= 1 (or null)")
-        if self.min_area_m2 < 0:
-            raise SceneError(f"predict.min_area_m2={self.min_area_m2} must be >= 0")
+        if not math.isfinite(self.min_area_m2) or self.min_area_m2 < 0:
+            raise SceneError(f"predict.min_area_m2={self.min_area_m2} must be a finite number >= 0")
         for key in ("polygons", "overviews", "progress"):
             if type(getattr(self, key)) is not bool:
                 raise SceneError(f"predict.{key}={getattr(self, key)!r} must be true or false")
@@ -486,6 +486,10 @@ def take_back_rasters(
     done = {r["block"] for r in records[1:] if "block" in r}
     if not done >= {b.index for b in blocks}:
         return
+    report = files.folder / REPORT_FILE
+    if report.exists():  # gone before the first rename: a kill between them finds no scene.json
+        report.unlink()
+        fsync_directory(files.folder)
     taken = files.take_back(settings_hash(record), settings.overviews)
     if taken:
         log.info("%s: every block was done; finishing it again from %s", files.folder, taken)
