@@ -184,6 +184,24 @@ def test_an_overview_share_is_the_share_of_the_evidence_it_covers(tmp_path):
         assert "ReLU" in src.tags(3)["overview"]
 
 
+def test_the_share_evidence_raster_is_a_bigtiff(tmp_path, monkeypatch):
+    """Its two float bands and their overviews outgrow a classic TIFF's 4 GiB from about
+    28000² (where explanation.tif itself is a BigTIFF): written as one whatever its size."""
+    path = tmp_path / "explanation.tif"
+    explanation_raster(path, np.ones((3, 8, 8), np.float32), [2])
+    real_share_of, magics = changecam.geo.write.share_of, []
+
+    def share_of(pre, post):  # called while the evidence raster is there
+        (evidence,) = [p for p in tmp_path.iterdir() if p.name != "explanation.tif"]
+        magics.append(evidence.read_bytes()[2:4])
+        return real_share_of(pre, post)
+
+    monkeypatch.setattr(changecam.geo.write, "share_of", share_of)
+    write_share_overviews(path)
+    assert magics == [b"\x2b\x00"], "little-endian BigTIFF (43); a classic TIFF is 42"
+    assert [p.name for p in tmp_path.iterdir()] == ["explanation.tif"]
+
+
 @pytest.mark.parametrize("strip_pixels", [2, 1 << 20])
 def test_share_overviews_of_every_level_are_the_evidence_sums(tmp_path, monkeypatch, strip_pixels):
     """Sides that are multiples of every factor: each overview pixel covers whole 2^k x 2^k
