@@ -16,6 +16,7 @@ import rasterio
 import rasterio.crs
 import torch
 from affine import Affine
+from rasterio.enums import Resampling
 from rasterio.transform import from_origin
 from shapely.geometry import shape
 
@@ -123,6 +124,40 @@ def test_scenes_without_overlap_are_refused(net, images, tmp_path):
     )
     summary = predict_scene(net, pre, overlapping, tmp_path / "near", SPEC, SETTINGS)
     assert summary["post_reprojected"] is True  # a control: 10 m apart, it does overlap
+
+
+@pytest.mark.parametrize("case", ["across the antimeridian", "the whole globe"])
+def test_scenes_that_overlap_in_another_crs_are_read(tmp_path, case):
+    """Footprints that meet, though the post's taken into the pre CRS does not look so: a UTM
+    60S post across the 180th meridian beside a pre in degrees (its box comes back with left
+    beyond right), and a whole-globe post in degrees around a UTM pre (the globe in UTM 50N
+    starts at the zone's central meridian, east of the pre). helper-65's cases."""
+    from rasterio.warp import transform as transform_points
+
+    from changecam.geo.grid import open_pair, warped
+
+    rng = np.random.default_rng(15)
+    if case == "across the antimeridian":  # Fiji: pre lon 179.50..179.99
+        pre = write_scene(
+            tmp_path / "pre.tif",
+            rng.integers(0, 255, (60, 98, 3), dtype=np.uint8),
+            transform=from_origin(179.50, -16.60, 0.005, 0.005),
+            crs="EPSG:4326",
+        )
+        (x,), (y,) = transform_points("EPSG:4326", "EPSG:32760", [180.0], [-16.75])
+        post_grid = {"transform": from_origin(x - 32000, y + 32000, 800, 800), "crs": "EPSG:32760"}
+        post_shape = (80, 80, 3)
+    else:
+        pre = write_scene(tmp_path / "pre.tif", rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        post_grid = {"transform": from_origin(-180, 90, 1, 1), "crs": "EPSG:4326"}
+        post_shape = (180, 360, 3)
+    post = write_scene(
+        tmp_path / "post.tif", rng.integers(0, 255, post_shape, dtype=np.uint8), **post_grid
+    )
+    with open_pair(pre, post) as pair:
+        assert pair.reprojected
+        with warped(pair.post_source, pair.grid, Resampling.bilinear) as vrt:
+            assert (vrt.read(vrt.count) > 0).sum() > 0, "the warp reads post pixels there"
 
 
 def test_a_crs_on_one_side_only_is_refused(net, images, tmp_path):

@@ -386,17 +386,42 @@ class ScenePair:
     post_path: Path
 
 
-def check_overlap(pre: Grid, post: Grid, pre_path: Path, post_path: Path) -> None:
-    """Refuse a pair whose footprints do not intersect (in the pre CRS)."""
-    left, bottom, right, top = pre.bounds
-    if pre.crs is not None and post.crs is not None and pre.crs != post.crs:
-        pl, pb, pr, pt = transform_bounds(post.crs, pre.crs, *post.bounds, densify_pts=21)
+def boxes_meet(box: Sequence[float], other: Sequence[float]) -> bool:
+    """Whether two ``(left, bottom, right, top)`` boxes share area; ``other``'s left beyond
+    its right is a box across the antimeridian (as ``transform_bounds`` gives one)."""
+    left, bottom, right, top = box
+    other_left, other_bottom, other_right, other_top = other
+    if min(top, other_top) <= max(bottom, other_bottom):
+        return False
+    if other_left <= other_right:
+        spans = [(other_left, other_right)]
     else:
-        pl, pb, pr, pt = post.bounds
-    if min(right, pr) <= max(left, pl) or min(top, pt) <= max(bottom, pb):
+        spans = [(other_left, np.inf), (-np.inf, other_right)]
+    return any(min(right, r) > max(left, lo) for lo, r in spans)
+
+
+def check_overlap(pre: Grid, post: Grid, pre_path: Path, post_path: Path) -> None:
+    """Refuse a pair whose footprints do not intersect. With two CRSs each footprint is taken
+    into the other's CRS, and the pair is kept when either meets: a box taken into another CRS
+    can come out narrower than what it covers (the whole globe in a UTM zone starts at the
+    zone's central meridian), and a pair kept wrongly is refused later, its overlap all nodata.
+    """
+    if pre.crs is None or post.crs is None or pre.crs == post.crs:
+        seen = tuple(post.bounds)
+        meets = boxes_meet(pre.bounds, seen)
+    else:
+        seen = transform_bounds(post.crs, pre.crs, *post.bounds, densify_pts=21)
+        meets = boxes_meet(pre.bounds, seen)
+        if not meets:
+            try:
+                pre_seen = transform_bounds(pre.crs, post.crs, *pre.bounds, densify_pts=21)
+            except Exception:  # noqa: BLE001 - PROJ's CPLE errors: outside the post CRS
+                pre_seen = None
+            meets = pre_seen is not None and boxes_meet(post.bounds, pre_seen)
+    if not meets:
         raise SceneError(
             f"the scenes do not overlap: {pre_path} covers {pre.bounds} and {post_path} covers "
-            f"{(pl, pb, pr, pt)} (in the pre scene's CRS {pre.crs.to_string() if pre.crs else 'none'})"
+            f"{seen} (in the pre scene's CRS {pre.crs.to_string() if pre.crs else 'none'})"
         )
 
 
