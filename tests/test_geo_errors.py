@@ -160,6 +160,40 @@ def test_scenes_that_overlap_in_another_crs_are_read(tmp_path, case):
             assert (vrt.read(vrt.count) > 0).sum() > 0, "the warp reads post pixels there"
 
 
+@pytest.mark.parametrize("where", ["a valid pixel", "a nodata pixel"])
+def test_logits_that_are_not_finite_refuse_the_scene(net, images, tmp_path, monkeypatch, where):
+    """A NaN logit (weights that overflow) would be written as no change: at a valid pixel the
+    scene is refused, naming the block, and nothing looks finished; at a nodata pixel, which is
+    written as nodata whatever the network says, it is not."""
+    from changecam.geo.scene import SceneNetwork
+
+    pre_image = images[0].copy()
+    if where == "a nodata pixel":
+        pre_image[:16, :16] = 0
+    pre = write_scene(
+        tmp_path / "pre.tif", pre_image, nodata=0 if where != "a valid pixel" else None
+    )
+    post = write_scene(tmp_path / "post.tif", images[1])
+    real, calls = SceneNetwork.windows, []
+
+    def overflowing(self, *args):
+        out = real(self, *args)
+        if not calls:
+            out[0, 0, 5, 5] = float("nan")  # the first window, at the scene's origin
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(SceneNetwork, "windows", overflowing)
+    out = tmp_path / "out"
+    if where == "a valid pixel":
+        with pytest.raises(SceneError, match=r"block 0 \(rows 0-63, columns 0-63\) refused: 1 of"):
+            predict_scene(net, pre, post, out, SPEC, SETTINGS)
+        assert finished_looking(out) == []
+    else:
+        predict_scene(net, pre, post, out, SPEC, SETTINGS)
+        assert read_band(out / "change.tif")[5, 5] == 255
+
+
 def test_a_crs_on_one_side_only_is_refused(net, images, tmp_path):
     pre = write_scene(tmp_path / "pre.tif", images[0])
     post = write_scene(tmp_path / "post.tif", images[1], crs=None)

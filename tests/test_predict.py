@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import changecam.atomic
+import changecam.cli.predict
 from changecam.cli.predict import PredictionError, encode_probability, predict, read_probability
 from changecam.data.io import read_image, write_png
 from changecam.data.transforms import image_to_tensor
@@ -181,6 +182,28 @@ def test_pairs_of_different_sizes_are_refused_and_leave_nothing(tmp_path, ckpt):
         report["failed"][0]["name"] == "skewed"
         and "both dates must have the same size" in report["failed"][0]["error"]
     )
+
+
+def test_a_pair_whose_logits_are_not_finite_fails_alone(tmp_path, ckpt, monkeypatch):
+    """Finite weights whose outputs overflow on a pair (NaN logits) would be written as no
+    change: that pair fails, naming the count, and writes nothing; the others are predicted."""
+    write_pair(tmp_path / "in", "good", (32, 32))
+    write_pair(tmp_path / "in", "overflow", (32, 40), seed=1)
+    real = changecam.cli.predict.sliding_window_logits
+
+    def overflowing(net, pre, post, spec):
+        logits = real(net, pre, post, spec)
+        if pre.shape[-1] == 40:
+            logits[..., 3, :5] = float("nan")
+        return logits
+
+    monkeypatch.setattr(changecam.cli.predict, "sliding_window_logits", overflowing)
+    with pytest.raises(PredictionError, match=r"1 of 2 pair\(s\) failed.*\(overflow\)"):
+        run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}"])
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.rglob("*.png")) == ["good.png"] * 3
+    (failed,) = json.loads((run / "predictions.json").read_text())["failed"]
+    assert "5 of the network's 1280 change logits are not finite" in failed["error"]
 
 
 def test_a_pair_failing_while_writing_leaves_no_files(tmp_path, ckpt, monkeypatch):

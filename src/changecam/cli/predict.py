@@ -89,7 +89,7 @@ from changecam.environment import frozen_gc
 from changecam.explain import ExplainSettings, PairExplanation, explain_pair, with_threshold
 from changecam.geo import is_scene_file
 from changecam.metrics import mean_of
-from changecam.models.inference import inference_network
+from changecam.models.inference import check_finite_logits, inference_network
 from changecam.models.protocol import network_config
 from changecam.models.sliding_window import SlidingWindow, check_window, sliding_window_logits
 from changecam.run_log import as_logged, file_record, read_json_lines, settings_changes
@@ -167,12 +167,22 @@ def read_probability(path: str | Path) -> np.ndarray:
 
 
 def predict_probability(
-    net: nn.Module, pre: np.ndarray, post: np.ndarray, spec: SlidingWindow, device: torch.device
+    net: nn.Module,
+    pre: np.ndarray,
+    post: np.ndarray,
+    spec: SlidingWindow,
+    device: torch.device,
+    name: str = "the pair",
 ) -> np.ndarray:
-    """Sliding-window change probability (float32 H x W) of one uint8 pair."""
+    """Sliding-window change probability (float32 H x W) of one uint8 pair.
+
+    Raises:
+        NonFiniteLogits: a logit is NaN or infinite.
+    """
     x_pre = image_to_tensor(pre)[None].to(device)
     x_post = image_to_tensor(post)[None].to(device)
     logits = sliding_window_logits(net, x_pre, x_post, spec)
+    check_finite_logits(logits, f"pair {name!r} refused")
     return torch.sigmoid(logits)[0, 0].cpu().numpy()
 
 
@@ -198,7 +208,8 @@ def predict_pair(
         roi: the region of interest of ``target=roi``.
 
     Raises:
-        ValueError: the two dates differ in size (or an image cannot be read).
+        ValueError: the two dates differ in size (or an image cannot be read), or the
+            network's logits are not finite.
     """
     height, width = pair_size(replace(pair, label=None))  # the label is optional here
     pre, post = read_image(pair.pre), read_image(pair.post)
@@ -206,7 +217,7 @@ def predict_pair(
         raise ValueError(
             f"pair {pair.name!r} refused: decoded sizes {pre.shape} and {post.shape} differ"
         )
-    probability = predict_probability(net, pre, post, spec, device)
+    probability = predict_probability(net, pre, post, spec, device, pair.name)
     if settings is None:
         return PairPrediction(pair.name, probability, threshold, None, "explain.enabled=false")
     if settings.max_pixels is not None and height * width > settings.max_pixels:

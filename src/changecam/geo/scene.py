@@ -98,6 +98,7 @@ from changecam.geo.write import (
     tile_side,
 )
 from changecam.geo.writer import BlockWriter
+from changecam.models.inference import check_finite_logits
 from changecam.models.sliding_window import SlidingWindow, blend_windows, check_window, pad_to
 from changecam.run_log import as_logged, file_record, read_json_lines, settings_changes
 
@@ -429,6 +430,14 @@ class SceneNetwork:
         )
         r, c = block.row - block.region_row, block.col - block.region_col
         out = out[0, :, r : r + block.height, c : c + block.width]
+        inside = region.valid[r : r + block.height, c : c + block.width]
+        check_finite_logits(
+            out[0],
+            f"block {block.index} (rows {block.row}-{block.row + block.height - 1}, columns "
+            f"{block.col}-{block.col + block.width - 1}) refused",
+            torch.from_numpy(np.ascontiguousarray(inside)).to(out.device),
+            error=SceneError,
+        )
         probability = torch.sigmoid(out[0]).cpu().numpy()  # as the PNG path computes it
         out = out.cpu().numpy()
         if out.shape[0] == 1:

@@ -11,7 +11,7 @@ quick measurement of a width-8 training step at 2 threads found it slower there)
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def inference_network(net: nn.Module, device: torch.device | str) -> nn.Module:
@@ -19,4 +19,34 @@ def inference_network(net: nn.Module, device: torch.device | str) -> nn.Module:
     return net.to(device=torch.device(device), memory_format=torch.channels_last).eval()
 
 
-__all__ = ["inference_network"]
+class NonFiniteLogits(ValueError):
+    """The network's change logits are NaN or infinite where they are used."""
+
+
+def check_finite_logits(
+    logits: Tensor,
+    what: str,
+    valid: Tensor | None = None,
+    error: type[ValueError] = NonFiniteLogits,
+) -> None:
+    """Refuse logits that are not finite (where ``valid``): weights that overflow on these
+    images (e.g. in half precision) would otherwise be read as no change, as NaN > threshold
+    is false, and written so (eval.py refuses them as a divergence).
+
+    Raises:
+        error: naming ``what`` and how many logits are not finite.
+    """
+    bad = ~torch.isfinite(logits)
+    if valid is not None:
+        bad &= valid
+    count = int(bad.sum())
+    if count:
+        total = logits.numel() if valid is None else int(valid.sum())
+        raise error(
+            f"{what}: {count} of the network's {total} change logits are not finite (NaN or "
+            "infinite: weights that overflow on these images, e.g. in half precision); nothing "
+            "is written for it"
+        )
+
+
+__all__ = ["NonFiniteLogits", "check_finite_logits", "inference_network"]
