@@ -283,3 +283,16 @@ def test_pipeline_padding_keeps_the_target_inside_the_image():
     assert torch.equal(padded[..., 5, :3], x[..., 3, :])  # reflection
     with pytest.raises(ValueError, match="pre is \\(21, 13\\) but post is \\(21, 12\\)"):
         explain_pair(net, pre, post[:, :12].copy())
+
+
+def test_a_pair_whose_logits_are_not_finite_is_refused():
+    """Finite inputs, logits that overflow (a NaN bias here): refused, not drawn as no change."""
+    torch.manual_seed(1)
+    net = SiameseUNet(3, 4, 2).eval()
+    with torch.no_grad():
+        net.final_conv.bias.fill_(float("nan"))
+    rng = np.random.default_rng(0)
+    pre, post = rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
+    settings = ExplainSettings(dpi=20, faithfulness=FaithfulnessSettings(enabled=False))
+    with pytest.raises(ValueError, match=r"pair 'x': 256 of the network's 256 change logits"):
+        explain_pair(net, pre, post, name="x", settings=settings)

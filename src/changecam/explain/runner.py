@@ -46,6 +46,7 @@ from changecam.explain.layer_ig import LayerIGSettings
 from changecam.explain.occlusion import OcclusionSettings
 from changecam.explain.render import render_panel, save_panel
 from changecam.explain.targets import Target, TargetKind
+from changecam.models.inference import check_finite_logits
 from changecam.models.protocol import size_multiple
 
 
@@ -448,7 +449,8 @@ def explain_pair(
         device: where to run; default the model's device.
 
     Raises:
-        ValueError: images of different sizes or channel counts, or masks that do not fit.
+        ValueError: images of different sizes or channel counts, masks that do not fit, or
+            logits that are not finite (an explanation of NaN would show no change).
     """
     settings = settings or ExplainSettings()
     if pre.shape != post.shape:
@@ -473,6 +475,7 @@ def explain_pair(
         label=as_tensor(label),
         roi=as_tensor(roi),
     )
+    check_finite_logits(result.explanation.logits, f"pair {name!r}")
     panel = render_panel(
         pre,
         post,
