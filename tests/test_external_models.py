@@ -385,3 +385,26 @@ def test_explain_cli_on_an_external_model(factory_module, tmp_path):
     assert set(row["post_share"]) == {"input", "encoder"}
     maps = np.load(tmp_path / "run" / row["files"]["maps"])
     assert maps["hirescam/pre/encoder"].shape == (24, 20)
+
+
+def test_a_tap_computed_without_grad_is_named():
+    """A frozen backbone run under torch.no_grad() in the model's forward: its outputs carry
+    no gradient of the change score, refused naming the tap (helper-68's case), not with
+    autograd's bare error."""
+
+    class FrozenEncoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Conv2d(8, 1, 1)
+
+        def forward(self, pre, post):
+            with torch.no_grad():
+                a, b = self.encoder(pre), self.encoder(post)
+            return self.head(torch.cat([a, b], 1))
+
+    torch.manual_seed(0)
+    net = LayerTaps(FrozenEncoder(), layers={"encoder": "calls"}).eval()
+    pre, post = torch.rand(2, 1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"taps \['pre/encoder', 'post/encoder'\]: .*no_grad"):
+        explain_batch(net, pre, post, taps=["encoder"], target="all")

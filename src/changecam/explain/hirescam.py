@@ -463,6 +463,14 @@ def explain_batch(
         score = target_score(logits, mask)
         if not score.requires_grad:
             raise ValueError(f"the output of {type(model).__name__} does not depend on its inputs")
+        no_grad = [name for name, a in activations.items() if cams and not a.requires_grad]
+        if no_grad:
+            raise ValueError(
+                f"taps {no_grad}: their outputs do not require grad (computed under "
+                f"torch.no_grad() in {type(model).__name__}'s forward, e.g. a frozen backbone), "
+                "so the change score has no gradient there: run that part with grad enabled "
+                "(parameters with requires_grad=False stay frozen) or tap a layer after it"
+            )
         grads = (
             torch.autograd.grad(
                 score.sum(), list(activations.values()), allow_unused=True, retain_graph=with_lig
