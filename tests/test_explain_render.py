@@ -159,3 +159,25 @@ def test_a_mask_with_a_one_pixel_side_keeps_both_sides():
     assert to_mask(np.ones((1, 1, 1))).shape == (1, 1)  # was squeezed to shape ()
     assert to_mask(torch.ones(1, 1, 1, 7)).shape == (1, 7)
     assert to_mask(np.ones((6, 1))).shape == (6, 1)
+
+
+def test_occlusion_colour_scales_name_their_unit(monkeypatch):
+    """Occlusion's pixels are mean score drops over swapped squares (their maps sum to about
+    2 x window² times the score's change), not logit contributions per pixel (helper-68)."""
+    render = render_module
+    labels, real = [], render._colorbar
+    monkeypatch.setattr(
+        render, "_colorbar", lambda fig, a, b, label: labels.append(label) or real(fig, a, b, label)
+    )
+    render._panel_layout.cache_clear()
+    try:
+        for method in ("hirescam", "occlusion"):
+            render._panel_layout((16, 16), ("input",), "input", method, False, False, 20)
+    finally:
+        render._panel_layout.cache_clear()
+    assert labels == [
+        "pre and post: logit contribution / px",
+        "pre + post: logit contribution / px",
+        "pre and post: mean score drop, square swapped",
+        "pre + post: mean score drop, square swapped",
+    ]

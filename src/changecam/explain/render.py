@@ -49,6 +49,11 @@ METHOD_TITLES = {
     "occlusion": "Date-swap occlusion",
 }
 
+# what a map's pixel holds, where it is not a share of the logit (HiResCAM, IG: the maps sum
+# to the target score): occlusion's pixel is the mean drop of the score over the swapped
+# squares covering it, so its maps sum to about 2 x window² times the score's change
+MAP_UNITS = {"occlusion": "mean score drop, square swapped"}
+
 
 def to_rgb(image: np.ndarray | Tensor) -> np.ndarray:
     """uint8 H×W×3 from a uint8 H×W×3 array or a float C×H×W tensor in [0, 1]."""
@@ -450,11 +455,10 @@ def _panel_layout(
     fig.subplots_adjust(
         left=0.02, right=0.98, top=0.9 if has_title else 0.94, bottom=0.15, wspace=0.1, hspace=0.2
     )
+    unit = MAP_UNITS.get(method, "logit contribution / px")
     scales = {
-        "scale": _colorbar(fig, axes[1, 0], axes[1, 1], "pre and post: logit contribution / px"),
-        "scale_combined": _colorbar(
-            fig, axes[1, 2], axes[1, 2], "pre + post: logit contribution / px"
-        ),
+        "scale": _colorbar(fig, axes[1, 0], axes[1, 1], f"pre and post: {unit}"),
+        "scale_combined": _colorbar(fig, axes[1, 2], axes[1, 2], f"pre + post: {unit}"),
     }
     fig.canvas.draw()
     background = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
