@@ -333,3 +333,34 @@ def test_inside_trainer_validate():
                 cam = exp.raw[method][tap]
                 assert torch.isfinite(cam).all() and cam.abs().max() > 0, (method, tap)
     assert all(p.grad is None for p in module.parameters())
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["grad mode", "inference mode"])
+def test_explaining_in_training_mode_leaves_the_running_statistics_as_found(inference):
+    """eval_mode=False runs BatchNorm on the batch's own statistics: the explanation's
+    forwards (Integrated Gradients' interpolations, the curves' counterfactuals) must not move
+    the model's running statistics (helper-68's case)."""
+    from changecam.explain import faithfulness
+    from changecam.explain.integrated import IntegratedGradientsSettings
+
+    torch.manual_seed(0)
+    net = SiameseUNet(3, 4, 2).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    pre, post = torch.rand(2, 2, 3, 16, 16)
+    with torch.inference_mode(inference):
+        exp = explain_batch(
+            net,
+            pre,
+            post,
+            target="all",
+            eval_mode=False,
+            methods=["hirescam", "integrated_gradients"],
+            taps=["input", "enc2"],
+            ig=IntegratedGradientsSettings(steps=4),
+        )
+        faithfulness(net, pre, post, exp, eval_mode=False, steps=2)
+    assert net.training
+    after = net.state_dict()
+    assert any("running_mean" in k for k in after), "the network has BatchNorm"
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key

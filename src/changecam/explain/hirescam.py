@@ -154,8 +154,11 @@ def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
 
     Each submodule's own ``training`` flag is restored, so a model that mixes modes (e.g. a
     frozen BatchNorm inside a training model) comes back exactly as it was, also after an error.
+    Outside eval mode the buffers are restored too: a BatchNorm in training mode would fold the
+    explanation's inputs (counterfactuals, interpolations) into its running statistics.
     """
     modes = [(m, m.training) for m in model.modules()]
+    buffers = [] if eval_mode else [(b, b.detach().clone()) for b in model.buffers()]
     try:
         if eval_mode:
             model.eval()
@@ -163,6 +166,9 @@ def preserved_state(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     finally:
         for module, mode in modes:
             module.training = mode
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
 
 
 @dataclass(frozen=True)
