@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from changecam.evaluation.attribution import (
+    agreement,
     attributed_post,
     bootstrap,
     causal_margin,
@@ -240,3 +241,58 @@ def test_the_faithfulness_gap_is_pooled_over_objects(monkeypatch):
     curves = {o: np.array(result["curves"][f"hirescam/enc1/{o}"]) for o in ("cam", "random")}
     k = np.linspace(0, 1, len(curves["cam"]))
     assert np.trapezoid(curves["random"] - curves["cam"], k) == pytest.approx(pooled, abs=1e-5)
+
+
+def test_an_undecided_map_is_half_right_against_an_undecided_causal_date():
+    """1 or 0 where both decide; 0.5 where either is a tie, also both (helper-70: a map that
+    is exactly 0 where the dates agree got a full point for a model that uses neither)."""
+    maps = torch.tensor([1.0, 1.0, 0.0, 0.5, 0.5, 1.0])
+    causal = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])
+    torch.testing.assert_close(
+        agreement(maps, causal), torch.tensor([1.0, 0.0, 1.0, 0.5, 0.5, 0.5])
+    )
+
+
+def test_max_objects_counts_objects_past_images_without_change():
+    """An image without a changed object spends none of the budget and does not end the study
+    (helper-70: it stopped at the first such image)."""
+    images = known_answer_images(3)
+    empty = images[1]
+    images[1] = StudyImage("empty", empty.pre, empty.pre, empty.label * 0, empty.change_type * 0)
+    settings = StudySettings(**dict(FAST, methods=("hirescam",), max_objects=100))
+    result = study_model(OneDate("post"), images, settings)
+    assert result["objects"] == {"appeared": 2, "vanished": 2}
+    capped = study_model(
+        OneDate("post"), images, StudySettings(**dict(FAST, methods=("hirescam",), max_objects=3))
+    )
+    assert sum(capped["objects"].values()) == 3
+
+
+def test_study_layers_without_input_are_refused_for_input_only_methods():
+    with pytest.raises(ValueError, match=r"have maps at the input only.*add input"):
+        StudySettings(methods=("hirescam", "integrated_gradients"), layers=("enc1",))
+    StudySettings(methods=("hirescam", "integrated_gradients"), layers=("input", "enc1"))
+    StudySettings(methods=("hirescam",), layers=("enc1",))
+
+
+def test_the_cascade_reinitialises_all_of_multihead_attention():
+    """Its _reset_parameters leaves out_proj's weight as trained (helper-70)."""
+
+    class Attending(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, pre, post):
+            tokens = (post - pre).flatten(2).transpose(1, 2)[..., :4]
+            return self.head(self.attention(tokens, tokens, tokens)[0])
+
+    net = Attending()
+    x = torch.rand(1, 4, 2, 2)
+    order = cascade_order(net, x, x)
+    assert order == ["head", "attention"]
+    fresh = randomised(net, order, 2, seed=5)
+    for name, weight in net.attention.named_parameters():
+        changed = not torch.equal(dict(fresh.attention.named_parameters())[name], weight)
+        assert changed or name.endswith("bias"), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -139,3 +140,23 @@ def test_study_trains_a_tiny_zoo_and_writes_the_report(tmp_path):
         + again.stderr.count("reusing the finished run")
         == 2
     )
+
+
+def test_the_zoo_folder_depends_on_the_data_it_is_trained_on(tmp_path):
+    """train_zoo passes paths.data_dir to train.py: models trained on one data folder are not
+    reused for another (helper-70), and the same folder, however written, finds its run."""
+    from omegaconf import OmegaConf
+
+    from changecam.cli.study import zoo_run
+
+    def folder(data_dir: str) -> Path:
+        cfg = OmegaConf.create(
+            {
+                "study": {"train_overrides": [], "epochs": {"default": 2}, "zoo_dir": "zoo"},
+                "paths": {"data_dir": data_dir},
+            }
+        )
+        return zoo_run(cfg, "fc_ef")[0]
+
+    assert folder(str(tmp_path / "a")) != folder(str(tmp_path / "b"))
+    assert folder(str(tmp_path / "a")) == folder(f"{tmp_path}/b/../a/")

@@ -99,7 +99,11 @@ def zoo_run(cfg: DictConfig, arch: str) -> tuple[Path, list[str]]:
         f"trainer.max_epochs={per_architecture(cfg.study.epochs, arch, 'epochs')}",
         *data_overrides(),
     ]
-    key = json.dumps({"overrides": overrides, "generator": GENERATOR_VERSION}, sort_keys=True)
+    data_dir = str(Path(cfg.paths.data_dir).resolve())  # passed to train.py (train_zoo)
+    key = json.dumps(
+        {"overrides": overrides, "generator": GENERATOR_VERSION, "data_dir": data_dir},
+        sort_keys=True,
+    )
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     return Path(cfg.study.zoo_dir) / f"{arch}-{digest}", overrides
 

@@ -133,8 +133,11 @@ def causal_margin(drop_pre: Tensor, drop_post: Tensor) -> Tensor:
 
 
 def agreement(post_a: Tensor, post_b: Tensor) -> Tensor:
-    """How far two date decisions (1 post, 0 pre, 0.5 undecided) agree: 1, 0 or 0.5 per object."""
-    return 1.0 - (post_a - post_b).abs()
+    """How far two date decisions (1 post, 0 pre, 0.5 undecided) agree, per object: 1 or 0
+    where both decide, 0.5 where either is undecided (half right whatever the other says: a map
+    that names no date is not right about a model that uses neither)."""
+    undecided = (post_a == 0.5) | (post_b == 0.5)
+    return torch.where(undecided, 0.5, 1.0 - (post_a - post_b).abs())
 
 
 def pointing(pre_maps: Tensor, post_maps: Tensor, regions: Tensor) -> Tensor:

@@ -66,6 +66,8 @@ def randomised(model: nn.Module, layers: Sequence[str], count: int, seed: int = 
         module = modules[name]
         torch.manual_seed(seed + position)
         if isinstance(module, nn.MultiheadAttention):
+            # its _reset_parameters leaves out_proj's weight (a Linear it never calls as a module)
+            module.out_proj.reset_parameters()
             module._reset_parameters()
         else:
             module.reset_parameters()

@@ -43,7 +43,15 @@ from changecam.evaluation.attribution import (
 )
 from changecam.evaluation.randomisation import cascade_order, cascade_points, randomised
 from changecam.explain.faithfulness import faithfulness
-from changecam.explain.hirescam import METHODS, Explanation, explain_batch, upsample_maps
+from changecam.explain.hirescam import (
+    INPUT_LAYER,
+    INPUT_ONLY_METHODS,
+    INPUT_TAPS,
+    METHODS,
+    Explanation,
+    explain_batch,
+    upsample_maps,
+)
 from changecam.explain.integrated import IntegratedGradientsSettings
 from changecam.explain.layer_ig import LayerIGSettings
 from changecam.explain.occlusion import OcclusionSettings
@@ -133,6 +141,15 @@ class StudySettings:
             raise ValueError(
                 f"study.faithfulness_layers={self.faithfulness_layers!r}; expected deepest or all"
             )
+        input_only = [m for m in self.methods if m in INPUT_ONLY_METHODS]
+        if input_only and self.layers is not None:
+            has_input = INPUT_LAYER in self.layers or all(t in self.layers for t in INPUT_TAPS)
+            if not has_input:
+                raise ValueError(
+                    f"study.methods {input_only} have maps at the input only, but "
+                    f"study.layers={list(self.layers)} leaves it out: add {INPUT_LAYER} "
+                    f"(e.g. study.layers=[{INPUT_LAYER}, {self.layers[-1]}])"
+                )
         if self.context is not None and self.context < 16:
             raise ValueError(f"study.context={self.context} must be >= 16 or null (whole image)")
         if self.randomisation_points < 1 or self.objects_per_pass < 1 or self.bootstrap < 1:
@@ -261,10 +278,11 @@ def study_model(
     budget = settings.max_objects
     for image in tqdm(images, desc=f"{name}: images", unit="image", leave=False):
         objects = changed_objects(image.label, image.change_type, settings.dilation)
-        if budget is not None:
-            objects, budget = objects[:budget], budget - len(objects[:budget])
-            if not objects:
+        if budget is not None:  # an image without change spends none of it
+            if budget == 0:
                 break
+            objects = objects[:budget]
+            budget -= len(objects)
         for obj in objects:
             kinds[obj.kind] = kinds.get(obj.kind, 0) + 1
         for start in range(0, len(objects), settings.objects_per_pass):
