@@ -509,3 +509,39 @@ def test_a_requeued_job_without_a_checkpoint_starts_its_own_history(
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     train(compose_train(tmp_path, base))
     assert (run / "wandb" / "run_id.txt").read_text().strip() != first_id
+
+
+def test_late_background_cam_rows_neither_end_nor_leave_the_kept_history():
+    """Background CAM scalars arrive after rows of later steps (helper-69: the history used to
+    stop at them, dropping the epoch before the checkpoint): kept when logged before the
+    checkpoint's step, dropped after it; a scoring appended at step 0 still ends the history."""
+    from changecam.training.csv_logger import _history
+
+    keys = {"train": "train/loss", "val": "val/f1", "cam": "val/cam/post_share/enc2"}
+    keys["test"] = "test/f1"
+
+    def row(step: int, **values: str) -> dict[str, str]:
+        return {"step": str(step), "epoch": "", **{k: values.get(n, "") for n, k in keys.items()}}
+
+    rows = [
+        row(7, train="0.9"),
+        row(15, val="0.1"),
+        row(23, train="0.7"),
+        row(15, cam="0.4"),  # epoch 0's panels, late
+        row(31, val="0.2"),
+        row(31, cam="0.5"),
+        row(39, train="0.5"),  # after the checkpoint (step 32)
+        row(47, val="0.3"),
+        row(47, cam="0.6"),
+        row(0, test="0.3"),  # a finished run's scoring
+        row(15, cam="0.4"),
+    ]
+    kept = _history(rows, keep_before=32)
+    assert [(r["step"], r["val/cam/post_share/enc2"] or "-") for r in kept] == [
+        ("7", "-"),
+        ("15", "-"),
+        ("23", "-"),
+        ("15", "0.4"),
+        ("31", "-"),
+        ("31", "0.5"),
+    ]

@@ -51,10 +51,22 @@ def _complete_rows(text: str) -> tuple[list[str], list[dict[str, str]]]:
     return keys, rows
 
 
+# the scalars of CAM panels drawn in the background (training.callbacks.cam_panels): logged
+# at their epoch's step when they arrive, which may be after rows of later steps
+LATE_PREFIX = "val/cam/"
+
+
+def _late(row: dict[str, str]) -> bool:
+    """Whether ``row`` holds only scalars that may arrive late (:data:`LATE_PREFIX`)."""
+    logged = [key for key, value in row.items() if value and key not in ("step", "epoch")]
+    return bool(logged) and all(key.startswith(LATE_PREFIX) for key in logged)
+
+
 def _history(rows: list[dict[str, str]], keep_before: float) -> list[dict[str, str]]:
     """The rows of one training history logged before step ``keep_before``: they stop at the
     first row that is not, or whose step goes back (a ``train=false`` scoring appended at step
-    0), or that has no step (not a row Lightning wrote)."""
+    0), or that has no step (not a row Lightning wrote). A row of background CAM scalars may go
+    back (it arrives late): it is kept when logged before ``keep_before``, and stops nothing."""
     kept: list[dict[str, str]] = []
     last = -math.inf
     for row in rows:
@@ -62,6 +74,10 @@ def _history(rows: list[dict[str, str]], keep_before: float) -> list[dict[str, s
             step = float(row["step"])
         except (KeyError, ValueError):
             break
+        if _late(row):
+            if step < keep_before:
+                kept.append(row)
+            continue
         if step < last or step >= keep_before:
             break
         kept.append(row)
