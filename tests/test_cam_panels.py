@@ -335,3 +335,25 @@ def test_ddp_writes_panels_once(tmp_path, tiny_synthetic):
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+def test_samples_of_a_validation_split_of_several_sizes_share_one(tmp_path):
+    """data.eval_protocol=full keeps each image's size: the panels' samples (one batch) are
+    chosen among the images of the most common size (helper-69: torch.stack failed)."""
+    from types import SimpleNamespace
+
+    def item(name: str, height: int, width: int) -> dict:
+        mask = torch.zeros(1, height, width)
+        mask[0, :4, :4] = 1
+        return {
+            "pre": torch.rand(3, height, width),
+            "post": torch.rand(3, height, width),
+            "mask": mask,
+            "name": name,
+        }
+
+    dataset = [item("a", 32, 32), item("b", 32, 48), item("c", 32, 48), item("d", 32, 32)]
+    dataset.append(item("e", 32, 48))
+    trainer = SimpleNamespace(val_dataloaders=SimpleNamespace(dataset=dataset))
+    samples = CamPanels(tmp_path, k=8)._fixed_samples(trainer)
+    assert sorted(samples["name"]) == ["b", "c", "e"] and samples["pre"].shape[-2:] == (32, 48)

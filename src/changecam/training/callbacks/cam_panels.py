@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import typing
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -173,6 +174,18 @@ class CamPanels(L.Callback):
             stride = max(1, len(dataset) // self.max_candidates)
             candidates = list(range(0, len(dataset), stride))[: self.max_candidates]
             items = [dataset[i] for i in candidates]
+            # one batch, so one size (data.eval_protocol=full keeps every image's own)
+            sizes = Counter(tuple(it["pre"].shape[-2:]) for it in items)
+            size = sizes.most_common(1)[0][0]
+            if len(sizes) > 1:
+                log.info(
+                    "CAM panels: the validation images are of %d sizes; the samples are chosen "
+                    "from the %d of %dx%d",
+                    len(sizes),
+                    sizes[size],
+                    *size,
+                )
+                items = [it for it in items if tuple(it["pre"].shape[-2:]) == size]
             chosen = select_samples([it["mask"] for it in items], self.k)
             picked = [items[i] for i in chosen]
             self.samples = {
