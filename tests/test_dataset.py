@@ -59,6 +59,23 @@ def test_identical_geometry_for_pre_post_mask(tmp_path, seed):
         assert torch.equal(s["mask"][0], expected)
 
 
+def test_a_non_square_sample_keeps_its_shape_under_rotation():
+    """data.train_protocol=full on 64 x 96 images: a quarter turn would make some samples
+    96 x 64 and the batch could not be stacked (helper-69); they are turned by 0 or 180
+    degrees instead, both drawn, with the same geometry for pre, post and mask."""
+    aug = PairTransform(hflip=0.0, vflip=0.0, rot90=1.0, jitter=0.0)
+    image = np.arange(6 * 4, dtype=np.uint8).reshape(6, 4)
+    seen = set()
+    for seed in range(40):
+        pre, post, mask = aug(
+            np.repeat(image[..., None], 3, 2), np.repeat(image[..., None], 3, 2), image, seed
+        )
+        assert pre.shape[:2] == post.shape[:2] == mask.shape == (6, 4)
+        assert np.array_equal(pre[..., 0], mask)
+        seen.add(mask.tobytes())
+    assert seen == {image.tobytes(), np.rot90(image, 2).tobytes()}
+
+
 def test_flips_and_rotation_are_drawn_independently():
     """Each part at p=0.5: a reflection (one flip, not both) with probability 1/2, the
     identity with (1/4)(5/8) + (1/4)(1/8) = 3/16 (no flip and no turn, or both flips and a

@@ -104,6 +104,8 @@ class PairTransform:
         rng = np.random.default_rng((seed, 1))
         hflip, vflip, rotate = (rng.random() < p for p in (self.hflip, self.vflip, self.rot90))
         k = int(rng.integers(4)) if rotate else 0  # as RandomRotate90: 0, 90, 180 or 270 degrees
+        if k % 2 and pre.shape[0] != pre.shape[1]:  # a quarter turn would change the shape
+            k = (k + 1) % 4  # (data.train_protocol=full): 0 or 180 degrees, each half the time
         pre, post, mask = (flip_rotate(a, hflip, vflip, k) for a in (pre, post, mask))
         if self.photometric is not None:
             self.photometric.set_random_seed(int(rng.integers(2**31)))
