@@ -108,7 +108,13 @@ def test_the_overrides_the_readme_and_the_messages_name_need_no_plus(tmp_path, d
     """``data.change_crops=`` (README) and ``trainer.gradient_clip_val=`` (the divergence
     guard's advice) are keys of the configs, not Hydra ``+`` additions."""
     cfg = compose_train(
-        tmp_path, [f"data={data}", "data.change_crops=0.5", "trainer.gradient_clip_val=1.0"]
+        tmp_path,
+        [
+            f"data={data}",
+            "data.train_protocol=random_crop",
+            "data.change_crops=0.5",
+            "trainer.gradient_clip_val=1.0",
+        ],
     )
     assert hydra.utils.instantiate(cfg.data).change_crops == 0.5
     assert cfg.trainer.gradient_clip_val == 1.0
@@ -239,3 +245,17 @@ def test_multirun_sweep(tmp_path, tiny_synthetic):
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("data.change_crops=1.0", r"data.change_crops=1.0 places training crops, but .*tiles"),
+        ("+data.crops_per_image=50", r"data.crops_per_image=50 counts random crops"),
+    ],
+)
+def test_crop_settings_the_protocol_would_ignore_are_refused(tmp_path, override, match):
+    """Under the default tiles protocol they changed nothing, silently (helper-69)."""
+    cfg = compose_train(tmp_path, ["experiment=quickstart", override])
+    with pytest.raises(hydra.errors.InstantiationException, match=match):
+        hydra.utils.instantiate(cfg.data)

@@ -108,6 +108,19 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         self.validate_mode: Validation = check_mode(validate)
         self.crops_per_image = crops_per_image
         self.change_crops = change_crops
+        # what the tiles, resize and full protocols would silently ignore
+        if change_crops and train_protocol != "random_crop":
+            raise ValueError(
+                f"data.change_crops={change_crops} places training crops, but "
+                f"data.train_protocol={train_protocol} takes none: set "
+                "data.train_protocol=random_crop, or data.change_crops=0"
+            )
+        if crops_per_image is not None and "random_crop" not in (train_protocol, eval_protocol):
+            raise ValueError(
+                f"data.crops_per_image={crops_per_image} counts random crops, but "
+                f"data.train_protocol={train_protocol} and data.eval_protocol={eval_protocol} "
+                "take none: set one of them to random_crop, or data.crops_per_image=null"
+            )
         self.extra_train = [Path(p) for p in extra_train or ()]
         unknown = [s for s in splits or () if s not in SPLITS]
         if unknown:
