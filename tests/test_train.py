@@ -130,6 +130,8 @@ def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, levir256_tiny, 
     ]
     if experiment != "quickstart":  # the LEVIR recipes run on the flat LEVIR-CD-256 fixture
         overrides += [f"data.root={levir256_tiny}", "data.layout=auto", "data.patch_size=64"]
+    if experiment.startswith("real_small"):  # its own random crops (tiny_overrides: tiles)
+        overrides.append("data.train_protocol=random_crop")
     if experiment == "siamese_unet_seed":
         overrides += [
             "model.base_channels=64",
