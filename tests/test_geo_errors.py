@@ -828,30 +828,77 @@ def test_a_kill_while_a_finished_scene_is_taken_back_leaves_no_scene_json(net, i
         np.testing.assert_array_equal(read_band(out / name, None), values)
 
 
-def test_a_refusal_keeps_rasters_another_runs_log_does_not_describe(net, images, tmp_path):
-    """A finished scene, then a run with another threshold killed just after it took away
-    scene.json and before it removed the old rasters: the log's header is the new run's, so a
-    refused resume takes none of the old files back or away."""
+def test_a_kill_while_a_new_run_clears_an_old_set_leaves_it_to_its_log(net, images, tmp_path):
+    """A finished scene, then a run with another threshold killed as it removes the old files
+    (scene.json first), before its own log header: the log still describes the old set, so a
+    resume with the old settings finishes it again from its rasters, without the network."""
     pre = write_scene(tmp_path / "pre.tif", images[0])
     post = write_scene(tmp_path / "post.tif", images[1])
     out = tmp_path / "out"
-    predict_scene(net, pre, post, out, SPEC, SETTINGS)
-    published = finished_looking(out)
-    real_remove = SceneFiles.remove
+    first = predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    whole = {n: read_band(out / n, None) for n in first["files"].values() if n.endswith(".tif")}
 
-    def killed_remove(self, names=("partial", "final")):
-        if "final" in names:
-            raise KeyboardInterrupt("killed")
-        return real_remove(self, names)
+    def killed_remove(self, names=("partial", "final")):  # scene.json is gone by then
+        raise KeyboardInterrupt("killed")
 
     other = SceneSettings(**{**vars(SETTINGS), "threshold": 0.9})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SceneFiles, "remove", killed_remove)
         with pytest.raises(KeyboardInterrupt):
             predict_scene(net, pre, post, out, SPEC, other)
-    with pytest.raises(SceneError, match="other settings"):
-        predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
-    assert finished_looking(out) == [n for n in published if n != "scene.json"]
+    header = json.loads((out / "blocks.jsonl").read_text().splitlines()[0])
+    assert header["settings"]["scene"]["threshold"] == SETTINGS.threshold, "not yet the new run's"
+    summary = predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
+    assert summary["resumed_blocks"] == summary["blocks"] == first["blocks"]
+    for name, values in whole.items():
+        np.testing.assert_array_equal(read_band(out / name, None), values)
+
+
+@pytest.mark.parametrize("earlier", ["finished", "partial"])
+def test_a_kill_just_after_a_new_log_header_leaves_no_earlier_files_to_resume(
+    net, tmp_path, earlier
+):
+    """helper-71's cases: an earlier run's outputs (a finished scene, or partial rasters of a
+    smaller scene), the inputs then replaced, and a run killed just after it wrote its log's
+    header: the earlier files are gone by then, so a resume predicts the new inputs from the
+    start (it kept the old scene.json, or wrote new blocks into the old rasters)."""
+    import changecam.geo.scene as scene_module
+
+    out = tmp_path / "out"
+    side = 64 if earlier == "finished" else 48
+    pair = synthetic_pair(side)
+    pre = write_scene(tmp_path / "pre.tif", pair[0])
+    post = write_scene(tmp_path / "post.tif", pair[1])
+    if earlier == "finished":
+        predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    else:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                SceneFiles, "build_overviews", lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)
+            )
+            with pytest.raises(KeyboardInterrupt):
+                predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    pair = synthetic_pair(64, n=7)
+    write_scene(tmp_path / "pre.tif", pair[0])
+    write_scene(tmp_path / "post.tif", pair[1])
+    real_start = scene_module.BlockLog.start
+
+    def killed_after(self, *args, **kwargs):
+        real_start(self, *args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scene_module.BlockLog, "start", killed_after)
+        with pytest.raises(KeyboardInterrupt):
+            predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    assert finished_looking(out) == [] and not list(out.glob(".*.part"))
+    resumed = predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
+    fresh = predict_scene(net, pre, post, tmp_path / "fresh", SPEC, SETTINGS)
+    assert resumed["resumed_blocks"] == 0
+    np.testing.assert_array_equal(
+        read_band(out / "change.tif"), read_band(tmp_path / "fresh" / "change.tif")
+    )
+    assert resumed["changed_pixels"] == fresh["changed_pixels"]
 
 
 @pytest.mark.parametrize("garbled", ["change", "probability", "explanation"])

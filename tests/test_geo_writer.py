@@ -13,7 +13,7 @@ import changecam.geo.write
 from changecam.geo.grid import Grid
 from changecam.geo.polygons import RegionTracer, geojson_crs
 from changecam.geo.windows import Block
-from changecam.geo.write import SceneFiles, write_share_overviews
+from changecam.geo.write import SETTINGS_TAG, SceneFiles, write_share_overviews
 from changecam.geo.writer import BlockWriter
 from geo_scenes import garble_first_tile
 
@@ -21,9 +21,12 @@ GRID = Grid(rasterio.crs.CRS.from_epsg(32650), from_origin(0, 32, 0.5, 0.5), 64,
 BLOCKS = [Block(i, 0, 32 * i, 32, 32, 0, 32 * i, 32, 32, (0,), (0,)) for i in range(2)]
 
 
+TAG = "the settings' hash"
+
+
 def scene_files(tmp_path) -> SceneFiles:
     files = SceneFiles(tmp_path, explain=False, tile=16)
-    files.create(GRID, {})
+    files.create(GRID, {SETTINGS_TAG: TAG})
     return files
 
 
@@ -367,14 +370,15 @@ def test_a_partial_raster_cut_anywhere_is_not_taken_as_complete(tmp_path):
         files.write_block(BLOCKS[0], probability, valid, 0.5, None)
     path = files.partial("probability")
     assert tiff_directories(path) == 2  # the image and its mask
-    assert files.partials_readable()
+    assert files.partials_readable(TAG)
+    assert not files.partials_readable("another run's"), "made with other settings"
     whole = path.read_bytes()
     for size in range(len(whole) - 1, 0, -1):
         path.write_bytes(whole[:size])
         with pytest.raises(SceneError, match="truncated|not a TIFF"):
             check_every_image_complete(path)
     path.write_bytes(whole[: len(whole) - 20])  # opens, but its mask's tile is gone
-    assert not files.partials_readable()
+    assert not files.partials_readable(TAG)
 
 
 @pytest.mark.parametrize("options", [{"BIGTIFF": "YES"}, {"ENDIANNESS": "BIG"}])

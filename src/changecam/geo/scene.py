@@ -30,7 +30,7 @@ import logging
 import math
 import numbers
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -311,10 +311,14 @@ class BlockLog:
         resume: bool,
         readable: bool,
         new_settings: dict[str, Any] | None = None,
+        clear: Callable[[bool], None] | None = None,
     ) -> bool:
         """Start the log, or continue it (``resume``, same ``settings``, readable partial
         rasters); returns whether the run continues an earlier one. A new log's header holds
-        ``new_settings`` (default ``settings``): every key this version records."""
+        ``new_settings`` (default ``settings``): every key this version records. ``clear``
+        (given whether the run continues) removes what the earlier run left that this one must
+        not keep, once the run is not refused and before the log is written: a kill in between
+        must not leave an earlier run's files under this run's header."""
         records = self.read()
         self._read = None  # written below, or refused
         same = bool(records) and records[0].get("settings") == settings
@@ -333,7 +337,10 @@ class BlockLog:
                 f"({'; '.join(changed) or 'unreadable header'}); resume with those settings "
                 "or rerun without predict.resume"
             )
-        if resume and same and readable:
+        continued = resume and same and readable
+        if clear is not None:
+            clear(continued)
+        if continued:
             self.done = {r["block"]: r for r in records[1:] if "block" in r}
             # written again from the records read: a killed append's partial line is not read
             # (and warned about) at every later start
@@ -804,7 +811,7 @@ def _predict_scene(
         if resume:
             take_back_rasters(files, block_log, record, blocks, settings)
         folder.mkdir(parents=True, exist_ok=True)
-        readable = resume and files.partials_readable()
+        readable = resume and files.partials_readable(settings_hash(record))
         if readable and not settings.overviews and files.partials_have_overviews():
             # killed after building them; GDAL cannot take overviews out of a file
             log.warning(
@@ -813,10 +820,14 @@ def _predict_scene(
                 folder,
             )
             readable = False
-        continued = block_log.start(record, resume, readable, fresh)
+
+        def clear(continued: bool) -> None:  # from here on the scene is unfinished
+            (folder / REPORT_FILE).unlink(missing_ok=True)
+            files.remove(("final",) if continued else ("partial", "final"))
+            fsync_directory(folder)
+
+        continued = block_log.start(record, resume, readable, fresh, clear)
         record = record if continued else fresh
-        (folder / REPORT_FILE).unlink(missing_ok=True)  # from here on the scene is unfinished
-        files.remove(("final",))
         if not continued:
             files.create(
                 grid,

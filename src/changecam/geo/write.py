@@ -195,14 +195,16 @@ class SceneFiles:
                 else:
                     dst.set_band_description(1, "change (1), no change (0), nodata (255)")
 
-    def partials_readable(self) -> bool:
-        """Whether every partial raster is there, opens and holds every tile its header lists
-        (a resumable earlier run); a file cut short (a full disk, a copy) is not, and is named
-        in a warning."""
+    def partials_readable(self, settings: str) -> bool:
+        """Whether every partial raster is there, was made by a run with these ``settings``
+        (:data:`SETTINGS_TAG`), opens and holds every tile its header lists (a resumable
+        earlier run); a file cut short (a full disk, a copy) is not, and is named in a
+        warning."""
         try:
             for what in self.rasters:
-                with rasterio.open(self.partial(what)):
-                    pass
+                with rasterio.open(self.partial(what)) as src:
+                    if src.tags().get(SETTINGS_TAG) != settings:
+                        return False
                 check_every_image_complete(self.partial(what))
         except (rasterio.errors.RasterioError, OSError):
             return False
