@@ -31,8 +31,10 @@ from changecam.geo.write import SETTINGS_TAG, SceneFiles
 from changecam.models import SiameseUNet
 from changecam.models.sliding_window import SlidingWindow
 from geo_scenes import (
+    CRS,
     ORIGIN,
     PIXEL,
+    TRANSFORM,
     garble_first_tile,
     read_band,
     run_scene,
@@ -392,6 +394,30 @@ def test_corrupt_and_truncated_tiffs(net, images, tmp_path):
     data = whole.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     refused(net, tmp_path, pre, cut, r"cut.tif is truncated .*tile \(\d+, \d+\) ends at byte")
+
+
+def test_a_tiff_cut_in_its_mask_directory_is_named_as_it_is_opened(net, images, tmp_path):
+    """Every image tile whole, the internal mask's directory cut off: GDAL opens the file and
+    failed only when it read the mask, with an error no run caught (helper-71)."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = tmp_path / "post.tif"
+    height, width = images[1].shape[:2]
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": 3, "dtype": "uint8"}
+    profile.update(crs=CRS, transform=TRANSFORM, tiled=True, blockxsize=32, blockysize=32)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(post, "w", **profile) as dst:
+        dst.write(images[1].transpose(2, 0, 1))
+        valid = np.full((height, width), 255, np.uint8)
+        valid[:, :16] = 0
+        dst.write_mask(valid)
+    with rasterio.open(post) as src:
+        ends = [
+            int(src.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=1))
+            + int(src.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=1))
+            for r in range(height // 32)
+            for c in range(width // 32)
+        ]
+    post.write_bytes(post.read_bytes()[: max(ends)])
+    refused(net, tmp_path, pre, post, r"post.tif.*(truncated|cut short)")
 
 
 def test_a_tile_corrupt_inside_the_file_is_named_when_decoded(net, images, tmp_path):

@@ -107,7 +107,7 @@ def open_raster(path: str | Path, stack: ExitStack) -> Any:
         raise SceneError(
             f"{path} cannot be read as a GeoTIFF (corrupt or truncated?): {err}"
         ) from err
-    check_complete(dataset, path)
+    check_opened_complete(dataset, path)
     large = []
     for source in vrt_sources(path):
         if not is_local(source):
@@ -116,7 +116,7 @@ def open_raster(path: str | Path, stack: ExitStack) -> Any:
             raise SceneError(f"{path} reads {source}, which does not exist")
         try:
             with rasterio.open(source) as opened:
-                check_complete(opened, Path(source))
+                check_opened_complete(opened, Path(source))
                 large.append(large_block_warning(opened, opened.indexes, Path(source)))
         except RasterioError as err:
             raise SceneError(
@@ -265,6 +265,14 @@ def tiff_directories(path: Path) -> int:
             images += 1
             (offset,) = struct.unpack_from(next_format, table, entries * entry_bytes)
     return images
+
+
+def check_opened_complete(dataset: Any, path: Path) -> None:
+    """An input's :func:`check_every_image_complete` where it is a TIFF: a file cut inside its
+    internal mask's or an overview's directory opens, and GDAL fails only when it reads that
+    directory."""
+    if dataset.driver == "GTiff":
+        check_every_image_complete(path)
 
 
 def check_every_image_complete(path: Path) -> None:
