@@ -1016,6 +1016,37 @@ def test_the_runner_module_is_reachable_by_its_own_name():
     assert changecam.geo.predict_scene is module.predict_scene
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_scene_gone_from_the_inputs_loses_its_outputs(tmp_path, ckpt, pair, caplog, resume):
+    """Scenes x and y predicted, y's files then taken from input.dir, the run dir predicted
+    again: y's folder, which looked finished beside a report that no longer lists it, is
+    removed with a warning naming it (helper-71); x's is kept or predicted again."""
+    from changecam.cli.predict import predict
+    from helpers import compose_train
+
+    for stem in ("x", "y"):
+        for folder, source in zip(("A", "B"), pair, strict=True):
+            target = tmp_path / "scenes" / folder / f"{stem}.tif"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    overrides = [*FAST, f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'scenes'}"]
+    overrides.append("explain.enabled=false")
+    predict(compose_train(tmp_path, overrides, "predict"))
+    run = tmp_path / "run"
+    (run / "y" / "notes.txt").write_text("the analyst's")  # not the scene's: kept
+    for folder in ("A", "B"):
+        (tmp_path / "scenes" / folder / "y.tif").unlink()
+    again = [*overrides, f"predict.resume={str(resume).lower()}"]
+    with caplog.at_level("WARNING", logger="changecam"):
+        report = predict(compose_train(tmp_path, again, "predict"))
+    assert [s["name"] for s in report["scenes"]] == ["x"]
+    assert (
+        "removing the outputs of 1 scene(s) that are not among this run's inputs: y" in caplog.text
+    )
+    assert sorted(p.name for p in (run / "y").iterdir()) == ["notes.txt"]
+    assert (run / "x" / "scene.json").is_file()
+
+
 def predict_with_one_refused(tmp_path: Path, ckpt: Path, pair, refused: str) -> dict:
     """predict.py on ``input.dir`` scenes ``refused`` and ``ok`` (copies of ``pair``), where
     ``refused`` is refused and ``ok`` predicted; returns ``predictions.json``."""

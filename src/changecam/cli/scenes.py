@@ -22,7 +22,8 @@ from changecam.atomic import DiskFullError, write_json
 from changecam.cli.common import failure_message, log
 from changecam.data.layout import Triplet
 from changecam.geo import SceneError, SceneSettings, predict_scene
-from changecam.geo.scene import SCENE_METHODS
+from changecam.geo.scene import LOG_FILE as SCENE_LOG_FILE
+from changecam.geo.scene import SCENE_METHODS, remove_scene
 from changecam.models.sliding_window import SlidingWindow
 
 REPORT_FILE = "predictions.json"
@@ -205,6 +206,20 @@ def predict_scenes(
             )
             continue
         scenes.append(summary)
+    names = {pair.name for pair in pairs}
+    gone = sorted(
+        entry.name
+        for entry in output_dir.iterdir()
+        if entry.is_dir() and entry.name not in names and (entry / SCENE_LOG_FILE).is_file()
+    )
+    if gone:  # an earlier run's scenes this run's inputs no longer hold would look like its own
+        log.warning(
+            "removing the outputs of %d scene(s) that are not among this run's inputs: %s",
+            len(gone),
+            ", ".join(gone),
+        )
+        for name in gone:
+            remove_scene(output_dir / name)
     report = {
         "checkpoint": str(cfg.ckpt_path),
         "threshold": threshold,

@@ -485,6 +485,19 @@ def settings_hash(record: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def remove_scene(folder: Path) -> None:
+    """Remove a scene's outputs from ``folder``: its ``scene.json`` first (nothing left looks
+    finished), its rasters and polygons, final and partial, its log, then the folder if that
+    leaves it empty."""
+    (folder / REPORT_FILE).unlink(missing_ok=True)
+    SceneFiles(folder, explain=True).remove()
+    (folder / LOG_FILE).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something else is in it
+        pass
+
+
 def take_back_rasters(
     files: SceneFiles,
     block_log: BlockLog,
@@ -980,4 +993,5 @@ __all__ = [
     "SceneSettings",
     "is_scene_file",
     "predict_scene",
+    "remove_scene",
 ]
