@@ -207,9 +207,10 @@ def predict_scenes(
             continue
         scenes.append(summary)
     names = {pair.name for pair in pairs}
+    entries = output_dir.iterdir() if output_dir.is_dir() else ()  # none: every scene refused
     gone = sorted(
         entry.name
-        for entry in output_dir.iterdir()
+        for entry in entries
         if entry.is_dir() and entry.name not in names and (entry / SCENE_LOG_FILE).is_file()
     )
     if gone:  # an earlier run's scenes this run's inputs no longer hold would look like its own
