@@ -51,3 +51,20 @@ def test_corrupt_image_names_file(tmp_path):
         read_image(tmp_path / "broken.png")
     with pytest.raises(FileNotFoundError, match="absent.png"):
         read_image(tmp_path / "absent.png")
+
+
+def test_headers_of_images_above_pillows_pixel_limit_are_read(tmp_path, monkeypatch):
+    """Pillow refuses images above its decompression-bomb limit (about 179 Mpx: a 13 500²
+    scene) as corrupt; satellite scenes are that large, and OpenCV decodes them (helper-74).
+    Here the limit is lowered to a 64² image's size / 4; it is back in place afterwards."""
+    from PIL import Image
+
+    from changecam.data.io import image_size, read_header, write_png
+
+    path = tmp_path / "large.png"
+    write_png(path, np.zeros((64, 64, 3), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    assert read_header(path).size == (64, 64) and image_size(path) == (64, 64)
+    assert Image.MAX_IMAGE_PIXELS == 64 * 64 // 4

@@ -5,7 +5,9 @@ a file that is cut short or corrupt is refused with its path, in every format. J
 decoded by Pillow, whose libjpeg-turbo gives the same pixels as OpenCV's but which reports a
 truncated or broken stream as an error (OpenCV fills the missing rows with grey and only
 prints libjpeg's warning). Other formats are decoded by OpenCV, whose PNG, TIFF and BMP
-decoders already refuse such files.
+decoders already refuse such files when they are cut short. Damaged inside, with the file's
+length intact, only a PNG is refused (its checksums): libjpeg and libtiff warn about a broken
+JPEG or compressed TIFF stream and return the damaged rows.
 
 :func:`read_header` reads what a file's header says (size, mode, bit depth) without decoding
 pixels, and checks that the file is not shorter than its header promises: the data
@@ -16,6 +18,9 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -82,6 +87,23 @@ def _decode_jpeg(path: Path, data: bytes) -> np.ndarray:
         raise ImageReadError(
             f"{path} is a truncated or corrupt JPEG ({err}); {REPAIR_HINT}"
         ) from err
+
+
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _without_pixel_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb limit (about 179 Mpx) lifted while a header is read:
+    satellite scenes are large by nature, and OpenCV, which decodes them, has no such limit."""
+    from PIL import Image
+
+    with _PIXEL_LIMIT_LOCK:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -195,7 +217,7 @@ def read_header(path: str | Path) -> ImageHeader:
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     try:
-        with open(path, "rb") as f, Image.open(f) as im:
+        with open(path, "rb") as f, _without_pixel_limit(), Image.open(f) as im:
             header = ImageHeader(path, im.format or "", im.height, im.width, im.mode, _bits(im))
             complete = _looks_complete(im, f, os.fstat(f.fileno()).st_size)
     except UnidentifiedImageError as err:
@@ -278,7 +300,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        with _without_pixel_limit(), Image.open(path) as im:
             width, height = im.size
     except Exception as err:  # PIL raises several types for corrupt files
         raise ImageReadError(f"{path} could not be opened as an image: {err}") from err
