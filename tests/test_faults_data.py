@@ -421,3 +421,26 @@ def test_predict_drops_an_unusable_optional_label_with_a_warning(
     assert report["failed"] == [] and len(report["pairs"]) == 2
     assert any("label dropped" in r.message and str(label) in r.message for r in caplog.records)
     assert (tmp_path / "run" / "panels" / f"{label.stem}.png").is_file()
+
+
+def test_split_lists_in_other_encodings_and_names_with_dots(tmp_path, levir256_tiny):
+    """helper-74's cases: a list saved by Notepad (UTF-8 with a byte-order mark) or PowerShell
+    5 (UTF-16) reads as the same names; a name whose last dot starts no image suffix keeps it
+    (``2019.05.01_x``); a list in no known encoding is named."""
+    from changecam.data.layout import find_triplets
+
+    root = Path(shutil.copytree(levir256_tiny, tmp_path / "data"))
+    listing = root / "list" / "test.txt"
+    names = listing.read_text().split()
+    expected = [t.name for t in find_triplets(root, "test", "levir256")]
+    for encoded in (b"\xef\xbb\xbf" + listing.read_bytes(), listing.read_text().encode("utf-16")):
+        listing.write_bytes(encoded)
+        assert [t.name for t in find_triplets(root, "test", "levir256")] == expected
+    stem = Path(names[0]).stem
+    for folder in ("A", "B", "label"):
+        (root / folder / names[0]).rename(root / folder / f"2019.05.01_{stem}.png")
+    listing.write_text("\n".join([f"2019.05.01_{stem}", *names[1:]]) + "\n")
+    assert [t.name for t in find_triplets(root, "test", "levir256")][0] == f"2019.05.01_{stem}"
+    listing.write_bytes(b"\xc3\x28 not utf-8\n")
+    with pytest.raises(LayoutError, match=rf"split list {listing} is not UTF-8 text"):
+        find_triplets(root, "test", "levir256")

@@ -111,7 +111,7 @@ def pair_folder(
     label = _images(folder / "label", suffixes) if has_label else {}
     # (name without suffix, the file name shown when a partner is missing)
     wanted = (
-        [(Path(n).stem, n) for n in names]
+        [(listed_stem(n, suffixes), n) for n in names]
         if names is not None
         else [(stem, path.name) for stem, path in pre.items()]
     )
@@ -146,6 +146,31 @@ def pair_folder(
     return triplets
 
 
+def listed_stem(name: str, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> str:
+    """A split list's name without its image suffix, if it has one: ``2019.05.01_a`` stays
+    whole (its last dot starts no suffix), ``x.png`` is ``x``."""
+    path = Path(name)
+    return path.stem if path.suffix.lower() in suffixes else path.name
+
+
+def read_list(listing: Path) -> str:
+    """A split list's text: UTF-8, with or without a byte-order mark (Notepad), or UTF-16
+    with one (PowerShell 5's ``>``).
+
+    Raises:
+        LayoutError: it is in no such encoding.
+    """
+    data = listing.read_bytes()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise LayoutError(
+            f"split list {listing} is not UTF-8 text ({err}); save it as UTF-8, one file name "
+            "per line"
+        ) from err
+
+
 def find_triplets(root: str | Path, split: Split, layout: Layout = "auto") -> list[Triplet]:
     """Return the labelled triplets of one split of a LEVIR-style dataset.
 
@@ -168,17 +193,19 @@ def find_triplets(root: str | Path, split: Split, layout: Layout = "auto") -> li
         listing = root / "list" / f"{split}.txt"
         if not listing.is_file():
             raise DatasetNotFoundError(f"split list {listing} does not exist. {LEVIR_HELP}")
-        names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+        text = read_list(listing)
+        names = [line.strip() for line in text.splitlines() if line.strip()]
         if not names:
             raise LayoutError(f"split list {listing} is empty")
         seen: dict[str, int] = {}
         for number, name in enumerate(names, 1):
-            if Path(name).stem in seen:  # its pair would be trained on or scored twice
+            stem = listed_stem(name)
+            if stem in seen:  # its pair would be trained on or scored twice
                 raise LayoutError(
-                    f"split list {listing} names {Path(name).stem} twice (lines "
-                    f"{seen[Path(name).stem]} and {number} among its non-blank lines)"
+                    f"split list {listing} names {stem} twice (lines "
+                    f"{seen[stem]} and {number} among its non-blank lines)"
                 )
-            seen[Path(name).stem] = number
+            seen[stem] = number
         return pair_folder(root, names)
     raise ValueError(
         f"data.layout={layout!r} is not allowed; expected one of {', '.join(get_args(Layout))}"
