@@ -240,9 +240,9 @@ def test_bad_settings_name_the_key(tmp_path, hand_made):
         evaluate(compose_train(tmp_path, [*base, "post_share_layer=enc9"], "eval"))
     evaluate(compose_train(tmp_path, base, "eval"))  # a finished run in the same folder
     assert (tmp_path / "run" / "metrics.json").is_file()
-    with pytest.raises(ValueError, match="split='train'"):  # its results do not stay
+    with pytest.raises(ValueError, match="split='train'"):  # a typo: its results stay
         evaluate(compose_train(tmp_path, [*base, "split=train"], "eval"))
-    assert not (tmp_path / "run" / "per_image.csv").exists()
+    assert (tmp_path / "run" / "per_image.csv").exists()
     with pytest.raises(ValueError, match="sliding_window.window=15 must be divisible"):
         evaluate(
             compose_train(

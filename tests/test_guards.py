@@ -398,6 +398,10 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
             "save_top_k=-1 keeps several checkpoints",
         ),
         (["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=5"], "is beyond"),
+        (  # training by steps: CosineAnnealingLR(T_max=-1) (helper-73)
+            ["trainer.max_epochs=-1", "+trainer.max_steps=4"],
+            r"module.scheduler.T_max=-1 \(from \$\{trainer.max_epochs\}\): a schedule of no length",
+        ),
     ],
 )
 def test_training_options_that_would_silently_do_something_else_are_refused_first(
@@ -486,8 +490,34 @@ def test_a_run_that_writes_no_checkpoint_says_so(tmp_path, tiny_synthetic, caplo
                     *base,
                     "trainer.max_epochs=-1",
                     "+trainer.max_steps=1",
+                    "module.scheduler.T_max=1",  # its default counts epochs: -1 is refused
                     "trainer.check_val_every_n_epoch=2",
                 ],
             )
         )
     assert "no checkpoint was written" in caplog.text
+
+
+def test_typos_leave_an_earlier_runs_results_in_place(tmp_path, tiny_synthetic):
+    """train.py's ckpt_path=lsat, eval.py's split=tset, seed_batch_size=2.5 and a misspelt
+    blend are refused before an earlier run's results in the folder are removed (helper-73:
+    they were removed first)."""
+    from changecam.cli.evaluate import evaluate
+
+    run = tmp_path / "run"
+    run.mkdir()
+    earlier = {"metrics.json": "{}", "per_image.csv": "name\n"}
+    for name, text in earlier.items():
+        (run / name).write_text(text)
+    base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "logger=none"]
+    with pytest.raises(FileNotFoundError, match="ckpt_path=lsat does not exist"):
+        train(compose_train(tmp_path, [*base, "ckpt_path=lsat"]))
+    for bad, match in (
+        ("split=tset", "split='tset'"),
+        ("seed_batch_size=2.5", "seed_batch_size=2.5 must be an integer"),
+        ("sliding_window.enabled=true sliding_window.blend=gausian", "blend='gausian'"),
+    ):
+        overrides = ["ckpt_path=x.ckpt", "logger=none", *bad.split()]
+        with pytest.raises(ValueError, match=match):
+            evaluate(compose_train(tmp_path, overrides, "eval"))
+    assert {n: (run / n).read_text() for n in earlier} == earlier

@@ -15,7 +15,7 @@ import logging
 import shutil
 import sys
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +164,15 @@ def resume_hint(cfg: DictConfig) -> str:
     )
 
 
+def remove_earlier_results(output_dir: Path, names: Iterable[str]) -> None:
+    """Remove the result files ``names`` an earlier run left in ``output_dir``, with a warning
+    (a run into the same ``hydra.run.dir`` that failed would leave them looking like its own)."""
+    for name in names:
+        if (output_dir / name).is_file():
+            (output_dir / name).unlink(missing_ok=True)  # (every DDP rank runs this)
+            log.warning("removed %s, written by an earlier run in this folder", output_dir / name)
+
+
 def prepare_run(
     cfg: DictConfig,
     results: tuple[str, ...] = (),
@@ -197,10 +206,7 @@ def prepare_run(
         log.info("%s (whole config: %s)", config_summary(), output_dir / ".hydra" / "config.yaml")
     for path in remove_stale_temporaries(output_dir):
         log.info("removed %s, a temporary file of a killed run", path)
-    for name in results:
-        if (output_dir / name).is_file():
-            (output_dir / name).unlink(missing_ok=True)  # (every DDP rank runs this)
-            log.warning("removed %s, written by an earlier run in this folder", output_dir / name)
+    remove_earlier_results(output_dir, results)
     if history:
         start_history(cfg, output_dir, resumes=False)
     return output_dir

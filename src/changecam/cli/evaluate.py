@@ -43,6 +43,7 @@ from changecam.cli.common import (
     to_float_dict,
     warn_split_scale,
 )
+from changecam.cli.config_checks import ConfigError
 from changecam.evaluation.per_image import SEED_STYLE, PerImageScores
 from changecam.explain import choose_layer, per_date_layers, resolve_taps
 from changecam.metrics import SCORE_NAMES
@@ -52,10 +53,22 @@ from changecam.training.module import ChangeDetectionModule
 EvalSplit = Literal["val", "test"]
 
 
+def eval_checks(cfg: DictConfig) -> None:
+    """eval.py's own values: refused before anything is removed or built."""
+    checked_choice(cfg.get("split", "test"), EvalSplit, "split")
+    checked_threshold(cfg.threshold)
+    resolve_device(cfg.get("device", "auto"))
+    sliding_window_spec(cfg)
+    size = cfg.get("seed_batch_size", 16)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ConfigError(f"seed_batch_size={size!r} must be an integer >= 1")
+
+
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` on ``cfg.split``; write ``metrics.json`` and ``per_image.csv``."""
-    output_dir = prepare_run(cfg, results=("metrics.json", "per_image.csv"))
+    # the command's own values, judged before an earlier run's results are removed
+    output_dir = prepare_run(cfg, results=("metrics.json", "per_image.csv"), checks=eval_checks)
     split = checked_choice(cfg.get("split", "test"), EvalSplit, "split")
     given = checked_threshold(cfg.threshold)
     device = resolve_device(cfg.get("device", "auto"))

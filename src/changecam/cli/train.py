@@ -18,6 +18,7 @@ from changecam.cli.common import (
     log,
     log_hyperparameters,
     prepare_run,
+    remove_earlier_results,
     start_history,
     task_wrapper,
     to_float_dict,
@@ -128,6 +129,14 @@ def check_training_settings(cfg: DictConfig) -> None:
                 "module.scheduler.T_max is ${trainer.max_epochs}, which counts epochs: the schedule "
                 "would cycle; set module.scheduler.T_max to the run's optimizer steps"
             )
+        t_max = scheduler.get("T_max")  # resolved
+        if isinstance(t_max, int | float) and not isinstance(t_max, bool) and t_max < 1:
+            problems.append(
+                f"module.scheduler.T_max={t_max} (from {raw.get('T_max')}): a schedule of no "
+                "length, whose rate jumps between its ends every step it takes (training by "
+                "steps with trainer.max_epochs=-1?); set module.scheduler.T_max to the run's "
+                "length, with module.scheduler_interval=step for optimizer steps"
+            )
         mode = scheduler.get("mode", "min")  # resolved: only T_max's spelling matters
         if str(raw.get("_target_", "")).endswith("ReduceLROnPlateau") and mode != "max":
             problems.append(
@@ -164,10 +173,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     built.
     """
     output_dir = prepare_run(
-        cfg,
-        results=("metrics.json",),
-        history=False,
-        checks=check_training_settings if cfg.get("train") else None,
+        cfg, history=False, checks=check_training_settings if cfg.get("train") else None
     )
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -175,6 +181,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = instantiate_refusing(cfg.data, splits=run_splits(cfg))
     net = instantiate_refusing(cfg.model)
     ckpt_path = checked_resume_path(cfg, net, output_dir)
+    remove_earlier_results(output_dir, ("metrics.json",))  # once ckpt_path= is not refused
     # a checkpoint to go on from (or to score) continues the folder's CAM panels and W&B run
     start_history(cfg, output_dir, resumes=ckpt_path is not None, folders=("cam",))
     # every split the run uses, before any logger starts a run: a bad test list or image fails

@@ -115,6 +115,8 @@ class PerImageScores(L.Callback):
         seed_batch_size: int = 16,
     ) -> None:
         super().__init__()
+        if isinstance(seed_batch_size, bool) or not isinstance(seed_batch_size, int):
+            raise ValueError(f"seed_batch_size={seed_batch_size!r} must be an integer >= 1")
         if seed_batch_size < 1:
             raise ValueError(f"seed_batch_size={seed_batch_size} must be >= 1")
         self.net = net
