@@ -521,3 +521,22 @@ def test_typos_leave_an_earlier_runs_results_in_place(tmp_path, tiny_synthetic):
         with pytest.raises(ValueError, match=match):
             evaluate(compose_train(tmp_path, overrides, "eval"))
     assert {n: (run / n).read_text() for n in earlier} == earlier
+
+
+def test_optimized_metric_is_judged_first_and_a_run_without_it_returns_none(
+    tmp_path, tiny_synthetic, caplog
+):
+    """A typo (val/F1) was found only after training (in a sweep, after its first trial), and
+    validation off (no val/* scores) made the documented command exit 1 after it had scored
+    (helper-73): refused before anything is built, and a warning with no value."""
+    from changecam.cli.train import train_and_score
+
+    base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "logger=none", "test=false"]
+    with pytest.raises(ConfigError, match=r"optimized_metric=val/F1 .*did you mean val/f1\?"):
+        train(compose_train(tmp_path / "typo", [*base, "optimized_metric=val/F1"]))
+    assert not (tmp_path / "typo" / "run" / "checkpoints").exists()
+    off = [*base, "trainer.max_epochs=1", "+trainer.limit_val_batches=0", "test=true"]
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        assert train_and_score(compose_train(tmp_path / "off", off)) is None
+    assert "optimized_metric=val/f1 is not among this run's metrics" in caplog.text
+    assert (tmp_path / "off" / "run" / "metrics.json").is_file()

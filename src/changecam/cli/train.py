@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from changecam.cli.common import (
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.ddp import ddp_job, in_sweep
 from changecam.data.validate import network_fit
+from changecam.metrics import SCORE_NAMES
 from changecam.training.callbacks.finite_checkpoint import top_k_problem
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 from changecam.training.csv_logger import CSVLogger
@@ -96,6 +98,13 @@ def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModu
     """The ``module`` config built around ``net``; its own refusals (a ``module.init_from``
     that does not fit, an unknown ``module.freeze`` name) are raised as they are."""
     return instantiate_refusing(cfg.module, net=net, **overrides)
+
+
+def train_checks(cfg: DictConfig) -> None:
+    """train.py's own refusals, before anything is written."""
+    check_optimized_metric(cfg)
+    if cfg.get("train"):
+        check_training_settings(cfg)
 
 
 def check_training_settings(cfg: DictConfig) -> None:
@@ -172,9 +181,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     invalid choices and switches this machine cannot honour stop the run before anything is
     built.
     """
-    output_dir = prepare_run(
-        cfg, history=False, checks=check_training_settings if cfg.get("train") else None
-    )
+    output_dir = prepare_run(cfg, history=False, checks=train_checks)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -257,6 +264,40 @@ def optimized_value(metrics: dict[str, float], metric: str | None) -> float | No
     return metrics[metric]
 
 
+# what train() can return: the scores and loss of the best checkpoint on val and test
+RUN_METRICS = tuple(
+    f"{stage}/{name}" for stage in ("val", "test") for name in (*SCORE_NAMES, "loss")
+)
+
+
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """Refuse an ``optimized_metric`` no run returns (a typo would fail only after training,
+    in a sweep after its first trial).
+
+    Raises:
+        ConfigError: naming the metric and the ones a run returns.
+    """
+    metric = cfg.get("optimized_metric")
+    if metric and metric not in RUN_METRICS:
+        close = difflib.get_close_matches(str(metric), RUN_METRICS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f"optimized_metric={metric} is not a metric a run returns (one of "
+            f"{', '.join(RUN_METRICS)}){hint}"
+        )
+
+
 def train_and_score(cfg: DictConfig) -> float | None:
-    """Train; return ``optimized_metric`` (e.g. ``val/f1``) for Hydra sweepers such as Optuna."""
-    return optimized_value(train(cfg), cfg.get("optimized_metric"))
+    """Train; return ``optimized_metric`` (e.g. ``val/f1``) for Hydra sweepers such as Optuna.
+    A single run without it among its metrics (validation off: no ``val/*``) returns nothing,
+    with a warning; a sweep's trial fails, as its sweeper needs the value."""
+    metrics = train(cfg)
+    metric = cfg.get("optimized_metric")
+    if metric and metric not in metrics and not in_sweep():
+        log.warning(
+            "optimized_metric=%s is not among this run's metrics (%s): no value for a sweeper",
+            metric,
+            ", ".join(metrics) or "none",
+        )
+        return None
+    return optimized_value(metrics, metric)
