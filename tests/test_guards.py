@@ -111,6 +111,25 @@ def test_legitimate_added_keys_pass_the_added_key_check(tmp_path, overrides):
     assert added_key_problems(cfg, resolved(cfg)) == []
 
 
+@pytest.mark.parametrize(
+    ("command", "override"),
+    [
+        ("train", "+max_epochs=1"),  # ${trainer.max_epochs} reads trainer's, not this one
+        ("train", "+data_dir=/x"),  # ${paths.data_dir}
+        ("eval", "+patch_size=64"),  # ${data.patch_size}
+    ],
+)
+def test_added_keys_that_only_end_an_interpolations_path_are_refused(tmp_path, command, override):
+    """helper-73: train.py +max_epochs=1 trained 2 epochs, accepted because an interpolation
+    ended in the key's name."""
+    from changecam.cli.config_checks import added_key_problems, resolved
+
+    extra = ["ckpt_path=x.ckpt"] if command == "eval" else []
+    cfg = compose_train(tmp_path, [*extra, override], command)
+    problems = added_key_problems(cfg, resolved(cfg))
+    assert len(problems) == 1 and override.lstrip("+").split("=")[0] in problems[0]
+
+
 def test_all_errors_are_listed_together_on_the_command_line(tmp_path):
     proc = run_script(
         "train.py",

@@ -110,8 +110,11 @@ def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
         parts = key.split(".")
         if any(".".join(parts[:i]) in targets for i in range(1, len(parts) + 1)):
             continue  # inside (or making) a _target_ node: its signature is checked
-        if re.search(r"\$\{[^}]*" + re.escape(key) + r"\b", unresolved):
-            continue  # an interpolation reads it (+run_label=x task_name=${run_label})
+        # an interpolation reads it (+run_label=x task_name=${run_label}), also as a resolver's
+        # argument (${oc.select:run_label,x}); not one whose path only ends in its name
+        # (${trainer.max_epochs} reads no top-level max_epochs)
+        if re.search(r"\$\{(?:[^}]*[:,\s])?" + re.escape(key) + r"(?=[\s,:}])", unresolved):
+            continue
         added.append((override, key))
     if not added:
         return []
