@@ -26,10 +26,12 @@ Measured in one run:
   block loop and finish, from ``scene.json``); the CPU seconds of the whole process (all its
   threads) are reported beside it, with the calling thread's CPU seconds inside the network's
   forward passes (forward hooks). The explanation's extra cost is wall seconds per megapixel.
-  ``windowed_at_least_as_fast`` judges the GeoTIFF path against the PNG path from the
-  rounds' ratios, not from the best runs alone: ``faster``, ``slower`` or ``even within
-  noise`` by the sign test (:func:`common.paired_verdict`: the median ratio's interval,
-  ``[min, max]`` of 5 rounds, covers it with probability 0.94).
+  ``windowed_at_least_as_fast`` judges the GeoTIFF path against the PNG path: its
+  throughput entries from the rounds' ratios, not from the best runs alone (``faster``,
+  ``slower`` or ``even within noise`` by the sign test, :func:`common.paired_verdict`: the
+  median ratio's interval, ``[min, max]`` of 5 rounds, covers it with probability 0.94);
+  ``cpu_seconds`` from the best runs' CPU seconds, PNG / windowed >= 1 (per-round CPU seconds
+  are not kept).
 
 The network is the quickstart U-Net (``experiment=quickstart``: ``model=siamese_unet`` with
 ``base_channels`` 8), **freshly initialised** (seed 0) and saved as a state dict: the speed
