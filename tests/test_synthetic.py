@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -302,3 +303,45 @@ def test_a_killed_writers_temporary_folder_is_removed(tmp_path):
     with atomic_directory(tmp_path / "synthetic") as tmp:
         (tmp / "a").write_text("a")
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "synthetic"]
+
+
+def test_a_kill_while_an_older_set_is_removed_leaves_no_part_of_it(tmp_path, monkeypatch):
+    """A new spec replaces an older set: killed while the older set is removed, the next run
+    used to find some of its images and no spec, and refused every spec (helper-74). The
+    older set is moved aside first, so root is free, and the next run removes what is left."""
+    import shutil
+
+    import changecam.data.synthetic as synthetic
+
+    root = tmp_path / "synthetic"
+    generate(root, SyntheticSpec(image_size=32, train=2, val=1, test=1))
+    real = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        (next(Path(path).rglob("*.png"))).unlink()  # some of it gone, then the kill
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(synthetic.shutil, "rmtree", killed_midway)
+    new = SyntheticSpec(image_size=32, train=1, val=1, test=1, seed=3)
+    try:
+        generate(root, new)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(synthetic.shutil, "rmtree", real)
+    assert not root.exists() or not any(root.iterdir()), "no part of the older set at root"
+    assert generate(root, new) == root
+    assert json.loads((root / SPEC_FILE).read_text())["seed"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["synthetic"], "the moved-aside set is gone"
+
+
+def test_a_symlinked_root_gets_the_set_in_the_folder_it_names(tmp_path):
+    """data.root linked to an empty folder on another disk (helper-74: refused)."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "data").symlink_to(target)
+    spec = SyntheticSpec(image_size=32, train=1, val=1, test=1)
+    generate(tmp_path / "data", spec)
+    assert json.loads((target / SPEC_FILE).read_text())["train"] == 1
+    assert (tmp_path / "data").is_symlink()
+    generate(tmp_path / "data", SyntheticSpec(image_size=32, train=2, val=1, test=1))
+    assert len(find_triplets(tmp_path / "data", "train", "levir")) == 2

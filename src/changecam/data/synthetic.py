@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -360,13 +362,32 @@ def _holds(root: Path, record: dict[str, Any]) -> bool:
         return False
 
 
+REPLACED = ".replaced-"  # an older set moved aside to be removed: .<root name>.replaced-<...>
+
+
+def _remove_replaced(root: Path) -> None:
+    """Remove the older sets moved aside beside ``root`` (a run killed while removing one)."""
+    for old in root.parent.glob(f".{root.name}{REPLACED}*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def _generate(root: Path, spec: SyntheticSpec, record: dict[str, Any]) -> Path:
+    if root.is_symlink():  # a folder elsewhere (another disk): the set is written there
+        root = root.resolve()
+    _remove_replaced(root)
     spec_path = root / SPEC_FILE
     if spec_path.is_file():
         if _holds(root, record):
             return root
-        # an older synthetic set of ours: replace it (another process may be removing it too)
-        shutil.rmtree(root, ignore_errors=True)
+        # an older synthetic set of ours: moved aside at once (a kill while it is removed
+        # must not leave part of it under root, without its spec), then removed; another
+        # process may have moved it already
+        aside = root.with_name(f".{root.name}{REPLACED}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(root, aside)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
     elif root.exists() and any(root.iterdir()):
         raise FileExistsError(
             f"{root} exists and holds files not written by the synthetic generator; "
