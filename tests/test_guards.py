@@ -515,6 +515,9 @@ def test_a_run_that_writes_no_checkpoint_says_so(tmp_path, tiny_synthetic, caplo
             )
         )
     assert "no checkpoint was written" in caplog.text
+    # the earlier runs' checkpoints would pass for this one's (helper-73): removed, said so
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert "an earlier run's checkpoint this run did not replace" in caplog.text
 
 
 def test_typos_leave_an_earlier_runs_results_in_place(tmp_path, tiny_synthetic):
@@ -559,3 +562,23 @@ def test_optimized_metric_is_judged_first_and_a_run_without_it_returns_none(
         assert train_and_score(compose_train(tmp_path / "off", off)) is None
     assert "optimized_metric=val/f1 is not among this run's metrics" in caplog.text
     assert (tmp_path / "off" / "run" / "metrics.json").is_file()
+
+
+def test_the_resume_hint_does_not_offer_an_earlier_runs_last_checkpoint(tmp_path, tiny_synthetic):
+    """Stopped before its first checkpoint in an earlier run's folder, a new run was told to
+    resume with ckpt_path=last, which would continue the other run (helper-73)."""
+    import os
+    import time
+
+    from changecam.cli.common import resume_hint
+
+    base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic)]
+    cfg = compose_train(tmp_path, base)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"an earlier run's")
+    os.utime(last, (time.time() - 3600,) * 2)
+    assert resume_hint(cfg).startswith("run it again")
+    assert resume_hint(compose_train(tmp_path, [*base, "ckpt_path=last"])).startswith("resume it")
+    last.touch()  # this run's first checkpoint
+    assert resume_hint(cfg).startswith("resume it")

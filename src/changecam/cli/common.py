@@ -14,6 +14,7 @@ import functools
 import logging
 import shutil
 import sys
+import time
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -140,6 +141,9 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
     return wrapped
 
 
+STARTED = time.time()  # the command's start, about: when its modules were imported
+
+
 def resume_hint(cfg: DictConfig) -> str:
     """How to resume this run from its last checkpoint: in its run folder, or in a sweep, its
     sweep folder (``hydra.run.dir`` is not read under ``-m``). Only a fitting ``train.py``
@@ -147,10 +151,11 @@ def resume_hint(cfg: DictConfig) -> str:
     again. (A sweep resumes its jobs without one anew.)"""
     if not cfg.get("train"):
         return "run it again"
-    if (
-        not is_multirun()
-        and not (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").is_file()
-    ):
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    # an earlier run's last.ckpt in this folder is not this run's to resume from, unless it
+    # resumed from it (a new run replaces it at its first checkpoint)
+    ours = last.is_file() and (last.stat().st_mtime >= STARTED or cfg.get("ckpt_path") is not None)
+    if not is_multirun() and not ours:
         return (
             "run it again (it stopped before its first checkpoint, so there is nothing to resume)"
         )

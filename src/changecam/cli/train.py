@@ -173,6 +173,19 @@ def checkpoint_files(trainer: L.Trainer) -> dict[str, int]:
     }
 
 
+def remove_earlier_checkpoints(trainer: L.Trainer, before: dict[str, int]) -> None:
+    """After a new run (not resumed) in an earlier run's folder: remove the checkpoints this run
+    did not write over (``before``: :func:`checkpoint_files` before it), which would pass for
+    its own (validation off writes no ``best.ckpt``; eval.py would score the other model)."""
+    if not trainer.is_global_zero:
+        return
+    for name, mtime in before.items():
+        path = Path(name)
+        if path.is_file() and path.stat().st_mtime_ns == mtime:
+            path.unlink()
+            log.warning("removed %s, an earlier run's checkpoint this run did not replace", path)
+
+
 @task_wrapper
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, evaluate the best checkpoint on val and test, write ``metrics.json``; return the metrics.
@@ -228,6 +241,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     "(trainer.check_val_every_n_epoch against max_steps or max_time), and "
                     "last.ckpt is saved after a validation unless it runs every epoch"
                 )
+            if ckpt_path is None:
+                remove_earlier_checkpoints(trainer, before)
             if best is None:
                 log.warning(
                     "no best checkpoint (%s): scoring the final weights",
