@@ -58,3 +58,27 @@ def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
     with pytest.raises(FileExistsError):
         with atomic_directory(target):
             pass
+
+
+def test_a_full_disk_is_found_by_a_probe_where_a_library_names_no_cause(tmp_path, monkeypatch):
+    """GDAL reports a full disk as a write error at a scanline (helper-76): writing a probe
+    there tells, and leaves nothing behind either way."""
+    import errno
+    import os
+
+    import changecam.atomic as atomic
+
+    assert atomic.probed_disk_full(tmp_path, tmp_path / "change.tif") is None
+    real_write, calls = os.write, []
+
+    def full(descriptor, data):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(descriptor, data)
+
+    monkeypatch.setattr(atomic.os, "write", full)
+    found = atomic.probed_disk_full(tmp_path, tmp_path / "change.tif")
+    assert isinstance(found, atomic.DiskFullError) and found.errno == errno.ENOSPC
+    assert str(found) == f"no space left on device while writing {tmp_path / 'change.tif'}"
+    assert list(tmp_path.iterdir()) == []

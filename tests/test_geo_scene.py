@@ -1047,6 +1047,30 @@ def test_a_scene_gone_from_the_inputs_loses_its_outputs(tmp_path, ckpt, pair, ca
     assert (run / "x" / "scene.json").is_file()
 
 
+def test_a_gdal_write_error_on_a_full_disk_stops_the_run_as_a_full_disk(
+    tmp_path, ckpt, pair, monkeypatch, capsys
+):
+    """GDAL's write error names no cause; when a probe finds the disk full, the command stops
+    with the documented message rather than GDAL's (helper-76)."""
+    import rasterio.errors
+
+    import changecam.cli.scenes as scenes
+    from changecam.atomic import DiskFullError
+
+    def gdal_write_error(self, *args, **kwargs):
+        raise rasterio.errors.RasterioIOError("TIFFAppendToStrip:Write error at scanline 0")
+
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", gdal_write_error)
+    monkeypatch.setattr(scenes, "probed_disk_full", lambda folder, what: DiskFullError(what))
+    with pytest.raises(SystemExit) as caught:
+        run_scene(tmp_path, ckpt, *pair, "explain.enabled=false")
+    assert caught.value.code == 1
+    assert f"no space left on device while writing {tmp_path / 'run'}" in capsys.readouterr().err
+    monkeypatch.setattr(scenes, "probed_disk_full", lambda folder, what: None)
+    with pytest.raises(rasterio.errors.RasterioIOError, match="Write error"):  # not the disk
+        run_scene(tmp_path / "other", ckpt, *pair, "explain.enabled=false")
+
+
 def predict_with_one_refused(tmp_path: Path, ckpt: Path, pair, refused: str) -> dict:
     """predict.py on ``input.dir`` scenes ``refused`` and ``ok`` (copies of ``pair``), where
     ``refused`` is refused and ``ok`` predicted; returns ``predictions.json``."""

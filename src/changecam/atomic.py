@@ -94,6 +94,32 @@ def _as_disk_full(err: BaseException, path: Path) -> DiskFullError | None:
     return None
 
 
+PROBE_BYTES = 4 << 20  # more than any one tile or strip a GDAL write of ours holds
+
+
+def probed_disk_full(folder: Path, what: str | Path) -> DiskFullError | None:
+    """After a write error that names no cause (GDAL reports a full disk as ``Write error at
+    scanline 0``, its ``No space left on device`` only on stderr): whether ``folder``'s device
+    or quota is full now, found by writing :data:`PROBE_BYTES` there and removing them; a
+    :class:`DiskFullError` naming ``what``, or ``None``."""
+    probe = temporary_path(Path(folder) / "disk-probe")
+    try:
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as err:
+        return DiskFullError(what, err.errno) if err.errno in DISK_FULL_ERRNOS else None
+    try:
+        chunk = bytes(1 << 20)
+        for _ in range(PROBE_BYTES // len(chunk)):
+            os.write(descriptor, chunk)
+        os.fsync(descriptor)  # file systems that allocate at write-back say so here
+    except OSError as err:
+        return DiskFullError(what, err.errno) if err.errno in DISK_FULL_ERRNOS else None
+    finally:
+        os.close(descriptor)
+        probe.unlink(missing_ok=True)
+    return None
+
+
 def temporary_path(path: Path) -> Path:
     """A fresh hidden temporary name beside ``path`` that matches no output glob."""
     token = f"cc{os.getpid()}-{_HOST}{secrets.token_hex(3)}"
@@ -368,6 +394,7 @@ __all__ = [
     "disk_full_error",
     "fsync_directory",
     "fsync_file",
+    "probed_disk_full",
     "remove_stale_temporaries",
     "strict_json",
     "temporary_path",

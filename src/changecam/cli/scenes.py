@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rasterio.errors import RasterioError
 from torch import nn
 
-from changecam.atomic import DiskFullError, write_json
+from changecam.atomic import DiskFullError, probed_disk_full, write_json
 from changecam.cli.common import failure_message, log
 from changecam.data.layout import Triplet
 from changecam.geo import SceneError, SceneSettings, predict_scene
@@ -199,7 +200,15 @@ def predict_scenes(
             )
         except DiskFullError:
             raise
-        except SceneError as err:
+        except (SceneError, RasterioError) as err:
+            if not isinstance(err, SceneError) or isinstance(err.__cause__, RasterioError):
+                # a GDAL write error names no cause: a full disk is found by writing there
+                folder = scene_folder(output_dir, pair)
+                full = probed_disk_full(folder if folder.is_dir() else output_dir, folder)
+                if full is not None:
+                    raise full from err
+            if not isinstance(err, SceneError):
+                raise
             log.error("scene %s refused: %s", pair.name, err)
             failed.append(
                 {"name": pair.name, "pre": str(pair.pre), "post": str(pair.post), "error": str(err)}
