@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -64,7 +65,6 @@ def test_a_full_disk_is_found_by_a_probe_where_a_library_names_no_cause(tmp_path
     """GDAL reports a full disk as a write error at a scanline (helper-76): writing a probe
     there tells, and leaves nothing behind either way."""
     import errno
-    import os
 
     import changecam.atomic as atomic
 
@@ -82,3 +82,45 @@ def test_a_full_disk_is_found_by_a_probe_where_a_library_names_no_cause(tmp_path
     assert isinstance(found, atomic.DiskFullError) and found.errno == errno.ENOSPC
     assert str(found) == f"no space left on device while writing {tmp_path / 'change.tif'}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_names_of_many_bytes_get_temporaries_the_file_system_takes(tmp_path):
+    """80 three-byte characters: a legal 244-byte name whose temporary, cut at 180 characters,
+    was 268 bytes (helper-76)."""
+    from changecam.atomic import write_bytes
+
+    path = tmp_path / ("変" * 80 + ".png")
+    write_bytes(path, b"x")
+    assert path.read_bytes() == b"x" and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_write_files_leaves_none_when_a_rename_fails_midway(tmp_path, monkeypatch):
+    import errno
+
+    import changecam.atomic as atomic
+
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", second_fails)
+    with pytest.raises(atomic.DiskFullError):
+        atomic.write_files({tmp_path / "m" / "a.png": b"a", tmp_path / "p" / "a.png": b"b"})
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_creating_a_log_on_a_full_device_is_a_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    import changecam.atomic as atomic
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "open", no_space)
+    with pytest.raises(atomic.DiskFullError, match=f"while writing {tmp_path / 'log.jsonl'}"):
+        atomic.append_json_line(tmp_path / "log.jsonl", {"status": "started"})

@@ -120,10 +120,16 @@ def probed_disk_full(folder: Path, what: str | Path) -> DiskFullError | None:
     return None
 
 
+def _name_prefix(name: str) -> str:
+    """The start of ``name`` a temporary name keeps: at most 180 bytes of UTF-8, whole
+    characters (a name of 255 bytes, the usual limit, leaves room for the token)."""
+    return name.encode()[:180].decode(errors="ignore")
+
+
 def temporary_path(path: Path) -> Path:
     """A fresh hidden temporary name beside ``path`` that matches no output glob."""
     token = f"cc{os.getpid()}-{_HOST}{secrets.token_hex(3)}"
-    return path.with_name(f".{path.name[:180]}.{token}.tmp")
+    return path.with_name(f".{_name_prefix(path.name)}.{token}.tmp")
 
 
 def _process_is_gone(pid: int) -> bool:
@@ -252,6 +258,7 @@ def write_files(contents: Mapping[str | Path, bytes]) -> None:
         DiskFullError: the device or quota is full (naming the file being written).
     """
     staged: list[tuple[Path, Path]] = []
+    renamed: list[Path] = []
     current = Path()
     try:
         for target, data in contents.items():
@@ -264,9 +271,12 @@ def write_files(contents: Mapping[str | Path, bytes]) -> None:
                 os.fsync(f.fileno())
         for tmp, current in staged:
             os.replace(tmp, current)
+            renamed.append(current)
     except BaseException as err:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
+        for path in renamed:  # a rename failed midway
+            path.unlink(missing_ok=True)
         full = _as_disk_full(err, current)
         if full is None or full is err:
             raise
@@ -313,9 +323,15 @@ def append_json_line(path: str | Path, data: Any) -> None:
     _make_parent(path)
     created = not path.exists()
     try:
-        fd, readable = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666), True
-    except PermissionError:  # a log we may append to but not read
-        fd, readable = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666), False
+        try:
+            fd, readable = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666), True
+        except PermissionError:  # a log we may append to but not read
+            fd, readable = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666), False
+    except OSError as err:  # creating it on a full device
+        full = _as_disk_full(err, path)
+        if full is None or full is err:
+            raise
+        raise full from err
     start = os.fstat(fd).st_size
     try:
         if readable and start and os.pread(fd, 1, start - 1) != b"\n":  # a killed append's
@@ -361,7 +377,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     for stale in path.parent.iterdir():
         match = _TEMPORARY.match(stale.name)
         if (
-            stale.name.startswith(f".{path.name[:180]}.cc")
+            stale.name.startswith(f".{_name_prefix(path.name)}.cc")
             and match
             and match["host"] == _HOST
             and _process_is_gone(int(match["pid"]))
