@@ -343,6 +343,11 @@ def test_external_model_from_a_factory_and_a_plain_state_dict(factory_module, tm
     torch.save(extnet.make(width=6).state_dict(), weights)
     with pytest.raises(CheckpointError, match="(?s)does not fit.*extnet:make.*shape mismatches"):
         read_external_checkpoint(weights, external_cfg())
+    diverged = extnet.make(width=4).state_dict()
+    diverged["head.bias"][0] = float("nan")
+    torch.save(diverged, weights)  # refused, as a changecam network's are (helper-75)
+    with pytest.raises(CheckpointError, match="holds non-finite weights .*head.bias"):
+        read_external_checkpoint(weights, external_cfg())
     with pytest.raises(ValueError, match="cannot import 'nowhere'.*PYTHONPATH"):
         ExternalModel("nowhere:make", layers={"encoder": "calls"})
     with pytest.raises(ValueError, match="no callable 'mak'.*did you mean \\['make'\\]"):

@@ -476,11 +476,13 @@ def read_external_checkpoint(path: str | Path, model_cfg: Mapping[str, Any]) -> 
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: pickled code, no weights, or keys and shapes that do not fit (listed).
+        CheckpointError: pickled code, no weights, NaN or infinite weights, or keys and shapes
+            that do not fit (listed).
     """
     state, _ = split_checkpoint(read_weights_file(path), path)
     if not state:
         raise CheckpointError(f"{path} holds no weight tensors")
+    check_finite(state, path)  # as every changecam network's weights are
     wrapper = build_network(model_cfg)
     net = wrapper if set(state) == set(wrapper.state_dict()) else wrapper.model
     missing, unexpected, shapes = state_differences(net.state_dict(), state)
