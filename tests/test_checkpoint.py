@@ -286,3 +286,14 @@ def test_suggestions_from_state_dicts():
         suggest_siamese_unet(SiameseUNet(3, 4, 2, "diff").state_dict())
     )
     assert suggest_siamese_unet({"fc.weight": torch.zeros(2, 2)}) is None
+
+
+def test_resuming_as_another_network_with_the_same_shapes_is_refused(tmp_path, tiny_synthetic):
+    """fusion=diff and absdiff have the same weights: a resume was accepted and went on
+    training the checkpoint as the other network (helper-75)."""
+    from changecam.training.checkpoint import check_resume_checkpoint
+
+    ckpt = make_lightning_checkpoint(tmp_path / "last.ckpt", tiny_synthetic, steps=1, fusion="diff")
+    check_resume_checkpoint(ckpt, SiameseUNet(base_channels=4, depth=2, fusion="diff"))
+    with pytest.raises(CheckpointError, match=r"fusion: 'diff' in the checkpoint, 'absdiff' now"):
+        check_resume_checkpoint(ckpt, SiameseUNet(base_channels=4, depth=2, fusion="absdiff"))

@@ -363,6 +363,20 @@ def check_resume_checkpoint(path: str | Path, net: nn.Module) -> None:
         )
     cfg = network_config(net) or {"_target_": f"{type(net).__module__}.{type(net).__qualname__}"}
     check_fits(path, cfg, net.state_dict(), state, stored_cfg)
+    built = network_config(net) or {}
+    # the same weight shapes (checked above), another network: fusion=diff vs absdiff (keys an
+    # older checkpoint does not record are left out: they had their defaults)
+    changed = [
+        f"{key}: {stored_cfg[key]!r} in the checkpoint, {built[key]!r} now"
+        for key in sorted(set(stored_cfg or {}) & set(built), key=str)
+        if stored_cfg[key] != built[key]
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{path} was trained as another network than the run's model config builds, with "
+            f"weights of the same shapes ({'; '.join(changed)}): resuming would go on training "
+            "it as that other network; resume with the model settings it records"
+        )
 
 
 def mismatch_message(
