@@ -263,6 +263,16 @@ def test_unknown_paths_modes_and_names():
     assert_no_hooks(model)
 
 
+def test_a_declared_name_that_is_one_of_the_models_own_taps_is_refused():
+    """Two taps named fuse1: the declared bottleneck's map was returned as the network's own
+    fuse1 (helper-75)."""
+    from changecam.models import SiameseUNet
+
+    with pytest.raises(TapError, match=r"\['fuse1'\], which SiameseUNet already taps itself"):
+        LayerTaps(SiameseUNet(3, 4, 2), {"bottleneck": {"mode": "fused", "name": "fuse1"}})
+    LayerTaps(SiameseUNet(3, 4, 2), {"bottleneck": {"mode": "fused", "name": "middle"}})
+
+
 def test_unshared_modules_pair_up_under_one_name():
     class Unshared(nn.Module):
         def __init__(self) -> None:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from changecam.models.protocol import ChangeNetwork
 from changecam.models.protocol import size_multiple as size_multiple_of
-from changecam.models.taps import Tap, TapError
+from changecam.models.taps import Tap, TapError, find_taps
 
 LayerMode = Literal["calls", "batch_halves", "batch_interleaved", "pre", "post", "fused"]
 LAYER_MODES: tuple[LayerMode, ...] = get_args(LayerMode)
@@ -148,6 +148,13 @@ class LayerTaps(nn.Module):
         self.specs = layer_specs(layers or {})
         # unknown paths fail here, not at the first forward
         self._modules_hooked = [find_module(model, spec.path) for spec in self.specs]
+        own = set(find_taps(model))  # a changecam network's own taps
+        clash = sorted(own & {n for s in self.specs for n in s.tap_names})
+        if clash:
+            raise TapError(
+                f"declared layers give the map name(s) {clash}, which {type(model).__name__} "
+                "already taps itself: name them apart with {mode: ..., name: <name>}"
+            )
         self.taps = nn.ModuleList(Tap(n) for s in self.specs for n in s.tap_names)
         self._tap_of = {t.tap_name: t for t in self.taps}
         self.size_multiple = size_multiple_of(model)
