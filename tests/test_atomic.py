@@ -124,3 +124,17 @@ def test_creating_a_log_on_a_full_device_is_a_full_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.os, "open", no_space)
     with pytest.raises(atomic.DiskFullError, match=f"while writing {tmp_path / 'log.jsonl'}"):
         atomic.append_json_line(tmp_path / "log.jsonl", {"status": "started"})
+
+
+def test_folders_a_write_creates_are_fsynced_into_their_parents(tmp_path, monkeypatch):
+    """A file fsynced in a folder the write created, with the folder's own entry not durable,
+    could vanish after a power cut while a log listing it stayed (helper-76)."""
+    import changecam.atomic as atomic
+
+    synced = []
+    monkeypatch.setattr(atomic, "_fsync_dir", lambda folder: synced.append(folder))
+    atomic.write_bytes(tmp_path / "run" / "masks" / "a.png", b"a")
+    assert synced[:2] == [tmp_path, tmp_path / "run"], "each new folder's parent, outermost first"
+    synced.clear()
+    atomic.write_bytes(tmp_path / "run" / "masks" / "b.png", b"b")
+    assert synced == [tmp_path / "run" / "masks"], "existing folders: only the renamed entry"

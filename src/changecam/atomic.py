@@ -193,8 +193,16 @@ def fsync_directory(folder: str | Path) -> None:
 
 
 def _make_parent(path: Path) -> None:
+    """Create ``path``'s folder; each folder it creates is fsynced into its own parent, so that
+    a file made durable in it, and a log that lists it, do not outlive it after a power cut."""
+    made, folder = [], path.parent
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for created in reversed(made):
+            _fsync_dir(created.parent)
     except OSError as err:
         full = _as_disk_full(err, path)
         if full is None or full is err:
