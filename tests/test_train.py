@@ -261,3 +261,23 @@ def test_crop_settings_the_protocol_would_ignore_are_refused(tmp_path, override,
     cfg = compose_train(tmp_path, ["experiment=quickstart", override])
     with pytest.raises(hydra.errors.InstantiationException, match=match):
         hydra.utils.instantiate(cfg.data)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("++data.augment.hfilp=0.0", r"data.augment.hfilp: unknown key \(did you mean 'hflip'\?\)"),
+        ("data.augment.hflip=abc", r"data.augment.hflip='abc' must be a number"),
+        (
+            "++data.synthetic.trian=2",
+            r"data.synthetic.trian: unknown key \(did you mean 'train'\?\)",
+        ),
+        ("data.synthetic.train=2.5", r"data.synthetic.train=2.5 must be an integer"),
+    ],
+)
+def test_keys_of_the_nested_data_blocks_are_named(tmp_path, override, match):
+    """The config guards check each _target_'s own arguments, not the blocks they build into
+    dataclasses: a typo gave a TypeError naming neither key nor block (helper-73)."""
+    cfg = compose_train(tmp_path, ["experiment=quickstart", override])
+    with pytest.raises(hydra.errors.InstantiationException, match=match):
+        hydra.utils.instantiate(cfg.data)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -26,6 +29,35 @@ from changecam.data.validate import (
     validate_splits,
 )
 from changecam.environment import usable_cores
+
+T = TypeVar("T")
+
+
+def settings_block(cls: type[T], values: Mapping[str, Any], key: str) -> T:
+    """``cls(**values)`` for the dataclass a nested block of the config builds
+    (``data.augment``, ``data.synthetic``), which the config guards, checking each
+    ``_target_``'s own arguments, do not see into: an unknown key is named with the allowed
+    ones and the closest, and a number given as anything else is named with its key.
+
+    Raises:
+        ValueError: naming ``key.<name>``.
+    """
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{key}.{name}: unknown key{hint}; allowed keys: {', '.join(names)}")
+        expected = hints.get(name)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        not_float = expected is float and not number
+        not_int = expected is int and not (number and isinstance(value, int))
+        if not_float or not_int:
+            kind = "a number" if expected is float else "an integer"
+            raise ValueError(f"{key}.{name}={value!r} must be {kind}")
+    return cls(**values)
+
 
 STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
     "fit": ("train", "val"),
@@ -103,8 +135,12 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         self.num_workers = min(num_workers, usable_cores())  # more only thrash and warn
         self.cache_images = cache_images
         self.pin_memory = pin_memory and torch.cuda.is_available()  # pinning serves CUDA copies
-        self.synthetic = SyntheticSpec(**synthetic) if isinstance(synthetic, Mapping) else synthetic
-        self.transform = PairTransform(**augment) if augment else None
+        self.synthetic = (
+            settings_block(SyntheticSpec, synthetic, "data.synthetic")
+            if isinstance(synthetic, Mapping)
+            else synthetic
+        )
+        self.transform = settings_block(PairTransform, augment, "data.augment") if augment else None
         self.validate_mode: Validation = check_mode(validate)
         self.crops_per_image = crops_per_image
         self.change_crops = change_crops
