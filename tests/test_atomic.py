@@ -138,3 +138,14 @@ def test_folders_a_write_creates_are_fsynced_into_their_parents(tmp_path, monkey
     synced.clear()
     atomic.write_bytes(tmp_path / "run" / "masks" / "b.png", b"b")
     assert synced == [tmp_path / "run" / "masks"], "existing folders: only the renamed entry"
+
+
+def test_names_that_are_not_utf8_still_get_temporaries(tmp_path):
+    """A Latin-1 name from input.dir (held as surrogates) broke the byte count (helper-77)."""
+    import os
+
+    from changecam.atomic import temporary_path, write_bytes
+
+    path = tmp_path / os.fsdecode(b"caf\xe9.png")
+    write_bytes(path, b"x")
+    assert path.read_bytes() == b"x" and temporary_path(path).name.startswith(".caf")

@@ -273,6 +273,8 @@ def test_study_layers_without_input_are_refused_for_input_only_methods():
         StudySettings(methods=("hirescam", "integrated_gradients"), layers=("enc1",))
     StudySettings(methods=("hirescam", "integrated_gradients"), layers=("input", "enc1"))
     StudySettings(methods=("hirescam",), layers=("enc1",))
+    with pytest.raises(ValueError, match=r"study.layers=\[\] names no layer"):
+        StudySettings(layers=())
 
 
 def test_the_cascade_reinitialises_all_of_multihead_attention():

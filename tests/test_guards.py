@@ -98,11 +98,13 @@ def test_invalid_config_fails_at_start_with_allowed_values(
     [
         ["++threshold=0.3"],  # a key the eval config has: an override like any other
         ["+run_label=x", "task_name=${run_label}"],  # an interpolation reads the added key
+        ["+run={label: x}", "task_name=${run.label}"],  # or a part of it (helper-77)
+        ["+labels=[a,b]", "task_name=${labels[0]}"],
         ["++tags.0=foo"],  # a list item
         ["+logger@logger.csv2=csv"],  # a config group under another package
         ["+data.extra=1"],  # inside a _target_ node: left to its signature check
     ],
-    ids=["existing", "interpolated", "list-item", "group", "in-target"],
+    ids=["existing", "interpolated", "part", "item", "list-item", "group", "in-target"],
 )
 def test_legitimate_added_keys_pass_the_added_key_check(tmp_path, overrides):
     from changecam.cli.config_checks import added_key_problems, resolved

@@ -123,7 +123,8 @@ def probed_disk_full(folder: Path, what: str | Path) -> DiskFullError | None:
 def _name_prefix(name: str) -> str:
     """The start of ``name`` a temporary name keeps: at most 180 bytes of UTF-8, whole
     characters (a name of 255 bytes, the usual limit, leaves room for the token)."""
-    return name.encode()[:180].decode(errors="ignore")
+    # os.fsencode: a name that is not UTF-8 (Latin-1 bytes, held as surrogates) encodes too
+    return os.fsencode(name)[:180].decode("utf-8", errors="ignore")
 
 
 def temporary_path(path: Path) -> Path:
@@ -202,7 +203,10 @@ def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for created in reversed(made):
-            _fsync_dir(created.parent)
+            try:
+                _fsync_dir(created.parent)
+            except PermissionError:  # a folder we may write in but not read: as before
+                pass
     except OSError as err:
         full = _as_disk_full(err, path)
         if full is None or full is err:

@@ -110,10 +110,12 @@ def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
         parts = key.split(".")
         if any(".".join(parts[:i]) in targets for i in range(1, len(parts) + 1)):
             continue  # inside (or making) a _target_ node: its signature is checked
-        # an interpolation reads it (+run_label=x task_name=${run_label}), also as a resolver's
-        # argument (${oc.select:run_label,x}); not one whose path only ends in its name
+        # an interpolation reads it (+run_label=x task_name=${run_label}), or a part of it
+        # (${run.label}, ${labels[0]}), also as a resolver's argument (${oc.select:run_label,x})
+        # or relatively (${..run_label}); not one whose path only ends in its name
         # (${trainer.max_epochs} reads no top-level max_epochs)
-        if re.search(r"\$\{(?:[^}]*[:,\s])?" + re.escape(key) + r"(?=[\s,:}])", unresolved):
+        path = r"\$\{(?:[^}]*[:,\s]|\.+)?" + re.escape(key) + r"(?=[\s,:}.\[])"
+        if re.search(path, unresolved):
             continue
         added.append((override, key))
     if not added:

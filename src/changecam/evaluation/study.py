@@ -141,6 +141,8 @@ class StudySettings:
             raise ValueError(
                 f"study.faithfulness_layers={self.faithfulness_layers!r}; expected deepest or all"
             )
+        if self.layers is not None and not self.layers:
+            raise ValueError("study.layers=[] names no layer: list some, or null for every one")
         input_only = [m for m in self.methods if m in INPUT_ONLY_METHODS]
         if input_only and self.layers is not None:
             has_input = INPUT_LAYER in self.layers or all(t in self.layers for t in INPUT_TAPS)
