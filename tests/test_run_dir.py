@@ -103,30 +103,38 @@ def test_concurrent_claims_never_share_a_folder(tmp_path):
     assert len(set(claimed)) == 8
 
 
-def test_a_command_whose_second_is_taken_writes_a_folder_of_its_own(tmp_path):
-    """Through Hydra (the callback in conf/hydra/default.yaml): every second of the next two
-    minutes already has its folder (other runs'), so predict.py, refused at once (no input),
-    writes its config and log into ``<second>_1``."""
+def predict_with_every_second_taken(folders: Path, key: str, *args: str) -> Path:
+    """predict.py (refused at once: no checkpoint, and not a rank) with ``key`` set to
+    ``folders/<second>`` while every second of the next two minutes already has its folder
+    (other runs'); returns the one folder it made, ``<second>_1``, having checked that it wrote
+    nothing into the others."""
     import time
 
-    runs = tmp_path / "runs"
     now = time.time()
     taken = {time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now + s)) for s in range(120)}
     for name in taken:
-        (runs / name).mkdir(parents=True)
+        (folders / name).mkdir(parents=True)
     proc = run_script(
         "predict.py",
-        [f"hydra.run.dir={runs}/{SECOND}", "ckpt_path=missing.ckpt"],
-        cwd=tmp_path,
+        [*args, f"{key}={folders}/{SECOND}", "ckpt_path=missing.ckpt"],
+        cwd=folders.parent,
         timeout=120,
         check=False,
         env={name: "" for name in (*RANK_VARIABLES, *SIZE_VARIABLES)},  # not a rank
     )
     assert proc.returncode != 0
-    made = [p for p in runs.iterdir() if p.name not in taken]
+    made = [p for p in folders.iterdir() if p.name not in taken]
     assert len(made) == 1 and made[0].name.endswith("_1") and made[0].name[:-2] in taken
-    assert (made[0] / ".hydra" / "config.yaml").is_file() and (made[0] / "predict.log").is_file()
-    assert not any(any((runs / name).iterdir()) for name in taken), "nothing in another's"
+    assert not any(any((folders / name).iterdir()) for name in taken), "nothing in another's"
+    return made[0]
+
+
+def test_a_command_whose_second_is_taken_writes_a_folder_of_its_own(tmp_path):
+    """Through Hydra (the callback in conf/hydra/default.yaml): every second of the next two
+    minutes already has its folder (other runs'), so predict.py, refused at once (no input),
+    writes its config and log into ``<second>_1``."""
+    made = predict_with_every_second_taken(tmp_path / "runs", "hydra.run.dir")
+    assert (made / ".hydra" / "config.yaml").is_file() and (made / "predict.log").is_file()
 
 
 def test_multiruns_in_the_same_second_get_sweep_folders_of_their_own(tmp_path, no_rank):
@@ -180,24 +188,6 @@ def test_a_multirun_whose_second_is_taken_writes_a_folder_of_its_own(tmp_path):
     """Through Hydra: every second of the next two minutes already has its sweep folder, so
     predict.py's multirun (its job refused at once: no checkpoint) puts ``multirun.yaml`` and its
     job ``0`` into ``<second>_1``."""
-    import time
-
-    sweeps = tmp_path / "multiruns"
-    now = time.time()
-    taken = {time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(now + s)) for s in range(120)}
-    for name in taken:
-        (sweeps / name).mkdir(parents=True)
-    proc = run_script(
-        "predict.py",
-        ["-m", f"hydra.sweep.dir={sweeps}/{SECOND}", "ckpt_path=missing.ckpt"],
-        cwd=tmp_path,
-        timeout=120,
-        check=False,
-        env={name: "" for name in (*RANK_VARIABLES, *SIZE_VARIABLES)},  # not a rank
-    )
-    assert proc.returncode != 0
-    made = [p for p in sweeps.iterdir() if p.name not in taken]
-    assert len(made) == 1 and made[0].name.endswith("_1") and made[0].name[:-2] in taken
-    assert (made[0] / "multirun.yaml").is_file()
-    assert (made[0] / "0" / ".hydra" / "config.yaml").is_file()
-    assert not any(any((sweeps / name).iterdir()) for name in taken), "nothing in another's"
+    made = predict_with_every_second_taken(tmp_path / "multiruns", "hydra.sweep.dir", "-m")
+    assert (made / "multirun.yaml").is_file()
+    assert (made / "0" / ".hydra" / "config.yaml").is_file()

@@ -60,6 +60,14 @@ def launched_as_a_rank() -> bool:
     return any(os.environ.get(name, "1").strip() not in ("", "1") for name in SIZE_VARIABLES)
 
 
+def claims_its_folder(node: DictConfig) -> bool:
+    """Whether a run's or sweep's folder (``hydra.run`` or ``hydra.sweep``) is claimed: the
+    default one named by the start second (:data:`TIME_NAME`, as written, not resolved), in a
+    process that is not one rank of several."""
+    given = OmegaConf.to_container(node, resolve=False).get("dir")
+    return str(given).endswith("/" + TIME_NAME) and not launched_as_a_rank()
+
+
 def claim_folder(folder: Path) -> Path:
     """Create ``folder``, or the first of ``folder_1``, ``folder_2``, ... that does not exist
     yet (``mkdir`` is atomic: two processes never claim the same one); returns it."""
@@ -85,8 +93,7 @@ class ClaimRunDir(Callback):
     MPI, Lightning's DDP children), whose ranks must agree on it."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        given = OmegaConf.to_container(config.hydra.run, resolve=False).get("dir")
-        if not str(given).endswith("/" + TIME_NAME) or launched_as_a_rank():
+        if not claims_its_folder(config.hydra.run):
             return
         folder = Path(str(config.hydra.run.dir))
         claimed = claim_folder(folder)
@@ -122,8 +129,7 @@ class MakeSweepDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(str(config.hydra.sweep.dir))
-        given = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("dir")
-        if not str(given).endswith("/" + TIME_NAME) or launched_as_a_rank():
+        if not claims_its_folder(config.hydra.sweep):
             folder.mkdir(parents=True, exist_ok=True)
             return
         claimed = claim_folder(folder)
