@@ -361,9 +361,9 @@ def check_resume_checkpoint(path: str | Path, net: nn.Module) -> None:
             f"{path}, and a plain state_dict can be evaluated with eval.py ckpt_path=... model=..."
             + (f" ({hint})" if hint else "")
         )
-    cfg = network_config(net) or {"_target_": f"{type(net).__module__}.{type(net).__qualname__}"}
-    check_fits(path, cfg, net.state_dict(), state, stored_cfg)
     built = network_config(net) or {}
+    cfg = built or {"_target_": f"{type(net).__module__}.{type(net).__qualname__}"}
+    check_fits(path, cfg, net.state_dict(), state, stored_cfg)
     # the same weight shapes (checked above), another network: fusion=diff vs absdiff (keys an
     # older checkpoint does not record are left out: they had their defaults)
     changed = [
