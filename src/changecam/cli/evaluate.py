@@ -43,8 +43,7 @@ from changecam.cli.common import (
     to_float_dict,
     warn_split_scale,
 )
-from changecam.cli.config_checks import ConfigError
-from changecam.evaluation.per_image import SEED_STYLE, PerImageScores
+from changecam.evaluation.per_image import SEED_STYLE, PerImageScores, check_seed_batch_size
 from changecam.explain import choose_layer, per_date_layers, resolve_taps
 from changecam.metrics import SCORE_NAMES
 from changecam.models import SlidingWindowNet
@@ -59,9 +58,7 @@ def eval_checks(cfg: DictConfig) -> None:
     checked_threshold(cfg.threshold)
     resolve_device(cfg.get("device", "auto"))
     sliding_window_spec(cfg)
-    size = cfg.get("seed_batch_size", 16)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ConfigError(f"seed_batch_size={size!r} must be an integer >= 1")
+    check_seed_batch_size(cfg.get("seed_batch_size", 16))
 
 
 @task_wrapper

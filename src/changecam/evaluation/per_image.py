@@ -57,6 +57,17 @@ def image_scores(names: Sequence[str], counts: Tensor, shares: Tensor) -> list[I
     ]
 
 
+def check_seed_batch_size(value: Any) -> None:
+    """Refuse a ``seed_batch_size`` that is not an integer >= 1 (eval.py, before it removes an
+    earlier run's results; :class:`PerImageScores`).
+
+    Raises:
+        ValueError: naming the value.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"seed_batch_size={value!r} must be an integer >= 1")
+
+
 def mean_of_group_scores(counts: Tensor, group_size: int) -> dict[str, float]:
     """The seed notebook's figure: scores of consecutive groups of samples, averaged over groups.
 
@@ -115,10 +126,7 @@ class PerImageScores(L.Callback):
         seed_batch_size: int = 16,
     ) -> None:
         super().__init__()
-        if isinstance(seed_batch_size, bool) or not isinstance(seed_batch_size, int):
-            raise ValueError(f"seed_batch_size={seed_batch_size!r} must be an integer >= 1")
-        if seed_batch_size < 1:
-            raise ValueError(f"seed_batch_size={seed_batch_size} must be >= 1")
+        check_seed_batch_size(seed_batch_size)
         self.net = net
         self.threshold = threshold
         self.post_share_layer = post_share_layer
