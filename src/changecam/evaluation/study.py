@@ -45,11 +45,10 @@ from changecam.evaluation.randomisation import cascade_order, cascade_points, ra
 from changecam.explain.faithfulness import faithfulness
 from changecam.explain.hirescam import (
     INPUT_LAYER,
-    INPUT_ONLY_METHODS,
-    INPUT_TAPS,
     METHODS,
     Explanation,
     explain_batch,
+    input_maps_left_out,
     upsample_maps,
 )
 from changecam.explain.integrated import IntegratedGradientsSettings
@@ -143,15 +142,13 @@ class StudySettings:
             )
         if self.layers is not None and not self.layers:
             raise ValueError("study.layers=[] names no layer: list some, or null for every one")
-        input_only = [m for m in self.methods if m in INPUT_ONLY_METHODS]
-        if input_only and self.layers is not None:
-            has_input = INPUT_LAYER in self.layers or all(t in self.layers for t in INPUT_TAPS)
-            if not has_input:
-                raise ValueError(
-                    f"study.methods {input_only} have maps at the input only, but "
-                    f"study.layers={list(self.layers)} leaves it out: add {INPUT_LAYER} "
-                    f"(e.g. study.layers=[{INPUT_LAYER}, {self.layers[-1]}])"
-                )
+        left_out = [] if self.layers is None else input_maps_left_out(self.methods, self.layers)
+        if left_out:
+            raise ValueError(
+                f"study.methods {left_out} have maps at the input only, but "
+                f"study.layers={list(self.layers)} leaves it out: add {INPUT_LAYER} "
+                f"(e.g. study.layers=[{INPUT_LAYER}, {self.layers[-1]}])"
+            )
         if self.context is not None and self.context < 16:
             raise ValueError(f"study.context={self.context} must be >= 16 or null (whole image)")
         if self.randomisation_points < 1 or self.objects_per_pass < 1 or self.bootstrap < 1:

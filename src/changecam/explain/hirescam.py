@@ -28,7 +28,7 @@ the bands, from the same forward and backward. Integrated Gradients
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
@@ -66,6 +66,16 @@ NO_TAPS_HELP = (
     "see changecam.models.SiameseUNet; a model changecam did not write can declare its layers "
     "with changecam.models.LayerTaps (model=external); the input layer works on every model"
 )
+
+
+def input_maps_left_out(methods: Iterable[str], taps: Iterable[str]) -> list[str]:
+    """The ``methods`` with maps at the input only (:data:`INPUT_ONLY_METHODS`) that ``taps``
+    (``input``, or both dates' input taps) leave without any."""
+    names = set(taps)
+    if INPUT_LAYER in names or all(t in names for t in INPUT_TAPS):
+        return []
+    wanted = set(methods)
+    return [m for m in INPUT_ONLY_METHODS if m in wanted]
 
 
 def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[str, Tap | None]:
@@ -450,12 +460,12 @@ def explain_batch(
     with_ig = "integrated_gradients" in methods
     with_lig = "layer_ig" in methods
     with_occlusion = "occlusion" in methods
-    for method in INPUT_ONLY_METHODS:
-        if method in methods and not all(t in modules for t in INPUT_TAPS):
-            raise ValueError(
-                f"{method} has maps at the input only, but the taps {list(modules)} "
-                "leave it out: add `input` to the taps (e.g. taps=[input, enc4])"
-            )
+    left_out = input_maps_left_out(methods, modules)
+    if left_out:
+        raise ValueError(
+            f"{left_out[0]} has maps at the input only, but the taps {list(modules)} "
+            "leave it out: add `input` to the taps (e.g. taps=[input, enc4])"
+        )
     if (with_lig or "contrastive" in methods) and not per_date_layers(modules):
         raise ValueError(
             f"{'layer_ig' if with_lig else 'contrastive'} needs a layer tapped for both dates; "
