@@ -19,6 +19,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from changecam.atomic import write_bytes
+from changecam.training.callbacks.cam_worker import SCALAR_PREFIX as CAM_SCALAR_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,11 @@ def _complete_rows(text: str) -> tuple[list[str], list[dict[str, str]]]:
     return keys, rows
 
 
-# the scalars of CAM panels drawn in the background (training.callbacks.cam_panels): logged
-# at their epoch's step when they arrive, which may be after rows of later steps
-LATE_PREFIX = "val/cam/"
-
-
 def _late(row: dict[str, str]) -> bool:
-    """Whether ``row`` holds only scalars that may arrive late (:data:`LATE_PREFIX`)."""
+    """Whether ``row`` holds only the scalars of CAM panels, which, drawn in the background,
+    are logged at their epoch's step when they arrive: maybe after rows of later steps."""
     logged = [key for key, value in row.items() if value and key not in ("step", "epoch")]
-    return bool(logged) and all(key.startswith(LATE_PREFIX) for key in logged)
+    return bool(logged) and all(key.startswith(CAM_SCALAR_PREFIX) for key in logged)
 
 
 def _history(rows: list[dict[str, str]], keep_before: float) -> list[dict[str, str]]:

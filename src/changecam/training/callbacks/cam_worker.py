@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0  # how often a waiting side checks that the other one is still alive
 
 
+# every scalar a CamResult logs starts so (training.csv_logger keeps them when they arrive late)
+SCALAR_PREFIX = "val/cam/"
+
+
 @dataclass
 class CamResult:
     """One epoch's explanation of the fixed samples (plain CPU data, cheap to send)."""
@@ -66,9 +70,9 @@ class CamResult:
 
     def scalars(self) -> dict[str, float]:
         """Means over the samples: ``val/cam/post_share/<layer>`` and the faithfulness gap."""
-        out = {f"val/cam/post_share/{layer}": mean_of(v) for layer, v in self.shares.items()}
+        out = {f"{SCALAR_PREFIX}post_share/{layer}": mean_of(v) for layer, v in self.shares.items()}
         if self.gap_layer is not None:
-            out[f"val/cam/faithfulness_gap/{self.gap_layer}"] = mean_of(self.gap)
+            out[f"{SCALAR_PREFIX}faithfulness_gap/{self.gap_layer}"] = mean_of(self.gap)
         return {k: v for k, v in out.items() if v is not None}
 
 
