@@ -268,21 +268,25 @@ def tiff_directories(path: Path) -> int:
 
 
 def check_opened_complete(dataset: Any, path: Path) -> None:
-    """An input's :func:`check_every_image_complete` where it is a TIFF: a file cut inside its
-    internal mask's or an overview's directory opens, and GDAL fails only when it reads that
-    directory."""
+    """An input's :func:`check_every_image_complete` where it is a TIFF (``dataset``, opened,
+    is its main image): a file cut inside its internal mask's or an overview's directory
+    opens, and GDAL fails only when it reads that directory."""
     if dataset.driver == "GTiff":
-        check_every_image_complete(path)
+        check_every_image_complete(path, dataset)
 
 
-def check_every_image_complete(path: Path) -> None:
+def check_every_image_complete(path: Path, opened: Any = None) -> None:
     """:func:`check_complete` for every image a GeoTIFF chains (:func:`tiff_directories`;
-    ``GTIFF_DIR:n:path``): the main one, its internal masks and its overviews.
+    ``GTIFF_DIR:n:path``): the main one (``opened``, when the caller has it open), its
+    internal masks and its overviews.
 
     Raises:
         SceneError: a directory, or one of an image's tiles, lies past the end of the file.
     """
     for number in range(1, tiff_directories(path) + 1):
+        if number == 1 and opened is not None:
+            check_complete(opened, path)
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a mask's image
             with rasterio.open(f"GTIFF_DIR:{number}:{path}") as dataset:
