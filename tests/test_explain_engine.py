@@ -241,6 +241,19 @@ def test_bad_input_messages():
     with pytest.raises(TapError, match="exactly once.*'enc': 2"):
         explain_batch(TwiceTapped(), pre, post)
 
+    class SameNameTwice(NoTaps):
+        """A copy-paste slip: the post date's tap named as the pre date's."""
+
+        def __init__(self):
+            super().__init__()
+            self.pre_tap, self.post_tap = Tap("pre/enc1"), Tap("pre/enc1")
+
+        def forward(self, a, b):
+            return self.conv(torch.cat([self.pre_tap(a), self.post_tap(b)], 1))
+
+    with pytest.raises(TapError, match="share a name: 'pre/enc1' at pre_tap, post_tap"):
+        explain_batch(SameNameTwice(), pre, post)
+
     class ChangedAfterTap(NoTaps):
         """ResNet's `out += identity` on a tapped activation: the recorded map would be wrong."""
 

@@ -144,6 +144,29 @@ def test_the_seed_config_group_builds_the_seed_architecture():
     )
 
 
+class KeywordForwardingUNet(SiameseUNet):
+    """A user's subclass that forwards the arguments it does not name."""
+
+    def __init__(self, fusion: str = "diff", **kwargs):
+        super().__init__(base_channels=4, fusion=fusion, **kwargs)
+
+
+class PositionalForwardingUNet(SiameseUNet):
+    def __init__(self, *args, fusion: str = "diff"):
+        super().__init__(*args, fusion=fusion)
+
+
+def test_forwarded_keyword_arguments_are_recorded_as_keywords_that_rebuild_the_network():
+    net = KeywordForwardingUNet(depth=2, in_channels=4)
+    assert net.init_kwargs == {"fusion": "diff", "depth": 2, "in_channels": 4}
+    rebuilt = build_network(net.config())
+    assert (rebuilt.depth, rebuilt.in_channels, rebuilt.base_channels) == (2, 4, 4)
+    assert rebuilt.init_kwargs == net.init_kwargs
+    assert PositionalForwardingUNet().init_kwargs == {"fusion": "diff"}
+    with pytest.raises(TypeError, match=r"PositionalForwardingUNet was given 2 extra positional.*\*args"):
+        PositionalForwardingUNet(3, 4)
+
+
 def test_a_network_records_its_constructor_arguments():
     net = SiameseUNet(3, 4, 2, fusion="diff")
     assert net.init_kwargs == {

@@ -49,8 +49,20 @@ class ChangeNetwork(nn.Module):
             # A subclass's constructor finishes after the ones it calls: its arguments win.
             bound = signature.bind(self, *args, **kw)
             bound.apply_defaults()
-            arguments = dict(bound.arguments)
-            arguments.pop(next(iter(signature.parameters)))  # self
+            arguments: dict[str, Any] = {}
+            for name, value in list(bound.arguments.items())[1:]:  # after self
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(value)  # **kwargs: each is a keyword of the config
+                elif kind is inspect.Parameter.VAR_POSITIONAL:
+                    if value:
+                        raise TypeError(
+                            f"{cls.__qualname__} was given {len(value)} extra positional "
+                            f"argument(s) for *{name}, which its config (what checkpoints "
+                            "record to rebuild it) cannot name; pass them as keywords"
+                        )
+                else:
+                    arguments[name] = value
             object.__setattr__(self, "_init_arguments", arguments)
 
         cls.__init__ = recording_init  # type: ignore[method-assign]

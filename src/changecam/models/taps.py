@@ -30,5 +30,27 @@ class Tap(nn.Identity):
 
 
 def find_taps(model: nn.Module) -> dict[str, Tap]:
-    """Return every :class:`Tap` of ``model`` keyed by its public name, in forward order."""
-    return {m.tap_name: m for m in model.modules() if isinstance(m, Tap)}
+    """Return every :class:`Tap` of ``model`` keyed by its public name, in forward order.
+
+    Raises:
+        TapError: two different taps share a name (one of them would be explained under the
+            other's name, or not at all).
+    """
+    taps: dict[str, Tap] = {}
+    taps_path: dict[str, str] = {}
+    repeated: dict[str, list[str]] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, Tap):
+            continue
+        if module.tap_name in taps:
+            repeated.setdefault(module.tap_name, [taps_path[module.tap_name]]).append(path)
+            continue
+        taps[module.tap_name] = module
+        taps_path[module.tap_name] = path
+    if repeated:
+        raise TapError(
+            "two different Tap modules share a name: "
+            + "; ".join(f"{name!r} at {', '.join(paths)}" for name, paths in repeated.items())
+            + "; give each its own name"
+        )
+    return taps
