@@ -206,6 +206,17 @@ def test_cascade_goes_from_the_head_down_and_keeps_earlier_steps():
     assert cascade_points(10, 4) == [1, 4, 7, 10] and cascade_points(2, 5) == [1, 2]
 
 
+def test_tracing_the_cascade_leaves_a_training_model_as_found():
+    net = OneDate("post")  # with a BatchNorm in training mode after its encoder
+    net.enc = nn.Sequential(net.enc, nn.BatchNorm2d(2))
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert cascade_order(net, torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)) == ["head", "enc.0"]
+    assert net.training and net.enc[1].training
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 def test_study_settings_refuse_unknown_values():
     with pytest.raises(ValueError, match="unknown method"):
         StudySettings(methods=("hirescam", "shap"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -119,6 +121,11 @@ def test_input_layer_through_the_runner_and_the_post_share():
     share = whole_image_post_share(net, pre, post, "input", threshold=0.0)  # eval's column
     assert share.shape == (2,) and torch.isfinite(share).all()
     torch.testing.assert_close(share, batch.post_share("input"))
+    for key, what in (("label", "label"), ("roi", "region of interest")):
+        wrong = {key: torch.ones(1, 1, 16, 14) if key == "label" else torch.ones(9, 9)}
+        roi = dict(target="roi" if key == "roi" else "ground_truth")
+        with pytest.raises(ValueError, match=f"{what} has shape .*expected 16 x 16 pixels"):
+            explain_tensors(net, pre, post, replace(settings, **roi), **wrong)
 
 
 @pytest.mark.parametrize("base", ["midpoint", "other_date", "blur"])

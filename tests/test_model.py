@@ -163,7 +163,9 @@ def test_forwarded_keyword_arguments_are_recorded_as_keywords_that_rebuild_the_n
     assert (rebuilt.depth, rebuilt.in_channels, rebuilt.base_channels) == (2, 4, 4)
     assert rebuilt.init_kwargs == net.init_kwargs
     assert PositionalForwardingUNet().init_kwargs == {"fusion": "diff"}
-    with pytest.raises(TypeError, match=r"PositionalForwardingUNet was given 2 extra positional.*\*args"):
+    with pytest.raises(
+        TypeError, match=r"PositionalForwardingUNet was given 2 extra positional.*\*args"
+    ):
         PositionalForwardingUNet(3, 4)
 
 

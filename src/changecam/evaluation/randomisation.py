@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from changecam.explain.hirescam import preserved_state
+
 RANDOMISED_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Conv1d, nn.MultiheadAttention)
 
 
@@ -41,7 +43,7 @@ def cascade_order(model: nn.Module, pre: Tensor, post: Tensor) -> list[str]:
 
             handles.append(module.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), preserved_state(model):  # a trace: BatchNorm statistics stay
             model(pre, post)
     finally:
         for handle in handles:

@@ -243,13 +243,21 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
-def _pad_mask(mask: Tensor | None, size: tuple[int, int]) -> Tensor | None:
-    """A B×1×h×w (or h×w) {0,1} mask placed top-left in zeros of ``size``."""
+def _pad_mask(
+    mask: Tensor | None, what: str, image: tuple[int, int], size: tuple[int, int]
+) -> Tensor | None:
+    """A B×1×h×w (or h×w) {0,1} mask of the ``image``'s size placed top-left in zeros of
+    ``size``; a ``what`` (label, region of interest) of another size is refused."""
     if mask is None:
         return None
+    h, w = mask.shape[-2:]
+    if (h, w) != image:
+        raise ValueError(
+            f"{what} has shape {tuple(mask.shape)}; expected {image[0]} x {image[1]} pixels, "
+            "the size of the pair"
+        )
     mask = mask.float()
     mask = mask[None, None] if mask.ndim == 2 else mask
-    h, w = mask.shape[-2:]
     out = mask.new_zeros(*mask.shape[:-2], *size)
     out[..., :h, :w] = (mask > 0.5).float()
     return out
@@ -293,8 +301,8 @@ def explain_tensors(
         taps=settings.taps,
         target=Target(settings.target, settings.threshold),
         methods=settings.methods,
-        label=_pad_mask(label, padded),
-        roi=_pad_mask(roi, padded),
+        label=_pad_mask(label, "label", (height, width), padded),
+        roi=_pad_mask(roi, "region of interest", (height, width), padded),
         valid=valid,
         upsample=upsample,  # the curves upsample their own layer when the maps are not
         ig=settings.ig,
