@@ -72,3 +72,10 @@ def test_mean_of_skips_undefined_values():
     assert mean_of([0.25, None, math.nan, 0.75]) == 0.5
     assert mean_of([None, math.nan]) is None
     assert mean_of([]) is None
+
+
+def test_a_threshold_given_as_an_integer_is_read_as_a_probability():
+    """Hydra reads `module.threshold=0` as the int 0, which torchmetrics alone refuses."""
+    metric = ChangeScores(threshold=0)
+    metric.update(torch.tensor([[0.0, 0.2]]), torch.tensor([[0.0, 1.0]]))
+    assert [int(v) for v in metric._final_state()] == [1, 0, 1, 0]

@@ -56,7 +56,8 @@ class ChangeScores(BinaryStatScores):
     """Pooled change-class scores of a split; ``update(probs, mask)``, ``compute() -> dict``."""
 
     def __init__(self, threshold: float = 0.5, **kwargs) -> None:
-        super().__init__(threshold=threshold, multidim_average="global", **kwargs)
+        # torchmetrics takes a Python float only; Hydra reads `threshold=0` as an int
+        super().__init__(threshold=float(threshold), multidim_average="global", **kwargs)
 
     def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
         if preds.is_floating_point():
