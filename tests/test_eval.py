@@ -15,6 +15,7 @@ from torch import nn
 from changecam.cli.evaluate import evaluate
 from changecam.data.io import write_png
 from changecam.evaluation.per_image import (
+    PerImageScores,
     image_scores,
     mean_of_group_scores,
     whole_image_post_share,
@@ -298,6 +299,21 @@ def test_post_share_of_whole_images_of_odd_size():
     assert share.shape == (1,) and share.item() == pytest.approx(1.0)
     empty = whole_image_post_share(red_detector(), pre, pre, "enc1", threshold=0.5)
     assert math.isnan(empty.item())
+
+
+def test_a_rows_post_share_explains_the_pixels_that_row_scores_as_change():
+    """Under sliding windows the scored logits are blended, not the network's own whole-image
+    pass: the share's target is the row's scored change, so it is undefined exactly when the
+    row predicts nothing."""
+    pre, post = torch.zeros(2, 3, 33, 31), torch.zeros(2, 3, 33, 31)
+    post[:, 0, 30:, 25:] = 1.0  # the network itself predicts change here, in both samples
+    batch = {"pre": pre, "post": post, "mask": torch.zeros(2, 1, 33, 31), "name": ["a", "b"]}
+    scored = torch.full((2, 1, 33, 31), -10.0)
+    scored[0, 0, 30:, 25:] = 10.0  # the blended logits: change in a, nothing in b
+    rows = PerImageScores(red_detector(), threshold=0.5, post_share_layer="enc1")
+    rows.on_test_batch_end(None, None, scored, batch, 0)
+    (shares,) = rows._shares
+    assert shares[0].item() == pytest.approx(1.0) and math.isnan(shares[1].item())
 
 
 def test_train_and_eval_give_the_same_test_scores_on_one_checkpoint(tmp_path, tiny_synthetic):

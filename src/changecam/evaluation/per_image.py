@@ -15,7 +15,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -85,25 +85,39 @@ def mean_of_group_scores(counts: Tensor, group_size: int) -> dict[str, float]:
     return {name: float(scores[name].mean()) for name in SCORE_NAMES}
 
 
-def post_share_settings(layer: str, threshold: float) -> ExplainSettings:
-    """HiResCAM of one per-date layer on the predicted change, without curves or upsampling."""
+def post_share_settings(
+    layer: str, threshold: float, target: Literal["predicted", "roi"] = "predicted"
+) -> ExplainSettings:
+    """HiResCAM of one per-date layer on the predicted change (or a given region of it),
+    without curves or upsampling."""
     return ExplainSettings(
         taps=(layer,),
         methods=("hirescam",),
-        target="predicted",
+        target=target,
         threshold=threshold,
         faithfulness=FaithfulnessSettings(enabled=False),
     )
 
 
 def whole_image_post_share(
-    net: nn.Module, pre: Tensor, post: Tensor, layer: str, threshold: float
+    net: nn.Module,
+    pre: Tensor,
+    post: Tensor,
+    layer: str,
+    threshold: float,
+    changed: Tensor | None = None,
 ) -> Tensor:
     """Post share of ``layer`` per sample on whole inputs of any size (padded as needed); NaN
-    where nothing is predicted."""
-    explained = explain_tensors(
-        net, pre, post, post_share_settings(layer, threshold), upsample=False
-    )
+    where nothing is predicted.
+
+    Args:
+        changed: B×1×H×W pixels scored as change, when they come from another forward pass
+            than ``net``'s own on the whole input (sliding windows): the target is then the
+            network's logits over exactly those pixels. Default: ``net``'s own prediction.
+    """
+    target = "predicted" if changed is None else "roi"
+    settings = post_share_settings(layer, threshold, target)
+    explained = explain_tensors(net, pre, post, settings, roi=changed, upsample=False)
     return explained.explanation.post_share(layer)
 
 
@@ -112,7 +126,8 @@ class PerImageScores(L.Callback):
 
     Args:
         net: the network whose post share is explained (the network itself, also when the
-            module predicts through sliding windows: the share is explained on whole samples).
+            module predicts through sliding windows: the share is explained on whole samples,
+            its target the network's logits over the pixels the row scores as change).
         threshold: probability above which a pixel counts as change.
         post_share_layer: per-date layer of the post share column; ``None``: no post share.
         seed_batch_size: group size of the seed-style mean of per-batch scores.
@@ -141,17 +156,20 @@ class PerImageScores(L.Callback):
         self._counts: list[Tensor] = []
         self._shares: list[Tensor] = []
 
-    def _post_shares(self, batch: dict[str, Any]) -> Tensor:
+    def _post_shares(self, batch: dict[str, Any], changed: Tensor) -> Tensor:
         pre, post = batch["pre"], batch["post"]
         if self.post_share_layer is None:
             return torch.full((len(pre),), math.nan)
-        return whole_image_post_share(self.net, pre, post, self.post_share_layer, self.threshold)
+        # the pixels this row scores as change, also when the module blends sliding windows
+        return whole_image_post_share(
+            self.net, pre, post, self.post_share_layer, self.threshold, changed=changed
+        )
 
     def _on_batch_end(self, outputs: Tensor, batch: dict[str, Any]) -> None:
         probs = torch.sigmoid(outputs.float())
         self._counts.append(confusion_counts(probs, batch["mask"], self.threshold).cpu())
         self._names.extend(batch["name"])
-        self._shares.append(self._post_shares(batch).cpu())
+        self._shares.append(self._post_shares(batch, probs > self.threshold).cpu())
 
     def _on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         split = "val" if trainer.state.stage == RunningStage.VALIDATING else "test"
