@@ -59,6 +59,21 @@ def test_identical_geometry_for_pre_post_mask(tmp_path, seed):
         assert torch.equal(s["mask"][0], expected)
 
 
+def test_each_random_crop_is_named_by_its_origin_as_a_tile_is(tmp_path):
+    """Evaluation crops of one image shared its name: their CAM panels overwrote each other and
+    per_image.csv rows could not be told apart (helper-81)."""
+    t = coded_triplet(tmp_path)
+    ds = ChangeDetectionDataset(
+        [t], "random_crop", patch_size=16, crops_per_image=6, fixed_crops=True
+    )
+    names = []
+    for sample in ds:
+        row, col = (round(sample["pre"][band, 0, 0].item() * 255) for band in (0, 1))
+        assert sample["name"] == f"img_{row:04d}_{col:04d}"
+        names.append(sample["name"])
+    assert len(set(names)) == 6
+
+
 def test_a_non_square_sample_keeps_its_shape_under_rotation():
     """data.train_protocol=full on 64 x 96 images: a quarter turn would make some samples
     96 x 64 and the batch could not be stacked (helper-69); they are turned by 0 or 180

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from changecam.data.dataset import ChangeDetectionDataset, Protocol
+from changecam.data.dataset import ChangeDetectionDataset, Protocol, check_crop_count
 from changecam.data.io import image_size
 from changecam.data.layout import SPLITS, Layout, Split, Triplet, find_triplets
 from changecam.data.sampler import ImageGroupedSampler
@@ -142,6 +142,7 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         )
         self.transform = settings_block(PairTransform, augment, "data.augment") if augment else None
         self.validate_mode: Validation = check_mode(validate)
+        check_crop_count(crops_per_image)
         self.crops_per_image = crops_per_image
         self.change_crops = change_crops
         # what the tiles, resize and full protocols would silently ignore

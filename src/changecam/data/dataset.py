@@ -49,6 +49,16 @@ def resize_triplet(
     return pre, post, (share >= 0.5).astype(mask.dtype)
 
 
+def check_crop_count(count: object) -> None:
+    """Refuse a ``crops_per_image`` count that is not ``None`` or a whole number >= 1 (0 would
+    silently mean "as many as tiles", a negative count none at all)."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise ValueError(
+            f"data.crops_per_image={count!r} must be a whole number of crops >= 1 "
+            "(null: as many as the image has tiles)"
+        )
+
+
 class ChangeDetectionDataset(Dataset):
     """Samples ``{"pre", "post", "mask", "name"}`` from labelled triplets.
 
@@ -105,6 +115,8 @@ class ChangeDetectionDataset(Dataset):
                 raise ValueError(
                     f"crops_per_image has {len(crops)} counts for {len(self.triplets)} triplets"
                 )
+        for count in crops:
+            check_crop_count(count)
         if protocol in ("tiles", "random_crop"):
             for i, t in enumerate(self.triplets):
                 height, width = image_size(t.pre)
@@ -120,7 +132,7 @@ class ChangeDetectionDataset(Dataset):
                         for c in range(cols)
                     ]
                 else:
-                    self.index += [(i, -1, -1)] * (crops[i] or rows * cols)
+                    self.index += [(i, -1, -1)] * (rows * cols if crops[i] is None else crops[i])
         else:
             self.index = [(i, 0, 0) for i in range(len(self.triplets))]
 
@@ -193,8 +205,7 @@ class ChangeDetectionDataset(Dataset):
             row, col = self._crop_origin(i, mask, np.random.default_rng(seed))
         if self.protocol in ("tiles", "random_crop"):
             pre, post, mask = (a[row : row + ps, col : col + ps] for a in (pre, post, mask))
-            if self.protocol == "tiles":
-                name = f"{name}_{row:04d}_{col:04d}"
+            name = f"{name}_{row:04d}_{col:04d}"  # a sample's panel and row are its own
         elif self.protocol == "resize" and pre.shape[:2] != (ps, ps):
             pre, post, mask = resize_triplet(pre, post, mask, ps)
         if self.transform is not None:

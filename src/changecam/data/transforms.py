@@ -83,6 +83,8 @@ class PairTransform:
             value = getattr(self, key)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.augment.{key}={value} must be a probability in [0, 1]")
+        if not 0.0 <= self.jitter < float("inf"):  # a negative strength would mean "off"
+            raise ValueError(f"data.augment.jitter={self.jitter} must be a strength >= 0 (0: off)")
         self.photometric = None
         if self.jitter > 0:
             A = _albumentations()  # noqa: N806 (the library's usual alias)
