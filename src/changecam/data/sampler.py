@@ -16,9 +16,10 @@ shuffle but orders it so that the cache always hits:
 
 Each worker then sees its images' samples within one block, and a per-worker cache of
 ``images_per_block`` decoded images decodes each image once per epoch (images cut by a part
-or rank boundary: once per worker holding them). The order is a function of ``(seed, epoch)``
-only, like :class:`~torch.utils.data.DistributedSampler`; call :meth:`set_epoch` every epoch
-(Lightning does).
+or rank boundary: once per worker holding them). The order is a function of ``(seed, epoch)``,
+like :class:`~torch.utils.data.DistributedSampler`'s, and of the layout the samples are dealt
+to (batch size, workers, replicas): the same seed with other workers gives other batches.
+Call :meth:`set_epoch` every epoch (Lightning does).
 """
 
 from __future__ import annotations
