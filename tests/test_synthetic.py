@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from changecam.data.io import read_image, read_label
 from changecam.data.layout import find_triplets
@@ -345,3 +346,17 @@ def test_a_symlinked_root_gets_the_set_in_the_folder_it_names(tmp_path):
     assert (tmp_path / "data").is_symlink()
     generate(tmp_path / "data", SyntheticSpec(image_size=32, train=2, val=1, test=1))
     assert len(find_triplets(tmp_path / "data", "train", "levir")) == 2
+
+
+def test_an_image_side_the_style_cannot_draw_is_refused_naming_the_key():
+    """The simple style's buildings need 19 px: below, numpy's `low >= high` named nothing."""
+    generate_pair(SyntheticSpec(image_size=19), "train", 0)
+    with pytest.raises(
+        ValueError, match=r"data.synthetic.image_size=18 is too small for style=simple: at least 19"
+    ):
+        SyntheticSpec(image_size=18)
+    generate_pair(SyntheticSpec(image_size=8, style="levir"), "train", 0)
+    with pytest.raises(
+        ValueError, match=r"data.synthetic.image_size=0 is too small for style=levir"
+    ):
+        SyntheticSpec(image_size=0, style="levir")

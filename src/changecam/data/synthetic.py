@@ -74,6 +74,11 @@ VEG_SEASONS = np.array(
 )
 
 
+# the smallest image side each style draws (the simple style's buildings of 10 px with their
+# margins of 2 and 6 px need 19)
+SMALLEST_SIDE = {"simple": 19, "levir": 1}
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     """What to generate.
@@ -130,6 +135,14 @@ class SyntheticSpec:
                 raise ValueError(
                     f"data.synthetic.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}"
                 )
+        smallest = SMALLEST_SIDE[self.style]  # the simple style's buildings need room
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
+            raise ValueError(f"data.synthetic.image_size={self.image_size!r} must be an integer")
+        if self.image_size < smallest:
+            raise ValueError(
+                f"data.synthetic.image_size={self.image_size} is too small for "
+                f"style={self.style}: at least {smallest} px"
+            )
 
     @property
     def landcover_parts(self) -> tuple[str, ...]:
