@@ -457,6 +457,41 @@ def test_a_nan_score_never_becomes_best(tmp_path, scores, best_epoch):
         assert saved["epoch"] == best_epoch and checkpoint.best_model_score == scores[best_epoch]
 
 
+def test_a_run_resumed_into_another_folder_keeps_the_earlier_best(tmp_path):
+    """ckpt_path=<another run's last.ckpt>: Lightning forgets the best score when the folder
+    changes, so the first validation after the resume became best.ckpt however bad it was
+    (helper-82). The earlier best is copied in with its score and stays the best."""
+    scores = [0.8, 0.3, 0.5]
+    loader = DataLoader(torch.ones(2, 1), batch_size=1)
+
+    def callbacks(folder: Path) -> list[L.Callback]:
+        best = FiniteModelCheckpoint(
+            dirpath=folder,
+            filename="best",
+            monitor="val/f1",
+            mode="max",
+            enable_version_counter=False,
+        )
+        last = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=folder, filename="last", enable_version_counter=False
+        )
+        return [best, last]
+
+    first = callbacks(tmp_path / "first")
+    quiet_trainer(max_epochs=1, callbacks=first, num_sanity_val_steps=0).fit(
+        ScoreLogger(scores), loader, loader
+    )
+    second = callbacks(tmp_path / "second")
+    quiet_trainer(max_epochs=3, callbacks=second, num_sanity_val_steps=0).fit(
+        ScoreLogger(scores), loader, loader, ckpt_path=tmp_path / "first/last.ckpt"
+    )
+    best = second[0]
+    assert best.best_model_path == str(tmp_path / "second/best.ckpt")
+    assert float(best.best_model_score) == pytest.approx(0.8)
+    assert torch.load(tmp_path / "second/best.ckpt", weights_only=True)["epoch"] == 0
+    assert (tmp_path / "first/best.ckpt").is_file()  # copied, not moved
+
+
 def test_the_default_callbacks_use_the_finite_checkpoint(tmp_path, tiny_synthetic):
     cfg = compose_train(tmp_path, ["experiment=quickstart", *tiny_overrides(tiny_synthetic)])
     assert cfg.callbacks.model_checkpoint._target_.endswith("FiniteModelCheckpoint")

@@ -406,7 +406,9 @@ def test_sigkill_after_a_mid_epoch_checkpoint_keeps_the_csv_rows_of_its_step(
 ):
     """A validation inside an epoch saves last.ckpt before Lightning counts that batch: the
     batch's row and the validation's, logged at that step, are kept on resume; rows logged after
-    the checkpoint are dropped. The same rows as an uninterrupted run's."""
+    the checkpoint are dropped. The same rows, and values, as an uninterrupted run's: the
+    resumed run trains on the rest of that epoch's batches (not its first ones again), with
+    the same augmentations, and its train/loss_epoch averages the whole epoch (helper-82)."""
     base = [
         *resume_overrides(tiny_synthetic, EPOCHS),
         "+trainer.val_check_interval=0.5",  # 4 batches: validations after batches 1 and 3
@@ -426,6 +428,33 @@ def test_sigkill_after_a_mid_epoch_checkpoint_keeps_the_csv_rows_of_its_step(
     full = tmp_path / "full"
     run_cli([*base, f"hydra.run.dir={full}"], cwd=tmp_path)
     assert csv_layout(killed) == csv_layout(full)
+    metrics = "csv/metrics.csv"
+    assert (killed / metrics).read_text() == (full / metrics).read_text()
+    resumed, uninterrupted = (net_weights(r / "checkpoints/last.ckpt") for r in (killed, full))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_resume_from_a_validation_every_other_epoch_is_exact(tmp_path, tiny_synthetic):
+    """With trainer.check_val_every_n_epoch=2 last.ckpt is written by a validation before its
+    epoch is closed; the resumed fit re-enters that epoch and creates a loader iterator, which
+    draws from torch's generator: the RNG states restored at fit start were consumed by it and
+    the next epoch augmented otherwise (helper-82)."""
+    every_other = [
+        "module.scheduler.T_max=4",
+        "trainer.check_val_every_n_epoch=2",
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+    ]
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(compose_train(full, [*resume_overrides(tiny_synthetic, 4), *every_other]))
+    train(compose_train(split, [*resume_overrides(tiny_synthetic, 2), *every_other]))
+    resumed = [*resume_overrides(tiny_synthetic, 4), *every_other, "ckpt_path=last"]
+    train(compose_train(split, resumed))
+    metrics = "run/csv/metrics.csv"
+    assert (split / metrics).read_text() == (full / metrics).read_text()
+    weights = [net_weights(r / "run/checkpoints/last.ckpt") for r in (split, full)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
 
 
 def test_scoring_a_checkpoint_in_its_run_keeps_the_csv_history(tmp_path, tiny_synthetic):

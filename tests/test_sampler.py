@@ -216,7 +216,10 @@ def test_ddp_ranks_without_workers_augment_each_sample_by_its_own_seed(tiny_synt
     for rank in (0, 1):
         torch.manual_seed(0)
         dm = ChangeDetectionDataModule(tiny_synthetic, layout="levir", patch_size=32)
-        progress = SimpleNamespace(current=SimpleNamespace(processed=0))
+        counts = {"ready": 0, "started": 0, "processed": 0}
+        progress = SimpleNamespace(
+            current=SimpleNamespace(**counts), total=SimpleNamespace(**counts)
+        )
         dm.trainer = SimpleNamespace(  # type: ignore[assignment]
             world_size=2, global_rank=rank, fit_loop=SimpleNamespace(epoch_progress=progress)
         )
@@ -236,3 +239,19 @@ def test_sample_seeds_come_with_the_order_and_follow_the_epoch():
     assert len({s for _, s in pairs}) == 5
     sampler.set_epoch(1)
     assert {s for _, s in pairs}.isdisjoint(s for _, s in sampler)
+
+
+@pytest.mark.parametrize("sample_seeds", [False, True])
+def test_a_fit_resumed_inside_an_epoch_draws_the_rest_of_that_epoch_only(sample_seeds):
+    """Lightning counts on from a checkpoint written inside an epoch but cannot skip batches in
+    a loader it cannot restore: without the sampler leaving them out, the resumed epoch trained
+    on its first batches again and never on its last ones (helper-82)."""
+    sampler = ImageGroupedSampler(SAMPLE_IMAGES, 4, batch_size=8, sample_seeds=sample_seeds)
+    sampler.set_epoch(3)
+    whole = list(sampler)
+    sampler.resume_after(5)
+    assert list(sampler) == whole[5 * 8 :] and len(sampler) == len(whole)  # len: the epoch's
+    sampler.set_epoch(4)  # the next epoch is whole
+    assert len(list(sampler)) == len(whole)
+    sampler.set_epoch(3)
+    assert list(sampler) == whole

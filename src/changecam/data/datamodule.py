@@ -66,6 +66,29 @@ STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
 }
 
 
+def checkpoints_inside_epochs(trainer: L.Trainer) -> bool:
+    """Whether the fit may write a checkpoint inside an epoch: a validation inside it
+    (``trainer.val_check_interval``), or a checkpoint every so many steps or seconds."""
+    interval = trainer.val_check_interval  # an int counts batches, a float is a fraction
+    if isinstance(interval, int) or interval != 1.0:
+        return True
+    return any(
+        getattr(callback, "_every_n_train_steps", 0)
+        or getattr(callback, "_train_time_interval", None)
+        for callback in trainer.checkpoint_callbacks
+    )
+
+
+def batches_trained_in_epoch(trainer: L.Trainer) -> int:
+    """Batches of the current epoch already trained on when a fit resumes from a checkpoint
+    written inside it (``trainer.val_check_interval`` < 1); 0 otherwise. Lightning counts on
+    from there but does not skip them in a loader it cannot restore: the sampler must."""
+    loop = trainer.fit_loop
+    epochs = loop.epoch_progress.total
+    inside = epochs.started == epochs.ready and epochs.processed == epochs.started - 1
+    return loop.epoch_loop.batch_progress.current.ready if inside else 0
+
+
 class ChangeDetectionDataModule(L.LightningDataModule):
     """Train/val/test loaders of ``{"pre", "post", "mask", "name"}`` batches.
 
@@ -285,13 +308,18 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             rank=rank,
             seed=sampler_seed(world_size),
             # the workers' generators are not in the checkpoints (the main process's is), and
-            # every DDP rank's main generator draws the same numbers: each sample its own seed
-            sample_seeds=self.num_workers > 0 or world_size > 1,
+            # every DDP rank's main generator draws the same numbers: each sample its own seed.
+            # So too when checkpoints are written inside epochs: Lightning fetches a batch
+            # ahead, so the next batch's seeds were drawn before the checkpoint's RNG states
+            sample_seeds=self.num_workers > 0
+            or world_size > 1
+            or (trainer is not None and checkpoints_inside_epochs(trainer)),
         )
         # loader workers draw the first indices when Lightning creates the iterator, before
         # it calls set_epoch: a resumed fit would replay epoch 0's order without this. The
         # epoch is the one Lightning sets (epoch_progress.current.processed), restored by now
         sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer else 0)
+        sampler.resume_after(batches_trained_in_epoch(trainer) if trainer else 0)
         return sampler
 
     def _loader(self, split: Split) -> DataLoader:

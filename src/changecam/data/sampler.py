@@ -77,12 +77,27 @@ class ImageGroupedSampler(DistributedSampler):
         self.batch_size = batch_size
         self.num_workers = max(1, num_workers)
         self.sample_seeds = sample_seeds
+        self._skipped: tuple[int, int] | None = None  # (epoch, batches) already trained
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples  # the whole epoch's, also while resuming inside it
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self._skipped is not None and self._skipped[0] != epoch:
+            self._skipped = None
+
+    def resume_after(self, batches: int) -> None:
+        """Leave out the first ``batches`` batches of the current epoch (a fit resumed from a
+        checkpoint written inside it: those were trained on). Later epochs are whole."""
+        if batches < 0:
+            raise ValueError(f"batches={batches} must be at least 0")
+        self._skipped = (self.epoch, batches) if batches else None
 
     def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         order = self.order().tolist()
+        if self._skipped is not None:
+            order = order[self._skipped[1] * self.batch_size :]
         if not self.sample_seeds:
             return iter(order)
         seeds = self.epoch_seeds().tolist()

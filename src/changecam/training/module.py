@@ -62,6 +62,10 @@ def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
     return 1 - (2 * inter + eps) / (probs.sum() + target.sum() + eps)
 
 
+# the epoch's training loss so far, in a checkpoint written inside an epoch: [sum, samples]
+EPOCH_LOSS_KEY = "train_loss_epoch_so_far"
+
+
 class ChangeDetectionModule(L.LightningModule):
     """Trains a change-detection network ``net(pre, post) -> logits``.
 
@@ -158,6 +162,10 @@ class ChangeDetectionModule(L.LightningModule):
         self.losses = nn.ModuleDict({s: MeanMetric(nan_strategy=float("nan")) for s in STAGES})
         # Non-finite logits (the scores count them as no change), checked with the scores.
         self.nonfinite = nn.ModuleDict({s: SumMetric() for s in STAGES})
+        # train/loss_epoch's sum and sample count so far in this epoch: kept in a checkpoint
+        # written inside an epoch, so a run resumed from it averages the whole epoch
+        # (Lightning's own epoch mean would start again at the resume)
+        self._epoch_loss: tuple[Tensor, int] | None = None
         self._compiled = False
 
     def train(self, mode: bool = True) -> ChangeDetectionModule:
@@ -171,6 +179,7 @@ class ChangeDetectionModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         # Lightning restores the modes it captured rather than calling train(): set them here
         set_frozen_eval(self.net, self.frozen)
+        self._epoch_loss = None  # not called when a fit resumes inside an epoch
 
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
@@ -215,14 +224,12 @@ class ChangeDetectionModule(L.LightningModule):
                 f"(epoch {self.current_epoch}, batch {batch_idx}); samples of this batch: "
                 f"{', '.join(map(str, batch['name']))}; {weights}. {advice}"
             )
+        size = logits.shape[0]
         self.log(
-            "train/loss",
-            loss,
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=logits.shape[0],
+            "train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=size
         )
+        total, count = self._epoch_loss or (loss.new_zeros((), dtype=torch.float32), 0)
+        self._epoch_loss = (total.to(loss.device) + loss.detach().float() * size, count + size)
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> Tensor:
@@ -332,6 +339,10 @@ class ChangeDetectionModule(L.LightningModule):
         # Runs before the checkpoint callbacks' on_train_epoch_end (Lightning calls the
         # module's hook first), so a diverged network is never saved.
         self._check_weights("after the training epoch")
+        if self._epoch_loss is not None:  # the batch-size-weighted mean, as Lightning's was
+            total, count = self._epoch_loss
+            self.log("train/loss_epoch", total / count, on_step=False, on_epoch=True, prog_bar=True)
+            self._epoch_loss = None
 
     def _warn_repeated_samples(self, stage: str) -> None:
         """Under DDP, say so when Lightning's DistributedSampler repeats evaluation samples."""
@@ -364,6 +375,11 @@ class ChangeDetectionModule(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> Tensor:
         return torch.sigmoid(self(batch["pre"], batch["post"]))
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if EPOCH_LOSS_KEY in checkpoint:
+            total, count = checkpoint[EPOCH_LOSS_KEY]
+            self._epoch_loss = (torch.tensor(float(total)), int(count))
+
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("this ChangeDetectionModule has no optimizer (module.optimizer=null)")
@@ -385,5 +401,12 @@ class ChangeDetectionModule(L.LightningModule):
         # Lets eval/predict/explain rebuild the network from the checkpoint alone, and tell
         # when they run it at another pixel scale than it was trained at.
         record_network(checkpoint, self, self.net)
+        trainer = self._trainer
+        inside = (
+            trainer is not None and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        )
+        if self._epoch_loss is not None and inside:  # a resume goes on inside this epoch
+            total, count = self._epoch_loss
+            checkpoint[EPOCH_LOSS_KEY] = [float(total), count]
         if self._trainer is not None and self._trainer.datamodule is not None:
             record_data(checkpoint, self._trainer.datamodule)

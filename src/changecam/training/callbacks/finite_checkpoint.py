@@ -9,13 +9,18 @@ second guard, for modules that log their own metrics.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+
+from changecam.atomic import atomic_open
 
 
 class FiniteModelCheckpoint(ModelCheckpoint):
@@ -32,6 +37,40 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         problem = top_k_problem(self.save_top_k, self.filename)
         if problem:
             raise ValueError(problem)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, except that a run resumed into another folder (``ckpt_path=<.ckpt>``)
+        keeps the earlier run's best checkpoints: Lightning forgets their scores there, so the
+        first validation after the resume became ``best.ckpt`` however bad it was. They are
+        copied into this run's folder, which thus holds its own best, with their scores."""
+        earlier = state_dict.get("dirpath", self.dirpath)
+        super().load_state_dict(state_dict)
+        if earlier == self.dirpath or self.dirpath is None:
+            return
+        if state_dict.get("monitor") != self.monitor or not state_dict.get("best_k_models"):
+            return
+        kept: dict[str, Tensor] = {}
+        for path, score in state_dict["best_k_models"].items():
+            source = Path(path)
+            if not source.is_file():
+                rank_zero_warn(
+                    f"the resumed run's earlier best checkpoint {source} is gone: the best "
+                    f"{self.monitor} is counted anew from this run's validations"
+                )
+                return
+            kept[str(Path(self.dirpath) / source.name)] = score
+        if rank_zero_only.rank == 0:  # the rank that writes checkpoints
+            for source, target in zip(state_dict["best_k_models"], kept, strict=True):
+                with open(source, "rb") as src, atomic_open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        pick = min if self.mode == "min" else max
+        self.best_k_models = kept
+        self.best_model_path = pick(kept, key=lambda p: float(kept[p]))
+        self.best_model_score = kept[self.best_model_path]
+        self.kth_best_model_path = (max if self.mode == "min" else min)(
+            kept, key=lambda p: float(kept[p])
+        )
+        self.kth_value = kept[self.kth_best_model_path]
 
     def check_monitor_top_k(self, trainer: Trainer, current: Tensor | None = None) -> bool:
         if current is not None and not bool(torch.isfinite(torch.as_tensor(current)).all()):

@@ -63,10 +63,16 @@ def restore_rng_states(states: dict[str, Tensor]) -> None:
 class RNGStateCallback(L.Callback):
     """Save every rank's RNG states into checkpoints; restore them when a fit resumes.
 
-    The states are captured when the checkpoint is written and set again when the resumed fit
-    starts (``on_fit_start``): after that, Lightning draws nothing before creating the training
-    loader's iterator (its sanity check runs under ``isolate_rng``), just as the uninterrupted
-    run draws nothing between writing the checkpoint and starting the next epoch.
+    The states are captured when the checkpoint is written and set again where the resumed
+    fit reaches the point the uninterrupted run went on from. After a checkpoint written at an
+    epoch's end that is the fit's start (``on_fit_start``): Lightning then draws nothing
+    before it creates the training loader's iterator (its sanity check runs under
+    ``isolate_rng``), just as the uninterrupted run draws nothing between writing the
+    checkpoint and starting the next epoch. After one written by a validation Lightning counts
+    inside its epoch (``trainer.val_check_interval`` < 1, or every
+    ``check_val_every_n_epoch`` > 1 epochs) it is again at ``on_train_start``: the resumed fit
+    has by then created a loader iterator (a draw from torch's generator) that the
+    uninterrupted run did not create at that point.
     """
 
     def __init__(self) -> None:
@@ -109,4 +115,9 @@ class RNGStateCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is not None:
             restore_rng_states(self._pending)
-            self._pending = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the loops' counters are restored and judged by now (not yet at on_fit_start)
+        if self._pending is not None and trainer.fit_loop.restarted_mid_epoch:
+            restore_rng_states(self._pending)
+        self._pending = None
