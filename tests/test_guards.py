@@ -419,6 +419,15 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
             "save_top_k=-1 keeps several checkpoints",
         ),
         (["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=5"], "is beyond"),
+        (
+            [
+                "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+                "~module.scheduler.T_max",
+                "+module.scheduler.mode=max",
+                "+trainer.limit_val_batches=0",
+            ],
+            r"ReduceLROnPlateau follows val/f1, but validation is off",
+        ),
         (  # training by steps: CosineAnnealingLR(T_max=-1) (helper-73)
             ["trainer.max_epochs=-1", "+trainer.max_steps=4"],
             r"module.scheduler.T_max=-1 \(from \$\{trainer.max_epochs\}\): a schedule of no length",
@@ -463,6 +472,24 @@ def test_training_options_that_would_silently_do_something_else_are_refused_firs
 def test_the_same_options_set_to_fit_pass(tmp_path, tiny_synthetic, overrides):
     base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic)]
     check_training_settings(compose_train(tmp_path, [*base, *overrides]))
+
+
+def test_a_plateau_schedule_with_validation_every_other_epoch_trains(tmp_path, tiny_synthetic):
+    """Lightning stopped after the first epoch: no val/f1 for the scheduler there (helper-82).
+    It steps at the epochs that validate."""
+    plateau = [
+        "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+        "~module.scheduler.T_max",
+        "+module.scheduler.mode=max",
+        "+module.scheduler.patience=0",
+        "trainer.max_epochs=2",
+        "trainer.check_val_every_n_epoch=2",
+        "test=false",
+        "logger=none",
+    ]
+    base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "callbacks.cam_panels=null"]
+    metrics = train(compose_train(tmp_path, [*base, *plateau]))
+    assert "val/f1" in metrics
 
 
 def test_pos_weight_with_a_dice_loss_is_said_to_do_nothing():

@@ -147,11 +147,18 @@ def check_training_settings(cfg: DictConfig) -> None:
                 "length, with module.scheduler_interval=step for optimizer steps"
             )
         mode = scheduler.get("mode", "min")  # resolved: only T_max's spelling matters
-        if str(raw.get("_target_", "")).endswith("ReduceLROnPlateau") and mode != "max":
+        plateau = str(raw.get("_target_", "")).endswith("ReduceLROnPlateau")
+        if plateau and mode != "max":
             problems.append(
                 "the scheduler follows val/f1, which grows as the model improves, but "
                 f"ReduceLROnPlateau's mode is {mode!r}: it would cut the learning rate at every "
                 "improvement; add +module.scheduler.mode=max"
+            )
+        if plateau and trainer.get("limit_val_batches", 1.0) == 0:
+            problems.append(
+                "ReduceLROnPlateau follows val/f1, but validation is off "
+                "(trainer.limit_val_batches=0): the learning rate would never change; validate, "
+                "or choose another module.scheduler"
             )
     best = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if best is not None:

@@ -394,6 +394,9 @@ class ChangeDetectionModule(L.LightningModule):
                 "scheduler": scheduler,
                 "interval": self.hparams.scheduler_interval,
                 "monitor": "val/f1",
+                # ReduceLROnPlateau steps where there is a val/f1: with validation every few
+                # epochs (check_val_every_n_epoch > 1) only at those (Lightning warns at others)
+                "strict": False,
             },
         }
 
