@@ -580,12 +580,23 @@ def test_optimized_metric_is_judged_first_and_a_run_without_it_returns_none(
     """A typo (val/F1) was found only after training (in a sweep, after its first trial), and
     validation off (no val/* scores) made the documented command exit 1 after it had scored
     (helper-73): refused before anything is built, and a warning with no value."""
-    from changecam.cli.train import train_and_score
+    from changecam.cli.train import check_optimized_metric, train_and_score
 
     base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "logger=none", "test=false"]
     with pytest.raises(ConfigError, match=r"optimized_metric=val/F1 .*did you mean val/f1\?"):
         train(compose_train(tmp_path / "typo", [*base, "optimized_metric=val/F1"]))
     assert not (tmp_path / "typo" / "run" / "checkpoints").exists()
+    # Optuna maximises by default: a loss would be searched for its worst (helper-82)
+    with pytest.raises(ConfigError, match=r"shrinks .*set hydra.sweeper.direction=minimize"):
+        train(
+            compose_train(
+                tmp_path / "typo", [*base, "hparams_search=optuna", "optimized_metric=val/loss"]
+            )
+        )
+    minimised = [*base, "hparams_search=optuna", "optimized_metric=val/loss"]
+    check_optimized_metric(
+        compose_train(tmp_path, [*minimised, "hydra.sweeper.direction=minimize"])
+    )
     off = [*base, "trainer.max_epochs=1", "+trainer.limit_val_batches=0", "test=true"]
     with caplog.at_level(logging.WARNING, logger="changecam"):
         assert train_and_score(compose_train(tmp_path / "off", off)) is None

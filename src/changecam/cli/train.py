@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from changecam.atomic import write_json
@@ -307,6 +308,26 @@ def check_optimized_metric(cfg: DictConfig) -> None:
             f"optimized_metric={metric} is not a metric a run returns (one of "
             f"{', '.join(RUN_METRICS)}){hint}"
         )
+    direction = sweeper_direction(cfg)
+    direction = getattr(direction, "name", direction)  # Optuna's sweeper may hold its enum
+    if metric and isinstance(direction, str):
+        wanted = "minimize" if str(metric).endswith("/loss") else "maximize"
+        if direction.lower() != wanted:  # the sweep would search for the worst model
+            grows = "shrinks" if wanted == "minimize" else "grows"
+            raise ConfigError(
+                f"optimized_metric={metric} {grows} as the model improves, but the sweeper's "
+                f"direction is {direction}: set hydra.sweeper.direction={wanted}"
+            )
+
+
+def sweeper_direction(cfg: DictConfig) -> Any:
+    """The Hydra sweeper's ``direction`` (Optuna's), or ``None``: from the composed config's
+    ``hydra`` node where it has one, else from the running Hydra's config."""
+    hydra_cfg = cfg.get("hydra")
+    if hydra_cfg is None and HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+    sweeper = hydra_cfg.get("sweeper") if hydra_cfg is not None else None
+    return sweeper.get("direction") if sweeper is not None else None
 
 
 def train_and_score(cfg: DictConfig) -> float | None:
