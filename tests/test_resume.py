@@ -160,6 +160,17 @@ def pause_at(step: str) -> list[str]:
     ]
 
 
+def children(pid: int) -> list[int]:
+    """The process ids of ``pid``'s children (Linux ``/proc``), of any of its threads."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the thread ended meanwhile
+            continue
+    return found
+
+
 def kill_when_paused(
     args: list[str],
     cwd: Path,
@@ -216,6 +227,64 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_synt
         (full / "metrics.json").read_text()
     )
     assert_same_weights(killed / "checkpoints/last.ckpt", full / "checkpoints/last.ckpt")
+
+
+@pytest.mark.slow
+def test_panels_being_drawn_at_a_kill_are_drawn_again_on_resume(tmp_path, tiny_synthetic):
+    """Background CAM panels: the kill came while epoch 0's were drawn or not yet logged, and
+    the resumed run never redid that validation, so its panels and scalars were lost for good
+    (helper-82). The checkpoint records them in flight; the resumed network, holding that
+    epoch's weights, draws them again: the same PNG files and csv rows as without the kill."""
+    base = [
+        *resume_overrides(tiny_synthetic, EPOCHS, cam=True),
+        "callbacks.cam_panels.mode=background",
+        "callbacks.cam_panels.k=2",
+        "module.threshold=0.1",
+        "logger=csv",
+        "test=false",
+        "print_config=false",
+    ]
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = cli(
+            [*base, f"hydra.run.dir={killed}", *pause_at("1:0")],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        stopped: set[int] = set()  # the panel process, held before it draws epoch 0's panels
+        deadline = time.monotonic() + 240
+        while "slow_steps epoch=1 batch=0" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "step 1:0 did not end within 240 s"
+            for child in set(children(proc.pid)) - stopped:
+                os.kill(child, signal.SIGSTOP)
+                stopped.add(child)
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait(timeout=30)
+        for child in stopped:
+            os.kill(child, signal.SIGKILL)
+    assert stopped and not (killed / "cam/epoch_000").exists(), "epoch 0's panels were lost"
+    run_cli([*base, f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)
+    run_cli([*base, f"hydra.run.dir={full}"], cwd=tmp_path)
+
+    def cam_rows(run: Path) -> list[dict[str, str]]:
+        with open(run / "csv/metrics.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        return sorted(
+            (r for r in rows if any(v for k, v in r.items() if k.startswith("val/cam/"))),
+            key=lambda r: int(r["step"]),
+        )
+
+    assert len(cam_rows(full)) == EPOCHS and cam_rows(killed) == cam_rows(full)
+    for epoch in range(EPOCHS):
+        panels = sorted((full / "cam" / f"epoch_{epoch:03d}").glob("*.png"))
+        assert len(panels) == 2
+        for panel in panels:
+            again = killed / "cam" / f"epoch_{epoch:03d}" / panel.name
+            assert again.read_bytes() == panel.read_bytes(), again
 
 
 @pytest.mark.slow

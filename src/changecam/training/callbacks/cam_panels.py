@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from changecam.atomic import write_text
 from changecam.environment import usable_cores
 from changecam.explain import ExplainSettings, FaithfulnessSettings, with_threshold
 from changecam.explain.render import to_mask, to_rgb
@@ -24,6 +25,9 @@ from changecam.training.callbacks.cam_worker import BackgroundExplainer, CamResu
 from changecam.training.module import ChangeDetectionModule
 
 CLASS_LABELS = {0: "no change", 1: "change"}
+# written into an epoch's panel folder once its panels and scalars are logged: a resumed run
+# draws again the in-flight epoch of its checkpoint when the mark is missing
+LOGGED_MARK = ".logged"
 # a validation epoch that waits longer than this for the background process's previous panels
 # gets a warning: the process is slower than a training epoch and holds training up
 HELD_UP_WARN_S = 1.0
@@ -154,6 +158,10 @@ class CamPanels(L.Callback):
         self.samples: dict[str, Any] | None = None
         self._worker: BackgroundExplainer | None = None
         self._warned_held_up = False
+        # (epoch, step) of the panels the background process is drawing: checkpoints record
+        # it, so a run resumed after a kill draws them again from the checkpoint's weights
+        self._in_flight: tuple[int, int] | None = None
+        self._redo: tuple[int, int] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, ChangeDetectionModule):
@@ -195,7 +203,14 @@ class CamPanels(L.Callback):
         return self.samples
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Choose the samples and start the background process while training runs."""
+        """Choose the samples and start the background process while training runs; a resumed
+        run draws again the panels its checkpoint's epoch lost."""
+        self._start(trainer, pl_module)
+        ready = self.settings.enabled and trainer.is_global_zero
+        if ready and trainer.val_dataloaders is not None:
+            self._redo_lost_epoch(trainer, pl_module)
+
+    def _start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.settings.enabled:
             log.info("CAM panels off (callbacks.cam_panels.explain.enabled=false)")
             return
@@ -233,6 +248,53 @@ class CamPanels(L.Callback):
                 device=device,
             )
 
+    def state_dict(self) -> dict[str, Any]:
+        # written with the checkpoint of the validation whose panels are in flight: its weights
+        return {"in_flight": list(self._in_flight)} if self._in_flight is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        in_flight = state_dict.get("in_flight")
+        self._redo = (int(in_flight[0]), int(in_flight[1])) if in_flight else None
+
+    def _logged(self, epoch: int) -> bool:
+        """Whether ``epoch``'s panels and scalars reached the loggers (:data:`LOGGED_MARK`)."""
+        return (self.out_dir / f"epoch_{epoch:03d}" / LOGGED_MARK).is_file()
+
+    def _redo_lost_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run killed while the background process drew the panels of the epoch its
+        checkpoint was written at lost them (and their scalars): the resumed network holds that
+        epoch's weights, so they are drawn again."""
+        redo, self._redo = self._redo, None
+        if redo is None or self._logged(redo[0]):
+            return
+        log.info(
+            "CAM panels: epoch %d's were being drawn when the run stopped; drawn again from the "
+            "checkpoint's weights",
+            redo[0],
+        )
+        self._explain(trainer, pl_module, *redo)
+
+    def _explain(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, step: int
+    ) -> None:
+        """Explain the fixed samples with the network as it is, for ``epoch`` at ``step``."""
+        if self._worker is not None:
+            results = self._worker.submit(pl_module.net, epoch, step)
+            self._in_flight = (epoch, step)
+            self._report_held_up(epoch, self._worker.waited_s)
+            self._log_results(trainer, results)
+        else:
+            result = explain_samples(
+                pl_module.net,
+                self._fixed_samples(trainer),
+                self.settings,
+                self.out_dir,
+                epoch,
+                step,
+                return_panels=self._return_panels(trainer),
+            )
+            self._log_results(trainer, [result])
+
     def _background(self, pl_module: L.LightningModule) -> bool:
         if self.mode != "auto":
             return self.mode == "background"
@@ -262,22 +324,7 @@ class CamPanels(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (self._due(trainer) and trainer.is_global_zero):
             return
-        epoch, step = trainer.current_epoch, logging_step(trainer)
-        if self._worker is not None:
-            results = self._worker.submit(pl_module.net, epoch, step)
-            self._report_held_up(epoch, self._worker.waited_s)
-            self._log_results(trainer, results)
-        else:
-            result = explain_samples(
-                pl_module.net,
-                self._fixed_samples(trainer),
-                self.settings,
-                self.out_dir,
-                epoch,
-                step,
-                return_panels=self._return_panels(trainer),
-            )
-            self._log_results(trainer, [result])
+        self._explain(trainer, pl_module, trainer.current_epoch, logging_step(trainer))
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self._worker is not None:
@@ -320,6 +367,10 @@ class CamPanels(L.Callback):
                     logger.log_metrics(scalars, step=result.step)
                 if isinstance(logger, WandbLogger):
                     self._log_wandb(logger, result)
+                logger.save()  # on disk now (the CSV logger would wait for Lightning's next row)
+            write_text(result.epoch_dir / LOGGED_MARK, f"{result.step}\n")
+            if self._in_flight is not None and self._in_flight[0] == result.epoch:
+                self._in_flight = None
 
     def _log_wandb(self, logger: WandbLogger, result: CamResult) -> None:
         import wandb
