@@ -364,6 +364,23 @@ def test_the_probability_mask_is_inside_its_file_whatever_the_environment_says(
         assert (src.dataset_mask() == 0).sum() == 40 * 40
 
 
+@pytest.mark.parametrize("scale", ["percentile_joint", "fixed"])
+def test_values_are_read_in_the_units_of_the_bands_scale_and_offset(tmp_path, ckpt, pair, scale):
+    """The same image stored as two processing baselines store Sentinel-2 L2A (the second adds
+    1000 to every value and says so in its offset; the first has no scale or offset): read as
+    stored, a joint or fixed stretch made the whole scene change (helper-85)."""
+    image = read_band(pair[0], None).astype(np.uint16)  # 3 x H x W, 0-255
+    pre = write_scene(tmp_path / "pre.tif", image, bands_first=True)
+    post = write_scene(tmp_path / "post.tif", image * 10 + 1000, bands_first=True)
+    with rasterio.open(post, "r+") as dst:
+        dst.scales, dst.offsets = (0.1,) * 3, (-100.0,) * 3
+    paths = [pre, post]
+    units = ["input.scale_min=0", "input.scale_max=255"] if scale == "fixed" else []
+    run_scene(tmp_path, ckpt, *paths, "explain.enabled=false", f"input.scale={scale}", *units)
+    change = read_band(tmp_path / "run" / "pre" / "change.tif")
+    assert (change == 1).sum() == 0 and (change == 0).all()
+
+
 def test_16_bit_four_band_scene_equals_its_8_bit_rgb_conversion(tmp_path, ckpt, pair, threshold):
     rgb = [read_band(p, None) for p in pair]  # 3 x H x W uint8
     rng = np.random.default_rng(0)

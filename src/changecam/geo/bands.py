@@ -166,9 +166,34 @@ def _per_band(value: float | Sequence[float] | None, n: int, key: str) -> tuple[
     return tuple(values)
 
 
+def band_units(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """GDAL's scale and offset of the selected bands (``stored * scale + offset`` is the value
+    the file means, e.g. Sentinel-2 L2A's reflectance) as ``C x 1 x 1`` arrays; ``None`` where
+    every band's are 1 and 0 (the stored values are meant as they are)."""
+    scales = [float(dataset.scales[b - 1]) for b in bands]
+    offsets = [float(dataset.offsets[b - 1]) for b in bands]
+    if all(v == 1.0 for v in scales) and all(v == 0.0 for v in offsets):
+        return None
+    as_bands = [np.asarray(v, dtype=np.float32)[:, None, None] for v in (scales, offsets)]
+    return as_bands[0], as_bands[1]
+
+
+def read_values(dataset: Any, bands: Sequence[int], window: Window) -> np.ndarray:
+    """The selected bands in ``window``, in the units their scale and offset metadata give
+    (float32), or as stored where they have none: two dates stored with other scales or
+    offsets (a processing baseline's new offset) then compare alike."""
+    data = dataset.read(list(bands), window=window)
+    units = band_units(dataset, bands)
+    if units is None:
+        return data
+    return data.astype(np.float32) * units[0] + units[1]
+
+
 def is_uint8(dataset: Any, bands: Sequence[int]) -> bool:
-    """Whether every selected band is 8-bit (the network's input range as it is)."""
-    return all(dataset.dtypes[b - 1] == "uint8" for b in bands)
+    """Whether every selected band is 8-bit and meant as stored (the network's input range
+    as it is)."""
+    stored = all(dataset.dtypes[b - 1] == "uint8" for b in bands)
+    return stored and band_units(dataset, bands) is None
 
 
 def alpha_band(dataset: Any) -> int | None:
@@ -258,7 +283,7 @@ def decimated_sample(
     data_parts, valid_parts = [], []
     for window in strips(dataset, dataset.height if factor == 1 else rows):
         first = -int(window.row_off) % factor  # the strip's first row on the k-grid
-        data = dataset.read(list(bands), window=window)
+        data = read_values(dataset, bands, window)
         valid = valid_mask(dataset, bands, window)
         if inspect is not None:
             data = finite_values(data, valid)
@@ -284,7 +309,7 @@ def valid_pixels(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.nda
         valid = valid_mask(dataset, bands, window)
         if not valid.any():
             continue
-        data = finite_values(dataset.read(list(bands), window=window), valid)
+        data = finite_values(read_values(dataset, bands, window), valid)
         values = data[:, valid]
         # every step-th valid pixel of the scene, counted across the strips
         parts.append(values[:, (-seen) % step :: step].copy())
@@ -377,7 +402,8 @@ def pair_scalings(
         )
     if scale == "percentile_joint":
         types = [{d.dtypes[b - 1] for b in bands} for d in datasets]
-        if types[0] != types[1]:
+        as_stored = all(band_units(d, bands) is None for d in datasets)
+        if as_stored and types[0] != types[1]:
             raise SceneError(
                 f"input.scale=percentile_joint stretches both dates alike, so they must hold "
                 f"one data type, but {pre.name} holds {'/'.join(sorted(types[0]))} and "

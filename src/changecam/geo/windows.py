@@ -22,7 +22,7 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from changecam.geo.bands import Scaling, all_valid, finite_values, valid_mask
+from changecam.geo.bands import Scaling, all_valid, finite_values, read_values, valid_mask
 from changecam.geo.gdal_lock import GDAL_LOCK
 from changecam.geo.grid import SceneError
 from changecam.models.sliding_window import SlidingWindow, window_starts
@@ -123,7 +123,7 @@ def read_region(
     for dataset, name in zip((pre, post), names, strict=True):
         try:
             with GDAL_LOCK:  # the writer and tracer threads use GDAL too (geo.gdal_lock)
-                data = dataset.read(list(bands), window=window)
+                data = read_values(dataset, bands, window)
                 if not all_valid(dataset, bands):
                     valid &= valid_mask(dataset, bands, window)
         except RasterioError as err:
