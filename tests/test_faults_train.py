@@ -490,6 +490,11 @@ def test_a_run_resumed_into_another_folder_keeps_the_earlier_best(tmp_path):
     assert float(best.best_model_score) == pytest.approx(0.8)
     assert torch.load(tmp_path / "second/best.ckpt", weights_only=True)["epoch"] == 0
     assert (tmp_path / "first/best.ckpt").is_file()  # copied, not moved
+    scoring = callbacks(tmp_path / "scoring")  # train=false: only scores (helper-83)
+    quiet_trainer(callbacks=scoring).validate(
+        ScoreLogger(scores), loader, ckpt_path=tmp_path / "first/last.ckpt", verbose=False
+    )
+    assert not (tmp_path / "scoring").exists()
 
 
 def test_the_default_callbacks_use_the_finite_checkpoint(tmp_path, tiny_synthetic):

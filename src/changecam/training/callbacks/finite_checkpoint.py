@@ -17,6 +17,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -38,6 +39,12 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         if problem:
             raise ValueError(problem)
 
+    _fitting = False
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._fitting = trainer.state.fn == TrainerFn.FITTING  # states are loaded after setup
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Lightning's, except that a run resumed into another folder (``ckpt_path=<.ckpt>``)
         keeps the earlier run's best checkpoints: Lightning forgets their scores there, so the
@@ -45,8 +52,8 @@ class FiniteModelCheckpoint(ModelCheckpoint):
         copied into this run's folder, which thus holds its own best, with their scores."""
         earlier = state_dict.get("dirpath", self.dirpath)
         super().load_state_dict(state_dict)
-        if earlier == self.dirpath or self.dirpath is None:
-            return
+        if earlier == self.dirpath or self.dirpath is None or not self._fitting:
+            return  # scoring a checkpoint (validate, test) keeps no best of its own
         if state_dict.get("monitor") != self.monitor or not state_dict.get("best_k_models"):
             return
         kept: dict[str, Tensor] = {}
