@@ -475,14 +475,15 @@ def test_the_same_options_set_to_fit_pass(tmp_path, tiny_synthetic, overrides):
 
 
 def test_a_plateau_schedule_with_validation_every_other_epoch_trains(tmp_path, tiny_synthetic):
-    """Lightning stopped after the first epoch: no val/f1 for the scheduler there (helper-82).
-    It steps at the epochs that validate."""
+    """Lightning stopped after the first epoch: no val/f1 for the scheduler there (helper-82);
+    then it stepped at every epoch with the last val/f1 again (helper-83). It steps at the
+    epochs that validate."""
     plateau = [
         "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
         "~module.scheduler.T_max",
         "+module.scheduler.mode=max",
         "+module.scheduler.patience=0",
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=4",
         "trainer.check_val_every_n_epoch=2",
         "test=false",
         "logger=none",
@@ -490,6 +491,10 @@ def test_a_plateau_schedule_with_validation_every_other_epoch_trains(tmp_path, t
     base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "callbacks.cam_panels=null"]
     metrics = train(compose_train(tmp_path, [*base, *plateau]))
     assert "val/f1" in metrics
+    # last.ckpt is written by epoch 3's validation, before that epoch's step: one step so far
+    # (after epoch 1's validation), none after epoch 2, which does not validate
+    last = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert last["lr_schedulers"][0]["last_epoch"] == 1
 
 
 def test_pos_weight_with_a_dice_loss_is_said_to_do_nothing():

@@ -388,14 +388,20 @@ class ChangeDetectionModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
+        interval = self.hparams.scheduler_interval
+        # ReduceLROnPlateau follows val/f1: with validation every few epochs it steps at the
+        # epochs that validate (Lightning steps it when (epoch + 1) % frequency == 0, as it
+        # validates), not at the others with the last val/f1 again, which would spend its
+        # patience once per epoch; where val/f1 is missing it waits (strict=False)
+        every = getattr(self._trainer, "check_val_every_n_epoch", None) or 1
+        plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
                 "scheduler": scheduler,
-                "interval": self.hparams.scheduler_interval,
+                "interval": interval,
+                "frequency": every if plateau and interval == "epoch" else 1,
                 "monitor": "val/f1",
-                # ReduceLROnPlateau steps where there is a val/f1: with validation every few
-                # epochs (check_val_every_n_epoch > 1) only at those (Lightning warns at others)
                 "strict": False,
             },
         }
