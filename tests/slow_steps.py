@@ -38,3 +38,18 @@ class SlowSteps(L.Callback):
         end = time.monotonic() + (PAUSE_S if here == self.pause_at else self.seconds)
         while time.monotonic() < end and not trainer.received_sigterm:
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+
+
+class StopAt(L.Callback):
+    """Stop the process at the start of training step ``at`` (``"E:B"``) with ``SystemExit``:
+    in one process, a stand-in for a kill (what is in flight is lost; the last checkpoint
+    stays)."""
+
+    def __init__(self, at: str) -> None:
+        self.at = at
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if f"{trainer.current_epoch}:{batch_idx}" == self.at:
+            raise SystemExit(f"stopped at step {self.at}")

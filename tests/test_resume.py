@@ -287,6 +287,38 @@ def test_panels_being_drawn_at_a_kill_are_drawn_again_on_resume(tmp_path, tiny_s
             assert again.read_bytes() == panel.read_bytes(), again
 
 
+def test_panels_of_a_validation_inside_an_epoch_lost_at_a_stop_are_drawn_again(
+    tmp_path, tiny_synthetic
+):
+    """Two validations per epoch: the epoch's first panels, logged when the second were
+    submitted, cleared the record of the second, and the epoch's mark said it was logged, so
+    the second's were never drawn again (helper-83). Kept by step."""
+    base = [
+        *resume_overrides(tiny_synthetic, EPOCHS, cam=True),
+        "callbacks.cam_panels.mode=background",
+        "callbacks.cam_panels.k=2",
+        "module.threshold=0.1",
+        "+trainer.val_check_interval=0.5",
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+    ]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(compose_train(full, base))
+    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='1:0'"]
+    with pytest.raises(SystemExit, match="stopped at step 1:0"):
+        train(compose_train(stopped, [*base, *stop]))
+    train(compose_train(stopped, [*base, "ckpt_path=last"]))
+
+    def cam_rows(run: Path) -> list[tuple[str, str]]:
+        with open(run / "run/csv/metrics.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        key = "val/cam/post_share/enc2"
+        return sorted((r["step"], r[key]) for r in rows if r.get(key))
+
+    assert len(cam_rows(full)) == 2 * EPOCHS and cam_rows(stopped) == cam_rows(full)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
 def test_sigterm_mid_epoch_fails_and_says_how_to_resume(tmp_path, tiny_synthetic, sweep):

@@ -256,16 +256,21 @@ class CamPanels(L.Callback):
         in_flight = state_dict.get("in_flight")
         self._redo = (int(in_flight[0]), int(in_flight[1])) if in_flight else None
 
-    def _logged(self, epoch: int) -> bool:
-        """Whether ``epoch``'s panels and scalars reached the loggers (:data:`LOGGED_MARK`)."""
-        return (self.out_dir / f"epoch_{epoch:03d}" / LOGGED_MARK).is_file()
+    def _logged_steps(self, epoch: int) -> set[int]:
+        """The steps of ``epoch`` whose panels and scalars reached the loggers (one per
+        validation; several with ``trainer.val_check_interval`` < 1): :data:`LOGGED_MARK`."""
+        mark = self.out_dir / f"epoch_{epoch:03d}" / LOGGED_MARK
+        try:
+            return {int(line) for line in mark.read_text().split()}
+        except (OSError, ValueError):
+            return set()
 
     def _redo_lost_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A run killed while the background process drew the panels of the epoch its
         checkpoint was written at lost them (and their scalars): the resumed network holds that
         epoch's weights, so they are drawn again."""
         redo, self._redo = self._redo, None
-        if redo is None or self._logged(redo[0]):
+        if redo is None or redo[1] in self._logged_steps(redo[0]):
             return
         log.info(
             "CAM panels: epoch %d's were being drawn when the run stopped; drawn again from the "
@@ -368,8 +373,9 @@ class CamPanels(L.Callback):
                 if isinstance(logger, WandbLogger):
                     self._log_wandb(logger, result)
                 logger.save()  # on disk now (the CSV logger would wait for Lightning's next row)
-            write_text(result.epoch_dir / LOGGED_MARK, f"{result.step}\n")
-            if self._in_flight is not None and self._in_flight[0] == result.epoch:
+            steps = sorted(self._logged_steps(result.epoch) | {result.step})
+            write_text(result.epoch_dir / LOGGED_MARK, "".join(f"{step}\n" for step in steps))
+            if self._in_flight == (result.epoch, result.step):
                 self._in_flight = None
 
     def _log_wandb(self, logger: WandbLogger, result: CamResult) -> None:
