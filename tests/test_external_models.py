@@ -247,6 +247,32 @@ def test_a_declared_layers_output_is_copied_only_while_it_is_explained():
     assert len(received) == 2 and not set(received) & set(raw), "copies while explained"
 
 
+class PairOfUNets(nn.Module):
+    """An ensemble of two changecam networks: their taps share every name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from changecam.models import SiameseUNet
+
+        self.a, self.b = SiameseUNet(3, 4, 2), SiameseUNet(3, 4, 2)
+
+    def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        return (self.a(pre, post) + self.b(pre, post)) / 2
+
+
+def test_a_wrapped_ensemble_predicts_and_explains_its_declared_layers_only():
+    """Two taps of one name were refused wherever a model was searched for taps, so a wrapped
+    ensemble could not even be built (helper-83): only explaining that name is refused."""
+    net = LayerTaps(PairOfUNets().eval(), {"a.final_conv": "fused"})
+    pre, post = pair()
+    assert net(pre, post).shape == (2, 1, 16, 16)
+    assert explain_batch(net, pre, post, taps=["a.final_conv"]).taps == ("a.final_conv",)
+    with pytest.raises(TapError, match=r"share a name: 'pre/enc1' at model.a.taps.pre_enc1, mo"):
+        explain_batch(net, pre, post)
+    with pytest.raises(TapError, match=r"'fuse1' at model.a.taps.fuse1, model.b.taps.fuse1"):
+        explain_batch(net, pre, post, taps=["fuse1"])
+
+
 def test_unknown_paths_modes_and_names():
     model = StackedSiamDiff()
     with pytest.raises(TapError, match=r"no module 'encodr\.0'; nearest names: \['encoder\.0'"):

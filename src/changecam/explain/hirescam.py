@@ -41,7 +41,7 @@ from changecam.explain.integrated import IntegratedGradientsSettings, integrated
 from changecam.explain.layer_ig import LayerIGSettings, layer_integrated_gradients
 from changecam.explain.occlusion import OcclusionSettings, date_swap_occlusion
 from changecam.explain.targets import Target, TargetKind, is_empty, target_mask, target_score
-from changecam.models.taps import Tap, TapError, find_taps
+from changecam.models.taps import Tap, TapError, find_taps, tap_paths
 
 Method = Literal[
     "hirescam", "gradcam", "contrastive", "integrated_gradients", "layer_ig", "occlusion"
@@ -102,6 +102,7 @@ def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[st
         )
     found: dict[str, Tap | None] = {**dict.fromkeys(INPUT_TAPS), **modules}
     if taps is None:
+        check_single_taps(model, found)
         return found
     if isinstance(taps, str):
         taps = [taps]
@@ -124,7 +125,25 @@ def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[st
         )
     if not wanted:
         raise TapError(f"no taps requested; available: {list(found)}")
+    check_single_taps(model, wanted)
     return {n: t for n, t in found.items() if n in wanted}
+
+
+def check_single_taps(model: nn.Module, names: Iterable[str]) -> None:
+    """Refuse to explain a tap name that two different :class:`Tap` modules of ``model`` share:
+    one of them would be explained under the other's name, or not at all.
+
+    Raises:
+        TapError: naming each shared name and where its taps are.
+    """
+    paths = tap_paths(model)
+    shared = {n: paths[n] for n in names if len(paths.get(n, ())) > 1}
+    if shared:
+        raise TapError(
+            "two different Tap modules share a name: "
+            + "; ".join(f"{name!r} at {', '.join(where)}" for name, where in shared.items())
+            + "; give each its own name, or explain other taps (explain.taps=[...])"
+        )
 
 
 def per_date_layers(tap_names: Sequence[str] | dict[str, object]) -> list[str]:

@@ -29,28 +29,23 @@ class Tap(nn.Identity):
         return f"name={self.tap_name!r}"
 
 
-def find_taps(model: nn.Module) -> dict[str, Tap]:
-    """Return every :class:`Tap` of ``model`` keyed by its public name, in forward order.
-
-    Raises:
-        TapError: two different taps share a name (one of them would be explained under the
-            other's name, or not at all).
-    """
-    taps: dict[str, Tap] = {}
-    taps_path: dict[str, str] = {}
-    repeated: dict[str, list[str]] = {}
+def tap_paths(model: nn.Module) -> dict[str, list[str]]:
+    """Every tap name of ``model`` with the module paths of the :class:`Tap` modules that carry
+    it, in forward order (two paths: two different taps share the name, as in a wrapper of two
+    changecam networks)."""
+    paths: dict[str, list[str]] = {}
     for path, module in model.named_modules():
-        if not isinstance(module, Tap):
-            continue
-        if module.tap_name in taps:
-            repeated.setdefault(module.tap_name, [taps_path[module.tap_name]]).append(path)
-            continue
-        taps[module.tap_name] = module
-        taps_path[module.tap_name] = path
-    if repeated:
-        raise TapError(
-            "two different Tap modules share a name: "
-            + "; ".join(f"{name!r} at {', '.join(paths)}" for name, paths in repeated.items())
-            + "; give each its own name"
-        )
+        if isinstance(module, Tap):
+            paths.setdefault(module.tap_name, []).append(path)
+    return paths
+
+
+def find_taps(model: nn.Module) -> dict[str, Tap]:
+    """Return every :class:`Tap` of ``model`` keyed by its public name, in forward order (of
+    two that share a name, the first: :func:`tap_paths` tells them; the explanation engine
+    refuses to explain such a name)."""
+    taps: dict[str, Tap] = {}
+    for module in model.modules():
+        if isinstance(module, Tap):
+            taps.setdefault(module.tap_name, module)
     return taps
