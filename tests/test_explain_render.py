@@ -153,6 +153,17 @@ def test_a_long_map_title_shrinks_to_its_axes_and_a_short_one_keeps_its_size():
     assert long.get_fontsize() < short.get_fontsize() == default
 
 
+@pytest.mark.parametrize("size", [(2000, 12), (600, 2)])
+def test_a_tall_strip_renders_although_its_boxes_round_to_no_pixel_across(size):
+    """A 2000 x 10 pair failed in torch's interpolate (an image box 0 px wide), and predict.py
+    dropped that pair's mask and probability with it (helper-84)."""
+    torch.manual_seed(0)
+    net = SiameseUNet(3, 4, 1).eval()
+    pre, post = torch.rand(1, 3, *size), torch.rand(1, 3, *size)
+    panel = render_panel(pre[0], post[0], explain_batch(net, pre, post, target="all"), dpi=30)
+    assert panel.shape == (210, 405, 3)
+
+
 def test_a_mask_with_a_one_pixel_side_keeps_both_sides():
     from changecam.explain.render import to_mask
 

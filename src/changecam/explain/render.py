@@ -272,6 +272,8 @@ class _Canvas:
         bilinear when shrinking, nearest when enlarging (as matplotlib shows small images)."""
         y0, y1, x0, x1 = self.layout.boxes[key]
         size = (y1 - y0, x1 - x0)
+        if min(size) < 1:  # a strip's box can round to no pixel across (a 2000 x 10 pair)
+            return np.zeros((*(max(n, 0) for n in size), *array.shape[2:]), np.float32)
         data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
         data = data.permute(2, 0, 1)[None] if data.ndim == 3 else data[None, None]
         if tuple(data.shape[-2:]) != size:
