@@ -121,6 +121,9 @@ MODEL_CASES = [
         "explain.methods: unknown method",
     ),
     (predict, "predict", ["explain.methods=[gradcamm]"], ValueError, "did you mean 'gradcam'?"),
+    # every pair failed in matplotlib, after the earlier run's outputs were gone (helper-84)
+    (predict, "predict", ["explain.dpi=0"], ValueError, "explain.dpi=0 must be"),
+    (explain, "explain", ["explain.max_pixels=-1"], ValueError, "explain.max_pixels=-1 must be"),
 ]
 
 

@@ -168,6 +168,19 @@ class ExplainSettings:
             occlusion=OcclusionSettings,
         )
         Target(self.target, self.threshold)  # validates kind and threshold
+        if isinstance(self.dpi, bool) or not isinstance(self.dpi, int) or self.dpi < 1:
+            raise ValueError(
+                f"explain.dpi={self.dpi!r} must be a whole number of dots per inch >= 1"
+            )
+        if self.max_pixels is not None and (
+            isinstance(self.max_pixels, bool)
+            or not isinstance(self.max_pixels, int)
+            or self.max_pixels < 1
+        ):
+            raise ValueError(
+                f"explain.max_pixels={self.max_pixels!r} must be a whole number of pixels >= 1 "
+                "(null: no limit)"
+            )
         if self.roi and self.target != "roi":
             raise ValueError(
                 f"explain.roi={self.roi} is read only by explain.target=roi (this run's target "
