@@ -379,6 +379,46 @@ def test_values_are_read_in_the_units_of_the_bands_scale_and_offset(tmp_path, ck
     run_scene(tmp_path, ckpt, *paths, "explain.enabled=false", f"input.scale={scale}", *units)
     change = read_band(tmp_path / "run" / "pre" / "change.tif")
     assert (change == 1).sum() == 0 and (change == 0).all()
+    # a log written before the values were read so (no band_units) resumes none of its
+    # blocks: they were read as stored (helper-88)
+    log_path = tmp_path / "run" / "pre" / "blocks.jsonl"
+    header, *blocks = log_path.read_text().splitlines(keepends=True)
+    started = json.loads(header)
+    assert started["settings"].pop("band_units") == {
+        "pre": None,
+        "post": {"scale": [0.1] * 3, "offset": [-100.0] * 3},
+    }
+    log_path.write_text(json.dumps(started) + "\n" + "".join(blocks))
+    with pytest.raises(SceneFailure, match=r"other settings(?s:.)*band_units: \(absent\)"):
+        run_scene(
+            tmp_path,
+            ckpt,
+            *paths,
+            "explain.enabled=false",
+            f"input.scale={scale}",
+            *units,
+            "predict.resume=true",
+        )
+
+
+def test_a_joint_stretch_of_two_data_types_needs_both_dates_to_say_what_they_mean(
+    tmp_path, ckpt, pair
+):
+    """uint8 values beside uint16 reflectance with a scale: one stretch of raw 0-255 and 0-1
+    values made everything change (helper-88); refused unless both dates have units."""
+    image = read_band(pair[0], None)
+    pre = write_scene(tmp_path / "pre.tif", image, bands_first=True)
+    post = write_scene(tmp_path / "post.tif", image.astype(np.uint16) * 40, bands_first=True)
+    with rasterio.open(post, "r+") as dst:
+        dst.scales = (0.025,) * 3
+    joint = ["explain.enabled=false", "input.scale=percentile_joint"]
+    with pytest.raises(SceneFailure, match="must hold one data type, but .*uint8 and .*uint16"):
+        run_scene(tmp_path / "one", ckpt, pre, post, *joint)
+    with rasterio.open(pre, "r+") as dst:
+        dst.scales = (1.0,) * 3
+        dst.offsets = (0.0001,) * 3  # says what its values mean: about as stored
+    run_scene(tmp_path / "both", ckpt, pre, post, *joint)
+    assert (read_band(tmp_path / "both" / "run" / "pre" / "change.tif") == 0).all()
 
 
 def test_16_bit_four_band_scene_equals_its_8_bit_rgb_conversion(tmp_path, ckpt, pair, threshold):

@@ -178,6 +178,17 @@ def band_units(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarr
     return as_bands[0], as_bands[1]
 
 
+def units_record(dataset: Any, bands: Sequence[int]) -> dict[str, list[float]] | None:
+    """The selected bands' scale and offset as a resume record keeps them; ``None`` where
+    :func:`band_units` has none."""
+    if band_units(dataset, bands) is None:
+        return None
+    return {
+        "scale": [float(dataset.scales[b - 1]) for b in bands],
+        "offset": [float(dataset.offsets[b - 1]) for b in bands],
+    }
+
+
 def read_values(dataset: Any, bands: Sequence[int], window: Window) -> np.ndarray:
     """The selected bands in ``window``, in the units their scale and offset metadata give
     (float32), or as stored where they have none: two dates stored with other scales or
@@ -402,8 +413,9 @@ def pair_scalings(
         )
     if scale == "percentile_joint":
         types = [{d.dtypes[b - 1] for b in bands} for d in datasets]
-        as_stored = all(band_units(d, bands) is None for d in datasets)
-        if as_stored and types[0] != types[1]:
+        # stored values of two types compare alike only where both dates say what they mean
+        meant = all(band_units(d, bands) is not None for d in datasets)
+        if not meant and types[0] != types[1]:
             raise SceneError(
                 f"input.scale=percentile_joint stretches both dates alike, so they must hold "
                 f"one data type, but {pre.name} holds {'/'.join(sorted(types[0]))} and "

@@ -65,6 +65,7 @@ from changecam.geo.bands import (
     pair_scalings,
     sample_factor,
     select_bands,
+    units_record,
     valid_pixels,
 )
 from changecam.geo.grid import (
@@ -797,6 +798,7 @@ def _predict_scene(
             settings.polygons,
             settings.explain_method,
         )
+        units = {"pre": units_record(pair.pre, bands), "post": units_record(pair.post, bands)}
         record = {
             **(run_record or {}),
             **inputs,
@@ -805,6 +807,9 @@ def _predict_scene(
             "explain_layer": layer,
             # a resumed run writes the mask exactly when the first one did
             "probability_mask": masked,
+            # the values are read in these units (bands.read_values): recorded only where a
+            # band has any, so that runs of files without them, and their logs, stay as they were
+            **({"band_units": units} if any(units.values()) else {}),
         }
         block_log = BlockLog(folder / LOG_FILE)
         fresh = record = strict_json(record)
