@@ -273,6 +273,29 @@ def test_a_wrapped_ensemble_predicts_and_explains_its_declared_layers_only():
         explain_batch(net, pre, post, taps=["fuse1"])
 
 
+def test_eval_scores_a_wrapped_ensembles_post_share_at_its_declared_layer(tmp_path, tiny_synthetic):
+    """eval.py listed every tap to choose post_share_layer and refused the shared names
+    (helper-88)."""
+    from changecam.cli.evaluate import evaluate
+    from helpers import compose_train, tiny_overrides
+
+    torch.save(PairOfUNets().state_dict(), tmp_path / "ensemble.pt")
+    data = [o for o in tiny_overrides(tiny_synthetic) if not o.startswith(("model.", "callbacks."))]
+    overrides = [
+        "model=external",
+        "model.target=test_external_models:PairOfUNets",
+        "model.layers={a.encoder1: {mode: calls, name: ensA}}",
+        f"ckpt_path={tmp_path / 'ensemble.pt'}",
+        "post_share_layer=ensA",
+        "split=val",
+        "logger=none",
+        *data,
+    ]
+    evaluate(compose_train(tmp_path, overrides, "eval"))
+    header = (tmp_path / "run" / "per_image.csv").read_text().splitlines()[0]
+    assert header.endswith(",post_share_ensA")
+
+
 def test_unknown_paths_modes_and_names():
     model = StackedSiamDiff()
     with pytest.raises(TapError, match=r"no module 'encodr\.0'; nearest names: \['encoder\.0'"):

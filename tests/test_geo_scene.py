@@ -42,6 +42,7 @@ from geo_scenes import (
     PIXEL,
     ROOFS,
     TRANSFORM,
+    DifferenceNet,
     changed_pair,
     difference_checkpoint,
     read_band,
@@ -399,6 +400,28 @@ def test_values_are_read_in_the_units_of_the_bands_scale_and_offset(tmp_path, ck
             *units,
             "predict.resume=true",
         )
+
+
+def test_a_wrapped_ensemble_explains_a_scene_at_its_declared_layer(tmp_path, pair):
+    """Two networks' taps share names: the scene listed every tap to choose its layer and
+    refused the shared names, although only the declared layer is explained (helper-88)."""
+    from changecam.explain import LayerTaps
+    from changecam.geo.scene import SceneSettings, predict_scene
+
+    class PairOfDifferenceNets(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = DifferenceNet(), DifferenceNet()
+
+        def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+            return (self.a(pre, post) + self.b(pre, post)) / 2
+
+    net = LayerTaps(PairOfDifferenceNets(), {"a.smooth": {"mode": "calls", "name": "ensA"}})
+    settings = SceneSettings(explain=True, explain_layer="ensA", progress=False, overviews=False)
+    spec = SlidingWindow(window=32, overlap=0.25, batch_size=4)
+    predict_scene(net, *pair, tmp_path / "out", spec, settings, "cpu")
+    bands = read_band(tmp_path / "out" / "explanation.tif", None)
+    assert bands.shape[0] == 3 and np.isfinite(bands[:2]).all()
 
 
 def test_a_joint_stretch_of_two_data_types_needs_both_dates_to_say_what_they_mean(

@@ -74,7 +74,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     spec = sliding_window_spec(cfg)
     share_layer = None
     if cfg.get("post_share", True):
-        layers = per_date_layers(resolve_taps(net))  # the input layer included
+        layers = per_date_layers(resolve_taps(net, shared=True))  # the input layer included
         share_layer = choose_layer(layers, cfg.get("post_share_layer"), "post_share_layer")
     module = ChangeDetectionModule(
         SlidingWindowNet(net, spec) if spec else net,

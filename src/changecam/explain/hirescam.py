@@ -78,7 +78,9 @@ def input_maps_left_out(methods: Iterable[str], taps: Iterable[str]) -> list[str
     return [m for m in INPUT_ONLY_METHODS if m in wanted]
 
 
-def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[str, Tap | None]:
+def resolve_taps(
+    model: nn.Module, taps: Sequence[str] | None = None, shared: bool = False
+) -> dict[str, Tap | None]:
     """The requested taps of ``model``, in forward order.
 
     The input taps ``pre/input`` and ``post/input`` come first and have no module (``None``):
@@ -89,9 +91,12 @@ def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[st
         taps: public tap names; a per-date layer name such as ``"enc3"`` (or ``"input"``) stands
             for both ``pre/enc3`` and ``post/enc3``. ``None`` means every tap, the input included.
 
+        shared: list a name that two different taps share too (only to choose a layer among
+            them: :func:`explain_batch` refuses to explain such a name).
+
     Raises:
-        TapError: a name is unknown (the message lists the available ones), or a Tap of the model
-            uses a reserved input tap name.
+        TapError: a name is unknown (the message lists the available ones), a Tap of the model
+            uses a reserved input tap name, or (without ``shared``) a resolved name is shared.
     """
     modules = find_taps(model)
     reserved = [n for n in INPUT_TAPS if n in modules]
@@ -102,7 +107,8 @@ def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[st
         )
     found: dict[str, Tap | None] = {**dict.fromkeys(INPUT_TAPS), **modules}
     if taps is None:
-        check_single_taps(model, found)
+        if not shared:
+            check_single_taps(model, found)
         return found
     if isinstance(taps, str):
         taps = [taps]
@@ -125,7 +131,8 @@ def resolve_taps(model: nn.Module, taps: Sequence[str] | None = None) -> dict[st
         )
     if not wanted:
         raise TapError(f"no taps requested; available: {list(found)}")
-    check_single_taps(model, wanted)
+    if not shared:
+        check_single_taps(model, wanted)
     return {n: t for n, t in found.items() if n in wanted}
 
 

@@ -765,7 +765,7 @@ def _predict_scene(
         spec = SlidingWindow(**{**asdict(spec), "batch_size": settings.batch_size})
     layer = None
     if settings.explain:
-        layers = per_date_layers(resolve_taps(net, None))
+        layers = per_date_layers(resolve_taps(net, None, shared=True))
         layer = choose_layer(layers, settings.explain_layer, "predict.explain_layer")
     try:  # recorded before they are read: a file replaced meanwhile is not taken for the one read
         inputs = {"pre": input_record(pre_path), "post": input_record(post_path)}
