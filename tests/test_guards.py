@@ -428,6 +428,25 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
             ],
             r"ReduceLROnPlateau follows val/f1, but validation is off",
         ),
+        (  # stepped at every step, or every epoch, with a stale val/f1 (helper-88)
+            [
+                "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+                "~module.scheduler.T_max",
+                "+module.scheduler.mode=max",
+                "module.scheduler_interval=step",
+            ],
+            r"would step at every optimizer step \(module.scheduler_interval=step\)",
+        ),
+        (
+            [
+                "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+                "~module.scheduler.T_max",
+                "+module.scheduler.mode=max",
+                "trainer.check_val_every_n_epoch=null",
+                "+trainer.val_check_interval=8",
+            ],
+            r"would step at every epoch \(trainer.check_val_every_n_epoch=null\)",
+        ),
         (  # training by steps: CosineAnnealingLR(T_max=-1) (helper-73)
             ["trainer.max_epochs=-1", "+trainer.max_steps=4"],
             r"module.scheduler.T_max=-1 \(from \$\{trainer.max_epochs\}\): a schedule of no length",

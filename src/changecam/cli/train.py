@@ -155,6 +155,17 @@ def check_training_settings(cfg: DictConfig) -> None:
                 f"ReduceLROnPlateau's mode is {mode!r}: it would cut the learning rate at every "
                 "improvement; add +module.scheduler.mode=max"
             )
+        if plateau and (interval != "epoch" or not isinstance(every, int)):
+            problems.append(
+                "ReduceLROnPlateau follows val/f1, which changes only at validations, but it "
+                + (
+                    "would step at every optimizer step (module.scheduler_interval=step)"
+                    if interval != "epoch"
+                    else "would step at every epoch (trainer.check_val_every_n_epoch=null)"
+                )
+                + " with the last val/f1 again, spending its patience; use "
+                "module.scheduler_interval=epoch with trainer.check_val_every_n_epoch=<N>"
+            )
         if plateau and trainer.get("limit_val_batches", 1.0) == 0:
             problems.append(
                 "ReduceLROnPlateau follows val/f1, but validation is off "
