@@ -287,6 +287,35 @@ def test_panels_being_drawn_at_a_kill_are_drawn_again_on_resume(tmp_path, tiny_s
             assert again.read_bytes() == panel.read_bytes(), again
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_plateau_schedule_resumes_with_the_step_its_checkpoint_was_written_before(
+    tmp_path, tiny_synthetic, every
+):
+    """last.ckpt is written at an epoch's end before ReduceLROnPlateau steps on its val/f1,
+    and Lightning does not step it when a fit resumes there: the resumed run was one cut of
+    the learning rate behind (helper-88)."""
+    plateau = [
+        *resume_overrides(tiny_synthetic, 4),
+        "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+        "~module.scheduler.T_max",
+        "+module.scheduler.mode=max",
+        "+module.scheduler.patience=0",
+        "+module.scheduler.threshold=100",  # every step cuts the rate
+        f"trainer.check_val_every_n_epoch={every}",
+        "test=false",
+        "logger=none",
+    ]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(compose_train(full, plateau))
+    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='2:0'"]
+    with pytest.raises(SystemExit):
+        train(compose_train(stopped, [*plateau, *stop]))
+    train(compose_train(stopped, [*plateau, "ckpt_path=last"]))
+    ends = [torch.load(r / "run/checkpoints/last.ckpt", weights_only=True) for r in (stopped, full)]
+    assert ends[0]["lr_schedulers"] == ends[1]["lr_schedulers"]
+    assert_same_weights(stopped / "run/checkpoints/last.ckpt", full / "run/checkpoints/last.ckpt")
+
+
 def test_panels_of_a_validation_inside_an_epoch_lost_at_a_stop_are_drawn_again(
     tmp_path, tiny_synthetic
 ):

@@ -64,6 +64,10 @@ def dice_loss(logits: Tensor, target: Tensor, eps: float = 1.0) -> Tensor:
 
 # the epoch's training loss so far, in a checkpoint written inside an epoch: [sum, samples]
 EPOCH_LOSS_KEY = "train_loss_epoch_so_far"
+# the val/f1 a ReduceLROnPlateau had still to step on when the checkpoint was written (by the
+# validation that ends an epoch, before the epoch's end steps it): a resumed fit, which
+# Lightning does not let step at that epoch's end, steps on it when it starts
+PLATEAU_KEY = "plateau_step_pending"
 
 
 class ChangeDetectionModule(L.LightningModule):
@@ -166,6 +170,7 @@ class ChangeDetectionModule(L.LightningModule):
         # written inside an epoch, so a run resumed from it averages the whole epoch
         # (Lightning's own epoch mean would start again at the resume)
         self._epoch_loss: tuple[Tensor, int] | None = None
+        self._plateau_pending: float | None = None
         self._compiled = False
 
     def train(self, mode: bool = True) -> ChangeDetectionModule:
@@ -379,6 +384,18 @@ class ChangeDetectionModule(L.LightningModule):
         if EPOCH_LOSS_KEY in checkpoint:
             total, count = checkpoint[EPOCH_LOSS_KEY]
             self._epoch_loss = (torch.tensor(float(total)), int(count))
+        self._plateau_pending = checkpoint.get(PLATEAU_KEY)
+
+    def _plateau(self) -> Any:
+        """The ReduceLROnPlateau scheduler's config, if the fit has one."""
+        configs = self._trainer.lr_scheduler_configs if self._trainer is not None else []
+        return next((c for c in configs if c.reduce_on_plateau), None)
+
+    def on_train_start(self) -> None:
+        pending, self._plateau_pending = self._plateau_pending, None
+        plateau = self._plateau()
+        if pending is not None and plateau is not None:
+            plateau.scheduler.step(pending)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
@@ -417,5 +434,13 @@ class ChangeDetectionModule(L.LightningModule):
         if self._epoch_loss is not None and inside:  # a resume goes on inside this epoch
             total, count = self._epoch_loss
             checkpoint[EPOCH_LOSS_KEY] = [float(total), count]
+        plateau = self._plateau()
+        score = trainer.callback_metrics.get("val/f1") if trainer is not None else None
+        if plateau is not None and score is not None and not inside:
+            # written at an epoch's end (by its validation, or its on_train_epoch_end): the
+            # epoch's end steps the plateau scheduler after this checkpoint, at the epochs
+            # the scheduler steps at
+            if (trainer.current_epoch + 1) % plateau.frequency == 0:
+                checkpoint[PLATEAU_KEY] = float(score)
         if self._trainer is not None and self._trainer.datamodule is not None:
             record_data(checkpoint, self._trainer.datamodule)
