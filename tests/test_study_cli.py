@@ -78,6 +78,61 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
     assert studied == []
 
 
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("study.methods=[hirescm]", "unknown method"),
+        ("study.split=tset", "study.split='tset': expected one of train, val, test"),
+        ("study.max_images=-1", "study.max_images=-1 must be a whole number >= 1"),
+        ("study.max_objects=-1", "study.max_objects=-1 must be >= 0"),
+        ("study.pass_spearman=-1", r"study.pass_spearman=-1 must be in \(0, 1\]"),
+        ("study.names=[a,b]", "study.names has 2 names for 1 study.checkpoints"),
+    ],
+)
+def test_bad_study_settings_leave_an_earlier_studys_results(
+    tmp_path, tiny_synthetic, override, match
+):
+    """They were refused after the earlier study.json and report.md in the folder were removed
+    (helper-87); a negative max_objects or max_images studied an arbitrary part silently."""
+    from changecam.cli.study import study
+    from test_checkpoint import make_lightning_checkpoint
+
+    good = make_lightning_checkpoint(tmp_path / "good" / "best.ckpt", tiny_synthetic, steps=1)
+    earlier = {"study.json": "{}", "report.md": "# an earlier study"}
+    (tmp_path / "run").mkdir()
+    for name, text in earlier.items():
+        (tmp_path / "run" / name).write_text(text)
+    cfg = compose_train(
+        tmp_path, [f"study.checkpoints=[{good}]", "logger=none", override], config_name="study"
+    )
+    with pytest.raises(Exception, match=match):
+        study(cfg)
+    assert {n: (tmp_path / "run" / n).read_text() for n in earlier} == earlier
+
+
+def test_a_rerun_into_a_studys_folder_keeps_none_of_its_plots(tmp_path, tiny_synthetic):
+    """The earlier study's plots stayed beside the new report (helper-87)."""
+    from changecam.cli.study import study
+    from test_checkpoint import make_lightning_checkpoint
+
+    good = make_lightning_checkpoint(tmp_path / "good" / "best.ckpt", tiny_synthetic, steps=1)
+    stale = tmp_path / "run" / "plots" / "panel_first_of_an_earlier_study.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"not this run's")
+    quick = [
+        "study.methods=[hirescam]",
+        "study.max_images=1",
+        "study.randomisation_images=0",
+        "study.bootstrap=10",
+        "study.context=32",
+    ]
+    cfg = compose_train(
+        tmp_path, [f"study.checkpoints=[{good}]", "logger=none", *quick], config_name="study"
+    )
+    study(cfg)
+    assert (tmp_path / "run" / "report.md").is_file() and not stale.exists()
+
+
 @pytest.mark.slow
 def test_study_trains_a_tiny_zoo_and_writes_the_report(tmp_path):
     tiny = [

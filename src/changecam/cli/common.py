@@ -170,12 +170,18 @@ def resume_hint(cfg: DictConfig) -> str:
 
 
 def remove_earlier_results(output_dir: Path, names: Iterable[str]) -> None:
-    """Remove the result files ``names`` an earlier run left in ``output_dir``, with a warning
-    (a run into the same ``hydra.run.dir`` that failed would leave them looking like its own)."""
+    """Remove the result files (or folders) ``names`` an earlier run left in ``output_dir``,
+    with a warning (a run into the same ``hydra.run.dir`` that failed would leave them looking
+    like its own)."""
     for name in names:
-        if (output_dir / name).is_file():
-            (output_dir / name).unlink(missing_ok=True)  # (every DDP rank runs this)
-            log.warning("removed %s, written by an earlier run in this folder", output_dir / name)
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)  # (every DDP rank runs this)
+        elif path.is_file():
+            path.unlink(missing_ok=True)
+        else:
+            continue
+        log.warning("removed %s, written by an earlier run in this folder", path)
 
 
 def prepare_run(

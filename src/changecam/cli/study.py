@@ -44,7 +44,7 @@ from changecam.cli.common import (
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.launch import CONF_DIR
 from changecam.data.io import ImageReadError, read_change_type, read_image, read_label
-from changecam.data.layout import find_triplets
+from changecam.data.layout import SPLITS, find_triplets
 from changecam.data.synthetic import CHANGE_TYPE_DIR, GENERATOR_VERSION
 from changecam.evaluation.study import StudyImage, StudySettings, study_model
 from changecam.evaluation.study_report import log_study, write_report
@@ -229,15 +229,18 @@ def study_settings(cfg: DictConfig, arch: str) -> StudySettings:
     return StudySettings(**fields)
 
 
-@task_wrapper
-def study(cfg: DictConfig) -> dict[str, Any]:
-    """Train (optionally), study every model, write ``study.json`` and ``report.md``."""
-    started = time.perf_counter()
-    output_dir = prepare_run(cfg, results=("study.json", "report.md"))
+def study_checks(cfg: DictConfig) -> None:
+    """study.py's own refusals, before anything is written (an earlier study's results in the
+    same folder included): the models asked for, every study value, every checkpoint."""
     if bool(cfg.study.train_zoo) == bool(cfg.study.checkpoints):
         raise ConfigError(
             "study: give either study.checkpoints=[a.ckpt,...] or study.train_zoo=true (not both)"
         )
+    if cfg.study.split not in SPLITS:
+        raise ConfigError(f"study.split={cfg.study.split!r}: expected one of {', '.join(SPLITS)}")
+    limit = cfg.study.get("max_images")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"study.max_images={limit!r} must be a whole number >= 1 or null (all)")
     given = {} if cfg.study.train_zoo else given_checkpoints(cfg)
     names = zoo_architectures(cfg.study.get("zoo")) if cfg.study.train_zoo else list(given)
     for name in names:  # bad study values fail here, before any training
@@ -245,6 +248,15 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     for path in given.values():  # a bad checkpoint fails here, not after the models before it
         _, hparams = read_checkpoint(path)
         warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images
+
+
+@task_wrapper
+def study(cfg: DictConfig) -> dict[str, Any]:
+    """Train (optionally), study every model, write ``study.json`` and ``report.md``."""
+    started = time.perf_counter()
+    output_dir = prepare_run(cfg, results=("study.json", "report.md", "plots"), checks=study_checks)
+    given = {} if cfg.study.train_zoo else given_checkpoints(cfg)
+    names = zoo_architectures(cfg.study.get("zoo")) if cfg.study.train_zoo else list(given)
     device = resolve_device(cfg.device)
     root = study_root(cfg)
     images = read_split(root, cfg.study.split, cfg.study.get("max_images"))

@@ -151,6 +151,13 @@ class StudySettings:
             )
         if self.context is not None and self.context < 16:
             raise ValueError(f"study.context={self.context} must be >= 16 or null (whole image)")
+        if self.max_objects is not None and self.max_objects < 0:  # a slice would drop the last
+            raise ValueError(f"study.max_objects={self.max_objects} must be >= 0 or null (all)")
+        if not 0.0 < self.pass_spearman <= 1.0:  # NaN too
+            raise ValueError(
+                f"study.pass_spearman={self.pass_spearman} must be in (0, 1]: the mean "
+                "|Spearman| below which a method passes the randomisation check"
+            )
         if self.randomisation_points < 1 or self.objects_per_pass < 1 or self.bootstrap < 1:
             raise ValueError(
                 "study.randomisation_points, study.objects_per_pass and study.bootstrap must be "
