@@ -3,6 +3,7 @@ single-process metrics of the same weights; one output folder; files written onc
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -50,7 +51,12 @@ def evaluate_single_process(cfg, ckpt: Path) -> dict[str, float]:
 @pytest.mark.slow
 def test_ddp_cpu_pooled_metrics_equal_single_process(tmp_path, tiny_synthetic):
     overrides = ddp_overrides(tiny_synthetic)
-    run_script("train.py", [*overrides, "trainer=ddp_cpu"], cwd=tmp_path)
+    trace = [
+        "+callbacks.trace._target_=loss_trace.LossTrace",
+        f"+callbacks.trace.folder={tmp_path}/trace",
+    ]
+    tests = {"PYTHONPATH": str(Path(__file__).parent)}
+    run_script("train.py", [*overrides, "trainer=ddp_cpu", *trace], cwd=tmp_path, env=tests)
 
     runs = list((tmp_path / "outputs" / "quickstart" / "runs").iterdir())
     assert len(runs) == 1, runs  # rank 1 re-runs the script but shares rank 0's folder
@@ -59,6 +65,14 @@ def test_ddp_cpu_pooled_metrics_equal_single_process(tmp_path, tiny_synthetic):
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "csv" / "metrics.csv").is_file()
     assert not list(tmp_path.rglob("*ddp_process*"))
     ddp = json.loads((run / "metrics.json").read_text())
+    # train/loss_epoch: the mean over both ranks' samples, not rank 0's half (helper-86)
+    batches = [json.loads(line) for r in (0, 1) for line in open(tmp_path / f"trace/rank{r}.jsonl")]
+    whole = sum(n * loss for n, loss in batches) / sum(n for n, _ in batches)
+    with open(run / "csv" / "metrics.csv", newline="") as file:
+        logged = [
+            float(r["train/loss_epoch"]) for r in csv.DictReader(file) if r["train/loss_epoch"]
+        ]
+    assert logged == [pytest.approx(whole, rel=1e-5)]
     config = (run / ".hydra" / "config.yaml").read_text()
     assert "strategy: ddp" in config and "devices: 2" in config
 

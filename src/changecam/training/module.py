@@ -35,10 +35,11 @@ LOSSES: tuple[str, ...] = typing.get_args(Loss)
 STAGES: tuple[str, ...] = ("val", "test")  # the evaluation loops with pooled scores
 
 # The split scores and losses are reduced across ranks by torchmetrics before they are logged,
-# which Lightning cannot see; its advice to add sync_dist=True does not apply to them.
+# and train/loss_epoch by the module itself, which Lightning cannot see; its advice to add
+# sync_dist=True does not apply to them.
 warnings.filterwarnings(
     "ignore",
-    message=r"It is recommended to use `self\.log\('(val|test)/(loss|f1|iou|precision|recall|accuracy)'",
+    message=r"It is recommended to use `self\.log\('((val|test)/(loss|f1|iou|precision|recall|accuracy)|train/loss_epoch)'",
     category=PossibleUserWarning,
 )
 
@@ -344,10 +345,24 @@ class ChangeDetectionModule(L.LightningModule):
         # Runs before the checkpoint callbacks' on_train_epoch_end (Lightning calls the
         # module's hook first), so a diverged network is never saved.
         self._check_weights("after the training epoch")
-        if self._epoch_loss is not None:  # the batch-size-weighted mean, as Lightning's was
-            total, count = self._epoch_loss
-            self.log("train/loss_epoch", total / count, on_step=False, on_epoch=True, prog_bar=True)
+        if self._epoch_loss is not None:  # the batch-size-weighted mean over every rank
+            total, count = self._pooled_epoch_loss()
+            if count > 0:
+                self.log(
+                    "train/loss_epoch", total / count, on_step=False, on_epoch=True, prog_bar=True
+                )
             self._epoch_loss = None
+
+    def _pooled_epoch_loss(self) -> tuple[Tensor, float]:
+        """This epoch's training loss sum and sample count so far, summed over the DDP ranks
+        (every rank calls it: a collective)."""
+        total, count = self._epoch_loss or (torch.zeros(()), 0)
+        pair = torch.stack(
+            [total.float().to(self.device), torch.tensor(float(count), device=self.device)]
+        )
+        if self._trainer is not None and self._trainer.world_size > 1:
+            pair = self._trainer.strategy.reduce(pair, reduce_op="sum")
+        return pair[0], float(pair[1])
 
     def _warn_repeated_samples(self, stage: str) -> None:
         """Under DDP, say so when Lightning's DistributedSampler repeats evaluation samples."""
@@ -381,9 +396,13 @@ class ChangeDetectionModule(L.LightningModule):
         return torch.sigmoid(self(batch["pre"], batch["post"]))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if EPOCH_LOSS_KEY in checkpoint:
+        if EPOCH_LOSS_KEY in checkpoint:  # every rank's sums: rank 0 goes on from them
             total, count = checkpoint[EPOCH_LOSS_KEY]
-            self._epoch_loss = (torch.tensor(float(total)), int(count))
+            first = self._trainer is None or self._trainer.global_rank == 0
+            self._epoch_loss = (
+                torch.tensor(float(total) if first else 0.0),
+                int(count) if first else 0,
+            )
         self._plateau_pending = checkpoint.get(PLATEAU_KEY)
 
     def _plateau(self) -> Any:
@@ -432,7 +451,7 @@ class ChangeDetectionModule(L.LightningModule):
             trainer is not None and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         )
         if self._epoch_loss is not None and inside:  # a resume goes on inside this epoch
-            total, count = self._epoch_loss
+            total, count = self._pooled_epoch_loss()  # every rank's, for rank 0 to go on from
             checkpoint[EPOCH_LOSS_KEY] = [float(total), count]
         plateau = self._plateau()
         score = trainer.callback_metrics.get("val/f1") if trainer is not None else None
