@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -261,6 +263,32 @@ def test_an_undecided_map_is_half_right_against_an_undecided_causal_date():
     causal = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5])
     torch.testing.assert_close(
         agreement(maps, causal), torch.tensor([1.0, 0.0, 1.0, 0.5, 0.5, 0.5])
+    )
+
+
+def test_a_padded_windows_post_share_is_over_the_window_only(monkeypatch):
+    """A window that is no multiple of the network's size multiple (context 18 for a depth-2
+    U-Net: padded to 20) counted the padding's evidence in the post share (helper-87)."""
+    import changecam.evaluation.study as study_module
+    from changecam.models import SiameseUNet
+
+    torch.manual_seed(0)
+    net = SiameseUNet(3, 4, 2).eval()
+    windows: list[float] = []
+    score_pass = study_module._score_pass
+
+    def spy(model, batch, settings, records, model_records):
+        exp, (h, w) = batch.explanation, batch.size
+        assert tuple(exp.input_size) == (20, 20) and (h, w) == (18, 18)
+        windows.extend(exp.crop(h, w).post_share("enc2", "hirescam").tolist())
+        return score_pass(model, batch, settings, records, model_records)
+
+    monkeypatch.setattr(study_module, "_score_pass", spy)
+    settings = StudySettings(**{**FAST, "context": 18}, methods=("hirescam",), layers=("enc2",))
+    result = study_model(net, known_answer_images(2), settings)
+    defined = [v for v in windows if not math.isnan(v)]
+    assert defined and result["results"]["hirescam"]["enc2"]["post_share"]["mean"] == (
+        pytest.approx(float(np.mean(defined)), abs=1e-6)
     )
 
 

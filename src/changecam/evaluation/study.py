@@ -478,6 +478,9 @@ def _score_pass(
         model_records.setdefault(key, {}).setdefault(name, []).extend(
             v for v in values if not math.isnan(v)
         )
+    # the window's own pixels: a window that is no multiple of the network's size multiple is
+    # padded, and the padding's evidence is no part of the object's post share
+    window = exp.crop(h, w) if tuple(exp.input_size) != (h, w) else exp
     for method in exp.methods:
         for layer in _layers(exp, method, settings):
             up = {
@@ -490,7 +493,7 @@ def _score_pass(
                 **by_kind("date_accuracy", agreement(attributed, known), has_known),
                 **by_kind("causal_agreement", agrees),
                 **by_kind("pointing", pointing(up["pre"], up["post"], regions)),
-                "post_share": exp.post_share(layer, method).tolist(),  # type: ignore[arg-type]
+                "post_share": window.post_share(layer, method).tolist(),  # type: ignore[arg-type]
             }
             deepest = layer == _layers(exp, method, settings)[-1]
             if settings.faithfulness_steps and (deepest or settings.faithfulness_layers == "all"):
