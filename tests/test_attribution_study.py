@@ -337,3 +337,24 @@ def test_the_cascade_reinitialises_all_of_multihead_attention():
     for name, weight in net.attention.named_parameters():
         changed = not torch.equal(dict(fresh.attention.named_parameters())[name], weight)
         assert changed or name.endswith("bias"), name
+
+
+def test_the_curves_plot_draws_each_methods_own_random_order(tmp_path, monkeypatch):
+    """Only the first method's random curve was drawn, so the others' areas to it were not
+    their gaps (helper-87)."""
+    import changecam.evaluation.study_report as report
+
+    drawn = {}
+    monkeypatch.setattr(report, "_save", lambda figure, path: drawn.setdefault("figure", figure))
+    curves = {
+        "hirescam/enc2/map": [1.0, 0.4, 0.1],
+        "hirescam/enc2/random": [1.0, 0.8, 0.6],
+        "gradcam/enc2/map": [1.0, 0.5, 0.2],
+        "gradcam/enc2/random": [1.0, 0.7, 0.5],
+    }
+    report.plot_curves({"architectures": {"unet": {"curves": curves}}}, tmp_path / "c.png")
+    lines = drawn["figure"].axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in lines] == list(curves.values())
+    colours = [line.get_color() for line in lines]
+    assert colours[0] == colours[1] != colours[2] == colours[3]
+    assert [line.get_linestyle() for line in lines] == ["-", "--", "-", "--"]

@@ -157,21 +157,20 @@ def plot_post_share(record: Mapping[str, Any], path: Path, methods: Sequence[str
 
 def plot_curves(record: Mapping[str, Any], path: Path) -> Path:
     """Deletion curves (``Σ S(k) / Σ|S(0)|`` over objects, both dates, each method's deepest
-    layer) per architecture: the area between a method's curve and random order's is its gap."""
+    layer) per architecture, each method beside its own random order (dashed, in its colour:
+    each method's swaps edit the date its maps choose, so each has its own random baseline):
+    the area between the two is the method's gap."""
     archs = list(record["architectures"])
     figure, axes = _per_architecture_axes(len(archs))
     for ax, arch in zip(axes, archs, strict=True):
         curves = record["architectures"][arch]["curves"]
-        shown_random = False
+        colours: dict[str, str] = {}
         for key, values in curves.items():
             method, layer, order = key.split("/")
-            if order == "random":
-                if shown_random:
-                    continue
-                shown_random, label, style = True, "random order", "k--"
-            else:
-                label, style = f"{TITLES.get(method, method)} ({layer})", "-"
-            ax.plot(np.linspace(0, 1, len(values)), values, style, label=label)
+            colour = colours.setdefault(f"{method}/{layer}", f"C{len(colours) % 10}")
+            name = f"{TITLES.get(method, method)} ({layer})"
+            label, style = (f"{name}, random order", "--") if order == "random" else (name, "-")
+            ax.plot(np.linspace(0, 1, len(values)), values, style, color=colour, label=label)
         ax.set_title(arch, fontsize=9)
         ax.set_xlabel("fraction swapped", fontsize=8)
     axes[0].set_ylabel("Σ S / Σ |S(0)|")
