@@ -358,3 +358,16 @@ def test_the_curves_plot_draws_each_methods_own_random_order(tmp_path, monkeypat
     colours = [line.get_color() for line in lines]
     assert colours[0] == colours[1] != colours[2] == colours[3]
     assert [line.get_linestyle() for line in lines] == ["-", "--", "-", "--"]
+
+
+def test_a_study_without_a_changed_object_says_so_in_its_answer():
+    """A split with no change gave the answer line "- **m**: ." (helper-87)."""
+    from changecam.evaluation.study_report import answer
+
+    images = known_answer_images(1)
+    images = [StudyImage("still", images[0].pre, images[0].pre, images[0].label * 0, None)]
+    result = study_model(OneDate("post"), images, StudySettings(**FAST, methods=("hirescam",)))
+    assert answer("m", result) == (
+        "no changed object was scored (0 objects in 1 images): nothing to say about this model; "
+        "study a split with change, or more images"
+    )

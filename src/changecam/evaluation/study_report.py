@@ -366,6 +366,13 @@ def answer(arch: str, result: Mapping[str, Any]) -> str:
             + (", ".join(passing) or "none")
             + ("; failed by " + ", ".join(failing) if failing else "")
         )
+    if not parts:  # nothing to say a sentence about
+        studied = sum(result.get("objects", {}).values())
+        images = result.get("images")
+        return (
+            f"no changed object was scored ({studied} objects in {images} images): nothing to "
+            "say about this model; study a split with change, or more images"
+        )
     return "; ".join(parts) + "."
 
 
