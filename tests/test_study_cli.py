@@ -87,6 +87,7 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
         ("study.max_objects=-1", "study.max_objects=-1 must be >= 0"),
         ("study.pass_spearman=-1", r"study.pass_spearman=-1 must be in \(0, 1\]"),
         ("study.names=[a,b]", "study.names has 2 names for 1 study.checkpoints"),
+        ("study.ig.steps=0", r"^study.ig.steps=0 must be >= 1"),  # was named explain.ig.steps
     ],
 )
 def test_bad_study_settings_leave_an_earlier_studys_results(

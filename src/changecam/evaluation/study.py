@@ -123,6 +123,7 @@ class StudySettings:
                 object.__setattr__(self, key, tuple(value))
         build_blocks(
             self,
+            prefix="study",
             ig=IntegratedGradientsSettings,
             layer_ig=LayerIGSettings,
             occlusion=OcclusionSettings,

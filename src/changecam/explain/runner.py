@@ -56,13 +56,22 @@ def _tuple(value: Sequence[Any] | str | None) -> tuple[Any, ...] | None:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def build_blocks(settings: Any, **blocks: type) -> None:
+def build_blocks(settings: Any, prefix: str = "explain", **blocks: type) -> None:
     """Build the nested settings blocks of a frozen dataclass that were given as mappings
-    (from a config): ``build_blocks(self, ig=IntegratedGradientsSettings)``."""
+    (from a config): ``build_blocks(self, ig=IntegratedGradientsSettings)``. A block's refusal
+    names its key under ``prefix`` (the blocks name themselves under ``explain``)."""
     for name, cls in blocks.items():
         value = getattr(settings, name)
         if not isinstance(value, cls):
-            object.__setattr__(settings, name, cls(**value))
+            try:
+                built = cls(**value)
+            except ValueError as err:
+                if prefix == "explain":
+                    raise
+                raise ValueError(
+                    str(err).replace(f"explain.{name}.", f"{prefix}.{name}.", 1)
+                ) from None
+            object.__setattr__(settings, name, built)
 
 
 @dataclass(frozen=True)
