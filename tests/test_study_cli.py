@@ -111,6 +111,29 @@ def test_bad_study_settings_leave_an_earlier_studys_results(
     assert {n: (tmp_path / "run" / n).read_text() for n in earlier} == earlier
 
 
+def test_layers_a_zoo_model_lacks_are_refused_before_any_training(tmp_path, monkeypatch):
+    """study.layers=[input,enc2] with BIT in the zoo failed after training every model and
+    studying the ones before it (helper-87)."""
+    import changecam.cli.study as study_module
+
+    trained = []
+    monkeypatch.setattr(study_module, "train_zoo", lambda *a: trained.append(a) or {})
+    cfg = compose_train(
+        tmp_path,
+        [
+            "study.train_zoo=true",
+            "study.zoo=[siamese_unet,bit]",
+            "study.layers=[input,enc2]",
+            f"study.zoo_dir={tmp_path}/zoo",
+            "logger=none",
+        ],
+        config_name="study",
+    )
+    with pytest.raises(ConfigError, match=r"study.layers=\['input', 'enc2'\] does not fit bit: "):
+        study_module.study(cfg)
+    assert trained == []
+
+
 def test_a_rerun_into_a_studys_folder_keeps_none_of_its_plots(tmp_path, tiny_synthetic):
     """The earlier study's plots stayed beside the new report (helper-87)."""
     from changecam.cli.study import study

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -48,7 +49,10 @@ from changecam.data.layout import SPLITS, find_triplets
 from changecam.data.synthetic import CHANGE_TYPE_DIR, GENERATOR_VERSION
 from changecam.evaluation.study import StudyImage, StudySettings, study_model
 from changecam.evaluation.study_report import log_study, write_report
+from changecam.explain.hirescam import resolve_taps
+from changecam.models.taps import TapError
 from changecam.training.checkpoint import read_checkpoint
+from changecam.training.model_match import build_on_meta, read_presets
 
 NOT_IN_ZOO = ("external",)
 PER_ARCHITECTURE = ("epochs", "max_objects")  # study keys that may be {default: x, <arch>: y}
@@ -245,9 +249,43 @@ def study_checks(cfg: DictConfig) -> None:
     names = zoo_architectures(cfg.study.get("zoo")) if cfg.study.train_zoo else list(given)
     for name in names:  # bad study values fail here, before any training
         study_settings(cfg, name)
-    for path in given.values():  # a bad checkpoint fails here, not after the models before it
-        _, hparams = read_checkpoint(path)
+    for name, path in given.items():  # a bad checkpoint fails here, not after the models before it
+        net, hparams = read_checkpoint(path)
         warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images
+        check_layers(cfg, name, net)
+    presets = read_presets() if cfg.study.train_zoo else {}
+    for name in names if cfg.study.train_zoo else ():  # before the zoo is trained
+        config = {**presets.get(name, {}), **model_overrides(cfg.study.train_overrides)}
+        net = build_on_meta(config) if "_target_" in config else None
+        if net is not None:
+            check_layers(cfg, name, net)
+
+
+def model_overrides(overrides: Any) -> dict[str, Any]:
+    """The ``model.<key>=<value>`` overrides among ``study.train_overrides`` (values read as
+    YAML, as Hydra reads them)."""
+    found = {}
+    for override in overrides or ():
+        key, sep, value = str(override).partition("=")
+        if sep and key.startswith("model.") and "." not in key[len("model.") :]:
+            found[key[len("model.") :]] = yaml.safe_load(value)
+    return found
+
+
+def check_layers(cfg: DictConfig, name: str, net: Any) -> None:
+    """Refuse ``study.layers`` that the network ``name`` lacks (before any model is trained
+    or studied: a zoo with one such model failed after training every one).
+
+    Raises:
+        ConfigError: naming the layers, the model and the ones it has.
+    """
+    layers = study_settings(cfg, name).layers
+    if not layers:
+        return
+    try:
+        resolve_taps(net, list(layers), shared=True)
+    except TapError as err:
+        raise ConfigError(f"study.layers={list(layers)} does not fit {name}: {err}") from None
 
 
 @task_wrapper

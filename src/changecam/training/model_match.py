@@ -129,7 +129,7 @@ def read_presets(folder: Path | None = None) -> dict[str, dict[str, Any]]:
     return presets
 
 
-def _build_on_meta(config: Mapping[str, Any]) -> torch.nn.Module | None:
+def build_on_meta(config: Mapping[str, Any]) -> torch.nn.Module | None:
     """The network of ``config`` with meta tensors (shapes only; on the CPU for constructors
     that compute with their tensors), or ``None`` if it cannot be built."""
     try:
@@ -144,7 +144,7 @@ def _build_on_meta(config: Mapping[str, Any]) -> torch.nn.Module | None:
 
 
 def _shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
-    net = _build_on_meta(config)
+    net = build_on_meta(config)
     return None if net is None else {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
@@ -174,7 +174,7 @@ def _freeze(value: Any) -> Any:
 def full_config(preset: Mapping[str, Any]) -> dict[str, Any] | None:
     """The preset's complete constructor config (its yaml plus the defaults), as a checkpoint
     records it; ``None`` for presets that do not build or cannot describe themselves."""
-    net = _build_on_meta(preset)
+    net = build_on_meta(preset)
     config = network_config(net) if net is not None else None
     if config is None:
         return None
