@@ -192,8 +192,8 @@ def prepare_run(
 ) -> Path:
     """The set-up every command starts with; returns the run directory.
 
-    ``checks`` (the command's own refusals) runs after the config guards and before anything
-    is written.
+    ``checks`` (the command's own refusals) runs after the config guards and the config's log
+    lines, before anything else is written or an earlier run's results are removed.
 
     ``history=False`` leaves :func:`start_history` (the W&B run id, an earlier run's panels)
     to the caller, who knows only later whether the run resumes one (train.py).
@@ -207,14 +207,14 @@ def prepare_run(
     """
     check_config(cfg)
     check_device(cfg)
-    if checks is not None:
-        checks(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if cfg.get("print_config"):
+    if cfg.get("print_config"):  # before the command's own refusals: its log says what it was asked
         # the job's config, without the hydra node (whose hydra.job.num is unset outside a
         # sweep when a config is composed in code, by a benchmark or a notebook)
         log_to_file(logging.INFO, "config:\n" + OmegaConf.to_yaml(resolved(cfg)))
         log.info("%s (whole config: %s)", config_summary(), output_dir / ".hydra" / "config.yaml")
+    if checks is not None:
+        checks(cfg)
     for path in remove_stale_temporaries(output_dir):
         log.info("removed %s, a temporary file of a killed run", path)
     remove_earlier_results(output_dir, results)
