@@ -287,13 +287,17 @@ def test_panels_being_drawn_at_a_kill_are_drawn_again_on_resume(tmp_path, tiny_s
             assert again.read_bytes() == panel.read_bytes(), again
 
 
-@pytest.mark.parametrize("every", [1, 2])
+@pytest.mark.parametrize(
+    ("every", "stop", "inside"),
+    [(1, "2:0", []), (2, "2:0", []), (1, "1:2", ["+trainer.val_check_interval=0.5"])],
+)
 def test_a_plateau_schedule_resumes_with_the_step_its_checkpoint_was_written_before(
-    tmp_path, tiny_synthetic, every
+    tmp_path, tiny_synthetic, every, stop, inside
 ):
     """last.ckpt is written at an epoch's end before ReduceLROnPlateau steps on its val/f1,
     and Lightning does not step it when a fit resumes there: the resumed run was one cut of
-    the learning rate behind (helper-88)."""
+    the learning rate behind (helper-88). Nor at the end of an epoch a fit resumed into from
+    a checkpoint written inside it (helper-89)."""
     plateau = [
         *resume_overrides(tiny_synthetic, 4),
         "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
@@ -304,12 +308,13 @@ def test_a_plateau_schedule_resumes_with_the_step_its_checkpoint_was_written_bef
         f"trainer.check_val_every_n_epoch={every}",
         "test=false",
         "logger=none",
+        *inside,
     ]
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     train(compose_train(full, plateau))
-    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='2:0'"]
+    at = ["+callbacks.stop._target_=slow_steps.StopAt", f"+callbacks.stop.at='{stop}'"]
     with pytest.raises(SystemExit):
-        train(compose_train(stopped, [*plateau, *stop]))
+        train(compose_train(stopped, [*plateau, *at]))
     train(compose_train(stopped, [*plateau, "ckpt_path=last"]))
     ends = [torch.load(r / "run/checkpoints/last.ckpt", weights_only=True) for r in (stopped, full)]
     assert ends[0]["lr_schedulers"] == ends[1]["lr_schedulers"]
@@ -704,3 +709,34 @@ def test_late_background_cam_rows_neither_end_nor_leave_the_kept_history():
         ("31", "-"),
         ("31", "0.5"),
     ]
+
+
+def test_a_checkpoint_saved_after_fit_owes_no_plateau_step(tmp_path, tiny_synthetic):
+    """trainer.save_checkpoint after fit() returned recorded the step fit() had taken already,
+    and a resume took it twice (helper-89)."""
+    import lightning as L
+
+    from changecam.data import ChangeDetectionDataModule
+    from changecam.models import SiameseUNet
+    from changecam.training.module import PLATEAU_KEY, ChangeDetectionModule
+
+    torch.manual_seed(0)
+    module = ChangeDetectionModule(
+        net=SiameseUNet(3, 4, 2),
+        optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
+        scheduler=lambda optimizer: torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "max"),
+    )
+    data = ChangeDetectionDataModule(tiny_synthetic, layout="levir", patch_size=32, batch_size=4)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=data)
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 1  # fit() stepped it
+    trainer.save_checkpoint(tmp_path / "after.ckpt")
+    assert PLATEAU_KEY not in torch.load(tmp_path / "after.ckpt", weights_only=True)

@@ -239,3 +239,19 @@ def test_the_zoo_folder_depends_on_the_data_it_is_trained_on(tmp_path):
 
     assert folder(str(tmp_path / "a")) != folder(str(tmp_path / "b"))
     assert folder(str(tmp_path / "a")) == folder(f"{tmp_path}/b/../a/")
+
+
+def test_the_early_layer_check_reads_forced_model_overrides_and_refuses_shared_taps(tmp_path):
+    """++model.depth=3 was not read, so the check built the preset's depth (helper-89); a
+    layer that two taps of a model share passed the check and failed in the study."""
+    from changecam.cli.study import check_layers, model_overrides
+    from changecam.explain import LayerTaps
+    from test_external_models import PairOfUNets
+
+    assert model_overrides(["++model.depth=3", "+model.fusion=diff", "model.a.b=2", "seed=1"]) == {
+        "depth": 3,
+        "fusion": "diff",
+    }
+    cfg = compose_train(tmp_path, ["study.layers=[input,enc1]"], config_name="study")
+    with pytest.raises(ConfigError, match="does not fit ens: two different Tap modules share"):
+        check_layers(cfg, "ens", LayerTaps(PairOfUNets()))

@@ -267,6 +267,7 @@ def model_overrides(overrides: Any) -> dict[str, Any]:
     found = {}
     for override in overrides or ():
         key, sep, value = str(override).partition("=")
+        key = key.lstrip("+")  # +model.k=v and ++model.k=v add or force the key as Hydra does
         if sep and key.startswith("model.") and "." not in key[len("model.") :]:
             found[key[len("model.") :]] = yaml.safe_load(value)
     return found
@@ -283,7 +284,7 @@ def check_layers(cfg: DictConfig, name: str, net: Any) -> None:
     if not layers:
         return
     try:
-        resolve_taps(net, list(layers), shared=True)
+        resolve_taps(net, list(layers))  # unknown, or shared by two taps: not explainable
     except TapError as err:
         raise ConfigError(f"study.layers={list(layers)} does not fit {name}: {err}") from None
 

@@ -172,6 +172,8 @@ class ChangeDetectionModule(L.LightningModule):
         # (Lightning's own epoch mean would start again at the resume)
         self._epoch_loss: tuple[Tensor, int] | None = None
         self._plateau_pending: float | None = None
+        self._validated_since_start = False  # a validation of this fit (not the sanity check)
+        self._plateau_stepped: int | None = None  # the epoch whose plateau step the module took
         self._compiled = False
 
     def train(self, mode: bool = True) -> ChangeDetectionModule:
@@ -345,6 +347,7 @@ class ChangeDetectionModule(L.LightningModule):
         # Runs before the checkpoint callbacks' on_train_epoch_end (Lightning calls the
         # module's hook first), so a diverged network is never saved.
         self._check_weights("after the training epoch")
+        self._step_plateau_where_lightning_does_not()
         if self._epoch_loss is not None:  # the batch-size-weighted mean over every rank
             total, count = self._pooled_epoch_loss()
             if count > 0:
@@ -388,6 +391,8 @@ class ChangeDetectionModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")
+        if self._trainer is not None and not self._trainer.sanity_checking:
+            self._validated_since_start = True
 
     def on_test_epoch_end(self) -> None:
         self._log_scores("test")
@@ -410,11 +415,29 @@ class ChangeDetectionModule(L.LightningModule):
         configs = self._trainer.lr_scheduler_configs if self._trainer is not None else []
         return next((c for c in configs if c.reduce_on_plateau), None)
 
+    def _plateau_due(self) -> bool:
+        """Whether this epoch's end steps the plateau scheduler (every ``frequency`` epochs)."""
+        plateau = self._plateau()
+        return plateau is not None and (self.current_epoch + 1) % plateau.frequency == 0
+
     def on_train_start(self) -> None:
         pending, self._plateau_pending = self._plateau_pending, None
+        self._validated_since_start = False
         plateau = self._plateau()
         if pending is not None and plateau is not None:
             plateau.scheduler.step(pending)
+
+    def _step_plateau_where_lightning_does_not(self) -> None:
+        """Lightning does not step a plateau scheduler at the end of the epoch a fit resumed
+        into (``fit_loop.restarting``): after a checkpoint written inside that epoch, whose end
+        validated in this run, the module steps it on that ``val/f1`` as Lightning would have."""
+        trainer, plateau = self._trainer, self._plateau()
+        if trainer is None or plateau is None or not trainer.fit_loop.restarting:
+            return
+        score = trainer.callback_metrics.get("val/f1")
+        if self._validated_since_start and score is not None and self._plateau_due():
+            plateau.scheduler.step(float(score))
+            self._plateau_stepped = self.current_epoch  # a checkpoint after it owes no step
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
@@ -455,11 +478,12 @@ class ChangeDetectionModule(L.LightningModule):
             checkpoint[EPOCH_LOSS_KEY] = [float(total), count]
         plateau = self._plateau()
         score = trainer.callback_metrics.get("val/f1") if trainer is not None else None
-        if plateau is not None and score is not None and not inside:
-            # written at an epoch's end (by its validation, or its on_train_epoch_end): the
-            # epoch's end steps the plateau scheduler after this checkpoint, at the epochs
-            # the scheduler steps at
-            if (trainer.current_epoch + 1) % plateau.frequency == 0:
+        if plateau is not None and score is not None and not inside and self._plateau_due():
+            # written at an epoch's end (by its validation, or its on_train_epoch_end) that is
+            # still open: it steps the plateau scheduler after this checkpoint
+            epochs = trainer.fit_loop.epoch_progress.current
+            owed = self._plateau_stepped != self.current_epoch
+            if owed and trainer.state.fn == TrainerFn.FITTING and epochs.completed < epochs.started:
                 checkpoint[PLATEAU_KEY] = float(score)
         if self._trainer is not None and self._trainer.datamodule is not None:
             record_data(checkpoint, self._trainer.datamodule)
