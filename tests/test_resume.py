@@ -321,6 +321,7 @@ def test_a_plateau_schedule_resumes_with_the_step_its_checkpoint_was_written_bef
     assert_same_weights(stopped / "run/checkpoints/last.ckpt", full / "run/checkpoints/last.ckpt")
 
 
+@pytest.mark.slow
 def test_panels_of_a_validation_inside_an_epoch_lost_at_a_stop_are_drawn_again(
     tmp_path, tiny_synthetic
 ):
