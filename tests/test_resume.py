@@ -289,7 +289,13 @@ def test_panels_being_drawn_at_a_kill_are_drawn_again_on_resume(tmp_path, tiny_s
 
 @pytest.mark.parametrize(
     ("every", "stop", "inside"),
-    [(1, "2:0", []), (2, "2:0", []), (1, "1:2", ["+trainer.val_check_interval=0.5"])],
+    [
+        (1, "2:0", []),
+        (2, "2:0", []),
+        (1, "1:2", ["+trainer.val_check_interval=0.5"]),
+        # the epoch's last validation is not on its last batch (helper-90)
+        (1, "2:0", ["+trainer.val_check_interval=0.75"]),
+    ],
 )
 def test_a_plateau_schedule_resumes_with_the_step_its_checkpoint_was_written_before(
     tmp_path, tiny_synthetic, every, stop, inside
@@ -741,3 +747,25 @@ def test_a_checkpoint_saved_after_fit_owes_no_plateau_step(tmp_path, tiny_synthe
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 1  # fit() stepped it
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     assert PLATEAU_KEY not in torch.load(tmp_path / "after.ckpt", weights_only=True)
+
+
+def test_a_run_its_early_stopping_stopped_trains_no_further_when_resumed(tmp_path, tiny_synthetic):
+    """A requeue of a run killed while it was scored after early stopping resumed the fit and
+    trained until the next validation stopped it again (helper-90)."""
+    stopping = [
+        *resume_overrides(tiny_synthetic, 6),
+        "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+        "+callbacks.early_stopping.monitor=val/loss",
+        "+callbacks.early_stopping.mode=min",
+        "+callbacks.early_stopping.patience=0",
+        "+callbacks.early_stopping.min_delta=100",  # no epoch improves: stops after the second
+        "test=false",
+        "logger=none",
+    ]
+    train(compose_train(tmp_path, stopping))
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    stopped = torch.load(last, weights_only=True)
+    assert stopped["epoch"] < 5
+    train(compose_train(tmp_path, [*stopping, "ckpt_path=last"]))
+    again = torch.load(last, weights_only=True)
+    assert (again["epoch"], again["global_step"]) == (stopped["epoch"], stopped["global_step"])

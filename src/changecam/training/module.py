@@ -69,6 +69,8 @@ EPOCH_LOSS_KEY = "train_loss_epoch_so_far"
 # validation that ends an epoch, before the epoch's end steps it): a resumed fit, which
 # Lightning does not let step at that epoch's end, steps on it when it starts
 PLATEAU_KEY = "plateau_step_pending"
+# the latest val/f1 when a checkpoint is written inside an epoch whose end steps the plateau
+PLATEAU_INSIDE_KEY = "plateau_latest_val_f1"
 
 
 class ChangeDetectionModule(L.LightningModule):
@@ -172,6 +174,7 @@ class ChangeDetectionModule(L.LightningModule):
         # (Lightning's own epoch mean would start again at the resume)
         self._epoch_loss: tuple[Tensor, int] | None = None
         self._plateau_pending: float | None = None
+        self._plateau_latest: float | None = None
         self._validated_since_start = False  # a validation of this fit (not the sanity check)
         self._plateau_stepped: int | None = None  # the epoch whose plateau step the module took
         self._compiled = False
@@ -409,11 +412,28 @@ class ChangeDetectionModule(L.LightningModule):
                 int(count) if first else 0,
             )
         self._plateau_pending = checkpoint.get(PLATEAU_KEY)
+        self._plateau_latest = checkpoint.get(PLATEAU_INSIDE_KEY)
 
     def _plateau(self) -> Any:
         """The ReduceLROnPlateau scheduler's config, if the fit has one."""
         configs = self._trainer.lr_scheduler_configs if self._trainer is not None else []
         return next((c for c in configs if c.reduce_on_plateau), None)
+
+    def _stay_stopped(self) -> None:
+        """A fit resumed from a checkpoint its early stopping had stopped (a requeue after a
+        kill while it was scored) trains no further, as the uninterrupted run did not:
+        Lightning restores the callback's counters but not that it stopped the fit."""
+        trainer = self._trainer
+        stopped = [
+            cb for cb in getattr(trainer, "early_stopping_callbacks", []) if cb.stopped_epoch > 0
+        ]
+        if stopped:
+            log.info(
+                "the checkpoint's run was stopped early at epoch %d (%s): it trains no further",
+                stopped[0].stopped_epoch,
+                stopped[0].monitor,
+            )
+            trainer.should_stop = True
 
     def _plateau_due(self) -> bool:
         """Whether this epoch's end steps the plateau scheduler (every ``frequency`` epochs)."""
@@ -421,6 +441,7 @@ class ChangeDetectionModule(L.LightningModule):
         return plateau is not None and (self.current_epoch + 1) % plateau.frequency == 0
 
     def on_train_start(self) -> None:
+        self._stay_stopped()
         pending, self._plateau_pending = self._plateau_pending, None
         self._validated_since_start = False
         plateau = self._plateau()
@@ -429,13 +450,15 @@ class ChangeDetectionModule(L.LightningModule):
 
     def _step_plateau_where_lightning_does_not(self) -> None:
         """Lightning does not step a plateau scheduler at the end of the epoch a fit resumed
-        into (``fit_loop.restarting``): after a checkpoint written inside that epoch, whose end
-        validated in this run, the module steps it on that ``val/f1`` as Lightning would have."""
+        into (``fit_loop.restarting``): after a checkpoint written inside that epoch the module
+        steps it as Lightning would have, on the epoch's latest ``val/f1`` (this run's, or the
+        one the checkpoint holds when the epoch did not validate again)."""
         trainer, plateau = self._trainer, self._plateau()
         if trainer is None or plateau is None or not trainer.fit_loop.restarting:
             return
-        score = trainer.callback_metrics.get("val/f1")
-        if self._validated_since_start and score is not None and self._plateau_due():
+        latest, self._plateau_latest = self._plateau_latest, None
+        score = trainer.callback_metrics.get("val/f1") if self._validated_since_start else latest
+        if score is not None and self._plateau_due():
             plateau.scheduler.step(float(score))
             self._plateau_stepped = self.current_epoch  # a checkpoint after it owes no step
 
@@ -478,6 +501,10 @@ class ChangeDetectionModule(L.LightningModule):
             checkpoint[EPOCH_LOSS_KEY] = [float(total), count]
         plateau = self._plateau()
         score = trainer.callback_metrics.get("val/f1") if trainer is not None else None
+        if plateau is not None and score is not None and inside and self._plateau_due():
+            # the latest val/f1 of this epoch so far: its end steps on it unless a later
+            # validation of the epoch comes (then the resumed run has its own)
+            checkpoint[PLATEAU_INSIDE_KEY] = float(score)
         if plateau is not None and score is not None and not inside and self._plateau_due():
             # written at an epoch's end (by its validation, or its on_train_epoch_end) that is
             # still open: it steps the plateau scheduler after this checkpoint
