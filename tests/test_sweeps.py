@@ -137,3 +137,19 @@ def test_optimized_value_names_missing_metric():
 def _clear_hydra():
     yield
     GlobalHydra.instance().clear()
+
+
+def test_a_loss_under_a_maximising_sweep_is_refused_before_the_study_is_stored(tmp_path):
+    """Refused inside the first trial, the sweeper had stored a maximising study, and the
+    direction the message named could then not be set in that sweep folder (helper-91)."""
+    sweep = tmp_path / "sweep"
+    proc = run_script(
+        "train.py",
+        ["hparams_search=optuna", "optimized_metric=val/loss", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.count("set hydra.sweeper.direction=minimize") == 1, proc.stderr[-2000:]
+    assert not sweep.exists()

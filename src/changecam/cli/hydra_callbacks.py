@@ -114,6 +114,25 @@ def sweep_dir_override(folder: Path) -> str | None:
     return override if parsed.value() == text else None
 
 
+class CheckSweepObjective(Callback):
+    """Refuse an ``optimized_metric`` the sweep cannot optimise (unknown, or a loss under a
+    sweeper that maximises) when the multirun starts: inside the first job it came after the
+    Optuna sweeper had stored its study, whose direction then cannot be set right in that
+    sweep folder."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from changecam.cli.config_checks import ConfigError
+        from changecam.cli.launch import exit_reporting
+        from changecam.cli.train import check_optimized_metric
+
+        if config.get("optimized_metric") is None or "hydra" not in config:
+            return
+        try:
+            check_optimized_metric(config)
+        except ConfigError as err:  # Hydra would only warn about a callback's exception
+            exit_reporting(err)
+
+
 class MakeSweepDir(Callback):
     """Create the sweep folder when a multirun starts, before the sweeper runs (the Optuna
     sweeper opens ``<sweep dir>/optuna.db`` before a launcher would create it).
