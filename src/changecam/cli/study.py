@@ -26,8 +26,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -253,23 +253,26 @@ def study_checks(cfg: DictConfig) -> None:
         net, hparams = read_checkpoint(path)
         warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images
         check_layers(cfg, name, net)
-    presets = read_presets() if cfg.study.train_zoo else {}
-    for name in names if cfg.study.train_zoo else ():  # before the zoo is trained
-        config = {**presets.get(name, {}), **model_overrides(cfg.study.train_overrides)}
-        net = build_on_meta(config) if "_target_" in config else None
-        if net is not None:
-            check_layers(cfg, name, net)
+    if cfg.study.train_zoo:  # each architecture as the zoo would train it, before it is
+        presets, overrides = read_presets(), model_overrides(cfg.study.train_overrides)
+        for name in names:
+            config = {**presets.get(name, {}), **overrides}
+            net = build_on_meta(config) if "_target_" in config else None
+            if net is not None:
+                check_layers(cfg, name, net)
 
 
 def model_overrides(overrides: Any) -> dict[str, Any]:
-    """The ``model.<key>=<value>`` overrides among ``study.train_overrides`` (values read as
-    YAML, as Hydra reads them)."""
+    """The ``model.<key>=<value>`` overrides among ``study.train_overrides`` (``+`` and ``++``
+    forms too), parsed and typed by Hydra's own override parser as ``train.py`` reads them."""
     found = {}
-    for override in overrides or ():
-        key, sep, value = str(override).partition("=")
-        key = key.lstrip("+")  # +model.k=v and ++model.k=v add or force the key as Hydra does
-        if sep and key.startswith("model.") and "." not in key[len("model.") :]:
-            found[key[len("model.") :]] = yaml.safe_load(value)
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides or ()])
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or override.is_sweep_override() or not key.startswith("model."):
+            continue
+        if "." not in key[len("model.") :]:
+            found[key[len("model.") :]] = override.value()
     return found
 
 

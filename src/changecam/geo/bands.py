@@ -166,27 +166,24 @@ def _per_band(value: float | Sequence[float] | None, n: int, key: str) -> tuple[
     return tuple(values)
 
 
-def band_units(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+def units_record(dataset: Any, bands: Sequence[int]) -> dict[str, list[float]] | None:
     """GDAL's scale and offset of the selected bands (``stored * scale + offset`` is the value
-    the file means, e.g. Sentinel-2 L2A's reflectance) as ``C x 1 x 1`` arrays; ``None`` where
-    every band's are 1 and 0 (the stored values are meant as they are)."""
+    the file means, e.g. Sentinel-2 L2A's reflectance), as a resume record keeps them;
+    ``None`` where every band's are 1 and 0 (the stored values are meant as they are)."""
     scales = [float(dataset.scales[b - 1]) for b in bands]
     offsets = [float(dataset.offsets[b - 1]) for b in bands]
     if all(v == 1.0 for v in scales) and all(v == 0.0 for v in offsets):
         return None
-    as_bands = [np.asarray(v, dtype=np.float32)[:, None, None] for v in (scales, offsets)]
-    return as_bands[0], as_bands[1]
+    return {"scale": scales, "offset": offsets}
 
 
-def units_record(dataset: Any, bands: Sequence[int]) -> dict[str, list[float]] | None:
-    """The selected bands' scale and offset as a resume record keeps them; ``None`` where
-    :func:`band_units` has none."""
-    if band_units(dataset, bands) is None:
+def band_units(dataset: Any, bands: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`units_record` as ``C x 1 x 1`` float32 arrays (scale, offset), or ``None``."""
+    record = units_record(dataset, bands)
+    if record is None:
         return None
-    return {
-        "scale": [float(dataset.scales[b - 1]) for b in bands],
-        "offset": [float(dataset.offsets[b - 1]) for b in bands],
-    }
+    scale, offset = (np.asarray(record[k], np.float32)[:, None, None] for k in ("scale", "offset"))
+    return scale, offset
 
 
 def read_values(dataset: Any, bands: Sequence[int], window: Window) -> np.ndarray:

@@ -21,7 +21,12 @@ from changecam.environment import usable_cores
 from changecam.explain import ExplainSettings, FaithfulnessSettings, with_threshold
 from changecam.explain.render import to_mask, to_rgb
 from changecam.models.protocol import network_config
-from changecam.training.callbacks.cam_worker import BackgroundExplainer, CamResult, explain_samples
+from changecam.training.callbacks.cam_worker import (
+    BackgroundExplainer,
+    CamResult,
+    epoch_folder,
+    explain_samples,
+)
 from changecam.training.module import ChangeDetectionModule
 
 CLASS_LABELS = {0: "no change", 1: "change"}
@@ -259,7 +264,7 @@ class CamPanels(L.Callback):
     def _logged_steps(self, epoch: int) -> set[int]:
         """The steps of ``epoch`` whose panels and scalars reached the loggers (one per
         validation; several with ``trainer.val_check_interval`` < 1): :data:`LOGGED_MARK`."""
-        mark = self.out_dir / f"epoch_{epoch:03d}" / LOGGED_MARK
+        mark = epoch_folder(self.out_dir, epoch) / LOGGED_MARK
         try:
             return {int(line) for line in mark.read_text().split()}
         except (OSError, ValueError):

@@ -76,6 +76,11 @@ class CamResult:
         return {k: v for k, v in out.items() if v is not None}
 
 
+def epoch_folder(out_dir: str | Path, epoch: int) -> Path:
+    """The folder of one epoch's panels: ``<out_dir>/epoch_<NNN>``."""
+    return Path(out_dir) / f"epoch_{epoch:03d}"
+
+
 def explain_samples(
     model: nn.Module,
     samples: dict[str, Any],
@@ -105,7 +110,7 @@ def explain_samples(
     probs = torch.sigmoid(exp.logits)
     scores = scores_from_counts(*confusion_counts(probs, mask, settings.threshold).T)
     gaps = faith.gap("both") if faith is not None else torch.full((len(exp),), math.nan)
-    epoch_dir = Path(out_dir) / f"epoch_{epoch:03d}"
+    epoch_dir = epoch_folder(out_dir, epoch)
     drawing = time.perf_counter()
     panels = [
         _draw(samples, i, exp, faith, settings, epoch_dir) for i in range(len(samples["name"]))
