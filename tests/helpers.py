@@ -40,6 +40,13 @@ def compose_train(tmp_path: Path, overrides: list[str], config_name: str = "trai
     return cfg
 
 
+# ReduceLROnPlateau in place of the cosine schedule, following val/f1 as it must (mode max)
+PLATEAU = (
+    "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+    "~module.scheduler.T_max",
+    "+module.scheduler.mode=max",
+)
+
 # the tiny network of tiny_overrides: a width-4, depth-2 Siamese U-Net
 TINY_UNET = ("model.base_channels=4", "model.depth=2")
 

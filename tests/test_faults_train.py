@@ -429,6 +429,17 @@ class ScoreLogger(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+def best_checkpoint(folder: Path) -> FiniteModelCheckpoint:
+    """``best.ckpt`` in ``folder``, by the highest val/f1 (as conf/callbacks keeps it)."""
+    return FiniteModelCheckpoint(
+        dirpath=folder,
+        filename="best",
+        monitor="val/f1",
+        mode="max",
+        enable_version_counter=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("scores", "best_epoch"),
     [
@@ -438,13 +449,7 @@ class ScoreLogger(L.LightningModule):
     ],
 )
 def test_a_nan_score_never_becomes_best(tmp_path, scores, best_epoch):
-    checkpoint = FiniteModelCheckpoint(
-        dirpath=tmp_path,
-        filename="best",
-        monitor="val/f1",
-        mode="max",
-        enable_version_counter=False,
-    )
+    checkpoint = best_checkpoint(tmp_path)
     loader = DataLoader(torch.ones(2, 1), batch_size=1)
     trainer = quiet_trainer(max_epochs=len(scores), callbacks=[checkpoint], num_sanity_val_steps=0)
     with pytest.warns(UserWarning, match="val/f1=nan at epoch"):
@@ -465,17 +470,10 @@ def test_a_run_resumed_into_another_folder_keeps_the_earlier_best(tmp_path):
     loader = DataLoader(torch.ones(2, 1), batch_size=1)
 
     def callbacks(folder: Path) -> list[L.Callback]:
-        best = FiniteModelCheckpoint(
-            dirpath=folder,
-            filename="best",
-            monitor="val/f1",
-            mode="max",
-            enable_version_counter=False,
-        )
         last = L.pytorch.callbacks.ModelCheckpoint(
             dirpath=folder, filename="last", enable_version_counter=False
         )
-        return [best, last]
+        return [best_checkpoint(folder), last]
 
     first = callbacks(tmp_path / "first")
     quiet_trainer(max_epochs=1, callbacks=first, num_sanity_val_steps=0).fit(

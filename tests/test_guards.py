@@ -20,7 +20,7 @@ from changecam.cli.config_checks import ConfigError, check_device, check_value
 from changecam.cli.train import check_training_settings, train
 from changecam.models import SiameseUNet
 from changecam.training.module import ChangeDetectionModule, NonFiniteLossError
-from helpers import compose_train, run_script, tiny_overrides
+from helpers import PLATEAU, compose_train, run_script, tiny_overrides
 
 
 def tiny(synthetic) -> list[str]:
@@ -421,27 +421,21 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
         (["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=5"], "is beyond"),
         (
             [
-                "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
-                "~module.scheduler.T_max",
-                "+module.scheduler.mode=max",
+                *PLATEAU,
                 "+trainer.limit_val_batches=0",
             ],
             r"ReduceLROnPlateau follows val/f1, but validation is off",
         ),
         (  # stepped at every step, or every epoch, with a stale val/f1 (helper-88)
             [
-                "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
-                "~module.scheduler.T_max",
-                "+module.scheduler.mode=max",
+                *PLATEAU,
                 "module.scheduler_interval=step",
             ],
             r"would step at every optimizer step \(module.scheduler_interval=step\)",
         ),
         (
             [
-                "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
-                "~module.scheduler.T_max",
-                "+module.scheduler.mode=max",
+                *PLATEAU,
                 "trainer.check_val_every_n_epoch=null",
                 "+trainer.val_check_interval=8",
             ],
@@ -473,9 +467,7 @@ def test_training_options_that_would_silently_do_something_else_are_refused_firs
     [
         ["module.scheduler_interval=step", "module.scheduler.T_max=20"],  # 20 steps, 20 epochs
         [
-            "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
-            "~module.scheduler.T_max",
-            "+module.scheduler.mode=max",
+            *PLATEAU,
         ],
         [
             "callbacks.model_checkpoint.save_top_k=2",
@@ -498,9 +490,7 @@ def test_a_plateau_schedule_with_validation_every_other_epoch_trains(tmp_path, t
     then it stepped at every epoch with the last val/f1 again (helper-83). It steps at the
     epochs that validate."""
     plateau = [
-        "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
-        "~module.scheduler.T_max",
-        "+module.scheduler.mode=max",
+        *PLATEAU,
         "+module.scheduler.patience=0",
         "trainer.max_epochs=4",
         "trainer.check_val_every_n_epoch=2",

@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from changecam.atomic import remove_stale_temporaries
 from changecam.cli.train import resolve_ckpt_path, train
 from changecam.training.checkpoint_io import AtomicCheckpointIO
-from helpers import REPO, compose_train, tiny_overrides
+from helpers import PLATEAU, REPO, compose_train, tiny_overrides
 
 EPOCHS = 2
 
@@ -306,9 +306,7 @@ def test_a_plateau_schedule_resumes_with_the_step_its_checkpoint_was_written_bef
     a checkpoint written inside it (helper-89)."""
     plateau = [
         *resume_overrides(tiny_synthetic, 4),
-        "module.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
-        "~module.scheduler.T_max",
-        "+module.scheduler.mode=max",
+        *PLATEAU,
         "+module.scheduler.patience=0",
         "+module.scheduler.threshold=100",  # every step cuts the rate
         f"trainer.check_val_every_n_epoch={every}",
