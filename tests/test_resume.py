@@ -574,6 +574,40 @@ def test_sigkill_after_a_mid_epoch_checkpoint_keeps_the_csv_rows_of_its_step(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def test_a_checkpoint_every_n_steps_on_a_validating_batch_holds_that_validation(
+    tmp_path, tiny_synthetic
+):
+    """A checkpoint every so many training steps, due on a batch a validation follows, was saved
+    before that validation (and the validation's own save skipped as of the same step): the
+    resumed run never counted it, so its early stopping (here) or best checkpoint differed from
+    an uninterrupted run's. It is saved after the validation instead."""
+    base = [
+        *resume_overrides(tiny_synthetic, 3),
+        "+trainer.val_check_interval=0.5",  # 4 batches: validations after batches 1 and 3
+        "callbacks.last_checkpoint.every_n_epochs=null",
+        "+callbacks.last_checkpoint.every_n_train_steps=2",  # due on the same batches
+        "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+        "+callbacks.early_stopping.monitor=val/loss",
+        "+callbacks.early_stopping.patience=3",
+        "+callbacks.early_stopping.min_delta=100",  # stops at the fourth validation (step 8)
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+    ]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(compose_train(full, base))
+    last = "run/checkpoints/last.ckpt"
+    assert torch.load(full / last, weights_only=True)["global_step"] == 8
+    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='1:2'"]
+    with pytest.raises(SystemExit, match="stopped at step 1:2"):
+        train(compose_train(stopped, [*base, *stop]))
+    assert torch.load(stopped / last, weights_only=True)["global_step"] == 6
+    train(compose_train(stopped, [*base, "ckpt_path=last"]))
+    metrics = "run/csv/metrics.csv"
+    assert (stopped / metrics).read_text() == (full / metrics).read_text()
+    assert_same_weights(stopped / last, full / last)
+
+
 def test_a_resume_from_a_validation_every_other_epoch_is_exact(tmp_path, tiny_synthetic):
     """With trainer.check_val_every_n_epoch=2 last.ckpt is written by a validation before its
     epoch is closed; the resumed fit re-enters that epoch and creates a loader iterator, which

@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from changecam.atomic import atomic_open
+from changecam.training.callbacks.step_checkpoint import StepCheckpoint
 
 
-class FiniteModelCheckpoint(ModelCheckpoint):
+class FiniteModelCheckpoint(StepCheckpoint):
     """``ModelCheckpoint`` whose monitored checkpoints (``best.ckpt``) hold finite scores only.
 
     Raises:

@@ -1,0 +1,75 @@
+"""A :class:`~lightning.pytorch.callbacks.ModelCheckpoint` whose step or time saves wait for
+the validation of their batch.
+
+Lightning saves a checkpoint due every so many training steps (``every_n_train_steps``) or
+seconds (``train_time_interval``) when the batch ends, before the validation that may follow
+that batch, and then skips the validation's own save as one of the same step. A run resumed
+from it never runs that validation (Lightning counts it as done): its metrics, best
+checkpoint and early stopping differed from an uninterrupted run's. Such a save is written
+after the validation instead, where a checkpoint of a validation inside an epoch is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+
+
+def validation_follows(trainer: L.Trainer) -> bool:
+    """Whether a validation runs after the training batch that is ending, as Lightning's loop
+    decides it right after the batch's ``on_train_batch_end`` hooks. ``False`` for validations
+    every so much time (``val_check_interval`` as a duration): that is decided on the clock
+    when it is asked, and a save held for a validation that then does not come is lost."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return False
+    loop = trainer.fit_loop
+    return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose saves due at the end of a training batch that a validation
+    follows are written at the end of that validation (with its monitored values)."""
+
+    _holding = False
+    _owed = False
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._holding = trainer.training and validation_follows(trainer)
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._holding = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._owed:
+            self._owed = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_validation_end(trainer, pl_module)  # skips a second save of this step
+
+    def _save_topk_checkpoint(
+        self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]
+    ) -> None:
+        if self._holding:
+            self._owed = True
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(
+        self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]
+    ) -> None:
+        if self._holding:
+            self._owed = True
+            return
+        super()._save_last_checkpoint(trainer, monitor_candidates)
