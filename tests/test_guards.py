@@ -544,6 +544,10 @@ def test_a_run_that_writes_no_checkpoint_says_so(tmp_path, tiny_synthetic, caplo
     with caplog.at_level(logging.WARNING, logger="changecam"):
         train(compose_train(tmp_path, [*base, "trainer.max_epochs=1"]))
     assert "no checkpoint was written" not in caplog.text
+    # resuming a finished run trains nothing and so writes nothing: no warning for it
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        train(compose_train(tmp_path, [*base, "trainer.max_epochs=1", "ckpt_path=last"]))
+    assert "no checkpoint was written" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="changecam"):
         train(
             compose_train(

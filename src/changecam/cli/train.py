@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -247,13 +248,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics: dict[str, Any] = {}
         if cfg.get("train"):
             before = checkpoint_files(trainer)
+            first_step = saved_global_step(ckpt_path)
             trainer.fit(
                 module,
                 datamodule=datamodule,
                 ckpt_path=ckpt_path,
             )
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-            expected = trainer.checkpoint_callbacks and not trainer.fast_dev_run
+            trained = trainer.global_step > first_step  # none resuming a finished run
+            expected = trainer.checkpoint_callbacks and not trainer.fast_dev_run and trained
             if expected and checkpoint_files(trainer) == before:
                 log.warning(
                     "no checkpoint was written: validation never ran in this run's length "
@@ -285,6 +288,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("run directory: %s", output_dir)
         print("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics
+
+
+def saved_global_step(ckpt_path: str | None) -> int:
+    """The optimizer steps a fit resumed from ``ckpt_path`` starts at (0 without one)."""
+    if ckpt_path is None:
+        return 0
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return int(saved.get("global_step", 0))
 
 
 def optimized_value(metrics: dict[str, float], metric: str | None) -> float | None:
