@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from changecam.metrics import ChangeScores, confusion_counts, mean_of, scores_from_counts
+from changecam.metrics import (
+    ChangeScores,
+    confusion_counts,
+    is_threshold,
+    mean_of,
+    scores_from_counts,
+)
 
 
 def test_hand_computed_scores():
@@ -79,3 +85,25 @@ def test_a_threshold_given_as_an_integer_is_read_as_a_probability():
     metric = ChangeScores(threshold=0)
     metric.update(torch.tensor([[0.0, 0.2]]), torch.tensor([[0.0, 1.0]]))
     assert [int(v) for v in metric._final_state()] == [1, 0, 1, 0]
+
+
+def test_a_threshold_float32_rounds_to_one_is_refused_everywhere():
+    """0.99999999 passed the [0, 1) checks but is 1.0 in float32, where the probabilities are
+    compared with it: no pixel, even p = 1, counted as change (helper-94)."""
+    from changecam.cli.common import checked_threshold
+    from changecam.explain.targets import Target
+    from changecam.models import SiameseUNet
+    from changecam.training.module import ChangeDetectionModule
+
+    sure = torch.ones(1, 1, 2, 2)
+    highest = 0.99999994  # the largest float32 below 1
+    assert is_threshold(highest) and confusion_counts(sure, sure, highest)[0, 0] == 4
+    assert not is_threshold(0.99999999) and confusion_counts(sure, sure, 0.99999999)[0, 0] == 0
+    with pytest.raises(
+        ValueError, match=r"threshold=0.99999999 must be a probability in \[0, 1\) that float32"
+    ):
+        checked_threshold(0.99999999)
+    with pytest.raises(ValueError, match="target threshold 0.99999999 must be"):
+        Target(threshold=0.99999999)
+    with pytest.raises(ValueError, match="module.threshold=0.99999999 must be"):
+        ChangeDetectionModule(SiameseUNet(3, 4, 2), threshold=0.99999999)

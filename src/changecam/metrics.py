@@ -15,6 +15,13 @@ from torch import Tensor
 from torchmetrics.classification import BinaryStatScores
 
 SCORE_NAMES: tuple[str, ...] = ("f1", "iou", "precision", "recall", "accuracy")
+THRESHOLD_RANGE = "a probability in [0, 1) that float32 keeps below 1 (at most 0.99999994)"
+
+
+def is_threshold(threshold: float) -> bool:
+    """Whether ``threshold`` can split change from no change: in [0, 1) as the float32
+    probabilities are compared with it (one that float32 rounds to 1 leaves no pixel above)."""
+    return 0.0 <= threshold < 1.0 and float(torch.tensor(threshold, dtype=torch.float32)) < 1.0
 
 
 def scores_from_counts(tp: Tensor, fp: Tensor, fn: Tensor, tn: Tensor) -> dict[str, Tensor]:

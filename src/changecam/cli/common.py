@@ -38,7 +38,7 @@ from changecam.cli.launch import Stopped, config_dir, is_multirun, log_to_file
 from changecam.data.io import read_label
 from changecam.environment import configure_environment
 from changecam.explain import ExplainSettings
-from changecam.metrics import mean_of
+from changecam.metrics import THRESHOLD_RANGE, is_threshold, mean_of
 from changecam.models import SlidingWindow, is_external
 from changecam.training.checkpoint import read_checkpoint, read_external_checkpoint
 from changecam.training.input_scale import (
@@ -337,8 +337,8 @@ def checked_threshold(value: Any, key: str = "threshold") -> float | None:
         threshold = float(value)
     except (TypeError, ValueError):  # text, a list, a mapping
         raise ValueError(f"{key}={value!r} must be a probability in [0, 1) or null") from None
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"{key}={threshold} must be a probability in [0, 1)")
+    if not is_threshold(threshold):
+        raise ValueError(f"{key}={threshold} must be {THRESHOLD_RANGE}")
     return threshold
 
 

@@ -19,6 +19,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from changecam.metrics import THRESHOLD_RANGE, is_threshold
+
 TargetKind = Literal["predicted", "ground_truth", "all", "roi"]
 TARGET_KINDS: tuple[str, ...] = get_args(TargetKind)
 
@@ -41,8 +43,8 @@ class Target:
             raise ValueError(
                 f"target kind {self.kind!r} is not allowed; expected one of {TARGET_KINDS}"
             )
-        if not 0.0 <= self.threshold < 1.0:
-            raise ValueError(f"target threshold {self.threshold} must be a probability in [0, 1)")
+        if not is_threshold(self.threshold):
+            raise ValueError(f"target threshold {self.threshold} must be {THRESHOLD_RANGE}")
 
 
 def as_target(target: Target | TargetKind) -> Target:

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
-from changecam.metrics import ChangeScores
+from changecam.metrics import THRESHOLD_RANGE, ChangeScores, is_threshold
 from changecam.training.checkpoint import describe_tensors, nonfinite_tensors, record_network
 from changecam.training.init_from import (
     FrozenParts,
@@ -121,8 +121,8 @@ class ChangeDetectionModule(L.LightningModule):
         super().__init__()
         if loss is not None and loss not in LOSSES:
             raise ValueError(f"module.loss={loss!r} is not allowed; expected one of {LOSSES}")
-        if not 0.0 <= threshold < 1.0:  # as eval.py, predict.py and explain.py check theirs
-            raise ValueError(f"module.threshold={threshold} must be a probability in [0, 1)")
+        if not is_threshold(threshold):  # as eval.py, predict.py and explain.py check theirs
+            raise ValueError(f"module.threshold={threshold} must be {THRESHOLD_RANGE}")
         if loss == "dice" and pos_weight is not None:  # a warning: a sweep may pair them
             rank_zero_warn(
                 f"module.pos_weight={pos_weight} has no effect: it weighs the BCE term, which "
