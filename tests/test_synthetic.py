@@ -360,3 +360,17 @@ def test_an_image_side_the_style_cannot_draw_is_refused_naming_the_key():
         ValueError, match=r"data.synthetic.image_size=0 is too small for style=levir"
     ):
         SyntheticSpec(image_size=0, style="levir")
+
+
+def test_levir_style_options_on_the_simple_style_are_refused():
+    """shapes, colours and landcover changed nothing in the simple style (the default), and
+    a README recipe without its ``style=levir`` trained on the plain set unawares (helper-96)."""
+    for options, named in (
+        ({"landcover": ["soil"]}, r"data.synthetic.landcover=\('soil',\)"),
+        ({"landcover": True}, "data.synthetic.landcover=True"),
+        ({"shapes": "rectangles", "colours": "simple"}, "shapes='rectangles', .*colours"),
+    ):
+        with pytest.raises(ValueError, match=f"{named}.*add data.synthetic.style=levir"):
+            SyntheticSpec(**options)
+        SyntheticSpec(style="levir", **options)
+    SyntheticSpec(landcover=[])  # no part: as off

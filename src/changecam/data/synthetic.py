@@ -135,6 +135,21 @@ class SyntheticSpec:
                 raise ValueError(
                     f"data.synthetic.{key}={getattr(self, key)!r}: choose one of {', '.join(allowed)}"
                 )
+        if self.style == "simple":  # the options of the levir style: ignored, they misled
+            ignored = [
+                f"data.synthetic.{key}={value!r}"
+                for key, value, default in (
+                    ("shapes", self.shapes, "levir"),
+                    ("colours", self.colours, "levir"),
+                    ("landcover", self.landcover, False),
+                )
+                if value != default and value != ()
+            ]
+            if ignored:
+                raise ValueError(
+                    f"{', '.join(ignored)}: only the levir style draws these options, and "
+                    "this set's style is simple; add data.synthetic.style=levir"
+                )
         smallest = SMALLEST_SIDE[self.style]  # the simple style's buildings need room
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
             raise ValueError(f"data.synthetic.image_size={self.image_size!r} must be an integer")
