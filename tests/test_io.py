@@ -68,3 +68,61 @@ def test_headers_of_images_above_pillows_pixel_limit_are_read(tmp_path, monkeypa
         Image.open(path)
     assert read_header(path).size == (64, 64) and image_size(path) == (64, 64)
     assert Image.MAX_IMAGE_PIXELS == 64 * 64 // 4
+
+
+def write_tiff(path, bands: np.ndarray, **options) -> None:
+    import warnings
+
+    import rasterio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # not georeferenced: a plain TIFF
+        with rasterio.open(
+            path, "w", driver="GTiff", count=len(bands), height=bands.shape[1],
+            width=bands.shape[2], dtype=bands.dtype, **options,
+        ) as dst:  # fmt: skip
+            dst.write(bands)
+
+
+PLANES = np.random.default_rng(0).integers(0, 256, (4, 6, 5), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("bands", "options", "mode"),
+    [
+        (PLANES[:2], {}, "2-band MinIsBlack TIFF"),  # e.g. SAR VV/VH: OpenCV kept band 1
+        (PLANES, {"photometric": "RGB"}, "4-band RGB and a band that is not alpha"),  # + NIR
+        (PLANES[:3], {"photometric": "MINISBLACK"}, "3-band MinIsBlack TIFF"),
+        (PLANES[:3].astype(np.uint16) * 200, {}, "3-band MinIsBlack TIFF"),  # Sentinel-2 style
+        (PLANES[:3].astype(np.float32), {}, "3-band float TIFF"),
+        (PLANES[:1], {"photometric": "MINISWHITE"}, "1-band MinIsWhite TIFF"),  # inverted or not
+    ],
+)
+def test_tiffs_are_judged_by_their_own_bands(tmp_path, bands, options, mode):
+    """OpenCV decoded a 2-band or a 3-band grey TIFF to its first band, copied to R, G and B,
+    and an RGB + near-infrared one as RGBA; Pillow's header named them L or RGB (accepted at
+    set-up), or could not open 16-bit and float multi-band ones and called them damaged
+    (helper-96). Each is refused for what it holds, by the header check and by the reader."""
+    from changecam.data.io import read_header
+
+    write_tiff(tmp_path / "x.tif", bands, **options)
+    header = read_header(tmp_path / "x.tif")
+    assert header.mode.startswith(mode) and header.bits == bands.dtype.itemsize * 8
+    for read in (read_image, read_label):
+        with pytest.raises(ImageReadError, match=f"x.tif is {header.bits}-bit {mode}"):
+            read(tmp_path / "x.tif")
+
+
+def test_rgb_grey_and_opaque_rgba_tiffs_read_as_stored(tmp_path):
+    from changecam.data.io import read_header
+
+    write_tiff(tmp_path / "rgb.tif", PLANES[:3], photometric="RGB")
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb.tif"), PLANES[:3].transpose(1, 2, 0))
+    opaque = np.concatenate([PLANES[:3], np.full_like(PLANES[:1], 255)])
+    write_tiff(tmp_path / "rgba.tif", opaque, photometric="RGB", alpha="YES")
+    assert read_header(tmp_path / "rgba.tif").mode == "RGBA"
+    np.testing.assert_array_equal(read_image(tmp_path / "rgba.tif"), PLANES[:3].transpose(1, 2, 0))
+    mask = (PLANES[:1] > 127).astype(np.uint8) * 255
+    write_tiff(tmp_path / "label.tif", mask)
+    assert read_header(tmp_path / "label.tif").mode == "L"
+    np.testing.assert_array_equal(read_label(tmp_path / "label.tif"), mask[0] // 255)

@@ -16,6 +16,7 @@ validation at set-up (:mod:`changecam.data.validate`) is built on it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import threading
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import cv2
 import numpy as np
@@ -50,8 +51,10 @@ class ImageReadError(ValueError):
 Order = Literal["bgr", "rgb"]
 
 
-def _decode(path: Path, kind: str) -> tuple[np.ndarray, Order]:
-    """Decode a file as it is stored, or say what is wrong with it.
+def _decode(path: Path, kind: str, check_layout: bool = True) -> tuple[np.ndarray, Order]:
+    """Decode a file as it is stored, or say what is wrong with it; a TIFF whose bands cannot
+    be an ``image`` or a ``label`` (``kind``) is refused by its tags (:func:`tiff_layout`)
+    unless ``check_layout`` is false: OpenCV decodes some of them to their first band.
 
     Returns:
         The array (H x W or H x W x C) and the order of its colour channels: ``bgr`` from
@@ -62,6 +65,10 @@ def _decode(path: Path, kind: str) -> tuple[np.ndarray, Order]:
     data = path.read_bytes()
     if data.startswith(JPEG_MAGIC):
         return _decode_jpeg(path, data), "rgb"
+    tiff = tiff_layout(io.BytesIO(data)) if check_layout else None
+    problem = tiff and layout_problem(path, tiff[0], tiff[1], kind)
+    if problem:
+        raise ImageReadError(problem)
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if array is None:
         raise ImageReadError(
@@ -201,6 +208,69 @@ class ImageHeader:
 
 IMAGE_MODES = frozenset({"1", "L", "P", "PA", "LA", "RGB", "RGBA", "CMYK"})  # read_image takes
 LABEL_MODES = frozenset({"1", "L", "P", "RGB", "I;16", "I;16B", "I;16L", "I;16N"})
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_PHOTOMETRIC = {0: "MinIsWhite", 1: "MinIsBlack", 2: "RGB", 3: "palette", 4: "mask", 5: "CMYK",
+                6: "YCbCr", 8: "CIELab"}  # fmt: skip
+_SAMPLE_KIND = {1: "", 2: "signed ", 3: "float ", 4: "undefined "}
+
+
+def layout_problem(path: Path, mode: str, bits: int, kind: str) -> str | None:
+    """Why a file of this mode and bit depth cannot be an ``image`` or a ``label``, or None."""
+    if kind == "image" and (mode not in IMAGE_MODES or bits > 8):
+        return (
+            f"{path} is {bits}-bit {mode}; expected an 8-bit RGB or grey image (convert it, e.g. "
+            "scale 16-bit data to 8 bits)"
+        )
+    if kind == "label" and mode not in LABEL_MODES:
+        return (
+            f"{path} is {bits}-bit {mode}; expected a single-band 0/255 (or 0/1) change mask, "
+            "e.g. an 8-bit grey PNG"
+        )
+    return None
+
+
+def tiff_layout(f: BinaryIO) -> tuple[str, int, int, int] | None:
+    """(mode, bits, height, width) of a TIFF's first image from its tags, or None when ``f``
+    is not a TIFF or its tags cannot be read. The mode is Pillow's name where the layout is
+    one changecam reads as such, else a description (``4-band RGB and a band that is not
+    alpha``): Pillow names a 2-band file ``L`` and RGB plus near-infrared ``RGB``, and cannot
+    open 16-bit or float multi-band files at all, while OpenCV, which decodes them, keeps
+    only the first band of some of them."""
+    from PIL import TiffImagePlugin
+
+    start = f.read(16)
+    if start[:4] not in TIFF_MAGIC:
+        return None
+    big = start[2:4] in (b"+\x00", b"\x00+")
+    try:
+        tags = TiffImagePlugin.ImageFileDirectory_v2(start if big else start[:8])
+        f.seek(tags.next)
+        tags.load(f)
+        height, width = int(tags[257]), int(tags[256])
+    except Exception:  # a header cut short or damaged: the decoder names it
+        return None
+    samples = int(tags.get(277, 1))
+    depths = tuple(tags.get(258) or (1,))
+    formats = set(tags.get(339) or (1,))
+    photometric = tags.get(262, 1 if samples < 3 else 2)  # the tag is required; some omit it
+    alpha = tuple(tags.get(338) or ())[:1] in ((1,), (2,))  # associated, unassociated
+    bits = max(depths)
+    if formats != {1} or len(set(depths)) > 1:
+        return f"{samples}-band {_SAMPLE_KIND.get(max(formats), '')}TIFF", bits, height, width
+    layouts = {
+        (1, 1): {1: "1", 8: "L", 16: "I;16"}.get(bits),
+        (1, 3): "P" if bits == 8 else None,
+        (2, 1): "LA" if alpha else None,
+        (3, 2): "RGB",
+        (3, 6): "RGB",  # YCbCr: decoded to RGB
+        (4, 2): "RGBA" if alpha else None,
+    }
+    mode = layouts.get((samples, photometric))
+    if mode is None and (samples, photometric) == (4, 2):
+        mode = "4-band RGB and a band that is not alpha (e.g. near-infrared) TIFF"
+    elif mode is None:
+        mode = f"{samples}-band {_PHOTOMETRIC.get(photometric, photometric)} TIFF"
+    return mode, bits, height, width
 
 
 def read_header(path: str | Path) -> ImageHeader:
@@ -216,11 +286,18 @@ def read_header(path: str | Path) -> ImageHeader:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
+    with open(path, "rb") as f:
+        tiff = tiff_layout(f)  # a TIFF's layout from its own tags: Pillow's mode misses bands
     try:
         with open(path, "rb") as f, _without_pixel_limit(), Image.open(f) as im:
             header = ImageHeader(path, im.format or "", im.height, im.width, im.mode, _bits(im))
             complete = _looks_complete(im, f, os.fstat(f.fileno()).st_size)
     except UnidentifiedImageError as err:
+        if tiff is not None and tiff[0] not in IMAGE_MODES | LABEL_MODES:
+            # an intact TIFF Pillow has no mode for (16-bit or float multi-band, say): named
+            # for what it holds, not called damaged
+            mode, bits, height, width = tiff
+            return ImageHeader(path, "TIFF", height, width, mode, bits)
         raise ImageReadError(
             f"{path} could not be opened as an image (unknown format, or its header is cut "
             f"short); {REPAIR_HINT}"
@@ -232,7 +309,9 @@ def read_header(path: str | Path) -> ImageHeader:
     if not complete:
         # The structure looks cut short: let the decoder judge (it names what is wrong), so a
         # file with unusual trailing data is not refused for it.
-        _decode(path, "image")
+        _decode(path, "image", check_layout=False)
+    if tiff is not None:
+        header = dataclasses.replace(header, mode=tiff[0], bits=tiff[1])
     return header
 
 

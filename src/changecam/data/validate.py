@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from changecam.data.io import (
-    IMAGE_MODES,
-    LABEL_MODES,
     ImageHeader,
+    layout_problem,
     read_header,
     read_image,
     read_label,
@@ -157,20 +156,13 @@ def triplet_headers(triplet: Triplet) -> tuple[tuple[int, int] | None, list[str]
             headers[role] = read_header(path)
         except (OSError, ValueError) as err:
             problems.append(str(err))
-    for role in ("pre", "post"):
-        header = headers.get(role)
-        if header is not None and (header.mode not in IMAGE_MODES or header.bits > 8):
-            problems.append(
-                f"{header.path} is {header.bits}-bit {header.mode}; expected an 8-bit RGB or "
-                "grey image (convert it, e.g. scale 16-bit data to 8 bits)"
-            )
+    unfit = {
+        role: layout_problem(h.path, h.mode, h.bits, "label" if role == "label" else "image")
+        for role, h in headers.items()
+    }
+    problems += [problem for problem in unfit.values() if problem]
     label = headers.get("label")
-    if label is not None and label.mode not in LABEL_MODES:
-        problems.append(
-            f"{label.path} is {label.bits}-bit {label.mode}; expected a single-band 0/255 (or "
-            "0/1) change mask, e.g. an 8-bit grey PNG"
-        )
-    elif label is not None and label.mode in COLOUR_CAPABLE_LABEL_MODES:
+    if label is not None and not unfit["label"] and label.mode in COLOUR_CAPABLE_LABEL_MODES:
         try:  # grey saved as RGB or a palette is fine; a colour label shows only in its pixels
             read_label(label.path)
         except (OSError, ValueError) as err:
