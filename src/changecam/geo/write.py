@@ -297,7 +297,7 @@ class SceneFiles:
                     dst.build_overviews(factors, OVERVIEW_RESAMPLING[what])
                     dst.update_tags(ns="rio_overview", resampling=OVERVIEW_RESAMPLING[what].name)
             if "explanation" in self.rasters:
-                write_share_overviews(self.partial("explanation"))
+                write_share_overviews(self.partial("explanation"), factors)
 
     def take_back(self, settings: str, overviews: bool) -> list[str]:
         """Rename back to their partial names the final rasters that a run with these
@@ -366,8 +366,10 @@ def share_of(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
         return np.where(total > 0, post / np.where(total > 0, total, 1), np.nan).astype(np.float32)
 
 
-def write_share_overviews(path: Path) -> None:
-    """Rewrite the ``post_share`` band of every overview of the explanation raster ``path``.
+def write_share_overviews(path: Path, factors: list[int]) -> None:
+    """Rewrite the ``post_share`` band of every overview of the explanation raster ``path``,
+    built with ``factors`` (not those rasterio reports: ``width / overview width`` rounded,
+    15 for a 200 px wide scene's 16, which gave another level's footprint or none at all).
 
     GDAL's average of the per-pixel shares weighs a pixel with almost no evidence as much as
     one with strong evidence. Each overview pixel gets instead the share of the pixels it
@@ -382,7 +384,6 @@ def write_share_overviews(path: Path) -> None:
     the next start.
     """
     with rasterio.open(path) as src:
-        factors = src.overviews(1)
         profile = {
             **src.profile,
             "count": 2,
