@@ -126,3 +126,21 @@ def test_rgb_grey_and_opaque_rgba_tiffs_read_as_stored(tmp_path):
     write_tiff(tmp_path / "label.tif", mask)
     assert read_header(tmp_path / "label.tif").mode == "L"
     np.testing.assert_array_equal(read_label(tmp_path / "label.tif"), mask[0] // 255)
+    # as they were read before the tags were (helper-98): OpenCV's RGBA has no ExtraSamples
+    # tag (alpha, as Pillow reads it); int8 and 4-bit palette 0/1 labels; CMYK
+    import cv2
+    from PIL import Image
+
+    bgra = cv2.cvtColor(opaque.transpose(1, 2, 0), cv2.COLOR_RGBA2BGRA)
+    cv2.imwrite(str(tmp_path / "cv.tif"), bgra)
+    assert read_header(tmp_path / "cv.tif").mode == "RGBA"
+    np.testing.assert_array_equal(read_image(tmp_path / "cv.tif"), PLANES[:3].transpose(1, 2, 0))
+    write_tiff(tmp_path / "int8.tif", (mask // 255).astype(np.int8))
+    np.testing.assert_array_equal(read_label(tmp_path / "int8.tif"), mask[0] // 255)
+    write_tiff(tmp_path / "nbits.tif", mask // 255, nbits=4, photometric="PALETTE")
+    np.testing.assert_array_equal(read_label(tmp_path / "nbits.tif"), mask[0] // 255)
+    cmyk = Image.fromarray(PLANES[:3].transpose(1, 2, 0)).convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.tif")
+    assert read_header(tmp_path / "cmyk.tif").mode == "CMYK"
+    expected = np.array(cmyk.convert("RGB")).astype(int)
+    assert np.abs(read_image(tmp_path / "cmyk.tif").astype(int) - expected).max() <= 1

@@ -801,3 +801,11 @@ def test_a_run_its_early_stopping_stopped_trains_no_further_when_resumed(tmp_pat
     train(compose_train(tmp_path, [*stopping, "ckpt_path=last"]))
     again = torch.load(last, weights_only=True)
     assert (again["epoch"], again["global_step"]) == (stopped["epoch"], stopped["global_step"])
+
+
+def test_a_run_validating_every_so_much_time_trains(tmp_path, tiny_synthetic):
+    """``trainer.val_check_interval='00:00:10:00'`` (Lightning's time-based validation) failed
+    building the train loader: Lightning sets no val_check_interval then (helper-98)."""
+    timed = [*resume_overrides(tiny_synthetic, 1), "+trainer.val_check_interval='00:00:10:00'"]
+    metrics = train(compose_train(tmp_path, [*timed, "logger=none", "test=false"]))
+    assert "val/f1" in metrics

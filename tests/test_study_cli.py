@@ -88,6 +88,13 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
         ("study.pass_spearman=-1", r"study.pass_spearman=-1 must be in \(0, 1\]"),
         ("study.names=[a,b]", "study.names has 2 names for 1 study.checkpoints"),
         ("study.ig.steps=0", r"^study.ig.steps=0 must be >= 1"),  # was named explain.ig.steps
+        # helper-97: these removed the earlier results, then failed (a float after a whole model)
+        ("study.dilation=1.5", "study.dilation=1.5 must be a whole number"),
+        ("study.bootstrap=10.5", "study.bootstrap=10.5 must be a whole number"),
+        ("study.pass_spearman=true", "study.pass_spearman=True must be a number"),
+        ("study.data={tmp}/absent", "study.data=.*absent is not a folder"),
+        ("study.data={tmp}/empty", "empty"),
+        ("+study.max_objects.unet=2", "study.max_objects.unet: no model of this study"),
     ],
 )
 def test_bad_study_settings_leave_an_earlier_studys_results(
@@ -98,6 +105,8 @@ def test_bad_study_settings_leave_an_earlier_studys_results(
     from changecam.cli.study import study
     from test_checkpoint import make_lightning_checkpoint
 
+    (tmp_path / "empty").mkdir()
+    override = override.format(tmp=tmp_path)
     good = make_lightning_checkpoint(tmp_path / "good" / "best.ckpt", tiny_synthetic, steps=1)
     earlier = {"study.json": "{}", "report.md": "# an earlier study"}
     (tmp_path / "run").mkdir()
@@ -255,3 +264,18 @@ def test_the_early_layer_check_reads_forced_model_overrides_and_refuses_shared_t
     cfg = compose_train(tmp_path, ["study.layers=[input,enc1]"], config_name="study")
     with pytest.raises(ConfigError, match="does not fit ens: two different Tap modules share"):
         check_layers(cfg, "ens", LayerTaps(PairOfUNets()))
+
+
+def test_one_architectures_value_is_added_to_a_per_architecture_map(tmp_path):
+    """``+study.max_objects.m2=2`` (conf/study.yaml: per architecture) was refused as a key
+    nothing reads, and only a whole new map could set one model's value (helper-97): the
+    command goes on to its own checks (here: the checkpoint is not there)."""
+    proc = run_script(
+        "study.py",
+        ["study.checkpoints=[absent.ckpt]", "study.names=[m2]", "+study.max_objects.m2=2",
+         "+study.epochs.fc_ef=3", "logger=none"],
+        cwd=tmp_path, timeout=120, check=False, env={"HYDRA_FULL_ERROR": "0"},
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "absent.ckpt" in output, output[-2000:]
+    assert "nothing reads it" not in output

@@ -55,6 +55,11 @@ def resolved(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+# maps read by key, whose keys a command adds (+study.epochs.fc_ef=3: one architecture's
+# value); the command that reads one checks its keys
+OPEN_MAPS = frozenset({"study.epochs", "study.max_objects"})
+
+
 def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
     """Raise :class:`ConfigError` listing every unknown key and invalid value of the config;
     then put numbers given as text (``seed=${oc.env:SLURM_ARRAY_TASK_ID}``) into it as numbers.
@@ -110,6 +115,8 @@ def added_key_problems(cfg: DictConfig, tree: dict[str, Any]) -> list[str]:
         parts = key.split(".")
         if any(".".join(parts[:i]) in targets for i in range(1, len(parts) + 1)):
             continue  # inside (or making) a _target_ node: its signature is checked
+        if ".".join(parts[:-1]) in OPEN_MAPS:
+            continue  # read by key: its command checks the names
         # an interpolation reads it (+run_label=x task_name=${run_label}), or a part of it
         # (${run.label}, ${labels[0]}), also as a resolver's argument (${oc.select:run_label,x})
         # or relatively (${..run_label}); not one whose path only ends in its name

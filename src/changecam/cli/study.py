@@ -42,7 +42,7 @@ from changecam.cli.common import (
     task_wrapper,
     warn_training_scale,
 )
-from changecam.cli.config_checks import ConfigError
+from changecam.cli.config_checks import OPEN_MAPS, ConfigError
 from changecam.cli.launch import CONF_DIR
 from changecam.data.io import ImageReadError, read_change_type, read_image, read_label
 from changecam.data.layout import SPLITS, find_triplets
@@ -55,7 +55,8 @@ from changecam.training.checkpoint import read_checkpoint
 from changecam.training.model_match import build_on_meta, read_presets
 
 NOT_IN_ZOO = ("external",)
-PER_ARCHITECTURE = ("epochs", "max_objects")  # study keys that may be {default: x, <arch>: y}
+# study keys that may be {default: x, <arch>: y}
+PER_ARCHITECTURE = tuple(sorted(key.removeprefix("study.") for key in OPEN_MAPS))
 
 
 def zoo_architectures(requested: list[str] | None) -> list[str]:
@@ -247,8 +248,23 @@ def study_checks(cfg: DictConfig) -> None:
         raise ConfigError(f"study.max_images={limit!r} must be a whole number >= 1 or null (all)")
     given = {} if cfg.study.train_zoo else given_checkpoints(cfg)
     names = zoo_architectures(cfg.study.get("zoo")) if cfg.study.train_zoo else list(given)
+    for key in PER_ARCHITECTURE:  # a mistyped name would leave its value unread
+        value = cfg.study.get(key)
+        known = {"default", *names, *zoo_architectures(None)}
+        unknown = sorted(set(value) - known) if isinstance(value, Mapping) else []
+        if unknown:
+            raise ConfigError(
+                f"study.{key}.{unknown[0]}: no model of this study nor architecture is named "
+                f"{unknown[0]!r} (the study's models: {', '.join(names)})"
+            )
     for name in names:  # bad study values fail here, before any training
         study_settings(cfg, name)
+    data = cfg.study.get("data")
+    if data:  # a mistyped folder failed after the earlier study's results were removed
+        if not Path(data).is_dir():
+            raise FileNotFoundError(f"study.data={data} is not a folder")
+        if not find_triplets(Path(data), cfg.study.split):
+            raise FileNotFoundError(f"no labelled pairs in split {cfg.study.split!r} of {data}")
     for name, path in given.items():  # a bad checkpoint fails here, not after the models before it
         net, hparams = read_checkpoint(path)
         warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images

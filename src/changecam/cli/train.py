@@ -9,7 +9,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -248,14 +247,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics: dict[str, Any] = {}
         if cfg.get("train"):
             before = checkpoint_files(trainer)
-            first_step = saved_global_step(ckpt_path)
             trainer.fit(
                 module,
                 datamodule=datamodule,
                 ckpt_path=ckpt_path,
             )
             best = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
-            trained = trainer.global_step > first_step  # none resuming a finished run
+            start = getattr(module, "fit_start_step", 0)  # None: a resume of a finished run
+            trained = start is not None and trainer.global_step > start
             expected = trainer.checkpoint_callbacks and not trainer.fast_dev_run and trained
             if expected and checkpoint_files(trainer) == before:
                 log.warning(
@@ -288,14 +287,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("run directory: %s", output_dir)
         print("final metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return metrics
-
-
-def saved_global_step(ckpt_path: str | None) -> int:
-    """The optimizer steps a fit resumed from ``ckpt_path`` starts at (0 without one)."""
-    if ckpt_path is None:
-        return 0
-    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    return int(saved.get("global_step", 0))
 
 
 def optimized_value(metrics: dict[str, float], metric: str | None) -> float | None:

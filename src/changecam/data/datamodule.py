@@ -69,6 +69,8 @@ STAGE_SPLITS: dict[str, tuple[Split, ...]] = {
 def checkpoints_inside_epochs(trainer: L.Trainer) -> bool:
     """Whether the fit may write a checkpoint inside an epoch: a validation inside it
     (``trainer.val_check_interval``), or a checkpoint every so many steps or seconds."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
+        return True  # validations every so much time ("00:00:01:00"): no val_check_interval
     interval = trainer.val_check_interval  # an int counts batches, a float is a fraction
     if isinstance(interval, int) or interval != 1.0:
         return True

@@ -230,9 +230,10 @@ def layout_problem(path: Path, mode: str, bits: int, kind: str) -> str | None:
 
 
 def tiff_layout(f: BinaryIO) -> tuple[str, int, int, int] | None:
-    """(mode, bits, height, width) of a TIFF's first image from its tags, or None when ``f``
-    is not a TIFF or its tags cannot be read. The mode is Pillow's name where the layout is
-    one changecam reads as such, else a description (``4-band RGB and a band that is not
+    """(mode, bits, height, width) of a multi-band TIFF's first image from its tags, or None
+    when ``f`` is not a TIFF, its tags cannot be read, or it has one band (not MinIsWhite),
+    which Pillow's header names rightly. The mode is Pillow's name where the layout is one
+    changecam reads as such, else a description (``4-band RGB and a band that is not
     alpha``): Pillow names a 2-band file ``L`` and RGB plus near-infrared ``RGB``, and cannot
     open 16-bit or float multi-band files at all, while OpenCV, which decodes them, keeps
     only the first band of some of them."""
@@ -253,17 +254,21 @@ def tiff_layout(f: BinaryIO) -> tuple[str, int, int, int] | None:
     depths = tuple(tags.get(258) or (1,))
     formats = set(tags.get(339) or (1,))
     photometric = tags.get(262, 1 if samples < 3 else 2)  # the tag is required; some omit it
-    alpha = tuple(tags.get(338) or ())[:1] in ((1,), (2,))  # associated, unassociated
+    # no ExtraSamples tag: alpha, as Pillow reads it (OpenCV writes RGBA so); 0 says it is not
+    alpha = tuple(tags.get(338) or (1,))[:1] in ((1,), (2,))  # associated, unassociated
     bits = max(depths)
+    if samples == 1:  # one band cannot be misread as others: Pillow's mode, the values judge
+        if photometric == 0:  # GDAL reads the values as stored, Pillow and OpenCV inverted
+            return "1-band MinIsWhite TIFF", bits, height, width
+        return None
     if formats != {1} or len(set(depths)) > 1:
         return f"{samples}-band {_SAMPLE_KIND.get(max(formats), '')}TIFF", bits, height, width
     layouts = {
-        (1, 1): {1: "1", 8: "L", 16: "I;16"}.get(bits),
-        (1, 3): "P" if bits == 8 else None,
         (2, 1): "LA" if alpha else None,
         (3, 2): "RGB",
         (3, 6): "RGB",  # YCbCr: decoded to RGB
         (4, 2): "RGBA" if alpha else None,
+        (4, 5): "CMYK",  # decoded to RGB
     }
     mode = layouts.get((samples, photometric))
     if mode is None and (samples, photometric) == (4, 2):

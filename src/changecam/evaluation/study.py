@@ -134,6 +134,18 @@ class StudySettings:
                 f"study.methods: unknown method(s) {bad or list(self.methods)}; expected some of "
                 f"{list(STUDY_METHODS)}"
             )
+        optional = ("context", "max_objects")  # null: the whole image, every object
+        for key in (*optional, "dilation", "faithfulness_steps", "randomisation_images",
+                    "randomisation_points", "pass_spearman", "bootstrap", "objects_per_pass",
+                    "seed"):  # fmt: skip
+            value = getattr(self, key)
+            number = (int, float) if key == "pass_spearman" else int
+            if (value is None and key in optional) or (
+                isinstance(value, number) and not isinstance(value, bool)
+            ):
+                continue
+            kind = "a number" if key == "pass_spearman" else "a whole number"
+            raise ValueError(f"study.{key}={value!r} must be {kind}")
         for key in ("dilation", "faithfulness_steps", "randomisation_images"):
             if getattr(self, key) < 0:
                 raise ValueError(f"study.{key}={getattr(self, key)} must be >= 0")

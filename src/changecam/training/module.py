@@ -174,6 +174,9 @@ class ChangeDetectionModule(L.LightningModule):
         # (Lightning's own epoch mean would start again at the resume)
         self._epoch_loss: tuple[Tensor, int] | None = None
         self._plateau_pending: float | None = None
+        # the step this process's fit started training at (None: it trained nothing, a resume
+        # of a finished run); train.py's "no checkpoint was written" counts on it
+        self.fit_start_step: int | None = None
         self._plateau_latest: float | None = None
         self._validated_since_start = False  # a validation of this fit (not the sanity check)
         self._plateau_stepped: int | None = None  # the epoch whose plateau step the module took
@@ -441,6 +444,7 @@ class ChangeDetectionModule(L.LightningModule):
         return plateau is not None and (self.current_epoch + 1) % plateau.frequency == 0
 
     def on_train_start(self) -> None:
+        self.fit_start_step = self.trainer.global_step
         self._stay_stopped()
         pending, self._plateau_pending = self._plateau_pending, None
         self._validated_since_start = False
