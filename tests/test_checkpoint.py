@@ -154,6 +154,20 @@ def test_lightning_checkpoint_loads_with_its_stored_config(tmp_path, tiny_synthe
         assert torch.equal(value, raw[f"net.{key}"]), key
 
 
+def test_a_model_config_that_builds_another_network_than_the_checkpoint_is_refused(
+    tmp_path, tiny_synthetic
+):
+    """eval/predict/explain with ``model.fusion=absdiff`` on a ``fusion=diff`` checkpoint (the
+    same weight shapes) scored it as that other network without a word (helper-93); the
+    network the file records, given again, is fine."""
+    path = make_lightning_checkpoint(tmp_path / "tiny.ckpt", tiny_synthetic, fusion="diff")
+    with pytest.raises(CheckpointError, match="fusion: 'diff' in the checkpoint, 'absdiff' now"):
+        load_network(path, model_cfg(fusion="absdiff"))
+    again = load_network(path, model_cfg(fusion="diff"))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                 load_network(path).state_dict().values()))  # fmt: skip
+
+
 def test_plain_state_dict_needs_a_model_config_and_then_loads(tmp_path):
     torch.manual_seed(1)
     source = SiameseUNet(3, 4, 2, "absdiff", shared_encoder=False).eval()

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
 from torch import nn
 
@@ -327,6 +328,13 @@ def read_checkpoint(
         )
     net = build_network(cfg)
     check_fits(path, cfg, net.state_dict(), state, stored_cfg)
+    changed = config_changes(stored_cfg, model_cfg)
+    if changed:  # the same weight shapes: the scores would be another network's
+        raise CheckpointError(
+            f"{path} records its network, and the model config given builds another with "
+            f"weights of the same shapes ({'; '.join(changed)}): leave model= and model.* out "
+            "(they choose the network of a plain state_dict)"
+        )
     net.load_state_dict(state, strict=True)
     hparams = obj.get("hyper_parameters") if stored_cfg is not None else None
     hparams = dict(hparams) if isinstance(hparams, Mapping) else {}
@@ -340,6 +348,33 @@ def is_lightning_checkpoint(obj: Mapping[str, Any]) -> bool:
     return isinstance(obj.get("state_dict"), Mapping) and (
         CONFIG_KEY in obj or "pytorch-lightning_version" in obj
     )
+
+
+def config_changes(stored: Mapping[str, Any] | None, given: Mapping[str, Any] | None) -> list[str]:
+    """``key: <stored> in the checkpoint, <given> now`` for each network setting the two
+    configs hold differently (keys an older checkpoint does not record are left out: they had
+    their defaults); none when either is missing."""
+    if not stored or not given:
+        return []
+
+    def same(key: str) -> bool:
+        if key == "_target_":  # changecam.models.SiameseUNet is ...siamese_unet.SiameseUNet
+            return target_object(stored[key]) is target_object(given[key])
+        return stored[key] == given[key]
+
+    return [
+        f"{key}: {stored[key]!r} in the checkpoint, {given[key]!r} now"
+        for key in sorted(set(stored) & set(given), key=str)
+        if not same(key)
+    ]
+
+
+def target_object(target: Any) -> Any:
+    """What a ``_target_`` names (the text itself where it cannot be imported)."""
+    try:
+        return hydra.utils.get_object(str(target))
+    except Exception:  # an unimportable target: compared as written
+        return str(target)
 
 
 def check_resume_checkpoint(path: str | Path, net: nn.Module) -> None:
@@ -364,13 +399,8 @@ def check_resume_checkpoint(path: str | Path, net: nn.Module) -> None:
     built = network_config(net) or {}
     cfg = built or {"_target_": f"{type(net).__module__}.{type(net).__qualname__}"}
     check_fits(path, cfg, net.state_dict(), state, stored_cfg)
-    # the same weight shapes (checked above), another network: fusion=diff vs absdiff (keys an
-    # older checkpoint does not record are left out: they had their defaults)
-    changed = [
-        f"{key}: {stored_cfg[key]!r} in the checkpoint, {built[key]!r} now"
-        for key in sorted(set(stored_cfg or {}) & set(built), key=str)
-        if stored_cfg[key] != built[key]
-    ]
+    # the same weight shapes (checked above), another network: fusion=diff vs absdiff
+    changed = config_changes(stored_cfg, built)
     if changed:
         raise CheckpointError(
             f"{path} was trained as another network than the run's model config builds, with "
