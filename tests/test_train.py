@@ -20,6 +20,7 @@ from changecam.cli.train import train
 from changecam.explain import ExplainSettings
 from changecam.training.callbacks.cam_panels import CamPanels
 from helpers import REPO, compose_train, run_script, tiny_overrides
+from wandb_offline import exit_code
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -176,7 +177,28 @@ def test_short_run_leaves_checkpoints_metrics_and_wandb(tmp_path, tiny_synthetic
     assert json.loads((run / "metrics.json").read_text())["val/f1"] == pytest.approx(
         metrics["val/f1"]
     )
-    assert list((run / "wandb").glob("offline-run-*")), "an offline W&B run under the run directory"
+    (offline,) = (run / "wandb").glob("offline-run-*")  # an offline W&B run in the run folder
+    assert exit_code(offline) == 0
+
+
+def test_a_failed_run_is_a_failed_wandb_run(tmp_path, tiny_synthetic):
+    """task_wrapper finished the W&B run before W&B's own hook saw the exception, so a crash or
+    a Ctrl-C showed as a successful run (exit code 0) once synced (helper-99)."""
+    cfg = compose_train(
+        tmp_path,
+        [
+            "experiment=quickstart",
+            "trainer.max_epochs=2",
+            "logger=wandb",
+            *tiny_overrides(tiny_synthetic),
+            "+callbacks.stop._target_=slow_steps.StopAt",
+            "+callbacks.stop.at='1:0'",
+        ],
+    )
+    with pytest.raises(SystemExit, match="stopped at step 1:0"):
+        train(cfg)
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert exit_code(offline) == 1
 
 
 def test_checkpoint_is_weights_only_loadable_and_train_false_scores_it(tmp_path, tiny_synthetic):

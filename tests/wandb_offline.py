@@ -43,21 +43,31 @@ def records(path: Path) -> list:
     return out
 
 
-def history(run_dir: Path) -> list[dict]:
-    """Every ``run.log`` call of an offline run, as {key: decoded value}, once the run's log
-    is complete (ends with its ``exit`` record)."""
+def complete_records(run_dir: Path) -> list:
+    """The records of an offline run once its log is complete (ends with its ``exit``)."""
     (path,) = run_dir.glob("run-*.wandb")
     deadline = time.monotonic() + COMPLETE_WAIT_S
     while True:
         found = records(path)
         if found and found[-1].WhichOneof("record_type") == "exit":
-            break
+            return found
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"{path} has no exit record {COMPLETE_WAIT_S:.0f} s after wandb.finish() "
                 f"({len(found)} records)"
             )
         time.sleep(0.1)
+
+
+def exit_code(run_dir: Path) -> int:
+    """The exit code an offline run was finished with (W&B shows one other than 0 as failed)."""
+    return complete_records(run_dir)[-1].exit.exit_code
+
+
+def history(run_dir: Path) -> list[dict]:
+    """Every ``run.log`` call of an offline run, as {key: decoded value}, once the run's log
+    is complete (ends with its ``exit`` record)."""
+    found = complete_records(run_dir)
     return [
         {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
         for r in found

@@ -93,13 +93,14 @@ def compose_config(config_name: str, overrides: list[str], root: str | Path) -> 
     return cfg
 
 
-def close_wandb() -> None:
-    """Finish the active W&B run, if W&B was imported and a run is open."""
+def close_wandb(exit_code: int = 0) -> None:
+    """Finish the active W&B run, if W&B was imported and a run is open, with the command's
+    ``exit_code`` (W&B shows a run that ends with one other than 0 as failed)."""
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
 
 
 def stop_on_full_disk(err: DiskFullError) -> typing.NoReturn:
@@ -123,12 +124,17 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> Any:
         configure_environment()
+        exit_code = 1  # W&B's own exit hook has not seen the exception yet: it would say 0
         try:
-            return task(cfg)
+            result = task(cfg)
+            exit_code = 0
+            return result
         except SystemExit as err:
             # Lightning ends its loops on SIGTERM with a SystemExit of status 0
             if type(err).__name__ != "SIGTERMException":
+                exit_code = err.code if isinstance(err.code, int) else int(err.code is not None)
                 raise
+            exit_code = Stopped.exit_code
             raise Stopped(f"stopped by SIGTERM; {resume_hint(cfg)}") from None
         except Exception as err:
             full = disk_full_error(err)
@@ -136,7 +142,7 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
                 stop_on_full_disk(full)
             raise
         finally:
-            close_wandb()
+            close_wandb(exit_code)
 
     return wrapped
 
