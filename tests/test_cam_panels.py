@@ -357,3 +357,22 @@ def test_samples_of_a_validation_split_of_several_sizes_share_one(tmp_path):
     trainer = SimpleNamespace(val_dataloaders=SimpleNamespace(dataset=dataset))
     samples = CamPanels(tmp_path, k=8)._fixed_samples(trainer)
     assert sorted(samples["name"]) == ["b", "c", "e"] and samples["pre"].shape[-2:] == (32, 48)
+
+
+def test_the_candidates_spread_over_the_whole_validation_split(tmp_path):
+    """The stride rounded down and the list cut at max_candidates: of 500 samples only the
+    first 256 were scanned, and the panels never showed the change in the rest (helper-99)."""
+    from types import SimpleNamespace
+
+    def item(index: int) -> dict:
+        mask = torch.zeros(1, 4, 4)
+        mask[0, : 1 + index % 4] = float(index >= 300)  # change in the last 200 only
+        pre, post = torch.rand(3, 4, 4), torch.rand(3, 4, 4)
+        return {"pre": pre, "post": post, "mask": mask, "name": f"s{index:03d}"}
+
+    trainer = SimpleNamespace(
+        val_dataloaders=SimpleNamespace(dataset=[item(i) for i in range(500)])
+    )
+    samples = CamPanels(tmp_path, k=4)._fixed_samples(trainer)  # max_candidates=256
+    indexes = sorted(int(name[1:]) for name in samples["name"])
+    assert sum(i >= 300 for i in indexes) == 2, indexes  # half of k: the most change

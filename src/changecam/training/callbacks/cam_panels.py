@@ -184,8 +184,8 @@ class CamPanels(L.Callback):
         if self.samples is None:
             loader = trainer.val_dataloaders
             dataset = (loader[0] if isinstance(loader, list | tuple) else loader).dataset
-            stride = max(1, len(dataset) // self.max_candidates)
-            candidates = list(range(0, len(dataset), stride))[: self.max_candidates]
+            stride = -(-len(dataset) // self.max_candidates)  # rounded up: the whole split
+            candidates = list(range(0, len(dataset), stride))
             items = [dataset[i] for i in candidates]
             # one batch, so one size (data.eval_protocol=full keeps every image's own)
             sizes = Counter(tuple(it["pre"].shape[-2:]) for it in items)
