@@ -615,6 +615,16 @@ def test_optimized_metric_is_judged_first_and_a_run_without_it_returns_none(
     check_optimized_metric(
         compose_train(tmp_path, [*minimised, "hydra.sweeper.direction=minimize"])
     )
+    # a sweep needs the value of every trial: a split the config leaves out is refused up
+    # front (its first trial failed after training, helper-101); a single run only warns
+    for split_off, metric in (
+        (["test=false"], "test/f1"),
+        (["+trainer.limit_val_batches=0"], "val/f1"),
+    ):
+        left_out = compose_train(tmp_path, [*base, *split_off, f"optimized_metric={metric}"])
+        with pytest.raises(ConfigError, match=f"{split_off[0].lstrip('+')}: no run returns"):
+            check_optimized_metric(left_out, sweep=True)
+        check_optimized_metric(left_out, sweep=False)
     off = [*base, "trainer.max_epochs=1", "+trainer.limit_val_batches=0", "test=true"]
     with caplog.at_level(logging.WARNING, logger="changecam"):
         assert train_and_score(compose_train(tmp_path / "off", off)) is None

@@ -103,7 +103,7 @@ def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModu
 
 def train_checks(cfg: DictConfig) -> None:
     """train.py's own refusals, before anything is written."""
-    check_optimized_metric(cfg)
+    check_optimized_metric(cfg, sweep=in_sweep())
     if cfg.get("train"):
         check_training_settings(cfg)
 
@@ -306,9 +306,10 @@ RUN_METRICS = tuple(
 )
 
 
-def check_optimized_metric(cfg: DictConfig) -> None:
+def check_optimized_metric(cfg: DictConfig, sweep: bool = True) -> None:
     """Refuse an ``optimized_metric`` no run returns (a typo would fail only after training,
-    in a sweep after its first trial).
+    in a sweep after its first trial); in a ``sweep`` also one of a split the run's config
+    leaves out (``test=false``; a single run only warns then, as it needs no value).
 
     Raises:
         ConfigError: naming the metric and the ones a run returns.
@@ -320,6 +321,17 @@ def check_optimized_metric(cfg: DictConfig) -> None:
         raise ConfigError(
             f"optimized_metric={metric} is not a metric a run returns (one of "
             f"{', '.join(RUN_METRICS)}){hint}"
+        )
+    stage = str(metric).split("/")[0] if metric else None
+    skipped = {  # the splits whose scores this run's config leaves out
+        "test": "test=false" if not cfg.get("test") else None,
+        "val": "trainer.limit_val_batches=0"
+        if OmegaConf.select(cfg, "trainer.limit_val_batches", default=1) == 0
+        else None,
+    }.get(stage)
+    if skipped and sweep:  # the first trial failed after training
+        raise ConfigError(
+            f"optimized_metric={metric}, but {skipped}: no run returns {stage} scores"
         )
     direction = sweeper_direction(cfg)
     direction = getattr(direction, "name", direction)  # Optuna's sweeper may hold its enum
