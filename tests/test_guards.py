@@ -650,3 +650,38 @@ def test_the_resume_hint_does_not_offer_an_earlier_runs_last_checkpoint(tmp_path
     assert resume_hint(compose_train(tmp_path, [*base, "ckpt_path=last"])).startswith("resume it")
     last.touch()  # this run's first checkpoint
     assert resume_hint(cfg).startswith("resume it")
+
+
+def test_an_optuna_sweep_stopped_says_to_continue_its_study_not_to_resume(tmp_path):
+    """The hint said ckpt_path=last, but an Optuna study's trials start in new folders (none
+    resumes), and the same sampler seed proposed the interrupted trial's point again
+    (helper-101): it says to continue the study with another seed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from changecam.cli.common import resume_hint
+    from changecam.cli.launch import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    for search, expected in (
+        (["hparams_search=optuna"], "continue its study"),
+        ([], "resume its sweep"),
+    ):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(
+                "train", [*search, f"hydra.sweep.dir={tmp_path}"], return_hydra_config=True
+            )
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.paths.output_dir = str(tmp_path / "0")
+        HydraConfig.instance().set_config(cfg)
+        try:
+            hint = resume_hint(cfg)
+        finally:
+            GlobalHydra.instance().clear()
+            HydraConfig.instance().cfg = None
+        assert hint.startswith(expected) and str(tmp_path) in hint, hint
+    assert "another hydra.sweeper.sampler.seed" not in hint

@@ -165,6 +165,14 @@ def resume_hint(cfg: DictConfig) -> str:
         return (
             "run it again (it stopped before its first checkpoint, so there is nothing to resume)"
         )
+    if is_multirun() and "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower():
+        # its trials start in new folders: ckpt_path=last would resume none of them, and the
+        # same sampler seed would propose the interrupted trial's point again
+        return (
+            f"continue its study with the same command, hydra.sweep.dir="
+            f"{HydraConfig.get().sweep.dir} and another hydra.sweeper.sampler.seed (the "
+            "interrupted trial is not resumed)"
+        )
     if is_multirun():
         return (
             f"resume its sweep with the same command and ckpt_path=last "
