@@ -685,3 +685,35 @@ def test_an_optuna_sweep_stopped_says_to_continue_its_study_not_to_resume(tmp_pa
             HydraConfig.instance().cfg = None
         assert hint.startswith(expected) and str(tmp_path) in hint, hint
     assert "another hydra.sweeper.sampler.seed" not in hint
+
+
+def test_the_wandb_runs_of_a_continued_study_have_names_of_their_own(tmp_path):
+    """Named <task_name>/<job number>, the first trial of a continued Optuna study had the name
+    of the first study's first trial, in the same group (helper-99): named by the job folder."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from changecam.cli.common import configure_wandb
+    from changecam.cli.launch import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    overrides = ["hparams_search=optuna", "logger=wandb", f"hydra.sweep.dir={tmp_path}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    names = []
+    try:
+        for started in ("2026-12-06_18-07-56", "2026-12-06_18-08-10"):  # two invocations
+            run = cfg.copy()
+            configure_wandb(run, tmp_path / f"{started}_0")
+            names.append(run.logger.wandb.name)
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+    assert names == ["train/2026-12-06_18-07-56_0", "train/2026-12-06_18-08-10_0"]

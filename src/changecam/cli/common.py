@@ -532,7 +532,7 @@ def configure_wandb(cfg: DictConfig, output_dir: str | Path, resumes: bool = Fal
     """Fill in the W&B logger's run id (kept on resume) and, in a sweep, a shared group.
 
     A value set in the config (``logger.wandb.id``/``group``) is kept. The runs of one
-    multirun get the group ``<task_name>/<sweep folder>`` and the name ``<task_name>/<job number>``.
+    multirun get the group ``<task_name>/<sweep folder>`` and the name ``<task_name>/<job folder>``.
     """
     loggers = cfg.get("logger") or {}
     for conf in loggers.values():
@@ -545,4 +545,6 @@ def configure_wandb(cfg: DictConfig, output_dir: str | Path, resumes: bool = Fal
                 hydra_cfg = HydraConfig.get()
                 if conf.get("group") is None:
                     conf.group = f"{cfg.task_name}/{Path(hydra_cfg.sweep.dir).name}"
-                conf.name = f"{conf.get('name') or cfg.task_name}/{hydra_cfg.job.num}"
+                # the job's folder: <job number>, or <start time>_<job number> under Optuna,
+                # whose continued study numbers its trials from 0 again
+                conf.name = f"{conf.get('name') or cfg.task_name}/{Path(output_dir).name}"
