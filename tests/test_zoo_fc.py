@@ -218,3 +218,13 @@ def test_fast_dev_run_with_the_quickstart_experiment(tmp_path, tiny_synthetic, n
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == pytest.approx(metrics)
     # the CAM panels of the two fixed validation samples (FC-EF's at its input layer)
     assert len(list((tmp_path / "run" / "cam").rglob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_a_plain_state_dict_is_matched_to_its_own_network(name):
+    """The three have the same key names: FC-EF, tried first, took the tie although its widths
+    fit no FC-Siam file, and the refusal suggested model=fc_ef again and again (helper-93)."""
+    from changecam.training.model_match import match_state
+
+    match, score = match_state(NETS[name](base_channels=4).state_dict())
+    assert score == 1.0 and match.name == name and match.fitted["base_channels"] == 4

@@ -289,10 +289,12 @@ def match_state(
             if shapes is None:
                 continue
             score = len(names & set(shapes)) / len(names | set(shapes))
-            if score <= best[0]:
+            # the same key names tie (FC-EF and the FC-Siam networks): each is tried for widths
+            if score < best[0] or (score == best[0] and score < 1.0):
                 continue
             fitted = _infer_widths(variant, shapes, state) if score == 1.0 else None
-            best = (score, ModelMatch(name, _without_target(preset), fitted, defaults))
             if fitted is not None:
-                return best[1], 1.0
+                return ModelMatch(name, _without_target(preset), fitted, defaults), 1.0
+            if score > best[0]:
+                best = (score, ModelMatch(name, _without_target(preset), None, defaults))
     return best[1], best[0]
