@@ -194,3 +194,14 @@ def test_valid_region_is_never_modified_and_empty_target_gives_nan():
         faithfulness(model, pre, post, exp, layer="fuse1")
     with pytest.raises(ValueError, match="must match the explanation"):
         faithfulness(model, pre[..., :8, :8], post[..., :8, :8], exp)
+
+
+@pytest.mark.parametrize("cap", [0, -5, 1.5, True])
+def test_a_pixel_cap_below_one_is_refused(cap):
+    """max_batch_pixels=0 or -5 ran the curves one counterfactual per pass, unannounced, where
+    every other size of the block below 1 is refused (helper-100)."""
+    from changecam.explain import FaithfulnessSettings
+
+    with pytest.raises(ValueError, match="explain.faithfulness.max_batch_pixels=.* must be >= 1"):
+        FaithfulnessSettings(max_batch_pixels=cap)
+    assert FaithfulnessSettings(max_batch_pixels=64 * 64 * 4).batch_size_for(64 * 64) == 4

@@ -114,6 +114,11 @@ class FaithfulnessSettings:
             raise ValueError(
                 f"explain.faithfulness.dates has {bad}; expected some of {CURVE_DATES}"
             )
+        cap = self.max_batch_pixels  # below 1 ran one counterfactual per pass, unannounced
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(
+                f"explain.faithfulness.max_batch_pixels={cap!r} must be >= 1 or null (no cap)"
+            )
 
     def batch_size_for(self, pixels: int) -> int:
         """Pairs per forward pass for images of ``pixels`` pixels."""
