@@ -27,7 +27,7 @@ from shapely.geometry import box, shape
 
 import changecam.geo.write
 from changecam.cli.config_checks import ConfigError
-from changecam.cli.predict import read_probability
+from changecam.cli.predict import predict, read_probability
 from changecam.cli.scenes import SceneFailure
 from changecam.data.io import write_png
 from changecam.data.transforms import image_to_tensor
@@ -51,6 +51,7 @@ from geo_scenes import (
     synthetic_pair,
     write_scene,
 )
+from helpers import compose_train
 from test_checkpoint import make_lightning_checkpoint
 
 
@@ -1257,3 +1258,26 @@ def test_a_joint_percentile_stretch_needs_one_data_type(tmp_path):
         ),
     ):
         pair_scalings(pair.pre, pair.post, (1, 2, 3), "percentile_joint")
+
+
+def test_a_rerun_of_the_other_input_kind_removes_the_earlier_outputs(tmp_path, ckpt, pair):
+    """Scenes, then PNG pairs into the same run folder (and the reverse) left the first run's
+    outputs beside a report that did not list them (helper-100)."""
+    images = changed_pair(128)
+    pngs = [write_png(tmp_path / f"{name}.png", image) or tmp_path / f"{name}.png"
+            for name, image in zip(("a", "b"), images, strict=True)]  # fmt: skip
+    no_panels = ["explain.enabled=false"]
+    run = tmp_path / "run"
+    run_scene(tmp_path, ckpt, *pair, *no_panels)
+    assert (run / "pre" / "scene.json").is_file()
+    png = compose_train(
+        tmp_path,
+        [*FAST, f"ckpt_path={ckpt}", f"input.pre={pngs[0]}", f"input.post={pngs[1]}", *no_panels],
+        "predict",
+    )
+    assert [p["name"] for p in predict(png)["pairs"]] == ["a"]
+    assert not (run / "pre").exists(), "the earlier run's scene"
+    assert (run / "masks" / "a.png").is_file()
+    run_scene(tmp_path, ckpt, *pair, *no_panels)
+    assert not (run / "masks" / "a.png").exists() and not (run / "predictions.jsonl").exists()
+    assert (run / "pre" / "scene.json").is_file()

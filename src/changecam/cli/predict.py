@@ -73,7 +73,7 @@ from changecam.cli.common import (
     warn_training_scale,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.cli.scenes import check_scene_settings, predict_scenes
+from changecam.cli.scenes import check_scene_settings, predict_scenes, remove_scenes_except
 from changecam.data.io import (
     PROBABILITY_SCALE,
     ImageReadError,
@@ -394,6 +394,17 @@ class PredictionLog:
         log.info("resuming %s: %d pair(s) already done", self.run_dir, len(done))
         return done
 
+    def clear(self) -> None:
+        """Remove an earlier PNG run's pair outputs and log (for a run of GeoTIFF scenes in
+        the same folder, beside whose report they would look like its own)."""
+        records = self.records()
+        folders = [self.run_dir / f for f in set(PAIR_FOLDERS.values())]
+        if records or any(f.is_dir() and any(f.glob("*.png")) for f in folders):
+            log.warning("removing the PNG pairs an earlier predict run left in %s", self.run_dir)
+        self.remove_files(records)
+        self.remove_unlisted(keep=set(), warn=False)
+        self.path.unlink(missing_ok=True)
+
     def check_settings(self, first: dict[str, Any], settings: dict[str, Any]) -> None:
         before = first.get("settings") if first.get("status") == "started" else None
         if before is None:
@@ -423,7 +434,7 @@ class PredictionLog:
                 if root in path.parents:
                     path.unlink(missing_ok=True)
 
-    def remove_unlisted(self, keep: set[str]) -> None:
+    def remove_unlisted(self, keep: set[str], warn: bool = True) -> None:
         """Remove the pair files in the run directory's pair folders that no ``done`` line of
         this run lists (``keep``: relative paths): a kill between a pair's renames and its log
         line leaves some or all of them, and they would look finished beside a report that
@@ -440,7 +451,7 @@ class PredictionLog:
         ]
         for path in unlisted:
             path.unlink(missing_ok=True)
-        if unlisted:
+        if unlisted and warn:
             log.warning(
                 "removed %d file(s) a killed run wrote but did not log: %s",
                 len(unlisted),
@@ -495,6 +506,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     net = inference_network(net, device)
     check_window(net, spec.window)  # before any pair: every pair would fail the same way
     if scenes:  # GeoTIFF scenes: changecam.geo, window by window
+        PredictionLog(output_dir).clear()
         return predict_scenes(
             cfg,
             pairs,
@@ -511,6 +523,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     pair_log = PredictionLog(output_dir)
     resume = bool(OmegaConf.select(cfg, "predict.resume", default=False))
     resumed = pair_log.start(run_settings(cfg, threshold, net, records), resume)
+    remove_scenes_except(output_dir, set())  # an earlier run's scenes in this folder
 
     rows: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []

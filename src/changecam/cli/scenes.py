@@ -167,6 +167,25 @@ def scene_folder(output_dir: Path, pair: Triplet) -> Path:
     return folder
 
 
+def remove_scenes_except(output_dir: Path, names: set[str]) -> None:
+    """Remove the outputs of an earlier run's scenes in ``output_dir`` other than ``names``
+    (this run's): they would look like this run's own, with a warning naming them."""
+    entries = output_dir.iterdir() if output_dir.is_dir() else ()  # none: every scene refused
+    gone = sorted(
+        entry.name
+        for entry in entries
+        if entry.is_dir() and entry.name not in names and (entry / SCENE_LOG_FILE).is_file()
+    )
+    if gone:
+        log.warning(
+            "removing the outputs of %d scene(s) that are not among this run's inputs: %s",
+            len(gone),
+            ", ".join(gone),
+        )
+        for name in gone:
+            remove_scene(output_dir / name)
+
+
 def predict_scenes(
     cfg: DictConfig,
     pairs: list[Triplet],
@@ -215,21 +234,7 @@ def predict_scenes(
             )
             continue
         scenes.append(summary)
-    names = {pair.name for pair in pairs}
-    entries = output_dir.iterdir() if output_dir.is_dir() else ()  # none: every scene refused
-    gone = sorted(
-        entry.name
-        for entry in entries
-        if entry.is_dir() and entry.name not in names and (entry / SCENE_LOG_FILE).is_file()
-    )
-    if gone:  # an earlier run's scenes this run's inputs no longer hold would look like its own
-        log.warning(
-            "removing the outputs of %d scene(s) that are not among this run's inputs: %s",
-            len(gone),
-            ", ".join(gone),
-        )
-        for name in gone:
-            remove_scene(output_dir / name)
+    remove_scenes_except(output_dir, {pair.name for pair in pairs})
     report = {
         "checkpoint": str(cfg.ckpt_path),
         "threshold": threshold,
