@@ -66,6 +66,14 @@ CLI_CASES = [
         ["ckpt_path=x.ckpt", "seed_batch_size=abc", "post_share=maybe"],
         "seed_batch_size='abc' must be a number (like its default, 16)\n  post_share='maybe' must",
     ),
+    # a path Hydra reads as a number (a folder named by its year) failed with a bare TypeError
+    # (helper-93)
+    (
+        "predict.py",
+        ["ckpt_path=x.ckpt", "input.dir=2023"],
+        "input.dir=2023 is read as a number, not a path: quote it",
+    ),
+    ("eval.py", ["ckpt_path=2024"], "ckpt_path=2024 is read as a number"),
     # threshold's default is null (the checkpoint's): eval.py judges it before reading anything
     (
         "eval.py",

@@ -79,6 +79,7 @@ def check_config(cfg: DictConfig, import_targets: bool = True) -> None:
         for message in check_node(path, node, import_targets)
     ]
     errors += added_key_problems(cfg, tree)
+    errors += number_path_problems(tree)
     problems, numbers = plain_value_problems(tree)
     errors += problems
     if errors:
@@ -222,6 +223,26 @@ def plain_value_problems(tree: dict[str, Any]) -> tuple[list[str], dict[str, int
 
 
 _ABSENT = object()
+
+# paths outside every _target_ node (whose signatures are checked): null by default, so the
+# value checks leave them to their consumer
+PATH_KEYS = ("ckpt_path", "input.pre", "input.post", "input.dir", "explain.roi", "study.data")
+
+
+def number_path_problems(tree: dict[str, Any]) -> list[str]:
+    """Path keys Hydra read as numbers (``input.dir=2023``, a folder named by its year): a
+    path cannot be one, and the text is not always kept (``2023_01`` reads as 202301)."""
+    problems = []
+    for key in PATH_KEYS:
+        node: Any = tree
+        for part in key.split("."):
+            node = _child(node, part)
+        if isinstance(node, int | float) and not isinstance(node, bool):
+            problems.append(
+                f"{key}={node} is read as a number, not a path: quote it ({key}=\"'<path>'\" "
+                "on the command line)"
+            )
+    return problems
 
 
 def _number(value: Any) -> bool:
