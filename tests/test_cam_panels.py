@@ -376,3 +376,6 @@ def test_the_candidates_spread_over_the_whole_validation_split(tmp_path):
     samples = CamPanels(tmp_path, k=4)._fixed_samples(trainer)  # max_candidates=256
     indexes = sorted(int(name[1:]) for name in samples["name"])
     assert sum(i >= 300 for i in indexes) == 2, indexes  # half of k: the most change
+    # as many candidates as max_candidates allows: rounding the stride up scanned 5 of 9
+    small = SimpleNamespace(val_dataloaders=SimpleNamespace(dataset=[item(i) for i in range(9)]))
+    assert len(CamPanels(tmp_path, k=8, max_candidates=8)._fixed_samples(small)["name"]) == 8

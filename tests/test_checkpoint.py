@@ -166,6 +166,13 @@ def test_a_model_config_that_builds_another_network_than_the_checkpoint_is_refus
     again = load_network(path, model_cfg(fusion="diff"))
     recorded = load_network(path).state_dict()
     assert all(torch.equal(value, recorded[key]) for key, value in again.state_dict().items())
+    # settings that choose the starting weights (BiT's init) or act in training only (the FC
+    # networks' dropout) build the same loaded network in eval mode (helper-102)
+    from changecam.training.checkpoint import STARTING_KEYS, config_changes
+
+    stored, given = {"init": "pytorch", "dropout": 0.1}, {"init": "authors", "dropout": 0.2}
+    assert config_changes(stored, given, ignore=STARTING_KEYS | {"dropout"}) == []
+    assert config_changes(stored, given) == ["dropout: 0.1 in the checkpoint, 0.2 now"]  # resume
 
 
 def test_plain_state_dict_needs_a_model_config_and_then_loads(tmp_path):

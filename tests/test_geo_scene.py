@@ -1281,3 +1281,7 @@ def test_a_rerun_of_the_other_input_kind_removes_the_earlier_outputs(tmp_path, c
     run_scene(tmp_path, ckpt, *pair, *no_panels)
     assert not (run / "masks" / "a.png").exists() and not (run / "predictions.jsonl").exists()
     assert (run / "pre" / "scene.json").is_file()
+    # no predict run of PNG pairs here (an explain.py run's panels, say): nothing is removed
+    write_png(run / "panels" / "explained.png", images[0])
+    run_scene(tmp_path, ckpt, *pair, *no_panels)
+    assert (run / "panels" / "explained.png").is_file()

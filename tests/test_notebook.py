@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 from ipykernel.kernelspec import install
 from nbclient import NotebookClient
 
@@ -53,11 +54,15 @@ def test_committed_notebook_is_clean_and_parametrised():
 def test_notebook_runs_on_a_tiny_checkpoint(tmp_path, tiny_synthetic, monkeypatch):
     # the default checkpoint lookup: the newest <root>/outputs/quickstart/runs/*/checkpoints/best.ckpt
     root = tmp_path / "project"
-    make_lightning_checkpoint(
+    ckpt = make_lightning_checkpoint(
         root / "outputs/quickstart/runs/2026-01-01_00-00-00/checkpoints/best.ckpt",
         tiny_synthetic,
         steps=3,
     )
+    # trained with module.threshold=0.3: the notebook scored and explained at 0.5 (helper-103)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["hyper_parameters"]["threshold"] = 0.3
+    torch.save(saved, ckpt)
     shutil.copytree(tiny_synthetic, root / "data" / "synthetic")
     monkeypatch.delenv("CHANGECAM_CKPT", raising=False)
     monkeypatch.setenv("CHANGECAM_ROOT", str(root))
@@ -75,7 +80,7 @@ def test_notebook_runs_on_a_tiny_checkpoint(tmp_path, tiny_synthetic, monkeypatc
     )
     client.execute()
     text, images = outputs(nb)
-    assert "runs/2026-01-01_00-00-00/checkpoints/best.ckpt" in text
+    assert "runs/2026-01-01_00-00-00/checkpoints/best.ckpt (threshold 0.3)" in text
     assert "8 of 8 test tiles of 32 px" in text
     assert "pooled over all pixels: f1" in text
     assert images >= 2, "the post-share distribution and the deletion curves at least"

@@ -397,10 +397,10 @@ class PredictionLog:
     def clear(self) -> None:
         """Remove an earlier PNG run's pair outputs and log (for a run of GeoTIFF scenes in
         the same folder, beside whose report they would look like its own)."""
+        if not self.path.is_file():  # no predict run here (an explain.py run's panels stay)
+            return
         records = self.records()
-        folders = [self.run_dir / f for f in set(PAIR_FOLDERS.values())]
-        if records or any(f.is_dir() and any(f.glob("*.png")) for f in folders):
-            log.warning("removing the PNG pairs an earlier predict run left in %s", self.run_dir)
+        log.warning("removing the PNG pairs an earlier predict run left in %s", self.run_dir)
         self.remove_files(records)
         self.remove_unlisted(keep=set(), warn=False)
         self.path.unlink(missing_ok=True)

@@ -328,7 +328,8 @@ def read_checkpoint(
         )
     net = build_network(cfg)
     check_fits(path, cfg, net.state_dict(), state, stored_cfg)
-    changed = config_changes(stored_cfg, model_cfg)
+    # dropout acts in training only: eval, predict and explain run the network in eval mode
+    changed = config_changes(stored_cfg, model_cfg, ignore=STARTING_KEYS | {"dropout"})
     if changed:  # the same weight shapes: the scores would be another network's
         raise CheckpointError(
             f"{path} records its network, and the model config given builds another with "
@@ -350,10 +351,18 @@ def is_lightning_checkpoint(obj: Mapping[str, Any]) -> bool:
     )
 
 
-def config_changes(stored: Mapping[str, Any] | None, given: Mapping[str, Any] | None) -> list[str]:
+# network settings that choose only the starting weights, which a checkpoint's replace
+STARTING_KEYS = frozenset({"init"})
+
+
+def config_changes(
+    stored: Mapping[str, Any] | None,
+    given: Mapping[str, Any] | None,
+    ignore: frozenset[str] = STARTING_KEYS,
+) -> list[str]:
     """``key: <stored> in the checkpoint, <given> now`` for each network setting the two
-    configs hold differently (keys an older checkpoint does not record are left out: they had
-    their defaults); none when either is missing."""
+    configs hold differently, but those in ``ignore`` (keys an older checkpoint does not
+    record are left out: they had their defaults); none when either is missing."""
     if not stored or not given:
         return []
 
@@ -364,7 +373,7 @@ def config_changes(stored: Mapping[str, Any] | None, given: Mapping[str, Any] | 
 
     return [
         f"{key}: {stored[key]!r} in the checkpoint, {given[key]!r} now"
-        for key in sorted(set(stored) & set(given), key=str)
+        for key in sorted(set(stored) & set(given) - ignore, key=str)
         if not same(key)
     ]
 

@@ -184,8 +184,8 @@ class CamPanels(L.Callback):
         if self.samples is None:
             loader = trainer.val_dataloaders
             dataset = (loader[0] if isinstance(loader, list | tuple) else loader).dataset
-            stride = -(-len(dataset) // self.max_candidates)  # rounded up: the whole split
-            candidates = list(range(0, len(dataset), stride))
+            n, most = len(dataset), self.max_candidates  # evenly over the whole split
+            candidates = [i * n // most for i in range(min(n, most))]
             items = [dataset[i] for i in candidates]
             # one batch, so one size (data.eval_protocol=full keeps every image's own)
             sizes = Counter(tuple(it["pre"].shape[-2:]) for it in items)
