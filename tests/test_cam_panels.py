@@ -379,3 +379,10 @@ def test_the_candidates_spread_over_the_whole_validation_split(tmp_path):
     # as many candidates as max_candidates allows: rounding the stride up scanned 5 of 9
     small = SimpleNamespace(val_dataloaders=SimpleNamespace(dataset=[item(i) for i in range(9)]))
     assert len(CamPanels(tmp_path, k=8, max_candidates=8)._fixed_samples(small)["name"]) == 8
+    # fewer samples than max_candidates: every one (i * n // 256 repeated the first, helper-105)
+    for n in (3, 48):
+        split = [item(300 * (i >= n // 2) + i) for i in range(n)]  # change in the second half
+        names = CamPanels(tmp_path, k=4)._fixed_samples(
+            SimpleNamespace(val_dataloaders=SimpleNamespace(dataset=split))
+        )["name"]
+        assert len(set(names)) == min(n, 4), names

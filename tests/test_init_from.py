@@ -267,6 +267,45 @@ def test_freeze_keeps_frozen_parts_bit_identical_after_training_steps(tiny_synth
     )
 
 
+def test_freeze_holds_in_a_fit_resumed_inside_an_epoch(tmp_path, tiny_synthetic):
+    """Resumed from a checkpoint written inside an epoch, Lightning skips on_train_epoch_start,
+    where the frozen modules were put in eval mode: their batch-norm statistics moved
+    (helper-105)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps: int, ckpt_path: str | None = None) -> ChangeDetectionModule:
+        torch.manual_seed(0)
+        module = ChangeDetectionModule(
+            SiameseUNet(3, 4, 2),
+            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+            freeze=["encoder*"],
+        )
+        data = ChangeDetectionDataModule(
+            tiny_synthetic, layout="levir", patch_size=32, batch_size=2, augment=None
+        )
+        steps = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            logger=False,
+            callbacks=[steps],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module
+
+    fit(2)
+    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=True)
+    assert saved["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0, "inside"
+    after = fit(4, str(tmp_path / "step=2.ckpt")).net.state_dict()
+    frozen = [k for k in after if k.startswith("encoder")]
+    assert any("running_mean" in k for k in frozen)
+    for key in frozen:
+        assert torch.equal(after[key], saved["state_dict"][f"net.{key}"]), key
+
+
 def test_freeze_names_are_checked():
     net = SiameseUNet(3, 4, 2)
     with pytest.raises(ValueError) as err:
@@ -291,6 +330,11 @@ def test_freezing_every_part_or_a_threshold_outside_0_1_is_refused_naming_the_ke
         ChangeDetectionModule(SiameseUNet(3, 4, 2), freeze=["*"])
     with pytest.raises(ValueError, match=r"module.threshold=2 must be a probability in \[0, 1\)"):
         ChangeDetectionModule(SiameseUNet(3, 4, 2), threshold=2)
+    # a negative weight rewarded calling change no change without bound; NaN failed as if the
+    # network had diverged (helper-105)
+    for weight in (-3, 0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=r"module.pos_weight=.* must be a finite number > 0"):
+            ChangeDetectionModule(SiameseUNet(3, 4, 2), pos_weight=weight)
 
 
 def test_module_keys_pass_the_config_checks(tmp_path, tiny_synthetic):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import typing
 import warnings
 from collections.abc import Callable, Sequence
@@ -121,6 +122,15 @@ class ChangeDetectionModule(L.LightningModule):
         super().__init__()
         if loss is not None and loss not in LOSSES:
             raise ValueError(f"module.loss={loss!r} is not allowed; expected one of {LOSSES}")
+        if pos_weight is not None and (
+            isinstance(pos_weight, bool)
+            or not isinstance(pos_weight, int | float)
+            or not math.isfinite(pos_weight)
+            or pos_weight <= 0
+        ):  # a negative weight rewarded calling change no change, without bound
+            raise ValueError(
+                f"module.pos_weight={pos_weight!r} must be a finite number > 0 (or null: 1)"
+            )
         if not is_threshold(threshold):  # as eval.py, predict.py and explain.py check theirs
             raise ValueError(f"module.threshold={threshold} must be {THRESHOLD_RANGE}")
         if loss == "dice" and pos_weight is not None:  # a warning: a sweep may pair them
@@ -444,6 +454,9 @@ class ChangeDetectionModule(L.LightningModule):
         return plateau is not None and (self.current_epoch + 1) % plateau.frequency == 0
 
     def on_train_start(self) -> None:
+        # a fit resumed inside an epoch skips on_train_epoch_start, and Lightning calls no
+        # train() in a fit: the frozen modules, built in training mode, would stay in it
+        set_frozen_eval(self.net, self.frozen)
         self.fit_start_step = self.trainer.global_step
         self._stay_stopped()
         pending, self._plateau_pending = self._plateau_pending, None

@@ -184,8 +184,9 @@ class CamPanels(L.Callback):
         if self.samples is None:
             loader = trainer.val_dataloaders
             dataset = (loader[0] if isinstance(loader, list | tuple) else loader).dataset
-            n, most = len(dataset), self.max_candidates  # evenly over the whole split
-            candidates = [i * n // most for i in range(min(n, most))]
+            n = len(dataset)
+            count = min(n, self.max_candidates)  # evenly over the whole split
+            candidates = [i * n // count for i in range(count)]
             items = [dataset[i] for i in candidates]
             # one batch, so one size (data.eval_protocol=full keeps every image's own)
             sizes = Counter(tuple(it["pre"].shape[-2:]) for it in items)
