@@ -229,6 +229,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "real_small.jsonl")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run")
     args = parser.parse_args(argv)
+    joint = [row for row in args.rows if row.endswith("_joint")]
+    if args.synthetic_ckpt is not None and args.synthetic_data is None and joint:
+        # before any row trains: the rows before them were lost when the first one failed
+        parser.error(
+            f"the rows {joint} need --synthetic-data (the data --synthetic-ckpt learned from), "
+            "or leave them out with --rows"
+        )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="changecam-real-") as tmp_dir:
         tmp = Path(tmp_dir)

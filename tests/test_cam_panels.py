@@ -386,3 +386,10 @@ def test_the_candidates_spread_over_the_whole_validation_split(tmp_path):
             SimpleNamespace(val_dataloaders=SimpleNamespace(dataset=split))
         )["name"]
         assert len(set(names)) == min(n, 4), names
+
+
+def test_no_candidates_is_refused_naming_the_key(tmp_path):
+    """max_candidates=0 trained until the first validation, then failed with an IndexError
+    (helper-106)."""
+    with pytest.raises(ValueError, match="max_candidates must be >= 1"):
+        CamPanels(tmp_path, max_candidates=0)

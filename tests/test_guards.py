@@ -445,6 +445,8 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
             ["trainer.max_epochs=-1", "+trainer.max_steps=4"],
             r"module.scheduler.T_max=-1 \(from \$\{trainer.max_epochs\}\): a schedule of no length",
         ),
+        # refused by the module after the earlier results were removed, alone (helper-106)
+        (["module.pos_weight=-1"], r"module.pos_weight=-1 must be a finite number > 0"),
     ],
 )
 def test_training_options_that_would_silently_do_something_else_are_refused_first(

@@ -73,3 +73,15 @@ def test_real_small_table_names_a_given_checkpoint_not_a_generator():
     assert lines[2].startswith("| scratch | – |")
     assert lines[3].startswith("| finetuned | `best.ckpt` (given) | 0.500 |")
     assert lines[4].startswith("| finetuned | data.synthetic.style=simple |")
+
+
+def test_joint_rows_without_the_synthetic_data_are_refused_before_any_row(tmp_path, capsys):
+    """With --synthetic-ckpt and the default rows, the first *_joint row failed after the
+    rows before it had trained, and --out was never written (helper-106)."""
+    real_small = importlib.import_module("real_small")
+    with pytest.raises(SystemExit):
+        real_small.main(
+            ["--synthetic-ckpt", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "o.jsonl")]
+        )
+    assert "need --synthetic-data" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()

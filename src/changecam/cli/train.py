@@ -32,6 +32,7 @@ from changecam.metrics import SCORE_NAMES
 from changecam.training.callbacks.finite_checkpoint import top_k_problem
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 from changecam.training.csv_logger import CSVLogger
+from changecam.training.module import pos_weight_problem
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -129,6 +130,9 @@ def check_training_settings(cfg: DictConfig) -> None:
             f"written; set trainer.check_val_every_n_epoch to at most {epochs}"
         )
     module = cfg.get("module") or {}
+    weight_problem = pos_weight_problem(module.get("pos_weight"))
+    if weight_problem:  # with the others, before anything is written (the module checks too)
+        problems.append(weight_problem)
     scheduler = module.get("scheduler")
     if scheduler is not None:
         raw = OmegaConf.to_container(scheduler, resolve=False)

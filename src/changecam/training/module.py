@@ -74,6 +74,19 @@ PLATEAU_KEY = "plateau_step_pending"
 PLATEAU_INSIDE_KEY = "plateau_latest_val_f1"
 
 
+def pos_weight_problem(pos_weight: Any) -> str | None:
+    """Why ``module.pos_weight`` is refused, or None: it must be a finite number > 0 (a
+    negative one rewards calling change no change, without bound; NaN fails as divergence)."""
+    if pos_weight is None or (
+        isinstance(pos_weight, int | float)
+        and not isinstance(pos_weight, bool)
+        and math.isfinite(pos_weight)
+        and pos_weight > 0
+    ):
+        return None
+    return f"module.pos_weight={pos_weight!r} must be a finite number > 0 (or null: 1)"
+
+
 class ChangeDetectionModule(L.LightningModule):
     """Trains a change-detection network ``net(pre, post) -> logits``.
 
@@ -122,15 +135,9 @@ class ChangeDetectionModule(L.LightningModule):
         super().__init__()
         if loss is not None and loss not in LOSSES:
             raise ValueError(f"module.loss={loss!r} is not allowed; expected one of {LOSSES}")
-        if pos_weight is not None and (
-            isinstance(pos_weight, bool)
-            or not isinstance(pos_weight, int | float)
-            or not math.isfinite(pos_weight)
-            or pos_weight <= 0
-        ):  # a negative weight rewarded calling change no change, without bound
-            raise ValueError(
-                f"module.pos_weight={pos_weight!r} must be a finite number > 0 (or null: 1)"
-            )
+        problem = pos_weight_problem(pos_weight)
+        if problem:
+            raise ValueError(problem)
         if not is_threshold(threshold):  # as eval.py, predict.py and explain.py check theirs
             raise ValueError(f"module.threshold={threshold} must be {THRESHOLD_RANGE}")
         if loss == "dice" and pos_weight is not None:  # a warning: a sweep may pair them

@@ -135,9 +135,10 @@ class CamPanels(L.Callback):
         explain: ExplainSettings | None = None,
     ) -> None:
         super().__init__()
-        if k < 1 or every_n_epochs < 1 or worker_threads < 1:
+        if k < 1 or every_n_epochs < 1 or worker_threads < 1 or max_candidates < 1:
             raise ValueError(
-                "callbacks.cam_panels.k, every_n_epochs and worker_threads must be >= 1"
+                "callbacks.cam_panels.k, every_n_epochs, worker_threads and max_candidates "
+                "must be >= 1"
             )
         if mode not in MODES:
             raise ValueError(f"callbacks.cam_panels.mode={mode!r}; expected one of {MODES}")
