@@ -18,7 +18,7 @@ from changecam.data.dataset import ChangeDetectionDataset, Protocol, check_crop_
 from changecam.data.io import image_size
 from changecam.data.layout import SPLITS, Layout, Split, Triplet, find_triplets
 from changecam.data.sampler import ImageGroupedSampler
-from changecam.data.synthetic import SyntheticSpec, generate
+from changecam.data.synthetic import SyntheticSpec, generate, labelled_change_problem
 from changecam.data.transforms import PairTransform
 from changecam.data.validate import (
     NetworkFit,
@@ -165,6 +165,9 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             if isinstance(synthetic, Mapping)
             else synthetic
         )
+        problem = self.synthetic is not None and labelled_change_problem(self.synthetic)
+        if problem:
+            raise ValueError(problem)
         self.transform = settings_block(PairTransform, augment, "data.augment") if augment else None
         self.validate_mode: Validation = check_mode(validate)
         check_crop_count(crops_per_image)
