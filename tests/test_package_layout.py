@@ -14,6 +14,7 @@ LEVEL = {
     "environment": 0,
     "metrics": 0,
     "run_log": 0,
+    "values": 0,
     "data": 1,
     "models": 1,
     "explain": 2,

@@ -45,7 +45,7 @@ from changecam.cli.common import (
 from changecam.cli.config_checks import OPEN_MAPS, ConfigError
 from changecam.cli.launch import CONF_DIR
 from changecam.data.io import ImageReadError, read_change_type, read_image, read_label
-from changecam.data.layout import SPLITS, find_triplets
+from changecam.data.layout import SPLITS, Triplet, find_triplets
 from changecam.data.synthetic import CHANGE_TYPE_DIR, GENERATOR_VERSION
 from changecam.evaluation.study import StudyImage, StudySettings, study_model
 from changecam.evaluation.study_report import log_study, write_report
@@ -53,6 +53,7 @@ from changecam.explain.hirescam import resolve_taps
 from changecam.models.taps import TapError
 from changecam.training.checkpoint import read_checkpoint
 from changecam.training.model_match import build_on_meta, read_presets
+from changecam.values import is_count
 
 NOT_IN_ZOO = ("external",)
 # study keys that may be {default: x, <arch>: y}
@@ -164,22 +165,28 @@ def given_checkpoints(cfg: DictConfig) -> dict[str, Path]:
 
 
 def study_root(cfg: DictConfig) -> Path:
-    """The dataset the study reads: ``study.data``, or the ``data`` group's (generated if it is
-    the synthetic set)."""
+    """The dataset the study reads: ``study.data`` (checked by :func:`study_checks`), or the
+    ``data`` group's (generated if it is the synthetic set)."""
     if cfg.study.get("data"):
-        root = Path(cfg.study.data)
-        if not root.is_dir():
-            raise FileNotFoundError(f"study.data={root} is not a folder")
-        return root
+        return Path(cfg.study.data)
     datamodule = instantiate_refusing(cfg.data, splits=[cfg.study.split])
     datamodule.prepare_data()
     return Path(datamodule.root)
 
 
+def labelled_triplets(root: Path, split: str) -> list[Triplet]:
+    """The triplets of one split of ``root``, refusing a split without any."""
+    triplets = find_triplets(root, split)
+    if not triplets:
+        raise FileNotFoundError(f"no labelled pairs in split {split!r} of {root}")
+    return triplets
+
+
 def read_split(root: Path, split: str, limit: int | None = None) -> list[StudyImage]:
-    """The labelled pairs of one split, with ``change_type/`` when the folder has it."""
+    """The labelled pairs of one split (the first ``limit``, at least one), with
+    ``change_type/`` when the folder has it."""
     images = []
-    for triplet in find_triplets(root, split)[:limit]:
+    for triplet in labelled_triplets(root, split)[:limit]:
         types_path = triplet.label.parent.parent / CHANGE_TYPE_DIR / triplet.label.name
         label = read_label(triplet.label)
         change_type = read_change_type(types_path) if types_path.is_file() else None
@@ -196,8 +203,6 @@ def read_split(root: Path, split: str, limit: int | None = None) -> list[StudyIm
                 change_type=change_type,
             )
         )
-    if not images:
-        raise FileNotFoundError(f"no labelled pairs in split {split!r} of {root}")
     return images
 
 
@@ -244,13 +249,13 @@ def study_checks(cfg: DictConfig) -> None:
     if cfg.study.split not in SPLITS:
         raise ConfigError(f"study.split={cfg.study.split!r}: expected one of {', '.join(SPLITS)}")
     limit = cfg.study.get("max_images")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and not is_count(limit):
         raise ConfigError(f"study.max_images={limit!r} must be a whole number >= 1 or null (all)")
     given = {} if cfg.study.train_zoo else given_checkpoints(cfg)
     names = zoo_architectures(cfg.study.get("zoo")) if cfg.study.train_zoo else list(given)
+    known = {"default", *names, *zoo_architectures(None)}
     for key in PER_ARCHITECTURE:  # a mistyped name would leave its value unread
         value = cfg.study.get(key)
-        known = {"default", *names, *zoo_architectures(None)}
         unknown = sorted(set(value) - known) if isinstance(value, Mapping) else []
         if unknown:
             raise ConfigError(
@@ -263,8 +268,7 @@ def study_checks(cfg: DictConfig) -> None:
     if data:  # a mistyped folder failed after the earlier study's results were removed
         if not Path(data).is_dir():
             raise FileNotFoundError(f"study.data={data} is not a folder")
-        if not find_triplets(Path(data), cfg.study.split):
-            raise FileNotFoundError(f"no labelled pairs in split {cfg.study.split!r} of {data}")
+        labelled_triplets(Path(data), cfg.study.split)
     for name, path in given.items():  # a bad checkpoint fails here, not after the models before it
         net, hparams = read_checkpoint(path)
         warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from changecam.data.io import ImageReadError, image_size, read_image, read_label
 from changecam.data.layout import Triplet
 from changecam.data.transforms import PairTransform, image_to_tensor, mask_to_tensor
+from changecam.values import is_count
 
 Protocol = Literal["tiles", "random_crop", "resize", "full"]
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
@@ -52,7 +53,7 @@ def resize_triplet(
 def check_crop_count(count: object) -> None:
     """Refuse a ``crops_per_image`` count that is not ``None`` or a whole number >= 1 (0 would
     silently mean "as many as tiles", a negative count none at all)."""
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+    if count is not None and not is_count(count):
         raise ValueError(
             f"data.crops_per_image={count!r} must be a whole number of crops >= 1 "
             "(null: as many as the image has tiles)"

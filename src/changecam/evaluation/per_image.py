@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from changecam.explain import ExplainSettings, FaithfulnessSettings, explain_tensors
 from changecam.metrics import SCORE_NAMES, confusion_counts, scores_from_counts
+from changecam.values import is_count
 
 SEED_STYLE = "seed_style"
 
@@ -64,7 +65,7 @@ def check_seed_batch_size(value: Any) -> None:
     Raises:
         ValueError: naming the value.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_count(value):
         raise ValueError(f"seed_batch_size={value!r} must be an integer >= 1")
 
 

@@ -48,6 +48,7 @@ from changecam.explain.render import render_panel, save_panel
 from changecam.explain.targets import Target, TargetKind
 from changecam.models.inference import check_finite_logits
 from changecam.models.protocol import size_multiple
+from changecam.values import is_count
 
 
 def _tuple(value: Sequence[Any] | str | None) -> tuple[Any, ...] | None:
@@ -115,7 +116,7 @@ class FaithfulnessSettings:
                 f"explain.faithfulness.dates has {bad}; expected some of {CURVE_DATES}"
             )
         cap = self.max_batch_pixels  # below 1 ran one counterfactual per pass, unannounced
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        if cap is not None and not is_count(cap):
             raise ValueError(
                 f"explain.faithfulness.max_batch_pixels={cap!r} must be >= 1 or null (no cap)"
             )
@@ -182,15 +183,11 @@ class ExplainSettings:
             occlusion=OcclusionSettings,
         )
         Target(self.target, self.threshold)  # validates kind and threshold
-        if isinstance(self.dpi, bool) or not isinstance(self.dpi, int) or self.dpi < 1:
+        if not is_count(self.dpi):
             raise ValueError(
                 f"explain.dpi={self.dpi!r} must be a whole number of dots per inch >= 1"
             )
-        if self.max_pixels is not None and (
-            isinstance(self.max_pixels, bool)
-            or not isinstance(self.max_pixels, int)
-            or self.max_pixels < 1
-        ):
+        if self.max_pixels is not None and not is_count(self.max_pixels):
             raise ValueError(
                 f"explain.max_pixels={self.max_pixels!r} must be a whole number of pixels >= 1 "
                 "(null: no limit)"
