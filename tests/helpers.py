@@ -73,6 +73,19 @@ def tiny_overrides(synthetic_root: Path, model: Sequence[str] = TINY_UNET) -> li
     ]
 
 
+def quiet_trainer(**kwargs):
+    """A CPU ``lightning.Trainer`` without logger, progress bar or model summary."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
 def run_script(
     script: str,
     args: list[str],

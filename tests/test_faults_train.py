@@ -40,7 +40,7 @@ from changecam.training.checkpoint import (
     suggest_model,
 )
 from changecam.training.module import ChangeDetectionModule, DivergenceError
-from helpers import REPO, compose_train, run_script, tiny_overrides
+from helpers import REPO, compose_train, quiet_trainer, run_script, tiny_overrides
 
 UNSAFE_ADVICE = ("weights_only=False", "weights_only` set to `False`", "add_safe_globals")
 # What a finished run, evaluation or prediction leaves; none may exist after a refusal.
@@ -359,16 +359,6 @@ def overflow_batches() -> list[dict]:
     pre, post = torch.rand(2, 3, 8, 8, generator=g), torch.rand(2, 3, 8, 8, generator=g)
     mask = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
     return [{"pre": pre, "post": post, "mask": mask, "name": ["a", "b"]}]
-
-
-def quiet_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **kwargs,
-    )
 
 
 def test_a_nan_validation_loss_stops_evaluation_with_finite_weights(tmp_path):

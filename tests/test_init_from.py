@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 
 import hydra
-import lightning as L
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
@@ -18,7 +17,7 @@ from changecam.models import SiameseUNet
 from changecam.training.checkpoint import CheckpointError, split_checkpoint
 from changecam.training.init_from import freeze_parts, load_initial_weights
 from changecam.training.module import ChangeDetectionModule
-from helpers import compose_train, tiny_overrides
+from helpers import compose_train, quiet_trainer, tiny_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -52,15 +51,7 @@ def source_ckpt(tmp_path_factory, tiny_synthetic) -> Path:
     data = ChangeDetectionDataModule(
         tiny_synthetic, layout="levir", patch_size=32, batch_size=4, augment=None
     )
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-    )
+    trainer = quiet_trainer(max_steps=3, enable_checkpointing=False, limit_val_batches=0)
     trainer.fit(module, datamodule=data)
     path = tmp_path_factory.mktemp("source") / "source.ckpt"
     trainer.save_checkpoint(path)
@@ -242,15 +233,8 @@ def test_freeze_keeps_frozen_parts_bit_identical_after_training_steps(tiny_synth
     data = ChangeDetectionDataModule(
         tiny_synthetic, layout="levir", patch_size=32, batch_size=4, augment=None
     )
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        val_check_interval=2,
+    trainer = quiet_trainer(
+        max_steps=3, enable_checkpointing=False, limit_val_batches=1, val_check_interval=2
     )
     trainer.fit(module, datamodule=data)
     after = net.state_dict()
@@ -284,15 +268,7 @@ def test_freeze_holds_in_a_fit_resumed_inside_an_epoch(tmp_path, tiny_synthetic)
             tiny_synthetic, layout="levir", patch_size=32, batch_size=2, augment=None
         )
         steps = ModelCheckpoint(tmp_path, "{step}", every_n_train_steps=2, save_top_k=-1)
-        trainer = L.Trainer(
-            max_steps=max_steps,
-            accelerator="cpu",
-            logger=False,
-            callbacks=[steps],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-        )
+        trainer = quiet_trainer(max_steps=max_steps, callbacks=[steps], limit_val_batches=0)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         return module
 

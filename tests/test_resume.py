@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from changecam.atomic import remove_stale_temporaries
 from changecam.cli.train import resolve_ckpt_path, train
 from changecam.training.checkpoint_io import AtomicCheckpointIO
-from helpers import PLATEAU, REPO, compose_train, tiny_overrides
+from helpers import PLATEAU, REPO, compose_train, quiet_trainer, tiny_overrides
 
 EPOCHS = 2
 
@@ -753,7 +753,6 @@ def test_late_background_cam_rows_neither_end_nor_leave_the_kept_history():
 def test_a_checkpoint_saved_after_fit_owes_no_plateau_step(tmp_path, tiny_synthetic):
     """trainer.save_checkpoint after fit() returned recorded the step fit() had taken already,
     and a resume took it twice (helper-89)."""
-    import lightning as L
 
     from changecam.data import ChangeDetectionDataModule
     from changecam.models import SiameseUNet
@@ -766,15 +765,7 @@ def test_a_checkpoint_saved_after_fit_owes_no_plateau_step(tmp_path, tiny_synthe
         scheduler=lambda optimizer: torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "max"),
     )
     data = ChangeDetectionDataModule(tiny_synthetic, layout="levir", patch_size=32, batch_size=4)
-    trainer = L.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(max_epochs=1, enable_checkpointing=False, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 1  # fit() stepped it
     trainer.save_checkpoint(tmp_path / "after.ckpt")
