@@ -104,6 +104,17 @@ def write_pair(folder: Path, size: int = 128, n: int = 0) -> tuple[Path, Path]:
     return write_scene(folder / "pre.tif", pre), write_scene(folder / "post.tif", post)
 
 
+def finished_looking(folder: Path) -> list[str]:
+    """Files a user could take for outputs (partial files are hidden ``.<name>.part``)."""
+    if not folder.exists():
+        return []
+    return sorted(
+        p.name
+        for p in folder.rglob("*")
+        if p.suffix in (".tif", ".geojson") or p.name.endswith(".json")
+    )
+
+
 def run_scene(tmp_path: Path, ckpt: Path, pre: Path, post: Path, *overrides: str) -> dict[str, Any]:
     """predict.py's task on one scene pair; returns its ``predictions.json``."""
     cfg = compose_train(

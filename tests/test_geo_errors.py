@@ -35,6 +35,7 @@ from geo_scenes import (
     ORIGIN,
     PIXEL,
     TRANSFORM,
+    finished_looking,
     garble_first_tile,
     read_band,
     run_scene,
@@ -56,17 +57,6 @@ def net() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def images() -> tuple[np.ndarray, np.ndarray]:
     return synthetic_pair(64)
-
-
-def finished_looking(folder: Path) -> list[str]:
-    """Files a user could take for outputs (partial files are hidden ``.<name>.part``)."""
-    if not folder.exists():
-        return []
-    return sorted(
-        p.name
-        for p in folder.rglob("*")
-        if p.suffix in (".tif", ".geojson") or p.name.endswith(".json")
-    )
 
 
 def refused(net, tmp_path: Path, pre: Path, post: Path, match: str, **settings) -> None:

@@ -45,6 +45,7 @@ from geo_scenes import (
     DifferenceNet,
     changed_pair,
     difference_checkpoint,
+    finished_looking,
     read_band,
     roof_mask,
     run_scene,
@@ -1147,9 +1148,64 @@ def test_a_gdal_write_error_on_a_full_disk_stops_the_run_as_a_full_disk(
         run_scene(tmp_path, ckpt, *pair, "explain.enabled=false")
     assert caught.value.code == 1
     assert f"no space left on device while writing {tmp_path / 'run'}" in capsys.readouterr().err
-    monkeypatch.setattr(scenes, "probed_disk_full", lambda folder, what: None)
-    with pytest.raises(rasterio.errors.RasterioIOError, match="Write error"):  # not the disk
-        run_scene(tmp_path / "other", ckpt, *pair, "explain.enabled=false")
+
+
+def test_a_gdal_error_in_one_scene_fails_that_scene_alone_and_a_resume_finishes_it(
+    tmp_path, ckpt, pair, monkeypatch
+):
+    """A GDAL error that is neither a refusal nor a full disk (here a write error on a disk
+    with room) fails its scene alone: the other scenes are predicted, the report lists it, the
+    command ends with an error naming it, nothing of it looks finished, and
+    ``predict.resume=true`` finishes it as an uninterrupted run makes it."""
+    import rasterio.errors
+
+    for stem in ("bad", "ok"):
+        for folder, source in zip(("A", "B"), pair, strict=True):
+            target = tmp_path / "scenes" / folder / f"{stem}.tif"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    real_write_block = changecam.geo.write.SceneFiles.write_block
+    written = {"bad": 0}
+
+    def failing_in_bad(self, *args, **kwargs):
+        if self.folder.name == "bad":
+            written["bad"] += 1
+            if written["bad"] == 2:  # after one block is on disk
+                raise rasterio.errors.RasterioIOError("TIFFAppendToStrip:Write error")
+        return real_write_block(self, *args, **kwargs)
+
+    overrides = [
+        *FAST,
+        f"ckpt_path={ckpt}",
+        f"input.dir={tmp_path / 'scenes'}",
+        "explain.enabled=false",
+        "predict.block_size=64",
+    ]
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", failing_in_bad)
+    cfg = compose_train(tmp_path, overrides, "predict")
+    with pytest.raises(
+        SceneFailure, match=r"1 of 2 scene\(s\) refused or failed, with no output from this run"
+    ):
+        predict(cfg)
+    run = tmp_path / "run"
+    report = json.loads((run / "predictions.json").read_text())
+    assert [s["name"] for s in report["scenes"]] == ["ok"]
+    assert [f["name"] for f in report["failed"]] == ["bad"]
+    assert "Write error" in report["failed"][0]["error"]
+    assert written["bad"] == 2
+    assert finished_looking(run / "bad") == []
+
+    monkeypatch.setattr(changecam.geo.write.SceneFiles, "write_block", real_write_block)
+    cfg = compose_train(tmp_path, [*overrides, "predict.resume=true"], "predict")
+    resumed = predict(cfg)
+    assert [s["name"] for s in resumed["scenes"]] == ["bad", "ok"]
+    for name in ("change.tif", "probability.tif", "change.geojson"):
+        assert (run / "bad" / name).read_bytes() != b""
+    with (
+        rasterio.open(run / "bad" / "change.tif") as a,
+        rasterio.open(run / "ok" / "change.tif") as b,
+    ):
+        np.testing.assert_array_equal(a.read(), b.read())
 
 
 def predict_with_one_refused(tmp_path: Path, ckpt: Path, pair, refused: str) -> dict:

@@ -4,9 +4,9 @@
 ``A/`` and ``B/`` of ``.tif`` files) writes, per scene, ``<run>/<name>/change.tif``,
 ``probability.tif``, ``explanation.tif`` (unless ``explain.enabled=false``),
 ``change.geojson`` and ``scene.json``; ``predictions.json`` in the run directory, written
-last, lists every scene. A refused scene gets no finished-looking file from this run (an earlier
-run's outputs stay when only a setting was refused); the others are still predicted, and the
-command ends with an error naming the refused ones.
+last, lists every scene. A refused scene, or one a GDAL error stops, gets no finished-looking file
+from this run (an earlier run's outputs stay when only a setting was refused); the others are
+still predicted, and the command ends with an error naming the refused or failed ones.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ RUN_ENTRIES = (".hydra", REPORT_FILE)
 
 
 class SceneFailure(RuntimeError):
-    """Some scenes were refused (the others were predicted)."""
+    """Some scenes were refused or failed (the others were predicted)."""
 
 
 _ABSENT = object()
@@ -203,6 +203,7 @@ def predict_scenes(
     resume = bool(OmegaConf.select(cfg, "predict.resume", default=False))
     (output_dir / REPORT_FILE).unlink(missing_ok=True)
     scenes, failed = [], []
+    refusals = 0
     for pair in pairs:
         try:
             summary = predict_scene(
@@ -226,9 +227,17 @@ def predict_scenes(
                 full = probed_disk_full(folder if folder.is_dir() else output_dir, folder)
                 if full is not None:
                     raise full from err
-            if not isinstance(err, SceneError):
-                raise
-            log.error("scene %s refused: %s", pair.name, err)
+            # a GDAL error of one scene (not a refusal, not a full disk) fails that scene alone:
+            # its outputs keep their temporary names, and predict.resume=true continues it
+            unexpected = not isinstance(err, SceneError)
+            log.error(
+                "scene %s %s: %s",
+                pair.name,
+                "failed" if unexpected else "refused",
+                err,
+                exc_info=unexpected,
+            )
+            refusals += not unexpected
             failed.append(
                 {"name": pair.name, "pre": str(pair.pre), "post": str(pair.post), "error": str(err)}
             )
@@ -248,5 +257,6 @@ def predict_scenes(
         write_json(output_dir / REPORT_FILE, report)
     print(f"predicted {len(scenes)} scene(s) into {output_dir}")
     if failed:
-        raise SceneFailure(failure_message(failed, len(pairs), "scene(s) refused"))
+        what = "scene(s) refused" if refusals == len(failed) else "scene(s) refused or failed"
+        raise SceneFailure(failure_message(failed, len(pairs), what))
     return report
