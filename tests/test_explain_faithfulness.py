@@ -168,6 +168,28 @@ def test_curves_are_batched_and_batch_size_does_not_change_them():
         )
 
 
+def test_a_dates_random_baseline_depends_on_the_seed_not_on_the_other_dates_asked_for():
+    """The same seed gives each date the same random curve whether it is asked for alone or
+    with other dates, in any order (helper-109: one generator shared by the dates drew a date's
+    order after the others')."""
+    torch.manual_seed(0)
+    net = SiameseUNet(3, 4, 2, "concat", shared_encoder=True).eval()
+    pre, post = scene(seed=3)
+    exp = explain_batch(net, pre, post, target="all")
+
+    def random_curve(dates: list, date: str, seed: int = 0) -> Tensor:
+        kwargs = dict(steps=4, insertion=False, random_repeats=2, seed=seed)
+        return faithfulness(net, pre, post, exp, dates=dates, **kwargs).curve(
+            "deletion", date, "random"
+        )
+
+    for date in ("pre", "post", "both"):
+        alone = random_curve([date], date)
+        for dates in (["pre", "post", "both"], ["both", "post", "pre"], ["post", date]):
+            torch.testing.assert_close(random_curve(dates, date), alone, rtol=0, atol=0)
+    assert not torch.equal(random_curve(["post"], "post", seed=1), random_curve(["post"], "post"))
+
+
 def test_valid_region_is_never_modified_and_empty_target_gives_nan():
     model = OneDateModel("post").eval()
     pre, post = scene()

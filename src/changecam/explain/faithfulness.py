@@ -197,8 +197,9 @@ def faithfulness(
         insertion: also compute insertion curves.
         random_repeats: random permutations averaged for the baseline (on images of
             thousands of pixels one is stable: each step deletes many random pixels).
-        seed: seed of the random order (the same seed gives the same baseline); every
-            sample of the batch gets the same order, so its curves do not depend on its batch.
+        seed: seed of the random order (the same seed gives the same baseline, whichever
+            other dates are asked for); every sample of the batch gets the same order, so its
+            curves do not depend on its batch.
         valid: B×H×W (or H×W) bool pixels that may be modified (e.g. excluding padding).
         batch_size: counterfactual pairs per forward pass.
         eval_mode: run the model in eval mode (restored afterwards).
@@ -215,13 +216,13 @@ def faithfulness(
     run = _CurveRunner(model, pre, post, explanation.mask.to(pre.device), valid, batch_size)
     cams = _layer_maps(explanation, layer, method, pre.device)
     fractions = torch.linspace(0, 1, steps + 1)
-    generator = torch.Generator().manual_seed(seed)
+    randoms = _random_rankings(seed, random_repeats, (h, w))
     kinds: list[CurveKind] = ["deletion", "insertion"] if insertion else ["deletion"]
     curves: dict[str, dict[str, dict[str, Tensor]]] = {k: {} for k in kinds}
     with preserved_state(model, eval_mode), torch.inference_mode():
         score0 = run.score0()
         for date in dates:
-            orders = _orders(date, cams, random_repeats, generator)
+            orders = _orders(date, cams, randoms[date])
             for kind, per_order in run.date_curves(orders, kinds, score0, fractions).items():
                 curves[kind][date] = per_order
     return Faithfulness(
@@ -271,10 +272,28 @@ def _layer_maps(
     return cams
 
 
+# the order the random rankings are drawn in, every date's whether its curve is asked for or
+# not: a date's random baseline then depends on the seed alone, not on the other dates asked
+# for (explain.py's ``both`` comes first: its rankings are those drawn before this order)
+RANDOM_DRAW_ORDER: tuple[CurveDate, ...] = ("both", "pre", "post")
+
+
+def _random_rankings(
+    seed: int, random_repeats: int, size: tuple[int, int]
+) -> dict[CurveDate, list[Tensor]]:
+    """``random_repeats`` random H×W rankings per curve date, drawn from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        date: [torch.rand(size, generator=generator) for _ in range(random_repeats)]
+        for date in RANDOM_DRAW_ORDER
+    }
+
+
 def _orders(
-    date: CurveDate, cams: dict[str, Tensor], random_repeats: int, generator: torch.Generator
+    date: CurveDate, cams: dict[str, Tensor], randoms: list[Tensor]
 ) -> dict[str, list[tuple[Tensor, Tensor]]]:
-    """``(ranking, modify_post)`` per order of one date's curve; random has one per repeat."""
+    """``(ranking, modify_post)`` per order of one date's curve; random has one per ranking
+    of ``randoms``."""
     b, h, w = cams["pre"].shape
     device = cams["pre"].device
     if date == "both":
@@ -284,11 +303,8 @@ def _orders(
         cam = (cams[date], ones if date == "post" else ~ones)
     # one order for every sample of the batch: a sample's random curve is then the same
     # whichever batch (and place in it) it is scored in, as when it is scored alone
-    randoms = [
-        (torch.rand(h, w, generator=generator).to(device).expand(b, h, w), cam[1])
-        for _ in range(random_repeats)
-    ]
-    return {"cam": [cam], "random": randoms}
+    random = [(r.to(device).expand(b, h, w), cam[1]) for r in randoms]
+    return {"cam": [cam], "random": random}
 
 
 @dataclass(frozen=True)
