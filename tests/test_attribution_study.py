@@ -371,3 +371,20 @@ def test_a_study_without_a_changed_object_says_so_in_its_answer():
         "no changed object was scored (0 objects in 1 images): nothing to say about this model; "
         "study a split with change, or more images"
     )
+
+
+@pytest.mark.parametrize(
+    ("context", "said"), [(96, "in a 96² window."), (None, "in the whole image.")]
+)
+def test_the_report_names_the_objects_window_or_the_whole_image(context, said):
+    """``study.context=null`` explains each object in the whole image: the report says so
+    (helper-110: it said "in a None² window")."""
+    from changecam.evaluation.study_report import report_markdown
+
+    record = {
+        "data": {"split": "test", "root": "data/synthetic", "images": 3},
+        "settings": {"dilation": 3, "context": context},
+        "architectures": {},
+    }
+    report = report_markdown(record, {})
+    assert said in report and "None" not in report

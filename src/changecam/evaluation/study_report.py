@@ -272,13 +272,15 @@ def panels(
 def report_markdown(record: Mapping[str, Any], plots: Mapping[str, Any]) -> str:
     """The report: data, headline table, per-architecture answers, per-layer tables, plots."""
     data = record["data"]
+    context = record["settings"]["context"]
+    window = "the whole image" if context is None else f"a {context}² window"
     lines = [
         "# Does the model look at the right date?",
         "",
         f"Split `{data['split']}` of `{data['root']}` ({data['images']} images). Each labelled "
         f"changed object, dilated by {record['settings']['dilation']} px, is explained on its "
-        f"own (target: the logits summed inside it) in a {record['settings']['context']}² window "
-        "(null: the whole image). Intervals: 95 % bootstrap over images. Random baseline 0.5.",
+        f"own (target: the logits summed inside it) in {window}. Intervals: 95 % bootstrap over "
+        "images. Random baseline 0.5.",
         "",
         "## Headline (each method at its layer with the best causal agreement)",
         "",
