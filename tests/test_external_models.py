@@ -184,6 +184,42 @@ def test_batch_declared_on_a_per_date_module_fails():
     assert_no_hooks(net)
 
 
+class TokenEncoder(nn.Module):
+    """A shared encoder whose output is tokens, B×N×C (a ViT's): not maps whose channels are
+    dim 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(2).transpose(1, 2)
+
+
+class TokenSiamese(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = TokenEncoder()
+        self.head = nn.Conv2d(8, 1, 1)
+
+    def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        h, w = pre.shape[-2:]
+        maps = [self.encoder(x).transpose(1, 2).unflatten(2, (h, w)) for x in (pre, post)]
+        return self.head(torch.cat(maps, 1))
+
+
+def test_a_declared_layer_that_does_not_output_bchw_maps_is_refused():
+    """The maps sum over dim 1 as channels: a token layer's (B×N×C) were summed over its
+    tokens, without a word (helper-109). Channels-last maps are 4-D too, so they cannot be told
+    apart; the README asks for channels first."""
+    net = LayerTaps(TokenSiamese(), {"encoder": "calls"})
+    with pytest.raises(
+        TapError, match=r"encoder returned a tensor of shape \(2, 256, 4\).*B×C×h×w"
+    ):
+        explain_batch(net, *pair(), target="all")
+    assert_no_hooks(net)
+
+
 class InPlaceResidual(nn.Module):
     """A shared encoder whose declared layer's output is changed in place afterwards (ResNet's
     ``out += identity``, then ReLU(inplace=True)), or the same forward written out of place."""

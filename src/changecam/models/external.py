@@ -203,6 +203,12 @@ class LayerTaps(nn.Module):
                     f"{spec.path} returned a {type(output).__name__}, not a tensor; declare a "
                     "submodule whose output is one tensor"
                 )
+            if output.ndim != 4:  # the maps sum over dim 1 and are drawn over dims 2 and 3
+                raise TapError(
+                    f"{spec.path} returned a tensor of shape {tuple(output.shape)}; a declared "
+                    "layer must output B×C×h×w feature maps, channels first: declare a module "
+                    "that reshapes a token (B×N×C) or channels-last (B×h×w×C) output into them"
+                )
             if spec.mode == "calls":
                 return _through(self._tap_of[names[call]], output)
             if spec.mode in ("batch_halves", "batch_interleaved"):
