@@ -195,3 +195,9 @@ def test_bad_input_is_refused_with_the_config_key():
         SlidingWindow(blend="cosine")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sliding_window.batch_size=0"):
         SlidingWindow(batch_size=0)
+    # a float passed these checks and failed in the run, naming no key (helper-108)
+    for key, value in (("window", 32.0), ("window", True), ("batch_size", 2.5)):
+        with pytest.raises(
+            ValueError, match=rf"sliding_window.{key}={value!r} must be a (positive )?whole"
+        ):
+            SlidingWindow(**{key: value})

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from changecam.models.protocol import size_multiple
+from changecam.values import is_count
 
 Blend = Literal["gaussian", "uniform"]
 PadMode = Literal["reflect", "replicate", "constant"]
@@ -52,14 +53,16 @@ class SlidingWindow:
     pad_mode: PadMode = "reflect"
 
     def __post_init__(self) -> None:
-        if self.window < 1:
+        if not is_count(self.window):
             raise ValueError(
-                f"sliding_window.window={self.window} must be a positive number of pixels"
+                f"sliding_window.window={self.window!r} must be a positive whole number of pixels"
             )
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"sliding_window.overlap={self.overlap} must be in [0, 1)")
-        if self.batch_size < 1:
-            raise ValueError(f"sliding_window.batch_size={self.batch_size} must be >= 1")
+        if not is_count(self.batch_size):
+            raise ValueError(
+                f"sliding_window.batch_size={self.batch_size!r} must be a whole number >= 1"
+            )
         if self.blend not in BLENDS:
             raise ValueError(
                 f"sliding_window.blend={self.blend!r} is not allowed; expected one of {BLENDS}"
