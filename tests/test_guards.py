@@ -465,6 +465,34 @@ def test_training_options_that_would_silently_do_something_else_are_refused_firs
 
 
 @pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("module.threshold=1.5", r"threshold"),
+        ("module.freeze=[encodr1]", r"encodr1"),
+        ("callbacks.cam_panels.k=0", r"cam_panels.k, every_n_epochs"),
+        ("trainer.accelerator=cpuu", r"cpuu"),
+    ],
+)
+def test_a_value_the_module_a_callback_or_the_trainer_refuses_leaves_the_earlier_run(
+    tmp_path, tiny_synthetic, override, match
+):
+    """Refused as they are built: the earlier run's results, CAM panels and W&B run id in the
+    folder stay as they were (helper-111: they were removed before these were built)."""
+    base = ["experiment=quickstart", *tiny_overrides(tiny_synthetic), "logger=wandb"]
+    earlier = {
+        "metrics.json": b"{}",
+        "cam/epoch_000/panel.png": b"png",
+        "wandb/run_id.txt": b"earlier1\n",
+    }
+    for name, data in earlier.items():
+        (tmp_path / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / name).write_bytes(data)
+    with pytest.raises(Exception, match=match):
+        train(compose_train(tmp_path, [*base, override]))
+    assert all((tmp_path / "run" / n).read_bytes() == d for n, d in earlier.items())
+
+
+@pytest.mark.parametrize(
     "overrides",
     [
         ["module.scheduler_interval=step", "module.scheduler.T_max=20"],  # 20 steps, 20 epochs
@@ -627,6 +655,11 @@ def test_optimized_metric_is_judged_first_and_a_run_without_it_returns_none(
         with pytest.raises(ConfigError, match=f"{split_off[0].lstrip('+')}: no run returns"):
             check_optimized_metric(left_out, sweep=True)
         check_optimized_metric(left_out, sweep=False)
+    # none under Optuna: every trial trained, then failed for want of a value (helper-111)
+    unset = compose_train(tmp_path, [*base, "hparams_search=optuna", "optimized_metric=null"])
+    with pytest.raises(ConfigError, match=r"optimized_metric is null, but the sweeper optimises"):
+        check_optimized_metric(unset, sweep=True)
+    check_optimized_metric(unset, sweep=False)  # a single run has no trial to score
     off = [*base, "trainer.max_epochs=1", "+trainer.limit_val_batches=0", "test=true"]
     with caplog.at_level(logging.WARNING, logger="changecam"):
         assert train_and_score(compose_train(tmp_path / "off", off)) is None
@@ -719,3 +752,20 @@ def test_the_wandb_runs_of_a_continued_study_have_names_of_their_own(tmp_path):
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None
     assert names == ["train/2026-12-06_18-07-56_0", "train/2026-12-06_18-08-10_0"]
+
+
+def test_trainer_enable_progress_bar_false_turns_the_progress_bar_callback_off(
+    tmp_path, tiny_synthetic
+):
+    """``callbacks`` always lists a progress bar, which Lightning refuses beside
+    ``enable_progress_bar=false`` (helper-111: every such run failed)."""
+    overrides = [
+        "experiment=quickstart",
+        *tiny_overrides(tiny_synthetic),
+        "logger=csv",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "callbacks.cam_panels=null",
+    ]
+    metrics = train(compose_train(tmp_path, overrides))
+    assert "test/f1" in metrics

@@ -209,8 +209,9 @@ def prepare_run(
     ``checks`` (the command's own refusals) runs after the config guards and the config's log
     lines, before anything else is written or an earlier run's results are removed.
 
-    ``history=False`` leaves :func:`start_history` (the W&B run id, an earlier run's panels)
-    to the caller, who knows only later whether the run resumes one (train.py).
+    ``history=False`` leaves the W&B run id (:func:`configure_wandb`) and an earlier run's
+    panels (:func:`start_history`) to the caller, who knows only later whether the run
+    resumes one (train.py).
 
     Runs the config guards (unknown keys, invalid choices, switches this machine cannot honour)
     before anything is built, then (``print_config``) writes the whole config to the log file
@@ -233,21 +234,24 @@ def prepare_run(
         log.info("removed %s, a temporary file of a killed run", path)
     remove_earlier_results(output_dir, results)
     if history:
-        start_history(cfg, output_dir, resumes=False)
+        configure_wandb(cfg, output_dir, resumes=False)
     return output_dir
 
 
 def start_history(
-    cfg: DictConfig, output_dir: Path, resumes: bool, folders: tuple[str, ...] = ()
+    output_dir: Path, resumes: bool, folders: tuple[str, ...], new_run_id: str | None
 ) -> None:
-    """Continue the run directory's history when the run ``resumes`` one (its W&B run id),
-    else start a new one: a fresh W&B run id, and the ``folders`` of the earlier run's history
-    (train's ``cam/`` panels) removed."""
+    """Continue the run directory's history when the run ``resumes`` one, else start a new
+    one: the ``folders`` of the earlier run's history (train's ``cam/`` panels) removed and
+    ``new_run_id`` (the W&B run id ``configure_wandb(..., record=False)`` chose, if it chose a
+    new one) recorded. Called once the run is built: a refusal before leaves the earlier run's
+    history as it was."""
     for name in () if resumes else folders:
         if (output_dir / name).is_dir() and rank_zero_only.rank == 0:
             shutil.rmtree(output_dir / name)
             log.warning("removed %s, written by an earlier run in this folder", output_dir / name)
-    configure_wandb(cfg, output_dir, resumes)
+    if new_run_id is not None:
+        record_wandb_run_id(output_dir, new_run_id)
 
 
 def config_summary() -> str:
@@ -510,37 +514,51 @@ WANDB_LOGGER = "lightning.pytorch.loggers.wandb.WandbLogger"
 RUN_ID_FILE = Path("wandb") / "run_id.txt"
 
 
-def wandb_run_id(output_dir: str | Path, resumes: bool) -> str:
-    """The W&B run id of a run directory: read from ``wandb/run_id.txt`` when the run
-    ``resumes`` (or is a DDP rank started later), else made and stored.
+def wandb_run_id(output_dir: str | Path, resumes: bool, record: bool = True) -> tuple[str, bool]:
+    """The W&B run id of a run directory and whether it is a new one: read from
+    ``wandb/run_id.txt`` when the run ``resumes`` (or is a DDP rank started later), else made
+    and stored (``record=False``: left to :func:`record_wandb_run_id`).
 
     Resuming in the same directory (``ckpt_path=last``) thus continues the same W&B run, and a
     new run there starts its own. Only global rank 0 writes the file.
     """
     path = Path(output_dir) / RUN_ID_FILE
     if path.is_file() and (resumes or rank_zero_only.rank != 0):
-        return path.read_text().strip()
+        return path.read_text().strip(), False
     from wandb.sdk.lib.runid import generate_id  # wandb is imported only where W&B is used
 
     run_id = generate_id()
+    if record:
+        record_wandb_run_id(output_dir, run_id)
+    return run_id, True
+
+
+def record_wandb_run_id(output_dir: str | Path, run_id: str) -> None:
+    """Store a run directory's new W&B run id (global rank 0 only)."""
     if rank_zero_only.rank == 0:
-        write_text(path, run_id + "\n")
-    return run_id
+        write_text(Path(output_dir) / RUN_ID_FILE, run_id + "\n")
 
 
-def configure_wandb(cfg: DictConfig, output_dir: str | Path, resumes: bool = False) -> None:
+def configure_wandb(
+    cfg: DictConfig, output_dir: str | Path, resumes: bool = False, record: bool = True
+) -> str | None:
     """Fill in the W&B logger's run id (kept on resume) and, in a sweep, a shared group.
 
     A value set in the config (``logger.wandb.id``/``group``) is kept. The runs of one
     multirun get the group ``<task_name>/<sweep folder>`` and the name ``<task_name>/<job folder>``.
+    Returns a new run id that ``record=False`` left unrecorded (for :func:`start_history`),
+    else ``None``. Call it once per run: in a sweep it extends the run's name.
     """
+    unrecorded = None
     loggers = cfg.get("logger") or {}
     for conf in loggers.values():
         if not (isinstance(conf, DictConfig) and conf.get("_target_") == WANDB_LOGGER):
             continue
         with open_dict(conf):
             if conf.get("id") is None:
-                conf.id = wandb_run_id(output_dir, resumes)
+                conf.id, new = wandb_run_id(output_dir, resumes, record)
+                if new and not record:
+                    unrecorded = conf.id
             if is_multirun():
                 hydra_cfg = HydraConfig.get()
                 if conf.get("group") is None:
@@ -548,3 +566,4 @@ def configure_wandb(cfg: DictConfig, output_dir: str | Path, resumes: bool = Fal
                 # the job's folder: <job number>, or <start time>_<job number> under Optuna,
                 # whose continued study numbers its trials from 0 again
                 conf.name = f"{conf.get('name') or cfg.task_name}/{Path(output_dir).name}"
+    return unrecorded

@@ -115,8 +115,8 @@ def sweep_dir_override(folder: Path) -> str | None:
 
 
 class CheckSweepObjective(Callback):
-    """Refuse an ``optimized_metric`` the sweep cannot optimise (unknown, or a loss under a
-    sweeper that maximises) when the multirun starts: inside the first job it came after the
+    """Refuse an ``optimized_metric`` the sweep cannot optimise (unknown, none under Optuna's
+    sweeper, or a loss under a sweeper that maximises) when the multirun starts: inside the first job it came after the
     Optuna sweeper had stored its study, whose direction then cannot be set right in that
     sweep folder."""
 
@@ -125,7 +125,7 @@ class CheckSweepObjective(Callback):
         from changecam.cli.launch import exit_reporting
         from changecam.cli.train import check_optimized_metric
 
-        if config.get("optimized_metric") is None or "hydra" not in config:
+        if "hydra" not in config:
             return
         try:
             check_optimized_metric(config)

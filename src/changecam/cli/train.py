@@ -10,10 +10,12 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from changecam.atomic import write_json
 from changecam.cli.common import (
+    configure_wandb,
     instantiate_callbacks,
     instantiate_loggers,
     instantiate_refusing,
@@ -224,9 +226,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = instantiate_refusing(cfg.data, splits=run_splits(cfg))
     net = instantiate_refusing(cfg.model)
     ckpt_path = checked_resume_path(cfg, net, output_dir)
-    remove_earlier_results(output_dir, ("metrics.json",))  # once ckpt_path= is not refused
     # a checkpoint to go on from (or to score) continues the folder's CAM panels and W&B run
-    start_history(cfg, output_dir, resumes=ckpt_path is not None, folders=("cam",))
+    resumes = ckpt_path is not None
     # every split the run uses, before any logger starts a run: a bad test list or image fails
     # here, not after fitting, and leaves no W&B run behind
     datamodule.prepare_data()
@@ -239,6 +240,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s: module.init_from is not read", ckpt_path)
     module = build_module(cfg, net, **fresh)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar given then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    new_run_id = configure_wandb(cfg, output_dir, resumes, record=False)  # the loggers need it
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers:
         if isinstance(logger, CSVLogger):  # a resumed run continues its metrics.csv
@@ -246,6 +250,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
+    # built: a value the module, a callback or the trainer refuses has left the earlier run's
+    # results, panels and W&B run id in the folder as they were
+    remove_earlier_results(output_dir, ("metrics.json",))
+    start_history(output_dir, resumes, ("cam",), new_run_id)
     log_hyperparameters(loggers, cfg)
     with ddp_job(trainer):
         metrics: dict[str, Any] = {}
@@ -313,7 +321,8 @@ RUN_METRICS = tuple(
 def check_optimized_metric(cfg: DictConfig, sweep: bool = True) -> None:
     """Refuse an ``optimized_metric`` no run returns (a typo would fail only after training,
     in a sweep after its first trial); in a ``sweep`` also one of a split the run's config
-    leaves out (``test=false``; a single run only warns then, as it needs no value).
+    leaves out (``test=false``; a single run only warns then, as it needs no value), and none
+    under a sweeper that optimises one (Optuna's).
 
     Raises:
         ConfigError: naming the metric and the ones a run returns.
@@ -339,6 +348,11 @@ def check_optimized_metric(cfg: DictConfig, sweep: bool = True) -> None:
         )
     direction = sweeper_direction(cfg)
     direction = getattr(direction, "name", direction)  # Optuna's sweeper may hold its enum
+    if not metric and sweep and isinstance(direction, str):  # every trial would fail, trained
+        raise ConfigError(
+            "optimized_metric is null, but the sweeper optimises the value each run returns "
+            f"(direction {direction}): set optimized_metric, e.g. optimized_metric=val/f1"
+        )
     if metric and isinstance(direction, str):
         wanted = "minimize" if str(metric).endswith("/loss") else "maximize"
         if direction.lower() != wanted:  # the sweep would search for the worst model
