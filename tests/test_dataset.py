@@ -184,6 +184,29 @@ def test_evaluation_crops_are_the_same_every_time(tmp_path, tiny_synthetic):
     assert not all(torch.equal(a, first[0]) for a in first[1:]), "still spread over the image"
 
 
+def test_overfitting_a_few_batches_sees_the_same_crops_and_flips_every_epoch(tiny_synthetic):
+    """Under ``trainer.overfit_batches`` Lightning's sequential sampler hands indexes without
+    our sampler's seeds: every epoch drew other random crops and flips (helper-111), where the
+    overfit check needs the same batches."""
+    import lightning as L
+
+    from changecam.data import ChangeDetectionDataModule
+
+    def epoch(overfit: int, seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        dm = ChangeDetectionDataModule(
+            tiny_synthetic, layout="levir", patch_size=16, train_protocol="random_crop"
+        )
+        dm.trainer = L.Trainer(overfit_batches=overfit, logger=False, enable_progress_bar=False)
+        dataset = dm.dataset("train")
+        return [dataset[i]["pre"] for i in range(len(dataset))]
+
+    first, again = epoch(2, 0), epoch(2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    trained, other = epoch(0, 0), epoch(0, 1)
+    assert not all(torch.equal(a, b) for a, b in zip(trained, other, strict=True))
+
+
 def test_decoded_once_per_image(tmp_path, monkeypatch):
     import changecam.data.dataset as mod
 

@@ -284,9 +284,15 @@ class ChangeDetectionDataModule(L.LightningDataModule):
                 cache_images=self.cache_images,
                 crops_per_image=self.crops(split),
                 change_crops=self.change_crops if split == "train" else 0.0,
-                fixed_crops=split != "train",
+                # overfitting a few batches (trainer.overfit_batches) needs the same ones every
+                # epoch: Lightning's sequential sampler gives indexes, without the seeds of ours
+                fixed_crops=split != "train" or self.overfits(),
             )
         return self.datasets[split]
+
+    def overfits(self) -> bool:
+        """Whether the attached trainer overfits a few batches (``debug=overfit``)."""
+        return self.trainer is not None and bool(self.trainer.overfit_batches)
 
     def setup(self, stage: str | None = None) -> None:
         """Check every split the run will use (at the first call), then build the stage's."""
