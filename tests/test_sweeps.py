@@ -10,7 +10,7 @@ import optuna
 import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from changecam.cli.train import optimized_value
 from helpers import compose_train, run_script, tiny_overrides
@@ -152,4 +152,59 @@ def test_a_loss_under_a_maximising_sweep_is_refused_before_the_study_is_stored(t
     )
     assert proc.returncode == 1
     assert proc.stderr.count("set hydra.sweeper.direction=minimize") == 1, proc.stderr[-2000:]
+    assert not sweep.exists()
+
+
+def sweep_config(task: list[str], launcher: str, root: str, **launcher_args) -> DictConfig:
+    """The parts of a multirun's config that :class:`CheckSweepData` reads."""
+    return OmegaConf.create(
+        {
+            "data": {"root": root, "synthetic": {"seed": 0}},
+            "hydra": {
+                "overrides": {"task": task},
+                "launcher": {"_target_": launcher, **launcher_args},
+                "sweeper": {"params": None},
+            },
+        }
+    )
+
+
+def test_a_parallel_sweep_over_synthetic_settings_in_one_data_root_is_refused(
+    tmp_path, monkeypatch
+):
+    """Jobs at once replaced each other's synthetic set in data.root under the jobs training on
+    it (helper-111: a job failed on a missing file, or could train on the other's images)."""
+    from changecam.cli.hydra_callbacks import CheckSweepData
+
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    shared = "${paths.data_dir}/synthetic"
+    own = "${paths.data_dir}/synthetic_${data.synthetic.seed}"
+    swept = ["data.synthetic.seed=0,1"]
+    refused = []
+    monkeypatch.setattr("changecam.cli.launch.exit_reporting", lambda err: refused.append(str(err)))
+    for task, launcher, root, args in (
+        (swept, basic, shared, {}),  # one after another: each job writes its set, then trains
+        (swept, joblib, shared, {"n_jobs": 1}),
+        (swept, joblib, own, {"n_jobs": 2}),
+        ([*swept, "data.root=a,b"], joblib, shared, {"n_jobs": 2}),
+        (["model.fusion=diff,concat"], joblib, shared, {"n_jobs": 2}),
+    ):
+        CheckSweepData().on_multirun_start(sweep_config(task, launcher, root, **args))
+    assert refused == []
+    CheckSweepData().on_multirun_start(sweep_config(swept, joblib, shared, n_jobs=2))
+    (message,) = refused
+    assert "data.synthetic.seed several values" in message
+    assert "data.root='${paths.data_dir}/synthetic_${data.synthetic.seed}'" in message
+    # the command: refused before the sweep folder is made
+    sweep = tmp_path / "sweep"
+    proc = run_script(
+        "train.py",
+        ["-m", "hydra/launcher=joblib", "data.synthetic.seed=0,1", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "each job would replace the synthetic set the others train on" in proc.stderr
     assert not sweep.exists()

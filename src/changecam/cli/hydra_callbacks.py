@@ -133,6 +133,54 @@ class CheckSweepObjective(Callback):
             exit_reporting(err)
 
 
+def swept_keys(config: DictConfig) -> set[str]:
+    """The keys a multirun gives several values: its sweep overrides (``a=1,2``,
+    ``range(...)``) and its sweeper's ``params`` (Optuna's search space)."""
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = {o.key_or_group for o in overrides if o.is_sweep_override()}
+    return keys | set(config.hydra.sweeper.get("params") or {})
+
+
+def runs_jobs_at_once(config: DictConfig) -> bool:
+    """Whether the multirun's launcher runs its jobs at the same time (every launcher but
+    Hydra's basic one, unless joblib's ``n_jobs`` is 1)."""
+    launcher = config.hydra.launcher
+    if str(launcher.get("_target_", "")).endswith("BasicLauncher"):
+        return False
+    return launcher.get("n_jobs") != 1
+
+
+class CheckSweepData(Callback):
+    """Refuse a multirun whose jobs run at the same time and give ``data.synthetic.*`` several
+    values in one ``data.root``: each job's generator replaces the set there with its own,
+    under the jobs training on it (they failed, missing files, or trained on another job's
+    images under the same names)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from changecam.cli.config_checks import ConfigError
+        from changecam.cli.launch import exit_reporting
+
+        if "hydra" not in config:
+            return
+        swept = swept_keys(config)
+        synthetic = sorted(k for k in swept if k.split(".")[:2] == ["data", "synthetic"])
+        if not synthetic or not runs_jobs_at_once(config) or "data.root" in swept:
+            return
+        data = config.get("data")
+        root = OmegaConf.to_container(data, resolve=False).get("root") if data else None
+        if "${data.synthetic" in str(root):  # a set of each setting's own
+            return
+        exit_reporting(
+            ConfigError(
+                f"this sweep gives {', '.join(synthetic)} several values, and its jobs run at the "
+                f"same time with one data.root ({root}): each job would replace the synthetic "
+                "set the others train on; give each its own folder, e.g. "
+                f"data.root='${{paths.data_dir}}/synthetic_${{{synthetic[0]}}}', or run the "
+                "jobs one after another (the default launcher)"
+            )
+        )
+
+
 class MakeSweepDir(Callback):
     """Create the sweep folder when a multirun starts, before the sweeper runs (the Optuna
     sweeper opens ``<sweep dir>/optuna.db`` before a launcher would create it).
