@@ -772,7 +772,18 @@ def test_a_checkpoint_saved_after_fit_owes_no_plateau_step(tmp_path, tiny_synthe
     assert PLATEAU_KEY not in torch.load(tmp_path / "after.ckpt", weights_only=True)
 
 
-def test_a_run_its_early_stopping_stopped_trains_no_further_when_resumed(tmp_path, tiny_synthetic):
+@pytest.mark.parametrize(
+    "rule",
+    [
+        # no epoch improves: stops after the second
+        ["+callbacks.early_stopping.patience=0", "+callbacks.early_stopping.min_delta=100"],
+        # a threshold met at the first validation: stopped at epoch 0 (helper-115)
+        ["+callbacks.early_stopping.stopping_threshold=1000"],
+    ],
+)
+def test_a_run_its_early_stopping_stopped_trains_no_further_when_resumed(
+    tmp_path, tiny_synthetic, rule
+):
     """A requeue of a run killed while it was scored after early stopping resumed the fit and
     trained until the next validation stopped it again (helper-90)."""
     stopping = [
@@ -780,8 +791,7 @@ def test_a_run_its_early_stopping_stopped_trains_no_further_when_resumed(tmp_pat
         "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
         "+callbacks.early_stopping.monitor=val/loss",
         "+callbacks.early_stopping.mode=min",
-        "+callbacks.early_stopping.patience=0",
-        "+callbacks.early_stopping.min_delta=100",  # no epoch improves: stops after the second
+        *rule,
         "test=false",
         "logger=none",
     ]

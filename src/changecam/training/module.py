@@ -12,6 +12,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
@@ -85,6 +86,16 @@ def pos_weight_problem(pos_weight: Any) -> str | None:
     ):
         return None
     return f"module.pos_weight={pos_weight!r} must be a finite number > 0 (or null: 1)"
+
+
+def _stopped_early(callback: Any) -> bool:
+    """Whether an ``EarlyStopping`` callback (restored from a checkpoint) had stopped its fit:
+    its stopping reason, which Lightning records since 2.6 (a stop at epoch 0 leaves
+    ``stopped_epoch`` at 0), else its stopped epoch."""
+    reason = getattr(callback, "stopping_reason", None)
+    if reason is not None and reason != EarlyStoppingReason.NOT_STOPPED:
+        return True
+    return callback.stopped_epoch > 0
 
 
 class ChangeDetectionModule(L.LightningModule):
@@ -445,7 +456,7 @@ class ChangeDetectionModule(L.LightningModule):
         Lightning restores the callback's counters but not that it stopped the fit."""
         trainer = self._trainer
         stopped = [
-            cb for cb in getattr(trainer, "early_stopping_callbacks", []) if cb.stopped_epoch > 0
+            cb for cb in getattr(trainer, "early_stopping_callbacks", []) if _stopped_early(cb)
         ]
         if stopped:
             log.info(
