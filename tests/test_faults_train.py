@@ -485,6 +485,42 @@ def test_a_run_resumed_into_another_folder_keeps_the_earlier_best(tmp_path):
     assert not (tmp_path / "scoring").exists()
 
 
+def test_a_run_folder_moved_with_its_checkpoints_keeps_its_best_when_resumed(tmp_path):
+    """``mv run moved`` and ``ckpt_path=last`` there: the recorded best was looked for at its
+    old path only, called gone, and the first validation after the resume became best.ckpt;
+    the run then scored a file that no longer existed (helper-115). The best kept in the moved
+    folder stays the best; a best that is really gone is not scored."""
+    scores = [0.8, 0.3, 0.5]
+    loader = DataLoader(torch.ones(2, 1), batch_size=1)
+
+    def callbacks(folder: Path) -> list[L.Callback]:
+        last = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=folder, filename="last", enable_version_counter=False
+        )
+        return [best_checkpoint(folder), last]
+
+    quiet_trainer(max_epochs=2, callbacks=callbacks(tmp_path / "run"), num_sanity_val_steps=0).fit(
+        ScoreLogger(scores), loader, loader
+    )
+    (tmp_path / "run").rename(tmp_path / "moved")
+    moved = callbacks(tmp_path / "moved")
+    quiet_trainer(max_epochs=3, callbacks=moved, num_sanity_val_steps=0).fit(
+        ScoreLogger(scores), loader, loader, ckpt_path=tmp_path / "moved/last.ckpt"
+    )
+    assert moved[0].best_model_path == str(tmp_path / "moved/best.ckpt")
+    assert float(moved[0].best_model_score) == pytest.approx(0.8)
+    assert torch.load(tmp_path / "moved/best.ckpt", weights_only=True)["epoch"] == 0
+
+    (tmp_path / "moved/best.ckpt").unlink()  # gone: counted anew, the stale path not kept
+    (tmp_path / "moved").rename(tmp_path / "again")
+    again = callbacks(tmp_path / "again")
+    with pytest.warns(UserWarning, match="is gone"):
+        quiet_trainer(callbacks=again, max_epochs=3, num_sanity_val_steps=0).fit(
+            ScoreLogger(scores), loader, loader, ckpt_path=tmp_path / "again/last.ckpt"
+        )
+    assert again[0].best_model_path == ""
+
+
 def test_the_default_callbacks_use_the_finite_checkpoint(tmp_path, tiny_synthetic):
     cfg = compose_train(tmp_path, ["experiment=quickstart", *tiny_overrides(tiny_synthetic)])
     assert cfg.callbacks.model_checkpoint._target_.endswith("FiniteModelCheckpoint")

@@ -49,7 +49,9 @@ class FiniteModelCheckpoint(StepCheckpoint):
         """Lightning's, except that a run resumed into another folder (``ckpt_path=<.ckpt>``)
         keeps the earlier run's best checkpoints: Lightning forgets their scores there, so the
         first validation after the resume became ``best.ckpt`` however bad it was. They are
-        copied into this run's folder, which thus holds its own best, with their scores."""
+        copied into this run's folder, which thus holds its own best, with their scores; a run
+        folder moved with its checkpoints (their recorded paths gone) keeps them where they
+        are now."""
         earlier = state_dict.get("dirpath", self.dirpath)
         super().load_state_dict(state_dict)
         if earlier == self.dirpath or self.dirpath is None or not self._fitting:
@@ -57,17 +59,22 @@ class FiniteModelCheckpoint(StepCheckpoint):
         if state_dict.get("monitor") != self.monitor or not state_dict.get("best_k_models"):
             return
         kept: dict[str, Tensor] = {}
+        copies: dict[str, str] = {}
         for path, score in state_dict["best_k_models"].items():
-            source = Path(path)
-            if not source.is_file():
+            source, target = Path(path), Path(self.dirpath) / Path(path).name
+            if source.is_file():
+                copies[str(target)] = str(source)
+            elif not target.is_file():  # (a folder moved with its checkpoints holds them)
                 rank_zero_warn(
                     f"the resumed run's earlier best checkpoint {source} is gone: the best "
                     f"{self.monitor} is counted anew from this run's validations"
                 )
+                # Lightning restored the gone file as the best: scoring would load it
+                self.best_model_path, self.best_model_score = "", None
                 return
-            kept[str(Path(self.dirpath) / source.name)] = score
+            kept[str(target)] = score
         if rank_zero_only.rank == 0:  # the rank that writes checkpoints
-            for source, target in zip(state_dict["best_k_models"], kept, strict=True):
+            for target, source in copies.items():
                 with open(source, "rb") as src, atomic_open(target, "wb") as dst:
                     shutil.copyfileobj(src, dst)
         pick = min if self.mode == "min" else max
