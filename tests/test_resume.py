@@ -359,6 +359,43 @@ def test_panels_of_a_validation_inside_an_epoch_lost_at_a_stop_are_drawn_again(
 
 
 @pytest.mark.slow
+def test_background_panels_resume_with_validation_every_other_epoch(
+    tmp_path, tiny_synthetic, caplog
+):
+    """check_val_every_n_epoch=2: a resumed fit (no sanity check) had no validation loader at
+    its start, so the panels ran inline and a lost epoch's were never drawn again; a step
+    checkpoint written after more training recorded the panels still in flight, to be drawn
+    again from weights that were not theirs (helper-115)."""
+    base = [
+        *resume_overrides(tiny_synthetic, 4, cam=True),
+        "callbacks.cam_panels.mode=background",
+        "callbacks.cam_panels.k=2",
+        "module.threshold=0.1",
+        "trainer.check_val_every_n_epoch=2",
+        "callbacks.last_checkpoint.every_n_epochs=null",
+        "+callbacks.last_checkpoint.every_n_train_steps=3",
+        "logger=csv",
+        "test=false",
+    ]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(compose_train(full, base))
+    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='2:1'"]
+    with pytest.raises(SystemExit):
+        train(compose_train(stopped, [*base, *stop]))
+    with caplog.at_level(logging.INFO, logger="changecam"):
+        train(compose_train(stopped, [*base, "ckpt_path=last"]))
+    assert "CAM panels: background process" in caplog.text
+
+    def cam_rows(run: Path) -> list[tuple[str, str]]:
+        with open(run / "run/csv/metrics.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        key = "val/cam/post_share/enc2"
+        return sorted((r["step"], r[key]) for r in rows if r.get(key))
+
+    assert len(cam_rows(full)) == 2 and cam_rows(stopped) == cam_rows(full)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
 def test_sigterm_mid_epoch_fails_and_says_how_to_resume(tmp_path, tiny_synthetic, sweep):
     """A SIGTERM (a cluster's time limit, ``kill``) is not a success: exit 143 with the resume

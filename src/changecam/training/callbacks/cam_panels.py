@@ -168,6 +168,8 @@ class CamPanels(L.Callback):
         # it, so a run resumed after a kill draws them again from the checkpoint's weights
         self._in_flight: tuple[int, int] | None = None
         self._redo: tuple[int, int] | None = None
+        self._in_flight_at = -1  # the global step the panels in flight were submitted at
+        self._fit_trainer: L.Trainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(pl_module, ChangeDetectionModule):
@@ -176,6 +178,7 @@ class CamPanels(L.Callback):
                 f"{type(pl_module).__name__}"
             )
         self.settings.layers(pl_module.net)  # fail at start on unknown taps and layers
+        self._fit_trainer = trainer
 
     @staticmethod
     def _return_panels(trainer: L.Trainer) -> bool:
@@ -212,6 +215,11 @@ class CamPanels(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Choose the samples and start the background process while training runs; a resumed
         run draws again the panels its checkpoint's epoch lost."""
+        if trainer.val_dataloaders is None and trainer.limit_val_batches:
+            # Lightning builds it at the first validation unless the sanity check ran (a
+            # resumed fit skips it; num_sanity_val_steps=0): without it the panels would run
+            # inline and a lost epoch's panels would not be drawn again
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
         self._start(trainer, pl_module)
         ready = self.settings.enabled and trainer.is_global_zero
         if ready and trainer.val_dataloaders is not None:
@@ -256,7 +264,13 @@ class CamPanels(L.Callback):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        # written with the checkpoint of the validation whose panels are in flight: its weights
+        # written with the checkpoint of the validation whose panels are in flight: its weights,
+        # from which a resumed run draws them again; a checkpoint of a later step (trained on
+        # since) waits for them instead, as its weights are not theirs
+        trainer = self._fit_trainer
+        if self._in_flight is not None and self._worker is not None and trainer is not None:
+            if trainer.global_step != self._in_flight_at:
+                self._log_results(trainer, self._worker.wait(0))
         return {"in_flight": list(self._in_flight)} if self._in_flight is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -292,7 +306,7 @@ class CamPanels(L.Callback):
         """Explain the fixed samples with the network as it is, for ``epoch`` at ``step``."""
         if self._worker is not None:
             results = self._worker.submit(pl_module.net, epoch, step)
-            self._in_flight = (epoch, step)
+            self._in_flight, self._in_flight_at = (epoch, step), trainer.global_step
             self._report_held_up(epoch, self._worker.waited_s)
             self._log_results(trainer, results)
         else:
