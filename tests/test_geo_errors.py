@@ -1264,3 +1264,39 @@ def test_a_finished_scene_resumed_reads_no_sample(net, images, tmp_path, monkeyp
 
     monkeypatch.setattr(changecam.geo.scene, "checked_sample", no_sample)
     assert predict_scene(net, pre, post, tmp_path / "out", SPEC, settings, resume=True) == first
+
+
+def test_overviews_not_written_whole_fail_the_scene_and_a_resume_finishes_it(
+    net, tmp_path, monkeypatch
+):
+    """GDAL only prints its write errors while it builds overviews (a full file system, a
+    file-size limit): the scene was published with a raster that could not be opened, and a
+    resume kept it as finished (helper-113). Each raster is checked whole after its overviews:
+    the scene fails as a GDAL error does, nothing looks finished, and a resume finishes it."""
+    import rasterio.errors
+
+    from changecam.geo.write import SceneFiles
+
+    pre_image, post_image = synthetic_pair(256)
+    pre = write_scene(tmp_path / "pre.tif", pre_image)
+    post = write_scene(tmp_path / "post.tif", post_image)
+    real = SceneFiles.build_overviews
+
+    def cut_short(self, grid):  # as GDAL leaves a file it could not write whole
+        real(self, grid)
+        path = self.partial("probability")
+        os.truncate(path, path.stat().st_size - 100)
+
+    monkeypatch.setattr(SceneFiles, "build_overviews", cut_short)
+    out = tmp_path / "out"
+    with pytest.raises(rasterio.errors.RasterioIOError, match="probability.tif were not written"):
+        predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    assert finished_looking(out) == []
+    monkeypatch.setattr(SceneFiles, "build_overviews", real)
+    resumed = predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
+    predict_scene(net, pre, post, tmp_path / "whole", SPEC, SETTINGS)
+    for name in resumed["files"].values():
+        if name.endswith(".tif"):
+            np.testing.assert_array_equal(
+                read_band(out / name, None), read_band(tmp_path / "whole" / name, None)
+            )

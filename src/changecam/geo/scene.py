@@ -944,6 +944,7 @@ def _predict_scene(
         tracer.close()
     if settings.overviews:
         files.build_overviews(grid)
+        files.check_overviews_whole()
     written = files.publish()
     finish_seconds = time.perf_counter() - finish_started
     changed = sum(r["changed"] for r in block_log.done.values())

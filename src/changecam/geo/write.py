@@ -299,6 +299,22 @@ class SceneFiles:
             if "explanation" in self.rasters:
                 write_share_overviews(self.partial("explanation"), factors)
 
+    def check_overviews_whole(self) -> None:
+        """Raise when a partial raster does not hold every tile and directory its header
+        lists after :meth:`build_overviews`: GDAL only prints the write errors it meets there
+        (a full file system, a file-size limit).
+
+        Raises:
+            rasterio.errors.RasterioIOError: naming the raster (a GDAL error of the scene).
+        """
+        for what in self.rasters:
+            try:
+                check_every_image_complete(self.partial(what))
+            except SceneError as err:
+                raise rasterio.errors.RasterioIOError(
+                    f"the overviews of {self.final(what).name} were not written whole: {err}"
+                ) from err
+
     def take_back(self, settings: str, overviews: bool) -> list[str]:
         """Rename back to their partial names the final rasters that a run with these
         ``settings`` (:data:`SETTINGS_TAG`) published and whose partial file is gone, so that
