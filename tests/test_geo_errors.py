@@ -347,6 +347,9 @@ def test_settings_of_the_right_type_are_kept_as_plain_numbers():
         assert settings.bands == (3, 2, 1) and all(type(b) is int for b in settings.bands)
         assert settings.scale_min == (0.0, 1.5, 2.0) and settings.scale_max == 255.0
         assert type(settings.scale_max) is float
+    # a NumPy batch size reached SlidingWindow, which takes plain ints (helper-113)
+    settings = SceneSettings(block_size=np.int64(64), batch_size=np.int64(2))
+    assert type(settings.block_size) is int and type(settings.batch_size) is int
 
 
 def test_a_band_refusal_suggests_the_labelled_colours_and_names_the_alpha_band(

@@ -155,7 +155,9 @@ def test_a_loss_under_a_maximising_sweep_is_refused_before_the_study_is_stored(t
     assert not sweep.exists()
 
 
-def sweep_config(task: list[str], launcher: str, root: str, **launcher_args) -> DictConfig:
+def sweep_config(
+    task: list[str], launcher: str, root: str, sweeper: dict | None = None, **launcher_args
+) -> DictConfig:
     """The parts of a multirun's config that :class:`CheckSweepData` reads."""
     return OmegaConf.create(
         {
@@ -163,7 +165,7 @@ def sweep_config(task: list[str], launcher: str, root: str, **launcher_args) -> 
             "hydra": {
                 "overrides": {"task": task},
                 "launcher": {"_target_": launcher, **launcher_args},
-                "sweeper": {"params": None},
+                "sweeper": {"params": None, **(sweeper or {})},
             },
         }
     )
@@ -177,25 +179,43 @@ def test_a_parallel_sweep_over_synthetic_settings_in_one_data_root_is_refused(
     from changecam.cli.hydra_callbacks import CheckSweepData
 
     joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
     shared = "${paths.data_dir}/synthetic"
     own = "${paths.data_dir}/synthetic_${data.synthetic.seed}"
     swept = ["data.synthetic.seed=0,1"]
+    # an override Hydra resolves only in a job (helper-113: the check failed on it and let
+    # the sweep start)
+    unresolved = [*swept, "callbacks.model_checkpoint.dirpath=${paths.output_dir}/ckpts"]
+    two = [*swept, "data.synthetic.style=simple,levir"]
     refused = []
     monkeypatch.setattr("changecam.cli.launch.exit_reporting", lambda err: refused.append(str(err)))
-    for task, launcher, root, args in (
+    accepted = (
         (swept, basic, shared, {}),  # one after another: each job writes its set, then trains
         (swept, joblib, shared, {"n_jobs": 1}),
+        (swept, slurm, shared, {"array_parallelism": 1}),
+        (swept, slurm, shared, {"sweeper": {"n_jobs": 1}}),  # Optuna, one trial at a time
         (swept, joblib, own, {"n_jobs": 2}),
-        ([*swept, "data.root=a,b"], joblib, shared, {"n_jobs": 2}),
+        (two, joblib, "${paths.data_dir}/${data.synthetic}", {"n_jobs": 2}),
         (["model.fusion=diff,concat"], joblib, shared, {"n_jobs": 2}),
-    ):
+    )
+    for task, launcher, root, args in accepted:
         CheckSweepData().on_multirun_start(sweep_config(task, launcher, root, **args))
     assert refused == []
-    CheckSweepData().on_multirun_start(sweep_config(swept, joblib, shared, n_jobs=2))
-    (message,) = refused
-    assert "data.synthetic.seed several values" in message
-    assert "data.root='${paths.data_dir}/synthetic_${data.synthetic.seed}'" in message
+    for task, root in (
+        (swept, shared),
+        (unresolved, shared),
+        (two, own),  # two settings in each seed's folder (helper-113)
+        ([*swept, "data.root=a,b"], shared),  # each root holds both seeds' sets
+    ):
+        CheckSweepData().on_multirun_start(sweep_config(task, joblib, root, n_jobs=2))
+    assert len(refused) == 4
+    assert "data.synthetic.seed several values" in refused[0]
+    assert "data.root='${paths.data_dir}/synthetic_${data.synthetic.seed}'" in refused[0]
+    assert (
+        "data.root='${paths.data_dir}/synthetic_${data.synthetic.seed}_${data.synthetic.style}'"
+        in refused[2]
+    )
     # the command: refused before the sweep folder is made
     sweep = tmp_path / "sweep"
     proc = run_script(

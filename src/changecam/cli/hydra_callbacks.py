@@ -135,26 +135,37 @@ class CheckSweepObjective(Callback):
 
 def swept_keys(config: DictConfig) -> set[str]:
     """The keys a multirun gives several values: its sweep overrides (``a=1,2``,
-    ``range(...)``) and its sweeper's ``params`` (Optuna's search space)."""
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    ``range(...)``) and its sweeper's ``params`` (Optuna's search space). The overrides are
+    read as given (``${paths.output_dir}`` in one cannot be resolved before a job runs)."""
+    task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    overrides = OverridesParser.create().parse_overrides([str(o) for o in task])
     keys = {o.key_or_group for o in overrides if o.is_sweep_override()}
-    return keys | set(config.hydra.sweeper.get("params") or {})
+    params = config.hydra.sweeper.get("params") or {}
+    return keys | {str(k) for k in params}
 
 
 def runs_jobs_at_once(config: DictConfig) -> bool:
-    """Whether the multirun's launcher runs its jobs at the same time (every launcher but
-    Hydra's basic one, unless joblib's ``n_jobs`` is 1)."""
-    launcher = config.hydra.launcher
+    """Whether the multirun's jobs may run at the same time: not under Hydra's basic launcher,
+    joblib's ``n_jobs=1``, SLURM's ``array_parallelism=1`` or an Optuna sweeper asking for one
+    trial at a time (``n_jobs=1``)."""
+    hydra = config.hydra
+    launcher = hydra.launcher
     if str(launcher.get("_target_", "")).endswith("BasicLauncher"):
         return False
-    return launcher.get("n_jobs") != 1
+    one_at_a_time = (
+        launcher.get("n_jobs") == 1
+        or launcher.get("array_parallelism") == 1
+        or hydra.sweeper.get("n_jobs") == 1
+    )
+    return not one_at_a_time
 
 
 class CheckSweepData(Callback):
     """Refuse a multirun whose jobs run at the same time and give ``data.synthetic.*`` several
     values in one ``data.root``: each job's generator replaces the set there with its own,
     under the jobs training on it (they failed, missing files, or trained on another job's
-    images under the same names)."""
+    images under the same names). A ``data.root`` that interpolates every swept key (or the
+    whole ``${data.synthetic}``) gives each setting its own folder."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from changecam.cli.config_checks import ConfigError
@@ -164,18 +175,20 @@ class CheckSweepData(Callback):
             return
         swept = swept_keys(config)
         synthetic = sorted(k for k in swept if k.split(".")[:2] == ["data", "synthetic"])
-        if not synthetic or not runs_jobs_at_once(config) or "data.root" in swept:
+        if not synthetic or not runs_jobs_at_once(config):
             return
         data = config.get("data")
-        root = OmegaConf.to_container(data, resolve=False).get("root") if data else None
-        if "${data.synthetic" in str(root):  # a set of each setting's own
+        root = str(OmegaConf.to_container(data, resolve=False).get("root") if data else None)
+        own = "${data.synthetic}" in root or all("${" + key + "}" in root for key in synthetic)
+        if own and "data.root" not in swept:  # (a swept root would share each of its values)
             return
+        suggested = "_".join("${" + key + "}" for key in synthetic)
         exit_reporting(
             ConfigError(
                 f"this sweep gives {', '.join(synthetic)} several values, and its jobs run at the "
                 f"same time with one data.root ({root}): each job would replace the synthetic "
                 "set the others train on; give each its own folder, e.g. "
-                f"data.root='${{paths.data_dir}}/synthetic_${{{synthetic[0]}}}', or run the "
+                f"data.root='${{paths.data_dir}}/synthetic_{suggested}', or run the "
                 "jobs one after another (the default launcher)"
             )
         )

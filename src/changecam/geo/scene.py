@@ -197,6 +197,9 @@ class SceneSettings:
             )
         if self.batch_size is not None and not is_integer(self.batch_size):
             raise SceneError(f"predict.batch_size={self.batch_size!r} must be an integer (or null)")
+        for key in ("block_size", "batch_size"):  # a NumPy integer as a plain one
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, int(getattr(self, key)))
         if not is_number(self.min_area_m2):
             raise SceneError(f"predict.min_area_m2={self.min_area_m2!r} must be a number")
         check_choice("input.scale", self.scale, SCALES)
