@@ -132,7 +132,38 @@ MODEL_CASES = [
     # every pair failed in matplotlib, after the earlier run's outputs were gone (helper-84)
     (predict, "predict", ["explain.dpi=0"], ValueError, "explain.dpi=0 must be"),
     (explain, "explain", ["explain.max_pixels=-1"], ValueError, "explain.max_pixels=-1 must be"),
+    # the run's threshold was passed over it, without a word (helper-114)
+    (
+        explain,
+        "explain",
+        ["+explain.threshold=0.3"],
+        ValueError,
+        "explain.threshold=0.3 is not read",
+    ),
+    (
+        predict,
+        "predict",
+        ["+explain.threshold=0.3"],
+        ValueError,
+        "explain.threshold=0.3 is not read",
+    ),
 ]
+
+
+def test_the_curves_layer_is_not_judged_without_curves(tmp_path, ckpt, levir256_tiny):
+    """explain.faithfulness.layer with the curves off: every pair was explained and saved, then
+    the report failed on that layer, leaving no explanations.json (helper-114)."""
+    overrides = [
+        "device=cpu",
+        f"ckpt_path={ckpt}",
+        f"input.dir={levir256_tiny}",
+        "explain.taps=[enc1]",
+        "explain.faithfulness.enabled=false",
+        "explain.faithfulness.layer=enc2",
+    ]
+    report = explain(compose_train(tmp_path, overrides, "explain"))
+    assert report["faithfulness"]["layer"] is None
+    assert (tmp_path / "run" / "explanations.json").is_file()
 
 
 @pytest.mark.parametrize(("command", "config", "overrides", "error", "expected"), MODEL_CASES)

@@ -482,6 +482,11 @@ def explain_settings(cfg: DictConfig, threshold: float | None) -> ExplainSetting
     block = cfg.get("explain")
     if not block or not block.get("enabled", True):
         return None
+    if "threshold" in block:  # the run's own is passed: this one would be ignored
+        raise ConfigError(
+            f"explain.threshold={block.threshold} is not read: the explanations use the run's "
+            "threshold; set threshold= (the mask's and the explanation's) instead"
+        )
     return instantiate_refusing(
         block, threshold=DEFAULT_THRESHOLD if threshold is None else threshold
     )

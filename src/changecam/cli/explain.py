@@ -174,7 +174,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         "faithfulness": {
             "enabled": settings.faithfulness.enabled,
             # the curves rank pixels by explain.method's maps, at the deepest layer it has
-            "layer": choose_layer(settings.method_layers(layers), settings.faithfulness.layer),
+            # (none without curves: their layer is then not checked)
+            "layer": choose_layer(settings.method_layers(layers), settings.faithfulness.layer)
+            if settings.faithfulness.enabled
+            else None,
             "method": settings.method,
             "steps": settings.faithfulness.steps,
             "random_repeats": settings.faithfulness.random_repeats,
