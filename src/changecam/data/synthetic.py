@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -34,6 +35,8 @@ import numpy as np
 
 from changecam.atomic import atomic_directory, write_text
 from changecam.data.io import write_png
+
+log = logging.getLogger(__name__)
 
 SPEC_FILE = "synthetic_spec.json"
 # 2: change types (appeared / vanished / replaced) written to change_type/; 45 % vanish
@@ -390,14 +393,37 @@ def generate(root: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
         FileExistsError: ``root`` exists, is not empty and was not written by this generator.
     """
     root = Path(root)
-    # as JSON reads it back (a tuple of land-cover parts becomes a list)
-    record = json.loads(json.dumps({"generator_version": GENERATOR_VERSION, **asdict(spec)}))
+    record = spec_record(spec)
     try:
         return _generate(root, spec, record)
     except FileExistsError:
         if _holds(root, record):  # another process wrote the same set meanwhile
             return root
         raise
+
+
+def spec_record(spec: SyntheticSpec) -> dict[str, Any]:
+    """What a set's :data:`SPEC_FILE` holds for ``spec`` (as JSON reads it back: a tuple of
+    land-cover parts becomes a list)."""
+    return json.loads(json.dumps({"generator_version": GENERATOR_VERSION, **asdict(spec)}))
+
+
+def other_settings(root: str | Path, spec: SyntheticSpec) -> list[str]:
+    """The settings in which the synthetic set in ``root`` differs from ``spec``
+    (``"image_size: 64 (asked: 256)"``), or ``[]`` when ``root`` holds none of ours or this
+    one."""
+    try:
+        held = json.loads((Path(root) / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    wanted = spec_record(spec)
+    if not isinstance(held, dict) or held == wanted:
+        return []
+    return [
+        f"{key}: {held.get(key)!r} (asked: {wanted.get(key)!r})"
+        for key in sorted(set(held) | set(wanted))
+        if held.get(key) != wanted.get(key)
+    ]
 
 
 def _holds(root: Path, record: dict[str, Any]) -> bool:
@@ -425,6 +451,11 @@ def _generate(root: Path, spec: SyntheticSpec, record: dict[str, Any]) -> Path:
     if spec_path.is_file():
         if _holds(root, record):
             return root
+        log.warning(
+            "replacing the synthetic set in %s, written with other settings (%s)",
+            root,
+            "; ".join(other_settings(root, spec)),
+        )
         # an older synthetic set of ours: moved aside at once (a kill while it is removed
         # must not leave part of it under root, without its spec), then removed; another
         # process may have moved it already
