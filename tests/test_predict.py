@@ -244,6 +244,28 @@ def test_bad_inputs_fail_before_any_work(tmp_path, ckpt):
         )
 
 
+def test_an_explanation_target_no_pair_can_meet_is_refused_before_any_pair(tmp_path, ckpt):
+    """explain.target=ground_truth for pairs without a label, and an explain.roi of another
+    size, failed every pair after its network ran, leaving nothing, the message naming no key
+    (helper-114): refused up front, as explain.py refuses them. A pair above
+    explain.max_pixels is not explained and needs neither."""
+    write_pair(tmp_path / "in", "a_big", (64, 96))
+    write_pair(tmp_path / "in", "b_small", (32, 32))
+    base = [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}"]
+    with pytest.raises(ValueError, match="explain.target=ground_truth but pair 'a_big'"):
+        run_predict(tmp_path, [*base, "explain.target=ground_truth"])
+    roi = tmp_path / "roi.png"
+    write_png(roi, np.full((32, 32), 255, np.uint8))
+    with pytest.raises(ValueError, match="explain.roi is 32x32 but pair 'a_big' is 64x96"):
+        run_predict(tmp_path, [*base, "explain.target=roi", f"explain.roi={roi}"])
+    assert not (tmp_path / "run" / "masks").exists()
+    report = run_predict(
+        tmp_path,
+        [*base, "explain.target=roi", f"explain.roi={roi}", "explain.max_pixels=1024"],
+    )
+    assert [p["name"] for p in report["pairs"]] == ["a_big", "b_small"]
+
+
 def test_scene_keys_are_judged_before_the_network_and_warned_about_for_pngs(tmp_path, ckpt, caplog):
     """An invalid input.*/predict.* value fails before the checkpoint is read (a missing one
     here), for PNG pairs too; valid ones that only GeoTIFF scenes use are warned about."""

@@ -234,6 +234,32 @@ def predict_pair(
     return PairPrediction(pair.name, probability, threshold, explained)
 
 
+def check_explained_pairs(
+    pairs: list[Triplet], settings: ExplainSettings, roi_size: tuple[int, int] | None
+) -> None:
+    """Refuse, before any pair, what the explanation target would fail on for every pair it
+    explains (those within ``explain.max_pixels``): a pair without a label under
+    ``explain.target=ground_truth``, an ``explain.roi`` of another size. A pair whose files
+    cannot be read fails alone later."""
+    for pair in pairs:
+        try:
+            height, width = pair_size(pair)
+        except (ValueError, OSError):
+            continue
+        if settings.max_pixels is not None and height * width > settings.max_pixels:
+            continue  # not explained: mask and probability only
+        if settings.target == "ground_truth" and pair.label is None:
+            raise ValueError(
+                f"explain.target=ground_truth but pair {pair.name!r} ({pair.pre}) has no label "
+                "(input.dir with label/ next to A/ and B/, or explain.target=predicted)"
+            )
+        if roi_size is not None and roi_size != (height, width):
+            raise ValueError(
+                f"explain.roi is {roi_size[0]}x{roi_size[1]} but pair {pair.name!r} is "
+                f"{height}x{width}"
+            )
+
+
 def optional_label(
     pair: Triplet, size: tuple[int, int], required: bool = False
 ) -> np.ndarray | None:
@@ -520,6 +546,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         )
     if settings is not None:
         settings.layers(net)  # unknown taps or layers fail before any pair
+        check_explained_pairs(pairs, settings, roi.shape if roi is not None else None)
     pair_log = PredictionLog(output_dir)
     resume = bool(OmegaConf.select(cfg, "predict.resume", default=False))
     resumed = pair_log.start(run_settings(cfg, threshold, net, records), resume)
