@@ -221,7 +221,10 @@ def test_ddp_ranks_without_workers_augment_each_sample_by_its_own_seed(tiny_synt
             current=SimpleNamespace(**counts), total=SimpleNamespace(**counts)
         )
         dm.trainer = SimpleNamespace(  # type: ignore[assignment]
-            world_size=2, global_rank=rank, fit_loop=SimpleNamespace(epoch_progress=progress)
+            world_size=2,
+            global_rank=rank,
+            fit_loop=SimpleNamespace(epoch_progress=progress),
+            overfit_batches=0,
         )
         drawn = list(dm.train_sampler())
         assert all(isinstance(d, tuple) for d in drawn), "(index, seed) pairs"

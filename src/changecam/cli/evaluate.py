@@ -43,8 +43,6 @@ from changecam.cli.common import (
     to_float_dict,
     warn_split_scale,
 )
-from changecam.cli.config_checks import ConfigError
-from changecam.data.synthetic import other_settings
 from changecam.evaluation.per_image import SEED_STYLE, PerImageScores, check_seed_batch_size
 from changecam.explain import choose_layer, per_date_layers, resolve_taps
 from changecam.metrics import SCORE_NAMES
@@ -91,14 +89,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # whole images, one per step, when windows do the cutting
     overrides: dict[str, Any] = {"eval_protocol": "full", "eval_batch_size": 1} if spec else {}
     datamodule = instantiate_refusing(cfg.data, **overrides)
-    changed = other_settings(datamodule.root, datamodule.synthetic) if datamodule.synthetic else []
-    if changed:  # preparing the data would replace the set the checkpoint is to be scored on
-        raise ConfigError(
-            f"data.root={datamodule.root} holds a synthetic set written with other settings "
-            f"({'; '.join(changed)}): eval.py scores a set, it does not replace it; give the "
-            "data.synthetic.* settings it was written with, or data.synthetic=null to score "
-            "its files as they are"
-        )
     datamodule.prepare_data()  # before the scale check lists the split's files
     warn_split_scale(cfg.ckpt_path, hparams, datamodule, split, "eval.py", spec is not None)
     loggers = instantiate_loggers(cfg.get("logger"))
