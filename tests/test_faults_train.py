@@ -503,6 +503,12 @@ def test_a_run_folder_moved_with_its_checkpoints_keeps_its_best_when_resumed(tmp
         ScoreLogger(scores), loader, loader
     )
     (tmp_path / "run").rename(tmp_path / "moved")
+    own = (tmp_path / "moved/best.ckpt").read_bytes()
+    # another run in the old folder: its best.ckpt is not the moved run's (helper-116)
+    quiet_trainer(max_epochs=1, callbacks=callbacks(tmp_path / "run"), num_sanity_val_steps=0).fit(
+        ScoreLogger([0.1]), loader, loader
+    )
+    assert (tmp_path / "run/best.ckpt").read_bytes() != own
     moved = callbacks(tmp_path / "moved")
     quiet_trainer(max_epochs=3, callbacks=moved, num_sanity_val_steps=0).fit(
         ScoreLogger(scores), loader, loader, ckpt_path=tmp_path / "moved/last.ckpt"
@@ -510,6 +516,7 @@ def test_a_run_folder_moved_with_its_checkpoints_keeps_its_best_when_resumed(tmp
     assert moved[0].best_model_path == str(tmp_path / "moved/best.ckpt")
     assert float(moved[0].best_model_score) == pytest.approx(0.8)
     assert torch.load(tmp_path / "moved/best.ckpt", weights_only=True)["epoch"] == 0
+    assert (tmp_path / "moved/best.ckpt").read_bytes() == own
 
     (tmp_path / "moved/best.ckpt").unlink()  # gone: counted anew, the stale path not kept
     (tmp_path / "moved").rename(tmp_path / "again")

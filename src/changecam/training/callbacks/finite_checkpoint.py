@@ -41,9 +41,12 @@ class FiniteModelCheckpoint(StepCheckpoint):
 
     _fitting = False
 
+    _fit_trainer: Trainer | None = None
+
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._fitting = trainer.state.fn == TrainerFn.FITTING  # states are loaded after setup
+        self._fit_trainer = trainer  # its ckpt_path is known when the states are loaded
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Lightning's, except that a run resumed into another folder (``ckpt_path=<.ckpt>``)
@@ -58,13 +61,19 @@ class FiniteModelCheckpoint(StepCheckpoint):
             return  # scoring a checkpoint (validate, test) keeps no best of its own
         if state_dict.get("monitor") != self.monitor or not state_dict.get("best_k_models"):
             return
+        # the checkpoint resumed lies in this folder: the folder was moved or copied with its
+        # checkpoints, and its best ones are here (what its old path holds now is not theirs)
+        resumed = self._fit_trainer.ckpt_path if self._fit_trainer is not None else None
+        here = resumed is not None and same_folder(Path(resumed).parent, Path(self.dirpath))
         kept: dict[str, Tensor] = {}
         copies: dict[str, str] = {}
         for path, score in state_dict["best_k_models"].items():
             source, target = Path(path), Path(self.dirpath) / Path(path).name
-            if source.is_file():
+            if here and target.is_file():
+                pass  # kept where it is
+            elif source.is_file() and not here:
                 copies[str(target)] = str(source)
-            elif not target.is_file():  # (a folder moved with its checkpoints holds them)
+            else:
                 rank_zero_warn(
                     f"the resumed run's earlier best checkpoint {source} is gone: the best "
                     f"{self.monitor} is counted anew from this run's validations"
@@ -94,6 +103,14 @@ class FiniteModelCheckpoint(StepCheckpoint):
             )
             return False
         return super().check_monitor_top_k(trainer, current)
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    """Whether two paths name one folder (a symlink or a relative path to it included)."""
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def top_k_problem(save_top_k: Any, filename: str | None) -> str | None:
