@@ -447,6 +447,11 @@ def test_plain_keys_keep_their_defaults_type(tmp_path, overrides, problem):
         ),
         # refused by the module after the earlier results were removed, alone (helper-106)
         (["module.pos_weight=-1"], r"module.pos_weight=-1 must be a finite number > 0"),
+        # the callback's own threshold was passed over it, without a word (helper-116)
+        (
+            ["+callbacks.cam_panels.explain.threshold=0.3"],
+            r"callbacks.cam_panels.explain.threshold=0.3 is not read",
+        ),
     ],
 )
 def test_training_options_that_would_silently_do_something_else_are_refused_first(

@@ -107,6 +107,12 @@ def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModu
 def train_checks(cfg: DictConfig) -> None:
     """train.py's own refusals, before anything is written."""
     check_optimized_metric(cfg, sweep=in_sweep())
+    panels = OmegaConf.select(cfg, "callbacks.cam_panels.explain", default=None)
+    if isinstance(panels, DictConfig) and "threshold" in panels:  # the callback passes its own
+        raise ConfigError(
+            f"callbacks.cam_panels.explain.threshold={panels.threshold} is not read: the panels "
+            "use callbacks.cam_panels.threshold (module.threshold by default); set that instead"
+        )
     if cfg.get("train"):
         check_training_settings(cfg)
 
