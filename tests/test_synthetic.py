@@ -263,6 +263,32 @@ def test_landcover_parts_are_checked_and_recorded(tmp_path):
     assert (root / "train/A/train_1.png").stat().st_mtime_ns == stamp  # skipped
 
 
+def test_a_set_the_generator_draws_alike_is_kept_and_real_differences_are_named(tmp_path):
+    """The generator reads landcover as a set of parts: another order, ``true`` for every part
+    or ``[]`` for none drew the same images, yet the set was deleted and written again with a
+    warning of other settings (helper-117); a setting an older record lacks is named so."""
+    from changecam.data.synthetic import LANDCOVER_PARTS, other_settings
+
+    base = {"image_size": 32, "train": 1, "val": 1, "test": 1, "style": "levir"}
+    spec = SyntheticSpec(**base, landcover=["woodland", "road"])
+    root = generate(tmp_path / "syn", spec)
+    stamp = (root / SPEC_FILE).stat().st_mtime_ns
+    alike = SyntheticSpec(**base, landcover=["road", "woodland"])
+    assert other_settings(root, alike) == []
+    generate(root, alike)
+    assert (root / SPEC_FILE).stat().st_mtime_ns == stamp  # kept
+    every = generate(tmp_path / "every", SyntheticSpec(**base, landcover=True))
+    assert other_settings(every, SyntheticSpec(**base, landcover=list(LANDCOVER_PARTS))) == []
+    none = generate(tmp_path / "none", SyntheticSpec(**base, landcover=False))
+    assert other_settings(none, SyntheticSpec(**base, landcover=[])) == []
+    bigger = SyntheticSpec(**{**base, "image_size": 64}, landcover=["road", "woodland"])
+    assert other_settings(root, bigger) == ["image_size: 32 (asked: 64)"]
+    record = json.loads((root / SPEC_FILE).read_text())
+    del record["style"]
+    (root / SPEC_FILE).write_text(json.dumps(record))  # as an older generator wrote it
+    assert other_settings(root, spec) == ["style: not recorded (asked: 'levir')"]
+
+
 def test_landcover_parts_from_the_command_line(tmp_path):
     """``data.synthetic.landcover=[woodland,plots]`` reaches the generator as those parts."""
     import hydra

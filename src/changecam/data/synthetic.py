@@ -408,19 +408,32 @@ def spec_record(spec: SyntheticSpec) -> dict[str, Any]:
     return json.loads(json.dumps({"generator_version": GENERATOR_VERSION, **asdict(spec)}))
 
 
+def _canonical(record: dict[str, Any]) -> dict[str, Any]:
+    """A set's record as the generator reads it: ``landcover``'s parts as a sorted list, in
+    any order given (``true``: every part; ``false`` or ``[]``: none)."""
+    landcover = record.get("landcover")
+    if landcover is True:
+        landcover = list(LANDCOVER_PARTS)
+    elif landcover is False or landcover is None:
+        landcover = []
+    return {**record, "landcover": sorted(set(landcover))} if "landcover" in record else record
+
+
 def other_settings(root: str | Path, spec: SyntheticSpec) -> list[str]:
     """The settings in which the synthetic set in ``root`` differs from ``spec``
-    (``"image_size: 64 (asked: 256)"``), or ``[]`` when ``root`` holds none of ours or this
-    one."""
+    (``"image_size: 64 (asked: 256)"``; a setting an older generator did not record: ``"style:
+    not recorded"``), or ``[]`` when ``root`` holds none of ours or this one."""
     try:
         held = json.loads((Path(root) / SPEC_FILE).read_text())
     except (OSError, ValueError):
         return []
-    wanted = spec_record(spec)
-    if not isinstance(held, dict) or held == wanted:
+    if not isinstance(held, dict):
         return []
+    held, wanted = _canonical(held), _canonical(spec_record(spec))
     return [
-        f"{key}: {held.get(key)!r} (asked: {wanted.get(key)!r})"
+        f"{key}: {held[key]!r} (asked: {wanted.get(key)!r})"
+        if key in held
+        else f"{key}: not recorded (asked: {wanted[key]!r})"
         for key in sorted(set(held) | set(wanted))
         if held.get(key) != wanted.get(key)
     ]
@@ -429,9 +442,10 @@ def other_settings(root: str | Path, spec: SyntheticSpec) -> list[str]:
 def _holds(root: Path, record: dict[str, Any]) -> bool:
     """Whether ``root`` holds the generator's set of this specification."""
     try:
-        return json.loads((root / SPEC_FILE).read_text()) == record
+        held = json.loads((root / SPEC_FILE).read_text())
     except (OSError, ValueError):
         return False
+    return isinstance(held, dict) and _canonical(held) == _canonical(record)
 
 
 REPLACED = ".replaced-"  # an older set moved aside to be removed: .<root name>.replaced-<...>
