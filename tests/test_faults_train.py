@@ -528,6 +528,45 @@ def test_a_run_folder_moved_with_its_checkpoints_keeps_its_best_when_resumed(tmp
     assert again[0].best_model_path == ""
 
 
+def test_a_best_checkpoint_is_taken_only_where_it_records_its_score(tmp_path):
+    """Resumed into a new folder from a moved run's last.ckpt, the best was looked for at its
+    recorded path only (gone, or another run's file there); a last.ckpt copied alone into a
+    folder holding an unrelated best.ckpt adopted that file (helper-117). The best is taken
+    beside the checkpoint resumed, where it was recorded, or here, and only from a file whose
+    own state records its score."""
+    scores = [0.8, 0.3, 0.5]
+    loader = DataLoader(torch.ones(2, 1), batch_size=1)
+
+    def callbacks(folder: Path) -> list[L.Callback]:
+        last = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=folder, filename="last", enable_version_counter=False
+        )
+        return [best_checkpoint(folder), last]
+
+    def fit(folder: Path, epochs: int, ckpt: Path | None = None, run_scores=scores):
+        made = callbacks(folder)
+        quiet_trainer(max_epochs=epochs, callbacks=made, num_sanity_val_steps=0).fit(
+            ScoreLogger(run_scores), loader, loader, ckpt_path=ckpt
+        )
+        return made[0]
+
+    fit(tmp_path / "run", 2)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    own = (tmp_path / "moved/best.ckpt").read_bytes()
+    fit(tmp_path / "run", 1, run_scores=[0.1])  # another run where the best was recorded
+    best = fit(tmp_path / "fresh", 3, tmp_path / "moved/last.ckpt")
+    assert float(best.best_model_score) == pytest.approx(0.8)
+    assert (tmp_path / "fresh/best.ckpt").read_bytes() == own
+
+    fit(tmp_path / "a", 2)
+    (tmp_path / "c").mkdir()
+    shutil.copy(tmp_path / "a/last.ckpt", tmp_path / "c/last.ckpt")
+    shutil.copy(tmp_path / "run/best.ckpt", tmp_path / "c/best.ckpt")  # an unrelated best
+    best = fit(tmp_path / "c", 3, tmp_path / "c/last.ckpt")
+    assert float(best.best_model_score) == pytest.approx(0.8)
+    assert (tmp_path / "c/best.ckpt").read_bytes() == (tmp_path / "a/best.ckpt").read_bytes()
+
+
 def test_the_default_callbacks_use_the_finite_checkpoint(tmp_path, tiny_synthetic):
     cfg = compose_train(tmp_path, ["experiment=quickstart", *tiny_overrides(tiny_synthetic)])
     assert cfg.callbacks.model_checkpoint._target_.endswith("FiniteModelCheckpoint")

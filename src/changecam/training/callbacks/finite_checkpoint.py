@@ -53,34 +53,37 @@ class FiniteModelCheckpoint(StepCheckpoint):
         keeps the earlier run's best checkpoints: Lightning forgets their scores there, so the
         first validation after the resume became ``best.ckpt`` however bad it was. They are
         copied into this run's folder, which thus holds its own best, with their scores; a run
-        folder moved with its checkpoints (their recorded paths gone) keeps them where they
-        are now."""
+        folder moved or copied with its checkpoints keeps them where they are now (a file is
+        taken for a best one only if it records that score)."""
         earlier = state_dict.get("dirpath", self.dirpath)
         super().load_state_dict(state_dict)
         if earlier == self.dirpath or self.dirpath is None or not self._fitting:
             return  # scoring a checkpoint (validate, test) keeps no best of its own
         if state_dict.get("monitor") != self.monitor or not state_dict.get("best_k_models"):
             return
-        # the checkpoint resumed lies in this folder: the folder was moved or copied with its
-        # checkpoints, and its best ones are here (what its old path holds now is not theirs)
+        # each best file is looked for beside the checkpoint resumed (a run folder moved or
+        # copied with its checkpoints), where it was recorded, and in this folder; a file is
+        # taken only if its own state records its score (another run's may sit at any of them)
         resumed = self._fit_trainer.ckpt_path if self._fit_trainer is not None else None
-        here = resumed is not None and same_folder(Path(resumed).parent, Path(self.dirpath))
         kept: dict[str, Tensor] = {}
         copies: dict[str, str] = {}
         for path, score in state_dict["best_k_models"].items():
-            source, target = Path(path), Path(self.dirpath) / Path(path).name
-            if here and target.is_file():
-                pass  # kept where it is
-            elif source.is_file() and not here:
-                copies[str(target)] = str(source)
-            else:
+            name = Path(path).name
+            target = Path(self.dirpath) / name
+            places = [Path(resumed).parent / name] if resumed else []
+            places += [Path(path), target]
+            found = next((c for c in places if self._holds_score(c, score)), None)
+            if found is None:
                 rank_zero_warn(
-                    f"the resumed run's earlier best checkpoint {source} is gone: the best "
-                    f"{self.monitor} is counted anew from this run's validations"
+                    f"the resumed run's earlier best checkpoint {path} is gone (nor beside "
+                    f"{resumed}): the best {self.monitor} is counted anew from this run's "
+                    "validations"
                 )
                 # Lightning restored the gone file as the best: scoring would load it
                 self.best_model_path, self.best_model_score = "", None
                 return
+            if not same_file(found, target):
+                copies[str(target)] = str(found)
             kept[str(target)] = score
         if rank_zero_only.rank == 0:  # the rank that writes checkpoints
             for target, source in copies.items():
@@ -95,6 +98,25 @@ class FiniteModelCheckpoint(StepCheckpoint):
         )
         self.kth_value = kept[self.kth_best_model_path]
 
+    def _holds_score(self, path: Path, score: Any) -> bool:
+        """Whether ``path`` is a checkpoint this callback saved for ``score`` (its own state's
+        ``current_score``, the monitored value it was saved for)."""
+        if not path.is_file():
+            return False
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 - not a checkpoint torch reads: not this one
+            return False
+        states = saved.get("callbacks", {}) if isinstance(saved, dict) else {}
+        wanted = float(torch.as_tensor(score))
+        return any(
+            isinstance(state, dict)
+            and state.get("monitor") == self.monitor
+            and state.get("current_score") is not None
+            and float(torch.as_tensor(state["current_score"])) == wanted
+            for state in states.values()
+        )
+
     def check_monitor_top_k(self, trainer: Trainer, current: Tensor | None = None) -> bool:
         if current is not None and not bool(torch.isfinite(torch.as_tensor(current)).all()):
             rank_zero_warn(
@@ -105,8 +127,8 @@ class FiniteModelCheckpoint(StepCheckpoint):
         return super().check_monitor_top_k(trainer, current)
 
 
-def same_folder(a: Path, b: Path) -> bool:
-    """Whether two paths name one folder (a symlink or a relative path to it included)."""
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through a symlink or a relative path too)."""
     try:
         return a.resolve() == b.resolve()
     except OSError:
