@@ -168,6 +168,24 @@ def test_resize_keeps_the_mask_on_the_change_it_labels(tmp_path):
     assert rows == [2, 3, 4, 5, 6, 7]  # rows 10-29: half of area 2 (8-11), half of area 7
 
 
+@pytest.mark.parametrize("shape", [(24, 96), (96, 24)])
+def test_resize_averages_the_side_that_shrinks_while_the_other_grows(shape):
+    """OpenCV's INTER_AREA averages only when both sides shrink: 24x96 to 32x32 sampled the
+    shrinking side at points, so every third column of change became change everywhere
+    (helper-118). Each area's share is 1/3: no change, and the image's mean is kept."""
+    from changecam.data.dataset import resize_triplet
+
+    mask = np.zeros(shape, np.uint8)
+    image = np.zeros((*shape, 3), np.uint8)
+    if shape[1] > shape[0]:
+        mask[:, 1::3], image[:, 1::3] = 1, 255
+    else:
+        mask[1::3, :], image[1::3, :] = 1, 255
+    pre, post, resized = resize_triplet(image, image, mask, 32)
+    assert resized.shape == (32, 32) and not resized.any()
+    assert abs(float(pre.mean()) - 85.0) < 1.0
+
+
 def test_evaluation_crops_are_the_same_every_time(tmp_path, tiny_synthetic):
     from changecam.data import ChangeDetectionDataModule
 

@@ -424,3 +424,12 @@ def test_a_simple_set_too_large_for_labelled_change_is_refused(tmp_path):
     ChangeDetectionDataModule(tmp_path / "syn", synthetic={**large, "style": "levir"})
     spec = SyntheticSpec(image_size=512, train=2)
     assert all(generate_scene(spec, "train", i).label.max() == 1 for i in range(2))
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_negative_split_count_is_refused_naming_the_key(split):
+    """A negative count was written into the spec, and set-up then said to download LEVIR-CD
+    (helper-118)."""
+    with pytest.raises(ValueError, match=rf"data.synthetic.{split}=-3 must be a whole number"):
+        SyntheticSpec(**{split: -3})
+    assert getattr(SyntheticSpec(**{split: 0}), split) == 0  # a split none is written for

@@ -275,10 +275,10 @@ def _clear_hydra():
     ("override", "match"),
     [
         ("data.change_crops=1.0", r"data.change_crops=1.0 places training crops, but .*tiles"),
-        ("+data.crops_per_image=50", r"data.crops_per_image=50 counts random crops"),
+        ("data.crops_per_image=50", r"data.crops_per_image=50 counts random crops"),
         # 0 meant "as many as tiles" and -1 no crop of the dataset's own images (helper-81)
-        ("+data.crops_per_image=0", r"data.crops_per_image=0 must be a whole number of crops"),
-        ("+data.crops_per_image=-1", r"data.crops_per_image=-1 must be a whole number"),
+        ("data.crops_per_image=0", r"data.crops_per_image=0 must be a whole number of crops"),
+        ("data.crops_per_image=-1", r"data.crops_per_image=-1 must be a whole number"),
         ("data.augment.jitter=-0.2", r"data.augment.jitter=-0.2 must be a strength >= 0"),
     ],
 )

@@ -120,8 +120,9 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         extra_train: more training data: folders (either layout) whose ``train`` split joins
             this dataset's, e.g. the synthetic data an ``init_from`` checkpoint learned from
             (the README's "Real imagery" measures that on real pairs). Each of their images
-            gives as many random crops per epoch as it has tiles (``crops_per_image`` counts
-            only this dataset's images); validation and test use this dataset alone.
+            gives its tiles, or under ``random_crop`` as many random crops per epoch as it has
+            tiles (``crops_per_image`` counts only this dataset's images); validation and test
+            use this dataset alone.
         splits: every split the run will use, checked together at the first set-up (e.g.
             ``train.py`` adds ``test`` when it will test after fitting, so a bad test list
             fails before the first epoch); default: the splits of each stage as it is set up.

@@ -179,6 +179,12 @@ class SyntheticSpec:
                 f"data.synthetic.image_size={self.image_size} is too small for "
                 f"style={self.style}: at least {smallest} px"
             )
+        for split in ("train", "val", "test"):  # 0: a split none is written for
+            count = getattr(self, split)
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(
+                    f"data.synthetic.{split}={count!r} must be a whole number of pairs >= 0"
+                )
 
     @property
     def landcover_parts(self) -> tuple[str, ...]:
