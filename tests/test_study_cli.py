@@ -95,6 +95,8 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
         ("study.data={tmp}/absent", "study.data=.*absent is not a folder"),
         ("study.data={tmp}/empty", "empty"),
         ("+study.max_objects.unet=2", "study.max_objects.unet: no model of this study"),
+        # helper-119: refused after the earlier results were removed
+        ("device=bogus", "device='bogus' is not a device"),
     ],
 )
 def test_bad_study_settings_leave_an_earlier_studys_results(
@@ -279,3 +281,30 @@ def test_one_architectures_value_is_added_to_a_per_architecture_map(tmp_path):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "absent.ckpt" in output, output[-2000:]
     assert "nothing reads it" not in output
+
+
+def test_an_empty_zoo_and_a_single_unbracketed_checkpoint(tmp_path, tiny_synthetic):
+    """study.zoo=[] wrote a finished study of no model; study.checkpoints=<one path> was split
+    into its characters (helper-119)."""
+    from changecam.cli.config_checks import ConfigError
+    from changecam.cli.study import given_checkpoints, zoo_architectures
+    from test_checkpoint import make_lightning_checkpoint
+
+    with pytest.raises(ConfigError, match=r"study.zoo=\[\] names no architecture"):
+        zoo_architectures([])
+    good = make_lightning_checkpoint(tmp_path / "good" / "best.ckpt", tiny_synthetic, steps=1)
+    cfg = compose_train(tmp_path, [f"study.checkpoints={good}"], config_name="study")
+    assert given_checkpoints(cfg) == {"best": good}
+
+
+def test_the_zoo_folder_is_found_whatever_folder_train_py_runs_in(tmp_path, monkeypatch):
+    """train.py runs in paths.root_dir (CHANGECAM_ROOT): a relative study.zoo_dir was written
+    there and looked for here, so a finished training was reported failed (helper-119)."""
+    from changecam.cli.study import zoo_run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_train(
+        tmp_path, ["study.train_zoo=true", "study.zoo_dir=zoo"], config_name="study"
+    )
+    run_dir, _ = zoo_run(cfg, "siamese_unet")
+    assert run_dir.is_absolute() and run_dir.parent == tmp_path / "zoo"

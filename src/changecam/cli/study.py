@@ -73,6 +73,8 @@ def zoo_architectures(requested: list[str] | None) -> list[str]:
     bad = [name for name in requested if name not in available]
     if bad:
         raise ConfigError(f"study.zoo: unknown architecture(s) {bad}; available: {available}")
+    if not requested:  # a study of no model would look finished
+        raise ConfigError(f"study.zoo=[] names no architecture; available: {available}")
     return list(requested)
 
 
@@ -111,7 +113,8 @@ def zoo_run(cfg: DictConfig, arch: str) -> tuple[Path, list[str]]:
         sort_keys=True,
     )
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    return Path(cfg.study.zoo_dir) / f"{arch}-{digest}", overrides
+    # resolved: train.py runs in paths.root_dir (CHANGECAM_ROOT), not in this process's folder
+    return Path(cfg.study.zoo_dir).resolve() / f"{arch}-{digest}", overrides
 
 
 def train_zoo(cfg: DictConfig, architectures: list[str]) -> dict[str, Path]:
@@ -134,7 +137,7 @@ def train_zoo(cfg: DictConfig, architectures: list[str]) -> dict[str, Path]:
             sys.executable,
             str(Path(CONF_DIR).parent / "train.py"),
             *overrides,
-            f"paths.data_dir={cfg.paths.data_dir}",
+            f"paths.data_dir={Path(cfg.paths.data_dir).resolve()}",
             f"hydra.run.dir={run_dir}",
         ]
         done = subprocess.run(command, cwd=cfg.paths.root_dir, check=False)
@@ -150,7 +153,8 @@ def train_zoo(cfg: DictConfig, architectures: list[str]) -> dict[str, Path]:
 
 def given_checkpoints(cfg: DictConfig) -> dict[str, Path]:
     """``study.checkpoints`` named by ``study.names`` (default: each file's run directory)."""
-    paths = [Path(p) for p in cfg.study.checkpoints or []]
+    given = cfg.study.checkpoints or []
+    paths = [Path(p) for p in ([given] if isinstance(given, str) else given)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"study.checkpoints: no such file(s): {missing}")
@@ -246,6 +250,7 @@ def study_checks(cfg: DictConfig) -> None:
         raise ConfigError(
             "study: give either study.checkpoints=[a.ckpt,...] or study.train_zoo=true (not both)"
         )
+    resolve_device(cfg.device)  # a device this machine lacks, before the results go
     if cfg.study.split not in SPLITS:
         raise ConfigError(f"study.split={cfg.study.split!r}: expected one of {', '.join(SPLITS)}")
     limit = cfg.study.get("max_images")
