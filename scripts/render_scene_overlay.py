@@ -43,6 +43,23 @@ def decimated(path: Path, side: int, resampling: Resampling) -> tuple[np.ndarray
         return data, (b.left, b.right, b.bottom, b.top)
 
 
+def displayable(image: np.ndarray) -> np.ndarray:
+    """``C x h x w`` as uint8 for ``imshow``: 8-bit data as it is, other data stretched band by
+    band from its 2nd to its 98th percentile of finite values (as ``input.scale=percentile``
+    does), which matplotlib would otherwise clip to white."""
+    if image.dtype == np.uint8:
+        return image
+    out = np.zeros(image.shape, np.uint8)
+    for band, values in enumerate(image.astype(np.float64)):
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            continue
+        low, high = np.percentile(finite, (2, 98))
+        scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        out[band] = np.round(np.clip(np.nan_to_num(scaled), 0, 1) * 255).astype(np.uint8)
+    return out
+
+
 def render(scene: Path, out: Path, side: int = 1024) -> Path:
     summary = json.loads((scene / "scene.json").read_text())
     from changecam.geo.bands import decimated_sample
@@ -52,6 +69,8 @@ def render(scene: Path, out: Path, side: int = 1024) -> Path:
     # may have no overviews: decimated_sample reads them in strips
     with open_pair(summary["pre"], summary["post"]) as pair:
         post = decimated_sample(pair.post, summary["bands"][:3])[0]
+    step = max(1, -(-max(post.shape[1:]) // side))  # at most `side` px a side, as the rasters
+    post = displayable(post[:, ::step, ::step])
     change, extent = decimated(scene / "change.tif", side, Resampling.nearest)
     features = json.loads((scene / "change.geojson").read_text())["features"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.4), dpi=110)
@@ -112,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "scene_overlay.png")
     parser.add_argument("overrides", nargs="*", default=[], help="predict.py overrides (--demo)")
     args = parser.parse_args(argv)
+    if args.demo and args.scene is not None:  # argparse gave the first override to `scene`
+        args.overrides, args.scene = [str(args.scene), *args.overrides], None
     if args.demo:
         if args.ckpt is None:
             parser.error("--demo needs --ckpt <best.ckpt>")

@@ -1015,6 +1015,33 @@ def test_the_overlay_figure_renders_a_predicted_scene(tmp_path, ckpt, pair, thre
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # the scene, not a blank plot
 
 
+def test_the_overlay_script_draws_any_data_type_and_passes_every_override(monkeypatch):
+    """A 16-bit post was drawn clipped to white, ``--side`` did not limit it, and ``--demo``'s
+    first predict.py override was taken for the scene folder (helper-119)."""
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location(
+        "render_scene_overlay", REPO / "scripts" / "render_scene_overlay.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    wide = np.linspace(1000, 11200, 3 * 40 * 50).reshape(3, 40, 50).astype(np.uint16)
+    shown = module.displayable(wide)
+    assert shown.dtype == np.uint8 and shown.min() == 0 and shown.max() == 255
+    assert 0.3 < (shown > 127).mean() < 0.7
+    eight = np.arange(60, dtype=np.uint8).reshape(3, 4, 5)
+    assert module.displayable(eight) is eight
+    seen = {}
+    monkeypatch.setattr(
+        module, "demo", lambda ckpt, size, work, overrides: seen.update(o=overrides)
+    )
+    monkeypatch.setattr(module, "render", lambda *a: "drawn")
+    module.main(["--demo", "--ckpt", "a.ckpt", "predict.batch_size=2", "device=cpu"])
+    assert seen["o"] == ["predict.batch_size=2", "device=cpu"]
+
+
 def test_the_synthetic_scene_pair_is_georeferenced_and_tiled(tmp_path):
     from changecam.geo.synthetic import ORIGIN as SYNTHETIC_ORIGIN
     from changecam.geo.synthetic import PIXEL as SYNTHETIC_PIXEL
