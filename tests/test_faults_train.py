@@ -565,6 +565,13 @@ def test_a_best_checkpoint_is_taken_only_where_it_records_its_score(tmp_path):
     best = fit(tmp_path / "c", 3, tmp_path / "c/last.ckpt")
     assert float(best.best_model_score) == pytest.approx(0.8)
     assert (tmp_path / "c/best.ckpt").read_bytes() == (tmp_path / "a/best.ckpt").read_bytes()
+    # an unrelated best of the very same score beside it: the recorded one (helper-120)
+    fit(tmp_path / "tie", 1, run_scores=[0.8])
+    (tmp_path / "d").mkdir()
+    shutil.copy(tmp_path / "a/last.ckpt", tmp_path / "d/last.ckpt")
+    shutil.copy(tmp_path / "tie/best.ckpt", tmp_path / "d/best.ckpt")
+    fit(tmp_path / "e", 3, tmp_path / "d/last.ckpt")
+    assert (tmp_path / "e/best.ckpt").read_bytes() == (tmp_path / "a/best.ckpt").read_bytes()
 
 
 def test_the_default_callbacks_use_the_finite_checkpoint(tmp_path, tiny_synthetic):

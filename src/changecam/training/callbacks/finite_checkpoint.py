@@ -61,18 +61,20 @@ class FiniteModelCheckpoint(StepCheckpoint):
             return  # scoring a checkpoint (validate, test) keeps no best of its own
         if state_dict.get("monitor") != self.monitor or not state_dict.get("best_k_models"):
             return
-        # each best file is looked for beside the checkpoint resumed (a run folder moved or
-        # copied with its checkpoints), where it was recorded, and in this folder; a file is
-        # taken only if its own state records its score (another run's may sit at any of them)
+        # each best file is looked for where it was recorded, beside the checkpoint resumed (a
+        # run folder moved or copied with its checkpoints) and in this folder; a file is taken
+        # only if its own state records its score (another run's may sit at any of them), one
+        # that also records the recorded path first (two runs can tie, e.g. at f1 0)
         resumed = self._fit_trainer.ckpt_path if self._fit_trainer is not None else None
         kept: dict[str, Tensor] = {}
         copies: dict[str, str] = {}
         for path, score in state_dict["best_k_models"].items():
             name = Path(path).name
             target = Path(self.dirpath) / name
-            places = [Path(resumed).parent / name] if resumed else []
-            places += [Path(path), target]
-            found = next((c for c in places if self._holds_score(c, score)), None)
+            places = [Path(path), *([Path(resumed).parent / name] if resumed else []), target]
+            matches = [(self._saved_as(c, path, score), i, c) for i, c in enumerate(places)]
+            best_match = max(matches, key=lambda m: (m[0], -m[1]))
+            found = best_match[2] if best_match[0] > 0 else None
             if found is None:
                 rank_zero_warn(
                     f"the resumed run's earlier best checkpoint {path} is gone (nor beside "
@@ -98,24 +100,28 @@ class FiniteModelCheckpoint(StepCheckpoint):
         )
         self.kth_value = kept[self.kth_best_model_path]
 
-    def _holds_score(self, path: Path, score: Any) -> bool:
-        """Whether ``path`` is a checkpoint this callback saved for ``score`` (its own state's
-        ``current_score``, the monitored value it was saved for)."""
+    def _saved_as(self, path: Path, recorded: str, score: Any) -> int:
+        """How surely ``path`` is the best checkpoint recorded at ``recorded`` with ``score``: 2
+        when its own state (this callback's, as saved with it) holds that score as the one it
+        was saved for (``current_score``) and lists ``recorded`` among its best, 1 when it holds
+        the score only (a copy an earlier resume made lists the folder it came from), else 0."""
         if not path.is_file():
-            return False
+            return 0
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - not a checkpoint torch reads: not this one
-            return False
+            return 0
         states = saved.get("callbacks", {}) if isinstance(saved, dict) else {}
         wanted = float(torch.as_tensor(score))
-        return any(
-            isinstance(state, dict)
-            and state.get("monitor") == self.monitor
-            and state.get("current_score") is not None
-            and float(torch.as_tensor(state["current_score"])) == wanted
-            for state in states.values()
-        )
+        sure = 0
+        for state in states.values():
+            if not isinstance(state, dict) or state.get("monitor") != self.monitor:
+                continue
+            current = state.get("current_score")
+            if current is None or float(torch.as_tensor(current)) != wanted:
+                continue
+            sure = max(sure, 2 if recorded in (state.get("best_k_models") or {}) else 1)
+        return sure
 
     def check_monitor_top_k(self, trainer: Trainer, current: Tensor | None = None) -> bool:
         if current is not None and not bool(torch.isfinite(torch.as_tensor(current)).all()):
