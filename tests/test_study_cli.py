@@ -295,6 +295,12 @@ def test_an_empty_zoo_and_a_single_unbracketed_checkpoint(tmp_path, tiny_synthet
     good = make_lightning_checkpoint(tmp_path / "good" / "best.ckpt", tiny_synthetic, steps=1)
     cfg = compose_train(tmp_path, [f"study.checkpoints={good}"], config_name="study")
     assert given_checkpoints(cfg) == {"best": good}
+    # and its one name, and one architecture (helper-120: split into letters)
+    cfg = compose_train(
+        tmp_path, [f"study.checkpoints={good}", "study.names=bit"], config_name="study"
+    )
+    assert given_checkpoints(cfg) == {"bit": good}
+    assert zoo_architectures("bit") == ["bit"]
 
 
 def test_the_zoo_folder_is_found_whatever_folder_train_py_runs_in(tmp_path, monkeypatch):

@@ -60,7 +60,12 @@ NOT_IN_ZOO = ("external",)
 PER_ARCHITECTURE = tuple(sorted(key.removeprefix("study.") for key in OPEN_MAPS))
 
 
-def zoo_architectures(requested: list[str] | None) -> list[str]:
+def as_list(value: Any) -> list[Any]:
+    """A list setting given as one unbracketed value (``study.names=bit``) as a list of it."""
+    return [value] if isinstance(value, str) else list(value)
+
+
+def zoo_architectures(requested: list[str] | str | None) -> list[str]:
     """``conf/model/*.yaml`` that describe a network on their own (or the ``requested`` ones).
 
     Raises:
@@ -70,6 +75,7 @@ def zoo_architectures(requested: list[str] | None) -> list[str]:
     available = [name for name in known if name not in NOT_IN_ZOO]
     if requested is None:
         return available
+    requested = as_list(requested)
     bad = [name for name in requested if name not in available]
     if bad:
         raise ConfigError(f"study.zoo: unknown architecture(s) {bad}; available: {available}")
@@ -153,12 +159,12 @@ def train_zoo(cfg: DictConfig, architectures: list[str]) -> dict[str, Path]:
 
 def given_checkpoints(cfg: DictConfig) -> dict[str, Path]:
     """``study.checkpoints`` named by ``study.names`` (default: each file's run directory)."""
-    given = cfg.study.checkpoints or []
-    paths = [Path(p) for p in ([given] if isinstance(given, str) else given)]
+    paths = [Path(p) for p in as_list(cfg.study.checkpoints or [])]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"study.checkpoints: no such file(s): {missing}")
-    names = list(cfg.study.names) if cfg.study.get("names") else None
+    given_names = cfg.study.get("names")
+    names = None if not given_names else as_list(given_names)
     if names is not None and len(names) != len(paths):
         raise ConfigError(f"study.names has {len(names)} names for {len(paths)} study.checkpoints")
     if names is None:
