@@ -301,6 +301,18 @@ def test_an_empty_zoo_and_a_single_unbracketed_checkpoint(tmp_path, tiny_synthet
     )
     assert given_checkpoints(cfg) == {"bit": good}
     assert zoo_architectures("bit") == ["bit"]
+    cfg = compose_train(
+        tmp_path, [f"study.checkpoints={good}", "study.names=2020"], config_name="study"
+    )
+    assert given_checkpoints(cfg) == {"2020": good}
+    from changecam.cli.study import zoo_run
+
+    cfg = compose_train(
+        tmp_path,
+        ["study.train_zoo=true", "study.train_overrides='model.base_channels=8'"],
+        config_name="study",
+    )
+    assert zoo_run(cfg, "bit")[1][0] == "model.base_channels=8"
 
 
 def test_the_zoo_folder_is_found_whatever_folder_train_py_runs_in(tmp_path, monkeypatch):

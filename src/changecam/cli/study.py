@@ -28,7 +28,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from changecam.atomic import write_json
@@ -61,8 +61,9 @@ PER_ARCHITECTURE = tuple(sorted(key.removeprefix("study.") for key in OPEN_MAPS)
 
 
 def as_list(value: Any) -> list[Any]:
-    """A list setting given as one unbracketed value (``study.names=bit``) as a list of it."""
-    return [value] if isinstance(value, str) else list(value)
+    """A list setting given as one unbracketed value (``study.names=bit``, ``=2020``) as a
+    list of it."""
+    return list(value) if isinstance(value, list | tuple | ListConfig) else [value]
 
 
 def zoo_architectures(requested: list[str] | str | None) -> list[str]:
@@ -108,7 +109,7 @@ def zoo_run(cfg: DictConfig, arch: str) -> tuple[Path, list[str]]:
     """The run directory of one architecture's training and the overrides it is trained with;
     the directory name holds a hash of everything that changes the result."""
     overrides = [
-        *cfg.study.train_overrides,
+        *as_list(cfg.study.train_overrides or []),
         f"model={arch}",
         f"trainer.max_epochs={per_architecture(cfg.study.epochs, arch, 'epochs')}",
         *data_overrides(),
@@ -164,7 +165,7 @@ def given_checkpoints(cfg: DictConfig) -> dict[str, Path]:
     if missing:
         raise FileNotFoundError(f"study.checkpoints: no such file(s): {missing}")
     given_names = cfg.study.get("names")
-    names = None if not given_names else as_list(given_names)
+    names = [str(n) for n in as_list(given_names)] if given_names not in (None, []) else None
     if names is not None and len(names) != len(paths):
         raise ConfigError(f"study.names has {len(names)} names for {len(paths)} study.checkpoints")
     if names is None:
@@ -285,7 +286,10 @@ def study_checks(cfg: DictConfig) -> None:
         warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images
         check_layers(cfg, name, net)
     if cfg.study.train_zoo:  # each architecture as the zoo would train it, before it is
-        presets, overrides = read_presets(), model_overrides(cfg.study.train_overrides)
+        presets, overrides = (
+            read_presets(),
+            model_overrides(as_list(cfg.study.train_overrides or [])),
+        )
         for name in names:
             config = {**presets.get(name, {}), **overrides}
             net = build_on_meta(config) if "_target_" in config else None
