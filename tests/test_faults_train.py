@@ -430,6 +430,14 @@ def best_checkpoint(folder: Path) -> FiniteModelCheckpoint:
     )
 
 
+def best_and_last(folder: Path) -> list[L.Callback]:
+    """:func:`best_checkpoint` and a ``last.ckpt`` beside it, as a run's folder holds them."""
+    last = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=folder, filename="last", enable_version_counter=False
+    )
+    return [best_checkpoint(folder), last]
+
+
 @pytest.mark.parametrize(
     ("scores", "best_epoch"),
     [
@@ -459,17 +467,11 @@ def test_a_run_resumed_into_another_folder_keeps_the_earlier_best(tmp_path):
     scores = [0.8, 0.3, 0.5]
     loader = DataLoader(torch.ones(2, 1), batch_size=1)
 
-    def callbacks(folder: Path) -> list[L.Callback]:
-        last = L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=folder, filename="last", enable_version_counter=False
-        )
-        return [best_checkpoint(folder), last]
-
-    first = callbacks(tmp_path / "first")
+    first = best_and_last(tmp_path / "first")
     quiet_trainer(max_epochs=1, callbacks=first, num_sanity_val_steps=0).fit(
         ScoreLogger(scores), loader, loader
     )
-    second = callbacks(tmp_path / "second")
+    second = best_and_last(tmp_path / "second")
     quiet_trainer(max_epochs=3, callbacks=second, num_sanity_val_steps=0).fit(
         ScoreLogger(scores), loader, loader, ckpt_path=tmp_path / "first/last.ckpt"
     )
@@ -478,7 +480,7 @@ def test_a_run_resumed_into_another_folder_keeps_the_earlier_best(tmp_path):
     assert float(best.best_model_score) == pytest.approx(0.8)
     assert torch.load(tmp_path / "second/best.ckpt", weights_only=True)["epoch"] == 0
     assert (tmp_path / "first/best.ckpt").is_file()  # copied, not moved
-    scoring = callbacks(tmp_path / "scoring")  # train=false: only scores (helper-83)
+    scoring = best_and_last(tmp_path / "scoring")  # train=false: only scores (helper-83)
     quiet_trainer(callbacks=scoring).validate(
         ScoreLogger(scores), loader, ckpt_path=tmp_path / "first/last.ckpt", verbose=False
     )
@@ -493,23 +495,17 @@ def test_a_run_folder_moved_with_its_checkpoints_keeps_its_best_when_resumed(tmp
     scores = [0.8, 0.3, 0.5]
     loader = DataLoader(torch.ones(2, 1), batch_size=1)
 
-    def callbacks(folder: Path) -> list[L.Callback]:
-        last = L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=folder, filename="last", enable_version_counter=False
-        )
-        return [best_checkpoint(folder), last]
-
-    quiet_trainer(max_epochs=2, callbacks=callbacks(tmp_path / "run"), num_sanity_val_steps=0).fit(
-        ScoreLogger(scores), loader, loader
-    )
+    quiet_trainer(
+        max_epochs=2, callbacks=best_and_last(tmp_path / "run"), num_sanity_val_steps=0
+    ).fit(ScoreLogger(scores), loader, loader)
     (tmp_path / "run").rename(tmp_path / "moved")
     own = (tmp_path / "moved/best.ckpt").read_bytes()
     # another run in the old folder: its best.ckpt is not the moved run's (helper-116)
-    quiet_trainer(max_epochs=1, callbacks=callbacks(tmp_path / "run"), num_sanity_val_steps=0).fit(
-        ScoreLogger([0.1]), loader, loader
-    )
+    quiet_trainer(
+        max_epochs=1, callbacks=best_and_last(tmp_path / "run"), num_sanity_val_steps=0
+    ).fit(ScoreLogger([0.1]), loader, loader)
     assert (tmp_path / "run/best.ckpt").read_bytes() != own
-    moved = callbacks(tmp_path / "moved")
+    moved = best_and_last(tmp_path / "moved")
     quiet_trainer(max_epochs=3, callbacks=moved, num_sanity_val_steps=0).fit(
         ScoreLogger(scores), loader, loader, ckpt_path=tmp_path / "moved/last.ckpt"
     )
@@ -520,7 +516,7 @@ def test_a_run_folder_moved_with_its_checkpoints_keeps_its_best_when_resumed(tmp
 
     (tmp_path / "moved/best.ckpt").unlink()  # gone: counted anew, the stale path not kept
     (tmp_path / "moved").rename(tmp_path / "again")
-    again = callbacks(tmp_path / "again")
+    again = best_and_last(tmp_path / "again")
     with pytest.warns(UserWarning, match="is gone"):
         quiet_trainer(callbacks=again, max_epochs=3, num_sanity_val_steps=0).fit(
             ScoreLogger(scores), loader, loader, ckpt_path=tmp_path / "again/last.ckpt"
@@ -537,14 +533,8 @@ def test_a_best_checkpoint_is_taken_only_where_it_records_its_score(tmp_path):
     scores = [0.8, 0.3, 0.5]
     loader = DataLoader(torch.ones(2, 1), batch_size=1)
 
-    def callbacks(folder: Path) -> list[L.Callback]:
-        last = L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=folder, filename="last", enable_version_counter=False
-        )
-        return [best_checkpoint(folder), last]
-
     def fit(folder: Path, epochs: int, ckpt: Path | None = None, run_scores=scores):
-        made = callbacks(folder)
+        made = best_and_last(folder)
         quiet_trainer(max_epochs=epochs, callbacks=made, num_sanity_val_steps=0).fit(
             ScoreLogger(run_scores), loader, loader, ckpt_path=ckpt
         )

@@ -39,6 +39,14 @@ def resume_overrides(synthetic: Path, epochs: int, cam: bool = False) -> list[st
     ]
 
 
+def cam_post_shares(root: Path) -> list[tuple[str, str]]:
+    """``(step, val/cam/post_share/enc2)`` of every CAM row of ``<root>/run``'s metrics.csv."""
+    with open(root / "run/csv/metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    key = "val/cam/post_share/enc2"
+    return sorted((r["step"], r[key]) for r in rows if r.get(key))
+
+
 def net_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("net.")}
@@ -349,13 +357,8 @@ def test_panels_of_a_validation_inside_an_epoch_lost_at_a_stop_are_drawn_again(
         train(compose_train(stopped, [*base, *stop]))
     train(compose_train(stopped, [*base, "ckpt_path=last"]))
 
-    def cam_rows(run: Path) -> list[tuple[str, str]]:
-        with open(run / "run/csv/metrics.csv", newline="") as file:
-            rows = list(csv.DictReader(file))
-        key = "val/cam/post_share/enc2"
-        return sorted((r["step"], r[key]) for r in rows if r.get(key))
-
-    assert len(cam_rows(full)) == 2 * EPOCHS and cam_rows(stopped) == cam_rows(full)
+    assert len(cam_post_shares(full)) == 2 * EPOCHS
+    assert cam_post_shares(stopped) == cam_post_shares(full)
 
 
 @pytest.mark.slow
@@ -386,13 +389,8 @@ def test_background_panels_resume_with_validation_every_other_epoch(
         train(compose_train(stopped, [*base, "ckpt_path=last"]))
     assert "CAM panels: background process" in caplog.text
 
-    def cam_rows(run: Path) -> list[tuple[str, str]]:
-        with open(run / "run/csv/metrics.csv", newline="") as file:
-            rows = list(csv.DictReader(file))
-        key = "val/cam/post_share/enc2"
-        return sorted((r["step"], r[key]) for r in rows if r.get(key))
-
-    assert len(cam_rows(full)) == 2 and cam_rows(stopped) == cam_rows(full)
+    assert len(cam_post_shares(full)) == 2
+    assert cam_post_shares(stopped) == cam_post_shares(full)
 
 
 @pytest.mark.slow
