@@ -425,15 +425,21 @@ def _canonical(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "landcover": sorted(set(landcover))} if "landcover" in record else record
 
 
+def _held_record(root: str | Path) -> dict[str, Any] | None:
+    """The record of the synthetic set in ``root`` (its :data:`SPEC_FILE`), or ``None``."""
+    try:
+        held = json.loads((Path(root) / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return held if isinstance(held, dict) else None
+
+
 def other_settings(root: str | Path, spec: SyntheticSpec) -> list[str]:
     """The settings in which the synthetic set in ``root`` differs from ``spec``
     (``"image_size: 64 (asked: 256)"``; a setting an older generator did not record: ``"style:
     not recorded"``), or ``[]`` when ``root`` holds none of ours or this one."""
-    try:
-        held = json.loads((Path(root) / SPEC_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-    if not isinstance(held, dict):
+    held = _held_record(root)
+    if held is None:
         return []
     held, wanted = _canonical(held), _canonical(spec_record(spec))
     return [
@@ -447,11 +453,8 @@ def other_settings(root: str | Path, spec: SyntheticSpec) -> list[str]:
 
 def _holds(root: Path, record: dict[str, Any]) -> bool:
     """Whether ``root`` holds the generator's set of this specification."""
-    try:
-        held = json.loads((root / SPEC_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(held, dict) and _canonical(held) == _canonical(record)
+    held = _held_record(root)
+    return held is not None and _canonical(held) == _canonical(record)
 
 
 REPLACED = ".replaced-"  # an older set moved aside to be removed: .<root name>.replaced-<...>
