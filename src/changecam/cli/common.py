@@ -492,6 +492,25 @@ def explain_settings(cfg: DictConfig, threshold: float | None) -> ExplainSetting
     )
 
 
+def explain_target_problem(
+    pair: Any, size: tuple[int, int], settings: ExplainSettings, roi_size: tuple[int, int] | None
+) -> str | None:
+    """Why the explanation target cannot be met on a pair (a
+    :class:`~changecam.data.layout.Triplet` of ``size``) it explains, or ``None``: no label
+    under ``explain.target=ground_truth``, an ``explain.roi`` of another size."""
+    if settings.target == "ground_truth" and pair.label is None:
+        return (
+            f"explain.target=ground_truth but pair {pair.name!r} ({pair.pre}) has no label "
+            "(put it in label/ next to A/ and B/, or use explain.target=predicted)"
+        )
+    if roi_size is not None and tuple(roi_size) != tuple(size):
+        return (
+            f"explain.roi is {roi_size[0]}x{roi_size[1]} but pair {pair.name!r} is "
+            f"{size[0]}x{size[1]}"
+        )
+    return None
+
+
 def mean_post_shares(rows: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
     """The mean over pairs of every post share the rows hold, per layer: ``post_share``
     (HiResCAM) and ``post_share_<method>`` for each other method that ran."""

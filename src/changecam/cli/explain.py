@@ -18,6 +18,7 @@ from changecam.cli.common import (
     NATIVE_SCALE_REMEDY,
     checked_threshold,
     explain_settings,
+    explain_target_problem,
     failed_pair,
     failure_message,
     load_model,
@@ -70,13 +71,9 @@ def check_pairs(
                 f"above explain.max_pixels={settings.max_pixels}: explain a crop of it, or raise "
                 "explain.max_pixels (memory grows with the image)"
             )
-        if settings.target == "ground_truth" and t.label is None:
-            raise ValueError(
-                f"explain.target=ground_truth but pair {t.name!r} ({t.pre}) has no label "
-                "(put it in label/ next to A/ and B/, or use explain.target=predicted)"
-            )
-        if roi_size is not None and roi_size != size:
-            raise ValueError(f"explain.roi is {roi_size} but pair {t.name!r} is {size}")
+        problem = explain_target_problem(t, size, settings, roi_size)
+        if problem:
+            raise ValueError(problem)
     return readable, failed
 
 

@@ -59,6 +59,7 @@ from changecam.cli.common import (
     NATIVE_SCALE_REMEDY,
     checked_threshold,
     explain_settings,
+    explain_target_problem,
     failed_pair,
     failure_message,
     load_model,
@@ -248,16 +249,9 @@ def check_explained_pairs(
             continue
         if settings.max_pixels is not None and height * width > settings.max_pixels:
             continue  # not explained: mask and probability only
-        if settings.target == "ground_truth" and pair.label is None:
-            raise ValueError(
-                f"explain.target=ground_truth but pair {pair.name!r} ({pair.pre}) has no label "
-                "(input.dir with label/ next to A/ and B/, or explain.target=predicted)"
-            )
-        if roi_size is not None and roi_size != (height, width):
-            raise ValueError(
-                f"explain.roi is {roi_size[0]}x{roi_size[1]} but pair {pair.name!r} is "
-                f"{height}x{width}"
-            )
+        problem = explain_target_problem(pair, (height, width), settings, roi_size)
+        if problem:
+            raise ValueError(problem)
 
 
 def optional_label(
