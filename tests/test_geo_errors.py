@@ -321,6 +321,19 @@ def test_fixed_bounds_that_need_no_file_are_judged_with_the_settings(bounds, mat
         SceneSettings(scale="fixed", **bounds)
 
 
+@pytest.mark.parametrize("scale", ["percentile", "percentile_joint", "none"])
+def test_fixed_bounds_without_scale_fixed_are_refused(scale):
+    """``input.scale_min=0 input.scale_max=3000`` without ``input.scale=fixed`` was ignored
+    for the default per-date stretch, which called 11,693 unchanged pixels change (helper-123)."""
+    with pytest.raises(
+        SceneError,
+        match=rf"^input.scale_max are read only with input.scale=fixed, and input.scale={scale} here",
+    ):
+        SceneSettings(scale=scale, scale_max=3000)
+    with pytest.raises(SceneError, match="^input.scale_min and input.scale_max are read only"):
+        SceneSettings(scale=scale, scale_min=0, scale_max=3000)
+
+
 def test_fixed_bounds_of_other_lengths_are_left_to_the_bands():
     """A one-value list is not stretched over the bands here: the band count refuses it."""
     assert SceneSettings(scale="fixed", scale_min=[1, 2], scale_max=[0]).scale_max == (0.0,)
@@ -343,7 +356,9 @@ def test_settings_of_the_right_type_are_kept_as_plain_numbers():
 
     listed = OmegaConf.create({"bands": [3, 2, 1]}).bands
     for bands in ([3, np.int64(2), 1], listed, np.array([3, 2, 1])):
-        settings = SceneSettings(bands=bands, scale_min=[0, 1.5, 2], scale_max=np.uint16(255))
+        settings = SceneSettings(
+            bands=bands, scale="fixed", scale_min=[0, 1.5, 2], scale_max=np.uint16(255)
+        )
         assert settings.bands == (3, 2, 1) and all(type(b) is int for b in settings.bands)
         assert settings.scale_min == (0.0, 1.5, 2.0) and settings.scale_max == 255.0
         assert type(settings.scale_max) is float

@@ -223,6 +223,12 @@ class SceneSettings:
                 raise SceneError(
                     f"input.{key}={value!r} must be a number or a list of numbers (one per band)"
                 )
+        given = [f"input.{k}" for k in ("scale_min", "scale_max") if getattr(self, k) is not None]
+        if given and self.scale != "fixed":  # forgetting scale=fixed gave a per-date stretch
+            raise SceneError(
+                f"{' and '.join(given)} are read only with input.scale=fixed, and "
+                f"input.scale={self.scale} here: add input.scale=fixed, or leave them out"
+            )
         if self.scale == "fixed":  # what needs no file; the count of bands is judged with them
             for key in ("scale_min", "scale_max"):
                 if getattr(self, key) is None:
