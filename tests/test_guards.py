@@ -476,6 +476,13 @@ def test_training_options_that_would_silently_do_something_else_are_refused_firs
         ("module.freeze=[encodr1]", r"encodr1"),
         ("callbacks.cam_panels.k=0", r"cam_panels.k, every_n_epochs"),
         ("trainer.accelerator=cpuu", r"cpuu"),
+        # WandbLogger passes **kwargs to wandb.init, which refused this one only at the first
+        # log, after the earlier run's results were removed (helper-125)
+        (
+            "++logger.wandb.projct=x",
+            r"logger.wandb.projct: unknown key for lightning.pytorch.loggers.wandb.WandbLogger "
+            r"\(did you mean 'project'\?\)",
+        ),
     ],
 )
 def test_a_value_the_module_a_callback_or_the_trainer_refuses_leaves_the_earlier_run(

@@ -349,13 +349,25 @@ def imported_signature(target: str) -> Signature | str | None:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):  # builtins without a signature: nothing to check
         return None
-    return Signature(
+    signature = Signature(
         named=tuple(
             n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ),
         takes_any_key=any(p.kind is p.VAR_KEYWORD for p in params.values()),
         hints=annotations(func),
     )
+    forwarded_to = KWARGS_FORWARDED_TO.get(f"{obj.__module__}.{obj.__qualname__}")
+    if signature.takes_any_key and forwarded_to is not None:
+        inner = imported_signature(forwarded_to)
+        if isinstance(inner, Signature):  # its own keys' values stay with the first signature
+            named = signature.named + tuple(n for n in inner.named if n not in signature.named)
+            return Signature(named, inner.takes_any_key, signature.hints)
+    return signature
+
+
+# targets whose ``**kwargs`` go to another callable only when it first runs, after the run has
+# begun (WandbLogger starts its W&B run lazily): their keys are judged against that callable
+KWARGS_FORWARDED_TO = {"lightning.pytorch.loggers.wandb.WandbLogger": "wandb.init"}
 
 
 def check_node(path: str, node: dict[str, Any], import_targets: bool = True) -> list[str]:
