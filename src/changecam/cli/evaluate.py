@@ -61,23 +61,38 @@ def eval_checks(cfg: DictConfig) -> None:
     check_seed_batch_size(cfg.get("seed_batch_size", 16))
 
 
+def post_share_layer(cfg: DictConfig, net: Any) -> str | None:
+    """The per-date layer of ``per_image.csv``'s post share (``None`` with
+    ``post_share=false``); refuses a ``post_share_layer`` the network does not have."""
+    if not cfg.get("post_share", True):
+        return None
+    layers = per_date_layers(resolve_taps(net, shared=True))  # the input layer included
+    return choose_layer(layers, cfg.get("post_share_layer"), "post_share_layer")
+
+
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Score ``cfg.ckpt_path`` on ``cfg.split``; write ``metrics.json`` and ``per_image.csv``."""
-    # the command's own values, judged before an earlier run's results are removed
-    output_dir = prepare_run(cfg, results=("metrics.json", "per_image.csv"), checks=eval_checks)
+    loaded: dict[str, Any] = {}
+
+    def checks(cfg: DictConfig) -> None:
+        # the command's own values, then the network: its layer and windows, judged before an
+        # earlier run's results are removed
+        eval_checks(cfg)
+        net, loaded["hparams"] = load_model(cfg)
+        loaded["share_layer"] = post_share_layer(cfg, net)
+        spec = sliding_window_spec(cfg)
+        loaded["net"], loaded["windowed"] = net, SlidingWindowNet(net, spec) if spec else None
+
+    output_dir = prepare_run(cfg, results=("metrics.json", "per_image.csv"), checks=checks)
+    net, hparams, share_layer = loaded["net"], loaded["hparams"], loaded["share_layer"]
     split = checked_choice(cfg.get("split", "test"), EvalSplit, "split")
     given = checked_threshold(cfg.threshold)
     device = resolve_device(cfg.get("device", "auto"))
-    net, hparams = load_model(cfg)
     threshold = run_threshold(given, hparams)
     spec = sliding_window_spec(cfg)
-    share_layer = None
-    if cfg.get("post_share", True):
-        layers = per_date_layers(resolve_taps(net, shared=True))  # the input layer included
-        share_layer = choose_layer(layers, cfg.get("post_share_layer"), "post_share_layer")
     module = ChangeDetectionModule(
-        SlidingWindowNet(net, spec) if spec else net,
+        loaded["windowed"] or net,
         loss=hparams.get("loss"),
         pos_weight=hparams.get("pos_weight"),
         threshold=threshold,
