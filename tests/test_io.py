@@ -29,6 +29,25 @@ def test_rgba_transparent_refused_and_opaque_accepted(tmp_path):
         read_image(tmp_path / "alpha.png")
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_deflate"])
+def test_grey_and_alpha_tiff_is_judged_by_its_alpha(tmp_path, compression):
+    """OpenCV decodes a 2-band TIFF to its grey band alone: transparent pixels were read as
+    an opaque grey image, where the same PNG is refused (helper-128)."""
+    from PIL import Image
+
+    grey = np.random.default_rng(0).integers(0, 256, (6, 5), dtype=np.uint8)
+    alpha = np.full((6, 5), 255, np.uint8)
+    Image.fromarray(np.dstack([grey, alpha]), "LA").save(
+        tmp_path / "opaque.tif", compression=compression
+    )
+    np.testing.assert_array_equal(read_image(tmp_path / "opaque.tif"), np.dstack([grey] * 3))
+    alpha[:3] = 0
+    for suffix in ("png", "tif"):
+        Image.fromarray(np.dstack([grey, alpha]), "LA").save(tmp_path / f"clear.{suffix}")
+        with pytest.raises(ImageReadError, match=rf"clear.{suffix} is RGBA with transparent"):
+            read_image(tmp_path / f"clear.{suffix}")
+
+
 @pytest.mark.parametrize("high", [255, 1])
 def test_binary_labels(tmp_path, high):
     lab = np.zeros((4, 4), np.uint8)

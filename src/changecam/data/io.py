@@ -69,6 +69,8 @@ def _decode(path: Path, kind: str, check_layout: bool = True) -> tuple[np.ndarra
     problem = tiff and layout_problem(path, tiff[0], tiff[1], kind)
     if problem:
         raise ImageReadError(problem)
+    if tiff and tiff[0] == "LA":  # OpenCV keeps only the grey band: its alpha would go unjudged
+        return _decode_grey_alpha_tiff(path, data), "bgr"
     array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
     if array is None:
         raise ImageReadError(
@@ -76,6 +78,21 @@ def _decode(path: Path, kind: str, check_layout: bool = True) -> tuple[np.ndarra
             f"format); {REPAIR_HINT}"
         )
     return array, "bgr"
+
+
+def _decode_grey_alpha_tiff(path: Path, data: bytes) -> np.ndarray:
+    """Decode an 8-bit grey + alpha TIFF with Pillow as ``H x W x 4`` (grey three times, then
+    alpha), so that :func:`read_image` judges its transparency as an RGBA file's."""
+    from PIL import Image
+
+    try:
+        with _without_pixel_limit(), Image.open(io.BytesIO(data)) as im:
+            grey, alpha = np.array(im.convert("LA")).transpose(2, 0, 1)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(
+            f"{path} could not be decoded as a grey and alpha TIFF ({err}); {REPAIR_HINT}"
+        ) from err
+    return np.dstack([grey, grey, grey, alpha])
 
 
 def _decode_jpeg(path: Path, data: bytes) -> np.ndarray:
