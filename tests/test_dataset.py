@@ -263,3 +263,19 @@ def test_bands_convert_on_the_device_they_are_sent_to():
     assert torch.equal(bands_to_tensor(bands, "cpu"), on_cpu)
     moved = bands_to_tensor(bands, "meta")
     assert moved.device.type == "meta" and moved.dtype == torch.float32
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_a_synthetic_split_of_no_pairs_is_named_when_the_run_uses_it(tmp_path, split):
+    """``data.synthetic.test=0`` wrote no test folder, which the run then reported as a missing
+    LEVIR-CD download (helper-128)."""
+    from changecam.data import ChangeDetectionDataModule
+
+    counts = {"train": 2, "val": 1, "test": 1, split: 0}
+    dm = ChangeDetectionDataModule(
+        tmp_path / "syn", patch_size=16, synthetic={"image_size": 32, **counts}
+    )
+    dm.prepare_data()
+    assert len(dm.triplets("train")) == 2  # the splits it wrote are used as before
+    with pytest.raises(ValueError, match=rf"^data.synthetic.{split}=0 writes no {split} pairs"):
+        dm.triplets(split)

@@ -205,6 +205,12 @@ class ChangeDetectionDataModule(L.LightningDataModule):
     def triplets(self, split: Split) -> list[Triplet]:
         """The files of one split, found on first use (``train``: with ``extra_train``'s)."""
         if split not in self._triplets:
+            if self.synthetic is not None and getattr(self.synthetic, split) == 0:
+                raise ValueError(  # the set has no such folder: not a missing LEVIR-CD download
+                    f"data.synthetic.{split}=0 writes no {split} pairs, and this run uses the "
+                    f"{split} split: give it pairs (e.g. data.synthetic.{split}=4)"
+                    + (" or leave it out (test=false)" if split == "test" else "")
+                )
             found = find_triplets(self.root, split, self.layout)
             if split == "train":
                 self._own_train = len(found)
