@@ -279,3 +279,15 @@ def test_a_synthetic_split_of_no_pairs_is_named_when_the_run_uses_it(tmp_path, s
     assert len(dm.triplets("train")) == 2  # the splits it wrote are used as before
     with pytest.raises(ValueError, match=rf"^data.synthetic.{split}=0 writes no {split} pairs"):
         dm.triplets(split)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("patch_size", 0), ("patch_size", -32), ("eval_batch_size", 0)]
+)
+def test_sizes_below_one_are_refused_naming_the_key(tmp_path, key, value):
+    """``data.patch_size=0`` divided by zero, ``-32`` left the sampler empty, and
+    ``data.eval_batch_size=0`` became the train batch size (helper-128)."""
+    from changecam.data import ChangeDetectionDataModule
+
+    with pytest.raises(ValueError, match=rf"^data.{key}={value} must be at least 1"):
+        ChangeDetectionDataModule(tmp_path, **{"patch_size": 16, key: value})

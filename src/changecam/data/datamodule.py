@@ -151,6 +151,14 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         super().__init__()
         # Plain attributes rather than save_hyperparameters(): checkpoints stay loadable with
         # torch.load(weights_only=True) (no Paths or OmegaConf objects inside).
+        for key, value in (
+            ("patch_size", patch_size),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):  # 0 gave a division by zero, an empty sampler, or (eval) the train batch size
+            if value is not None and value < 1:
+                null = " (or null: data.batch_size)" if key == "eval_batch_size" else ""
+                raise ValueError(f"data.{key}={value} must be at least 1{null}")
         self.root = Path(root)
         self.layout: Layout = layout
         self.train_protocol: Protocol = train_protocol
