@@ -862,6 +862,38 @@ def test_a_kill_while_a_finished_scene_is_taken_back_leaves_no_scene_json(net, i
         np.testing.assert_array_equal(read_band(out / name, None), values)
 
 
+def test_a_kill_as_a_finished_scene_is_taken_back_leaves_no_geojson_alone(net, images, tmp_path):
+    """A finished scene resumed with another ``min_area_m2`` and killed just after its rasters
+    went back to their partial names: its old change.geojson stayed under its final name
+    (helper-129); the resume then finishes the scene as a fresh run with that setting."""
+    import changecam.geo.scene as scene_module
+
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1])
+    out = tmp_path / "out"
+    predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    smaller = SceneSettings(**{**vars(SETTINGS), "min_area_m2": 1.0})
+    real_take_back = scene_module.take_back_rasters
+
+    def killed_after(*args, **kwargs):
+        real_take_back(*args, **kwargs)
+        raise KeyboardInterrupt("killed")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(scene_module, "take_back_rasters", killed_after)
+        with pytest.raises(KeyboardInterrupt):
+            predict_scene(net, pre, post, out, SPEC, smaller, resume=True)
+    assert (out / ".change.tif.part").is_file()
+    assert finished_looking(out) == []
+    resumed = predict_scene(net, pre, post, out, SPEC, smaller, resume=True)
+    fresh = predict_scene(net, pre, post, tmp_path / "fresh", SPEC, smaller)
+    assert resumed["resumed_blocks"] == resumed["blocks"]
+    assert resumed["polygons"] == fresh["polygons"]
+    assert (out / "change.geojson").read_bytes() == (
+        tmp_path / "fresh" / "change.geojson"
+    ).read_bytes()
+
+
 def test_a_kill_while_a_new_run_clears_an_old_set_leaves_it_to_its_log(net, images, tmp_path):
     """A finished scene, then a run with another threshold killed as it removes the old files
     (scene.json first), before its own log header: the log still describes the old set, so a

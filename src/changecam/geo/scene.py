@@ -526,9 +526,11 @@ def take_back_rasters(
     if not done >= {b.index for b in blocks}:
         return
     report = files.folder / REPORT_FILE
-    if report.exists():  # gone before the first rename: a kill between them finds no scene.json
-        report.unlink()
-        fsync_directory(files.folder)
+    polygons = files.final("polygons")  # the finish writes it again
+    for made in (report, polygons):  # gone before the first rename: a kill between them
+        if made.exists():  # finds neither a scene.json nor a change.geojson alone
+            made.unlink()
+            fsync_directory(files.folder)
     taken = files.take_back(settings_hash(record), settings.overviews)
     if taken:
         log.info("%s: every block was done; finishing it again from %s", files.folder, taken)
