@@ -26,7 +26,7 @@ from changecam.cli.scenes import SceneFailure
 from changecam.geo import SceneError, SceneSettings, predict_scene
 from changecam.geo.grid import Grid
 from changecam.geo.polygons import area_problem, areal_scales
-from changecam.geo.scene import LOG_FILE, BlockLog, SceneNetwork
+from changecam.geo.scene import LOG_FILE, BlockLog, SceneNetwork, with_ignored_bounds
 from changecam.geo.write import SETTINGS_TAG, SceneFiles
 from changecam.models import SiameseUNet
 from changecam.models.sliding_window import SlidingWindow
@@ -332,6 +332,47 @@ def test_fixed_bounds_without_scale_fixed_are_refused(scale):
         SceneSettings(scale=scale, scale_max=3000)
     with pytest.raises(SceneError, match="^input.scale_min and input.scale_max are read only"):
         SceneSettings(scale=scale, scale_min=0, scale_max=3000)
+
+
+def test_a_scene_logged_with_ignored_bounds_resumes_without_them(net, tmp_path):
+    """A run made before the bounds were refused logged ``input.scale_min/scale_max`` it
+    ignored under ``percentile``: its resume, now without them (they are refused), was refused
+    as started with other settings (helper-130); it goes on from the logged blocks."""
+    pair = synthetic_pair(128)
+    pre = write_scene(tmp_path / "pre.tif", pair[0])
+    post = write_scene(tmp_path / "post.tif", pair[1])
+    out = tmp_path / "out"
+    real_resumable, real_write = SceneSettings.resumable, SceneFiles.write_block
+    calls = []
+
+    def logged_with_bounds(self):
+        return {**real_resumable(self), "scale_min": 0.0, "scale_max": 3000.0}
+
+    def dies_after_two(self, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real_write(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SceneSettings, "resumable", logged_with_bounds)
+        patch.setattr(SceneFiles, "write_block", dies_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            predict_scene(net, pre, post, out, SPEC, SETTINGS)
+    resumed = predict_scene(net, pre, post, out, SPEC, SETTINGS, resume=True)
+    assert resumed["resumed_blocks"] == 2
+    fresh = predict_scene(net, pre, post, tmp_path / "fresh", SPEC, SETTINGS)
+    assert resumed["changed_pixels"] == fresh["changed_pixels"]
+    np.testing.assert_array_equal(
+        read_band(out / "change.tif"), read_band(tmp_path / "fresh" / "change.tif")
+    )
+    other = SceneSettings(**{**vars(SETTINGS), "scale": "percentile_joint"})
+    assert (
+        with_ignored_bounds({"scene": other.resumable()}, {"scene": logged_with_bounds(SETTINGS)})[
+            "scene"
+        ]["scale_min"]
+        is None
+    ), "another scale is another run"
 
 
 def test_fixed_bounds_of_other_lengths_are_left_to_the_bands():

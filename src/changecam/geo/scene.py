@@ -720,6 +720,21 @@ def predict_scene(
             raise
 
 
+def with_ignored_bounds(record: dict[str, Any], logged: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the ``scale_min``/``scale_max`` a run under another ``input.scale``
+    than ``fixed`` logged, when this run gives none: runs made before such bounds were refused
+    ignored them (their blocks are this run's), and their logs resume."""
+    was, now = logged.get("scene"), record.get("scene")
+    if not (isinstance(was, dict) and isinstance(now, dict)):
+        return record
+    bounds = ("scale_min", "scale_max")
+    if was.get("scale") != now.get("scale") or now.get("scale") == "fixed":
+        return record
+    if any(now.get(k) is not None for k in bounds):
+        return record
+    return {**record, "scene": {**now, **{k: was.get(k) for k in bounds if k in was}}}
+
+
 def made_from(folder: Path, pre_path: Path, post_path: Path) -> bool:
     """Whether the run logged in ``folder`` (``blocks.jsonl``'s header; no log: nothing to
     tell, ``True``) read these files as they are now (:func:`file_record`)."""
@@ -826,7 +841,8 @@ def _predict_scene(
         fresh = record = strict_json(record)
         logged = block_log.read() if resume else []
         if logged:  # a log older than a recorded key resumes as it did; a new log gets them all
-            record = as_logged(record, logged[0].get("settings") or {})
+            earlier = logged[0].get("settings") or {}
+            record = with_ignored_bounds(as_logged(record, earlier), earlier)
         finished = finished_scene(folder, files, block_log, record, settings) if resume else None
         if finished is not None:
             log.info("%s is finished already (predict.resume=true): kept", folder)
