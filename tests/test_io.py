@@ -29,21 +29,44 @@ def test_rgba_transparent_refused_and_opaque_accepted(tmp_path):
         read_image(tmp_path / "alpha.png")
 
 
-@pytest.mark.parametrize("compression", [None, "tiff_deflate"])
-def test_grey_and_alpha_tiff_is_judged_by_its_alpha(tmp_path, compression):
+def write_grey_alpha(path, grey, alpha, layout: str) -> None:
+    """An 8-bit grey + alpha TIFF: pixel-interleaved by Pillow, or band by band by GDAL."""
+    if layout.startswith("pixel"):
+        from PIL import Image
+
+        compression = "tiff_deflate" if layout == "pixel_deflate" else None
+        Image.fromarray(np.dstack([grey, alpha]), "LA").save(path, compression=compression)
+        return
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    compress = {"compress": "lzw"} if layout == "band_lzw" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(
+            path, "w", driver="GTiff", width=grey.shape[1], height=grey.shape[0], count=2,
+            dtype="uint8", photometric="MINISBLACK", alpha="YES", interleave="band", **compress,
+        ) as dst:  # fmt: skip
+            dst.write(np.stack([grey, alpha]))
+
+
+@pytest.mark.parametrize("layout", ["pixel", "pixel_deflate", "band", "band_lzw"])
+def test_grey_and_alpha_tiff_is_judged_by_its_alpha(tmp_path, layout):
     """OpenCV decodes a 2-band TIFF to its grey band alone: transparent pixels were read as
-    an opaque grey image, where the same PNG is refused (helper-128)."""
+    an opaque grey image, where the same PNG is refused (helper-128); Pillow, tried next,
+    cannot open some band-interleaved ones and misreads the alpha of others (helper-130)."""
     from PIL import Image
 
     grey = np.random.default_rng(0).integers(0, 256, (6, 5), dtype=np.uint8)
     alpha = np.full((6, 5), 255, np.uint8)
-    Image.fromarray(np.dstack([grey, alpha]), "LA").save(
-        tmp_path / "opaque.tif", compression=compression
-    )
+    write_grey_alpha(tmp_path / "opaque.tif", grey, alpha, layout)
     np.testing.assert_array_equal(read_image(tmp_path / "opaque.tif"), np.dstack([grey] * 3))
     alpha[:3] = 0
+    write_grey_alpha(tmp_path / "clear.tif", grey, alpha, layout)
+    Image.fromarray(np.dstack([grey, alpha]), "LA").save(tmp_path / "clear.png")
     for suffix in ("png", "tif"):
-        Image.fromarray(np.dstack([grey, alpha]), "LA").save(tmp_path / f"clear.{suffix}")
         with pytest.raises(ImageReadError, match=rf"clear.{suffix} is RGBA with transparent"):
             read_image(tmp_path / f"clear.{suffix}")
 

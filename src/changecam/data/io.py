@@ -20,6 +20,7 @@ import dataclasses
 import io
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,14 +82,19 @@ def _decode(path: Path, kind: str, check_layout: bool = True) -> tuple[np.ndarra
 
 
 def _decode_grey_alpha_tiff(path: Path, data: bytes) -> np.ndarray:
-    """Decode an 8-bit grey + alpha TIFF with Pillow as ``H x W x 4`` (grey three times, then
-    alpha), so that :func:`read_image` judges its transparency as an RGBA file's."""
-    from PIL import Image
+    """Decode an 8-bit grey + alpha TIFF with GDAL (rasterio) as ``H x W x 4`` (grey three
+    times, then alpha), so that :func:`read_image` judges its transparency as an RGBA file's.
+    (Pillow misreads the alpha of band-interleaved ones, and cannot open some at all.)"""
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+    from rasterio.io import MemoryFile
 
     try:
-        with _without_pixel_limit(), Image.open(io.BytesIO(data)) as im:
-            grey, alpha = np.array(im.convert("LA")).transpose(2, 0, 1)
-    except (OSError, SyntaxError, ValueError) as err:
+        with warnings.catch_warnings(), rasterio.Env(GDAL_PAM_ENABLED="NO"):
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with MemoryFile(data) as memory, memory.open() as src:
+                grey, alpha = src.read()
+    except (RasterioError, ValueError) as err:
         raise ImageReadError(
             f"{path} could not be decoded as a grey and alpha TIFF ({err}); {REPAIR_HINT}"
         ) from err
