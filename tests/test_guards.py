@@ -781,3 +781,20 @@ def test_trainer_enable_progress_bar_false_turns_the_progress_bar_callback_off(
     ]
     metrics = train(compose_train(tmp_path, overrides))
     assert "test/f1" in metrics
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["lightning.pytorch.loggers.wandb.WandbLogger", "lightning.pytorch.loggers.WandbLogger"],
+)
+def test_the_wandb_run_id_is_kept_however_the_logger_is_spelled(tmp_path, target):
+    """``lightning.pytorch.loggers.WandbLogger`` got no run id, so a resume started another
+    W&B run (helper-130)."""
+    from changecam.cli.common import RUN_ID_FILE, configure_wandb
+
+    cfg = compose_train(tmp_path, ["logger=wandb", f"logger.wandb._target_={target}"])
+    configure_wandb(cfg, tmp_path)
+    assert cfg.logger.wandb.id == (tmp_path / RUN_ID_FILE).read_text().strip()
+    resumed = compose_train(tmp_path, ["logger=wandb", f"logger.wandb._target_={target}"])
+    configure_wandb(resumed, tmp_path, resumes=True)
+    assert resumed.logger.wandb.id == cfg.logger.wandb.id

@@ -11,6 +11,7 @@ the CLI modules; they import this one.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import shutil
 import sys
@@ -534,8 +535,22 @@ def read_roi(settings: ExplainSettings) -> Any:
     return roi
 
 
-WANDB_LOGGER = "lightning.pytorch.loggers.wandb.WandbLogger"
 RUN_ID_FILE = Path("wandb") / "run_id.txt"
+
+
+def is_wandb_logger(target: Any) -> bool:
+    """Whether a ``_target_`` builds Lightning's W&B logger, however it is spelled
+    (``lightning.pytorch.loggers.WandbLogger`` or ``...loggers.wandb.WandbLogger``), or a
+    subclass of it whose name says so."""
+    if not isinstance(target, str) or "WandbLogger" not in target:
+        return False  # only what may be it is imported
+    from lightning.pytorch.loggers.wandb import WandbLogger
+
+    try:
+        obj = hydra.utils.get_object(target)
+    except Exception:  # the config checks name a target that cannot be imported
+        return False
+    return inspect.isclass(obj) and issubclass(obj, WandbLogger)
 
 
 def wandb_run_id(output_dir: str | Path, resumes: bool, record: bool = True) -> tuple[str, bool]:
@@ -576,7 +591,7 @@ def configure_wandb(
     unrecorded = None
     loggers = cfg.get("logger") or {}
     for conf in loggers.values():
-        if not (isinstance(conf, DictConfig) and conf.get("_target_") == WANDB_LOGGER):
+        if not (isinstance(conf, DictConfig) and is_wandb_logger(conf.get("_target_"))):
             continue
         with open_dict(conf):
             if conf.get("id") is None:
