@@ -172,6 +172,11 @@ def test_a_one_date_model_gets_the_known_answer_right_for_one_kind_only(date):
     assert result["causal"]["causal_margin"]["mean"] == 1.0
     assert result["causal"]["causal_near_tie"]["mean"] == 0.0
     assert result["causal"]["causal_margin_median"] == 1.0
+    # the used date's swap brings back the building that date lacks: it raises S
+    # (helper-131), and positive mass cannot name that date
+    assert result["causal"]["causal_raises"]["mean"] == 0.5
+    assert result["causal"][f"causal_raises_{wrong}"]["mean"] == 1.0
+    assert result["causal"][f"causal_raises_{right}"]["mean"] == 0.0
     assert value(result, "occlusion", "input", "causal_agreement_weighted") == 0.75
     assert result["baselines"] == {"random": 0.5, "post_always": 0.5}
     assert 0.2 < value(result, "random", "input", "date_accuracy") < 0.8

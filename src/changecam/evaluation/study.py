@@ -463,6 +463,11 @@ def _score_pass(
             drops[date] = score - target_score(model(a.to(device), b.to(device)), mask).cpu()
     causal = causal_post(drops["pre"], drops["post"])
     margin = causal_margin(drops["pre"], drops["post"])
+    # the causal date is chosen by |ΔS|: where its swap raises S, that date's content works
+    # against the change, and a map's positive mass, which decides the map's date, cannot name it
+    causal_drop = torch.where(
+        drops["post"].abs() >= drops["pre"].abs(), drops["post"], drops["pre"]
+    )
     kinds = [obj.kind for obj in batch.objects]
     known = torch.tensor(
         [{"post": 1.0, "pre": 0.0}.get(o.known_date or "", math.nan) for o in batch.objects]
@@ -481,6 +486,8 @@ def _score_pass(
     has_known = ~torch.isnan(known)
     for key, values in {
         **by_kind("causal_post", causal),
+        # share of objects whose causal date's swap raises S instead of lowering it
+        **by_kind("causal_raises", (causal_drop < 0).float()),
         **by_kind("model_date_accuracy", agreement(causal, known), has_known),
         "drop_pre": drops["pre"].tolist(),
         "drop_post": drops["post"].tolist(),
