@@ -1235,9 +1235,12 @@ def test_a_gdal_error_in_one_scene_fails_that_scene_alone_and_a_resume_finishes_
         np.testing.assert_array_equal(a.read(), b.read())
 
 
-def predict_with_one_refused(tmp_path: Path, ckpt: Path, pair, refused: str) -> dict:
-    """predict.py on ``input.dir`` scenes ``refused`` and ``ok`` (copies of ``pair``), where
-    ``refused`` is refused and ``ok`` predicted; returns ``predictions.json``."""
+def predict_with_one_refused(
+    tmp_path: Path, ckpt: Path, pair, refused: str, post_crs: str | None = None
+) -> dict:
+    """predict.py on ``input.dir`` scenes ``refused`` and ``ok`` (copies of ``pair``; the
+    refused one's post in ``post_crs`` if given), where ``refused`` is refused and ``ok``
+    predicted; returns ``predictions.json``."""
     from changecam.cli.predict import predict
     from helpers import compose_train
 
@@ -1246,6 +1249,11 @@ def predict_with_one_refused(tmp_path: Path, ckpt: Path, pair, refused: str) -> 
             target = tmp_path / "scenes" / folder / f"{stem}.tif"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(source.read_bytes())
+    if post_crs is not None:
+        with rasterio.open(pair[1]) as src:
+            post = src.read().transpose(1, 2, 0)
+        local = Affine(PIXEL, 0, 0, 0, -PIXEL, 64.0)
+        write_scene(tmp_path / "scenes" / "B" / f"{refused}.tif", post, local, post_crs)
     cfg = compose_train(
         tmp_path,
         [*FAST, f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'scenes'}", "explain.enabled=false"],
@@ -1261,10 +1269,14 @@ def predict_with_one_refused(tmp_path: Path, ckpt: Path, pair, refused: str) -> 
     return report
 
 
-@pytest.mark.parametrize("name", ["predictions.json", "predict.log"])
+@pytest.mark.parametrize(
+    "name", ["predictions.json", "predict.log", "predictions.jsonl", "masks", "panels"]
+)
 def test_a_scene_named_like_a_run_file_is_refused_and_the_others_run(tmp_path, ckpt, pair, name):
-    """``<run>/<name>`` must not be the report (written last) or the run's log: the scene is
-    refused naming it, the other scenes are predicted and the report is written."""
+    """``<run>/<name>`` must not be the report (written last) or the run's log, nor the PNG
+    path's log or folders, which a PNG run into the same folder clears (helper-134: a scene
+    ``predictions.jsonl`` broke the next PNG run there): the scene is refused naming it, the
+    other scenes are predicted and the report is written."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "predict.log").write_text("the run's log\n")
@@ -1274,6 +1286,39 @@ def test_a_scene_named_like_a_run_file_is_refused_and_the_others_run(tmp_path, c
         in (report["failed"][0]["error"])
     )
     assert (run / "predict.log").read_text() == "the run's log\n"
+
+
+LOCAL_CRS = 'LOCAL_CS["arbitrary",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
+
+
+def test_a_post_scene_whose_crs_has_no_way_into_the_pre_crs_is_refused_alone(tmp_path, ckpt, pair):
+    """A post scene in a local (engineering) CRS beside a UTM pre: PROJ's error is no
+    RasterioError, and it stopped the whole run with no report (helper-134)."""
+    report = predict_with_one_refused(tmp_path, ckpt, pair, "local", post_crs=LOCAL_CRS)
+    error = report["failed"][0]["error"]
+    assert f"{tmp_path / 'scenes' / 'B' / 'local.tif'}'s CRS" in error
+    assert "cannot be taken into the CRS EPSG:32650" in error
+
+
+def test_a_run_whose_every_scene_is_refused_writes_its_report(tmp_path, ckpt, pair):
+    """The report lists the refused scenes under ``failed`` also when no scene was predicted
+    (helper-134: none was written)."""
+    with rasterio.open(pair[1]) as src:
+        post = src.read().transpose(1, 2, 0)
+    write_scene(tmp_path / "scenes" / "A" / "x.tif", post)
+    write_scene(tmp_path / "scenes" / "B" / "x.tif", post[..., :2])  # 2 bands against 3
+    cfg = compose_train(
+        tmp_path,
+        [*FAST, f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'scenes'}", "explain.enabled=false"],
+        "predict",
+    )
+    report_file = tmp_path / "run" / "predictions.json"
+    with pytest.raises(
+        SceneFailure, match=rf"1 of 1 scene\(s\) refused.*see 'failed' in {report_file}"
+    ):
+        predict(cfg)
+    report = json.loads(report_file.read_text())
+    assert report["scenes"] == [] and [f["name"] for f in report["failed"]] == ["x"]
 
 
 @pytest.mark.parametrize("stem", [".", ".."])

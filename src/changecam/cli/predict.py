@@ -74,7 +74,14 @@ from changecam.cli.common import (
     warn_training_scale,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.cli.scenes import check_scene_settings, predict_scenes, remove_scenes_except
+from changecam.cli.scenes import (
+    PAIR_FOLDERS,
+    REPORT_FILE,
+    check_scene_settings,
+    predict_scenes,
+    remove_scenes_except,
+)
+from changecam.cli.scenes import PAIR_LOG_FILE as LOG_FILE  # the run's log of PNG pairs
 from changecam.data.io import (
     PROBABILITY_SCALE,
     ImageReadError,
@@ -96,10 +103,6 @@ from changecam.models.sliding_window import SlidingWindow, check_window, sliding
 from changecam.run_log import as_logged, file_record, read_json_lines, settings_changes
 
 PROBABILITY_ENCODING = "16-bit grayscale PNG, probability = value / 65535"
-REPORT_FILE = "predictions.json"
-# where each of a pair's files goes in the run directory
-PAIR_FOLDERS = {"mask": "masks", "probability": "probabilities", "panel": "panels"}
-LOG_FILE = "predictions.jsonl"
 
 
 class PredictionError(RuntimeError):

@@ -16,21 +16,25 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from rasterio.errors import RasterioError
 from torch import nn
 
 from changecam.atomic import DiskFullError, probed_disk_full, write_json
 from changecam.cli.common import failure_message, log
 from changecam.data.layout import Triplet
 from changecam.geo import SceneError, SceneSettings, predict_scene
+from changecam.geo.grid import GDAL_ERRORS
 from changecam.geo.scene import LOG_FILE as SCENE_LOG_FILE
 from changecam.geo.scene import SCENE_METHODS, remove_scene
 from changecam.models.sliding_window import SlidingWindow
 
 REPORT_FILE = "predictions.json"
+# the PNG path's log and folders (cli.predict), which a run into the same folder may find
+PAIR_LOG_FILE = "predictions.jsonl"
+PAIR_FOLDERS = {"mask": "masks", "probability": "probabilities", "panel": "panels"}
 # the run directory's own entries that exist before a scene is written (Hydra's config
-# folder) or after (the report, written last); the log is an existing file, refused as such
-RUN_ENTRIES = (".hydra", REPORT_FILE)
+# folder) or after (the report, written last), and the PNG path's, which a PNG run in the
+# same folder writes or removes; the log is an existing file, refused as such
+RUN_ENTRIES = (".hydra", REPORT_FILE, PAIR_LOG_FILE, *PAIR_FOLDERS.values())
 
 
 class SceneFailure(RuntimeError):
@@ -220,8 +224,8 @@ def predict_scenes(
             )
         except DiskFullError:
             raise
-        except (SceneError, RasterioError) as err:
-            if not isinstance(err, SceneError) or isinstance(err.__cause__, RasterioError):
+        except (SceneError, *GDAL_ERRORS) as err:
+            if not isinstance(err, SceneError) or isinstance(err.__cause__, GDAL_ERRORS):
                 # a GDAL write error names no cause: a full disk is found by writing there
                 folder = scene_folder(output_dir, pair)
                 full = probed_disk_full(folder if folder.is_dir() else output_dir, folder)
@@ -253,10 +257,9 @@ def predict_scenes(
         "scenes": scenes,
         "failed": failed,
     }
-    if not failed or scenes:
-        write_json(output_dir / REPORT_FILE, report)
+    write_json(output_dir / REPORT_FILE, report)  # also when every scene failed: it lists them
     print(f"predicted {len(scenes)} scene(s) into {output_dir}")
     if failed:
         what = "scene(s) refused" if refusals == len(failed) else "scene(s) refused or failed"
-        raise SceneFailure(failure_message(failed, len(pairs), what))
+        raise SceneFailure(failure_message(failed, len(pairs), what, output_dir / REPORT_FILE))
     return report

@@ -26,6 +26,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, Interleaving, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
@@ -412,6 +413,11 @@ def boxes_meet(box: Sequence[float], other: Sequence[float]) -> bool:
     return any(min(right, r) > max(left, lo) for lo, r in spans)
 
 
+# what GDAL and PROJ raise through rasterio: its own errors, and the CPLE errors it passes on
+# as they are (no coordinate operation between two CRSs, for one)
+GDAL_ERRORS = (RasterioError, CPLE_BaseError)
+
+
 def check_overlap(pre: Grid, post: Grid, pre_path: Path, post_path: Path) -> None:
     """Refuse a pair whose footprints do not intersect. With two CRSs each footprint is taken
     into the other's CRS, and the pair is kept when either meets: a box taken into another CRS
@@ -422,7 +428,14 @@ def check_overlap(pre: Grid, post: Grid, pre_path: Path, post_path: Path) -> Non
         seen = tuple(post.bounds)
         meets = boxes_meet(pre.bounds, seen)
     else:
-        seen = transform_bounds(post.crs, pre.crs, *post.bounds, densify_pts=21)
+        try:
+            seen = transform_bounds(post.crs, pre.crs, *post.bounds, densify_pts=21)
+        except GDAL_ERRORS as err:  # a local (engineering) CRS has no way into a projected one
+            raise SceneError(
+                f"{post_path}'s CRS {post.crs.to_string()} cannot be taken into the CRS "
+                f"{pre.crs.to_string()} of {pre_path}, so the post scene cannot be placed on the "
+                f"pre scene's grid: {err}"
+            ) from err
         meets = boxes_meet(pre.bounds, seen)
         if not meets:
             try:
@@ -519,7 +532,7 @@ def open_pair(
             )
         try:
             vrt = stack.enter_context(warped(post, pre_grid, Resampling.bilinear))
-        except RasterioError as err:
+        except GDAL_ERRORS as err:
             raise SceneError(
                 f"{post_path} cannot be reprojected onto the grid of {pre_path} "
                 f"({pre_grid.describe()}): {err}"
