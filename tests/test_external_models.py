@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -395,6 +396,21 @@ class Net(nn.Module):
 def make(width=4):
     torch.manual_seed(0)
     return Net(width)
+
+
+class Wrapper(nn.Module):  # a network whose one child is named module, as DataParallel's is
+
+    def __init__(self, width):
+        super().__init__()
+        self.module = Net(width)
+
+    def forward(self, pre, post):
+        return self.module(pre, post)
+
+
+def wrapped(width=4):
+    torch.manual_seed(0)
+    return Wrapper(width)
 """
 
 
@@ -426,8 +442,8 @@ def test_external_model_from_a_factory_and_a_plain_state_dict(factory_module, tm
     trained = extnet.make(width=4)
     nn.init.constant_(trained.head.bias, 0.25)
     torch.save(trained.state_dict(), weights)
-    net = read_external_checkpoint(weights, external_cfg())
-    assert isinstance(net, ExternalModel) and not net.training
+    net, hparams = read_external_checkpoint(weights, external_cfg())
+    assert isinstance(net, ExternalModel) and not net.training and hparams == {}
     assert float(net.model.head.bias) == 0.25
     assert net.tap_names == ["pre/encoder", "post/encoder"]
     rebuilt = build_network(net.config())  # the config a changecam checkpoint would record
@@ -447,6 +463,104 @@ def test_external_model_from_a_factory_and_a_plain_state_dict(factory_module, tm
         ExternalModel("nowhere:make", layers={"encoder": "calls"})
     with pytest.raises(ValueError, match="no callable 'mak'.*did you mean \\['make'\\]"):
         ExternalModel("extnet:mak")
+
+
+def test_a_network_whose_child_is_named_module_loads_its_plain_state_dict(factory_module, tmp_path):
+    """Every key starts with ``module.``, which was taken off as DataParallel's prefix, so
+    ``torch.save(model.state_dict())`` of such a network was refused (helper-135)."""
+    import extnet
+
+    weights = tmp_path / "weights.pt"
+    trained = extnet.wrapped(width=4)
+    nn.init.constant_(trained.module.head.bias, 0.5)
+    torch.save(trained.state_dict(), weights)
+    cfg = external_cfg(target="extnet:wrapped", layers={"module.encoder": "calls"})
+    net, _ = read_external_checkpoint(weights, cfg)
+    assert float(net.model.module.head.bias) == 0.5
+    torch.save({f"module.{k}": v for k, v in trained.state_dict().items()}, weights)  # from DDP
+    assert float(read_external_checkpoint(weights, cfg)[0].model.module.head.bias) == 0.5
+
+
+def test_a_changecam_checkpoint_of_an_external_network_keeps_what_it_records(
+    factory_module, tmp_path
+):
+    """With ``model=external`` too (helper-135): its recorded threshold was dropped, and a
+    ``model.kwargs`` that builds another network of the same weight shapes was accepted."""
+    from changecam.training.checkpoint import CONFIG_KEY, PREFIX_KEY
+
+    built = build_network(external_cfg())
+    path = tmp_path / "best.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in built.state_dict().items()},
+            CONFIG_KEY: built.config(),
+            PREFIX_KEY: "net.",
+            "hyper_parameters": {"threshold": 0.9},
+        },
+        path,
+    )
+    net, hparams = read_external_checkpoint(path, external_cfg())
+    assert isinstance(net, ExternalModel) and hparams["threshold"] == 0.9
+    other = external_cfg(layers={"encoder": "calls", "head": "fused"})
+    with pytest.raises(CheckpointError, match="records its network, and the model config given"):
+        read_external_checkpoint(path, other)
+
+
+class ViewAfterStackedEncoder(nn.Module):
+    """FC-Siam-conc's pattern: the encoder runs on both dates stacked, and its output is
+    ``view``-ed into one batch of concatenated features, which channels-last refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(8, 1, 1)
+        _init(self, 4)
+
+    def forward(self, pre: torch.Tensor, post: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = pre.shape
+        f = self.encoder(torch.stack([pre, post], 1).flatten(0, 1))
+        return self.head(f.view(b, 8, h, w))
+
+
+def test_an_external_network_runs_in_its_own_memory_format():
+    """predict.py and explain.py turned every network channels-last, which broke this valid
+    external one (helper-135); changecam's own networks still go channels-last."""
+    from changecam.models import SiameseUNet
+    from changecam.models.inference import inference_network
+
+    pre, post = pair()
+    model = ViewAfterStackedEncoder()
+    expected = model(pre, post)
+    net = inference_network(LayerTaps(model), "cpu")
+    torch.testing.assert_close(net(pre, post), expected)
+    own = inference_network(SiameseUNet(base_channels=4, depth=2), "cpu")
+    conv = next(m for m in own.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+class Outputs(nn.Module):
+    """Returns its logits as a dict, a tuple, or two class channels."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, pre: torch.Tensor, post: torch.Tensor):
+        out = self.head(torch.cat([pre, post], 1))
+        return {"dict": {"out": out}, "tuple": (out[:, 1:],), "classes": out}[self.kind]
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [("dict", "a dict"), ("tuple", "a tuple"), ("classes", "a tensor of shape (2, 2, 16, 16)")],
+)
+def test_a_model_output_that_is_not_one_channel_of_logits_is_refused(kind, said):
+    """predict.py took channel 0 of a two-class output as the change logit, and a dict or a
+    tuple failed on an attribute (helper-135)."""
+    net = LayerTaps(Outputs(kind))
+    with pytest.raises(TapError, match=rf"^Outputs returned {re.escape(said)}, not B×1×H×W"):
+        net(*pair())
 
 
 @pytest.mark.slow

@@ -389,7 +389,7 @@ def load_model(cfg: DictConfig) -> tuple[nn.Module, dict[str, Any]]:
     the CPU, and the checkpoint's module hyper-parameters (empty for a state dict)."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg.get("model") else None
     if is_external(model_cfg):  # model=external: a plain state_dict of the user's own network
-        return read_external_checkpoint(cfg.ckpt_path, model_cfg), {}
+        return read_external_checkpoint(cfg.ckpt_path, model_cfg)
     return read_checkpoint(cfg.ckpt_path, model_cfg)
 
 

@@ -177,6 +177,17 @@ class LayerTaps(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+        if not isinstance(logits, Tensor) or logits.ndim != 4 or logits.shape[1] != 1:
+            got = (
+                f"a tensor of shape {tuple(logits.shape)}"
+                if isinstance(logits, Tensor)
+                else f"a {type(logits).__name__}"
+            )
+            raise TapError(
+                f"{type(self.model).__name__} returned {got}, not B×1×H×W change logits: "
+                "return them from the factory's network (e.g. unwrap a dict output, or give a "
+                "two-class output's class 1 − class 0 logits)"
+            )
         wrong = [s for s in self.specs if runs[s.path] != s.runs]
         if wrong:
             raise TapError(

@@ -1,6 +1,7 @@
 """The network as the inference commands run it (predict.py, explain.py).
 
-Eval mode, on the device, with its convolution weights in the channels-last memory format: the
+Eval mode, on the device, with its convolution weights (changecam's own networks; an external
+model keeps its format) in the channels-last memory format: the
 inputs stay ordinary ``N x C x H x W`` tensors and the activations follow the weights into
 NHWC, where PyTorch's CPU convolutions are faster (for the quickstart U-Net 1.3-1.5x for
 prediction and for HiResCAM's forward and backward: ``benchmarks/memory_format.py``). The
@@ -13,9 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from changecam.models.external import LayerTaps
+
 
 def inference_network(net: nn.Module, device: torch.device | str) -> nn.Module:
-    """``net`` in eval mode on ``device``, channels-last (see the module docstring)."""
+    """``net`` in eval mode on ``device``, channels-last (see the module docstring), but a
+    network changecam did not write (:class:`~changecam.models.external.LayerTaps`), whose
+    forward may ``view`` its activations, which channels-last tensors refuse."""
+    if isinstance(net, LayerTaps):
+        return net.to(device=torch.device(device)).eval()
     return net.to(device=torch.device(device), memory_format=torch.channels_last).eval()
 
 

@@ -520,23 +520,35 @@ def suggest_siamese_unet(state: Mapping[str, torch.Tensor]) -> dict[str, Any] | 
     }
 
 
-def read_external_checkpoint(path: str | Path, model_cfg: Mapping[str, Any]) -> nn.Module:
-    """A network changecam did not write (``model=external``), with its weights from ``path``.
+def read_external_checkpoint(
+    path: str | Path, model_cfg: Mapping[str, Any]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A network changecam did not write (``model=external``), with its weights from ``path``,
+    and the module hyper-parameters the file records (as :func:`read_checkpoint`).
 
     The file is a plain ``state_dict`` of the user's own network (also wrapped or with
     ``module.`` prefixes, see :func:`split_checkpoint`), loaded strictly into the network the
-    factory builds; a changecam checkpoint of such a wrapped network loads as well.
+    factory builds (no hyper-parameters); a changecam checkpoint of such a wrapped network is
+    read as any changecam checkpoint: its threshold and data scale are kept, and a ``model``
+    config that builds another network than it records is refused.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: pickled code, no weights, NaN or infinite weights, or keys and shapes
             that do not fit (listed).
     """
-    state, _ = split_checkpoint(read_weights_file(path), path)
+    state, stored_cfg = split_checkpoint(read_weights_file(path), path)
+    if stored_cfg is not None:  # train.py's checkpoint of an external network
+        return read_checkpoint(path, model_cfg)
     if not state:
         raise CheckpointError(f"{path} holds no weight tensors")
     check_finite(state, path)  # as every changecam network's weights are
     wrapper = build_network(model_cfg)
+    inner = set(wrapper.model.state_dict())
+    if set(state) != inner and {f"module.{k}" for k in state} == inner:
+        # the network's own child is named ``module``: the prefix taken off as DataParallel's
+        # (split_checkpoint) was its own
+        state = {f"module.{k}": v for k, v in state.items()}
     net = wrapper if set(state) == set(wrapper.state_dict()) else wrapper.model
     missing, unexpected, shapes = state_differences(net.state_dict(), state)
     if missing or unexpected or shapes:
@@ -563,4 +575,4 @@ def read_external_checkpoint(path: str | Path, model_cfg: Mapping[str, Any]) -> 
             )
         )
     net.load_state_dict(state, strict=True)
-    return wrapper.eval()
+    return wrapper.eval(), {}
