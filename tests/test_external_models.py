@@ -384,18 +384,19 @@ from torch import nn
 
 
 class Net(nn.Module):
-    def __init__(self, width):
+    def __init__(self, width, act="relu"):
         super().__init__()
-        self.encoder = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU())
+        act = nn.ReLU() if act == "relu" else nn.Tanh()
+        self.encoder = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), act)
         self.head = nn.Conv2d(2 * width, 1, 1)
 
     def forward(self, pre, post):
         return self.head(torch.cat([self.encoder(pre), self.encoder(post)], 1))
 
 
-def make(width=4):
+def make(width=4, act="relu"):
     torch.manual_seed(0)
-    return Net(width)
+    return Net(width, act)
 
 
 class Wrapper(nn.Module):  # a network whose one child is named module, as DataParallel's is
@@ -501,9 +502,15 @@ def test_a_changecam_checkpoint_of_an_external_network_keeps_what_it_records(
     )
     net, hparams = read_external_checkpoint(path, external_cfg())
     assert isinstance(net, ExternalModel) and hparams["threshold"] == 0.9
-    other = external_cfg(layers={"encoder": "calls", "head": "fused"})
+    # other layers explain the same network elsewhere; the factory may be spelled either way
+    # (helper-136: both were refused as another network)
+    elsewhere = external_cfg(target="extnet.make", layers={"head": "fused"})
+    net, hparams = read_external_checkpoint(path, elsewhere)
+    assert net.tap_names == ["head"] and hparams["threshold"] == 0.9
+    pre, post = pair(seed=5)
+    torch.testing.assert_close(net(pre, post), built.eval()(pre, post))
     with pytest.raises(CheckpointError, match="records its network, and the model config given"):
-        read_external_checkpoint(path, other)
+        read_external_checkpoint(path, external_cfg(kwargs={"width": 4, "act": "tanh"}))
 
 
 class ViewAfterStackedEncoder(nn.Module):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import re
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from changecam.models import SEED_ARCHITECTURE, build_network, network_config
+from changecam.models.external import import_factory
 from changecam.training.input_scale import DATA_KEY
 from changecam.training.model_match import match_config, match_state, shapes_of
 
@@ -297,7 +299,9 @@ def check_fits(
 
 
 def read_checkpoint(
-    path: str | Path, model_cfg: Mapping[str, Any] | None = None
+    path: str | Path,
+    model_cfg: Mapping[str, Any] | None = None,
+    choosing: frozenset[str] = frozenset(),
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the network, load its weights from ``path``; return it (eval mode, on the CPU) and
     the module hyper-parameters the file records (``loss``, ``threshold`` ...; empty for a
@@ -310,6 +314,8 @@ def read_checkpoint(
             e.g. the ``model=siamese_unet_seed`` config for the seed notebook's weights).
         model_cfg: Hydra config of the network (with ``_target_``); overrides the one stored in
             the checkpoint.
+        choosing: keys of ``model_cfg`` that only choose what is explained (an external
+            model's ``layers``), which may differ from the recorded ones.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -329,7 +335,7 @@ def read_checkpoint(
     net = build_network(cfg)
     check_fits(path, cfg, net.state_dict(), state, stored_cfg)
     # dropout acts in training only: eval, predict and explain run the network in eval mode
-    changed = config_changes(stored_cfg, model_cfg, ignore=STARTING_KEYS | {"dropout"})
+    changed = config_changes(stored_cfg, model_cfg, ignore=STARTING_KEYS | {"dropout"} | choosing)
     if changed:  # the same weight shapes: the scores would be another network's
         raise CheckpointError(
             f"{path} records its network, and the model config given builds another with "
@@ -539,7 +545,15 @@ def read_external_checkpoint(
     """
     state, stored_cfg = split_checkpoint(read_weights_file(path), path)
     if stored_cfg is not None:  # train.py's checkpoint of an external network
-        return read_checkpoint(path, model_cfg)
+        given = dict(model_cfg)
+        stored_target, target = stored_cfg.get("target"), given.get("target")
+        if stored_target != target and isinstance(stored_target, str) and isinstance(target, str):
+            with contextlib.suppress(ValueError):  # one factory, spelled `a.b:make` or `a.b.make`
+                if import_factory(stored_target) is import_factory(target):
+                    given["target"] = stored_target
+        # the declared layers and the size multiple choose what is explained and how inputs are
+        # padded, not the network: other ones explain the recorded network elsewhere
+        return read_checkpoint(path, given, choosing=frozenset({"layers", "size_multiple"}))
     if not state:
         raise CheckpointError(f"{path} holds no weight tensors")
     check_finite(state, path)  # as every changecam network's weights are
