@@ -295,6 +295,30 @@ def test_other_loggers_still_write_pngs(tmp_path, tiny_synthetic, logger, mode):
         assert "val/cam/post_share/enc1" in header
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "float64", "compiled"])
+def test_the_inline_path_explains_a_float32_eager_network_as_the_background_does(tmp_path, kind):
+    """``trainer.precision=bf16-true`` or ``64-true`` gave the network float32 inputs, and
+    ``module.compile=true``'s graph lost the taps' activations: the first validation failed
+    (helper-137). The inline path explains float32 weights, eagerly, as the background process."""
+    torch.manual_seed(0)
+    net = SiameseUNet(3, 4, 2).eval()
+    samples = tiny_samples()
+    settings = cam_settings(steps=2, dpi=30)
+    expected = explain_samples(net, samples, settings, tmp_path / "float32", 0, 0)
+    if kind == "compiled":
+        net.compile()
+    else:
+        net.to(getattr(torch, kind))
+    with cam_panels.explained_inline(net) as explained:
+        got = explain_samples(explained, samples, settings, tmp_path / kind, 0, 0)
+    assert next(net.parameters()).dtype == (
+        torch.float32 if kind == "compiled" else getattr(torch, kind)
+    )
+    tolerance = 0.05 if kind == "bfloat16" else 1e-5  # bf16 weights rounded
+    for layer in expected.shares:
+        np.testing.assert_allclose(got.shares[layer], expected.shares[layer], atol=tolerance)
+
+
 def test_explain_block_options_reach_the_panels_and_enabled_false_turns_them_off(
     tmp_path, tiny_synthetic
 ):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import typing
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
+from torch import Tensor, nn
 
 from changecam.atomic import write_text
 from changecam.environment import usable_cores
@@ -77,6 +79,18 @@ def select_samples(masks: Sequence[Tensor], k: int) -> list[int]:
     step = len(rest) / (k - len(most))
     spread = [rest[int(j * step)] for j in range(k - len(most))]
     return sorted(most + spread)
+
+
+@contextmanager
+def explained_inline(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` as the inline path explains it, as the background process does: with float32
+    weights (a copy of a ``*-true`` precision's bf16 or float64 network, which float32 inputs
+    do not fit), run eagerly (``module.compile``'s graph does not keep the taps' recorded
+    activations)."""
+    if any(p.dtype != torch.float32 for p in net.parameters()):
+        net = copy.deepcopy(net).float()
+    with torch.compiler.set_stance("force_eager"):
+        yield net
 
 
 class CamPanels(L.Callback):
@@ -310,15 +324,16 @@ class CamPanels(L.Callback):
             self._report_held_up(epoch, self._worker.waited_s)
             self._log_results(trainer, results)
         else:
-            result = explain_samples(
-                pl_module.net,
-                self._fixed_samples(trainer),
-                self.settings,
-                self.out_dir,
-                epoch,
-                step,
-                return_panels=self._return_panels(trainer),
-            )
+            with explained_inline(pl_module.net) as net:
+                result = explain_samples(
+                    net,
+                    self._fixed_samples(trainer),
+                    self.settings,
+                    self.out_dir,
+                    epoch,
+                    step,
+                    return_panels=self._return_panels(trainer),
+                )
             self._log_results(trainer, [result])
 
     def _background(self, pl_module: L.LightningModule) -> bool:
