@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -641,6 +642,53 @@ def test_a_checkpoint_every_n_steps_on_a_validating_batch_holds_that_validation(
     metrics = "run/csv/metrics.csv"
     assert (stopped / metrics).read_text() == (full / metrics).read_text()
     assert_same_weights(stopped / last, full / last)
+
+
+def test_a_checkpoint_every_n_steps_on_an_epochs_last_batch_holds_its_validation(
+    tmp_path, tiny_synthetic
+):
+    """Due on an epoch's last batch, with one validation per epoch, the held save was written
+    at the validation's end, before the best checkpoint and early stopping took that validation
+    in at the epoch's end: the resumed run's best checkpoint and early stopping differed
+    (helper-137). It is written at the epoch's end, after them."""
+    base = [
+        *resume_overrides(tiny_synthetic, 4),  # 4 batches per epoch
+        "callbacks.last_checkpoint.every_n_epochs=null",
+        "+callbacks.last_checkpoint.every_n_train_steps=4",  # on each epoch's last batch
+        "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+        "+callbacks.early_stopping.monitor=val/loss",
+        "+callbacks.early_stopping.patience=2",
+        "+callbacks.early_stopping.min_delta=100",  # stops at the third validation (step 12)
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+    ]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(compose_train(full, base))
+    last = "run/checkpoints/last.ckpt"
+    assert torch.load(full / last, weights_only=True)["global_step"] == 12
+    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='1:2'"]
+    with pytest.raises(SystemExit, match="stopped at step 1:2"):
+        train(compose_train(stopped, [*base, *stop]))
+    held = torch.load(stopped / last, weights_only=False)
+    assert held["global_step"] == 4
+    states = held["callbacks"]
+    assert any(
+        k.startswith("FiniteModelCheckpoint") and v["best_k_models"] for k, v in states.items()
+    )
+    assert any(
+        k.startswith("EarlyStopping") and v["wait_count"] == 0 and math.isfinite(v["best_score"])
+        for k, v in states.items()
+    )
+    train(compose_train(stopped, [*base, "ckpt_path=last"]))
+    metrics = "run/csv/metrics.csv"
+    assert (stopped / metrics).read_text() == (full / metrics).read_text()
+    assert_same_weights(stopped / last, full / last)
+    best = "run/checkpoints/best.ckpt"
+    assert (
+        torch.load(stopped / best, weights_only=True)["epoch"]
+        == torch.load(full / best, weights_only=True)["epoch"]
+    )
 
 
 def test_a_resume_from_a_validation_every_other_epoch_is_exact(tmp_path, tiny_synthetic):

@@ -6,7 +6,9 @@ seconds (``train_time_interval``) when the batch ends, before the validation tha
 that batch, and then skips the validation's own save as one of the same step. A run resumed
 from it never runs that validation (Lightning counts it as done): its metrics, best
 checkpoint and early stopping differed from an uninterrupted run's. Such a save is written
-after the validation instead, where a checkpoint of a validation inside an epoch is written.
+after the validation instead, where a checkpoint of a validation inside an epoch is written,
+and at the epoch's end for the epoch's last batch, after the other callbacks have taken in its
+validation there.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class StepCheckpoint(ModelCheckpoint):
 
     _holding = False
     _owed = False
+    _epoch_ends = False  # the batch being held is its epoch's last
 
     def on_train_batch_end(
         self,
@@ -45,18 +48,32 @@ class StepCheckpoint(ModelCheckpoint):
         batch_idx: int,
     ) -> None:
         self._holding = trainer.training and validation_follows(trainer)
+        self._epoch_ends = bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
         try:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
             self._holding = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._owed:
-            self._owed = False
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+        if self._owed and not self._epoch_ends:
+            self._write_owed(trainer)
         super().on_validation_end(trainer, pl_module)  # skips a second save of this step
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # an epoch-end validation is taken in by the best checkpoint and early stopping only at
+        # the epoch's end (their default with one validation per epoch): a save written at the
+        # validation's end held neither, and a resumed run never counts that validation again
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._owed:
+            self._write_owed(trainer)
+
+    def _write_owed(self, trainer: L.Trainer) -> None:
+        self._owed = False
+        if self._last_global_step_saved == trainer.global_step:  # the epoch's own save wrote it
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
     def _save_topk_checkpoint(
         self, trainer: L.Trainer, monitor_candidates: dict[str, Tensor]
