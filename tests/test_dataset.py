@@ -282,12 +282,25 @@ def test_a_synthetic_split_of_no_pairs_is_named_when_the_run_uses_it(tmp_path, s
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("patch_size", 0), ("patch_size", -32), ("eval_batch_size", 0)]
+    ("key", "value"),
+    [("patch_size", 0), ("patch_size", -32), ("eval_batch_size", 0), ("cache_images", 0)],
 )
 def test_sizes_below_one_are_refused_naming_the_key(tmp_path, key, value):
     """``data.patch_size=0`` divided by zero, ``-32`` left the sampler empty, and
-    ``data.eval_batch_size=0`` became the train batch size (helper-128)."""
+    ``data.eval_batch_size=0`` became the train batch size (helper-128), and
+    ``data.cache_images=0`` was refused after the sanity validation, naming no key (helper-141)."""
     from changecam.data import ChangeDetectionDataModule
 
     with pytest.raises(ValueError, match=rf"^data.{key}={value} must be at least 1"):
         ChangeDetectionDataModule(tmp_path, **{"patch_size": 16, key: value})
+
+
+def test_one_extra_train_folder_without_brackets_is_one_folder(tmp_path, tiny_synthetic):
+    """``data.extra_train=<folder>`` was read one character at a time (helper-141)."""
+    from changecam.data import ChangeDetectionDataModule
+
+    dm = ChangeDetectionDataModule(
+        tiny_synthetic, layout="levir", patch_size=16, extra_train=str(tiny_synthetic)
+    )
+    assert dm.extra_train == [tiny_synthetic]
+    assert len(dm.triplets("train")) == 2 * dm._own_train

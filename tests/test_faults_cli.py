@@ -236,6 +236,36 @@ def test_a_sigterm_is_named_by_rank_zero_only(rank, err, status, printed, monkey
     assert (f"Error: {type(err).__name__}: {err}" in capsys.readouterr().err) == printed
 
 
+def test_a_sigterm_is_taken_in_without_a_collective(monkeypatch):
+    """Lightning's handler broadcast the signal from inside the handler, which pairs with
+    whatever collective another rank is in: both ranks waited for ever in 3 of 5 real 2-rank
+    runs (helper-139). Taken in quietly, the loops stop every rank at their safe point."""
+    import os
+    import signal
+
+    import lightning as L
+    import torch
+
+    from changecam.training.sigterm import take_sigterm_quietly
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective inside the signal handler")
+
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    take_sigterm_quietly(trainer)
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast", no_collective)
+    monkeypatch.setattr(type(trainer), "world_size", property(lambda self: 2))
+    connector = trainer._signal_connector
+    connector.register_signal_handlers()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert trainer.received_sigterm
+    finally:
+        connector.teardown()
+
+
 @pytest.mark.parametrize(
     ("script", "overrides"),
     [

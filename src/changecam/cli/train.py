@@ -35,6 +35,7 @@ from changecam.training.callbacks.finite_checkpoint import top_k_problem
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 from changecam.training.csv_logger import CSVLogger
 from changecam.training.module import pos_weight_problem
+from changecam.training.sigterm import take_sigterm_quietly
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -256,6 +257,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
+    take_sigterm_quietly(trainer)  # Lightning's handler could deadlock DDP ranks
     # built: a value the module, a callback or the trainer refuses has left the earlier run's
     # results, panels and W&B run id in the folder as they were
     remove_earlier_results(output_dir, ("metrics.json",))

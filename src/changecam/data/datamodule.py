@@ -155,7 +155,9 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             ("patch_size", patch_size),
             ("batch_size", batch_size),
             ("eval_batch_size", eval_batch_size),
-        ):  # 0 gave a division by zero, an empty sampler, or (eval) the train batch size
+            ("cache_images", cache_images),
+        ):  # 0 gave a division by zero, an empty sampler, (eval) the train batch size, or
+            # (cache) a refusal naming no key after the sanity validation
             if value is not None and value < 1:
                 null = " (or null: data.batch_size)" if key == "eval_batch_size" else ""
                 raise ValueError(f"data.{key}={value} must be at least 1{null}")
@@ -195,6 +197,8 @@ class ChangeDetectionDataModule(L.LightningDataModule):
                 f"data.train_protocol={train_protocol} and data.eval_protocol={eval_protocol} "
                 "take none: set one of them to random_crop, or data.crops_per_image=null"
             )
+        if isinstance(extra_train, str | Path):  # data.extra_train=<folder>: one folder, not
+            extra_train = [extra_train]  # one per character
         self.extra_train = [Path(p) for p in extra_train or ()]
         unknown = [s for s in splits or () if s not in SPLITS]
         if unknown:
