@@ -691,6 +691,31 @@ def test_a_checkpoint_every_n_steps_on_an_epochs_last_batch_holds_its_validation
     )
 
 
+def test_a_fit_that_counts_steps_is_not_resumed_from_an_epochs_end(tmp_path, tiny_synthetic):
+    """With trainer.max_steps set, Lightning resumed an epoch-end last.ckpt inside that epoch
+    again: one epoch lost, and early stopping failed on its second epoch end (helper-140). It
+    is refused, naming the setting and the epoch."""
+    from changecam.training.checkpoint import CheckpointError
+
+    base = [*resume_overrides(tiny_synthetic, 3), "+trainer.max_steps=100", "test=false"]
+    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='1:2'"]
+    with pytest.raises(SystemExit, match="stopped at step 1:2"):
+        train(compose_train(tmp_path, [*base, *stop]))
+    with pytest.raises(
+        CheckpointError, match=r"trainer.max_steps=100: it was saved at the end of epoch 0"
+    ):
+        train(compose_train(tmp_path, [*base, "ckpt_path=last"]))
+    # without max_steps the same checkpoint resumes (trainer.max_epochs ends the run)
+    train(
+        compose_train(
+            tmp_path, [*resume_overrides(tiny_synthetic, 3), "test=false", "ckpt_path=last"]
+        )
+    )
+    assert (
+        torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 12
+    )
+
+
 def test_a_resume_from_a_validation_every_other_epoch_is_exact(tmp_path, tiny_synthetic):
     """With trainer.check_val_every_n_epoch=2 last.ckpt is written by a validation before its
     epoch is closed; the resumed fit re-enters that epoch and creates a loader iterator, which

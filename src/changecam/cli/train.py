@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
@@ -96,7 +97,33 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     except CheckpointError as err:
         what = "resume" if cfg.get("train") else "score (train=false)"
         raise CheckpointError(f"cannot {what} ckpt_path: {err}") from None
+    max_steps = (cfg.get("trainer") or {}).get("max_steps")
+    if cfg.get("train") and max_steps not in (None, -1):
+        epoch = finished_epoch(path)
+        if epoch is not None:
+            raise CheckpointError(
+                f"cannot resume ckpt_path={path} with trainer.max_steps={max_steps}: it was saved "
+                f"at the end of epoch {epoch}, and Lightning resumes a fit that counts steps "
+                "inside that epoch again (its end-of-epoch callbacks run twice: early stopping "
+                "fails, and the run drifts from an uninterrupted one); resume without "
+                "trainer.max_steps (trainer.max_epochs ends the run), or from a checkpoint saved "
+                "inside an epoch"
+            )
     return path
+
+
+def finished_epoch(path: str | Path) -> int | None:
+    """The epoch a checkpoint was saved at the end of (its fit loop processed the epoch and did
+    not yet count it completed), or ``None`` (saved inside an epoch, or no loop state)."""
+    # mapped, not read: only the loop's counters are needed
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    total = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
+    keys = ("ready", "started", "processed", "completed")
+    if not all(isinstance(total.get(k), int) for k in keys):
+        return None
+    ready, started, processed, completed = (total[k] for k in keys)
+    ended = ready == started == processed == completed + 1
+    return completed if ended else None
 
 
 def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModule:
