@@ -241,6 +241,7 @@ def test_a_sigterm_is_taken_in_without_a_collective(monkeypatch):
     whatever collective another rank is in: both ranks waited for ever in 3 of 5 real 2-rank
     runs (helper-139). Taken in quietly, the loops stop every rank at their safe point."""
     import os
+    import pickle
     import signal
 
     import lightning as L
@@ -264,6 +265,7 @@ def test_a_sigterm_is_taken_in_without_a_collective(monkeypatch):
         assert trainer.received_sigterm
     finally:
         connector.teardown()
+    pickle.dumps(connector)  # a spawned DDP start pickles the trainer (helper-142: a closure)
 
 
 @pytest.mark.parametrize(

@@ -714,6 +714,14 @@ def test_a_fit_that_counts_steps_is_not_resumed_from_an_epochs_end(tmp_path, tin
     assert (
         torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 12
     )
+    # a finished run is only scored (a requeue after a kill while it was scored), max_steps or
+    # not (helper-142: refused too); also one that max_steps itself ended
+    train(compose_train(tmp_path, [*base, "ckpt_path=last"]))
+    ended = tmp_path / "ended"
+    by_steps = [*resume_overrides(tiny_synthetic, 3), "+trainer.max_steps=8", "test=false"]
+    train(compose_train(ended, by_steps))
+    train(compose_train(ended, [*by_steps, "ckpt_path=last"]))
+    assert torch.load(ended / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 8
 
 
 def test_a_resume_from_a_validation_every_other_epoch_is_exact(tmp_path, tiny_synthetic):

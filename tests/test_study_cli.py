@@ -326,3 +326,17 @@ def test_the_zoo_folder_is_found_whatever_folder_train_py_runs_in(tmp_path, monk
     )
     run_dir, _ = zoo_run(cfg, "siamese_unet")
     assert run_dir.is_absolute() and run_dir.parent == tmp_path / "zoo"
+
+
+def test_a_synthetic_split_of_no_pairs_is_named_by_the_study(tmp_path):
+    """``data.synthetic.val=0`` with the study's default split gave LEVIR-CD download advice
+    (helper-142)."""
+    from changecam.cli.study import study_root
+
+    cfg = compose_train(
+        tmp_path,
+        [f"data.root={tmp_path}/syn", "data.synthetic.image_size=32", "data.synthetic.val=0"],
+        config_name="study",
+    )
+    with pytest.raises(ValueError, match="^data.synthetic.val=0 writes no val pairs"):
+        study_root(cfg)

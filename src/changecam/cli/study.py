@@ -182,6 +182,7 @@ def study_root(cfg: DictConfig) -> Path:
         return Path(cfg.study.data)
     datamodule = instantiate_refusing(cfg.data, splits=[cfg.study.split])
     datamodule.prepare_data()
+    datamodule.triplets(cfg.study.split)  # a synthetic split of no pairs is named as such
     return Path(datamodule.root)
 
 

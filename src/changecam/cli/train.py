@@ -35,7 +35,7 @@ from changecam.metrics import SCORE_NAMES
 from changecam.training.callbacks.finite_checkpoint import top_k_problem
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 from changecam.training.csv_logger import CSVLogger
-from changecam.training.module import pos_weight_problem
+from changecam.training.module import pos_weight_problem, stopped_early
 from changecam.training.sigterm import take_sigterm_quietly
 
 
@@ -97,9 +97,10 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     except CheckpointError as err:
         what = "resume" if cfg.get("train") else "score (train=false)"
         raise CheckpointError(f"cannot {what} ckpt_path: {err}") from None
-    max_steps = (cfg.get("trainer") or {}).get("max_steps")
+    trainer = cfg.get("trainer") or {}
+    max_steps = trainer.get("max_steps")
     if cfg.get("train") and max_steps not in (None, -1):
-        epoch = finished_epoch(path)
+        epoch = epoch_to_go_on_from(path, max_steps, trainer.get("max_epochs"))
         if epoch is not None:
             raise CheckpointError(
                 f"cannot resume ckpt_path={path} with trainer.max_steps={max_steps}: it was saved "
@@ -112,18 +113,30 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     return path
 
 
-def finished_epoch(path: str | Path) -> int | None:
+def epoch_to_go_on_from(path: str | Path, max_steps: int, max_epochs: int | None) -> int | None:
     """The epoch a checkpoint was saved at the end of (its fit loop processed the epoch and did
-    not yet count it completed), or ``None`` (saved inside an epoch, or no loop state)."""
-    # mapped, not read: only the loop's counters are needed
+    not yet count it completed), when the run goes on from there (under ``max_steps`` and
+    ``max_epochs``, not stopped early); ``None`` otherwise (saved inside an epoch, a finished
+    run, which Lightning only scores, or no loop state)."""
+    # mapped, not read: only the loop's counters and the callbacks' states are needed
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     total = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
     keys = ("ready", "started", "processed", "completed")
     if not all(isinstance(total.get(k), int) for k in keys):
         return None
     ready, started, processed, completed = (total[k] for k in keys)
-    ended = ready == started == processed == completed + 1
-    return completed if ended else None
+    if not ready == started == processed == completed + 1:
+        return None
+    done = int(ckpt.get("global_step", 0)) >= max_steps or (
+        max_epochs not in (None, -1) and processed >= max_epochs
+    )
+    stopped = any(
+        "EarlyStopping" in name
+        and isinstance(state, dict)
+        and stopped_early(state.get("stopping_reason"), state.get("stopped_epoch", 0))
+        for name, state in (ckpt.get("callbacks") or {}).items()
+    )
+    return None if done or stopped else completed
 
 
 def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModule:

@@ -88,14 +88,18 @@ def pos_weight_problem(pos_weight: Any) -> str | None:
     return f"module.pos_weight={pos_weight!r} must be a finite number > 0 (or null: 1)"
 
 
-def _stopped_early(callback: Any) -> bool:
-    """Whether an ``EarlyStopping`` callback (restored from a checkpoint) had stopped its fit:
-    its stopping reason, which Lightning records since 2.6 (a stop at epoch 0 leaves
-    ``stopped_epoch`` at 0), else its stopped epoch."""
-    reason = getattr(callback, "stopping_reason", None)
-    if reason is not None and reason != EarlyStoppingReason.NOT_STOPPED:
+def stopped_early(reason: Any, stopped_epoch: int) -> bool:
+    """Whether an ``EarlyStopping`` state (restored from a checkpoint, or read from one) had
+    stopped its fit: its stopping reason (the enum or its value), which Lightning records since
+    2.6 (a stop at epoch 0 leaves ``stopped_epoch`` at 0), else its stopped epoch."""
+    not_stopped = EarlyStoppingReason.NOT_STOPPED
+    if reason is not None and reason not in (not_stopped, not_stopped.value):
         return True
-    return callback.stopped_epoch > 0
+    return stopped_epoch > 0
+
+
+def _stopped_early(callback: Any) -> bool:
+    return stopped_early(getattr(callback, "stopping_reason", None), callback.stopped_epoch)
 
 
 class ChangeDetectionModule(L.LightningModule):

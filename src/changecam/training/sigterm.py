@@ -10,24 +10,33 @@ broadcasts the flag at a safe point, before each batch, and stops every rank the
 from __future__ import annotations
 
 from types import FrameType
-from typing import Any
 
 import lightning as L
 
+try:
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+except ImportError:  # another Lightning: its own handler is left as it is
+    _SignalConnector = None
+
+
+if _SignalConnector is not None:
+
+    class QuietSignalConnector(_SignalConnector):
+        """Lightning's signal connector whose SIGTERM handler sets the flag and passes the
+        signal to the launcher's processes, with no collective. A class of its own module (not
+        a closure), so that a spawned DDP start can pickle the trainer."""
+
+        def _sigterm_notifier_fn(self, signum: int, _frame: FrameType | None) -> None:
+            if not self.received_sigterm:
+                launcher = self.trainer.strategy.launcher
+                if launcher is not None:
+                    launcher.kill(signum)
+            self.received_sigterm = True
+
 
 def take_sigterm_quietly(trainer: L.Trainer) -> None:
-    """Make ``trainer``'s SIGTERM handler set its flag and pass the signal to the launcher's
-    processes, with no collective (call it before ``fit``: Lightning registers the handler
-    then). A Lightning without that handler is left as it is."""
+    """Give ``trainer`` the quiet SIGTERM handler (call it before ``fit``: Lightning registers
+    the handler then). A Lightning whose connector is another is left as it is."""
     connector = getattr(trainer, "_signal_connector", None)
-    if connector is None or not hasattr(connector, "_sigterm_notifier_fn"):
-        return
-
-    def take(signum: int, _frame: FrameType | None) -> Any:
-        if not connector.received_sigterm:
-            launcher = trainer.strategy.launcher
-            if launcher is not None:
-                launcher.kill(signum)
-        connector.received_sigterm = True
-
-    connector._sigterm_notifier_fn = take
+    if _SignalConnector is not None and type(connector) is _SignalConnector:
+        connector.__class__ = QuietSignalConnector
