@@ -504,7 +504,11 @@ def test_nodata_where_the_dates_overlap_is_refused(net, images, tmp_path):
     assert not any((tmp_path / "out").iterdir()), "the partial files go too"
 
 
-def test_the_command_lists_the_refused_scene_and_writes_no_report(tmp_path, images, tiny_synthetic):
+def test_the_command_lists_the_refused_scene_in_its_report_and_nothing_else(
+    tmp_path, images, tiny_synthetic
+):
+    """The report lists the refused scene under ``failed`` and no scene (helper-134: no report
+    was written when every scene failed); no scene output is left."""
     ckpt = make_lightning_checkpoint(tmp_path / "ckpt" / "best.ckpt", tiny_synthetic, steps=1)
     pre = write_scene(tmp_path / "pre.tif", images[0])
     post = write_scene(tmp_path / "post.tif", images[1], crs="EPSG:32651")
@@ -512,7 +516,9 @@ def test_the_command_lists_the_refused_scene_and_writes_no_report(tmp_path, imag
         SceneFailure, match=r"1 of 1 scene\(s\) refused, with no output from this run \(pre\)"
     ):
         run_scene(tmp_path, ckpt, pre, post, "input.align=strict")
-    assert finished_looking(tmp_path / "run") == []
+    assert finished_looking(tmp_path / "run") == ["predictions.json"]
+    report = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert report["scenes"] == [] and [f["name"] for f in report["failed"]] == ["pre"]
     with rasterio.open(pre) as src:  # the inputs are untouched
         assert src.crs.to_epsg() == 32650
 
