@@ -724,6 +724,40 @@ def test_a_fit_that_counts_steps_is_not_resumed_from_an_epochs_end(tmp_path, tin
     assert torch.load(ended / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 8
 
 
+@pytest.mark.parametrize(
+    ("min_epochs", "min_steps", "goes_on"),
+    [(None, None, False), (2, None, False), (4, None, True), (None, 100, True)],
+)
+def test_a_run_stopped_early_before_its_minimum_still_has_epochs_to_go(
+    tmp_path, min_epochs, min_steps, goes_on
+):
+    """Early stopping flagged before ``trainer.min_epochs``/``min_steps`` does not stop the fit
+    (Lightning trains on), so its epoch-end checkpoints are refused under max_steps like any
+    unfinished run's (helper-143: taken as finished, and the resume crashed)."""
+    from changecam.cli.train import epoch_to_go_on_from
+
+    path = tmp_path / "last.ckpt"
+    torch.save(
+        {
+            "global_step": 8,
+            "loops": {
+                "fit_loop": {
+                    "epoch_progress": {
+                        "total": {"ready": 2, "started": 2, "processed": 2, "completed": 1}
+                    }
+                }
+            },
+            "callbacks": {
+                "EarlyStopping{'monitor': 'val/f1'}": {"stopping_reason": 2, "stopped_epoch": 0}
+            },
+        },
+        path,
+    )
+    epoch = epoch_to_go_on_from(path, 100, 4, min_epochs, min_steps)
+    assert epoch == (1 if goes_on else None)
+    assert epoch_to_go_on_from(path, 8, 4, min_epochs, min_steps) is None  # max_steps reached
+
+
 def test_a_resume_from_a_validation_every_other_epoch_is_exact(tmp_path, tiny_synthetic):
     """With trainer.check_val_every_n_epoch=2 last.ckpt is written by a validation before its
     epoch is closed; the resumed fit re-enters that epoch and creates a loader iterator, which

@@ -100,7 +100,13 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     trainer = cfg.get("trainer") or {}
     max_steps = trainer.get("max_steps")
     if cfg.get("train") and max_steps not in (None, -1):
-        epoch = epoch_to_go_on_from(path, max_steps, trainer.get("max_epochs"))
+        epoch = epoch_to_go_on_from(
+            path,
+            max_steps,
+            trainer.get("max_epochs"),
+            trainer.get("min_epochs"),
+            trainer.get("min_steps"),
+        )
         if epoch is not None:
             raise CheckpointError(
                 f"cannot resume ckpt_path={path} with trainer.max_steps={max_steps}: it was saved "
@@ -113,11 +119,18 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     return path
 
 
-def epoch_to_go_on_from(path: str | Path, max_steps: int, max_epochs: int | None) -> int | None:
+def epoch_to_go_on_from(
+    path: str | Path,
+    max_steps: int,
+    max_epochs: int | None,
+    min_epochs: int | None = None,
+    min_steps: int | None = None,
+) -> int | None:
     """The epoch a checkpoint was saved at the end of (its fit loop processed the epoch and did
     not yet count it completed), when the run goes on from there (under ``max_steps`` and
-    ``max_epochs``, not stopped early); ``None`` otherwise (saved inside an epoch, a finished
-    run, which Lightning only scores, or no loop state)."""
+    ``max_epochs``, and not stopped early: Lightning stops early only past ``min_epochs`` and
+    ``min_steps``); ``None`` otherwise (saved inside an epoch, a finished run, which Lightning
+    only scores, or no loop state)."""
     # mapped, not read: only the loop's counters and the callbacks' states are needed
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     total = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
@@ -127,16 +140,18 @@ def epoch_to_go_on_from(path: str | Path, max_steps: int, max_epochs: int | None
     ready, started, processed, completed = (total[k] for k in keys)
     if not ready == started == processed == completed + 1:
         return None
-    done = int(ckpt.get("global_step", 0)) >= max_steps or (
-        max_epochs not in (None, -1) and processed >= max_epochs
-    )
+    global_step = int(ckpt.get("global_step", 0))
+    done = global_step >= max_steps or (max_epochs not in (None, -1) and processed >= max_epochs)
     stopped = any(
         "EarlyStopping" in name
         and isinstance(state, dict)
         and stopped_early(state.get("stopping_reason"), state.get("stopped_epoch", 0))
         for name, state in (ckpt.get("callbacks") or {}).items()
     )
-    return None if done or stopped else completed
+    may_stop = (min_epochs in (None, -1) or processed >= min_epochs) and (
+        min_steps in (None, -1) or global_step >= min_steps
+    )
+    return None if done or (stopped and may_stop) else completed
 
 
 def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModule:
