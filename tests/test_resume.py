@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -610,6 +611,51 @@ def test_sigkill_after_a_mid_epoch_checkpoint_keeps_the_csv_rows_of_its_step(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def step_saves_with_early_stopping(
+    tiny_synthetic: Path, epochs: int, every: int, patience: int, *extra: str
+) -> list[str]:
+    """``last.ckpt`` every ``every`` training steps, early stopping on ``val/loss`` that never
+    improves (it stops after ``patience`` validations past the first), a csv log of every
+    step, no test."""
+    return [
+        *resume_overrides(tiny_synthetic, epochs),
+        *extra,
+        "callbacks.last_checkpoint.every_n_epochs=null",
+        f"+callbacks.last_checkpoint.every_n_train_steps={every}",
+        "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
+        "+callbacks.early_stopping.monitor=val/loss",
+        f"+callbacks.early_stopping.patience={patience}",
+        "+callbacks.early_stopping.min_delta=100",
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+    ]
+
+
+def stopped_at_1_2_and_resumed(
+    tmp_path: Path, base: list[str], full_step: int, held_step: int, held: Any = None
+) -> tuple[Path, Path]:
+    """An uninterrupted run (ending at ``full_step``) and one stopped at epoch 1, batch 2 (its
+    ``last.ckpt`` at ``held_step``, which ``held`` may check further), then resumed: their
+    metrics.csv and last weights are the same. Returns both folders."""
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(compose_train(full, base))
+    last = "run/checkpoints/last.ckpt"
+    assert torch.load(full / last, weights_only=True)["global_step"] == full_step
+    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='1:2'"]
+    with pytest.raises(SystemExit, match="stopped at step 1:2"):
+        train(compose_train(stopped, [*base, *stop]))
+    checkpoint = torch.load(stopped / last, weights_only=True)
+    assert checkpoint["global_step"] == held_step
+    if held is not None:
+        held(checkpoint)
+    train(compose_train(stopped, [*base, "ckpt_path=last"]))
+    metrics = "run/csv/metrics.csv"
+    assert (stopped / metrics).read_text() == (full / metrics).read_text()
+    assert_same_weights(stopped / last, full / last)
+    return full, stopped
+
+
 def test_a_checkpoint_every_n_steps_on_a_validating_batch_holds_that_validation(
     tmp_path, tiny_synthetic
 ):
@@ -617,31 +663,12 @@ def test_a_checkpoint_every_n_steps_on_a_validating_batch_holds_that_validation(
     before that validation (and the validation's own save skipped as of the same step): the
     resumed run never counted it, so its early stopping (here) or best checkpoint differed from
     an uninterrupted run's. It is saved after the validation instead."""
-    base = [
-        *resume_overrides(tiny_synthetic, 3),
-        "+trainer.val_check_interval=0.5",  # 4 batches: validations after batches 1 and 3
-        "callbacks.last_checkpoint.every_n_epochs=null",
-        "+callbacks.last_checkpoint.every_n_train_steps=2",  # due on the same batches
-        "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
-        "+callbacks.early_stopping.monitor=val/loss",
-        "+callbacks.early_stopping.patience=3",
-        "+callbacks.early_stopping.min_delta=100",  # stops at the fourth validation (step 8)
-        "logger=csv",
-        "trainer.log_every_n_steps=1",
-        "test=false",
-    ]
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    train(compose_train(full, base))
-    last = "run/checkpoints/last.ckpt"
-    assert torch.load(full / last, weights_only=True)["global_step"] == 8
-    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='1:2'"]
-    with pytest.raises(SystemExit, match="stopped at step 1:2"):
-        train(compose_train(stopped, [*base, *stop]))
-    assert torch.load(stopped / last, weights_only=True)["global_step"] == 6
-    train(compose_train(stopped, [*base, "ckpt_path=last"]))
-    metrics = "run/csv/metrics.csv"
-    assert (stopped / metrics).read_text() == (full / metrics).read_text()
-    assert_same_weights(stopped / last, full / last)
+    # 4 batches: validations after batches 1 and 3, saves due on the same batches; early
+    # stopping stops at the fourth validation (step 8)
+    base = step_saves_with_early_stopping(
+        tiny_synthetic, 3, 2, 3, "+trainer.val_check_interval=0.5"
+    )
+    stopped_at_1_2_and_resumed(tmp_path, base, full_step=8, held_step=6)
 
 
 def test_a_checkpoint_every_n_steps_on_an_epochs_last_batch_holds_its_validation(
@@ -651,39 +678,25 @@ def test_a_checkpoint_every_n_steps_on_an_epochs_last_batch_holds_its_validation
     at the validation's end, before the best checkpoint and early stopping took that validation
     in at the epoch's end: the resumed run's best checkpoint and early stopping differed
     (helper-137). It is written at the epoch's end, after them."""
-    base = [
-        *resume_overrides(tiny_synthetic, 4),  # 4 batches per epoch
-        "callbacks.last_checkpoint.every_n_epochs=null",
-        "+callbacks.last_checkpoint.every_n_train_steps=4",  # on each epoch's last batch
-        "+callbacks.early_stopping._target_=lightning.pytorch.callbacks.EarlyStopping",
-        "+callbacks.early_stopping.monitor=val/loss",
-        "+callbacks.early_stopping.patience=2",
-        "+callbacks.early_stopping.min_delta=100",  # stops at the third validation (step 12)
-        "logger=csv",
-        "trainer.log_every_n_steps=1",
-        "test=false",
-    ]
-    full, stopped = tmp_path / "full", tmp_path / "stopped"
-    train(compose_train(full, base))
-    last = "run/checkpoints/last.ckpt"
-    assert torch.load(full / last, weights_only=True)["global_step"] == 12
-    stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='1:2'"]
-    with pytest.raises(SystemExit, match="stopped at step 1:2"):
-        train(compose_train(stopped, [*base, *stop]))
-    held = torch.load(stopped / last, weights_only=False)
-    assert held["global_step"] == 4
-    states = held["callbacks"]
-    assert any(
-        k.startswith("FiniteModelCheckpoint") and v["best_k_models"] for k, v in states.items()
+
+    def holds_the_validation(checkpoint: dict) -> None:
+        states = checkpoint["callbacks"]
+        assert any(
+            k.startswith("FiniteModelCheckpoint") and v["best_k_models"] for k, v in states.items()
+        )
+        assert any(
+            k.startswith("EarlyStopping")
+            and v["wait_count"] == 0
+            and math.isfinite(v["best_score"])
+            for k, v in states.items()
+        )
+
+    # 4 batches per epoch, a save on each epoch's last batch; early stopping stops at the third
+    # validation (step 12)
+    base = step_saves_with_early_stopping(tiny_synthetic, 4, 4, 2)
+    full, stopped = stopped_at_1_2_and_resumed(
+        tmp_path, base, full_step=12, held_step=4, held=holds_the_validation
     )
-    assert any(
-        k.startswith("EarlyStopping") and v["wait_count"] == 0 and math.isfinite(v["best_score"])
-        for k, v in states.items()
-    )
-    train(compose_train(stopped, [*base, "ckpt_path=last"]))
-    metrics = "run/csv/metrics.csv"
-    assert (stopped / metrics).read_text() == (full / metrics).read_text()
-    assert_same_weights(stopped / last, full / last)
     best = "run/checkpoints/best.ckpt"
     assert (
         torch.load(stopped / best, weights_only=True)["epoch"]
