@@ -149,3 +149,17 @@ def test_names_that_are_not_utf8_still_get_temporaries(tmp_path):
     path = tmp_path / os.fsdecode(b"caf\xe9.png")
     write_bytes(path, b"x")
     assert path.read_bytes() == b"x" and temporary_path(path).name.startswith(".caf")
+
+
+def test_disk_full_error_crosses_a_process_boundary():
+    """A sweep's joblib worker and the CAM worker process send their errors back pickled:
+    OSError pickles (errno, strerror), which DiskFullError's constructor does not take."""
+    import errno
+    import pickle
+
+    from changecam.atomic import DiskFullError
+
+    sent = DiskFullError("/runs/a/change.tif", errno.EDQUOT)
+    back = pickle.loads(pickle.dumps(sent))
+    assert type(back) is DiskFullError
+    assert (back.errno, back.filename, str(back)) == (sent.errno, sent.filename, str(sent))

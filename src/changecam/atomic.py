@@ -53,6 +53,11 @@ class DiskFullError(OSError):
     def __str__(self) -> str:
         return str(self.strerror)
 
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        # OSError pickles its (errno, strerror) args, which __init__ does not take: a sweep's
+        # joblib worker or the CAM worker process could not send the error back
+        return type(self), (self.filename, self.errno)
+
 
 def disk_full_error(err: BaseException) -> DiskFullError | None:
     """The :class:`DiskFullError` that ``err`` or an exception chained to it is or stands for.
