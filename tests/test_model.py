@@ -35,7 +35,9 @@ def test_shapes_and_taps(fusion, shared):
         "head_in",
     ]
     assert net.tap_names == expected and list(taps) == expected
-    assert all(len(v) == 1 for v in seen.values()), "each tap fires exactly once per forward"
+    assert {n: len(v) for n, v in seen.items()} == dict.fromkeys(expected, 1), (
+        "each tap fires exactly once per forward"
+    )
     mult = 2 if fusion == "concat" else 1
     assert seen["pre/enc2"][0] == (2, 8, 16, 20) == seen["post/enc2"][0]
     assert seen["fuse3"][0] == (2, 16 * mult, 8, 10)
@@ -61,10 +63,38 @@ def test_taps_separate_dates_with_shared_encoder():
     assert torch.allclose(got["post/enc1"], net.encoder1(post))
 
 
-def test_swapping_dates_negates_diff_fusion_only_in_features():
-    net = SiameseUNet(3, 4, 2, "absdiff", True).eval()
+@pytest.mark.parametrize("shared", [True, False])
+def test_each_fusion_combines_the_dates_encoder_features_as_named(shared):
+    """diff is post - pre (negated by a swap of the dates), absdiff |post - pre|, concat
+    [pre, post]; with a shared encoder a swap negates diff's fused features, leaves absdiff's
+    and hence its output alone, and changes diff's output."""
     pre, post = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
-    assert torch.allclose(net(pre, post), net(post, pre), atol=1e-6)  # |post - pre| is symmetric
+    expected = {
+        "diff": lambda a, b: b - a,
+        "absdiff": lambda a, b: (b - a).abs(),
+        "concat": lambda a, b: torch.cat([a, b], dim=1),
+    }
+    fused = {}
+    for fusion, combine in expected.items():
+        torch.manual_seed(0)
+        net = SiameseUNet(3, 4, 2, fusion, shared).eval()
+        taps = find_taps(net)
+        for x, y in ((pre, post), (post, pre)):
+            got = {}
+            hooks = [
+                taps[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.detach()))
+                for n in ("pre/enc1", "post/enc1", "fuse1")
+            ]
+            out = net(x, y)
+            for h in hooks:
+                h.remove()
+            torch.testing.assert_close(got["fuse1"], combine(got["pre/enc1"], got["post/enc1"]))
+            fused[fusion, x is pre] = (got["fuse1"], out)
+    if shared:
+        torch.testing.assert_close(fused["diff", False][0], -fused["diff", True][0])
+        torch.testing.assert_close(fused["absdiff", False][0], fused["absdiff", True][0])
+        torch.testing.assert_close(fused["absdiff", False][1], fused["absdiff", True][1])
+        assert not torch.allclose(fused["diff", False][1], fused["diff", True][1], atol=1e-4)
 
 
 def test_bad_inputs():
