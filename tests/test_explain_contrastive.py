@@ -55,10 +55,15 @@ def test_contrastive_with_hirescam_and_gradcam_is_one_pass_and_leaves_them_uncha
     torch.manual_seed(0)
     net = SiameseUNet(3, 4, 2).eval()
     pre, post = pair(size=16)
+    forwards = []
+    net.register_forward_hook(lambda m, i, o: forwards.append(1))
     both = explain_batch(net, pre, post, methods=["hirescam", "gradcam", "contrastive"])
+    with_contrastive, forwards[:] = len(forwards), []
     alone = explain_batch(net, pre, post, methods=["hirescam", "gradcam"])
+    assert with_contrastive == len(forwards) == 1
     for tap in alone.taps:
-        torch.testing.assert_close(both.map(tap, "hirescam"), alone.map(tap, "hirescam"))
+        for method in ("hirescam", "gradcam"):
+            torch.testing.assert_close(both.map(tap, method), alone.map(tap, method))
     assert both.layers_of("contrastive") == alone.layers  # input, enc1, enc2: per-date only
     assert "diff" not in " ".join(both.raw["contrastive"])  # no map at one-date taps
 

@@ -151,6 +151,7 @@ def test_explain_method_contrastive_alone_gives_its_shares_and_their_means(tmp_p
     assert report["method"] == "contrastive"
     rows = report["pairs"]
     assert all("post_share" not in r and set(r["post_share_contrastive"]) for r in rows)
+    assert set(report["mean"]["post_share_contrastive"]) == set(rows[0]["post_share_contrastive"])
     for layer, mean in report["mean"]["post_share_contrastive"].items():
         shares = [r["post_share_contrastive"][layer] for r in rows]
         assert mean == pytest.approx(np.mean([v for v in shares if v is not None]))
