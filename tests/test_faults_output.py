@@ -240,13 +240,17 @@ def test_an_append_after_a_killed_one_starts_a_line_of_its_own(tmp_path, caplog)
     ],
     ids=["ENOSPC", "EDQUOT", "DiskFullError", "EACCES", "plain RuntimeError"],
 )
-def test_disk_full_is_found_in_the_exception_chain(error, names):
-    try:  # as Lightning re-raises: the disk error is the context of another one
+@pytest.mark.parametrize("chained", ["cause", "context"])
+def test_disk_full_is_found_in_the_exception_chain(error, names, chained):
+    try:  # as Lightning and torch re-raise: the disk error is the cause or context of another
         try:
             raise error
         except Exception as inner:
-            raise RuntimeError("checkpoint saving failed") from inner
+            if chained == "cause":
+                raise RuntimeError("checkpoint saving failed") from inner
+            raise RuntimeError("checkpoint saving failed")  # noqa: B904 (the implicit context)
     except RuntimeError as outer:
+        assert (outer.__cause__ is error) == (chained == "cause")
         found = disk_full_error(outer)
     if names is None:
         assert found is None
