@@ -82,7 +82,7 @@ def test_each_fusion_combines_the_dates_encoder_features_as_named(shared):
         for x, y in ((pre, post), (post, pre)):
             got = {}
             hooks = [
-                taps[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.detach()))
+                taps[n].register_forward_hook(lambda m, i, o, n=n, got=got: got.update({n: o}))
                 for n in ("pre/enc1", "post/enc1", "fuse1")
             ]
             out = net(x, y)
