@@ -128,13 +128,56 @@ def test_input_layer_through_the_runner_and_the_post_share():
             explain_tensors(net, pre, post, replace(settings, **roi), **wrong)
 
 
+def blurred(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """A Gaussian blur of each band written out in numpy: weights exp(-t²/2σ²) over
+    |t| <= ceil(3σ), normalised, along rows then columns, borders replicated."""
+    radius = int(np.ceil(3 * sigma))
+    t = np.arange(-radius, radius + 1)
+    weights = np.exp(-(t**2) / (2 * sigma**2))
+    weights /= weights.sum()
+    out = x.double().numpy()
+    for axis in (3, 2):
+        pad = [(0, 0)] * 4
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="edge")
+        size = out.shape[axis]
+        out = sum(
+            w * np.take(padded, np.arange(k, k + size), axis=axis) for k, w in enumerate(weights)
+        )
+    return torch.from_numpy(out).to(x.dtype)
+
+
+def expected_baselines(base: str, pre, post, sigma: float):
+    """The baseline pairs of `explain.ig.baseline`, built apart from the code under test."""
+    if base == "other_date":
+        return post, pre
+    if base == "midpoint":
+        return (pre + post) / 2, (pre + post) / 2
+    return blurred(pre, sigma), blurred(post, sigma)
+
+
+def test_the_blur_of_the_test_is_a_blur():
+    """The oracle itself: a constant image stays constant, a point spreads as the Gaussian."""
+    flat = torch.full((1, 1, 9, 9), 0.25)
+    torch.testing.assert_close(blurred(flat, 1.0), flat)
+    point = torch.zeros(1, 1, 21, 21, dtype=torch.float64)
+    point[0, 0, 10, 10] = 1
+    spread = blurred(point, 1.5)[0, 0]
+    assert spread.sum().item() == pytest.approx(1.0)
+    assert spread[10, 10] == spread.max() and spread[10, 12].item() == pytest.approx(
+        spread[10, 10].item() * np.exp(-4 / (2 * 1.5**2))
+    )
+
+
 @pytest.mark.parametrize("base", ["midpoint", "other_date", "blur"])
 def test_integrated_gradients_completeness(base):
     model = Smooth()
     pre, post = pair(seed=5)
     ig = IntegratedGradientsSettings(steps=48, baseline=base, blur_sigma=2.0)
     exp = explain_batch(model, pre, post, target="all", methods=["hirescam", IG], ig=ig)
-    b_pre, b_post = baselines(pre, post, ig)
+    b_pre, b_post = expected_baselines(base, pre, post, sigma=2.0)
+    for ours, theirs in zip(baselines(pre, post, ig), (b_pre, b_post), strict=True):
+        torch.testing.assert_close(ours, theirs)
     with torch.no_grad():
         s_base = model(b_pre, b_post).sum((1, 2, 3))
     total = sum(exp.raw[IG][t].flatten(1).sum(1) for t in ("pre/input", "post/input"))
