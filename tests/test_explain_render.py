@@ -39,6 +39,28 @@ def test_panel_is_a_real_picture(explained, tmp_path):
     assert [p.name for p in (tmp_path / "p").iterdir()] == ["pair.png"]  # no temporary file left
 
 
+def test_both_dates_share_one_colour_scale_and_their_sum_has_its_own(explained, monkeypatch):
+    """The pre and post overlays use max(|pre|, |post|) of the shown layer, so a colour means
+    the same evidence in both; the combined map is scaled by its own maximum."""
+    _, pre, post, exp = explained
+    scales = []
+    real_overlay = render_module.overlay
+    monkeypatch.setattr(
+        render_module,
+        "overlay",
+        lambda image, cam, vmax, **kw: scales.append(vmax) or real_overlay(image, cam, vmax, **kw),
+    )
+    render_panel(pre[0], post[0], exp, dpi=30)
+    maps = [exp.map(f"{d}/enc2", "hirescam", upsampled=True)[0].numpy() for d in ("pre", "post")]
+    assert np.abs(maps[0]).max() != pytest.approx(np.abs(maps[1]).max(), rel=1e-3)
+    shared = max(np.abs(m).max() for m in maps)
+    assert scales == [
+        pytest.approx(shared),
+        pytest.approx(shared),
+        pytest.approx(np.abs(maps[0] + maps[1]).max()),
+    ]
+
+
 def test_empty_target_and_uint8_inputs_render(explained):
     _, pre, post, exp = explained
     panel = render_panel(to_rgb(pre[1]), to_rgb(post[1]), exp, index=1, method="gradcam", dpi=30)
