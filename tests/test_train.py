@@ -201,7 +201,9 @@ def test_a_failed_run_is_a_failed_wandb_run(tmp_path, tiny_synthetic):
     assert exit_code(offline) == 1
 
 
-def test_checkpoint_is_weights_only_loadable_and_train_false_scores_it(tmp_path, tiny_synthetic):
+def test_checkpoint_is_weights_only_loadable_and_train_false_scores_it(
+    tmp_path, tiny_synthetic, caplog
+):
     overrides = [
         "experiment=quickstart",
         "trainer.max_epochs=1",
@@ -214,11 +216,23 @@ def test_checkpoint_is_weights_only_loadable_and_train_false_scores_it(tmp_path,
     ckpt = torch.load(best, weights_only=True, map_location="cpu")
     assert ckpt["net_config"]["_target_"] == "changecam.models.siamese_unet.SiameseUNet"
     assert ckpt["net_config"]["base_channels"] == 4
-    # train=false with ckpt_path: that checkpoint's scores, not the initial weights'
+    # train=false with ckpt_path: that checkpoint's scores, not the initial weights', with the
+    # loss, pos_weight and threshold it was trained and scored with (Lightning restores only
+    # the weights: the config's were used, helper-147)
+    other = ["module.threshold=0.9", "module.loss=dice", "module.pos_weight=null"]
     scored = train(
-        compose_train(tmp_path / "score", [*overrides, "train=false", f"ckpt_path={best}"])
+        compose_train(tmp_path / "score", [*overrides, *other, "train=false", f"ckpt_path={best}"])
     )
     assert scored == trained
+    for used, ignored in (
+        ("threshold=0.5", "0.9"),
+        ("loss=bce_dice", "dice"),
+        ("pos_weight=20", "None"),
+    ):
+        assert (
+            f"with its module.{used}, as it was trained and scored (module.{used.split('=')[0]}={ignored} is not used"
+            in caplog.text
+        )
     initial = train(compose_train(tmp_path / "initial", [*overrides, "train=false"]))
     assert initial["val/loss"] != trained["val/loss"]
 

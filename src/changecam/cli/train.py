@@ -75,6 +75,33 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return ckpt_path
 
 
+SCORED_WITH = ("loss", "pos_weight", "threshold")  # the module settings behind a run's scores
+
+
+def score_as_trained(cfg: DictConfig, path: str) -> None:
+    """``train=false ckpt_path=<file>``: score the checkpoint with the ``module.loss``,
+    ``module.pos_weight`` and ``module.threshold`` it was trained and scored with (as eval.py
+    does), set in ``cfg.module`` so that the CAM panels' threshold follows. Lightning restores
+    only the weights; the config's values would score it otherwise than its own run did.
+    A config value that differs is warned about and not used."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    recorded = ckpt.get("hyper_parameters") or {}
+    for key in SCORED_WITH:
+        if key not in recorded or cfg.module.get(key) == recorded[key]:
+            continue
+        log.warning(
+            "train=false scores %s with its module.%s=%s, as it was trained and scored "
+            "(module.%s=%s is not used%s)",
+            path,
+            key,
+            recorded[key],
+            key,
+            cfg.module.get(key),
+            "; eval.py threshold=<value> scores it at another" if key == "threshold" else "",
+        )
+        cfg.module[key] = recorded[key]
+
+
 def run_splits(cfg: DictConfig) -> list[str]:
     """The data splits a run uses: train (if it fits), val, and test (if it tests)."""
     return [*(["train"] if cfg.get("train") else []), "val", *(["test"] if cfg.get("test") else [])]
@@ -288,6 +315,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = instantiate_refusing(cfg.data, splits=run_splits(cfg))
     net = instantiate_refusing(cfg.model)
     ckpt_path = checked_resume_path(cfg, net, output_dir)
+    if ckpt_path is not None and not cfg.get("train"):
+        score_as_trained(cfg, ckpt_path)
     # a checkpoint to go on from (or to score) continues the folder's CAM panels and W&B run
     resumes = ckpt_path is not None
     # every split the run uses, before any logger starts a run: a bad test list or image fails
