@@ -973,3 +973,26 @@ def test_a_run_validating_every_so_much_time_trains(tmp_path, tiny_synthetic):
     timed = [*resume_overrides(tiny_synthetic, 1), "+trainer.val_check_interval='00:00:10:00'"]
     metrics = train(compose_train(tmp_path, [*timed, "logger=none", "test=false"]))
     assert "val/f1" in metrics
+
+
+def test_a_run_max_steps_stopped_inside_an_epoch_resumes_with_the_metrics_of_an_uninterrupted_one(
+    tmp_path, tiny_synthetic
+):
+    """trainer.max_steps that ends a fit inside an epoch logs that partial epoch's
+    train/loss_epoch; the run resumed without it logs the whole epoch's at the epoch's end, so
+    the partial row goes: metrics.csv as an uninterrupted run's (helper-147: both were kept)."""
+    base = [
+        *resume_overrides(tiny_synthetic, EPOCHS),
+        "+trainer.val_check_interval=0.5",  # 4 batches: validations after batches 1 and 3
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+    ]
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    train(compose_train(full, base))
+    train(compose_train(stopped, [*base, "+trainer.max_steps=6"]))  # epoch 1, batch 2
+    partial = [row for row in csv_layout(stopped / "run") if "train/loss_epoch" in row[2]]
+    assert [row[:2] for row in partial] == [("0", "3")]  # not epoch 1's first half
+    train(compose_train(stopped, [*base, "ckpt_path=last"]))
+    metrics = "run/csv/metrics.csv"
+    assert (stopped / metrics).read_text() == (full / metrics).read_text()
