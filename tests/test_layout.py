@@ -142,6 +142,25 @@ def test_a_missing_optional_label_leaves_its_pair_unlabelled(tmp_path, caplog):
         pair_folder(tmp_path)  # a training set's labels are not optional
 
 
+def test_images_in_formats_changecam_does_not_read_are_named(tmp_path, caplog):
+    """A folder's WebP or JPEG 2000 pairs were left out without a word (helper-148); side-car
+    files (GDAL's .aux.xml, world files) and hidden files are not images and stay unnamed."""
+    img = np.zeros((8, 8, 3), np.uint8)
+    for sub in ("A", "B"):
+        write_png(tmp_path / sub / "x.png", img)
+        for name in ("y.webp", "z.JP2", "x.png.aux.xml", "x.tfw", ".w.webp"):
+            (tmp_path / sub / name).write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        (x,) = pair_folder(tmp_path, require_label=False)
+    assert x.name == "x"
+    for sub in ("A", "B"):
+        assert (
+            f"2 file(s) in {tmp_path / sub} are not read, as their format is not one of .png, "
+            ".jpg, .jpeg, .tif, .tiff, .bmp (convert them to one of those): y.webp, z.JP2"
+        ) in caplog.text
+    assert caplog.text.count("are not read") == 2
+
+
 def test_committed_fixture_is_small_and_in_the_real_format(levir256_tiny):
     files = sorted(p for p in levir256_tiny.rglob("*") if p.is_file())
     assert sum(p.stat().st_size for p in files) < 256 * 1024

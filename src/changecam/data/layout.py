@@ -26,6 +26,12 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".b
 # predict.py's inputs may also be GDAL VRTs (its scene path reads them; explain.py does not)
 INPUT_SUFFIXES: tuple[str, ...] = (*IMAGE_SUFFIXES, ".vrt")
 
+# formats a reader could take for images that changecam does not read: named, not skipped silently
+OTHER_IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    (".webp", ".jp2", ".j2k", ".jpe", ".jfif", ".gif", ".pbm", ".pgm", ".ppm", ".pnm", ".pxm")
+    + (".exr", ".hdr", ".pic", ".ras", ".sr", ".avif", ".heic", ".img", ".tga", ".vrt")
+)
+
 LEVIR_HELP = (
     "Expected either the official LEVIR-CD layout <root>/{train,val,test}/{A,B,label}/*.png "
     "or the flat LEVIR-CD-256 layout <root>/{A,B,label}/*.png with <root>/list/{train,val,test}.txt. "
@@ -70,8 +76,11 @@ def _images(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
     if not folder.is_dir():
         raise LayoutError(f"missing folder {folder}")
     found: dict[str, Path] = {}
+    other: list[str] = []
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in suffixes:
+            if path.suffix.lower() in OTHER_IMAGE_SUFFIXES and not path.name.startswith("."):
+                other.append(path.name)
             continue
         if path.stem in found:
             raise LayoutError(
@@ -79,6 +88,15 @@ def _images(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
                 "up by that name, so keep one file per name in each folder"
             )
         found[path.stem] = path
+    if other:
+        log.warning(
+            "%d file(s) in %s are not read, as their format is not one of %s (convert them to "
+            "one of those): %s",
+            len(other),
+            folder,
+            ", ".join(suffixes),
+            ", ".join(other[:10]) + (" ..." if len(other) > 10 else ""),
+        )
     return found
 
 
