@@ -642,6 +642,33 @@ def test_a_resume_predicts_a_pair_again_when_its_files_changed(tmp_path, ckpt, p
     assert set(outputs(run)) == expected | {LOG_FILE, REPORT_FILE}, "c's old files are gone"
 
 
+def test_a_resume_through_another_path_to_the_same_files_predicts_nothing_again(
+    tmp_path, ckpt, pairs, monkeypatch, caplog
+):
+    """The same folder given through a symlink or relative to the working folder is the same
+    input: every pair was predicted again, logged as changed (helper-148)."""
+    run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN])
+    linked = tmp_path / "linked"
+    linked.symlink_to(pairs)
+    monkeypatch.chdir(pairs.parent)
+    computed = count_pairs(monkeypatch)
+    for given in (linked, Path(pairs.name)):
+        with caplog.at_level("INFO"):
+            report = run_predict(
+                tmp_path,
+                [f"ckpt_path={ckpt}", f"input.dir={given}", *NO_EXPLAIN, "predict.resume=true"],
+            )
+        assert computed == [] and len(report["pairs"]) == 3
+    assert "input files changed" not in caplog.text
+    # another folder of the same names is another input
+    other = tmp_path / "other"
+    shutil.copytree(pairs, other)
+    run_predict(
+        tmp_path, [f"ckpt_path={ckpt}", f"input.dir={other}", *NO_EXPLAIN, "predict.resume=true"]
+    )
+    assert computed == ["a", "b", "c"]
+
+
 def test_a_resume_follows_a_pairs_last_log_line(tmp_path, ckpt, pairs, monkeypatch):
     """A pair predicted again has two done lines: the last one counts, and when its files are
     not all there the pair is predicted again, never taken from the earlier line."""

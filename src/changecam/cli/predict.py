@@ -339,6 +339,23 @@ def pair_inputs(pair: Triplet) -> dict[str, str | None]:
     }
 
 
+def same_inputs(logged: Any, pair: Triplet) -> bool:
+    """Whether a logged pair's ``inputs`` are ``pair``'s files: the same files by another path
+    (relative or absolute, through a symlinked folder) are (their stamps tell a change)."""
+    if not isinstance(logged, dict):
+        return False
+    now = pair_inputs(pair)
+    if set(logged) != set(now):
+        return False
+
+    def where(value: Any) -> Path | None:
+        return Path(value).resolve() if isinstance(value, str) else None
+
+    return all(
+        where(logged[k]) == where(now[k]) and (logged[k] is None) == (now[k] is None) for k in now
+    )
+
+
 def input_stamps(pair: Triplet) -> dict[str, list[int] | None]:
     """Size and modification and change times of each input file: a resume predicts a pair
     again when one of its files was replaced since it was logged (also by one of the same size
@@ -556,7 +573,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         stamps = input_stamps(pair)
         if (
             earlier is not None
-            and earlier["pair"].get("inputs") == pair_inputs(pair)
+            and same_inputs(earlier["pair"].get("inputs"), pair)
             and earlier.get("stamps") == stamps
         ):
             rows.append(earlier["pair"])
