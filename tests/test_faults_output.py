@@ -15,6 +15,7 @@ import fnmatch
 import io
 import json
 import logging
+import logging.config
 import math
 import os
 import queue
@@ -28,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import changecam.atomic
 import changecam.cli.predict as predict_module
@@ -44,6 +46,7 @@ from changecam.atomic import (
     write_json,
     write_text,
 )
+from changecam.cli.common import compose_config
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.predict import LOG_FILE, REPORT_FILE, PredictionError, predict
 from changecam.cli.train import train
@@ -331,6 +334,28 @@ def test_only_changecams_stale_temporaries_are_removed(tmp_path):
     assert sorted(removed) == sorted(tmp_path / n for n, gone in files.items() if gone)
     for name, gone in files.items():
         assert (tmp_path / name).exists() != gone, name
+
+
+def test_file_names_that_are_not_utf8_are_written_and_logged(tmp_path):
+    """Linux file names are bytes: a Latin-1 name in eval.py's per_image.csv failed the write
+    after the whole split was scored (no metrics.json either), and the log file lost its lines
+    (helper-148). Text files hold the name's bytes; the log file escapes them."""
+    name = os.fsdecode(b"caf\xe9")
+    write_text(tmp_path / "per_image.csv", f"name\n{name}_0000_0000\n")
+    assert (tmp_path / "per_image.csv").read_bytes() == b"name\ncaf\xe9_0000_0000\n"
+    cfg = compose_config("eval", [], tmp_path)
+    spec = OmegaConf.to_container(cfg.hydra.job_logging.handlers.file, resolve=False)
+    spec.pop("formatter")
+    spec["filename"] = str(tmp_path / "eval.log")
+    handler = logging.config.DictConfigurator({}).configure_handler(spec)
+    logger = logging.getLogger("changecam.test_non_utf8")
+    logger.addHandler(handler)
+    try:
+        logger.warning("pair %s: faithfulness gap 0.1", name)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert (tmp_path / "eval.log").read_text() == "pair caf\\udce9: faithfulness gap 0.1\n"
 
 
 # --- predict: killed and full-disk runs ---------------------------------------------------

@@ -445,6 +445,22 @@ def test_corrupt_and_truncated_tiffs(net, images, tmp_path):
     refused(net, tmp_path, pre, cut, r"cut.tif is truncated .*tile \(\d+, \d+\) ends at byte")
 
 
+def test_a_scene_whose_name_is_not_utf8_is_refused_naming_it(net, images, tmp_path):
+    """GDAL takes UTF-8 paths only: a Latin-1 file name raised a UnicodeEncodeError no run
+    caught, which stopped a folder's other scenes too (helper-148)."""
+    pre = write_scene(tmp_path / "pre.tif", images[0])
+    post = write_scene(tmp_path / "post.tif", images[1]).rename(
+        tmp_path / os.fsdecode(b"caf\xe9.tif")
+    )
+    refused(
+        net,
+        tmp_path,
+        pre,
+        post,
+        r"'.*caf\\udce9.tif' cannot be opened: its path is not valid UTF-8",
+    )
+
+
 def test_a_tiff_cut_in_its_mask_directory_is_named_as_it_is_opened(net, images, tmp_path):
     """Every image tile whole, the internal mask's directory cut off: GDAL opens the file and
     failed only when it read the mask, with an error no run caught (helper-71)."""

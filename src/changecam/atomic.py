@@ -219,6 +219,11 @@ def _make_parent(path: Path) -> None:
         raise full from err
 
 
+# text files name input files, whose names on Linux are bytes: a name that is not UTF-8 is
+# written as those bytes (Python holds them as surrogates), not refused after the work is done
+TEXT_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path`` for writing; on success it replaces ``path``.
@@ -240,7 +245,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     tmp = temporary_path(path)
     exclusive = mode.replace("w", "x")  # never write into another writer's file
     try:
-        with open(tmp, exclusive, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with open(tmp, exclusive, **({} if "b" in mode else TEXT_ENCODING)) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

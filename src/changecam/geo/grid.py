@@ -108,6 +108,11 @@ def open_raster(path: str | Path, stack: ExitStack) -> Any:
         raise SceneError(
             f"{path} cannot be read as a GeoTIFF (corrupt or truncated?): {err}"
         ) from err
+    except UnicodeError as err:  # GDAL takes UTF-8 paths only
+        raise SceneError(
+            f"{str(path)!r} cannot be opened: its path is not valid UTF-8, which GDAL needs; "
+            "rename it"
+        ) from err
     check_opened_complete(dataset, path)
     large = []
     for source in vrt_sources(path):
