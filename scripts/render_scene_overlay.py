@@ -43,15 +43,16 @@ def decimated(path: Path, side: int, resampling: Resampling) -> tuple[np.ndarray
         return data, (b.left, b.right, b.bottom, b.top)
 
 
-def displayable(image: np.ndarray) -> np.ndarray:
+def displayable(image: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
     """``C x h x w`` as uint8 for ``imshow``: 8-bit data as it is, other data stretched band by
-    band from its 2nd to its 98th percentile of finite values (as ``input.scale=percentile``
-    does), which matplotlib would otherwise clip to white."""
+    band from its 2nd to its 98th percentile of the finite values of valid pixels (``valid``,
+    ``h x w``; as ``input.scale=percentile`` does: nodata takes no part), which matplotlib would
+    otherwise clip to white."""
     if image.dtype == np.uint8:
         return image
     out = np.zeros(image.shape, np.uint8)
     for band, values in enumerate(image.astype(np.float64)):
-        finite = values[np.isfinite(values)]
+        finite = values[np.isfinite(values) & (True if valid is None else valid)]
         if finite.size == 0:
             continue
         low, high = np.percentile(finite, (2, 98))
@@ -68,11 +69,16 @@ def render(scene: Path, out: Path, side: int = 1024) -> Path:
     # the post scene on the outputs' grid (reprojected like predict.py read it); the inputs
     # may have no overviews: decimated_sample reads them in strips
     with open_pair(summary["pre"], summary["post"]) as pair:
-        post = decimated_sample(pair.post, summary["bands"][:3])[0]
+        post, valid = decimated_sample(pair.post, summary["bands"][:3])
     step = max(1, -(-max(post.shape[1:]) // side))  # at most `side` px a side, as the rasters
-    post = displayable(post[:, ::step, ::step])
+    post = displayable(post[:, ::step, ::step], valid[::step, ::step])
     change, extent = decimated(scene / "change.tif", side, Resampling.nearest)
-    features = json.loads((scene / "change.geojson").read_text())["features"]
+    polygons_file = summary["files"].get("polygons")  # none with predict.polygons=false
+    features = (
+        json.loads((scene / polygons_file).read_text())["features"]
+        if polygons_file is not None
+        else None
+    )
     fig, axes = plt.subplots(1, 2, figsize=(12, 6.4), dpi=110)
     rgb = np.moveaxis(post[:3], 0, -1)
     for ax in axes:
@@ -86,7 +92,7 @@ def render(scene: Path, out: Path, side: int = 1024) -> Path:
     axes[0].imshow(overlay, extent=extent)
     axes[0].set_title("change.tif over the post scene (cyan: change, grey: nodata)")
     patches = []
-    for feature in features:
+    for feature in features or ():
         geometry = feature["geometry"]
         polygons = (
             [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
@@ -97,7 +103,11 @@ def render(scene: Path, out: Path, side: int = 1024) -> Path:
     )
     axes[1].set_xlim(extent[0], extent[1])
     axes[1].set_ylim(extent[2], extent[3])
-    axes[1].set_title(f"change.geojson: {len(features)} polygons")
+    axes[1].set_title(
+        f"{polygons_file}: {len(features)} polygons"
+        if features is not None
+        else "no polygons (predict.polygons=false)"
+    )
     fig.suptitle(
         f"{summary['name']}: {summary['size'][1]}x{summary['size'][0]} px, "
         f"{summary['changed_fraction']:.1%} changed"
@@ -131,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "scene_overlay.png")
     parser.add_argument("overrides", nargs="*", default=[], help="predict.py overrides (--demo)")
     args = parser.parse_args(argv)
+    if args.side < 1 or args.size < 1:
+        parser.error(f"--side ({args.side}) and --size ({args.size}) must be at least 1")
     if args.demo and args.scene is not None:  # argparse gave the first override to `scene`
         args.overrides, args.scene = [str(args.scene), *args.overrides], None
     if args.demo:
@@ -143,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.scene is None:
         parser.error("give a scene folder or --demo")
+    if args.overrides:
+        parser.error(f"predict.py overrides ({' '.join(args.overrides)}) are only read with --demo")
     print(render(args.scene, args.out, args.side))
 
 

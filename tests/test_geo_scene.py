@@ -994,25 +994,40 @@ def test_a_folder_of_scene_pairs_batches_windows_and_shows_progress(
     assert "scene east" in err and "scene west" in err
 
 
-def test_the_overlay_figure_renders_a_predicted_scene(tmp_path, ckpt, pair, threshold):
+def test_the_overlay_figure_renders_a_predicted_scene(tmp_path, ckpt, pair, threshold, monkeypatch):
     import importlib.util
 
     from PIL import Image
 
     from helpers import REPO
 
-    run_scene(tmp_path, ckpt, *pair, f"threshold={threshold}", "explain.enabled=false")
     spec = importlib.util.spec_from_file_location(
         "render_scene_overlay", REPO / "scripts" / "render_scene_overlay.py"
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = module.render(tmp_path / "run" / "pre", tmp_path / "overlay.png", side=128)
-    with Image.open(out) as image:
-        width, height = image.size
-        pixels = np.asarray(image.convert("RGB"))
-    assert width > height > 300
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # the scene, not a blank plot
+    # from another working folder than predict.py's, of inputs given relative to its own, and
+    # without polygons (predict.polygons=false): both failed (helper-146)
+    monkeypatch.chdir(pair[0].parent)
+    relative = [Path(p.name) for p in pair]
+    for polygons in ("true", "false"):
+        run = tmp_path / polygons
+        run_scene(
+            run,
+            ckpt,
+            *relative,
+            f"threshold={threshold}",
+            "explain.enabled=false",
+            f"predict.polygons={polygons}",
+        )
+        monkeypatch.chdir(tmp_path)
+        out = module.render(run / "run" / "pre", run / "overlay.png", side=128)
+        with Image.open(out) as image:
+            width, height = image.size
+            pixels = np.asarray(image.convert("RGB"))
+        assert width > height > 300
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100  # the scene, not blank
+        monkeypatch.chdir(pair[0].parent)
 
 
 def test_the_overlay_script_draws_any_data_type_and_passes_every_override(monkeypatch):
@@ -1033,6 +1048,15 @@ def test_the_overlay_script_draws_any_data_type_and_passes_every_override(monkey
     assert 0.3 < (shown > 127).mean() < 0.7
     eight = np.arange(60, dtype=np.uint8).reshape(3, 4, 5)
     assert module.displayable(eight) is eight
+    # nodata (65535 here) takes no part in the stretch: the valid pixels were drawn 0..8
+    valid = np.ones((40, 50), bool)
+    valid[:, :20] = False
+    holed = np.where(valid, wide, 65535).astype(np.uint16)
+    shown = module.displayable(holed, valid)[:, valid]
+    assert shown.min() == 0 and shown.max() == 255 and 0.3 < (shown > 127).mean() < 0.7
+    for bad in (["--side", "0", "scene"], ["scene", "threshold=0.9"]):
+        with pytest.raises(SystemExit):
+            module.main(bad)  # --side 0 divided by zero; overrides without --demo were ignored
     seen = {}
     monkeypatch.setattr(
         module, "demo", lambda ckpt, size, work, overrides: seen.update(o=overrides)

@@ -980,8 +980,9 @@ def _predict_scene(
     summary = strict_json(
         {
             "name": name or pre_path.stem,
-            "pre": str(pre_path),
-            "post": str(post_path),
+            # absolute: the record is read from anywhere (scripts/render_scene_overlay.py)
+            "pre": str(Path(pre_path).absolute()),
+            "post": str(Path(post_path).absolute()),
             "crs": grid.crs.to_string() if grid.crs else None,
             "transform": list(grid.transform)[:6],
             "size": [grid.height, grid.width],
