@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic-256", type=int, default=48, help="synthetic 256² pairs")
     parser.add_argument("--synthetic-1024", type=int, default=6, help="synthetic 1024² pairs")
     args = parser.parse_args(argv)
+    for flag, count in (
+        ("--synthetic-256", args.synthetic_256),
+        ("--synthetic-1024", args.synthetic_1024),
+    ):
+        if count < 1:  # an empty set has no statistics (it failed after the real sets' minutes)
+            parser.error(f"{flag} must be at least 1, not {count}")
     sets = {
         "real_256": set_statistics(real_pairs(args.real_256)),
         "real_1024": set_statistics(real_pairs(args.real_1024)),

@@ -433,3 +433,19 @@ def test_a_negative_split_count_is_refused_naming_the_key(split):
     with pytest.raises(ValueError, match=rf"data.synthetic.{split}=-3 must be a whole number"):
         SyntheticSpec(**{split: -3})
     assert getattr(SyntheticSpec(**{split: 0}), split) == 0  # a split none is written for
+
+
+def test_real_stats_refuses_an_empty_synthetic_set_before_any_work():
+    """scripts/real_stats.py --synthetic-256 0 failed on an empty minimum after the real
+    sets' statistics were computed (helper-146)."""
+    import importlib.util
+
+    from helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("real_stats", REPO / "scripts" / "real_stats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.set_statistics = lambda pairs: pytest.fail("statistics computed before the refusal")
+    for flag in ("--synthetic-256", "--synthetic-1024"):
+        with pytest.raises(SystemExit):
+            module.main([flag, "0"])
