@@ -31,6 +31,8 @@ from changecam.cli.predict import predict, read_probability
 from changecam.cli.scenes import SceneFailure
 from changecam.data.io import write_png
 from changecam.data.transforms import image_to_tensor
+from changecam.explain import explain_batch
+from changecam.explain.targets import Target
 from changecam.geo import SceneError
 from changecam.geo.grid import open_pair
 from changecam.models.sliding_window import SlidingWindow, sliding_window_logits
@@ -796,6 +798,22 @@ def test_a_trained_unet_predicts_and_explains_a_scene_like_its_whole_image(
     np.testing.assert_allclose(got, expected[0, 0].numpy(), atol=0.5 / 65535 + 1e-6)
     explanation = read_band(folder / "explanation.tif", None)
     assert np.isfinite(explanation[:2]).all() and np.abs(explanation[:2]).max() > 0
+    # each window's HiResCAM of its own predicted change (explain_batch, checked against
+    # captum elsewhere), blended like the logits by the whole-image sliding window: a wrong
+    # sign, a swap of the dates or another target passed the check above (helper-144)
+    target = Target("predicted", threshold=report["threshold"])
+
+    class Explained(torch.nn.Module):
+        size_multiple = net.size_multiple
+
+        def forward(self, pre, post):
+            exp = explain_batch(net, pre, post, taps=["enc2"], target=target, methods=["hirescam"])
+            maps = [exp.map(f"{d}/enc2", "hirescam", upsampled=True) for d in ("pre", "post")]
+            return torch.stack(maps, dim=1)
+
+    expected = sliding_window_logits(Explained(), x_pre, x_post, SlidingWindow(window=32))[0]
+    assert expected.abs().max() > 0
+    np.testing.assert_allclose(explanation[:2], expected.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_a_contrastive_explanation_splits_difference_evidence_evenly(
