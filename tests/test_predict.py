@@ -243,6 +243,9 @@ def test_bad_inputs_fail_before_any_work(tmp_path, ckpt):
             tmp_path,
             [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}", "sliding_window.window=30"],
         )
+    run = tmp_path / "run"
+    written = sorted(p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file())
+    assert [p for p in written if not p.startswith(".hydra/")] == []
 
 
 def test_an_explanation_target_no_pair_can_meet_is_refused_before_any_pair(tmp_path, ckpt):
