@@ -229,7 +229,9 @@ class BIT(ChangeNetwork):
     Unlike the authors' two-class output (softmax / cross-entropy), the head ends in **one logit
     channel** (no sigmoid), as every changecam network does. Input sides must be multiples of
     8 (:attr:`size_multiple`). With the defaults this is the authors' ``BIT_S4``
-    (``base_transformer_pos_s4_dd8``): 3.55 M parameters.
+    (``base_transformer_pos_s4_dd8``): 3,495,489 parameters (the paper gives 3.55 M; the
+    authors' code, counting the modules its forward uses, 3,495,778: 289 more for the two-class
+    head).
 
     Per date ``d`` (the trunk, projection, tokenizer and decoder are shared by both dates):
     ``features = conv_pred(up2(layer3(layer2(layer1(pool(stem(x)))))))`` (B×dim×H/4×W/4);
