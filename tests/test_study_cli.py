@@ -93,7 +93,7 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
         ("study.bootstrap=10.5", "study.bootstrap=10.5 must be a whole number"),
         ("study.pass_spearman=true", "study.pass_spearman=True must be a number"),
         ("study.data={tmp}/absent", "study.data=.*absent is not a folder"),
-        ("study.data={tmp}/empty", "empty"),
+        ("study.data={tmp}/vacant", r"dataset root .*vacant holds neither known layout"),
         ("+study.max_objects.unet=2", "study.max_objects.unet: no model of this study"),
         # helper-119: refused after the earlier results were removed
         ("device=bogus", "device='bogus' is not a device"),
@@ -107,7 +107,7 @@ def test_bad_study_settings_leave_an_earlier_studys_results(
     from changecam.cli.study import study
     from test_checkpoint import make_lightning_checkpoint
 
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "vacant").mkdir()
     override = override.format(tmp=tmp_path)
     good = make_lightning_checkpoint(tmp_path / "good" / "best.ckpt", tiny_synthetic, steps=1)
     earlier = {"study.json": "{}", "report.md": "# an earlier study"}
