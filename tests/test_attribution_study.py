@@ -280,12 +280,23 @@ def test_a_padded_windows_post_share_is_over_the_window_only(monkeypatch):
     torch.manual_seed(0)
     net = SiameseUNet(3, 4, 2).eval()
     windows: list[float] = []
+    padded: list[float] = []  # with the padding's evidence: must differ, or nothing is shown
     score_pass = study_module._score_pass
 
     def spy(model, batch, settings, records, model_records):
         exp, (h, w) = batch.explanation, batch.size
         assert tuple(exp.input_size) == (20, 20) and (h, w) == (18, 18)
-        windows.extend(exp.crop(h, w).post_share("enc2", "hirescam").tolist())
+        # by hand from the uncropped maps: enc2's cells that cover the 18 px window (9 of 10)
+        pre, post = (exp.raw["hirescam"][f"{d}/enc2"].clamp(min=0) for d in ("pre", "post"))
+        rows, cols = (
+            -(-n * size // full)
+            for n, size, full in zip((h, w), pre.shape[-2:], (20, 20), strict=True)
+        )
+        assert (rows, cols) == (9, 9)
+        inside = [m[..., :rows, :cols].flatten(1).sum(1).double() for m in (pre, post)]
+        everywhere = [m.flatten(1).sum(1).double() for m in (pre, post)]
+        windows.extend((inside[1] / (inside[0] + inside[1])).tolist())
+        padded.extend((everywhere[1] / (everywhere[0] + everywhere[1])).tolist())
         return score_pass(model, batch, settings, records, model_records)
 
     monkeypatch.setattr(study_module, "_score_pass", spy)
@@ -295,6 +306,8 @@ def test_a_padded_windows_post_share_is_over_the_window_only(monkeypatch):
     assert defined and result["results"]["hirescam"]["enc2"]["post_share"]["mean"] == (
         pytest.approx(float(np.mean(defined)), abs=1e-6)
     )
+    with_padding = [v for v in padded if not math.isnan(v)]
+    assert float(np.mean(with_padding)) != pytest.approx(float(np.mean(defined)), abs=1e-4)
 
 
 def test_max_objects_counts_objects_past_images_without_change():
