@@ -328,10 +328,25 @@ def test_the_reader_refuses_damaged_files_naming_them(tmp_path, name, damage, re
 
 
 @pytest.mark.parametrize("name", ["cut.jpg", "cut.png", "cut.tif", "cut.bmp"])
-def test_headers_alone_see_a_cut_file(tmp_path, name):
+def test_headers_alone_see_a_cut_file(tmp_path, name, monkeypatch):
+    """The header check decodes no pixels of a whole file, and only a file its structure
+    shows cut short is handed to the decoder (a check that decoded every file passed,
+    helper-151)."""
+    import changecam.data.io as io_module
+
+    decoded = []
+    real_decode = io_module._decode
+    monkeypatch.setattr(
+        io_module,
+        "_decode",
+        lambda path, *a, **k: decoded.append(path) or real_decode(path, *a, **k),
+    )
+    whole = write_rgb(tmp_path / f"whole_{name}", size=128)
+    assert read_header(whole).width == 128 and decoded == []
     path = cut(write_rgb(tmp_path / name, size=128))
     with pytest.raises(ImageReadError, match=str(path)):
         read_header(path)
+    assert decoded == [path]
 
 
 def test_jpeg_pixels_are_those_opencv_decodes(tmp_path):
