@@ -979,8 +979,9 @@ def test_a_run_max_steps_stopped_inside_an_epoch_resumes_with_the_metrics_of_an_
     tmp_path, tiny_synthetic
 ):
     """trainer.max_steps that ends a fit inside an epoch logs that partial epoch's
-    train/loss_epoch; the run resumed without it logs the whole epoch's at the epoch's end, so
-    the partial row goes: metrics.csv as an uninterrupted run's (helper-147: both were kept)."""
+    train/loss_epoch; resumed from a checkpoint a validation saved at that step (inside the
+    epoch), the run logs the whole epoch's at the epoch's end, so the partial value goes:
+    metrics.csv as an uninterrupted run's (helper-147: both were kept)."""
     base = [
         *resume_overrides(tiny_synthetic, EPOCHS),
         "+trainer.val_check_interval=0.5",  # 4 batches: validations after batches 1 and 3
@@ -992,7 +993,38 @@ def test_a_run_max_steps_stopped_inside_an_epoch_resumes_with_the_metrics_of_an_
     train(compose_train(full, base))
     train(compose_train(stopped, [*base, "+trainer.max_steps=6"]))  # epoch 1, batch 2
     partial = [row for row in csv_layout(stopped / "run") if "train/loss_epoch" in row[2]]
-    assert [row[:2] for row in partial] == [("0", "3")]  # not epoch 1's first half
+    assert [row[:2] for row in partial] == [("0", "3"), ("1", "5")]  # epoch 1: its first half
     train(compose_train(stopped, [*base, "ckpt_path=last"]))
     metrics = "run/csv/metrics.csv"
     assert (stopped / metrics).read_text() == (full / metrics).read_text()
+
+
+def test_a_checkpoint_max_steps_wrote_at_a_cut_epochs_end_is_resumed_with_a_warning(
+    tmp_path, tiny_synthetic, caplog
+):
+    """Without a validation at the stop, last.ckpt is written by the cut epoch's end: Lightning
+    resumes it with the next epoch, the rest of the cut one untrained (helper-149). Said at
+    the resume; the partial epoch's train/loss_epoch, the mean of the batches it trained,
+    stays. A checkpoint of a whole epoch is not warned about."""
+    from changecam.cli.train import cut_epoch
+
+    base = [
+        *resume_overrides(tiny_synthetic, 3),
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+    ]
+    stopped = tmp_path / "stopped"
+    train(compose_train(stopped, [*base, "+trainer.max_steps=6"]))  # epoch 1, batch 2 of 4
+    last = stopped / "run/checkpoints/last.ckpt"
+    assert cut_epoch(last) == (1, 2)
+    with caplog.at_level("WARNING"):
+        train(compose_train(stopped, [*base, "ckpt_path=last"]))
+    assert (
+        "was saved when trainer.max_steps ended the fit after 2 batch(es) of epoch 1: Lightning "
+        "counts that epoch as trained and goes on with epoch 2, so the rest of epoch 1 is not "
+        "trained"
+    ) in caplog.text
+    rows = [row[:2] for row in csv_layout(stopped / "run") if "train/loss_epoch" in row[2]]
+    assert rows == [("0", "3"), ("1", "5"), ("2", "9")]
+    assert cut_epoch(last) is None  # the resumed run ended with a whole epoch

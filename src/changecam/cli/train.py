@@ -143,7 +143,35 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
                 "trainer.max_steps (trainer.max_epochs ends the run), or from a checkpoint saved "
                 "inside an epoch"
             )
+    cut = cut_epoch(path)
+    if cfg.get("train") and max_steps in (None, -1) and cut is not None:
+        log.warning(
+            "%s was saved when trainer.max_steps ended the fit after %d batch(es) of epoch %d: "
+            "Lightning counts that epoch as trained and goes on with epoch %d, so the rest of "
+            "epoch %d is not trained (the run differs from one never stopped)",
+            path,
+            cut[1],
+            cut[0],
+            cut[0] + 1,
+            cut[0],
+        )
     return path
+
+
+def cut_epoch(path: str | Path) -> tuple[int, int] | None:
+    """``(epoch, batches trained in it)`` of a checkpoint saved when ``trainer.max_steps`` ended
+    a fit before the epoch's last batch (its fit loop counts the epoch processed, its batch
+    loop did not reach the last batch); ``None`` otherwise."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    fit_loop = ckpt.get("loops", {}).get("fit_loop", {})
+    total = fit_loop.get("epoch_progress", {}).get("total", {})
+    batches = fit_loop.get("epoch_loop.batch_progress", {})
+    if not isinstance(total.get("processed"), int) or batches.get("is_last_batch") is not False:
+        return None
+    if total["processed"] != total.get("completed", -1) + 1:
+        return None
+    trained = batches.get("current", {}).get("processed")
+    return int(ckpt.get("epoch", 0)), int(trained) if isinstance(trained, int) else 0
 
 
 def epoch_to_go_on_from(

@@ -41,6 +41,36 @@ def resumed_step(ckpt_path: str | Path) -> int:
     return global_step if stepped is None else min(global_step, int(stepped) + 1)
 
 
+def redone_epoch(ckpt_path: str | Path) -> int | None:
+    """The epoch a run resumed from ``ckpt_path`` finishes again: the checkpoint's own when it
+    was saved inside that epoch (by a validation there), whose end the resumed run logs;
+    ``None`` for one saved at an epoch's end (or without loop state)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    total = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
+    if not isinstance(total.get("processed"), int) or total.get("processed") != total.get(
+        "completed"
+    ):
+        return None
+    return int(ckpt.get("epoch", 0))
+
+
+def _without_epoch_means(rows: list[dict[str, str]], epoch: int) -> list[dict[str, str]]:
+    """``rows`` without the ``train/*_epoch`` values logged in ``epoch``: a fit that
+    ``trainer.max_steps`` ended inside it logged the mean of its first batches, and the run
+    resumed inside it logs the whole epoch's. Rows left without any value go."""
+    kept = []
+    for row in rows:
+        if row.get("epoch") == str(epoch):
+            row = {
+                k: ("" if k.startswith("train/") and k.endswith("_epoch") else v)
+                for k, v in row.items()
+            }
+            if not any(v for k, v in row.items() if k not in ("step", "epoch")):
+                continue
+        kept.append(row)
+    return kept
+
+
 def _complete_rows(text: str) -> tuple[list[str], list[dict[str, str]]]:
     """The header and the complete rows of a ``metrics.csv``: a last line without its line end,
     or any row with fewer or more fields than the header, was cut short by a kill."""
@@ -87,8 +117,8 @@ class _HistoryKeepingWriter(ExperimentWriter):
     appends to them; rows from after the checkpoint (logged before a kill, or the scores a
     finished run added at its end) are dropped, as the resumed run logs them again."""
 
-    def __init__(self, log_dir: str, keep_before: float) -> None:
-        self._keep_before = keep_before
+    def __init__(self, log_dir: str, keep_before: float, redone: int | None = None) -> None:
+        self._keep_before, self._redone = keep_before, redone
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
@@ -101,6 +131,8 @@ class _HistoryKeepingWriter(ExperimentWriter):
             path.unlink()
             return
         rows = rows if math.isinf(self._keep_before) else _history(rows, self._keep_before)
+        if self._redone is not None:
+            rows = _without_epoch_means(rows, self._redone)
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\r\n")  # as Lightning's rows
         writer.writeheader()
@@ -118,6 +150,7 @@ class CSVLogger(LightningCSVLogger):
     """
 
     _keep_before: float | None = None
+    _redone: int | None = None
 
     def resume_from(self, ckpt_path: str | Path | None, train: bool = True) -> None:
         """Keep the rows logged before the checkpoint ``ckpt_path`` that training resumes from;
@@ -129,6 +162,7 @@ class CSVLogger(LightningCSVLogger):
             self._keep_before = math.inf
         else:
             self._keep_before = None if ckpt_path is None else resumed_step(ckpt_path)
+            self._redone = None if ckpt_path is None else redone_epoch(ckpt_path)
 
     @property
     @rank_zero_experiment
@@ -138,5 +172,5 @@ class CSVLogger(LightningCSVLogger):
         if self._keep_before is None:
             return super().experiment
         self._fs.makedirs(self.root_dir, exist_ok=True)
-        self._experiment = _HistoryKeepingWriter(self.log_dir, self._keep_before)
+        self._experiment = _HistoryKeepingWriter(self.log_dir, self._keep_before, self._redone)
         return self._experiment

@@ -388,20 +388,11 @@ class ChangeDetectionModule(L.LightningModule):
         self._step_plateau_where_lightning_does_not()
         if self._epoch_loss is not None:  # the batch-size-weighted mean over every rank
             total, count = self._pooled_epoch_loss()
-            if count > 0 and not self._epoch_cut_by_max_steps():
+            if count > 0:
                 self.log(
                     "train/loss_epoch", total / count, on_step=False, on_epoch=True, prog_bar=True
                 )
             self._epoch_loss = None
-
-    def _epoch_cut_by_max_steps(self) -> bool:
-        """Whether ``trainer.max_steps`` ended the fit before this epoch's last batch: its
-        loss so far is not the epoch's (the run resumed from there logs the whole epoch's)."""
-        trainer = self.trainer
-        if trainer.max_steps in (None, -1) or trainer.global_step < trainer.max_steps:
-            return False
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return done < trainer.num_training_batches
 
     def _pooled_epoch_loss(self) -> tuple[Tensor, float]:
         """This epoch's training loss sum and sample count so far, summed over the DDP ranks
