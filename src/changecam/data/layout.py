@@ -31,6 +31,7 @@ OTHER_IMAGE_SUFFIXES: frozenset[str] = frozenset(
     (".webp", ".jp2", ".j2k", ".jpe", ".jfif", ".gif", ".pbm", ".pgm", ".ppm", ".pnm", ".pxm")
     + (".exr", ".hdr", ".pic", ".ras", ".sr", ".avif", ".heic", ".img", ".tga", ".vrt")
 )
+_NAMED_UNREAD: set[tuple[Path, tuple[str, ...]]] = set()  # (folder, names) already warned about
 
 LEVIR_HELP = (
     "Expected either the official LEVIR-CD layout <root>/{train,val,test}/{A,B,label}/*.png "
@@ -88,7 +89,8 @@ def _images(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
                 "up by that name, so keep one file per name in each folder"
             )
         found[path.stem] = path
-    if other:
+    if other and (folder, tuple(other)) not in _NAMED_UNREAD:  # once: each split lists A/ and B/
+        _NAMED_UNREAD.add((folder, tuple(other)))
         log.warning(
             "%d file(s) in %s are not read, as their format is not one of %s (convert them to "
             "one of those): %s",
