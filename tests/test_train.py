@@ -204,14 +204,16 @@ def test_a_failed_run_is_a_failed_wandb_run(tmp_path, tiny_synthetic):
 def test_checkpoint_is_weights_only_loadable_and_train_false_scores_it(
     tmp_path, tiny_synthetic, caplog
 ):
-    overrides = [
+    base = [
         "experiment=quickstart",
         "trainer.max_epochs=1",
         "logger=none",
-        "module.pos_weight=20",  # a model that predicts change: its scores are not all 0
         *tiny_overrides(tiny_synthetic),
     ]
-    trained = train(compose_train(tmp_path, overrides))
+    # a model that predicts change (its scores are not all 0), trained and scored with
+    # other values than the composed config's
+    trained_with = ["module.pos_weight=20", "module.loss=bce", "module.threshold=0.4"]
+    trained = train(compose_train(tmp_path, [*base, *trained_with]))
     best = tmp_path / "run/checkpoints/best.ckpt"
     ckpt = torch.load(best, weights_only=True, map_location="cpu")
     assert ckpt["net_config"]["_target_"] == "changecam.models.siamese_unet.SiameseUNet"
@@ -219,21 +221,34 @@ def test_checkpoint_is_weights_only_loadable_and_train_false_scores_it(
     # train=false with ckpt_path: that checkpoint's scores, not the initial weights', with the
     # loss, pos_weight and threshold it was trained and scored with (Lightning restores only
     # the weights: the config's were used, helper-147)
-    other = ["module.threshold=0.9", "module.loss=dice", "module.pos_weight=null"]
-    scored = train(
-        compose_train(tmp_path / "score", [*overrides, *other, "train=false", f"ckpt_path={best}"])
-    )
+    with caplog.at_level("INFO"):
+        scored = train(
+            compose_train(tmp_path / "score", [*base, "train=false", f"ckpt_path={best}"])
+        )
     assert scored == trained
-    for used, ignored in (
-        ("threshold=0.5", "0.9"),
-        ("loss=bce_dice", "dice"),
+    for used, composed in (
+        ("threshold=0.4", "0.5"),
+        ("loss=bce", "bce_dice"),
         ("pos_weight=20", "None"),
     ):
         assert (
-            f"with its module.{used}, as it was trained and scored (module.{used.split('=')[0]}={ignored} is not used"
+            f"with its module.{used}, as it was trained and scored (the config's {composed} is not used"
             in caplog.text
         )
-    initial = train(compose_train(tmp_path / "initial", [*overrides, "train=false"]))
+    # one given on the command line (or by a sweep) is used as given, with a warning
+    caplog.clear()
+    given = train(
+        compose_train(
+            tmp_path / "given",
+            [*base, *trained_with[:2], "module.threshold=0.95", "train=false", f"ckpt_path={best}"],
+        )
+    )
+    assert (
+        "trained and scored with module.threshold=0.4; train=false scores it with module.threshold=0.95 as given"
+        in caplog.text
+    )
+    assert given["val/loss"] == trained["val/loss"] and given["val/recall"] < trained["val/recall"]
+    initial = train(compose_train(tmp_path / "initial", [*base, *trained_with, "train=false"]))
     assert initial["val/loss"] != trained["val/loss"]
 
 

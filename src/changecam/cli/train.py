@@ -82,24 +82,44 @@ def score_as_trained(cfg: DictConfig, path: str) -> None:
     """``train=false ckpt_path=<file>``: score the checkpoint with the ``module.loss``,
     ``module.pos_weight`` and ``module.threshold`` it was trained and scored with (as eval.py
     does), set in ``cfg.module`` so that the CAM panels' threshold follows. Lightning restores
-    only the weights; the config's values would score it otherwise than its own run did.
-    A config value that differs is warned about and not used."""
+    only the weights; the composed config's values would score it otherwise than its own run
+    did. A value given on the command line (a sweep's too) is used as given, with a warning
+    where it differs from the checkpoint's."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     recorded = ckpt.get("hyper_parameters") or {}
+    given = command_line_keys()
     for key in SCORED_WITH:
         if key not in recorded or cfg.module.get(key) == recorded[key]:
             continue
-        log.warning(
+        if f"module.{key}" in given:
+            log.warning(
+                "%s was trained and scored with module.%s=%s; train=false scores it with "
+                "module.%s=%s as given",
+                path,
+                key,
+                recorded[key],
+                key,
+                cfg.module.get(key),
+            )
+            continue
+        log.info(
             "train=false scores %s with its module.%s=%s, as it was trained and scored "
-            "(module.%s=%s is not used%s)",
+            "(the config's %s is not used; give module.%s=<value> to score with another)",
             path,
             key,
             recorded[key],
-            key,
             cfg.module.get(key),
-            "; eval.py threshold=<value> scores it at another" if key == "threshold" else "",
+            key,
         )
         cfg.module[key] = recorded[key]
+
+
+def command_line_keys() -> set[str]:
+    """The config keys this run's command line (or its sweep job) sets."""
+    if not HydraConfig.initialized():
+        return set()
+    task = HydraConfig.get().overrides.task
+    return {o.lstrip("+").split("=", 1)[0] for o in task if not o.startswith("~")}
 
 
 def run_splits(cfg: DictConfig) -> list[str]:
