@@ -11,6 +11,7 @@ import io
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
@@ -42,9 +43,9 @@ def resumed_step(ckpt_path: str | Path) -> int:
 
 
 def redone_epoch(ckpt_path: str | Path) -> int | None:
-    """The epoch a run resumed from ``ckpt_path`` finishes again: the checkpoint's own when it
-    was saved inside that epoch (by a validation there), whose end the resumed run logs;
-    ``None`` for one saved at an epoch's end (or without loop state)."""
+    """The epoch a run resumed from ``ckpt_path`` may finish again: the checkpoint's own when
+    it was saved inside that epoch (by a validation there); ``None`` for one saved at an
+    epoch's end (or without loop state)."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     total = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
     if not isinstance(total.get("processed"), int) or total.get("processed") != total.get(
@@ -57,7 +58,7 @@ def redone_epoch(ckpt_path: str | Path) -> int | None:
 def _without_epoch_means(rows: list[dict[str, str]], epoch: int) -> list[dict[str, str]]:
     """``rows`` without the ``train/*_epoch`` values logged in ``epoch``: a fit that
     ``trainer.max_steps`` ended inside it logged the mean of its first batches, and the run
-    resumed inside it logs the whole epoch's. Rows left without any value go."""
+    resumed inside it logged the whole epoch's. Rows left without any value go."""
     kept = []
     for row in rows:
         if row.get("epoch") == str(epoch):
@@ -131,15 +132,40 @@ class _HistoryKeepingWriter(ExperimentWriter):
             path.unlink()
             return
         rows = rows if math.isinf(self._keep_before) else _history(rows, self._keep_before)
-        if self._redone is not None:
-            rows = _without_epoch_means(rows, self._redone)
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\r\n")  # as Lightning's rows
-        writer.writeheader()
-        writer.writerows(rows)
-        write_bytes(path, text.getvalue().encode())  # bytes: no newline translation
+        _write_rows(path, keys, rows)
         self.metrics_keys = keys
         log.info("%s: kept the %d rows logged before step %s", path, len(rows), self._keep_before)
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        # the resumed run's mean of the epoch it finished again replaces the kept partial one
+        # (only then: a run that ends without that epoch's end keeps it)
+        if self._redone is not None and _is_epoch_mean_of(metrics_dict, self._redone):
+            path = Path(self.metrics_file_path)
+            if path.is_file():
+                with path.open(newline="") as file:
+                    keys, rows = _complete_rows(file.read())
+                _write_rows(path, keys, _without_epoch_means(rows, self._redone))
+            self._redone = None
+        super().log_metrics(metrics_dict, step)
+
+
+def _is_epoch_mean_of(metrics: dict[str, Any], epoch: int) -> bool:
+    """Whether ``metrics`` (one logging call) holds a ``train/*_epoch`` value of ``epoch``."""
+    try:
+        logged_epoch = int(float(metrics.get("epoch", -1)))
+    except (TypeError, ValueError):
+        return False
+    return logged_epoch == epoch and any(
+        k.startswith("train/") and k.endswith("_epoch") for k in metrics
+    )
+
+
+def _write_rows(path: Path, keys: list[str], rows: list[dict[str, str]]) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=keys, lineterminator="\r\n")  # as Lightning's rows
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(path, text.getvalue().encode())  # bytes: no newline translation
 
 
 class CSVLogger(LightningCSVLogger):
