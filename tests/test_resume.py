@@ -327,7 +327,7 @@ def test_a_plateau_schedule_resumes_with_the_step_its_checkpoint_was_written_bef
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     train(compose_train(full, plateau))
     at = ["+callbacks.stop._target_=slow_steps.StopAt", f"+callbacks.stop.at='{stop}'"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=f"stopped at step {stop}"):
         train(compose_train(stopped, [*plateau, *at]))
     train(compose_train(stopped, [*plateau, "ckpt_path=last"]))
     ends = [torch.load(r / "run/checkpoints/last.ckpt", weights_only=True) for r in (stopped, full)]
@@ -385,7 +385,7 @@ def test_background_panels_resume_with_validation_every_other_epoch(
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     train(compose_train(full, base))
     stop = ["+callbacks.stop._target_=slow_steps.StopAt", "+callbacks.stop.at='2:1'"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="stopped at step 2:1"):
         train(compose_train(stopped, [*base, *stop]))
     with caplog.at_level(logging.INFO, logger="changecam"):
         train(compose_train(stopped, [*base, "ckpt_path=last"]))
@@ -999,6 +999,25 @@ def test_a_run_max_steps_stopped_inside_an_epoch_resumes_with_the_metrics_of_an_
     assert (stopped / metrics).read_text() == (full / metrics).read_text()
 
 
+def test_a_finished_runs_requeue_keeps_its_last_epochs_loss(tmp_path, tiny_synthetic):
+    """last.ckpt written by the validation on the last epoch's last batch (before the epoch
+    closed): the requeued run only scores, never logging that epoch's loss again, so the
+    kept one stays (helper-152: dropped when the resume began)."""
+    base = [
+        *resume_overrides(tiny_synthetic, 1),
+        "+trainer.val_check_interval=0.5",
+        "logger=csv",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+    ]
+    train(compose_train(tmp_path, base))
+    before = [r[:2] for r in csv_layout(tmp_path / "run") if "train/loss_epoch" in r[2]]
+    assert before == [("0", "3")]
+    train(compose_train(tmp_path, [*base, "ckpt_path=last"]))
+    after = [r[:2] for r in csv_layout(tmp_path / "run") if "train/loss_epoch" in r[2]]
+    assert after == before
+
+
 def test_a_checkpoint_max_steps_wrote_at_a_cut_epochs_end_is_resumed_with_a_warning(
     tmp_path, tiny_synthetic, caplog
 ):
@@ -1021,9 +1040,9 @@ def test_a_checkpoint_max_steps_wrote_at_a_cut_epochs_end_is_resumed_with_a_warn
     with caplog.at_level("WARNING"):
         train(compose_train(stopped, [*base, "ckpt_path=last"]))
     assert (
-        "was saved when trainer.max_steps ended the fit after 2 batch(es) of epoch 1: Lightning "
-        "counts that epoch as trained and goes on with epoch 2, so the rest of epoch 1 is not "
-        "trained"
+        "was saved when the fit was stopped (trainer.max_steps or trainer.max_time) after 2 "
+        "batch(es) of epoch 1: Lightning counts that epoch as trained and goes on with epoch 2, "
+        "so the rest of epoch 1 is not trained"
     ) in caplog.text
     rows = [row[:2] for row in csv_layout(stopped / "run") if "train/loss_epoch" in row[2]]
     assert rows == [("0", "3"), ("1", "5"), ("2", "9")]

@@ -102,7 +102,7 @@ def score_as_trained(cfg: DictConfig, path: str) -> None:
                 cfg.module.get(key),
             )
             continue
-        log.info(
+        log.warning(
             "train=false scores %s with its module.%s=%s, as it was trained and scored "
             "(the config's %s is not used; give module.%s=<value> to score with another)",
             path,
@@ -166,9 +166,10 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     cut = cut_epoch(path)
     if cfg.get("train") and max_steps in (None, -1) and cut is not None:
         log.warning(
-            "%s was saved when trainer.max_steps ended the fit after %d batch(es) of epoch %d: "
-            "Lightning counts that epoch as trained and goes on with epoch %d, so the rest of "
-            "epoch %d is not trained (the run differs from one never stopped)",
+            "%s was saved when the fit was stopped (trainer.max_steps or trainer.max_time) after "
+            "%d batch(es) of epoch %d: Lightning counts that epoch as trained and goes on with "
+            "epoch %d, so the rest of epoch %d is not trained (the run differs from one never "
+            "stopped)",
             path,
             cut[1],
             cut[0],
@@ -179,8 +180,8 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
 
 
 def cut_epoch(path: str | Path) -> tuple[int, int] | None:
-    """``(epoch, batches trained in it)`` of a checkpoint saved when ``trainer.max_steps`` ended
-    a fit before the epoch's last batch (its fit loop counts the epoch processed, its batch
+    """``(epoch, batches trained in it)`` of a checkpoint saved when ``trainer.max_steps`` (or
+    ``trainer.max_time``) ended a fit before the epoch's last batch (its fit loop counts the epoch processed, its batch
     loop did not reach the last batch); ``None`` otherwise."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     fit_loop = ckpt.get("loops", {}).get("fit_loop", {})
