@@ -10,6 +10,7 @@ from changecam.data.layout import (
     LayoutError,
     detect_layout,
     find_triplets,
+    forget_named_files,
     input_pairs,
     pair_folder,
 )
@@ -163,6 +164,10 @@ def test_images_in_formats_changecam_does_not_read_are_named(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         pair_folder(tmp_path, require_label=False)
     assert "are not read" not in caplog.text
+    forget_named_files()  # a command's next run (a sweep's next job in the same process)
+    with caplog.at_level("WARNING"):
+        pair_folder(tmp_path, require_label=False)
+    assert caplog.text.count("are not read") == 2
 
 
 def test_committed_fixture_is_small_and_in_the_real_format(levir256_tiny):

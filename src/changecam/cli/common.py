@@ -37,6 +37,7 @@ from changecam.atomic import DiskFullError, disk_full_error, remove_stale_tempor
 from changecam.cli.config_checks import ConfigError, check_config, check_device, resolved
 from changecam.cli.launch import Stopped, config_dir, is_multirun, log_to_file
 from changecam.data.io import read_label
+from changecam.data.layout import forget_named_files
 from changecam.environment import configure_environment
 from changecam.explain import ExplainSettings
 from changecam.metrics import THRESHOLD_RANGE, is_threshold, mean_of
@@ -223,6 +224,7 @@ def prepare_run(
     """
     check_config(cfg)
     check_device(cfg)
+    forget_named_files()  # each run's log names the files it does not read (a sweep's jobs too)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("print_config"):  # before the command's own refusals: its log says what it was asked
         # the job's config, without the hydra node (whose hydra.job.num is unset outside a

@@ -33,6 +33,13 @@ OTHER_IMAGE_SUFFIXES: frozenset[str] = frozenset(
 )
 _NAMED_UNREAD: set[tuple[Path, tuple[str, ...]]] = set()  # (folder, names) already warned about
 
+
+def forget_named_files() -> None:
+    """Name unread files again: a command calls it as its run starts, so that each run's log
+    (each job of a sweep run in one process) names them once."""
+    _NAMED_UNREAD.clear()
+
+
 LEVIR_HELP = (
     "Expected either the official LEVIR-CD layout <root>/{train,val,test}/{A,B,label}/*.png "
     "or the flat LEVIR-CD-256 layout <root>/{A,B,label}/*.png with <root>/list/{train,val,test}.txt. "
