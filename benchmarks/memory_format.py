@@ -90,6 +90,15 @@ def compare(name: str, batch: int, size: int, width: int, reps: int) -> dict[str
         "map_max_abs_difference": float((maps[0][key] - maps[1][key]).abs().max()),
         "map_max_abs": float(maps[1][key].abs().max()),
         "layer": layer,
+        # what was compared: the fast network's 4-d weights in channels-last, the other's not
+        "channels_last_weights": {
+            fmt: all(
+                p.is_contiguous(memory_format=torch.channels_last)
+                for p in net.parameters()
+                if p.ndim == 4
+            )
+            for fmt, net in (("default", default), ("channels_last", fast))
+        },
     }
 
 

@@ -72,6 +72,7 @@ def test_one_date_model_gets_all_the_share_and_the_falling_curve(date, other):
     assert not exp.empty.any()
     changed = (slice(2, 8), slice(2, 8)) if date == "post" else (slice(9, 15), slice(8, 14))
     assert exp.mask[0, 0][changed].all() and exp.mask.sum() == 36  # the model finds its square
+    assert list(exp.post_shares()) == ["input", "enc1", "enc2"]
     for layer, share in exp.post_shares().items():
         expected = 1.0 if date == "post" else 0.0
         assert abs(share.item() - expected) <= 0.01, layer  # >= 0.99 (or <= 0.01 for the mirror)
@@ -114,19 +115,30 @@ def test_exact_deletion_curve_of_a_pixelwise_model():
     )
 
 
-def test_siamese_unet_with_the_pre_path_cut_explains_post_only():
+@pytest.mark.parametrize("cut", ["pre", "post"])
+def test_siamese_unet_with_one_dates_path_cut_explains_the_other_only(cut):
+    """Every weight that reads one date's features zeroed: all the evidence is the other
+    date's, at every layer (the mirror keeps a map dropped for one date from passing)."""
     torch.manual_seed(0)
     net = SiameseUNet(3, 4, 2, "concat", shared_encoder=True).eval()
-    with torch.no_grad():  # concat puts pre first: zero every weight that reads pre features
-        net.bottleneck.conv.weight[:, :8] = 0
-        for k, width in ((1, 4), (2, 8)):
-            getattr(net, f"decoder{k}").conv1.conv.weight[:, width : 2 * width] = 0
+    kept = "post" if cut == "pre" else "pre"
     pre, post = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    whole = explain_batch(net, pre, post, target="all")
+    assert all(whole.raw["hirescam"][f"{d}/enc2"].abs().max() > 0 for d in ("pre", "post"))
+    with torch.no_grad():  # concat: [pre, post] in the bottleneck, [up, pre, post] in a decoder
+        first = 0 if cut == "pre" else 1
+        net.bottleneck.conv.weight[:, 8 * first : 8 * (first + 1)] = 0
+        for k, width in ((1, 4), (2, 8)):
+            weight = getattr(net, f"decoder{k}").conv1.conv.weight
+            weight[:, width * (first + 1) : width * (first + 2)] = 0
     exp = explain_batch(net, pre, post, target="all")
-    for share in exp.post_shares().values():
-        assert (share >= 0.99).all()
+    shares = exp.post_shares()
+    assert list(shares) == ["input", "enc1", "enc2"]
+    for layer, share in shares.items():
+        assert ((share >= 0.99) if kept == "post" else (share <= 0.01)).all(), layer
+        assert exp.raw["hirescam"][f"{kept}/{layer}"].abs().max() > 0
     exp_g = explain_batch(net, pre, post, target="all", methods=["gradcam"])
-    assert exp_g.raw["gradcam"]["pre/enc2"].abs().max() == 0
+    assert exp_g.raw["gradcam"][f"{cut}/enc2"].abs().max() == 0
 
 
 def test_curves_are_batched_and_batch_size_does_not_change_them():

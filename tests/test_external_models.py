@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -316,7 +317,11 @@ def test_eval_scores_a_wrapped_ensembles_post_share_at_its_declared_layer(tmp_pa
     from changecam.cli.evaluate import evaluate
     from helpers import compose_train, tiny_overrides
 
-    torch.save(PairOfUNets().state_dict(), tmp_path / "ensemble.pt")
+    torch.manual_seed(0)
+    ensemble = PairOfUNets()
+    with torch.no_grad():  # every pixel predicted change: a target, hence a share, everywhere
+        ensemble.a.final_conv.bias += 20
+    torch.save(ensemble.state_dict(), tmp_path / "ensemble.pt")
     data = [o for o in tiny_overrides(tiny_synthetic) if not o.startswith(("model.", "callbacks."))]
     overrides = [
         "model=external",
@@ -329,8 +334,11 @@ def test_eval_scores_a_wrapped_ensembles_post_share_at_its_declared_layer(tmp_pa
         *data,
     ]
     evaluate(compose_train(tmp_path, overrides, "eval"))
-    header = (tmp_path / "run" / "per_image.csv").read_text().splitlines()[0]
-    assert header.endswith(",post_share_ensA")
+    with (tmp_path / "run" / "per_image.csv").open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert rows and list(rows[0])[-1] == "post_share_ensA"
+    shares = [float(r["post_share_ensA"]) for r in rows]
+    assert all(0 <= v <= 1 for v in shares) and len(set(shares)) > 1  # NaN fails both
 
 
 def test_unknown_paths_modes_and_names():
