@@ -181,8 +181,8 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
 
 def cut_epoch(path: str | Path) -> tuple[int, int] | None:
     """``(epoch, batches trained in it)`` of a checkpoint saved when ``trainer.max_steps`` (or
-    ``trainer.max_time``) ended a fit before the epoch's last batch (its fit loop counts the epoch processed, its batch
-    loop did not reach the last batch); ``None`` otherwise."""
+    ``trainer.max_time``) ended a fit before the epoch's last batch (its fit loop counts the
+    epoch processed, its batch loop did not reach the last batch); ``None`` otherwise."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     fit_loop = ckpt.get("loops", {}).get("fit_loop", {})
     total = fit_loop.get("epoch_progress", {}).get("total", {})
