@@ -351,3 +351,28 @@ def test_predict_cli_single_pair(tmp_path, ckpt, levir256_tiny):
     assert [p["name"] for p in report["pairs"]] == ["before"]
     for folder in ("masks", "probabilities", "panels"):
         assert (run / folder / "before.png").is_file()
+
+
+def test_a_pair_larger_than_a_window_explains_the_mask_it_writes(tmp_path, ckpt):
+    """explain.target=predicted: the change predict.py writes (the sliding window's mask),
+    explained on the whole image, as eval.py's per-image post share; it explained the whole
+    image's own prediction, which differs where the pair is larger than a window (helper-155:
+    1,392 pixels of test_2, post share 0.561 against eval's 0.576)."""
+    write_pair(tmp_path / "in", "wide", (64, 96))
+    base = [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}", "sliding_window.window=16"]
+    run_predict(tmp_path / "probe", [*base, "explain.enabled=false"])
+    probability = read_probability(tmp_path / "probe/run/probabilities/wide.png")
+    threshold = float(np.median(probability))  # about half the pixels change
+    report = run_predict(tmp_path, [*base, f"threshold={threshold}", "explain.taps=[enc2]"])
+    (row,) = report["pairs"]
+    mask = read_image(tmp_path / "run/masks/wide.png")[..., 0] == 255
+    net = load_network(ckpt)
+    pre, post = (image_to_tensor(read_image(tmp_path / "in" / d / "wide.png"))[None] for d in "AB")
+    with torch.no_grad():
+        logits = net(pre, post)[0, 0].numpy()
+    own = torch.sigmoid(torch.from_numpy(logits)).numpy() > threshold
+    assert (own != mask).sum() >= 10, "the whole image's prediction differs from the mask"
+    assert row["changed_pixels"] == mask.sum()
+    expected, whole_images = float(logits[mask].sum()), float(logits[own].sum())
+    assert abs(expected - whole_images) > 1e-3 * abs(expected)  # the two targets tell apart
+    assert row["target_score"] == pytest.approx(expected, rel=1e-5)

@@ -1041,8 +1041,8 @@ def test_a_checkpoint_max_steps_wrote_at_a_cut_epochs_end_is_resumed_with_a_warn
         train(compose_train(stopped, [*base, "ckpt_path=last"]))
     assert (
         "was saved when the fit was stopped (trainer.max_steps or trainer.max_time) after 2 "
-        "batch(es) of epoch 1: Lightning counts that epoch as trained and goes on with epoch 2, "
-        "so the rest of epoch 1 is not trained"
+        "batch(es) of epoch 1: Lightning counts that epoch as trained, so the rest of epoch 1 is "
+        "not trained (a run that trains on starts epoch 2"
     ) in caplog.text
     rows = [row[:2] for row in csv_layout(stopped / "run") if "train/loss_epoch" in row[2]]
     assert rows == [("0", "3"), ("1", "5"), ("2", "9")]

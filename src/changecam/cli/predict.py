@@ -232,6 +232,11 @@ def predict_pair(
         return PairPrediction(pair.name, probability, threshold, None, reason)
     # drawn in the panel; only explain.target=ground_truth needs it
     label = optional_label(pair, (height, width), required=settings.target == "ground_truth")
+    if settings.target == "predicted":
+        # the change this run writes (the sliding window's), explained on the whole image, as
+        # eval.py's per-image post share: the whole image's own prediction differs from it
+        # where the image is larger than a window
+        roi, settings = probability > threshold, replace(settings, target="roi")
     explained = explain_pair(
         net, pre, post, label=label, roi=roi, name=pair.name, settings=settings, device=device
     )

@@ -167,14 +167,14 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     if cfg.get("train") and max_steps in (None, -1) and cut is not None:
         log.warning(
             "%s was saved when the fit was stopped (trainer.max_steps or trainer.max_time) after "
-            "%d batch(es) of epoch %d: Lightning counts that epoch as trained and goes on with "
-            "epoch %d, so the rest of epoch %d is not trained (the run differs from one never "
-            "stopped)",
+            "%d batch(es) of epoch %d: Lightning counts that epoch as trained, so the rest of "
+            "epoch %d is not trained (a run that trains on starts epoch %d, and differs from one "
+            "never stopped)",
             path,
             cut[1],
             cut[0],
-            cut[0] + 1,
             cut[0],
+            cut[0] + 1,
         )
     return path
 

@@ -61,7 +61,7 @@ def _without_epoch_means(rows: list[dict[str, str]], epoch: int) -> list[dict[st
     resumed inside it logged the whole epoch's. Rows left without any value go."""
     kept = []
     for row in rows:
-        if row.get("epoch") == str(epoch):
+        if _number(row.get("epoch")) == epoch:
             row = {
                 k: ("" if k.startswith("train/") and k.endswith("_epoch") else v)
                 for k, v in row.items()
@@ -149,13 +149,17 @@ class _HistoryKeepingWriter(ExperimentWriter):
         super().log_metrics(metrics_dict, step)
 
 
+def _number(value: Any) -> float | None:
+    """``value`` (a csv cell, a logged number or tensor) as a float, ``None`` if it is none."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _is_epoch_mean_of(metrics: dict[str, Any], epoch: int) -> bool:
     """Whether ``metrics`` (one logging call) holds a ``train/*_epoch`` value of ``epoch``."""
-    try:
-        logged_epoch = int(float(metrics.get("epoch", -1)))
-    except (TypeError, ValueError):
-        return False
-    return logged_epoch == epoch and any(
+    return _number(metrics.get("epoch")) == epoch and any(
         k.startswith("train/") and k.endswith("_epoch") for k in metrics
     )
 
