@@ -61,6 +61,19 @@ def test_both_dates_share_one_colour_scale_and_their_sum_has_its_own(explained, 
     ]
 
 
+def test_the_prediction_drawn_is_the_probability_given(explained):
+    """predict.py draws the mask it writes and explains (its sliding window's), not the whole
+    image's own prediction, which can differ (helper-156)."""
+    _, pre, post, exp = explained
+    own = render_panel(pre[0], post[0], exp, dpi=30)
+    probability = torch.sigmoid(exp.logits[0, 0]).numpy()
+    assert np.array_equal(render_panel(pre[0], post[0], exp, dpi=30, probability=probability), own)
+    flipped = render_panel(pre[0], post[0], exp, dpi=30, probability=1 - probability)
+    assert not np.array_equal(flipped, own)
+    with pytest.raises(ValueError, match=r"probability \(16, 32\) does not match"):
+        render_panel(pre[0], post[0], exp, dpi=30, probability=probability[:16])
+
+
 def test_empty_target_and_uint8_inputs_render(explained):
     _, pre, post, exp = explained
     panel = render_panel(to_rgb(pre[1]), to_rgb(post[1]), exp, index=1, method="gradcam", dpi=30)

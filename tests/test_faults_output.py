@@ -625,6 +625,29 @@ def test_a_log_from_before_the_network_was_recorded_still_resumes(
     assert computed == [] and [p["name"] for p in report["pairs"]] == ["a", "b", "c"]
 
 
+def test_a_log_whose_pairs_explained_the_whole_images_prediction_is_not_resumed(
+    tmp_path, ckpt, pairs, monkeypatch
+):
+    """explain.target=predicted explained the whole image's own prediction before it explained
+    the mask written: an earlier run's rows would be mixed with this run's under the same
+    settings (helper-156), so such a log is refused; one without explanations resumes."""
+    run = tmp_path / "run"
+    base = [f"ckpt_path={ckpt}", f"input.dir={pairs}"]
+    run_predict(tmp_path, base)
+    lines = (run / LOG_FILE).read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["settings"].pop("explained_prediction") == "written_mask"
+    (run / LOG_FILE).write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    with pytest.raises(ConfigError, match=r"other settings \(explained_prediction: "):
+        run_predict(tmp_path, [*base, "predict.resume=true"])
+    run_predict(tmp_path, [*base, *NO_EXPLAIN])
+    header = json.loads((run / LOG_FILE).read_text().splitlines()[0])
+    assert "explained_prediction" not in header["settings"]  # nothing explained: nothing to refuse
+    computed = count_pairs(monkeypatch)
+    run_predict(tmp_path, [*base, *NO_EXPLAIN, "predict.resume=true"])
+    assert computed == []
+
+
 def test_without_resume_an_earlier_run_starts_over(tmp_path, ckpt, pairs):
     run = tmp_path / "run"
     run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs}", *NO_EXPLAIN])

@@ -238,7 +238,15 @@ def predict_pair(
         # where the image is larger than a window
         roi, settings = probability > threshold, replace(settings, target="roi")
     explained = explain_pair(
-        net, pre, post, label=label, roi=roi, name=pair.name, settings=settings, device=device
+        net,
+        pre,
+        post,
+        label=label,
+        roi=roi,
+        name=pair.name,
+        settings=settings,
+        device=device,
+        probability=probability,  # the panel's prediction: the mask written and explained
     )
     return PairPrediction(pair.name, probability, threshold, explained)
 
@@ -332,6 +340,13 @@ def run_settings(
             "threshold": threshold,
             "sliding_window": OmegaConf.to_container(cfg.sliding_window, resolve=True),
             "explain": OmegaConf.to_container(block, resolve=True) if block else None,
+            # explain.target=predicted explains the mask written (the sliding window's) since
+            # 2026-12-07, the whole image's own prediction before: such a log is refused
+            **(
+                {"explained_prediction": "written_mask"}
+                if block and block.get("enabled", True) and block.get("target") == "predicted"
+                else {}
+            ),
         }
     )
 

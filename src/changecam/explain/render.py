@@ -108,6 +108,7 @@ def render_panel(
     threshold: float = 0.5,
     title: str | None = None,
     dpi: int = 72,
+    probability: np.ndarray | None = None,
 ) -> np.ndarray:
     """Draw one sample's panel and return it as uint8 RGB (H×W×3).
 
@@ -124,6 +125,8 @@ def render_panel(
         threshold: probability threshold of the drawn prediction.
         title: heading (e.g. the pair's name).
         dpi: resolution of the returned image (the figure is 13.5 × 7 inches).
+        probability: H×W change probability drawn as the prediction (predict.py's sliding
+            window, whose mask it explains); default the explanation's own logits'.
     """
     exp = explanation.select(index)
     layer = choose_layer(exp.layers_of(method), layer, f"panel layer ({method})")
@@ -138,7 +141,13 @@ def render_panel(
         tuple(size), tuple(shares), layer, method, label is not None, bool(title), dpi
     )
     canvas = _Canvas(layout)
-    probs = torch.sigmoid(exp.logits[0, 0]).float().cpu()
+    probs = (
+        torch.sigmoid(exp.logits[0, 0]).float().cpu()
+        if probability is None
+        else torch.as_tensor(np.asarray(probability, np.float32))
+    )
+    if tuple(probs.shape) != tuple(size):
+        raise ValueError(f"probability {tuple(probs.shape)} does not match the explanation {size}")
     _draw_top_row(canvas, pre_rgb, post_rgb, label, probs, threshold)
     _draw_maps(canvas, pre_rgb, post_rgb, exp, layer, method)
     canvas.bars(list(shares.values()))

@@ -467,6 +467,7 @@ def explain_pair(
     name: str = "pair",
     settings: ExplainSettings | None = None,
     device: torch.device | str | None = None,
+    probability: np.ndarray | None = None,
 ) -> PairExplanation:
     """Explain one uint8 pair end to end: :func:`explain_tensors`, then the panel.
 
@@ -479,6 +480,8 @@ def explain_pair(
         name: the pair's name (panel title, file names).
         settings: what to explain; default :class:`ExplainSettings`.
         device: where to run; default the model's device.
+        probability: H×W change probability the panel draws as the prediction (predict.py's
+            sliding window); default the whole image's own.
 
     Raises:
         ValueError: images of different sizes or channel counts, masks that do not fit, or
@@ -518,6 +521,7 @@ def explain_pair(
         faithfulness=result.faithfulness,
         threshold=settings.threshold,
         title=name,
+        probability=probability,
         dpi=settings.dpi,
     )
     return PairExplanation(
