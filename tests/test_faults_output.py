@@ -625,27 +625,42 @@ def test_a_log_from_before_the_network_was_recorded_still_resumes(
     assert computed == [] and [p["name"] for p in report["pairs"]] == ["a", "b", "c"]
 
 
-def test_a_log_whose_pairs_explained_the_whole_images_prediction_is_not_resumed(
-    tmp_path, ckpt, pairs, monkeypatch
+def test_a_log_whose_pairs_explained_the_whole_images_prediction_redoes_those_that_differ(
+    tmp_path, ckpt, monkeypatch, caplog
 ):
     """explain.target=predicted explained the whole image's own prediction before it explained
-    the mask written: an earlier run's rows would be mixed with this run's under the same
-    settings (helper-156), so such a log is refused; one without explanations resumes."""
+    the mask written; a log of then (no explained_prediction) resumes, its explained pairs of
+    another size than one window predicted again (their explanation may differ, helper-156,
+    helper-157), a pair of exactly one window kept (the same either way)."""
+    rng = np.random.default_rng(0)
+    sizes = {"window": (32, 32), "small": (24, 32), "large": (32, 48)}
+    for name, size in sizes.items():
+        for date in "AB":
+            write_png(
+                tmp_path / "in" / date / f"{name}.png", rng.integers(0, 256, (*size, 3), np.uint8)
+            )
     run = tmp_path / "run"
-    base = [f"ckpt_path={ckpt}", f"input.dir={pairs}"]
+    base = [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}"]
     run_predict(tmp_path, base)
     lines = (run / LOG_FILE).read_text().splitlines()
     header = json.loads(lines[0])
     assert header["settings"].pop("explained_prediction") == "written_mask"
     (run / LOG_FILE).write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
-    with pytest.raises(ConfigError, match=r"other settings \(explained_prediction: "):
-        run_predict(tmp_path, [*base, "predict.resume=true"])
+    computed = count_pairs(monkeypatch)
+    with caplog.at_level("INFO"):
+        report = run_predict(tmp_path, [*base, "predict.resume=true"])
+    assert sorted(computed) == ["large", "small"]
+    assert [p["name"] for p in report["pairs"]] == ["large", "small", "window"]
+    assert "pair small: explained before predict.py explained the mask it writes" in caplog.text
+    header = json.loads((run / LOG_FILE).read_text().splitlines()[0])
+    assert header["settings"]["explained_prediction"] == "written_mask"
+    # without explanations nothing was explained otherwise, and nothing is recorded
+    computed.clear()
     run_predict(tmp_path, [*base, *NO_EXPLAIN])
     header = json.loads((run / LOG_FILE).read_text().splitlines()[0])
-    assert "explained_prediction" not in header["settings"]  # nothing explained: nothing to refuse
-    computed = count_pairs(monkeypatch)
+    assert "explained_prediction" not in header["settings"]
     run_predict(tmp_path, [*base, *NO_EXPLAIN, "predict.resume=true"])
-    assert computed == []
+    assert computed == ["large", "small", "window"]  # the first run only
 
 
 def test_without_resume_an_earlier_run_starts_over(tmp_path, ckpt, pairs):

@@ -842,6 +842,11 @@ def test_a_contrastive_explanation_splits_difference_evidence_evenly(
 
     hirescam = run_scene(tmp_path / "h", ckpt, *pair, f"threshold={threshold}")["scenes"][0]
     assert hirescam["explain_method"] == "hirescam" and hirescam["post_share"] != 0.5
+    # a scene explains each window's prediction, as ever: the PNG path's record of what it
+    # explains is not a scene's setting (it refused scenes finished before it, helper-157)
+    started = json.loads((tmp_path / "h/run/pre/blocks.jsonl").read_text().splitlines()[0])
+    assert "threshold" in started["settings"]
+    assert "explained_prediction" not in started["settings"]
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "int16", "float32"])

@@ -52,9 +52,17 @@ _WARNED: set[tuple[str, int, str]] = set()
 
 
 # keys a resume record gained after some logs were written: the network the weights went into,
-# an input file's content sample, the checkpoint's size and content sample, the ROI mask's file
+# an input file's content sample, the checkpoint's size and content sample, the ROI mask's file,
+# what predict.py's PNG pairs explain (the pairs it changes are predicted again)
 RECORDED_SINCE = frozenset(
-    {"network", "sample_sha256", "checkpoint_size", "checkpoint_sample_sha256", "roi_file"}
+    {
+        "network",
+        "sample_sha256",
+        "checkpoint_size",
+        "checkpoint_sample_sha256",
+        "roi_file",
+        "explained_prediction",
+    }
 )
 
 

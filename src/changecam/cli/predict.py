@@ -445,6 +445,13 @@ class PredictionLog:
         logged = [r for r in records if r.get("status") == "done"]
         last = {r["pair"]["name"]: r for r in logged}  # a pair predicted again: its last line
         done = {name: r for name, r in last.items() if self.complete(r["pair"])}
+        for name in explained_otherwise(records[0].get("settings") or {}, settings, done):
+            log.info(
+                "pair %s: explained before predict.py explained the mask it writes (not one "
+                "window's size, its explanation may differ), predicting again",
+                name,
+            )
+            del done[name]
         # a pair with some of its files gone is predicted again: none of the others may stay
         kept = {rel for r in done.values() for rel in r["pair"].get("files", {}).values()}
         self.remove_files([r for r in logged if done.get(r["pair"]["name"]) is not r], keep=kept)
@@ -526,6 +533,24 @@ class PredictionLog:
         append_json_line(self.path, {"status": "failed", "pair": entry})
 
 
+def explained_otherwise(
+    logged: dict[str, Any], settings: dict[str, Any], done: dict[str, dict[str, Any]]
+) -> list[str]:
+    """The ``done`` pairs of a log started before ``explained_prediction`` was recorded whose
+    explanation may differ now: explained (not skipped), and not exactly one window, the one
+    size whose sliding-window mask is the whole image's own prediction, which they explained
+    (a smaller pair is padded to a window, a larger one blended)."""
+    if "explained_prediction" not in settings or "explained_prediction" in logged:
+        return []
+    window = (settings.get("sliding_window") or {}).get("window")
+    return [
+        name
+        for name, record in done.items()
+        if "explanation_skipped" not in record["pair"]
+        and list(record["pair"].get("size", ())) != [window, window]
+    ]
+
+
 def scene_pairs(pairs: list[Triplet]) -> bool:
     """Whether the pairs are georeferenced scenes (every file ``.tif``/``.tiff``/``.vrt``); a mix
     of scenes and other images is refused."""
@@ -576,7 +601,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             settings is not None,
             device,
             output_dir,
-            {k: v for k, v in run_settings(cfg, threshold, net, records).items() if k != "explain"},
+            {
+                k: v
+                for k, v in run_settings(cfg, threshold, net, records).items()
+                if k not in ("explain", "explained_prediction")  # a scene explains per window
+            },
         )
     if settings is not None:
         settings.layers(net)  # unknown taps or layers fail before any pair
