@@ -56,22 +56,24 @@ def test_select_samples_is_fixed_and_includes_change():
 
 
 @pytest.mark.parametrize(
-    ("mode", "threads", "cores", "background"),
+    ("mode", "threads", "processes", "cores", "background"),
     [
-        ("auto", 2, 2, False),  # training keeps every core busy: the work is cheaper inline
-        ("auto", 1, 2, True),
-        ("background", 2, 2, True),
-        ("inline", 1, 8, False),
+        ("auto", 2, 1, 2, False),  # training keeps every core busy: the work is cheaper inline
+        ("auto", 1, 1, 2, True),
+        ("auto", 1, 2, 2, False),  # two CPU DDP ranks of one thread (helper-158: background)
+        ("auto", 1, 2, 4, True),
+        ("background", 2, 1, 2, True),
+        ("inline", 1, 1, 8, False),
     ],
 )
 def test_auto_mode_goes_to_the_background_only_with_a_free_core(
-    monkeypatch, tmp_path, mode, threads, cores, background
+    monkeypatch, tmp_path, mode, threads, processes, cores, background
 ):
     monkeypatch.setattr(cam_panels, "usable_cores", lambda: cores)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     module = torch.nn.Linear(1, 1)  # anything with a device: the CPU here
     module.device = torch.device("cpu")
-    assert CamPanels(tmp_path, mode=mode)._background(module) is background
+    assert CamPanels(tmp_path, mode=mode)._background(module, processes) is background
     with pytest.raises(ValueError, match="mode='thread'"):
         CamPanels(tmp_path, mode="thread")
     with pytest.raises(ValueError, match="worker_device='gpu'.*'cpu', 'training'"):

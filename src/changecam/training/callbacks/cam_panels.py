@@ -246,15 +246,17 @@ class CamPanels(L.Callback):
         if not trainer.is_global_zero or trainer.val_dataloaders is None:
             return
         samples = self._fixed_samples(trainer)
-        background = self._background(pl_module)
+        processes = max(1, int(trainer.num_devices))  # the ranks of a CPU DDP run
+        background = self._background(pl_module, processes)
         device = str(pl_module.device) if self.worker_device == "training" else "cpu"
         log.info(
-            "CAM panels: %s (mode=%s; %d torch threads, %d usable cores, training on %s)",
+            "CAM panels: %s (mode=%s; %d torch threads%s, %d usable cores, training on %s)",
             f"background process explaining on {device}"
             if background
             else "inline, in the validation epoch",
             self.mode,
             torch.get_num_threads(),
+            f" × {processes} processes" if processes > 1 else "",
             usable_cores(),
             pl_module.device.type,
         )
@@ -336,10 +338,14 @@ class CamPanels(L.Callback):
                 )
             self._log_results(trainer, [result])
 
-    def _background(self, pl_module: L.LightningModule) -> bool:
+    def _background(self, pl_module: L.LightningModule, processes: int = 1) -> bool:
+        """Whether the panels are drawn in a background process: ``mode=auto`` when training
+        runs on a GPU or leaves a CPU core free (its ``processes`` on this machine, the ranks
+        of a CPU DDP run, times torch's threads each, below the usable cores)."""
         if self.mode != "auto":
             return self.mode == "background"
-        return pl_module.device.type != "cpu" or torch.get_num_threads() < usable_cores()
+        busy = torch.get_num_threads() * processes
+        return pl_module.device.type != "cpu" or busy < usable_cores()
 
     def _report_held_up(self, epoch: int, waited_s: float) -> None:
         """Say when validation waited for the background process (a warning the first time)."""
