@@ -58,6 +58,20 @@ def signature_problems(path: str, node: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_debug_overfit_runs_its_30_epochs_with_every_experiment(tmp_path, experiment):
+    """real_small's early stopping ended debug=overfit at epoch 9 of its 30, silently
+    (helper-158): the overfit check builds no early stopping."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from changecam.cli.common import instantiate_callbacks
+
+    cfg = compose_train(tmp_path, [f"experiment={experiment}", "debug=overfit"])
+    assert cfg.trainer.max_epochs == 30 and cfg.trainer.overfit_batches == 3
+    callbacks = instantiate_callbacks(cfg.callbacks)
+    assert callbacks and not any(isinstance(c, EarlyStopping) for c in callbacks)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(tmp_path, experiment):
     """Every ``_target_`` of the composed config imports and takes its keys, and the groups
     train.py builds (data without prepare_data, network, module, callbacks, trainer) build."""
