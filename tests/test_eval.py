@@ -154,6 +154,17 @@ def test_eval_on_a_hand_made_prediction_set(tmp_path, hand_made):
     assert "test/f1" in logged and "seed_style/test/f1" in logged
 
 
+def test_a_ddp_trainer_config_scores_on_one_device_as_one_process(tmp_path, hand_made, recwarn):
+    """trainer=ddp_cpu ran eval's one process under the DDP strategy, warning for every
+    metric that it is not synced (helper-158); its guard could never fire."""
+    base = [*hand_made_overrides(*hand_made), "logger=none"]
+    single = evaluate(compose_train(tmp_path / "single", base, "eval"))
+    recwarn.clear()
+    ddp = evaluate(compose_train(tmp_path / "ddp", [*base, "trainer=ddp_cpu"], "eval"))
+    assert ddp == single
+    assert not [w for w in recwarn if "sync_dist" in str(w.message)]
+
+
 def test_an_undefined_post_share_is_null_and_post_share_false_drops_the_column(tmp_path, hand_made):
     """Nothing predicted (a threshold above every probability): the split's post share is
     undefined, written as null; post_share=false: no post-share column at all."""

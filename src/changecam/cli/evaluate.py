@@ -112,10 +112,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         logger=loggers or False,
         callbacks=[per_image],
         accelerator=device.type,
+        # one device, whatever trainer= says (a ddp trainer's strategy ran one process as DDP,
+        # warning about every metric's sync_dist)
         devices=[device.index] if device.index is not None else 1,
+        strategy="auto",
+        num_nodes=1,
+        sync_batchnorm=False,
     )
-    if trainer.world_size > 1:
-        raise ValueError("eval.py runs on one device; set trainer.devices=1 (and no ddp trainer)")
     log_hyperparameters(loggers, cfg)
     run_loop = trainer.test if split == "test" else trainer.validate
     metrics: dict[str, float | None] = {
