@@ -6,7 +6,10 @@ the square is replaced by the *other date's* pixels there (captum's ``Occlusion`
 date as its baseline, one date at a time, the other date untouched), and the drop
 ``S − S(square swapped)`` is credited to every pixel of the square. Each pixel's value is the
 mean drop over the squares that cover it, in logit units. Positive: making that place look like
-the other date lowers ``S``.
+the other date lowers ``S``. Squares start at multiples of ``stride``; where ``H − window`` (or
+``W − window``) is no multiple of it, the last square of a row (column) is cut by the image's
+edge (captum's placement), smaller than ``window``² (not with the defaults on 256² pairs or the
+study's 96² windows).
 
 It is the date-swap counterfactual of the faithfulness curves and of the study's causal check
 (:mod:`changecam.evaluation.attribution`), applied square by square without knowing where the
