@@ -165,6 +165,22 @@ def test_a_ddp_trainer_config_scores_on_one_device_as_one_process(tmp_path, hand
     assert not [w for w in recwarn if "sync_dist" in str(w.message)]
 
 
+def test_eval_refuses_to_run_as_one_of_several_tasks(tmp_path, hand_made, monkeypatch):
+    """A SLURM job of two tasks ran the whole evaluation in each, writing one run folder's
+    results twice (helper-159): refused before anything is written."""
+    from changecam.cli.config_checks import ConfigError
+
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    cfg = compose_train(tmp_path, [*hand_made_overrides(*hand_made), "logger=none"], "eval")
+    with pytest.raises(ConfigError, match="one of several launched for one job"):
+        evaluate(cfg)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a job of one task is one process
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert evaluate(cfg)["test/f1"] == pytest.approx(0.5, abs=1e-6)
+
+
 def test_an_undefined_post_share_is_null_and_post_share_false_drops_the_column(tmp_path, hand_made):
     """Nothing predicted (a threshold above every probability): the split's post share is
     undefined, written as null; post_share=false: no post-share column at all."""
