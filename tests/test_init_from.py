@@ -14,7 +14,7 @@ from changecam.cli.config_checks import ConfigError, check_config
 from changecam.cli.train import train
 from changecam.data import ChangeDetectionDataModule
 from changecam.models import SiameseUNet
-from changecam.training.checkpoint import CheckpointError, split_checkpoint
+from changecam.training.checkpoint import CheckpointError
 from changecam.training.init_from import freeze_parts, load_initial_weights
 from changecam.training.module import ChangeDetectionModule
 from helpers import compose_train, quiet_trainer, tiny_overrides
@@ -59,7 +59,10 @@ def source_ckpt(tmp_path_factory, tiny_synthetic) -> Path:
 
 
 def net_state(path: Path) -> dict[str, torch.Tensor]:
-    return split_checkpoint(torch.load(path, weights_only=True), path)[0]
+    """The network's tensors as the file holds them (``net.`` keys of a Lightning
+    checkpoint's state_dict), read apart from the loader under test."""
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
 
 
 def test_init_from_loads_exactly_the_weights(tmp_path, tiny_synthetic, source_ckpt):
