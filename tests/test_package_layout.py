@@ -26,16 +26,42 @@ LEVEL = {
 
 
 def imported_parts(path: Path) -> set[str]:
-    """The top-level parts of changecam that a module imports."""
+    """The top-level parts of changecam that a module imports: ``import changecam.x``,
+    ``from changecam.x import ...``, ``from changecam import x`` and relative imports
+    (``from ..x import ...``, resolved against the module's own package)."""
+    package = [*path.relative_to(PACKAGE.parent).parts[:-1]] if PACKAGE in path.parents else []
     parts = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
+        if isinstance(node, ast.ImportFrom):
+            base = node.module.split(".") if node.module else []
+            if node.level:  # relative: up from the module's package
+                base = package[: len(package) - node.level + 1] + base
+            if base == ["changecam"]:  # from changecam import x: the names are the parts
+                names = [f"changecam.{alias.name}" for alias in node.names]
+            else:
+                names = [".".join(base)]
         elif isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         parts |= {n.split(".")[1] for n in names if n.startswith("changecam.")}
     return parts
+
+
+def test_imported_parts_sees_every_spelling(monkeypatch):
+    """``from changecam import cli`` and relative imports were invisible (helper-162)."""
+    module = PACKAGE / "models" / "example.py"  # never written: only its place is used
+    sources = {
+        "import changecam.cli.train": {"cli"},
+        "from changecam.cli import train": {"cli"},
+        "from changecam import cli, data": {"cli", "data"},
+        "from ..cli import train": {"cli"},
+        "from .. import explain": {"explain"},
+        "from .taps import Tap": {"models"},
+        "import numpy": set(),
+    }
+    for source, expected in sources.items():
+        monkeypatch.setattr(Path, "read_text", lambda self, s=source: s)
+        assert imported_parts(module) == expected, source
 
 
 def test_every_part_has_a_level():
