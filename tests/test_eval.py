@@ -178,7 +178,12 @@ def test_eval_refuses_to_run_as_one_of_several_tasks(tmp_path, hand_made, monkey
     assert not (tmp_path / "run" / "metrics.json").exists()
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a job of one task is one process
     monkeypatch.setenv("SLURM_PROCID", "0")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)  # torchrun --nproc_per_node=1 (helper-161: refused)
     assert evaluate(cfg)["test/f1"] == pytest.approx(0.5, abs=1e-6)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a second rank
+    with pytest.raises(ConfigError, match="one of several"):
+        evaluate(cfg)
 
 
 def test_an_undefined_post_share_is_null_and_post_share_false_drops_the_column(tmp_path, hand_made):

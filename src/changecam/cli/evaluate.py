@@ -44,7 +44,7 @@ from changecam.cli.common import (
     warn_split_scale,
 )
 from changecam.cli.config_checks import ConfigError
-from changecam.cli.hydra_callbacks import launched_as_a_rank
+from changecam.cli.hydra_callbacks import one_of_several
 from changecam.evaluation.per_image import SEED_STYLE, PerImageScores, check_seed_batch_size
 from changecam.explain import choose_layer, per_date_layers, resolve_taps
 from changecam.metrics import SCORE_NAMES
@@ -56,11 +56,12 @@ EvalSplit = Literal["val", "test"]
 
 def eval_checks(cfg: DictConfig) -> None:
     """eval.py's own values: refused before anything is removed or built."""
-    if launched_as_a_rank():  # each task would score the split and write the same results
+    if one_of_several():  # each task would score the split and write the same results
         raise ConfigError(
             "eval.py runs as one process on one device, but this process is one of several "
             "launched for one job (SLURM tasks, torchrun): run it as one task "
-            "(hydra.launcher.gpus_per_node=1 trainer.num_nodes=1 with the SLURM launcher)"
+            "(hydra.launcher.gpus_per_node=1 trainer.num_nodes=1 with the SLURM launcher, "
+            "torchrun --nproc_per_node=1)"
         )
     checked_choice(cfg.get("split", "test"), EvalSplit, "split")
     checked_threshold(cfg.threshold)

@@ -54,10 +54,19 @@ TIME_NAME = "${now:%Y-%m-%d_%H-%M-%S}"
 
 
 def launched_as_a_rank() -> bool:
-    """Whether this process is one of several that run one job."""
-    if any(os.environ.get(name, "").strip() for name in RANK_VARIABLES):
+    """Whether this process may be one of several that run one job (a launcher's rank
+    variables are set, even to the first rank, or a world of more than one)."""
+    return any(os.environ.get(name, "").strip() for name in RANK_VARIABLES) or one_of_several()
+
+
+def one_of_several() -> bool:
+    """Whether this process is known to be one of several that run one job: a world of more
+    than one process, or a rank other than the first (``torchrun --nproc_per_node=1`` or
+    ``srun -n 1`` is one process)."""
+    if any(os.environ.get(name, "1").strip() not in ("", "1") for name in SIZE_VARIABLES):
         return True
-    return any(os.environ.get(name, "1").strip() not in ("", "1") for name in SIZE_VARIABLES)
+    ranks = (name for name in RANK_VARIABLES if name != "TORCHELASTIC_RUN_ID")  # an id
+    return any(os.environ.get(name, "0").strip() not in ("", "0") for name in ranks)
 
 
 def claims_its_folder(node: DictConfig) -> bool:
