@@ -651,7 +651,9 @@ def test_a_log_whose_pairs_explained_the_whole_images_prediction_redoes_those_th
         report = run_predict(tmp_path, [*base, "predict.resume=true"])
     assert sorted(computed) == ["large", "small"]
     assert [p["name"] for p in report["pairs"]] == ["large", "small", "window"]
-    assert "pair small: explained before predict.py explained the mask it writes" in caplog.text
+    assert "pair small: logged when predict.py explained the whole image's own prediction" in (
+        caplog.text
+    )
     header = json.loads((run / LOG_FILE).read_text().splitlines()[0])
     assert header["settings"]["explained_prediction"] == "written_mask"
     # without explanations nothing was explained otherwise, and nothing is recorded
@@ -730,6 +732,19 @@ def test_a_resume_through_another_path_to_the_same_files_predicts_nothing_again(
         tmp_path, [f"ckpt_path={ckpt}", f"input.dir={other}", *NO_EXPLAIN, "predict.resume=true"]
     )
     assert computed == ["a", "b", "c"]
+    # started with a path relative to one working folder, resumed from another with its own
+    # relative path to the same files (helper-161: the logged one was resolved against the new)
+    monkeypatch.chdir(pairs.parent)
+    run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={pairs.name}", *NO_EXPLAIN])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    computed.clear()
+    report = run_predict(
+        tmp_path,
+        [f"ckpt_path={ckpt}", f"input.dir=../{pairs.name}", *NO_EXPLAIN, "predict.resume=true"],
+    )
+    assert computed == [] and len(report["pairs"]) == 3
 
 
 def test_a_resume_follows_a_pairs_last_log_line(tmp_path, ckpt, pairs, monkeypatch):

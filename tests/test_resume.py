@@ -1047,3 +1047,18 @@ def test_a_checkpoint_max_steps_wrote_at_a_cut_epochs_end_is_resumed_with_a_warn
     rows = [row[:2] for row in csv_layout(stopped / "run") if "train/loss_epoch" in row[2]]
     assert rows == [("0", "3"), ("1", "5"), ("2", "9")]
     assert cut_epoch(last) is None  # the resumed run ended with a whole epoch
+
+
+def test_a_cut_epochs_checkpoint_refused_under_max_steps_is_named_as_cut(tmp_path, tiny_synthetic):
+    """Refused with a larger trainer.max_steps as any epoch-end checkpoint, it was called one
+    saved "at the end of epoch 1" (helper-161)."""
+    from changecam.training.checkpoint import CheckpointError
+
+    base = [*resume_overrides(tiny_synthetic, 3), "test=false"]
+    train(compose_train(tmp_path, [*base, "+trainer.max_steps=6"]))  # epoch 1, batch 2 of 4
+    with pytest.raises(
+        CheckpointError,
+        match=r"trainer.max_steps=10: it was saved when the fit was stopped after 2 batch\(es\) "
+        r"of epoch 1, as that epoch's end",
+    ):
+        train(compose_train(tmp_path, [*base, "+trainer.max_steps=10", "ckpt_path=last"]))

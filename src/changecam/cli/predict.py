@@ -341,7 +341,8 @@ def run_settings(
             "sliding_window": OmegaConf.to_container(cfg.sliding_window, resolve=True),
             "explain": OmegaConf.to_container(block, resolve=True) if block else None,
             # explain.target=predicted explains the mask written (the sliding window's) since
-            # 2026-12-07, the whole image's own prediction before: such a log is refused
+            # 2026-12-07, the whole image's own prediction before: a resume of such a log
+            # predicts its explained pairs again where the two can differ (explained_otherwise)
             **(
                 {"explained_prediction": "written_mask"}
                 if block and block.get("enabled", True) and block.get("target") == "predicted"
@@ -352,10 +353,11 @@ def run_settings(
 
 
 def pair_inputs(pair: Triplet) -> dict[str, str | None]:
+    """The pair's files, absolute (a resume from another working folder finds them the same)."""
     return {
-        "pre": str(pair.pre),
-        "post": str(pair.post),
-        "label": str(pair.label) if pair.label is not None else None,
+        "pre": str(Path(pair.pre).absolute()),
+        "post": str(Path(pair.post).absolute()),
+        "label": str(Path(pair.label).absolute()) if pair.label is not None else None,
     }
 
 
@@ -447,8 +449,9 @@ class PredictionLog:
         done = {name: r for name, r in last.items() if self.complete(r["pair"])}
         for name in explained_otherwise(records[0].get("settings") or {}, settings, done):
             log.info(
-                "pair %s: explained before predict.py explained the mask it writes (not one "
-                "window's size, its explanation may differ), predicting again",
+                "pair %s: logged when predict.py explained the whole image's own prediction, "
+                "which differs from the mask written for a pair that is not one window: "
+                "predicting it again",
                 name,
             )
             del done[name]

@@ -155,16 +155,23 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
             trainer.get("min_steps"),
         )
         if epoch is not None:
+            cut = cut_epoch(path)
+            saved = (
+                f"when the fit was stopped after {cut[1]} batch(es) of epoch {epoch}, as that "
+                "epoch's end"
+                if cut is not None
+                else f"at the end of epoch {epoch}"
+            )
             raise CheckpointError(
                 f"cannot resume ckpt_path={path} with trainer.max_steps={max_steps}: it was saved "
-                f"at the end of epoch {epoch}, and Lightning resumes a fit that counts steps "
+                f"{saved}, and Lightning resumes a fit that counts steps "
                 "inside that epoch again (its end-of-epoch callbacks run twice: early stopping "
                 "fails, and the run drifts from an uninterrupted one); resume without "
                 "trainer.max_steps (trainer.max_epochs ends the run), or from a checkpoint saved "
                 "inside an epoch"
             )
-    cut = cut_epoch(path)
-    if cfg.get("train") and max_steps in (None, -1) and cut is not None:
+    cut = cut_epoch(path) if cfg.get("train") and max_steps in (None, -1) else None
+    if cut is not None:
         log.warning(
             "%s was saved when the fit was stopped (trainer.max_steps or trainer.max_time) after "
             "%d batch(es) of epoch %d: Lightning counts that epoch as trained, so the rest of "

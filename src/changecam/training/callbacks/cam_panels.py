@@ -116,8 +116,8 @@ class CamPanels(L.Callback):
     the validation epoch, on the training device; it is also used for networks that cannot be
     rebuilt in another process (not a :class:`~changecam.models.ChangeNetwork`). ``auto``
     (default) picks ``background``
-    when training runs on an accelerator or uses fewer torch threads than the usable CPU cores,
-    else ``inline``.
+    when training runs on an accelerator or its processes use fewer torch threads, together,
+    than the usable CPU cores, else ``inline``.
 
     Args:
         out_dir: folder of the PNG files (typically ``<run dir>/cam``).
