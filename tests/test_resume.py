@@ -748,6 +748,7 @@ def test_a_run_stopped_early_before_its_minimum_still_has_epochs_to_go(
     (Lightning trains on), so its epoch-end checkpoints are refused under max_steps like any
     unfinished run's (helper-143: taken as finished, and the resume crashed)."""
     from changecam.cli.train import epoch_to_go_on_from
+    from changecam.training.loop_state import read_loop_state
 
     path = tmp_path / "last.ckpt"
     torch.save(
@@ -766,9 +767,10 @@ def test_a_run_stopped_early_before_its_minimum_still_has_epochs_to_go(
         },
         path,
     )
-    epoch = epoch_to_go_on_from(path, 100, 4, min_epochs, min_steps)
+    state = read_loop_state(path)
+    epoch = epoch_to_go_on_from(state, 100, 4, min_epochs, min_steps)
     assert epoch == (1 if goes_on else None)
-    assert epoch_to_go_on_from(path, 8, 4, min_epochs, min_steps) is None  # max_steps reached
+    assert epoch_to_go_on_from(state, 8, 4, min_epochs, min_steps) is None  # max_steps reached
 
 
 def test_a_resume_from_a_validation_every_other_epoch_is_exact(tmp_path, tiny_synthetic):
@@ -1025,7 +1027,7 @@ def test_a_checkpoint_max_steps_wrote_at_a_cut_epochs_end_is_resumed_with_a_warn
     resumes it with the next epoch, the rest of the cut one untrained (helper-149). Said at
     the resume; the partial epoch's train/loss_epoch, the mean of the batches it trained,
     stays. A checkpoint of a whole epoch is not warned about."""
-    from changecam.cli.train import cut_epoch
+    from changecam.training.loop_state import read_loop_state
 
     base = [
         *resume_overrides(tiny_synthetic, 3),
@@ -1036,7 +1038,7 @@ def test_a_checkpoint_max_steps_wrote_at_a_cut_epochs_end_is_resumed_with_a_warn
     stopped = tmp_path / "stopped"
     train(compose_train(stopped, [*base, "+trainer.max_steps=6"]))  # epoch 1, batch 2 of 4
     last = stopped / "run/checkpoints/last.ckpt"
-    assert cut_epoch(last) == (1, 2)
+    assert read_loop_state(last).cut == (1, 2)
     with caplog.at_level("WARNING"):
         train(compose_train(stopped, [*base, "ckpt_path=last"]))
     assert (
@@ -1046,7 +1048,7 @@ def test_a_checkpoint_max_steps_wrote_at_a_cut_epochs_end_is_resumed_with_a_warn
     ) in caplog.text
     rows = [row[:2] for row in csv_layout(stopped / "run") if "train/loss_epoch" in row[2]]
     assert rows == [("0", "3"), ("1", "5"), ("2", "9")]
-    assert cut_epoch(last) is None  # the resumed run ended with a whole epoch
+    assert read_loop_state(last).cut is None  # the resumed run ended with a whole epoch
 
 
 def test_a_cut_epochs_checkpoint_refused_under_max_steps_is_named_as_cut(tmp_path, tiny_synthetic):
@@ -1062,3 +1064,35 @@ def test_a_cut_epochs_checkpoint_refused_under_max_steps_is_named_as_cut(tmp_pat
         r"of epoch 1, as that epoch's end",
     ):
         train(compose_train(tmp_path, [*base, "+trainer.max_steps=10", "ckpt_path=last"]))
+
+
+@pytest.mark.parametrize(
+    ("counts", "last_batch", "stepped", "expected"),
+    [
+        # (ready, started, processed, completed): at_epoch_end, inside_epoch, cut, resumed_step
+        ((2, 2, 2, 1), True, 6, (True, False, None, 6)),  # an epoch's end
+        ((2, 2, 2, 1), False, 5, (True, False, (1, 2), 6)),  # max_steps cut epoch 1 at batch 2
+        ((2, 2, 1, 1), False, 5, (False, True, None, 6)),  # a validation inside epoch 1
+        (None, None, None, (False, False, None, 6)),  # no loop state (not a fit's checkpoint)
+    ],
+)
+def test_where_a_checkpoint_was_saved_is_read_from_its_loop_counters(
+    tmp_path, counts, last_batch, stepped, expected
+):
+    """The one reader of a checkpoint's fit-loop counters every resume decision uses."""
+    from changecam.training.loop_state import read_loop_state
+
+    fit_loop = {}
+    if counts is not None:
+        fit_loop = {
+            "epoch_progress": {
+                "total": dict(
+                    zip(("ready", "started", "processed", "completed"), counts, strict=True)
+                )
+            },
+            "epoch_loop.batch_progress": {"is_last_batch": last_batch, "current": {"processed": 2}},
+            "epoch_loop.state_dict": {"_batches_that_stepped": stepped},
+        }
+    torch.save({"epoch": 1, "global_step": 6, "loops": {"fit_loop": fit_loop}}, tmp_path / "c.ckpt")
+    state = read_loop_state(tmp_path / "c.ckpt")
+    assert (state.at_epoch_end, state.inside_epoch, state.cut, state.resumed_step) == expected

@@ -35,6 +35,7 @@ from changecam.metrics import SCORE_NAMES
 from changecam.training.callbacks.finite_checkpoint import top_k_problem
 from changecam.training.checkpoint import CheckpointError, check_resume_checkpoint
 from changecam.training.csv_logger import CSVLogger
+from changecam.training.loop_state import LoopState, read_loop_state
 from changecam.training.module import pos_weight_problem, stopped_early
 from changecam.training.sigterm import take_sigterm_quietly
 
@@ -146,16 +147,17 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
         raise CheckpointError(f"cannot {what} ckpt_path: {err}") from None
     trainer = cfg.get("trainer") or {}
     max_steps = trainer.get("max_steps")
-    if cfg.get("train") and max_steps not in (None, -1):
+    state = read_loop_state(path) if cfg.get("train") else None
+    if state is not None and max_steps not in (None, -1):
         epoch = epoch_to_go_on_from(
-            path,
+            state,
             max_steps,
             trainer.get("max_epochs"),
             trainer.get("min_epochs"),
             trainer.get("min_steps"),
         )
         if epoch is not None:
-            cut = cut_epoch(path)
+            cut = state.cut
             saved = (
                 f"when the fit was stopped after {cut[1]} batch(es) of epoch {epoch}, as that "
                 "epoch's end"
@@ -170,7 +172,7 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
                 "trainer.max_steps (trainer.max_epochs ends the run), or from a checkpoint saved "
                 "inside an epoch"
             )
-    cut = cut_epoch(path) if cfg.get("train") and max_steps in (None, -1) else None
+    cut = state.cut if state is not None and max_steps in (None, -1) else None
     if cut is not None:
         log.warning(
             "%s was saved when the fit was stopped (trainer.max_steps or trainer.max_time) after "
@@ -186,55 +188,31 @@ def checked_resume_path(cfg: DictConfig, net: Any, output_dir: Path) -> str | No
     return path
 
 
-def cut_epoch(path: str | Path) -> tuple[int, int] | None:
-    """``(epoch, batches trained in it)`` of a checkpoint saved when ``trainer.max_steps`` (or
-    ``trainer.max_time``) ended a fit before the epoch's last batch (its fit loop counts the
-    epoch processed, its batch loop did not reach the last batch); ``None`` otherwise."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    fit_loop = ckpt.get("loops", {}).get("fit_loop", {})
-    total = fit_loop.get("epoch_progress", {}).get("total", {})
-    batches = fit_loop.get("epoch_loop.batch_progress", {})
-    if not isinstance(total.get("processed"), int) or batches.get("is_last_batch") is not False:
-        return None
-    if total["processed"] != total.get("completed", -1) + 1:
-        return None
-    trained = batches.get("current", {}).get("processed")
-    return int(ckpt.get("epoch", 0)), int(trained) if isinstance(trained, int) else 0
-
-
 def epoch_to_go_on_from(
-    path: str | Path,
+    state: LoopState,
     max_steps: int,
     max_epochs: int | None,
     min_epochs: int | None = None,
     min_steps: int | None = None,
 ) -> int | None:
-    """The epoch a checkpoint was saved at the end of (its fit loop processed the epoch and did
-    not yet count it completed), when the run goes on from there (under ``max_steps`` and
-    ``max_epochs``, and not stopped early: Lightning stops early only past ``min_epochs`` and
-    ``min_steps``); ``None`` otherwise (saved inside an epoch, a finished run, which Lightning
-    only scores, or no loop state)."""
-    # mapped, not read: only the loop's counters and the callbacks' states are needed
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    total = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
-    keys = ("ready", "started", "processed", "completed")
-    if not all(isinstance(total.get(k), int) for k in keys):
+    """The epoch a checkpoint was saved at the end of (:attr:`LoopState.at_epoch_end`), when
+    the run goes on from there (under ``max_steps`` and ``max_epochs``, and not stopped early:
+    Lightning stops early only past ``min_epochs`` and ``min_steps``); ``None`` otherwise
+    (saved inside an epoch, a finished run, which Lightning only scores, or no loop state)."""
+    if not state.at_epoch_end:
         return None
-    ready, started, processed, completed = (total[k] for k in keys)
-    if not ready == started == processed == completed + 1:
-        return None
-    global_step = int(ckpt.get("global_step", 0))
+    processed, global_step = state.epochs["processed"], state.global_step
     done = global_step >= max_steps or (max_epochs not in (None, -1) and processed >= max_epochs)
     stopped = any(
         "EarlyStopping" in name
-        and isinstance(state, dict)
-        and stopped_early(state.get("stopping_reason"), state.get("stopped_epoch", 0))
-        for name, state in (ckpt.get("callbacks") or {}).items()
+        and isinstance(callback, dict)
+        and stopped_early(callback.get("stopping_reason"), callback.get("stopped_epoch", 0))
+        for name, callback in state.callbacks.items()
     )
     may_stop = (min_epochs in (None, -1) or processed >= min_epochs) and (
         min_steps in (None, -1) or global_step >= min_steps
     )
-    return None if done or (stopped and may_stop) else completed
+    return None if done or (stopped and may_stop) else state.epochs["completed"]
 
 
 def build_module(cfg: DictConfig, net: Any, **overrides: Any) -> L.LightningModule:

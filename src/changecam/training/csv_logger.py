@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 from lightning.pytorch.loggers.csv_logs import CSVLogger as LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -21,38 +20,9 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from changecam.atomic import write_bytes
 from changecam.training.callbacks.cam_worker import SCALAR_PREFIX as CAM_SCALAR_PREFIX
+from changecam.training.loop_state import read_loop_state
 
 log = logging.getLogger(__name__)
-
-
-def resumed_step(ckpt_path: str | Path) -> int:
-    """The first logger step a run resumed from ``ckpt_path`` logs again.
-
-    Lightning logs at the count of batches that stepped an optimizer, which the fit loop keeps
-    in the checkpoint. A checkpoint saved at an epoch's end holds the count after the epoch's
-    last batch; one saved by a validation inside an epoch (``trainer.val_check_interval``)
-    holds it before that batch is counted, although the batch and its validation were logged at
-    that step, and ``global_step`` (optimizer steps, counted earlier) is then one ahead.
-    """
-    # mapped, not read: only two counters are needed, not the weights and optimizer state
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    global_step = int(ckpt["global_step"])
-    epoch_loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-    stepped = epoch_loop.get("_batches_that_stepped")
-    return global_step if stepped is None else min(global_step, int(stepped) + 1)
-
-
-def redone_epoch(ckpt_path: str | Path) -> int | None:
-    """The epoch a run resumed from ``ckpt_path`` may finish again: the checkpoint's own when
-    it was saved inside that epoch (by a validation there); ``None`` for one saved at an
-    epoch's end (or without loop state)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    total = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("total", {})
-    if not isinstance(total.get("processed"), int) or total.get("processed") != total.get(
-        "completed"
-    ):
-        return None
-    return int(ckpt.get("epoch", 0))
 
 
 def _without_epoch_means(rows: list[dict[str, str]], epoch: int) -> list[dict[str, str]]:
@@ -191,8 +161,10 @@ class CSVLogger(LightningCSVLogger):
         if not train:
             self._keep_before = math.inf
         else:
-            self._keep_before = None if ckpt_path is None else resumed_step(ckpt_path)
-            self._redone = None if ckpt_path is None else redone_epoch(ckpt_path)
+            state = None if ckpt_path is None else read_loop_state(ckpt_path)
+            self._keep_before = None if state is None else state.resumed_step
+            # saved inside an epoch: the resumed run may finish that epoch again
+            self._redone = state.epoch if state is not None and state.inside_epoch else None
 
     @property
     @rank_zero_experiment
