@@ -275,9 +275,15 @@ def config_summary() -> str:
         "hparams_search",
     )
     choices = [f"{k}={v}" for k, v in hydra_cfg.runtime.choices.items() if k in shown and v]
-    overrides = [o for o in hydra_cfg.overrides.task if o.split("=")[0].lstrip("+~") not in shown]
+    overrides = [o for o in hydra_cfg.overrides.task if override_key(o) not in shown]
     text = f"{hydra_cfg.job.config_name}:" + "".join(f" {c}" for c in choices)
     return text + (" | " + " ".join(overrides) if overrides else "")
+
+
+def override_key(override: str) -> str:
+    """The config key a command-line override names: ``a.b=1``, ``+a.b=1``, ``++a.b=1`` and
+    ``~a.b`` all name ``a.b``."""
+    return override.lstrip("+~").split("=", 1)[0]
 
 
 def instantiate_group(cfg: DictConfig | None, kind: type) -> list:

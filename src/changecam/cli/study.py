@@ -37,6 +37,7 @@ from changecam.cli.common import (
     instantiate_loggers,
     instantiate_refusing,
     log,
+    override_key,
     prepare_run,
     resolve_device,
     task_wrapper,
@@ -102,7 +103,7 @@ def data_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     task = HydraConfig.get().overrides.task
-    return [o for o in task if o.lstrip("+~").split("=", 1)[0].split(".")[0] == "data"]
+    return [o for o in task if override_key(o).split(".")[0] == "data"]
 
 
 def zoo_run(cfg: DictConfig, arch: str) -> tuple[Path, list[str]]:

@@ -22,6 +22,7 @@ from changecam.cli.common import (
     instantiate_refusing,
     log,
     log_hyperparameters,
+    override_key,
     prepare_run,
     remove_earlier_results,
     start_history,
@@ -120,7 +121,7 @@ def command_line_keys() -> set[str]:
     if not HydraConfig.initialized():
         return set()
     task = HydraConfig.get().overrides.task
-    return {o.lstrip("+").split("=", 1)[0] for o in task if not o.startswith("~")}
+    return {override_key(o) for o in task if not o.startswith("~")}
 
 
 def run_splits(cfg: DictConfig) -> list[str]:
