@@ -202,7 +202,7 @@ def epoch_to_go_on_from(
     (saved inside an epoch, a finished run, which Lightning only scores, or no loop state)."""
     if not state.at_epoch_end:
         return None
-    processed, global_step = state.epochs["processed"], state.global_step
+    processed, global_step = state.epochs["processed"], state.global_step or 0
     done = global_step >= max_steps or (max_epochs not in (None, -1) and processed >= max_epochs)
     stopped = any(
         "EarlyStopping" in name

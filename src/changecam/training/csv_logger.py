@@ -162,7 +162,12 @@ class CSVLogger(LightningCSVLogger):
             self._keep_before = math.inf
         else:
             state = None if ckpt_path is None else read_loop_state(ckpt_path)
-            self._keep_before = None if state is None else state.resumed_step
+            step = None if state is None else state.resumed_step
+            if state is not None and step is None:
+                log.warning(
+                    "%s holds no step counter: metrics.csv keeps every row it has", ckpt_path
+                )
+            self._keep_before = None if state is None else (math.inf if step is None else step)
             # saved inside an epoch: the resumed run may finish that epoch again
             self._redone = state.epoch if state is not None and state.inside_epoch else None
 

@@ -25,7 +25,7 @@ class LoopState:
     """
 
     epoch: int = 0
-    global_step: int = 0
+    global_step: int | None = None  # optimizer steps (Lightning's own checkpoints hold it)
     epochs: Mapping[str, int] = field(default_factory=dict)  # fit_loop.epoch_progress.total
     batches: Mapping[str, Any] = field(default_factory=dict)  # epoch_loop.batch_progress
     stepped: int | None = None  # batches that stepped an optimizer (the logger's step)
@@ -49,21 +49,26 @@ class LoopState:
     def inside_epoch(self) -> bool:
         """Saved inside an epoch (by a validation or a step-interval save there): the epoch is
         not processed yet, and a resumed run goes on in it."""
-        return self.counted and self.epochs["processed"] == self.epochs["completed"]
+        processed = self.epochs.get("processed")
+        return isinstance(processed, int) and processed == self.epochs.get("completed")
 
     @property
     def cut(self) -> tuple[int, int] | None:
         """``(epoch, batches trained in it)`` of one saved as the end of an epoch that
         ``trainer.max_steps`` (or ``max_time``) stopped before its last batch; ``None``
         otherwise. Lightning resumes it with the next epoch."""
-        if not self.at_epoch_end or self.batches.get("is_last_batch") is not False:
+        processed, completed = self.epochs.get("processed"), self.epochs.get("completed")
+        if not isinstance(processed, int) or not isinstance(completed, int):
+            return None
+        if processed != completed + 1 or self.batches.get("is_last_batch") is not False:
             return None
         trained = self.batches.get("current", {}).get("processed")
         return self.epoch, int(trained) if isinstance(trained, int) else 0
 
     @property
-    def resumed_step(self) -> int:
-        """The first logger step a run resumed from here logs again.
+    def resumed_step(self) -> int | None:
+        """The first logger step a run resumed from here logs again (``None``: the checkpoint
+        holds neither count).
 
         Lightning logs at the count of batches that stepped an optimizer. A checkpoint saved
         at an epoch's end holds the count after the epoch's last batch; one saved by a
@@ -71,9 +76,9 @@ class LoopState:
         is counted, although the batch and its validation were logged at that step, and
         ``global_step`` (optimizer steps, counted earlier) is then one ahead.
         """
-        if self.stepped is None:
-            return self.global_step
-        return min(self.global_step, self.stepped + 1)
+        counts = [c for c in (self.global_step, None if self.stepped is None else self.stepped + 1)]
+        known = [c for c in counts if c is not None]
+        return min(known) if known else None
 
 
 def read_loop_state(path: str | Path) -> LoopState:
@@ -84,7 +89,7 @@ def read_loop_state(path: str | Path) -> LoopState:
     stepped = fit_loop.get("epoch_loop.state_dict", {}).get("_batches_that_stepped")
     return LoopState(
         epoch=int(ckpt.get("epoch", 0)),
-        global_step=int(ckpt.get("global_step", 0)),
+        global_step=None if ckpt.get("global_step") is None else int(ckpt["global_step"]),
         epochs=fit_loop.get("epoch_progress", {}).get("total", {}),
         batches=fit_loop.get("epoch_loop.batch_progress", {}),
         stepped=None if stepped is None else int(stepped),
