@@ -1097,8 +1097,12 @@ def test_where_a_checkpoint_was_saved_is_read_from_its_loop_counters(
     torch.save({"epoch": 1, "global_step": 6, "loops": {"fit_loop": fit_loop}}, tmp_path / "c.ckpt")
     state = read_loop_state(tmp_path / "c.ckpt")
     assert (state.at_epoch_end, state.inside_epoch, state.cut, state.resumed_step) == expected
-    # without global_step the optimizer steps' own count decides (0 wiped metrics.csv, h163)
-    torch.save({"epoch": 1, "loops": {"fit_loop": fit_loop}}, tmp_path / "d.ckpt")
-    assert read_loop_state(tmp_path / "d.ckpt").resumed_step == (
-        None if stepped is None else stepped + 1
-    )
+    # without global_step: the optimizer steps' count Lightning restores it from (0 kept no
+    # row of metrics.csv, helper-163), else the batches that stepped (helper-164)
+    optimizer = {"optimizer": {"step": {"total": {"completed": 6}}}}
+    counted = {**fit_loop, "epoch_loop.automatic_optimization.optim_progress": optimizer}
+    torch.save({"epoch": 1, "loops": {"fit_loop": counted}}, tmp_path / "d.ckpt")
+    assert read_loop_state(tmp_path / "d.ckpt").resumed_step == expected[3]
+    torch.save({"epoch": 1, "loops": {"fit_loop": fit_loop}}, tmp_path / "e.ckpt")
+    bare = read_loop_state(tmp_path / "e.ckpt")
+    assert bare.resumed_step == (None if stepped is None else stepped + (not bare.at_epoch_end))

@@ -76,9 +76,11 @@ class LoopState:
         is counted, although the batch and its validation were logged at that step, and
         ``global_step`` (optimizer steps, counted earlier) is then one ahead.
         """
-        counts = [c for c in (self.global_step, None if self.stepped is None else self.stepped + 1)]
-        known = [c for c in counts if c is not None]
-        return min(known) if known else None
+        if self.stepped is None:
+            return self.global_step
+        if self.global_step is None:  # the batch that stepped is counted at an epoch's end
+            return self.stepped + (0 if self.at_epoch_end else 1)
+        return min(self.global_step, self.stepped + 1)
 
 
 def read_loop_state(path: str | Path) -> LoopState:
@@ -87,9 +89,14 @@ def read_loop_state(path: str | Path) -> LoopState:
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     fit_loop = ckpt.get("loops", {}).get("fit_loop", {})
     stepped = fit_loop.get("epoch_loop.state_dict", {}).get("_batches_that_stepped")
+    # global_step, or the optimizer steps' count Lightning restores it from
+    steps = ckpt.get("global_step")
+    if steps is None:
+        optimizer = fit_loop.get("epoch_loop.automatic_optimization.optim_progress", {})
+        steps = optimizer.get("optimizer", {}).get("step", {}).get("total", {}).get("completed")
     return LoopState(
         epoch=int(ckpt.get("epoch", 0)),
-        global_step=None if ckpt.get("global_step") is None else int(ckpt["global_step"]),
+        global_step=None if steps is None else int(steps),
         epochs=fit_loop.get("epoch_progress", {}).get("total", {}),
         batches=fit_loop.get("epoch_loop.batch_progress", {}),
         stepped=None if stepped is None else int(stepped),
