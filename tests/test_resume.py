@@ -277,9 +277,10 @@ def test_panels_being_drawn_at_a_kill_are_drawn_again_on_resume(tmp_path, tiny_s
         while "slow_steps epoch=1 batch=0" not in log_path.read_text():
             assert proc.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "step 1:0 did not end within 240 s"
-            # only the panel process: a short-lived helper process the run waits for (or
-            # multiprocessing's resource tracker), stopped too, held the run up for good (once
-            # in a CI run)
+            # only the panel process, once it runs its own program: a child stopped between
+            # its fork and its exec holds the parent in fork_exec for good (a CI run: the
+            # stopped child still had train.py's command line; the resource tracker was
+            # stopped too)
             for child in set(children(proc.pid)) - stopped:  # again: until its exec, a
                 if spawned_worker(child):  # child's command line is its parent's
                     os.kill(child, signal.SIGSTOP)
