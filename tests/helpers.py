@@ -6,12 +6,14 @@ and silent, no albumentations update check), the same defaults the commands set.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 from omegaconf import DictConfig, open_dict
 
@@ -29,6 +31,14 @@ SAMPLES = Path(
 LEVIR256_TINY = REPO / "tests" / "fixtures" / "levir256_tiny"
 
 TINY_SPEC = SyntheticSpec(image_size=64, train=4, val=2, test=2, seed=3)
+
+
+def script_module(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as a module (the scripts are no package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_train(tmp_path: Path, overrides: list[str], config_name: str = "train") -> DictConfig:

@@ -1018,17 +1018,11 @@ def test_a_folder_of_scene_pairs_batches_windows_and_shows_progress(
 
 
 def test_the_overlay_figure_renders_a_predicted_scene(tmp_path, ckpt, pair, threshold, monkeypatch):
-    import importlib.util
-
     from PIL import Image
 
-    from helpers import REPO
+    from helpers import script_module
 
-    spec = importlib.util.spec_from_file_location(
-        "render_scene_overlay", REPO / "scripts" / "render_scene_overlay.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script_module("render_scene_overlay")
     # from another working folder than predict.py's, of inputs given relative to its own, and
     # without polygons (predict.polygons=false): both failed (helper-146)
     monkeypatch.chdir(pair[0].parent)
@@ -1056,15 +1050,9 @@ def test_the_overlay_figure_renders_a_predicted_scene(tmp_path, ckpt, pair, thre
 def test_the_overlay_script_draws_any_data_type_and_passes_every_override(monkeypatch):
     """A 16-bit post was drawn clipped to white, ``--side`` did not limit it, and ``--demo``'s
     first predict.py override was taken for the scene folder (helper-119)."""
-    import importlib.util
+    from helpers import script_module
 
-    from helpers import REPO
-
-    spec = importlib.util.spec_from_file_location(
-        "render_scene_overlay", REPO / "scripts" / "render_scene_overlay.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script_module("render_scene_overlay")
     wide = np.linspace(1000, 11200, 3 * 40 * 50).reshape(3, 40, 50).astype(np.uint16)
     shown = module.displayable(wide)
     assert shown.dtype == np.uint8 and shown.min() == 0 and shown.max() == 255

@@ -438,13 +438,9 @@ def test_a_negative_split_count_is_refused_naming_the_key(split):
 def test_real_stats_refuses_an_empty_synthetic_set_before_any_work():
     """scripts/real_stats.py --synthetic-256 0 failed on an empty minimum after the real
     sets' statistics were computed (helper-146)."""
-    import importlib.util
+    from helpers import script_module
 
-    from helpers import REPO
-
-    spec = importlib.util.spec_from_file_location("real_stats", REPO / "scripts" / "real_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = script_module("real_stats")
     module.set_statistics = lambda pairs: pytest.fail("statistics computed before the refusal")
     for flag in ("--synthetic-256", "--synthetic-1024"):
         with pytest.raises(SystemExit):
