@@ -373,9 +373,7 @@ def same_inputs(logged: Any, pair: Triplet) -> bool:
     def where(value: Any) -> Path | None:
         return Path(value).resolve() if isinstance(value, str) else None
 
-    return all(
-        where(logged[k]) == where(now[k]) and (logged[k] is None) == (now[k] is None) for k in now
-    )
+    return all(where(logged[k]) == where(now[k]) for k in now)
 
 
 def input_stamps(pair: Triplet) -> dict[str, list[int] | None]:

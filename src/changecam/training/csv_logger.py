@@ -160,16 +160,17 @@ class CSVLogger(LightningCSVLogger):
             raise RuntimeError("CSVLogger.resume_from must be called before anything is logged")
         if not train:
             self._keep_before = math.inf
-        else:
-            state = None if ckpt_path is None else read_loop_state(ckpt_path)
-            step = None if state is None else state.resumed_step
-            if state is not None and step is None:
-                log.warning(
-                    "%s holds no step counter: metrics.csv keeps every row it has", ckpt_path
-                )
-            self._keep_before = None if state is None else (math.inf if step is None else step)
-            # saved inside an epoch: the resumed run may finish that epoch again
-            self._redone = state.epoch if state is not None and state.inside_epoch else None
+            return
+        if ckpt_path is None:
+            self._keep_before = None
+            return
+        state = read_loop_state(ckpt_path)
+        self._keep_before = state.resumed_step
+        if self._keep_before is None:
+            log.warning("%s holds no step counter: metrics.csv keeps every row it has", ckpt_path)
+            self._keep_before = math.inf
+        # saved inside an epoch: the resumed run may finish that epoch again
+        self._redone = state.epoch if state.inside_epoch else None
 
     @property
     @rank_zero_experiment
