@@ -25,6 +25,7 @@ from changecam.models.protocol import network_config
 from changecam.training.checkpoint import CONFIG_KEY, PREFIX_KEY
 from helpers import compose_train, run_script
 from test_checkpoint import make_lightning_checkpoint
+from wandb_offline import config, job_type
 
 EPS = 1e-5  # BatchNorm's eps: running_var = 1 - eps makes it the exact identity
 
@@ -213,12 +214,20 @@ def test_eval_scores_at_the_checkpoints_threshold_unless_given(tmp_path, hand_ma
             "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
             CONFIG_KEY: network_config(net),
             PREFIX_KEY: "net.",
-            "hyper_parameters": {"threshold": 0.99999},
+            "hyper_parameters": {"threshold": 0.99999, "loss": "bce", "pos_weight": 3.0},
         },
         ckpt,
     )
     base = [*hand_made_overrides(root, ckpt), "logger=none", "post_share=false"]
-    assert evaluate(compose_train(tmp_path / "own", base, "eval"))["test/f1"] == 0.0
+    own = compose_train(tmp_path / "own", [*base, "logger=wandb"], "eval")
+    assert evaluate(own)["test/f1"] == 0.0
+    # W&B tells an eval run from training runs, and records what it scored with (its config
+    # leaves them to the checkpoint: threshold null, no module)
+    (offline,) = (tmp_path / "own/run/wandb").glob("offline-run-*")
+    assert job_type(offline) == "eval"
+    logged = config(offline)
+    assert logged["threshold"] == 0.99999
+    assert logged["module"] == {"loss": "bce", "pos_weight": 3.0, "threshold": 0.99999}
     with caplog.at_level("WARNING"):
         given = evaluate(compose_train(tmp_path / "given", [*base, "threshold=0.5"], "eval"))
     assert given["test/f1"] == pytest.approx(0.5)

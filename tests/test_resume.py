@@ -80,7 +80,7 @@ def test_resume_matches_uninterrupted_and_keeps_wandb_id_and_csv_history(tmp_pat
     )
 
     split = tmp_path / "split"
-    first = [*resume_overrides(tiny_synthetic, 1), "logger=many", per_step, "test=false"]
+    first = [*resume_overrides(tiny_synthetic, 1), "logger=many", per_step]
     train(compose_train(split, first))
     run = split / "run"
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
@@ -102,8 +102,9 @@ def test_resume_matches_uninterrupted_and_keeps_wandb_id_and_csv_history(tmp_pat
     assert (run / "csv/metrics.csv").read_text().splitlines() == full_rows
     kept = (run / "csv/metrics.csv").read_bytes()
     assert b"\n" not in kept.replace(b"\r\n", b""), "one line end, as Lightning writes"
-    assert len(first_rows) == 8  # header, 4 steps, val and train epoch, the final val
-    assert len(full_rows) == 15
+    assert len(first_rows) == 8  # header, 4 steps, val and train epoch, the test scores
+    assert first_rows[-1].startswith("1,4,")  # the test scores: after the last checkpoint
+    assert len(full_rows) == 14
 
 
 def test_resume_with_loader_workers_matches_uninterrupted(tmp_path, tiny_synthetic):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import inspect
 import json
 import subprocess
@@ -20,7 +21,7 @@ from changecam.cli.train import train
 from changecam.explain import ExplainSettings
 from changecam.training.callbacks.cam_panels import CamPanels
 from helpers import REPO, compose_train, run_script, tiny_overrides
-from wandb_offline import exit_code
+from wandb_offline import exit_code, history, job_type, summary
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
@@ -174,12 +175,17 @@ def test_fast_dev_run_every_experiment(tmp_path, tiny_synthetic, levir256_tiny, 
 
 
 def test_short_run_leaves_checkpoints_metrics_and_wandb(tmp_path, tiny_synthetic):
+    epochs = 3
     cfg = compose_train(
         tmp_path,
         [
             "experiment=quickstart",
-            "trainer.max_epochs=1",
-            "logger=wandb",
+            f"trainer.max_epochs={epochs}",
+            "logger=many",
+            "callbacks.cam_panels=null",
+            # an early best epoch: the summary tells the best checkpoint from the last epoch
+            "module.optimizer.lr=0.03",
+            "module.pos_weight=5",
             *tiny_overrides(tiny_synthetic),
         ],
     )
@@ -193,6 +199,20 @@ def test_short_run_leaves_checkpoints_metrics_and_wandb(tmp_path, tiny_synthetic
     )
     (offline,) = (run / "wandb").glob("offline-run-*")  # an offline W&B run in the run folder
     assert exit_code(offline) == 0
+    # the val/* history holds the epochs trained; the best checkpoint's scores, computed again
+    # after the fit, are the run's summary, not one more epoch at a step never trained
+    val_rows = [r for r in history(offline) if "val/f1" in r]
+    assert [r["epoch"] for r in val_rows] == list(range(epochs))
+    with (run / "csv/metrics.csv").open() as file:
+        csv_val = [r for r in csv.DictReader(file) if r["val/f1"]]
+    assert [int(r["epoch"]) for r in csv_val] == list(range(epochs))
+    best_epoch = max(range(epochs), key=lambda e: val_rows[e]["val/f1"])
+    assert best_epoch < epochs - 1  # else the summary would be the last epoch's either way
+    assert metrics["val/f1"] == pytest.approx(val_rows[best_epoch]["val/f1"])
+    shown = summary(offline)
+    for key in ("val/f1", "val/loss", "val/recall"):
+        assert shown[key] == pytest.approx(metrics[key])
+    assert job_type(offline) == "train"
 
 
 def test_a_failed_run_is_a_failed_wandb_run(tmp_path, tiny_synthetic):

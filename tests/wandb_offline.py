@@ -73,3 +73,31 @@ def history(run_dir: Path) -> list[dict]:
         for r in found
         if r.WhichOneof("record_type") == "history"
     ]
+
+
+def summary(run_dir: Path) -> dict:
+    """The values an offline run's ``run.summary`` was given (``summary.update`` calls, the
+    latest per key), once the run's log is complete. W&B shows a key's last logged value for
+    the keys not among them."""
+    values: dict = {}
+    for r in complete_records(run_dir):
+        if r.WhichOneof("record_type") == "summary":
+            for item in r.summary.update:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return values
+
+
+def job_type(run_dir: Path) -> str:
+    """The ``job_type`` an offline run was started with (its ``run`` record)."""
+    runs = [r.run for r in complete_records(run_dir) if r.WhichOneof("record_type") == "run"]
+    return runs[0].job_type
+
+
+def config(run_dir: Path) -> dict:
+    """An offline run's config, as {top-level key: value} (the latest value of each)."""
+    values: dict = {}
+    for r in complete_records(run_dir):
+        if r.WhichOneof("record_type") == "config":
+            for item in r.config.update:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return values

@@ -10,6 +10,7 @@ the CLI modules; they import this one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -17,7 +18,7 @@ import shutil
 import sys
 import time
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +287,13 @@ def override_key(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def instantiate_group(cfg: DictConfig | None, kind: type) -> list:
-    """Instantiate every ``_target_`` entry of a config group dict (callbacks or loggers)."""
+def instantiate_group(
+    cfg: DictConfig | None,
+    kind: type,
+    arguments: Callable[[DictConfig], dict[str, Any]] | None = None,
+) -> list:
+    """Instantiate every ``_target_`` entry of a config group dict (callbacks or loggers),
+    each with the keyword ``arguments`` of its entry, if given."""
     objects = []
     if not cfg:
         return objects
@@ -295,7 +301,7 @@ def instantiate_group(cfg: DictConfig | None, kind: type) -> list:
         raise TypeError(f"expected a config dict of {kind.__name__}s, got {type(cfg).__name__}")
     for name, conf in cfg.items():
         if isinstance(conf, DictConfig) and "_target_" in conf:
-            obj = hydra.utils.instantiate(conf)
+            obj = hydra.utils.instantiate(conf, **(arguments(conf) if arguments else {}))
             if not isinstance(obj, kind):
                 raise TypeError(
                     f"config entry {name!r} built a {type(obj).__name__}, not a {kind.__name__}"
@@ -308,15 +314,46 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
     return instantiate_group(cfg, Callback)
 
 
-def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
-    return instantiate_group(cfg, Logger)
+def instantiate_loggers(cfg: DictConfig | None, job_type: str) -> list[Logger]:
+    """The loggers of a ``logger`` config group; a W&B logger whose ``job_type`` is null gets
+    ``job_type`` (the command: ``train``, ``eval``, ``study``), so W&B can tell them apart."""
+
+    def job_type_of(conf: DictConfig) -> dict[str, Any]:
+        wandb = str(conf.get("_target_", "")).endswith("WandbLogger")
+        return {"job_type": job_type} if wandb and conf.get("job_type") is None else {}
+
+    return instantiate_group(cfg, Logger, job_type_of)
 
 
-def log_hyperparameters(loggers: list[Logger], cfg: DictConfig) -> None:
-    """The resolved job config (without the ``hydra`` node) to every logger."""
-    hparams = resolved(cfg)
+def log_hyperparameters(
+    loggers: list[Logger], cfg: DictConfig, used: Mapping[str, Any] | None = None
+) -> None:
+    """The resolved job config (without the ``hydra`` node) to every logger, with ``used``'s
+    top-level entries in place of the config's (the values a run resolved: e.g. eval.py's
+    threshold and loss, which its config leaves to the checkpoint)."""
+    hparams = {**resolved(cfg), **(used or {})}
     for logger in loggers:
         logger.log_hyperparams(hparams)
+
+
+@contextlib.contextmanager
+def unlogged(trainer: Any) -> Iterator[None]:
+    """Run a loop of ``trainer`` without its loggers (restored after)."""
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        yield
+    finally:
+        trainer.loggers = loggers
+
+
+def log_summary(loggers: list[Logger], metrics: Mapping[str, float]) -> None:
+    """``metrics`` as the run's summary values where a logger keeps a summary (W&B's, which
+    otherwise shows each key's last logged value); call it on rank zero."""
+    for logger in loggers:
+        summary = getattr(getattr(logger, "experiment", None), "summary", None)
+        if summary is not None and hasattr(summary, "update"):
+            summary.update(dict(metrics))
 
 
 def to_float_dict(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -115,7 +115,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate_refusing(cfg.data, **overrides)
     datamodule.prepare_data()  # before the scale check lists the split's files
     warn_split_scale(cfg.ckpt_path, hparams, datamodule, split, "eval.py", spec is not None)
-    loggers = instantiate_loggers(cfg.get("logger"))
+    loggers = instantiate_loggers(cfg.get("logger"), "eval")
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         logger=loggers or False,
@@ -128,7 +128,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         num_nodes=1,
         sync_batchnorm=False,
     )
-    log_hyperparameters(loggers, cfg)
+    # what it scores with: the threshold, loss and pos_weight its config leaves to the checkpoint
+    used = {k: module.hparams.get(k) for k in ("loss", "pos_weight", "threshold")}
+    log_hyperparameters(loggers, cfg, {"threshold": threshold, "module": used})
     run_loop = trainer.test if split == "test" else trainer.validate
     metrics: dict[str, float | None] = {
         **to_float_dict(run_loop(module, datamodule=datamodule, verbose=False)[0]),

@@ -366,7 +366,7 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     }
     loaders = {name: (lambda p=path: read_checkpoint(p)[0]) for name, path in models.items()}
     plots = write_report(output_dir, record, images, loaders, device)
-    log_study(instantiate_loggers(cfg.get("logger")), record, plots)
+    log_study(instantiate_loggers(cfg.get("logger"), "study"), record, plots)
     seconds["total"] = time.perf_counter() - started
     record["seconds"] = seconds  # wall time: data and zoo training, each model's study, all
     write_json(output_dir / "study.json", record)

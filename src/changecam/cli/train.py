@@ -22,12 +22,14 @@ from changecam.cli.common import (
     instantiate_refusing,
     log,
     log_hyperparameters,
+    log_summary,
     override_key,
     prepare_run,
     remove_earlier_results,
     start_history,
     task_wrapper,
     to_float_dict,
+    unlogged,
 )
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.ddp import ddp_job, in_sweep
@@ -369,7 +371,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar given then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     new_run_id = configure_wandb(cfg, output_dir, resumes, record=False)  # the loggers need it
-    loggers = instantiate_loggers(cfg.get("logger"))
+    loggers = instantiate_loggers(cfg.get("logger"), "train")
     for logger in loggers:
         if isinstance(logger, CSVLogger):  # a resumed run continues its metrics.csv
             logger.resume_from(ckpt_path, train=bool(cfg.get("train")))
@@ -414,7 +416,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
             best = ckpt_path
             if best is None:
                 log.warning("train=false without ckpt_path: evaluating the initial weights")
-        scored = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        if cfg.get("train"):
+            # the best checkpoint's scores are the run's summary, not one more epoch of the
+            # val/* history (at an epoch and step that were never trained)
+            with unlogged(trainer):
+                scored = trainer.validate(
+                    module, datamodule=datamodule, ckpt_path=best, verbose=False
+                )
+            if scored and trainer.is_global_zero:  # the trainer's: fast_dev_run logs nothing
+                log_summary(trainer.loggers, scored[0])
+        else:  # scoring is all the run does: its one row of the history
+            scored = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         metrics.update(scored[0] if scored else {})  # nothing with limit_val_batches=0
         if cfg.get("test"):
             metrics.update(
