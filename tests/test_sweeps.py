@@ -85,7 +85,8 @@ def test_optuna_search_stores_its_study_in_the_sweep_dir_and_continues_it(tmp_pa
             ],
             cwd=tmp_path,
         )
-    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{sweep / 'optuna.db'}")
+    storage = f"sqlite:///{sweep / 'optuna.db'}"
+    study = optuna.load_study(study_name="quickstart", storage=storage)
     trials = study.get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
@@ -105,6 +106,25 @@ def test_optuna_search_stores_its_study_in_the_sweep_dir_and_continues_it(tmp_pa
         "module.loss",
         "model.fusion",
     }
+    # trials that diverge (a learning rate of 1e30: non-finite loss) are stored as failed and
+    # the study goes on; the plugin's default ended it at the first (helper-167)
+    proc = run_script(
+        "train.py",
+        [
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.seed=8",
+            *tiny(tiny_synthetic),
+            "logger=none",
+            "module.optimizer.lr=1e30",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    states = [t.state for t in optuna.load_study(study_name="quickstart", storage=storage).trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 3 + [optuna.trial.TrialState.FAIL] * 2
+    assert (proc.stdout + proc.stderr).count("Failed experiment: training loss is") == 2
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text()) == best
 
 
 def test_slurm_launcher_config_composes_without_a_cluster(tmp_path):
