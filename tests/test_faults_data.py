@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.predict import PredictionError, predict
 from changecam.cli.train import train
 from changecam.data import ChangeDetectionDataModule
-from changecam.data.io import ImageReadError, read_header, read_image, read_label
+from changecam.data.io import ImageReadError, image_size, read_header, read_image, read_label
 from changecam.data.layout import DatasetNotFoundError, LayoutError
 from changecam.data.validate import DataValidationError
 from helpers import compose_train, run_script, tiny_overrides
@@ -358,6 +359,38 @@ def test_jpeg_pixels_are_those_opencv_decodes(tmp_path):
     assert read_image(grey).shape == (96, 96, 3)
 
 
+def test_a_jpeg_stored_on_its_side_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    """A photo stored turned, with EXIF Orientation 6 (rotate 90° clockwise to view), is read
+    as viewers and OpenCV's imread show it, header size included: its pixels were read as
+    stored, against a label drawn on the upright image (helper-168)."""
+    upright = np.zeros((40, 64, 3), np.uint8)  # 40 x 64, a bright block at the top left
+    upright[:10, :16] = 255
+    path = tmp_path / "side.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    # stored turned 90° anticlockwise (64 x 40): Orientation 6 turns it back clockwise
+    Image.fromarray(np.rot90(upright)).save(path, exif=exif, quality=100)
+    decoded = read_image(path)
+    assert decoded.shape == (40, 64, 3) and read_header(path).height == 40
+    assert read_header(path).width == 64 and image_size(path) == (40, 64)
+    assert np.abs(decoded.astype(int) - upright).mean() < 2  # JPEG's loss alone
+    expected = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(decoded, expected)
+    # every orientation as Pillow's exif_transpose turns it, its header size with it
+    for orientation in range(1, 9):
+        exif[0x0112] = orientation
+        Image.fromarray(upright).save(path, exif=exif, quality=100)
+        with Image.open(path) as im:
+            turned = np.asarray(ImageOps.exif_transpose(im))
+        assert read_image(path).shape == turned.shape, orientation
+        np.testing.assert_array_equal(read_image(path), turned)
+        assert image_size(path) == turned.shape[:2] == read_header(path).size
+    # a malformed tag (text, not a number) leaves the pixels and the size as stored, together
+    ifd = struct.pack("<HHHI4sI", 1, 0x0112, 2, 2, b"6\0\0\0", 0)  # one entry: ASCII "6"
+    Image.fromarray(upright).save(path, exif=b"Exif\0\0II*\0" + struct.pack("<I", 8) + ifd)
+    assert read_image(path).shape == (40, 64, 3) and read_header(path).size == (40, 64)
+
+
 # ---------------------------------------------------------------- what works
 
 
@@ -369,6 +402,46 @@ def test_jpeg_images_pair_with_png_labels(dataset):
     assert {t.pre.suffix for t in triplets} == {".jpg"}
     assert {t.label.suffix for t in triplets} == {".png"}
     assert dm.dataset("train")[0]["pre"].shape == (3, 32, 32)
+
+
+def test_tiles_that_leave_border_strips_of_a_scored_split_unscored_are_warned_about(
+    dataset, caplog
+):
+    """64 px images in 48 px tiles: one tile each, 56.25 % of the pixels scored, where eval.py
+    printed "pooled over all pixels" (helper-168); the training split's borders go unwarned."""
+    dm = ChangeDetectionDataModule(dataset, layout="levir", patch_size=48)
+    with caplog.at_level("WARNING", logger="changecam"):
+        dm.setup("fit")
+        dm.setup("test")
+    warned = [r.getMessage() for r in caplog.records if "is never scored" in r.getMessage()]
+    assert [w.split(" of the ")[1].split()[0] for w in warned] == ["val", "test"]
+    assert "data.eval_protocol=tiles scores 56.2 % of the val split's pixels" in warned[0]
+    assert "2 of the 2 images have sides that are not a multiple of data.patch_size=48" in warned[0]
+    caplog.clear()
+    whole = ChangeDetectionDataModule(dataset, layout="levir", patch_size=32)
+    with caplog.at_level("WARNING", logger="changecam"):
+        whole.setup("fit")
+    assert "is never scored" not in caplog.text
+
+
+def test_an_image_in_two_splits_is_warned_about(dataset, caplog):
+    """A name in two split lists (or a folder given twice) trained on what the test split
+    scores, silently (helper-171): warned about once per pair of splits, naming the file."""
+    train_pre = first(dataset, "train", "A")
+    test_pre = first(dataset, "test", "A")
+    test_pre.unlink()
+    test_pre.symlink_to(train_pre)  # the test split's first pre image is the train split's
+    dm = ChangeDetectionDataModule(dataset, layout="levir", patch_size=32)
+    with caplog.at_level("WARNING", logger="changecam"):
+        dm.setup("fit")
+        assert "shares" not in caplog.text  # train and val share nothing
+        dm.setup("test")
+        dm.setup("test")
+    (shared,) = [r.getMessage() for r in caplog.records if "shares" in r.getMessage()]
+    assert shared == (
+        f"the test split shares 1 of its 2 images with the train split (e.g. {test_pre}): its "
+        "scores are not held out from it"
+    )
 
 
 def test_full_validation_shows_progress_and_accepts_good_data(dataset, capsys):

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 import cv2
 import numpy as np
@@ -101,8 +101,49 @@ def _decode_grey_alpha_tiff(path: Path, data: bytes) -> np.ndarray:
     return np.dstack([grey, grey, grey, alpha])
 
 
+EXIF_ORIENTATION = 0x0112
+TURNED = range(2, 9)  # EXIF orientations of an image stored turned or mirrored (1: upright)
+TURNED_ON_ITS_SIDE = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _orientation(im: Any) -> int:
+    """A JPEG's EXIF orientation: 2 to 8 where it is stored turned, else 1 (a missing,
+    unreadable or malformed tag, e.g. stored as text; and other formats, whose pixels OpenCV
+    reads as stored). The decoder and the header sizes both take it from here."""
+    if im.format not in ("JPEG", "MPO"):  # MPO: a camera's JPEG with a second picture
+        return 1
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except (TypeError, ValueError, SyntaxError, OSError):  # an unreadable EXIF block
+        return 1
+    return value if type(value) is int and value in TURNED else 1
+
+
+def upright_size(im: Any) -> tuple[int, int]:
+    """(height, width) of an opened Pillow image as it is read: a JPEG turned by its EXIF
+    orientation (:func:`_decode_jpeg`)."""
+    turned = _orientation(im) in TURNED_ON_ITS_SIDE
+    return (im.width, im.height) if turned else (im.height, im.width)
+
+
+def _undoing(orientation: int) -> Any:
+    """Pillow's transposition that turns an image of EXIF ``orientation`` (2 to 8) upright."""
+    from PIL.Image import Transpose
+
+    return {
+        2: Transpose.FLIP_LEFT_RIGHT,
+        3: Transpose.ROTATE_180,
+        4: Transpose.FLIP_TOP_BOTTOM,
+        5: Transpose.TRANSPOSE,
+        6: Transpose.ROTATE_270,
+        7: Transpose.TRANSVERSE,
+        8: Transpose.ROTATE_90,
+    }[orientation]
+
+
 def _decode_jpeg(path: Path, data: bytes) -> np.ndarray:
-    """Decode a JPEG with Pillow, refusing a truncated or broken stream (``L``/``RGB`` out)."""
+    """Decode a JPEG with Pillow, refusing a truncated or broken stream (``L``/``RGB`` out),
+    turned upright by its EXIF orientation."""
     from PIL import JpegImagePlugin
 
     try:
@@ -110,9 +151,13 @@ def _decode_jpeg(path: Path, data: bytes) -> np.ndarray:
         # other formats (satellite scenes are large by nature).
         with JpegImagePlugin.JpegImageFile(io.BytesIO(data)) as im:
             im.load()
-            if im.mode not in ("L", "RGB"):
-                im = im.convert("RGB")  # CMYK
-            return np.array(im)
+            # turned as its EXIF orientation says (a camera's or a phone's photo stored on its
+            # side), as viewers and OpenCV's imread show it, and as its label was drawn on it
+            orientation = _orientation(im)
+            upright = im.transpose(_undoing(orientation)) if orientation != 1 else im
+            if upright.mode not in ("L", "RGB"):
+                upright = upright.convert("RGB")  # CMYK
+            return np.array(upright)
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageReadError(
             f"{path} is a truncated or corrupt JPEG ({err}); {REPAIR_HINT}"
@@ -318,7 +363,8 @@ def read_header(path: str | Path) -> ImageHeader:
         tiff = tiff_layout(f)  # a TIFF's layout from its own tags: Pillow's mode misses bands
     try:
         with open(path, "rb") as f, _without_pixel_limit(), Image.open(f) as im:
-            header = ImageHeader(path, im.format or "", im.height, im.width, im.mode, _bits(im))
+            height, width = upright_size(im)
+            header = ImageHeader(path, im.format or "", height, width, im.mode, _bits(im))
             complete = _looks_complete(im, f, os.fstat(f.fileno()).st_size)
     except UnidentifiedImageError as err:
         if tiff is not None and tiff[0] not in IMAGE_MODES | LABEL_MODES:
@@ -408,7 +454,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
     try:
         with _without_pixel_limit(), Image.open(path) as im:
-            width, height = im.size
+            height, width = upright_size(im)
     except Exception as err:  # PIL raises several types for corrupt files
         raise ImageReadError(f"{path} could not be opened as an image: {err}") from err
     return height, width

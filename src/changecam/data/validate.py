@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from changecam.data.io import (
@@ -135,6 +136,7 @@ def validate_splits(
             if size is not None:
                 sizes[triplet] = size
         problems += protocol_problems(use, sizes, patch_size, network)
+        warn_unscored_borders(use, sizes, patch_size)
     count = sum(len(use.triplets) for use in uses)
     log.debug("checked the headers of %d triplets in %.2f s", count, time.perf_counter() - start)
     if not problems and mode == "full":
@@ -179,6 +181,64 @@ def triplet_headers(triplet: Triplet) -> tuple[tuple[int, int] | None, list[str]
                 "must have the same size"
             )
     return size, problems
+
+
+def warn_shared_images(splits: Mapping[str, Sequence[Triplet]], new: Sequence[str]) -> None:
+    """Warn where a split of ``new`` holds the same image files (pre images, paths resolved) as
+    another split of ``splits``: a name listed in two split lists, or a folder given twice,
+    trains on or selects by what a later split scores. Each pair of splits once."""
+    files = {
+        split: {Path(t.pre).resolve(): t.pre for t in found} for split, found in splits.items()
+    }
+    for i, split in enumerate(new):
+        for other in splits:
+            if other == split or other in new[i:]:
+                continue  # each pair once: a new split is compared with those before it
+            shared = files[split].keys() & files[other].keys()
+            if shared:
+                first = files[split][min(shared)]
+                log.warning(
+                    "the %s split shares %d of its %d images with the %s split (e.g. %s): its "
+                    "scores are not held out from it",
+                    split,
+                    len(shared),
+                    len(files[split]),
+                    other,
+                    first,
+                )
+
+
+def warn_unscored_borders(
+    use: SplitUse, sizes: dict[Triplet, tuple[int, int]], patch_size: int
+) -> float:
+    """Warn where ``tiles`` leaves part of a scored split (val, test) unscored: the border
+    strips beyond the last whole tile of sides that are not a multiple of ``patch_size``.
+    Returns the share of the split's pixels its tiles cover (1.0 when all, or not tiles)."""
+    if use.protocol != "tiles" or use.split == "train" or not sizes:
+        return 1.0
+    total = sum(h * w for h, w in sizes.values())
+    covered = sum((h // patch_size) * (w // patch_size) for h, w in sizes.values()) * patch_size**2
+    if covered == total:
+        return 1.0
+    cut = [(t, s) for t, s in sizes.items() if s[0] % patch_size or s[1] % patch_size]
+    t, (h, w) = cut[0]
+    log.warning(
+        "%s=tiles scores %.1f %% of the %s split's pixels: %s %s sides that are not a "
+        "multiple of data.patch_size=%d (e.g. %s is %dx%d), and the strip beyond the last whole "
+        "tile is never scored; score whole images with %s=full or eval.py's "
+        "sliding_window.enabled=true",
+        use.protocol_key,
+        100 * covered / total,
+        use.split,
+        _count(cut, use),
+        "have" if len(cut) > 1 else "has",
+        patch_size,
+        t.pre,
+        h,
+        w,
+        use.protocol_key,
+    )
+    return covered / total
 
 
 def protocol_problems(
