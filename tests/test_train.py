@@ -215,6 +215,16 @@ def test_short_run_leaves_checkpoints_metrics_and_wandb(tmp_path, tiny_synthetic
     assert job_type(offline) == "train"
 
 
+def test_a_fast_dev_run_puts_no_scores_into_wandb(tmp_path, tiny_synthetic):
+    """Lightning gives a fast_dev_run a placeholder logger: the best checkpoint's scores,
+    like its history, stay out of the W&B run (its summary got a one-batch val/f1, helper-170)."""
+    overrides = ["experiment=quickstart", "debug=fdr", "logger=wandb"]
+    train(compose_train(tmp_path, [*overrides, *tiny_overrides(tiny_synthetic)]))
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert exit_code(offline) == 0
+    assert not [key for key in summary(offline) if key.startswith(("val/", "test/"))]
+
+
 def test_a_failed_run_is_a_failed_wandb_run(tmp_path, tiny_synthetic):
     """task_wrapper finished the W&B run before W&B's own hook saw the exception, so a crash or
     a Ctrl-C showed as a successful run (exit code 0) once synced (helper-99)."""
