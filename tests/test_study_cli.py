@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.study import per_architecture, study_settings, train_zoo, zoo_architectures
+from changecam.data.io import read_label, write_png
 from helpers import compose_train, run_script
 
 
@@ -94,6 +98,13 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
         ("study.pass_spearman=true", "study.pass_spearman=True must be a number"),
         ("study.data={tmp}/absent", "study.data=.*absent is not a folder"),
         ("study.data={tmp}/vacant", r"dataset root .*vacant holds neither known layout"),
+        # helper-172: a study of no change, or at a layer after the fusion, exited 0 with a
+        # study.json of empty results
+        ("study.data={tmp}/unchanged", r"split 'val' of .*unchanged hold no change"),
+        (
+            "study.layers=[input,bottleneck]",
+            "bottleneck of best is not tapped per date .*; its per-date layers: input, enc1, enc2",
+        ),
         ("+study.max_objects.unet=2", "study.max_objects.unet: no model of this study"),
         # helper-119: refused after the earlier results were removed
         ("device=bogus", "device='bogus' is not a device"),
@@ -108,6 +119,9 @@ def test_bad_study_settings_leave_an_earlier_studys_results(
     from test_checkpoint import make_lightning_checkpoint
 
     (tmp_path / "vacant").mkdir()
+    unchanged = Path(shutil.copytree(tiny_synthetic, tmp_path / "unchanged"))
+    for label in (unchanged / "val" / "label").iterdir():
+        write_png(label, np.zeros_like(read_label(label), np.uint8))
     override = override.format(tmp=tmp_path)
     good = make_lightning_checkpoint(tmp_path / "good" / "best.ckpt", tiny_synthetic, steps=1)
     earlier = {"study.json": "{}", "report.md": "# an earlier study"}
@@ -214,6 +228,9 @@ def test_study_trains_a_tiny_zoo_and_writes_the_report(tmp_path):
     assert len(entry["date_accuracy"]["ci95"]) == 2
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Headline" in report and "plots/date_accuracy.png" in report
+    # the logger gets what was studied beside the numbers (W&B showed no config: helper-172)
+    logged = yaml.safe_load((tmp_path / "run" / "csv" / "hparams.yaml").read_text())
+    assert logged["study"]["zoo"] == ["siamese_unet", "fc_siam_diff"]
     for name in (
         "date_accuracy",
         "post_share",

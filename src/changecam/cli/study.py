@@ -22,10 +22,11 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -37,6 +38,7 @@ from changecam.cli.common import (
     instantiate_loggers,
     instantiate_refusing,
     log,
+    log_hyperparameters,
     override_key,
     prepare_run,
     resolve_device,
@@ -50,7 +52,7 @@ from changecam.data.layout import SPLITS, Triplet, find_triplets
 from changecam.data.synthetic import CHANGE_TYPE_DIR, GENERATOR_VERSION
 from changecam.evaluation.study import StudyImage, StudySettings, study_model
 from changecam.evaluation.study_report import log_study, write_report
-from changecam.explain.hirescam import resolve_taps
+from changecam.explain.hirescam import per_date_layers, resolve_taps
 from changecam.models.taps import TapError
 from changecam.training.checkpoint import read_checkpoint
 from changecam.training.model_match import build_on_meta, read_presets
@@ -195,6 +197,21 @@ def labelled_triplets(root: Path, split: str) -> list[Triplet]:
     return triplets
 
 
+def check_change(labels: Iterable[np.ndarray], split: str, root: Path) -> None:
+    """Refuse a study whose pairs' ``labels`` hold no change: it scores changed objects, and
+    would write a finished-looking ``study.json`` that measured nothing.
+
+    Raises:
+        ValueError: naming the split and its folder.
+    """
+    if not any(label.any() for label in labels):
+        raise ValueError(
+            f"the labels of the pairs studied in split {split!r} of {root} hold no change: the "
+            "study scores changed objects; study a split (or study.max_images) with labelled "
+            "change"
+        )
+
+
 def read_split(root: Path, split: str, limit: int | None = None) -> list[StudyImage]:
     """The labelled pairs of one split (the first ``limit``, at least one), with
     ``change_type/`` when the folder has it."""
@@ -282,7 +299,8 @@ def study_checks(cfg: DictConfig) -> None:
     if data:  # a mistyped folder failed after the earlier study's results were removed
         if not Path(data).is_dir():
             raise FileNotFoundError(f"study.data={data} is not a folder")
-        labelled_triplets(Path(data), cfg.study.split)
+        studied = labelled_triplets(Path(data), cfg.study.split)[:limit]
+        check_change((read_label(t.label) for t in studied), cfg.study.split, Path(data))
     for name, path in given.items():  # a bad checkpoint fails here, not after the models before it
         net, hparams = read_checkpoint(path)
         warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images
@@ -324,9 +342,17 @@ def check_layers(cfg: DictConfig, name: str, net: Any) -> None:
     if not layers:
         return
     try:
-        resolve_taps(net, list(layers))  # unknown, or shared by two taps: not explainable
+        taps = resolve_taps(net, list(layers))  # unknown, or shared by two taps: not explainable
     except TapError as err:
         raise ConfigError(f"study.layers={list(layers)} does not fit {name}: {err}") from None
+    per_date = per_date_layers(taps)
+    joint = [layer for layer in layers if layer not in per_date]
+    if joint:  # a layer after the dates are fused has no pre and post maps to compare
+        available = per_date_layers(resolve_taps(net, shared=True))
+        raise ConfigError(
+            f"study.layers={list(layers)}: {', '.join(joint)} of {name} is not tapped per date "
+            f"(the study compares each date's maps); its per-date layers: {', '.join(available)}"
+        )
 
 
 @task_wrapper
@@ -339,6 +365,7 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     root = study_root(cfg)
     images = read_split(root, cfg.study.split, cfg.study.get("max_images"))
+    check_change((image.label for image in images), cfg.study.split, root)
     models = train_zoo(cfg, names) if cfg.study.train_zoo else given
     seconds: dict[str, Any] = {"setup_and_training": time.perf_counter() - started, "study": {}}
     results: dict[str, Any] = {}
@@ -366,7 +393,9 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     }
     loaders = {name: (lambda p=path: read_checkpoint(p)[0]) for name, path in models.items()}
     plots = write_report(output_dir, record, images, loaders, device)
-    log_study(instantiate_loggers(cfg.get("logger"), "study"), record, plots)
+    loggers = instantiate_loggers(cfg.get("logger"), "study")
+    log_hyperparameters(loggers, cfg)  # what was studied: checkpoints, data, settings
+    log_study(loggers, record, plots)
     seconds["total"] = time.perf_counter() - started
     record["seconds"] = seconds  # wall time: data and zoo training, each model's study, all
     write_json(output_dir / "study.json", record)
