@@ -10,6 +10,7 @@ values) are in the table too, so they keep working.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import struct
 from collections.abc import Callable
@@ -428,9 +429,11 @@ def test_an_image_in_two_splits_is_warned_about(dataset, caplog):
     """A name in two split lists (or a folder given twice) trained on what the test split
     scores, silently (helper-171): warned about once per pair of splits, naming the file."""
     train_pre = first(dataset, "train", "A")
-    test_pre = first(dataset, "test", "A")
+    test_pre, other_test_pre = sorted((dataset / "test" / "A").iterdir())
     test_pre.unlink()
-    test_pre.symlink_to(train_pre)  # the test split's first pre image is the train split's
+    test_pre.symlink_to(train_pre)  # the test split's pre images are the train split's
+    other_test_pre.unlink()
+    os.link(sorted((dataset / "train" / "A").iterdir())[1], other_test_pre)  # a hard link
     dm = ChangeDetectionDataModule(dataset, layout="levir", patch_size=32)
     with caplog.at_level("WARNING", logger="changecam"):
         dm.setup("fit")
@@ -439,9 +442,15 @@ def test_an_image_in_two_splits_is_warned_about(dataset, caplog):
         dm.setup("test")
     (shared,) = [r.getMessage() for r in caplog.records if "shares" in r.getMessage()]
     assert shared == (
-        f"the test split shares 1 of its 2 images with the train split (e.g. {test_pre}): its "
+        f"the test split shares 2 of its 2 images with the train split (e.g. {test_pre}): its "
         "scores are not held out from it"
     )
+    # a folder given twice: the training split holds its files twice (helper-173)
+    caplog.clear()
+    twice = ChangeDetectionDataModule(dataset, layout="levir", patch_size=32, extra_train=[dataset])
+    with caplog.at_level("WARNING", logger="changecam"):
+        twice.setup("fit")
+    assert "the train split holds 4 of its image files more than once" in caplog.text
 
 
 def test_full_validation_shows_progress_and_accepts_good_data(dataset, capsys):

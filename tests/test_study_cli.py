@@ -101,6 +101,8 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
         # helper-172: a study of no change, or at a layer after the fusion, exited 0 with a
         # study.json of empty results
         ("study.data={tmp}/unchanged", r"split 'val' of .*unchanged hold no change"),
+        # the data group's folder, as study.data's (helper-173: refused after the removal)
+        ("data.root={tmp}/unchanged data.synthetic=null", r"split 'val' of .*unchanged hold no"),
         (
             "study.layers=[input,bottleneck]",
             "bottleneck of best is not tapped per date .*; its per-date layers: input, enc1, enc2",
@@ -129,7 +131,9 @@ def test_bad_study_settings_leave_an_earlier_studys_results(
     for name, text in earlier.items():
         (tmp_path / "run" / name).write_text(text)
     cfg = compose_train(
-        tmp_path, [f"study.checkpoints=[{good}]", "logger=none", override], config_name="study"
+        tmp_path,
+        [f"study.checkpoints=[{good}]", "logger=none", *override.split(" ")],
+        config_name="study",
     )
     with pytest.raises(Exception, match=match):
         study(cfg)

@@ -299,8 +299,13 @@ def study_checks(cfg: DictConfig) -> None:
     if data:  # a mistyped folder failed after the earlier study's results were removed
         if not Path(data).is_dir():
             raise FileNotFoundError(f"study.data={data} is not a folder")
-        studied = labelled_triplets(Path(data), cfg.study.split)[:limit]
-        check_change((read_label(t.label) for t in studied), cfg.study.split, Path(data))
+        root: Path | None = Path(data)
+    else:  # the data group's folder; a synthetic set is written later, with change
+        datamodule = instantiate_refusing(cfg.data, splits=[cfg.study.split])
+        root = Path(datamodule.root) if datamodule.synthetic is None else None
+    if root is not None:
+        studied = labelled_triplets(root, cfg.study.split)[:limit]
+        check_change((read_label(t.label) for t in studied), cfg.study.split, root)
     for name, path in given.items():  # a bad checkpoint fails here, not after the models before it
         net, hparams = read_checkpoint(path)
         warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images
@@ -394,7 +399,8 @@ def study(cfg: DictConfig) -> dict[str, Any]:
     loaders = {name: (lambda p=path: read_checkpoint(p)[0]) for name, path in models.items()}
     plots = write_report(output_dir, record, images, loaders, device)
     loggers = instantiate_loggers(cfg.get("logger"), "study")
-    log_hyperparameters(loggers, cfg)  # what was studied: checkpoints, data, settings
+    # what was studied: checkpoints, settings and data (study.data: the data group is unused)
+    log_hyperparameters(loggers, cfg, {"data": None} if cfg.study.get("data") else None)
     log_study(loggers, record, plots)
     seconds["total"] = time.perf_counter() - started
     record["seconds"] = seconds  # wall time: data and zoo training, each model's study, all

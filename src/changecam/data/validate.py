@@ -23,11 +23,14 @@ problem; the per-file checks collect every problem and raise one
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from changecam.data.io import (
     ImageHeader,
@@ -184,19 +187,29 @@ def triplet_headers(triplet: Triplet) -> tuple[tuple[int, int] | None, list[str]
 
 
 def warn_shared_images(splits: Mapping[str, Sequence[Triplet]], new: Sequence[str]) -> None:
-    """Warn where a split of ``new`` holds the same image files (pre images, paths resolved) as
-    another split of ``splits``: a name listed in two split lists, or a folder given twice,
-    trains on or selects by what a later split scores. Each pair of splits once."""
-    files = {
-        split: {Path(t.pre).resolve(): t.pre for t in found} for split, found in splits.items()
-    }
+    """Warn where a split of ``new`` holds the same image file (pre images: a link, hard or
+    symbolic, is the file it names) as another split of ``splits``, or twice itself: a name
+    listed in two split lists, or a folder given twice (``data.extra_train`` holding
+    ``data.root``), trains on or selects by what a later split scores, or trains on some images
+    twice as often. Each pair of splits once; on global rank zero only."""
+    if rank_zero_only.rank != 0:
+        return
+    files = {split: _file_ids(found) for split, found in splits.items()}
     for i, split in enumerate(new):
+        twice = len(splits[split]) - len(files[split])
+        if twice:
+            log.warning(
+                "the %s split holds %d of its image files more than once (a folder given twice, "
+                "e.g. data.extra_train holding data.root): they weigh more than the others",
+                split,
+                twice,
+            )
         for other in splits:
             if other == split or other in new[i:]:
                 continue  # each pair once: a new split is compared with those before it
             shared = files[split].keys() & files[other].keys()
             if shared:
-                first = files[split][min(shared)]
+                first = min(files[split][key] for key in shared)
                 log.warning(
                     "the %s split shares %d of its %d images with the %s split (e.g. %s): its "
                     "scores are not held out from it",
@@ -206,6 +219,15 @@ def warn_shared_images(splits: Mapping[str, Sequence[Triplet]], new: Sequence[st
                     other,
                     first,
                 )
+
+
+def _file_ids(triplets: Sequence[Triplet]) -> dict[tuple[int, int], Path]:
+    """The pre images of ``triplets`` by file identity (device, inode), the first path of each."""
+    ids: dict[tuple[int, int], Path] = {}
+    for t in triplets:
+        stat = os.stat(t.pre)
+        ids.setdefault((stat.st_dev, stat.st_ino), Path(t.pre))
+    return ids
 
 
 def warn_unscored_borders(
@@ -218,8 +240,8 @@ def warn_unscored_borders(
         return 1.0
     total = sum(h * w for h, w in sizes.values())
     covered = sum((h // patch_size) * (w // patch_size) for h, w in sizes.values()) * patch_size**2
-    if covered == total:
-        return 1.0
+    if covered == total or rank_zero_only.rank != 0:  # each rank of a DDP run checks them
+        return covered / total
     cut = [(t, s) for t, s in sizes.items() if s[0] % patch_size or s[1] % patch_size]
     t, (h, w) = cut[0]
     log.warning(
