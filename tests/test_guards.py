@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -239,6 +241,15 @@ def test_compile_without_a_cpp_compiler_says_so(tmp_path, tiny_synthetic, monkey
     )
     with pytest.raises(ConfigError, match="torch.compile .* needs a C\\+\\+ compiler"):
         check_device(cfg)
+    # Inductor takes $CXX or g++ alone: a c++ on the PATH does not make it compile (helper-175)
+    real = shutil.which("c++", path=os.defpath)
+    if real is None:
+        pytest.skip("this machine has no c++ to put on the PATH")
+    (tmp_path / "c++").symlink_to(real)
+    with pytest.raises(ConfigError, match="torch.compile .* needs a C\\+\\+ compiler"):
+        check_device(cfg)
+    monkeypatch.setenv("CXX", "c++")
+    check_device(cfg)  # named in CXX, it is the one Inductor uses
 
 
 class FormatProbe(L.Callback):

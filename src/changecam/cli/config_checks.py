@@ -27,6 +27,7 @@ import operator
 import os
 import re
 import shutil
+import sys
 import types
 import typing
 from collections.abc import Callable, Iterator
@@ -635,9 +636,15 @@ def check_device(cfg: DictConfig) -> None:
         )
     precision = str(trainer.get("precision", "32-true"))
     if precision in ("16-mixed", "16", "16-true") and not cuda:
+        why = (
+            "whole float16 weights are not trained on the CPU here"
+            if precision == "16-true"
+            else "Lightning has no float16 mixed precision on the CPU and would train in "
+            "bf16-mixed instead"
+        )
         errors.append(
             f"trainer.precision={precision}: float16 needs a CUDA GPU and this run uses the CPU "
-            "(torch has no fp16 autocast for CPU training); use trainer.precision=bf16-mixed on the CPU"
+            f"({why}); use trainer.precision=bf16-mixed on the CPU"
         )
     if precision.startswith("bf16") and cuda and not torch.cuda.is_bf16_supported():
         errors.append(
@@ -659,8 +666,8 @@ def check_device(cfg: DictConfig) -> None:
 
 
 def cpp_compiler() -> str | None:
-    """The C++ compiler TorchInductor would use on the CPU, if there is one."""
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
+    """The C++ compiler TorchInductor would use on the CPU, if there is one: ``$CXX``, else
+    ``g++`` (``clang++`` on macOS), as ``torch._inductor.config.cpp.cxx`` picks it (another
+    compiler on the PATH, ``c++`` say, is not tried)."""
+    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    return name if shutil.which(name) else None
