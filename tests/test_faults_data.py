@@ -425,15 +425,19 @@ def test_tiles_that_leave_border_strips_of_a_scored_split_unscored_are_warned_ab
     assert "is never scored" not in caplog.text
 
 
-def test_an_image_in_two_splits_is_warned_about(dataset, caplog):
+def test_a_pair_in_two_splits_is_warned_about(dataset, caplog):
     """A name in two split lists (or a folder given twice) trained on what the test split
-    scores, silently (helper-171): warned about once per pair of splits, naming the file."""
-    train_pre = first(dataset, "train", "A")
-    test_pre, other_test_pre = sorted((dataset / "test" / "A").iterdir())
-    test_pre.unlink()
-    test_pre.symlink_to(train_pre)  # the test split's pre images are the train split's
-    other_test_pre.unlink()
-    os.link(sorted((dataset / "train" / "A").iterdir())[1], other_test_pre)  # a hard link
+    scores, silently (helper-171): warned about once per pair of splits, naming the file; a
+    pair is its pre and post files, links (symbolic or hard) the files they name."""
+    train_pairs = [sorted((dataset / "train" / d).iterdir())[:2] for d in ("A", "B")]
+    test_pairs = [sorted((dataset / "test" / d).iterdir()) for d in ("A", "B")]
+    for (first_train, second_train), (first_test, second_test) in zip(
+        train_pairs, test_pairs, strict=True
+    ):
+        first_test.unlink()
+        first_test.symlink_to(first_train)  # the test split's first pair is the train split's
+        second_test.unlink()
+        os.link(second_train, second_test)  # and its second, by hard links
     dm = ChangeDetectionDataModule(dataset, layout="levir", patch_size=32)
     with caplog.at_level("WARNING", logger="changecam"):
         dm.setup("fit")
@@ -442,15 +446,28 @@ def test_an_image_in_two_splits_is_warned_about(dataset, caplog):
         dm.setup("test")
     (shared,) = [r.getMessage() for r in caplog.records if "shares" in r.getMessage()]
     assert shared == (
-        f"the test split shares 2 of its 2 images with the train split (e.g. {test_pre}): its "
-        "scores are not held out from it"
+        f"the test split shares 2 of its 2 pairs with the train split (e.g. {test_pairs[0][0]}): "
+        "its scores are not held out from it"
     )
-    # a folder given twice: the training split holds its files twice (helper-173)
-    caplog.clear()
-    twice = ChangeDetectionDataModule(dataset, layout="levir", patch_size=32, extra_train=[dataset])
+    # a folder given twice or three times: the training split holds its pairs more than once
+    # (helper-173), counted once each (helper-177)
+    for extra in ([dataset], [dataset, dataset]):
+        caplog.clear()
+        again = ChangeDetectionDataModule(dataset, layout="levir", patch_size=32, extra_train=extra)
+        with caplog.at_level("WARNING", logger="changecam"):
+            again.setup("fit")
+        assert "the train split holds 4 of its pairs more than once" in caplog.text
+
+
+def test_pairs_that_share_one_date_are_not_warned_about(dataset, caplog):
+    """One pre image beside two post images (a multi-date series) makes two pairs, not one
+    given twice (helper-177)."""
+    first_pre, second_pre = sorted((dataset / "val" / "A").iterdir())
+    second_pre.unlink()
+    second_pre.symlink_to(first_pre)
     with caplog.at_level("WARNING", logger="changecam"):
-        twice.setup("fit")
-    assert "the train split holds 4 of its image files more than once" in caplog.text
+        ChangeDetectionDataModule(dataset, layout="levir", patch_size=32).setup("fit")
+    assert "more than once" not in caplog.text and "shares" not in caplog.text
 
 
 def test_full_validation_shows_progress_and_accepts_good_data(dataset, capsys):

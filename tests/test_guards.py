@@ -250,6 +250,15 @@ def test_compile_without_a_cpp_compiler_says_so(tmp_path, tiny_synthetic, monkey
         check_device(cfg)
     monkeypatch.setenv("CXX", "c++")
     check_device(cfg)  # named in CXX, it is the one Inductor uses
+    gxx = shutil.which("g++", path=os.defpath)
+    if gxx is None:
+        pytest.skip("this machine has no g++ to put on the PATH")
+    (tmp_path / "g++").symlink_to(gxx)
+    monkeypatch.delenv("CXX")
+    check_device(cfg)  # g++, Inductor's default
+    monkeypatch.setenv("CXX", "")  # set empty, Inductor takes it as it is, and fails
+    with pytest.raises(ConfigError, match="torch.compile .* needs a C\\+\\+ compiler"):
+        check_device(cfg)
 
 
 class FormatProbe(L.Callback):

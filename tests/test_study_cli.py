@@ -103,6 +103,11 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
         ("study.data={tmp}/unchanged", r"split 'val' of .*unchanged hold no change"),
         # the data group's folder, as study.data's (helper-173: refused after the removal)
         ("data.root={tmp}/unchanged data.synthetic=null", r"split 'val' of .*unchanged hold no"),
+        # the data group's layout, which the study reads it with (helper-177)
+        (
+            "data.root={tmp}/unchanged data.synthetic=null data.layout=levir256",
+            r"split list .*unchanged/list/val.txt does not exist",
+        ),
         (
             "study.layers=[input,bottleneck]",
             "bottleneck of best is not tapped per date .*; its per-date layers: input, enc1, enc2",

@@ -669,5 +669,5 @@ def cpp_compiler() -> str | None:
     """The C++ compiler TorchInductor would use on the CPU, if there is one: ``$CXX``, else
     ``g++`` (``clang++`` on macOS), as ``torch._inductor.config.cpp.cxx`` picks it (another
     compiler on the PATH, ``c++`` say, is not tried)."""
-    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
-    return name if shutil.which(name) else None
+    name = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+    return name if name and shutil.which(name) else None  # CXX set empty: Inductor fails too

@@ -300,11 +300,13 @@ def study_checks(cfg: DictConfig) -> None:
         if not Path(data).is_dir():
             raise FileNotFoundError(f"study.data={data} is not a folder")
         root: Path | None = Path(data)
-    else:  # the data group's folder; a synthetic set is written later, with change
+        found = labelled_triplets(root, cfg.study.split)
+    else:  # the data group's folder (its layout); a synthetic set is written later, with change
         datamodule = instantiate_refusing(cfg.data, splits=[cfg.study.split])
         root = Path(datamodule.root) if datamodule.synthetic is None else None
+        found = datamodule.triplets(cfg.study.split) if root is not None else []
     if root is not None:
-        studied = labelled_triplets(root, cfg.study.split)[:limit]
+        studied = found[:limit]
         check_change((read_label(t.label) for t in studied), cfg.study.split, root)
     for name, path in given.items():  # a bad checkpoint fails here, not after the models before it
         net, hparams = read_checkpoint(path)

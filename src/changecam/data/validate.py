@@ -187,46 +187,50 @@ def triplet_headers(triplet: Triplet) -> tuple[tuple[int, int] | None, list[str]
 
 
 def warn_shared_images(splits: Mapping[str, Sequence[Triplet]], new: Sequence[str]) -> None:
-    """Warn where a split of ``new`` holds the same image file (pre images: a link, hard or
-    symbolic, is the file it names) as another split of ``splits``, or twice itself: a name
-    listed in two split lists, or a folder given twice (``data.extra_train`` holding
-    ``data.root``), trains on or selects by what a later split scores, or trains on some images
-    twice as often. Each pair of splits once; on global rank zero only."""
+    """Warn where a split of ``new`` holds the same pair of image files (pre and post: a link,
+    hard or symbolic, is the file it names) as another split of ``splits``, or twice itself: a
+    name listed in two split lists, or a folder given twice (``data.extra_train`` holding
+    ``data.root``), trains on or selects by what a later split scores, or trains on some pairs
+    more often than the others. Each pair of splits once; on global rank zero only."""
     if rank_zero_only.rank != 0:
         return
-    files = {split: _file_ids(found) for split, found in splits.items()}
+    pairs = {split: _pair_ids(found) for split, found in splits.items()}
     for i, split in enumerate(new):
-        twice = len(splits[split]) - len(files[split])
-        if twice:
+        repeated = sum(1 for paths in pairs[split].values() if len(paths) > 1)
+        if repeated:
             log.warning(
-                "the %s split holds %d of its image files more than once (a folder given twice, "
-                "e.g. data.extra_train holding data.root): they weigh more than the others",
+                "the %s split holds %d of its pairs more than once (a folder given twice, e.g. "
+                "data.extra_train holding data.root): they weigh more than the others",
                 split,
-                twice,
+                repeated,
             )
         for other in splits:
             if other == split or other in new[i:]:
                 continue  # each pair once: a new split is compared with those before it
-            shared = files[split].keys() & files[other].keys()
+            shared = pairs[split].keys() & pairs[other].keys()
             if shared:
-                first = min(files[split][key] for key in shared)
+                first = min(pairs[split][key][0] for key in shared)
                 log.warning(
-                    "the %s split shares %d of its %d images with the %s split (e.g. %s): its "
+                    "the %s split shares %d of its %d pairs with the %s split (e.g. %s): its "
                     "scores are not held out from it",
                     split,
                     len(shared),
-                    len(files[split]),
+                    len(pairs[split]),
                     other,
                     first,
                 )
 
 
-def _file_ids(triplets: Sequence[Triplet]) -> dict[tuple[int, int], Path]:
-    """The pre images of ``triplets`` by file identity (device, inode), the first path of each."""
-    ids: dict[tuple[int, int], Path] = {}
+def _pair_ids(triplets: Sequence[Triplet]) -> dict[tuple[int, ...], list[Path]]:
+    """The pre images of ``triplets`` by the identity (device, inode) of their pre and post
+    files; a file that cannot be read is left out (the loader names it)."""
+    ids: dict[tuple[int, ...], list[Path]] = {}
     for t in triplets:
-        stat = os.stat(t.pre)
-        ids.setdefault((stat.st_dev, stat.st_ino), Path(t.pre))
+        try:
+            pre, post = os.stat(t.pre), os.stat(t.post)
+        except OSError:
+            continue
+        ids.setdefault((pre.st_dev, pre.st_ino, post.st_dev, post.st_ino), []).append(Path(t.pre))
     return ids
 
 
