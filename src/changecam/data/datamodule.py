@@ -27,7 +27,7 @@ from changecam.data.validate import (
     check_mode,
     network_fit,
     validate_splits,
-    warn_shared_images,
+    warn_shared_pairs,
 )
 from changecam.environment import usable_cores
 
@@ -284,7 +284,7 @@ class ChangeDetectionDataModule(L.LightningDataModule):
             )
         validate_splits(uses, self.patch_size, network or self.network_fit(), self.validate_mode)
         known = [s for s in self._triplets if s in self._checked or s in todo]
-        warn_shared_images({s: self._triplets[s] for s in known}, todo)
+        warn_shared_pairs({s: self._triplets[s] for s in known}, todo)
         self._checked.update(todo)
 
     def network_fit(self) -> NetworkFit:

@@ -186,7 +186,7 @@ def triplet_headers(triplet: Triplet) -> tuple[tuple[int, int] | None, list[str]
     return size, problems
 
 
-def warn_shared_images(splits: Mapping[str, Sequence[Triplet]], new: Sequence[str]) -> None:
+def warn_shared_pairs(splits: Mapping[str, Sequence[Triplet]], new: Sequence[str]) -> None:
     """Warn where a split of ``new`` holds the same pair of image files (pre and post: a link,
     hard or symbolic, is the file it names) as another split of ``splits``, or twice itself: a
     name listed in two split lists, or a folder given twice (``data.extra_train`` holding
