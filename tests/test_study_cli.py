@@ -110,7 +110,7 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
         ),
         (
             "study.layers=[input,bottleneck]",
-            "bottleneck of best is not tapped per date .*; its per-date layers: input, enc1, enc2",
+            "bottleneck is not among best's per-date layers .*: input, enc1, enc2",
         ),
         ("+study.max_objects.unet=2", "study.max_objects.unet: no model of this study"),
         # helper-119: refused after the earlier results were removed

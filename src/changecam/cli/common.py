@@ -319,7 +319,7 @@ def instantiate_loggers(cfg: DictConfig | None, job_type: str) -> list[Logger]:
     ``job_type`` (the command: ``train``, ``eval``, ``study``), so W&B can tell them apart."""
 
     def job_type_of(conf: DictConfig) -> dict[str, Any]:
-        wandb = str(conf.get("_target_", "")).endswith("WandbLogger")
+        wandb = is_wandb_logger(conf.get("_target_"))
         return {"job_type": job_type} if wandb and conf.get("job_type") is None else {}
 
     return instantiate_group(cfg, Logger, job_type_of)

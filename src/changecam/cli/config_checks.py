@@ -652,9 +652,15 @@ def check_device(cfg: DictConfig) -> None:
             "use trainer.precision=16-mixed"
         )
     if module.get("compile") and not cuda and not cpp_compiler():
+        cxx = os.environ.get("CXX")
+        found = (
+            f"CXX={cxx!r}, the one it uses, is not a command on the PATH (correct or unset CXX)"
+            if cxx is not None
+            else "g++, the one it uses without CXX, was not found (install g++ or set CXX)"
+        )
         errors.append(
-            "module.compile=true: torch.compile (TorchInductor) on the CPU needs a C++ compiler and "
-            "none was found (set CXX or install g++); use module.compile=false"
+            "module.compile=true: torch.compile (TorchInductor) on the CPU needs a C++ compiler: "
+            f"{found}; use module.compile=false"
         )
     if trainer.get("sync_batchnorm") and not cuda:
         errors.append(

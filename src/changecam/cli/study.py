@@ -12,7 +12,8 @@ the run directory:
   post share per layer, deletion and randomisation curves, and a best and a worst panel per
   architecture;
 
-and logs the table and plots to the configured logger (a W&B ``Table`` and images).
+and logs its config, the table and plots to the configured logger (a W&B ``Table`` and
+images).
 """
 
 from __future__ import annotations
@@ -271,7 +272,8 @@ def study_settings(cfg: DictConfig, arch: str) -> StudySettings:
 
 def study_checks(cfg: DictConfig) -> None:
     """study.py's own refusals, before anything is written (an earlier study's results in the
-    same folder included): the models asked for, every study value, every checkpoint."""
+    same folder included): the models asked for, every study value, the studied pairs (found,
+    with labelled change; a synthetic set is written later), every checkpoint."""
     if bool(cfg.study.train_zoo) == bool(cfg.study.checkpoints):
         raise ConfigError(
             "study: give either study.checkpoints=[a.ckpt,...] or study.train_zoo=true (not both)"
@@ -354,11 +356,12 @@ def check_layers(cfg: DictConfig, name: str, net: Any) -> None:
         raise ConfigError(f"study.layers={list(layers)} does not fit {name}: {err}") from None
     per_date = per_date_layers(taps)
     joint = [layer for layer in layers if layer not in per_date]
-    if joint:  # a layer after the dates are fused has no pre and post maps to compare
+    if joint:  # e.g. a layer after the dates are fused: no pre and post maps to compare
         available = per_date_layers(resolve_taps(net, shared=True))
         raise ConfigError(
-            f"study.layers={list(layers)}: {', '.join(joint)} of {name} is not tapped per date "
-            f"(the study compares each date's maps); its per-date layers: {', '.join(available)}"
+            f"study.layers={list(layers)}: {', '.join(joint)} "
+            f"{'is' if len(joint) == 1 else 'are'} not among {name}'s per-date layers (the study "
+            f"compares the two dates' maps of one layer): {', '.join(available)}"
         )
 
 

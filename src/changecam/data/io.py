@@ -4,7 +4,8 @@ Every image file changecam reads goes through :func:`read_image` or :func:`read_
 a file that is cut short or corrupt is refused with its path, in every format. JPEGs are
 decoded by Pillow, whose libjpeg-turbo gives the same pixels as OpenCV's but which reports a
 truncated or broken stream as an error (OpenCV fills the missing rows with grey and only
-prints libjpeg's warning). Other formats are decoded by OpenCV, whose PNG, TIFF and BMP
+prints libjpeg's warning), and turned upright by their EXIF orientation (sizes from headers
+too), as image viewers show them. Other formats are decoded by OpenCV, whose PNG, TIFF and BMP
 decoders already refuse such files when they are cut short. Damaged inside, with the file's
 length intact, only a PNG is refused (its checksums): libjpeg and libtiff warn about a broken
 JPEG or compressed TIFF stream and return the damaged rows.
@@ -53,7 +54,8 @@ Order = Literal["bgr", "rgb"]
 
 
 def _decode(path: Path, kind: str, check_layout: bool = True) -> tuple[np.ndarray, Order]:
-    """Decode a file as it is stored, or say what is wrong with it; a TIFF whose bands cannot
+    """Decode a file as it is stored (a JPEG turned upright by its EXIF orientation), or say
+    what is wrong with it; a TIFF whose bands cannot
     be an ``image`` or a ``label`` (``kind``) is refused by its tags (:func:`tiff_layout`)
     unless ``check_layout`` is false: OpenCV decodes some of them to their first band.
 
@@ -152,7 +154,7 @@ def _decode_jpeg(path: Path, data: bytes) -> np.ndarray:
         with JpegImagePlugin.JpegImageFile(io.BytesIO(data)) as im:
             im.load()
             # turned as its EXIF orientation says (a camera's or a phone's photo stored on its
-            # side), as viewers and OpenCV's imread show it, and as its label was drawn on it
+            # side), as image viewers show it, and as its label was drawn on it
             orientation = _orientation(im)
             upright = im.transpose(_undoing(orientation)) if orientation != 1 else im
             if upright.mode not in ("L", "RGB"):

@@ -17,7 +17,10 @@ split the run will use (``data.validate``):
 
 The lists and the pairing (:func:`changecam.data.layout.find_triplets`) raise on their first
 problem; the per-file checks collect every problem and raise one
-:class:`DataValidationError` listing them.
+:class:`DataValidationError` listing them. Two things are warned about instead (on global rank
+zero): a val or test split whose ``tiles`` leave border strips unscored
+(:func:`warn_unscored_borders`), and a pair of files in two splits or repeated in one
+(:func:`warn_shared_pairs`, which the data module calls).
 """
 
 from __future__ import annotations
@@ -199,10 +202,13 @@ def warn_shared_pairs(splits: Mapping[str, Sequence[Triplet]], new: Sequence[str
         repeated = sum(1 for paths in pairs[split].values() if len(paths) > 1)
         if repeated:
             log.warning(
-                "the %s split holds %d of its pairs more than once (a folder given twice, e.g. "
-                "data.extra_train holding data.root): they weigh more than the others",
+                "the %s split holds %d of its pairs more than once (%s): they weigh more than "
+                "the others",
                 split,
                 repeated,
+                "a folder given twice, e.g. data.extra_train holding data.root"
+                if split == "train"
+                else "a name listed twice, or linked files",
             )
         for other in splits:
             if other == split or other in new[i:]:
@@ -215,7 +221,7 @@ def warn_shared_pairs(splits: Mapping[str, Sequence[Triplet]], new: Sequence[str
                     "scores are not held out from it",
                     split,
                     len(shared),
-                    len(pairs[split]),
+                    len(splits[split]),
                     other,
                     first,
                 )
