@@ -40,6 +40,24 @@ def test_official_layout(tmp_path):
     assert t.label == root / "train/label/train_2.png"
 
 
+def test_split_lists_beside_the_official_layout_are_named_as_unread(tmp_path, caplog):
+    """list/*.txt beside train/ val/ test/ were ignored silently: a user who wrote lists to
+    train on a subset trained on every image (helper-171)."""
+    root = make_levir(tmp_path, {"train": ["train_1", "train_2"], "test": ["test_1"]})
+    (root / "list").mkdir()
+    (root / "list" / "train.txt").write_text("train_1.png\n")
+    forget_named_files()
+    with caplog.at_level("WARNING", logger="changecam"):
+        assert len(find_triplets(root, "train")) == 2
+        find_triplets(root, "test")
+    warned = [r.getMessage() for r in caplog.records if "the lists are not" in r.getMessage()]
+    assert warned == [
+        f"{root} holds the official layout's split folders and {root / 'list'}: the split "
+        "folders are read and the lists are not (lists choose files of the flat layout, "
+        "<root>/A, B, label; to train on a subset, keep only its files in train/)"
+    ]
+
+
 @pytest.mark.parametrize("data", ["levir256_tiny", "samples_dir"])
 def test_flat_levir256_layout(request, data):
     """The committed 64 px fixture and the real samples it was made from read the same."""

@@ -73,6 +73,16 @@ def detect_layout(root: str | Path) -> Literal["levir", "levir256"]:
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset root {root} does not exist. {LEVIR_HELP}")
     if any((root / s / "A").is_dir() for s in SPLITS):
+        lists = root / "list"
+        if lists.is_dir() and (lists, ()) not in _NAMED_UNREAD:  # once per run, as below
+            _NAMED_UNREAD.add((lists, ()))
+            log.warning(
+                "%s holds the official layout's split folders and %s: the split folders are "
+                "read and the lists are not (lists choose files of the flat layout, "
+                "<root>/A, B, label; to train on a subset, keep only its files in train/)",
+                root,
+                lists,
+            )
         return "levir"
     if (root / "A").is_dir() and (root / "list").is_dir():
         return "levir256"
