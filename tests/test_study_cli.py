@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from changecam.cli.config_checks import ConfigError
@@ -113,6 +114,11 @@ def test_a_bad_checkpoint_fails_before_any_model_is_studied(tmp_path, tiny_synth
             "bottleneck is not among best's per-date layers .*: input, enc1, enc2",
         ),
         ("+study.max_objects.unet=2", "study.max_objects.unet: no model of this study"),
+        # its advice, model=..., was eval's: study.py has no model key (helper-172)
+        (
+            "study.checkpoints=[{tmp}/plain.pth]",
+            "plain.pth holds weights without a network config: study.py reads",
+        ),
         # helper-119: refused after the earlier results were removed
         ("device=bogus", "device='bogus' is not a device"),
     ],
@@ -126,6 +132,7 @@ def test_bad_study_settings_leave_an_earlier_studys_results(
     from test_checkpoint import make_lightning_checkpoint
 
     (tmp_path / "vacant").mkdir()
+    torch.save(torch.nn.Conv2d(3, 4, 3).state_dict(), tmp_path / "plain.pth")
     unchanged = Path(shutil.copytree(tiny_synthetic, tmp_path / "unchanged"))
     for label in (unchanged / "val" / "label").iterdir():
         write_png(label, np.zeros_like(read_label(label), np.uint8))

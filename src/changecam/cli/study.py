@@ -55,7 +55,7 @@ from changecam.evaluation.study import StudyImage, StudySettings, study_model
 from changecam.evaluation.study_report import log_study, write_report
 from changecam.explain.hirescam import per_date_layers, resolve_taps
 from changecam.models.taps import TapError
-from changecam.training.checkpoint import read_checkpoint
+from changecam.training.checkpoint import CheckpointError, read_checkpoint
 from changecam.training.model_match import build_on_meta, read_presets
 from changecam.values import is_count
 
@@ -311,7 +311,16 @@ def study_checks(cfg: DictConfig) -> None:
         studied = found[:limit]
         check_change((read_label(t.label) for t in studied), cfg.study.split, root)
     for name, path in given.items():  # a bad checkpoint fails here, not after the models before it
-        net, hparams = read_checkpoint(path)
+        try:
+            net, hparams = read_checkpoint(path)
+        except CheckpointError as err:
+            if "without a network config" not in str(err):
+                raise
+            raise CheckpointError(  # its advice, model=..., is eval's and predict's, not study's
+                f"{path} holds weights without a network config: study.py reads checkpoints "
+                "that record their network (train.py's .ckpt files), and has no model= key to "
+                "build one for a plain state_dict"
+            ) from None
         warn_training_scale(path, hparams, "study.py", NATIVE_SCALE_REMEDY)  # whole images
         check_layers(cfg, name, net)
     if cfg.study.train_zoo:  # each architecture as the zoo would train it, before it is
