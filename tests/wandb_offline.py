@@ -69,22 +69,31 @@ def history(run_dir: Path) -> list[dict]:
     is complete (ends with its ``exit`` record)."""
     found = complete_records(run_dir)
     return [
-        {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+        {_key(i): json.loads(i.value_json) for i in r.history.item}
         for r in found
         if r.WhichOneof("record_type") == "history"
     ]
 
 
-def summary(run_dir: Path) -> dict:
-    """The values an offline run's ``run.summary`` was given (``summary.update`` calls, the
-    latest per key), once the run's log is complete. W&B shows a key's last logged value for
-    the keys not among them."""
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def _latest_updates(run_dir: Path, kind: str) -> dict:
+    """The values the ``kind`` records (``summary``, ``config``) of an offline run set, the
+    latest per key, once the run's log is complete."""
     values: dict = {}
     for r in complete_records(run_dir):
-        if r.WhichOneof("record_type") == "summary":
-            for item in r.summary.update:
-                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        if r.WhichOneof("record_type") == kind:
+            for item in getattr(r, kind).update:
+                values[_key(item)] = json.loads(item.value_json)
     return values
+
+
+def summary(run_dir: Path) -> dict:
+    """The values an offline run's ``run.summary`` was given (``summary.update`` calls, the
+    latest per key). W&B shows a key's last logged value for the keys not among them."""
+    return _latest_updates(run_dir, "summary")
 
 
 def job_type(run_dir: Path) -> str:
@@ -95,9 +104,4 @@ def job_type(run_dir: Path) -> str:
 
 def config(run_dir: Path) -> dict:
     """An offline run's config, as {top-level key: value} (the latest value of each)."""
-    values: dict = {}
-    for r in complete_records(run_dir):
-        if r.WhichOneof("record_type") == "config":
-            for item in r.config.update:
-                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return values
+    return _latest_updates(run_dir, "config")
