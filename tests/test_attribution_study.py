@@ -213,6 +213,16 @@ def test_cascade_goes_from_the_head_down_and_keeps_earlier_steps():
     assert cascade_points(10, 4) == [1, 4, 7, 10] and cascade_points(2, 5) == [1, 2]
 
 
+def test_randomising_leaves_the_callers_random_stream_alone():
+    net = OneDate("post")
+    order = cascade_order(net, torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4))
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    randomised(net, order, 2, seed=3)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_tracing_the_cascade_leaves_a_training_model_as_found():
     net = OneDate("post")  # with a BatchNorm in training mode after its encoder
     net.enc = nn.Sequential(net.enc, nn.BatchNorm2d(2))

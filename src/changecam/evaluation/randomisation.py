@@ -1,7 +1,8 @@
 """The model-parameter randomisation sanity check (Adebayo et al., NeurIPS 2018), cascading.
 
-The network's learnable layers (convolutions, transposed convolutions and linear layers; the
-norm layers keep their weights) are ordered by when they first run in a forward pass and
+The network's learnable layers (convolutions, transposed convolutions, linear and attention
+layers; the norm layers and free parameters such as BiT's positional embedding keep their
+trained values) are ordered by when they first run in a forward pass and
 re-initialised from the head down: step ``k`` re-initialises the last ``k`` of them, each with
 its own ``reset_parameters`` and a seed of its own, so the cascade is reproducible. An
 explanation method that explains the model gives maps that decorrelate from the trained
@@ -60,19 +61,21 @@ def randomised(model: nn.Module, layers: Sequence[str], count: int, seed: int = 
     """A copy of ``model`` with the first ``count`` of ``layers`` (head first) re-initialised.
 
     Each layer gets the seed ``seed + its position in layers``, so step ``k + 1`` keeps the
-    re-initialised weights of step ``k`` (a true cascade).
+    re-initialised weights of step ``k`` (a true cascade). The caller's global random state is
+    left as it was.
     """
     copied = copy.deepcopy(model)
     modules = dict(copied.named_modules())
-    for position, name in enumerate(layers[:count]):
-        module = modules[name]
-        torch.manual_seed(seed + position)
-        if isinstance(module, nn.MultiheadAttention):
-            # its _reset_parameters leaves out_proj's weight (a Linear it never calls as a module)
-            module.out_proj.reset_parameters()
-            module._reset_parameters()
-        else:
-            module.reset_parameters()
+    with torch.random.fork_rng(devices=[]):
+        for position, name in enumerate(layers[:count]):
+            module = modules[name]
+            torch.manual_seed(seed + position)
+            if isinstance(module, nn.MultiheadAttention):
+                # its _reset_parameters leaves out_proj's weight (a Linear it never calls)
+                module.out_proj.reset_parameters()
+                module._reset_parameters()
+            else:
+                module.reset_parameters()
     return copied
 
 
