@@ -20,6 +20,7 @@ from changecam.data.io import write_png
 from changecam.explain import LayerTaps, TapError, explain_batch
 from changecam.models import ExternalModel, build_network
 from changecam.training.checkpoint import CheckpointError, read_external_checkpoint
+from changecam.training.init_from import load_initial_weights
 from helpers import REPO, run_script
 
 
@@ -488,6 +489,11 @@ def test_a_network_whose_child_is_named_module_loads_its_plain_state_dict(factor
     assert float(net.model.module.head.bias) == 0.5
     torch.save({f"module.{k}": v for k, v in trained.state_dict().items()}, weights)  # from DDP
     assert float(read_external_checkpoint(weights, cfg)[0].model.module.head.bias) == 0.5
+    # module.init_from reads the file as the explain/eval reader does (it was refused: helper-181)
+    target = build_network(cfg)
+    report = load_initial_weights(target, weights)
+    assert float(target.model.module.head.bias) == 0.5
+    assert report.not_loaded() == [] and "module.head.bias" in report.loaded
 
 
 def test_a_changecam_checkpoint_of_an_external_network_keeps_what_it_records(

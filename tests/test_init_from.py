@@ -140,6 +140,56 @@ def test_init_strict_false_loads_what_fits_and_lists_the_rest(tmp_path, caplog):
     )
 
 
+def test_init_strict_false_refuses_a_file_of_another_width(tmp_path):
+    """Only batch-norm step counters and the one-channel head's bias fit a network of another
+    width: the lenient load "loaded 18 of 129 tensors" and trained from scratch (helper-181)."""
+    torch.save(SiameseUNet(3, 8, 2).state_dict(), tmp_path / "wide.pth")
+    net = SiameseUNet(3, 4, 2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_initial_weights(net, tmp_path / "wide.pth", strict=False)
+    message = str(err.value)
+    assert "not one tensor fits (only " in message and "final_conv.bias" in message
+    assert "a config that fits: model=siamese_unet" in message and "model.base_channels=8" in message
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_lenient_load_names_the_config_that_fits_and_warns_of_frozen_random_parts(
+    tmp_path, caplog
+):
+    """A wider first stage only: the rest loads; the warning names the config that fits the
+    file, and freezing the part that did not load is called out (it stays random)."""
+    torch.manual_seed(0)
+    source = SiameseUNet(4, 4, 2)  # four input bands
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    with caplog.at_level(logging.INFO, logger="changecam"):
+        module = ChangeDetectionModule(
+            SiameseUNet(3, 4, 2),
+            init_from=str(tmp_path / "w.pth"),
+            init_strict=False,
+            freeze=["encoder1"],
+        )
+    assert module.init_report.not_loaded() == ["encoder1.conv1.conv.weight"]
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    report = next(m for m in messages if m.startswith("module.init_from="))
+    assert "a config that fits the whole file: model=siamese_unet model.in_channels=4" in report
+    frozen = next(m for m in messages if m.startswith("module.freeze="))
+    assert "freezes 1 parameter tensors that module.init_from did not load" in frozen
+    assert frozen.endswith("(encoder1.conv1.conv.weight)")
+
+
+def test_prefixes_of_torch_compile_and_ddp_are_taken_off(tmp_path):
+    torch.manual_seed(0)
+    source = SiameseUNet(3, 4, 2)
+    for prefix in ("_orig_mod.", "module._orig_mod."):
+        torch.save({prefix + k: v for k, v in source.state_dict().items()}, tmp_path / "w.pth")
+        net = SiameseUNet(3, 4, 2)
+        load_initial_weights(net, tmp_path / "w.pth")  # refused as fitting no network before
+        for key, value in net.state_dict().items():
+            assert torch.equal(value, source.state_dict()[key]), (prefix, key)
+
+
 def test_init_include_loads_only_the_named_parts(tmp_path, caplog):
     torch.manual_seed(0)
     source = SiameseUNet(3, 4, 2)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,11 +179,32 @@ def read_weights_file(path: str | Path) -> dict[str, Any]:
     return dict(obj)
 
 
+# prefixes a wrapper adds to every key: DataParallel/DDP's and torch.compile's
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def _tensors(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    stripped = True
+    while state and stripped:  # e.g. module._orig_mod.: compiled, then wrapped in DDP
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k.removeprefix(prefix): v for k, v in state.items()}
+                stripped = True
     return state
+
+
+def own_module_prefix(
+    state: Mapping[str, torch.Tensor], expected: Collection[str]
+) -> Mapping[str, torch.Tensor]:
+    """``state`` with ``module.`` put back on every key when the network's own child is named
+    ``module`` (:func:`_tensors` took the prefix off as DataParallel's): no key of ``state`` is
+    one of ``expected``, and some are once prefixed."""
+    if set(state) & set(expected):
+        return state
+    prefixed = {f"module.{k}": v for k, v in state.items()}
+    return prefixed if set(prefixed) & set(expected) else state
 
 
 def split_checkpoint(
@@ -558,11 +579,8 @@ def read_external_checkpoint(
         raise CheckpointError(f"{path} holds no weight tensors")
     check_finite(state, path)  # as every changecam network's weights are
     wrapper = build_network(model_cfg)
-    inner = set(wrapper.model.state_dict())
-    if set(state) != inner and {f"module.{k}" for k in state} == inner:
-        # the network's own child is named ``module``: the prefix taken off as DataParallel's
-        # (split_checkpoint) was its own
-        state = {f"module.{k}": v for k, v in state.items()}
+    if not set(state) & set(wrapper.state_dict()):
+        state = dict(own_module_prefix(state, wrapper.model.state_dict()))
     net = wrapper if set(state) == set(wrapper.state_dict()) else wrapper.model
     missing, unexpected, shapes = state_differences(net.state_dict(), state)
     if missing or unexpected or shapes:

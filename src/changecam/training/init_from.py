@@ -30,8 +30,10 @@ from changecam.models import ExternalModel, network_config
 from changecam.training.checkpoint import (
     CheckpointError,
     mismatch_message,
+    own_module_prefix,
     read_network_state,
     state_differences,
+    suggest_model,
 )
 
 log = logging.getLogger("changecam")
@@ -48,6 +50,10 @@ class InitReport:
         unexpected: the file's tensors the network has no place for (ignored).
         shape_mismatches: ``name: file (..) vs model (..)`` (left as initialised).
         excluded: the network's tensors outside ``module.init_include`` (left as initialised).
+        hint: with shape mismatches, the ``model=`` overrides that fit the whole file.
+        prefix: where the loaded network lies in the run's network (``model.`` for a
+            ``model=external`` user network read from its plain state dict), for
+            :meth:`not_loaded`.
     """
 
     path: str
@@ -56,6 +62,13 @@ class InitReport:
     unexpected: list[str] = field(default_factory=list)
     shape_mismatches: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
+    hint: str | None = None
+    prefix: str = ""
+
+    def not_loaded(self) -> list[str]:
+        """The run network's tensors left as initialised (its ``state_dict`` spelling)."""
+        names = self.missing + [s.split(":")[0] for s in self.shape_mismatches] + self.excluded
+        return sorted(self.prefix + n for n in set(names))
 
     @property
     def skipped(self) -> list[str]:
@@ -80,6 +93,8 @@ class InitReport:
         ):
             if names:
                 lines.append(f"  skipped, {what}: " + ", ".join(names))
+        if self.hint:
+            lines.append(f"  a config that fits the whole file: {self.hint}")
         return "\n".join(lines)
 
 
@@ -89,6 +104,13 @@ def _target_network(net: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Mod
     if isinstance(net, ExternalModel) and not set(state) & set(net.state_dict()):
         return net.model
     return net
+
+
+def _counts(name: str, tensor: torch.Tensor) -> bool:
+    """Whether a tensor that fits by name and shape is evidence that the file fits: batch-norm
+    step counters and one-element tensors (a one-channel head's bias) fit networks of any
+    width."""
+    return not name.endswith("num_batches_tracked") and tensor.numel() > 1
 
 
 def load_initial_weights(
@@ -101,7 +123,8 @@ def load_initial_weights(
         net: the network the run's ``model`` config built.
         path: the weights file.
         strict: require exactly the keys and shapes of ``net`` (of its ``include``d parts);
-            ``False`` loads those whose name and shape agree and reports the others.
+            ``False`` loads those whose name and shape agree and reports the others (and,
+            with shape mismatches, the ``model=`` that fits the whole file).
         include: load only these parts of ``net`` (module or parameter names, each covering
             everything under it, shell wildcards allowed; as :func:`freeze_parts`); empty:
             all. The other tensors of ``net`` stay as initialised, and the file's tensors
@@ -112,7 +135,8 @@ def load_initial_weights(
         ValueError: an ``include`` pattern names no part of ``net``.
         CheckpointError: unreadable file, pickled code, non-finite weights; with ``strict``, any
             mismatch (the message names it and the ``model=`` that fits the file); without,
-            a file of which not one tensor fits.
+            a file of which not one tensor fits (batch-norm step counters and one-element
+            tensors do not count: they fit networks of any width).
     """
     path = Path(path)
     include = tuple(str(p) for p in include)
@@ -121,6 +145,7 @@ def load_initial_weights(
     try:
         _, state, stored_cfg = read_network_state(path)
         target = _target_network(net, state)
+        state = own_module_prefix(state, target.state_dict())
         check_patterns(target, include, "module.init_include")
         expected = target.state_dict()
         cfg = network_config(target) or {
@@ -142,17 +167,20 @@ def load_initial_weights(
             target.load_state_dict(offered, strict=not include)
             return InitReport(str(path), loaded=list(expected), excluded=excluded)
         fits = {k: v for k, v in offered.items() if k in expected and v.shape == expected[k].shape}
-        if not fits:
+        if not any(_counts(k, v) for k, v in fits.items()):
+            only = f" (only {', '.join(fits)}, which fit networks of any width)" if fits else ""
             raise CheckpointError(
-                "not one tensor fits (module.init_strict=false loads those whose name and shape "
-                "agree). "
+                f"not one tensor fits{only} (module.init_strict=false loads those whose name "
+                "and shape agree). "
                 + mismatch_message(path, cfg, missing, unexpected, shapes, state, stored_cfg)
             )
         result = target.load_state_dict(fits, strict=False)
         assert not result.unexpected_keys, result.unexpected_keys  # fits holds the net's keys only
+        hint = suggest_model(state, stored_cfg, cfg) if shapes else None
     except CheckpointError as err:
         raise CheckpointError(f"cannot initialise from it (module.init_from): {err}") from None
-    return InitReport(str(path), list(fits), missing, unexpected, shapes, excluded)
+    prefix = "model." if target is not net else ""
+    return InitReport(str(path), list(fits), missing, unexpected, shapes, excluded, hint, prefix)
 
 
 def _names(net: nn.Module) -> list[str]:

@@ -182,6 +182,16 @@ class ChangeDetectionModule(L.LightningModule):
             )
             report = self.init_report.summary()
             (log.warning if self.init_report.skipped else log.info)(report)
+            random = sorted(set(self.frozen.parameters) & set(self.init_report.not_loaded()))
+            if random:
+                log.warning(
+                    "module.freeze=%s freezes %d parameter tensors that module.init_from did not "
+                    "load: they stay at their random initialisation for the whole run (%s)",
+                    list(self.frozen.patterns),
+                    len(random),
+                    ", ".join(random[:8])
+                    + (f" ... ({len(random)} in all)" if len(random) > 8 else ""),
+                )
         if self.frozen.parameters:
             log.info(
                 "module.freeze=%s: %d parameter tensors frozen (%s)",
