@@ -150,7 +150,9 @@ def test_init_strict_false_refuses_a_file_of_another_width(tmp_path):
         load_initial_weights(net, tmp_path / "wide.pth", strict=False)
     message = str(err.value)
     assert "not one tensor fits (only " in message and "final_conv.bias" in message
-    assert "a config that fits: model=siamese_unet" in message and "model.base_channels=8" in message
+    assert (
+        "a config that fits: model=siamese_unet" in message and "model.base_channels=8" in message
+    )
     for key, value in net.state_dict().items():
         assert torch.equal(value, before[key]), key
 
