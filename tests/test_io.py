@@ -1,3 +1,6 @@
+import struct
+import zlib
+
 import numpy as np
 import pytest
 
@@ -93,6 +96,23 @@ def test_corrupt_image_names_file(tmp_path):
         read_image(tmp_path / "broken.png")
     with pytest.raises(FileNotFoundError, match="absent.png"):
         read_image(tmp_path / "absent.png")
+
+
+def test_an_image_over_opencvs_pixel_limit_is_named(tmp_path):
+    """OpenCV raises its own cv2.error for a header over 2**30 pixels, which named no file and
+    stopped a folder's predict run at that pair (helper-182)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 33000, 33000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+    (tmp_path / "huge.png").write_bytes(
+        png + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    )
+    with pytest.raises(ImageReadError, match=r"huge\.png could not be decoded by OpenCV .*2\*\*30"):
+        read_image(tmp_path / "huge.png")
 
 
 def test_headers_of_images_above_pillows_pixel_limit_are_read(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import torch
 
 import changecam.atomic
 import changecam.cli.predict
+import changecam.explain.runner
 from changecam.cli.predict import PredictionError, encode_probability, predict, read_probability
 from changecam.data.io import read_image, write_png
 from changecam.data.transforms import image_to_tensor
@@ -206,6 +207,34 @@ def test_a_pair_whose_logits_are_not_finite_fails_alone(tmp_path, ckpt, monkeypa
     assert sorted(p.name for p in run.rglob("*.png")) == ["good.png"] * 3
     (failed,) = json.loads((run / "predictions.json").read_text())["failed"]
     assert "5 of the network's 1280 change logits are not finite" in failed["error"]
+
+
+def test_a_pair_failing_with_any_error_fails_alone_naming_it(tmp_path, ckpt, monkeypatch, caplog):
+    """An error type no input check raises (here a KeyError from the panel) stopped the folder
+    at that pair, naming none, and left the later pairs unpredicted (helper-182)."""
+    for name in ("a", "b", "c"):
+        write_pair(tmp_path / "in", name, (32, 32), seed=ord(name))
+    real = changecam.explain.runner.render_panel
+
+    def failing(*args, **kwargs):
+        if failing.calls == 1:
+            failing.calls += 1
+            raise KeyError("no such colour")
+        failing.calls += 1
+        return real(*args, **kwargs)
+
+    failing.calls = 0
+    monkeypatch.setattr(changecam.explain.runner, "render_panel", failing)
+    with pytest.raises(PredictionError, match=r"1 of 3 pair\(s\) failed.*\(b\)"):
+        run_predict(tmp_path, [f"ckpt_path={ckpt}", f"input.dir={tmp_path / 'in'}"])
+    run = tmp_path / "run"
+    report = json.loads((run / "predictions.json").read_text())
+    assert [p["name"] for p in report["pairs"]] == ["a", "c"]
+    (failed,) = report["failed"]
+    assert failed["name"] == "b" and failed["error"] == "KeyError: 'no such colour'"
+    assert not [p for p in run.rglob("b*.png")]
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("pair b failed")]
+    assert record.exc_info is not None  # a fault of the code more likely: its traceback is logged
 
 
 def test_a_pair_failing_while_writing_leaves_no_files(tmp_path, ckpt, monkeypatch):

@@ -69,14 +69,22 @@ def failure_message(
     )
 
 
+# what a bad input raises; any other error of a pair is named by its type and logged with its
+# traceback (a fault of the code rather than of the pair, but still one pair's)
+INPUT_ERRORS = (ValueError, OSError, RuntimeError)
+
+
 def failed_pair(pair: Any, err: Exception) -> dict[str, str]:
     """The entry of a pair (a :class:`~changecam.data.layout.Triplet`) that failed alone,
-    logged. A full disk is no pair's fault: it is raised as :class:`DiskFullError` instead."""
+    logged; call it in the ``except`` block. A full disk is no pair's fault: it is raised as
+    :class:`DiskFullError` instead."""
     full = disk_full_error(err)
     if full is not None:
         raise full from err
-    log.error("pair %s failed: %s", pair.name, err)
-    return {"name": pair.name, "pre": str(pair.pre), "post": str(pair.post), "error": str(err)}
+    expected = isinstance(err, INPUT_ERRORS)
+    text = str(err) if expected else f"{type(err).__name__}: {err}"
+    log.error("pair %s failed: %s", pair.name, text, exc_info=not expected)
+    return {"name": pair.name, "pre": str(pair.pre), "post": str(pair.post), "error": text}
 
 
 # The configs live beside the package in the repository (editable install: `make install`).

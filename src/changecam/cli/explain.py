@@ -148,7 +148,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             files = result.save(output_dir, maps=bool(cfg.get("save_maps", True)))
         except DiskFullError:
             raise
-        except (ValueError, OSError, RuntimeError) as err:
+        except Exception as err:  # the pair fails alone (failed_pair)
             failed.append(failed_pair(t, err))
             continue
         row = result.summary()

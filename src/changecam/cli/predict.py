@@ -638,7 +638,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
             files = result.save(output_dir)
         except DiskFullError:
             raise
-        except (ValueError, OSError, RuntimeError) as err:
+        except Exception as err:  # the pair fails alone (failed_pair)
             entry = failed_pair(pair, err)
             failed.append(entry)
             pair_log.failed(entry)

@@ -74,13 +74,26 @@ def _decode(path: Path, kind: str, check_layout: bool = True) -> tuple[np.ndarra
         raise ImageReadError(problem)
     if tiff and tiff[0] == "LA":  # OpenCV keeps only the grey band: its alpha would go unjudged
         return _decode_grey_alpha_tiff(path, data), "bgr"
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    try:
+        array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    except cv2.error as err:  # e.g. a header over OpenCV's 2**30-pixel limit
+        raise ImageReadError(
+            f"{path} could not be decoded by OpenCV ({_cv2_reason(err)}); a corrupt header, or "
+            "an image over OpenCV's limit of 2**30 pixels (OPENCV_IO_MAX_IMAGE_PIXELS in the "
+            "environment raises it; a GeoTIFF scene is predicted window by window instead)"
+        ) from None
     if array is None:
         raise ImageReadError(
             f"{path} could not be decoded as an image (truncated, corrupt or unsupported "
             f"format); {REPAIR_HINT}"
         )
     return array, "bgr"
+
+
+def _cv2_reason(err: Exception) -> str:
+    """The last line of an OpenCV error (its assertion), without OpenCV's source path."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _decode_grey_alpha_tiff(path: Path, data: bytes) -> np.ndarray:
