@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -174,6 +176,26 @@ def test_a_submit_waits_for_the_job_in_flight_and_says_how_long(tmp_path, caplog
         .startswith("CAM panels: validation epoch 4 waited 12.3 s for the background process")
     )
     assert "callbacks.cam_panels.mode=inline" in records[0].getMessage()
+
+
+def test_the_background_process_outlives_a_signal_to_the_process_group(tmp_path):
+    """A scheduler's SIGTERM to the job's process group killed the process, and training ended
+    with "the CAM panel process died" (status 1) instead of stopping with status 143 and its
+    resume command (helper-184); Ctrl-C printed its traceback into the run's output."""
+    net = SiameseUNet(3, 4, 2)
+    worker = BackgroundExplainer(
+        net.config(), tiny_samples(), cam_settings(steps=2, dpi=30), tmp_path
+    )
+    try:
+        worker.submit(net, epoch=0, step=1)
+        assert [r.epoch for r in worker.wait(0)] == [0]  # the process runs its body
+        os.kill(worker._process.pid, signal.SIGTERM)
+        os.kill(worker._process.pid, signal.SIGINT)
+        worker.submit(net, epoch=1, step=2)
+        assert [r.epoch for r in worker.wait(0)] == [1]
+    finally:
+        worker.close()
+    assert not worker._process.is_alive()
 
 
 def test_a_dead_background_process_is_reported(tmp_path):

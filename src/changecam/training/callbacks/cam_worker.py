@@ -15,6 +15,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import time
 import traceback
@@ -301,7 +302,7 @@ class BackgroundExplainer:
             self._jobs.put(None)
             self._process.join(timeout)
         if self._process.is_alive():
-            self._process.terminate()
+            self._process.kill()  # it ignores SIGTERM
             self._process.join(timeout)
         self._jobs.cancel_join_thread()
         self._results.cancel_join_thread()
@@ -330,7 +331,15 @@ def _worker_main(
     jobs: mp.Queue,
     results: mp.Queue,
 ) -> None:
-    """Process body: build the network once, then explain each snapshot until ``None``."""
+    """Process body: build the network once, then explain each snapshot until ``None``.
+
+    SIGTERM and SIGINT are ignored: a scheduler (SLURM, systemd) or Ctrl-C signals the whole
+    process group, and the training process stops on them in its own way (status 143 and the
+    resume command) only if the job it waits for is finished; this process ends on ``None``,
+    or when the training process is gone.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _yield_to_training()
     threads, device = resources
     torch.set_num_threads(threads)
