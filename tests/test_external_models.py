@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import sys
@@ -21,6 +22,7 @@ from changecam.explain import LayerTaps, TapError, explain_batch
 from changecam.models import ExternalModel, build_network
 from changecam.training.checkpoint import CheckpointError, read_external_checkpoint
 from changecam.training.init_from import load_initial_weights
+from changecam.training.module import ChangeDetectionModule
 from helpers import REPO, run_script
 
 
@@ -421,6 +423,18 @@ class Wrapper(nn.Module):  # a network whose one child is named module, as DataP
 def wrapped(width=4):
     torch.manual_seed(0)
     return Wrapper(width)
+
+
+def compiled(width=4):  # keys _orig_mod.*: the network's own, not a wrapper's
+    torch.manual_seed(0)
+    return torch.compile(Net(width))
+
+
+def nested(width=4):  # keys module.module.*
+    torch.manual_seed(0)
+    outer = Wrapper(width)
+    outer.module = Wrapper(width)
+    return outer
 """
 
 
@@ -494,6 +508,43 @@ def test_a_network_whose_child_is_named_module_loads_its_plain_state_dict(factor
     report = load_initial_weights(target, weights)
     assert float(target.model.module.head.bias) == 0.5
     assert report.not_loaded() == [] and "module.head.bias" in report.loaded
+
+
+@pytest.mark.parametrize("factory", ["compiled", "nested"])
+def test_a_network_whose_own_keys_look_like_a_wrappers_loads(factory_module, tmp_path, factory):
+    """Taking every wrapper prefix off refused a factory's torch.compile'd or doubly wrapped
+    network's own state dict, which loaded before (helper-185)."""
+    import extnet
+
+    weights = tmp_path / "weights.pt"
+    trained = getattr(extnet, factory)(width=4)
+    for p in trained.parameters():
+        nn.init.constant_(p, 0.5)
+    torch.save(trained.state_dict(), weights)
+    cfg = external_cfg(target=f"extnet:{factory}", layers={})
+    net, _ = read_external_checkpoint(weights, cfg)
+    assert all(float(p.mean()) == 0.5 for p in net.parameters())
+    target = build_network(cfg)
+    load_initial_weights(target, weights)
+    assert all(float(p.mean()) == 0.5 for p in target.parameters())
+
+
+def test_freezing_what_a_strict_partial_load_left_out_is_warned(factory_module, tmp_path, caplog):
+    """An external network's report names its tensors without the wrapper's ``model.``, so
+    the strict load never matched the frozen names (helper-185)."""
+    import extnet
+
+    torch.save(extnet.make(width=4).state_dict(), tmp_path / "weights.pt")
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        ChangeDetectionModule(
+            build_network(external_cfg()),
+            init_from=str(tmp_path / "weights.pt"),
+            init_include=["encoder"],
+            freeze=["model.head"],
+        )
+    (warning,) = [r.getMessage() for r in caplog.records if "module.freeze" in r.getMessage()]
+    assert "freezes 2 parameter tensors that module.init_from did not load" in warning
+    assert warning.endswith("(model.head.bias, model.head.weight)")
 
 
 def test_a_changecam_checkpoint_of_an_external_network_keeps_what_it_records(

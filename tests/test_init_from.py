@@ -181,6 +181,18 @@ def test_a_lenient_load_names_the_config_that_fits_and_warns_of_frozen_random_pa
     assert frozen.endswith("(encoder1.conv1.conv.weight)")
 
 
+def test_a_lenient_load_of_other_key_names_names_the_config_that_fits(tmp_path, caplog):
+    """Per-date encoders (the seed's) loaded into the shared one: only the decoder fits; the
+    hint was given for shape mismatches only (helper-185)."""
+    torch.save(SiameseUNet(3, 4, 2, shared_encoder=False).state_dict(), tmp_path / "w.pth")
+    with caplog.at_level(logging.WARNING, logger="changecam"):
+        module = ChangeDetectionModule(
+            SiameseUNet(3, 4, 2), init_from=str(tmp_path / "w.pth"), init_strict=False
+        )
+    assert module.init_report.missing and not module.init_report.shape_mismatches
+    assert "model.shared_encoder=false" in module.init_report.summary()
+
+
 def test_prefixes_of_torch_compile_and_ddp_are_taken_off(tmp_path):
     torch.manual_seed(0)
     source = SiameseUNet(3, 4, 2)

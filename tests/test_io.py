@@ -113,6 +113,11 @@ def test_an_image_over_opencvs_pixel_limit_is_named(tmp_path):
     )
     with pytest.raises(ImageReadError, match=r"huge\.png could not be decoded by OpenCV .*2\*\*30"):
         read_image(tmp_path / "huge.png")
+    with pytest.raises(ImageReadError) as err:
+        read_image(tmp_path / "huge.png")
+    assert "loadsave.cpp" not in str(err.value) and "(-215:Assertion failed) pixels" in str(
+        err.value
+    )
 
 
 def test_headers_of_images_above_pillows_pixel_limit_are_read(tmp_path, monkeypatch):

@@ -91,9 +91,10 @@ def _decode(path: Path, kind: str, check_layout: bool = True) -> tuple[np.ndarra
 
 
 def _cv2_reason(err: Exception) -> str:
-    """The last line of an OpenCV error (its assertion), without OpenCV's source path."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    """An OpenCV error's own words, without its version and source path
+    (``OpenCV(5.1.0) /io/.../loadsave.cpp:80: error: (-215:Assertion failed) pixels <= ...``)."""
+    text = " ".join(str(err).split())
+    return text.split(" error: ", 1)[-1] or type(err).__name__
 
 
 def _decode_grey_alpha_tiff(path: Path, data: bytes) -> np.ndarray:

@@ -195,16 +195,21 @@ def _tensors(obj: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return state
 
 
-def own_module_prefix(
+def own_prefix(
     state: Mapping[str, torch.Tensor], expected: Collection[str]
 ) -> Mapping[str, torch.Tensor]:
-    """``state`` with ``module.`` put back on every key when the network's own child is named
-    ``module`` (:func:`_tensors` took the prefix off as DataParallel's): no key of ``state`` is
-    one of ``expected``, and some are once prefixed."""
+    """``state`` with the wrapper prefixes put back that :func:`_tensors` took off but which
+    were the network's own: a child named ``module``, or a factory that returns a
+    ``torch.compile``d module (``_orig_mod.``). Used when no key of ``state`` is one of
+    ``expected`` and a prefixed one is (one or two prefixes, the first such)."""
     if set(state) & set(expected):
         return state
-    prefixed = {f"module.{k}": v for k, v in state.items()}
-    return prefixed if set(prefixed) & set(expected) else state
+    singles = WRAPPER_PREFIXES
+    for prefix in (*singles, *(a + b for a in singles for b in singles)):
+        prefixed = {prefix + k: v for k, v in state.items()}
+        if set(prefixed) & set(expected):
+            return prefixed
+    return state
 
 
 def split_checkpoint(
@@ -580,7 +585,7 @@ def read_external_checkpoint(
     check_finite(state, path)  # as every changecam network's weights are
     wrapper = build_network(model_cfg)
     if not set(state) & set(wrapper.state_dict()):
-        state = dict(own_module_prefix(state, wrapper.model.state_dict()))
+        state = dict(own_prefix(state, wrapper.model.state_dict()))
     net = wrapper if set(state) == set(wrapper.state_dict()) else wrapper.model
     missing, unexpected, shapes = state_differences(net.state_dict(), state)
     if missing or unexpected or shapes:

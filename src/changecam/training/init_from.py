@@ -30,7 +30,7 @@ from changecam.models import ExternalModel, network_config
 from changecam.training.checkpoint import (
     CheckpointError,
     mismatch_message,
-    own_module_prefix,
+    own_prefix,
     read_network_state,
     state_differences,
     suggest_model,
@@ -50,7 +50,7 @@ class InitReport:
         unexpected: the file's tensors the network has no place for (ignored).
         shape_mismatches: ``name: file (..) vs model (..)`` (left as initialised).
         excluded: the network's tensors outside ``module.init_include`` (left as initialised).
-        hint: with shape mismatches, the ``model=`` overrides that fit the whole file.
+        hint: when anything was skipped, the ``model=`` overrides that fit the whole file.
         prefix: where the loaded network lies in the run's network (``model.`` for a
             ``model=external`` user network read from its plain state dict), for
             :meth:`not_loaded`.
@@ -145,7 +145,8 @@ def load_initial_weights(
     try:
         _, state, stored_cfg = read_network_state(path)
         target = _target_network(net, state)
-        state = own_module_prefix(state, target.state_dict())
+        prefix = "model." if target is not net else ""  # the user network's in the wrapper
+        state = own_prefix(state, target.state_dict())
         check_patterns(target, include, "module.init_include")
         expected = target.state_dict()
         cfg = network_config(target) or {
@@ -165,7 +166,7 @@ def load_initial_weights(
                     mismatch_message(path, cfg, missing, unexpected, shapes, state, stored_cfg)
                 )
             target.load_state_dict(offered, strict=not include)
-            return InitReport(str(path), loaded=list(expected), excluded=excluded)
+            return InitReport(str(path), list(expected), excluded=excluded, prefix=prefix)
         fits = {k: v for k, v in offered.items() if k in expected and v.shape == expected[k].shape}
         if not any(_counts(k, v) for k, v in fits.items()):
             only = f" (only {', '.join(fits)}, which fit networks of any width)" if fits else ""
@@ -176,10 +177,9 @@ def load_initial_weights(
             )
         result = target.load_state_dict(fits, strict=False)
         assert not result.unexpected_keys, result.unexpected_keys  # fits holds the net's keys only
-        hint = suggest_model(state, stored_cfg, cfg) if shapes else None
+        hint = suggest_model(state, stored_cfg, cfg) if missing or unexpected or shapes else None
     except CheckpointError as err:
         raise CheckpointError(f"cannot initialise from it (module.init_from): {err}") from None
-    prefix = "model." if target is not net else ""
     return InitReport(str(path), list(fits), missing, unexpected, shapes, excluded, hint, prefix)
 
 
