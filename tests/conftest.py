@@ -6,7 +6,6 @@ imports the package.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,8 @@ from helpers import LEVIR256_TINY, SAMPLES, TINY_SPEC
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """At most two torch threads in the test process (CI machines are small); one in each
-    pytest-xdist worker, so that the workers do not oversubscribe the cores."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    torch.set_num_threads(1 if worker else min(2, torch.get_num_threads()))
+    """At most two torch threads in the test process (CI machines are small)."""
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
