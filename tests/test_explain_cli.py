@@ -13,6 +13,7 @@ import torch
 from changecam.cli.explain import explain
 from changecam.data.io import read_image, read_label, write_png
 from changecam.explain import TapError
+from changecam.explain import render as render_module
 from changecam.explain.runner import (
     ExplainSettings,
     FaithfulnessSettings,
@@ -258,6 +259,30 @@ def test_a_pair_whose_maps_cannot_be_written_keeps_no_panel(tmp_path, tiny_ckpt,
     with pytest.raises(PairFailure, match=rf"1 of 2 pair\(s\) failed.*\({first}\)"):
         run_explain(tmp_path, [f"ckpt_path={tiny_ckpt}", f"input.dir={pair_dir}"])
     assert sorted(p.stem for p in (tmp_path / "run" / "panels").iterdir()) == [second]
+
+
+@pytest.mark.parametrize(
+    ("target", "said"),
+    [("ground_truth", "no change in the label"), ("predicted", "no change predicted")],
+)
+def test_an_empty_targets_notice_says_which_target_is_empty(monkeypatch, target, said):
+    """With target=ground_truth, an unchanged label's panel said "no change predicted" over a
+    prediction showing change (helper-187)."""
+    torch.manual_seed(1)
+    net = SiameseUNet(3, 4, 2).eval()
+    with torch.no_grad():
+        net.final_conv.bias.fill_(-50.0 if target == "predicted" else 50.0)
+    rng = np.random.default_rng(0)
+    pre, post = rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
+    notices = []
+    monkeypatch.setattr(
+        render_module._Canvas, "notice", lambda self, keys, text: notices.append(text)
+    )
+    settings = ExplainSettings(
+        target=target, dpi=20, faithfulness=FaithfulnessSettings(enabled=False)
+    )
+    explain_pair(net, pre, post, label=np.zeros((16, 16), np.uint8), settings=settings)
+    assert notices == [f"{said}\n(empty target)"]
 
 
 def test_pipeline_padding_keeps_the_target_inside_the_image():

@@ -35,6 +35,7 @@ from torch import Tensor
 from changecam.data.io import write_png
 from changecam.explain.faithfulness import Faithfulness
 from changecam.explain.hirescam import Explanation, Method, choose_layer
+from changecam.explain.targets import TargetKind
 from changecam.metrics import confusion_counts, scores_from_counts
 
 CMAP = "RdBu_r"  # blue: evidence against the target, red: evidence for it
@@ -53,6 +54,13 @@ METHOD_TITLES = {
 # to the target score): occlusion's pixel is the mean drop of the score over the swapped
 # squares covering it, so its maps sum to about 2 x window² times the score's change
 MAP_UNITS = {"occlusion": "mean score drop, square swapped"}
+# over the maps of a sample whose target selects no pixel: why, per target kind
+EMPTY_TARGET = {
+    "predicted": "no change predicted",
+    "ground_truth": "no change in the label",
+    "roi": "empty region of interest",
+    "all": "no pixel to explain",
+}
 
 
 def to_rgb(image: np.ndarray | Tensor) -> np.ndarray:
@@ -109,6 +117,7 @@ def render_panel(
     title: str | None = None,
     dpi: int = 72,
     probability: np.ndarray | None = None,
+    target: TargetKind = "predicted",
 ) -> np.ndarray:
     """Draw one sample's panel and return it as uint8 RGB (H×W×3).
 
@@ -127,6 +136,8 @@ def render_panel(
         dpi: resolution of the returned image (the figure is 13.5 × 7 inches).
         probability: H×W change probability drawn as the prediction (predict.py's sliding
             window, whose mask it explains); default the explanation's own logits'.
+        target: what the explanation's target mask holds, for the notice over maps of an
+            empty one (the prediction may show change while the label or ROI holds none).
     """
     exp = explanation.select(index)
     layer = choose_layer(exp.layers_of(method), layer, f"panel layer ({method})")
@@ -149,7 +160,7 @@ def render_panel(
     if tuple(probs.shape) != tuple(size):
         raise ValueError(f"probability {tuple(probs.shape)} does not match the explanation {size}")
     _draw_top_row(canvas, pre_rgb, post_rgb, label, probs, threshold)
-    _draw_maps(canvas, pre_rgb, post_rgb, exp, layer, method)
+    _draw_maps(canvas, pre_rgb, post_rgb, exp, layer, method, target)
     canvas.bars(list(shares.values()))
     canvas.text("line", _caption(shares, exp, faithfulness, index))
     if title:
@@ -190,6 +201,7 @@ def _draw_maps(
     exp: Explanation,
     layer: str,
     method: Method,
+    target: TargetKind = "predicted",
 ) -> None:
     """Pre and post maps on one symmetric scale, their sum on its own, and the empty flag.
 
@@ -211,7 +223,9 @@ def _draw_maps(
         shown = canvas.fit(key, image).round().clip(0, 255).astype(np.uint8)
         canvas.image(key, overlay(shown, canvas.fit(key, cam), scale), fitted=True)
     if bool(exp.empty[0]):
-        canvas.notice(("pre_cam", "post_cam", "combined"), "no change predicted\n(empty target)")
+        canvas.notice(
+            ("pre_cam", "post_cam", "combined"), f"{EMPTY_TARGET[target]}\n(empty target)"
+        )
     canvas.colour_scale("scale", vmax or 1.0)
     canvas.colour_scale("scale_combined", vmax_combined or 1.0)
 

@@ -523,6 +523,7 @@ def explain_pair(
         title=name,
         probability=probability,
         dpi=settings.dpi,
+        target=settings.target,
     )
     return PairExplanation(
         name=name,

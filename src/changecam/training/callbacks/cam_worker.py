@@ -157,6 +157,7 @@ def _draw(
         threshold=settings.threshold,
         title=name,
         dpi=settings.dpi,
+        target=settings.target,
     )
     save_panel(panel, epoch_dir / f"{name}.png")
     return panel
