@@ -426,6 +426,30 @@ def test_a_simple_set_too_large_for_labelled_change_is_refused(tmp_path):
     assert all(generate_scene(spec, "train", i).label.max() == 1 for i in range(2))
 
 
+@pytest.mark.parametrize(("style", "size", "smallest"), [("levir", 32, 56), ("simple", 20, 24)])
+def test_a_set_too_small_for_labelled_change_is_refused(tmp_path, style, size, smallest):
+    """A levir set at 32 px had not one labelled pixel in its 72 scenes, and trained on empty
+    labels unwarned (helper-186)."""
+    from changecam.data.datamodule import ChangeDetectionDataModule
+
+    small = {"image_size": size, "train": 1, "val": 1, "test": 1, "style": style}
+    assert not any(generate_scene(SyntheticSpec(**small), "train", i).label.any() for i in range(3))
+    with pytest.raises(ValueError, match=f"image_size={size}: the {style} style draws almost no"):
+        ChangeDetectionDataModule(tmp_path / "syn", synthetic=small)
+    assert not (tmp_path / "syn").exists()
+    ChangeDetectionDataModule(tmp_path / "syn", synthetic={**small, "image_size": smallest})
+
+
+def test_a_negative_seed_and_landcover_null_or_a_number(tmp_path):
+    """A negative seed failed in numpy naming no key; landcover=null or a number with
+    "'NoneType' object is not iterable" (helper-186)."""
+    with pytest.raises(ValueError, match=r"data.synthetic.seed=-1 must be a whole number >= 0"):
+        SyntheticSpec(seed=-1)
+    assert SyntheticSpec(style="levir", landcover=None).landcover is False
+    with pytest.raises(ValueError, match=r"data.synthetic.landcover=1: choose parts from woodland"):
+        SyntheticSpec(style="levir", landcover=1)
+
+
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_a_negative_split_count_is_refused_naming_the_key(split):
     """A negative count was written into the spec, and set-up then said to download LEVIR-CD
