@@ -151,6 +151,27 @@ def test_colour_scale_numbers_read_like_matplotlibs():
     assert all(abs(v) <= 0.37 for v in ticks(0.37, 9))
 
 
+@pytest.mark.parametrize("dpi", [50, 100])
+@pytest.mark.parametrize("key", ["scale", "scale_combined"])
+def test_the_power_of_ten_stands_clear_of_the_units_label(key, dpi):
+    """It was drawn on the unit's line, over its end ("/ p1e−5": helper-184)."""
+    from PIL import Image, ImageDraw
+
+    layout = render_module._panel_layout(
+        (32, 32), ("input", "enc1", "enc2"), "enc2", "hirescam", True, True, dpi
+    )
+    canvas = render_module._Canvas(layout)
+    canvas.colour_scale(key, 3e-5)
+    ((text, spot, _),) = [t for t in canvas._texts if t[0].startswith("1e")]
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, right, bottom = draw.textbbox(
+        spot.xy, text, font=render_module._font(spot.size), anchor=spot.anchor
+    )
+    left, top, right, bottom = (round(v) for v in (left, top, right, bottom))
+    assert right < canvas.pixels.shape[1]
+    assert (canvas.pixels[top : bottom + 1, left : right + 1] == 255).all()  # nothing under it
+
+
 def test_panels_drawn_in_threads_equal_the_ones_drawn_in_turn(explained):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -356,8 +356,8 @@ class _Canvas:
             x = round(x0 + (value + vmax) / (2 * vmax) * (x1 - 1 - x0))
             self.pixels[y1 : y1 + length, x] = 0
             self._texts.append((label, _TextSpot((x, y1 + length + gap), "ma", size), "plain"))
-        if offset:
-            spot = _TextSpot((x1, y1 + length + gap + 1.2 * size), "ra", size)
+        if offset:  # after the numbers' row, as matplotlib puts it: clear of the unit's line
+            spot = _TextSpot((x1 + 2 * gap, y1 + length + gap), "la", size)
             self._texts.append((offset, spot, "plain"))
 
     def finish(self) -> np.ndarray:
