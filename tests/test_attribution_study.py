@@ -416,3 +416,39 @@ def test_the_report_names_the_objects_window_or_the_whole_image(context, said):
     }
     report = report_markdown(record, {})
     assert said in report and "None" not in report
+
+
+def test_the_report_from_study_json_keeps_the_layers_forward_order(tmp_path):
+    """study.json sorts its keys (input after enc1), and the report read from it took the
+    wrong layer at a tie and "input" as the deepest; its CSV metrics named no layer; the seed
+    its intervals depend on was not recorded (helper-188)."""
+    import json
+
+    from changecam.atomic import write_json
+    from changecam.evaluation.study_report import forward_layers, headline_rows, log_study
+
+    result = study_model(
+        OneDate("post"), known_answer_images(), StudySettings(**FAST, methods=("hirescam",))
+    )
+    assert value(result, "hirescam", "input", "causal_agreement") == 1.0
+    assert value(result, "hirescam", "enc1", "causal_agreement") == 1.0  # a tie: the deepest
+    write_json(tmp_path / "study.json", {"architectures": {"m": result}, "order": ["m"]})
+    reloaded = json.loads((tmp_path / "study.json").read_text())
+    assert list(reloaded["architectures"]["m"]["results"]["hirescam"]) == ["enc1", "input"]
+    assert forward_layers(reloaded["architectures"]["m"], "hirescam") == ["input", "enc1"]
+    rows = {r["method"]: r["layer"] for r in headline_rows(reloaded)}
+    assert rows["hirescam"] == "enc1"
+
+    class Logged:
+        def __init__(self):
+            self.metrics = {}
+
+        def log_metrics(self, metrics):
+            self.metrics.update(metrics)
+
+        def save(self):
+            pass
+
+    logger = Logged()
+    log_study([logger], reloaded, {})
+    assert "study/m/hirescam/enc1/causal_agreement" in logger.metrics

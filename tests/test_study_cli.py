@@ -196,6 +196,8 @@ def test_a_rerun_into_a_studys_folder_keeps_none_of_its_plots(tmp_path, tiny_syn
     )
     study(cfg)
     assert (tmp_path / "run" / "report.md").is_file() and not stale.exists()
+    record = json.loads((tmp_path / "run" / "study.json").read_text())
+    assert record["settings"]["seed"] == cfg.seed  # its intervals depend on it (helper-188)
 
 
 @pytest.mark.slow

@@ -405,7 +405,8 @@ def study(cfg: DictConfig) -> dict[str, Any]:
         seconds["study"][name] = time.perf_counter() - begun
     record = {
         "data": {"root": str(root), "split": cfg.study.split, "images": len(images)},
-        "settings": OmegaConf.to_container(cfg.study, resolve=True),
+        # the seed draws the random maps and curve orders, the re-initialisations, the bootstrap
+        "settings": {**OmegaConf.to_container(cfg.study, resolve=True), "seed": cfg.seed},
         # study.json is written with sorted keys; "order" keeps the order the models were given
         "order": list(results),
         "architectures": results,

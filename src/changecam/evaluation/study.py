@@ -328,6 +328,8 @@ def study_model(
         "objects": dict(sorted(kinds.items())),
         "images": len(images),
         "results": results,
+        # study.json sorts its keys: the layers' forward order, for the report (its deepest)
+        "layer_order": {method: list(layers) for method, layers in results.items()},
         "causal": {
             **{key: _estimate(values, settings).as_dict() for key, values in model_records.items()},
             "causal_margin_median": _pooled_median(model_records.get("causal_margin", {})),

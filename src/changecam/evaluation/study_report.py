@@ -50,9 +50,22 @@ def fmt(entry: Mapping[str, Any] | None, ci: bool = False) -> str:
     return f"{value:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def best_layer(layers: Mapping[str, Mapping[str, Any]], metric: str = "causal_agreement") -> str:
-    """The layer with the highest ``metric`` (ties: the deepest, the last in forward order)."""
-    scored = [(mean(v.get(metric)) or -1.0, i, k) for i, (k, v) in enumerate(layers.items())]
+def forward_layers(result: Mapping[str, Any], method: str) -> list[str]:
+    """A method's layers in forward order: as ``layer_order`` records them (``study.json`` is
+    written with sorted keys, which put ``input`` last), else the results' own order."""
+    layers = result["results"].get(method, {})
+    return list(result.get("layer_order", {}).get(method) or layers)
+
+
+def best_layer(
+    layers: Mapping[str, Mapping[str, Any]],
+    metric: str = "causal_agreement",
+    order: Sequence[str] | None = None,
+) -> str:
+    """The layer with the highest ``metric`` (ties: the deepest, the last in forward order
+    ``order``, default the mapping's)."""
+    names = list(order or layers)
+    scored = [(mean(layers[k].get(metric)) or -1.0, i, k) for i, k in enumerate(names)]
     return max(scored)[2]
 
 
@@ -62,7 +75,7 @@ def headline_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for arch, result in record["architectures"].items():
         for method, layers in result["results"].items():
-            layer = best_layer(layers)
+            layer = best_layer(layers, order=forward_layers(result, method))
             entry = layers[layer]
             check = entry.get("randomisation") or {}
             rows.append(
@@ -145,8 +158,9 @@ def plot_post_share(record: Mapping[str, Any], path: Path, methods: Sequence[str
     for ax, method in zip(axes, methods, strict=True):
         for arch, result in record["architectures"].items():
             layers = result["results"].get(method, {})
-            values = [mean(v.get("post_share")) for v in layers.values()]
-            ax.plot(list(layers), [np.nan if v is None else v for v in values], "o-", label=arch)
+            names = forward_layers(result, method)
+            values = [mean(layers[k].get("post_share")) for k in names]
+            ax.plot(names, [np.nan if v is None else v for v in values], "o-", label=arch)
         ax.axhline(0.5, color="grey", lw=0.8, ls="--")
         ax.set_title(f"post share, {TITLES.get(method, method)}", fontsize=9)
         ax.set_ylim(0, 1)
@@ -183,8 +197,9 @@ def plot_randomisation(record: Mapping[str, Any], path: Path) -> Path:
     archs = list(record["architectures"])
     figure, axes = _per_architecture_axes(len(archs))
     for ax, arch in zip(axes, archs, strict=True):
-        for method, layers in record["architectures"][arch]["results"].items():
-            layer = list(layers)[-1]
+        result = record["architectures"][arch]
+        for method, layers in result["results"].items():
+            layer = forward_layers(result, method)[-1]
             check = layers[layer].get("randomisation")
             if not check:
                 continue
@@ -351,7 +366,7 @@ def answer(arch: str, result: Mapping[str, Any]) -> str:
         (mean(entry.get("causal_agreement_weighted")), method, layer, entry)
         for method, layers in result["results"].items()
         if method != RANDOM
-        for layer, entry in layers.items()
+        for layer, entry in ((k, layers[k]) for k in forward_layers(result, method))
         if mean(entry.get("causal_agreement_weighted")) is not None
     ]
     if weighted:
@@ -385,7 +400,8 @@ def _layer_table(result: Mapping[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, layers in result["results"].items():
-        for layer, e in layers.items():
+        for layer in forward_layers(result, method):
+            e = layers[layer]
             rho = (e.get("randomisation") or {}).get("final")
             lines.append(
                 f"| {method} | {layer} | {fmt(e.get('date_accuracy'))} | "
@@ -461,7 +477,8 @@ def log_study(loggers: Sequence[Any], record: Mapping[str, Any], plots: Mapping[
                 for metric in (*HEADLINE, "pointing", "faithfulness_gap"):
                     value = _cell(r[metric])
                     if isinstance(value, float) and not math.isnan(value):
-                        flat[f"study/{r['architecture']}/{r['method']}/{metric}"] = value
+                        key = f"study/{r['architecture']}/{r['method']}/{r['layer']}/{metric}"
+                        flat[key] = value
             logger.log_metrics(flat)
         logger.save()
 
