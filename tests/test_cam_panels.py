@@ -198,6 +198,24 @@ def test_the_background_process_outlives_a_signal_to_the_process_group(tmp_path)
     assert not worker._process.is_alive()
 
 
+def test_a_process_killed_by_the_signal_that_stops_training_loses_its_job_quietly(tmp_path, caplog):
+    """Signalled in its first seconds, before it ignores signals (helper-191), the process
+    dies: while training is stopping on that signal its job is lost with a warning, so the run
+    still ends with status 143 and its resume command, not "the process died"."""
+    net = SiameseUNet(3, 4, 2)
+    worker = BackgroundExplainer(
+        net.config(), tiny_samples(), DEFAULT_EXPLAIN, tmp_path, stopping=lambda: True
+    )
+    try:
+        worker.submit(net, epoch=0, step=0)
+        worker._process.kill()
+        with caplog.at_level(logging.WARNING):
+            assert worker.wait(0) == []
+        assert "the panels in flight are lost" in caplog.text
+    finally:
+        worker.close()
+
+
 def test_a_dead_background_process_is_reported(tmp_path):
     net = SiameseUNet(3, 4, 2)
     worker = BackgroundExplainer(net.config(), tiny_samples(), DEFAULT_EXPLAIN, tmp_path)

@@ -151,25 +151,52 @@ def test_colour_scale_numbers_read_like_matplotlibs():
     assert all(abs(v) <= 0.37 for v in ticks(0.37, 9))
 
 
-@pytest.mark.parametrize("dpi", [50, 100])
-@pytest.mark.parametrize("key", ["scale", "scale_combined"])
-def test_the_power_of_ten_stands_clear_of_the_units_label(key, dpi):
-    """It was drawn on the unit's line, over its end ("/ p1e−5": helper-184)."""
+@pytest.mark.parametrize("dpi", [30, 72, 100])
+@pytest.mark.parametrize("size", [(32, 32), (256, 448), (512, 1024), (1024, 256)])
+def test_the_power_of_ten_joins_the_units_line_within_its_bar(size, dpi):
+    """It was drawn over the unit's line on the narrow pre + post bar ("/ p1e−5": helper-184),
+    then, moved beside the bar, onto the next scale's numbers or the bar chart of non-square
+    pairs (helper-191): it reads "(×1e−5)" at the end of the unit's line, which stays within
+    its bar's width and clear of every other text."""
     from PIL import Image, ImageDraw
 
-    layout = render_module._panel_layout(
-        (32, 32), ("input", "enc1", "enc2"), "enc2", "hirescam", True, True, dpi
-    )
-    canvas = render_module._Canvas(layout)
-    canvas.colour_scale(key, 3e-5)
-    ((text, spot, _),) = [t for t in canvas._texts if t[0].startswith("1e")]
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    left, top, right, bottom = draw.textbbox(
-        spot.xy, text, font=render_module._font(spot.size), anchor=spot.anchor
+    layers = ("input", "enc1", "enc2", "enc3", "enc4")
+    canvas = render_module._Canvas(
+        render_module._panel_layout(size, layers, "enc4", "hirescam", True, True, dpi)
     )
-    left, top, right, bottom = (round(v) for v in (left, top, right, bottom))
-    assert right < canvas.pixels.shape[1]
-    assert (canvas.pixels[top : bottom + 1, left : right + 1] == 255).all()  # nothing under it
+    canvas.colour_scale("scale", 3e-5)
+    canvas.colour_scale("scale_combined", 2e-5)
+    canvas.text("line", "post share P_post/(P_pre+P_post): input 0.72, enc1 0.32 | S = 500.2")
+
+    def bbox(text, spot):
+        font = render_module._font(spot.size)
+        return [round(v) for v in draw.textbbox(spot.xy, text, font=font, anchor=spot.anchor)]
+
+    boxes = [(text, bbox(text, spot)) for text, spot, _ in canvas._texts]
+    units = [(text, box) for text, box in boxes if "logit contribution / px" in text]
+    assert [text.split(":")[0] for text, _ in units] == ["pre and post", "pre + post"]
+    for (text, (left, top, right, bottom)), key in zip(
+        units, ("scale", "scale_combined"), strict=True
+    ):
+        assert text.endswith("(×1e−5)")
+        _, _, x0, x1 = canvas.layout.scales[key][0]
+        if size != (1024, 256):  # its bars are narrower than the line at the smallest font
+            assert x0 - 1 <= left and right <= x1 + 1, (text, left, right, x0, x1)
+        assert 0 <= left and right < canvas.pixels.shape[1]
+        assert (canvas.pixels[top : bottom + 1, left : right + 1] != 255).any(axis=2).sum() <= 2
+        for other, (l2, t2, r2, b2) in boxes:
+            if other != text:
+                assert not (left < r2 and l2 < right and top < b2 and t2 < bottom), (text, other)
+
+
+def test_the_units_line_carries_no_power_of_ten_where_none_is_needed():
+    layout = render_module._panel_layout((32, 32), ("enc1",), "enc1", "hirescam", False, False, 30)
+    canvas = render_module._Canvas(layout)
+    canvas.colour_scale("scale", 0.05)
+    assert [t for t, _, _ in canvas._texts if "px" in t] == [
+        "pre and post: logit contribution / px"
+    ]
 
 
 def test_panels_drawn_in_threads_equal_the_ones_drawn_in_turn(explained):

@@ -274,6 +274,7 @@ class _PanelLayout:
     bar_rows: tuple[int, int, int]  # rows of post share 0, 1 and of the dashed 0.5 line
     bar_box: Box
     scales: dict[str, tuple[Box, int]]  # colour bar gradients, most tick intervals
+    scale_labels: dict[str, tuple[str, _TextSpot]]  # each bar's unit line, drawn per sample
     tick: tuple[int, float, float]  # tick length, label gap (pixels), label size
     dpi: int
 
@@ -356,9 +357,15 @@ class _Canvas:
             x = round(x0 + (value + vmax) / (2 * vmax) * (x1 - 1 - x0))
             self.pixels[y1 : y1 + length, x] = 0
             self._texts.append((label, _TextSpot((x, y1 + length + gap), "ma", size), "plain"))
-        if offset:  # after the numbers' row, as matplotlib puts it: clear of the unit's line
-            spot = _TextSpot((x1 + 2 * gap, y1 + length + gap), "la", size)
-            self._texts.append((offset, spot, "plain"))
+        # the power of ten joins the unit's line, within the bar's width (a smaller font where
+        # it would be wider): beside the bar it ran into the next scale's numbers or the bar
+        # chart, on its own row into the unit's line
+        text, spot = self.layout.scale_labels[key]
+        if offset:
+            text = f"{text} (×{offset})"
+        points = min(spot.size, spot.size * (x1 - x0) / _font(spot.size).getlength(text))
+        points = max(points, 6 * self.layout.dpi / 72)
+        self._texts.append((text, _TextSpot(spot.xy, spot.anchor, points), "plain"))
 
     def finish(self) -> np.ndarray:
         """The picture with its texts, uint8 H×W×3."""
@@ -529,6 +536,10 @@ def _panel_layout(
         bar_rows=(zero, one, half),
         bar_box=box(bar_ax),
         scales={key: (box(cax), _tick_bins(box(cax), dpi)) for key, cax in scales.items()},
+        scale_labels={
+            key: (cax.xaxis.label.get_text(), _label_spot(cax.xaxis.label, height, dpi))
+            for key, cax in scales.items()
+        },
         tick=(
             max(1, round(tick_points[0] * dpi / 72)),
             tick_points[1] * dpi / 72,
@@ -536,6 +547,12 @@ def _panel_layout(
         ),
         dpi=dpi,
     )
+
+
+def _label_spot(label: Any, height: int, dpi: int) -> _TextSpot:
+    """Where a laid-out colour bar label is: the middle of its top edge (Pillow's ``ma``)."""
+    extent = label.get_window_extent()
+    return _TextSpot(((extent.x0 + extent.x1) / 2, height - extent.y1), "ma", 9 * dpi / 72)
 
 
 def _fit_title(ax: Any, text: str, renderer: Any, smallest: float = 7.0) -> Any:
@@ -567,7 +584,8 @@ def _colorbar(fig: Figure, first: Any, last: Any, label: str) -> Any:
     mappable.set_array([])
     bar = fig.colorbar(mappable, cax=cax, orientation="horizontal")
     bar.set_ticks([-1.0, 0.0, 1.0], labels=["\N{MINUS SIGN}0.00"] * 3)
-    bar.set_label(label, fontsize=9, labelpad=1)
+    # laid out here to place it below the numbers, drawn per sample (it may take a power of ten)
+    bar.set_label(label, fontsize=9, labelpad=1, color=(0, 0, 0, 0))
     bar.ax.tick_params(labelsize=8, color=(0, 0, 0, 0), labelcolor=(0, 0, 0, 0))
     return cax
 

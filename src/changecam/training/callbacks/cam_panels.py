@@ -277,6 +277,7 @@ class CamPanels(L.Callback):
                 return_panels=self._return_panels(trainer),
                 threads=self.worker_threads,
                 device=device,
+                stopping=lambda: bool(getattr(trainer, "received_sigterm", False)),
             )
 
     def state_dict(self) -> dict[str, Any]:

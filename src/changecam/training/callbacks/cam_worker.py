@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,6 +208,9 @@ class BackgroundExplainer:
         return_panels: send the panel pictures back (only W&B needs them).
         threads: torch threads of the process.
         device: where the process explains (``cpu``, ``cuda:0``, ...); it draws on the CPU.
+        stopping: whether training is stopping on a signal (a SIGTERM to the whole process
+            group can reach the process before it ignores signals, in its first seconds): its
+            death then loses the jobs in flight, with a warning, instead of failing the run.
     """
 
     def __init__(
@@ -219,7 +222,9 @@ class BackgroundExplainer:
         return_panels: bool = True,
         threads: int = 1,
         device: str = "cpu",
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
+        self._stopping = stopping
         ctx = mp.get_context("spawn")  # fork is unsafe with OpenMP and CUDA in the parent
         self._jobs = ctx.Queue()
         self._results = ctx.Queue()
@@ -281,6 +286,14 @@ class BackgroundExplainer:
                 kind, payload = self._results.get(block=block, timeout=POLL_S if block else None)
             except queue.Empty:
                 if not block:
+                    break
+                if not self._process.is_alive() and self._stopping():
+                    log.warning(
+                        "CAM panels: the panel process was stopped by the signal that stops "
+                        "training (exit code %s); the panels in flight are lost",
+                        self._process.exitcode,
+                    )
+                    self._outstanding = 0
                     break
                 if not self._process.is_alive():
                     raise CamWorkerError(
