@@ -304,3 +304,20 @@ def test_one_extra_train_folder_without_brackets_is_one_folder(tmp_path, tiny_sy
     )
     assert dm.extra_train == [tiny_synthetic]
     assert len(dm.triplets("train")) == 2 * dm._own_train
+
+
+def test_num_workers_below_zero_is_refused_and_a_cap_is_said(tmp_path, tiny_synthetic, caplog):
+    """-1 failed inside the fit's sanity check naming no key; a cap to the usable cores was
+    silent while the run's config and logged hyperparameters said the value given
+    (helper-192)."""
+    import logging
+
+    from changecam.data import ChangeDetectionDataModule
+    from changecam.environment import usable_cores
+
+    with pytest.raises(ValueError, match=r"data.num_workers=-1 must be a whole number >= 0"):
+        ChangeDetectionDataModule(tiny_synthetic, num_workers=-1)
+    with caplog.at_level(logging.INFO, logger="changecam"):
+        data = ChangeDetectionDataModule(tiny_synthetic, num_workers=usable_cores() + 3)
+    assert data.num_workers == usable_cores()
+    assert f"data.num_workers={usable_cores() + 3}: {usable_cores()} loader workers" in caplog.text

@@ -164,6 +164,18 @@ def test_a_ddp_trainer_config_scores_on_one_device_as_one_process(tmp_path, hand
     ddp = evaluate(compose_train(tmp_path / "ddp", [*base, "trainer=ddp_cpu"], "eval"))
     assert ddp == single
     assert not [w for w in recwarn if "sync_dist" in str(w.message)]
+    # the trainer's GPU accelerator is not eval's device (it was refused as needing a GPU),
+    # and device=cpu:0 was passed to the trainer as devices=[0] (helper-192)
+    gpu = compose_train(tmp_path / "gpu", [*base, "trainer=gpu", "device=cpu:0"], "eval")
+    assert evaluate(gpu) == single
+    from changecam.cli.config_checks import ConfigError
+
+    for extra, said in (
+        (["device=mps"], "device='mps': use auto, cpu, cuda"),
+        (["device=cpu", "trainer.precision=16-mixed"], "16-mixed: float16 needs a CUDA GPU"),
+    ):
+        with pytest.raises((ValueError, ConfigError), match=said):
+            evaluate(compose_train(tmp_path / "refused", [*base, *extra], "eval"))
 
 
 def test_eval_refuses_to_run_as_one_of_several_tasks(tmp_path, hand_made, monkeypatch):

@@ -214,6 +214,7 @@ def prepare_run(
     results: tuple[str, ...] = (),
     history: bool = True,
     checks: Callable[[DictConfig], None] | None = None,
+    one_device: bool = False,
 ) -> Path:
     """The set-up every command starts with; returns the run directory.
 
@@ -232,7 +233,7 @@ def prepare_run(
     leave them looking like its own), and fills in the W&B run id and sweep group.
     """
     check_config(cfg)
-    check_device(cfg)
+    check_device(cfg, one_device)  # one_device: eval.py's process on cfg.device
     forget_named_files()  # each run's log names the files it does not read (a sweep's jobs too)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("print_config"):  # before the command's own refusals: its log says what it was asked
@@ -432,6 +433,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(
             f"device={name!r} is not a device: use auto, cpu, cuda or cuda:<index>"
         ) from err
+    if device.type not in ("cpu", "cuda"):  # the trainer and the windows take these two
+        raise ValueError(f"device={name!r}: use auto, cpu, cuda or cuda:<index>")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
     return device

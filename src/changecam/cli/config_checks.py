@@ -613,17 +613,25 @@ def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def check_device(cfg: DictConfig) -> None:
+def check_device(cfg: DictConfig, one_device: bool = False) -> None:
     """Raise :class:`ConfigError` for switches this machine cannot honour, saying why.
 
     Checked: ``trainer.accelerator`` (a GPU must be there), ``trainer.precision`` (fp16 needs
     a CUDA GPU; bf16 runs on the CPU and on GPUs with bfloat16), ``module.compile``
     (TorchInductor on the CPU needs a C++ compiler) and ``trainer.sync_batchnorm``
     (synchronised batch norm runs on GPUs only).
+
+    ``one_device``: the command runs one process on ``cfg.device`` whatever ``trainer=`` says
+    (eval.py), so the precision is judged on that device and the trainer's accelerator and
+    batch-norm switch are not.
     """
     import torch
 
-    trainer = cfg.get("trainer") or {}
+    trainer = dict(cfg.get("trainer") or {})
+    if one_device:
+        name = str(cfg.get("device", "auto"))  # a name that is no device: resolve_device says so
+        gpu = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+        trainer.update(accelerator="cuda" if gpu else "cpu", sync_batchnorm=False)
     module = cfg.get("module") or {}
     cuda = uses_cuda(str(trainer.get("accelerator", "auto")))
     errors: list[str] = []

@@ -93,7 +93,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         spec = sliding_window_spec(cfg)
         loaded["net"], loaded["windowed"] = net, SlidingWindowNet(net, spec) if spec else None
 
-    output_dir = prepare_run(cfg, results=("metrics.json", "per_image.csv"), checks=checks)
+    output_dir = prepare_run(
+        cfg, results=("metrics.json", "per_image.csv"), checks=checks, one_device=True
+    )
     net, hparams, share_layer = loaded["net"], loaded["hparams"], loaded["share_layer"]
     split = checked_choice(cfg.get("split", "test"), EvalSplit, "split")
     given = checked_threshold(cfg.threshold)
@@ -123,7 +125,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         accelerator=device.type,
         # one device, whatever trainer= says (a ddp trainer's strategy ran one process as DDP,
         # warning about every metric's sync_dist)
-        devices=[device.index] if device.index is not None else 1,
+        devices=[device.index] if device.type == "cuda" and device.index is not None else 1,
         strategy="auto",
         num_nodes=1,
         sync_batchnorm=False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import typing
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,8 @@ from changecam.data.validate import (
 from changecam.environment import usable_cores
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 def settings_block(cls: type[T], values: Mapping[str, Any], key: str) -> T:
@@ -169,7 +172,15 @@ class ChangeDetectionDataModule(L.LightningDataModule):
         self.patch_size = patch_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"data.num_workers={num_workers!r} must be a whole number >= 0")
         self.num_workers = min(num_workers, usable_cores())  # more only thrash and warn
+        if self.num_workers < num_workers:  # its config and logged hparams say the given one
+            log.info(
+                "data.num_workers=%d: %d loader workers, the usable cores",
+                num_workers,
+                self.num_workers,
+            )
         self.cache_images = cache_images
         self.pin_memory = pin_memory and torch.cuda.is_available()  # pinning serves CUDA copies
         self.synthetic = (
