@@ -487,6 +487,30 @@ def test_a_run_resumed_into_another_folder_keeps_the_earlier_best(tmp_path):
     assert not (tmp_path / "scoring").exists()
 
 
+def test_a_checkpoint_of_lightnings_own_model_checkpoint_keeps_its_best_when_resumed(tmp_path):
+    """changecam wrote its checkpoints with Lightning's ModelCheckpoint before 2026-12-01: its
+    state, under that class's key, was never read by FiniteModelCheckpoint, so a resume into
+    another folder forgot the earlier best (helper-193)."""
+    scores = [0.8, 0.3, 0.5]
+    loader = DataLoader(torch.ones(2, 1), batch_size=1)
+    first = best_and_last(tmp_path / "first")
+    quiet_trainer(max_epochs=1, callbacks=first, num_sanity_val_steps=0).fit(
+        ScoreLogger(scores), loader, loader
+    )
+    last = torch.load(tmp_path / "first/last.ckpt", weights_only=True)
+    own = first[0].state_key
+    assert own.startswith("FiniteModelCheckpoint{")
+    last["callbacks"] = {own.replace("FiniteModelCheckpoint", "ModelCheckpoint", 1): v
+                         for k, v in last["callbacks"].items() if k == own}  # fmt: skip
+    torch.save(last, tmp_path / "first/last.ckpt")
+    second = best_and_last(tmp_path / "second")
+    quiet_trainer(max_epochs=3, callbacks=second, num_sanity_val_steps=0).fit(
+        ScoreLogger(scores), loader, loader, ckpt_path=tmp_path / "first/last.ckpt"
+    )
+    assert float(second[0].best_model_score) == pytest.approx(0.8)
+    assert torch.load(tmp_path / "second/best.ckpt", weights_only=True)["epoch"] == 0
+
+
 def test_a_run_folder_moved_with_its_checkpoints_keeps_its_best_when_resumed(tmp_path):
     """``mv run moved`` and ``ckpt_path=last`` there: the recorded best was looked for at its
     old path only, called gone, and the first validation after the resume became best.ckpt;

@@ -39,6 +39,13 @@ class FiniteModelCheckpoint(StepCheckpoint):
         if problem:
             raise ValueError(problem)
 
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        """The key Lightning reads when this callback's own is missing: the one of Lightning's
+        ``ModelCheckpoint`` with the same settings, which wrote changecam's checkpoints before
+        this class (2026-12-01), so a resume of one of them keeps its best checkpoints too."""
+        return "ModelCheckpoint" + self.state_key.removeprefix(type(self).__qualname__)
+
     _fitting = False
 
     _fit_trainer: Trainer | None = None
