@@ -276,8 +276,8 @@ def test_checkpoint_is_weights_only_loadable_and_train_false_scores_it(
         ("pos_weight=20", "None"),
     ):
         assert (
-            f"with its module.{used}, as it was trained and scored (the config's {composed} is not used"
-            in caplog.text
+            f"train=false uses {best}'s module.{used}, as it was trained and scored (the "
+            f"config's {composed} is not used" in caplog.text
         )
     # one given on the command line (or by a sweep) is used as given, with a warning
     caplog.clear()
@@ -288,12 +288,26 @@ def test_checkpoint_is_weights_only_loadable_and_train_false_scores_it(
         )
     )
     assert (
-        "trained and scored with module.threshold=0.4; train=false scores it with module.threshold=0.95 as given"
-        in caplog.text
+        "trained and scored with module.threshold=0.4; train=false uses module.threshold=0.95 "
+        "as given" in caplog.text
     )
     assert given["val/loss"] == trained["val/loss"] and given["val/recall"] < trained["val/recall"]
     initial = train(compose_train(tmp_path / "initial", [*base, *trained_with, "train=false"]))
     assert initial["val/loss"] != trained["val/loss"]
+    # a resume goes on with them too: it trained and scored at the config's 0.5 (helper-193)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train(compose_train(tmp_path, [*base, "ckpt_path=last", "trainer.max_epochs=2"]))
+    assert (
+        "the resumed run uses" in caplog.text and "module.threshold=0.4, as it was" in caplog.text
+    )
+    last = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert last["epoch"] == 1
+    assert {k: last["hyper_parameters"][k] for k in ("threshold", "loss", "pos_weight")} == {
+        "threshold": 0.4,
+        "loss": "bce",
+        "pos_weight": 20,
+    }
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -83,32 +83,34 @@ SCORED_WITH = ("loss", "pos_weight", "threshold")  # the module settings behind 
 
 
 def score_as_trained(cfg: DictConfig, path: str) -> None:
-    """``train=false ckpt_path=<file>``: score the checkpoint with the ``module.loss``,
-    ``module.pos_weight`` and ``module.threshold`` it was trained and scored with (as eval.py
-    does), set in ``cfg.module`` so that the CAM panels' threshold follows. Lightning restores
-    only the weights; the composed config's values would score it otherwise than its own run
-    did. A value given on the command line (a sweep's too) is used as given, with a warning
-    where it differs from the checkpoint's."""
+    """A run that goes on from ``path`` (``train=false`` scoring it, or a resume) uses the
+    ``module.loss``, ``module.pos_weight`` and ``module.threshold`` it was trained and scored
+    with (as eval.py does), set in ``cfg.module`` so that the CAM panels' threshold follows.
+    Lightning restores only the weights; the composed config's values would score (and train)
+    it otherwise than its own run did. A value given on the command line (a sweep's too) is
+    used as given, with a warning where it differs from the checkpoint's."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     recorded = ckpt.get("hyper_parameters") or {}
     given = command_line_keys()
+    run = "the resumed run" if cfg.get("train") else "train=false"
     for key in SCORED_WITH:
         if key not in recorded or cfg.module.get(key) == recorded[key]:
             continue
         if f"module.{key}" in given:
             log.warning(
-                "%s was trained and scored with module.%s=%s; train=false scores it with "
-                "module.%s=%s as given",
+                "%s was trained and scored with module.%s=%s; %s uses module.%s=%s as given",
                 path,
                 key,
                 recorded[key],
+                run,
                 key,
                 cfg.module.get(key),
             )
             continue
         log.warning(
-            "train=false scores %s with its module.%s=%s, as it was trained and scored "
-            "(the config's %s is not used; give module.%s=<value> to score with another)",
+            "%s uses %s's module.%s=%s, as it was trained and scored (the config's %s is not "
+            "used; give module.%s=<value> for another)",
+            run,
             path,
             key,
             recorded[key],
@@ -352,7 +354,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = instantiate_refusing(cfg.data, splits=run_splits(cfg))
     net = instantiate_refusing(cfg.model)
     ckpt_path = checked_resume_path(cfg, net, output_dir)
-    if ckpt_path is not None and not cfg.get("train"):
+    if ckpt_path is not None:
         score_as_trained(cfg, ckpt_path)
     # a checkpoint to go on from (or to score) continues the folder's CAM panels and W&B run
     resumes = ckpt_path is not None
