@@ -208,10 +208,22 @@ def test_a_process_killed_by_the_signal_that_stops_training_loses_its_job_quietl
     )
     try:
         worker.submit(net, epoch=0, step=0)
-        worker._process.kill()
+        worker._process.terminate()  # SIGTERM, as if before the process ignored it
+        worker._process.join(10)
         with caplog.at_level(logging.WARNING):
             assert worker.wait(0) == []
         assert "the panels in flight are lost" in caplog.text
+    finally:
+        worker.close()
+    # a death by another signal (a segfault, the OOM killer) is not the stop's: it is raised
+    worker = BackgroundExplainer(
+        net.config(), tiny_samples(), DEFAULT_EXPLAIN, tmp_path, stopping=lambda: True
+    )
+    try:
+        worker.submit(net, epoch=0, step=0)
+        worker._process.kill()
+        with pytest.raises(CamWorkerError, match="died"):
+            worker.wait(0)
     finally:
         worker.close()
 

@@ -631,6 +631,11 @@ def check_device(cfg: DictConfig, one_device: bool = False) -> None:
     if one_device:
         name = str(cfg.get("device", "auto"))  # a name that is no device: resolve_device says so
         gpu = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+        if gpu and not torch.cuda.is_available():
+            raise ConfigError(
+                f"not possible on this machine:\n  device={name} but CUDA is not available; use "
+                "device=cpu or device=auto"
+            )
         trainer.update(accelerator="cuda" if gpu else "cpu", sync_batchnorm=False)
     module = cfg.get("module") or {}
     cuda = uses_cuda(str(trainer.get("accelerator", "auto")))

@@ -287,7 +287,8 @@ class BackgroundExplainer:
             except queue.Empty:
                 if not block:
                     break
-                if not self._process.is_alive() and self._stopping():
+                signalled = self._process.exitcode in (-signal.SIGTERM, -signal.SIGINT)
+                if not self._process.is_alive() and signalled and self._stopping():
                     log.warning(
                         "CAM panels: the panel process was stopped by the signal that stops "
                         "training (exit code %s); the panels in flight are lost",
