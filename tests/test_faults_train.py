@@ -509,6 +509,16 @@ def test_a_checkpoint_of_lightnings_own_model_checkpoint_keeps_its_best_when_res
     )
     assert float(second[0].best_model_score) == pytest.approx(0.8)
     assert torch.load(tmp_path / "second/best.ckpt", weights_only=True)["epoch"] == 0
+    # changecam's module puts the state under the callback's own key before Lightning looks:
+    # it warned "Please add the following callbacks" for the state just read (helper-195)
+    from changecam.models import SiameseUNet
+    from changecam.training.module import ChangeDetectionModule
+
+    module = ChangeDetectionModule(SiameseUNet(3, 4, 2))
+    module.trainer = quiet_trainer(callbacks=best_and_last(tmp_path / "third"))
+    legacy = torch.load(tmp_path / "first/last.ckpt", weights_only=True)
+    module.on_load_checkpoint(legacy)
+    assert list(legacy["callbacks"]) == [own]
 
 
 def test_a_run_folder_moved_with_its_checkpoints_keeps_its_best_when_resumed(tmp_path):

@@ -394,3 +394,20 @@ def test_keys_of_the_nested_data_blocks_are_named(tmp_path, override, match):
     cfg = compose_train(tmp_path, ["experiment=quickstart", override])
     with pytest.raises(hydra.errors.InstantiationException, match=match):
         hydra.utils.instantiate(cfg.data)
+
+
+def test_adopting_a_checkpoints_settings_is_said_by_rank_zero_only(tmp_path, caplog, monkeypatch):
+    """Every DDP rank of a resume adopts the recorded threshold; each said so (helper-195)."""
+    from omegaconf import OmegaConf
+
+    import changecam.cli.train as train_module
+
+    torch.save({"hyper_parameters": {"threshold": 0.4}}, tmp_path / "last.ckpt")
+    for rank_zero, said in ((True, 1), (False, 0)):
+        cfg = OmegaConf.create({"train": True, "module": {"threshold": 0.5}})
+        monkeypatch.setattr(train_module, "is_rank_zero", lambda r=rank_zero: r)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            train_module.score_as_trained(cfg, str(tmp_path / "last.ckpt"))
+        assert cfg.module.threshold == 0.4
+        assert len([r for r in caplog.records if "the resumed run uses" in r.getMessage()]) == said

@@ -33,6 +33,7 @@ from changecam.cli.common import (
 )
 from changecam.cli.config_checks import ConfigError
 from changecam.cli.ddp import ddp_job, in_sweep
+from changecam.cli.launch import is_rank_zero
 from changecam.data.validate import network_fit
 from changecam.metrics import SCORE_NAMES
 from changecam.training.callbacks.finite_checkpoint import top_k_problem
@@ -93,11 +94,12 @@ def score_as_trained(cfg: DictConfig, path: str) -> None:
     recorded = ckpt.get("hyper_parameters") or {}
     given = command_line_keys()
     run = "the resumed run" if cfg.get("train") else "train=false"
+    warn = log.warning if is_rank_zero() else log.debug  # every DDP rank adopts; one says so
     for key in SCORED_WITH:
         if key not in recorded or cfg.module.get(key) == recorded[key]:
             continue
         if f"module.{key}" in given:
-            log.warning(
+            warn(
                 "%s was trained and scored with module.%s=%s; %s uses module.%s=%s as given",
                 path,
                 key,
@@ -107,7 +109,7 @@ def score_as_trained(cfg: DictConfig, path: str) -> None:
                 cfg.module.get(key),
             )
             continue
-        log.warning(
+        warn(
             "%s uses %s's module.%s=%s, as it was trained and scored (the config's %s is not "
             "used; give module.%s=<value> for another)",
             run,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, SumMetric
 
 from changecam.metrics import THRESHOLD_RANGE, ChangeScores, is_threshold
+from changecam.training.callbacks.finite_checkpoint import rename_legacy_states
 from changecam.training.checkpoint import describe_tensors, nonfinite_tensors, record_network
 from changecam.training.init_from import (
     FrozenParts,
@@ -458,6 +459,8 @@ class ChangeDetectionModule(L.LightningModule):
             )
         self._plateau_pending = checkpoint.get(PLATEAU_KEY)
         self._plateau_latest = checkpoint.get(PLATEAU_INSIDE_KEY)
+        if self._trainer is not None:  # runs before Lightning restores the callbacks
+            rename_legacy_states(self._trainer.callbacks, checkpoint)
 
     def _plateau(self) -> Any:
         """The ReduceLROnPlateau scheduler's config, if the fit has one."""

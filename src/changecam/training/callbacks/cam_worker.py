@@ -287,8 +287,9 @@ class BackgroundExplainer:
             except queue.Empty:
                 if not block:
                     break
+                alive = self._process.is_alive()  # first: exitcode is set once it is not
                 signalled = self._process.exitcode in (-signal.SIGTERM, -signal.SIGINT)
-                if not self._process.is_alive() and signalled and self._stopping():
+                if not alive and signalled and self._stopping():
                     log.warning(
                         "CAM panels: the panel process was stopped by the signal that stops "
                         "training (exit code %s); the panels in flight are lost",
@@ -296,7 +297,7 @@ class BackgroundExplainer:
                     )
                     self._outstanding = 0
                     break
-                if not self._process.is_alive():
+                if not alive:
                     raise CamWorkerError(
                         f"the CAM panel process died (exit code {self._process.exitcode}) "
                         "with a job in flight"

@@ -10,6 +10,7 @@ second guard, for modules that log their own metrics.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,20 @@ from torch import Tensor
 
 from changecam.atomic import atomic_open
 from changecam.training.callbacks.step_checkpoint import StepCheckpoint
+
+
+def rename_legacy_states(callbacks: Sequence[Any], checkpoint: dict[str, Any]) -> None:
+    """Put a callback's state that ``checkpoint`` holds under its legacy key (a string
+    ``_legacy_state_key``: :attr:`FiniteModelCheckpoint._legacy_state_key`) under its own
+    key, before Lightning restores the callbacks: it reads the legacy key too, but warns that
+    the callback that wrote it is missing ("Please add the following callbacks")."""
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, dict):
+        return
+    for callback in callbacks:
+        legacy = getattr(callback, "_legacy_state_key", None)
+        if isinstance(legacy, str) and legacy in states and callback.state_key not in states:
+            states[callback.state_key] = states.pop(legacy)
 
 
 class FiniteModelCheckpoint(StepCheckpoint):
