@@ -27,7 +27,7 @@ from changecam.training.callbacks.step_checkpoint import StepCheckpoint
 
 def rename_legacy_states(callbacks: Sequence[Any], checkpoint: dict[str, Any]) -> None:
     """Put a callback's state that ``checkpoint`` holds under its legacy key (a string
-    ``_legacy_state_key``: :attr:`FiniteModelCheckpoint._legacy_state_key`) under its own
+    ``_legacy_state_key``: :attr:`StepCheckpoint._legacy_state_key`) under its own
     key, before Lightning restores the callbacks: it reads the legacy key too, but warns that
     the callback that wrote it is missing ("Please add the following callbacks")."""
     states = checkpoint.get("callbacks")
@@ -53,13 +53,6 @@ class FiniteModelCheckpoint(StepCheckpoint):
         problem = top_k_problem(self.save_top_k, self.filename)
         if problem:
             raise ValueError(problem)
-
-    @property
-    def _legacy_state_key(self) -> str:  # type: ignore[override]
-        """The key Lightning reads when this callback's own is missing: the one of Lightning's
-        ``ModelCheckpoint`` with the same settings, which wrote changecam's checkpoints before
-        this class (2026-12-01), so a resume of one of them keeps its best checkpoints too."""
-        return "ModelCheckpoint" + self.state_key.removeprefix(type(self).__qualname__)
 
     _fitting = False
 

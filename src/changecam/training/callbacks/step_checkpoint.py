@@ -35,6 +35,15 @@ class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` whose saves due at the end of a training batch that a validation
     follows are written at the end of that validation (with its monitored values)."""
 
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        """The key Lightning reads when this callback's own is missing: the one of Lightning's
+        ``ModelCheckpoint`` with the same settings, which wrote changecam's checkpoints (best
+        and last) before these classes (2026-12-01), so a resume of one of them keeps its best
+        checkpoints too (:func:`~changecam.training.callbacks.finite_checkpoint.rename_legacy_states`
+        puts them under the own key first)."""
+        return "ModelCheckpoint" + self.state_key.removeprefix(type(self).__qualname__)
+
     _holding = False
     _owed = False
     _epoch_ends = False  # the batch being held is its epoch's last
