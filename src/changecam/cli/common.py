@@ -35,7 +35,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from changecam.atomic import DiskFullError, disk_full_error, remove_stale_temporaries, write_text
-from changecam.cli.config_checks import ConfigError, check_config, check_device, resolved
+from changecam.cli.config_checks import (
+    ConfigError,
+    check_config,
+    check_device,
+    no_cuda,
+    resolved,
+)
 from changecam.cli.launch import Stopped, config_dir, is_multirun, log_to_file
 from changecam.data.io import read_label
 from changecam.data.layout import forget_named_files
@@ -436,7 +442,7 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):  # the trainer and the windows take these two
         raise ValueError(f"device={name!r}: use auto, cpu, cuda or cuda:<index>")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+        raise ValueError(no_cuda(name))
     return device
 
 

@@ -613,6 +613,11 @@ def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def no_cuda(device: str) -> str:
+    """Why ``device=<a CUDA device>`` cannot run here (eval's check and ``resolve_device``)."""
+    return f"device={device} but CUDA is not available; use device=cpu or device=auto"
+
+
 def check_device(cfg: DictConfig, one_device: bool = False) -> None:
     """Raise :class:`ConfigError` for switches this machine cannot honour, saying why.
 
@@ -632,10 +637,7 @@ def check_device(cfg: DictConfig, one_device: bool = False) -> None:
         name = str(cfg.get("device", "auto"))  # a name that is no device: resolve_device says so
         gpu = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
         if gpu and not torch.cuda.is_available():
-            raise ConfigError(
-                f"not possible on this machine:\n  device={name} but CUDA is not available; use "
-                "device=cpu or device=auto"
-            )
+            raise ConfigError(f"not possible on this machine:\n  {no_cuda(name)}")
         trainer.update(accelerator="cuda" if gpu else "cpu", sync_batchnorm=False)
     module = cfg.get("module") or {}
     cuda = uses_cuda(str(trainer.get("accelerator", "auto")))
